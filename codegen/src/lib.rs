@@ -1,0 +1,1 @@
+//! Code generation from the fused IR to kernels (lands with the CPU backend).

@@ -1,0 +1,1 @@
+//! Model frontends: Hugging Face checkpoints and (later) ONNX.

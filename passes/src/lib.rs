@@ -1,0 +1,1 @@
+//! Optimisation passes over the smelt IR (the pipeline lands with the fusion work).

@@ -1,0 +1,1 @@
+//! Runtime: artifact format, loading and execution.
