@@ -3,8 +3,20 @@
 //!
 //! This crate is deliberately light (petgraph, half, thiserror): the runtime
 //! may depend on it for tensors and the interpreter without linking any
-//! compiler machinery.
+//! compiler machinery (no egg, Cranelift or LLVM).
 
+pub mod attr;
+pub mod dim;
 pub mod dtype;
+pub mod graph;
+pub mod ops;
+pub mod tensor;
+pub mod types;
 
+pub use attr::{AttrType, AttrValue};
+pub use dim::{Dim, DimError};
 pub use dtype::DType;
+pub use graph::{Graph, GraphError, Node, NodeId, SymbolBounds, Value, ValueId};
+pub use ops::{Category, Op, OpKind, OPS};
+pub use tensor::{Data, Tensor};
+pub use types::TensorType;
