@@ -1,1 +1,25 @@
-//! Runtime: artifact format, loading and execution.
+//! smelt-runtime: loads smelt artifacts and runs them.
+//!
+//! - [`artifact`]: the artifact format (a `NAME.smelt/` directory with a
+//!   manifest, the verified text IR, the weights and the tokenizer), its
+//!   writer and its checked reader.
+//! - [`tensors`]: named tensors in safetensors files (artifact weights, and
+//!   the inputs and outputs of `smelt run`).
+//! - [`model`]: [`model::InterpModel`], a model run by the reference
+//!   interpreter, which fills the optional decoder inputs with their defaults.
+//! - [`generate`]: the [`generate::Forward`] trait and greedy generation with
+//!   the KV cache on top of it.
+//!
+//! The runtime links no compiler (no egg, Cranelift or LLVM): an artifact is
+//! everything it needs. It depends on smelt-ir only for tensors, the text IR
+//! parser, the verifier and the reference interpreter.
+
+pub mod artifact;
+pub mod generate;
+pub mod model;
+pub mod tensors;
+
+pub use artifact::{Artifact, ArtifactError, Manifest, ModelInfo, Signature, TensorSig};
+pub use generate::{generate_greedy, Forward, ForwardError, GenerateError, GenerateOptions, Generation, StopReason};
+pub use model::InterpModel;
+pub use tensors::{read_tensor_file, write_tensor_file, TensorFileError};

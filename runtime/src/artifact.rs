@@ -1,0 +1,712 @@
+//! The smelt artifact format: a directory `NAME.smelt/` holding
+//!
+//! - `manifest.json`: the format version, the compiler version, the target,
+//!   what the model is (architecture, parameter count, layers, source), its
+//!   signature (inputs and outputs with dtype and symbolic shape, symbol
+//!   bounds), every other file with its sha256 and size, the tokenizer file
+//!   if any and the end-of-sequence token ids;
+//! - `model.smir`: the verified graph in the text IR (target `interp`);
+//! - `weights.safetensors`: the weights in their stored dtypes (bf16 stays
+//!   bf16);
+//! - `tokenizer.json`, copied from the model folder when it has one.
+//!
+//! [`write_interp_artifact`] writes one (into a temporary sibling directory,
+//! renamed into place at the end, so a failed compile never leaves half an
+//! artifact); [`Artifact::open`] reads one and refuses, with one line naming
+//! the problem, an unknown format version or target, malformed manifest JSON,
+//! a missing file and a file whose size or sha256 does not match. File names
+//! in the manifest must be plain names inside the directory.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use smelt_ir::{DType, Dim, Graph, Tensor, TensorType};
+
+use crate::tensors::{read_tensor_file, tensor_file_bytes, TensorFileError};
+
+/// The artifact format version this runtime writes and reads.
+pub const FORMAT_VERSION: u64 = 1;
+/// The version of smelt that writes artifacts (the workspace version).
+pub const COMPILER_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+pub const MANIFEST_FILE: &str = "manifest.json";
+pub const GRAPH_FILE: &str = "model.smir";
+pub const WEIGHTS_FILE: &str = "weights.safetensors";
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
+
+/// Targets an artifact may be compiled for; this build of the runtime runs
+/// only [`TARGET_INTERP`].
+pub const TARGET_INTERP: &str = "interp";
+pub const KNOWN_TARGETS: &[&str] = &["interp", "cpu", "cuda"];
+
+/// Everything that can go wrong writing or opening an artifact.
+#[derive(Debug, thiserror::Error)]
+pub enum ArtifactError {
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: not a smelt artifact (no {MANIFEST_FILE})", dir.display())]
+    NotAnArtifact { dir: PathBuf },
+    #[error("{}: malformed JSON at line {line} column {column}: {msg}", path.display())]
+    ManifestJson {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        msg: String,
+    },
+    #[error("{}: invalid manifest: {msg}", path.display())]
+    ManifestInvalid { path: PathBuf, msg: String },
+    #[error("{}: artifact format version {found} is not supported (this smelt reads version {FORMAT_VERSION}); recompile the model", dir.display())]
+    FormatVersion { dir: PathBuf, found: String },
+    #[error("{}: target `{target}` {why}", dir.display())]
+    Target { dir: PathBuf, target: String, why: String },
+    #[error("{}: file `{name}` listed in the manifest is missing", dir.display())]
+    MissingFile { dir: PathBuf, name: String },
+    #[error("{}: file `{name}` is {found} bytes, the manifest says {expected} (corrupted or modified)", dir.display())]
+    SizeMismatch {
+        dir: PathBuf,
+        name: String,
+        expected: u64,
+        found: u64,
+    },
+    #[error("{}: file `{name}` has sha256 {found}, the manifest says {expected} (corrupted or modified)", dir.display())]
+    HashMismatch {
+        dir: PathBuf,
+        name: String,
+        expected: String,
+        found: String,
+    },
+    #[error("{}: {GRAPH_FILE}:{msg}", dir.display())]
+    GraphParse { dir: PathBuf, msg: String },
+    #[error("{}: the graph does not verify: {msg}", dir.display())]
+    GraphInvalid { dir: PathBuf, msg: String },
+    #[error("weight `{name}` {why}")]
+    Weight { name: String, why: String },
+    #[error("{}: exists and is not a smelt artifact; refusing to overwrite it", path.display())]
+    WouldOverwrite { path: PathBuf },
+    #[error(transparent)]
+    Tensors(#[from] TensorFileError),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ArtifactError + '_ {
+    move |source| ArtifactError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// What the model is, for `smelt inspect` and for people reading the manifest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelInfo {
+    /// The transformers class (`LlamaForCausalLM`) or the graph's name.
+    pub architecture: String,
+    /// `model_type` from config.json (`llama`), when known.
+    #[serde(default)]
+    pub model_type: Option<String>,
+    /// Number of weight elements.
+    pub parameters: u64,
+    /// Number of decoder layers.
+    pub layers: usize,
+    /// The dtype the weights are stored in (`f32`, `bf16`, ...), when uniform.
+    #[serde(default)]
+    pub stored_dtype: Option<String>,
+    /// Where the model was compiled from, as given on the command line.
+    pub source: String,
+}
+
+/// One input or output of the model: name, dtype and symbolic shape.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TensorSig {
+    pub name: String,
+    /// The text IR spelling: `f32`, `i64`, ...
+    pub dtype: String,
+    /// Each dim as the text IR prints it: `batch`, `past + seq`, `64`.
+    pub shape: Vec<String>,
+    /// Inputs the runtime fills with a default when the caller leaves them out.
+    #[serde(default)]
+    pub optional: bool,
+}
+
+/// Inclusive bounds of a shape symbol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Bounds {
+    pub min: i64,
+    pub max: i64,
+}
+
+/// The model's signature.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct Signature {
+    pub inputs: Vec<TensorSig>,
+    pub outputs: Vec<TensorSig>,
+    pub symbols: BTreeMap<String, Bounds>,
+}
+
+/// Whether a decoder input may be left out by callers (the runtime fills it):
+/// the attention mask, the position ids and the past key/values.
+pub fn is_optional_input(name: &str) -> bool {
+    name == "attention_mask" || name == "position_ids" || name.starts_with("past_key_values.")
+}
+
+impl TensorSig {
+    fn new(name: &str, ty: &TensorType, optional: bool) -> TensorSig {
+        TensorSig {
+            name: name.to_string(),
+            dtype: ty.dtype.name().to_string(),
+            shape: ty.shape.iter().map(|d| d.to_string()).collect(),
+            optional,
+        }
+    }
+
+    /// The dtype and shape as an IR type.
+    pub fn tensor_type(&self) -> Result<TensorType, String> {
+        let dtype: DType = self.dtype.parse().map_err(|e| format!("`{}`: {e}", self.name))?;
+        let shape = self
+            .shape
+            .iter()
+            .map(|s| s.parse::<Dim>().map_err(|e| format!("`{}`: {e}", self.name)))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(TensorType::new(dtype, shape))
+    }
+
+    /// `f32[batch, seq, 256]`.
+    pub fn type_string(&self) -> String {
+        format!("{}[{}]", self.dtype, self.shape.join(", "))
+    }
+}
+
+impl Signature {
+    /// The signature of a graph: its inputs, outputs and symbol bounds.
+    pub fn from_graph(g: &Graph) -> Signature {
+        Signature {
+            inputs: g
+                .inputs()
+                .iter()
+                .map(|(n, v)| TensorSig::new(n, g.ty(*v), is_optional_input(n)))
+                .collect(),
+            outputs: g
+                .outputs()
+                .iter()
+                .map(|(n, v)| TensorSig::new(n, g.ty(*v), false))
+                .collect(),
+            symbols: g
+                .symbols()
+                .iter()
+                .map(|(n, b)| (n.clone(), Bounds { min: b.min, max: b.max }))
+                .collect(),
+        }
+    }
+
+    pub fn input(&self, name: &str) -> Option<&TensorSig> {
+        self.inputs.iter().find(|t| t.name == name)
+    }
+
+    pub fn output(&self, name: &str) -> Option<&TensorSig> {
+        self.outputs.iter().find(|t| t.name == name)
+    }
+}
+
+/// A file of the artifact with its size and sha256.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FileEntry {
+    pub name: String,
+    pub size: u64,
+    pub sha256: String,
+}
+
+/// `manifest.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format_version: u64,
+    pub compiler_version: String,
+    pub target: String,
+    pub model: ModelInfo,
+    pub signature: Signature,
+    /// Every file of the artifact except the manifest itself.
+    pub files: Vec<FileEntry>,
+    /// The tokenizer file's name, when the artifact has one.
+    #[serde(default)]
+    pub tokenizer: Option<String>,
+    /// Token ids that end generation.
+    #[serde(default)]
+    pub eos_token_ids: Vec<i64>,
+}
+
+/// The hex sha256 of some bytes.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    let digest = Sha256::digest(bytes);
+    let mut s = String::with_capacity(64);
+    for b in digest {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}
+
+/// What [`write_interp_artifact`] needs to know about the model.
+pub struct InterpArtifact<'a> {
+    /// The graph; it is verified before anything is written.
+    pub graph: &'a Graph,
+    /// Every weight the graph references, in its stored dtype.
+    pub weights: &'a BTreeMap<String, Tensor>,
+    pub model: ModelInfo,
+    /// The model folder's `tokenizer.json`, copied when given.
+    pub tokenizer: Option<&'a Path>,
+    pub eos_token_ids: Vec<i64>,
+}
+
+/// Checks that every weight the graph references is given with the dtype
+/// and (constant) shape the graph declares.
+pub fn check_weights(g: &Graph, weights: &BTreeMap<String, Tensor>) -> Result<(), ArtifactError> {
+    for (name, v) in g.weights() {
+        let ty = g.ty(v);
+        let Some(t) = weights.get(&name) else {
+            return Err(ArtifactError::Weight {
+                name,
+                why: "is referenced by the graph but not given".to_string(),
+            });
+        };
+        let shape_ok = ty.const_shape().is_some_and(|s| s == t.shape);
+        if t.dtype != ty.dtype || !shape_ok {
+            return Err(ArtifactError::Weight {
+                name,
+                why: format!("is {}{:?}, the graph declares {ty}", t.dtype, t.shape),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Writes an artifact for the `interp` target to `out` (a directory, created
+/// or replaced if it already is an artifact). Returns the manifest written.
+pub fn write_interp_artifact(out: &Path, a: &InterpArtifact<'_>) -> Result<Manifest, ArtifactError> {
+    let dir_for_errors = out.to_path_buf();
+    smelt_ir::verify::verify(a.graph).map_err(|e| ArtifactError::GraphInvalid {
+        dir: dir_for_errors.clone(),
+        msg: first_lines(&e.to_string()),
+    })?;
+    check_weights(a.graph, a.weights)?;
+
+    if out.exists() {
+        let is_artifact = out.join(MANIFEST_FILE).is_file();
+        let is_empty_dir = out.is_dir() && std::fs::read_dir(out).map_err(io(out))?.next().is_none();
+        if !is_artifact && !is_empty_dir {
+            return Err(ArtifactError::WouldOverwrite {
+                path: out.to_path_buf(),
+            });
+        }
+    }
+
+    // Everything is written into a sibling directory first and renamed into
+    // place at the end, so an interrupted compile leaves no half artifact.
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let file_name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    std::fs::create_dir_all(&parent).map_err(io(&parent))?;
+    let tmp = parent.join(format!(".{file_name}.tmp-{}", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
+    }
+    std::fs::create_dir(&tmp).map_err(io(&tmp))?;
+    let result = write_files(&tmp, out, a);
+    let manifest = match result {
+        Ok(m) => m,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+    };
+    if out.exists() {
+        std::fs::remove_dir_all(out).map_err(io(out))?;
+    }
+    std::fs::rename(&tmp, out).map_err(io(out))?;
+    Ok(manifest)
+}
+
+fn write_files(tmp: &Path, out: &Path, a: &InterpArtifact<'_>) -> Result<Manifest, ArtifactError> {
+    let mut files = Vec::new();
+    let mut put = |name: &str, bytes: &[u8]| -> Result<(), ArtifactError> {
+        let p = tmp.join(name);
+        std::fs::write(&p, bytes).map_err(io(&p))?;
+        files.push(FileEntry {
+            name: name.to_string(),
+            size: bytes.len() as u64,
+            sha256: sha256_hex(bytes),
+        });
+        Ok(())
+    };
+    put(GRAPH_FILE, smelt_ir::text::print(a.graph).as_bytes())?;
+    // Only the weights the graph references are stored.
+    let used: BTreeMap<String, Tensor> = a
+        .graph
+        .weights()
+        .into_iter()
+        .filter_map(|(n, _)| a.weights.get(&n).map(|t| (n, t.clone())))
+        .collect();
+    put(WEIGHTS_FILE, &tensor_file_bytes(&out.join(WEIGHTS_FILE), &used)?)?;
+    let tokenizer = match a.tokenizer {
+        Some(p) => {
+            let bytes = std::fs::read(p).map_err(io(p))?;
+            put(TOKENIZER_FILE, &bytes)?;
+            Some(TOKENIZER_FILE.to_string())
+        }
+        None => None,
+    };
+    let manifest = Manifest {
+        format_version: FORMAT_VERSION,
+        compiler_version: COMPILER_VERSION.to_string(),
+        target: TARGET_INTERP.to_string(),
+        model: a.model.clone(),
+        signature: Signature::from_graph(a.graph),
+        files,
+        tokenizer,
+        eos_token_ids: a.eos_token_ids.clone(),
+    };
+    let json = serde_json::to_string_pretty(&manifest).map_err(|e| ArtifactError::ManifestInvalid {
+        path: out.join(MANIFEST_FILE),
+        msg: e.to_string(),
+    })?;
+    let p = tmp.join(MANIFEST_FILE);
+    std::fs::write(&p, json + "\n").map_err(io(&p))?;
+    Ok(manifest)
+}
+
+/// Keeps a multi-line message to its first line plus a count, so errors stay
+/// one line.
+fn first_lines(msg: &str) -> String {
+    let mut lines = msg.lines();
+    let first = lines.next().unwrap_or_default().to_string();
+    let rest = lines.count();
+    if rest == 0 {
+        first
+    } else {
+        format!("{first} (and {rest} more)")
+    }
+}
+
+/// An opened, checked artifact.
+#[derive(Debug, Clone)]
+pub struct Artifact {
+    dir: PathBuf,
+    manifest: Manifest,
+}
+
+/// Whether a manifest file name is a plain name inside the artifact directory.
+fn plain_file_name(name: &str) -> bool {
+    !name.is_empty()
+        && name != "."
+        && name != ".."
+        && !name.contains('/')
+        && !name.contains('\\')
+        && Path::new(name).components().count() == 1
+}
+
+impl Artifact {
+    /// Opens an artifact: reads and checks the manifest, then checks that
+    /// every listed file exists with the listed size and sha256.
+    pub fn open(dir: &Path) -> Result<Artifact, ArtifactError> {
+        let dir_buf = dir.to_path_buf();
+        let mpath = dir.join(MANIFEST_FILE);
+        if !dir.is_dir() {
+            return Err(ArtifactError::Io {
+                path: dir_buf,
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such artifact directory"),
+            });
+        }
+        if !mpath.is_file() {
+            return Err(ArtifactError::NotAnArtifact { dir: dir_buf });
+        }
+        let text = std::fs::read_to_string(&mpath).map_err(io(&mpath))?;
+        let manifest = parse_manifest(dir, &text)?;
+        for f in &manifest.files {
+            let p = dir.join(&f.name);
+            if !p.is_file() {
+                return Err(ArtifactError::MissingFile {
+                    dir: dir_buf,
+                    name: f.name.clone(),
+                });
+            }
+            let bytes = std::fs::read(&p).map_err(io(&p))?;
+            if bytes.len() as u64 != f.size {
+                return Err(ArtifactError::SizeMismatch {
+                    dir: dir_buf,
+                    name: f.name.clone(),
+                    expected: f.size,
+                    found: bytes.len() as u64,
+                });
+            }
+            let found = sha256_hex(&bytes);
+            if found != f.sha256.to_ascii_lowercase() {
+                return Err(ArtifactError::HashMismatch {
+                    dir: dir_buf,
+                    name: f.name.clone(),
+                    expected: f.sha256.clone(),
+                    found,
+                });
+            }
+        }
+        Ok(Artifact { dir: dir_buf, manifest })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// The text IR as stored.
+    pub fn graph_text(&self) -> Result<String, ArtifactError> {
+        let p = self.dir.join(GRAPH_FILE);
+        std::fs::read_to_string(&p).map_err(io(&p))
+    }
+
+    /// Parses and verifies the graph.
+    pub fn graph(&self) -> Result<Graph, ArtifactError> {
+        let text = self.graph_text()?;
+        let g = smelt_ir::text::parse(&text).map_err(|e| ArtifactError::GraphParse {
+            dir: self.dir.clone(),
+            msg: e.to_string(),
+        })?;
+        smelt_ir::verify::verify(&g).map_err(|e| ArtifactError::GraphInvalid {
+            dir: self.dir.clone(),
+            msg: first_lines(&e.to_string()),
+        })?;
+        Ok(g)
+    }
+
+    /// Reads the weights (in their stored dtypes).
+    pub fn weights(&self) -> Result<BTreeMap<String, Tensor>, ArtifactError> {
+        Ok(read_tensor_file(&self.dir.join(WEIGHTS_FILE))?)
+    }
+
+    /// The tokenizer file, when the artifact has one.
+    pub fn tokenizer_path(&self) -> Option<PathBuf> {
+        self.manifest.tokenizer.as_ref().map(|n| self.dir.join(n))
+    }
+}
+
+/// Parses and checks `manifest.json`. The format version is read before the
+/// rest, so a newer artifact is refused for its version, not for whatever
+/// field it changed.
+fn parse_manifest(dir: &Path, text: &str) -> Result<Manifest, ArtifactError> {
+    let mpath = dir.join(MANIFEST_FILE);
+    let value: serde_json::Value = serde_json::from_str(text).map_err(|e| {
+        let full = e.to_string();
+        let msg = full.rfind(" at line ").map(|i| full[..i].to_string()).unwrap_or(full);
+        ArtifactError::ManifestJson {
+            path: mpath.clone(),
+            line: e.line(),
+            column: e.column(),
+            msg,
+        }
+    })?;
+    let invalid = |msg: String| ArtifactError::ManifestInvalid {
+        path: mpath.clone(),
+        msg,
+    };
+    let version = value
+        .get("format_version")
+        .ok_or_else(|| invalid("key `format_version` missing".to_string()))?;
+    if version.as_u64() != Some(FORMAT_VERSION) {
+        return Err(ArtifactError::FormatVersion {
+            dir: dir.to_path_buf(),
+            found: version.to_string(),
+        });
+    }
+    let manifest: Manifest = serde_json::from_value(value).map_err(|e| invalid(e.to_string()))?;
+    if !KNOWN_TARGETS.contains(&manifest.target.as_str()) {
+        return Err(ArtifactError::Target {
+            dir: dir.to_path_buf(),
+            target: manifest.target,
+            why: format!("is unknown (known targets: {})", KNOWN_TARGETS.join(", ")),
+        });
+    }
+    if manifest.target != TARGET_INTERP {
+        return Err(ArtifactError::Target {
+            dir: dir.to_path_buf(),
+            target: manifest.target,
+            why: "is not supported by this build of the runtime (it runs `interp` artifacts)".to_string(),
+        });
+    }
+    for f in &manifest.files {
+        if !plain_file_name(&f.name) || f.name == MANIFEST_FILE {
+            return Err(invalid(format!(
+                "file name `{}` is not a plain file name inside the artifact",
+                f.name
+            )));
+        }
+    }
+    let mut required = vec![GRAPH_FILE, WEIGHTS_FILE];
+    if let Some(t) = &manifest.tokenizer {
+        required.push(t.as_str());
+    }
+    for name in required {
+        if !manifest.files.iter().any(|f| f.name == name) {
+            return Err(invalid(format!("file `{name}` is not listed in `files`")));
+        }
+    }
+    Ok(manifest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use smelt_ir::Op;
+
+    /// A two-op graph `y = x * w + x` with one weight.
+    fn tiny() -> (Graph, BTreeMap<String, Tensor>) {
+        let mut g = Graph::new("tiny");
+        g.declare_symbol("seq", 1, 16);
+        let x = g.add_input("x", TensorType::new(DType::F32, vec![Dim::sym("seq"), Dim::c(4)]));
+        let w = g.add_weight("w", TensorType::fixed(DType::BF16, &[4]));
+        let wf = g.add(Op::Cast { to: DType::F32 }, &[w]).unwrap();
+        let m = g.add(Op::Mul {}, &[x, wf]).unwrap();
+        let y = g.add(Op::Add {}, &[m, x]).unwrap();
+        g.set_output("y", y);
+        let mut weights = BTreeMap::new();
+        weights.insert(
+            "w".to_string(),
+            Tensor::from_f32(DType::BF16, vec![4], vec![1.0, 2.0, 0.5, -1.0]).unwrap(),
+        );
+        (g, weights)
+    }
+
+    fn info() -> ModelInfo {
+        ModelInfo {
+            architecture: "Tiny".into(),
+            model_type: None,
+            parameters: 4,
+            layers: 0,
+            stored_dtype: Some("bf16".into()),
+            source: "memory".into(),
+        }
+    }
+
+    fn write(dir: &Path) -> PathBuf {
+        let (g, w) = tiny();
+        let out = dir.join("m.smelt");
+        write_interp_artifact(
+            &out,
+            &InterpArtifact {
+                graph: &g,
+                weights: &w,
+                model: info(),
+                tokenizer: None,
+                eos_token_ids: vec![2],
+            },
+        )
+        .unwrap();
+        out
+    }
+
+    #[test]
+    fn write_then_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = write(dir.path());
+        let a = Artifact::open(&out).unwrap();
+        let m = a.manifest();
+        assert_eq!(m.format_version, FORMAT_VERSION);
+        assert_eq!(m.target, "interp");
+        assert_eq!(m.signature.inputs[0].type_string(), "f32[seq, 4]");
+        assert_eq!(m.signature.symbols["seq"], Bounds { min: 1, max: 16 });
+        assert_eq!(m.eos_token_ids, vec![2]);
+        let w = a.weights().unwrap();
+        assert_eq!(w["w"].dtype, DType::BF16);
+        let g = a.graph().unwrap();
+        assert_eq!(smelt_ir::text::print(&g), smelt_ir::text::print(&tiny().0));
+        // Writing again over an artifact replaces it.
+        write(dir.path());
+        assert!(Artifact::open(&out).is_ok());
+    }
+
+    #[test]
+    fn refuses_bad_artifacts() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = write(dir.path());
+        let manifest = std::fs::read_to_string(out.join(MANIFEST_FILE)).unwrap();
+        let msg = |out: &Path| Artifact::open(out).unwrap_err().to_string();
+
+        // A flipped byte in the weights: the sha256 names the file.
+        let wpath = out.join(WEIGHTS_FILE);
+        let mut bytes = std::fs::read(&wpath).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x40;
+        std::fs::write(&wpath, &bytes).unwrap();
+        let m = msg(&out);
+        assert!(m.contains("file `weights.safetensors` has sha256"), "{m}");
+        bytes[last] ^= 0x40;
+        std::fs::write(&wpath, &bytes).unwrap();
+        assert!(Artifact::open(&out).is_ok());
+
+        std::fs::rename(out.join(GRAPH_FILE), dir.path().join("g")).unwrap();
+        let m = msg(&out);
+        assert!(m.contains("file `model.smir` listed in the manifest is missing"), "{m}");
+        std::fs::rename(dir.path().join("g"), out.join(GRAPH_FILE)).unwrap();
+
+        let future = manifest.replace("\"format_version\": 1", "\"format_version\": 99");
+        std::fs::write(out.join(MANIFEST_FILE), future).unwrap();
+        let m = msg(&out);
+        assert!(m.contains("format version 99 is not supported"), "{m}");
+
+        std::fs::write(out.join(MANIFEST_FILE), &manifest[..manifest.len() / 2]).unwrap();
+        let m = msg(&out);
+        assert!(m.contains("manifest.json: malformed JSON at line"), "{m}");
+
+        let escape = manifest.replace("\"name\": \"model.smir\"", "\"name\": \"../model.smir\"");
+        std::fs::write(out.join(MANIFEST_FILE), escape).unwrap();
+        let m = msg(&out);
+        assert!(m.contains("not a plain file name"), "{m}");
+
+        let cpu = manifest.replace("\"target\": \"interp\"", "\"target\": \"cuda\"");
+        std::fs::write(out.join(MANIFEST_FILE), cpu).unwrap();
+        let m = msg(&out);
+        assert!(m.contains("target `cuda` is not supported by this build"), "{m}");
+
+        std::fs::remove_file(out.join(MANIFEST_FILE)).unwrap();
+        assert!(msg(&out).contains("not a smelt artifact"));
+        for m in [msg(&out), msg(&dir.path().join("nope.smelt"))] {
+            assert_eq!(m.lines().count(), 1, "{m}");
+        }
+    }
+
+    #[test]
+    fn refuses_to_overwrite_other_folders_and_checks_weights() {
+        let dir = tempfile::tempdir().unwrap();
+        let (g, mut w) = tiny();
+        std::fs::write(dir.path().join("precious.txt"), "x").unwrap();
+        let art = |w: &BTreeMap<String, Tensor>| {
+            write_interp_artifact(
+                dir.path(),
+                &InterpArtifact {
+                    graph: &g,
+                    weights: w,
+                    model: info(),
+                    tokenizer: None,
+                    eos_token_ids: vec![],
+                },
+            )
+            .unwrap_err()
+            .to_string()
+        };
+        assert!(art(&w).contains("refusing to overwrite"));
+        w.insert("w".into(), Tensor::from_f32(DType::F32, vec![4], vec![0.0; 4]).unwrap());
+        assert!(
+            art(&w).contains("weight `w` is f32[4], the graph declares bf16[4]"),
+            "{}",
+            art(&w)
+        );
+        assert!(dir.path().join("precious.txt").exists());
+    }
+}

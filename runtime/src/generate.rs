@@ -1,0 +1,449 @@
+//! Greedy generation with the KV cache, on top of any [`Forward`] model.
+//!
+//! The model follows the decoder-with-past convention: inputs `input_ids
+//! [batch, seq]`, optionally `attention_mask [batch, past + seq]`,
+//! `position_ids [batch, seq]` and `past_key_values.{i}.key/value`; outputs
+//! `logits [batch, seq, vocab]` and, for every past input
+//! `past_key_values.X`, an output `present.X` holding `concat(past, new)`.
+//!
+//! [`generate_greedy`] runs the prompt once (the prefill, with an empty
+//! cache), then feeds exactly one token per step with the previous step's
+//! `present.*` as `past_key_values.*`, an all-ones mask of `past + 1` and the
+//! position `past`. It never re-runs the whole sequence when the model has a
+//! cache; a model without past inputs (a plain `input_ids -> logits` graph)
+//! is run on the whole sequence each step, because that is all it can do.
+//! Batch size is 1; ties in the argmax go to the lowest token id (as
+//! `torch.argmax` does).
+
+use std::collections::BTreeMap;
+
+use smelt_ir::{DType, Tensor};
+
+use crate::artifact::{Signature, TensorSig};
+
+/// Why a forward call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    /// The reference interpreter refused the inputs or failed.
+    #[error(transparent)]
+    Interp(#[from] smelt_ir::interp::InterpError),
+    /// Any other backend's failure, as one line.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// A model that maps named input tensors to named output tensors.
+pub trait Forward {
+    /// The inputs the model takes and the outputs it produces.
+    fn signature(&self) -> &Signature;
+
+    /// Runs the model once.
+    fn forward(&mut self, inputs: BTreeMap<String, Tensor>) -> Result<BTreeMap<String, Tensor>, ForwardError>;
+}
+
+/// Why generation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum GenerateError {
+    #[error("the prompt is empty (give at least one token)")]
+    EmptyPrompt,
+    #[error("prompt token id {id} is out of range for the vocabulary of {vocab} tokens")]
+    TokenOutOfRange { id: i64, vocab: usize },
+    #[error("the model cannot generate: {0}")]
+    Signature(String),
+    #[error("step {step}: {source}")]
+    Forward {
+        step: usize,
+        #[source]
+        source: ForwardError,
+    },
+    #[error("step {step}: {msg}")]
+    BadOutput { step: usize, msg: String },
+}
+
+/// Settings of a generation run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerateOptions {
+    /// How many tokens to add at most.
+    pub max_new_tokens: usize,
+    /// Generation stops after producing any of these (empty: never).
+    pub eos_token_ids: Vec<i64>,
+}
+
+/// Why generation stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    MaxNewTokens,
+    Eos,
+}
+
+impl StopReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StopReason::MaxNewTokens => "max_new_tokens",
+            StopReason::Eos => "eos",
+        }
+    }
+}
+
+/// The result of a generation run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Generation {
+    /// The prompt followed by the generated tokens.
+    pub ids: Vec<i64>,
+    pub prompt_len: usize,
+    pub stop: StopReason,
+}
+
+impl Generation {
+    /// The generated tokens only.
+    pub fn new_ids(&self) -> &[i64] {
+        &self.ids[self.prompt_len..]
+    }
+}
+
+/// How generation feeds one model: which inputs it has and which outputs
+/// carry the cache forward.
+struct Plan {
+    ids: TensorSig,
+    mask: Option<TensorSig>,
+    positions: Option<TensorSig>,
+    /// (past input, present output, empty past tensor).
+    cache: Vec<(String, String, Tensor)>,
+    vocab: Option<usize>,
+}
+
+fn plan(sig: &Signature) -> Result<Plan, GenerateError> {
+    let bad = |m: String| GenerateError::Signature(m);
+    let ids = sig
+        .input("input_ids")
+        .cloned()
+        .ok_or_else(|| bad("it has no `input_ids` input".to_string()))?;
+    let logits = sig
+        .output("logits")
+        .ok_or_else(|| bad("it has no `logits` output".to_string()))?;
+    let vocab = logits.shape.last().and_then(|d| d.parse::<usize>().ok());
+    let batch_sym = ids.shape.first().cloned();
+    let mut cache = Vec::new();
+    for input in sig.inputs.iter().filter(|t| t.name.starts_with("past_key_values.")) {
+        let rest = &input.name["past_key_values.".len()..];
+        let present = format!("present.{rest}");
+        if sig.output(&present).is_none() {
+            return Err(bad(format!(
+                "input `{}` has no matching output `{present}`",
+                input.name
+            )));
+        }
+        // The empty cache: batch 1, no past positions, the model's constant
+        // head counts and sizes.
+        let ty = input.tensor_type().map_err(bad)?;
+        let mut shape = Vec::with_capacity(input.shape.len());
+        for (axis, d) in input.shape.iter().enumerate() {
+            let n = if Some(d) == batch_sym.as_ref() {
+                1
+            } else if let Ok(n) = d.parse::<usize>() {
+                n
+            } else if axis == 2 {
+                0
+            } else {
+                return Err(bad(format!(
+                    "input `{}` has dim `{d}` at axis {axis}, expected a constant",
+                    input.name
+                )));
+            };
+            shape.push(n);
+        }
+        cache.push((input.name.clone(), present, Tensor::full(ty.dtype, shape, 0.0)));
+    }
+    Ok(Plan {
+        ids,
+        mask: sig.input("attention_mask").cloned(),
+        positions: sig.input("position_ids").cloned(),
+        cache,
+        vocab,
+    })
+}
+
+fn int_dtype(t: &TensorSig) -> DType {
+    t.dtype.parse().unwrap_or(DType::I64)
+}
+
+/// The index of the largest value; the first one on ties.
+fn argmax(row: &[f32]) -> Option<usize> {
+    let mut best: Option<(usize, f32)> = None;
+    for (i, &x) in row.iter().enumerate() {
+        if x.is_nan() {
+            return None;
+        }
+        if best.is_none_or(|(_, b)| x > b) {
+            best = Some((i, x));
+        }
+    }
+    best.map(|(i, _)| i)
+}
+
+/// Greedy decoding: prefill the prompt once, then one token per step with
+/// the KV cache, until `max_new_tokens` or an end-of-sequence token.
+/// `on_token` sees each new token as soon as it is chosen.
+pub fn generate_greedy(
+    model: &mut dyn Forward,
+    prompt: &[i64],
+    opts: &GenerateOptions,
+    on_token: &mut dyn FnMut(i64),
+) -> Result<Generation, GenerateError> {
+    if prompt.is_empty() {
+        return Err(GenerateError::EmptyPrompt);
+    }
+    let plan = plan(model.signature())?;
+    if let Some(vocab) = plan.vocab {
+        if let Some(&id) = prompt.iter().find(|&&id| id < 0 || id as usize >= vocab) {
+            return Err(GenerateError::TokenOutOfRange { id, vocab });
+        }
+    }
+    let use_cache = !plan.cache.is_empty();
+    let mut ids = prompt.to_vec();
+    let mut past: Vec<Tensor> = plan.cache.iter().map(|(_, _, empty)| empty.clone()).collect();
+    let mut past_len = 0usize;
+    let mut stop = StopReason::MaxNewTokens;
+
+    for step in 0..opts.max_new_tokens {
+        // With a cache, the prefill feeds the prompt and each later step the
+        // newest token only; without one, the whole sequence every time.
+        let feed: &[i64] = if use_cache && step > 0 {
+            &ids[ids.len() - 1..]
+        } else if use_cache {
+            &ids
+        } else {
+            past_len = 0;
+            &ids
+        };
+        let seq = feed.len();
+        let mut inputs = BTreeMap::new();
+        let t =
+            |dtype, shape, v| Tensor::from_i64(dtype, shape, v).map_err(|e| GenerateError::Signature(e.to_string()));
+        inputs.insert(
+            "input_ids".to_string(),
+            t(int_dtype(&plan.ids), vec![1, seq], feed.to_vec())?,
+        );
+        if let Some(m) = &plan.mask {
+            inputs.insert(
+                m.name.clone(),
+                t(int_dtype(m), vec![1, past_len + seq], vec![1; past_len + seq])?,
+            );
+        }
+        if let Some(p) = &plan.positions {
+            let pos = (past_len..past_len + seq).map(|i| i as i64).collect();
+            inputs.insert(p.name.clone(), t(int_dtype(p), vec![1, seq], pos)?);
+        }
+        for ((name, _, _), tensor) in plan.cache.iter().zip(past.drain(..)) {
+            inputs.insert(name.clone(), tensor);
+        }
+
+        let mut out = model
+            .forward(inputs)
+            .map_err(|source| GenerateError::Forward { step, source })?;
+        let bad = |msg: String| GenerateError::BadOutput { step, msg };
+        let logits = out
+            .remove("logits")
+            .ok_or_else(|| bad("no `logits` output".to_string()))?;
+        let vocab = *logits.shape.last().unwrap_or(&0);
+        let rows = if vocab == 0 { 0 } else { logits.numel() / vocab };
+        if vocab == 0 || logits.shape.first() != Some(&1) || rows != seq {
+            return Err(bad(format!(
+                "`logits` has shape {:?}, expected [1, {seq}, vocab]",
+                logits.shape
+            )));
+        }
+        let values = logits.to_f32_vec();
+        let last = &values[(rows - 1) * vocab..];
+        let next = argmax(last).ok_or_else(|| bad("the logits contain NaN".to_string()))? as i64;
+
+        for (_, present, _) in &plan.cache {
+            let t = out
+                .remove(present)
+                .ok_or_else(|| bad(format!("no `{present}` output")))?;
+            if t.shape.get(2) != Some(&(past_len + seq)) {
+                return Err(bad(format!(
+                    "`{present}` has shape {:?}, expected {} positions on axis 2",
+                    t.shape,
+                    past_len + seq
+                )));
+            }
+            past.push(t);
+        }
+        past_len += seq;
+        ids.push(next);
+        on_token(next);
+        if opts.eos_token_ids.contains(&next) {
+            stop = StopReason::Eos;
+            break;
+        }
+    }
+    Ok(Generation {
+        ids,
+        prompt_len: prompt.len(),
+        stop,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::artifact::TensorSig;
+
+    fn sig(name: &str, dtype: &str, shape: &[&str]) -> TensorSig {
+        TensorSig {
+            name: name.into(),
+            dtype: dtype.into(),
+            shape: shape.iter().map(|s| s.to_string()).collect(),
+            optional: false,
+        }
+    }
+
+    /// A fake decoder whose next token is (sum of all tokens seen so far) mod
+    /// vocab. It keeps the tokens it has seen in its "cache" (one value per
+    /// position in `present.0.key`), so a generator that dropped or
+    /// duplicated cache entries would produce different tokens. It records
+    /// every call's inputs.
+    struct Counting {
+        sig: Signature,
+        calls: Vec<BTreeMap<String, Tensor>>,
+        vocab: usize,
+        with_cache: bool,
+    }
+
+    impl Counting {
+        fn new(with_cache: bool) -> Counting {
+            let mut inputs = vec![
+                sig("input_ids", "i64", &["batch", "seq"]),
+                sig("attention_mask", "i64", &["batch", "past + seq"]),
+                sig("position_ids", "i64", &["batch", "seq"]),
+            ];
+            let mut outputs = vec![sig("logits", "f32", &["batch", "seq", "10"])];
+            if with_cache {
+                inputs.push(sig("past_key_values.0.key", "f32", &["batch", "1", "past", "1"]));
+                outputs.push(sig("present.0.key", "f32", &["batch", "1", "past + seq", "1"]));
+            }
+            Counting {
+                sig: Signature {
+                    inputs,
+                    outputs,
+                    symbols: BTreeMap::new(),
+                },
+                calls: Vec::new(),
+                vocab: 10,
+                with_cache,
+            }
+        }
+    }
+
+    impl Forward for Counting {
+        fn signature(&self) -> &Signature {
+            &self.sig
+        }
+
+        fn forward(&mut self, inputs: BTreeMap<String, Tensor>) -> Result<BTreeMap<String, Tensor>, ForwardError> {
+            self.calls.push(inputs.clone());
+            let ids = inputs["input_ids"].to_i64_vec();
+            let mut seen: Vec<f32> = match inputs.get("past_key_values.0.key") {
+                Some(p) => p.to_f32_vec(),
+                None => Vec::new(),
+            };
+            seen.extend(ids.iter().map(|&i| i as f32));
+            let seq = ids.len();
+            let mut logits = vec![0.0f32; seq * self.vocab];
+            let next = seen.iter().sum::<f32>() as usize % self.vocab;
+            logits[(seq - 1) * self.vocab + next] = 1.0;
+            let mut out = BTreeMap::new();
+            out.insert(
+                "logits".to_string(),
+                Tensor::from_f32(DType::F32, vec![1, seq, self.vocab], logits).unwrap(),
+            );
+            if self.with_cache {
+                let n = seen.len();
+                out.insert(
+                    "present.0.key".to_string(),
+                    Tensor::from_f32(DType::F32, vec![1, 1, n, 1], seen).unwrap(),
+                );
+            }
+            Ok(out)
+        }
+    }
+
+    fn expected(prompt: &[i64], n: usize) -> Vec<i64> {
+        let mut ids = prompt.to_vec();
+        for _ in 0..n {
+            ids.push(ids.iter().sum::<i64>() % 10);
+        }
+        ids
+    }
+
+    #[test]
+    fn prefills_once_then_feeds_one_token_per_step() {
+        let mut m = Counting::new(true);
+        let opts = GenerateOptions {
+            max_new_tokens: 6,
+            eos_token_ids: vec![],
+        };
+        let mut streamed = Vec::new();
+        let g = generate_greedy(&mut m, &[3, 4, 1], &opts, &mut |t| streamed.push(t)).unwrap();
+        assert_eq!(g.ids, expected(&[3, 4, 1], 6));
+        assert_eq!(streamed, g.new_ids());
+        assert_eq!(g.stop, StopReason::MaxNewTokens);
+        // One prefill of the 3 prompt tokens, then 5 calls of exactly one token.
+        assert_eq!(m.calls.len(), 6);
+        let lens: Vec<usize> = m.calls.iter().map(|c| c["input_ids"].shape[1]).collect();
+        assert_eq!(lens, vec![3, 1, 1, 1, 1, 1]);
+        for (step, c) in m.calls.iter().enumerate() {
+            let past = if step == 0 { 0 } else { 2 + step };
+            assert_eq!(c["past_key_values.0.key"].shape, vec![1, 1, past, 1]);
+            assert_eq!(c["attention_mask"].shape, vec![1, past + lens[step]]);
+            assert!(c["attention_mask"].to_i64_vec().iter().all(|&v| v == 1));
+            let want: Vec<i64> = (past as i64..(past + lens[step]) as i64).collect();
+            assert_eq!(c["position_ids"].to_i64_vec(), want);
+        }
+        // The last call's input is the previous step's output token.
+        assert_eq!(m.calls[5]["input_ids"].to_i64_vec(), vec![g.ids[g.ids.len() - 2]]);
+    }
+
+    #[test]
+    fn stops_at_eos_and_checks_prompt() {
+        let mut m = Counting::new(true);
+        // [3, 4] -> 7 -> 4 -> 8 ...; 4 is the end-of-sequence token.
+        let opts = GenerateOptions {
+            max_new_tokens: 10,
+            eos_token_ids: vec![4],
+        };
+        let g = generate_greedy(&mut m, &[3, 4], &opts, &mut |_| {}).unwrap();
+        assert_eq!(g.ids, vec![3, 4, 7, 4]);
+        assert_eq!(g.stop, StopReason::Eos);
+        assert_eq!(m.calls.len(), 2);
+
+        let e = generate_greedy(&mut m, &[], &opts, &mut |_| {}).unwrap_err();
+        assert!(matches!(e, GenerateError::EmptyPrompt));
+        let e = generate_greedy(&mut m, &[3, 12], &opts, &mut |_| {}).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "prompt token id 12 is out of range for the vocabulary of 10 tokens"
+        );
+    }
+
+    #[test]
+    fn without_a_cache_reruns_the_sequence() {
+        let mut m = Counting::new(false);
+        let opts = GenerateOptions {
+            max_new_tokens: 3,
+            eos_token_ids: vec![],
+        };
+        let g = generate_greedy(&mut m, &[5, 5], &opts, &mut |_| {}).unwrap();
+        assert_eq!(g.ids, expected(&[5, 5], 3));
+        let lens: Vec<usize> = m.calls.iter().map(|c| c["input_ids"].shape[1]).collect();
+        assert_eq!(lens, vec![2, 3, 4]);
+    }
+
+    #[test]
+    fn argmax_takes_the_first_maximum() {
+        assert_eq!(argmax(&[1.0, 3.0, 3.0, -1.0]), Some(1));
+        assert_eq!(argmax(&[1.0, f32::NAN]), None);
+        assert_eq!(argmax(&[]), None);
+    }
+}
