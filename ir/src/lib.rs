@@ -6,9 +6,11 @@
 //! compiler machinery (no egg, Cranelift or LLVM).
 
 pub mod attr;
+pub mod decompose;
 pub mod dim;
 pub mod dtype;
 pub mod graph;
+pub mod interp;
 pub mod ops;
 pub mod tensor;
 pub mod types;
