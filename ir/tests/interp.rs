@@ -1443,3 +1443,88 @@ fn tiny_decoder_generates_consistently() {
     let pfull = run(&prim, &w, &inputs).unwrap();
     assert_close(&pfull["logits"], logits, 1e-5, "decomposed logits");
 }
+
+#[test]
+fn unverified_graphs_are_reported_not_trusted() {
+    // Nodes added unchecked (as the text parser does) with a wrong arity, a
+    // wrong declared type and a text line.
+    let mut g = Graph::new("bad");
+    let x = g.add_input("x", ty(DType::F32, &["n"]));
+    let one = g.add_unchecked(Op::Neg {}, &[x, x], vec![ty(DType::F32, &["n"])], Some(7))[0];
+    g.set_output("one", one);
+    let inputs = map(vec![("x", f32t(&[2], &[1.0, 2.0]))]);
+    let e = run(&g, &BTreeMap::new(), &inputs).unwrap_err().to_string();
+    assert!(e.starts_with("op `neg` (line 7): expects 1 operands"), "{e}");
+
+    let mut g = Graph::new("bad_type");
+    let x = g.add_input("x", ty(DType::F32, &["n"]));
+    let y = g.add_unchecked(Op::Neg {}, &[x], vec![ty(DType::F32, &["n + 1"])], Some(3))[0];
+    g.set_output("y", y);
+    let e = run(&g, &BTreeMap::new(), &inputs).unwrap_err().to_string();
+    assert_eq!(
+        e,
+        "op `neg` (line 3): result 0 is f32[2], but the graph declares f32[n + 1] = f32[3]"
+    );
+}
+
+#[test]
+fn unsolvable_and_unbound_symbols_are_reported() {
+    // 2*past cannot be 5, and `other` is never bound.
+    let mut g = Graph::new("s");
+    g.add_input("a", ty(DType::F32, &["2*past"]));
+    let e = bind_symbols(&g, &map(vec![("a", f32t(&[5], &[0.0; 5]))])).unwrap_err();
+    assert!(
+        e.to_string()
+            .starts_with("input `a` axis 0: expected 2*past (symbol `past` has no value)"),
+        "{e}"
+    );
+    let e = bind_symbols(&g, &map(vec![("a", f32t(&[6], &[0.0; 6]))])).unwrap();
+    assert_eq!(e["past"], 3);
+
+    let mut g = Graph::new("u");
+    let a = g.add_input("a", ty(DType::F32, &["n"]));
+    let r = g
+        .add(
+            Op::Reshape {
+                shape: vec![d("n"), Dim::c(1)],
+            },
+            &[a],
+        )
+        .unwrap();
+    let f = g
+        .add(
+            Op::Fill {
+                shape: vec![d("other")],
+                value: 1.0,
+                dtype: DType::F32,
+            },
+            &[],
+        )
+        .unwrap();
+    g.set_output("r", r);
+    g.set_output("f", f);
+    let e = run(&g, &BTreeMap::new(), &map(vec![("a", f32t(&[2], &[0.0; 2]))])).unwrap_err();
+    assert!(e.to_string().contains("symbol `other` has no value"), "{e}");
+}
+
+#[test]
+fn eval_op_rejects_malformed_operands() {
+    let bad = Tensor {
+        dtype: DType::F32,
+        shape: vec![3],
+        data: Data::F32(vec![1.0]),
+    };
+    assert!(eval_err(Op::Neg {}, &[&bad]).contains("operand 0"));
+    let out_of_range = Tensor {
+        dtype: DType::U8,
+        shape: vec![1],
+        data: Data::I64(vec![300]),
+    };
+    assert!(eval_err(Op::Neg {}, &[&out_of_range]).contains("out of range for u8"));
+    let huge = Op::Fill {
+        shape: vec![Dim::c(1 << 40), Dim::c(1 << 20)],
+        value: 0.0,
+        dtype: DType::F32,
+    };
+    assert!(eval_op(&huge, &[], &BTreeMap::new()).is_err());
+}

@@ -9,7 +9,7 @@
 //! checked by shape inference.
 
 use super::common::{
-    bools, broadcast_index, broadcast_shape, floats, from_bools, from_f64s, from_i64s, ints, OpResult,
+    bools, broadcast_index, broadcast_shape, floats, from_bools, from_f64s, from_i64s, ints, numel, OpResult,
 };
 use crate::{DType, Data, Op, Tensor};
 
@@ -161,6 +161,7 @@ pub(crate) fn int_pow(a: i64, b: i64) -> OpResult<i64> {
 
 pub(crate) fn binary(op: &Op, a: &Tensor, b: &Tensor) -> OpResult {
     let shape = broadcast_shape(&a.shape, &b.shape)?;
+    numel(&shape)?;
     let ia = broadcast_index(&a.shape, &shape);
     let ib = broadcast_index(&b.shape, &shape);
     let pairs = || ia.iter().zip(&ib).map(|(&i, &j)| (i, j));
@@ -243,6 +244,7 @@ pub(crate) fn binary(op: &Op, a: &Tensor, b: &Tensor) -> OpResult {
 /// `cond ? a : b` with all three broadcast.
 pub(crate) fn where_(cond: &Tensor, a: &Tensor, b: &Tensor) -> OpResult {
     let shape = broadcast_shape(&broadcast_shape(&cond.shape, &a.shape)?, &b.shape)?;
+    numel(&shape)?;
     let (ic, ia, ib) = (
         broadcast_index(&cond.shape, &shape),
         broadcast_index(&a.shape, &shape),

@@ -35,22 +35,28 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 /// Why the interpreter could not run a graph.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum InterpError {
+    /// A graph input has no tensor.
     #[error("missing input `{name}` (expected {expected})")]
     MissingInput { name: String, expected: TensorType },
+    /// A tensor is given for a name that is not a graph input.
     #[error("unknown input `{name}` (the graph's inputs are {})", list(.expected))]
     UnknownInput { name: String, expected: Vec<String> },
+    /// An input has the wrong dtype.
     #[error("input `{name}`: expected dtype {expected}, found {found}")]
     InputDType {
         name: String,
         expected: DType,
         found: DType,
     },
+    /// An input has the wrong rank.
     #[error("input `{name}`: expected rank {} ({expected}), found rank {} (shape {found:?})", .expected.rank(), .found.len())]
     InputRank {
         name: String,
         expected: TensorType,
         found: Vec<usize>,
     },
+    /// An input dim differs from its declared constant, from a symbol bound
+    /// elsewhere, or from the value of its expression.
     #[error("input `{name}` axis {axis}: expected {expected}, found {found}")]
     InputDim {
         name: String,
@@ -59,6 +65,7 @@ pub enum InterpError {
         expected: String,
         found: usize,
     },
+    /// A symbol bound from the inputs lies outside the bounds the graph declares.
     #[error(
         "symbol `{symbol}` = {value} (from input `{name}` axis {axis}) is outside its declared bounds [{min}, {max}]"
     )]
@@ -70,18 +77,23 @@ pub enum InterpError {
         min: i64,
         max: i64,
     },
+    /// An input tensor is malformed (storage, length or integer range).
     #[error("input `{name}`: {why}")]
     BadInput { name: String, why: String },
+    /// A weight the graph references has no tensor.
     #[error("missing weight `{name}` (expected {expected})")]
     MissingWeight { name: String, expected: TensorType },
+    /// A weight differs from its declared type, or is malformed.
     #[error("weight `{name}`: expected {expected}, found {found}")]
     WeightMismatch {
         name: String,
         expected: String,
         found: String,
     },
+    /// An op failed while running; `at` names the node (label, text line or value).
     #[error("op `{op}`{at}: {message}")]
     Op { op: String, at: String, message: String },
+    /// The graph itself is broken (a cycle, a dangling value).
     #[error(transparent)]
     Graph(#[from] GraphError),
 }
@@ -190,9 +202,12 @@ pub fn bind_symbols(g: &Graph, inputs: &BTreeMap<String, Tensor>) -> Result<BTre
                 };
                 let found = found as i64;
                 let (Some(r0), Some(r1)) = (at(0), at(1)) else { continue };
-                let a = r1 - r0;
-                if a != 0 && (found - r0) % a == 0 {
-                    let x = (found - r0) / a;
+                // Checked arithmetic: a huge coefficient must not overflow.
+                let Some((a, rest)) = r1.checked_sub(r0).zip(found.checked_sub(r0)) else {
+                    continue;
+                };
+                if a != 0 && rest.checked_rem(a) == Some(0) {
+                    let Some(x) = rest.checked_div(a) else { continue };
                     if at(x) == Some(found) {
                         syms.insert(s.clone(), x);
                         origin.insert(s.clone(), (name.to_string(), axis));
