@@ -395,7 +395,18 @@ impl Builder<'_> {
             }
             _ => {
                 let (f, scaling) = cfg.rope_inv_freq(cfg.max_position_embeddings);
-                (self.vector(f.iter().map(|&x| x as f32).collect())?, scaling)
+                // A model cast to a narrower dtype (`model.to(torch.bfloat16)`, as a
+                // bf16 checkpoint is saved and loaded) casts its `inv_freq` buffer too,
+                // and casting back to float32 keeps the rounded values; so do we.
+                let stored = cfg
+                    .dtype
+                    .filter(|d| matches!(d, DType::BF16 | DType::F16))
+                    .unwrap_or(DType::F32);
+                let f = f
+                    .iter()
+                    .map(|&x| smelt_ir::tensor::round_to(stored, x as f32))
+                    .collect();
+                (self.vector(f)?, scaling)
             }
         };
         let inv = self.reshape(inv_freq, vec![Dim::c(1), Dim::from(half), Dim::c(1)])?;
