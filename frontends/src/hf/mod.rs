@@ -7,5 +7,6 @@ pub mod error;
 pub mod writer;
 
 pub use checkpoint::{Checkpoint, TensorRef};
-pub use config::HfConfig;
+pub use config::{supported_model_types, Activation, Arch, HfConfig, LayerAttention, RopeScaling};
 pub use error::HfError;
+pub use writer::{expected_tensors, write_random_checkpoint, RandomModelSpec, TensorRole, TensorSpec};
