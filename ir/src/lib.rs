@@ -13,7 +13,9 @@ pub mod graph;
 pub mod interp;
 pub mod ops;
 pub mod tensor;
+pub mod text;
 pub mod types;
+pub mod verify;
 
 pub use attr::{AttrType, AttrValue};
 pub use dim::{Dim, DimError};
@@ -21,4 +23,6 @@ pub use dtype::DType;
 pub use graph::{Graph, GraphError, Node, NodeId, SymbolBounds, Value, ValueId};
 pub use ops::{Category, Op, OpKind, OPS};
 pub use tensor::{Data, Tensor};
+pub use text::ParseError;
 pub use types::TensorType;
+pub use verify::{VerifyError, VerifyErrors};
