@@ -254,7 +254,12 @@ impl Builder<'_> {
         let cfg = self.cfg;
         let (h, v, layers) = (cfg.hidden_size, cfg.vocab_size, cfg.num_hidden_layers);
         let (kvh, hd) = (cfg.num_key_value_heads, cfg.head_dim);
-        let max_ctx = cfg.max_position_embeddings as i64;
+        // The context bound: the config's maximum, except that dynamic NTK
+        // scaling exists to run past it (by up to its factor).
+        let max_ctx = match cfg.rope_scaling {
+            RopeScaling::Dynamic { factor, .. } => (cfg.max_position_embeddings as f64 * factor.max(1.0)) as i64,
+            _ => cfg.max_position_embeddings as i64,
+        };
         self.g.declare_symbol("batch", 1, 1024);
         self.g.declare_symbol("seq", 1, max_ctx);
         self.g.declare_symbol("past", 0, max_ctx);

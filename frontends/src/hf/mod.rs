@@ -1,11 +1,13 @@
 //! Hugging Face checkpoints: a folder with `config.json` and safetensors
 //! weights (one file, or shards listed in `model.safetensors.index.json`).
 
+pub mod build;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod writer;
 
+pub use build::{build, load, HfModel};
 pub use checkpoint::{Checkpoint, TensorRef};
 pub use config::{supported_model_types, Activation, Arch, HfConfig, LayerAttention, RopeScaling};
 pub use error::HfError;
