@@ -246,7 +246,7 @@ pub fn generate_greedy(
             .remove("logits")
             .ok_or_else(|| bad("no `logits` output".to_string()))?;
         let vocab = *logits.shape.last().unwrap_or(&0);
-        let rows = if vocab == 0 { 0 } else { logits.numel() / vocab };
+        let rows = logits.numel().checked_div(vocab).unwrap_or(0);
         if vocab == 0 || logits.shape.first() != Some(&1) || rows != seq {
             return Err(bad(format!(
                 "`logits` has shape {:?}, expected [1, {seq}, vocab]",

@@ -1,0 +1,75 @@
+//! `smelt compile MODEL -o OUT.smelt [--target interp|cpu|cuda]`: builds the
+//! model's graph, verifies it and writes an artifact. Only the `interp`
+//! target (verified text IR + weights, run by the reference interpreter) is
+//! implemented in this build; `cpu` and `cuda` are refused before any work.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use clap::ValueEnum;
+use smelt_runtime::artifact::{write_interp_artifact, InterpArtifact};
+
+use crate::source::{load_checkpoint, onnx_unavailable, Source};
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Target {
+    /// The verified IR and weights, run by the reference interpreter.
+    Interp,
+    /// Native CPU kernels (not implemented yet).
+    Cpu,
+    /// NVIDIA GPU kernels (not implemented yet).
+    Cuda,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// A Hugging Face checkpoint folder (config.json + *.safetensors) or an .onnx file.
+    pub model: PathBuf,
+    /// The artifact directory to write (conventionally NAME.smelt).
+    #[arg(short, long)]
+    pub output: PathBuf,
+    #[arg(long, value_enum, default_value_t = Target::Interp)]
+    pub target: Target,
+}
+
+pub fn main(args: Args) -> Result<()> {
+    if args.target != Target::Interp {
+        let name = args
+            .target
+            .to_possible_value()
+            .map(|v| v.get_name().to_string())
+            .unwrap_or_default();
+        bail!("target `{name}` is not implemented yet in this build (available: interp)");
+    }
+    let start = Instant::now();
+    let loaded = match Source::classify(&args.model)? {
+        Source::Checkpoint(dir) => load_checkpoint(&dir)?,
+        Source::Onnx(p) => return Err(onnx_unavailable(&p)),
+        Source::Artifact(p) => bail!(
+            "{}: is already a smelt artifact (compile takes a checkpoint folder or an .onnx file)",
+            p.display()
+        ),
+    };
+    let manifest = write_interp_artifact(
+        &args.output,
+        &InterpArtifact {
+            graph: &loaded.graph,
+            weights: &loaded.weights,
+            model: loaded.info.clone(),
+            tokenizer: loaded.tokenizer.as_deref(),
+            eos_token_ids: loaded.eos_token_ids.clone(),
+        },
+    )?;
+    let size: u64 = manifest.files.iter().map(|f| f.size).sum();
+    crate::out(&format!(
+        "compiled {} ({}, {} parameters, {} nodes) -> {} [target interp, {:.1} MB] in {:.2}s\n",
+        args.model.display(),
+        manifest.model.architecture,
+        manifest.model.parameters,
+        loaded.graph.node_count(),
+        args.output.display(),
+        size as f64 / 1e6,
+        start.elapsed().as_secs_f64()
+    ))
+}

@@ -1,0 +1,8 @@
+//! One module per `smelt` subcommand: its clap arguments (`Args`) and its
+//! `main`, which returns an `anyhow::Result` that `main.rs` prints as one line.
+
+pub mod compile;
+pub mod generate;
+pub mod inspect;
+pub mod make_model;
+pub mod run;

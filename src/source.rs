@@ -1,0 +1,148 @@
+//! What a MODEL argument names, and loading it: a smelt artifact directory
+//! (it has `manifest.json`, or its name ends in `.smelt`), a Hugging Face
+//! checkpoint folder (any other directory), or an ONNX file (`.onnx`).
+//!
+//! Checkpoints are compiled in memory (the frontend's graph, verified) so
+//! `run`, `generate` and `inspect` accept them as well as artifacts.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use smelt_frontends::hf;
+use smelt_ir::{Graph, Tensor};
+use smelt_runtime::artifact::{Artifact, Manifest, ModelInfo};
+
+/// The kinds of model paths the CLI accepts.
+pub enum Source {
+    Artifact(PathBuf),
+    Checkpoint(PathBuf),
+    Onnx(PathBuf),
+}
+
+impl Source {
+    pub fn classify(path: &Path) -> Result<Source> {
+        if path.is_dir() {
+            let named_artifact = path.extension().is_some_and(|e| e == "smelt");
+            if path.join("manifest.json").is_file() || named_artifact {
+                return Ok(Source::Artifact(path.to_path_buf()));
+            }
+            return Ok(Source::Checkpoint(path.to_path_buf()));
+        }
+        if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("onnx")) {
+            if !path.is_file() {
+                bail!("{}: no such file", path.display());
+            }
+            return Ok(Source::Onnx(path.to_path_buf()));
+        }
+        if !path.exists() {
+            bail!("{}: no such file or directory", path.display());
+        }
+        bail!(
+            "{}: not a model (expected a Hugging Face checkpoint folder, a .smelt artifact directory or an .onnx file)",
+            path.display()
+        )
+    }
+}
+
+/// The error for ONNX input until the ONNX frontend builds graphs.
+pub fn onnx_unavailable(path: &Path) -> anyhow::Error {
+    anyhow::anyhow!(
+        "{}: the ONNX frontend is not available yet in this build (use a Hugging Face checkpoint folder)",
+        path.display()
+    )
+}
+
+/// A model ready to run: graph, weights and what is known about it.
+pub struct Loaded {
+    pub graph: Graph,
+    pub weights: BTreeMap<String, Tensor>,
+    pub info: ModelInfo,
+    pub tokenizer: Option<PathBuf>,
+    pub eos_token_ids: Vec<i64>,
+    /// Set when the model came from an artifact.
+    pub manifest: Option<Manifest>,
+}
+
+/// The dtype all weights share, if they share one.
+fn uniform_dtype(weights: &BTreeMap<String, Tensor>) -> Option<String> {
+    let mut it = weights.values().map(|t| t.dtype);
+    let first = it.next()?;
+    it.all(|d| d == first).then(|| first.name().to_string())
+}
+
+/// Builds a checkpoint's graph with the Hugging Face frontend and verifies it.
+pub fn load_checkpoint(dir: &Path) -> Result<Loaded> {
+    let m = hf::load(dir)?;
+    verify(&m.graph, dir)?;
+    let info = ModelInfo {
+        architecture: m
+            .config
+            .architectures
+            .first()
+            .cloned()
+            .unwrap_or_else(|| m.config.arch.causal_lm_class().to_string()),
+        model_type: Some(m.config.arch.model_type().to_string()),
+        parameters: m.parameter_count() as u64,
+        layers: m.config.num_hidden_layers,
+        stored_dtype: uniform_dtype(&m.weights),
+        source: dir.display().to_string(),
+    };
+    let tokenizer = Some(dir.join("tokenizer.json")).filter(|p| p.is_file());
+    Ok(Loaded {
+        graph: m.graph,
+        weights: m.weights,
+        info,
+        tokenizer,
+        eos_token_ids: m.config.eos_token_id.clone(),
+        manifest: None,
+    })
+}
+
+/// Verifies a graph the frontend built; a failure is a frontend bug, but it
+/// is reported, not written out.
+pub fn verify(g: &Graph, source: &Path) -> Result<()> {
+    smelt_ir::verify::verify(g).map_err(|e| {
+        let all = e.to_string();
+        let n = all.lines().count();
+        let first = all.lines().next().unwrap_or_default();
+        let more = if n > 1 {
+            format!(" (and {} more)", n - 1)
+        } else {
+            String::new()
+        };
+        anyhow::anyhow!("the IR built from {} does not verify: {first}{more}", source.display())
+    })
+}
+
+/// Opens an artifact (checking its manifest and hashes) and reads it.
+pub fn load_artifact(dir: &Path) -> Result<Loaded> {
+    let a = Artifact::open(dir)?;
+    let graph = a.graph()?;
+    let weights = a.weights()?;
+    let m = a.manifest().clone();
+    Ok(Loaded {
+        graph,
+        weights,
+        info: m.model.clone(),
+        tokenizer: a.tokenizer_path(),
+        eos_token_ids: m.eos_token_ids.clone(),
+        manifest: Some(m),
+    })
+}
+
+/// Loads any model path the CLI accepts.
+pub fn load(path: &Path) -> Result<Loaded> {
+    match Source::classify(path)? {
+        Source::Artifact(p) => load_artifact(&p),
+        Source::Checkpoint(p) => load_checkpoint(&p),
+        Source::Onnx(p) => Err(onnx_unavailable(&p)),
+    }
+}
+
+/// Loads a `tokenizer.json`.
+pub fn tokenizer(path: &Path) -> Result<tokenizers::Tokenizer> {
+    tokenizers::Tokenizer::from_file(path)
+        .map_err(|e| anyhow::anyhow!("{e}"))
+        .with_context(|| format!("{}: cannot load tokenizer", path.display()))
+}

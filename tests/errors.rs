@@ -1,0 +1,309 @@
+//! Bad input never panics: every case below must make `smelt` exit with
+//! code 1 and print exactly one line `error: ...` that names the problem.
+//!
+//! The broken models are copies of a small model written by `smelt
+//! make-test-model` into a temporary folder, so this suite does not depend on
+//! `../shared`.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use common::*;
+use smelt_ir::{DType, Tensor};
+
+/// A fresh random llama checkpoint in a temporary folder.
+fn model() -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("model");
+    make_model(&dir, &["--arch", "llama", "--layers", "1"]);
+    (tmp, dir)
+}
+
+fn compile_fails(dir: &Path, wants: &[&str]) -> String {
+    let out = dir.with_extension("smelt");
+    let msg = fails(&[&"compile", &dir, &"-o", &out], wants);
+    assert!(!out.exists(), "a failed compile must not leave an artifact");
+    msg
+}
+
+fn edit_config(dir: &Path, f: impl FnOnce(&mut serde_json::Value)) {
+    let p = dir.join("config.json");
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    f(&mut v);
+    std::fs::write(&p, serde_json::to_string_pretty(&v).unwrap()).unwrap();
+}
+
+fn edit_weights(dir: &Path, f: impl FnOnce(&mut BTreeMap<String, Tensor>)) {
+    let p = dir.join("model.safetensors");
+    let mut w = read_tensors(&p);
+    f(&mut w);
+    write_tensors(&p, &w);
+}
+
+const DOWN: &str = "model.layers.0.mlp.down_proj.weight";
+
+#[test]
+fn missing_config() {
+    let (_t, dir) = model();
+    std::fs::remove_file(dir.join("config.json")).unwrap();
+    compile_fails(&dir, &["missing config.json"]);
+}
+
+#[test]
+fn malformed_config() {
+    let (_t, dir) = model();
+    std::fs::write(
+        dir.join("config.json"),
+        "{\n  \"model_type\": \"llama\",\n  \"hidden_size\": 64,,\n}",
+    )
+    .unwrap();
+    compile_fails(&dir, &["config.json", "malformed JSON at line 3"]);
+}
+
+#[test]
+fn unknown_model_type_lists_supported_ones() {
+    let (_t, dir) = model();
+    edit_config(&dir, |v| v["model_type"] = "gpt9".into());
+    compile_fails(
+        &dir,
+        &[
+            "unknown model_type `gpt9`",
+            "llama",
+            "mistral",
+            "qwen2",
+            "qwen3",
+            "gemma",
+            "phi3",
+        ],
+    );
+}
+
+#[test]
+fn bad_config_value_names_the_key() {
+    let (_t, dir) = model();
+    edit_config(&dir, |v| v["num_attention_heads"] = "four".into());
+    compile_fails(&dir, &["num_attention_heads"]);
+}
+
+#[test]
+fn missing_tensor_is_named() {
+    let (_t, dir) = model();
+    edit_weights(&dir, |w| {
+        w.remove(DOWN);
+    });
+    compile_fails(&dir, &[&format!("tensor `{DOWN}` missing")]);
+}
+
+#[test]
+fn wrong_shape_says_expected_and_found() {
+    let (_t, dir) = model();
+    edit_weights(&dir, |w| {
+        w.insert(DOWN.into(), Tensor::full(DType::F32, vec![64, 100], 0.0));
+    });
+    compile_fails(&dir, &[DOWN, "[64, 100]", "expected [64, 176]"]);
+}
+
+#[test]
+fn wrong_dtype_says_expected_and_found() {
+    let (_t, dir) = model();
+    edit_weights(&dir, |w| {
+        w.insert(DOWN.into(), Tensor::full(DType::I64, vec![64, 176], 1.0));
+    });
+    compile_fails(&dir, &[DOWN, "dtype i64"]);
+}
+
+#[test]
+fn truncated_safetensors() {
+    let (_t, dir) = model();
+    let p = dir.join("model.safetensors");
+    let bytes = std::fs::read(&p).unwrap();
+    std::fs::write(&p, &bytes[..bytes.len() - 1000]).unwrap();
+    compile_fails(&dir, &["model.safetensors"]);
+    std::fs::write(&p, &bytes[..4]).unwrap();
+    compile_fails(&dir, &["model.safetensors"]);
+}
+
+#[test]
+fn safetensors_header_lying_about_its_length() {
+    let (_t, dir) = model();
+    let p = dir.join("model.safetensors");
+    let good = std::fs::read(&p).unwrap();
+    let real = u64::from_le_bytes(good[..8].try_into().unwrap());
+    // Longer than the file, and a little shorter than the JSON header.
+    for claimed in [good.len() as u64 * 2, real - 5] {
+        let mut bytes = good.clone();
+        bytes[..8].copy_from_slice(&claimed.to_le_bytes());
+        std::fs::write(&p, &bytes).unwrap();
+        compile_fails(&dir, &["model.safetensors"]);
+    }
+}
+
+#[test]
+fn missing_model_path_and_onnx_and_unimplemented_targets() {
+    let tmp = tempfile::tempdir().unwrap();
+    let nowhere = tmp.path().join("nowhere");
+    fails(
+        &[&"compile", &nowhere, &"-o", &tmp.path().join("x.smelt")],
+        &["no such file or directory"],
+    );
+    let onnx = tmp.path().join("model.onnx");
+    std::fs::write(&onnx, b"not really onnx").unwrap();
+    fails(
+        &[&"compile", &onnx, &"-o", &tmp.path().join("x.smelt")],
+        &["ONNX frontend is not available yet"],
+    );
+    for target in ["cpu", "cuda"] {
+        fails(
+            &[
+                &"compile",
+                &tmp.path(),
+                &"-o",
+                &tmp.path().join("x.smelt"),
+                &"--target",
+                &target,
+            ],
+            &[&format!("target `{target}` is not implemented yet")],
+        );
+    }
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    fails(&[&"inspect", &empty], &["missing config.json"]);
+}
+
+/// A compiled artifact and an inputs file path in a temporary folder.
+fn artifact() -> (tempfile::TempDir, PathBuf) {
+    let (t, dir) = model();
+    let art = t.path().join("m.smelt");
+    ok(&[&"compile", &dir, &"-o", &art]);
+    (t, art)
+}
+
+fn ids(shape: Vec<usize>) -> Tensor {
+    let n: usize = shape.iter().product();
+    Tensor::from_i64(DType::I64, shape, (0..n as i64).collect()).unwrap()
+}
+
+fn run_with(art: &Path, inputs: BTreeMap<String, Tensor>, wants: &[&str]) {
+    let dir = art.parent().unwrap();
+    let inp = dir.join("in.safetensors");
+    write_tensors(&inp, &inputs);
+    fails(
+        &[
+            &"run",
+            &art,
+            &"--inputs",
+            &inp,
+            &"--outputs",
+            &dir.join("out.safetensors"),
+        ],
+        wants,
+    );
+}
+
+#[test]
+fn run_rejects_wrong_input_names_shapes_and_dtypes() {
+    let (_t, art) = artifact();
+    run_with(
+        &art,
+        BTreeMap::from([("input_id".to_string(), ids(vec![1, 3]))]),
+        &["input_id"],
+    );
+    run_with(
+        &art,
+        BTreeMap::from([
+            ("input_ids".to_string(), ids(vec![1, 3])),
+            ("inputs_embeds".to_string(), ids(vec![1, 3])),
+        ]),
+        &["unknown input `inputs_embeds`"],
+    );
+    run_with(
+        &art,
+        BTreeMap::from([("input_ids".to_string(), ids(vec![3]))]),
+        &["input `input_ids`", "rank"],
+    );
+    run_with(
+        &art,
+        BTreeMap::from([
+            ("input_ids".to_string(), ids(vec![1, 3])),
+            ("attention_mask".to_string(), ids(vec![1, 5])),
+        ]),
+        &["attention_mask"],
+    );
+    run_with(
+        &art,
+        BTreeMap::from([(
+            "input_ids".to_string(),
+            Tensor::from_f32(DType::F32, vec![1, 3], vec![0.0, 1.0, 2.0]).unwrap(),
+        )]),
+        &["input `input_ids`: expected dtype i64, found f32"],
+    );
+    let dir = art.parent().unwrap();
+    let bad = dir.join("bad.safetensors");
+    std::fs::write(&bad, b"\x10\x00\x00").unwrap();
+    fails(
+        &[
+            &"run",
+            &art,
+            &"--inputs",
+            &bad,
+            &"--outputs",
+            &dir.join("o.safetensors"),
+        ],
+        &["bad.safetensors", "not a valid safetensors file"],
+    );
+}
+
+#[test]
+fn corrupted_artifacts_are_refused() {
+    let (_t, art) = artifact();
+    let w = art.join("weights.safetensors");
+    let mut bytes = std::fs::read(&w).unwrap();
+    let i = bytes.len() / 2;
+    bytes[i] ^= 0xff;
+    std::fs::write(&w, &bytes).unwrap();
+    let args = ["--prompt-ids", "1,2", "--max-new-tokens", "1"];
+    fails(
+        &[&"generate", &art, &args[0], &args[1], &args[2], &args[3]],
+        &["weights.safetensors", "sha256"],
+    );
+    bytes[i] ^= 0xff;
+    std::fs::write(&w, &bytes).unwrap();
+    ok(&[&"generate", &art, &args[0], &args[1], &args[2], &args[3]]);
+
+    std::fs::remove_file(art.join("model.smir")).unwrap();
+    fails(&[&"inspect", &art], &["model.smir", "missing"]);
+
+    let m = art.join("manifest.json");
+    std::fs::write(&m, "{\"format_version\": 1, ").unwrap();
+    fails(&[&"inspect", &art], &["manifest.json: malformed JSON"]);
+    std::fs::write(&m, "{\"format_version\": 2}").unwrap();
+    fails(&[&"inspect", &art], &["format version 2 is not supported"]);
+    std::fs::remove_file(&m).unwrap();
+    fails(&[&"inspect", &art], &["not a smelt artifact"]);
+}
+
+#[test]
+fn generate_rejects_bad_prompts() {
+    let (_t, art) = artifact();
+    fails(
+        &[&"generate", &art, &"--prompt-ids", &"1,x,3", &"--max-new-tokens", &"2"],
+        &["`x` is not a token id"],
+    );
+    fails(
+        &[&"generate", &art, &"--prompt-ids", &"1,999", &"--max-new-tokens", &"2"],
+        &["token id 999 is out of range"],
+    );
+    fails(
+        &[&"generate", &art, &"--prompt-ids", &"", &"--max-new-tokens", &"2"],
+        &["empty"],
+    );
+    let no_tok = art.parent().unwrap().join("notok");
+    make_model(&no_tok, &["--arch", "qwen2", "--layers", "1"]);
+    std::fs::remove_file(no_tok.join("tokenizer.json")).unwrap();
+    fails(
+        &[&"generate", &no_tok, &"--prompt", &"hi", &"--max-new-tokens", &"2"],
+        &["no tokenizer.json"],
+    );
+}

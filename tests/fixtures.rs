@@ -1,0 +1,180 @@
+//! End to end on `../shared/fixtures`: for every model folder, `smelt
+//! compile` to an interp artifact, then
+//! - `smelt run` with `input_ids` reproduces `logits`;
+//! - `smelt run` with the `kv.*` inputs (renamed to the model's input names)
+//!   reproduces `kv.logits` and `kv.present.*`;
+//! - `smelt generate --prompt-ids` reproduces `greedy_ids` (prompt included);
+//! - `tokenizer.json` turns `tokenizer_example.text` into its ids, and
+//!   `smelt generate --prompt` encodes and decodes through it.
+//!
+//! Tolerance (fixtures README): max |got - want| <= 1e-3 for f32 logits and
+//! key/values. Without the fixtures folder this suite prints a notice and
+//! passes; the other suites do not depend on it.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use common::*;
+
+const TOL: f64 = 1e-3;
+
+fn check_fixture(dir: &Path) {
+    let name = dir.file_name().unwrap().to_string_lossy().to_string();
+    let tmp = tempfile::tempdir().unwrap();
+    let art = tmp.path().join(format!("{name}.smelt"));
+    ok(&[&"compile", &dir, &"-o", &art]);
+    let reference = read_tensors(&dir.join("reference.safetensors"));
+
+    // Full-sequence forward from input_ids alone.
+    let inp = tmp.path().join("in.safetensors");
+    let outp = tmp.path().join("out.safetensors");
+    let mut inputs = BTreeMap::new();
+    inputs.insert("input_ids".to_string(), reference["input_ids"].clone());
+    write_tensors(&inp, &inputs);
+    ok(&[&"run", &art, &"--inputs", &inp, &"--outputs", &outp]);
+    let out = read_tensors(&outp);
+    let err = max_abs_err("logits", &out["logits"], &reference["logits"]);
+    println!("{name}: logits max abs err {err:.2e}");
+    assert!(err <= TOL, "{name}: logits max abs err {err} > {TOL}");
+
+    // One decoder-with-past step.
+    let mut inputs = BTreeMap::new();
+    for (k, t) in &reference {
+        if let Some(rest) = k.strip_prefix("kv.past.") {
+            inputs.insert(format!("past_key_values.{rest}"), t.clone());
+        } else if let Some(n) = ["input_ids", "attention_mask", "position_ids"]
+            .into_iter()
+            .find(|n| k == &format!("kv.{n}"))
+        {
+            inputs.insert(n.to_string(), t.clone());
+        }
+    }
+    assert!(
+        inputs.len() > 3,
+        "{name}: no kv.past.* tensors in reference.safetensors"
+    );
+    write_tensors(&inp, &inputs);
+    ok(&[&"run", &art, &"--inputs", &inp, &"--outputs", &outp]);
+    let out = read_tensors(&outp);
+    let mut worst = max_abs_err("kv.logits", &out["logits"], &reference["kv.logits"]);
+    let mut presents = 0;
+    for (k, want) in &reference {
+        if let Some(rest) = k.strip_prefix("kv.present.") {
+            let got = out
+                .get(&format!("present.{rest}"))
+                .unwrap_or_else(|| panic!("{name}: no output present.{rest}"));
+            worst = worst.max(max_abs_err(k, got, want));
+            presents += 1;
+        }
+    }
+    assert_eq!(presents, inputs.len() - 3, "{name}: one present per past");
+    println!("{name}: kv step max abs err {worst:.2e}");
+    assert!(worst <= TOL, "{name}: kv step max abs err {worst} > {TOL}");
+
+    // Greedy generation with the KV cache.
+    let prompt: Vec<String> = reference["prompt"].to_i64_vec().iter().map(|i| i.to_string()).collect();
+    let want: Vec<i64> = reference["greedy_ids"].to_i64_vec();
+    let new = want.len() - prompt.len();
+    let json = ok(&[
+        &"generate",
+        &art,
+        &"--prompt-ids",
+        &prompt.join(","),
+        &"--max-new-tokens",
+        &new.to_string(),
+        &"--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let got: Vec<i64> = v["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_i64().unwrap())
+        .collect();
+    assert_eq!(got, want, "{name}: greedy ids");
+
+    // The tokenizer, directly and through `generate --prompt`.
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+    let text = report["tokenizer_example"]["text"].as_str().unwrap();
+    let ids: Vec<u32> = report["tokenizer_example"]["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect();
+    let tok = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
+    assert_eq!(
+        tok.encode(text, true).unwrap().get_ids(),
+        ids.as_slice(),
+        "{name}: tokenizer"
+    );
+    assert_eq!(tok.decode(&ids, true).unwrap(), text, "{name}: tokenizer decode");
+    let json = ok(&[
+        &"generate",
+        &art,
+        &"--prompt",
+        &text,
+        &"--max-new-tokens",
+        &"2",
+        &"--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let got: Vec<u32> = v["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect();
+    assert_eq!(&got[..ids.len()], ids.as_slice(), "{name}: generate --prompt ids");
+    assert_eq!(got.len(), ids.len() + 2);
+    assert!(v["text"].as_str().unwrap().starts_with(text), "{name}: {v}");
+    let plain = ok(&[&"generate", &art, &"--prompt", &text, &"--max-new-tokens", &"2"]);
+    assert!(plain.starts_with(text), "{name}: plain output {plain:?}");
+}
+
+#[test]
+fn every_fixture_reproduces_the_reference() {
+    let Some(root) = fixtures_dir() else {
+        println!("skipping: ../shared/fixtures not found");
+        return;
+    };
+    let mut dirs: Vec<_> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.join("config.json").is_file())
+        .collect();
+    dirs.sort();
+    assert!(!dirs.is_empty(), "no model folders in {}", root.display());
+    // Fixtures are independent: check them on all cores, then report every
+    // failure together.
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+    let queue = std::sync::Mutex::new(dirs.clone());
+    let failures = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        for _ in 0..threads.min(dirs.len()) {
+            s.spawn(|| loop {
+                let Some(d) = queue.lock().unwrap().pop() else { break };
+                let r = std::panic::catch_unwind(|| check_fixture(&d));
+                if let Err(e) = r {
+                    let msg = e
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_default();
+                    failures.lock().unwrap().push(format!("{}: {msg}", d.display()));
+                }
+            });
+        }
+    });
+    let failures = failures.into_inner().unwrap();
+    assert!(
+        failures.is_empty(),
+        "{} of {} fixtures failed:\n{}",
+        failures.len(),
+        dirs.len(),
+        failures.join("\n\n")
+    );
+}
