@@ -57,11 +57,7 @@ pub fn build(ckpt: &Checkpoint) -> Result<HfModel, HfError> {
         context: String::new(),
     };
     b.decoder()?;
-    Ok(HfModel {
-        graph: b.g,
-        weights: b.weights,
-        config: cfg,
-    })
+    Ok(HfModel { graph: b.g, weights: b.weights, config: cfg })
 }
 
 /// The float32 value of `torch.finfo(torch.float32).min`, which transformers
@@ -87,10 +83,7 @@ impl Builder<'_> {
     fn err(&self, e: GraphError) -> HfError {
         HfError::invalid(
             &self.cfg.source,
-            format!(
-                "building {}: {e} (the config's sizes do not fit together)",
-                self.context
-            ),
+            format!("building {}: {e} (the config's sizes do not fit together)", self.context),
         )
     }
 
@@ -100,12 +93,7 @@ impl Builder<'_> {
     }
 
     fn scalar(&mut self, v: f32) -> Result<ValueId, HfError> {
-        self.op(
-            Op::Constant {
-                value: Tensor::scalar_f32(v),
-            },
-            &[],
-        )
+        self.op(Op::Constant { value: Tensor::scalar_f32(v) }, &[])
     }
 
     fn vector(&mut self, values: Vec<f32>) -> Result<ValueId, HfError> {
@@ -137,12 +125,7 @@ impl Builder<'_> {
 
     fn slice_last(&mut self, x: ValueId, start: usize, end: usize) -> Result<ValueId, HfError> {
         self.op(
-            Op::Slice {
-                axes: vec![-1],
-                starts: vec![Dim::from(start)],
-                ends: vec![Dim::from(end)],
-                steps: vec![1],
-            },
+            Op::Slice { axes: vec![-1], starts: vec![Dim::from(start)], ends: vec![Dim::from(end)], steps: vec![1] },
             &[x],
         )
     }
@@ -193,13 +176,7 @@ impl Builder<'_> {
         let w = self.weight(&format!("{name}.weight"), &[dim], why)?;
         let two = self.scalar(2.0)?;
         let sq = self.binary(Op::Pow {}, x, two)?;
-        let var = self.op(
-            Op::ReduceMean {
-                axes: vec![-1],
-                keepdims: true,
-            },
-            &[sq],
-        )?;
+        let var = self.op(Op::ReduceMean { axes: vec![-1], keepdims: true }, &[sq])?;
         let eps = self.scalar(self.cfg.rms_norm_eps as f32)?;
         let var_eps = self.add(var, eps)?;
         let inv = self.op(Op::Rsqrt {}, &[var_eps])?;
@@ -266,36 +243,21 @@ impl Builder<'_> {
         let (batch, seq, past) = (Dim::sym("batch"), Dim::sym("seq"), Dim::sym("past"));
         let total = past.clone() + seq.clone();
 
-        let input_ids = self.g.add_input(
-            "input_ids",
-            TensorType::new(DType::I64, dims(&[batch.clone(), seq.clone()])),
-        );
-        let attention_mask = self.g.add_input(
-            "attention_mask",
-            TensorType::new(DType::I64, dims(&[batch.clone(), total.clone()])),
-        );
-        let position_ids = self.g.add_input(
-            "position_ids",
-            TensorType::new(DType::I64, dims(&[batch.clone(), seq.clone()])),
-        );
+        let input_ids = self.g.add_input("input_ids", TensorType::new(DType::I64, dims(&[batch.clone(), seq.clone()])));
+        let attention_mask =
+            self.g.add_input("attention_mask", TensorType::new(DType::I64, dims(&[batch.clone(), total.clone()])));
+        let position_ids =
+            self.g.add_input("position_ids", TensorType::new(DType::I64, dims(&[batch.clone(), seq.clone()])));
         let kv_ty = |len: Dim| TensorType::new(DType::F32, vec![batch.clone(), Dim::from(kvh), len, Dim::from(hd)]);
         let mut pasts = Vec::new();
         for i in 0..layers {
-            let k = self
-                .g
-                .add_input(&format!("past_key_values.{i}.key"), kv_ty(past.clone()));
-            let vv = self
-                .g
-                .add_input(&format!("past_key_values.{i}.value"), kv_ty(past.clone()));
+            let k = self.g.add_input(&format!("past_key_values.{i}.key"), kv_ty(past.clone()));
+            let vv = self.g.add_input(&format!("past_key_values.{i}.value"), kv_ty(past.clone()));
             pasts.push((k, vv));
         }
 
         self.context = "embed_tokens".into();
-        let embed = self.weight(
-            "model.embed_tokens.weight",
-            &[v, h],
-            "vocab_size x hidden_size from config.json",
-        )?;
+        let embed = self.weight("model.embed_tokens.weight", &[v, h], "vocab_size x hidden_size from config.json")?;
         let mut hidden = self.op(Op::Gather { axis: 0 }, &[embed, input_ids])?;
         if cfg.arch.scales_embeddings() {
             // Gemma: `hidden * torch.tensor(hidden_size**0.5, dtype=hidden.dtype)`.
@@ -326,12 +288,7 @@ impl Builder<'_> {
             };
             let p = format!("model.layers.{i}");
             let residual = hidden;
-            let normed = self.rms_norm(
-                hidden,
-                &format!("{p}.input_layernorm"),
-                h,
-                "hidden_size from config.json",
-            )?;
+            let normed = self.rms_norm(hidden, &format!("{p}.input_layernorm"), h, "hidden_size from config.json")?;
             self.context = format!("layer {i} self_attn");
             let (attn, k_all, v_all) = self.attention(i, normed, cos, sin, mask, pasts[i])?;
             presents.push((format!("present.{i}.key"), k_all));
@@ -339,12 +296,8 @@ impl Builder<'_> {
             hidden = self.add(residual, attn)?;
             self.context = format!("layer {i} mlp");
             let residual = hidden;
-            let normed = self.rms_norm(
-                hidden,
-                &format!("{p}.post_attention_layernorm"),
-                h,
-                "hidden_size from config.json",
-            )?;
+            let normed =
+                self.rms_norm(hidden, &format!("{p}.post_attention_layernorm"), h, "hidden_size from config.json")?;
             let mlp = self.mlp(&p, normed)?;
             hidden = self.add(residual, mlp)?;
         }
@@ -377,17 +330,10 @@ impl Builder<'_> {
             // Dynamic NTK rescales the base from the longest position seen:
             // seq_len = max(position_ids) + 1 (transformers' `dynamic_rope_update`
             // for a growing sequence), so the frequencies are computed in the graph.
-            RopeScaling::Dynamic {
-                factor,
-                original_max_position_embeddings,
-            } => (
-                self.dynamic_inv_freq(position_ids, *factor, *original_max_position_embeddings)?,
-                1.0,
-            ),
-            RopeScaling::LongRope {
-                original_max_position_embeddings,
-                ..
-            } => {
+            RopeScaling::Dynamic { factor, original_max_position_embeddings } => {
+                (self.dynamic_inv_freq(position_ids, *factor, *original_max_position_embeddings)?, 1.0)
+            }
+            RopeScaling::LongRope { original_max_position_embeddings, .. } => {
                 // Short factors up to the original context, long factors beyond,
                 // chosen at run time from the longest position.
                 let omax = *original_max_position_embeddings;
@@ -403,24 +349,13 @@ impl Builder<'_> {
                 // A model cast to a narrower dtype (`model.to(torch.bfloat16)`, as a
                 // bf16 checkpoint is saved and loaded) casts its `inv_freq` buffer too,
                 // and casting back to float32 keeps the rounded values; so do we.
-                let stored = cfg
-                    .dtype
-                    .filter(|d| matches!(d, DType::BF16 | DType::F16))
-                    .unwrap_or(DType::F32);
-                let f = f
-                    .iter()
-                    .map(|&x| smelt_ir::tensor::round_to(stored, x as f32))
-                    .collect();
+                let stored = cfg.dtype.filter(|d| matches!(d, DType::BF16 | DType::F16)).unwrap_or(DType::F32);
+                let f = f.iter().map(|&x| smelt_ir::tensor::round_to(stored, x as f32)).collect();
                 (self.vector(f)?, scaling)
             }
         };
         let inv = self.reshape(inv_freq, vec![Dim::c(1), Dim::from(half), Dim::c(1)])?;
-        let inv = self.op(
-            Op::Expand {
-                shape: vec![batch, Dim::from(half), Dim::c(1)],
-            },
-            &[inv],
-        )?;
+        let inv = self.op(Op::Expand { shape: vec![batch, Dim::from(half), Dim::c(1)] }, &[inv])?;
         let pos = self.op(Op::Unsqueeze { axes: vec![1] }, &[position_ids])?;
         let pos = self.op(Op::Cast { to: DType::F32 }, &[pos])?;
         let freqs = self.op(Op::MatMul {}, &[inv, pos])?;
@@ -438,13 +373,7 @@ impl Builder<'_> {
 
     /// A bool scalar: max(position_ids) + 1 > `limit`.
     fn longest_position_exceeds(&mut self, position_ids: ValueId, limit: usize) -> Result<ValueId, HfError> {
-        let mx = self.op(
-            Op::ReduceMax {
-                axes: vec![0, 1],
-                keepdims: false,
-            },
-            &[position_ids],
-        )?;
+        let mx = self.op(Op::ReduceMax { axes: vec![0, 1], keepdims: false }, &[position_ids])?;
         let lim = self.op(
             Op::Constant {
                 value: Tensor::from_i64(DType::I64, vec![], vec![limit as i64 - 1])
@@ -459,13 +388,7 @@ impl Builder<'_> {
     /// longer than the original context, `base * ((factor * L / omax) - (factor - 1)) ** (d / (d - 2))`.
     fn dynamic_inv_freq(&mut self, position_ids: ValueId, factor: f64, omax: usize) -> Result<ValueId, HfError> {
         let d = self.cfg.rope_dim() as f64;
-        let mx = self.op(
-            Op::ReduceMax {
-                axes: vec![0, 1],
-                keepdims: false,
-            },
-            &[position_ids],
-        )?;
+        let mx = self.op(Op::ReduceMax { axes: vec![0, 1], keepdims: false }, &[position_ids])?;
         let len = self.op(Op::Cast { to: DType::F32 }, &[mx])?;
         let one = self.scalar(1.0)?;
         let len = self.add(len, one)?;
@@ -480,10 +403,7 @@ impl Builder<'_> {
         let longer = self.longest_position_exceeds(position_ids, omax)?;
         let base = self.op(Op::Where {}, &[longer, scaled_base, theta])?;
         // inv_freq = 1 / base ** (arange(0, d, 2) / d)
-        let exps: Vec<f32> = (0..self.cfg.rope_dim())
-            .step_by(2)
-            .map(|i| (i as f64 / d) as f32)
-            .collect();
+        let exps: Vec<f32> = (0..self.cfg.rope_dim()).step_by(2).map(|i| (i as f64 / d) as f32).collect();
         let exps = self.vector(exps)?;
         let p = self.binary(Op::Pow {}, base, exps)?;
         self.op(Op::Reciprocal {}, &[p])
@@ -496,24 +416,8 @@ impl Builder<'_> {
     fn attention_mask_bias(&mut self, attention_mask: ValueId, window: Option<usize>) -> Result<ValueId, HfError> {
         let (past, seq) = (Dim::sym("past"), Dim::sym("seq"));
         let total = past.clone() + seq.clone();
-        let q_pos = self.op(
-            Op::Range {
-                start: past.clone(),
-                end: total.clone(),
-                step: 1,
-                dtype: DType::I64,
-            },
-            &[],
-        )?;
-        let k_pos = self.op(
-            Op::Range {
-                start: Dim::c(0),
-                end: total,
-                step: 1,
-                dtype: DType::I64,
-            },
-            &[],
-        )?;
+        let q_pos = self.op(Op::Range { start: past.clone(), end: total.clone(), step: 1, dtype: DType::I64 }, &[])?;
+        let k_pos = self.op(Op::Range { start: Dim::c(0), end: total, step: 1, dtype: DType::I64 }, &[])?;
         let q_col = self.op(Op::Unsqueeze { axes: vec![1] }, &[q_pos])?;
         let k_row = self.op(Op::Unsqueeze { axes: vec![0] }, &[k_pos])?;
         let mut allowed = self.binary(Op::Le {}, k_row, q_col)?;
@@ -551,12 +455,7 @@ impl Builder<'_> {
         past: (ValueId, ValueId),
     ) -> Result<(ValueId, ValueId, ValueId), HfError> {
         let cfg = self.cfg;
-        let (h, nh, kvh, hd) = (
-            cfg.hidden_size,
-            cfg.num_attention_heads,
-            cfg.num_key_value_heads,
-            cfg.head_dim,
-        );
+        let (h, nh, kvh, hd) = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
         let p = format!("model.layers.{layer}.self_attn");
         let (batch, seq) = (Dim::sym("batch"), Dim::sym("seq"));
         let why_q = format!("num_attention_heads={nh} x head_dim={hd} rows from config.json");
@@ -620,11 +519,8 @@ impl Builder<'_> {
     /// `rope_dim` features (partial rotary passes the rest through).
     fn apply_rope(&mut self, x: ValueId, cos: ValueId, sin: ValueId) -> Result<ValueId, HfError> {
         let (hd, rot) = (self.cfg.head_dim, self.cfg.rope_dim());
-        let (x_rot, x_pass) = if rot < hd {
-            (self.slice_last(x, 0, rot)?, Some(self.slice_last(x, rot, hd)?))
-        } else {
-            (x, None)
-        };
+        let (x_rot, x_pass) =
+            if rot < hd { (self.slice_last(x, 0, rot)?, Some(self.slice_last(x, rot, hd)?)) } else { (x, None) };
         let x1 = self.slice_last(x_rot, 0, rot / 2)?;
         let x2 = self.slice_last(x_rot, rot / 2, rot)?;
         let nx2 = self.op(Op::Neg {}, &[x2])?;
@@ -648,33 +544,17 @@ impl Builder<'_> {
         let [b, kvh, t, d] = <[Dim; 4]>::try_from(ty.shape)
             .map_err(|s| HfError::invalid(&self.cfg.source, format!("kv cache rank {} is not 4", s.len())))?;
         let x5 = self.op(Op::Unsqueeze { axes: vec![2] }, &[x])?;
-        let e = self.op(
-            Op::Expand {
-                shape: vec![b.clone(), kvh.clone(), Dim::from(n_rep), t.clone(), d.clone()],
-            },
-            &[x5],
-        )?;
+        let e =
+            self.op(Op::Expand { shape: vec![b.clone(), kvh.clone(), Dim::from(n_rep), t.clone(), d.clone()] }, &[x5])?;
         self.reshape(e, vec![b, kvh * Dim::from(n_rep), t, d])
     }
 
     /// Softmax over the last axis in primitives: exp(x - max) / sum(exp(x - max)).
     fn softmax(&mut self, x: ValueId) -> Result<ValueId, HfError> {
-        let mx = self.op(
-            Op::ReduceMax {
-                axes: vec![-1],
-                keepdims: true,
-            },
-            &[x],
-        )?;
+        let mx = self.op(Op::ReduceMax { axes: vec![-1], keepdims: true }, &[x])?;
         let sh = self.binary(Op::Sub {}, x, mx)?;
         let e = self.op(Op::Exp {}, &[sh])?;
-        let s = self.op(
-            Op::ReduceSum {
-                axes: vec![-1],
-                keepdims: true,
-            },
-            &[e],
-        )?;
+        let s = self.op(Op::ReduceSum { axes: vec![-1], keepdims: true }, &[e])?;
         self.binary(Op::Div {}, e, s)
     }
 
@@ -684,14 +564,7 @@ impl Builder<'_> {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
         let why = format!("intermediate_size={i} x hidden_size={h} from config.json");
         let (gate, up) = if cfg.arch.fused_projections() {
-            let gu = self.linear(
-                x,
-                &format!("{p}.mlp.gate_up_proj"),
-                2 * i,
-                h,
-                false,
-                &format!("2 x {why}"),
-            )?;
+            let gu = self.linear(x, &format!("{p}.mlp.gate_up_proj"), 2 * i, h, false, &format!("2 x {why}"))?;
             (self.slice_last(gu, 0, i)?, self.slice_last(gu, i, 2 * i)?)
         } else {
             let gate = self.linear(x, &format!("{p}.mlp.gate_proj"), i, h, cfg.mlp_bias, &why)?;
@@ -700,11 +573,7 @@ impl Builder<'_> {
         };
         let act = self.activation(gate)?;
         // Phi-3 computes `up_states * act(gate)`; the others `act(gate) * up`.
-        let prod = if cfg.arch == Arch::Phi3 {
-            self.mul(up, act)?
-        } else {
-            self.mul(act, up)?
-        };
+        let prod = if cfg.arch == Arch::Phi3 { self.mul(up, act)? } else { self.mul(act, up)? };
         self.linear(
             prod,
             &format!("{p}.mlp.down_proj"),
