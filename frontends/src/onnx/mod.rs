@@ -5,13 +5,19 @@
 //!   value types);
 //! - [`tensor`] holds [`OnnxTensor`] host tensors and [`read_tensor_pb`];
 //! - [`error`] holds [`OnnxError`];
-//! - [`proto`] holds the generated protobuf types.
+//! - [`proto`] holds the generated protobuf types;
+//! - [`import`] lowers a model to smelt IR ([`import()`]);
+//! - [`check`] reports every operator the importer cannot lower ([`check()`]).
 
+pub mod check;
 pub mod error;
+pub mod import;
 pub mod model;
 pub mod proto;
 pub mod tensor;
 
+pub use check::{check, CoverageReport, UnsupportedOp};
 pub use error::{DataField, OnnxError};
+pub use import::{import, import_with, ImportError, ImportOptions, IoSpec, OnnxImport};
 pub use model::{NodeAttrs, OnnxDim, OnnxModel, TensorType};
 pub use tensor::{read_tensor_pb, Element, OnnxTensor, TensorBytes};
