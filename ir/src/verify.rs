@@ -29,11 +29,7 @@ use std::fmt;
 #[derive(Debug, Clone, PartialEq)]
 pub enum Location {
     /// A node: its text line and label when known, and its printed head (`%4 = matmul`).
-    Node {
-        line: Option<usize>,
-        label: Option<String>,
-        head: String,
-    },
+    Node { line: Option<usize>, label: Option<String>, head: String },
     /// The function signature (inputs).
     Signature,
     /// The `return` (outputs).
@@ -47,12 +43,8 @@ pub enum Location {
 impl fmt::Display for Location {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Location::Node {
-                line: Some(l), head, ..
-            } => write!(f, "line {l}: {head}"),
-            Location::Node {
-                label: Some(l), head, ..
-            } => write!(f, "at {l:?}: {head}"),
+            Location::Node { line: Some(l), head, .. } => write!(f, "line {l}: {head}"),
+            Location::Node { label: Some(l), head, .. } => write!(f, "at {l:?}: {head}"),
             Location::Node { head, .. } => f.write_str(head),
             Location::Signature => f.write_str("signature"),
             Location::Return => f.write_str("return"),
@@ -71,11 +63,7 @@ pub enum VerifyErrorKind {
     #[error("expected {expected} result(s), found {found}")]
     ResultCount { expected: usize, found: usize },
     #[error("result {index}: expected {expected}, found {found}")]
-    ResultType {
-        index: usize,
-        expected: TensorType,
-        found: TensorType,
-    },
+    ResultType { index: usize, expected: TensorType, found: TensorType },
     #[error("operand {index} refers to value {value}, which does not exist")]
     MissingOperand { index: usize, value: String },
     #[error("input name `{0}` is used more than once")]
@@ -85,18 +73,9 @@ pub enum VerifyErrorKind {
     #[error("output `{name}` refers to value {value}, which does not exist")]
     MissingOutput { name: String, value: String },
     #[error("weight `{name}` is used as {first} and as {second}")]
-    WeightType {
-        name: String,
-        first: TensorType,
-        second: TensorType,
-    },
+    WeightType { name: String, first: TensorType, second: TensorType },
     #[error("symbol `{symbol}` in {used_in} is not declared (declared: {declared}){more}")]
-    UndeclaredSymbol {
-        symbol: String,
-        used_in: String,
-        declared: String,
-        more: String,
-    },
+    UndeclaredSymbol { symbol: String, used_in: String, declared: String, more: String },
     #[error("bounds [{min}, {max}] are not 0 <= min <= max")]
     BadBounds { min: i64, max: i64 },
     #[error("the graph has a cycle ({0})")]
@@ -138,11 +117,7 @@ pub fn verify(g: &Graph) -> Result<(), VerifyErrors> {
 
     for (name, b) in g.symbols() {
         if b.min < 0 || b.min > b.max {
-            push(
-                &mut errs,
-                Location::Symbol(name.clone()),
-                VerifyErrorKind::BadBounds { min: b.min, max: b.max },
-            );
+            push(&mut errs, Location::Symbol(name.clone()), VerifyErrorKind::BadBounds { min: b.min, max: b.max });
         }
     }
 
@@ -156,11 +131,7 @@ pub fn verify(g: &Graph) -> Result<(), VerifyErrors> {
     let names = Names::new(g, &order);
     let loc = |n: NodeId| {
         let node = g.node(n);
-        Location::Node {
-            line: node.line,
-            label: node.label.clone(),
-            head: names.head(g, n),
-        }
+        Location::Node { line: node.line, label: node.label.clone(), head: names.head(g, n) }
     };
 
     let mut seen_inputs = HashSet::new();
@@ -183,10 +154,7 @@ pub fn verify(g: &Graph) -> Result<(), VerifyErrors> {
         for d in dims {
             for s in d.symbols() {
                 if !declared.contains_key(&s) {
-                    undeclared
-                        .entry(s)
-                        .and_modify(|e| e.2 += 1)
-                        .or_insert_with(|| (at(), used_in(), 0));
+                    undeclared.entry(s).and_modify(|e| e.2 += 1).or_insert_with(|| (at(), used_in(), 0));
                 }
             }
         }
@@ -202,14 +170,7 @@ pub fn verify(g: &Graph) -> Result<(), VerifyErrors> {
                 operand_types.push(g.ty(*v));
             } else {
                 missing = true;
-                push(
-                    &mut errs,
-                    loc(n),
-                    VerifyErrorKind::MissingOperand {
-                        index,
-                        value: v.to_string(),
-                    },
-                );
+                push(&mut errs, loc(n), VerifyErrorKind::MissingOperand { index, value: v.to_string() });
             }
         }
         for v in &node.outputs {
@@ -243,14 +204,7 @@ pub fn verify(g: &Graph) -> Result<(), VerifyErrors> {
         if node.op.category() == crate::ops::Category::Declared {
             // Inputs and weights declare their type; there is nothing to infer.
             if found.len() != 1 {
-                push(
-                    &mut errs,
-                    loc(n),
-                    VerifyErrorKind::ResultCount {
-                        expected: 1,
-                        found: found.len(),
-                    },
-                );
+                push(&mut errs, loc(n), VerifyErrorKind::ResultCount { expected: 1, found: found.len() });
             }
             if let (Op::Weight { name }, [t]) = (&node.op, found.as_slice()) {
                 match weights.get(name.as_str()) {
@@ -272,27 +226,12 @@ pub fn verify(g: &Graph) -> Result<(), VerifyErrors> {
             continue;
         }
         if expected.len() != found.len() {
-            push(
-                &mut errs,
-                loc(n),
-                VerifyErrorKind::ResultCount {
-                    expected: expected.len(),
-                    found: found.len(),
-                },
-            );
+            push(&mut errs, loc(n), VerifyErrorKind::ResultCount { expected: expected.len(), found: found.len() });
             continue;
         }
         for (index, (e, f)) in expected.into_iter().zip(found).enumerate() {
             if e != *f {
-                push(
-                    &mut errs,
-                    loc(n),
-                    VerifyErrorKind::ResultType {
-                        index,
-                        expected: e,
-                        found: f.clone(),
-                    },
-                );
+                push(&mut errs, loc(n), VerifyErrorKind::ResultType { index, expected: e, found: f.clone() });
             }
         }
     }
@@ -300,40 +239,24 @@ pub fn verify(g: &Graph) -> Result<(), VerifyErrors> {
     let mut seen_outputs = HashSet::new();
     for (name, v) in g.outputs() {
         if !seen_outputs.insert(name) {
-            push(
-                &mut errs,
-                Location::Return,
-                VerifyErrorKind::DuplicateOutput(name.clone()),
-            );
+            push(&mut errs, Location::Return, VerifyErrorKind::DuplicateOutput(name.clone()));
         }
         if !g.has_value(*v) {
             push(
                 &mut errs,
                 Location::Return,
-                VerifyErrorKind::MissingOutput {
-                    name: name.clone(),
-                    value: v.to_string(),
-                },
+                VerifyErrorKind::MissingOutput { name: name.clone(), value: v.to_string() },
             );
         }
     }
 
     let declared_list = declared.keys().cloned().collect::<Vec<_>>().join(", ");
     for (symbol, (location, used_in, more)) in undeclared {
-        let more = if more > 0 {
-            format!(" (and {more} more use(s))")
-        } else {
-            String::new()
-        };
+        let more = if more > 0 { format!(" (and {more} more use(s))") } else { String::new() };
         push(
             &mut errs,
             location,
-            VerifyErrorKind::UndeclaredSymbol {
-                symbol,
-                used_in,
-                declared: declared_list.clone(),
-                more,
-            },
+            VerifyErrorKind::UndeclaredSymbol { symbol, used_in, declared: declared_list.clone(), more },
         );
     }
 
@@ -380,18 +303,8 @@ mod tests {
         let x = g.add_input("x", TensorType::new(DType::F32, vec![Dim::sym("seq"), Dim::c(64)]));
         let x2 = g.add_input("x", TensorType::fixed(DType::F32, &[4]));
         let w = g.add_weight("w", TensorType::fixed(DType::F32, &[32, 128]));
-        let bad = g.add_unchecked(
-            Op::MatMul {},
-            &[x, w],
-            vec![TensorType::fixed(DType::F32, &[1])],
-            Some(7),
-        );
-        let n = g.add_unchecked(
-            Op::Neg {},
-            &[x2],
-            vec![TensorType::new(DType::F32, vec![Dim::sym("heads")])],
-            None,
-        );
+        let bad = g.add_unchecked(Op::MatMul {}, &[x, w], vec![TensorType::fixed(DType::F32, &[1])], Some(7));
+        let n = g.add_unchecked(Op::Neg {}, &[x2], vec![TensorType::new(DType::F32, vec![Dim::sym("heads")])], None);
         g.set_label(g.value(n[0]).def, "layers.0.neg");
         g.set_output("y", bad[0]);
         let errs = verify(&g).unwrap_err();
@@ -400,18 +313,9 @@ mod tests {
             text.contains("line 7: %0 = matmul: contraction dims differ: f32[seq, 64] · f32[32, 128] (64 vs 32)"),
             "{text}"
         );
-        assert!(
-            text.contains("signature: input name `x` is used more than once"),
-            "{text}"
-        );
-        assert!(
-            text.contains("at \"layers.0.neg\": %1 = neg: result 0: expected f32[4], found f32[heads]"),
-            "{text}"
-        );
-        assert!(
-            text.contains("symbol `heads` in f32[heads] is not declared (declared: seq)"),
-            "{text}"
-        );
+        assert!(text.contains("signature: input name `x` is used more than once"), "{text}");
+        assert!(text.contains("at \"layers.0.neg\": %1 = neg: result 0: expected f32[4], found f32[heads]"), "{text}");
+        assert!(text.contains("symbol `heads` in f32[heads] is not declared (declared: seq)"), "{text}");
         assert_eq!(errs.0.len(), 4, "{text}");
     }
 
@@ -437,10 +341,7 @@ mod tests {
         assert!(verify(&g).is_ok());
         g.declare_symbol("batch", 5, 2);
         let text = verify(&g).unwrap_err().to_string();
-        assert!(
-            text.contains("sym batch: bounds [5, 2] are not 0 <= min <= max"),
-            "{text}"
-        );
+        assert!(text.contains("sym batch: bounds [5, 2] are not 0 <= min <= max"), "{text}");
         assert!(text.contains("symbol `seq` in f32[seq] is not declared (declared: batch) (and 1 more use(s))"));
     }
 }

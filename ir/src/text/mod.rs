@@ -133,6 +133,51 @@ pub(crate) fn fmt_f32(x: f32) -> String {
     }
 }
 
+/// Shortest text for an f16 or bf16 value (held as the f32 it rounds to)
+/// that reads back, through the parser's f32-then-round path, to the same
+/// value: `0.3333` rather than the f32 spelling `0.33325195` (and, as numpy
+/// prints it, `65500.0` for the largest f16, which reads back as 65504).
+pub(crate) fn fmt_narrow(x: f32, dtype: DType) -> String {
+    if !x.is_finite() || !matches!(dtype, DType::F16 | DType::BF16) {
+        return fmt_f32(x);
+    }
+    for digits in 0..9 {
+        let s = format!("{x:.digits$e}");
+        if s.parse::<f32>().is_ok_and(|y| crate::tensor::round_to(dtype, y).to_bits() == x.to_bits()) {
+            return debug_style(&s);
+        }
+    }
+    fmt_f32(x)
+}
+
+/// Rewrites `{:e}` output (`-3.333e-1`) the way `{:?}` prints floats:
+/// positional between 1e-5 and 1e16 (`-0.3333`, `65504.0`), else
+/// exponential (`6e-8`).
+fn debug_style(s: &str) -> String {
+    let (mant, exp) = s.split_once('e').unwrap_or((s, "0"));
+    let exp: i32 = exp.parse().unwrap_or(0);
+    let (sign, mant) = match mant.strip_prefix('-') {
+        Some(m) => ("-", m),
+        None => ("", mant),
+    };
+    let digits: String = mant.chars().filter(|c| *c != '.').collect();
+    if !(-5 < exp && exp < 16) {
+        let rest = &digits[1..];
+        let dot = if rest.is_empty() { String::new() } else { format!(".{rest}") };
+        return format!("{sign}{}{dot}e{exp}", &digits[..1]);
+    }
+    if exp < 0 {
+        return format!("{sign}0.{}{digits}", "0".repeat((-exp - 1) as usize));
+    }
+    let int_len = exp as usize + 1;
+    let (int, frac) = if digits.len() > int_len {
+        (digits[..int_len].to_string(), digits[int_len..].to_string())
+    } else {
+        (format!("{digits:0<int_len$}"), "0".to_string())
+    };
+    format!("{sign}{int}.{frac}")
+}
+
 /// The reference table of every op as Markdown, generated from [`OPS`]; it
 /// is committed as `docs/ops.md` and a test keeps the two equal.
 pub fn ops_markdown() -> String {
@@ -147,17 +192,9 @@ pub fn ops_markdown() -> String {
          operands as `name=value`, in the order listed; see `ir/src/text/mod.rs` for the text grammar.\n",
     );
     for (cat, title, blurb) in [
-        (
-            Category::Declared,
-            "Declared",
-            "Sources whose type is declared in the text rather than inferred.",
-        ),
+        (Category::Declared, "Declared", "Sources whose type is declared in the text rather than inferred."),
         (Category::Primitive, "Primitive", "What frontends emit."),
-        (
-            Category::Fused,
-            "Fused",
-            "What fusion produces; each has a reference decomposition into primitives.",
-        ),
+        (Category::Fused, "Fused", "What fusion produces; each has a reference decomposition into primitives."),
     ] {
         let ops: Vec<_> = OPS.iter().filter(|o| o.category == cat).collect();
         out.push_str(&format!(
@@ -171,13 +208,7 @@ pub fn ops_markdown() -> String {
             }
             let attrs: Vec<String> = o.attrs.iter().map(|s| format!("`{s}`")).collect();
             let doc = o.doc.trim().replace('|', "\\|");
-            out.push_str(&format!(
-                "| `{}` | {} | {} | {} |\n",
-                o.name,
-                operands.join(", "),
-                attrs.join(", "),
-                doc
-            ));
+            out.push_str(&format!("| `{}` | {} | {} | {} |\n", o.name, operands.join(", "), attrs.join(", "), doc));
         }
     }
     out
@@ -214,10 +245,7 @@ mod tests {
         g.declare_symbol("seq", 1, 4096);
         let x = g.add_input("x", t(F32, vec![s("batch"), s("seq"), c(64)]));
         let ids = g.add_input("input_ids", t(I64, vec![s("batch"), s("seq")]));
-        let kc = g.add_input(
-            "past_key_values.0.key",
-            t(F32, vec![s("batch"), c(2), s("past"), c(16)]),
-        );
+        let kc = g.add_input("past_key_values.0.key", t(F32, vec![s("batch"), c(2), s("past"), c(16)]));
         let cos = g.add_input("rope/cos", t(F32, vec![c(1), c(1), s("seq"), c(16)]));
         let sin = g.add_input("0", t(F32, vec![c(1), c(1), s("seq"), c(16)]));
         g.set_label(g.value(cos).def, "rotary.cos");
@@ -228,107 +256,30 @@ mod tests {
         let wu = g.add_weight("w1", TensorType::fixed(F32, &[64, 128]));
 
         let e = g.add(Op::Gather { axis: 0 }, &[emb, ids]).unwrap();
-        let sn = g
-            .add_multi(Op::AddRmsNorm { eps: 1e-6 }, &[x, e, w], Some("layers.0.add_norm"))
-            .unwrap();
-        let n = g
-            .add_labeled(Op::RmsNorm { eps: 1e-5 }, &[sn[0], w], Some("layers.0.input_layernorm"))
-            .unwrap();
-        let red = g
-            .add(
-                Op::ReduceSum {
-                    axes: vec![-1],
-                    keepdims: true,
-                },
-                &[n],
-            )
-            .unwrap();
-        let fill = g
-            .add(
-                Op::Fill {
-                    shape: vec![s("batch"), s("past") + s("seq")],
-                    value: -0.0,
-                    dtype: BF16,
-                },
-                &[],
-            )
-            .unwrap();
+        let sn = g.add_multi(Op::AddRmsNorm { eps: 1e-6 }, &[x, e, w], Some("layers.0.add_norm")).unwrap();
+        let n = g.add_labeled(Op::RmsNorm { eps: 1e-5 }, &[sn[0], w], Some("layers.0.input_layernorm")).unwrap();
+        let red = g.add(Op::ReduceSum { axes: vec![-1], keepdims: true }, &[n]).unwrap();
+        let fill =
+            g.add(Op::Fill { shape: vec![s("batch"), s("past") + s("seq")], value: -0.0, dtype: BF16 }, &[]).unwrap();
         let fill = g.add(Op::Cast { to: F32 }, &[fill]).unwrap();
-        let tri = g
-            .add(
-                Op::Trilu {
-                    upper: false,
-                    k: s("past") + c(1),
-                },
-                &[fill],
-            )
-            .unwrap();
+        let tri = g.add(Op::Trilu { upper: false, k: s("past") + c(1) }, &[fill]).unwrap();
         let tri2 = g.add(Op::Trilu { upper: true, k: c(-1) }, &[tri]).unwrap();
-        let rng = g
-            .add(
-                Op::Range {
-                    start: s("past"),
-                    end: s("past") + s("seq"),
-                    step: 1,
-                    dtype: I64,
-                },
-                &[],
-            )
-            .unwrap();
+        let rng = g.add(Op::Range { start: s("past"), end: s("past") + s("seq"), step: 1, dtype: I64 }, &[]).unwrap();
         let sl = g
-            .add(
-                Op::Slice {
-                    axes: vec![1],
-                    starts: vec![c(0)],
-                    ends: vec![s("seq") - c(1)],
-                    steps: vec![1],
-                },
-                &[x],
-            )
+            .add(Op::Slice { axes: vec![1], starts: vec![c(0)], ends: vec![s("seq") - c(1)], steps: vec![1] }, &[x])
             .unwrap();
-        let q = g
-            .add(
-                Op::Reshape {
-                    shape: vec![s("batch"), s("seq"), c(4), c(16)],
-                },
-                &[n],
-            )
-            .unwrap();
+        let q = g.add(Op::Reshape { shape: vec![s("batch"), s("seq"), c(4), c(16)] }, &[n]).unwrap();
         let q = g.add(Op::Transpose { perm: vec![0, 2, 1, 3] }, &[q]).unwrap();
         let q = g.add(Op::Rope { interleaved: false }, &[q, cos, sin]).unwrap();
         let kv = g.add(Op::MatMul {}, &[n, wk]).unwrap();
-        let kv = g
-            .add(
-                Op::Reshape {
-                    shape: vec![s("batch"), s("seq"), c(2), c(16)],
-                },
-                &[kv],
-            )
-            .unwrap();
+        let kv = g.add(Op::Reshape { shape: vec![s("batch"), s("seq"), c(2), c(16)] }, &[kv]).unwrap();
         let kv = g.add(Op::Transpose { perm: vec![0, 2, 1, 3] }, &[kv]).unwrap();
         let k = g.add(Op::Concat { axis: 2 }, &[kc, kv]).unwrap();
         let k2 = g.add(Op::KvAppend { axis: 2 }, &[kc, kv]).unwrap();
-        let a = g
-            .add(
-                Op::Attention {
-                    scale: 0.25,
-                    causal: true,
-                    window: Some(128),
-                    softcap: None,
-                },
-                &[q, k, k2],
-            )
-            .unwrap();
+        let a =
+            g.add(Op::Attention { scale: 0.25, causal: true, window: Some(128), softcap: None }, &[q, k, k2]).unwrap();
         let a2 = g
-            .add(
-                Op::Attention {
-                    scale: 1.0 / 3.0,
-                    causal: false,
-                    window: None,
-                    softcap: Some(30.0),
-                },
-                &[q, k, k],
-            )
+            .add(Op::Attention { scale: 1.0 / 3.0, causal: false, window: None, softcap: Some(30.0) }, &[q, k, k])
             .unwrap();
         let sm = g.add(Op::Softmax { axis: -1 }, &[a2]).unwrap();
         let mlp = g.add(Op::GatedMlp { act: "silu".into() }, &[n, wg, wu]).unwrap();
@@ -412,7 +363,7 @@ mod tests {
             "scale=0.25 causal=true window=128 : f32[batch, 4, seq, 16]",
             "causal=false softcap=30.0 :",
             "act=\"silu\"",
-            "value=dense<[1.0, -0.5, 65504.0, 6.097555e-5] : f16[2, 2]>",
+            "value=dense<[1.0, -0.5, 65500.0, 6.1e-5] : f16[2, 2]>",
             "value=dense<[-128, 0, 127] : i8[3]> : i8[3]",
             "value=dense<[true] : bool[]> : bool[]",
             "value=dense<0.1 : f64[2, 3]>",
@@ -428,10 +379,7 @@ mod tests {
     struct Lcg(u64);
     impl Lcg {
         fn next(&mut self) -> u64 {
-            self.0 = self
-                .0
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
+            self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             self.0 ^ (self.0 >> 29)
         }
     }
@@ -449,16 +397,7 @@ mod tests {
     fn literals_round_trip_bit_exactly() {
         let mut r = Lcg(7);
         let mut f32s: Vec<f32> = (0..2000).map(|_| f32::from_bits(r.next() as u32)).collect();
-        f32s.extend([
-            0.0,
-            -0.0,
-            f32::MIN_POSITIVE,
-            1e-45,
-            f32::MAX,
-            f32::INFINITY,
-            f32::NEG_INFINITY,
-            f32::NAN,
-        ]);
+        f32s.extend([0.0, -0.0, f32::MIN_POSITIVE, 1e-45, f32::MAX, f32::INFINITY, f32::NEG_INFINITY, f32::NAN]);
         let mut f64s: Vec<f64> = (0..2000).map(|_| f64::from_bits(r.next())).collect();
         f64s.extend([0.0, -0.0, 5e-324, f64::MAX, f64::INFINITY, f64::NAN, 0.1, 1.0 / 3.0]);
         let ints: Vec<i64> = vec![i64::MIN, -1, 0, 1, i64::MAX];
@@ -600,14 +539,8 @@ mod tests {
         let y = g.add(Op::Neg {}, &[last.unwrap()]).unwrap();
         g.set_output("logits", y);
         let text = print(&g);
-        assert!(
-            text.contains("func @wide(\n    %past_key_values.0.key: f32[2, 16],\n"),
-            "{text}"
-        );
-        assert!(
-            text.contains("  return\n    present.0.key=%past_key_values.0.key,\n"),
-            "{text}"
-        );
+        assert!(text.contains("func @wide(\n    %past_key_values.0.key: f32[2, 16],\n"), "{text}");
+        assert!(text.contains("  return\n    present.0.key=%past_key_values.0.key,\n"), "{text}");
         let g2 = parse(&text).unwrap();
         assert_eq!(print(&g2), text);
     }

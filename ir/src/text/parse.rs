@@ -74,18 +74,8 @@ pub enum ParseErrorKind {
 /// [`crate::verify::verify`] on the result: the parser does not check types.
 pub fn parse(src: &str) -> Result<Graph, ParseError> {
     check_version(src)?;
-    let mut p = Parser {
-        lx: Lexer {
-            src,
-            pos: Pos {
-                byte: 0,
-                line: 1,
-                col: 1,
-            },
-        },
-        peeked: None,
-        values: HashMap::new(),
-    };
+    let mut p =
+        Parser { lx: Lexer { src, pos: Pos { byte: 0, line: 1, col: 1 } }, peeked: None, values: HashMap::new() };
     p.file()
 }
 
@@ -99,11 +89,7 @@ fn check_version(src: &str) -> Result<(), ParseError> {
         let Some(c) = t.strip_prefix('#') else { break };
         if let Some(v) = c.trim().strip_prefix("smelt-ir ") {
             if v.trim() != "1" {
-                return Err(ParseError {
-                    line: i + 1,
-                    col: 1,
-                    kind: ParseErrorKind::Version(v.trim().to_string()),
-                });
+                return Err(ParseError { line: i + 1, col: 1, kind: ParseErrorKind::Version(v.trim().to_string()) });
             }
         }
     }
@@ -163,11 +149,7 @@ struct Lexer<'a> {
 
 impl Lexer<'_> {
     fn err(&self, at: Pos, kind: ParseErrorKind) -> ParseError {
-        ParseError {
-            line: at.line,
-            col: at.col,
-            kind,
-        }
+        ParseError { line: at.line, col: at.col, kind }
     }
 
     fn peek_char(&self) -> Option<char> {
@@ -239,16 +221,10 @@ impl Lexer<'_> {
                 } else {
                     let n = self.take_while(super::is_name_byte);
                     if n.is_empty() {
-                        let found = self
-                            .peek_char()
-                            .map(|c| format!("`{c}`"))
-                            .unwrap_or("end of input".into());
+                        let found = self.peek_char().map(|c| format!("`{c}`")).unwrap_or("end of input".into());
                         return Err(self.err(
                             self.pos,
-                            ParseErrorKind::Expected {
-                                expected: format!("a name after `{c}`"),
-                                found,
-                            },
+                            ParseErrorKind::Expected { expected: format!("a name after `{c}`"), found },
                         ));
                     }
                     n
@@ -293,22 +269,9 @@ impl Lexer<'_> {
             }
         }
         // A number running straight into a name (`12abc`) is a typo, not two tokens.
-        if self
-            .peek_byte()
-            .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_' || b == b'.')
-        {
-            let text = format!(
-                "{}{}",
-                &self.src[start..self.pos.byte],
-                self.take_while(super::is_name_byte)
-            );
-            return Err(self.err(
-                at,
-                ParseErrorKind::BadNumber {
-                    text,
-                    why: "letters follow the digits".into(),
-                },
-            ));
+        if self.peek_byte().is_some_and(|b| b.is_ascii_alphabetic() || b == b'_' || b == b'.') {
+            let text = format!("{}{}", &self.src[start..self.pos.byte], self.take_while(super::is_name_byte));
+            return Err(self.err(at, ParseErrorKind::BadNumber { text, why: "letters follow the digits".into() }));
         }
         Ok(self.src[start..self.pos.byte].to_string())
     }
@@ -412,13 +375,7 @@ impl Parser<'_> {
     }
 
     fn expected<T>(&self, t: &Token, expected: &str) -> R<T> {
-        Err(self.err(
-            t.at,
-            ParseErrorKind::Expected {
-                expected: expected.to_string(),
-                found: describe(&t.tok),
-            },
-        ))
+        Err(self.err(t.at, ParseErrorKind::Expected { expected: expected.to_string(), found: describe(&t.tok) }))
     }
 
     fn is_punct(&mut self, c: char) -> R<bool> {
@@ -477,14 +434,7 @@ impl Parser<'_> {
 
         let t = self.next()?;
         if t.tok != Tok::Ident("func".into()) {
-            return self.expected(
-                &t,
-                if symbols.is_empty() {
-                    "`sym` or `func`"
-                } else {
-                    "`func`"
-                },
-            );
+            return self.expected(&t, if symbols.is_empty() { "`sym` or `func`" } else { "`func`" });
         }
         let t = self.next()?;
         let Tok::At(name) = t.tok else {
@@ -557,13 +507,9 @@ impl Parser<'_> {
         }
         if let Some(d) = declared {
             if d != outs {
-                return Err(self.err(
-                    ret.at,
-                    ParseErrorKind::OutputMismatch {
-                        expected: d.join(", "),
-                        found: outs.join(", "),
-                    },
-                ));
+                return Err(
+                    self.err(ret.at, ParseErrorKind::OutputMismatch { expected: d.join(", "), found: outs.join(", ") })
+                );
             }
         }
         self.expect_punct('}', "`}` closing the body")?;
@@ -655,21 +601,13 @@ impl Parser<'_> {
         let label = self.label()?;
 
         if types.len() != results.len() {
-            return Err(self.err(
-                types_at,
-                ParseErrorKind::ResultTypes {
-                    results: results.len(),
-                    types: types.len(),
-                },
-            ));
+            return Err(self.err(types_at, ParseErrorKind::ResultTypes { results: results.len(), types: types.len() }));
         }
         let op = Op::from_parts(&opname, attrs).map_err(|e| {
             let at = match &e {
-                OpError::BadAttr { attr, .. } | OpError::UnknownAttr { attr, .. } => attr_at
-                    .iter()
-                    .find(|(k, _)| k == attr)
-                    .map(|(_, p)| *p)
-                    .unwrap_or(op_at),
+                OpError::BadAttr { attr, .. } | OpError::UnknownAttr { attr, .. } => {
+                    attr_at.iter().find(|(k, _)| k == attr).map(|(_, p)| *p).unwrap_or(op_at)
+                }
                 OpError::UnknownOp(_) => op_at,
             };
             self.err(at, ParseErrorKind::Op(e))
@@ -693,13 +631,7 @@ impl Parser<'_> {
 
     fn define(&mut self, name: &str, v: ValueId, at: Pos) -> R<()> {
         if let Some((_, line)) = self.values.get(name) {
-            return Err(self.err(
-                at,
-                ParseErrorKind::Redefined {
-                    name: name.to_string(),
-                    line: *line,
-                },
-            ));
+            return Err(self.err(at, ParseErrorKind::Redefined { name: name.to_string(), line: *line }));
         }
         self.values.insert(name.to_string(), (v, at.line));
         Ok(())
@@ -740,10 +672,7 @@ impl Parser<'_> {
             Tok::Num(s) => s.parse::<i64>().map_err(|e| {
                 self.err(
                     t.at,
-                    ParseErrorKind::BadNumber {
-                        text: s.clone(),
-                        why: format!("{what} must be an integer ({e})"),
-                    },
+                    ParseErrorKind::BadNumber { text: s.clone(), why: format!("{what} must be an integer ({e})") },
                 )
             }),
             _ => self.expected(&t, &format!("an integer ({what})")),
@@ -777,8 +706,7 @@ impl Parser<'_> {
     }
 
     fn dim(&self, text: &str, at: Pos) -> R<Dim> {
-        text.parse::<Dim>()
-            .map_err(|e| self.err(at, ParseErrorKind::BadDim(e.to_string())))
+        text.parse::<Dim>().map_err(|e| self.err(at, ParseErrorKind::BadDim(e.to_string())))
     }
 
     /// `[elem, elem]` with each element scanned as raw dim text.
@@ -876,15 +804,9 @@ impl Parser<'_> {
                 if s.contains(['.', 'e', 'E']) {
                     Ok(AttrValue::Float(self.f64_text(&s, t.at)?))
                 } else {
-                    s.parse::<i64>().map(AttrValue::Int).map_err(|e| {
-                        self.err(
-                            t.at,
-                            ParseErrorKind::BadNumber {
-                                text: s.clone(),
-                                why: e.to_string(),
-                            },
-                        )
-                    })
+                    s.parse::<i64>()
+                        .map(AttrValue::Int)
+                        .map_err(|e| self.err(t.at, ParseErrorKind::BadNumber { text: s.clone(), why: e.to_string() }))
                 }
             }
             Tok::Punct('-') | Tok::Ident(_) if self.special_float_ahead()? => {
@@ -955,13 +877,7 @@ impl Parser<'_> {
     }
 
     fn bad_number(&self, text: &str, at: Pos, why: &str) -> ParseError {
-        self.err(
-            at,
-            ParseErrorKind::BadNumber {
-                text: text.to_string(),
-                why: why.to_string(),
-            },
-        )
+        self.err(at, ParseErrorKind::BadNumber { text: text.to_string(), why: why.to_string() })
     }
 
     fn f64_text(&self, s: &str, at: Pos) -> R<f64> {
@@ -1034,10 +950,7 @@ impl Parser<'_> {
             _ => return bad(self, format!("{ty} is too large for a literal")),
         };
         if !splat && elems.len() != n {
-            return bad(
-                self,
-                format!("{} elements do not fill {ty} ({n} elements)", elems.len()),
-            );
+            return bad(self, format!("{} elements do not fill {ty} ({n} elements)", elems.len()));
         }
         let dtype = ty.dtype;
         let tensor = match dtype {

@@ -4,7 +4,7 @@
 //! `Graph::topo_order()` with one small string per value, so a 3000-node
 //! model prints in well under a millisecond per thousand nodes.
 
-use super::{fmt_f32, fmt_f64, is_bare_ident, is_bare_ref, is_reserved_word, write_name, write_quoted};
+use super::{fmt_f64, fmt_narrow, is_bare_ident, is_bare_ref, is_reserved_word, write_name, write_quoted};
 use crate::attr::AttrValue;
 use crate::graph::{Graph, NodeId, ValueId};
 use crate::ops::Op;
@@ -80,10 +80,7 @@ impl Names {
 /// count is invalid; it prints in the body so the verifier's message has
 /// something to point at.)
 fn params(g: &Graph) -> Vec<(String, ValueId)> {
-    g.inputs()
-        .into_iter()
-        .filter(|(_, v)| g.def(*v).outputs.len() == 1)
-        .collect()
+    g.inputs().into_iter().filter(|(_, v)| g.def(*v).outputs.len() == 1).collect()
 }
 
 fn ref_text(name: &str) -> String {
@@ -295,7 +292,7 @@ fn write_tensor(out: &mut String, t: &Tensor) {
     };
     let elem = |i: usize| -> String {
         match &t.data {
-            Data::F32(v) => fmt_f32(v[i]),
+            Data::F32(v) => fmt_narrow(v[i], t.dtype),
             Data::F64(v) => fmt_f64(v[i]),
             Data::I64(v) => v[i].to_string(),
             Data::Bool(v) => v[i].to_string(),
