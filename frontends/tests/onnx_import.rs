@@ -68,6 +68,7 @@ fn max_abs(got: &Tensor, want: &Tensor, what: &str) -> f64 {
 }
 
 fn run(g: &Graph, w: &BTreeMap<String, Tensor>, inputs: BTreeMap<String, Tensor>) -> BTreeMap<String, Tensor> {
+    smelt_ir::verify::verify(g).unwrap_or_else(|e| panic!("{}: {e}", g.name));
     smelt_ir::interp::run(g, w, &inputs).unwrap_or_else(|e| panic!("{}: {e}", g.name))
 }
 

@@ -71,7 +71,7 @@ const DEFAULT_OPS: &[(&str, Option<i64>)] = &[
     ("Cosh", Some(9)),
     ("CumSum", None),
     ("Div", None),
-    ("Dropout", Some(12)),
+    ("Dropout", Some(7)),
     ("Einsum", Some(12)),
     ("Elu", None),
     ("Equal", None),

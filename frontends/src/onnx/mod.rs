@@ -7,9 +7,12 @@
 //! - [`error`] holds [`OnnxError`];
 //! - [`proto`] holds the generated protobuf types;
 //! - [`import`] lowers a model to smelt IR ([`import()`]);
-//! - [`check`] reports every operator the importer cannot lower ([`check()`]).
+//! - [`check`] reports every operator the importer cannot lower ([`check()`]);
+//! - [`conformance`] runs ONNX backend-test cases through the importer and
+//!   the reference interpreter.
 
 pub mod check;
+pub mod conformance;
 pub mod error;
 pub mod import;
 pub mod model;

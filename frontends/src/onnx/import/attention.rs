@@ -13,9 +13,12 @@
 //!   `Attention`'s rule when there is a past cache (offset = past length) and
 //!   when q and kv lengths are equal; otherwise (cross-length causal without
 //!   a cache, or `nonpad_kv_seqlen`) the causal mask is built explicitly.
-//! - a fully masked row yields zeros in the IR op where ONNX's softmax
-//!   yields NaN; graphs that ask for the attention scores
-//!   (`qk_matmul_output`) are spelled with primitives instead.
+//! - a fully masked row yields zeros, in the IR op and in ONNX; graphs that
+//!   ask for the attention scores (`qk_matmul_output`) are spelled with
+//!   primitives.
+//! - `left_window_size` / `right_window_size` (opset 25) keep keys
+//!   `p - left <= j <= p + right` for a query at position p; a causal left
+//!   window of w is the IR window w + 1.
 //! - `rope` takes full-width cos/sin (`[.., R]`) with rotate-half or
 //!   interleaved pairing; ONNX's half-width caches are duplicated
 //!   (`concat(c, c)`) or repeated pairwise to match.
@@ -68,8 +71,31 @@ fn combine_masks(cx: &mut Importer, a: Option<ValueId>, b: Option<ValueId>, dtyp
     }))
 }
 
-/// A bool [q_len, kv_len] mask keeping keys j <= i + offset.
-fn causal_mask(cx: &mut Importer, q_len: &Dim, kv_len: &Dim, offset: ValueId) -> R<ValueId> {
+/// Where query i sits among the keys: `offset + i`.
+enum Offset {
+    /// The same for every row.
+    Dim(Dim),
+    /// Per batch row, shaped [b, 1, 1, 1].
+    PerRow(ValueId),
+}
+
+/// A bool mask ([q_len, kv_len], or [b, 1, q_len, kv_len] with a per-row
+/// offset) keeping key j for query i at position p = offset + i when
+/// `j <= p` (causal), `j >= p - left` (left >= 0) and `j <= p + right`
+/// (right >= 0).
+fn positional_mask(
+    cx: &mut Importer,
+    q_len: &Dim,
+    kv_len: &Dim,
+    offset: &Offset,
+    causal: bool,
+    left: i64,
+    right: i64,
+) -> R<ValueId> {
+    let off = match offset {
+        Offset::Dim(d) => cx.b.materialize(&super::shape::ShapeValue::scalar(d.clone()), DType::I64)?,
+        Offset::PerRow(v) => *v,
+    };
     let b = &mut cx.b;
     let range = |b: &mut super::Builder, n: &Dim| {
         b.add(Op::Range { start: Dim::c(0), end: n.clone(), step: 1, dtype: DType::I64 }, &[])
@@ -78,8 +104,31 @@ fn causal_mask(cx: &mut Importer, q_len: &Dim, kv_len: &Dim, offset: ValueId) ->
     let j = range(b, kv_len)?;
     let i = b.unsqueeze(i, vec![1])?;
     let j = b.unsqueeze(j, vec![0])?;
-    let lim = b.binary(Op::Add {}, i, offset)?;
-    b.binary(Op::Le {}, j, lim)
+    let pos = b.binary(Op::Add {}, i, off)?;
+    let mut conds = Vec::new();
+    if causal {
+        conds.push(b.binary(Op::Le {}, j, pos)?);
+    }
+    if left >= 0 {
+        let l = b.scalar(DType::I64, left as f64);
+        let lo = b.binary(Op::Sub {}, pos, l)?;
+        conds.push(b.binary(Op::Ge {}, j, lo)?);
+    }
+    if right >= 0 && !causal {
+        let r = b.scalar(DType::I64, right as f64);
+        let hi = b.binary(Op::Add {}, pos, r)?;
+        conds.push(b.binary(Op::Le {}, j, hi)?);
+    }
+    let mut keep = match conds.first() {
+        Some(c) => *c,
+        None => {
+            return b.add(Op::Fill { shape: vec![q_len.clone(), kv_len.clone()], value: 1.0, dtype: DType::Bool }, &[])
+        }
+    };
+    for c in &conds[1..] {
+        keep = b.binary(Op::And {}, keep, *c)?;
+    }
+    Ok(keep)
 }
 
 /// Attention over [b, h, s, d] operands with everything resolved.
@@ -154,6 +203,11 @@ fn primitive(cx: &mut Importer, c: &Core, mode: i64) -> R<(ValueId, ValueId)> {
     }
     let after_mask = s;
     let p = b.add(Op::Softmax { axis: -1 }, &[s])?;
+    // A fully masked row has no distribution: ONNX defines its
+    // probabilities (and so its output) as zeros, as the fused op does.
+    let nan = b.unary(Op::IsNan {}, p)?;
+    let zero = b.like(p, 0.0);
+    let p = b.add(Op::Where {}, &[nan, zero, p])?;
     let y = b.binary(Op::MatMul {}, p, v)?;
     let qk = match mode {
         2 => after_mask,
@@ -167,7 +221,16 @@ fn primitive(cx: &mut Importer, c: &Core, mode: i64) -> R<(ValueId, ValueId)> {
 pub(crate) fn attention(cx: &mut Importer, n: &Node) -> R<Outs> {
     let (q, k, v) = (n.input(0)?, n.input(1)?, n.input(2)?);
     let (mask, past_k, past_v, nonpad) = (n.opt(3), n.opt(4), n.opt(5), n.opt(6));
-    let three_d = cx.b.rank(q.id) == 3;
+    let ranks = [cx.b.rank(q.id), cx.b.rank(k.id), cx.b.rank(v.id)];
+    if !(ranks == [3, 3, 3] || ranks == [4, 4, 4]) {
+        return Err(format!("Q, K and V must all be 3-D or all 4-D, found ranks {ranks:?}"));
+    }
+    for p in [past_k, past_v].into_iter().flatten() {
+        if cx.b.rank(p.id) != 4 {
+            return Err("past_key and past_value must be 4-D".into());
+        }
+    }
+    let three_d = ranks[0] == 3;
     let dtype = cx.b.dtype(q.id);
     let (mut qi, mut ki, mut vi) = (q.id, k.id, v.id);
     if three_d {
@@ -220,51 +283,43 @@ pub(crate) fn attention(cx: &mut Importer, n: &Node) -> R<Outs> {
         None => None,
     };
     let is_causal = n.int("is_causal", 0)? != 0;
-    let mut causal = false;
-    if let Some(np) = nonpad {
-        // Keys at or beyond each row's valid length are masked; causal
-        // masking is offset per row by (valid length - q_len).
-        let npv = cx.b.cast(np.id, DType::I64)?;
-        let j = cx.b.add(Op::Range { start: Dim::c(0), end: kv_len.clone(), step: 1, dtype: DType::I64 }, &[])?;
-        let j = cx.b.unsqueeze(j, vec![0])?; // [1, t]
-        let lim = cx.b.unsqueeze(npv, vec![1])?; // [b, 1]
-        let keep = cx.b.binary(Op::Lt {}, j, lim)?; // [b, t]
-        let keep = cx.b.unsqueeze(keep, vec![1, 2])?; // [b, 1, 1, t]
-        m = combine_masks(cx, m, Some(keep), dtype)?;
-        if is_causal {
-            let off = if let Some(pk) = past_k {
-                let p = cx.b.shape(pk.id)[2].clone();
-                cx.b.materialize(&super::shape::ShapeValue::scalar(p), DType::I64)?
-            } else {
-                let ql = cx.b.materialize(&super::shape::ShapeValue::scalar(q_len.clone()), DType::I64)?;
-                let o = cx.b.binary(Op::Sub {}, npv, ql)?;
-                cx.b.reshape(o, vec![cx.b.shape(npv)[0].clone(), Dim::c(1), Dim::c(1), Dim::c(1)])?
-            };
-            let cm = causal_mask(cx, &q_len, &kv_len, off)?;
-            m = combine_masks(cx, m, Some(cm), dtype)?;
+    let left = n.int("left_window_size", -1)?;
+    let right = n.int("right_window_size", -1)?;
+    // Where query i sits among the keys: past length + i with a cache,
+    // (valid length - q_len) + i per row with `nonpad_kv_seqlen`, else i.
+    let offset = match (past_k, nonpad) {
+        (Some(pk), _) => Offset::Dim(cx.b.shape(pk.id)[2].clone()),
+        (None, Some(np)) => {
+            let npv = cx.b.cast(np.id, DType::I64)?;
+            let lim = cx.b.unsqueeze(npv, vec![1])?; // [b, 1]
+                                                     // Keys at or beyond each row's valid length are masked.
+            let j = cx.b.add(Op::Range { start: Dim::c(0), end: kv_len.clone(), step: 1, dtype: DType::I64 }, &[])?;
+            let j = cx.b.unsqueeze(j, vec![0])?; // [1, t]
+            let keep = cx.b.binary(Op::Lt {}, j, lim)?; // [b, t]
+            let keep = cx.b.unsqueeze(keep, vec![1, 2])?; // [b, 1, 1, t]
+            m = combine_masks(cx, m, Some(keep), dtype)?;
+            let ql = cx.b.materialize(&super::shape::ShapeValue::scalar(q_len.clone()), DType::I64)?;
+            let o = cx.b.binary(Op::Sub {}, npv, ql)?;
+            let b0 = cx.b.shape(npv)[0].clone();
+            Offset::PerRow(cx.b.reshape(o, vec![b0, Dim::c(1), Dim::c(1), Dim::c(1)])?)
         }
-    } else if is_causal {
-        if past_k.is_some() || q_len == kv_len {
-            causal = true;
-        } else {
-            let zero = cx.b.scalar(DType::I64, 0.0);
-            let cm = causal_mask(cx, &q_len, &kv_len, zero)?;
-            m = combine_masks(cx, m, Some(cm), dtype)?;
-        }
+        (None, None) => Offset::Dim(Dim::c(0)),
+    };
+    // The IR's own causal / window flags put query i at kv_len - q_len + i;
+    // they are used when that is where ONNX puts it.
+    let aligned = matches!(&offset, Offset::Dim(d) if *d == kv_len.clone() - q_len.clone());
+    let wants_qk = n.wants(3);
+    let (mut causal, mut window) = (false, None);
+    if aligned && (right < 0 || is_causal) && !wants_qk {
+        causal = is_causal;
+        window = (left >= 0).then_some(left + 1);
+    } else if is_causal || left >= 0 || right >= 0 {
+        let pm = positional_mask(cx, &q_len, &kv_len, &offset, is_causal, left, right)?;
+        m = combine_masks(cx, m, Some(pm), dtype)?;
     }
-    let core = Core { q: qi, k: ki, v: vi, mask: m, scale, causal, window: None, softcap };
+    let core = Core { q: qi, k: ki, v: vi, mask: m, scale, causal, window, softcap };
     let mode = n.int("qk_matmul_output_mode", 0)?;
-    let (mut y, qk) = if n.wants(3) {
-        let mut core = core;
-        if core.causal {
-            let zero = {
-                let p = cx.b.shape(core.k)[2].clone() - q_len.clone();
-                cx.b.materialize(&super::shape::ShapeValue::scalar(p), DType::I64)?
-            };
-            let cm = causal_mask(cx, &q_len, &kv_len, zero)?;
-            core.mask = combine_masks(cx, core.mask, Some(cm), dtype)?;
-            core.causal = false;
-        }
+    let (mut y, qk) = if wants_qk {
         let (y, qk) = primitive(cx, &core, mode)?;
         (y, Some(qk))
     } else {
@@ -395,7 +450,11 @@ pub(crate) fn rotary_ms(cx: &mut Importer, n: &Node) -> R<Outs> {
         return Err("is_packed_batching is not supported".into());
     }
     let shape = cx.b.shape(x.id);
-    let seq = if shape.len() == 4 { shape[2].clone() } else { shape[1].clone() };
+    let seq = match shape.len() {
+        4 => shape[2].clone(),
+        3 => shape[1].clone(),
+        r => return Err(format!("input must be 3-D or 4-D, found rank {r}")),
+    };
     let p = positions(cx, pos.id, &seq)?;
     let (c, s) = gather_cache(cx, cos.id, sin.id, p)?;
     let y = rotary_any(
@@ -449,6 +508,11 @@ pub(crate) fn group_query_attention(cx: &mut Importer, n: &Node) -> R<Outs> {
     let seq = qs[1].clone();
     let past_k = n.opt(3);
     let past_v = n.opt(4);
+    for p in [past_k, past_v].into_iter().flatten() {
+        if cx.b.rank(p.id) != 4 {
+            return Err("past_key and past_value must be 4-D [batch, kv_heads, past, head_size]".into());
+        }
+    }
     let mut q4 = q4;
     if n.int("do_rotary", 0)? != 0 {
         let (cos, sin) = (n.opt(7).ok_or("do_rotary needs cos_cache")?, n.opt(8).ok_or("do_rotary needs sin_cache")?);
@@ -513,7 +577,18 @@ pub(crate) fn multi_head_attention(cx: &mut Importer, n: &Node) -> R<Outs> {
     }
     let dtype = cx.b.dtype(q.id);
     let (mut qi, mut ki, mut vi) = (q.id, k.id, v.id);
+    if cx.b.rank(qi) != 3 {
+        return Err("query must be 3-D [batch, seq, hidden]".into());
+    }
     let kv_3d = cx.b.rank(ki) == 3;
+    if !kv_3d && (cx.b.rank(ki) != 4 || cx.b.rank(vi) != 4) {
+        return Err("key and value must be 3-D, or 4-D [batch, heads, kv_seq, head_size]".into());
+    }
+    for p in [n.opt(6), n.opt(7)].into_iter().flatten() {
+        if cx.b.rank(p.id) != 4 {
+            return Err("past_key and past_value must be 4-D".into());
+        }
+    }
     if let Some(bias) = n.opt(3) {
         // Bias for q, k and v, concatenated: [hidden + hidden + v_hidden].
         let hq = cx.b.shape(qi)[2].as_const().ok_or("hidden size must be a constant")?;

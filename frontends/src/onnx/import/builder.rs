@@ -30,11 +30,15 @@ pub(crate) struct Builder {
     shapes: HashMap<ValueId, ShapeValue>,
     /// The ONNX node being lowered, used as every new node's label.
     pub label: Option<String>,
+    /// Set when a node failed to type-check because an input symbol must
+    /// equal another dim (`total` vs `past + seq`); the importer then starts
+    /// over with that substitution (see [`shape::unification`]).
+    pub unify: Option<(String, Dim)>,
 }
 
 impl Builder {
     pub fn new(g: Graph) -> Builder {
-        Builder { g, shapes: HashMap::new(), label: None }
+        Builder { g, shapes: HashMap::new(), label: None, unify: None }
     }
 
     pub fn ty(&self, v: ValueId) -> &TensorType {
@@ -156,7 +160,13 @@ impl Builder {
     /// Adds a node (folding or evaluating it symbolically when possible).
     pub fn add_multi(&mut self, op: Op, ins: &[ValueId]) -> Result<Vec<ValueId>, String> {
         let tys: Vec<&TensorType> = ins.iter().map(|v| self.g.ty(*v)).collect();
-        let out_tys = op.infer(&tys).map_err(|m| format!("{}: {m}", op.name()))?;
+        let out_tys = match op.infer(&tys) {
+            Ok(t) => t,
+            Err(m) => {
+                self.unify = shape::unification(&op, &tys, self.g.symbols());
+                return Err(format!("{}: {m}", op.name()));
+            }
+        };
 
         let all_const = ins.iter().all(|v| self.konst(*v).is_some());
         let is_source = matches!(op, Op::Fill { .. } | Op::Range { .. });

@@ -94,9 +94,10 @@ fn round_to_format(cx: &mut Importer, x: smelt_ir::ValueId, f: FloatFormat, satu
     let neg = b.binary(Op::Lt {}, x, zero)?;
     let nmag = b.unary(Op::Neg {}, mag)?;
     let signed = b.add(Op::Where {}, &[neg, nmag, mag])?;
-    // Finite-only formats have no NaN; ONNX leaves that case undefined and
-    // NaN is kept, like every other format.
+    // Finite-only formats (FLOAT4, FLOAT6) have no NaN: it becomes the
+    // code with only the sign bit set, -0, as the ONNX reference does.
     let nan = b.unary(Op::IsNan {}, x)?;
-    let nan_c = b.scalar(DType::F32, f64::NAN);
+    let nan_value = if f.specials == Specials::Finite { -0.0 } else { f64::NAN };
+    let nan_c = b.scalar(DType::F32, nan_value);
     b.add(Op::Where {}, &[nan, nan_c, signed])
 }

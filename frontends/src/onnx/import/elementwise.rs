@@ -7,18 +7,35 @@
 //! Arithmetic on emulated narrow integers is wrapped back into the type's
 //! range after each op (see [`super::dtypes`]).
 
-use super::{Importer, Node, Outs, Val, R};
+use super::{Importer, Node, Outs, Val, NOT_STATIC, R};
 use smelt_ir::Op;
 
 fn one(v: Val) -> R<Outs> {
     Ok(vec![Some(v)])
 }
 
-/// `Identity`, and `Dropout` at inference (its optional mask output is all true).
-pub(crate) fn identity(cx: &mut Importer, n: &Node) -> R<Outs> {
+pub(crate) fn identity(_cx: &mut Importer, n: &Node) -> R<Outs> {
+    one(n.input(0)?)
+}
+
+/// `Dropout` at inference: the identity, with an all-true mask output.
+/// Training mode draws a random mask, which is refused unless the ratio is
+/// 0 (then it is the identity too).
+pub(crate) fn dropout(cx: &mut Importer, n: &Node) -> R<Outs> {
     let x = n.input(0)?;
+    if let Some(t) = n.opt(2) {
+        let training =
+            cx.b.konst(t.id)
+                .map(|t| t.to_i64_vec().iter().any(|&v| v != 0))
+                .ok_or_else(|| format!("training_mode {NOT_STATIC}"))?;
+        let ratio_zero =
+            n.opt(1).and_then(|r| cx.b.konst(r.id)).is_some_and(|r| r.to_f64_vec().iter().all(|&v| v == 0.0));
+        if training && !ratio_zero {
+            return Err("training-mode Dropout draws a random mask, which smelt does not implement".into());
+        }
+    }
     let mut outs = vec![Some(x)];
-    if n.op_type() == "Dropout" && n.wants(1) {
+    if n.wants(1) {
         let shape = cx.b.shape(x.id);
         let mask = cx.b.add(Op::Fill { shape, value: 1.0, dtype: smelt_ir::DType::Bool }, &[])?;
         outs.push(Some(cx.val(mask)));

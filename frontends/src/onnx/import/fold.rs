@@ -25,7 +25,8 @@ pub(crate) fn try_fold<'a>(
     let mut total = 0usize;
     for t in out_tys {
         let Some(shape) = t.const_shape() else { return Ok(None) };
-        total = total.saturating_add(shape.iter().product());
+        let Some(n) = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)) else { return Ok(None) };
+        total = total.saturating_add(n);
     }
     if total > FOLD_LIMIT {
         return Ok(None);

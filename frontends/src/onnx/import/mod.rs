@@ -134,20 +134,48 @@ pub fn import_model(model: &OnnxModel, opts: &ImportOptions) -> Result<OnnxImpor
     if !report.is_supported() {
         return Err(ImportError::Unsupported(Box::new(report)));
     }
-    let mut imp = Importer {
-        model,
-        b: Builder::new(Graph::new(&graph_name(model))),
-        env: HashMap::new(),
-        weights: BTreeMap::new(),
-        inputs: Vec::new(),
-    };
-    imp.declare_inputs(opts)?;
-    imp.initializers()?;
-    for n in &nodes {
-        imp.node(n)?;
+    // Input symbols that the graph forces to equal other dims; each failed
+    // attempt that reveals one more starts the import over.
+    let mut subst: BTreeMap<String, Dim> = BTreeMap::new();
+    'attempt: for _ in 0..=MAX_UNIFICATIONS {
+        let mut imp = Importer {
+            model,
+            b: Builder::new(Graph::new(&graph_name(model))),
+            env: HashMap::new(),
+            weights: BTreeMap::new(),
+            inputs: Vec::new(),
+        };
+        imp.declare_inputs(opts, &subst)?;
+        imp.initializers()?;
+        for n in &nodes {
+            if let Err(e) = imp.node(n) {
+                match imp.b.unify.take() {
+                    Some((s, d)) if !subst.contains_key(&s) => {
+                        // Earlier substitutions may mention the symbol too.
+                        for v in subst.values_mut() {
+                            *v = v.substitute(&|x| (x == s).then(|| d.clone()));
+                        }
+                        subst.insert(s, d);
+                        continue 'attempt;
+                    }
+                    _ => return Err(e),
+                }
+            }
+        }
+        return imp.finish();
     }
-    imp.finish()
+    Err(ImportError::Model {
+        file: model.path().to_path_buf(),
+        message: format!("more than {MAX_UNIFICATIONS} input dims had to be unified with other dims"),
+    })
 }
+
+/// How many input symbols an import may unify with other dims.
+const MAX_UNIFICATIONS: usize = 16;
+
+/// The largest constant dim accepted in a shape (larger ones would overflow
+/// element counts): 2^40.
+pub(crate) const MAX_DIM: i64 = 1 << 40;
 
 fn graph_name(model: &OnnxModel) -> String {
     let n = model.graph().name();
@@ -259,7 +287,7 @@ impl Importer<'_> {
     }
 
     /// Declares the graph inputs and their symbols.
-    fn declare_inputs(&mut self, opts: &ImportOptions) -> Result<(), ImportError> {
+    fn declare_inputs(&mut self, opts: &ImportOptions, subst: &BTreeMap<String, Dim>) -> Result<(), ImportError> {
         let inits: HashSet<&str> = self.model.graph().initializer.iter().map(|t| t.name()).collect();
         let inputs: Vec<&ValueInfoProto> =
             self.model.graph().input.iter().filter(|i| !inits.contains(i.name())).collect();
@@ -277,10 +305,16 @@ impl Importer<'_> {
             let mut shape = Vec::with_capacity(dims.len());
             for (axis, d) in dims.into_iter().enumerate() {
                 let dim = match d {
+                    InDim::Fixed(n) if n > MAX_DIM => {
+                        return Err(self.model_err(format!(
+                            "graph input `{name}` axis {axis} has size {n}, larger than smelt accepts ({MAX_DIM})"
+                        )))
+                    }
                     InDim::Fixed(n) => Dim::c(n),
                     InDim::Param(p) => param_dim(&p),
                     InDim::Unknown => Dim::sym(&format!("{}_{axis}", sanitize(&name))),
                 };
+                let dim = dim.substitute(&|s| subst.get(s).cloned());
                 for s in dim.symbols() {
                     let min = if s.contains("past") || s.contains("cache") { 0 } else { 1 };
                     symbols.entry(s).or_insert((min, opts.symbol_max));
@@ -431,7 +465,8 @@ impl Importer<'_> {
             };
         }
         match op {
-            "Identity" | "Dropout" => ew::identity(self, n),
+            "Identity" => ew::identity(self, n),
+            "Dropout" => ew::dropout(self, n),
             "Abs" => ew::unary(self, n, Op::Abs {}),
             "Neg" => ew::unary(self, n, Op::Neg {}),
             "Relu" => ew::unary(self, n, Op::Relu {}),
@@ -749,6 +784,17 @@ impl Importer<'_> {
     /// The known elements of a rank-0/1 integer operand, as dims.
     pub fn dims(&self, v: Val, what: &str) -> R<Vec<Dim>> {
         self.b.dims_of(v.id).ok_or_else(|| format!("{what} {NOT_STATIC} (it is computed from runtime data)"))
+    }
+
+    /// Like [`Importer::dims`], for operands that are sizes (reshape and
+    /// expand targets, repeats): constants must lie in `[-1, MAX_DIM]` so
+    /// that element counts cannot overflow.
+    pub fn size_dims(&self, v: Val, what: &str) -> R<Vec<Dim>> {
+        let d = self.dims(v, what)?;
+        if let Some(c) = d.iter().filter_map(Dim::as_const).find(|c| *c < -1 || *c > MAX_DIM) {
+            return Err(format!("{what} holds {c}, outside the sizes smelt accepts (-1..={MAX_DIM})"));
+        }
+        Ok(d)
     }
 }
 

@@ -91,7 +91,7 @@ pub(crate) fn reshape_dims(input: &[Dim], target: &[Dim], allowzero: bool) -> R<
 
 pub(crate) fn reshape(cx: &mut Importer, n: &Node) -> R<Outs> {
     let x = n.input(0)?;
-    let target = cx.dims(n.input(1)?, "the target shape")?;
+    let target = cx.size_dims(n.input(1)?, "the target shape")?;
     let dims = reshape_dims(&cx.b.shape(x.id), &target, n.int("allowzero", 0)? != 0)?;
     let id = cx.b.reshape(x.id, dims)?;
     one(cx.same(x, id))
@@ -178,7 +178,7 @@ pub(crate) fn split(cx: &mut Importer, n: &Node) -> R<Outs> {
     let dim = shape[axis].clone();
     let outs = n.proto.output.len();
     let sizes: Vec<Dim> = if let Some(s) = n.opt(1) {
-        cx.dims(s, "the split sizes")?
+        cx.size_dims(s, "the split sizes")?
     } else if let Some(s) = n.ints("split")? {
         s.into_iter().map(Dim::c).collect()
     } else {
@@ -282,7 +282,7 @@ pub(crate) fn slice(cx: &mut Importer, n: &Node) -> R<Outs> {
 
 pub(crate) fn expand(cx: &mut Importer, n: &Node) -> R<Outs> {
     let x = n.input(0)?;
-    let target = cx.dims(n.input(1)?, "the expand shape")?;
+    let target = cx.size_dims(n.input(1)?, "the expand shape")?;
     // ONNX broadcasts both ways: the IR's expand does the same (a 1 in the
     // target keeps the input's dim).
     let id = cx.b.add(Op::Expand { shape: target }, &[x.id])?;
@@ -294,7 +294,7 @@ pub(crate) fn expand(cx: &mut Importer, n: &Node) -> R<Outs> {
 /// -> reshape [r*d] on interleaved axes.
 pub(crate) fn tile(cx: &mut Importer, n: &Node) -> R<Outs> {
     let x = n.input(0)?;
-    let reps = cx.dims(n.input(1)?, "the repeats")?;
+    let reps = cx.size_dims(n.input(1)?, "the repeats")?;
     let shape = cx.b.shape(x.id);
     if reps.len() != shape.len() {
         return Err(format!("{} repeats for rank {}", reps.len(), shape.len()));

@@ -137,6 +137,9 @@ pub(crate) fn skip_rms_norm(cx: &mut Importer, n: &Node) -> R<Outs> {
     let (x, skip, gamma) = (n.input(0)?, n.input(1)?, n.input(2)?);
     let eps = n.float("epsilon", 1e-5)? as f64;
     let rank = cx.b.rank(x.id);
+    if rank == 0 {
+        return Err("input must have rank >= 1".into());
+    }
     let dtype = cx.b.dtype(x.id);
     let d = cx.b.shape(x.id)[rank - 1].clone();
     if n.wants(1) {
@@ -172,6 +175,9 @@ pub(crate) fn skip_layer_norm(cx: &mut Importer, n: &Node) -> R<Outs> {
     let beta = n.opt(3);
     let eps = n.float("epsilon", 1e-5)? as f64;
     let rank = cx.b.rank(x.id);
+    if rank == 0 {
+        return Err("input must have rank >= 1".into());
+    }
     let dtype = cx.b.dtype(x.id);
     let d = cx.b.shape(x.id)[rank - 1].clone();
     let s = skip_sum(cx, n, 4)?;

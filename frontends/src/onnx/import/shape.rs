@@ -353,6 +353,100 @@ pub(crate) fn eval(
     }
 }
 
+/// When `op` failed to type-check on operand types `tys` because a dim
+/// that is a single declared symbol meets a different dim where ONNX
+/// requires equality (broadcasting, concatenation, contraction), the
+/// substitution that makes them equal: the symbol and the dim it must be.
+/// Exporters declare such dims independently (an attention mask's `total`
+/// that the graph then adds to scores of length `past + seq`); ONNX
+/// semantics make them equal, so the importer adopts the equation.
+pub(crate) fn unification(
+    op: &Op,
+    tys: &[&smelt_ir::TensorType],
+    symbols: &BTreeMap<String, SymbolBounds>,
+) -> Option<(String, Dim)> {
+    let right_aligned = |a: &[Dim], b: &[Dim], out: &mut Vec<(Dim, Dim)>| {
+        for (x, y) in a.iter().rev().zip(b.iter().rev()) {
+            out.push((x.clone(), y.clone()));
+        }
+    };
+    let mut pairs: Vec<(Dim, Dim)> = Vec::new();
+    match op {
+        Op::Add {}
+        | Op::Sub {}
+        | Op::Mul {}
+        | Op::Div {}
+        | Op::Pow {}
+        | Op::Max {}
+        | Op::Min {}
+        | Op::Mod {}
+        | Op::Rem {}
+        | Op::Eq {}
+        | Op::Ne {}
+        | Op::Lt {}
+        | Op::Le {}
+        | Op::Gt {}
+        | Op::Ge {}
+        | Op::And {}
+        | Op::Or {}
+        | Op::Xor {}
+        | Op::Where {} => {
+            for i in 0..tys.len() {
+                for j in i + 1..tys.len() {
+                    right_aligned(&tys[i].shape, &tys[j].shape, &mut pairs);
+                }
+            }
+        }
+        Op::Expand { shape } => right_aligned(&tys.first()?.shape, shape, &mut pairs),
+        Op::Concat { axis } => {
+            let first = tys.first()?;
+            let r = first.rank() as i64;
+            let a = if *axis < 0 { axis + r } else { *axis };
+            for t in &tys[1..] {
+                for (i, (x, y)) in first.shape.iter().zip(&t.shape).enumerate() {
+                    if i as i64 != a {
+                        pairs.push((x.clone(), y.clone()));
+                    }
+                }
+            }
+        }
+        Op::MatMul {} => {
+            let (a, b) = (&tys.first()?.shape, &tys.get(1)?.shape);
+            if a.len() >= 2 && b.len() >= 2 {
+                pairs.push((a[a.len() - 1].clone(), b[b.len() - 2].clone()));
+                right_aligned(&a[..a.len() - 2], &b[..b.len() - 2], &mut pairs);
+            }
+        }
+        Op::Attention { .. } => {
+            let (q, k, v) = (&tys.first()?.shape, &tys.get(1)?.shape, &tys.get(2)?.shape);
+            if q.len() == 4 && k.len() == 4 && v.len() == 4 {
+                pairs.push((q[0].clone(), k[0].clone()));
+                pairs.push((k[2].clone(), v[2].clone()));
+                pairs.push((q[3].clone(), k[3].clone()));
+                if let Some(m) = tys.get(3) {
+                    let want = [q[0].clone(), q[1].clone(), q[2].clone(), k[2].clone()];
+                    right_aligned(&m.shape, &want, &mut pairs);
+                }
+            }
+        }
+        _ => {}
+    }
+    let one = Dim::c(1);
+    for (a, b) in pairs {
+        if a == b || a == one || b == one {
+            continue;
+        }
+        for (x, y) in [(&a, &b), (&b, &a)] {
+            if let Some(s) = x.as_sym() {
+                if symbols.contains_key(s) && !y.symbols().iter().any(|t| t == s) {
+                    return Some((s.to_string(), y.clone()));
+                }
+            }
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

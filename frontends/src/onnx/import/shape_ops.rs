@@ -79,7 +79,11 @@ pub(crate) fn range(cx: &mut Importer, n: &Node) -> R<Outs> {
     let dtype = cx.b.dtype(s.id);
     if dtype.is_int() {
         let first = |v: Val, what: &str| -> R<Dim> {
-            cx.dims(v, what)?.first().cloned().ok_or_else(|| format!("{what} is empty"))
+            let d = cx.dims(v, what)?.first().cloned().ok_or_else(|| format!("{what} is empty"))?;
+            match d.as_const() {
+                Some(c) if c.abs() > super::MAX_DIM => Err(format!("{what} is {c}, too large a range bound")),
+                _ => Ok(d),
+            }
         };
         let start = first(s, "start")?;
         let limit = first(l, "limit")?;
@@ -113,7 +117,7 @@ pub(crate) fn range(cx: &mut Importer, n: &Node) -> R<Outs> {
 
 /// `ConstantOfShape(shape)` with its `value` (f32 zero by default).
 pub(crate) fn constant_of_shape(cx: &mut Importer, n: &Node) -> R<Outs> {
-    let shape = cx.dims(n.input(0)?, "the shape")?;
+    let shape = cx.size_dims(n.input(0)?, "the shape")?;
     let (value, ety) = match n.attrs.tensor("value").map_err(|e| e.to_string())? {
         Some(t) => {
             let (t, ety) = dtypes::decode(cx.model, t)?;
