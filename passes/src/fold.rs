@@ -33,11 +33,10 @@ pub fn run(g: &mut Graph) -> Result<usize, PassError> {
         if operands.len() != node.inputs.len() {
             continue;
         }
-        let small = node.outputs.iter().all(|v| {
-            g.ty(*v)
-                .const_shape()
-                .is_some_and(|s| s.iter().product::<usize>() <= MAX_FOLD)
-        });
+        let small = node
+            .outputs
+            .iter()
+            .all(|v| g.ty(*v).const_shape().is_some_and(|s| s.iter().product::<usize>() <= MAX_FOLD));
         if !small {
             continue;
         }

@@ -39,11 +39,7 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Limits {
-        Limits {
-            iterations: 12,
-            node_factor: 4,
-            time: Duration::from_secs(2),
-        }
+        Limits { iterations: 12, node_factor: 4, time: Duration::from_secs(2) }
     }
 }
 
@@ -59,17 +55,7 @@ pub struct FusionOptions {
 /// The phases and their families, in order.
 pub const PHASES: &[(&str, &[Family])] = &[
     ("canonical", &[Family::Algebra, Family::Layout]),
-    (
-        "fuse",
-        &[
-            Family::Algebra,
-            Family::Layout,
-            Family::RmsNorm,
-            Family::Rope,
-            Family::Attention,
-            Family::GatedMlp,
-        ],
-    ),
+    ("fuse", &[Family::Algebra, Family::Layout, Family::RmsNorm, Family::Rope, Family::Attention, Family::GatedMlp]),
     ("residual", &[Family::Residual]),
 ];
 
@@ -109,11 +95,8 @@ pub fn fuse(g: &mut Graph, opts: &FusionOptions) -> Result<FusionReport, PassErr
 
     let t_run = Instant::now();
     for (name, families) in PHASES {
-        let phase: Vec<&Rewrite<ENode, crate::egraph::Analysis>> = rules
-            .iter()
-            .filter(|r| families.contains(&r.family))
-            .map(|r| &r.rewrite)
-            .collect();
+        let phase: Vec<&Rewrite<ENode, crate::egraph::Analysis>> =
+            rules.iter().filter(|r| families.contains(&r.family)).map(|r| &r.rewrite).collect();
         let t = Instant::now();
         let mut runner = Runner::default()
             .with_egraph(eg)
@@ -140,6 +123,9 @@ pub fn fuse(g: &mut Graph, opts: &FusionOptions) -> Result<FusionReport, PassErr
             egraph_nodes: runner.egraph.total_number_of_nodes(),
             egraph_classes: runner.egraph.number_of_classes(),
             time_ms: t.elapsed().as_secs_f64() * 1e3,
+            search_ms: runner.iterations.iter().map(|i| i.search_time).sum::<f64>() * 1e3,
+            apply_ms: runner.iterations.iter().map(|i| i.apply_time).sum::<f64>() * 1e3,
+            rebuild_ms: runner.iterations.iter().map(|i| i.rebuild_time).sum::<f64>() * 1e3,
         });
         eg = runner.egraph;
     }
@@ -195,9 +181,8 @@ fn explain(
         }
         // Find the fused e-node's own id among the ids added to this class.
         let candidates = eg.analysis.fused_ids.clone();
-        let Some(fused_id) = candidates
-            .into_iter()
-            .find(|id| eg.find(*id) == class && eg.id_to_node(*id).matches(node))
+        let Some(fused_id) =
+            candidates.into_iter().find(|id| eg.find(*id) == class && eg.id_to_node(*id).matches(node))
         else {
             continue;
         };
@@ -206,11 +191,7 @@ fn explain(
         let mut visited = HashSet::new();
         collect_rules(&e.explanation_trees, &mut rules, &mut visited);
         rules.dedup();
-        out.push(Explanation {
-            op: kind.name().to_string(),
-            label: g.def(*v).label.clone(),
-            rules,
-        });
+        out.push(Explanation { op: kind.name().to_string(), label: g.def(*v).label.clone(), rules });
     }
     Ok(out)
 }

@@ -31,11 +31,7 @@ fn trace(g: &Graph, mut v: ValueId) -> Option<WeightView> {
         match &node.op {
             Op::Weight { name } => {
                 chain.reverse();
-                return Some(WeightView {
-                    name: name.clone(),
-                    chain,
-                    dtype,
-                });
+                return Some(WeightView { name: name.clone(), chain, dtype });
             }
             Op::Cast { to } if to.is_float() => v = node.inputs[0],
             op @ (Op::Transpose { .. } | Op::Slice { .. } | Op::Reshape { .. }) => {
@@ -94,27 +90,17 @@ pub fn run(g: &mut Graph, weights: &mut Weights) -> Result<(usize, usize), PassE
         if members.iter().any(|(_, v)| v.dtype != dtype) {
             continue;
         }
-        let Some(tensors) = members
-            .iter()
-            .map(|(_, v)| eval(v, weights))
-            .collect::<Option<Vec<Tensor>>>()
-        else {
+        let Some(tensors) = members.iter().map(|(_, v)| eval(v, weights)).collect::<Option<Vec<Tensor>>>() else {
             continue;
         };
         let stored = tensors[0].dtype;
         let rows = tensors[0].shape[0];
-        if tensors
-            .iter()
-            .any(|t| t.dtype != stored || t.shape.len() != 2 || t.shape[0] != rows)
-        {
+        if tensors.iter().any(|t| t.dtype != stored || t.shape.len() != 2 || t.shape[0] != rows) {
             continue;
         }
         let refs: Vec<&Tensor> = tensors.iter().collect();
         let joined = smelt_ir::interp::eval_op(&Op::Concat { axis: 1 }, &refs, &BTreeMap::new())
-            .map_err(|e| PassError::Stage {
-                stage: "horizontal".into(),
-                message: e.to_string(),
-            })?
+            .map_err(|e| PassError::Stage { stage: "horizontal".into(), message: e.to_string() })?
             .remove(0);
         let names: Vec<String> = members.iter().map(|(_, v)| v.name.clone()).collect();
         let name = joined_name(&names);

@@ -14,10 +14,10 @@ pub fn run(g: &Graph) -> Result<(), PassError> {
             continue;
         }
         let tys: Vec<_> = node.inputs.iter().map(|v| g.ty(*v)).collect();
-        let out = node.op.infer(&tys).map_err(|m| PassError::Stage {
-            stage: "infer".into(),
-            message: format!("`{}`: {m}", node.op.name()),
-        })?;
+        let out = node
+            .op
+            .infer(&tys)
+            .map_err(|m| PassError::Stage { stage: "infer".into(), message: format!("`{}`: {m}", node.op.name()) })?;
         let held: Vec<_> = node.outputs.iter().map(|v| g.ty(*v).clone()).collect();
         if out != held {
             let show = |v: &[smelt_ir::TensorType]| v.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(", ");

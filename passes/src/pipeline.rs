@@ -20,17 +20,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 /// The stages, in order (what `--dump-ir` accepts, besides `all`).
-pub const STAGES: &[&str] = &[
-    "verify",
-    "infer",
-    "fold",
-    "cse",
-    "dce",
-    "canon",
-    "fuse",
-    "horizontal",
-    "cleanup",
-];
+pub const STAGES: &[&str] = &["verify", "infer", "fold", "cse", "dce", "canon", "fuse", "horizontal", "cleanup"];
 
 /// Where dumps go.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,10 +50,7 @@ impl DumpSpec {
                 return Err(PassError::UnknownStage(s.clone(), STAGES.join(", ")));
             }
         }
-        Ok(DumpSpec {
-            stages: Some(stages),
-            target,
-        })
+        Ok(DumpSpec { stages: Some(stages), target })
     }
 
     fn wants(&self, stage: &str) -> bool {
@@ -118,10 +105,7 @@ fn dump(spec: &Option<DumpSpec>, index: usize, stage: &str, g: &Graph) -> Result
         }
         DumpTarget::Dir(dir) => {
             let path = dir.join(format!("{index:02}-{stage}.smir"));
-            let io = |source| PassError::Dump {
-                path: path.display().to_string(),
-                source,
-            };
+            let io = |source| PassError::Dump { path: path.display().to_string(), source };
             std::fs::create_dir_all(dir).map_err(io)?;
             std::fs::write(&path, text).map_err(io)
         }
@@ -160,12 +144,7 @@ pub fn pipeline(g: &mut Graph, weights: &mut Weights, opts: &PipelineOptions) ->
             }
             "horizontal" => {}
             "cleanup" => chains = crate::cleanup::run(g)?,
-            other => {
-                return Err(PassError::Stage {
-                    stage: other.to_string(),
-                    message: "no such stage".into(),
-                })
-            }
+            other => return Err(PassError::Stage { stage: other.to_string(), message: "no such stage".into() }),
         }
         report.stages.push(StageTiming {
             stage: stage.to_string(),

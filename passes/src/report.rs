@@ -24,6 +24,10 @@ pub struct PhaseReport {
     pub egraph_nodes: usize,
     pub egraph_classes: usize,
     pub time_ms: f64,
+    /// egg's own split of the time: matching, applying, rebuilding.
+    pub search_ms: f64,
+    pub apply_ms: f64,
+    pub rebuild_ms: f64,
 }
 
 /// The rewrite chain that produced one fused op.
@@ -86,12 +90,15 @@ impl FusionReport {
         s.push_str("phases:\n");
         for p in &self.phases {
             s.push_str(&format!(
-                "  {:<12} {:<28} {:>3} iterations {:>7} nodes {:>8.2} ms{}\n",
+                "  {:<12} {:<28} {:>3} iterations {:>7} nodes {:>8.2} ms (search {:.2}, apply {:.2}, rebuild {:.2}){}\n",
                 p.name,
                 p.stop_reason,
                 p.iterations,
                 p.egraph_nodes,
                 p.time_ms,
+                p.search_ms,
+                p.apply_ms,
+                p.rebuild_ms,
                 if p.hit_limit { "  (LIMIT HIT)" } else { "" }
             ));
         }
@@ -102,12 +109,7 @@ impl FusionReport {
             ));
         }
         for e in &self.explanations {
-            s.push_str(&format!(
-                "{} at {}: {}\n",
-                e.op,
-                e.label.as_deref().unwrap_or("?"),
-                e.rules.join(" -> ")
-            ));
+            s.push_str(&format!("{} at {}: {}\n", e.op, e.label.as_deref().unwrap_or("?"), e.rules.join(" -> ")));
         }
         s
     }
@@ -117,9 +119,5 @@ impl FusionReport {
 /// graph contains, for graphs fused earlier or elsewhere.
 pub fn fusion_report(g: &Graph) -> FusionReport {
     let (fused, unfused) = count_ops(g);
-    FusionReport {
-        fused,
-        unfused,
-        ..FusionReport::default()
-    }
+    FusionReport { fused, unfused, ..FusionReport::default() }
 }

@@ -16,9 +16,7 @@ use std::str::FromStr;
 pub fn parse_decls(decls: &str) -> Result<BTreeMap<String, TensorType>, String> {
     let mut out = BTreeMap::new();
     for d in decls.split(';').map(str::trim).filter(|d| !d.is_empty()) {
-        let (name, ty) = d
-            .split_once(':')
-            .ok_or_else(|| format!("`{d}`: expected `name: type`"))?;
+        let (name, ty) = d.split_once(':').ok_or_else(|| format!("`{d}`: expected `name: type`"))?;
         out.insert(name.trim().to_string(), parse_type(ty.trim())?);
     }
     Ok(out)
@@ -26,17 +24,13 @@ pub fn parse_decls(decls: &str) -> Result<BTreeMap<String, TensorType>, String> 
 
 /// Parses `f32[2, seq]`.
 pub fn parse_type(s: &str) -> Result<TensorType, String> {
-    let (dt, rest) = s
-        .split_once('[')
-        .ok_or_else(|| format!("`{s}`: expected dtype[dims]"))?;
+    let (dt, rest) = s.split_once('[').ok_or_else(|| format!("`{s}`: expected dtype[dims]"))?;
     let dtype = DType::from_str(dt.trim()).map_err(|e| e.to_string())?;
     let dims = rest.strip_suffix(']').ok_or_else(|| format!("`{s}`: missing `]`"))?;
     let shape = if dims.trim().is_empty() {
         vec![]
     } else {
-        dims.split(',')
-            .map(|d| Dim::from_str(d.trim()).map_err(|e| e.to_string()))
-            .collect::<Result<_, _>>()?
+        dims.split(',').map(|d| Dim::from_str(d.trim()).map_err(|e| e.to_string())).collect::<Result<_, _>>()?
     };
     Ok(TensorType::new(dtype, shape))
 }
@@ -65,11 +59,7 @@ pub fn rewrite(decls: &str, input: &str) -> Result<Rewritten, String> {
     let rules = crate::fuse::rules_for_tests().map_err(|e| e.to_string())?;
     let mut applied = BTreeMap::new();
     for (_, families) in PHASES {
-        let phase: Vec<_> = rules
-            .iter()
-            .filter(|r| families.contains(&r.family))
-            .map(|r| &r.rewrite)
-            .collect();
+        let phase: Vec<_> = rules.iter().filter(|r| families.contains(&r.family)).map(|r| &r.rewrite).collect();
         let runner = Runner::default()
             .with_egraph(eg)
             .with_iter_limit(20)
@@ -87,11 +77,7 @@ pub fn rewrite(decls: &str, input: &str) -> Result<Rewritten, String> {
     let mut best = RecExpr::default();
     let mut memo = HashMap::new();
     build_expr(&eg, &choice, root, &mut best, &mut memo);
-    Ok(Rewritten {
-        best,
-        applied,
-        ill_typed: eg.analysis.ill_typed.clone(),
-    })
+    Ok(Rewritten { best, applied, ill_typed: eg.analysis.ill_typed.clone() })
 }
 
 fn build_expr(

@@ -6,8 +6,5 @@ use crate::error::PassError;
 use smelt_ir::Graph;
 
 pub fn run(g: &Graph, after_stage: &str) -> Result<(), PassError> {
-    smelt_ir::verify::verify(g).map_err(|errors| PassError::Verify {
-        stage: after_stage.to_string(),
-        errors,
-    })
+    smelt_ir::verify::verify(g).map_err(|errors| PassError::Verify { stage: after_stage.to_string(), errors })
 }

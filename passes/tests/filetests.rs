@@ -45,16 +45,7 @@ struct Directives {
     check_nots: Vec<String>,
 }
 
-const STAGES: &[&str] = &[
-    "fold",
-    "cse",
-    "dce",
-    "canon",
-    "fuse",
-    "horizontal",
-    "cleanup",
-    "pipeline",
-];
+const STAGES: &[&str] = &["fold", "cse", "dce", "canon", "fuse", "horizontal", "cleanup", "pipeline"];
 
 fn directives(src: &str) -> Result<Directives, String> {
     let mut d = Directives::default();
@@ -85,11 +76,7 @@ fn directives(src: &str) -> Result<Directives, String> {
             }
             "check" => d.checks.push(value),
             "check-not" => d.check_nots.push(value),
-            other => {
-                return Err(format!(
-                    "unknown directive `# {other}:` (known: test, check, check-not)"
-                ))
-            }
+            other => return Err(format!("unknown directive `# {other}:` (known: test, check, check-not)")),
         }
     }
     if d.stages.is_empty() {
@@ -112,19 +99,13 @@ fn run_stages(g: &mut Graph, w: &mut Weights, stages: &[String]) -> Result<(), S
                 if r.ill_typed.is_empty() {
                     Ok(())
                 } else {
-                    Err(smelt_passes::PassError::Extract(format!(
-                        "ill-typed: {:?}",
-                        r.ill_typed
-                    )))
+                    Err(smelt_passes::PassError::Extract(format!("ill-typed: {:?}", r.ill_typed)))
                 }
             }),
             "horizontal" => smelt_passes::horizontal::run(g, w).map(|_| ()),
             "cleanup" => smelt_passes::cleanup::run(g).map(|_| ()),
             "pipeline" => {
-                let opts = PipelineOptions {
-                    verify_each: true,
-                    ..PipelineOptions::default()
-                };
+                let opts = PipelineOptions { verify_each: true, ..PipelineOptions::default() };
                 smelt_passes::pipeline(g, w, &opts).map(|_| ())
             }
             other => return Err(format!("unknown stage `{other}`")),
@@ -151,16 +132,10 @@ fn random(rng: &mut StdRng, dtype: DType, shape: Vec<usize>) -> Tensor {
 /// Runs both graphs on the same random inputs and weights.
 fn same_values(before: &Graph, after: &Graph, weights: &Weights) -> Result<(), String> {
     let mut rng = StdRng::seed_from_u64(11);
-    let syms: BTreeMap<String, i64> = before
-        .symbols()
-        .iter()
-        .map(|(k, b)| (k.clone(), (b.min.max(1) + 2).min(b.max)))
-        .collect();
+    let syms: BTreeMap<String, i64> =
+        before.symbols().iter().map(|(k, b)| (k.clone(), (b.min.max(1) + 2).min(b.max))).collect();
     let concrete = |t: &smelt_ir::TensorType| -> Result<Vec<usize>, String> {
-        t.shape
-            .iter()
-            .map(|d| d.eval_map(&syms).map(|x| x as usize).map_err(|e| e.to_string()))
-            .collect()
+        t.shape.iter().map(|d| d.eval_map(&syms).map(|x| x as usize).map_err(|e| e.to_string())).collect()
     };
     let mut inputs = BTreeMap::new();
     for (name, v) in before.inputs() {
@@ -205,11 +180,7 @@ fn run_file(path: &Path) -> Result<(), String> {
     for c in &d.checks {
         match text[from..].find(c.as_str()) {
             Some(i) => from += i + c.len(),
-            None => {
-                return Err(format!(
-                    "`# check: {c}` not found after byte {from} of the result:\n{text}"
-                ))
-            }
+            None => return Err(format!("`# check: {c}` not found after byte {from} of the result:\n{text}")),
         }
     }
     for c in &d.check_nots {
@@ -244,11 +215,6 @@ fn pass_filetests() {
             failures.push(format!("{rel}: {e}"));
         }
     }
-    assert!(
-        failures.is_empty(),
-        "{} of {ran} pass filetests failed:\n\n{}",
-        failures.len(),
-        failures.join("\n\n")
-    );
+    assert!(failures.is_empty(), "{} of {ran} pass filetests failed:\n\n{}", failures.len(), failures.join("\n\n"));
     println!("{ran} pass filetests passed");
 }

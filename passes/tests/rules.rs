@@ -130,6 +130,9 @@ rule_tests! {
 
     add_rms_norm: "residual/add-rms-norm", "$a: f32[2, 8]; $b: f32[2, 8]; @w: f32[8]",
         "(rms_norm (add $a $b) @w 1e-5)" => "(get.1 (add_rms_norm $a $b @w 1e-5))";
+    batched_key_transpose: "layout/batched-key-transpose", "$q: f32[1, 4, 3, 8]; $k: f32[1, 2, 5, 8]",
+        "(matmul $q (reshape (transpose (reshape (expand (unsqueeze $k [-3]) [1,2,2,5,8]) [4,5,8]) [0,2,1]) [1,4,8,5]))"
+        => "(matmul $q (transpose (reshape (expand (unsqueeze $k [-3]) [1,2,2,5,8]) [1,4,5,8]) [0,1,3,2]))";
     slice_of_matmul: "layout/slice-columns-of-matmul", "$x: f32[2, 8]; @w: f32[8, 32]",
         "(slice (matmul $x @w) [-1] [0] [16] [1])" => "(matmul $x (slice @w [-1] [0] [16] [1]))";
 }
@@ -180,11 +183,7 @@ fn both_sides_of_every_rule_agree_on_random_inputs() {
             let mut inputs = BTreeMap::new();
             let mut weights = BTreeMap::new();
             for (name, ty) in &types {
-                let shape: Vec<usize> = ty
-                    .shape
-                    .iter()
-                    .map(|d: &Dim| d.eval_map(&syms).unwrap() as usize)
-                    .collect();
+                let shape: Vec<usize> = ty.shape.iter().map(|d: &Dim| d.eval_map(&syms).unwrap() as usize).collect();
                 let t = random_tensor(&mut rng, ty.dtype, shape);
                 if let Some(n) = name.strip_prefix('$') {
                     inputs.insert(n.to_string(), t);

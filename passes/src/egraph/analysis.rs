@@ -82,17 +82,10 @@ impl egg::Analysis<ENode> for Analysis {
             }
         }
         match enode {
-            ENode::Attr(a) => Data {
-                attr: Some(a.clone()),
-                constant: true,
-                ..Data::default()
-            },
-            ENode::Num(n) => Data {
-                tys: vec![TensorType::scalar(n.dtype)],
-                num: Some(n.value()),
-                constant: true,
-                ..Data::default()
-            },
+            ENode::Attr(a) => Data { attr: Some(a.clone()), constant: true, ..Data::default() },
+            ENode::Num(n) => {
+                Data { tys: vec![TensorType::scalar(n.dtype)], num: Some(n.value()), constant: true, ..Data::default() }
+            }
             ENode::Leaf(s) => Data {
                 tys: eg.analysis.leaf_types.get(s).cloned().into_iter().collect(),
                 constant: s.as_str().starts_with('@'),
@@ -102,9 +95,7 @@ impl egg::Analysis<ENode> for Analysis {
                 let t = eg.analysis.consts.get(*i as usize);
                 let num = t.and_then(|t| {
                     let first = (t.numel() > 0).then(|| t.get_f64(0))?;
-                    (0..t.numel())
-                        .all(|k| t.get_f64(k).to_bits() == first.to_bits())
-                        .then_some(first)
+                    (0..t.numel()).all(|k| t.get_f64(k).to_bits() == first.to_bits()).then_some(first)
                 });
                 Data {
                     tys: t.map(|t| TensorType::fixed(t.dtype, &t.shape)).into_iter().collect(),
@@ -115,11 +106,7 @@ impl egg::Analysis<ENode> for Analysis {
             }
             ENode::Get(i, [c]) => {
                 let d = &eg[*c].data;
-                Data {
-                    tys: d.tys.get(*i).cloned().into_iter().collect(),
-                    constant: d.constant,
-                    ..Data::default()
-                }
+                Data { tys: d.tys.get(*i).cloned().into_iter().collect(), constant: d.constant, ..Data::default() }
             }
             ENode::Op(..) => {
                 let (_, operands, _) = enode.split_op().unwrap_or((smelt_ir::OpKind::Neg, &[], &[]));
@@ -147,12 +134,7 @@ impl egg::Analysis<ENode> for Analysis {
                         // Values computed at run time from shapes (a `range`
                         // over `past + seq`) are not compile-time constants.
                         constant &= out.iter().all(|t| t.const_shape().is_some());
-                        Data {
-                            tys: out,
-                            num,
-                            constant,
-                            ..Data::default()
-                        }
+                        Data { tys: out, num, constant, ..Data::default() }
                     }
                     Err(e) => {
                         let msg = format!("{}: {e}", enode);

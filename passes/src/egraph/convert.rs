@@ -134,11 +134,7 @@ pub fn lower(g: &Graph, explanations: bool) -> Result<Lowered, PassError> {
         }
     }
     eg.rebuild();
-    Ok(Lowered {
-        egraph: eg,
-        value_ids,
-        labels,
-    })
+    Ok(Lowered { egraph: eg, value_ids, labels })
 }
 
 /// Builds graph nodes for chosen e-nodes, one node per e-class, so that the
@@ -164,14 +160,7 @@ impl<'a> Materializer<'a> {
             let nv = graph.add_input(&name, source.ty(v).clone());
             inputs.insert(Symbol::from(format!("${name}")), nv);
         }
-        Materializer {
-            graph,
-            eg,
-            done: HashMap::new(),
-            inputs,
-            weights: HashMap::new(),
-            labels,
-        }
+        Materializer { graph, eg, done: HashMap::new(), inputs, weights: HashMap::new(), labels }
     }
 
     /// The values of a class, building it and everything it needs with the
@@ -188,9 +177,7 @@ impl<'a> Materializer<'a> {
             let node = choose(id);
             if !expanded {
                 if !open.insert(id) {
-                    return Err(PassError::Extract(format!(
-                        "the chosen nodes form a cycle through class {id}"
-                    )));
+                    return Err(PassError::Extract(format!("the chosen nodes form a cycle through class {id}")));
                 }
                 stack.push((id, true));
                 if let Some((_, operands, _)) = node.split_op() {
@@ -223,11 +210,7 @@ impl<'a> Materializer<'a> {
 
     fn node(&mut self, id: Id, node: &ENode) -> Result<Vec<ValueId>, PassError> {
         let ty = |eg: &EGraph, id: Id| -> Result<TensorType, PassError> {
-            eg[id]
-                .data
-                .ty()
-                .cloned()
-                .ok_or_else(|| PassError::Extract(format!("leaf {node} has no type")))
+            eg[id].data.ty().cloned().ok_or_else(|| PassError::Extract(format!("leaf {node} has no type")))
         };
         Ok(match node {
             ENode::Leaf(s) => {
@@ -266,10 +249,7 @@ impl<'a> Materializer<'a> {
                 let (kind, operands, attrs) = node.split_op().unwrap_or((OpKind::Neg, &[], &[]));
                 let op = op_from_attr_data(kind, attrs.iter().map(|a| self.eg[*a].data.attr.clone()))
                     .map_err(PassError::Extract)?;
-                let ins = operands
-                    .iter()
-                    .map(|c| self.operand(*c))
-                    .collect::<Result<Vec<_>, _>>()?;
+                let ins = operands.iter().map(|c| self.operand(*c)).collect::<Result<Vec<_>, _>>()?;
                 let label = self.labels.get(&id).cloned();
                 self.graph.add_multi(op, &ins, label.as_deref())?
             }
@@ -283,12 +263,7 @@ pub fn expr_to_graph(expr: &RecExpr<ENode>, decls: &BTreeMap<String, TensorType>
     let mut g = Graph::new("expr");
     let mut vals: Vec<Vec<ValueId>> = Vec::with_capacity(expr.len());
     let mut leaves: HashMap<Symbol, ValueId> = HashMap::new();
-    let declared = |s: &str| {
-        decls
-            .get(s)
-            .cloned()
-            .ok_or_else(|| PassError::Extract(format!("{s} is not declared")))
-    };
+    let declared = |s: &str| decls.get(s).cloned().ok_or_else(|| PassError::Extract(format!("{s} is not declared")));
     for node in expr.as_ref() {
         let v = match node {
             ENode::Leaf(s) => {
@@ -297,26 +272,17 @@ pub fn expr_to_graph(expr: &RecExpr<ENode>, decls: &BTreeMap<String, TensorType>
                 } else {
                     let name = &s.as_str()[1..];
                     let t = declared(s.as_str())?;
-                    let v = if s.as_str().starts_with('$') {
-                        g.add_input(name, t)
-                    } else {
-                        g.add_weight(name, t)
-                    };
+                    let v = if s.as_str().starts_with('$') { g.add_input(name, t) } else { g.add_weight(name, t) };
                     leaves.insert(*s, v);
                     vec![v]
                 }
             }
-            ENode::Num(n) => vec![g.add(
-                Op::Constant {
-                    value: Tensor::full(n.dtype, vec![], n.value()),
-                },
-                &[],
-            )?],
+            ENode::Num(n) => vec![g.add(Op::Constant { value: Tensor::full(n.dtype, vec![], n.value()) }, &[])?],
             ENode::Const(_) => return Err(PassError::Extract("#k constants need an e-graph".into())),
             ENode::Attr(_) => vec![],
-            ENode::Get(i, [c]) => vec![*vals[usize::from(*c)]
-                .get(*i)
-                .ok_or_else(|| PassError::Extract(format!("no result {i}")))?],
+            ENode::Get(i, [c]) => {
+                vec![*vals[usize::from(*c)].get(*i).ok_or_else(|| PassError::Extract(format!("no result {i}")))?]
+            }
             ENode::Op(..) => {
                 let (kind, operands, attrs) = node.split_op().unwrap_or((OpKind::Neg, &[], &[]));
                 let lits = attrs.iter().map(|a| match &expr[*a] {
@@ -334,11 +300,8 @@ pub fn expr_to_graph(expr: &RecExpr<ENode>, decls: &BTreeMap<String, TensorType>
         };
         vals.push(v);
     }
-    let root = vals
-        .last()
-        .and_then(|v| v.first())
-        .copied()
-        .ok_or_else(|| PassError::Extract("empty expression".into()))?;
+    let root =
+        vals.last().and_then(|v| v.first()).copied().ok_or_else(|| PassError::Extract("empty expression".into()))?;
     g.set_output("out", root);
     Ok(g)
 }

@@ -106,10 +106,7 @@ pub fn extract(eg: &EGraph, roots: &[Id]) -> Result<Choice, PassError> {
     for _round in 0..4 {
         let dag = dag_uses(eg, &choice, roots);
         let next = choose(eg, &dag)?;
-        let stable = next
-            .best
-            .iter()
-            .all(|(id, (_, n))| choice.best.get(id).map(|(_, m)| m) == Some(n));
+        let stable = next.best.iter().all(|(id, (_, n))| choice.best.get(id).map(|(_, m)| m) == Some(n));
         choice = next;
         if stable {
             break;
@@ -143,41 +140,55 @@ fn choose(eg: &EGraph, uses: &HashMap<Id, usize>) -> Result<Choice, PassError> {
     let mut classes: Vec<Id> = eg.classes().map(|c| c.id).collect();
     classes.sort_unstable();
     let shared = |id: Id| uses.get(&id).copied().unwrap_or(0) > 1;
+    // Parents of every class, so that an improvement is pushed only to the
+    // classes it can improve (a worklist, not repeated sweeps: a sweep per
+    // layer would make extraction quadratic in the layer count).
+    let mut parents: HashMap<Id, Vec<Id>> = HashMap::with_capacity(classes.len());
+    for &cid in &classes {
+        for n in &eg[cid].nodes {
+            for ch in n.children_ids() {
+                parents.entry(eg.find(*ch)).or_default().push(cid);
+            }
+        }
+    }
     let mut best: HashMap<Id, (f64, ENode)> = HashMap::with_capacity(classes.len());
-    for _sweep in 0..100 {
-        let mut changed = false;
-        for &cid in &classes {
-            for n in &eg[cid].nodes {
-                let ready = n.children_ids().iter().all(|c| best.contains_key(&eg.find(*c)));
-                if !ready {
-                    continue;
+    let mut queue: std::collections::VecDeque<Id> = classes.iter().copied().collect();
+    let mut queued: std::collections::HashSet<Id> = classes.iter().copied().collect();
+    while let Some(cid) = queue.pop_front() {
+        queued.remove(&cid);
+        let mut improved = false;
+        for n in &eg[cid].nodes {
+            let ready = n.children_ids().iter().all(|c| best.contains_key(&eg.find(*c)));
+            if !ready {
+                continue;
+            }
+            let cost = node_cost(eg, n, |c| {
+                let c = eg.find(c);
+                if shared(c) {
+                    0.0
+                } else {
+                    best[&c].0
                 }
-                let cost = node_cost(eg, n, |c| {
-                    let c = eg.find(c);
-                    if shared(c) {
-                        0.0
-                    } else {
-                        best[&c].0
-                    }
-                });
-                let better = match best.get(&cid) {
-                    None => true,
-                    Some((old, _)) => cost < *old - 1e-9,
-                };
-                if better {
-                    best.insert(cid, (cost, n.clone()));
-                    changed = true;
+            });
+            let better = match best.get(&cid) {
+                None => true,
+                Some((old, _)) => cost < *old - 1e-9,
+            };
+            if better {
+                best.insert(cid, (cost, n.clone()));
+                improved = true;
+            }
+        }
+        if improved {
+            for p in parents.get(&cid).into_iter().flatten() {
+                if queued.insert(*p) {
+                    queue.push_back(*p);
                 }
             }
         }
-        if !changed {
-            break;
-        }
     }
     if let Some(c) = classes.iter().find(|c| !best.contains_key(c)) {
-        return Err(PassError::Extract(format!(
-            "e-class {c} has no finite cost (a cycle with no way out)"
-        )));
+        return Err(PassError::Extract(format!("e-class {c} has no finite cost (a cycle with no way out)")));
     }
     Ok(Choice { best })
 }

@@ -214,10 +214,7 @@ pub struct Num {
 
 impl Num {
     pub fn new(dtype: DType, value: f64) -> Num {
-        Num {
-            dtype,
-            bits: value.to_bits(),
-        }
+        Num { dtype, bits: value.to_bits() }
     }
 
     pub fn value(self) -> f64 {
@@ -348,11 +345,7 @@ impl egg::FromOp for ENode {
             if !ok {
                 return Err(LangError::Arity {
                     op: op.to_string(),
-                    want: if info.variadic.is_some() {
-                        format!("at least {fixed}")
-                    } else {
-                        fixed.to_string()
-                    },
+                    want: if info.variadic.is_some() { format!("at least {fixed}") } else { fixed.to_string() },
                     found: children.len(),
                 });
             }
@@ -361,11 +354,7 @@ impl egg::FromOp for ENode {
         if let Some(i) = op.strip_prefix("get.").and_then(|i| i.parse::<usize>().ok()) {
             return match <[Id; 1]>::try_from(children) {
                 Ok(ch) => Ok(ENode::Get(i, ch)),
-                Err(ch) => Err(LangError::Arity {
-                    op: op.to_string(),
-                    want: "1".into(),
-                    found: ch.len(),
-                }),
+                Err(ch) => Err(LangError::Arity { op: op.to_string(), want: "1".into(), found: ch.len() }),
             };
         }
         if !children.is_empty() {
@@ -391,9 +380,7 @@ impl egg::FromOp for ENode {
                 }
             }
         }
-        AttrLit::parse(op)
-            .map(ENode::Attr)
-            .ok_or_else(|| LangError::Unknown(op.to_string()))
+        AttrLit::parse(op).map(ENode::Attr).ok_or_else(|| LangError::Unknown(op.to_string()))
     }
 }
 
@@ -423,17 +410,11 @@ mod tests {
 
     #[test]
     fn attribute_literals_are_canonical() {
-        assert_eq!(
-            AttrLit::from_value(&AttrValue::Dims(vec![Dim::c(1), Dim::c(2)])),
-            Some(AttrLit::Ints(vec![1, 2]))
-        );
+        assert_eq!(AttrLit::from_value(&AttrValue::Dims(vec![Dim::c(1), Dim::c(2)])), Some(AttrLit::Ints(vec![1, 2])));
         assert_eq!(AttrLit::parse("[1,2]"), Some(AttrLit::Ints(vec![1, 2])));
         assert_eq!(AttrLit::parse("1.0"), Some(AttrLit::float(1.0)));
         assert_eq!(AttrLit::parse("1"), Some(AttrLit::Int(1)));
-        assert_eq!(
-            AttrLit::parse("past+seq"),
-            Some(AttrLit::Dim(Dim::sym("past") + Dim::sym("seq")))
-        );
+        assert_eq!(AttrLit::parse("past+seq"), Some(AttrLit::Dim(Dim::sym("past") + Dim::sym("seq"))));
         let d = Dim::sym("seq").floor_div(2);
         let lit = AttrLit::Dim(d.clone());
         assert_eq!(AttrLit::parse(&lit.to_string()), Some(lit));

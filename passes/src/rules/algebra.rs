@@ -20,41 +20,17 @@ pub fn rules() -> Result<Vec<Rule>, RuleError> {
         rw(F, "algebra/pow2-is-square", "(pow ?x ?c)", "(mul ?x ?x)", |eg, s| {
             is_num(eg, s, "?c", 2.0, 0.0) && ty(eg, s, "?x").is_some_and(|t| t.dtype.is_float())
         })?,
-        rw(
-            F,
-            "algebra/pow3-is-cube",
-            "(pow ?x ?c)",
-            "(mul (mul ?x ?x) ?x)",
-            |eg, s| is_num(eg, s, "?c", 3.0, 0.0) && ty(eg, s, "?x").is_some_and(|t| t.dtype.is_float()),
-        )?,
-        rw(
-            F,
-            "algebra/pow-neg-half-is-rsqrt",
-            "(pow ?x ?c)",
-            "(rsqrt ?x)",
-            |eg, s| is_num(eg, s, "?c", -0.5, 0.0) && ty(eg, s, "?x").is_some_and(|t| t.dtype.is_float()),
-        )?,
-        rw(
-            F,
-            "algebra/div-sqrt-is-mul-rsqrt",
-            "(div ?x (sqrt ?y))",
-            "(mul ?x (rsqrt ?y))",
-            |_, _| true,
-        )?,
-        rw(
-            F,
-            "algebra/reciprocal-sqrt-is-rsqrt",
-            "(reciprocal (sqrt ?y))",
-            "(rsqrt ?y)",
-            |_, _| true,
-        )?,
-        rw(
-            F,
-            "algebra/one-over-sqrt-is-rsqrt",
-            "(div ?one (sqrt ?y))",
-            "(rsqrt ?y)",
-            |eg, s| is_num(eg, s, "?one", 1.0, 0.0) && ty(eg, s, "?one").is_some_and(|t| t.rank() == 0),
-        )?,
+        rw(F, "algebra/pow3-is-cube", "(pow ?x ?c)", "(mul (mul ?x ?x) ?x)", |eg, s| {
+            is_num(eg, s, "?c", 3.0, 0.0) && ty(eg, s, "?x").is_some_and(|t| t.dtype.is_float())
+        })?,
+        rw(F, "algebra/pow-neg-half-is-rsqrt", "(pow ?x ?c)", "(rsqrt ?x)", |eg, s| {
+            is_num(eg, s, "?c", -0.5, 0.0) && ty(eg, s, "?x").is_some_and(|t| t.dtype.is_float())
+        })?,
+        rw(F, "algebra/div-sqrt-is-mul-rsqrt", "(div ?x (sqrt ?y))", "(mul ?x (rsqrt ?y))", |_, _| true)?,
+        rw(F, "algebra/reciprocal-sqrt-is-rsqrt", "(reciprocal (sqrt ?y))", "(rsqrt ?y)", |_, _| true)?,
+        rw(F, "algebra/one-over-sqrt-is-rsqrt", "(div ?one (sqrt ?y))", "(rsqrt ?y)", |eg, s| {
+            is_num(eg, s, "?one", 1.0, 0.0) && ty(eg, s, "?one").is_some_and(|t| t.rank() == 0)
+        })?,
         rw_fn(F, "algebra/div-by-constant-is-mul", "(div ?x ?c)", |eg, s| {
             let c = num(eg, s, "?c")?;
             let t = ty(eg, s, "?c")?;
@@ -71,13 +47,7 @@ pub fn rules() -> Result<Vec<Rule>, RuleError> {
         rw(F, "algebra/add-scalar-right", "(add ?c ?x)", "(add ?x ?c)", |eg, s| {
             scalar(eg, s, "?c") && !scalar(eg, s, "?x") && ty(eg, s, "?c").is_some_and(|t| t.rank() == 0)
         })?,
-        rw(
-            F,
-            "algebra/sigmoid-after-x",
-            "(mul (sigmoid ?x) ?x)",
-            "(mul ?x (sigmoid ?x))",
-            |_, _| true,
-        )?,
+        rw(F, "algebra/sigmoid-after-x", "(mul (sigmoid ?x) ?x)", "(mul ?x (sigmoid ?x))", |_, _| true)?,
         rw_fn(F, "algebra/merge-scalar-muls", "(mul (mul ?x ?a) ?b)", |eg, s| {
             let (a, b) = (num(eg, s, "?a")?, num(eg, s, "?b")?);
             let (ta, tb) = (ty(eg, s, "?a")?, ty(eg, s, "?b")?);

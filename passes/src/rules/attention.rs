@@ -60,12 +60,7 @@ fn core(eg: &mut EGraph, s: &Subst, scaled: bool, mask: &str, guarded: bool) -> 
         eg,
         OpKind::Attention,
         &ops,
-        vec![
-            AttrLit::float(scale),
-            AttrLit::Bool(false),
-            AttrLit::None,
-            AttrLit::None,
-        ],
+        vec![AttrLit::float(scale), AttrLit::Bool(false), AttrLit::None, AttrLit::None],
     )
 }
 
@@ -138,11 +133,7 @@ pub fn rules() -> Result<Vec<Rule>, RuleError> {
 
     let kt = "(transpose ?k [0,1,3,2])";
     for scaled in [true, false] {
-        let scores = if scaled {
-            format!("(mul (matmul ?q {kt}) ?s)")
-        } else {
-            format!("(matmul ?q {kt})")
-        };
+        let scores = if scaled { format!("(mul (matmul ?q {kt}) ?s)") } else { format!("(matmul ?q {kt})") };
         for mask in ["none", "add", "where"] {
             let x = match mask {
                 "none" => scores.clone(),
@@ -151,11 +142,7 @@ pub fn rules() -> Result<Vec<Rule>, RuleError> {
             };
             for guarded in [false, true] {
                 let sm = format!("(softmax {x} -1)");
-                let p = if guarded {
-                    format!("(where (isnan {sm}) ?zero {sm})")
-                } else {
-                    sm
-                };
+                let p = if guarded { format!("(where (isnan {sm}) ?zero {sm})") } else { sm };
                 let name = format!(
                     "attention/core#{}{}{}",
                     if scaled { "scaled" } else { "unscaled" },
@@ -202,12 +189,9 @@ pub fn rules() -> Result<Vec<Rule>, RuleError> {
                 &format!("{head} (and {m} ?pad) {tail}"),
                 move |eg, s| masked(eg, s, true, window),
             )?);
-            out.push(rw_fn(
-                F,
-                &format!("mask/{kind}#unpadded-{i}"),
-                &format!("{head} {m} {tail}"),
-                move |eg, s| masked(eg, s, false, window),
-            )?);
+            out.push(rw_fn(F, &format!("mask/{kind}#unpadded-{i}"), &format!("{head} {m} {tail}"), move |eg, s| {
+                masked(eg, s, false, window)
+            })?);
         }
     }
 

@@ -49,29 +49,15 @@ pub fn rules() -> Result<Vec<Rule>, RuleError> {
     let erf = format!("(erf (mul {g} ?r))");
     let acts: Vec<(&str, &str, String)> = vec![
         ("silu", "silu", format!("(mul {g} (sigmoid {g}))")),
-        (
-            "gelu_tanh",
-            "gelu-tanh",
-            format!("(mul (mul {g} ?half) (add {tanh} ?one))"),
-        ),
-        (
-            "gelu_tanh",
-            "gelu-tanh#half-last",
-            format!("(mul (mul {g} (add {tanh} ?one)) ?half)"),
-        ),
+        ("gelu_tanh", "gelu-tanh", format!("(mul (mul {g} ?half) (add {tanh} ?one))")),
+        ("gelu_tanh", "gelu-tanh#half-last", format!("(mul (mul {g} (add {tanh} ?one)) ?half)")),
         ("gelu", "gelu", format!("(mul (mul {g} ?half) (add {erf} ?one))")),
-        (
-            "gelu",
-            "gelu#half-last",
-            format!("(mul (mul {g} (add {erf} ?one)) ?half)"),
-        ),
+        ("gelu", "gelu#half-last", format!("(mul (mul {g} (add {erf} ?one)) ?half)")),
     ];
     let mut out = Vec::new();
     for (act, name, a) in acts {
         for (order, lhs) in [("", format!("(mul {a} {u})")), ("#up-first", format!("(mul {u} {a})"))] {
-            out.push(rw_fn(F, &format!("gated_mlp/{name}{order}"), &lhs, move |eg, s| {
-                build(eg, s, act)
-            })?);
+            out.push(rw_fn(F, &format!("gated_mlp/{name}{order}"), &lhs, move |eg, s| build(eg, s, act))?);
         }
     }
     Ok(out)

@@ -151,20 +151,11 @@ pub(crate) fn rw(
     rhs: &str,
     guard: impl Fn(&EGraph, &Subst) -> bool + Send + Sync + 'static,
 ) -> Result<Rule, RuleError> {
-    let searcher = Guarded {
-        pattern: pattern(name, lhs)?,
-        guard: Arc::new(guard),
-    };
+    let searcher = Guarded { pattern: pattern(name, lhs)?, guard: Arc::new(guard) };
     let applier = pattern(name, rhs)?;
-    let rewrite = Rewrite::new(name, searcher, applier).map_err(|why| RuleError::Build {
-        rule: name.to_string(),
-        why,
-    })?;
-    Ok(Rule {
-        name: name.to_string(),
-        family,
-        rewrite,
-    })
+    let rewrite =
+        Rewrite::new(name, searcher, applier).map_err(|why| RuleError::Build { rule: name.to_string(), why })?;
+    Ok(Rule { name: name.to_string(), family, rewrite })
 }
 
 /// A rule whose right-hand side is built by a function.
@@ -174,28 +165,18 @@ pub(crate) fn rw_fn(
     lhs: &str,
     build: impl Fn(&mut EGraph, &Subst) -> Option<Id> + Send + Sync + 'static,
 ) -> Result<Rule, RuleError> {
-    let searcher = Guarded {
-        pattern: pattern(name, lhs)?,
-        guard: Arc::new(|_, _| true),
-    };
+    let searcher = Guarded { pattern: pattern(name, lhs)?, guard: Arc::new(|_, _| true) };
     let applier = Computed { build: Arc::new(build) };
-    let rewrite = Rewrite::new(name, searcher, applier).map_err(|why| RuleError::Build {
-        rule: name.to_string(),
-        why,
-    })?;
-    Ok(Rule {
-        name: name.to_string(),
-        family,
-        rewrite,
-    })
+    let rewrite =
+        Rewrite::new(name, searcher, applier).map_err(|why| RuleError::Build { rule: name.to_string(), why })?;
+    Ok(Rule { name: name.to_string(), family, rewrite })
 }
 
 // ----- reading analysis facts (guards) -----
 
 /// A pattern variable; `name` includes the `?`.
 pub(crate) fn var(name: &str) -> Var {
-    name.parse()
-        .unwrap_or_else(|_| panic!("`{name}` is not a pattern variable"))
+    name.parse().unwrap_or_else(|_| panic!("`{name}` is not a pattern variable"))
 }
 
 /// The single type of a bound class.
@@ -206,10 +187,7 @@ pub(crate) fn ty<'a>(eg: &'a EGraph, s: &Subst, v: &str) -> Option<&'a TensorTyp
 /// The value of a bound rank-0 constant (or `fill`).
 pub(crate) fn num(eg: &EGraph, s: &Subst, v: &str) -> Option<f64> {
     let d = &eg[s[var(v)]].data;
-    d.num.filter(|_| {
-        d.ty()
-            .is_some_and(|t| t.rank() == 0 || t.shape.iter().all(|x| *x == smelt_ir::Dim::c(1)))
-    })
+    d.num.filter(|_| d.ty().is_some_and(|t| t.rank() == 0 || t.shape.iter().all(|x| *x == smelt_ir::Dim::c(1))))
 }
 
 /// A bound constant as a float attribute. Fused ops compute in f32 for

@@ -22,12 +22,7 @@ fn normaliser(eg: &mut EGraph, s: &Subst, dtype: Option<DType>) -> Option<Id> {
     if !t.dtype.is_float() || !(0.0..1.0).contains(&eps) {
         return None;
     }
-    let ones = add_op(
-        eg,
-        OpKind::Fill,
-        &[],
-        vec![AttrLit::Ints(vec![d]), AttrLit::float(1.0), AttrLit::DType(dtype)],
-    );
+    let ones = add_op(eg, OpKind::Fill, &[], vec![AttrLit::Ints(vec![d]), AttrLit::float(1.0), AttrLit::DType(dtype)]);
     add_typed(eg, OpKind::RmsNorm, &[s[var("?x")], ones], vec![AttrLit::float(eps)])
 }
 
@@ -39,15 +34,8 @@ fn is_ones(eg: &EGraph, s: &Subst) -> bool {
 pub fn rules() -> Result<Vec<Rule>, RuleError> {
     let core = "(rsqrt (add (reduce_mean (mul ?x ?x) [-1] true) ?eps))";
     let mut out = vec![
-        rw_fn(F, "rmsnorm/normaliser", &format!("(mul ?x {core})"), |eg, s| {
-            normaliser(eg, s, None)
-        })?,
-        rw_fn(
-            F,
-            "rmsnorm/normaliser#rsqrt-first",
-            &format!("(mul {core} ?x)"),
-            |eg, s| normaliser(eg, s, None),
-        )?,
+        rw_fn(F, "rmsnorm/normaliser", &format!("(mul ?x {core})"), |eg, s| normaliser(eg, s, None))?,
+        rw_fn(F, "rmsnorm/normaliser#rsqrt-first", &format!("(mul {core} ?x)"), |eg, s| normaliser(eg, s, None))?,
     ];
     for (name, lhs) in [
         ("rmsnorm/weight#left", "(mul ?w (rms_norm ?x ?ones ?eps))"),
@@ -68,32 +56,22 @@ pub fn rules() -> Result<Vec<Rule>, RuleError> {
     }
     // An f16/bf16 value normalised in f32 and cast back: the op computes in
     // f32 and rounds its result once, exactly like the cast.
-    out.push(rw_fn(
-        F,
-        "rmsnorm/cast-around",
-        "(cast (rms_norm (cast ?x f32) ?ones ?eps) ?to)",
-        |eg, s| {
-            if !is_ones(eg, s) {
-                return None;
-            }
-            let x = ty(eg, s, "?x")?.clone();
-            let to = match attr(eg, s, "?to")? {
-                AttrLit::DType(d) => *d,
-                _ => return None,
-            };
-            if x.dtype != to || !to.is_float() {
-                return None;
-            }
-            let d = x.shape.last()?.as_const()?;
-            let ones = add_op(
-                eg,
-                OpKind::Fill,
-                &[],
-                vec![AttrLit::Ints(vec![d]), AttrLit::float(1.0), AttrLit::DType(to)],
-            );
-            let eps = attr(eg, s, "?eps")?.clone();
-            add_typed(eg, OpKind::RmsNorm, &[s[var("?x")], ones], vec![eps])
-        },
-    )?);
+    out.push(rw_fn(F, "rmsnorm/cast-around", "(cast (rms_norm (cast ?x f32) ?ones ?eps) ?to)", |eg, s| {
+        if !is_ones(eg, s) {
+            return None;
+        }
+        let x = ty(eg, s, "?x")?.clone();
+        let to = match attr(eg, s, "?to")? {
+            AttrLit::DType(d) => *d,
+            _ => return None,
+        };
+        if x.dtype != to || !to.is_float() {
+            return None;
+        }
+        let d = x.shape.last()?.as_const()?;
+        let ones = add_op(eg, OpKind::Fill, &[], vec![AttrLit::Ints(vec![d]), AttrLit::float(1.0), AttrLit::DType(to)]);
+        let eps = attr(eg, s, "?eps")?.clone();
+        add_typed(eg, OpKind::RmsNorm, &[s[var("?x")], ones], vec![eps])
+    })?);
     Ok(out)
 }

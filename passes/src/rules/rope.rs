@@ -33,12 +33,7 @@ fn build(eg: &mut EGraph, s: &Subst, interleaved: bool) -> Option<Id> {
     if c.shape.last()?.as_const()? != d || sn.shape != c.shape {
         return None;
     }
-    add_typed(
-        eg,
-        OpKind::Rope,
-        &[s[var("?x")], s[var("?cos")], s[var("?sin")]],
-        vec![AttrLit::Bool(interleaved)],
-    )
+    add_typed(eg, OpKind::Rope, &[s[var("?x")], s[var("?cos")], s[var("?sin")]], vec![AttrLit::Bool(interleaved)])
 }
 
 /// The eight orderings of `a*cos + r*sin`.
@@ -57,16 +52,12 @@ pub fn rules() -> Result<Vec<Rule>, RuleError> {
     let mut out = Vec::new();
     let half = "(concat (neg (slice ?x [-1] ?h ?d [1])) (slice ?x [-1] [0] ?h [1]) -1)";
     for (i, lhs) in sums(half).into_iter().enumerate() {
-        out.push(rw_fn(F, &format!("rope/rotate-half#{i}"), &lhs, |eg, s| {
-            build(eg, s, false)
-        })?);
+        out.push(rw_fn(F, &format!("rope/rotate-half#{i}"), &lhs, |eg, s| build(eg, s, false))?);
     }
     let pairs = "(reshape (concat (unsqueeze (neg (slice ?x [-1] [1] ?d [2])) [-1]) \
                  (unsqueeze (slice ?x [-1] [0] ?d [2]) [-1]) -1) ?shape)";
     for (i, lhs) in sums(pairs).into_iter().enumerate() {
-        out.push(rw_fn(F, &format!("rope/interleaved#{i}"), &lhs, |eg, s| {
-            build(eg, s, true)
-        })?);
+        out.push(rw_fn(F, &format!("rope/interleaved#{i}"), &lhs, |eg, s| build(eg, s, true))?);
     }
     out.push(rw_fn(
         F,
@@ -79,12 +70,7 @@ pub fn rules() -> Result<Vec<Rule>, RuleError> {
                 return None;
             }
             let il = attr(eg, s, "?il")?.clone();
-            add_typed(
-                eg,
-                OpKind::Rope,
-                &[s[var("?x")], s[var("?cos")], s[var("?sin")]],
-                vec![il],
-            )
+            add_typed(eg, OpKind::Rope, &[s[var("?x")], s[var("?cos")], s[var("?sin")]], vec![il])
         },
     )?);
     Ok(out)
