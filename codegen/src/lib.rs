@@ -1,1 +1,22 @@
-//! Code generation from the fused IR to kernels (lands with the CPU backend).
+//! Code generation: kernels for the fused IR.
+//!
+//! What exists (the foundation of the CPU backend, issue 5):
+//! - [`kir`]: the kernel IR, its printer, type checker and interpreter (with a
+//!   GPU thread-block simulation);
+//! - [`templates`]: KIR builders for elementwise ops, `rms_norm`, GEMV,
+//!   softmax and a blocked GEMM, from shapes and tuning parameters;
+//! - [`cranelift`]: the CPU lowering (f32x4, FMA), a JIT with a safe calling
+//!   wrapper, and object-file emission for the future shared library.
+//!
+//! Next steps, in order: scheduling the fused graph into template
+//! instances; linking emitted objects into the artifact's shared library with
+//! the system `cc`; the runtime loader and its persistent thread team (the
+//! kernel ABI below already takes `thread, threads`); the LLVM lowering of the
+//! same KIR (256-bit vectors for GEMM, NVPTX for GPUs); more templates
+//! (attention, rope, gather, argmax, packed-panel GEMM).
+//!
+//! Nothing here is wired into the CLI or the runtime yet.
+
+pub mod cranelift;
+pub mod kir;
+pub mod templates;

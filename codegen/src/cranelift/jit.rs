@@ -1,0 +1,135 @@
+//! JIT compilation of one kernel and a safe way to call it: buffer count,
+//! element types, lengths and writability are checked against the kernel's
+//! declarations before the unsafe call, and a mismatch is a [`RunError`].
+
+use super::lower::{host_isa, lower, signature, CompileError, IsaInfo};
+use crate::kir::{Access, Kernel, Scalar};
+use cranelift_jit::{JITBuilder, JITModule};
+use cranelift_module::{Linkage, Module};
+use std::time::{Duration, Instant};
+
+type KernelFn = unsafe extern "C" fn(*const *mut u8, *const i64, i64, i64);
+
+/// A buffer argument. Writable buffers must be passed as `…Mut`.
+pub enum Arg<'a> {
+    F32(&'a [f32]),
+    F32Mut(&'a mut [f32]),
+    I32(&'a [i32]),
+    I32Mut(&'a mut [i32]),
+    I64(&'a [i64]),
+    I64Mut(&'a mut [i64]),
+}
+
+impl Arg<'_> {
+    fn describe(&self) -> (Scalar, usize, bool) {
+        match self {
+            Arg::F32(v) => (Scalar::F32, v.len(), false),
+            Arg::F32Mut(v) => (Scalar::F32, v.len(), true),
+            Arg::I32(v) => (Scalar::I32, v.len(), false),
+            Arg::I32Mut(v) => (Scalar::I32, v.len(), true),
+            Arg::I64(v) => (Scalar::I64, v.len(), false),
+            Arg::I64Mut(v) => (Scalar::I64, v.len(), true),
+        }
+    }
+
+    fn ptr(&mut self) -> *mut u8 {
+        match self {
+            Arg::F32(v) => v.as_ptr() as *mut u8,
+            Arg::F32Mut(v) => v.as_mut_ptr() as *mut u8,
+            Arg::I32(v) => v.as_ptr() as *mut u8,
+            Arg::I32Mut(v) => v.as_mut_ptr() as *mut u8,
+            Arg::I64(v) => v.as_ptr() as *mut u8,
+            Arg::I64Mut(v) => v.as_mut_ptr() as *mut u8,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum RunError {
+    #[error("kernel `{kernel}`: expected {expected} buffers, found {found}")]
+    Count { kernel: String, expected: usize, found: usize },
+    #[error("kernel `{kernel}`: buffer `{name}` expects {expected}, found {found}")]
+    Buffer { kernel: String, name: String, expected: String, found: String },
+    #[error("kernel `{kernel}` takes scalar parameters, which bound nothing the wrapper can check; it has no safe entry point yet")]
+    Scalars { kernel: String },
+    #[error("kernel `{kernel}`: thread {thread} of {threads} is not a valid split")]
+    Threads { kernel: String, thread: usize, threads: usize },
+}
+
+/// A JIT-compiled kernel. The module (and so the code) lives as long as this.
+pub struct JitKernel {
+    kernel: Kernel,
+    f: KernelFn,
+    /// Lowering plus Cranelift compilation plus finalisation.
+    pub compile_time: Duration,
+    pub isa: IsaInfo,
+    _module: JITModule,
+}
+
+impl JitKernel {
+    pub fn compile(kernel: &Kernel) -> Result<JitKernel, CompileError> {
+        let start = Instant::now();
+        let backend = |e: String| CompileError::Backend { kernel: kernel.name.clone(), message: e };
+        let (isa, info) = host_isa(false)?;
+        let mut module = JITModule::new(JITBuilder::with_isa(isa.clone(), cranelift_module::default_libcall_names()));
+        let mut ctx = module.make_context();
+        ctx.func.signature = signature(&isa);
+        lower(kernel, &isa, &mut ctx.func)?;
+        let id = module
+            .declare_function(&kernel.name, Linkage::Export, &ctx.func.signature)
+            .map_err(|e| backend(e.to_string()))?;
+        module.define_function(id, &mut ctx).map_err(|e| backend(format!("{e:?}")))?;
+        module.clear_context(&mut ctx);
+        module.finalize_definitions().map_err(|e| backend(e.to_string()))?;
+        let code = module.get_finalized_function(id);
+        // SAFETY: the function was defined with `signature`, which is this
+        // type's C ABI.
+        let f = unsafe { std::mem::transmute::<*const u8, KernelFn>(code) };
+        Ok(JitKernel { kernel: kernel.clone(), f, compile_time: start.elapsed(), isa: info, _module: module })
+    }
+
+    pub fn kernel(&self) -> &Kernel {
+        &self.kernel
+    }
+
+    /// Runs the whole kernel on the calling thread.
+    pub fn run(&self, args: &mut [Arg]) -> Result<(), RunError> {
+        self.run_part(args, 0, 1)
+    }
+
+    /// Runs thread `thread`'s share of the outermost parallel loops, as one
+    /// member of a team of `threads`.
+    pub fn run_part(&self, args: &mut [Arg], thread: usize, threads: usize) -> Result<(), RunError> {
+        let k = &self.kernel;
+        if !k.scalars.is_empty() {
+            return Err(RunError::Scalars { kernel: k.name.clone() });
+        }
+        if threads == 0 || thread >= threads {
+            return Err(RunError::Threads { kernel: k.name.clone(), thread, threads });
+        }
+        let decls: Vec<_> = k.global_buffers().map(|(_, d)| d).collect();
+        if decls.len() != args.len() {
+            return Err(RunError::Count { kernel: k.name.clone(), expected: decls.len(), found: args.len() });
+        }
+        for (d, a) in decls.iter().zip(args.iter()) {
+            let (elem, len, writable) = a.describe();
+            let need_mut = d.access == Access::Write;
+            if elem != d.elem || len != d.len || (need_mut && !writable) {
+                let rw = |m: bool| if m { "writable " } else { "" };
+                return Err(RunError::Buffer {
+                    kernel: k.name.clone(),
+                    name: d.name.clone(),
+                    expected: format!("{}{:?}[{}]", rw(need_mut), d.elem, d.len),
+                    found: format!("{}{elem:?}[{len}]", rw(writable)),
+                });
+            }
+        }
+        let ptrs: Vec<*mut u8> = args.iter_mut().map(|a| a.ptr()).collect();
+        // SAFETY: every buffer has the declared element type and length and
+        // writable buffers are exclusive borrows; kernels index only within
+        // the declared lengths (checked by the interpreter on the template
+        // tests) and take no scalars that could move their bounds.
+        unsafe { (self.f)(ptrs.as_ptr(), std::ptr::null(), thread as i64, threads as i64) };
+        Ok(())
+    }
+}

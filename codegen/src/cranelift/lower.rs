@@ -1,0 +1,491 @@
+//! KIR to Cranelift IR, and the ISA setup shared by the JIT and object
+//! emission.
+
+use crate::kir::{self, BinOp, CmpOp, Expr, Kernel, LoopKind, RedOp, Scalar, Space, Stmt, Ty, UnOp};
+use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
+use cranelift_codegen::ir::{types, AbiParam, Endianness, Function, InstBuilder, MemFlagsData, Signature, Type, Value};
+use cranelift_codegen::isa::{CallConv, OwnedTargetIsa};
+use cranelift_codegen::settings::{self, Configurable};
+use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext, Variable};
+use cranelift_module::{Linkage, Module};
+use std::sync::Arc;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CompileError {
+    #[error("kernel `{kernel}`: the Cranelift lowering does not support {what}")]
+    Unsupported { kernel: String, what: String },
+    #[error("kernel `{kernel}`: {message}")]
+    Backend { kernel: String, message: String },
+    #[error("host ISA: {0}")]
+    Isa(String),
+}
+
+/// What the host ISA was configured with, for reports and manifests.
+#[derive(Clone, Debug)]
+pub struct IsaInfo {
+    pub triple: String,
+    pub has_fma: bool,
+    pub has_avx: bool,
+    pub has_avx2: bool,
+}
+
+/// The host ISA with its detected features (`has_fma`, `has_avx`, ...,
+/// read by `cranelift_native`; without `has_fma` an `fma` becomes a libcall
+/// per lane). `pic` must be false for the JIT and true for objects that go
+/// into a shared library.
+pub fn host_isa(pic: bool) -> Result<(OwnedTargetIsa, IsaInfo), CompileError> {
+    let mut flags = settings::builder();
+    let set = |f: &mut settings::Builder, k: &str, v: &str| f.set(k, v).map_err(|e| CompileError::Isa(e.to_string()));
+    set(&mut flags, "opt_level", "speed")?;
+    set(&mut flags, "is_pic", if pic { "true" } else { "false" })?;
+    set(&mut flags, "use_colocated_libcalls", "false")?;
+    let builder = cranelift_native::builder().map_err(|e| CompileError::Isa(e.to_string()))?;
+    let isa = builder.finish(settings::Flags::new(flags)).map_err(|e| CompileError::Isa(e.to_string()))?;
+    let flag = |name: &str| isa.isa_flags().iter().any(|v| v.name == name && v.as_bool() == Some(true));
+    let info = IsaInfo {
+        triple: isa.triple().to_string(),
+        has_fma: flag("has_fma"),
+        has_avx: flag("has_avx"),
+        has_avx2: flag("has_avx2"),
+    };
+    Ok((isa, info))
+}
+
+/// The kernel ABI's signature (see the module docs).
+pub(crate) fn signature(isa: &OwnedTargetIsa) -> Signature {
+    let ptr = isa.pointer_type();
+    let mut sig = Signature::new(CallConv::triple_default(isa.triple()));
+    sig.params.push(AbiParam::new(ptr));
+    sig.params.push(AbiParam::new(ptr));
+    sig.params.push(AbiParam::new(types::I64));
+    sig.params.push(AbiParam::new(types::I64));
+    sig
+}
+
+/// Lowers `k` into `func` (which must have [`signature`]).
+pub(crate) fn lower(k: &Kernel, isa: &OwnedTargetIsa, func: &mut Function) -> Result<(), CompileError> {
+    if let Some(b) = k.buffers.iter().find(|b| b.space == Space::Shared) {
+        return Err(unsupported(k, format!("shared buffer `{}`", b.name)));
+    }
+    let mut ctx = FunctionBuilderContext::new();
+    let mut fb = FunctionBuilder::new(func, &mut ctx);
+    let entry = fb.create_block();
+    fb.append_block_params_for_function_params(entry);
+    fb.switch_to_block(entry);
+    fb.seal_block(entry);
+    let params = fb.block_params(entry).to_vec();
+    let ptr = isa.pointer_type();
+    let vars: Vec<Variable> = k.vars.iter().map(|d| fb.declare_var(cl_type(d.ty))).collect();
+    let mut bufs = vec![None; k.buffers.len()];
+    for (slot, (id, _)) in k.global_buffers().enumerate() {
+        let p = fb.ins().load(ptr, MemFlagsData::trusted(), params[0], (slot * ptr.bytes() as usize) as i32);
+        bufs[id.0 as usize] = Some(p);
+    }
+    for (i, v) in k.scalars.iter().enumerate() {
+        let x = fb.ins().load(types::I64, MemFlagsData::trusted(), params[1], (i * 8) as i32);
+        fb.def_var(vars[v.0 as usize], x);
+    }
+    let mut l = Lower { k, fb, vars, bufs, thread: params[2], threads: params[3], parallel_depth: 0 };
+    l.stmts(&k.body)?;
+    l.fb.ins().return_(&[]);
+    l.fb.seal_all_blocks();
+    l.fb.finalize(isa.frontend_config());
+    Ok(())
+}
+
+/// Emits an object file (for a shared library: `is_pic=true`) defining each
+/// kernel as the exported symbol `smelt_<name>`.
+pub fn emit_object(kernels: &[Kernel], name: &str) -> Result<Vec<u8>, CompileError> {
+    let (isa, _) = host_isa(true)?;
+    let isa: Arc<dyn cranelift_codegen::isa::TargetIsa> = isa;
+    let builder = cranelift_object::ObjectBuilder::new(isa.clone(), name, cranelift_module::default_libcall_names())
+        .map_err(|e| CompileError::Isa(e.to_string()))?;
+    let mut module = cranelift_object::ObjectModule::new(builder);
+    let mut ctx = module.make_context();
+    for k in kernels {
+        let backend =
+            |e: &dyn std::fmt::Display| CompileError::Backend { kernel: k.name.clone(), message: e.to_string() };
+        ctx.func.signature = signature(&isa);
+        lower(k, &isa, &mut ctx.func)?;
+        let id = module
+            .declare_function(&format!("smelt_{}", k.name), Linkage::Export, &ctx.func.signature)
+            .map_err(|e| backend(&e))?;
+        module.define_function(id, &mut ctx).map_err(|e| backend(&format!("{e:?}")))?;
+        module.clear_context(&mut ctx);
+    }
+    module.finish().emit().map_err(|e| CompileError::Backend { kernel: name.to_string(), message: e.to_string() })
+}
+
+fn unsupported(k: &Kernel, what: String) -> CompileError {
+    CompileError::Unsupported { kernel: k.name.clone(), what }
+}
+
+fn cl_type(t: Ty) -> Type {
+    let s = match t.elem {
+        Scalar::F32 => types::F32,
+        Scalar::I32 => types::I32,
+        Scalar::I64 => types::I64,
+        // Scalar bools are 0/1 bytes; bool vectors are lane masks as wide as
+        // the f32 lanes they select between.
+        Scalar::Bool if t.lanes == 1 => types::I8,
+        Scalar::Bool => types::I32,
+    };
+    if t.lanes > 1 {
+        s.by(t.lanes as u32).expect("vector type")
+    } else {
+        s
+    }
+}
+
+struct Lower<'a, 'f> {
+    k: &'a Kernel,
+    fb: FunctionBuilder<'f>,
+    vars: Vec<Variable>,
+    bufs: Vec<Option<Value>>,
+    thread: Value,
+    threads: Value,
+    parallel_depth: usize,
+}
+
+impl Lower<'_, '_> {
+    fn ty(&self, e: &Expr) -> Result<Ty, CompileError> {
+        self.k.type_of(e).map_err(|m| CompileError::Backend { kernel: self.k.name.clone(), message: m })
+    }
+
+    fn stmts(&mut self, stmts: &[Stmt]) -> Result<(), CompileError> {
+        for s in stmts {
+            self.stmt(s)?;
+        }
+        Ok(())
+    }
+
+    fn stmt(&mut self, s: &Stmt) -> Result<(), CompileError> {
+        match s {
+            Stmt::Assign(v, e) => {
+                let x = self.expr(e)?;
+                self.fb.def_var(self.vars[v.0 as usize], x);
+            }
+            Stmt::Store { buf, index, value } => {
+                let addr = self.addr(*buf, index)?;
+                let x = self.expr(value)?;
+                self.fb.ins().store(mem_flags(), x, addr, 0);
+            }
+            Stmt::For(l) => self.for_loop(l)?,
+            Stmt::If { cond, then, els } => {
+                let c = self.expr(cond)?;
+                let (bt, be, bm) = (self.fb.create_block(), self.fb.create_block(), self.fb.create_block());
+                self.fb.ins().brif(c, bt, &[], be, &[]);
+                self.fb.switch_to_block(bt);
+                self.stmts(then)?;
+                self.fb.ins().jump(bm, &[]);
+                self.fb.switch_to_block(be);
+                self.stmts(els)?;
+                self.fb.ins().jump(bm, &[]);
+                self.fb.switch_to_block(bm);
+            }
+            Stmt::Barrier => return Err(unsupported(self.k, "barriers".into())),
+            Stmt::Shuffle { .. } => return Err(unsupported(self.k, "warp shuffles".into())),
+        }
+        Ok(())
+    }
+
+    fn for_loop(&mut self, l: &kir::Loop) -> Result<(), CompileError> {
+        let mut start = self.expr(&l.start)?;
+        let mut end = self.expr(&l.end)?;
+        let parallel = l.kind == LoopKind::Parallel;
+        if parallel && self.parallel_depth == 0 {
+            (start, end) = self.split(start, end, l.step);
+        }
+        let var = self.vars[l.var.0 as usize];
+        self.fb.def_var(var, start);
+        let (header, body, exit) = (self.fb.create_block(), self.fb.create_block(), self.fb.create_block());
+        self.fb.ins().jump(header, &[]);
+        self.fb.switch_to_block(header);
+        let i = self.fb.use_var(var);
+        let c = self.fb.ins().icmp(IntCC::SignedLessThan, i, end);
+        self.fb.ins().brif(c, body, &[], exit, &[]);
+        self.fb.switch_to_block(body);
+        if parallel {
+            self.parallel_depth += 1;
+        }
+        self.stmts(&l.body)?;
+        if parallel {
+            self.parallel_depth -= 1;
+        }
+        let i = self.fb.use_var(var);
+        let next = self.fb.ins().iadd_imm_s(i, l.step);
+        self.fb.def_var(var, next);
+        self.fb.ins().jump(header, &[]);
+        self.fb.switch_to_block(exit);
+        Ok(())
+    }
+
+    /// This thread's chunk of `start..end`, as `interp::split_range` computes it.
+    fn split(&mut self, start: Value, end: Value, step: i64) -> (Value, Value) {
+        let (t, n) = (self.thread, self.threads);
+        let span = self.fb.ins().isub(end, start);
+        let span = self.fb.ins().iadd_imm_s(span, step - 1);
+        let iters = self.fb.ins().sdiv_imm_s(span, step);
+        let zero = self.fb.ins().iconst(types::I64, 0);
+        let iters = self.fb.ins().smax(iters, zero);
+        let base = self.fb.ins().udiv(iters, n);
+        let extra = self.fb.ins().urem(iters, n);
+        let tb = self.fb.ins().imul(t, base);
+        let tmin = self.fb.ins().smin(t, extra);
+        let first = self.fb.ins().iadd(tb, tmin);
+        let has_extra = self.fb.ins().icmp(IntCC::SignedLessThan, t, extra);
+        let has_extra = self.fb.ins().uextend(types::I64, has_extra);
+        let count = self.fb.ins().iadd(base, has_extra);
+        let s = self.fb.ins().imul_imm_s(first, step);
+        let s = self.fb.ins().iadd(start, s);
+        let last = self.fb.ins().iadd(first, count);
+        let e = self.fb.ins().imul_imm_s(last, step);
+        let e = self.fb.ins().iadd(start, e);
+        let bound = self.fb.ins().smax(end, start);
+        let e = self.fb.ins().smin(e, bound);
+        (s, e)
+    }
+
+    fn addr(&mut self, buf: kir::BufId, index: &Expr) -> Result<Value, CompileError> {
+        let base = self.bufs[buf.0 as usize].ok_or_else(|| unsupported(self.k, "non-global buffers".into()))?;
+        let i = self.expr(index)?;
+        let off = self.fb.ins().imul_imm_s(i, self.k.buf(buf).elem.size() as i64);
+        Ok(self.fb.ins().iadd(base, off))
+    }
+
+    fn fconst(&mut self, x: f32, lanes: u8) -> Value {
+        let c = self.fb.ins().f32const(x);
+        if lanes > 1 {
+            self.fb.ins().splat(types::F32.by(lanes as u32).unwrap(), c)
+        } else {
+            c
+        }
+    }
+
+    fn expr(&mut self, e: &Expr) -> Result<Value, CompileError> {
+        let t = self.ty(e)?;
+        Ok(match e {
+            Expr::F32(x) => self.fb.ins().f32const(*x),
+            Expr::Int(x, s) => self.fb.ins().iconst(cl_type(Ty::scalar(*s)), *x),
+            Expr::Bool(b) => self.fb.ins().iconst(types::I8, *b as i64),
+            Expr::Var(v) => self.fb.use_var(self.vars[v.0 as usize]),
+            Expr::Un(op, a) => {
+                let x = self.expr(a)?;
+                let float = t.elem == Scalar::F32;
+                match (op, float) {
+                    (UnOp::Neg, true) => self.fb.ins().fneg(x),
+                    (UnOp::Neg, false) => self.fb.ins().ineg(x),
+                    (UnOp::Abs, true) => self.fb.ins().fabs(x),
+                    (UnOp::Abs, false) => self.fb.ins().iabs(x),
+                    (UnOp::Sqrt, _) => self.fb.ins().sqrt(x),
+                    (UnOp::Rsqrt, _) => {
+                        // A true division, not the ~12-bit `rsqrtps` estimate.
+                        let s = self.fb.ins().sqrt(x);
+                        let one = self.fconst(1.0, t.lanes);
+                        self.fb.ins().fdiv(one, s)
+                    }
+                    (UnOp::Exp, _) => self.exp(x, t.lanes),
+                    (UnOp::Tanh, _) => self.tanh(x, t.lanes),
+                }
+            }
+            Expr::Bin(op, a, b) => {
+                let (x, y) = (self.expr(a)?, self.expr(b)?);
+                let ins = self.fb.ins();
+                if t.elem == Scalar::F32 {
+                    match op {
+                        BinOp::Add => ins.fadd(x, y),
+                        BinOp::Sub => ins.fsub(x, y),
+                        BinOp::Mul => ins.fmul(x, y),
+                        BinOp::Div => ins.fdiv(x, y),
+                        BinOp::Max => ins.fmax(x, y),
+                        BinOp::Min => ins.fmin(x, y),
+                        BinOp::Rem => return Err(unsupported(self.k, "float remainder".into())),
+                    }
+                } else {
+                    match op {
+                        BinOp::Add => ins.iadd(x, y),
+                        BinOp::Sub => ins.isub(x, y),
+                        BinOp::Mul => ins.imul(x, y),
+                        // Division by zero traps; templates divide only by
+                        // nonzero constants.
+                        BinOp::Div => ins.sdiv(x, y),
+                        BinOp::Rem => ins.srem(x, y),
+                        BinOp::Max => ins.smax(x, y),
+                        BinOp::Min => ins.smin(x, y),
+                    }
+                }
+            }
+            Expr::Fma(a, b, c) => {
+                let (x, y, z) = (self.expr(a)?, self.expr(b)?, self.expr(c)?);
+                self.fb.ins().fma(x, y, z)
+            }
+            Expr::Cmp(op, a, b) => {
+                let at = self.ty(a)?;
+                let (x, y) = (self.expr(a)?, self.expr(b)?);
+                if at.elem == Scalar::F32 {
+                    let cc = match op {
+                        CmpOp::Eq => FloatCC::Equal,
+                        CmpOp::Ne => FloatCC::NotEqual,
+                        CmpOp::Lt => FloatCC::LessThan,
+                        CmpOp::Le => FloatCC::LessThanOrEqual,
+                        CmpOp::Gt => FloatCC::GreaterThan,
+                        CmpOp::Ge => FloatCC::GreaterThanOrEqual,
+                    };
+                    self.fb.ins().fcmp(cc, x, y)
+                } else {
+                    let cc = match op {
+                        CmpOp::Eq => IntCC::Equal,
+                        CmpOp::Ne => IntCC::NotEqual,
+                        CmpOp::Lt => IntCC::SignedLessThan,
+                        CmpOp::Le => IntCC::SignedLessThanOrEqual,
+                        CmpOp::Gt => IntCC::SignedGreaterThan,
+                        CmpOp::Ge => IntCC::SignedGreaterThanOrEqual,
+                    };
+                    self.fb.ins().icmp(cc, x, y)
+                }
+            }
+            Expr::Select(c, a, b) => {
+                let ct = self.ty(c)?;
+                let (m, x, y) = (self.expr(c)?, self.expr(a)?, self.expr(b)?);
+                if ct.lanes > 1 {
+                    self.bitselect(m, x, y, t)
+                } else {
+                    self.fb.ins().select(m, x, y)
+                }
+            }
+            Expr::Cast(s, a) => {
+                let from = self.ty(a)?.elem;
+                let x = self.expr(a)?;
+                let to = cl_type(Ty::scalar(*s));
+                match (from, *s) {
+                    (f, s) if f == s => x,
+                    (Scalar::I32, Scalar::I64) => self.fb.ins().sextend(to, x),
+                    (Scalar::I64, Scalar::I32) => self.fb.ins().ireduce(to, x),
+                    (Scalar::I32 | Scalar::I64, Scalar::F32) => self.fb.ins().fcvt_from_sint(to, x),
+                    (Scalar::F32, Scalar::I32 | Scalar::I64) => self.fb.ins().fcvt_to_sint_sat(to, x),
+                    (f, s) => return Err(unsupported(self.k, format!("a cast from {f:?} to {s:?}"))),
+                }
+            }
+            Expr::Splat(_, a) => {
+                let x = self.expr(a)?;
+                self.fb.ins().splat(cl_type(t), x)
+            }
+            Expr::Extract(a, i) => {
+                let x = self.expr(a)?;
+                self.fb.ins().extractlane(x, *i)
+            }
+            Expr::HReduce(op, a) => {
+                let at = self.ty(a)?;
+                let x = self.expr(a)?;
+                // Left to right, as the interpreter does.
+                let mut acc = self.fb.ins().extractlane(x, 0);
+                for i in 1..at.lanes {
+                    let y = self.fb.ins().extractlane(x, i);
+                    acc = match op {
+                        RedOp::Add => self.fb.ins().fadd(acc, y),
+                        RedOp::Max => self.fb.ins().fmax(acc, y),
+                        RedOp::Min => self.fb.ins().fmin(acc, y),
+                    };
+                }
+                acc
+            }
+            Expr::Load { buf, index, .. } => {
+                let addr = self.addr(*buf, index)?;
+                self.fb.ins().load(cl_type(t), mem_flags(), addr, 0)
+            }
+            Expr::Special(_) => return Err(unsupported(self.k, "thread and block indices".into())),
+        })
+    }
+
+    /// Lanewise `m ? x : y` for a lane mask `m` (from a vector compare).
+    fn bitselect(&mut self, m: Value, x: Value, y: Value, t: Ty) -> Value {
+        let ty = cl_type(t);
+        let m = if self.fb.func.dfg.value_type(m) != ty {
+            self.fb.ins().bitcast(ty, MemFlagsData::new().with_endianness(Endianness::Little), m)
+        } else {
+            m
+        };
+        self.fb.ins().bitselect(m, x, y)
+    }
+
+    fn select_lanes(&mut self, c: Value, x: Value, y: Value, lanes: u8) -> Value {
+        if lanes > 1 {
+            self.bitselect(c, x, y, Ty::F32.with_lanes(lanes))
+        } else {
+            self.fb.ins().select(c, x, y)
+        }
+    }
+
+    /// Cephes `expf`: `2^n * p(r)` with `n = round(x / ln 2)`.
+    fn exp(&mut self, x0: Value, lanes: u8) -> Value {
+        let hi = self.fconst(88.0, lanes);
+        let lo = self.fconst(-87.336_55, lanes);
+        let x = self.fb.ins().fmin(x0, hi);
+        let x = self.fb.ins().fmax(x, lo);
+        let log2e = self.fconst(std::f32::consts::LOG2_E, lanes);
+        let t = self.fb.ins().fmul(x, log2e);
+        let n = self.fb.ins().nearest(t);
+        let c1 = self.fconst(-0.693_359_4, lanes);
+        let c2 = self.fconst(2.121_944_4e-4, lanes);
+        let r = self.fb.ins().fma(n, c1, x);
+        let r = self.fb.ins().fma(n, c2, r);
+        let coeffs = [1.987_569_1e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5.000_000_1e-1];
+        let mut p = self.fconst(coeffs[0], lanes);
+        for c in &coeffs[1..] {
+            let c = self.fconst(*c, lanes);
+            p = self.fb.ins().fma(p, r, c);
+        }
+        let r2 = self.fb.ins().fmul(r, r);
+        let p = self.fb.ins().fma(p, r2, r);
+        let one = self.fconst(1.0, lanes);
+        let p = self.fb.ins().fadd(p, one);
+        // 2^n built in the exponent bits: (n + 127) << 23.
+        let ity = if lanes > 1 { types::I32.by(lanes as u32).unwrap() } else { types::I32 };
+        let ni = self.fb.ins().fcvt_to_sint_sat(ity, n);
+        let bias = self.fb.ins().iconst(types::I32, 127);
+        let bias = if lanes > 1 { self.fb.ins().splat(ity, bias) } else { bias };
+        let e = self.fb.ins().iadd(ni, bias);
+        let e = self.fb.ins().ishl_imm_s(e, 23);
+        let fty = if lanes > 1 { types::F32.by(lanes as u32).unwrap() } else { types::F32 };
+        let flags = MemFlagsData::new().with_endianness(Endianness::Little);
+        let scale = self.fb.ins().bitcast(fty, flags, e);
+        let y = self.fb.ins().fmul(p, scale);
+        // Below the clamp the true value is (sub)normal-tiny; return 0.
+        let under = self.fb.ins().fcmp(FloatCC::LessThan, x0, lo);
+        let zero = self.fconst(0.0, lanes);
+        self.select_lanes(under, zero, y, lanes)
+    }
+
+    /// Cephes `tanhf`: an odd polynomial below |x| = 0.625, where
+    /// `1 - 2 / (exp(2|x|) + 1)` would lose relative precision, that formula above.
+    fn tanh(&mut self, x: Value, lanes: u8) -> Value {
+        let z = self.fb.ins().fmul(x, x);
+        let coeffs = [-5.704_988_7e-3, 2.063_908_9e-2, -5.373_971_6e-2, 1.333_144_2e-1, -3.333_328_2e-1];
+        let mut p = self.fconst(coeffs[0], lanes);
+        for c in &coeffs[1..] {
+            let c = self.fconst(*c, lanes);
+            p = self.fb.ins().fma(p, z, c);
+        }
+        let pz = self.fb.ins().fmul(p, z);
+        let small = self.fb.ins().fma(pz, x, x);
+        let ax = self.fb.ins().fabs(x);
+        let two_ax = self.fb.ins().fadd(ax, ax);
+        let e = self.exp(two_ax, lanes);
+        let one = self.fconst(1.0, lanes);
+        let two = self.fconst(2.0, lanes);
+        let d = self.fb.ins().fadd(e, one);
+        let q = self.fb.ins().fdiv(two, d);
+        let big = self.fb.ins().fsub(one, q);
+        let big = self.fb.ins().fcopysign(big, x);
+        let cut = self.fconst(0.625, lanes);
+        let is_small = self.fb.ins().fcmp(FloatCC::LessThan, ax, cut);
+        self.select_lanes(is_small, small, big, lanes)
+    }
+}
+
+/// Buffers are not necessarily vector-aligned, so the flags say `notrap`
+/// only (an `aligned` flag would let x86 fold loads into SSE operands that
+/// fault when unaligned).
+fn mem_flags() -> MemFlagsData {
+    MemFlagsData::new().with_notrap()
+}

@@ -1,0 +1,650 @@
+//! The KIR interpreter: runs a kernel on host buffers. It is the reference
+//! the lowerings are tested against and the way GPU kernel logic is tested
+//! on machines without a GPU.
+//!
+//! Two modes:
+//! - [`Mode::Cpu`] runs the kernel once per thread of a simulated CPU team,
+//!   one after another, each doing its chunk of the outermost parallel loops
+//!   (the same split the Cranelift lowering makes).
+//! - [`Mode::Gpu`] runs a grid of thread blocks, one block at a time. Within
+//!   a block every thread is an OS thread, but only one runs at a time: thread
+//!   0 runs to its next barrier, then thread 1, and so on; when the last
+//!   thread arrives the next phase starts at thread 0. The schedule is
+//!   therefore deterministic, and a barrier reached by some threads while
+//!   others finish is reported as divergence. Warp shuffles synchronise the
+//!   whole block (publish, barrier, read, barrier), so every thread of the
+//!   block must execute the same shuffles.
+//!
+//! Every buffer access is bounds-checked; errors name the kernel and the
+//! statement.
+
+use super::*;
+use std::sync::{Condvar, Mutex, MutexGuard};
+
+/// Host data for one buffer.
+#[derive(Clone, Debug, PartialEq)]
+pub enum BufData {
+    F32(Vec<f32>),
+    I32(Vec<i32>),
+    I64(Vec<i64>),
+    Bool(Vec<bool>),
+}
+
+impl BufData {
+    pub fn len(&self) -> usize {
+        match self {
+            BufData::F32(v) => v.len(),
+            BufData::I32(v) => v.len(),
+            BufData::I64(v) => v.len(),
+            BufData::Bool(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn zeros(elem: Scalar, len: usize) -> BufData {
+        match elem {
+            Scalar::F32 => BufData::F32(vec![0.0; len]),
+            Scalar::I32 => BufData::I32(vec![0; len]),
+            Scalar::I64 => BufData::I64(vec![0; len]),
+            Scalar::Bool => BufData::Bool(vec![false; len]),
+        }
+    }
+
+    fn elem(&self) -> Scalar {
+        match self {
+            BufData::F32(_) => Scalar::F32,
+            BufData::I32(_) => Scalar::I32,
+            BufData::I64(_) => Scalar::I64,
+            BufData::Bool(_) => Scalar::Bool,
+        }
+    }
+
+    /// The f32 data; panics on other element types (for tests).
+    pub fn f32(&self) -> &[f32] {
+        match self {
+            BufData::F32(v) => v,
+            other => panic!("buffer holds {:?}, not f32", other.elem()),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Cpu { threads: usize },
+    Gpu { grid: [usize; 3], block: [usize; 3] },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum InterpError {
+    #[error("kernel `{kernel}`: expected {expected} global buffers and {scalars} scalars, found {found} and {found_scalars}")]
+    Arity { kernel: String, expected: usize, scalars: usize, found: usize, found_scalars: usize },
+    #[error("kernel `{kernel}`: buffer `{name}` expects {expected_elem:?}[{expected}], found {found_elem:?}[{found}]")]
+    Buffer { kernel: String, name: String, expected_elem: Scalar, expected: usize, found_elem: Scalar, found: usize },
+    #[error("kernel `{kernel}`{thread}: {message}")]
+    Run { kernel: String, thread: String, message: String },
+}
+
+#[derive(Clone, Debug, PartialEq)]
+enum Val {
+    F(f32),
+    I32(i32),
+    I64(i64),
+    B(bool),
+    VF(Vec<f32>),
+    VB(Vec<bool>),
+}
+
+impl Val {
+    fn i64(&self) -> Result<i64, String> {
+        match self {
+            Val::I64(x) => Ok(*x),
+            Val::I32(x) => Ok(*x as i64),
+            other => Err(format!("expected an integer, found {other:?}")),
+        }
+    }
+
+    fn bool(&self) -> Result<bool, String> {
+        match self {
+            Val::B(b) => Ok(*b),
+            other => Err(format!("expected a bool, found {other:?}")),
+        }
+    }
+}
+
+/// Runs `kernel` on `globals` (the global buffers in declaration order) and
+/// `scalars`. Buffers must match the declared element types and lengths.
+pub fn run(kernel: &Kernel, globals: &mut [BufData], scalars: &[i64], mode: Mode) -> Result<(), InterpError> {
+    let decls: Vec<(BufId, &BufDecl)> = kernel.global_buffers().collect();
+    if decls.len() != globals.len() || kernel.scalars.len() != scalars.len() {
+        return Err(InterpError::Arity {
+            kernel: kernel.name.clone(),
+            expected: decls.len(),
+            scalars: kernel.scalars.len(),
+            found: globals.len(),
+            found_scalars: scalars.len(),
+        });
+    }
+    for ((_, d), b) in decls.iter().zip(globals.iter()) {
+        if d.elem != b.elem() || d.len != b.len() {
+            return Err(InterpError::Buffer {
+                kernel: kernel.name.clone(),
+                name: d.name.clone(),
+                expected_elem: d.elem,
+                expected: d.len,
+                found_elem: b.elem(),
+                found: b.len(),
+            });
+        }
+    }
+    // The caller's buffers move into one table indexed by BufId for the run
+    // and move back afterwards, also on error.
+    let mut mem: Vec<BufData> = kernel.buffers.iter().map(|d| BufData::zeros(d.elem, 0)).collect();
+    for ((id, _), b) in decls.iter().zip(globals.iter_mut()) {
+        mem[id.0 as usize] = std::mem::replace(b, BufData::F32(vec![]));
+    }
+    let result = run_in(kernel, &mut mem, scalars, mode);
+    for ((id, _), b) in decls.iter().zip(globals.iter_mut()) {
+        *b = std::mem::replace(&mut mem[id.0 as usize], BufData::F32(vec![]));
+    }
+    result
+}
+
+fn run_in(kernel: &Kernel, mem: &mut Vec<BufData>, scalars: &[i64], mode: Mode) -> Result<(), InterpError> {
+    let fail = |thread: String, message: String| InterpError::Run { kernel: kernel.name.clone(), thread, message };
+    match mode {
+        Mode::Cpu { threads } => {
+            let threads = threads.max(1);
+            for t in 0..threads {
+                let mut th = Thread::new(kernel, scalars, Ctx::Cpu { thread: t, threads }, Memory::Direct(mem));
+                th.exec(&kernel.body).map_err(|m| fail(format!(" (cpu thread {t}/{threads})"), m))?;
+            }
+            Ok(())
+        }
+        Mode::Gpu { grid, block } => {
+            let n: usize = block.iter().product();
+            for bz in 0..grid[2] {
+                for by in 0..grid[1] {
+                    for bx in 0..grid[0] {
+                        // Shared memory is fresh (zeroed) for every block.
+                        for (d, m) in kernel.buffers.iter().zip(mem.iter_mut()) {
+                            if d.space == Space::Shared {
+                                *m = BufData::zeros(d.elem, d.len);
+                            }
+                        }
+                        let bid = [bx, by, bz];
+                        run_block(kernel, mem, scalars, grid, block, bid, n)
+                            .map_err(|m| fail(format!(" (block {bid:?})"), m))?;
+                    }
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Status {
+    Running,
+    Barrier,
+    Done,
+}
+
+struct SimState<'m> {
+    mem: &'m mut Vec<BufData>,
+    turn: usize,
+    status: Vec<Status>,
+    slots: Vec<Option<Val>>,
+    error: Option<String>,
+}
+
+struct Sim<'m> {
+    state: Mutex<SimState<'m>>,
+    cv: Condvar,
+}
+
+fn run_block(
+    kernel: &Kernel,
+    mem: &mut Vec<BufData>,
+    scalars: &[i64],
+    grid: [usize; 3],
+    block: [usize; 3],
+    bid: [usize; 3],
+    n: usize,
+) -> Result<(), String> {
+    let sim = Sim {
+        state: Mutex::new(SimState {
+            mem,
+            turn: 0,
+            status: vec![Status::Running; n],
+            slots: vec![None; n],
+            error: None,
+        }),
+        cv: Condvar::new(),
+    };
+    std::thread::scope(|s| {
+        for me in 0..n {
+            let sim = &sim;
+            s.spawn(move || {
+                let tid = [me % block[0], (me / block[0]) % block[1], me / (block[0] * block[1])];
+                let guard =
+                    sim.cv.wait_while(sim.state.lock().unwrap(), |st| st.turn != me && st.error.is_none()).unwrap();
+                if guard.error.is_some() {
+                    return;
+                }
+                let ctx = Ctx::Gpu { tid, bid, block, grid, me, n };
+                let mut th = Thread::new(kernel, scalars, ctx, Memory::Sim { sim, guard: Some(guard) });
+                let result = th.exec(&kernel.body);
+                match result {
+                    Ok(()) => {
+                        let _ = th.sync(Status::Done);
+                    }
+                    Err(e) => {
+                        let mut g = th.take_guard();
+                        if g.error.is_none() {
+                            g.error = Some(format!("thread {tid:?}: {e}"));
+                        }
+                        sim.cv.notify_all();
+                    }
+                }
+            });
+        }
+    });
+    let st = sim.state.into_inner().unwrap();
+    match st.error {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+enum Ctx {
+    Cpu { thread: usize, threads: usize },
+    Gpu { tid: [usize; 3], bid: [usize; 3], block: [usize; 3], grid: [usize; 3], me: usize, n: usize },
+}
+
+enum Memory<'a, 'm> {
+    Direct(&'a mut Vec<BufData>),
+    Sim { sim: &'a Sim<'m>, guard: Option<MutexGuard<'a, SimState<'m>>> },
+}
+
+struct Thread<'a, 'm> {
+    k: &'a Kernel,
+    vars: Vec<Option<Val>>,
+    ctx: Ctx,
+    mem: Memory<'a, 'm>,
+    /// Depth of enclosing parallel loops; only the outermost is split.
+    parallel_depth: usize,
+}
+
+impl<'a, 'm> Thread<'a, 'm> {
+    fn new(k: &'a Kernel, scalars: &[i64], ctx: Ctx, mem: Memory<'a, 'm>) -> Self {
+        let mut vars = vec![None; k.vars.len()];
+        for (v, x) in k.scalars.iter().zip(scalars) {
+            vars[v.0 as usize] = Some(Val::I64(*x));
+        }
+        Thread { k, vars, ctx, mem, parallel_depth: 0 }
+    }
+
+    fn bufs(&mut self) -> &mut Vec<BufData> {
+        match &mut self.mem {
+            Memory::Direct(m) => m,
+            Memory::Sim { guard, .. } => guard.as_mut().expect("simulated thread runs without the baton").mem,
+        }
+    }
+
+    fn take_guard(&mut self) -> MutexGuard<'a, SimState<'m>> {
+        match &mut self.mem {
+            Memory::Sim { guard, .. } => guard.take().expect("no baton"),
+            Memory::Direct(_) => unreachable!("only simulated threads hold a baton"),
+        }
+    }
+
+    /// Arrives at a barrier (or the end) and, unless done, waits for the
+    /// next phase. See the module docs for the schedule.
+    fn sync(&mut self, status: Status) -> Result<(), String> {
+        let (me, n) = match self.ctx {
+            Ctx::Gpu { me, n, .. } => (me, n),
+            Ctx::Cpu { .. } => return Err("barrier or shuffle in CPU mode".into()),
+        };
+        let Memory::Sim { sim, guard } = &mut self.mem else { unreachable!() };
+        let sim: &'a Sim<'m> = sim;
+        let mut g = guard.take().expect("no baton");
+        g.status[me] = status;
+        if me + 1 < n {
+            g.turn = me + 1;
+        } else if g.status.iter().all(|s| *s == Status::Barrier) {
+            g.status.iter_mut().for_each(|s| *s = Status::Running);
+            g.turn = 0;
+        } else if g.status.iter().all(|s| *s == Status::Done) {
+            g.turn = n;
+        } else if g.error.is_none() {
+            let at: Vec<usize> = (0..n).filter(|i| g.status[*i] == Status::Barrier).collect();
+            g.error = Some(format!(
+                "barrier divergence: threads {at:?} wait at a barrier that the other threads of the block never reach"
+            ));
+        }
+        sim.cv.notify_all();
+        if status == Status::Done {
+            return Ok(());
+        }
+        let g = sim.cv.wait_while(g, |st| st.turn != me && st.error.is_none()).unwrap();
+        if g.error.is_some() {
+            *guard = Some(g);
+            return Err("aborted: another thread failed".into());
+        }
+        *guard = Some(g);
+        Ok(())
+    }
+
+    fn exec(&mut self, stmts: &[Stmt]) -> Result<(), String> {
+        for s in stmts {
+            self.stmt(s).map_err(|e| {
+                if e.contains("\n  in: ") {
+                    e
+                } else {
+                    format!("{e}\n  in: {}", super::print::stmt_line(self.k, s))
+                }
+            })?;
+        }
+        Ok(())
+    }
+
+    fn stmt(&mut self, s: &Stmt) -> Result<(), String> {
+        match s {
+            Stmt::Assign(v, e) => {
+                let x = self.eval(e)?;
+                self.vars[v.0 as usize] = Some(x);
+            }
+            Stmt::Store { buf, index, value } => {
+                let i = self.eval(index)?.i64()?;
+                let x = self.eval(value)?;
+                self.store(*buf, i, x)?;
+            }
+            Stmt::For(l) => {
+                let mut start = self.eval(&l.start)?.i64()?;
+                let mut end = self.eval(&l.end)?.i64()?;
+                let split = l.kind == LoopKind::Parallel && self.parallel_depth == 0;
+                if let (true, Ctx::Cpu { thread, threads }) = (split, &self.ctx) {
+                    (start, end) = split_range(start, end, l.step, *thread, *threads);
+                }
+                if l.kind == LoopKind::Parallel {
+                    self.parallel_depth += 1;
+                }
+                let mut i = start;
+                let r = (|| -> Result<(), String> {
+                    while i < end {
+                        self.vars[l.var.0 as usize] = Some(Val::I64(i));
+                        self.exec(&l.body)?;
+                        i += l.step;
+                    }
+                    Ok(())
+                })();
+                if l.kind == LoopKind::Parallel {
+                    self.parallel_depth -= 1;
+                }
+                r?;
+            }
+            Stmt::If { cond, then, els } => {
+                if self.eval(cond)?.bool()? {
+                    self.exec(then)?;
+                } else {
+                    self.exec(els)?;
+                }
+            }
+            Stmt::Barrier => self.sync(Status::Barrier)?,
+            Stmt::Shuffle { dst, kind, value, arg } => {
+                let x = self.eval(value)?;
+                let a = self.eval(arg)?.i64()?;
+                let (me, n) = match self.ctx {
+                    Ctx::Gpu { me, n, .. } => (me, n),
+                    Ctx::Cpu { .. } => return Err("shuffle in CPU mode".into()),
+                };
+                let lane = (me % 32) as i64;
+                let base = me - lane as usize;
+                let src = match kind {
+                    ShuffleKind::Xor => lane ^ a,
+                    ShuffleKind::Down => lane + a,
+                    ShuffleKind::Idx => a,
+                };
+                let src = if (0..32).contains(&src) && base + (src as usize) < n { base + src as usize } else { me };
+                self.slots()[me] = Some(x);
+                self.sync(Status::Barrier)?;
+                let y = self.slots()[src].clone().ok_or("shuffle source lane published nothing")?;
+                self.sync(Status::Barrier)?;
+                self.vars[dst.0 as usize] = Some(y);
+            }
+        }
+        Ok(())
+    }
+
+    fn slots(&mut self) -> &mut Vec<Option<Val>> {
+        match &mut self.mem {
+            Memory::Sim { guard, .. } => &mut guard.as_mut().expect("no baton").slots,
+            Memory::Direct(_) => unreachable!("shuffles run only in GPU mode"),
+        }
+    }
+
+    fn check(&mut self, buf: BufId, i: i64, lanes: usize) -> Result<usize, String> {
+        let len = self.bufs()[buf.0 as usize].len();
+        if i < 0 || i as usize + lanes > len {
+            let d = self.k.buf(buf);
+            return Err(format!("index {i}..{} out of bounds of `{}` (length {len})", i as usize + lanes, d.name));
+        }
+        Ok(i as usize)
+    }
+
+    fn load(&mut self, buf: BufId, i: i64, lanes: u8) -> Result<Val, String> {
+        let i = self.check(buf, i, lanes as usize)?;
+        let b = &self.bufs()[buf.0 as usize];
+        Ok(match (b, lanes) {
+            (BufData::F32(v), 1) => Val::F(v[i]),
+            (BufData::F32(v), n) => Val::VF(v[i..i + n as usize].to_vec()),
+            (BufData::I32(v), _) => Val::I32(v[i]),
+            (BufData::I64(v), _) => Val::I64(v[i]),
+            (BufData::Bool(v), _) => Val::B(v[i]),
+        })
+    }
+
+    fn store(&mut self, buf: BufId, i: i64, x: Val) -> Result<(), String> {
+        let lanes = match &x {
+            Val::VF(v) => v.len(),
+            _ => 1,
+        };
+        let i = self.check(buf, i, lanes)?;
+        match (&mut self.bufs()[buf.0 as usize], x) {
+            (BufData::F32(v), Val::F(x)) => v[i] = x,
+            (BufData::F32(v), Val::VF(x)) => v[i..i + x.len()].copy_from_slice(&x),
+            (BufData::I32(v), Val::I32(x)) => v[i] = x,
+            (BufData::I64(v), Val::I64(x)) => v[i] = x,
+            (BufData::Bool(v), Val::B(x)) => v[i] = x,
+            (_, x) => return Err(format!("store of {x:?} into a buffer of another type")),
+        }
+        Ok(())
+    }
+
+    fn eval(&mut self, e: &Expr) -> Result<Val, String> {
+        Ok(match e {
+            Expr::F32(x) => Val::F(*x),
+            Expr::Int(x, Scalar::I32) => Val::I32(*x as i32),
+            Expr::Int(x, _) => Val::I64(*x),
+            Expr::Bool(b) => Val::B(*b),
+            Expr::Var(v) => self.vars[v.0 as usize]
+                .clone()
+                .ok_or_else(|| format!("variable `{}` read before assignment", self.k.var(*v).name))?,
+            Expr::Un(op, a) => un(*op, self.eval(a)?)?,
+            Expr::Bin(op, a, b) => {
+                let a = self.eval(a)?;
+                bin(*op, a, self.eval(b)?)?
+            }
+            Expr::Fma(a, b, c) => {
+                let (a, b, c) = (self.eval(a)?, self.eval(b)?, self.eval(c)?);
+                match (a, b, c) {
+                    (Val::F(a), Val::F(b), Val::F(c)) => Val::F(a.mul_add(b, c)),
+                    (Val::VF(a), Val::VF(b), Val::VF(c)) => {
+                        Val::VF((0..a.len()).map(|i| a[i].mul_add(b[i], c[i])).collect())
+                    }
+                    other => return Err(format!("fma of {other:?}")),
+                }
+            }
+            Expr::Cmp(op, a, b) => {
+                let a = self.eval(a)?;
+                cmp(*op, a, self.eval(b)?)?
+            }
+            Expr::Select(c, a, b) => {
+                let (c, a, b) = (self.eval(c)?, self.eval(a)?, self.eval(b)?);
+                match (c, a, b) {
+                    (Val::B(c), a, b) => {
+                        if c {
+                            a
+                        } else {
+                            b
+                        }
+                    }
+                    (Val::VB(c), Val::VF(a), Val::VF(b)) => {
+                        Val::VF((0..a.len()).map(|i| if c[i] { a[i] } else { b[i] }).collect())
+                    }
+                    other => return Err(format!("select of {other:?}")),
+                }
+            }
+            Expr::Cast(s, a) => {
+                let a = self.eval(a)?;
+                let f = match a {
+                    Val::F(x) => x as f64,
+                    Val::I32(x) => x as f64,
+                    Val::I64(x) => x as f64,
+                    Val::B(b) => b as u8 as f64,
+                    other => return Err(format!("cast of {other:?}")),
+                };
+                match (s, &a) {
+                    (Scalar::I64, Val::I32(x)) => Val::I64(*x as i64),
+                    (Scalar::I32, Val::I64(x)) => Val::I32(*x as i32),
+                    (Scalar::F32, _) => Val::F(f as f32),
+                    (Scalar::I32, _) => Val::I32(f as i32),
+                    (Scalar::I64, _) => Val::I64(f as i64),
+                    (Scalar::Bool, _) => Val::B(f != 0.0),
+                }
+            }
+            Expr::Splat(n, a) => match self.eval(a)? {
+                Val::F(x) => Val::VF(vec![x; *n as usize]),
+                Val::B(x) => Val::VB(vec![x; *n as usize]),
+                other => return Err(format!("splat of {other:?}")),
+            },
+            Expr::Extract(a, i) => match self.eval(a)? {
+                Val::VF(v) => Val::F(v[*i as usize]),
+                Val::VB(v) => Val::B(v[*i as usize]),
+                other => return Err(format!("extract from {other:?}")),
+            },
+            Expr::HReduce(op, a) => match self.eval(a)? {
+                // Left to right, the order the Cranelift lowering uses.
+                Val::VF(v) => Val::F(v[1..].iter().fold(v[0], |acc, x| match op {
+                    RedOp::Add => acc + x,
+                    RedOp::Max => acc.max(*x),
+                    RedOp::Min => acc.min(*x),
+                })),
+                other => return Err(format!("horizontal reduction of {other:?}")),
+            },
+            Expr::Load { buf, index, lanes } => {
+                let i = self.eval(index)?.i64()?;
+                self.load(*buf, i, *lanes)?
+            }
+            Expr::Special(s) => {
+                let Ctx::Gpu { tid, bid, block, grid, .. } = &self.ctx else {
+                    return Err("thread/block index in CPU mode".into());
+                };
+                let v = match s {
+                    Special::ThreadIdx(a) => tid.get(*a as usize),
+                    Special::BlockIdx(a) => bid.get(*a as usize),
+                    Special::BlockDim(a) => block.get(*a as usize),
+                    Special::GridDim(a) => grid.get(*a as usize),
+                };
+                Val::I64(*v.ok_or("axis out of range")? as i64)
+            }
+        })
+    }
+}
+
+/// The chunk of `start..end` (in steps of `step`) that `thread` of `threads`
+/// runs: contiguous, as equal as possible, earlier threads take the extra
+/// iterations. The Cranelift lowering computes the same split.
+pub fn split_range(start: i64, end: i64, step: i64, thread: usize, threads: usize) -> (i64, i64) {
+    let iters = if end > start { (end - start + step - 1) / step } else { 0 };
+    let (t, n) = (thread as i64, threads as i64);
+    let (base, extra) = (iters / n, iters % n);
+    let first = t * base + t.min(extra);
+    let count = base + if t < extra { 1 } else { 0 };
+    (start + first * step, (start + (first + count) * step).min(end.max(start)))
+}
+
+fn un(op: UnOp, a: Val) -> Result<Val, String> {
+    let f = |x: f32| match op {
+        UnOp::Neg => -x,
+        UnOp::Abs => x.abs(),
+        UnOp::Exp => x.exp(),
+        UnOp::Sqrt => x.sqrt(),
+        UnOp::Rsqrt => 1.0 / x.sqrt(),
+        UnOp::Tanh => x.tanh(),
+    };
+    Ok(match (op, a) {
+        (_, Val::F(x)) => Val::F(f(x)),
+        (_, Val::VF(v)) => Val::VF(v.into_iter().map(f).collect()),
+        (UnOp::Neg, Val::I64(x)) => Val::I64(x.wrapping_neg()),
+        (UnOp::Neg, Val::I32(x)) => Val::I32(x.wrapping_neg()),
+        (UnOp::Abs, Val::I64(x)) => Val::I64(x.wrapping_abs()),
+        (UnOp::Abs, Val::I32(x)) => Val::I32(x.wrapping_abs()),
+        (op, other) => return Err(format!("{op:?} of {other:?}")),
+    })
+}
+
+fn bin(op: BinOp, a: Val, b: Val) -> Result<Val, String> {
+    let f = |x: f32, y: f32| match op {
+        BinOp::Add => x + y,
+        BinOp::Sub => x - y,
+        BinOp::Mul => x * y,
+        BinOp::Div => x / y,
+        BinOp::Rem => x % y,
+        BinOp::Max => x.max(y),
+        BinOp::Min => x.min(y),
+    };
+    let int = |x: i64, y: i64| -> Result<i64, String> {
+        Ok(match op {
+            BinOp::Add => x.wrapping_add(y),
+            BinOp::Sub => x.wrapping_sub(y),
+            BinOp::Mul => x.wrapping_mul(y),
+            BinOp::Div | BinOp::Rem if y == 0 => return Err("integer division by zero".into()),
+            BinOp::Div => x.wrapping_div(y),
+            BinOp::Rem => x.wrapping_rem(y),
+            BinOp::Max => x.max(y),
+            BinOp::Min => x.min(y),
+        })
+    };
+    Ok(match (a, b) {
+        (Val::F(x), Val::F(y)) => Val::F(f(x, y)),
+        (Val::VF(x), Val::VF(y)) => Val::VF(x.iter().zip(&y).map(|(x, y)| f(*x, *y)).collect()),
+        (Val::I64(x), Val::I64(y)) => Val::I64(int(x, y)?),
+        (Val::I32(x), Val::I32(y)) => Val::I32(int(x as i64, y as i64)? as i32),
+        (a, b) => return Err(format!("{op:?} of {a:?} and {b:?}")),
+    })
+}
+
+fn cmp(op: CmpOp, a: Val, b: Val) -> Result<Val, String> {
+    fn c<T: PartialOrd>(op: CmpOp, x: T, y: T) -> bool {
+        match op {
+            CmpOp::Eq => x == y,
+            CmpOp::Ne => x != y,
+            CmpOp::Lt => x < y,
+            CmpOp::Le => x <= y,
+            CmpOp::Gt => x > y,
+            CmpOp::Ge => x >= y,
+        }
+    }
+    Ok(match (a, b) {
+        (Val::F(x), Val::F(y)) => Val::B(c(op, x, y)),
+        (Val::I64(x), Val::I64(y)) => Val::B(c(op, x, y)),
+        (Val::I32(x), Val::I32(y)) => Val::B(c(op, x, y)),
+        (Val::B(x), Val::B(y)) => Val::B(c(op, x, y)),
+        (Val::VF(x), Val::VF(y)) => Val::VB(x.iter().zip(&y).map(|(x, y)| c(op, x, y)).collect()),
+        (a, b) => return Err(format!("comparison of {a:?} and {b:?}")),
+    })
+}

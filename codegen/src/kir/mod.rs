@@ -1,0 +1,717 @@
+//! KIR, the kernel IR: a small structured imperative IR that kernel templates
+//! build and that both lowerings (Cranelift for CPUs now, LLVM later) and the
+//! interpreter consume.
+//!
+//! A [`Kernel`] has buffer parameters (element type, fixed length, address
+//! space, access), scalar `i64` parameters, typed variables and a body of
+//! statements. Expressions are trees; statements are structured (`for`, `if`),
+//! so lowering never has to rediscover loops. Vectors are fixed width
+//! (`f32x4` is what Cranelift lowers on x86-64; the type allows wider).
+//!
+//! Semantics that lowerings rely on:
+//! - Indices are element indices (not bytes) of type `i64`; every access must
+//!   be in bounds. The interpreter checks this, so template tests prove it for
+//!   the shapes they run.
+//! - A `Parallel` loop promises that its iterations touch disjoint output
+//!   elements. On a CPU the outermost parallel loop on a path is split into
+//!   contiguous chunks, one per thread of the team; inner ones run serially.
+//! - Thread/block indices, barriers, shared buffers and warp shuffles are GPU
+//!   concepts; the CPU lowering rejects them, the interpreter simulates them.
+
+pub mod interp;
+mod print;
+
+use std::fmt;
+use std::ops::{Add, Div, Mul, Neg, Sub};
+
+/// Scalar element types.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Scalar {
+    F32,
+    I32,
+    I64,
+    Bool,
+}
+
+impl Scalar {
+    /// Size in bytes when stored in a buffer.
+    pub fn size(self) -> usize {
+        match self {
+            Scalar::F32 | Scalar::I32 => 4,
+            Scalar::I64 => 8,
+            Scalar::Bool => 1,
+        }
+    }
+
+    pub fn is_int(self) -> bool {
+        matches!(self, Scalar::I32 | Scalar::I64)
+    }
+}
+
+/// A value type: a scalar (`lanes == 1`) or a fixed-width vector.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Ty {
+    pub elem: Scalar,
+    pub lanes: u8,
+}
+
+impl Ty {
+    pub const F32: Ty = Ty::scalar(Scalar::F32);
+    pub const I32: Ty = Ty::scalar(Scalar::I32);
+    pub const I64: Ty = Ty::scalar(Scalar::I64);
+    pub const BOOL: Ty = Ty::scalar(Scalar::Bool);
+    /// The vector type Cranelift supports on x86-64 (128-bit SIMD).
+    pub const F32X4: Ty = Ty { elem: Scalar::F32, lanes: 4 };
+
+    pub const fn scalar(elem: Scalar) -> Ty {
+        Ty { elem, lanes: 1 }
+    }
+
+    pub fn is_vector(self) -> bool {
+        self.lanes > 1
+    }
+
+    pub fn with_lanes(self, lanes: u8) -> Ty {
+        Ty { elem: self.elem, lanes }
+    }
+}
+
+/// Where a buffer lives. Shared buffers are per thread block (GPU) and are
+/// allocated by the kernel itself, not passed by the caller.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Space {
+    Global,
+    Shared,
+}
+
+/// Whether the kernel may write a buffer; the safe CPU wrapper asks for
+/// `&mut` slices exactly for writable buffers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    Read,
+    Write,
+}
+
+/// A buffer the kernel reads or writes; `len` is in elements.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BufDecl {
+    pub name: String,
+    pub elem: Scalar,
+    pub len: usize,
+    pub space: Space,
+    pub access: Access,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct BufId(pub u32);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Var(pub u32);
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct VarDecl {
+    pub name: String,
+    pub ty: Ty,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UnOp {
+    Neg,
+    Abs,
+    Exp,
+    Sqrt,
+    Rsqrt,
+    Tanh,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BinOp {
+    Add,
+    Sub,
+    Mul,
+    /// Float division, or integer division truncating toward zero.
+    Div,
+    /// Integer remainder (sign of the dividend).
+    Rem,
+    Max,
+    Min,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CmpOp {
+    Eq,
+    Ne,
+    Lt,
+    Le,
+    Gt,
+    Ge,
+}
+
+/// Horizontal reductions of a vector to a scalar.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RedOp {
+    Add,
+    Max,
+    Min,
+}
+
+/// GPU launch coordinates, each along an axis 0..3 (x, y, z).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Special {
+    ThreadIdx(u8),
+    BlockIdx(u8),
+    BlockDim(u8),
+    GridDim(u8),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Expr {
+    F32(f32),
+    /// An integer constant of type I32 or I64.
+    Int(i64, Scalar),
+    Bool(bool),
+    Var(Var),
+    Un(UnOp, Box<Expr>),
+    Bin(BinOp, Box<Expr>, Box<Expr>),
+    /// `a * b + c` with a single rounding.
+    Fma(Box<Expr>, Box<Expr>, Box<Expr>),
+    /// Lanewise comparison; a vector comparison gives a bool vector.
+    Cmp(CmpOp, Box<Expr>, Box<Expr>),
+    /// Lanewise `cond ? a : b`; a scalar condition selects whole vectors.
+    Select(Box<Expr>, Box<Expr>, Box<Expr>),
+    /// Numeric conversion between scalar types (float to int truncates).
+    Cast(Scalar, Box<Expr>),
+    /// A scalar broadcast to every lane.
+    Splat(u8, Box<Expr>),
+    Extract(Box<Expr>, u8),
+    HReduce(RedOp, Box<Expr>),
+    /// `lanes` consecutive elements starting at element `index`.
+    Load {
+        buf: BufId,
+        index: Box<Expr>,
+        lanes: u8,
+    },
+    Special(Special),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LoopKind {
+    Serial,
+    /// Iterations are independent and write disjoint elements; split over
+    /// the CPU thread team (see the module docs).
+    Parallel,
+    /// A hint to unroll by this factor; lowerings may ignore it.
+    Unroll(u32),
+    /// The body already uses vectors of this width; recorded for printing
+    /// and for lowerings that widen later.
+    Vectorized(u8),
+}
+
+/// Warp shuffle flavours (CUDA `__shfl_*_sync`), within a warp of 32 lanes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ShuffleKind {
+    /// Read from lane `lane ^ arg`.
+    Xor,
+    /// Read from lane `lane + arg` (own value when out of the warp).
+    Down,
+    /// Read from lane `arg`.
+    Idx,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Loop {
+    pub var: Var,
+    pub start: Expr,
+    /// Evaluated once, before the first iteration.
+    pub end: Expr,
+    pub step: i64,
+    pub kind: LoopKind,
+    pub body: Vec<Stmt>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Stmt {
+    Assign(Var, Expr),
+    Store {
+        buf: BufId,
+        index: Expr,
+        value: Expr,
+    },
+    For(Loop),
+    If {
+        cond: Expr,
+        then: Vec<Stmt>,
+        els: Vec<Stmt>,
+    },
+    /// Block-wide barrier (`__syncthreads`): every thread of the block must
+    /// reach the same barrier.
+    Barrier,
+    /// `dst = value` read from another lane of the warp. A statement, not an
+    /// expression, because it synchronises the lanes.
+    Shuffle {
+        dst: Var,
+        kind: ShuffleKind,
+        value: Expr,
+        arg: Expr,
+    },
+}
+
+/// A complete kernel. Build one with [`Builder`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct Kernel {
+    pub name: String,
+    pub buffers: Vec<BufDecl>,
+    /// Scalar `i64` parameters, in call order.
+    pub scalars: Vec<Var>,
+    pub vars: Vec<VarDecl>,
+    pub body: Vec<Stmt>,
+}
+
+/// A kernel that failed type checking; `at` is the printed statement.
+#[derive(Debug, thiserror::Error)]
+#[error("kernel `{kernel}`: {message}\n  in: {at}")]
+pub struct KirError {
+    pub kernel: String,
+    pub message: String,
+    pub at: String,
+}
+
+impl Kernel {
+    pub fn var(&self, v: Var) -> &VarDecl {
+        &self.vars[v.0 as usize]
+    }
+
+    pub fn buf(&self, b: BufId) -> &BufDecl {
+        &self.buffers[b.0 as usize]
+    }
+
+    /// The global buffers, in the order callers pass them.
+    pub fn global_buffers(&self) -> impl Iterator<Item = (BufId, &BufDecl)> {
+        self.buffers.iter().enumerate().filter(|(_, b)| b.space == Space::Global).map(|(i, b)| (BufId(i as u32), b))
+    }
+
+    /// Whether the kernel uses GPU-only constructs.
+    pub fn uses_gpu_features(&self) -> bool {
+        fn expr(e: &Expr) -> bool {
+            let mut found = false;
+            e.visit(&mut |e| found |= matches!(e, Expr::Special(_)));
+            found
+        }
+        fn stmts(s: &[Stmt]) -> bool {
+            s.iter().any(|s| match s {
+                Stmt::Barrier | Stmt::Shuffle { .. } => true,
+                Stmt::Assign(_, e) => expr(e),
+                Stmt::Store { index, value, .. } => expr(index) || expr(value),
+                Stmt::For(l) => expr(&l.start) || expr(&l.end) || stmts(&l.body),
+                Stmt::If { cond, then, els } => expr(cond) || stmts(then) || stmts(els),
+            })
+        }
+        self.buffers.iter().any(|b| b.space == Space::Shared) || stmts(&self.body)
+    }
+
+    /// The type of an expression, or why it is ill-typed.
+    pub fn type_of(&self, e: &Expr) -> Result<Ty, String> {
+        let same = |a: Ty, b: Ty, what: &str| {
+            if a == b {
+                Ok(a)
+            } else {
+                Err(format!("{what}: operand types differ ({} vs {})", print::ty(a), print::ty(b)))
+            }
+        };
+        Ok(match e {
+            Expr::F32(_) => Ty::F32,
+            Expr::Int(_, s) => {
+                if !s.is_int() {
+                    return Err("integer constant of a non-integer type".into());
+                }
+                Ty::scalar(*s)
+            }
+            Expr::Bool(_) => Ty::BOOL,
+            Expr::Var(v) => self.vars.get(v.0 as usize).ok_or("unknown variable")?.ty,
+            Expr::Un(op, a) => {
+                let t = self.type_of(a)?;
+                let float_only = !matches!(op, UnOp::Neg | UnOp::Abs);
+                if t.elem == Scalar::Bool || (float_only && t.elem != Scalar::F32) {
+                    return Err(format!("{op:?} of {}", print::ty(t)));
+                }
+                t
+            }
+            Expr::Bin(op, a, b) => {
+                let t = same(self.type_of(a)?, self.type_of(b)?, &format!("{op:?}"))?;
+                if t.elem == Scalar::Bool || (*op == BinOp::Rem && !t.elem.is_int()) {
+                    return Err(format!("{op:?} of {}", print::ty(t)));
+                }
+                t
+            }
+            Expr::Fma(a, b, c) => {
+                let t = same(self.type_of(a)?, self.type_of(b)?, "fma")?;
+                let t = same(t, self.type_of(c)?, "fma")?;
+                if t.elem != Scalar::F32 {
+                    return Err("fma of non-f32".into());
+                }
+                t
+            }
+            Expr::Cmp(_, a, b) => same(self.type_of(a)?, self.type_of(b)?, "compare")?.with_bool(),
+            Expr::Select(c, a, b) => {
+                let tc = self.type_of(c)?;
+                let t = same(self.type_of(a)?, self.type_of(b)?, "select")?;
+                if tc.elem != Scalar::Bool || (tc.lanes != 1 && tc.lanes != t.lanes) {
+                    return Err(format!("select condition of type {}", print::ty(tc)));
+                }
+                t
+            }
+            Expr::Cast(s, a) => {
+                let t = self.type_of(a)?;
+                if t.is_vector() {
+                    return Err("cast of a vector".into());
+                }
+                Ty::scalar(*s)
+            }
+            Expr::Splat(n, a) => {
+                let t = self.type_of(a)?;
+                if t.is_vector() || *n < 2 {
+                    return Err("splat needs a scalar and at least 2 lanes".into());
+                }
+                t.with_lanes(*n)
+            }
+            Expr::Extract(a, i) => {
+                let t = self.type_of(a)?;
+                if *i >= t.lanes {
+                    return Err(format!("extract lane {i} of {}", print::ty(t)));
+                }
+                t.with_lanes(1)
+            }
+            Expr::HReduce(_, a) => {
+                let t = self.type_of(a)?;
+                if !t.is_vector() || t.elem != Scalar::F32 {
+                    return Err(format!("horizontal reduction of {}", print::ty(t)));
+                }
+                t.with_lanes(1)
+            }
+            Expr::Load { buf, index, lanes } => {
+                let b = self.buffers.get(buf.0 as usize).ok_or("unknown buffer")?;
+                if self.type_of(index)? != Ty::I64 {
+                    return Err(format!("index into `{}` is not i64", b.name));
+                }
+                if *lanes > 1 && b.elem != Scalar::F32 {
+                    return Err(format!("vector load from non-f32 buffer `{}`", b.name));
+                }
+                Ty::scalar(b.elem).with_lanes(*lanes)
+            }
+            Expr::Special(_) => Ty::I64,
+        })
+    }
+
+    /// Type-checks every statement.
+    pub fn verify(&self) -> Result<(), KirError> {
+        self.verify_stmts(&self.body)
+    }
+
+    fn verify_stmts(&self, stmts: &[Stmt]) -> Result<(), KirError> {
+        for s in stmts {
+            let err = |message: String| KirError { kernel: self.name.clone(), message, at: print::stmt_line(self, s) };
+            match s {
+                Stmt::Assign(v, e) => {
+                    let t = self.type_of(e).map_err(err)?;
+                    let want = self.var(*v).ty;
+                    if t != want {
+                        return Err(err(format!("assigns {} to a {} variable", print::ty(t), print::ty(want))));
+                    }
+                }
+                Stmt::Store { buf, index, value } => {
+                    let b = self.buf(*buf);
+                    if b.access == Access::Read {
+                        return Err(err(format!("store to read-only buffer `{}`", b.name)));
+                    }
+                    if self.type_of(index).map_err(err)? != Ty::I64 {
+                        return Err(err("store index is not i64".into()));
+                    }
+                    let t = self.type_of(value).map_err(err)?;
+                    if t.elem != b.elem {
+                        return Err(err(format!("stores {} into `{}`", print::ty(t), b.name)));
+                    }
+                }
+                Stmt::For(l) => {
+                    for e in [&l.start, &l.end] {
+                        if self.type_of(e).map_err(err)? != Ty::I64 {
+                            return Err(err("loop bounds must be i64".into()));
+                        }
+                    }
+                    if self.var(l.var).ty != Ty::I64 || l.step <= 0 {
+                        return Err(err("loop variable must be i64 with a positive step".into()));
+                    }
+                    self.verify_stmts(&l.body)?;
+                }
+                Stmt::If { cond, then, els } => {
+                    if self.type_of(cond).map_err(err)? != Ty::BOOL {
+                        return Err(err("if condition is not bool".into()));
+                    }
+                    self.verify_stmts(then)?;
+                    self.verify_stmts(els)?;
+                }
+                Stmt::Barrier => {}
+                Stmt::Shuffle { dst, value, arg, .. } => {
+                    let t = self.type_of(value).map_err(err)?;
+                    if t != self.var(*dst).ty || t.is_vector() || self.type_of(arg).map_err(err)? != Ty::I64 {
+                        return Err(err("shuffle of mismatched types".into()));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Ty {
+    fn with_bool(self) -> Ty {
+        Ty { elem: Scalar::Bool, lanes: self.lanes }
+    }
+}
+
+impl fmt::Display for Kernel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&print::kernel(self))
+    }
+}
+
+// ----- expression construction -----
+
+impl Expr {
+    pub fn f32(x: f32) -> Expr {
+        Expr::F32(x)
+    }
+
+    pub fn i64(x: i64) -> Expr {
+        Expr::Int(x, Scalar::I64)
+    }
+
+    pub fn idx(x: usize) -> Expr {
+        Expr::Int(x as i64, Scalar::I64)
+    }
+
+    pub fn un(self, op: UnOp) -> Expr {
+        Expr::Un(op, Box::new(self))
+    }
+
+    pub fn exp(self) -> Expr {
+        self.un(UnOp::Exp)
+    }
+
+    pub fn sqrt(self) -> Expr {
+        self.un(UnOp::Sqrt)
+    }
+
+    pub fn rsqrt(self) -> Expr {
+        self.un(UnOp::Rsqrt)
+    }
+
+    pub fn tanh(self) -> Expr {
+        self.un(UnOp::Tanh)
+    }
+
+    pub fn bin(self, op: BinOp, o: Expr) -> Expr {
+        Expr::Bin(op, Box::new(self), Box::new(o))
+    }
+
+    pub fn max(self, o: Expr) -> Expr {
+        self.bin(BinOp::Max, o)
+    }
+
+    pub fn min(self, o: Expr) -> Expr {
+        self.bin(BinOp::Min, o)
+    }
+
+    pub fn rem(self, o: Expr) -> Expr {
+        self.bin(BinOp::Rem, o)
+    }
+
+    /// `self * b + c`.
+    pub fn fma(self, b: Expr, c: Expr) -> Expr {
+        Expr::Fma(Box::new(self), Box::new(b), Box::new(c))
+    }
+
+    pub fn cmp(self, op: CmpOp, o: Expr) -> Expr {
+        Expr::Cmp(op, Box::new(self), Box::new(o))
+    }
+
+    pub fn lt(self, o: Expr) -> Expr {
+        self.cmp(CmpOp::Lt, o)
+    }
+
+    pub fn select(cond: Expr, a: Expr, b: Expr) -> Expr {
+        Expr::Select(Box::new(cond), Box::new(a), Box::new(b))
+    }
+
+    pub fn cast(self, s: Scalar) -> Expr {
+        Expr::Cast(s, Box::new(self))
+    }
+
+    pub fn splat(self, lanes: u8) -> Expr {
+        Expr::Splat(lanes, Box::new(self))
+    }
+
+    pub fn hreduce(self, op: RedOp) -> Expr {
+        Expr::HReduce(op, Box::new(self))
+    }
+
+    pub fn load(buf: BufId, index: Expr, lanes: u8) -> Expr {
+        Expr::Load { buf, index: Box::new(index), lanes }
+    }
+
+    /// Calls `f` on this expression and every subexpression.
+    pub fn visit(&self, f: &mut impl FnMut(&Expr)) {
+        f(self);
+        match self {
+            Expr::F32(_) | Expr::Int(..) | Expr::Bool(_) | Expr::Var(_) | Expr::Special(_) => {}
+            Expr::Un(_, a) | Expr::Cast(_, a) | Expr::Splat(_, a) | Expr::Extract(a, _) | Expr::HReduce(_, a) => {
+                a.visit(f)
+            }
+            Expr::Load { index, .. } => index.visit(f),
+            Expr::Bin(_, a, b) | Expr::Cmp(_, a, b) => {
+                a.visit(f);
+                b.visit(f);
+            }
+            Expr::Fma(a, b, c) | Expr::Select(a, b, c) => {
+                a.visit(f);
+                b.visit(f);
+                c.visit(f);
+            }
+        }
+    }
+}
+
+macro_rules! arith {
+    ($tr:ident, $m:ident, $op:ident) => {
+        impl $tr for Expr {
+            type Output = Expr;
+            fn $m(self, o: Expr) -> Expr {
+                self.bin(BinOp::$op, o)
+            }
+        }
+    };
+}
+arith!(Add, add, Add);
+arith!(Sub, sub, Sub);
+arith!(Mul, mul, Mul);
+arith!(Div, div, Div);
+
+impl Neg for Expr {
+    type Output = Expr;
+    fn neg(self) -> Expr {
+        self.un(UnOp::Neg)
+    }
+}
+
+impl From<Var> for Expr {
+    fn from(v: Var) -> Expr {
+        Expr::Var(v)
+    }
+}
+
+// ----- kernel construction -----
+
+/// Builds a kernel statement by statement; nested bodies are closures.
+pub struct Builder {
+    kernel: Kernel,
+    stack: Vec<Vec<Stmt>>,
+}
+
+impl Builder {
+    pub fn new(name: &str) -> Builder {
+        Builder {
+            kernel: Kernel { name: name.to_string(), buffers: vec![], scalars: vec![], vars: vec![], body: vec![] },
+            stack: vec![vec![]],
+        }
+    }
+
+    pub fn buffer(&mut self, name: &str, elem: Scalar, len: usize, space: Space, access: Access) -> BufId {
+        self.kernel.buffers.push(BufDecl { name: name.to_string(), elem, len, space, access });
+        BufId(self.kernel.buffers.len() as u32 - 1)
+    }
+
+    /// A global f32 input.
+    pub fn input(&mut self, name: &str, len: usize) -> BufId {
+        self.buffer(name, Scalar::F32, len, Space::Global, Access::Read)
+    }
+
+    /// A global f32 output.
+    pub fn output(&mut self, name: &str, len: usize) -> BufId {
+        self.buffer(name, Scalar::F32, len, Space::Global, Access::Write)
+    }
+
+    /// A scalar `i64` parameter.
+    pub fn scalar_param(&mut self, name: &str) -> Expr {
+        let v = self.var(name, Ty::I64);
+        self.kernel.scalars.push(v);
+        Expr::Var(v)
+    }
+
+    /// Declares a variable without assigning it.
+    pub fn var(&mut self, name: &str, ty: Ty) -> Var {
+        self.kernel.vars.push(VarDecl { name: name.to_string(), ty });
+        Var(self.kernel.vars.len() as u32 - 1)
+    }
+
+    /// Declares a variable typed by its initial value and assigns it.
+    pub fn let_(&mut self, name: &str, init: Expr) -> Var {
+        let ty = self.kernel.type_of(&init).unwrap_or_else(|e| panic!("let {name}: {e}"));
+        let v = self.var(name, ty);
+        self.assign(v, init);
+        v
+    }
+
+    pub fn assign(&mut self, v: Var, e: Expr) {
+        self.push(Stmt::Assign(v, e));
+    }
+
+    pub fn store(&mut self, buf: BufId, index: Expr, value: Expr) {
+        self.push(Stmt::Store { buf, index, value });
+    }
+
+    pub fn barrier(&mut self) {
+        self.push(Stmt::Barrier);
+    }
+
+    pub fn shuffle(&mut self, dst: Var, kind: ShuffleKind, value: Expr, arg: Expr) {
+        self.push(Stmt::Shuffle { dst, kind, value, arg });
+    }
+
+    /// `for name in (start..end).step_by(step)`; the body gets the loop variable.
+    pub fn for_(
+        &mut self,
+        name: &str,
+        start: Expr,
+        end: Expr,
+        step: i64,
+        kind: LoopKind,
+        body: impl FnOnce(&mut Builder, Expr),
+    ) {
+        let var = self.var(name, Ty::I64);
+        self.stack.push(vec![]);
+        body(self, Expr::Var(var));
+        let body = self.stack.pop().unwrap();
+        self.push(Stmt::For(Loop { var, start, end, step, kind, body }));
+    }
+
+    pub fn if_(&mut self, cond: Expr, then: impl FnOnce(&mut Builder), els: impl FnOnce(&mut Builder)) {
+        self.stack.push(vec![]);
+        then(self);
+        let then = self.stack.pop().unwrap();
+        self.stack.push(vec![]);
+        els(self);
+        let els = self.stack.pop().unwrap();
+        self.push(Stmt::If { cond, then, els });
+    }
+
+    fn push(&mut self, s: Stmt) {
+        self.stack.last_mut().unwrap().push(s);
+    }
+
+    /// The finished kernel, type-checked.
+    pub fn finish(mut self) -> Result<Kernel, KirError> {
+        assert_eq!(self.stack.len(), 1, "unclosed body");
+        self.kernel.body = self.stack.pop().unwrap();
+        self.kernel.verify()?;
+        Ok(self.kernel)
+    }
+}

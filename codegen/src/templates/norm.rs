@@ -1,0 +1,61 @@
+//! `rms_norm` over the last axis: `y = x * rsqrt(mean(x^2) + eps) * w`, one
+//! parallel iteration per row, f32 accumulation in a vector register and a
+//! scalar tail.
+
+use super::{vec_loop, widen, LANES};
+use crate::kir::{Builder, Expr, Kernel, KirError, LoopKind, RedOp};
+
+/// `x: [rows, n]`, `w: [n]`, `y: [rows, n]`.
+pub fn rms_norm(rows: usize, n: usize, eps: f32) -> Result<Kernel, KirError> {
+    let mut b = Builder::new(&format!("rms_norm_{rows}x{n}"));
+    let x = b.input("x", rows * n);
+    let w = b.input("w", n);
+    let y = b.output("y", rows * n);
+    let full = n / LANES as usize * LANES as usize;
+    b.for_("r", Expr::idx(0), Expr::idx(rows), 1, LoopKind::Parallel, |b, r| {
+        let base = b.let_("base", r * Expr::idx(n));
+        let sum = b.let_("sum", Expr::f32(0.0));
+        if full > 0 {
+            let acc = b.let_("acc", Expr::f32(0.0).splat(LANES));
+            b.for_("j", Expr::idx(0), Expr::idx(full), LANES as i64, LoopKind::Vectorized(LANES), |b, j| {
+                let v = b.let_("v", Expr::load(x, Expr::Var(base) + j, LANES));
+                b.assign(acc, Expr::Var(v).fma(Expr::Var(v), Expr::Var(acc)));
+            });
+            b.assign(sum, Expr::Var(acc).hreduce(RedOp::Add));
+        }
+        if full < n {
+            b.for_("j_tail", Expr::idx(full), Expr::idx(n), 1, LoopKind::Serial, |b, j| {
+                let v = b.let_("v", Expr::load(x, Expr::Var(base) + j, 1));
+                b.assign(sum, Expr::Var(v).fma(Expr::Var(v), Expr::Var(sum)));
+            });
+        }
+        let scale = b.let_("scale", (Expr::Var(sum) / Expr::f32(n as f32) + Expr::f32(eps)).rsqrt());
+        vec_loop(b, "k", n, LANES, |b, j, lanes| {
+            let i = Expr::Var(base) + j.clone();
+            let v = Expr::load(x, i.clone(), lanes) * widen(Expr::Var(scale), lanes);
+            b.store(y, i, v * Expr::load(w, j, lanes));
+        });
+    });
+    b.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::templates::testing::*;
+    use smelt_ir::Op;
+
+    #[test]
+    fn rms_norm_matches_reference() {
+        for (rows, n) in [(1, 1), (2, 3), (3, 17), (2, 64), (5, 129)] {
+            let x = rand(rows * n, 4);
+            let w = rand(n, 5);
+            let k = rms_norm(rows, n, 1e-5).unwrap();
+            let want = reference(&Op::RmsNorm { eps: 1e-5 }, &[(&x, vec![rows, n]), (&w, vec![n])]);
+            for threads in [1, 2, 3] {
+                let got = run_kir(&k, &[&x, &w], threads);
+                assert_close(&k.name, &got, &want, 1e-5, 1e-6);
+            }
+        }
+    }
+}
