@@ -476,7 +476,15 @@ impl Lower<'_, '_> {
         let d = self.fb.ins().fadd(e, one);
         let q = self.fb.ins().fdiv(two, d);
         let big = self.fb.ins().fsub(one, q);
-        let big = self.fb.ins().fcopysign(big, x);
+        // `big` is nonnegative, so xor-ing in the sign bit of x is copysign
+        // (Cranelift has no vector fcopysign on x86-64).
+        let big = if lanes > 1 {
+            let mask = self.fconst(-0.0, lanes);
+            let sign = self.fb.ins().band(x, mask);
+            self.fb.ins().bxor(big, sign)
+        } else {
+            self.fb.ins().fcopysign(big, x)
+        };
         let cut = self.fconst(0.625, lanes);
         let is_small = self.fb.ins().fcmp(FloatCC::LessThan, ax, cut);
         self.select_lanes(is_small, small, big, lanes)

@@ -1,0 +1,191 @@
+//! Every template JIT-compiled with Cranelift and run, against the KIR
+//! interpreter, at odd sizes and split over simulated thread teams; plus the
+//! safe wrapper's checks and object emission. Prints compile times (run
+//! with `--nocapture` to see them).
+
+use smelt_codegen::cranelift::{emit_object, Arg, JitKernel, RunError};
+use smelt_codegen::kir::interp::{self, BufData, Mode};
+use smelt_codegen::kir::Kernel;
+use smelt_codegen::templates::*;
+
+fn rand(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn interp_out(k: &Kernel, inputs: &[Vec<f32>]) -> Vec<f32> {
+    let mut bufs: Vec<BufData> = inputs.iter().map(|v| BufData::F32(v.clone())).collect();
+    let out = k.global_buffers().last().unwrap().1;
+    bufs.push(BufData::zeros(out.elem, out.len));
+    interp::run(k, &mut bufs, &[], Mode::Cpu { threads: 1 }).unwrap();
+    bufs.pop().unwrap().f32().to_vec()
+}
+
+fn jit_out(j: &JitKernel, inputs: &[Vec<f32>], threads: usize) -> Vec<f32> {
+    let out_len = j.kernel().global_buffers().last().unwrap().1.len;
+    let mut out = vec![f32::NAN; out_len];
+    for t in 0..threads {
+        let mut args: Vec<Arg> = inputs.iter().map(|v| Arg::F32(v)).collect();
+        args.push(Arg::F32Mut(&mut out));
+        j.run_part(&mut args, t, threads).unwrap();
+    }
+    out
+}
+
+/// Compiles `k`, runs it whole and as teams of 2 and 3, and compares with
+/// the interpreter: |got - want| <= 1e-5 * |want| + atol.
+fn check(k: &Kernel, inputs: &[Vec<f32>], atol: f32, times: &mut Vec<(String, f64)>) {
+    let j = JitKernel::compile(k).unwrap_or_else(|e| panic!("{e}\n{k}"));
+    times.push((k.name.clone(), j.compile_time.as_secs_f64() * 1e3));
+    let want = interp_out(k, inputs);
+    for threads in [1, 2, 3] {
+        let got = jit_out(&j, inputs, threads);
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                (g - w).abs() <= 1e-5 * w.abs() + atol,
+                "{}: {threads} threads: element {i}: jit {g}, interpreter {w}",
+                k.name
+            );
+        }
+    }
+}
+
+fn report(what: &str, times: &[(String, f64)]) {
+    let total: f64 = times.iter().map(|t| t.1).sum();
+    let max = times.iter().map(|t| t.1).fold(0.0, f64::max);
+    eprintln!(
+        "{what}: {} kernels compiled, mean {:.2} ms, max {:.2} ms per kernel",
+        times.len(),
+        total / times.len() as f64,
+        max
+    );
+}
+
+const SIZES: [usize; 5] = [1, 3, 17, 64, 129];
+
+#[test]
+fn elementwise_matches_interpreter() {
+    let mut times = vec![];
+    let unary_ops = [
+        UnaryOp::Neg,
+        UnaryOp::Abs,
+        UnaryOp::Exp,
+        UnaryOp::Sqrt,
+        UnaryOp::Rsqrt,
+        UnaryOp::Tanh,
+        UnaryOp::Relu,
+        UnaryOp::Sigmoid,
+    ];
+    for op in unary_ops {
+        for n in SIZES {
+            let positive = matches!(op, UnaryOp::Sqrt | UnaryOp::Rsqrt);
+            // Wide inputs exercise exp's clamps and both tanh branches.
+            let x: Vec<f32> = rand(n, 1).into_iter().map(|v| if positive { v + 1.5 } else { v * 12.0 }).collect();
+            check(&unary(op, n, 1).unwrap(), &[x], 1e-6, &mut times);
+        }
+    }
+    // Exp over its whole range, including the clamps and underflow.
+    let x: Vec<f32> = (0..401).map(|i| -100.0 + i as f32 * 0.47).collect();
+    check(&unary(UnaryOp::Exp, 401, 1).unwrap(), &[x.clone()], 1e-30, &mut times);
+    let t: Vec<f32> = (0..401).map(|i| -10.0 + i as f32 * 0.05).collect();
+    check(&unary(UnaryOp::Tanh, 401, 1).unwrap(), &[t], 1e-7, &mut times);
+    let binary_ops = [BinaryOp::Add, BinaryOp::Sub, BinaryOp::Mul, BinaryOp::Div, BinaryOp::Max, BinaryOp::Min];
+    for op in binary_ops {
+        for cols in SIZES {
+            for bcast in [Bcast::Full, Bcast::Row, Bcast::Col, Bcast::Scalar] {
+                let rows = 3;
+                let blen = match bcast {
+                    Bcast::Full => rows * cols,
+                    Bcast::Row => cols,
+                    Bcast::Col => rows,
+                    Bcast::Scalar => 1,
+                };
+                let b: Vec<f32> = rand(blen, 3).into_iter().map(|v| v + 2.0).collect();
+                check(&binary(op, rows, cols, bcast).unwrap(), &[rand(rows * cols, 2), b], 1e-6, &mut times);
+            }
+        }
+    }
+    report("elementwise", &times);
+}
+
+#[test]
+fn rows_kernels_match_interpreter() {
+    let mut times = vec![];
+    for n in SIZES {
+        check(&rms_norm(5, n, 1e-5).unwrap(), &[rand(5 * n, 4), rand(n, 5)], 1e-6, &mut times);
+    }
+    report("rms_norm", &times);
+    let mut times = vec![];
+    for n in SIZES {
+        let x: Vec<f32> = rand(4 * n, 6).into_iter().map(|v| v * 10.0).collect();
+        check(&softmax(4, n).unwrap(), &[x], 1e-7, &mut times);
+    }
+    report("softmax", &times);
+}
+
+#[test]
+fn matmuls_match_interpreter() {
+    let mut times = vec![];
+    for k in SIZES {
+        for n in SIZES {
+            for (layout, vecs) in [(WeightLayout::KN, 1), (WeightLayout::KN, 4), (WeightLayout::NK, 1)] {
+                check(&gemv(k, n, layout, vecs).unwrap(), &[rand(k, 7), rand(k * n, 8)], 1e-5, &mut times);
+            }
+        }
+    }
+    report("gemv", &times);
+    let mut times = vec![];
+    for (m, k, n) in [(1, 1, 1), (3, 17, 5), (7, 33, 129), (17, 64, 17), (64, 64, 64)] {
+        for p in [GemmParams::default(), GemmParams { mr: 3, nv: 3 }] {
+            check(&gemm(m, k, n, p).unwrap(), &[rand(m * k, 9), rand(k * n, 10)], 1e-5, &mut times);
+        }
+    }
+    report("gemm", &times);
+}
+
+#[test]
+fn wrapper_rejects_bad_buffers() {
+    let j = JitKernel::compile(&rms_norm(2, 3, 1e-5).unwrap()).unwrap();
+    let (x, w) = (vec![1.0; 6], vec![1.0; 3]);
+    let mut y = vec![0.0; 6];
+    let err = j.run(&mut [Arg::F32(&x), Arg::F32(&w)]).unwrap_err();
+    assert!(matches!(err, RunError::Count { expected: 3, found: 2, .. }), "{err}");
+    let short = vec![1.0; 5];
+    let err = j.run(&mut [Arg::F32(&short), Arg::F32(&w), Arg::F32Mut(&mut y)]).unwrap_err();
+    assert_eq!(err.to_string(), "kernel `rms_norm_2x3`: buffer `x` expects F32[6], found F32[5]");
+    let y2 = vec![0.0; 6];
+    let err = j.run(&mut [Arg::F32(&x), Arg::F32(&w), Arg::F32(&y2)]).unwrap_err();
+    assert_eq!(err.to_string(), "kernel `rms_norm_2x3`: buffer `y` expects writable F32[6], found F32[6]");
+    let ints = vec![1i64; 3];
+    let err = j.run(&mut [Arg::F32(&x), Arg::I64(&ints), Arg::F32Mut(&mut y)]).unwrap_err();
+    assert!(matches!(err, RunError::Buffer { .. }), "{err}");
+    assert!(matches!(j.run_part(&mut [], 2, 2).unwrap_err(), RunError::Threads { .. }));
+    j.run(&mut [Arg::F32(&x), Arg::F32(&w), Arg::F32Mut(&mut y)]).unwrap();
+    assert!((y[0] - 1.0).abs() < 1e-5);
+}
+
+#[test]
+fn fma_is_enabled_when_the_host_has_it() {
+    let j = JitKernel::compile(&gemv(4, 4, WeightLayout::KN, 1).unwrap()).unwrap();
+    eprintln!("isa: {:?}", j.isa);
+    if std::is_x86_feature_detected!("fma") {
+        assert!(j.isa.has_fma);
+    }
+}
+
+#[test]
+fn emits_a_shared_library_object() {
+    let kernels =
+        [rms_norm(2, 17, 1e-5).unwrap(), softmax(2, 17).unwrap(), gemm(5, 7, 9, GemmParams::default()).unwrap()];
+    let obj = emit_object(&kernels, "smelt_kernels").unwrap();
+    assert_eq!(&obj[..4], b"\x7fELF");
+    for k in &kernels {
+        let sym = format!("smelt_{}", k.name);
+        assert!(obj.windows(sym.len()).any(|w| w == sym.as_bytes()), "{sym} missing");
+    }
+}
