@@ -353,3 +353,382 @@ fn unsupported_operators_are_reported_together() {
         other => panic!("expected the coverage report, got {other:?}"),
     }
 }
+
+// ---------------------------------------------------------------------------
+// Contrib operators against their standard spellings
+//
+// Each test builds the same computation twice, once with ONNX Runtime's
+// `com.microsoft` operator and once with standard operators (opset 23),
+// imports both, runs both on the same random inputs and compares. The
+// contrib import must also have used the fused IR op.
+
+fn float_attr(name: &str, v: f32) -> AttributeProto {
+    AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(smelt_frontends::onnx::proto::attribute_proto::AttributeType::Float as i32),
+        f: Some(v),
+        ..Default::default()
+    }
+}
+
+fn f32_info(name: &str, dims: &[i64]) -> ValueInfoProto {
+    value_info(name, DataType::Float, dims.iter().map(|&d| dim_value(d)).collect())
+}
+
+fn ms(mut n: NodeProto) -> NodeProto {
+    n.domain = Some("com.microsoft".into());
+    n
+}
+
+/// A deterministic pseudo-random tensor in [-1, 1).
+fn random(shape: &[usize], seed: u64) -> Tensor {
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let n: usize = shape.iter().product();
+    let v = (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect();
+    Tensor::from_f32(DType::F32, shape.to_vec(), v).unwrap()
+}
+
+fn model_graph(
+    nodes: Vec<NodeProto>,
+    inits: Vec<TensorProto>,
+    inputs: Vec<ValueInfoProto>,
+    outputs: &[&str],
+) -> GraphProto {
+    GraphProto {
+        name: Some("g".into()),
+        node: nodes,
+        initializer: inits,
+        input: inputs,
+        output: outputs.iter().map(|o| value_info(o, DataType::Float, vec![])).collect(),
+        ..Default::default()
+    }
+}
+
+/// Imports and runs a graph; returns the outputs and the op names it used.
+fn import_run(graph: GraphProto, inputs: &BTreeMap<String, Tensor>) -> (BTreeMap<String, Tensor>, Vec<String>) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_model(dir.path(), graph, 23);
+    let m = onnx::import(&path).unwrap_or_else(|e| panic!("{e}"));
+    let ops = m.graph.node_ids().into_iter().map(|n| m.graph.node(n).op.name().to_string()).collect();
+    (run(&m.graph, &m.weights, inputs.clone()), ops)
+}
+
+fn assert_close(a: &Tensor, b: &Tensor, what: &str) {
+    let e = max_abs(a, b, what);
+    assert!(e <= 1e-5, "{what}: differs by {e}");
+}
+
+#[test]
+fn skip_simplified_layer_norm_is_add_rms_norm() {
+    let inputs: BTreeMap<String, Tensor> = [
+        ("x".to_string(), random(&[2, 3, 8], 1)),
+        ("skip".to_string(), random(&[2, 3, 8], 2)),
+        ("gamma".to_string(), random(&[8], 3)),
+    ]
+    .into();
+    let infos = vec![f32_info("x", &[2, 3, 8]), f32_info("skip", &[2, 3, 8]), f32_info("gamma", &[8])];
+    let contrib = model_graph(
+        vec![ms(node(
+            "SkipSimplifiedLayerNormalization",
+            "n",
+            &["x", "skip", "gamma"],
+            &["y", "", "", "sum"],
+            vec![float_attr("epsilon", 1e-6)],
+        ))],
+        vec![],
+        infos.clone(),
+        &["y", "sum"],
+    );
+    let standard = model_graph(
+        vec![
+            node("Add", "a", &["x", "skip"], &["sum"], vec![]),
+            node("RMSNormalization", "r", &["sum", "gamma"], &["y"], vec![float_attr("epsilon", 1e-6)]),
+        ],
+        vec![],
+        infos,
+        &["y", "sum"],
+    );
+    let (a, ops) = import_run(contrib, &inputs);
+    let (b, _) = import_run(standard, &inputs);
+    assert!(ops.iter().any(|o| o == "add_rms_norm"), "{ops:?}");
+    assert_close(&a["y"], &b["y"], "y");
+    assert_close(&a["sum"], &b["sum"], "sum");
+}
+
+#[test]
+fn contrib_rotary_embedding_matches_the_standard_op() {
+    for interleaved in [0, 1] {
+        let (b, s, h, d, max) = (2usize, 3usize, 2usize, 8usize, 10usize);
+        let pos = i64s(vec![b, s], vec![0, 1, 2, 4, 5, 6]);
+        let inputs: BTreeMap<String, Tensor> = [
+            ("x".to_string(), random(&[b, s, h * d], 4)),
+            ("pos".to_string(), pos),
+            ("cos".to_string(), random(&[max, d / 2], 5)),
+            ("sin".to_string(), random(&[max, d / 2], 6)),
+        ]
+        .into();
+        let mut infos = vec![f32_info("x", &[2, 3, 16]), f32_info("cos", &[10, 4]), f32_info("sin", &[10, 4])];
+        infos.push(value_info("pos", DataType::Int64, vec![dim_value(2), dim_value(3)]));
+        let attrs = || vec![int_attr("interleaved", interleaved), int_attr("num_heads", h as i64)];
+        let contrib = model_graph(
+            vec![ms(node("RotaryEmbedding", "r", &["x", "pos", "cos", "sin"], &["y"], attrs()))],
+            vec![],
+            infos.clone(),
+            &["y"],
+        );
+        let standard = model_graph(
+            vec![node("RotaryEmbedding", "r", &["x", "cos", "sin", "pos"], &["y"], attrs())],
+            vec![],
+            infos,
+            &["y"],
+        );
+        let (a, ops) = import_run(contrib, &inputs);
+        let (bb, _) = import_run(standard, &inputs);
+        assert!(ops.iter().any(|o| o == "rope"), "{ops:?}");
+        assert_close(&a["y"], &bb["y"], &format!("interleaved={interleaved}"));
+    }
+}
+
+/// GroupQueryAttention with a cache against `Attention` (3-D, causal, past).
+#[test]
+fn group_query_attention_matches_standard_attention() {
+    let (b, s, past, nh, kvh, d) = (2usize, 3usize, 4usize, 4usize, 2usize, 8usize);
+    let inputs: BTreeMap<String, Tensor> = [
+        ("q".to_string(), random(&[b, s, nh * d], 7)),
+        ("k".to_string(), random(&[b, s, kvh * d], 8)),
+        ("v".to_string(), random(&[b, s, kvh * d], 9)),
+        ("pk".to_string(), random(&[b, kvh, past, d], 10)),
+        ("pv".to_string(), random(&[b, kvh, past, d], 11)),
+    ]
+    .into();
+    let infos = vec![
+        f32_info("q", &[2, 3, 32]),
+        f32_info("k", &[2, 3, 16]),
+        f32_info("v", &[2, 3, 16]),
+        f32_info("pk", &[2, 2, 4, 8]),
+        f32_info("pv", &[2, 2, 4, 8]),
+    ];
+    let seqlens = TensorProto {
+        name: Some("seqlens".into()),
+        data_type: Some(DataType::Int32 as i32),
+        dims: vec![2],
+        int32_data: vec![(past + s - 1) as i32; 2],
+        ..Default::default()
+    };
+    let total = TensorProto {
+        name: Some("total".into()),
+        data_type: Some(DataType::Int32 as i32),
+        dims: vec![],
+        int32_data: vec![(past + s) as i32],
+        ..Default::default()
+    };
+    let contrib = model_graph(
+        vec![ms(node(
+            "GroupQueryAttention",
+            "gqa",
+            &["q", "k", "v", "pk", "pv", "seqlens", "total"],
+            &["y", "present_k", "present_v"],
+            vec![int_attr("num_heads", nh as i64), int_attr("kv_num_heads", kvh as i64)],
+        ))],
+        vec![seqlens, total],
+        infos.clone(),
+        &["y", "present_k", "present_v"],
+    );
+    let standard = model_graph(
+        vec![node(
+            "Attention",
+            "att",
+            &["q", "k", "v", "", "pk", "pv"],
+            &["y", "present_k", "present_v"],
+            vec![int_attr("is_causal", 1), int_attr("q_num_heads", nh as i64), int_attr("kv_num_heads", kvh as i64)],
+        )],
+        vec![],
+        infos,
+        &["y", "present_k", "present_v"],
+    );
+    let (a, ops) = import_run(contrib, &inputs);
+    let (bb, _) = import_run(standard, &inputs);
+    assert!(ops.iter().any(|o| o == "attention"), "{ops:?}");
+    for o in ["y", "present_k", "present_v"] {
+        assert_close(&a[o], &bb[o], o);
+    }
+}
+
+/// MultiHeadAttention (unidirectional, with a cache) against `Attention`.
+#[test]
+fn multi_head_attention_matches_standard_attention() {
+    let (b, s, past, nh, d) = (1usize, 2usize, 3usize, 2usize, 4usize);
+    let inputs: BTreeMap<String, Tensor> = [
+        ("q".to_string(), random(&[b, s, nh * d], 12)),
+        ("k".to_string(), random(&[b, s, nh * d], 13)),
+        ("v".to_string(), random(&[b, s, nh * d], 14)),
+        ("pk".to_string(), random(&[b, nh, past, d], 15)),
+        ("pv".to_string(), random(&[b, nh, past, d], 16)),
+    ]
+    .into();
+    let infos = vec![
+        f32_info("q", &[1, 2, 8]),
+        f32_info("k", &[1, 2, 8]),
+        f32_info("v", &[1, 2, 8]),
+        f32_info("pk", &[1, 2, 3, 4]),
+        f32_info("pv", &[1, 2, 3, 4]),
+    ];
+    let contrib = model_graph(
+        vec![ms(node(
+            "MultiHeadAttention",
+            "mha",
+            &["q", "k", "v", "", "", "", "pk", "pv"],
+            &["y", "present_k", "present_v"],
+            vec![int_attr("num_heads", nh as i64), int_attr("unidirectional", 1)],
+        ))],
+        vec![],
+        infos.clone(),
+        &["y", "present_k", "present_v"],
+    );
+    let standard = model_graph(
+        vec![node(
+            "Attention",
+            "att",
+            &["q", "k", "v", "", "pk", "pv"],
+            &["y", "present_k", "present_v"],
+            vec![int_attr("is_causal", 1), int_attr("q_num_heads", nh as i64), int_attr("kv_num_heads", nh as i64)],
+        )],
+        vec![],
+        infos,
+        &["y", "present_k", "present_v"],
+    );
+    let (a, ops) = import_run(contrib, &inputs);
+    let (bb, _) = import_run(standard, &inputs);
+    assert!(ops.iter().any(|o| o == "attention"), "{ops:?}");
+    for o in ["y", "present_k", "present_v"] {
+        assert_close(&a[o], &bb[o], o);
+    }
+}
+
+#[test]
+fn simplified_layer_norm_is_rms_norm() {
+    let inputs: BTreeMap<String, Tensor> =
+        [("x".to_string(), random(&[3, 8], 17)), ("w".to_string(), random(&[8], 18))].into();
+    let infos = vec![f32_info("x", &[3, 8]), f32_info("w", &[8])];
+    let ort = model_graph(
+        vec![node("SimplifiedLayerNormalization", "n", &["x", "w"], &["y"], vec![float_attr("epsilon", 1e-5)])],
+        vec![],
+        infos.clone(),
+        &["y"],
+    );
+    let standard = model_graph(vec![node("RMSNormalization", "n", &["x", "w"], &["y"], vec![])], vec![], infos, &["y"]);
+    let (a, ops) = import_run(ort, &inputs);
+    let (b, _) = import_run(standard, &inputs);
+    assert!(ops.iter().any(|o| o == "rms_norm"), "{ops:?}");
+    assert_close(&a["y"], &b["y"], "y");
+}
+
+// ---------------------------------------------------------------------------
+// Symbols and bad graphs
+
+/// An attention mask declared with its own `total` dim, added to scores of
+/// length `past + seq`: the importer unifies `total` with `past + seq`.
+#[test]
+fn independently_declared_dims_are_unified() {
+    let dir = tempfile::tempdir().unwrap();
+    let graph = GraphProto {
+        name: Some("unify".into()),
+        node: vec![
+            node("Concat", "cat", &["past", "new"], &["kv"], vec![int_attr("axis", 1)]),
+            node("Add", "add", &["kv", "mask"], &["y"], vec![]),
+        ],
+        input: vec![
+            value_info("past", DataType::Float, vec![dim_param("batch"), dim_param("past"), dim_value(4)]),
+            value_info("new", DataType::Float, vec![dim_param("batch"), dim_param("seq"), dim_value(4)]),
+            value_info("mask", DataType::Float, vec![dim_param("batch"), dim_param("total"), dim_value(1)]),
+        ],
+        output: vec![value_info("y", DataType::Float, vec![])],
+        ..Default::default()
+    };
+    let path = write_model(dir.path(), graph, 17);
+    let m = onnx::import(&path).unwrap();
+    let inputs: Vec<String> = m.graph.inputs().iter().map(|(n, v)| format!("{n}: {}", m.graph.ty(*v))).collect();
+    assert_eq!(inputs[2], "mask: f32[batch, past + seq, 1]");
+    assert!(!m.graph.symbols().contains_key("total"));
+    let out = run(
+        &m.graph,
+        &m.weights,
+        [
+            ("past".to_string(), random(&[1, 2, 4], 1)),
+            ("new".to_string(), random(&[1, 1, 4], 2)),
+            ("mask".to_string(), random(&[1, 3, 1], 3)),
+        ]
+        .into(),
+    );
+    assert_eq!(out["y"].shape, vec![1, 3, 4]);
+}
+
+#[test]
+fn cycles_and_undefined_names_are_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let graph = GraphProto {
+        name: Some("cycle".into()),
+        node: vec![node("Relu", "a", &["x", "c"], &["b"], vec![]), node("Relu", "b", &["b"], &["c"], vec![])],
+        input: vec![f32_info("x", &[2])],
+        output: vec![f32_info("c", &[2])],
+        ..Default::default()
+    };
+    let path = write_model(dir.path(), graph, 17);
+    let e = onnx::import(&path).unwrap_err().to_string();
+    assert!(e.contains("cycle"), "{e}");
+
+    let graph = GraphProto {
+        name: Some("undefined".into()),
+        node: vec![node("Relu", "r", &["nope"], &["y"], vec![])],
+        input: vec![f32_info("x", &[2])],
+        output: vec![f32_info("y", &[2])],
+        ..Default::default()
+    };
+    let path = write_model(dir.path(), graph, 17);
+    let e = onnx::import(&path).unwrap_err().to_string();
+    assert!(e.contains("`nope` is not defined"), "{e}");
+
+    // Absurd sizes are refused, not multiplied until they overflow.
+    let graph = GraphProto {
+        name: Some("huge".into()),
+        node: vec![node("Expand", "e", &["x", "shape"], &["y"], vec![])],
+        initializer: vec![i64_init("shape", &[1 << 40, 1 << 40, 1 << 40])],
+        input: vec![f32_info("x", &[1])],
+        output: vec![f32_info("y", &[])],
+        ..Default::default()
+    };
+    let path = write_model(dir.path(), graph, 17);
+    let e = onnx::import(&path).unwrap_err().to_string();
+    assert!(e.contains("more than"), "{e}");
+
+    std::fs::write(dir.path().join("model.onnx"), b"\x08\x07garbage").unwrap();
+    assert!(onnx::import(&dir.path().join("model.onnx")).is_err());
+}
+
+/// A reshape whose target comes from runtime data names the problem.
+#[test]
+fn data_dependent_shapes_are_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let graph = GraphProto {
+        name: Some("dyn".into()),
+        node: vec![node("Reshape", "reshape", &["x", "shape"], &["y"], vec![])],
+        input: vec![f32_info("x", &[2, 3]), value_info("shape", DataType::Int64, vec![dim_value(2)])],
+        output: vec![f32_info("y", &[3, 2])],
+        ..Default::default()
+    };
+    let path = write_model(dir.path(), graph, 17);
+    let e = onnx::import(&path).unwrap_err();
+    assert!(e.needs_constant_inputs(), "{e}");
+    assert!(e.to_string().contains("the target shape must be known at import time"), "{e}");
+    let opts = onnx::ImportOptions {
+        constant_inputs: [("shape".to_string(), i64s(vec![2], vec![3, 2]))].into(),
+        ..Default::default()
+    };
+    let m = onnx::import_with(&path, &opts).unwrap();
+    assert_eq!(m.graph.inputs().len(), 1);
+}

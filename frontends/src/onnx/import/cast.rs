@@ -18,7 +18,46 @@ pub(crate) fn cast(cx: &mut Importer, n: &Node) -> R<Outs> {
     let x = n.input(0)?;
     let to = data_type(n.attrs.require_int("to").map_err(|e| e.to_string())?)?;
     let saturate = n.int("saturate", 1)? != 0;
+    let mode = n.string("round_mode", "up")?;
+    if to == DataType::Float8e8m0 {
+        let xf = cx.b.cast(x.id, DType::F32)?;
+        let id = round_e8m0(cx, xf, saturate, mode)?;
+        return Ok(vec![Some(Val { id, ety: to })]);
+    }
     Ok(vec![Some(cast_to(cx, x, to, saturate)?)])
+}
+
+/// Rounds f32 values to FLOAT8E8M0 (powers of two 2^-127..2^127) with the
+/// `round_mode` of `Cast`: `up` takes the smallest power of two >= x, `down`
+/// the largest <= x, `nearest` the closer one (ties up). Zero and
+/// anything below 2^-127 give 2^-127; beyond 2^127, saturation gives 2^127
+/// and otherwise NaN.
+fn round_e8m0(cx: &mut Importer, x: smelt_ir::ValueId, saturate: bool, mode: &str) -> R<smelt_ir::ValueId> {
+    let vals = FloatFormat::E8M0.positive_values();
+    let n = vals.len();
+    let bounds: Vec<f32> = match mode {
+        // The index is the number of values below x.
+        "up" => vals.clone(),
+        // The index is the number of values at or below x, minus one;
+        // comparing against the next value up gives the same count.
+        "down" => vals[1..].iter().copied().chain([f32::INFINITY]).collect(),
+        "nearest" => vals.windows(2).map(|w| (w[0] + w[1]) / 2.0).chain([vals[n - 1] * 1.5]).collect(),
+        m => return Err(format!("unknown round_mode `{m}`")),
+    };
+    let mut table = vals;
+    table.push(if saturate { table[n - 1] } else { f32::NAN });
+    let b = &mut cx.b;
+    let m = bounds.len();
+    let bounds_c = b.constant(Tensor::from_f32(DType::F32, vec![m], bounds).map_err(|e| e.to_string())?);
+    let table_c = b.constant(Tensor::from_f32(DType::F32, vec![n + 1], table).map_err(|e| e.to_string())?);
+    let x1 = b.unsqueeze(x, vec![-1])?;
+    let above = if mode == "down" { b.binary(Op::Ge {}, x1, bounds_c)? } else { b.binary(Op::Gt {}, x1, bounds_c)? };
+    let counts = b.cast(above, DType::I64)?;
+    let idx = b.add(Op::ReduceSum { axes: vec![-1], keepdims: false }, &[counts])?;
+    let v = b.add(Op::Gather { axis: 0 }, &[table_c, idx])?;
+    let nan = b.unary(Op::IsNan {}, x)?;
+    let nan_c = b.scalar(DType::F32, f64::NAN);
+    b.add(Op::Where {}, &[nan, nan_c, v])
 }
 
 pub(crate) fn cast_like(cx: &mut Importer, n: &Node) -> R<Outs> {
@@ -39,6 +78,11 @@ pub(crate) fn cast_to(cx: &mut Importer, x: Val, to: DataType, saturate: bool) -
         Carrier::WideInt { .. } => {
             let id = cx.b.cast(x.id, ir)?;
             cx.wrap(Val { id, ety: to })
+        }
+        Carrier::NarrowFloat(f) if f.specials == Specials::ExponentOnly => {
+            let xf = cx.b.cast(x.id, DType::F32)?;
+            let id = round_e8m0(cx, xf, saturate, "up")?;
+            Ok(Val { id, ety: to })
         }
         Carrier::NarrowFloat(f) => {
             let xf = cx.b.cast(x.id, DType::F32)?;

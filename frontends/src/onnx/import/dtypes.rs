@@ -14,7 +14,8 @@
 //!   and every value of the format is exact in f32. This is the same
 //!   convention the IR itself uses for f16/bf16 tensors stored as f32.
 //!
-//! STRING, COMPLEX64/128 and FLOAT8E8M0 have no carrier; a model using them
+//! FLOAT8E8M0 (powers of two) is a narrow float too. STRING and
+//! COMPLEX64/128 have no carrier; a model using them
 //! is refused with a message naming the type.
 
 use crate::onnx::proto::TensorProto;
@@ -65,7 +66,8 @@ pub fn carrier(t: DataType) -> Option<(DType, Carrier)> {
         T::Float4e2m1 => narrow(FloatFormat::E2M1),
         T::Float6e2m3 => narrow(FloatFormat::E2M3),
         T::Float6e3m2 => narrow(FloatFormat::E3M2),
-        T::Undefined | T::String | T::Complex64 | T::Complex128 | T::Float8e8m0 => None,
+        T::Float8e8m0 => narrow(FloatFormat::E8M0),
+        T::Undefined | T::String | T::Complex64 | T::Complex128 => None,
     }
 }
 
@@ -103,9 +105,12 @@ pub enum Specials {
     Fnuz,
     /// Every code is a finite number (FLOAT4, FLOAT6).
     Finite,
+    /// FLOAT8E8M0: no sign and no mantissa; code c is 2^(c - 127) and 0xFF
+    /// is NaN.
+    ExponentOnly,
 }
 
-/// A narrow binary float format with a sign bit.
+/// A narrow binary float format (with a sign bit, except FLOAT8E8M0).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FloatFormat {
     pub ebits: u32,
@@ -119,17 +124,25 @@ impl FloatFormat {
     pub const E4M3FNUZ: FloatFormat = FloatFormat { ebits: 4, mbits: 3, bias: 8, specials: Specials::Fnuz };
     pub const E5M2: FloatFormat = FloatFormat { ebits: 5, mbits: 2, bias: 15, specials: Specials::Ieee };
     pub const E5M2FNUZ: FloatFormat = FloatFormat { ebits: 5, mbits: 2, bias: 16, specials: Specials::Fnuz };
+    pub const E8M0: FloatFormat = FloatFormat { ebits: 8, mbits: 0, bias: 127, specials: Specials::ExponentOnly };
     pub const E2M1: FloatFormat = FloatFormat { ebits: 2, mbits: 1, bias: 1, specials: Specials::Finite };
     pub const E2M3: FloatFormat = FloatFormat { ebits: 2, mbits: 3, bias: 1, specials: Specials::Finite };
     pub const E3M2: FloatFormat = FloatFormat { ebits: 3, mbits: 2, bias: 3, specials: Specials::Finite };
 
     /// Bits per element (sign included).
     pub fn bits(self) -> u32 {
+        if self.specials == Specials::ExponentOnly {
+            return 8;
+        }
         1 + self.ebits + self.mbits
     }
 
     /// The value of a code (the low `bits()` bits of `code`).
     pub fn decode(self, code: u32) -> f32 {
+        if self.specials == Specials::ExponentOnly {
+            let c = code & 0xff;
+            return if c == 0xff { f32::NAN } else { 2f64.powi(c as i32 - self.bias) as f32 };
+        }
         let bits = self.bits();
         let code = code & ((1 << bits) - 1);
         let sign_bit = 1 << (bits - 1);
@@ -163,6 +176,9 @@ impl FloatFormat {
     /// Every finite non-negative value of the format, ascending (the codes
     /// 0, 1, 2, ... up to the largest finite one).
     pub fn positive_values(self) -> Vec<f32> {
+        if self.specials == Specials::ExponentOnly {
+            return (0..0xff).map(|c| self.decode(c)).collect();
+        }
         let n = 1u32 << (self.bits() - 1);
         (0..n).map(|c| self.decode(c)).take_while(|v| v.is_finite()).collect()
     }
@@ -334,6 +350,10 @@ mod tests {
         assert_eq!(FloatFormat::E5M2.decode(0x7c), f32::INFINITY);
         assert_eq!(FloatFormat::E4M3FN.decode(0x01), 2f32.powi(-9));
         assert_eq!(FloatFormat::E2M1.decode(0b1111), -6.0);
+        assert_eq!(FloatFormat::E8M0.decode(127), 1.0);
+        assert_eq!(FloatFormat::E8M0.decode(0), 2f32.powi(-127));
+        assert!(FloatFormat::E8M0.decode(255).is_nan());
+        assert_eq!(FloatFormat::E8M0.max(), 2f32.powi(127));
     }
 
     #[test]

@@ -170,6 +170,22 @@ pub fn import_model(model: &OnnxModel, opts: &ImportOptions) -> Result<OnnxImpor
     })
 }
 
+/// The largest product of constant dims accepted in a shape: 2^48, so that
+/// element counts (times symbols of bounded size) stay far from overflow.
+pub(crate) const MAX_ELEMENTS: i64 = 1 << 48;
+
+/// Whether the product of some dims stays within [`MAX_ELEMENTS`].
+pub(crate) fn small_product(dims: impl IntoIterator<Item = i64>) -> bool {
+    let mut p: i64 = 1;
+    for d in dims {
+        match p.checked_mul(d.max(1)) {
+            Some(q) if q <= MAX_ELEMENTS => p = q,
+            _ => return false,
+        }
+    }
+    true
+}
+
 /// How many input symbols an import may unify with other dims.
 const MAX_UNIFICATIONS: usize = 16;
 
@@ -320,6 +336,9 @@ impl Importer<'_> {
                     symbols.entry(s).or_insert((min, opts.symbol_max));
                 }
                 shape.push(dim);
+            }
+            if !small_product(shape.iter().filter_map(Dim::as_const)) {
+                return Err(self.model_err(format!("graph input `{name}` has more than {MAX_ELEMENTS} elements")));
             }
             typed.push((name.clone(), ety, shape));
             declared.push((name, vi.clone()));
@@ -793,6 +812,9 @@ impl Importer<'_> {
         let d = self.dims(v, what)?;
         if let Some(c) = d.iter().filter_map(Dim::as_const).find(|c| *c < -1 || *c > MAX_DIM) {
             return Err(format!("{what} holds {c}, outside the sizes smelt accepts (-1..={MAX_DIM})"));
+        }
+        if !small_product(d.iter().filter_map(Dim::as_const)) {
+            return Err(format!("{what} has more than {MAX_ELEMENTS} elements"));
         }
         Ok(d)
     }

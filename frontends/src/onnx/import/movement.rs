@@ -305,6 +305,10 @@ pub(crate) fn tile(cx: &mut Importer, n: &Node) -> R<Outs> {
     let mut inter = Vec::new();
     let mut big = Vec::new();
     let mut fin = Vec::new();
+    let consts = shape.iter().chain(&reps).filter_map(Dim::as_const);
+    if !super::small_product(consts) {
+        return Err("the tiled tensor would be too large".into());
+    }
     for (d, r) in shape.iter().zip(&reps) {
         inter.extend([Dim::c(1), d.clone()]);
         big.extend([r.clone(), d.clone()]);
@@ -340,6 +344,32 @@ fn dim_scalar(cx: &mut Importer, d: &Dim) -> R<ValueId> {
 
 /// `GatherND`: the index tuples are turned into linear indices into data
 /// flattened over the batch and indexed axes, then one `gather` on axis 0.
+/// The linear index into `dims` (row-major) of each index tuple in the last
+/// axis of `idx` (negative entries count from the end); `None` for
+/// zero-length tuples.
+fn linear_index(cx: &mut Importer, idx: ValueId, dims: &[Dim]) -> R<Option<ValueId>> {
+    let last = cx.b.rank(idx) - 1;
+    let ii = cx.b.cast(idx, DType::I64)?;
+    let zero = cx.b.scalar(DType::I64, 0.0);
+    let mut lin: Option<ValueId> = None;
+    for (j, dim) in dims.iter().enumerate() {
+        let c = cx.b.slice(ii, last, Dim::c(j as i64), Dim::c(j as i64 + 1))?;
+        let c = cx.b.add(Op::Squeeze { axes: vec![last as i64] }, &[c])?;
+        let dv = dim_scalar(cx, dim)?;
+        let neg = cx.b.binary(Op::Lt {}, c, zero)?;
+        let shifted = cx.b.binary(Op::Add {}, c, dv)?;
+        let c = cx.b.add(Op::Where {}, &[neg, shifted, c])?;
+        lin = Some(match lin {
+            None => c,
+            Some(l) => {
+                let s = cx.b.binary(Op::Mul {}, l, dv)?;
+                cx.b.binary(Op::Add {}, s, c)?
+            }
+        });
+    }
+    Ok(lin)
+}
+
 pub(crate) fn gather_nd(cx: &mut Importer, n: &Node) -> R<Outs> {
     let (data, idx) = (n.input(0)?, n.input(1)?);
     let bd = usize::try_from(n.int("batch_dims", 0)?).map_err(|_| "batch_dims is negative")?;
@@ -355,27 +385,7 @@ pub(crate) fn gather_nd(cx: &mut Importer, n: &Node) -> R<Outs> {
         ));
     }
     let mid = ishape.len() - 1 - bd; // index dims after the batch dims
-    let ii = cx.b.cast(idx.id, DType::I64)?;
-    let zero = cx.b.scalar(DType::I64, 0.0);
-    let mut lin: Option<ValueId> = None;
-    for j in 0..k {
-        let dim = dshape[bd + j].clone();
-        let last = ishape.len() - 1;
-        let c = cx.b.slice(ii, last, Dim::c(j as i64), Dim::c(j as i64 + 1))?;
-        let c = cx.b.add(Op::Squeeze { axes: vec![last as i64] }, &[c])?;
-        // Negative indices count from the end.
-        let dv = dim_scalar(cx, &dim)?;
-        let neg = cx.b.binary(Op::Lt {}, c, zero)?;
-        let shifted = cx.b.binary(Op::Add {}, c, dv)?;
-        let c = cx.b.add(Op::Where {}, &[neg, shifted, c])?;
-        lin = Some(match lin {
-            None => c,
-            Some(l) => {
-                let s = cx.b.binary(Op::Mul {}, l, dv)?;
-                cx.b.binary(Op::Add {}, s, c)?
-            }
-        });
-    }
+    let lin = linear_index(cx, idx.id, &dshape[bd..bd + k])?;
     let inner = Dim::product(&dshape[bd..bd + k]);
     let mut lin = match lin {
         Some(l) => l,
@@ -404,27 +414,159 @@ pub(crate) fn gather_nd(cx: &mut Importer, n: &Node) -> R<Outs> {
     one(cx.same(data, id))
 }
 
-fn no_reduction(n: &Node) -> R<()> {
-    match n.string("reduction", "none")? {
-        "none" => Ok(()),
-        r => Err(format!("reduction `{r}` is not supported (only `none`)")),
+/// A scatter reduction.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Reduction {
+    None,
+    Add,
+    Mul,
+    Max,
+    Min,
+}
+
+fn reduction(n: &Node) -> R<Reduction> {
+    Ok(match n.string("reduction", "none")? {
+        "none" => Reduction::None,
+        "add" => Reduction::Add,
+        "mul" => Reduction::Mul,
+        "max" => Reduction::Max,
+        "min" => Reduction::Min,
+        r => return Err(format!("unknown reduction `{r}`")),
+    })
+}
+
+/// The value that loses every `max` (`low`) or `min` comparison in a dtype.
+fn extreme(dtype: DType, low: bool) -> f64 {
+    let (lo, hi) = match dtype {
+        DType::I64 => (i64::MIN as f64, i64::MAX as f64),
+        DType::I32 => (i32::MIN as f64, i32::MAX as f64),
+        DType::I8 => (-128.0, 127.0),
+        DType::U8 => (0.0, 255.0),
+        _ => (f64::NEG_INFINITY, f64::INFINITY),
+    };
+    if low {
+        lo
+    } else {
+        hi
     }
 }
 
-pub(crate) fn scatter_elements(cx: &mut Importer, n: &Node) -> R<Outs> {
-    no_reduction(n)?;
-    let (data, idx, upd) = (n.input(0)?, n.input(1)?, n.input(2)?);
-    let rank = cx.b.rank(data.id);
-    let axis = norm_axis(n.int("axis", 0)?, rank)? as i64;
-    let id = cx.b.add(Op::ScatterElements { axis }, &[data.id, idx.id, upd.id])?;
-    one(cx.same(data, id))
+/// Applies scattered updates with a reduction: `hit` is a bool one-hot
+/// [.., n, ..] of which update (axis `axis`) lands on which element, `upd`
+/// the updates broadcast against it; the updates landing on each element
+/// are reduced over `axis` and combined with `base`.
+fn reduce_scatter(cx: &mut Importer, base: ValueId, hit: ValueId, upd: ValueId, axis: i64, r: Reduction) -> R<ValueId> {
+    let b = &mut cx.b;
+    let dt = b.dtype(base);
+    let neutral = match r {
+        Reduction::Add | Reduction::None => 0.0,
+        Reduction::Mul => 1.0,
+        Reduction::Max => extreme(dt, true),
+        Reduction::Min => extreme(dt, false),
+    };
+    let nv = b.scalar(dt, neutral);
+    let masked = b.add(Op::Where {}, &[hit, upd, nv])?;
+    let red = |axes: Vec<i64>| match r {
+        Reduction::Mul => Op::ReduceProd { axes, keepdims: false },
+        Reduction::Max => Op::ReduceMax { axes, keepdims: false },
+        Reduction::Min => Op::ReduceMin { axes, keepdims: false },
+        _ => Op::ReduceSum { axes, keepdims: false },
+    };
+    let contrib = b.add(red(vec![axis]), &[masked])?;
+    Ok(match r {
+        Reduction::Add | Reduction::None => b.binary(Op::Add {}, base, contrib)?,
+        Reduction::Mul => b.binary(Op::Mul {}, base, contrib)?,
+        Reduction::Max | Reduction::Min => {
+            // Elements no update lands on keep their value.
+            let any = b.cast(hit, DType::U8)?;
+            let any = b.add(Op::ReduceMax { axes: vec![axis], keepdims: false }, &[any])?;
+            let any = b.cast(any, DType::Bool)?;
+            let op = if r == Reduction::Max { Op::Max {} } else { Op::Min {} };
+            let m = b.binary(op, base, contrib)?;
+            b.add(Op::Where {}, &[any, m, base])?
+        }
+    })
 }
 
-pub(crate) fn scatter_nd(cx: &mut Importer, n: &Node) -> R<Outs> {
-    no_reduction(n)?;
+/// `ScatterElements`; with a reduction, each data element along the axis
+/// reduces the updates whose index names it (a one-hot comparison of the
+/// indices with the axis positions).
+pub(crate) fn scatter_elements(cx: &mut Importer, n: &Node) -> R<Outs> {
+    let r = reduction(n)?;
     let (data, idx, upd) = (n.input(0)?, n.input(1)?, n.input(2)?);
-    let id = cx.b.add(Op::ScatterNd {}, &[data.id, idx.id, upd.id])?;
-    one(cx.same(data, id))
+    let rank = cx.b.rank(data.id);
+    let axis = norm_axis(n.int("axis", 0)?, rank)?;
+    if r == Reduction::None {
+        let id = cx.b.add(Op::ScatterElements { axis: axis as i64 }, &[data.id, idx.id, upd.id])?;
+        return one(cx.same(data, id));
+    }
+    let (ds, is) = (cx.b.shape(data.id), cx.b.shape(idx.id));
+    if is.len() != rank || (0..rank).any(|i| i != axis && is[i] != ds[i]) {
+        return Err(format!(
+            "with a reduction, indices must match data outside the axis: {:?} vs {:?}",
+            is.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            ds.iter().map(ToString::to_string).collect::<Vec<_>>()
+        ));
+    }
+    // Move the axis last: data [.., d], indices and updates [.., m].
+    let mut perm: Vec<i64> = (0..rank as i64).filter(|&a| a != axis as i64).collect();
+    perm.push(axis as i64);
+    let mut inv = vec![0i64; rank];
+    for (i, &p) in perm.iter().enumerate() {
+        inv[p as usize] = i as i64;
+    }
+    let dt = cx.b.transpose(data.id, perm.clone())?;
+    let it = cx.b.transpose(idx.id, perm.clone())?;
+    let ut = cx.b.transpose(upd.id, perm)?;
+    let d = ds[axis].clone();
+    let it1 = cx.b.unsqueeze(it, vec![-1])?;
+    let lin = linear_index(cx, it1, std::slice::from_ref(&d))?.ok_or("empty index")?;
+    let iota = cx.b.add(Op::Range { start: Dim::c(0), end: d, step: 1, dtype: DType::I64 }, &[])?;
+    let li = cx.b.unsqueeze(lin, vec![-1])?; // [.., m, 1]
+    let hit = cx.b.binary(Op::Eq {}, li, iota)?; // [.., m, d]
+    let u = cx.b.unsqueeze(ut, vec![-1])?; // [.., m, 1]
+    let out = reduce_scatter(cx, dt, hit, u, -2, r)?;
+    let id = cx.b.transpose(out, inv)?;
+    let v = cx.same(data, id);
+    one(cx.wrap(v)?)
+}
+
+/// `ScatterND`; with a reduction, data is flattened over the indexed axes
+/// and each position reduces the updates whose index tuple names it.
+pub(crate) fn scatter_nd(cx: &mut Importer, n: &Node) -> R<Outs> {
+    let r = reduction(n)?;
+    let (data, idx, upd) = (n.input(0)?, n.input(1)?, n.input(2)?);
+    if r == Reduction::None {
+        let id = cx.b.add(Op::ScatterNd {}, &[data.id, idx.id, upd.id])?;
+        return one(cx.same(data, id));
+    }
+    let (ds, is) = (cx.b.shape(data.id), cx.b.shape(idx.id));
+    let k = is.last().and_then(Dim::as_const).ok_or("the last dim of indices must be a constant")?;
+    let k = usize::try_from(k).map_err(|_| "the last dim of indices is negative")?;
+    if k == 0 || k > ds.len() {
+        return Err(format!("index tuples of {k} do not address data of rank {}", ds.len()));
+    }
+    let lin = linear_index(cx, idx.id, &ds[..k])?.ok_or("empty index")?;
+    let p = Dim::product(&ds[..k]);
+    let rest = ds[k..].to_vec();
+    let nupd = Dim::product(&is[..is.len() - 1]);
+    let lin = cx.b.reshape(lin, vec![nupd.clone()])?;
+    let mut ushape = vec![nupd.clone(), Dim::c(1)];
+    ushape.extend(rest.iter().cloned());
+    let u = cx.b.reshape(upd.id, ushape)?; // [n, 1, rest..]
+    let iota = cx.b.add(Op::Range { start: Dim::c(0), end: p.clone(), step: 1, dtype: DType::I64 }, &[])?;
+    let li = cx.b.unsqueeze(lin, vec![1])?; // [n, 1]
+    let hit = cx.b.binary(Op::Eq {}, li, iota)?; // [n, p]
+    let mut hshape = vec![nupd, p.clone()];
+    hshape.extend(std::iter::repeat_n(Dim::c(1), rest.len()));
+    let hit = cx.b.reshape(hit, hshape)?; // [n, p, 1..]
+    let mut flat = vec![p];
+    flat.extend(rest);
+    let base = cx.b.reshape(data.id, flat)?;
+    let out = reduce_scatter(cx, base, hit, u, 0, r)?;
+    let id = cx.b.reshape(out, ds)?;
+    let v = cx.same(data, id);
+    one(cx.wrap(v)?)
 }
 
 pub(crate) fn trilu(cx: &mut Importer, n: &Node) -> R<Outs> {
