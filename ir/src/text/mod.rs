@@ -561,6 +561,34 @@ mod tests {
     }
 
     #[test]
+    fn large_graphs_round_trip() {
+        // About the size of a 30-layer model: 30 blocks of 100 nodes.
+        let mut g = Graph::new("deep");
+        g.declare_symbol("seq", 1, 4096);
+        let mut x = g.add_input("x", t(F32, vec![s("seq"), c(64)]));
+        for layer in 0..30 {
+            let w = g.add_weight(&format!("model.layers.{layer}.weight"), TensorType::fixed(F32, &[64, 64]));
+            for i in 0..99 {
+                x = match i % 3 {
+                    0 => g.add_labeled(Op::MatMul {}, &[x, w], Some(&format!("layers.{layer}.mm{i}"))).unwrap(),
+                    1 => g.add(Op::Tanh {}, &[x]).unwrap(),
+                    _ => g.add(Op::Add {}, &[x, x]).unwrap(),
+                };
+            }
+        }
+        g.set_output("y", x);
+        let start = std::time::Instant::now();
+        let text = print(&g);
+        let printed = start.elapsed();
+        let g2 = parse(&text).unwrap();
+        let parsed = start.elapsed() - printed;
+        verify(&g2).unwrap();
+        assert_eq!(print(&g2), text);
+        assert_eq!(g2.node_count(), g.node_count());
+        eprintln!("{} nodes: print {printed:?}, parse {parsed:?}", g.node_count());
+    }
+
+    #[test]
     fn ops_markdown_lists_every_op() {
         let md = ops_markdown();
         for o in OPS {

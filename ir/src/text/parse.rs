@@ -74,8 +74,12 @@ pub enum ParseErrorKind {
 /// [`crate::verify::verify`] on the result: the parser does not check types.
 pub fn parse(src: &str) -> Result<Graph, ParseError> {
     check_version(src)?;
-    let mut p =
-        Parser { lx: Lexer { src, pos: Pos { byte: 0, line: 1, col: 1 } }, peeked: None, values: HashMap::new() };
+    let mut p = Parser {
+        lx: Lexer { src, pos: Pos { byte: 0, line: 1, col: 1 } },
+        peeked: None,
+        values: HashMap::new(),
+        dims: HashMap::new(),
+    };
     p.file()
 }
 
@@ -322,6 +326,8 @@ struct Parser<'a> {
     peeked: Option<Token>,
     /// Every defined value by name, with the line that defined it.
     values: HashMap<String, (ValueId, usize)>,
+    /// Dims already parsed, by spelling.
+    dims: HashMap<String, Dim>,
 }
 
 type R<T> = Result<T, ParseError>;
@@ -705,8 +711,15 @@ impl Parser<'_> {
         Ok(TensorType::new(dtype, shape))
     }
 
-    fn dim(&self, text: &str, at: Pos) -> R<Dim> {
-        text.parse::<Dim>().map_err(|e| self.err(at, ParseErrorKind::BadDim(e.to_string())))
+    /// Parses a dim, remembering each spelling: a model repeats a handful of
+    /// shapes thousands of times, and `Dim`'s parser canonicalises as it goes.
+    fn dim(&mut self, text: &str, at: Pos) -> R<Dim> {
+        if let Some(d) = self.dims.get(text) {
+            return Ok(d.clone());
+        }
+        let d = text.parse::<Dim>().map_err(|e| self.err(at, ParseErrorKind::BadDim(e.to_string())))?;
+        self.dims.insert(text.to_string(), d.clone());
+        Ok(d)
     }
 
     /// `[elem, elem]` with each element scanned as raw dim text.
