@@ -65,7 +65,7 @@ fn warp_shuffle_reduction() {
         b.assign(v, Expr::Var(v) + Expr::Var(other));
     }
     b.if_(
-        Expr::Var(t).rem(Expr::idx(32)).cmp(CmpOp::Eq, Expr::idx(0)),
+        (Expr::Var(t) % Expr::idx(32)).cmp(CmpOp::Eq, Expr::idx(0)),
         |b| b.store(y, Expr::Var(t) / Expr::idx(32), Expr::Var(v)),
         |_| {},
     );

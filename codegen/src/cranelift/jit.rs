@@ -60,8 +60,12 @@ pub enum RunError {
 pub struct JitKernel {
     kernel: Kernel,
     f: KernelFn,
-    /// Lowering plus Cranelift compilation plus finalisation.
+    /// Everything: ISA and JIT module setup, lowering, Cranelift
+    /// compilation, finalisation.
     pub compile_time: Duration,
+    /// Lowering and Cranelift compilation of this kernel alone (what a
+    /// kernel adds when many share one module, as in an object file).
+    pub codegen_time: Duration,
     pub isa: IsaInfo,
     _module: JITModule,
 }
@@ -73,19 +77,28 @@ impl JitKernel {
         let (isa, info) = host_isa(false)?;
         let mut module = JITModule::new(JITBuilder::with_isa(isa.clone(), cranelift_module::default_libcall_names()));
         let mut ctx = module.make_context();
+        let codegen_start = Instant::now();
         ctx.func.signature = signature(&isa);
         lower(kernel, &isa, &mut ctx.func)?;
         let id = module
             .declare_function(&kernel.name, Linkage::Export, &ctx.func.signature)
             .map_err(|e| backend(e.to_string()))?;
         module.define_function(id, &mut ctx).map_err(|e| backend(format!("{e:?}")))?;
+        let codegen_time = codegen_start.elapsed();
         module.clear_context(&mut ctx);
         module.finalize_definitions().map_err(|e| backend(e.to_string()))?;
         let code = module.get_finalized_function(id);
         // SAFETY: the function was defined with `signature`, which is this
         // type's C ABI.
         let f = unsafe { std::mem::transmute::<*const u8, KernelFn>(code) };
-        Ok(JitKernel { kernel: kernel.clone(), f, compile_time: start.elapsed(), isa: info, _module: module })
+        Ok(JitKernel {
+            kernel: kernel.clone(),
+            f,
+            compile_time: start.elapsed(),
+            codegen_time,
+            isa: info,
+            _module: module,
+        })
     }
 
     pub fn kernel(&self) -> &Kernel {

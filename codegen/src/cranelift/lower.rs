@@ -417,6 +417,7 @@ impl Lower<'_, '_> {
     }
 
     /// Cephes `expf`: `2^n * p(r)` with `n = round(x / ln 2)`.
+    #[allow(clippy::excessive_precision)] // Cephes's constants, as published.
     fn exp(&mut self, x0: Value, lanes: u8) -> Value {
         let hi = self.fconst(88.0, lanes);
         let lo = self.fconst(-87.336_55, lanes);
@@ -458,6 +459,7 @@ impl Lower<'_, '_> {
 
     /// Cephes `tanhf`: an odd polynomial below |x| = 0.625, where
     /// `1 - 2 / (exp(2|x|) + 1)` would lose relative precision, that formula above.
+    #[allow(clippy::excessive_precision)] // Cephes's constants, as published.
     fn tanh(&mut self, x: Value, lanes: u8) -> Value {
         let z = self.fb.ins().fmul(x, x);
         let coeffs = [-5.704_988_7e-3, 2.063_908_9e-2, -5.373_971_6e-2, 1.333_144_2e-1, -3.333_328_2e-1];

@@ -22,7 +22,7 @@ pub mod interp;
 mod print;
 
 use std::fmt;
-use std::ops::{Add, Div, Mul, Neg, Sub};
+use std::ops::{Add, Div, Mul, Neg, Rem, Sub};
 
 /// Scalar element types.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -521,10 +521,6 @@ impl Expr {
         self.bin(BinOp::Min, o)
     }
 
-    pub fn rem(self, o: Expr) -> Expr {
-        self.bin(BinOp::Rem, o)
-    }
-
     /// `self * b + c`.
     pub fn fma(self, b: Expr, c: Expr) -> Expr {
         Expr::Fma(Box::new(self), Box::new(b), Box::new(c))
@@ -594,6 +590,7 @@ arith!(Add, add, Add);
 arith!(Sub, sub, Sub);
 arith!(Mul, mul, Mul);
 arith!(Div, div, Div);
+arith!(Rem, rem, Rem);
 
 impl Neg for Expr {
     type Output = Expr;

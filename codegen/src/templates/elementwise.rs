@@ -72,7 +72,7 @@ pub enum Bcast {
 /// `y = op(x)` over `n` elements, split into `rows` parallel rows of
 /// `n / rows` (`rows` must divide `n`; it is the unit of thread work).
 pub fn unary(op: UnaryOp, n: usize, rows: usize) -> Result<Kernel, KirError> {
-    assert!(rows > 0 && n % rows == 0, "rows must divide n");
+    assert!(rows > 0 && n.is_multiple_of(rows), "rows must divide n");
     let cols = n / rows;
     let mut b = Builder::new(&format!("{}_{n}", format!("{op:?}").to_lowercase()));
     let x = b.input("x", n);
