@@ -59,3 +59,39 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod print_tests {
+    /// The whole text form of a small kernel, as documentation of KIR's
+    /// printer and of the template's shape.
+    #[test]
+    fn rms_norm_text() {
+        let k = super::rms_norm(2, 6, 1e-5).unwrap();
+        assert_eq!(k.to_string(), EXPECTED, "\n{k}");
+    }
+
+    const EXPECTED: &str = r"kernel @rms_norm_2x6(x: f32[12], w: f32[6], y: mut f32[12]) {
+  for r.0 in 0..2 parallel {
+    base.1: i64 = (r.0 * 6)
+    sum.2: f32 = 0.0
+    acc.3: f32x4 = splat4(0.0)
+    for j.4 in 0..4 step 4 vectorized(4) {
+      v.5: f32x4 = x[(base.1 + j.4)..+4]
+      acc.3: f32x4 = fma(v.5, v.5, acc.3)
+    }
+    sum.2: f32 = hreduce_add(acc.3)
+    for j_tail.6 in 4..6 {
+      v.7: f32 = x[(base.1 + j_tail.6)]
+      sum.2: f32 = fma(v.7, v.7, sum.2)
+    }
+    scale.8: f32 = rsqrt(((sum.2 / 6.0) + 1e-5))
+    for k.9 in 0..4 step 4 vectorized(4) {
+      y[(base.1 + k.9)..+4] = ((x[(base.1 + k.9)..+4] * splat4(scale.8)) * w[k.9..+4])
+    }
+    for k_tail.10 in 4..6 {
+      y[(base.1 + k_tail.10)] = ((x[(base.1 + k_tail.10)] * scale.8) * w[k_tail.10])
+    }
+  }
+}
+";
+}
