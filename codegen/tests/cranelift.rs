@@ -188,6 +188,10 @@ fn emits_a_shared_library_object() {
         [rms_norm(2, 17, 1e-5).unwrap(), softmax(2, 17).unwrap(), gemm(5, 7, 9, GemmParams::default()).unwrap()];
     let obj = emit_object(&kernels, "smelt_kernels").unwrap();
     assert_eq!(&obj[..4], b"\x7fELF");
+    // For trying the object by hand (`cc -shared`, then load it).
+    if let Ok(path) = std::env::var("SMELT_WRITE_OBJECT") {
+        std::fs::write(path, &obj).unwrap();
+    }
     for k in &kernels {
         let sym = format!("smelt_{}", k.name);
         assert!(obj.windows(sym.len()).any(|w| w == sym.as_bytes()), "{sym} missing");
