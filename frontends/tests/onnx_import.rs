@@ -732,3 +732,22 @@ fn data_dependent_shapes_are_reported() {
     let m = onnx::import_with(&path, &opts).unwrap();
     assert_eq!(m.graph.inputs().len(), 1);
 }
+
+/// An operator set newer than smelt implements is named in the report.
+#[test]
+fn newer_opsets_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let graph = GraphProto {
+        name: Some("new".into()),
+        node: vec![node("Relu", "r", &["x"], &["y"], vec![])],
+        input: vec![f32_info("x", &[2])],
+        output: vec![f32_info("y", &[2])],
+        ..Default::default()
+    };
+    let path = write_model(dir.path(), graph, 99);
+    let report = onnx::check(&path).unwrap();
+    assert!(!report.is_supported());
+    let text = report.to_string();
+    assert!(text.contains("ai.onnx opset 99 is newer than the newest smelt implements"), "{text}");
+    assert!(matches!(onnx::import(&path), Err(ImportError::Unsupported(_))));
+}

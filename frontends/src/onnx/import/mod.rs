@@ -309,7 +309,6 @@ impl Importer<'_> {
             self.model.graph().input.iter().filter(|i| !inits.contains(i.name())).collect();
         // Symbols first: their bounds are needed by shape reasoning, and an
         // expression dim (`past + seq`) names symbols declared elsewhere.
-        let mut declared: Vec<(String, ValueInfoProto)> = Vec::new();
         let mut symbols: BTreeMap<String, (i64, i64)> = BTreeMap::new();
         let mut typed: Vec<(String, DataType, Vec<Dim>)> = Vec::new();
         for vi in inputs {
@@ -341,7 +340,6 @@ impl Importer<'_> {
                 return Err(self.model_err(format!("graph input `{name}` has more than {MAX_ELEMENTS} elements")));
             }
             typed.push((name.clone(), ety, shape));
-            declared.push((name, vi.clone()));
         }
         for (s, (min, max)) in &symbols {
             self.b.g.declare_symbol(s, *min, *max);
