@@ -151,7 +151,7 @@ pub fn fuse(g: &mut Graph, opts: &FusionOptions) -> Result<FusionReport, PassErr
     report.extract_ms = t_ex.elapsed().as_secs_f64() * 1e3;
 
     if opts.explain {
-        report.explanations = explain(&mut eg, &lowered.value_ids, g, &choice)?;
+        report.explanations = explain(&mut eg, &lowered.value_ids, g, &choice, &roots)?;
     }
     *g = out;
     let (fused, unfused) = count_ops(g);
@@ -167,7 +167,18 @@ fn explain(
     value_ids: &HashMap<smelt_ir::ValueId, Id>,
     g: &Graph,
     choice: &crate::egraph::cost::Choice,
+    roots: &[Id],
 ) -> Result<Vec<Explanation>, PassError> {
+    // Only the fused ops the extracted graph uses.
+    let mut live = HashSet::new();
+    let mut stack: Vec<Id> = roots.iter().map(|r| eg.find(*r)).collect();
+    while let Some(id) = stack.pop() {
+        if live.insert(id) {
+            for c in choice.best[&id].1.children() {
+                stack.push(eg.find(*c));
+            }
+        }
+    }
     let mut out = Vec::new();
     let mut seen = HashSet::new();
     let mut values: Vec<_> = value_ids.iter().collect();
@@ -176,13 +187,15 @@ fn explain(
         let class = eg.find(orig);
         let (_, node) = &choice.best[&class];
         let ENode::Op(kind, _) = node else { continue };
-        if kind.info().category != Category::Fused || !seen.insert(class) {
+        if kind.info().category != Category::Fused || !live.contains(&class) || !seen.insert(class) {
             continue;
         }
         // Find the fused e-node's own id among the ids added to this class.
+        let canon = |n: &ENode| n.clone().map_children(|c| eg.find(c));
+        let want = canon(node);
         let candidates = eg.analysis.fused_ids.clone();
         let Some(fused_id) =
-            candidates.into_iter().find(|id| eg.find(*id) == class && eg.id_to_node(*id).matches(node))
+            candidates.into_iter().find(|id| eg.find(*id) == class && canon(eg.id_to_node(*id)) == want)
         else {
             continue;
         };

@@ -15,7 +15,7 @@ pub mod rope;
 
 use crate::egraph::analysis::{Analysis, EGraph};
 use crate::egraph::lang::{AttrLit, ENode, Num};
-use egg::{Applier, Id, Pattern, PatternAst, Rewrite, SearchMatches, Searcher, Subst, Symbol, Var};
+use egg::{Applier, Id, Language, Pattern, PatternAst, Rewrite, SearchMatches, Searcher, Subst, Symbol, Var};
 use smelt_ir::{DType, OpKind, TensorType};
 use std::sync::Arc;
 
@@ -101,12 +101,37 @@ impl Applier<ENode, Analysis> for Computed {
         eg: &mut EGraph,
         eclass: Id,
         subst: &Subst,
-        _searcher_ast: Option<&PatternAst<ENode>>,
+        searcher_ast: Option<&PatternAst<ENode>>,
         rule_name: Symbol,
     ) -> Vec<Id> {
-        match (self.build)(eg, subst) {
-            Some(id) if eg.union_trusted(eclass, id, rule_name) => vec![eclass],
-            _ => vec![],
+        let Some(id) = (self.build)(eg, subst) else {
+            return vec![];
+        };
+        let changed = match searcher_ast {
+            // With explanations on, the union is justified by the matched
+            // term and the built node (its children as bound variables), so
+            // the proof goes through what the rule actually matched.
+            Some(ast) if eg.are_explanations_enabled() => {
+                let node = eg.id_to_node(id).clone();
+                let mut s2 = subst.clone();
+                let mut rhs: PatternAst<ENode> = PatternAst::default();
+                let mut kids = Vec::new();
+                for (i, c) in egg::Language::children(&node).iter().enumerate() {
+                    let v: Var = format!("?__built{i}").parse().unwrap_or_else(|_| var("?__built"));
+                    s2.insert(v, *c);
+                    kids.push(rhs.add(egg::ENodeOrVar::Var(v)));
+                }
+                let mut k = kids.into_iter();
+                let top = node.map_children(|_| k.next().unwrap_or(Id::from(0)));
+                rhs.add(egg::ENodeOrVar::ENode(top));
+                eg.union_instantiations(ast, &rhs, &s2, rule_name).1
+            }
+            _ => eg.union_trusted(eclass, id, rule_name),
+        };
+        if changed {
+            vec![eclass]
+        } else {
+            vec![]
         }
     }
 }
