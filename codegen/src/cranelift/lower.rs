@@ -36,7 +36,9 @@ pub struct IsaInfo {
 pub fn host_isa(pic: bool) -> Result<(OwnedTargetIsa, IsaInfo), CompileError> {
     let mut flags = settings::builder();
     let set = |f: &mut settings::Builder, k: &str, v: &str| f.set(k, v).map_err(|e| CompileError::Isa(e.to_string()));
-    set(&mut flags, "opt_level", "speed")?;
+    // `SMELT_CL_OPT=none` is an experiment knob (see codegen/README.md on
+    // Cranelift sinking loop invariants into loops); `speed` by default.
+    set(&mut flags, "opt_level", &std::env::var("SMELT_CL_OPT").unwrap_or("speed".into()))?;
     set(&mut flags, "is_pic", if pic { "true" } else { "false" })?;
     set(&mut flags, "use_colocated_libcalls", "false")?;
     let builder = cranelift_native::builder().map_err(|e| CompileError::Isa(e.to_string()))?;
