@@ -137,7 +137,9 @@ fn matmuls_match_interpreter() {
     let mut times = vec![];
     for k in SIZES {
         for n in SIZES {
-            for (layout, vecs) in [(WeightLayout::KN, 1), (WeightLayout::KN, 4), (WeightLayout::NK, 1)] {
+            for (layout, vecs) in
+                [(WeightLayout::KN, 1), (WeightLayout::KN, 4), (WeightLayout::NK, 1), (WeightLayout::NK, 4)]
+            {
                 check(&gemv(k, n, layout, vecs).unwrap(), &[rand(k, 7), rand(k * n, 8)], 1e-5, &mut times);
             }
         }
@@ -206,7 +208,7 @@ fn emits_a_shared_library_object() {
 fn gemv_bandwidth_baseline() {
     let (k, n) = (576, 1536);
     let (x, w) = (rand(k, 1), rand(k * n, 2));
-    for (layout, vecs) in [(WeightLayout::KN, 1), (WeightLayout::KN, 4), (WeightLayout::NK, 1)] {
+    for (layout, vecs) in [(WeightLayout::KN, 1), (WeightLayout::KN, 4), (WeightLayout::NK, 1), (WeightLayout::NK, 4)] {
         let j = JitKernel::compile(&gemv(k, n, layout, vecs).unwrap()).unwrap();
         let mut y = vec![0.0; n];
         let reps = 200;

@@ -14,12 +14,14 @@ pub enum WeightLayout {
     NK,
 }
 
-/// `x: [k]`, `w` as `layout` says, `y: [n]`. With the `KN` layout each
-/// parallel iteration computes `vecs` vectors of outputs (more independent
-/// accumulators hide FMA latency); the last iteration also does the columns
-/// left over.
+/// `x: [k]`, `w` as `layout` says, `y: [n]`. `vecs` is the number of
+/// independent vector accumulators (they hide FMA latency): with `KN` each
+/// parallel iteration computes `vecs` vectors of outputs and the last one
+/// also does the columns left over; with `NK` one output's dot product is
+/// split over `vecs` accumulators.
 pub fn gemv(k: usize, n: usize, layout: WeightLayout, vecs: usize) -> Result<Kernel, KirError> {
-    let mut b = Builder::new(&format!("gemv_{k}x{n}_{}", format!("{layout:?}").to_lowercase()));
+    let layout_name = format!("{layout:?}").to_lowercase();
+    let mut b = Builder::new(&format!("gemv_{k}x{n}_{layout_name}_{vecs}"));
     let x = b.input("x", k);
     let w = b.input("w", k * n);
     let y = b.output("y", n);
@@ -50,12 +52,36 @@ pub fn gemv(k: usize, n: usize, layout: WeightLayout, vecs: usize) -> Result<Ker
                 let row = b.let_("row", j.clone() * Expr::idx(k));
                 let sum = b.let_("sum", Expr::f32(0.0));
                 if full > 0 {
-                    let acc = b.let_("acc", Expr::f32(0.0).splat(LANES));
-                    b.for_("i", Expr::idx(0), Expr::idx(full), l as i64, LoopKind::Vectorized(LANES), |b, i| {
-                        let wv = Expr::load(w, Expr::Var(row) + i.clone(), LANES);
-                        b.assign(acc, Expr::load(x, i, LANES).fma(wv, Expr::Var(acc)));
+                    // `vecs` independent accumulators over blocks of
+                    // `vecs` vectors hide the FMA latency; one accumulator
+                    // takes the whole vectors left over.
+                    let vecs = vecs.clamp(1, full / l);
+                    let block = l * vecs;
+                    let blocked = full / block * block;
+                    let accs: Vec<Var> = (0..vecs).map(|_| b.let_("acc", Expr::f32(0.0).splat(LANES))).collect();
+                    b.for_("i", Expr::idx(0), Expr::idx(blocked), block as i64, LoopKind::Vectorized(LANES), |b, i| {
+                        for (u, acc) in accs.iter().enumerate() {
+                            let at = i.clone() + Expr::idx(u * l);
+                            let wv = Expr::load(w, Expr::Var(row) + at.clone(), LANES);
+                            b.assign(*acc, Expr::load(x, at, LANES).fma(wv, Expr::Var(*acc)));
+                        }
                     });
-                    b.assign(sum, Expr::Var(acc).hreduce(RedOp::Add));
+                    if blocked < full {
+                        let acc = accs[0];
+                        b.for_(
+                            "i_vec",
+                            Expr::idx(blocked),
+                            Expr::idx(full),
+                            l as i64,
+                            LoopKind::Vectorized(LANES),
+                            |b, i| {
+                                let wv = Expr::load(w, Expr::Var(row) + i.clone(), LANES);
+                                b.assign(acc, Expr::load(x, i, LANES).fma(wv, Expr::Var(acc)));
+                            },
+                        );
+                    }
+                    let total = accs[1..].iter().fold(Expr::Var(accs[0]), |t, a| t + Expr::Var(*a));
+                    b.assign(sum, total.hreduce(RedOp::Add));
                 }
                 if full < k {
                     b.for_("i_tail", Expr::idx(full), Expr::idx(k), 1, LoopKind::Serial, |b, i| {
@@ -127,8 +153,10 @@ mod tests {
                     assert_close(&kern.name, &run_kir(&kern, &[&x, &w], threads), &want, 1e-5, 1e-5);
                 }
             }
-            let kern = gemv(k, n, WeightLayout::NK, 1).unwrap();
-            assert_close(&kern.name, &run_kir(&kern, &[&x, &transpose(&w, k, n)], 2), &want, 1e-5, 1e-5);
+            for vecs in [1, 3] {
+                let kern = gemv(k, n, WeightLayout::NK, vecs).unwrap();
+                assert_close(&kern.name, &run_kir(&kern, &[&x, &transpose(&w, k, n)], 2), &want, 1e-5, 1e-5);
+            }
         }
     }
 }
