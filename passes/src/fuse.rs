@@ -185,24 +185,37 @@ fn explain(
     values.sort();
     for (v, &orig) in values {
         let class = eg.find(orig);
-        let (_, node) = &choice.best[&class];
+        // A result of a multi-result fused op (`add_rms_norm`) is explained
+        // through the fused node its class already held (the `rms_norm`),
+        // followed by the rule that made the multi-result op.
+        let (op_class, through) = match &choice.best[&class] {
+            (_, ENode::Get(_, [t])) => (eg.find(*t), true),
+            _ => (class, false),
+        };
+        let (_, node) = &choice.best[&op_class];
         let ENode::Op(kind, _) = node else { continue };
-        if kind.info().category != Category::Fused || !live.contains(&class) || !seen.insert(class) {
+        if kind.info().category != Category::Fused || !live.contains(&op_class) || seen.contains(&op_class) {
             continue;
         }
-        // Find the fused e-node's own id among the ids added to this class.
+        // Find a fused e-node's own id among the ids added to the class.
         let canon = |n: &ENode| n.clone().map_children(|c| eg.find(c));
         let want = canon(node);
         let candidates = eg.analysis.fused_ids.clone();
-        let Some(fused_id) =
-            candidates.into_iter().find(|id| eg.find(*id) == class && canon(eg.id_to_node(*id)) == want)
+        let Some(fused_id) = candidates
+            .into_iter()
+            .filter(|id| eg.find(*id) == class && (through || canon(eg.id_to_node(*id)) == want))
+            .max()
         else {
             continue;
         };
+        seen.insert(op_class);
         let e = eg.explain_id_equivalence(orig, fused_id);
         let mut rules = Vec::new();
         let mut visited = HashSet::new();
         collect_rules(&e.explanation_trees, &mut rules, &mut visited);
+        if through {
+            rules.push("residual/add-rms-norm".to_string());
+        }
         rules.dedup();
         out.push(Explanation { op: kind.name().to_string(), label: g.def(*v).label.clone(), rules });
     }

@@ -22,6 +22,8 @@ fn explanations_name_the_rewrite_chain() {
     for rule in ["softmax/stable", "attention/core", "attention/grouped-query-heads"] {
         assert!(attn.rules.iter().any(|r| r.starts_with(rule)), "{rule} missing from {:?}", attn.rules);
     }
+    let arn = report.fusion.explanations.iter().find(|e| e.op == "add_rms_norm").unwrap();
+    assert_eq!(arn.rules.last().map(String::as_str), Some("residual/add-rms-norm"));
     let norm = report.fusion.explanations.iter().find(|e| e.op == "rms_norm").unwrap();
     assert!(norm.rules.iter().any(|r| r.starts_with("rmsnorm/")), "{:?}", norm.rules);
     println!("{}", report.fusion.summary());

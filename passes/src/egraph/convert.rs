@@ -241,9 +241,18 @@ impl<'a> Materializer<'a> {
             ENode::Attr(a) => return Err(PassError::Extract(format!("attribute {a} used as a value"))),
             ENode::Get(i, [c]) => {
                 let vals = &self.done[&self.eg.find(*c)];
-                vec![*vals
+                let v = *vals
                     .get(*i)
-                    .ok_or_else(|| PassError::Extract(format!("result {i} of a {}-result op", vals.len())))?]
+                    .ok_or_else(|| PassError::Extract(format!("result {i} of a {}-result op", vals.len())))?;
+                // A multi-result op built by a rule takes the label of the
+                // first result class that had one (the norm it replaced).
+                let def = self.graph.value(v).def;
+                if self.graph.node(def).label.is_none() {
+                    if let Some(l) = self.labels.get(&id) {
+                        self.graph.set_label(def, l);
+                    }
+                }
+                vec![v]
             }
             ENode::Op(..) => {
                 let (kind, operands, attrs) = node.split_op().unwrap_or((OpKind::Neg, &[], &[]));
