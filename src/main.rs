@@ -50,10 +50,7 @@ fn main() -> ExitCode {
             .map(|s| s.to_string())
             .or_else(|| info.payload().downcast_ref::<String>().cloned())
             .unwrap_or_else(|| "panic".to_string());
-        let at = info
-            .location()
-            .map(|l| format!(" at {}:{}", l.file(), l.line()))
-            .unwrap_or_default();
+        let at = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
         eprintln!("error: internal error (a bug in smelt): {}{at}", one_line(&msg));
     }));
 
@@ -99,16 +96,9 @@ fn usage_error(e: clap::Error) -> ExitCode {
         _ => {}
     }
     let text = e.render().to_string();
-    let msg: Vec<&str> = text
-        .lines()
-        .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
-        .collect();
-    let msg = msg
-        .iter()
-        .map(|l| l.trim())
-        .filter(|l| !l.is_empty())
-        .collect::<Vec<_>>()
-        .join(" ");
+    let msg: Vec<&str> =
+        text.lines().take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information")).collect();
+    let msg = msg.iter().map(|l| l.trim()).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" ");
     let msg = msg.strip_prefix("error: ").unwrap_or(&msg);
     eprintln!("error: {msg} (see `smelt --help`)");
     ExitCode::FAILURE
@@ -133,19 +123,12 @@ fn chain(e: &anyhow::Error) -> String {
 
 /// Joins a multi-line message into one line.
 fn one_line(msg: &str) -> String {
-    msg.lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .collect::<Vec<_>>()
-        .join("; ")
+    msg.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; ")
 }
 
 /// A closed stdout (`smelt inspect --ir | head`) is not an error.
 fn is_broken_pipe(e: &anyhow::Error) -> bool {
-    e.chain().any(|c| {
-        c.downcast_ref::<std::io::Error>()
-            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
-    })
+    e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe))
 }
 
 /// Writes to stdout, returning an error (not panicking) when it is closed.

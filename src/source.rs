@@ -2,8 +2,11 @@
 //! (it has `manifest.json`, or its name ends in `.smelt`), a Hugging Face
 //! checkpoint folder (any other directory), or an ONNX file (`.onnx`).
 //!
-//! Checkpoints are compiled in memory (the frontend's graph, verified) so
-//! `run`, `generate` and `inspect` accept them as well as artifacts.
+//! Checkpoints and ONNX files are compiled in memory (the frontend's graph,
+//! verified) so `run`, `generate` and `inspect` accept them as well as
+//! artifacts. An ONNX file carries no tokenizer or end-of-sequence ids; they
+//! are taken from a `tokenizer.json` and a `config.json` beside it when
+//! those exist (as in an exported Hugging Face folder).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -45,14 +48,6 @@ impl Source {
     }
 }
 
-/// The error for ONNX input until the ONNX frontend builds graphs.
-pub fn onnx_unavailable(path: &Path) -> anyhow::Error {
-    anyhow::anyhow!(
-        "{}: the ONNX frontend is not available yet in this build (use a Hugging Face checkpoint folder)",
-        path.display()
-    )
-}
-
 /// A model ready to run: graph, weights and what is known about it.
 pub struct Loaded {
     pub graph: Graph,
@@ -60,6 +55,8 @@ pub struct Loaded {
     pub info: ModelInfo,
     pub tokenizer: Option<PathBuf>,
     pub eos_token_ids: Vec<i64>,
+    /// What the path was: `artifact`, `checkpoint` or `onnx`.
+    pub kind: &'static str,
     /// Set when the model came from an artifact.
     pub manifest: Option<Manifest>,
 }
@@ -95,6 +92,7 @@ pub fn load_checkpoint(dir: &Path) -> Result<Loaded> {
         info,
         tokenizer,
         eos_token_ids: m.config.eos_token_id.clone(),
+        kind: "checkpoint",
         manifest: None,
     })
 }
@@ -106,12 +104,39 @@ pub fn verify(g: &Graph, source: &Path) -> Result<()> {
         let all = e.to_string();
         let n = all.lines().count();
         let first = all.lines().next().unwrap_or_default();
-        let more = if n > 1 {
-            format!(" (and {} more)", n - 1)
-        } else {
-            String::new()
-        };
+        let more = if n > 1 { format!(" (and {} more)", n - 1) } else { String::new() };
         anyhow::anyhow!("the IR built from {} does not verify: {first}{more}", source.display())
+    })
+}
+
+/// Imports an ONNX file with the ONNX frontend and verifies the graph.
+pub fn load_onnx(path: &Path) -> Result<Loaded> {
+    let m = smelt_frontends::onnx::import(path)?;
+    verify(&m.graph, path)?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    // A config.json beside the file names the model and its end tokens; one
+    // that does not parse is ignored, since the ONNX file alone is the model.
+    let config = Some(dir.join("config.json")).filter(|p| p.is_file()).and_then(|p| hf::HfConfig::from_file(p).ok());
+    let layers = m.graph.inputs().iter().filter(|(n, _)| n.starts_with("past_key_values.")).count() / 2;
+    let info = ModelInfo {
+        architecture: config
+            .as_ref()
+            .and_then(|c| c.architectures.first().cloned())
+            .unwrap_or_else(|| m.graph.name.clone()),
+        model_type: config.as_ref().map(|c| c.arch.model_type().to_string()),
+        parameters: m.weights.values().map(|t| t.numel() as u64).sum(),
+        layers: config.as_ref().map(|c| c.num_hidden_layers).unwrap_or(layers),
+        stored_dtype: uniform_dtype(&m.weights),
+        source: path.display().to_string(),
+    };
+    Ok(Loaded {
+        graph: m.graph,
+        weights: m.weights,
+        info,
+        tokenizer: Some(dir.join("tokenizer.json")).filter(|p| p.is_file()),
+        eos_token_ids: config.map(|c| c.eos_token_id).unwrap_or_default(),
+        kind: "onnx",
+        manifest: None,
     })
 }
 
@@ -127,6 +152,7 @@ pub fn load_artifact(dir: &Path) -> Result<Loaded> {
         info: m.model.clone(),
         tokenizer: a.tokenizer_path(),
         eos_token_ids: m.eos_token_ids.clone(),
+        kind: "artifact",
         manifest: Some(m),
     })
 }
@@ -136,7 +162,7 @@ pub fn load(path: &Path) -> Result<Loaded> {
     match Source::classify(path)? {
         Source::Artifact(p) => load_artifact(&p),
         Source::Checkpoint(p) => load_checkpoint(&p),
-        Source::Onnx(p) => Err(onnx_unavailable(&p)),
+        Source::Onnx(p) => load_onnx(&p),
     }
 }
 

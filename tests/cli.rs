@@ -71,10 +71,7 @@ fn check_model(name: &str, flags: &[&str]) {
     let from_folder = run(&dir, BTreeMap::from([("input_ids".to_string(), ids.clone())]));
     assert_eq!(full, from_folder, "{name}: artifact and checkpoint folder disagree");
 
-    let first = run(
-        &art,
-        BTreeMap::from([("input_ids".to_string(), seq_slice(&ids, 0, split))]),
-    );
+    let first = run(&art, BTreeMap::from([("input_ids".to_string(), seq_slice(&ids, 0, split))]));
     let mut inputs = BTreeMap::from([("input_ids".to_string(), seq_slice(&ids, split, s))]);
     for (k, t) in &first {
         if let Some(rest) = k.strip_prefix("present.") {
@@ -99,23 +96,10 @@ fn check_model(name: &str, flags: &[&str]) {
 
     // Every generated token is a top token of the full-sequence logits at
     // its position.
-    let json = ok(&[
-        &"generate",
-        &art,
-        &"--prompt-ids",
-        &"5,9,2",
-        &"--max-new-tokens",
-        &"6",
-        &"--ignore-eos",
-        &"--json",
-    ]);
+    let json =
+        ok(&[&"generate", &art, &"--prompt-ids", &"5,9,2", &"--max-new-tokens", &"6", &"--ignore-eos", &"--json"]);
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
-    let gen: Vec<i64> = v["ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_i64().unwrap())
-        .collect();
+    let gen: Vec<i64> = v["ids"].as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect();
     assert_eq!(gen.len(), 3 + 6, "{name}: {v}");
     assert_eq!(&gen[..3], &[5, 9, 2]);
     let n = gen.len() - 1;
@@ -162,10 +146,7 @@ fn committed_tiny_model_is_what_make_test_model_writes() {
     let flags = ["--arch", "llama", "--seed", "0"];
     make_model(&fresh, &flags);
     for f in ["config.json", "model.safetensors", "tokenizer.json"] {
-        let (a, b) = (
-            std::fs::read(committed.join(f)).unwrap(),
-            std::fs::read(fresh.join(f)).unwrap(),
-        );
+        let (a, b) = (std::fs::read(committed.join(f)).unwrap(), std::fs::read(fresh.join(f)).unwrap());
         assert!(
             a == b,
             "models/tiny-random-llama/{f} differs from what `smelt make-test-model models/tiny-random-llama {}` \
@@ -181,38 +162,17 @@ fn text_generation_inspect_and_usage() {
     let dir = tmp.path().join("m");
     make_model(&dir, &["--arch", "llama", "--layers", "1"]);
     // Straight from the folder: compiled in memory.
-    let text = ok(&[
-        &"generate",
-        &dir,
-        &"--prompt",
-        &"Hello, smelt!",
-        &"--max-new-tokens",
-        &"5",
-    ]);
+    let text = ok(&[&"generate", &dir, &"--prompt", &"Hello, smelt!", &"--max-new-tokens", &"5"]);
     assert!(text.starts_with("Hello, smelt!"), "{text:?}");
     assert!(text.ends_with('\n'));
-    let json = ok(&[
-        &"generate",
-        &dir,
-        &"--prompt",
-        &"Hello, smelt!",
-        &"--max-new-tokens",
-        &"5",
-        &"--json",
-    ]);
+    let json = ok(&[&"generate", &dir, &"--prompt", &"Hello, smelt!", &"--max-new-tokens", &"5", &"--json"]);
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert_eq!(v["prompt_tokens"], 13, "{v}");
     assert!(v["new_tokens"].as_u64().unwrap() <= 5);
     assert!(v["text"].as_str().unwrap().starts_with("Hello, smelt!"));
 
     let summary = ok(&[&"inspect", &dir]);
-    for want in [
-        "LlamaForCausalLM (llama)",
-        "layers        1",
-        "input_ids",
-        "present.0.value",
-        "matmul",
-    ] {
+    for want in ["LlamaForCausalLM (llama)", "layers        1", "input_ids", "present.0.value", "matmul"] {
         assert!(summary.contains(want), "`{want}` not in:\n{summary}");
     }
     let ir = ok(&[&"inspect", &dir, &"--ir"]);

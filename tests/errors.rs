@@ -54,11 +54,7 @@ fn missing_config() {
 #[test]
 fn malformed_config() {
     let (_t, dir) = model();
-    std::fs::write(
-        dir.join("config.json"),
-        "{\n  \"model_type\": \"llama\",\n  \"hidden_size\": 64,,\n}",
-    )
-    .unwrap();
+    std::fs::write(dir.join("config.json"), "{\n  \"model_type\": \"llama\",\n  \"hidden_size\": 64,,\n}").unwrap();
     compile_fails(&dir, &["config.json", "malformed JSON at line 3"]);
 }
 
@@ -66,18 +62,7 @@ fn malformed_config() {
 fn unknown_model_type_lists_supported_ones() {
     let (_t, dir) = model();
     edit_config(&dir, |v| v["model_type"] = "gpt9".into());
-    compile_fails(
-        &dir,
-        &[
-            "unknown model_type `gpt9`",
-            "llama",
-            "mistral",
-            "qwen2",
-            "qwen3",
-            "gemma",
-            "phi3",
-        ],
-    );
+    compile_fails(&dir, &["unknown model_type `gpt9`", "llama", "mistral", "qwen2", "qwen3", "gemma", "phi3"]);
 }
 
 #[test]
@@ -141,29 +126,17 @@ fn safetensors_header_lying_about_its_length() {
 }
 
 #[test]
-fn missing_model_path_and_onnx_and_unimplemented_targets() {
+fn missing_model_path_bad_onnx_and_unimplemented_targets() {
     let tmp = tempfile::tempdir().unwrap();
     let nowhere = tmp.path().join("nowhere");
-    fails(
-        &[&"compile", &nowhere, &"-o", &tmp.path().join("x.smelt")],
-        &["no such file or directory"],
-    );
+    fails(&[&"compile", &nowhere, &"-o", &tmp.path().join("x.smelt")], &["no such file or directory"]);
     let onnx = tmp.path().join("model.onnx");
     std::fs::write(&onnx, b"not really onnx").unwrap();
-    fails(
-        &[&"compile", &onnx, &"-o", &tmp.path().join("x.smelt")],
-        &["ONNX frontend is not available yet"],
-    );
+    fails(&[&"compile", &onnx, &"-o", &tmp.path().join("x.smelt")], &["model.onnx"]);
+    assert!(!tmp.path().join("x.smelt").exists());
     for target in ["cpu", "cuda"] {
         fails(
-            &[
-                &"compile",
-                &tmp.path(),
-                &"-o",
-                &tmp.path().join("x.smelt"),
-                &"--target",
-                &target,
-            ],
+            &[&"compile", &tmp.path(), &"-o", &tmp.path().join("x.smelt"), &"--target", &target],
             &[&format!("target `{target}` is not implemented yet")],
         );
     }
@@ -189,46 +162,22 @@ fn run_with(art: &Path, inputs: BTreeMap<String, Tensor>, wants: &[&str]) {
     let dir = art.parent().unwrap();
     let inp = dir.join("in.safetensors");
     write_tensors(&inp, &inputs);
-    fails(
-        &[
-            &"run",
-            &art,
-            &"--inputs",
-            &inp,
-            &"--outputs",
-            &dir.join("out.safetensors"),
-        ],
-        wants,
-    );
+    fails(&[&"run", &art, &"--inputs", &inp, &"--outputs", &dir.join("out.safetensors")], wants);
 }
 
 #[test]
 fn run_rejects_wrong_input_names_shapes_and_dtypes() {
     let (_t, art) = artifact();
+    run_with(&art, BTreeMap::from([("input_id".to_string(), ids(vec![1, 3]))]), &["input_id"]);
     run_with(
         &art,
-        BTreeMap::from([("input_id".to_string(), ids(vec![1, 3]))]),
-        &["input_id"],
-    );
-    run_with(
-        &art,
-        BTreeMap::from([
-            ("input_ids".to_string(), ids(vec![1, 3])),
-            ("inputs_embeds".to_string(), ids(vec![1, 3])),
-        ]),
+        BTreeMap::from([("input_ids".to_string(), ids(vec![1, 3])), ("inputs_embeds".to_string(), ids(vec![1, 3]))]),
         &["unknown input `inputs_embeds`"],
     );
+    run_with(&art, BTreeMap::from([("input_ids".to_string(), ids(vec![3]))]), &["input `input_ids`", "rank"]);
     run_with(
         &art,
-        BTreeMap::from([("input_ids".to_string(), ids(vec![3]))]),
-        &["input `input_ids`", "rank"],
-    );
-    run_with(
-        &art,
-        BTreeMap::from([
-            ("input_ids".to_string(), ids(vec![1, 3])),
-            ("attention_mask".to_string(), ids(vec![1, 5])),
-        ]),
+        BTreeMap::from([("input_ids".to_string(), ids(vec![1, 3])), ("attention_mask".to_string(), ids(vec![1, 5]))]),
         &["attention_mask"],
     );
     run_with(
@@ -243,14 +192,7 @@ fn run_rejects_wrong_input_names_shapes_and_dtypes() {
     let bad = dir.join("bad.safetensors");
     std::fs::write(&bad, b"\x10\x00\x00").unwrap();
     fails(
-        &[
-            &"run",
-            &art,
-            &"--inputs",
-            &bad,
-            &"--outputs",
-            &dir.join("o.safetensors"),
-        ],
+        &[&"run", &art, &"--inputs", &bad, &"--outputs", &dir.join("o.safetensors")],
         &["bad.safetensors", "not a valid safetensors file"],
     );
 }
@@ -264,10 +206,7 @@ fn corrupted_artifacts_are_refused() {
     bytes[i] ^= 0xff;
     std::fs::write(&w, &bytes).unwrap();
     let args = ["--prompt-ids", "1,2", "--max-new-tokens", "1"];
-    fails(
-        &[&"generate", &art, &args[0], &args[1], &args[2], &args[3]],
-        &["weights.safetensors", "sha256"],
-    );
+    fails(&[&"generate", &art, &args[0], &args[1], &args[2], &args[3]], &["weights.safetensors", "sha256"]);
     bytes[i] ^= 0xff;
     std::fs::write(&w, &bytes).unwrap();
     ok(&[&"generate", &art, &args[0], &args[1], &args[2], &args[3]]);
@@ -287,23 +226,14 @@ fn corrupted_artifacts_are_refused() {
 #[test]
 fn generate_rejects_bad_prompts() {
     let (_t, art) = artifact();
-    fails(
-        &[&"generate", &art, &"--prompt-ids", &"1,x,3", &"--max-new-tokens", &"2"],
-        &["`x` is not a token id"],
-    );
+    fails(&[&"generate", &art, &"--prompt-ids", &"1,x,3", &"--max-new-tokens", &"2"], &["`x` is not a token id"]);
     fails(
         &[&"generate", &art, &"--prompt-ids", &"1,999", &"--max-new-tokens", &"2"],
         &["token id 999 is out of range"],
     );
-    fails(
-        &[&"generate", &art, &"--prompt-ids", &"", &"--max-new-tokens", &"2"],
-        &["empty"],
-    );
+    fails(&[&"generate", &art, &"--prompt-ids", &"", &"--max-new-tokens", &"2"], &["empty"]);
     let no_tok = art.parent().unwrap().join("notok");
     make_model(&no_tok, &["--arch", "qwen2", "--layers", "1"]);
     std::fs::remove_file(no_tok.join("tokenizer.json")).unwrap();
-    fails(
-        &[&"generate", &no_tok, &"--prompt", &"hi", &"--max-new-tokens", &"2"],
-        &["no tokenizer.json"],
-    );
+    fails(&[&"generate", &no_tok, &"--prompt", &"hi", &"--max-new-tokens", &"2"], &["no tokenizer.json"]);
 }

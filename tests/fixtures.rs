@@ -1,9 +1,11 @@
 //! End to end on `../shared/fixtures`: for every model folder, `smelt
-//! compile` to an interp artifact, then
+//! compile` the checkpoint folder, `model-kv.onnx` and `model.onnx` to interp
+//! artifacts, then (for each, where the model has the inputs)
 //! - `smelt run` with `input_ids` reproduces `logits`;
 //! - `smelt run` with the `kv.*` inputs (renamed to the model's input names)
 //!   reproduces `kv.logits` and `kv.present.*`;
-//! - `smelt generate --prompt-ids` reproduces `greedy_ids` (prompt included);
+//! - `smelt generate --prompt-ids` reproduces `greedy_ids` (prompt included;
+//!   `model.onnx` has no cache, so generation re-runs the sequence);
 //! - `tokenizer.json` turns `tokenizer_example.text` into its ids, and
 //!   `smelt generate --prompt` encodes and decodes through it.
 //!
@@ -17,15 +19,15 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use common::*;
+use smelt_ir::Tensor;
 
 const TOL: f64 = 1e-3;
 
-fn check_fixture(dir: &Path) {
-    let name = dir.file_name().unwrap().to_string_lossy().to_string();
+/// Checks one compiled artifact against the reference: logits from
+/// `input_ids` alone, the decoder-with-past step when the model has a cache
+/// (`has_kv`), and greedy generation.
+fn check_artifact(name: &str, art: &Path, reference: &BTreeMap<String, Tensor>, has_kv: bool) {
     let tmp = tempfile::tempdir().unwrap();
-    let art = tmp.path().join(format!("{name}.smelt"));
-    ok(&[&"compile", &dir, &"-o", &art]);
-    let reference = read_tensors(&dir.join("reference.safetensors"));
 
     // Full-sequence forward from input_ids alone.
     let inp = tmp.path().join("in.safetensors");
@@ -40,94 +42,76 @@ fn check_fixture(dir: &Path) {
     assert!(err <= TOL, "{name}: logits max abs err {err} > {TOL}");
 
     // One decoder-with-past step.
-    let mut inputs = BTreeMap::new();
-    for (k, t) in &reference {
-        if let Some(rest) = k.strip_prefix("kv.past.") {
-            inputs.insert(format!("past_key_values.{rest}"), t.clone());
-        } else if let Some(n) = ["input_ids", "attention_mask", "position_ids"]
-            .into_iter()
-            .find(|n| k == &format!("kv.{n}"))
-        {
-            inputs.insert(n.to_string(), t.clone());
+    if has_kv {
+        let mut inputs = BTreeMap::new();
+        for (k, t) in reference {
+            if let Some(rest) = k.strip_prefix("kv.past.") {
+                inputs.insert(format!("past_key_values.{rest}"), t.clone());
+            } else if let Some(n) =
+                ["input_ids", "attention_mask", "position_ids"].into_iter().find(|n| k == &format!("kv.{n}"))
+            {
+                inputs.insert(n.to_string(), t.clone());
+            }
         }
-    }
-    assert!(
-        inputs.len() > 3,
-        "{name}: no kv.past.* tensors in reference.safetensors"
-    );
-    write_tensors(&inp, &inputs);
-    ok(&[&"run", &art, &"--inputs", &inp, &"--outputs", &outp]);
-    let out = read_tensors(&outp);
-    let mut worst = max_abs_err("kv.logits", &out["logits"], &reference["kv.logits"]);
-    let mut presents = 0;
-    for (k, want) in &reference {
-        if let Some(rest) = k.strip_prefix("kv.present.") {
-            let got = out
-                .get(&format!("present.{rest}"))
-                .unwrap_or_else(|| panic!("{name}: no output present.{rest}"));
-            worst = worst.max(max_abs_err(k, got, want));
-            presents += 1;
+        assert!(inputs.len() > 3, "{name}: no kv.past.* tensors in reference.safetensors");
+        write_tensors(&inp, &inputs);
+        ok(&[&"run", &art, &"--inputs", &inp, &"--outputs", &outp]);
+        let out = read_tensors(&outp);
+        let mut worst = max_abs_err("kv.logits", &out["logits"], &reference["kv.logits"]);
+        let mut presents = 0;
+        for (k, want) in reference {
+            if let Some(rest) = k.strip_prefix("kv.present.") {
+                let got =
+                    out.get(&format!("present.{rest}")).unwrap_or_else(|| panic!("{name}: no output present.{rest}"));
+                worst = worst.max(max_abs_err(k, got, want));
+                presents += 1;
+            }
         }
+        assert_eq!(presents, inputs.len() - 3, "{name}: one present per past");
+        println!("{name}: kv step max abs err {worst:.2e}");
+        assert!(worst <= TOL, "{name}: kv step max abs err {worst} > {TOL}");
     }
-    assert_eq!(presents, inputs.len() - 3, "{name}: one present per past");
-    println!("{name}: kv step max abs err {worst:.2e}");
-    assert!(worst <= TOL, "{name}: kv step max abs err {worst} > {TOL}");
 
-    // Greedy generation with the KV cache.
+    // Greedy generation (with the KV cache when the model has one).
     let prompt: Vec<String> = reference["prompt"].to_i64_vec().iter().map(|i| i.to_string()).collect();
     let want: Vec<i64> = reference["greedy_ids"].to_i64_vec();
     let new = want.len() - prompt.len();
-    let json = ok(&[
-        &"generate",
-        &art,
-        &"--prompt-ids",
-        &prompt.join(","),
-        &"--max-new-tokens",
-        &new.to_string(),
-        &"--json",
-    ]);
+    let json =
+        ok(&[&"generate", &art, &"--prompt-ids", &prompt.join(","), &"--max-new-tokens", &new.to_string(), &"--json"]);
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
-    let got: Vec<i64> = v["ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_i64().unwrap())
-        .collect();
+    let got: Vec<i64> = v["ids"].as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect();
     assert_eq!(got, want, "{name}: greedy ids");
+}
+
+fn check_fixture(dir: &Path) {
+    let name = dir.file_name().unwrap().to_string_lossy().to_string();
+    let tmp = tempfile::tempdir().unwrap();
+    let reference = read_tensors(&dir.join("reference.safetensors"));
+    // The checkpoint folder, and both ONNX exports of the same model.
+    let sources = [
+        (dir.to_path_buf(), "hf", true),
+        (dir.join("model-kv.onnx"), "model-kv.onnx", true),
+        (dir.join("model.onnx"), "model.onnx", false),
+    ];
+    for (source, label, has_kv) in &sources {
+        let art = tmp.path().join(format!("{name}-{label}.smelt"));
+        ok(&[&"compile", source, &"-o", &art]);
+        check_artifact(&format!("{name} ({label})"), &art, &reference, *has_kv);
+    }
+    let art = tmp.path().join(format!("{name}-hf.smelt"));
 
     // The tokenizer, directly and through `generate --prompt`.
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
     let text = report["tokenizer_example"]["text"].as_str().unwrap();
-    let ids: Vec<u32> = report["tokenizer_example"]["ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect();
+    let ids: Vec<u32> =
+        report["tokenizer_example"]["ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
     let tok = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
-    assert_eq!(
-        tok.encode(text, true).unwrap().get_ids(),
-        ids.as_slice(),
-        "{name}: tokenizer"
-    );
+    assert_eq!(tok.encode(text, true).unwrap().get_ids(), ids.as_slice(), "{name}: tokenizer");
     assert_eq!(tok.decode(&ids, true).unwrap(), text, "{name}: tokenizer decode");
-    let json = ok(&[
-        &"generate",
-        &art,
-        &"--prompt",
-        &text,
-        &"--max-new-tokens",
-        &"2",
-        &"--json",
-    ]);
+    let json = ok(&[&"generate", &art, &"--prompt", &text, &"--max-new-tokens", &"2", &"--json"]);
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
-    let got: Vec<u32> = v["ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect();
+    let got: Vec<u32> = v["ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
     assert_eq!(&got[..ids.len()], ids.as_slice(), "{name}: generate --prompt ids");
     assert_eq!(got.len(), ids.len() + 2);
     assert!(v["text"].as_str().unwrap().starts_with(text), "{name}: {v}");
@@ -170,11 +154,5 @@ fn every_fixture_reproduces_the_reference() {
         }
     });
     let failures = failures.into_inner().unwrap();
-    assert!(
-        failures.is_empty(),
-        "{} of {} fixtures failed:\n{}",
-        failures.len(),
-        dirs.len(),
-        failures.join("\n\n")
-    );
+    assert!(failures.is_empty(), "{} of {} fixtures failed:\n{}", failures.len(), dirs.len(), failures.join("\n\n"));
 }

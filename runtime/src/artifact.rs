@@ -54,12 +54,7 @@ pub enum ArtifactError {
     #[error("{}: not a smelt artifact (no {MANIFEST_FILE})", dir.display())]
     NotAnArtifact { dir: PathBuf },
     #[error("{}: malformed JSON at line {line} column {column}: {msg}", path.display())]
-    ManifestJson {
-        path: PathBuf,
-        line: usize,
-        column: usize,
-        msg: String,
-    },
+    ManifestJson { path: PathBuf, line: usize, column: usize, msg: String },
     #[error("{}: invalid manifest: {msg}", path.display())]
     ManifestInvalid { path: PathBuf, msg: String },
     #[error("{}: artifact format version {found} is not supported (this smelt reads version {FORMAT_VERSION}); recompile the model", dir.display())]
@@ -69,19 +64,9 @@ pub enum ArtifactError {
     #[error("{}: file `{name}` listed in the manifest is missing", dir.display())]
     MissingFile { dir: PathBuf, name: String },
     #[error("{}: file `{name}` is {found} bytes, the manifest says {expected} (corrupted or modified)", dir.display())]
-    SizeMismatch {
-        dir: PathBuf,
-        name: String,
-        expected: u64,
-        found: u64,
-    },
+    SizeMismatch { dir: PathBuf, name: String, expected: u64, found: u64 },
     #[error("{}: file `{name}` has sha256 {found}, the manifest says {expected} (corrupted or modified)", dir.display())]
-    HashMismatch {
-        dir: PathBuf,
-        name: String,
-        expected: String,
-        found: String,
-    },
+    HashMismatch { dir: PathBuf, name: String, expected: String, found: String },
     #[error("{}: {GRAPH_FILE}:{msg}", dir.display())]
     GraphParse { dir: PathBuf, msg: String },
     #[error("{}: the graph does not verify: {msg}", dir.display())]
@@ -95,10 +80,7 @@ pub enum ArtifactError {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ArtifactError + '_ {
-    move |source| ArtifactError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
+    move |source| ArtifactError::Io { path: path.to_path_buf(), source }
 }
 
 /// What the model is, for `smelt inspect` and for people reading the manifest.
@@ -185,21 +167,9 @@ impl Signature {
     /// The signature of a graph: its inputs, outputs and symbol bounds.
     pub fn from_graph(g: &Graph) -> Signature {
         Signature {
-            inputs: g
-                .inputs()
-                .iter()
-                .map(|(n, v)| TensorSig::new(n, g.ty(*v), is_optional_input(n)))
-                .collect(),
-            outputs: g
-                .outputs()
-                .iter()
-                .map(|(n, v)| TensorSig::new(n, g.ty(*v), false))
-                .collect(),
-            symbols: g
-                .symbols()
-                .iter()
-                .map(|(n, b)| (n.clone(), Bounds { min: b.min, max: b.max }))
-                .collect(),
+            inputs: g.inputs().iter().map(|(n, v)| TensorSig::new(n, g.ty(*v), is_optional_input(n))).collect(),
+            outputs: g.outputs().iter().map(|(n, v)| TensorSig::new(n, g.ty(*v), false)).collect(),
+            symbols: g.symbols().iter().map(|(n, b)| (n.clone(), Bounds { min: b.min, max: b.max })).collect(),
         }
     }
 
@@ -266,10 +236,7 @@ pub fn check_weights(g: &Graph, weights: &BTreeMap<String, Tensor>) -> Result<()
     for (name, v) in g.weights() {
         let ty = g.ty(v);
         let Some(t) = weights.get(&name) else {
-            return Err(ArtifactError::Weight {
-                name,
-                why: "is referenced by the graph but not given".to_string(),
-            });
+            return Err(ArtifactError::Weight { name, why: "is referenced by the graph but not given".to_string() });
         };
         let shape_ok = ty.const_shape().is_some_and(|s| s == t.shape);
         if t.dtype != ty.dtype || !shape_ok {
@@ -286,19 +253,15 @@ pub fn check_weights(g: &Graph, weights: &BTreeMap<String, Tensor>) -> Result<()
 /// or replaced if it already is an artifact). Returns the manifest written.
 pub fn write_interp_artifact(out: &Path, a: &InterpArtifact<'_>) -> Result<Manifest, ArtifactError> {
     let dir_for_errors = out.to_path_buf();
-    smelt_ir::verify::verify(a.graph).map_err(|e| ArtifactError::GraphInvalid {
-        dir: dir_for_errors.clone(),
-        msg: first_lines(&e.to_string()),
-    })?;
+    smelt_ir::verify::verify(a.graph)
+        .map_err(|e| ArtifactError::GraphInvalid { dir: dir_for_errors.clone(), msg: first_lines(&e.to_string()) })?;
     check_weights(a.graph, a.weights)?;
 
     if out.exists() {
         let is_artifact = out.join(MANIFEST_FILE).is_file();
         let is_empty_dir = out.is_dir() && std::fs::read_dir(out).map_err(io(out))?.next().is_none();
         if !is_artifact && !is_empty_dir {
-            return Err(ArtifactError::WouldOverwrite {
-                path: out.to_path_buf(),
-            });
+            return Err(ArtifactError::WouldOverwrite { path: out.to_path_buf() });
         }
     }
 
@@ -308,10 +271,7 @@ pub fn write_interp_artifact(out: &Path, a: &InterpArtifact<'_>) -> Result<Manif
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let file_name = out
-        .file_name()
-        .map(|n| n.to_string_lossy().to_string())
-        .unwrap_or_default();
+    let file_name = out.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
     std::fs::create_dir_all(&parent).map_err(io(&parent))?;
     let tmp = parent.join(format!(".{file_name}.tmp-{}", std::process::id()));
     if tmp.exists() {
@@ -338,21 +298,13 @@ fn write_files(tmp: &Path, out: &Path, a: &InterpArtifact<'_>) -> Result<Manifes
     let mut put = |name: &str, bytes: &[u8]| -> Result<(), ArtifactError> {
         let p = tmp.join(name);
         std::fs::write(&p, bytes).map_err(io(&p))?;
-        files.push(FileEntry {
-            name: name.to_string(),
-            size: bytes.len() as u64,
-            sha256: sha256_hex(bytes),
-        });
+        files.push(FileEntry { name: name.to_string(), size: bytes.len() as u64, sha256: sha256_hex(bytes) });
         Ok(())
     };
     put(GRAPH_FILE, smelt_ir::text::print(a.graph).as_bytes())?;
     // Only the weights the graph references are stored.
-    let used: BTreeMap<String, Tensor> = a
-        .graph
-        .weights()
-        .into_iter()
-        .filter_map(|(n, _)| a.weights.get(&n).map(|t| (n, t.clone())))
-        .collect();
+    let used: BTreeMap<String, Tensor> =
+        a.graph.weights().into_iter().filter_map(|(n, _)| a.weights.get(&n).map(|t| (n, t.clone()))).collect();
     put(WEIGHTS_FILE, &tensor_file_bytes(&out.join(WEIGHTS_FILE), &used)?)?;
     let tokenizer = match a.tokenizer {
         Some(p) => {
@@ -372,10 +324,8 @@ fn write_files(tmp: &Path, out: &Path, a: &InterpArtifact<'_>) -> Result<Manifes
         tokenizer,
         eos_token_ids: a.eos_token_ids.clone(),
     };
-    let json = serde_json::to_string_pretty(&manifest).map_err(|e| ArtifactError::ManifestInvalid {
-        path: out.join(MANIFEST_FILE),
-        msg: e.to_string(),
-    })?;
+    let json = serde_json::to_string_pretty(&manifest)
+        .map_err(|e| ArtifactError::ManifestInvalid { path: out.join(MANIFEST_FILE), msg: e.to_string() })?;
     let p = tmp.join(MANIFEST_FILE);
     std::fs::write(&p, json + "\n").map_err(io(&p))?;
     Ok(manifest)
@@ -431,10 +381,7 @@ impl Artifact {
         for f in &manifest.files {
             let p = dir.join(&f.name);
             if !p.is_file() {
-                return Err(ArtifactError::MissingFile {
-                    dir: dir_buf,
-                    name: f.name.clone(),
-                });
+                return Err(ArtifactError::MissingFile { dir: dir_buf, name: f.name.clone() });
             }
             let bytes = std::fs::read(&p).map_err(io(&p))?;
             if bytes.len() as u64 != f.size {
@@ -475,14 +422,10 @@ impl Artifact {
     /// Parses and verifies the graph.
     pub fn graph(&self) -> Result<Graph, ArtifactError> {
         let text = self.graph_text()?;
-        let g = smelt_ir::text::parse(&text).map_err(|e| ArtifactError::GraphParse {
-            dir: self.dir.clone(),
-            msg: e.to_string(),
-        })?;
-        smelt_ir::verify::verify(&g).map_err(|e| ArtifactError::GraphInvalid {
-            dir: self.dir.clone(),
-            msg: first_lines(&e.to_string()),
-        })?;
+        let g = smelt_ir::text::parse(&text)
+            .map_err(|e| ArtifactError::GraphParse { dir: self.dir.clone(), msg: e.to_string() })?;
+        smelt_ir::verify::verify(&g)
+            .map_err(|e| ArtifactError::GraphInvalid { dir: self.dir.clone(), msg: first_lines(&e.to_string()) })?;
         Ok(g)
     }
 
@@ -505,25 +448,12 @@ fn parse_manifest(dir: &Path, text: &str) -> Result<Manifest, ArtifactError> {
     let value: serde_json::Value = serde_json::from_str(text).map_err(|e| {
         let full = e.to_string();
         let msg = full.rfind(" at line ").map(|i| full[..i].to_string()).unwrap_or(full);
-        ArtifactError::ManifestJson {
-            path: mpath.clone(),
-            line: e.line(),
-            column: e.column(),
-            msg,
-        }
+        ArtifactError::ManifestJson { path: mpath.clone(), line: e.line(), column: e.column(), msg }
     })?;
-    let invalid = |msg: String| ArtifactError::ManifestInvalid {
-        path: mpath.clone(),
-        msg,
-    };
-    let version = value
-        .get("format_version")
-        .ok_or_else(|| invalid("key `format_version` missing".to_string()))?;
+    let invalid = |msg: String| ArtifactError::ManifestInvalid { path: mpath.clone(), msg };
+    let version = value.get("format_version").ok_or_else(|| invalid("key `format_version` missing".to_string()))?;
     if version.as_u64() != Some(FORMAT_VERSION) {
-        return Err(ArtifactError::FormatVersion {
-            dir: dir.to_path_buf(),
-            found: version.to_string(),
-        });
+        return Err(ArtifactError::FormatVersion { dir: dir.to_path_buf(), found: version.to_string() });
     }
     let manifest: Manifest = serde_json::from_value(value).map_err(|e| invalid(e.to_string()))?;
     if !KNOWN_TARGETS.contains(&manifest.target.as_str()) {
@@ -542,10 +472,7 @@ fn parse_manifest(dir: &Path, text: &str) -> Result<Manifest, ArtifactError> {
     }
     for f in &manifest.files {
         if !plain_file_name(&f.name) || f.name == MANIFEST_FILE {
-            return Err(invalid(format!(
-                "file name `{}` is not a plain file name inside the artifact",
-                f.name
-            )));
+            return Err(invalid(format!("file name `{}` is not a plain file name inside the artifact", f.name)));
         }
     }
     let mut required = vec![GRAPH_FILE, WEIGHTS_FILE];
@@ -576,10 +503,7 @@ mod tests {
         let y = g.add(Op::Add {}, &[m, x]).unwrap();
         g.set_output("y", y);
         let mut weights = BTreeMap::new();
-        weights.insert(
-            "w".to_string(),
-            Tensor::from_f32(DType::BF16, vec![4], vec![1.0, 2.0, 0.5, -1.0]).unwrap(),
-        );
+        weights.insert("w".to_string(), Tensor::from_f32(DType::BF16, vec![4], vec![1.0, 2.0, 0.5, -1.0]).unwrap());
         (g, weights)
     }
 
@@ -599,13 +523,7 @@ mod tests {
         let out = dir.join("m.smelt");
         write_interp_artifact(
             &out,
-            &InterpArtifact {
-                graph: &g,
-                weights: &w,
-                model: info(),
-                tokenizer: None,
-                eos_token_ids: vec![2],
-            },
+            &InterpArtifact { graph: &g, weights: &w, model: info(), tokenizer: None, eos_token_ids: vec![2] },
         )
         .unwrap();
         out
@@ -689,24 +607,14 @@ mod tests {
         let art = |w: &BTreeMap<String, Tensor>| {
             write_interp_artifact(
                 dir.path(),
-                &InterpArtifact {
-                    graph: &g,
-                    weights: w,
-                    model: info(),
-                    tokenizer: None,
-                    eos_token_ids: vec![],
-                },
+                &InterpArtifact { graph: &g, weights: w, model: info(), tokenizer: None, eos_token_ids: vec![] },
             )
             .unwrap_err()
             .to_string()
         };
         assert!(art(&w).contains("refusing to overwrite"));
         w.insert("w".into(), Tensor::from_f32(DType::F32, vec![4], vec![0.0; 4]).unwrap());
-        assert!(
-            art(&w).contains("weight `w` is f32[4], the graph declares bf16[4]"),
-            "{}",
-            art(&w)
-        );
+        assert!(art(&w).contains("weight `w` is f32[4], the graph declares bf16[4]"), "{}", art(&w));
         assert!(dir.path().join("precious.txt").exists());
     }
 }

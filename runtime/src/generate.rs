@@ -114,13 +114,8 @@ struct Plan {
 
 fn plan(sig: &Signature) -> Result<Plan, GenerateError> {
     let bad = |m: String| GenerateError::Signature(m);
-    let ids = sig
-        .input("input_ids")
-        .cloned()
-        .ok_or_else(|| bad("it has no `input_ids` input".to_string()))?;
-    let logits = sig
-        .output("logits")
-        .ok_or_else(|| bad("it has no `logits` output".to_string()))?;
+    let ids = sig.input("input_ids").cloned().ok_or_else(|| bad("it has no `input_ids` input".to_string()))?;
+    let logits = sig.output("logits").ok_or_else(|| bad("it has no `logits` output".to_string()))?;
     let vocab = logits.shape.last().and_then(|d| d.parse::<usize>().ok());
     let batch_sym = ids.shape.first().cloned();
     let mut cache = Vec::new();
@@ -128,10 +123,7 @@ fn plan(sig: &Signature) -> Result<Plan, GenerateError> {
         let rest = &input.name["past_key_values.".len()..];
         let present = format!("present.{rest}");
         if sig.output(&present).is_none() {
-            return Err(bad(format!(
-                "input `{}` has no matching output `{present}`",
-                input.name
-            )));
+            return Err(bad(format!("input `{}` has no matching output `{present}`", input.name)));
         }
         // The empty cache: batch 1, no past positions, the model's constant
         // head counts and sizes.
@@ -145,10 +137,7 @@ fn plan(sig: &Signature) -> Result<Plan, GenerateError> {
             } else if axis == 2 {
                 0
             } else {
-                return Err(bad(format!(
-                    "input `{}` has dim `{d}` at axis {axis}, expected a constant",
-                    input.name
-                )));
+                return Err(bad(format!("input `{}` has dim `{d}` at axis {axis}, expected a constant", input.name)));
             };
             shape.push(n);
         }
@@ -220,15 +209,9 @@ pub fn generate_greedy(
         let mut inputs = BTreeMap::new();
         let t =
             |dtype, shape, v| Tensor::from_i64(dtype, shape, v).map_err(|e| GenerateError::Signature(e.to_string()));
-        inputs.insert(
-            "input_ids".to_string(),
-            t(int_dtype(&plan.ids), vec![1, seq], feed.to_vec())?,
-        );
+        inputs.insert("input_ids".to_string(), t(int_dtype(&plan.ids), vec![1, seq], feed.to_vec())?);
         if let Some(m) = &plan.mask {
-            inputs.insert(
-                m.name.clone(),
-                t(int_dtype(m), vec![1, past_len + seq], vec![1; past_len + seq])?,
-            );
+            inputs.insert(m.name.clone(), t(int_dtype(m), vec![1, past_len + seq], vec![1; past_len + seq])?);
         }
         if let Some(p) = &plan.positions {
             let pos = (past_len..past_len + seq).map(|i| i as i64).collect();
@@ -238,29 +221,20 @@ pub fn generate_greedy(
             inputs.insert(name.clone(), tensor);
         }
 
-        let mut out = model
-            .forward(inputs)
-            .map_err(|source| GenerateError::Forward { step, source })?;
+        let mut out = model.forward(inputs).map_err(|source| GenerateError::Forward { step, source })?;
         let bad = |msg: String| GenerateError::BadOutput { step, msg };
-        let logits = out
-            .remove("logits")
-            .ok_or_else(|| bad("no `logits` output".to_string()))?;
+        let logits = out.remove("logits").ok_or_else(|| bad("no `logits` output".to_string()))?;
         let vocab = *logits.shape.last().unwrap_or(&0);
         let rows = logits.numel().checked_div(vocab).unwrap_or(0);
         if vocab == 0 || logits.shape.first() != Some(&1) || rows != seq {
-            return Err(bad(format!(
-                "`logits` has shape {:?}, expected [1, {seq}, vocab]",
-                logits.shape
-            )));
+            return Err(bad(format!("`logits` has shape {:?}, expected [1, {seq}, vocab]", logits.shape)));
         }
         let values = logits.to_f32_vec();
         let last = &values[(rows - 1) * vocab..];
         let next = argmax(last).ok_or_else(|| bad("the logits contain NaN".to_string()))? as i64;
 
         for (_, present, _) in &plan.cache {
-            let t = out
-                .remove(present)
-                .ok_or_else(|| bad(format!("no `{present}` output")))?;
+            let t = out.remove(present).ok_or_else(|| bad(format!("no `{present}` output")))?;
             if t.shape.get(2) != Some(&(past_len + seq)) {
                 return Err(bad(format!(
                     "`{present}` has shape {:?}, expected {} positions on axis 2",
@@ -278,11 +252,7 @@ pub fn generate_greedy(
             break;
         }
     }
-    Ok(Generation {
-        ids,
-        prompt_len: prompt.len(),
-        stop,
-    })
+    Ok(Generation { ids, prompt_len: prompt.len(), stop })
 }
 
 #[cfg(test)]
@@ -324,11 +294,7 @@ mod tests {
                 outputs.push(sig("present.0.key", "f32", &["batch", "1", "past + seq", "1"]));
             }
             Counting {
-                sig: Signature {
-                    inputs,
-                    outputs,
-                    symbols: BTreeMap::new(),
-                },
+                sig: Signature { inputs, outputs, symbols: BTreeMap::new() },
                 calls: Vec::new(),
                 vocab: 10,
                 with_cache,
@@ -354,16 +320,10 @@ mod tests {
             let next = seen.iter().sum::<f32>() as usize % self.vocab;
             logits[(seq - 1) * self.vocab + next] = 1.0;
             let mut out = BTreeMap::new();
-            out.insert(
-                "logits".to_string(),
-                Tensor::from_f32(DType::F32, vec![1, seq, self.vocab], logits).unwrap(),
-            );
+            out.insert("logits".to_string(), Tensor::from_f32(DType::F32, vec![1, seq, self.vocab], logits).unwrap());
             if self.with_cache {
                 let n = seen.len();
-                out.insert(
-                    "present.0.key".to_string(),
-                    Tensor::from_f32(DType::F32, vec![1, 1, n, 1], seen).unwrap(),
-                );
+                out.insert("present.0.key".to_string(), Tensor::from_f32(DType::F32, vec![1, 1, n, 1], seen).unwrap());
             }
             Ok(out)
         }
@@ -380,10 +340,7 @@ mod tests {
     #[test]
     fn prefills_once_then_feeds_one_token_per_step() {
         let mut m = Counting::new(true);
-        let opts = GenerateOptions {
-            max_new_tokens: 6,
-            eos_token_ids: vec![],
-        };
+        let opts = GenerateOptions { max_new_tokens: 6, eos_token_ids: vec![] };
         let mut streamed = Vec::new();
         let g = generate_greedy(&mut m, &[3, 4, 1], &opts, &mut |t| streamed.push(t)).unwrap();
         assert_eq!(g.ids, expected(&[3, 4, 1], 6));
@@ -409,10 +366,7 @@ mod tests {
     fn stops_at_eos_and_checks_prompt() {
         let mut m = Counting::new(true);
         // [3, 4] -> 7 -> 4 -> 8 ...; 4 is the end-of-sequence token.
-        let opts = GenerateOptions {
-            max_new_tokens: 10,
-            eos_token_ids: vec![4],
-        };
+        let opts = GenerateOptions { max_new_tokens: 10, eos_token_ids: vec![4] };
         let g = generate_greedy(&mut m, &[3, 4], &opts, &mut |_| {}).unwrap();
         assert_eq!(g.ids, vec![3, 4, 7, 4]);
         assert_eq!(g.stop, StopReason::Eos);
@@ -421,19 +375,13 @@ mod tests {
         let e = generate_greedy(&mut m, &[], &opts, &mut |_| {}).unwrap_err();
         assert!(matches!(e, GenerateError::EmptyPrompt));
         let e = generate_greedy(&mut m, &[3, 12], &opts, &mut |_| {}).unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "prompt token id 12 is out of range for the vocabulary of 10 tokens"
-        );
+        assert_eq!(e.to_string(), "prompt token id 12 is out of range for the vocabulary of 10 tokens");
     }
 
     #[test]
     fn without_a_cache_reruns_the_sequence() {
         let mut m = Counting::new(false);
-        let opts = GenerateOptions {
-            max_new_tokens: 3,
-            eos_token_ids: vec![],
-        };
+        let opts = GenerateOptions { max_new_tokens: 3, eos_token_ids: vec![] };
         let g = generate_greedy(&mut m, &[5, 5], &opts, &mut |_| {}).unwrap();
         assert_eq!(g.ids, expected(&[5, 5], 3));
         let lens: Vec<usize> = m.calls.iter().map(|c| c["input_ids"].shape[1]).collect();

@@ -35,11 +35,7 @@ impl InterpModel {
     pub fn new(graph: Graph, weights: BTreeMap<String, Tensor>) -> Result<InterpModel, ArtifactError> {
         check_weights(&graph, &weights)?;
         let signature = Signature::from_graph(&graph);
-        Ok(InterpModel {
-            graph,
-            weights,
-            signature,
-        })
+        Ok(InterpModel { graph, weights, signature })
     }
 
     /// Loads an `interp` artifact (its graph is parsed and verified).
@@ -60,12 +56,8 @@ impl InterpModel {
         let &[batch, seq] = ids.shape.as_slice() else {
             return;
         };
-        let past_inputs: Vec<_> = self
-            .signature
-            .inputs
-            .iter()
-            .filter(|t| t.name.starts_with("past_key_values."))
-            .collect();
+        let past_inputs: Vec<_> =
+            self.signature.inputs.iter().filter(|t| t.name.starts_with("past_key_values.")).collect();
         let given_past: Vec<&Tensor> = past_inputs.iter().filter_map(|t| inputs.get(&t.name)).collect();
         let past_len = match given_past.first() {
             Some(t) => match t.shape.get(2) {
@@ -78,10 +70,9 @@ impl InterpModel {
             for sig in &past_inputs {
                 let Ok(ty) = sig.tensor_type() else { return };
                 // [batch, kv_heads, past, head_dim] with constant heads and size.
-                let (Some(h), Some(d)) = (
-                    ty.shape.get(1).and_then(|d| d.as_const()),
-                    ty.shape.get(3).and_then(|d| d.as_const()),
-                ) else {
+                let (Some(h), Some(d)) =
+                    (ty.shape.get(1).and_then(|d| d.as_const()), ty.shape.get(3).and_then(|d| d.as_const()))
+                else {
                     return;
                 };
                 if ty.shape.len() != 4 || h < 0 || d < 0 {
@@ -91,12 +82,8 @@ impl InterpModel {
                 inputs.insert(sig.name.clone(), empty);
             }
         }
-        let int_dtype = |name: &str| {
-            self.signature
-                .input(name)
-                .and_then(|s| s.dtype.parse::<DType>().ok())
-                .unwrap_or(DType::I64)
-        };
+        let int_dtype =
+            |name: &str| self.signature.input(name).and_then(|s| s.dtype.parse::<DType>().ok()).unwrap_or(DType::I64);
         if self.signature.input("attention_mask").is_some() && !inputs.contains_key("attention_mask") {
             let n = past_len + seq;
             if let Ok(t) = Tensor::from_i64(int_dtype("attention_mask"), vec![batch, n], vec![1; batch * n]) {
@@ -138,37 +125,16 @@ mod tests {
         g.declare_symbol("past", 0, 16);
         let (b, s, p) = (Dim::sym("batch"), Dim::sym("seq"), Dim::sym("past"));
         let ids = g.add_input("input_ids", TensorType::new(DType::I64, vec![b.clone(), s.clone()]));
-        let mask = g.add_input(
-            "attention_mask",
-            TensorType::new(DType::I64, vec![b.clone(), p.clone() + s.clone()]),
-        );
+        let mask = g.add_input("attention_mask", TensorType::new(DType::I64, vec![b.clone(), p.clone() + s.clone()]));
         let pos = g.add_input("position_ids", TensorType::new(DType::I64, vec![b.clone(), s.clone()]));
-        let past = g.add_input(
-            "past_key_values.0.key",
-            TensorType::new(DType::F32, vec![b.clone(), Dim::c(1), p, Dim::c(2)]),
-        );
+        let past =
+            g.add_input("past_key_values.0.key", TensorType::new(DType::F32, vec![b.clone(), Dim::c(1), p, Dim::c(2)]));
         let table = g.add_weight("embed", TensorType::fixed(DType::F32, &[4, 2]));
         let e = g.add(Op::Gather { axis: 0 }, &[table, ids]).unwrap();
         let mf = g.add(Op::Cast { to: DType::F32 }, &[mask]).unwrap();
-        let mm = g
-            .add(
-                Op::ReduceSum {
-                    axes: vec![1],
-                    keepdims: true,
-                },
-                &[mf],
-            )
-            .unwrap();
+        let mm = g.add(Op::ReduceSum { axes: vec![1], keepdims: true }, &[mf]).unwrap();
         let pf = g.add(Op::Cast { to: DType::F32 }, &[pos]).unwrap();
-        let pm = g
-            .add(
-                Op::ReduceSum {
-                    axes: vec![1],
-                    keepdims: true,
-                },
-                &[pf],
-            )
-            .unwrap();
+        let pm = g.add(Op::ReduceSum { axes: vec![1], keepdims: true }, &[pf]).unwrap();
         let mm3 = g.add(Op::Unsqueeze { axes: vec![2] }, &[mm]).unwrap();
         let pm3 = g.add(Op::Unsqueeze { axes: vec![2] }, &[pm]).unwrap();
         let l0 = g.add(Op::Add {}, &[e, mm3]).unwrap();
@@ -213,10 +179,7 @@ mod tests {
         let m = toy();
         let mut inputs = BTreeMap::new();
         inputs.insert("input_ids".to_string(), ids(vec![1, 2], vec![0, 1]));
-        inputs.insert(
-            "past_key_values.0.key".to_string(),
-            Tensor::full(DType::F32, vec![1, 1, 5, 2], 0.5),
-        );
+        inputs.insert("past_key_values.0.key".to_string(), Tensor::full(DType::F32, vec![1, 1, 5, 2], 0.5));
         m.fill_defaults(&mut inputs);
         assert_eq!(inputs["attention_mask"].shape, vec![1, 7]);
         assert_eq!(inputs["position_ids"].to_i64_vec(), vec![5, 6]);
@@ -230,10 +193,7 @@ mod tests {
         let e = m.forward(inputs).unwrap_err().to_string();
         assert!(e.contains("input_ids"), "{e}");
         let mut inputs = BTreeMap::new();
-        inputs.insert(
-            "input_ids".to_string(),
-            Tensor::from_f32(DType::F32, vec![1, 2], vec![0.0, 1.0]).unwrap(),
-        );
+        inputs.insert("input_ids".to_string(), Tensor::from_f32(DType::F32, vec![1, 2], vec![0.0, 1.0]).unwrap());
         let e = m.forward(inputs).unwrap_err().to_string();
         assert_eq!(e, "input `input_ids`: expected dtype i64, found f32");
     }

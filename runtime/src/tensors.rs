@@ -75,9 +75,7 @@ pub fn from_safetensors_dtype(d: Dtype) -> Option<DType> {
 /// says which numbers disagree.
 fn describe(err: &SafeTensorError, bytes: &[u8]) -> String {
     let file_len = bytes.len();
-    let header_len = bytes
-        .get(..8)
-        .map(|b| u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]));
+    let header_len = bytes.get(..8).map(|b| u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]));
     match err {
         SafeTensorError::HeaderTooSmall => {
             format!("the file is {file_len} bytes, shorter than the 8-byte header length (truncated?)")
@@ -98,10 +96,7 @@ fn describe(err: &SafeTensorError, bytes: &[u8]) -> String {
 
 /// Reads every tensor of a safetensors file, by name.
 pub fn read_tensor_file(path: &Path) -> Result<BTreeMap<String, Tensor>, TensorFileError> {
-    let io = |source| TensorFileError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
+    let io = |source| TensorFileError::Io { path: path.to_path_buf(), source };
     let file = File::open(path).map_err(io)?;
     // SAFETY: the map is read-only and dropped before this function returns;
     // the usual caveat of mapped files (another process truncating it) would
@@ -114,10 +109,8 @@ pub fn read_tensor_file(path: &Path) -> Result<BTreeMap<String, Tensor>, TensorF
 /// Reads every tensor of a safetensors file held in memory; `path` is used in
 /// messages only.
 pub fn read_tensor_bytes(path: &Path, bytes: &[u8]) -> Result<BTreeMap<String, Tensor>, TensorFileError> {
-    let st = SafeTensors::deserialize(bytes).map_err(|e| TensorFileError::Invalid {
-        path: path.to_path_buf(),
-        msg: describe(&e, bytes),
-    })?;
+    let st = SafeTensors::deserialize(bytes)
+        .map_err(|e| TensorFileError::Invalid { path: path.to_path_buf(), msg: describe(&e, bytes) })?;
     let mut out = BTreeMap::new();
     for (name, view) in st.iter() {
         let dtype = from_safetensors_dtype(view.dtype()).ok_or_else(|| TensorFileError::UnsupportedDType {
@@ -125,12 +118,8 @@ pub fn read_tensor_bytes(path: &Path, bytes: &[u8]) -> Result<BTreeMap<String, T
             name: name.to_string(),
             found: format!("{:?}", view.dtype()),
         })?;
-        let t = Tensor::from_le_bytes(name, dtype, view.shape().to_vec(), view.data()).map_err(|e| {
-            TensorFileError::Invalid {
-                path: path.to_path_buf(),
-                msg: e.to_string(),
-            }
-        })?;
+        let t = Tensor::from_le_bytes(name, dtype, view.shape().to_vec(), view.data())
+            .map_err(|e| TensorFileError::Invalid { path: path.to_path_buf(), msg: e.to_string() })?;
         out.insert(name.to_string(), t);
     }
     Ok(out)
@@ -138,10 +127,7 @@ pub fn read_tensor_bytes(path: &Path, bytes: &[u8]) -> Result<BTreeMap<String, T
 
 /// Serialises named tensors to safetensors bytes, each in its own dtype.
 pub fn tensor_file_bytes(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Result<Vec<u8>, TensorFileError> {
-    let write_err = |msg: String| TensorFileError::Write {
-        path: path.to_path_buf(),
-        msg,
-    };
+    let write_err = |msg: String| TensorFileError::Write { path: path.to_path_buf(), msg };
     let bytes: Vec<(&String, Vec<u8>)> = tensors.iter().map(|(n, t)| (n, t.to_le_bytes())).collect();
     let mut views = Vec::with_capacity(bytes.len());
     for ((name, data), t) in bytes.iter().zip(tensors.values()) {
@@ -155,10 +141,7 @@ pub fn tensor_file_bytes(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Res
 /// Writes named tensors to a safetensors file, each in its own dtype.
 pub fn write_tensor_file(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Result<(), TensorFileError> {
     let bytes = tensor_file_bytes(path, tensors)?;
-    std::fs::write(path, bytes).map_err(|source| TensorFileError::Io {
-        path: path.to_path_buf(),
-        source,
-    })
+    std::fs::write(path, bytes).map_err(|source| TensorFileError::Io { path: path.to_path_buf(), source })
 }
 
 #[cfg(test)]
@@ -167,18 +150,9 @@ mod tests {
 
     fn sample() -> BTreeMap<String, Tensor> {
         let mut m = BTreeMap::new();
-        m.insert(
-            "a".to_string(),
-            Tensor::from_f32(DType::BF16, vec![2, 2], vec![1.0, -2.5, 0.125, 3.0]).unwrap(),
-        );
-        m.insert(
-            "b".to_string(),
-            Tensor::from_i64(DType::I64, vec![3], vec![1, 2, 3]).unwrap(),
-        );
-        m.insert(
-            "c".to_string(),
-            Tensor::from_f32(DType::F32, vec![0, 4], vec![]).unwrap(),
-        );
+        m.insert("a".to_string(), Tensor::from_f32(DType::BF16, vec![2, 2], vec![1.0, -2.5, 0.125, 3.0]).unwrap());
+        m.insert("b".to_string(), Tensor::from_i64(DType::I64, vec![3], vec![1, 2, 3]).unwrap());
+        m.insert("c".to_string(), Tensor::from_f32(DType::F32, vec![0, 4], vec![]).unwrap());
         m
     }
 

@@ -10,7 +10,7 @@ use anyhow::{bail, Result};
 use clap::ValueEnum;
 use smelt_runtime::artifact::{write_interp_artifact, InterpArtifact};
 
-use crate::source::{load_checkpoint, onnx_unavailable, Source};
+use crate::source::{load_checkpoint, load_onnx, Source};
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Target {
@@ -35,21 +35,16 @@ pub struct Args {
 
 pub fn main(args: Args) -> Result<()> {
     if args.target != Target::Interp {
-        let name = args
-            .target
-            .to_possible_value()
-            .map(|v| v.get_name().to_string())
-            .unwrap_or_default();
+        let name = args.target.to_possible_value().map(|v| v.get_name().to_string()).unwrap_or_default();
         bail!("target `{name}` is not implemented yet in this build (available: interp)");
     }
     let start = Instant::now();
     let loaded = match Source::classify(&args.model)? {
         Source::Checkpoint(dir) => load_checkpoint(&dir)?,
-        Source::Onnx(p) => return Err(onnx_unavailable(&p)),
-        Source::Artifact(p) => bail!(
-            "{}: is already a smelt artifact (compile takes a checkpoint folder or an .onnx file)",
-            p.display()
-        ),
+        Source::Onnx(p) => load_onnx(&p)?,
+        Source::Artifact(p) => {
+            bail!("{}: is already a smelt artifact (compile takes a checkpoint folder or an .onnx file)", p.display())
+        }
     };
     let manifest = write_interp_artifact(
         &args.output,

@@ -21,7 +21,7 @@ use crate::source::{load, tokenizer};
 #[derive(clap::Args, Debug)]
 #[command(group(clap::ArgGroup::new("input").required(true).args(["prompt", "prompt_ids"])))]
 pub struct Args {
-    /// A .smelt artifact or a checkpoint folder (compiled in memory).
+    /// A .smelt artifact, or a checkpoint folder or .onnx file (compiled in memory).
     pub model: PathBuf,
     /// The prompt text (encoded with the model's tokenizer.json).
     #[arg(long)]
@@ -46,29 +46,21 @@ fn parse_ids(s: &str) -> Result<Vec<i64>> {
         .map(str::trim)
         .filter(|t| !t.is_empty())
         .map(|t| {
-            t.parse::<i64>()
-                .with_context(|| format!("--prompt-ids: `{t}` is not a token id (expected e.g. 1,2,3)"))
+            t.parse::<i64>().with_context(|| format!("--prompt-ids: `{t}` is not a token id (expected e.g. 1,2,3)"))
         })
         .collect()
 }
 
 fn decode(tok: &Tokenizer, ids: &[i64]) -> Result<String> {
     let ids: Vec<u32> = ids.iter().map(|&i| u32::try_from(i).unwrap_or(u32::MAX)).collect();
-    tok.decode(&ids, true)
-        .map_err(|e| anyhow::anyhow!("cannot decode tokens: {e}"))
+    tok.decode(&ids, true).map_err(|e| anyhow::anyhow!("cannot decode tokens: {e}"))
 }
 
 /// Shows control characters (other than newline and tab) as escapes, so
 /// text from a random-weight model cannot send terminal control sequences.
 fn printable(text: &str) -> String {
     text.chars()
-        .map(|c| {
-            if c.is_control() && c != '\n' && c != '\t' {
-                c.escape_unicode().to_string()
-            } else {
-                c.to_string()
-            }
-        })
+        .map(|c| if c.is_control() && c != '\n' && c != '\t' { c.escape_unicode().to_string() } else { c.to_string() })
         .collect()
 }
 
@@ -86,9 +78,7 @@ pub fn main(args: Args) -> Result<()> {
                     args.model.display()
                 );
             };
-            let enc = tok
-                .encode(text.as_str(), true)
-                .map_err(|e| anyhow::anyhow!("cannot encode the prompt: {e}"))?;
+            let enc = tok.encode(text.as_str(), true).map_err(|e| anyhow::anyhow!("cannot encode the prompt: {e}"))?;
             enc.get_ids().iter().map(|&i| i as i64).collect()
         }
         (None, Some(ids)) => parse_ids(ids)?,
@@ -99,11 +89,7 @@ pub fn main(args: Args) -> Result<()> {
     }
     let opts = GenerateOptions {
         max_new_tokens: args.max_new_tokens,
-        eos_token_ids: if args.ignore_eos {
-            Vec::new()
-        } else {
-            loaded.eos_token_ids.clone()
-        },
+        eos_token_ids: if args.ignore_eos { Vec::new() } else { loaded.eos_token_ids.clone() },
     };
     let mut model = InterpModel::new(loaded.graph, loaded.weights)?;
 

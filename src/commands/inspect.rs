@@ -15,7 +15,7 @@ use crate::source::load;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// A checkpoint folder or a .smelt artifact.
+    /// A checkpoint folder, an .onnx file or a .smelt artifact.
     pub model: PathBuf,
     /// Print the text IR.
     #[arg(long)]
@@ -37,11 +37,7 @@ pub fn main(args: Args) -> Result<()> {
     }
     let sig = Signature::from_graph(&loaded.graph);
     let info = &loaded.info;
-    let kind = if loaded.manifest.is_some() {
-        "artifact"
-    } else {
-        "checkpoint"
-    };
+    let kind = loaded.kind;
 
     if args.json {
         let mut v = json!({
@@ -78,20 +74,14 @@ pub fn main(args: Args) -> Result<()> {
     line("model", format!("{} ({kind})", args.model.display()));
     let mt = info.model_type.as_ref().map(|t| format!(" ({t})")).unwrap_or_default();
     line("architecture", format!("{}{mt}", info.architecture));
-    line(
-        "parameters",
-        format!("{} ({})", info.parameters, human(info.parameters)),
-    );
+    line("parameters", format!("{} ({})", info.parameters, human(info.parameters)));
     line("layers", info.layers.to_string());
     if let Some(d) = &info.stored_dtype {
         line("stored dtype", d.clone());
     }
     line("nodes", loaded.graph.node_count().to_string());
     if let Some(m) = &loaded.manifest {
-        line(
-            "format",
-            format!("version {}, compiler {}", m.format_version, m.compiler_version),
-        );
+        line("format", format!("version {}, compiler {}", m.format_version, m.compiler_version));
         line("target", m.target.clone());
         line("compiled from", m.model.source.clone());
         let files: Vec<String> = m.files.iter().map(|f| format!("{} ({} B)", f.name, f.size)).collect();
@@ -104,13 +94,7 @@ pub fn main(args: Args) -> Result<()> {
         let ids: Vec<String> = loaded.eos_token_ids.iter().map(|i| i.to_string()).collect();
         line("eos ids", ids.join(", "));
     }
-    let width = sig
-        .inputs
-        .iter()
-        .chain(&sig.outputs)
-        .map(|t| t.name.len())
-        .max()
-        .unwrap_or(0);
+    let width = sig.inputs.iter().chain(&sig.outputs).map(|t| t.name.len()).max().unwrap_or(0);
     s.push_str("inputs:\n");
     for t in &sig.inputs {
         let opt = if t.optional { "  (optional)" } else { "" };
@@ -121,11 +105,7 @@ pub fn main(args: Args) -> Result<()> {
         s.push_str(&format!("  {:<width$}  {}\n", t.name, t.type_string()));
     }
     if !sig.symbols.is_empty() {
-        let syms: Vec<String> = sig
-            .symbols
-            .iter()
-            .map(|(n, b)| format!("{n} in [{}, {}]", b.min, b.max))
-            .collect();
+        let syms: Vec<String> = sig.symbols.iter().map(|(n, b)| format!("{n} in [{}, {}]", b.min, b.max)).collect();
         s.push_str(&format!("symbols:      {}\n", syms.join(", ")));
     }
     s.push_str("ops:\n");

@@ -145,15 +145,10 @@ pub fn main(a: Args) -> Result<()> {
         spec.max_position_embeddings = n;
     }
     if a.dir.exists() && !a.force {
-        let non_empty = std::fs::read_dir(&a.dir)
-            .with_context(|| format!("{}: cannot read", a.dir.display()))?
-            .next()
-            .is_some();
+        let non_empty =
+            std::fs::read_dir(&a.dir).with_context(|| format!("{}: cannot read", a.dir.display()))?.next().is_some();
         if non_empty {
-            bail!(
-                "{}: exists and is not empty (pass --force to write into it)",
-                a.dir.display()
-            );
+            bail!("{}: exists and is not empty (pass --force to write into it)", a.dir.display());
         }
     }
     write_random_checkpoint(&a.dir, &spec)?;

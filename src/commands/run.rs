@@ -15,7 +15,7 @@ use crate::source::load;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// A .smelt artifact (or a checkpoint folder, compiled in memory).
+    /// A .smelt artifact, or a checkpoint folder or .onnx file (compiled in memory).
     pub artifact: PathBuf,
     /// Named input tensors (input_ids, and optionally attention_mask, position_ids, past_key_values.*).
     #[arg(long)]

@@ -71,11 +71,13 @@ pub fn write_tensors(p: &Path, t: &BTreeMap<String, Tensor>) {
 /// Max |a - b| over two tensors of the same shape.
 pub fn max_abs_err(name: &str, got: &Tensor, want: &Tensor) -> f64 {
     assert_eq!(got.shape, want.shape, "{name}: shape");
-    got.to_f64_vec()
-        .iter()
-        .zip(want.to_f64_vec())
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0, |m, e| if e.is_nan() { f64::INFINITY } else { m.max(e) })
+    got.to_f64_vec().iter().zip(want.to_f64_vec()).map(|(a, b)| (a - b).abs()).fold(0.0, |m, e| {
+        if e.is_nan() {
+            f64::INFINITY
+        } else {
+            m.max(e)
+        }
+    })
 }
 
 /// Writes a random-weight checkpoint with `smelt make-test-model`.
