@@ -11,6 +11,7 @@
 //! - `smelt generate` picks, at every step, a top token of the full-sequence
 //!   logits (so the cached decode loop feeds the right past, mask and
 //!   positions).
+//!
 //! Also: the committed `models/tiny-random-llama` is exactly what
 //! `make-test-model` writes, and the text paths of `generate` and `inspect`.
 
