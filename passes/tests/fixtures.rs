@@ -213,6 +213,20 @@ fn onnx_fixtures_fuse_completely_and_keep_their_logits() {
             for op in ["softmax", "sigmoid", "reduce_mean", "pow", "sqrt", "reciprocal"] {
                 assert_eq!(count(&g, op), 0, "{what}: `{op}` left unfused");
             }
+            // The decoder-with-past export's mask is recognised as causal
+            // (sliding for Mistral) plus the padding mask. The logits-only
+            // export derives its mask from packed-sequence detection on the
+            // positions, which depends on run-time values, so it stays an
+            // explicit boolean mask there.
+            for n in g.node_ids() {
+                if let smelt_ir::Op::Attention { causal, window, .. } = &g.node(n).op {
+                    if file == "model-kv.onnx" {
+                        assert!(*causal, "{what}: attention is causal");
+                        let want = cfg.sliding_window_for_layer(0).map(|w| w as i64);
+                        assert_eq!(*window, want, "{what}: window");
+                    }
+                }
+            }
             let mut inputs = BTreeMap::new();
             for (input, _) in g.inputs() {
                 let key = if file == "model.onnx" {

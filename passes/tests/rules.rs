@@ -133,6 +133,15 @@ rule_tests! {
     batched_key_transpose: "layout/batched-key-transpose", "$q: f32[1, 4, 3, 8]; $k: f32[1, 2, 5, 8]",
         "(matmul $q (reshape (transpose (reshape (expand (unsqueeze $k [-3]) [1,2,2,5,8]) [4,5,8]) [0,2,1]) [1,4,8,5]))"
         => "(matmul $q (transpose (reshape (expand (unsqueeze $k [-3]) [1,2,2,5,8]) [1,4,5,8]) [0,1,3,2]))";
+    and_true: "algebra/and-true", "$a: bool[2, 3]", "(and true:bool $a)" => "$a";
+    range_plus_offset: "algebra/range-plus-offset", "$x: f32[seq]; $p: f32[past]",
+        "(concat $p (add (cast (add (range 0 seq 1 i64) (squeeze (range past past+1 1 i64) [-1])) f32) $x) -1)"
+        => "(concat $p (add (cast (range past past+seq 1 i64) f32) $x) -1)";
+    unsqueeze_unsqueeze: "layout/unsqueeze-unsqueeze", "$x: f32[5]",
+        "(unsqueeze (unsqueeze $x [-3,-2]) [-2])" => "(unsqueeze $x [-4,-3,-2])";
+    mask_sliding_window_4d: "mask/sliding-window", "$q: f32[1, 4, seq, 8]; $k: f32[1, 4, past+seq, 8]; $v: f32[1, 4, past+seq, 8]; $pad: bool[1, 1, 1, past+seq]",
+        "(attention $q $k $v (and (and (and true:bool (gt (unsqueeze (unsqueeze (range 0 past+seq 1 i64) [-3,-2]) [-2]) (sub (unsqueeze (unsqueeze (add (range 0 seq 1 i64) (squeeze (range past past+1 1 i64) [-1])) [-3,-2]) [-1]) 4:i64))) (le (unsqueeze (unsqueeze (range 0 past+seq 1 i64) [-3,-2]) [-2]) (unsqueeze (unsqueeze (add (range 0 seq 1 i64) (squeeze (range past past+1 1 i64) [-1])) [-3,-2]) [-1]))) $pad) 0.25 false none none)"
+        => "(attention $q $k $v $pad 0.25 true 4 none)";
     slice_of_matmul: "layout/slice-columns-of-matmul", "$x: f32[2, 8]; @w: f32[8, 32]",
         "(slice (matmul $x @w) [-1] [0] [16] [1])" => "(matmul $x (slice @w [-1] [0] [16] [1]))";
 }

@@ -158,7 +158,9 @@ fn choose(eg: &EGraph, uses: &HashMap<Id, usize>) -> Result<Choice, PassError> {
         queued.remove(&cid);
         let mut improved = false;
         for n in &eg[cid].nodes {
-            let ready = n.children_ids().iter().all(|c| best.contains_key(&eg.find(*c)));
+            // A node that uses its own class (`and(true, x)` merged with `x`)
+            // is never a way to compute the class.
+            let ready = n.children_ids().iter().all(|c| eg.find(*c) != cid && best.contains_key(&eg.find(*c)));
             if !ready {
                 continue;
             }

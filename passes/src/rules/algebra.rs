@@ -48,6 +48,27 @@ pub fn rules() -> Result<Vec<Rule>, RuleError> {
             scalar(eg, s, "?c") && !scalar(eg, s, "?x") && ty(eg, s, "?c").is_some_and(|t| t.rank() == 0)
         })?,
         rw(F, "algebra/sigmoid-after-x", "(mul (sigmoid ?x) ?x)", "(mul ?x (sigmoid ?x))", |_, _| true)?,
+        rw(F, "algebra/and-true", "(and ?t ?x)", "?x", |eg, s| {
+            is_num(eg, s, "?t", 1.0, 0.0)
+                && ty(eg, s, "?t").is_some_and(|t| t.rank() == 0 && t.dtype.is_bool())
+                && ty(eg, s, "?x").is_some_and(|t| t.dtype.is_bool())
+        })?,
+        rw_fn(
+            F,
+            "algebra/range-plus-offset",
+            "(add (range ?z ?n ?one ?dt) (squeeze (range ?p ?p1 ?one ?dt) [-1]))",
+            |eg, s| {
+                let get = |v: &str| super::attr(eg, s, v).and_then(crate::egraph::AttrLit::as_dim);
+                let (z, n, one, p, p1) = (get("?z")?, get("?n")?, get("?one")?, get("?p")?, get("?p1")?);
+                if z != smelt_ir::Dim::c(0) || one != smelt_ir::Dim::c(1) || p1 != p.clone() + smelt_ir::Dim::c(1) {
+                    return None;
+                }
+                let lit = |d: smelt_ir::Dim| crate::egraph::AttrLit::from_value(&smelt_ir::AttrValue::Dim(d));
+                let dt = super::attr(eg, s, "?dt")?.clone();
+                let end = p.clone() + n;
+                super::add_typed(eg, OpKind::Range, &[], vec![lit(p)?, lit(end)?, crate::egraph::AttrLit::Int(1), dt])
+            },
+        )?,
         rw_fn(F, "algebra/merge-scalar-muls", "(mul (mul ?x ?a) ?b)", |eg, s| {
             let (a, b) = (num(eg, s, "?a")?, num(eg, s, "?b")?);
             let (ta, tb) = (ty(eg, s, "?a")?, ty(eg, s, "?b")?);

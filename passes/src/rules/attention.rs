@@ -195,6 +195,37 @@ pub fn rules() -> Result<Vec<Rule>, RuleError> {
         }
     }
 
+    // The same masks compared directly in 4-D (what the ONNX exporter
+    // writes), with the window test before or after the causal one.
+    let k4 = "(unsqueeze (range ?z ?t ?one ?dt) [-4,-3,-2])";
+    let q4 = "(unsqueeze (range ?p ?t ?one ?dt) [-4,-3,-1])";
+    let c4 = format!("(le {k4} {q4})");
+    let g4 = format!("(gt {k4} (sub {q4} ?w))");
+    let forms = [
+        ("causal", c4.clone(), false),
+        ("sliding-window", format!("(and {c4} {g4})"), true),
+        ("sliding-window", format!("(and {g4} {c4})"), true),
+    ];
+    for (i, (kind, m, window)) in forms.into_iter().enumerate() {
+        let head = "(attention ?q ?k ?v";
+        let tail = "?s false none ?cap)";
+        out.push(rw_fn(
+            F,
+            &format!("mask/{kind}#4d-padded-{i}"),
+            &format!("{head} (and ?pad {m}) {tail}"),
+            move |eg, s| masked(eg, s, true, window),
+        )?);
+        out.push(rw_fn(
+            F,
+            &format!("mask/{kind}#4d-padded-after-{i}"),
+            &format!("{head} (and {m} ?pad) {tail}"),
+            move |eg, s| masked(eg, s, true, window),
+        )?);
+        out.push(rw_fn(F, &format!("mask/{kind}#4d-unpadded-{i}"), &format!("{head} {m} {tail}"), move |eg, s| {
+            masked(eg, s, false, window)
+        })?);
+    }
+
     let rep = |x: &str| format!("(reshape (expand (unsqueeze ?{x} [-3]) ?e{x}) ?r{x})");
     let gqa_fits = |eg: &EGraph, s: &Subst| -> bool {
         let fits = |x: &str| -> Option<bool> {

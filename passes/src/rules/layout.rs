@@ -9,6 +9,7 @@
 //! batched form: `reshape(transpose(reshape(x, [b*h, t, d]), [0, 2, 1]),
 //! [b, h, d, t])`, which is `transpose(reshape(x, [b, h, t, d]), [0, 1, 3, 2])`
 //! for any x with trailing dims [t, d] (a reshape to the same element order).
+//! Two unsqueezes in a row are one unsqueeze.
 
 use super::{add_op, add_typed, dims, is_constant, rw, rw_fn, ty, var, Family, Rule, RuleError};
 use crate::egraph::lang::AttrLit;
@@ -42,8 +43,32 @@ pub fn rules() -> Result<Vec<Rule>, RuleError> {
             )?;
             Some(add_op(eg, OpKind::Transpose, &[four], vec![AttrLit::Ints(vec![0, 1, 3, 2])]))
         })?;
+    let unsqueezes = rw_fn(F, "layout/unsqueeze-unsqueeze", "(unsqueeze (unsqueeze ?x ?a) ?b)", |eg, s| {
+        let r0 = ty(eg, s, "?x")?.rank() as i64;
+        let a = super::attr(eg, s, "?a")?.as_ints()?.to_vec();
+        let b = super::attr(eg, s, "?b")?.as_ints()?.to_vec();
+        let (r1, r2) = (r0 + a.len() as i64, r0 + (a.len() + b.len()) as i64);
+        let norm = |v: &[i64], r: i64| -> Vec<i64> { v.iter().map(|x| if *x < 0 { x + r } else { *x }).collect() };
+        let (a, b) = (norm(&a, r1), norm(&b, r2));
+        // Walk the final axes: b's are new; the others are the middle
+        // value's axes in order, of which a's are new.
+        let mut axes = Vec::new();
+        let mut j = 0;
+        for pos in 0..r2 {
+            if b.contains(&pos) {
+                axes.push(pos - r2);
+            } else {
+                if a.contains(&j) {
+                    axes.push(pos - r2);
+                }
+                j += 1;
+            }
+        }
+        add_typed(eg, OpKind::Unsqueeze, &[s[var("?x")]], vec![AttrLit::Ints(axes)])
+    })?;
     Ok(vec![
         batched,
+        unsqueezes,
         rw(
             F,
             "layout/slice-columns-of-matmul",
