@@ -39,6 +39,10 @@ enum Command {
     Inspect(commands::inspect::Args),
     /// Write a Hugging Face checkpoint folder with seeded random weights.
     MakeTestModel(commands::make_model::Args),
+    /// List every operator of an ONNX file the frontend does not support, in one report.
+    Check(commands::check::Args),
+    /// Run ONNX backend-test cases through the importer and the reference interpreter.
+    Conformance(commands::conformance::Args),
 }
 
 fn main() -> ExitCode {
@@ -64,6 +68,8 @@ fn main() -> ExitCode {
         Command::Generate(a) => commands::generate::main(a),
         Command::Inspect(a) => commands::inspect::main(a),
         Command::MakeTestModel(a) => commands::make_model::main(a),
+        Command::Check(a) => commands::check::main(a),
+        Command::Conformance(a) => commands::conformance::main(a),
     });
     match result {
         Ok(Ok(())) => ExitCode::SUCCESS,

@@ -206,6 +206,9 @@ pub struct Manifest {
     /// Token ids that end generation.
     #[serde(default)]
     pub eos_token_ids: Vec<i64>,
+    /// The compiler's fusion report (what fused, what did not), when passes ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fusion: Option<serde_json::Value>,
 }
 
 /// The hex sha256 of some bytes.
@@ -228,6 +231,8 @@ pub struct InterpArtifact<'a> {
     /// The model folder's `tokenizer.json`, copied when given.
     pub tokenizer: Option<&'a Path>,
     pub eos_token_ids: Vec<i64>,
+    /// The fusion report to record in the manifest, when passes ran.
+    pub fusion: Option<serde_json::Value>,
 }
 
 /// Checks that every weight the graph references is given with the dtype
@@ -323,6 +328,7 @@ fn write_files(tmp: &Path, out: &Path, a: &InterpArtifact<'_>) -> Result<Manifes
         files,
         tokenizer,
         eos_token_ids: a.eos_token_ids.clone(),
+        fusion: a.fusion.clone(),
     };
     let json = serde_json::to_string_pretty(&manifest)
         .map_err(|e| ArtifactError::ManifestInvalid { path: out.join(MANIFEST_FILE), msg: e.to_string() })?;
@@ -523,7 +529,14 @@ mod tests {
         let out = dir.join("m.smelt");
         write_interp_artifact(
             &out,
-            &InterpArtifact { graph: &g, weights: &w, model: info(), tokenizer: None, eos_token_ids: vec![2] },
+            &InterpArtifact {
+                graph: &g,
+                weights: &w,
+                model: info(),
+                tokenizer: None,
+                eos_token_ids: vec![2],
+                fusion: None,
+            },
         )
         .unwrap();
         out
@@ -607,7 +620,14 @@ mod tests {
         let art = |w: &BTreeMap<String, Tensor>| {
             write_interp_artifact(
                 dir.path(),
-                &InterpArtifact { graph: &g, weights: w, model: info(), tokenizer: None, eos_token_ids: vec![] },
+                &InterpArtifact {
+                    graph: &g,
+                    weights: w,
+                    model: info(),
+                    tokenizer: None,
+                    eos_token_ids: vec![],
+                    fusion: None,
+                },
             )
             .unwrap_err()
             .to_string()

@@ -1,5 +1,7 @@
-//! `smelt compile MODEL -o OUT.smelt [--target interp|cpu|cuda]`: builds the
-//! model's graph, verifies it and writes an artifact. Only the `interp`
+//! `smelt compile MODEL -o OUT.smelt [--target interp|cpu|cuda] [--dump-ir STAGE|all]`:
+//! builds the model's graph, runs the pass pipeline (folding, CSE, fusion
+//! with egg; `--no-fuse` skips it), verifies the result and writes an
+//! artifact whose manifest records the fusion report. Only the `interp`
 //! target (verified text IR + weights, run by the reference interpreter) is
 //! implemented in this build; `cpu` and `cuda` are refused before any work.
 
@@ -8,6 +10,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 use clap::ValueEnum;
+use smelt_passes::{pipeline, DumpSpec, DumpTarget, PipelineOptions};
 use smelt_runtime::artifact::{write_interp_artifact, InterpArtifact};
 
 use crate::source::{load_checkpoint, load_onnx, Source};
@@ -31,6 +34,41 @@ pub struct Args {
     pub output: PathBuf,
     #[arg(long, value_enum, default_value_t = Target::Interp)]
     pub target: Target,
+    /// Keep the frontend's primitive graph (no passes, no fusion).
+    #[arg(long)]
+    pub no_fuse: bool,
+    #[command(flatten)]
+    pub passes: PassArgs,
+}
+
+/// The pass pipeline's options, shared by `compile` and `inspect --fusion`.
+#[derive(clap::Args, Debug, Default)]
+pub struct PassArgs {
+    /// Dump the IR after a stage (comma-separated stage names) or after `all` of them.
+    #[arg(long, value_name = "STAGE|all")]
+    pub dump_ir: Option<String>,
+    /// Write dumps as files into this folder instead of stdout.
+    #[arg(long, value_name = "DIR", requires = "dump_ir")]
+    pub dump_dir: Option<PathBuf>,
+}
+
+impl PassArgs {
+    /// The pipeline options these flags ask for.
+    pub fn options(&self, explain: bool) -> Result<PipelineOptions> {
+        let dump = match &self.dump_ir {
+            None => None,
+            Some(what) => {
+                let target = match &self.dump_dir {
+                    Some(d) => DumpTarget::Dir(d.clone()),
+                    None => DumpTarget::Stdout,
+                };
+                Some(DumpSpec::parse(what, target)?)
+            }
+        };
+        let mut opts = PipelineOptions { dump, ..PipelineOptions::default() };
+        opts.fusion.explain = explain;
+        Ok(opts)
+    }
 }
 
 pub fn main(args: Args) -> Result<()> {
@@ -39,12 +77,18 @@ pub fn main(args: Args) -> Result<()> {
         bail!("target `{name}` is not implemented yet in this build (available: interp)");
     }
     let start = Instant::now();
-    let loaded = match Source::classify(&args.model)? {
+    let mut loaded = match Source::classify(&args.model)? {
         Source::Checkpoint(dir) => load_checkpoint(&dir)?,
         Source::Onnx(p) => load_onnx(&p)?,
         Source::Artifact(p) => {
             bail!("{}: is already a smelt artifact (compile takes a checkpoint folder or an .onnx file)", p.display())
         }
+    };
+    let fusion = if args.no_fuse {
+        None
+    } else {
+        let report = pipeline(&mut loaded.graph, &mut loaded.weights, &args.passes.options(false)?)?;
+        Some(serde_json::to_value(&report.fusion)?)
     };
     let manifest = write_interp_artifact(
         &args.output,
@@ -54,6 +98,7 @@ pub fn main(args: Args) -> Result<()> {
             model: loaded.info.clone(),
             tokenizer: loaded.tokenizer.as_deref(),
             eos_token_ids: loaded.eos_token_ids.clone(),
+            fusion,
         },
     )?;
     let size: u64 = manifest.files.iter().map(|f| f.size).sum();

@@ -2,7 +2,10 @@
 //! (architecture, parameters, layers, stored dtype), its graph (node count,
 //! op counts by op name) and its signature (inputs, outputs, symbol bounds);
 //! for an artifact also its format, target and files. `--ir` prints the text
-//! IR instead (or adds it to the JSON).
+//! IR instead (or adds it to the JSON). `--fusion` runs the pass pipeline on
+//! a model (or reads an artifact's recorded report) and prints what fused
+//! and every primitive op left unfused; `--explain` adds the rewrite chain
+//! that produced each fused op.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -23,9 +26,41 @@ pub struct Args {
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
+    /// Print the fusion report: fused patterns and primitive ops left unfused.
+    #[arg(long)]
+    pub fusion: bool,
+    /// With --fusion: the rewrite chain (egg explanation) of every fused op.
+    #[arg(long, requires = "fusion")]
+    pub explain: bool,
+}
+
+/// `inspect --fusion`: the artifact's recorded report, or a fresh pipeline run.
+fn fusion(args: &Args) -> Result<()> {
+    let mut loaded = load(&args.model)?;
+    if let Some(m) = &loaded.manifest {
+        let Some(report) = &m.fusion else {
+            anyhow::bail!("{}: the artifact was compiled without fusion (--no-fuse)", args.model.display());
+        };
+        if args.explain {
+            anyhow::bail!(
+                "{}: explanations are computed at compile time only; inspect the model instead",
+                args.model.display()
+            );
+        }
+        return crate::out(&format!("{}\n", serde_json::to_string_pretty(report)?));
+    }
+    let opts = crate::commands::compile::PassArgs::default().options(args.explain)?;
+    let report = smelt_passes::pipeline(&mut loaded.graph, &mut loaded.weights, &opts)?.fusion;
+    if args.json {
+        return crate::out(&format!("{}\n", report.to_json()));
+    }
+    crate::out(&report.summary())
 }
 
 pub fn main(args: Args) -> Result<()> {
+    if args.fusion {
+        return fusion(&args);
+    }
     let loaded = load(&args.model)?;
     let ir = smelt_ir::text::print(&loaded.graph);
     if args.ir && !args.json {

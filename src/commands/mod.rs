@@ -1,7 +1,9 @@
 //! One module per `smelt` subcommand: its clap arguments (`Args`) and its
 //! `main`, which returns an `anyhow::Result` that `main.rs` prints as one line.
 
+pub mod check;
 pub mod compile;
+pub mod conformance;
 pub mod generate;
 pub mod inspect;
 pub mod make_model;

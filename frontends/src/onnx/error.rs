@@ -48,11 +48,7 @@ pub enum OnnxError {
          (supported: FLOAT, FLOAT16, BFLOAT16, DOUBLE, INT64, INT32, INT8, UINT8, BOOL)",
         file.display()
     )]
-    UnsupportedDType {
-        file: PathBuf,
-        tensor: String,
-        onnx_type_name: String,
-    },
+    UnsupportedDType { file: PathBuf, tensor: String, onnx_type_name: String },
 
     /// A tensor's data does not have the size its dtype and dims call for.
     #[error(
@@ -75,11 +71,7 @@ pub enum OnnxError {
     /// A tensor is malformed in a way other than its data size (negative
     /// dims, a size that overflows, segments, missing external-data keys...).
     #[error("{}: tensor `{tensor}`: {reason}", file.display())]
-    InvalidTensor {
-        file: PathBuf,
-        tensor: String,
-        reason: String,
-    },
+    InvalidTensor { file: PathBuf, tensor: String, reason: String },
 
     /// An external-data `location` that would read outside the model's
     /// folder: absolute, containing `..`, or a symlink that points elsewhere.
@@ -87,22 +79,12 @@ pub enum OnnxError {
         "{}: tensor `{tensor}`: external data location `{location}` is not allowed: {reason}",
         file.display()
     )]
-    ExternalPath {
-        file: PathBuf,
-        tensor: String,
-        location: String,
-        reason: String,
-    },
+    ExternalPath { file: PathBuf, tensor: String, location: String, reason: String },
 
     /// External data that cannot be read: a missing file, an offset or length
     /// past the end of the file, unparsable keys.
     #[error("{}: tensor `{tensor}`: external data `{location}`: {reason}", file.display())]
-    ExternalData {
-        file: PathBuf,
-        tensor: String,
-        location: String,
-        reason: String,
-    },
+    ExternalData { file: PathBuf, tensor: String, location: String, reason: String },
 
     /// A node attribute exists but has another type than the one asked for.
     #[error(
@@ -126,13 +108,7 @@ pub enum OnnxError {
         file.display(),
         expected.as_str_name()
     )]
-    MissingAttribute {
-        file: PathBuf,
-        node: String,
-        op_type: String,
-        attribute: String,
-        expected: AttributeType,
-    },
+    MissingAttribute { file: PathBuf, node: String, op_type: String, attribute: String, expected: AttributeType },
 
     /// A node attribute has the right type but an unusable value (a string
     /// that is not UTF-8).
@@ -140,22 +116,12 @@ pub enum OnnxError {
         "{}: node `{node}` ({op_type}): attribute `{attribute}`: {reason}",
         file.display()
     )]
-    AttributeValue {
-        file: PathBuf,
-        node: String,
-        op_type: String,
-        attribute: String,
-        reason: String,
-    },
+    AttributeValue { file: PathBuf, node: String, op_type: String, attribute: String, reason: String },
 
     /// A graph input, output or value_info whose declared type smelt cannot
     /// use (not a tensor, no element type, ...).
     #[error("{}: value `{value}`: {reason}", file.display())]
-    ValueType {
-        file: PathBuf,
-        value: String,
-        reason: String,
-    },
+    ValueType { file: PathBuf, value: String, reason: String },
 }
 
 /// The `TensorProto` field a tensor's data was read from.

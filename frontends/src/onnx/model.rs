@@ -48,10 +48,7 @@ impl OnnxModel {
     /// Memory-maps and decodes an `.onnx` file.
     pub fn open(path: impl AsRef<Path>) -> Result<OnnxModel, OnnxError> {
         let path = path.as_ref();
-        let data = map_file(path).map_err(|source| OnnxError::Io {
-            file: path.to_path_buf(),
-            source,
-        })?;
+        let data = map_file(path).map_err(|source| OnnxError::Io { file: path.to_path_buf(), source })?;
         OnnxModel::from_bytes(data, path)
     }
 
@@ -66,15 +63,9 @@ impl OnnxModel {
             source,
         })?;
         if proto.graph.is_none() {
-            return Err(OnnxError::InvalidModel {
-                file: path,
-                reason: "ModelProto has no graph".into(),
-            });
+            return Err(OnnxError::InvalidModel { file: path, reason: "ModelProto has no graph".into() });
         }
-        Ok(OnnxModel {
-            proto,
-            store: TensorStore::new(path),
-        })
+        Ok(OnnxModel { proto, store: TensorStore::new(path) })
     }
 
     /// The model file, as given to [`OnnxModel::open`].
@@ -111,20 +102,12 @@ impl OnnxModel {
     /// both name the default domain. `None` when the model does not import it.
     pub fn opset_version(&self, domain: &str) -> Option<i64> {
         let want = canonical_domain(domain);
-        self.proto
-            .opset_import
-            .iter()
-            .find(|o| canonical_domain(o.domain()) == want)
-            .map(|o| o.version())
+        self.proto.opset_import.iter().find(|o| canonical_domain(o.domain()) == want).map(|o| o.version())
     }
 
     /// Every imported `(domain, version)`, with the default domain spelled `""`.
     pub fn opset_imports(&self) -> Vec<(&str, i64)> {
-        self.proto
-            .opset_import
-            .iter()
-            .map(|o| (canonical_domain(o.domain()), o.version()))
-            .collect()
+        self.proto.opset_import.iter().map(|o| (canonical_domain(o.domain()), o.version())).collect()
     }
 
     /// Graph inputs that are real inputs: models with IR version < 4 also list
@@ -142,11 +125,7 @@ impl OnnxModel {
 
     /// Decodes the main graph's initialiser with this name, if there is one.
     pub fn initializer(&self, name: &str) -> Option<Result<OnnxTensor, OnnxError>> {
-        self.graph()
-            .initializer
-            .iter()
-            .find(|t| t.name() == name)
-            .map(|t| self.tensor(t))
+        self.graph().initializer.iter().find(|t| t.name() == name).map(|t| self.tensor(t))
     }
 
     /// Decodes any `TensorProto` of this model (an initialiser, a `Constant`'s
@@ -158,10 +137,7 @@ impl OnnxModel {
 
     /// Typed access to a node's attributes, with errors that name this file.
     pub fn attrs<'a>(&'a self, node: &'a NodeProto) -> NodeAttrs<'a> {
-        NodeAttrs {
-            file: self.path(),
-            node,
-        }
+        NodeAttrs { file: self.path(), node }
     }
 
     /// The declared tensor type of a graph input, output or value_info.
@@ -203,11 +179,7 @@ pub struct TensorType {
 /// element types without a smelt dtype are errors.
 pub fn value_type(file: &Path, value: &ValueInfoProto) -> Result<TensorType, OnnxError> {
     let name = display_name(value.name());
-    let err = |reason: String| OnnxError::ValueType {
-        file: file.to_path_buf(),
-        value: name.clone(),
-        reason,
-    };
+    let err = |reason: String| OnnxError::ValueType { file: file.to_path_buf(), value: name.clone(), reason };
     let tensor = match value.r#type.as_ref().and_then(|t| t.value.as_ref()) {
         Some(TypeValue::TensorType(t)) => t,
         Some(TypeValue::SequenceType(_)) => return Err(err("is a sequence, expected a tensor".into())),
@@ -325,9 +297,7 @@ impl<'a> NodeAttrs<'a> {
 
     /// A `STRING` attribute, which must be UTF-8.
     pub fn string(&self, name: &str) -> Result<Option<&'a str>, OnnxError> {
-        self.typed(name, AttributeType::String, |a| {
-            self.utf8(name, a.s.as_deref().unwrap_or_default())
-        })
+        self.typed(name, AttributeType::String, |a| self.utf8(name, a.s.as_deref().unwrap_or_default()))
     }
 
     /// A `STRING` attribute, or `default` when absent.
@@ -342,16 +312,12 @@ impl<'a> NodeAttrs<'a> {
 
     /// A `STRINGS` attribute, each of which must be UTF-8.
     pub fn strings(&self, name: &str) -> Result<Option<Vec<&'a str>>, OnnxError> {
-        self.typed(name, AttributeType::Strings, |a| {
-            a.strings.iter().map(|s| self.utf8(name, s)).collect()
-        })
+        self.typed(name, AttributeType::Strings, |a| a.strings.iter().map(|s| self.utf8(name, s)).collect())
     }
 
     /// A `TENSOR` attribute (decode it with [`OnnxModel::tensor`]).
     pub fn tensor(&self, name: &str) -> Result<Option<&'a TensorProto>, OnnxError> {
-        self.typed(name, AttributeType::Tensor, |a| {
-            Ok(a.t.as_ref().unwrap_or_else(|| empty_tensor()))
-        })
+        self.typed(name, AttributeType::Tensor, |a| Ok(a.t.as_ref().unwrap_or_else(|| empty_tensor())))
     }
 
     /// A `TENSOR` attribute that must be present.
@@ -361,9 +327,7 @@ impl<'a> NodeAttrs<'a> {
 
     /// A `GRAPH` attribute (the body of `If`, `Loop`, `Scan`).
     pub fn graph(&self, name: &str) -> Result<Option<&'a GraphProto>, OnnxError> {
-        self.typed(name, AttributeType::Graph, |a| {
-            Ok(a.g.as_ref().unwrap_or_else(|| empty_graph()))
-        })
+        self.typed(name, AttributeType::Graph, |a| Ok(a.g.as_ref().unwrap_or_else(|| empty_graph())))
     }
 
     /// A `GRAPH` attribute that must be present.

@@ -133,12 +133,7 @@ impl OnnxTensor {
         if T::DTYPE != self.dtype {
             return None;
         }
-        Some(
-            self.bytes()
-                .chunks_exact(T::DTYPE.size_bytes())
-                .map(T::from_le_bytes)
-                .collect(),
-        )
+        Some(self.bytes().chunks_exact(T::DTYPE.size_bytes()).map(T::from_le_bytes).collect())
     }
 
     /// Every element converted to `f32` (integers by value, bools as 0 / 1).
@@ -272,10 +267,7 @@ pub fn dtype_to_onnx(dtype: DType) -> i32 {
 /// to the file's folder.
 pub fn read_tensor_pb(path: impl AsRef<Path>) -> Result<OnnxTensor, OnnxError> {
     let path = path.as_ref();
-    let data = map_file(path).map_err(|source| OnnxError::Io {
-        file: path.to_path_buf(),
-        source,
-    })?;
+    let data = map_file(path).map_err(|source| OnnxError::Io { file: path.to_path_buf(), source })?;
     let proto = TensorProto::decode(data).map_err(|source| OnnxError::Decode {
         file: path.to_path_buf(),
         message: "TensorProto",
@@ -289,10 +281,7 @@ pub(crate) fn map_file(path: &Path) -> std::io::Result<Bytes> {
     let file = File::open(path)?;
     let meta = file.metadata()?;
     if !meta.is_file() {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            "not a regular file",
-        ));
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file"));
     }
     // An empty file cannot be mapped on every platform, and there is nothing
     // to borrow from it anyway.
@@ -325,11 +314,7 @@ impl TensorStore {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
         };
-        TensorStore {
-            file,
-            dir,
-            maps: Mutex::new(HashMap::new()),
-        }
+        TensorStore { file, dir, maps: Mutex::new(HashMap::new()) }
     }
 
     pub(crate) fn file(&self) -> &Path {
@@ -343,16 +328,11 @@ impl TensorStore {
     /// Decodes one `TensorProto` into a host tensor, checking its size.
     pub(crate) fn decode(&self, t: &TensorProto) -> Result<OnnxTensor, OnnxError> {
         let name = display_name(t.name());
-        let invalid = |reason: String| OnnxError::InvalidTensor {
-            file: self.file.clone(),
-            tensor: name.clone(),
-            reason,
-        };
+        let invalid =
+            |reason: String| OnnxError::InvalidTensor { file: self.file.clone(), tensor: name.clone(), reason };
 
         if t.segment.is_some() {
-            return Err(invalid(
-                "segmented tensors (TensorProto.segment) are not supported".into(),
-            ));
+            return Err(invalid("segmented tensors (TensorProto.segment) are not supported".into()));
         }
         if t.data_type() == DataType::Undefined as i32 {
             return Err(invalid("data_type is missing (UNDEFINED)".into()));
@@ -414,12 +394,7 @@ impl TensorStore {
             TensorBytes::Owned(typed_to_le_bytes(t, dtype, nbytes))
         };
 
-        Ok(OnnxTensor {
-            name: t.name().to_string(),
-            dtype,
-            dims,
-            data,
-        })
+        Ok(OnnxTensor { name: t.name().to_string(), dtype, dims, data })
     }
 
     /// The bytes an external-data tensor points to, sliced from the (cached)
@@ -460,9 +435,7 @@ impl TensorStore {
         let length = parse("length", length)?;
 
         let path = self.resolve(location, name)?;
-        let whole = self
-            .mapped(&path)
-            .map_err(|e| data_error(format!("cannot read {}: {e}", path.display())))?;
+        let whole = self.mapped(&path).map_err(|e| data_error(format!("cannot read {}: {e}", path.display())))?;
         if offset > whole.len() {
             return Err(data_error(format!(
                 "offset {offset} is past the end of {} ({} bytes)",
@@ -497,21 +470,15 @@ impl TensorStore {
             return Err(refuse("it is empty".into()));
         }
         if rel.is_absolute() || rel.has_root() {
-            return Err(refuse(
-                "absolute paths are refused; it must be relative to the model's folder".into(),
-            ));
+            return Err(refuse("absolute paths are refused; it must be relative to the model's folder".into()));
         }
         for c in rel.components() {
             match c {
                 Component::ParentDir => {
-                    return Err(refuse(
-                        "`..` is refused; external data must live inside the model's folder".into(),
-                    ))
+                    return Err(refuse("`..` is refused; external data must live inside the model's folder".into()))
                 }
                 Component::Prefix(_) | Component::RootDir => {
-                    return Err(refuse(
-                        "absolute paths are refused; it must be relative to the model's folder".into(),
-                    ))
+                    return Err(refuse("absolute paths are refused; it must be relative to the model's folder".into()))
                 }
                 Component::CurDir | Component::Normal(_) => {}
             }
@@ -570,28 +537,13 @@ pub(crate) fn display_name(name: &str) -> String {
 fn typed_to_le_bytes(t: &TensorProto, dtype: DType, nbytes: usize) -> Vec<u8> {
     let mut out = Vec::with_capacity(nbytes);
     match dtype {
-        DType::F32 => t
-            .float_data
-            .iter()
-            .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
-        DType::F64 => t
-            .double_data
-            .iter()
-            .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
-        DType::I64 => t
-            .int64_data
-            .iter()
-            .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
-        DType::I32 => t
-            .int32_data
-            .iter()
-            .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+        DType::F32 => t.float_data.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+        DType::F64 => t.double_data.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+        DType::I64 => t.int64_data.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+        DType::I32 => t.int32_data.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
         // ONNX stores 16-bit floats as their bit patterns in the low 16 bits
         // of each int32 value; the truncating casts keep exactly those bits.
-        DType::F16 | DType::BF16 => t
-            .int32_data
-            .iter()
-            .for_each(|&v| out.extend_from_slice(&(v as u16).to_le_bytes())),
+        DType::F16 | DType::BF16 => t.int32_data.iter().for_each(|&v| out.extend_from_slice(&(v as u16).to_le_bytes())),
         // 8-bit integers are stored by value; the spec requires them to be in
         // range, and truncation keeps the low byte if a writer did not comply.
         DType::I8 | DType::U8 => t.int32_data.iter().for_each(|&v| out.push(v as u8)),
