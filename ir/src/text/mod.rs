@@ -498,6 +498,11 @@ mod tests {
             ("# smelt-ir 2\nfunc @f() {\n  return\n}\n", "1:1: unsupported text format version `2`"),
             ("func @f() {\n  return\n}\n}\n", "4:1: expected end of input (one function per file), found `}`"),
             ("func @f() {\n  %0 = neg $\n", "2:12: unexpected character `$`"),
+            (
+                "func @f(%x: f32[99999999999*99999999999]) {\n  return y=%x\n}\n",
+                "1:17: dim `99999999999*99999999999` is too large",
+            ),
+            ("func @f(%x: f32[4294967296, 4294967296]) {\n  return y=%x\n}\n", "1:17: the shape's dims are too large"),
         ];
         for (src, want) in cases {
             let got = err(src);

@@ -338,6 +338,24 @@ fn is_dim_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'_' | b'+' | b'-' | b'*' | b'/' | b'(' | b')' | b' ' | b'\t')
 }
 
+/// Dims (and shapes) whose coefficients could exceed this are refused.
+const MAX_MAGNITUDE: f64 = (1u64 << 60) as f64;
+
+/// An upper bound on every coefficient `Dim`'s parser can produce from this
+/// text: the product of the integer literals' magnitudes (at least 1 each),
+/// doubled for every `+` or `-`. Sums at most double the larger bound and
+/// products multiply them, so no intermediate value can exceed it.
+fn magnitude(text: &str) -> f64 {
+    let mut bound = 1.0f64;
+    for part in text.split(|c: char| !c.is_ascii_digit()) {
+        if let Ok(n) = part.parse::<f64>() {
+            bound *= n.max(1.0);
+        }
+    }
+    let signs = text.bytes().filter(|b| matches!(b, b'+' | b'-')).count();
+    bound * 2f64.powi(signs.min(1000) as i32)
+}
+
 fn is_symbol_name(s: &str) -> bool {
     let b = s.as_bytes();
     !b.is_empty()
@@ -705,8 +723,15 @@ impl Parser<'_> {
         };
         let dims = self.dim_list()?;
         let mut shape = Vec::with_capacity(dims.len());
-        for (text, at) in dims {
-            shape.push(self.dim(&text, at)?);
+        for (text, at) in &dims {
+            shape.push(self.dim(text, *at)?);
+        }
+        // Inference multiplies a type's dims together (reshape, element
+        // counts), so the whole shape must stay far from i64 overflow too.
+        let total: f64 = dims.iter().map(|(t, _)| magnitude(t)).product();
+        if total > MAX_MAGNITUDE {
+            let at = dims.first().map_or(t.at, |d| d.1);
+            return Err(self.err(at, ParseErrorKind::BadDim("the shape's dims are too large".into())));
         }
         Ok(TensorType::new(dtype, shape))
     }
@@ -716,6 +741,11 @@ impl Parser<'_> {
     fn dim(&mut self, text: &str, at: Pos) -> R<Dim> {
         if let Some(d) = self.dims.get(text) {
             return Ok(d.clone());
+        }
+        // `Dim`'s arithmetic does not check for overflow, so text whose
+        // coefficients could leave i64 is refused before it is parsed.
+        if text.parse::<i64>().is_err() && magnitude(text) > MAX_MAGNITUDE {
+            return Err(self.err(at, ParseErrorKind::BadDim(format!("dim `{text}` is too large"))));
         }
         let d = text.parse::<Dim>().map_err(|e| self.err(at, ParseErrorKind::BadDim(e.to_string())))?;
         self.dims.insert(text.to_string(), d.clone());
