@@ -17,11 +17,7 @@ fn fixtures() -> Option<PathBuf> {
 }
 
 fn signature(g: &Graph) -> Vec<String> {
-    let mut v: Vec<String> = g
-        .inputs()
-        .iter()
-        .map(|(n, id)| format!("in {n}: {}", g.ty(*id)))
-        .collect();
+    let mut v: Vec<String> = g.inputs().iter().map(|(n, id)| format!("in {n}: {}", g.ty(*id))).collect();
     v.extend(g.outputs().iter().map(|(n, id)| format!("out {n}: {}", g.ty(*id))));
     v
 }
@@ -57,13 +53,7 @@ fn fixture_graphs_have_the_decoder_with_past_signature() {
         }
         let m = hf::load(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
         let c = &m.config;
-        check_signature(
-            &m.graph,
-            c.num_hidden_layers,
-            c.num_key_value_heads,
-            c.head_dim,
-            c.vocab_size,
-        );
+        check_signature(&m.graph, c.num_hidden_layers, c.num_key_value_heads, c.head_dim, c.vocab_size);
         // Every weight the graph names is in the weight map with the declared type.
         for (name, v) in m.graph.weights() {
             let t = &m.weights[&name];
@@ -83,13 +73,7 @@ fn random_checkpoints_of_every_architecture_build() {
         write_random_checkpoint(dir.path(), &spec).unwrap();
         let m = hf::load(dir.path()).unwrap_or_else(|e| panic!("{arch:?}: {e}"));
         let c = &m.config;
-        check_signature(
-            &m.graph,
-            c.num_hidden_layers,
-            c.num_key_value_heads,
-            c.head_dim,
-            c.vocab_size,
-        );
+        check_signature(&m.graph, c.num_hidden_layers, c.num_key_value_heads, c.head_dim, c.vocab_size);
         // bf16 weights are cast to f32 where the graph computes.
         assert!(m.weights.values().all(|t| t.dtype == DType::BF16));
     }
@@ -111,11 +95,7 @@ fn read_safetensors(path: &Path) -> std::collections::BTreeMap<String, smelt_ir:
 
 fn max_abs_diff(a: &smelt_ir::Tensor, b: &smelt_ir::Tensor) -> f64 {
     assert_eq!(a.shape, b.shape);
-    a.to_f64_vec()
-        .iter()
-        .zip(b.to_f64_vec())
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f64::max)
+    a.to_f64_vec().iter().zip(b.to_f64_vec()).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
 }
 
 /// The kv step of every fixture through the graph and the interpreter
@@ -135,9 +115,8 @@ fn fixture_kv_step_matches_reference_on_the_interpreter() {
         for (k, t) in &r {
             if let Some(rest) = k.strip_prefix("kv.past.") {
                 inputs.insert(format!("past_key_values.{rest}"), t.clone());
-            } else if let Some(name) = ["input_ids", "attention_mask", "position_ids"]
-                .iter()
-                .find(|n| k == &format!("kv.{n}"))
+            } else if let Some(name) =
+                ["input_ids", "attention_mask", "position_ids"].iter().find(|n| k == &format!("kv.{n}"))
             {
                 inputs.insert(name.to_string(), t.clone());
             }

@@ -37,10 +37,7 @@ impl W {
     fn load(ck: &Checkpoint, name: &str) -> W {
         let t = ck.get(name).unwrap_or_else(|e| panic!("{e}"));
         let cols = *t.shape.last().unwrap();
-        W {
-            v: t.to_f32_vec().unwrap(),
-            cols,
-        }
+        W { v: t.to_f32_vec().unwrap(), cols }
     }
     /// y = x Wᵀ for W [out, in].
     fn linear(&self, x: &[f32]) -> Vec<f32> {
@@ -54,10 +51,7 @@ impl W {
 fn rms_norm(x: &[f32], w: &[f32], eps: f64, add_one: bool) -> Vec<f32> {
     let ms = x.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / x.len() as f64;
     let r = 1.0 / (ms + eps).sqrt();
-    x.iter()
-        .zip(w)
-        .map(|(v, w)| (*v as f64 * r * if add_one { 1.0 + *w as f64 } else { *w as f64 }) as f32)
-        .collect()
+    x.iter().zip(w).map(|(v, w)| (*v as f64 * r * if add_one { 1.0 + *w as f64 } else { *w as f64 }) as f32).collect()
 }
 
 fn act(a: Activation, x: f32) -> f32 {
@@ -113,21 +107,13 @@ fn reference(
     inputs: &BTreeMap<String, Tensor>,
     c: &Case,
 ) -> BTreeMap<String, Vec<f32>> {
-    let (h, nh, kvh, hd) = (
-        cfg.hidden_size,
-        cfg.num_attention_heads,
-        cfg.num_key_value_heads,
-        cfg.head_dim,
-    );
+    let (h, nh, kvh, hd) = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
     let (b, past, seq) = (c.batch, c.past, c.seq);
     let total = past + seq;
     let ids = inputs["input_ids"].to_i64_vec();
     let pos = inputs["position_ids"].to_i64_vec();
     let mask = inputs["attention_mask"].to_i64_vec();
-    let stored = cfg
-        .dtype
-        .filter(|d| matches!(d, DType::BF16 | DType::F16))
-        .unwrap_or(DType::F32);
+    let stored = cfg.dtype.filter(|d| matches!(d, DType::BF16 | DType::F16)).unwrap_or(DType::F32);
     let max_pos = *pos.iter().max().unwrap() as usize + 1;
     let (inv_freq, scaling) = cfg.rope_inv_freq(max_pos);
     let inv_freq: Vec<f32> = inv_freq
@@ -182,11 +168,7 @@ fn reference(
                 let xn = rms_norm(&x[bi * seq + s], &ln, cfg.rms_norm_eps, add_one);
                 let (q, k, v) = if cfg.arch == Arch::Phi3 {
                     let qkv = W::load(ck, &format!("{p}.self_attn.qkv_proj.weight")).linear(&xn);
-                    (
-                        qkv[..nh * hd].to_vec(),
-                        qkv[nh * hd..(nh + kvh) * hd].to_vec(),
-                        qkv[(nh + kvh) * hd..].to_vec(),
-                    )
+                    (qkv[..nh * hd].to_vec(), qkv[nh * hd..(nh + kvh) * hd].to_vec(), qkv[(nh + kvh) * hd..].to_vec())
                 } else {
                     (proj("q_proj", &xn), proj("k_proj", &xn), proj("v_proj", &xn))
                 };
@@ -253,13 +235,9 @@ fn reference(
                             d * (hd as f64).powf(-0.5)
                         })
                         .collect();
-                    let mx = (0..total)
-                        .filter(|t| allowed(*t))
-                        .map(|t| scores[t])
-                        .fold(f64::MIN, f64::max);
-                    let e: Vec<f64> = (0..total)
-                        .map(|t| if allowed(t) { (scores[t] - mx).exp() } else { 0.0 })
-                        .collect();
+                    let mx = (0..total).filter(|t| allowed(*t)).map(|t| scores[t]).fold(f64::MIN, f64::max);
+                    let e: Vec<f64> =
+                        (0..total).map(|t| if allowed(t) { (scores[t] - mx).exp() } else { 0.0 }).collect();
                     let z: f64 = e.iter().sum();
                     for d in 0..hd {
                         attn[hh * hd + d] =
@@ -297,16 +275,10 @@ fn reference(
         }
     }
     let norm = W::load(ck, "model.norm.weight").v;
-    let head = if ck.contains("lm_head.weight") {
-        "lm_head.weight"
-    } else {
-        "model.embed_tokens.weight"
-    };
+    let head = if ck.contains("lm_head.weight") { "lm_head.weight" } else { "model.embed_tokens.weight" };
     let head = W::load(ck, head);
-    let logits: Vec<f32> = x
-        .iter()
-        .flat_map(|xi| head.linear(&rms_norm(xi, &norm, cfg.rms_norm_eps, add_one)))
-        .collect();
+    let logits: Vec<f32> =
+        x.iter().flat_map(|xi| head.linear(&rms_norm(xi, &norm, cfg.rms_norm_eps, add_one))).collect();
     out.insert("logits".into(), logits);
     out
 }
@@ -315,35 +287,21 @@ fn inputs(cfg: &HfConfig, c: &Case, rng: &mut Rng) -> BTreeMap<String, Tensor> {
     let (b, past, seq) = (c.batch, c.past, c.seq);
     let total = past + seq;
     let mut m = BTreeMap::new();
-    let ids: Vec<i64> = (0..b * seq)
-        .map(|_| (rng.next() % cfg.vocab_size as u64) as i64)
-        .collect();
-    m.insert(
-        "input_ids".into(),
-        Tensor::from_i64(DType::I64, vec![b, seq], ids).unwrap(),
-    );
+    let ids: Vec<i64> = (0..b * seq).map(|_| (rng.next() % cfg.vocab_size as u64) as i64).collect();
+    m.insert("input_ids".into(), Tensor::from_i64(DType::I64, vec![b, seq], ids).unwrap());
     let mut mask = vec![1i64; b * total];
     for &(bi, t) in &c.padding {
         mask[bi * total + t] = 0;
     }
-    m.insert(
-        "attention_mask".into(),
-        Tensor::from_i64(DType::I64, vec![b, total], mask).unwrap(),
-    );
+    m.insert("attention_mask".into(), Tensor::from_i64(DType::I64, vec![b, total], mask).unwrap());
     let pos: Vec<i64> = (0..b).flat_map(|_| (past..total).map(|p| p as i64)).collect();
-    m.insert(
-        "position_ids".into(),
-        Tensor::from_i64(DType::I64, vec![b, seq], pos).unwrap(),
-    );
+    m.insert("position_ids".into(), Tensor::from_i64(DType::I64, vec![b, seq], pos).unwrap());
     let n = b * cfg.num_key_value_heads * past * cfg.head_dim;
     for l in 0..cfg.num_hidden_layers {
         for kv in ["key", "value"] {
             let v: Vec<f32> = (0..n).map(|_| rng.normal()).collect();
             let shape = vec![b, cfg.num_key_value_heads, past, cfg.head_dim];
-            m.insert(
-                format!("past_key_values.{l}.{kv}"),
-                Tensor::from_f32(DType::F32, shape, v).unwrap(),
-            );
+            m.insert(format!("past_key_values.{l}.{kv}"), Tensor::from_f32(DType::F32, shape, v).unwrap());
         }
     }
     m
@@ -373,39 +331,19 @@ fn spec(arch: Arch, f: impl FnOnce(&mut RandomModelSpec)) -> RandomModelSpec {
 }
 
 fn case() -> Case {
-    Case {
-        batch: 2,
-        past: 3,
-        seq: 4,
-        padding: vec![],
-    }
+    Case { batch: 2, past: 3, seq: 4, padding: vec![] }
 }
 
 #[test]
 fn llama_bf16_llama3_rope_three_layers_six_heads() {
     let s = spec(Arch::Llama, |s| {
-        (
-            s.hidden_size,
-            s.num_heads,
-            s.num_kv_heads,
-            s.num_layers,
-            s.intermediate_size,
-        ) = (96, 6, 2, 3, 80);
+        (s.hidden_size, s.num_heads, s.num_kv_heads, s.num_layers, s.intermediate_size) = (96, 6, 2, 3, 80);
         s.dtype = DType::BF16;
         s.seed = 1;
-        s.rope_scaling = Some(
-            serde_json::json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
-        );
+        s.rope_scaling = Some(serde_json::json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}));
     });
-    check(
-        "llama3",
-        s,
-        Case {
-            padding: vec![(1, 0), (1, 1)],
-            ..case()
-        },
-    );
+    check("llama3", s, Case { padding: vec![(1, 0), (1, 1)], ..case() });
 }
 
 #[test]
@@ -444,16 +382,7 @@ fn qwen3_head_dim_40_single_kv_head_dynamic_rope_past_the_original_context() {
         s.rope_scaling = Some(serde_json::json!({"rope_type": "dynamic", "factor": 2.0}));
     });
     // Positions reach 10 > 8, so the dynamic base is in effect.
-    check(
-        "qwen3-dynamic",
-        s,
-        Case {
-            batch: 1,
-            past: 6,
-            seq: 5,
-            padding: vec![],
-        },
-    );
+    check("qwen3-dynamic", s, Case { batch: 1, past: 6, seq: 5, padding: vec![] });
 }
 
 #[test]
@@ -469,14 +398,5 @@ fn phi3_partial_rotary_half() {
     let s = spec(Arch::Phi3, |s| {
         (s.partial_rotary_factor, s.seed) = (Some(0.5), 7);
     });
-    check(
-        "phi3-partial",
-        s,
-        Case {
-            batch: 1,
-            past: 0,
-            seq: 5,
-            padding: vec![],
-        },
-    );
+    check("phi3-partial", s, Case { batch: 1, past: 0, seq: 5, padding: vec![] });
 }

@@ -40,10 +40,7 @@ fn shared_dir() -> Option<PathBuf> {
 fn model_bytes(graph: GraphProto) -> Vec<u8> {
     ModelProto {
         ir_version: Some(10),
-        opset_import: vec![OperatorSetIdProto {
-            domain: Some("".into()),
-            version: Some(17),
-        }],
+        opset_import: vec![OperatorSetIdProto { domain: Some("".into()), version: Some(17) }],
         graph: Some(graph),
         ..Default::default()
     }
@@ -57,32 +54,20 @@ fn write_model(dir: &Path, graph: GraphProto) -> PathBuf {
 }
 
 fn tensor(name: &str, dtype: DataType, dims: &[i64]) -> TensorProto {
-    TensorProto {
-        name: Some(name.into()),
-        data_type: Some(dtype as i32),
-        dims: dims.to_vec(),
-        ..Default::default()
-    }
+    TensorProto { name: Some(name.into()), data_type: Some(dtype as i32), dims: dims.to_vec(), ..Default::default() }
 }
 
 fn external(mut t: TensorProto, entries: &[(&str, &str)]) -> TensorProto {
     t.data_location = Some(DataLocation::External as i32);
     t.external_data = entries
         .iter()
-        .map(|(k, v)| StringStringEntryProto {
-            key: Some(k.to_string()),
-            value: Some(v.to_string()),
-        })
+        .map(|(k, v)| StringStringEntryProto { key: Some(k.to_string()), value: Some(v.to_string()) })
         .collect();
     t
 }
 
 fn graph_with(initializers: Vec<TensorProto>) -> GraphProto {
-    GraphProto {
-        name: Some("g".into()),
-        initializer: initializers,
-        ..Default::default()
-    }
+    GraphProto { name: Some("g".into()), initializer: initializers, ..Default::default() }
 }
 
 fn f32_le(values: &[f32]) -> Vec<u8> {
@@ -188,11 +173,7 @@ fn fixture_models_open() {
 // Conformance .pb files
 
 fn case(shared: &Path, name: &str, file: &str) -> OnnxTensor {
-    let p = shared
-        .join("conformance/onnx-node")
-        .join(name)
-        .join("test_data_set_0")
-        .join(file);
+    let p = shared.join("conformance/onnx-node").join(name).join("test_data_set_0").join(file);
     read_tensor_pb(&p).unwrap_or_else(|e| panic!("{e}"))
 }
 
@@ -233,11 +214,7 @@ fn conformance_pb_dtypes() {
     let b = case(&shared, "test_and2d", "input_1.pb");
     let y = case(&shared, "test_and2d", "output_0.pb");
     assert_eq!(a.dtype, DType::Bool);
-    let (a, b, y) = (
-        a.to_vec::<bool>().unwrap(),
-        b.to_vec::<bool>().unwrap(),
-        y.to_vec::<bool>().unwrap(),
-    );
+    let (a, b, y) = (a.to_vec::<bool>().unwrap(), b.to_vec::<bool>().unwrap(), y.to_vec::<bool>().unwrap());
     assert!(a.iter().zip(&b).zip(&y).all(|((a, b), y)| (*a && *b) == *y));
 
     // int8 and uint8: wrapping add, as numpy does.
@@ -246,11 +223,7 @@ fn conformance_pb_dtypes() {
         let b = case(&shared, name, "input_1.pb");
         let y = case(&shared, name, "output_0.pb");
         assert_eq!(a.dtype, dtype);
-        let (a, b, y) = (
-            a.to_i64_vec().unwrap(),
-            b.to_i64_vec().unwrap(),
-            y.to_i64_vec().unwrap(),
-        );
+        let (a, b, y) = (a.to_i64_vec().unwrap(), b.to_i64_vec().unwrap(), y.to_i64_vec().unwrap());
         for ((a, b), y) in a.iter().zip(&b).zip(&y) {
             let sum = if dtype == DType::I8 {
                 i64::from((*a as i8).wrapping_add(*b as i8))
@@ -314,20 +287,13 @@ fn conformance_all_files_no_panic() {
             }
         }
     }
-    println!(
-        "{models} models; .pb files: {ok} decoded, {unsupported} unsupported dtype, {} other errors",
-        other.len()
-    );
+    println!("{models} models; .pb files: {ok} decoded, {unsupported} unsupported dtype, {} other errors", other.len());
     for e in other.iter().take(5) {
         println!("  e.g. {e}");
     }
     assert!(models > 1000);
     // Keep `Result<_, OnnxError>` small (clippy's result_large_err threshold).
-    assert!(
-        std::mem::size_of::<OnnxError>() <= 120,
-        "{}",
-        std::mem::size_of::<OnnxError>()
-    );
+    assert!(std::mem::size_of::<OnnxError>() <= 120, "{}", std::mem::size_of::<OnnxError>());
     assert!(ok > 4000);
 }
 
@@ -396,15 +362,9 @@ fn external_data_errors() {
         (ext("w.bin", &[("offset", "17")]), "data"),
         (ext("w.bin", &[("offset", "8"), ("length", "16")]), "data"),
         (ext("w.bin", &[("offset", "-1")]), "data"),
-        (
-            ext("w.bin", &[("length", "18446744073709551615"), ("offset", "1")]),
-            "data",
-        ),
+        (ext("w.bin", &[("length", "18446744073709551615"), ("offset", "1")]), "data"),
         (ext("w.bin", &[("offset", "4")]), "size"),
-        (
-            external(tensor("w", DataType::Float, &[4]), &[("offset", "0")]),
-            "invalid",
-        ),
+        (external(tensor("w", DataType::Float, &[4]), &[("offset", "0")]), "invalid"),
     ];
     for (t, want) in cases {
         let path = write_model(&model_dir, graph_with(vec![t.clone()]));
@@ -417,14 +377,7 @@ fn external_data_errors() {
         let matched = match want {
             "escape" => matches!(err, OnnxError::ExternalPath { .. }),
             "data" => matches!(err, OnnxError::ExternalData { .. }),
-            "size" => matches!(
-                err,
-                OnnxError::DataSize {
-                    expected: 16,
-                    found: 12,
-                    ..
-                }
-            ),
+            "size" => matches!(err, OnnxError::DataSize { expected: 16, found: 12, .. }),
             _ => matches!(err, OnnxError::InvalidTensor { .. }),
         };
         assert!(matched, "{:?}: expected {want}, got {msg}", t.external_data);
@@ -432,10 +385,7 @@ fn external_data_errors() {
     // A good location after all those refusals still works.
     let path = write_model(&model_dir, graph_with(vec![ext("w.bin", &[])]));
     let model = OnnxModel::open(&path).unwrap();
-    assert_eq!(
-        model.initializer("w").unwrap().unwrap().to_vec::<f32>().unwrap(),
-        vec![0.0; 4]
-    );
+    assert_eq!(model.initializer("w").unwrap().unwrap().to_vec::<f32>().unwrap(), vec![0.0; 4]);
 }
 
 // ---------------------------------------------------------------------------
@@ -457,10 +407,7 @@ fn typed_fields_decode() {
 
     let vals = [1.5f32, -0.0, 65504.0, f32::INFINITY];
     let mut t = tensor("h", DataType::Float16, &[4]);
-    t.int32_data = vals
-        .iter()
-        .map(|v| i32::from(half::f16::from_f32(*v).to_bits()))
-        .collect();
+    t.int32_data = vals.iter().map(|v| i32::from(half::f16::from_f32(*v).to_bits())).collect();
     let d = decode(t).unwrap();
     assert_eq!(d.dtype, DType::F16);
     assert_eq!(d.to_f32_vec(), vals.to_vec());
@@ -511,17 +458,7 @@ fn bad_tensors_are_errors() {
     let mut t = tensor("short", DataType::Float, &[2, 3]);
     t.raw_data = Some(Bytes::from(vec![0u8; 20]));
     let e = decode(t).unwrap_err();
-    assert!(
-        matches!(
-            e,
-            OnnxError::DataSize {
-                expected: 24,
-                found: 20,
-                ..
-            }
-        ),
-        "{e}"
-    );
+    assert!(matches!(e, OnnxError::DataSize { expected: 24, found: 20, .. }), "{e}");
     assert!(e.to_string().contains("`short`"), "{e}");
     println!("{e}");
 
@@ -554,9 +491,7 @@ fn bad_tensors_are_errors() {
     ] {
         let e = decode(tensor("x", dt, &[1])).unwrap_err();
         match &e {
-            OnnxError::UnsupportedDType {
-                tensor, onnx_type_name, ..
-            } => {
+            OnnxError::UnsupportedDType { tensor, onnx_type_name, .. } => {
                 assert_eq!((tensor.as_str(), onnx_type_name.as_str()), ("x", name))
             }
             _ => panic!("{e}"),
@@ -595,10 +530,7 @@ fn garbage_files_are_errors() {
         assert!(read_tensor_pb(&p).is_err());
     }
     assert!(matches!(OnnxModel::open(dir.path()).unwrap_err(), OnnxError::Io { .. }));
-    assert!(matches!(
-        OnnxModel::open(dir.path().join("absent.onnx")).unwrap_err(),
-        OnnxError::Io { .. }
-    ));
+    assert!(matches!(OnnxModel::open(dir.path().join("absent.onnx")).unwrap_err(), OnnxError::Io { .. }));
 
     // A valid model cut short, and a length prefix that lies.
     let mut t = tensor("w", DataType::Float, &[64]);
@@ -630,10 +562,8 @@ fn garbage_files_are_errors() {
         t: Some(v),
         ..Default::default()
     });
-    let mut g = graph_with(vec![external(
-        tensor("e", DataType::Float, &[2]),
-        &[("location", "w.bin"), ("offset", "3")],
-    )]);
+    let mut g =
+        graph_with(vec![external(tensor("e", DataType::Float, &[2]), &[("location", "w.bin"), ("offset", "3")])]);
     g.node.push(node);
     let base = model_bytes(g);
     std::fs::write(dir.path().join("w.bin"), [0u8; 11]).unwrap();
@@ -671,11 +601,7 @@ fn garbage_files_are_errors() {
 // Attributes, opsets, value types
 
 fn attr(name: &str, ty: Option<AttributeType>, f: impl FnOnce(&mut AttributeProto)) -> AttributeProto {
-    let mut a = AttributeProto {
-        name: Some(name.into()),
-        r#type: ty.map(|t| t as i32),
-        ..Default::default()
-    };
+    let mut a = AttributeProto { name: Some(name.into()), r#type: ty.map(|t| t as i32), ..Default::default() };
     f(&mut a);
     a
 }
@@ -692,9 +618,7 @@ fn node_attributes() {
             attr("perm", Some(AttributeType::Ints), |a| a.ints = vec![0, 2, 1]),
             attr("alpha", Some(AttributeType::Float), |a| a.f = Some(0.5)),
             attr("scales", Some(AttributeType::Floats), |a| a.floats = vec![1.0, 2.0]),
-            attr("mode", Some(AttributeType::String), |a| {
-                a.s = Some(Bytes::from_static(b"tanh"))
-            }),
+            attr("mode", Some(AttributeType::String), |a| a.s = Some(Bytes::from_static(b"tanh"))),
             attr("names", Some(AttributeType::Strings), |a| {
                 a.strings = vec![Bytes::from_static(b"a"), Bytes::from_static(b"b")]
             }),
@@ -702,16 +626,11 @@ fn node_attributes() {
             attr("body", Some(AttributeType::Graph), |a| a.g = Some(graph_with(vec![]))),
             // IR version 1 writers leave `type` out.
             attr("old_int", None, |a| a.i = Some(3)),
-            attr("bad_utf8", Some(AttributeType::String), |a| {
-                a.s = Some(Bytes::from_static(b"\xff\xfe"))
-            }),
+            attr("bad_utf8", Some(AttributeType::String), |a| a.s = Some(Bytes::from_static(b"\xff\xfe"))),
         ],
         ..Default::default()
     };
-    let bytes = Bytes::from(model_bytes(GraphProto {
-        node: vec![node],
-        ..Default::default()
-    }));
+    let bytes = Bytes::from(model_bytes(GraphProto { node: vec![node], ..Default::default() }));
     let model = OnnxModel::from_bytes(bytes, "dir/m.onnx").unwrap();
     let a = model.attrs(&model.graph().node[0]);
 
@@ -732,14 +651,7 @@ fn node_attributes() {
     let e = a.int("alpha").unwrap_err();
     let msg = e.to_string();
     println!("{msg}");
-    assert!(matches!(
-        e,
-        OnnxError::AttributeType {
-            expected: AttributeType::Int,
-            found: AttributeType::Float,
-            ..
-        }
-    ));
+    assert!(matches!(e, OnnxError::AttributeType { expected: AttributeType::Int, found: AttributeType::Float, .. }));
     for part in ["dir/m.onnx", "/layers.0/attn/Softmax", "Softmax", "`alpha`"] {
         assert!(msg.contains(part), "{msg} lacks {part}");
     }
@@ -755,10 +667,7 @@ fn node_attributes() {
 
 #[test]
 fn opsets_and_value_types() {
-    let dim = |v: Option<dimension::Value>| Dimension {
-        value: v,
-        ..Default::default()
-    };
+    let dim = |v: Option<dimension::Value>| Dimension { value: v, ..Default::default() };
     let ty = |elem: DataType, dims: Option<Vec<Dimension>>| TypeProto {
         value: Some(type_proto::Value::TensorType(type_proto::Tensor {
             elem_type: Some(elem as i32),
@@ -766,11 +675,8 @@ fn opsets_and_value_types() {
         })),
         ..Default::default()
     };
-    let vi = |name: &str, t: Option<TypeProto>| ValueInfoProto {
-        name: Some(name.into()),
-        r#type: t,
-        ..Default::default()
-    };
+    let vi =
+        |name: &str, t: Option<TypeProto>| ValueInfoProto { name: Some(name.into()), r#type: t, ..Default::default() };
     let graph = GraphProto {
         input: vec![
             vi(
@@ -806,20 +712,10 @@ fn opsets_and_value_types() {
         }],
         ..Default::default()
     };
-    let mut proto = ModelProto {
-        ir_version: Some(3),
-        graph: Some(graph),
-        ..Default::default()
-    };
+    let mut proto = ModelProto { ir_version: Some(3), graph: Some(graph), ..Default::default() };
     proto.opset_import = vec![
-        OperatorSetIdProto {
-            domain: Some("ai.onnx".into()),
-            version: Some(13),
-        },
-        OperatorSetIdProto {
-            domain: Some("com.microsoft".into()),
-            version: Some(1),
-        },
+        OperatorSetIdProto { domain: Some("ai.onnx".into()), version: Some(13) },
+        OperatorSetIdProto { domain: Some("com.microsoft".into()), version: Some(1) },
     ];
     let model = OnnxModel::from_bytes(Bytes::from(proto.encode_to_vec()), "v.onnx").unwrap();
     assert_eq!(model.opset_version(""), Some(13));
@@ -838,24 +734,13 @@ fn opsets_and_value_types() {
     assert_eq!(x.dtype, DType::BF16);
     assert_eq!(
         x.shape.unwrap(),
-        vec![
-            OnnxDim::Param("batch".into()),
-            OnnxDim::Fixed(64),
-            OnnxDim::Unknown,
-            OnnxDim::Unknown
-        ]
+        vec![OnnxDim::Param("batch".into()), OnnxDim::Fixed(64), OnnxDim::Unknown, OnnxDim::Unknown]
     );
     assert_eq!(model.value_type(&inputs[1]).unwrap().shape, None);
     let e = model.value_type(&inputs[2]).unwrap_err();
-    assert!(
-        matches!(&e, OnnxError::UnsupportedDType { onnx_type_name, .. } if onnx_type_name == "STRING"),
-        "{e}"
-    );
+    assert!(matches!(&e, OnnxError::UnsupportedDType { onnx_type_name, .. } if onnx_type_name == "STRING"), "{e}");
     let e = model.value_type(&inputs[3]).unwrap_err();
-    assert!(
-        e.to_string().contains("`seq`") && e.to_string().contains("sequence"),
-        "{e}"
-    );
+    assert!(e.to_string().contains("`seq`") && e.to_string().contains("sequence"), "{e}");
     assert!(model.value_type(&inputs[4]).is_err());
     assert_eq!(model.value_type(&inputs[5]).unwrap().shape, Some(vec![]));
 

@@ -144,10 +144,7 @@ impl AttrType for Vec<i64> {
             AttrValue::Ints(v) => Ok(v),
             AttrValue::Dims(ds) => ds
                 .iter()
-                .map(|d| {
-                    d.as_const()
-                        .ok_or_else(|| format!("expected integer list, found dim `{d}`"))
-                })
+                .map(|d| d.as_const().ok_or_else(|| format!("expected integer list, found dim `{d}`")))
                 .collect(),
             v => Err(expected("integer list", &v)),
         }

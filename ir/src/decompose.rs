@@ -44,12 +44,7 @@ impl Builder<'_> {
     }
 
     fn scalar(&mut self, dtype: DType, x: f64) -> Result<ValueId, GraphError> {
-        self.add(
-            Op::Constant {
-                value: Tensor::full(dtype, vec![], x),
-            },
-            &[],
-        )
+        self.add(Op::Constant { value: Tensor::full(dtype, vec![], x) }, &[])
     }
 
     fn cast(&mut self, v: ValueId, to: DType) -> Result<ValueId, GraphError> {
@@ -70,12 +65,7 @@ impl Builder<'_> {
     /// `x[start:end]` along one axis.
     fn slice(&mut self, x: ValueId, axis: usize, start: i64, end: i64) -> Result<ValueId, GraphError> {
         self.add(
-            Op::Slice {
-                axes: vec![axis as i64],
-                starts: vec![Dim::c(start)],
-                ends: vec![Dim::c(end)],
-                steps: vec![1],
-            },
+            Op::Slice { axes: vec![axis as i64], starts: vec![Dim::c(start)], ends: vec![Dim::c(end)], steps: vec![1] },
             &[x],
         )
     }
@@ -85,8 +75,7 @@ impl Builder<'_> {
     }
 
     fn const_dim(&self, d: &Dim, what: &str) -> Result<i64, GraphError> {
-        d.as_const()
-            .ok_or_else(|| self.fail(format!("{what} must be constant, found `{d}`")))
+        d.as_const().ok_or_else(|| self.fail(format!("{what} must be constant, found `{d}`")))
     }
 }
 
@@ -190,18 +179,9 @@ fn repeat_heads(b: &mut Builder, x: ValueId, group: i64, heads: &Dim) -> Result<
     }
     let s = b.ty(x).shape.clone();
     let u = b.add(Op::Unsqueeze { axes: vec![2] }, &[x])?;
-    let e = b.add(
-        Op::Expand {
-            shape: vec![s[0].clone(), s[1].clone(), Dim::c(group), s[2].clone(), s[3].clone()],
-        },
-        &[u],
-    )?;
-    b.add(
-        Op::Reshape {
-            shape: vec![s[0].clone(), heads.clone(), s[2].clone(), s[3].clone()],
-        },
-        &[e],
-    )
+    let e =
+        b.add(Op::Expand { shape: vec![s[0].clone(), s[1].clone(), Dim::c(group), s[2].clone(), s[3].clone()] }, &[u])?;
+    b.add(Op::Reshape { shape: vec![s[0].clone(), heads.clone(), s[2].clone(), s[3].clone()] }, &[e])
 }
 
 fn attention(
@@ -245,25 +225,9 @@ fn attention(
     if causal || window.is_some() {
         // Query i sits at absolute position t - s + i; key j at position j.
         let (s, t) = (qs[2].clone(), ks[2].clone());
-        let qpos = b.add(
-            Op::Range {
-                start: t.clone() - s,
-                end: t.clone(),
-                step: 1,
-                dtype: DType::I64,
-            },
-            &[],
-        )?;
+        let qpos = b.add(Op::Range { start: t.clone() - s, end: t.clone(), step: 1, dtype: DType::I64 }, &[])?;
         let qcol = b.add(Op::Unsqueeze { axes: vec![1] }, &[qpos])?;
-        let kpos = b.add(
-            Op::Range {
-                start: Dim::c(0),
-                end: t,
-                step: 1,
-                dtype: DType::I64,
-            },
-            &[],
-        )?;
+        let kpos = b.add(Op::Range { start: Dim::c(0), end: t, step: 1, dtype: DType::I64 }, &[])?;
         let mut keep = None;
         if causal {
             keep = Some(b.bin(Op::Le {}, kpos, qcol)?);
@@ -366,11 +330,7 @@ pub fn decompose(g: &mut Graph, node: NodeId) -> Result<Option<Vec<ValueId>>, Gr
     if n.op.category() != Category::Fused {
         return Ok(None);
     }
-    let mut b = Builder {
-        g,
-        op: n.op.name(),
-        label: n.label.clone(),
-    };
+    let mut b = Builder { g, op: n.op.name(), label: n.label.clone() };
     for v in &n.inputs {
         if !b.g.has_value(*v) {
             return Err(GraphError::NoSuchValue(*v));
@@ -385,12 +345,9 @@ pub fn decompose(g: &mut Graph, node: NodeId) -> Result<Option<Vec<ValueId>>, Gr
         Op::RmsNorm { eps } => vec![rms_norm(&mut b, i[0], i[1], *eps)?],
         Op::LayerNorm { eps } => vec![layer_norm(&mut b, i[0], i[1], i[2], *eps)?],
         Op::Rope { interleaved } => vec![rope(&mut b, i[0], i[1], i[2], *interleaved)?],
-        Op::Attention {
-            scale,
-            causal,
-            window,
-            softcap,
-        } => vec![attention(&mut b, i, *scale, *causal, *window, *softcap)?],
+        Op::Attention { scale, causal, window, softcap } => {
+            vec![attention(&mut b, i, *scale, *causal, *window, *softcap)?]
+        }
         Op::GatedMlp { act } => vec![gated_mlp(&mut b, i[0], i[1], i[2], act)?],
         Op::Softmax { axis } => vec![softmax(&mut b, i[0], *axis)?],
         Op::AddRmsNorm { eps } => {
@@ -401,11 +358,7 @@ pub fn decompose(g: &mut Graph, node: NodeId) -> Result<Option<Vec<ValueId>>, Gr
         other => return Err(b.fail(format!("`{}` is fused but has no decomposition", other.name()))),
     };
     if outs.len() != n.outputs.len() {
-        return Err(b.fail(format!(
-            "decomposition has {} results, the node {}",
-            outs.len(),
-            n.outputs.len()
-        )));
+        return Err(b.fail(format!("decomposition has {} results, the node {}", outs.len(), n.outputs.len())));
     }
     for (old, new) in n.outputs.iter().zip(&outs) {
         let (want, got) = (b.g.ty(*old), b.g.ty(*new));
@@ -419,11 +372,8 @@ pub fn decompose(g: &mut Graph, node: NodeId) -> Result<Option<Vec<ValueId>>, Gr
 /// Replaces every fused node by its decomposition (uses and graph outputs
 /// are redirected, the fused node removed). Returns how many were replaced.
 pub fn decompose_all(g: &mut Graph) -> Result<usize, GraphError> {
-    let fused: Vec<NodeId> = g
-        .topo_order()?
-        .into_iter()
-        .filter(|n| g.node(*n).op.category() == Category::Fused)
-        .collect();
+    let fused: Vec<NodeId> =
+        g.topo_order()?.into_iter().filter(|n| g.node(*n).op.category() == Category::Fused).collect();
     for &n in &fused {
         let outs = decompose(g, n)?.unwrap_or_default();
         let old = g.node(n).outputs.clone();

@@ -62,9 +62,7 @@ impl Dim {
             m.sort();
             *acc.entry(m).or_insert(0) += c;
         }
-        Dim {
-            terms: acc.into_iter().filter(|(_, c)| *c != 0).collect(),
-        }
+        Dim { terms: acc.into_iter().filter(|(_, c)| *c != 0).collect() }
     }
 
     /// The value when the dim does not depend on any symbol.
@@ -286,11 +284,7 @@ impl fmt::Display for Dim {
 impl FromStr for Dim {
     type Err = DimError;
     fn from_str(s: &str) -> Result<Dim, DimError> {
-        let mut p = DimParser {
-            s: s.as_bytes(),
-            pos: 0,
-            text: s,
-        };
+        let mut p = DimParser { s: s.as_bytes(), pos: 0, text: s };
         let d = p.expr()?;
         p.skip_ws();
         if p.pos != p.s.len() {
@@ -308,10 +302,7 @@ struct DimParser<'a> {
 
 impl DimParser<'_> {
     fn err(&self, why: &str) -> DimError {
-        DimError::Parse {
-            text: self.text.to_string(),
-            why: format!("{why} at offset {}", self.pos),
-        }
+        DimError::Parse { text: self.text.to_string(), why: format!("{why} at offset {}", self.pos) }
     }
     fn skip_ws(&mut self) {
         while self.pos < self.s.len() && self.s[self.pos].is_ascii_whitespace() {
@@ -376,9 +367,7 @@ impl DimParser<'_> {
                     self.pos += 1;
                 }
                 let t = std::str::from_utf8(&self.s[start..self.pos]).unwrap_or("");
-                t.parse::<i64>()
-                    .map(Dim::c)
-                    .map_err(|_| self.err("integer out of range"))
+                t.parse::<i64>().map(Dim::c).map_err(|_| self.err("integer out of range"))
             }
             Some(c) if c.is_ascii_alphabetic() || c == b'_' => {
                 let start = self.pos;
@@ -412,15 +401,7 @@ mod tests {
 
     #[test]
     fn display_round_trips() {
-        for s in [
-            "past + seq",
-            "2*batch*seq - 1",
-            "(seq + 1) / 2",
-            "-seq + 4",
-            "64",
-            "0",
-            "batch*seq*(seq / 3)",
-        ] {
+        for s in ["past + seq", "2*batch*seq - 1", "(seq + 1) / 2", "-seq + 4", "64", "0", "batch*seq*(seq / 3)"] {
             let x = d(s);
             assert_eq!(d(&x.to_string()), x, "{s} printed as {x}");
         }

@@ -99,10 +99,7 @@ pub struct Graph {
 
 impl Graph {
     pub fn new(name: &str) -> Graph {
-        Graph {
-            name: name.to_string(),
-            ..Graph::default()
-        }
+        Graph { name: name.to_string(), ..Graph::default() }
     }
 
     // ----- symbols -----
@@ -118,13 +115,7 @@ impl Graph {
     // ----- building -----
 
     fn push_node(&mut self, op: Op, inputs: Vec<ValueId>, types: Vec<TensorType>, label: Option<String>) -> NodeId {
-        let nid = NodeId(self.g.add_node(Node {
-            op,
-            inputs: inputs.clone(),
-            outputs: Vec::new(),
-            label,
-            line: None,
-        }));
+        let nid = NodeId(self.g.add_node(Node { op, inputs: inputs.clone(), outputs: Vec::new(), label, line: None }));
         for (i, v) in inputs.iter().enumerate() {
             if let Some(val) = self.values.get(v.index()) {
                 let src = val.def.0;
@@ -158,9 +149,7 @@ impl Graph {
     /// Adds a node whose output types are inferred; returns its results.
     pub fn add_multi(&mut self, op: Op, inputs: &[ValueId], label: Option<&str>) -> Result<Vec<ValueId>, GraphError> {
         if op.category() == Category::Declared {
-            return Err(GraphError::Declared {
-                op: op.name().to_string(),
-            });
+            return Err(GraphError::Declared { op: op.name().to_string() });
         }
         let mut tys = Vec::with_capacity(inputs.len());
         for v in inputs {
@@ -353,12 +342,7 @@ impl Graph {
     pub fn set_operand(&mut self, n: NodeId, i: usize, v: ValueId) {
         let old = self.g[n.0].inputs[i];
         let old_def = self.values[old.index()].def.0;
-        if let Some(e) = self
-            .g
-            .edges_connecting(old_def, n.0)
-            .find(|e| *e.weight() == i)
-            .map(|e| e.id())
-        {
+        if let Some(e) = self.g.edges_connecting(old_def, n.0).find(|e| *e.weight() == i).map(|e| e.id()) {
             self.g.remove_edge(e);
         }
         self.g[n.0].inputs[i] = v;
@@ -382,11 +366,8 @@ impl Graph {
                 stack.extend(self.g.neighbors_directed(n, Direction::Incoming));
             }
         }
-        let dead: Vec<_> = self
-            .g
-            .node_indices()
-            .filter(|n| !live.contains(n) && !matches!(self.g[*n].op, Op::Input { .. }))
-            .collect();
+        let dead: Vec<_> =
+            self.g.node_indices().filter(|n| !live.contains(n) && !matches!(self.g[*n].op, Op::Input { .. })).collect();
         for n in &dead {
             self.g.remove_node(*n);
         }

@@ -24,20 +24,9 @@ pub enum Data {
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum TensorError {
     #[error("{what}: {len} elements do not fill shape {shape:?} ({expected} elements)")]
-    Size {
-        what: String,
-        len: usize,
-        shape: Vec<usize>,
-        expected: usize,
-    },
+    Size { what: String, len: usize, shape: Vec<usize>, expected: usize },
     #[error("{what}: byte length {len} is not {expected} ({dtype}{shape:?})")]
-    Bytes {
-        what: String,
-        len: usize,
-        expected: usize,
-        dtype: DType,
-        shape: Vec<usize>,
-    },
+    Bytes { what: String, len: usize, expected: usize, dtype: DType, shape: Vec<usize> },
 }
 
 /// A dense, row-major tensor with a concrete shape.
@@ -75,12 +64,7 @@ impl Tensor {
     fn check(what: &str, len: usize, shape: &[usize]) -> Result<(), TensorError> {
         let expected: usize = shape.iter().product();
         if len != expected {
-            return Err(TensorError::Size {
-                what: what.to_string(),
-                len,
-                shape: shape.to_vec(),
-                expected,
-            });
+            return Err(TensorError::Size { what: what.to_string(), len, shape: shape.to_vec(), expected });
         }
         Ok(())
     }
@@ -112,21 +96,13 @@ impl Tensor {
 
     pub fn from_bool(shape: Vec<usize>, values: Vec<bool>) -> Result<Tensor, TensorError> {
         Tensor::check("tensor", values.len(), &shape)?;
-        Ok(Tensor {
-            dtype: DType::Bool,
-            shape,
-            data: Data::Bool(values),
-        })
+        Ok(Tensor { dtype: DType::Bool, shape, data: Data::Bool(values) })
     }
 
     pub fn from_f64(dtype: DType, shape: Vec<usize>, values: Vec<f64>) -> Result<Tensor, TensorError> {
         if dtype == DType::F64 {
             Tensor::check("tensor", values.len(), &shape)?;
-            return Ok(Tensor {
-                dtype,
-                shape,
-                data: Data::F64(values),
-            });
+            return Ok(Tensor { dtype, shape, data: Data::F64(values) });
         }
         if dtype.is_int() || dtype == DType::Bool {
             return Tensor::from_i64(dtype, shape, values.into_iter().map(|v| v as i64).collect());
@@ -146,11 +122,7 @@ impl Tensor {
     }
 
     pub fn scalar_f32(v: f32) -> Tensor {
-        Tensor {
-            dtype: DType::F32,
-            shape: vec![],
-            data: Data::F32(vec![v]),
-        }
+        Tensor { dtype: DType::F32, shape: vec![], data: Data::F32(vec![v]) }
     }
 
     /// Element `i` as f64 (bool as 0/1).
@@ -218,33 +190,16 @@ impl Tensor {
         let n: usize = shape.iter().product();
         let expected = n * dtype.size_bytes();
         if bytes.len() != expected {
-            return Err(TensorError::Bytes {
-                what: what.to_string(),
-                len: bytes.len(),
-                expected,
-                dtype,
-                shape,
-            });
+            return Err(TensorError::Bytes { what: what.to_string(), len: bytes.len(), expected, dtype, shape });
         }
         let data = match dtype {
-            DType::F32 => Data::F32(
-                bytes
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect(),
-            ),
-            DType::F16 => Data::F32(
-                bytes
-                    .chunks_exact(2)
-                    .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
-                    .collect(),
-            ),
-            DType::BF16 => Data::F32(
-                bytes
-                    .chunks_exact(2)
-                    .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                    .collect(),
-            ),
+            DType::F32 => {
+                Data::F32(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+            }
+            DType::F16 => Data::F32(bytes.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect()),
+            DType::BF16 => {
+                Data::F32(bytes.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect())
+            }
             DType::F64 => Data::F64(
                 bytes
                     .chunks_exact(8)
@@ -257,12 +212,9 @@ impl Tensor {
                     .map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
                     .collect(),
             ),
-            DType::I32 => Data::I64(
-                bytes
-                    .chunks_exact(4)
-                    .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64)
-                    .collect(),
-            ),
+            DType::I32 => {
+                Data::I64(bytes.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64).collect())
+            }
             DType::I8 => Data::I64(bytes.iter().map(|&b| b as i8 as i64).collect()),
             DType::U8 => Data::I64(bytes.iter().map(|&b| b as i64).collect()),
             DType::Bool => Data::Bool(bytes.iter().map(|&b| b != 0).collect()),

@@ -17,17 +17,11 @@ impl TensorType {
 
     /// A type with a fully constant shape.
     pub fn fixed(dtype: DType, shape: &[usize]) -> TensorType {
-        TensorType {
-            dtype,
-            shape: shape.iter().map(|&n| Dim::from(n)).collect(),
-        }
+        TensorType { dtype, shape: shape.iter().map(|&n| Dim::from(n)).collect() }
     }
 
     pub fn scalar(dtype: DType) -> TensorType {
-        TensorType {
-            dtype,
-            shape: Vec::new(),
-        }
+        TensorType { dtype, shape: Vec::new() }
     }
 
     pub fn rank(&self) -> usize {
@@ -36,17 +30,11 @@ impl TensorType {
 
     /// The constant shape, if no dim is symbolic.
     pub fn const_shape(&self) -> Option<Vec<usize>> {
-        self.shape
-            .iter()
-            .map(|d| d.as_const().and_then(|c| usize::try_from(c).ok()))
-            .collect()
+        self.shape.iter().map(|d| d.as_const().and_then(|c| usize::try_from(c).ok())).collect()
     }
 
     pub fn with_dtype(&self, dtype: DType) -> TensorType {
-        TensorType {
-            dtype,
-            shape: self.shape.clone(),
-        }
+        TensorType { dtype, shape: self.shape.clone() }
     }
 }
 

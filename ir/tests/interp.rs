@@ -91,10 +91,7 @@ fn binary_ops_broadcast_like_numpy() {
     let k = f32t(&[], &[2.0]);
     assert_eq!(eval(Op::Mul {}, &[&c, &k]).to_f32_vec()[..2], [22.0, 42.0]);
     let row = f32t(&[1, 3], &[1.0, 2.0, 3.0]);
-    assert_eq!(
-        eval(Op::Max {}, &[&a, &row]).to_f32_vec(),
-        vec![1.0, 2.0, 3.0, 2.0, 2.0, 3.0]
-    );
+    assert_eq!(eval(Op::Max {}, &[&a, &row]).to_f32_vec(), vec![1.0, 2.0, 3.0, 2.0, 2.0, 3.0]);
     assert!(eval_err(Op::Add {}, &[&f32t(&[2], &[0.0; 2]), &f32t(&[3], &[0.0; 3])]).contains("broadcast"));
 }
 
@@ -153,14 +150,8 @@ fn integer_arithmetic_wraps_to_the_dtype() {
 #[test]
 fn cast_truncates_and_wraps() {
     let x = f32t(&[6], &[300.7, -2.9, 2.9, -129.0, f32::NAN, 0.5]);
-    assert_eq!(
-        eval(Op::Cast { to: DType::I8 }, &[&x]).to_i64_vec(),
-        vec![44, -2, 2, 127, 0, 0]
-    );
-    assert_eq!(
-        eval(Op::Cast { to: DType::U8 }, &[&x]).to_i64_vec(),
-        vec![44, 254, 2, 127, 0, 0]
-    );
+    assert_eq!(eval(Op::Cast { to: DType::I8 }, &[&x]).to_i64_vec(), vec![44, -2, 2, 127, 0, 0]);
+    assert_eq!(eval(Op::Cast { to: DType::U8 }, &[&x]).to_i64_vec(), vec![44, 254, 2, 127, 0, 0]);
     let i = i64t(&[3], &[-1, 256, 1000]);
     assert_eq!(eval(Op::Cast { to: DType::U8 }, &[&i]).to_i64_vec(), vec![255, 0, 232]);
     assert_eq!(eval(Op::Cast { to: DType::I8 }, &[&i]).to_i64_vec(), vec![-1, 0, -24]);
@@ -188,14 +179,8 @@ fn narrow_floats_round_their_results() {
 #[test]
 fn unary_math() {
     let x = f32t(&[6], &[0.5, 1.5, 2.5, -0.5, -1.5, 3.7]);
-    assert_eq!(
-        eval(Op::Round {}, &[&x]).to_f32_vec(),
-        vec![0.0, 2.0, 2.0, -0.0, -2.0, 4.0]
-    );
-    assert_eq!(
-        eval(Op::Floor {}, &[&x]).to_f32_vec(),
-        vec![0.0, 1.0, 2.0, -1.0, -2.0, 3.0]
-    );
+    assert_eq!(eval(Op::Round {}, &[&x]).to_f32_vec(), vec![0.0, 2.0, 2.0, -0.0, -2.0, 4.0]);
+    assert_eq!(eval(Op::Floor {}, &[&x]).to_f32_vec(), vec![0.0, 1.0, 2.0, -1.0, -2.0, 3.0]);
     let e = eval(Op::Erf {}, &[&f32t(&[3], &[0.5, -1.0, 3.0])]).to_f32_vec();
     assert_eq!(e, vec![0.520_499_9_f32, -0.842_700_8, 0.999_977_9]);
     let s = eval(Op::Sigmoid {}, &[&f32t(&[3], &[0.0, -100.0, 100.0])]).to_f32_vec();
@@ -205,14 +190,8 @@ fn unary_math() {
     let sg = eval(Op::Sign {}, &[&f32t(&[3], &[-3.0, 0.0, 2.0])]);
     assert_eq!(sg.to_f32_vec(), vec![-1.0, 0.0, 1.0]);
     let special = f32t(&[3], &[f32::NAN, f32::INFINITY, 1.0]);
-    assert_eq!(
-        eval(Op::IsNan {}, &[&special]).data,
-        Data::Bool(vec![true, false, false])
-    );
-    assert_eq!(
-        eval(Op::IsInf {}, &[&special]).data,
-        Data::Bool(vec![false, true, false])
-    );
+    assert_eq!(eval(Op::IsNan {}, &[&special]).data, Data::Bool(vec![true, false, false]));
+    assert_eq!(eval(Op::IsInf {}, &[&special]).data, Data::Bool(vec![false, true, false]));
     assert!(eval_err(Op::Exp {}, &[&i64t(&[1], &[1])]).contains("float"));
 }
 
@@ -231,55 +210,19 @@ fn where_broadcasts_all_three() {
 #[test]
 fn reductions_keepdims_and_identity() {
     let x = f32t(&[2, 3], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
-    let s = eval(
-        Op::ReduceSum {
-            axes: vec![1],
-            keepdims: true,
-        },
-        &[&x],
-    );
+    let s = eval(Op::ReduceSum { axes: vec![1], keepdims: true }, &[&x]);
     assert_eq!((s.shape.clone(), s.to_f32_vec()), (vec![2, 1], vec![6.0, 15.0]));
-    let m = eval(
-        Op::ReduceMean {
-            axes: vec![0],
-            keepdims: false,
-        },
-        &[&x],
-    );
+    let m = eval(Op::ReduceMean { axes: vec![0], keepdims: false }, &[&x]);
     assert_eq!((m.shape.clone(), m.to_f32_vec()), (vec![3], vec![2.5, 3.5, 4.5]));
-    let all = eval(
-        Op::ReduceProd {
-            axes: vec![0, -1],
-            keepdims: false,
-        },
-        &[&x],
-    );
+    let all = eval(Op::ReduceProd { axes: vec![0, -1], keepdims: false }, &[&x]);
     assert_eq!((all.shape.clone(), all.to_f32_vec()), (vec![], vec![720.0]));
-    let id = eval(
-        Op::ReduceMax {
-            axes: vec![],
-            keepdims: false,
-        },
-        &[&x],
-    );
+    let id = eval(Op::ReduceMax { axes: vec![], keepdims: false }, &[&x]);
     assert_eq!(id, x);
     let n = f32t(&[3], &[1.0, f32::NAN, 3.0]);
-    let mx = eval(
-        Op::ReduceMax {
-            axes: vec![0],
-            keepdims: false,
-        },
-        &[&n],
-    );
+    let mx = eval(Op::ReduceMax { axes: vec![0], keepdims: false }, &[&n]);
     assert!(mx.to_f32_vec()[0].is_nan());
     let i = i64t(&[3], &[-7, 2, 4]);
-    let im = eval(
-        Op::ReduceMean {
-            axes: vec![0],
-            keepdims: false,
-        },
-        &[&i],
-    );
+    let im = eval(Op::ReduceMean { axes: vec![0], keepdims: false }, &[&i]);
     assert_eq!(im.to_i64_vec(), vec![0]);
 }
 
@@ -287,61 +230,29 @@ fn reductions_keepdims_and_identity() {
 fn sums_accumulate_in_f64() {
     // 1 + 2^-24 * 4 in f32 steps would stay 1.0; the f64 sum keeps it.
     let x = f32t(&[5], &[1.0, 5.96e-8, 5.96e-8, 5.96e-8, 5.96e-8]);
-    let s = eval(
-        Op::ReduceSum {
-            axes: vec![0],
-            keepdims: false,
-        },
-        &[&x],
-    );
+    let s = eval(Op::ReduceSum { axes: vec![0], keepdims: false }, &[&x]);
     assert!(s.to_f32_vec()[0] > 1.0);
 }
 
 #[test]
 fn argmax_takes_the_first_maximum() {
     let x = f32t(&[2, 4], &[1.0, 3.0, 3.0, 0.0, 5.0, 5.0, 5.0, 5.0]);
-    let a = eval(
-        Op::ArgMax {
-            axis: 1,
-            keepdims: false,
-        },
-        &[&x],
-    );
+    let a = eval(Op::ArgMax { axis: 1, keepdims: false }, &[&x]);
     assert_eq!((a.dtype, a.to_i64_vec()), (DType::I64, vec![1, 0]));
-    let k = eval(
-        Op::ArgMax {
-            axis: 0,
-            keepdims: true,
-        },
-        &[&x],
-    );
+    let k = eval(Op::ArgMax { axis: 0, keepdims: true }, &[&x]);
     assert_eq!((k.shape.clone(), k.to_i64_vec()), (vec![1, 4], vec![1, 1, 1, 1]));
 }
 
 #[test]
 fn cumsum_exclusive_and_reverse() {
     let x = i64t(&[2, 3], &[1, 2, 3, 4, 5, 6]);
-    let cs = |exclusive, reverse| {
-        eval(
-            Op::CumSum {
-                axis: 1,
-                exclusive,
-                reverse,
-            },
-            &[&x],
-        )
-        .to_i64_vec()
-    };
+    let cs = |exclusive, reverse| eval(Op::CumSum { axis: 1, exclusive, reverse }, &[&x]).to_i64_vec();
     assert_eq!(cs(false, false), vec![1, 3, 6, 4, 9, 15]);
     assert_eq!(cs(true, false), vec![0, 1, 3, 0, 4, 9]);
     assert_eq!(cs(false, true), vec![6, 5, 3, 15, 11, 6]);
     assert_eq!(cs(true, true), vec![5, 3, 0, 11, 6, 0]);
     let f = eval(
-        Op::CumSum {
-            axis: 0,
-            exclusive: false,
-            reverse: false,
-        },
+        Op::CumSum { axis: 0, exclusive: false, reverse: false },
         &[&f32t(&[2, 3], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0])],
     );
     assert_eq!(f.to_f32_vec(), vec![1.0, 2.0, 3.0, 5.0, 7.0, 9.0]);
@@ -354,10 +265,7 @@ fn matmul_vectors_and_matrices() {
     let a = f32t(&[2, 3], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
     let b = f32t(&[3, 2], &[7.0, 8.0, 9.0, 10.0, 11.0, 12.0]);
     let c = eval(Op::MatMul {}, &[&a, &b]);
-    assert_eq!(
-        (c.shape.clone(), c.to_f32_vec()),
-        (vec![2, 2], vec![58.0, 64.0, 139.0, 154.0])
-    );
+    assert_eq!((c.shape.clone(), c.to_f32_vec()), (vec![2, 2], vec![58.0, 64.0, 139.0, 154.0]));
     let v = f32t(&[3], &[1.0, 0.0, -1.0]);
     let av = eval(Op::MatMul {}, &[&a, &v]);
     assert_eq!((av.shape.clone(), av.to_f32_vec()), (vec![2], vec![-2.0, -2.0]));
@@ -391,31 +299,15 @@ fn matmul_broadcasts_batch_dims() {
 fn transpose_reshape_squeeze_unsqueeze_expand() {
     let x = f32t(&[2, 3], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
     let t = eval(Op::Transpose { perm: vec![1, 0] }, &[&x]);
-    assert_eq!(
-        (t.shape.clone(), t.to_f32_vec()),
-        (vec![3, 2], vec![1.0, 4.0, 2.0, 5.0, 3.0, 6.0])
-    );
-    let r = eval(
-        Op::Reshape {
-            shape: vec![Dim::c(3), Dim::c(1), Dim::c(2)],
-        },
-        &[&x],
-    );
+    assert_eq!((t.shape.clone(), t.to_f32_vec()), (vec![3, 2], vec![1.0, 4.0, 2.0, 5.0, 3.0, 6.0]));
+    let r = eval(Op::Reshape { shape: vec![Dim::c(3), Dim::c(1), Dim::c(2)] }, &[&x]);
     assert_eq!(r.shape, vec![3, 1, 2]);
     let s = eval(Op::Squeeze { axes: vec![1] }, &[&r]);
     assert_eq!(s.shape, vec![3, 2]);
     let u = eval(Op::Unsqueeze { axes: vec![0, -1] }, &[&x]);
     assert_eq!(u.shape, vec![1, 2, 3, 1]);
-    let e = eval(
-        Op::Expand {
-            shape: vec![Dim::c(2), Dim::c(1), Dim::c(3)],
-        },
-        &[&f32t(&[2, 1], &[1.0, 2.0])],
-    );
-    assert_eq!(
-        (e.shape.clone(), e.to_f32_vec()),
-        (vec![2, 2, 3], [[1.0; 3], [2.0; 3], [1.0; 3], [2.0; 3]].concat())
-    );
+    let e = eval(Op::Expand { shape: vec![Dim::c(2), Dim::c(1), Dim::c(3)] }, &[&f32t(&[2, 1], &[1.0, 2.0])]);
+    assert_eq!((e.shape.clone(), e.to_f32_vec()), (vec![2, 2, 3], [[1.0; 3], [2.0; 3], [1.0; 3], [2.0; 3]].concat()));
     assert!(eval_err(Op::Squeeze { axes: vec![0] }, &[&x]).contains("not 1"));
 }
 
@@ -449,10 +341,7 @@ fn concat_along_middle_axis() {
     let a = f32t(&[2, 1], &[1.0, 2.0]);
     let b = f32t(&[2, 2], &[3.0, 4.0, 5.0, 6.0]);
     let c = eval(Op::Concat { axis: -1 }, &[&a, &b]);
-    assert_eq!(
-        (c.shape.clone(), c.to_f32_vec()),
-        (vec![2, 3], vec![1.0, 3.0, 4.0, 2.0, 5.0, 6.0])
-    );
+    assert_eq!((c.shape.clone(), c.to_f32_vec()), (vec![2, 3], vec![1.0, 3.0, 4.0, 2.0, 5.0, 6.0]));
     let k = eval(Op::KvAppend { axis: 1 }, &[&a, &b]);
     assert_eq!(k, c);
 }
@@ -509,55 +398,25 @@ fn trilu_keeps_a_triangle() {
     assert_eq!(tri(false, 0), vec![1, 0, 0, 4, 5, 0, 7, 8, 9]);
     assert_eq!(tri(false, -1), vec![0, 0, 0, 4, 0, 0, 7, 8, 0]);
     let b = Tensor::from_bool(vec![2, 2], vec![true; 4]).unwrap();
-    let tb = eval(
-        Op::Trilu {
-            upper: false,
-            k: Dim::c(0),
-        },
-        &[&b],
-    );
+    let tb = eval(Op::Trilu { upper: false, k: Dim::c(0) }, &[&b]);
     assert_eq!(tb.data, Data::Bool(vec![true, false, true, true]));
 }
 
 #[test]
 fn sources_use_bound_symbols() {
     let syms: BTreeMap<String, i64> = [("past".to_string(), 2), ("seq".to_string(), 3)].into();
-    let r = Op::Range {
-        start: d("past"),
-        end: d("past + seq"),
-        step: 1,
-        dtype: DType::I64,
-    };
+    let r = Op::Range { start: d("past"), end: d("past + seq"), step: 1, dtype: DType::I64 };
     assert_eq!(eval_op(&r, &[], &syms).unwrap()[0].to_i64_vec(), vec![2, 3, 4]);
-    let down = Op::Range {
-        start: Dim::c(5),
-        end: Dim::c(0),
-        step: -2,
-        dtype: DType::F32,
-    };
+    let down = Op::Range { start: Dim::c(5), end: Dim::c(0), step: -2, dtype: DType::F32 };
     assert_eq!(eval_op(&down, &[], &syms).unwrap()[0].to_f32_vec(), vec![5.0, 3.0, 1.0]);
-    let f = Op::Fill {
-        shape: vec![d("seq"), Dim::c(2)],
-        value: 1.5,
-        dtype: DType::F32,
-    };
+    let f = Op::Fill { shape: vec![d("seq"), Dim::c(2)], value: 1.5, dtype: DType::F32 };
     let t = eval_op(&f, &[], &syms).unwrap().remove(0);
     assert_eq!((t.shape.clone(), t.to_f32_vec()), (vec![3, 2], vec![1.5; 6]));
-    let neg = Op::Fill {
-        shape: vec![d("seq - 4")],
-        value: 0.0,
-        dtype: DType::F32,
-    };
+    let neg = Op::Fill { shape: vec![d("seq - 4")], value: 0.0, dtype: DType::F32 };
     assert!(eval_op(&neg, &[], &syms).unwrap_err().to_string().contains("negative"));
-    let tri = Op::Trilu {
-        upper: false,
-        k: d("past - 2"),
-    };
+    let tri = Op::Trilu { upper: false, k: d("past - 2") };
     let ones = f32t(&[2, 2], &[1.0; 4]);
-    assert_eq!(
-        eval_op(&tri, &[&ones], &syms).unwrap()[0].to_f32_vec(),
-        vec![1.0, 0.0, 1.0, 1.0]
-    );
+    assert_eq!(eval_op(&tri, &[&ones], &syms).unwrap()[0].to_f32_vec(), vec![1.0, 0.0, 1.0, 1.0]);
 }
 
 // ----- graphs and validation -----
@@ -570,15 +429,7 @@ fn signature_graph() -> Graph {
     let ids = g.add_input("input_ids", ty(DType::I64, &["batch", "seq"]));
     let mask = g.add_input("attention_mask", ty(DType::I64, &["batch", "past + seq"]));
     g.add_input("past", ty(DType::F32, &["batch", "past", "4"]));
-    let s = g
-        .add(
-            Op::ReduceSum {
-                axes: vec![1],
-                keepdims: false,
-            },
-            &[mask],
-        )
-        .unwrap();
+    let s = g.add(Op::ReduceSum { axes: vec![1], keepdims: false }, &[mask]).unwrap();
     g.set_output("mask_sum", s);
     g.set_output("ids", ids);
     g
@@ -596,21 +447,14 @@ fn signature_inputs(batch: usize, seq: usize, past: usize, mask_len: usize) -> B
 fn binds_symbols_including_sums() {
     let g = signature_graph();
     let syms = bind_symbols(&g, &signature_inputs(2, 3, 4, 7)).unwrap();
-    assert_eq!(
-        syms,
-        [("batch".into(), 2), ("past".into(), 4), ("seq".into(), 3)].into()
-    );
+    assert_eq!(syms, [("batch".into(), 2), ("past".into(), 4), ("seq".into(), 3)].into());
     let out = run(&g, &BTreeMap::new(), &signature_inputs(2, 3, 4, 7)).unwrap();
     assert_eq!(out["mask_sum"].to_i64_vec(), vec![7, 7]);
     // past is solved from past + seq when no input carries it alone.
     let mut g2 = Graph::new("solve");
     g2.add_input("ids", ty(DType::I64, &["seq"]));
     g2.add_input("mask", ty(DType::I64, &["past + seq"]));
-    let syms = bind_symbols(
-        &g2,
-        &map(vec![("ids", i64t(&[2], &[0, 0])), ("mask", i64t(&[5], &[0; 5]))]),
-    )
-    .unwrap();
+    let syms = bind_symbols(&g2, &map(vec![("ids", i64t(&[2], &[0, 0])), ("mask", i64t(&[5], &[0; 5]))])).unwrap();
     assert_eq!(syms["past"], 3);
 }
 
@@ -630,16 +474,10 @@ fn validation_errors_name_what_is_wrong() {
     let e = err(unknown);
     assert!(matches!(e, InterpError::UnknownInput { .. }));
     let msg = e.to_string();
-    assert!(
-        msg.contains("`position_ids`") && msg.contains("`input_ids`, `attention_mask`, `past`"),
-        "{msg}"
-    );
+    assert!(msg.contains("`position_ids`") && msg.contains("`input_ids`, `attention_mask`, `past`"), "{msg}");
 
     let mut dtype = signature_inputs(1, 2, 0, 2);
-    dtype.insert(
-        "input_ids".into(),
-        Tensor::from_i64(DType::I32, vec![1, 2], vec![0, 0]).unwrap(),
-    );
+    dtype.insert("input_ids".into(), Tensor::from_i64(DType::I32, vec![1, 2], vec![0, 0]).unwrap());
     let e = err(dtype);
     assert_eq!(e.to_string(), "input `input_ids`: expected dtype i64, found i32");
 
@@ -659,17 +497,11 @@ fn validation_errors_name_what_is_wrong() {
     );
 
     let e = err(signature_inputs(1, 3, 4, 6));
-    assert_eq!(
-        e.to_string(),
-        "input `attention_mask` axis 1: expected past + seq = 7, found 6"
-    );
+    assert_eq!(e.to_string(), "input `attention_mask` axis 1: expected past + seq = 7, found 6");
 
     let e = err(signature_inputs(1, 9, 0, 9));
     assert!(matches!(e, InterpError::SymbolOutOfBounds { .. }));
-    assert_eq!(
-        e.to_string(),
-        "symbol `seq` = 9 (from input `input_ids` axis 1) is outside its declared bounds [1, 8]"
-    );
+    assert_eq!(e.to_string(), "symbol `seq` = 9 (from input `input_ids` axis 1) is outside its declared bounds [1, 8]");
 
     let mut constant = signature_inputs(1, 2, 1, 3);
     constant.insert("past".into(), f32t(&[1, 1, 3], &[0.0; 3]));
@@ -677,14 +509,7 @@ fn validation_errors_name_what_is_wrong() {
     assert_eq!(e.to_string(), "input `past` axis 2: expected 4, found 3");
 
     let mut malformed = signature_inputs(1, 2, 0, 2);
-    malformed.insert(
-        "input_ids".into(),
-        Tensor {
-            dtype: DType::I64,
-            shape: vec![1, 2],
-            data: Data::I64(vec![0]),
-        },
-    );
+    malformed.insert("input_ids".into(), Tensor { dtype: DType::I64, shape: vec![1, 2], data: Data::I64(vec![0]) });
     assert!(matches!(err(malformed), InterpError::BadInput { .. }));
 }
 
@@ -702,10 +527,8 @@ fn weights_are_checked_against_declared_types() {
     assert_eq!(e.to_string(), "weight `proj`: expected f32[4, 2], found f32[2, 4]");
     let bf = Tensor::from_f32(DType::BF16, vec![4, 2], vec![0.0; 8]).unwrap();
     assert!(run(&g, &map(vec![("proj", bf)]), &inputs).is_err());
-    let ok = map(vec![
-        ("proj", f32t(&[4, 2], &[1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0])),
-        ("unused", f32t(&[1], &[0.0])),
-    ]);
+    let ok =
+        map(vec![("proj", f32t(&[4, 2], &[1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0])), ("unused", f32t(&[1], &[0.0]))]);
     assert_eq!(run(&g, &ok, &inputs).unwrap()["y"].to_f32_vec(), vec![4.0, 6.0]);
 }
 
@@ -714,16 +537,11 @@ fn runtime_op_errors_name_the_node() {
     let mut g = Graph::new("e");
     let table = g.add_weight("embed", TensorType::fixed(DType::F32, &[4, 2]));
     let ids = g.add_input("ids", ty(DType::I64, &["seq"]));
-    let h = g
-        .add_labeled(Op::Gather { axis: 0 }, &[table, ids], Some("model.embed"))
-        .unwrap();
+    let h = g.add_labeled(Op::Gather { axis: 0 }, &[table, ids], Some("model.embed")).unwrap();
     g.set_output("h", h);
     let w = map(vec![("embed", f32t(&[4, 2], &[0.0; 8]))]);
     let e = run(&g, &w, &map(vec![("ids", i64t(&[2], &[1, 9]))])).unwrap_err();
-    assert_eq!(
-        e.to_string(),
-        "op `gather` at `model.embed`: index along axis 0 9 is out of range for a dim of size 4"
-    );
+    assert_eq!(e.to_string(), "op `gather` at `model.embed`: index along axis 0 9 is out of range for a dim of size 4");
     let ok = run(&g, &w, &map(vec![("ids", i64t(&[2], &[1, -1]))])).unwrap();
     assert_eq!(ok["h"].shape, vec![2, 2]);
 }
@@ -748,18 +566,13 @@ fn only_needed_nodes_run() {
 fn check_fused(op: Op, operands: Vec<(TensorType, Tensor)>, tol: f64) -> BTreeMap<String, Tensor> {
     let what = format!("{op:?}");
     let mut g = Graph::new("fused");
-    let vs: Vec<ValueId> = (0..operands.len())
-        .map(|i| g.add_input(&format!("in{i}"), operands[i].0.clone()))
-        .collect();
+    let vs: Vec<ValueId> = (0..operands.len()).map(|i| g.add_input(&format!("in{i}"), operands[i].0.clone())).collect();
     let outs = g.add_multi(op, &vs, Some("fused")).unwrap();
     for (i, o) in outs.iter().enumerate() {
         g.set_output(&format!("out{i}"), *o);
     }
-    let inputs: BTreeMap<String, Tensor> = operands
-        .into_iter()
-        .enumerate()
-        .map(|(i, (_, t))| (format!("in{i}"), t))
-        .collect();
+    let inputs: BTreeMap<String, Tensor> =
+        operands.into_iter().enumerate().map(|(i, (_, t))| (format!("in{i}"), t)).collect();
     let fused = run(&g, &BTreeMap::new(), &inputs).unwrap();
     let mut prim = g.clone();
     assert_eq!(decompose_all(&mut prim).unwrap(), 1);
@@ -769,10 +582,7 @@ fn check_fused(op: Op, operands: Vec<(TensorType, Tensor)>, tol: f64) -> BTreeMa
     let decomposed = run(&prim, &BTreeMap::new(), &inputs).unwrap();
     assert_eq!(fused.len(), decomposed.len());
     for (name, a) in &fused {
-        assert!(
-            a.to_f64_vec().iter().all(|x| x.is_finite()),
-            "{what}: non-finite result"
-        );
+        assert!(a.to_f64_vec().iter().all(|x| x.is_finite()), "{what}: non-finite result");
         assert_close(a, &decomposed[name], tol, &what);
     }
     fused
@@ -811,11 +621,7 @@ fn rms_norm_by_hand() {
 #[test]
 fn layer_norm_matches_decomposition() {
     let mut rng = Rng(2);
-    for (dtype, shape) in [
-        (DType::F32, vec![4, 9]),
-        (DType::F64, vec![2, 2, 5]),
-        (DType::BF16, vec![3, 4]),
-    ] {
+    for (dtype, shape) in [(DType::F32, vec![4, 9]), (DType::F64, vec![2, 2, 5]), (DType::BF16, vec![3, 4])] {
         let x = rng.tensor(dtype, &shape, 2.0);
         let d = shape[shape.len() - 1];
         let w = rng.tensor(dtype, &[d], 1.0);
@@ -925,12 +731,7 @@ fn attention_case(rng: &mut Rng, c: &AttnCase) -> BTreeMap<String, Tensor> {
         }
         _ => {}
     }
-    let op = Op::Attention {
-        scale: 1.0 / (c.d as f64).sqrt(),
-        causal: c.causal,
-        window: c.window,
-        softcap: c.softcap,
-    };
+    let op = Op::Attention { scale: 1.0 / (c.d as f64).sqrt(), causal: c.causal, window: c.window, softcap: c.softcap };
     check_fused(op, operands, 1e-5)
 }
 
@@ -938,111 +739,20 @@ fn attention_case(rng: &mut Rng, c: &AttnCase) -> BTreeMap<String, Tensor> {
 fn attention_matches_decomposition() {
     let mut rng = Rng(4);
     let cases = [
-        AttnCase {
-            b: 2,
-            s: 3,
-            t: 5,
-            ..BASE
-        },
-        AttnCase {
-            causal: true,
-            s: 4,
-            t: 4,
-            d: 8,
-            dv: 8,
-            ..BASE
-        },
-        AttnCase {
-            causal: true,
-            s: 3,
-            t: 7,
-            ..BASE
-        },
-        AttnCase {
-            causal: true,
-            window: Some(2),
-            s: 5,
-            t: 5,
-            ..BASE
-        },
-        AttnCase {
-            window: Some(3),
-            s: 2,
-            t: 6,
-            ..BASE
-        },
-        AttnCase {
-            hq: 4,
-            hkv: 2,
-            causal: true,
-            s: 3,
-            t: 5,
-            ..BASE
-        },
-        AttnCase {
-            hq: 6,
-            hkv: 1,
-            s: 2,
-            t: 5,
-            d: 5,
-            dv: 3,
-            ..BASE
-        },
-        AttnCase {
-            b: 2,
-            mask: Some("bool"),
-            s: 3,
-            t: 5,
-            ..BASE
-        },
-        AttnCase {
-            mask: Some("float"),
-            causal: true,
-            s: 3,
-            t: 4,
-            ..BASE
-        },
-        AttnCase {
-            softcap: Some(0.5),
-            causal: true,
-            s: 3,
-            t: 5,
-            ..BASE
-        },
-        AttnCase {
-            causal: true,
-            s: 4,
-            t: 2,
-            ..BASE
-        },
-        AttnCase {
-            causal: true,
-            hq: 4,
-            hkv: 1,
-            dtype: DType::F64,
-            ..BASE
-        },
-        AttnCase {
-            causal: true,
-            window: Some(2),
-            hq: 4,
-            hkv: 2,
-            dtype: DType::BF16,
-            s: 3,
-            t: 6,
-            ..BASE
-        },
-        AttnCase {
-            mask: Some("bool"),
-            hq: 3,
-            hkv: 3,
-            d: 7,
-            dv: 5,
-            s: 5,
-            t: 9,
-            softcap: Some(2.0),
-            ..BASE
-        },
+        AttnCase { b: 2, s: 3, t: 5, ..BASE },
+        AttnCase { causal: true, s: 4, t: 4, d: 8, dv: 8, ..BASE },
+        AttnCase { causal: true, s: 3, t: 7, ..BASE },
+        AttnCase { causal: true, window: Some(2), s: 5, t: 5, ..BASE },
+        AttnCase { window: Some(3), s: 2, t: 6, ..BASE },
+        AttnCase { hq: 4, hkv: 2, causal: true, s: 3, t: 5, ..BASE },
+        AttnCase { hq: 6, hkv: 1, s: 2, t: 5, d: 5, dv: 3, ..BASE },
+        AttnCase { b: 2, mask: Some("bool"), s: 3, t: 5, ..BASE },
+        AttnCase { mask: Some("float"), causal: true, s: 3, t: 4, ..BASE },
+        AttnCase { softcap: Some(0.5), causal: true, s: 3, t: 5, ..BASE },
+        AttnCase { causal: true, s: 4, t: 2, ..BASE },
+        AttnCase { causal: true, hq: 4, hkv: 1, dtype: DType::F64, ..BASE },
+        AttnCase { causal: true, window: Some(2), hq: 4, hkv: 2, dtype: DType::BF16, s: 3, t: 6, ..BASE },
+        AttnCase { mask: Some("bool"), hq: 3, hkv: 3, d: 7, dv: 5, s: 5, t: 9, softcap: Some(2.0), ..BASE },
     ];
     for c in &cases {
         let out = attention_case(&mut rng, c);
@@ -1067,12 +777,7 @@ fn attention_with_symbolic_lengths() {
     let v = rng.tensor(DType::F32, &[1, 2, 7, 4], 1.0);
     let kv = ty(DType::F32, &["1", "2", "past + seq", "4"]);
     check_fused(
-        Op::Attention {
-            scale: 0.5,
-            causal: true,
-            window: Some(3),
-            softcap: None,
-        },
+        Op::Attention { scale: 0.5, causal: true, window: Some(3), softcap: None },
         vec![(ty(DType::F32, &["1", "4", "seq", "4"]), q), (kv.clone(), k), (kv, v)],
         1e-5,
     );
@@ -1084,21 +789,11 @@ fn attention_by_hand() {
     let q = f32t(&[1, 1, 1, 2], &[1.0, 0.0]);
     let k = f32t(&[1, 1, 2, 2], &[1.0, 5.0, 1.0, -5.0]);
     let v = f32t(&[1, 1, 2, 1], &[2.0, 4.0]);
-    let op = |causal| Op::Attention {
-        scale: 1.0,
-        causal,
-        window: None,
-        softcap: None,
-    };
+    let op = |causal| Op::Attention { scale: 1.0, causal, window: None, softcap: None };
     assert_eq!(eval(op(false), &[&q, &k, &v]).to_f32_vec(), vec![3.0]);
     // The single query sits at position 1 = t - s + 0 and sees both keys.
     assert_eq!(eval(op(true), &[&q, &k, &v]).to_f32_vec(), vec![3.0]);
-    let window = Op::Attention {
-        scale: 1.0,
-        causal: true,
-        window: Some(1),
-        softcap: None,
-    };
+    let window = Op::Attention { scale: 1.0, causal: true, window: Some(1), softcap: None };
     assert_eq!(eval(window, &[&q, &k, &v]).to_f32_vec(), vec![4.0]);
 }
 
@@ -1115,11 +810,7 @@ fn gated_mlp_matches_decomposition() {
         let x = rng.tensor(dtype, &xs, 2.0);
         let wg = rng.tensor(dtype, &[5, 7], 1.0);
         let wu = rng.tensor(dtype, &[5, 7], 1.0);
-        check_fused(
-            Op::GatedMlp { act: act.to_string() },
-            vec![fixed(&x), fixed(&wg), fixed(&wu)],
-            1e-5,
-        );
+        check_fused(Op::GatedMlp { act: act.to_string() }, vec![fixed(&x), fixed(&wg), fixed(&wu)], 1e-5);
     }
 }
 
@@ -1145,19 +836,11 @@ fn softmax_matches_decomposition() {
 #[test]
 fn add_rms_norm_matches_decomposition() {
     let mut rng = Rng(8);
-    for (shape, dtype) in [
-        (vec![3, 6], DType::F32),
-        (vec![2, 2, 5], DType::BF16),
-        (vec![4], DType::F64),
-    ] {
+    for (shape, dtype) in [(vec![3, 6], DType::F32), (vec![2, 2, 5], DType::BF16), (vec![4], DType::F64)] {
         let x = rng.tensor(dtype, &shape, 2.0);
         let r = rng.tensor(dtype, &shape, 2.0);
         let w = rng.tensor(dtype, &shape[shape.len() - 1..], 1.0);
-        let out = check_fused(
-            Op::AddRmsNorm { eps: 1e-6 },
-            vec![fixed(&x), fixed(&r), fixed(&w)],
-            1e-5,
-        );
+        let out = check_fused(Op::AddRmsNorm { eps: 1e-6 }, vec![fixed(&x), fixed(&r), fixed(&w)], 1e-5);
         assert_eq!(out.len(), 2);
         let sum = eval(Op::Add {}, &[&x, &r]);
         assert_eq!(out["out0"], sum);
@@ -1171,10 +854,7 @@ fn kv_append_matches_decomposition() {
     let new = rng.tensor(DType::F32, &[1, 2, 1, 4], 1.0);
     let out = check_fused(
         Op::KvAppend { axis: 2 },
-        vec![
-            (ty(DType::F32, &["1", "2", "past", "4"]), cache),
-            (ty(DType::F32, &["1", "2", "seq", "4"]), new),
-        ],
+        vec![(ty(DType::F32, &["1", "2", "past", "4"]), cache), (ty(DType::F32, &["1", "2", "seq", "4"]), new)],
         0.0,
     );
     assert_eq!(out["out0"].shape, vec![1, 2, 4, 4]);
@@ -1210,44 +890,20 @@ fn tiny_decoder() -> Graph {
     let mut pasts = Vec::new();
     for l in 0..LAYERS {
         let kv = ty(f, &["1", &KV_HEADS.to_string(), "past", &HEAD_DIM.to_string()]);
-        pasts.push((
-            g.add_input(&format!("past_k{l}"), kv.clone()),
-            g.add_input(&format!("past_v{l}"), kv),
-        ));
+        pasts.push((g.add_input(&format!("past_k{l}"), kv.clone()), g.add_input(&format!("past_v{l}"), kv)));
     }
     let w = |g: &mut Graph, name: &str, shape: &[usize]| g.add_weight(name, TensorType::fixed(f, shape));
     let embed = w(&mut g, "embed", &[VOCAB, HIDDEN]);
     let mut h = g.add(Op::Gather { axis: 0 }, &[embed, ids]).unwrap();
 
     // cos/sin for positions past .. past + seq.
-    let pos = g
-        .add(
-            Op::Range {
-                start: d("past"),
-                end: d("past + seq"),
-                step: 1,
-                dtype: f,
-            },
-            &[],
-        )
-        .unwrap();
+    let pos = g.add(Op::Range { start: d("past"), end: d("past + seq"), step: 1, dtype: f }, &[]).unwrap();
     let pos = g.add(Op::Unsqueeze { axes: vec![1] }, &[pos]).unwrap();
-    let inv: Vec<f32> = (0..HEAD_DIM / 2)
-        .map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / HEAD_DIM as f32))
-        .collect();
-    let inv = g
-        .add(
-            Op::Constant {
-                value: f32t(&[HEAD_DIM / 2], &inv),
-            },
-            &[],
-        )
-        .unwrap();
+    let inv: Vec<f32> = (0..HEAD_DIM / 2).map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / HEAD_DIM as f32)).collect();
+    let inv = g.add(Op::Constant { value: f32t(&[HEAD_DIM / 2], &inv) }, &[]).unwrap();
     let freqs = g.add(Op::Mul {}, &[pos, inv]).unwrap();
     let emb = g.add(Op::Concat { axis: 1 }, &[freqs, freqs]).unwrap();
-    let rs = Op::Reshape {
-        shape: vec![Dim::c(1), Dim::c(1), d("seq"), Dim::c(HEAD_DIM as i64)],
-    };
+    let rs = Op::Reshape { shape: vec![Dim::c(1), Dim::c(1), d("seq"), Dim::c(HEAD_DIM as i64)] };
     let cos = g.add(Op::Cos {}, &[emb]).unwrap();
     let cos = g.add(rs.clone(), &[cos]).unwrap();
     let sin = g.add(Op::Sin {}, &[emb]).unwrap();
@@ -1255,12 +911,7 @@ fn tiny_decoder() -> Graph {
 
     let heads = |g: &mut Graph, x: ValueId, n: usize| {
         let r = g
-            .add(
-                Op::Reshape {
-                    shape: vec![Dim::c(1), d("seq"), Dim::c(n as i64), Dim::c(HEAD_DIM as i64)],
-                },
-                &[x],
-            )
+            .add(Op::Reshape { shape: vec![Dim::c(1), d("seq"), Dim::c(n as i64), Dim::c(HEAD_DIM as i64)] }, &[x])
             .unwrap();
         g.add(Op::Transpose { perm: vec![0, 2, 1, 3] }, &[r]).unwrap()
     };
@@ -1285,33 +936,17 @@ fn tiny_decoder() -> Graph {
         g.set_output(&format!("present_v{l}"), vc);
         let a = g
             .add_labeled(
-                Op::Attention {
-                    scale: 1.0 / (HEAD_DIM as f64).sqrt(),
-                    causal: true,
-                    window: None,
-                    softcap: None,
-                },
+                Op::Attention { scale: 1.0 / (HEAD_DIM as f64).sqrt(), causal: true, window: None, softcap: None },
                 &[q, kc, vc],
                 Some(&p("attn")),
             )
             .unwrap();
         let a = g.add(Op::Transpose { perm: vec![0, 2, 1, 3] }, &[a]).unwrap();
-        let a = g
-            .add(
-                Op::Reshape {
-                    shape: vec![Dim::c(1), d("seq"), Dim::c(HIDDEN as i64)],
-                },
-                &[a],
-            )
-            .unwrap();
+        let a = g.add(Op::Reshape { shape: vec![Dim::c(1), d("seq"), Dim::c(HIDDEN as i64)] }, &[a]).unwrap();
         let wo = w(&mut g, &p("wo"), &[HEADS * HEAD_DIM, HIDDEN]);
         let a = g.add(Op::MatMul {}, &[a, wo]).unwrap();
         let ln2 = w(&mut g, &p("ln2"), &[HIDDEN]);
-        let [s, x] = g
-            .add_multi(Op::AddRmsNorm { eps: 1e-6 }, &[h, a, ln2], None)
-            .unwrap()
-            .try_into()
-            .unwrap();
+        let [s, x] = g.add_multi(Op::AddRmsNorm { eps: 1e-6 }, &[h, a, ln2], None).unwrap().try_into().unwrap();
         let wg = w(&mut g, &p("wg"), &[HIDDEN, FFN]);
         let wu = w(&mut g, &p("wu"), &[HIDDEN, FFN]);
         let m = g.add(Op::GatedMlp { act: "silu".into() }, &[x, wg, wu]).unwrap();
@@ -1325,25 +960,9 @@ fn tiny_decoder() -> Graph {
     let logits = g.add(Op::MatMul {}, &[h, head]).unwrap();
     g.set_output("logits", logits);
     let last = g
-        .add(
-            Op::Slice {
-                axes: vec![1],
-                starts: vec![d("seq - 1")],
-                ends: vec![d("seq")],
-                steps: vec![1],
-            },
-            &[logits],
-        )
+        .add(Op::Slice { axes: vec![1], starts: vec![d("seq - 1")], ends: vec![d("seq")], steps: vec![1] }, &[logits])
         .unwrap();
-    let next = g
-        .add(
-            Op::ArgMax {
-                axis: -1,
-                keepdims: false,
-            },
-            &[last],
-        )
-        .unwrap();
+    let next = g.add(Op::ArgMax { axis: -1, keepdims: false }, &[last]).unwrap();
     g.set_output("next_token", next);
     g
 }
@@ -1367,18 +986,13 @@ fn tiny_weights(g: &Graph) -> BTreeMap<String, Tensor> {
 /// Greedy generation: prefill `prompt`, then `steps` single-token steps.
 /// Returns the generated tokens and the time each phase took.
 fn generate(g: &Graph, w: &BTreeMap<String, Tensor>, prompt: &[i64], steps: usize) -> (Vec<i64>, f64, f64) {
-    let mut cache: Vec<Tensor> = (0..2 * LAYERS)
-        .map(|_| Tensor::full(DType::F32, vec![1, KV_HEADS, 0, HEAD_DIM], 0.0))
-        .collect();
+    let mut cache: Vec<Tensor> =
+        (0..2 * LAYERS).map(|_| Tensor::full(DType::F32, vec![1, KV_HEADS, 0, HEAD_DIM], 0.0)).collect();
     let mut tokens = prompt.to_vec();
     let mut out = Vec::new();
     let mut times = Vec::new();
     for step in 0..=steps {
-        let ids = if step == 0 {
-            tokens.clone()
-        } else {
-            vec![*tokens.last().unwrap()]
-        };
+        let ids = if step == 0 { tokens.clone() } else { vec![*tokens.last().unwrap()] };
         let mut inputs = map(vec![("input_ids", i64t(&[1, ids.len()], &ids))]);
         for l in 0..LAYERS {
             inputs.insert(format!("past_k{l}"), cache[2 * l].clone());
@@ -1420,19 +1034,8 @@ fn tiny_decoder_generates_consistently() {
     }
     let full = run(&g, &w, &inputs).unwrap();
     let logits = &full["logits"];
-    let argmax = eval(
-        Op::ArgMax {
-            axis: -1,
-            keepdims: false,
-        },
-        &[logits],
-    )
-    .to_i64_vec();
-    assert_eq!(
-        &argmax[prompt.len() - 1..],
-        &tokens[..],
-        "cached and full-sequence decoding differ"
-    );
+    let argmax = eval(Op::ArgMax { axis: -1, keepdims: false }, &[logits]).to_i64_vec();
+    assert_eq!(&argmax[prompt.len() - 1..], &tokens[..], "cached and full-sequence decoding differ");
 
     // The decomposed model (primitives only) generates the same tokens.
     let mut prim = g.clone();
@@ -1461,10 +1064,7 @@ fn unverified_graphs_are_reported_not_trusted() {
     let y = g.add_unchecked(Op::Neg {}, &[x], vec![ty(DType::F32, &["n + 1"])], Some(3))[0];
     g.set_output("y", y);
     let e = run(&g, &BTreeMap::new(), &inputs).unwrap_err().to_string();
-    assert_eq!(
-        e,
-        "op `neg` (line 3): result 0 is f32[2], but the graph declares f32[n + 1] = f32[3]"
-    );
+    assert_eq!(e, "op `neg` (line 3): result 0 is f32[2], but the graph declares f32[n + 1] = f32[3]");
 }
 
 #[test]
@@ -1473,34 +1073,14 @@ fn unsolvable_and_unbound_symbols_are_reported() {
     let mut g = Graph::new("s");
     g.add_input("a", ty(DType::F32, &["2*past"]));
     let e = bind_symbols(&g, &map(vec![("a", f32t(&[5], &[0.0; 5]))])).unwrap_err();
-    assert!(
-        e.to_string()
-            .starts_with("input `a` axis 0: expected 2*past (symbol `past` has no value)"),
-        "{e}"
-    );
+    assert!(e.to_string().starts_with("input `a` axis 0: expected 2*past (symbol `past` has no value)"), "{e}");
     let e = bind_symbols(&g, &map(vec![("a", f32t(&[6], &[0.0; 6]))])).unwrap();
     assert_eq!(e["past"], 3);
 
     let mut g = Graph::new("u");
     let a = g.add_input("a", ty(DType::F32, &["n"]));
-    let r = g
-        .add(
-            Op::Reshape {
-                shape: vec![d("n"), Dim::c(1)],
-            },
-            &[a],
-        )
-        .unwrap();
-    let f = g
-        .add(
-            Op::Fill {
-                shape: vec![d("other")],
-                value: 1.0,
-                dtype: DType::F32,
-            },
-            &[],
-        )
-        .unwrap();
+    let r = g.add(Op::Reshape { shape: vec![d("n"), Dim::c(1)] }, &[a]).unwrap();
+    let f = g.add(Op::Fill { shape: vec![d("other")], value: 1.0, dtype: DType::F32 }, &[]).unwrap();
     g.set_output("r", r);
     g.set_output("f", f);
     let e = run(&g, &BTreeMap::new(), &map(vec![("a", f32t(&[2], &[0.0; 2]))])).unwrap_err();
@@ -1509,22 +1089,10 @@ fn unsolvable_and_unbound_symbols_are_reported() {
 
 #[test]
 fn eval_op_rejects_malformed_operands() {
-    let bad = Tensor {
-        dtype: DType::F32,
-        shape: vec![3],
-        data: Data::F32(vec![1.0]),
-    };
+    let bad = Tensor { dtype: DType::F32, shape: vec![3], data: Data::F32(vec![1.0]) };
     assert!(eval_err(Op::Neg {}, &[&bad]).contains("operand 0"));
-    let out_of_range = Tensor {
-        dtype: DType::U8,
-        shape: vec![1],
-        data: Data::I64(vec![300]),
-    };
+    let out_of_range = Tensor { dtype: DType::U8, shape: vec![1], data: Data::I64(vec![300]) };
     assert!(eval_err(Op::Neg {}, &[&out_of_range]).contains("out of range for u8"));
-    let huge = Op::Fill {
-        shape: vec![Dim::c(1 << 40), Dim::c(1 << 20)],
-        value: 0.0,
-        dtype: DType::F32,
-    };
+    let huge = Op::Fill { shape: vec![Dim::c(1 << 40), Dim::c(1 << 20)], value: 0.0, dtype: DType::F32 };
     assert!(eval_op(&huge, &[], &BTreeMap::new()).is_err());
 }

@@ -57,21 +57,11 @@ impl TensorRef<'_> {
         // The bytes may sit at any offset in the file, so read element by
         // element from little-endian bytes instead of casting the slice.
         let out = match self.dtype {
-            DType::F32 => self
-                .bytes
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-            DType::F16 => self
-                .bytes
-                .chunks_exact(2)
-                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            DType::BF16 => self
-                .bytes
-                .chunks_exact(2)
-                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
+            DType::F32 => self.bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            DType::F16 => self.bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            DType::BF16 => {
+                self.bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
+            }
             DType::F64 => self
                 .bytes
                 .chunks_exact(8)
@@ -137,12 +127,7 @@ impl Checkpoint {
         }
         let config = HfConfig::from_file(&config_path)?;
 
-        let mut ckpt = Checkpoint {
-            dir,
-            config,
-            files: Vec::new(),
-            tensors: BTreeMap::new(),
-        };
+        let mut ckpt = Checkpoint { dir, config, files: Vec::new(), tensors: BTreeMap::new() };
         if ckpt.dir.join(SAFETENSORS_FILE).is_file() {
             let entries = ckpt.map_file(SAFETENSORS_FILE)?;
             ckpt.tensors.extend(entries);
@@ -194,20 +179,11 @@ impl Checkpoint {
         })?;
         // The range was validated against the file when it was opened; a
         // failure here would mean the map changed size, reported, not panicked.
-        let bytes = file
-            .map
-            .get(entry.start..entry.end)
-            .ok_or_else(|| HfError::SafetensorsHeader {
-                file: file.name.clone(),
-                msg: format!("tensor `{key}` lies outside the mapped file"),
-            })?;
-        Ok(TensorRef {
-            name: key,
-            dtype,
-            shape: entry.shape.clone(),
-            bytes,
-            file: &file.name,
-        })
+        let bytes = file.map.get(entry.start..entry.end).ok_or_else(|| HfError::SafetensorsHeader {
+            file: file.name.clone(),
+            msg: format!("tensor `{key}` lies outside the mapped file"),
+        })?;
+        Ok(TensorRef { name: key, dtype, shape: entry.shape.clone(), bytes, file: &file.name })
     }
 
     /// The tensor `name`, checked to have `expected_shape` and a float dtype.
@@ -268,10 +244,7 @@ impl Checkpoint {
                 (name, entry)
             })
             .collect();
-        self.files.push(WeightFile {
-            name: rel.to_string(),
-            map,
-        });
+        self.files.push(WeightFile { name: rel.to_string(), map });
         Ok(entries)
     }
 
@@ -281,12 +254,7 @@ impl Checkpoint {
         let text = std::fs::read_to_string(&index_path).map_err(|e| HfError::io(&index_path, e))?;
         let value: Value = serde_json::from_str(&text).map_err(|e| HfError::json(&index_name, &e))?;
         let weight_map = match value.get("weight_map") {
-            None | Some(Value::Null) => {
-                return Err(HfError::MissingKey {
-                    file: index_name,
-                    key: "weight_map".into(),
-                })
-            }
+            None | Some(Value::Null) => return Err(HfError::MissingKey { file: index_name, key: "weight_map".into() }),
             Some(Value::Object(m)) if !m.is_empty() => m,
             Some(v) => {
                 return Err(HfError::bad_value(
@@ -313,10 +281,7 @@ impl Checkpoint {
                 ));
             };
             if !is_plain_relative(shard) {
-                return Err(HfError::ShardOutsideDir {
-                    index: index_name,
-                    shard: shard.to_string(),
-                });
+                return Err(HfError::ShardOutsideDir { index: index_name, shard: shard.to_string() });
             }
             if !shard_order.iter().any(|(s, _)| *s == shard) {
                 shard_order.push((shard, tensor));
@@ -343,14 +308,13 @@ impl Checkpoint {
         // places in a shard that lacks it is an error rather than a silent
         // fallback to another copy.
         for (tensor, shard) in &wanted {
-            let entry = by_shard
-                .get_mut(*shard)
-                .and_then(|entries| entries.remove(*tensor))
-                .ok_or_else(|| HfError::TensorNotInShard {
+            let entry = by_shard.get_mut(*shard).and_then(|entries| entries.remove(*tensor)).ok_or_else(|| {
+                HfError::TensorNotInShard {
                     index: index_name.clone(),
                     tensor: tensor.to_string(),
                     shard: shard.to_string(),
-                })?;
+                }
+            })?;
             self.tensors.insert(tensor.to_string(), entry);
         }
         // Tensors the index does not mention are still readable; the first
@@ -408,11 +372,7 @@ pub fn dtype_to_safetensors(d: DType) -> StDtype {
 /// wrong, looking into the header JSON where the crate's error is vague.
 fn header_error(file: &str, buf: &[u8], err: SafeTensorError) -> HfError {
     let len = buf.len();
-    let declared = buf
-        .get(..8)
-        .and_then(|b| <[u8; 8]>::try_from(b).ok())
-        .map(u64::from_le_bytes)
-        .unwrap_or(0);
+    let declared = buf.get(..8).and_then(|b| <[u8; 8]>::try_from(b).ok()).map(u64::from_le_bytes).unwrap_or(0);
     let header = || -> Option<Vec<HeaderEntry>> {
         let end = usize::try_from(declared).ok()?.checked_add(8)?;
         let text = std::str::from_utf8(buf.get(8..end)?).ok()?;
@@ -437,9 +397,7 @@ fn header_error(file: &str, buf: &[u8], err: SafeTensorError) -> HfError {
         }
         SafeTensorError::TensorInvalidInfo => {
             let bad = header().and_then(|entries| {
-                entries
-                    .into_iter()
-                    .find(|e| e.needed_bytes() != Some(e.end.wrapping_sub(e.start)))
+                entries.into_iter().find(|e| e.needed_bytes() != Some(e.end.wrapping_sub(e.start)))
             });
             match bad {
                 Some(e) => format!(
@@ -450,8 +408,7 @@ fn header_error(file: &str, buf: &[u8], err: SafeTensorError) -> HfError {
                     e.end.wrapping_sub(e.start),
                     e.shape,
                     e.dtype,
-                    e.needed_bytes()
-                        .map_or("more than usize".to_string(), |n| n.to_string()),
+                    e.needed_bytes().map_or("more than usize".to_string(), |n| n.to_string()),
                 ),
                 None => "a tensor's data offsets do not match its shape and dtype".to_string(),
             }
@@ -471,10 +428,7 @@ fn header_error(file: &str, buf: &[u8], err: SafeTensorError) -> HfError {
         SafeTensorError::ValidationOverflow => "a tensor's shape x dtype size overflows".to_string(),
         other => other.to_string(),
     };
-    HfError::SafetensorsHeader {
-        file: file.to_string(),
-        msg,
-    }
+    HfError::SafetensorsHeader { file: file.to_string(), msg }
 }
 
 /// One tensor as the header JSON describes it, read loosely for diagnostics.
@@ -582,9 +536,7 @@ mod tests {
         assert_eq!(a.to_f32_vec().unwrap(), vec![1.0, 2.0, 3.0, 4.0]);
 
         assert_eq!(
-            c.expect("a", &[4, 2], "hidden_size=4 rows from config.json")
-                .unwrap_err()
-                .to_string(),
+            c.expect("a", &[4, 2], "hidden_size=4 rows from config.json").unwrap_err().to_string(),
             "tensor `a` has shape [2, 2], expected [4, 2] (hidden_size=4 rows from config.json)"
         );
         assert_eq!(
@@ -656,10 +608,7 @@ mod tests {
     #[test]
     fn missing_files() {
         let dir = tempfile::tempdir().unwrap();
-        assert_eq!(
-            open_err(dir.path()),
-            format!("missing config.json in {}", dir.path().display())
-        );
+        assert_eq!(open_err(dir.path()), format!("missing config.json in {}", dir.path().display()));
         fs::write(dir.path().join("config.json"), TINY_CONFIG).unwrap();
         assert!(open_err(dir.path()).starts_with("no weights in "));
         fs::write(dir.path().join("config.json"), "{\"model_type\": \"bert\"}").unwrap();
@@ -667,10 +616,7 @@ mod tests {
     }
 
     fn write_shards(dir: &Path, index: &str) {
-        let one = raw_safetensors(
-            r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#,
-            &f32_bytes(&[1.0, 2.0]),
-        );
+        let one = raw_safetensors(r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#, &f32_bytes(&[1.0, 2.0]));
         let two = raw_safetensors(
             r#"{"b":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"extra":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#,
             &f32_bytes(&[3.0, 4.0]),
@@ -691,10 +637,7 @@ mod tests {
         );
         let c = Checkpoint::open(dir.path()).unwrap();
         assert_eq!(c.tensor_names(), vec!["a", "b", "extra"]);
-        assert_eq!(
-            c.weight_files(),
-            vec!["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
-        );
+        assert_eq!(c.weight_files(), vec!["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]);
         let b = c.get("b").unwrap();
         assert_eq!(b.file, "model-00002-of-00002.safetensors");
         assert_eq!(b.to_f32_vec().unwrap(), vec![3.0]);
@@ -717,30 +660,15 @@ mod tests {
                 r#"{"weight_map": {"a": "../model-00001-of-00002.safetensors"}}"#,
                 "shard `../model-00001-of-00002.safetensors` is outside the checkpoint folder",
             ),
-            (
-                r#"{"weight_map": {"a": "/etc/passwd"}}"#,
-                "shard `/etc/passwd` is outside the checkpoint folder",
-            ),
+            (r#"{"weight_map": {"a": "/etc/passwd"}}"#, "shard `/etc/passwd` is outside the checkpoint folder"),
             (
                 r#"{"weight_map": {"b": "model-00001-of-00002.safetensors"}}"#,
                 "tensor `b` is mapped to shard `model-00001-of-00002.safetensors`, which does not contain it",
             ),
-            (
-                r#"{"metadata": {}}"#,
-                "model.safetensors.index.json: key `weight_map` missing",
-            ),
-            (
-                r#"{"weight_map": [1]}"#,
-                "key `weight_map` is [1] (a list), expected an object",
-            ),
-            (
-                r#"{"weight_map": {"a": 3}}"#,
-                "key `weight_map.a` is 3, expected a shard file name",
-            ),
-            (
-                "{\n\"weight_map\": {,}}",
-                "model.safetensors.index.json: malformed JSON at line 2 column 16",
-            ),
+            (r#"{"metadata": {}}"#, "model.safetensors.index.json: key `weight_map` missing"),
+            (r#"{"weight_map": [1]}"#, "key `weight_map` is [1] (a list), expected an object"),
+            (r#"{"weight_map": {"a": 3}}"#, "key `weight_map.a` is 3, expected a shard file name"),
+            ("{\n\"weight_map\": {,}}", "model.safetensors.index.json: malformed JSON at line 2 column 16"),
         ];
         for (index, want) in cases {
             let dir = folder_with(&[]);
@@ -757,33 +685,18 @@ mod tests {
             eprintln!("skipping fixtures_open: {FIXTURES} does not exist");
             return;
         }
-        for name in [
-            "tiny-llama",
-            "tiny-qwen2",
-            "tiny-mistral",
-            "tiny-qwen3",
-            "tiny-gemma",
-            "tiny-phi3",
-        ] {
+        for name in ["tiny-llama", "tiny-qwen2", "tiny-mistral", "tiny-qwen3", "tiny-gemma", "tiny-phi3"] {
             let c = Checkpoint::open(root.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
             let cfg = c.config().clone();
             let h = cfg.hidden_size;
-            let t = c
-                .expect(
-                    "model.embed_tokens.weight",
-                    &[cfg.vocab_size, h],
-                    "vocab_size x hidden_size",
-                )
-                .unwrap();
+            let t = c.expect("model.embed_tokens.weight", &[cfg.vocab_size, h], "vocab_size x hidden_size").unwrap();
             assert_eq!(t.to_f32_vec().unwrap().len(), cfg.vocab_size * h);
             let kv_rows = cfg.num_key_value_heads * cfg.head_dim;
             if cfg.arch.fused_projections() {
                 let rows = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim;
-                c.expect("model.layers.0.self_attn.qkv_proj.weight", &[rows, h], "qkv rows")
-                    .unwrap();
+                c.expect("model.layers.0.self_attn.qkv_proj.weight", &[rows, h], "qkv rows").unwrap();
             } else {
-                c.expect("model.layers.1.self_attn.k_proj.weight", &[kv_rows, h], "kv rows")
-                    .unwrap();
+                c.expect("model.layers.1.self_attn.k_proj.weight", &[kv_rows, h], "kv rows").unwrap();
             }
             assert_eq!(c.contains("lm_head.weight"), !cfg.tie_word_embeddings, "{name}");
         }

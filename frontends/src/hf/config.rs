@@ -35,14 +35,7 @@ pub enum Arch {
 
 impl Arch {
     /// Every architecture, in the order of [`supported_model_types`].
-    pub const ALL: [Arch; 6] = [
-        Arch::Llama,
-        Arch::Mistral,
-        Arch::Qwen2,
-        Arch::Qwen3,
-        Arch::Gemma,
-        Arch::Phi3,
-    ];
+    pub const ALL: [Arch; 6] = [Arch::Llama, Arch::Mistral, Arch::Qwen2, Arch::Qwen3, Arch::Gemma, Arch::Phi3];
 
     /// The `model_type` spelling in `config.json`.
     pub fn model_type(self) -> &'static str {
@@ -122,15 +115,8 @@ pub enum Activation {
 }
 
 impl Activation {
-    const SPELLINGS: &'static [&'static str] = &[
-        "silu",
-        "swish",
-        "gelu_pytorch_tanh",
-        "gelu_tanh",
-        "gelu_new",
-        "gelu_fast",
-        "gelu",
-    ];
+    const SPELLINGS: &'static [&'static str] =
+        &["silu", "swish", "gelu_pytorch_tanh", "gelu_tanh", "gelu_new", "gelu_fast", "gelu"];
 
     fn parse(s: &str) -> Option<Activation> {
         match s {
@@ -170,18 +156,10 @@ pub enum RopeScaling {
     /// Dynamic NTK: the base grows once the sequence exceeds
     /// `original_max_position_embeddings`. Transformers uses the config's
     /// `max_position_embeddings` here (not a rope-block key), and so do we.
-    Dynamic {
-        factor: f64,
-        original_max_position_embeddings: usize,
-    },
+    Dynamic { factor: f64, original_max_position_embeddings: usize },
     /// Llama 3.1: low frequencies divided by `factor`, high ones kept, a
     /// smooth blend between.
-    Llama3 {
-        factor: f64,
-        low_freq_factor: f64,
-        high_freq_factor: f64,
-        original_max_position_embeddings: usize,
-    },
+    Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: usize },
     /// YaRN. `attention_factor`, `mscale` and `mscale_all_dim` are kept as
     /// written; the attention scaling is derived from them in
     /// [`HfConfig::rope_inv_freq`].
@@ -312,19 +290,12 @@ impl HfConfig {
     pub fn rope_inv_freq(&self, seq_len: usize) -> (Vec<f64>, f64) {
         let dim = self.rope_dim();
         let base = self.rope_theta;
-        let default = |base: f64| -> Vec<f64> {
-            (0..dim)
-                .step_by(2)
-                .map(|i| 1.0 / base.powf(i as f64 / dim as f64))
-                .collect()
-        };
+        let default =
+            |base: f64| -> Vec<f64> { (0..dim).step_by(2).map(|i| 1.0 / base.powf(i as f64 / dim as f64)).collect() };
         match &self.rope_scaling {
             RopeScaling::Default => (default(base), 1.0),
             RopeScaling::Linear { factor } => (default(base).into_iter().map(|f| f / factor).collect(), 1.0),
-            RopeScaling::Dynamic {
-                factor,
-                original_max_position_embeddings: omax,
-            } => {
+            RopeScaling::Dynamic { factor, original_max_position_embeddings: omax } => {
                 // The base only grows past the original context; below it the
                 // expression is exactly 1 and the frequencies are the defaults.
                 let seq = seq_len.max(*omax) as f64;
@@ -445,19 +416,11 @@ struct Obj<'a> {
 
 impl<'a> Obj<'a> {
     fn top(file: &'a str, map: &'a Map<String, Value>) -> Self {
-        Obj {
-            file,
-            map,
-            prefix: String::new(),
-        }
+        Obj { file, map, prefix: String::new() }
     }
 
     fn nested(file: &'a str, map: &'a Map<String, Value>, name: &str) -> Self {
-        Obj {
-            file,
-            map,
-            prefix: format!("{name}."),
-        }
+        Obj { file, map, prefix: format!("{name}.") }
     }
 
     fn key(&self, k: &str) -> String {
@@ -478,10 +441,7 @@ impl<'a> Obj<'a> {
     }
 
     fn missing(&self, k: &str) -> HfError {
-        HfError::MissingKey {
-            file: self.file.to_string(),
-            key: self.key(k),
-        }
+        HfError::MissingKey { file: self.file.to_string(), key: self.key(k) }
     }
 
     fn bad(&self, k: &str, v: &Value, expected: &str) -> HfError {
@@ -492,9 +452,7 @@ impl<'a> Obj<'a> {
         let Some(v) = self.get(k) else {
             return Ok(None);
         };
-        json_usize(v)
-            .map(Some)
-            .ok_or_else(|| self.bad(k, v, "a non-negative integer"))
+        json_usize(v).map(Some).ok_or_else(|| self.bad(k, v, "a non-negative integer"))
     }
 
     /// A size: an integer >= 1.
@@ -524,12 +482,7 @@ impl<'a> Obj<'a> {
 
     fn positive_f64_opt(&self, k: &str) -> Result<Option<f64>, HfError> {
         match self.f64_opt(k)? {
-            Some(x) if x <= 0.0 => Err(HfError::bad_value(
-                self.file,
-                &self.key(k),
-                x.to_string(),
-                "a positive number",
-            )),
+            Some(x) if x <= 0.0 => Err(HfError::bad_value(self.file, &self.key(k), x.to_string(), "a positive number")),
             other => Ok(other),
         }
     }
@@ -554,11 +507,7 @@ impl<'a> Obj<'a> {
         };
         let list = v.as_array().ok_or_else(|| self.bad(k, v, "a list of numbers"))?;
         list.iter()
-            .map(|x| {
-                x.as_f64()
-                    .filter(|x| x.is_finite())
-                    .ok_or_else(|| self.bad(k, v, "a list of finite numbers"))
-            })
+            .map(|x| x.as_f64().filter(|x| x.is_finite()).ok_or_else(|| self.bad(k, v, "a list of finite numbers")))
             .collect()
     }
 
@@ -569,10 +518,7 @@ impl<'a> Obj<'a> {
         };
         let expected = "an integer, a list of integers or null";
         match v {
-            Value::Array(items) => items
-                .iter()
-                .map(|x| x.as_i64().ok_or_else(|| self.bad(k, v, expected)))
-                .collect(),
+            Value::Array(items) => items.iter().map(|x| x.as_i64().ok_or_else(|| self.bad(k, v, expected))).collect(),
             _ => v.as_i64().map(|id| vec![id]).ok_or_else(|| self.bad(k, v, expected)),
         }
     }
@@ -581,9 +527,7 @@ impl<'a> Obj<'a> {
         let Some(v) = self.get(k) else {
             return Ok(None);
         };
-        v.as_object()
-            .map(Some)
-            .ok_or_else(|| self.bad(k, v, "an object or null"))
+        v.as_object().map(Some).ok_or_else(|| self.bad(k, v, "an object or null"))
     }
 }
 
@@ -636,12 +580,7 @@ fn parse_activation(obj: &Obj, arch: Arch) -> Result<Activation, HfError> {
     };
     let name = obj.str_opt(key)?.unwrap_or(default);
     Activation::parse(name).ok_or_else(|| {
-        HfError::bad_value(
-            obj.file,
-            key,
-            format!("`{name}`"),
-            format!("one of {}", Activation::SPELLINGS.join(", ")),
-        )
+        HfError::bad_value(obj.file, key, format!("`{name}`"), format!("one of {}", Activation::SPELLINGS.join(", ")))
     })
 }
 
@@ -654,31 +593,15 @@ struct ArchDefaults {
 
 fn defaults(arch: Arch) -> ArchDefaults {
     match arch {
-        Arch::Llama => ArchDefaults {
-            rms_norm_eps: 1e-6,
-            max_position_embeddings: 2048,
-            tie_word_embeddings: false,
-        },
-        Arch::Mistral => ArchDefaults {
-            rms_norm_eps: 1e-6,
-            max_position_embeddings: 4096 * 32,
-            tie_word_embeddings: false,
-        },
-        Arch::Qwen2 | Arch::Qwen3 => ArchDefaults {
-            rms_norm_eps: 1e-6,
-            max_position_embeddings: 32768,
-            tie_word_embeddings: false,
-        },
-        Arch::Gemma => ArchDefaults {
-            rms_norm_eps: 1e-6,
-            max_position_embeddings: 8192,
-            tie_word_embeddings: true,
-        },
-        Arch::Phi3 => ArchDefaults {
-            rms_norm_eps: 1e-5,
-            max_position_embeddings: 4096,
-            tie_word_embeddings: false,
-        },
+        Arch::Llama => ArchDefaults { rms_norm_eps: 1e-6, max_position_embeddings: 2048, tie_word_embeddings: false },
+        Arch::Mistral => {
+            ArchDefaults { rms_norm_eps: 1e-6, max_position_embeddings: 4096 * 32, tie_word_embeddings: false }
+        }
+        Arch::Qwen2 | Arch::Qwen3 => {
+            ArchDefaults { rms_norm_eps: 1e-6, max_position_embeddings: 32768, tie_word_embeddings: false }
+        }
+        Arch::Gemma => ArchDefaults { rms_norm_eps: 1e-6, max_position_embeddings: 8192, tie_word_embeddings: true },
+        Arch::Phi3 => ArchDefaults { rms_norm_eps: 1e-5, max_position_embeddings: 4096, tie_word_embeddings: false },
     }
 }
 
@@ -732,9 +655,7 @@ fn parse(file: &str, map: &Map<String, Value>) -> Result<HfConfig, HfError> {
     }
 
     let rms_norm_eps = obj.positive_f64_opt("rms_norm_eps")?.unwrap_or(d.rms_norm_eps);
-    let max_position_embeddings = obj
-        .positive_opt("max_position_embeddings")?
-        .unwrap_or(d.max_position_embeddings);
+    let max_position_embeddings = obj.positive_opt("max_position_embeddings")?.unwrap_or(d.max_position_embeddings);
     let tie_word_embeddings = obj.bool_opt("tie_word_embeddings")?.unwrap_or(d.tie_word_embeddings);
 
     let attention_bias_key = obj.bool_opt("attention_bias")?.unwrap_or(false);
@@ -793,10 +714,7 @@ fn parse(file: &str, map: &Map<String, Value>) -> Result<HfConfig, HfError> {
         eos_token_id: obj.token_ids("eos_token_id")?,
         pad_token_id: match obj.get("pad_token_id") {
             None => None,
-            Some(v) => Some(
-                v.as_i64()
-                    .ok_or_else(|| obj.bad("pad_token_id", v, "an integer or null"))?,
-            ),
+            Some(v) => Some(v.as_i64().ok_or_else(|| obj.bad("pad_token_id", v, "an integer or null"))?),
         },
         dtype: parse_dtype(&obj)?,
         rope_theta,
@@ -814,11 +732,9 @@ fn parse_layer_types(
     let all = |kind| vec![kind; num_layers];
     match arch {
         Arch::Llama | Arch::Gemma => Ok(all(LayerAttention::Full)),
-        Arch::Mistral | Arch::Phi3 => Ok(all(if sliding_window.is_some() {
-            LayerAttention::Sliding
-        } else {
-            LayerAttention::Full
-        })),
+        Arch::Mistral | Arch::Phi3 => {
+            Ok(all(if sliding_window.is_some() { LayerAttention::Sliding } else { LayerAttention::Full }))
+        }
         Arch::Qwen2 | Arch::Qwen3 => {
             // Qwen2/3 slide only on layers marked `sliding_attention`: from the
             // explicit `layer_types`, else layers >= `max_window_layers`. The
@@ -878,9 +794,8 @@ fn parse_rope(
     };
     let empty = Map::new();
     let rp = Obj::nested(file, block.unwrap_or(&empty), block_name);
-    if let Some(layer_key) = ["full_attention", "sliding_attention"]
-        .into_iter()
-        .find(|k| rp.get(k).is_some_and(Value::is_object))
+    if let Some(layer_key) =
+        ["full_attention", "sliding_attention"].into_iter().find(|k| rp.get(k).is_some_and(Value::is_object))
     {
         return Err(HfError::invalid(
             file,
@@ -897,18 +812,10 @@ fn parse_rope(
     };
     let (prf_key, prf) = match rp.f64_opt("partial_rotary_factor")? {
         Some(p) => (rp.key("partial_rotary_factor"), p),
-        None => (
-            "partial_rotary_factor".to_string(),
-            top.f64_opt("partial_rotary_factor")?.unwrap_or(1.0),
-        ),
+        None => ("partial_rotary_factor".to_string(), top.f64_opt("partial_rotary_factor")?.unwrap_or(1.0)),
     };
     if !(prf > 0.0 && prf <= 1.0) {
-        return Err(HfError::bad_value(
-            file,
-            &prf_key,
-            prf.to_string(),
-            "a number in (0, 1]",
-        ));
+        return Err(HfError::bad_value(file, &prf_key, prf.to_string(), "a number in (0, 1]"));
     }
     let dim = rope_dim_of(head_dim, prf);
     if dim < 2 || !dim.is_multiple_of(2) {
@@ -935,9 +842,7 @@ fn parse_rope(
         if arch == Arch::Phi3 {
             return Ok(4096);
         }
-        Ok(rp
-            .positive_opt("original_max_position_embeddings")?
-            .unwrap_or(max_position_embeddings))
+        Ok(rp.positive_opt("original_max_position_embeddings")?.unwrap_or(max_position_embeddings))
     };
     let factor = |required: bool| -> Result<Option<f64>, HfError> {
         match rp.positive_f64_opt("factor")? {
@@ -949,9 +854,7 @@ fn parse_rope(
 
     let scaling = match rope_type {
         "default" => RopeScaling::Default,
-        "linear" => RopeScaling::Linear {
-            factor: factor(true)?.unwrap_or(1.0),
-        },
+        "linear" => RopeScaling::Linear { factor: factor(true)?.unwrap_or(1.0) },
         "dynamic" => {
             if dim <= 2 {
                 return Err(HfError::invalid(
@@ -965,12 +868,8 @@ fn parse_rope(
             }
         }
         "llama3" => {
-            let low = rp
-                .positive_f64_opt("low_freq_factor")?
-                .ok_or_else(|| rp.missing("low_freq_factor"))?;
-            let high = rp
-                .positive_f64_opt("high_freq_factor")?
-                .ok_or_else(|| rp.missing("high_freq_factor"))?;
+            let low = rp.positive_f64_opt("low_freq_factor")?.ok_or_else(|| rp.missing("low_freq_factor"))?;
+            let high = rp.positive_f64_opt("high_freq_factor")?.ok_or_else(|| rp.missing("high_freq_factor"))?;
             if high <= low {
                 return Err(HfError::invalid(
                     file,
@@ -1091,10 +990,7 @@ mod tests {
     fn close(got: &[f64], want: &[f64]) {
         assert_eq!(got.len(), want.len(), "got {got:?} want {want:?}");
         for (g, w) in got.iter().zip(want) {
-            assert!(
-                (g - w).abs() <= 1e-12 * w.abs().max(1e-300),
-                "got {got:?} want {want:?}"
-            );
+            assert!((g - w).abs() <= 1e-12 * w.abs().max(1e-300), "got {got:?} want {want:?}");
         }
     }
 
@@ -1110,23 +1006,14 @@ mod tests {
         };
         let llama = load("tiny-llama");
         assert_eq!(llama.arch, Arch::Llama);
-        assert_eq!(
-            (llama.vocab_size, llama.hidden_size, llama.intermediate_size),
-            (256, 64, 176)
-        );
-        assert_eq!(
-            (llama.num_attention_heads, llama.num_key_value_heads, llama.head_dim),
-            (4, 2, 16)
-        );
+        assert_eq!((llama.vocab_size, llama.hidden_size, llama.intermediate_size), (256, 64, 176));
+        assert_eq!((llama.num_attention_heads, llama.num_key_value_heads, llama.head_dim), (4, 2, 16));
         assert_eq!(llama.rms_norm_eps, 1e-5);
         assert!(!llama.tie_word_embeddings && !llama.attention_bias && !llama.mlp_bias);
         assert_eq!(llama.hidden_act, Activation::Silu);
         assert_eq!(llama.rope_scaling, RopeScaling::Default);
         assert_eq!(llama.dtype, Some(DType::F32));
-        assert_eq!(
-            (llama.bos_token_id.clone(), llama.eos_token_id.clone()),
-            (vec![1], vec![2])
-        );
+        assert_eq!((llama.bos_token_id.clone(), llama.eos_token_id.clone()), (vec![1], vec![2]));
         assert_eq!(llama.sliding_window, None);
 
         let qwen2 = load("tiny-qwen2");
@@ -1213,11 +1100,8 @@ mod tests {
         let c = cfg(with(base("gemma"), json!({"hidden_act": "gelu"}))).unwrap();
         assert!(c.tie_word_embeddings);
         assert_eq!(c.hidden_act, Activation::Gelu);
-        let c = cfg(with(
-            base("gemma"),
-            json!({"hidden_act": "gelu", "hidden_activation": "gelu_pytorch_tanh"}),
-        ))
-        .unwrap();
+        let c =
+            cfg(with(base("gemma"), json!({"hidden_act": "gelu", "hidden_activation": "gelu_pytorch_tanh"}))).unwrap();
         assert_eq!(c.hidden_act, Activation::GeluTanh);
         assert_eq!(cfg(base("gemma")).unwrap().hidden_act, Activation::GeluTanh);
 
@@ -1240,11 +1124,9 @@ mod tests {
         // Qwen sliding windows need use_sliding_window and apply from max_window_layers on.
         let c = cfg(with(base("qwen2"), json!({"sliding_window": 8}))).unwrap();
         assert_eq!(c.sliding_window, None);
-        let c = cfg(with(
-            base("qwen2"),
-            json!({"sliding_window": 8, "use_sliding_window": true, "max_window_layers": 1}),
-        ))
-        .unwrap();
+        let c =
+            cfg(with(base("qwen2"), json!({"sliding_window": 8, "use_sliding_window": true, "max_window_layers": 1})))
+                .unwrap();
         assert_eq!(c.sliding_window, Some(8));
         assert_eq!(c.layer_types, vec![LayerAttention::Full, LayerAttention::Sliding]);
         assert_eq!(c.sliding_window_for_layer(0), None);
@@ -1338,10 +1220,7 @@ mod tests {
         let high = 8.0 * (64.0 / (2.0 * PI)).ln() / (2.0 * 1e4f64.ln());
         let keep = 1.0 - 1.0 / high;
         let (f, _) = rope_case(b).rope_inv_freq(16);
-        close(
-            &f,
-            &[1.0, (1.0 - keep) * 0.1 / 4.0 + keep * 0.1, 0.01 / 4.0, 0.001 / 4.0],
-        );
+        close(&f, &[1.0, (1.0 - keep) * 0.1 / 4.0 + keep * 0.1, 0.01 / 4.0, 0.001 / 4.0]);
 
         // mscale / mscale_all_dim set the attention factor; an explicit one wins.
         let mut b = block.clone();
@@ -1394,9 +1273,8 @@ mod tests {
         }
         assert_eq!(err(v), "config.json: key `hidden_size` missing");
 
-        let e = HfConfig::from_json_str("{\n  \"model_type\": \"llama\",\n    ]", "config.json")
-            .unwrap_err()
-            .to_string();
+        let e =
+            HfConfig::from_json_str("{\n  \"model_type\": \"llama\",\n    ]", "config.json").unwrap_err().to_string();
         assert!(e.starts_with("config.json: malformed JSON at line 3 column 5: "), "{e}");
 
         assert_eq!(
@@ -1420,10 +1298,7 @@ mod tests {
             "config.json: num_attention_heads=4 is not divisible by num_key_value_heads=3"
         );
         assert_eq!(
-            err(with(
-                base("llama"),
-                json!({"rope_parameters": {"rope_type": "ntk-by-parts"}})
-            )),
+            err(with(base("llama"), json!({"rope_parameters": {"rope_type": "ntk-by-parts"}}))),
             "config.json: key `rope_parameters.rope_type` is `ntk-by-parts`, an unknown rope type \
              (supported: default, linear, dynamic, yarn, longrope, llama3)"
         );
@@ -1441,10 +1316,7 @@ mod tests {
             json!({"rope_scaling": {"type": "longrope", "short_factor": [1.0], "long_factor": [1.0]}})
         ))
         .contains("key `rope_scaling.short_factor` is a list of 1 numbers, expected 8 numbers"));
-        assert_eq!(
-            err(json!([1, 2])),
-            "config.json: the top level is [1,2] (a list), expected a JSON object"
-        );
+        assert_eq!(err(json!([1, 2])), "config.json: the top level is [1,2] (a list), expected a JSON object");
         let e = HfConfig::from_file("/nonexistent/config.json").unwrap_err().to_string();
         assert!(e.starts_with("/nonexistent/config.json: "), "{e}");
     }

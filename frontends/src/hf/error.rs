@@ -32,12 +32,7 @@ pub enum HfError {
 
     /// A JSON file does not parse.
     #[error("{file}: malformed JSON at line {line} column {column}: {msg}")]
-    Json {
-        file: String,
-        line: usize,
-        column: usize,
-        msg: String,
-    },
+    Json { file: String, line: usize, column: usize, msg: String },
 
     /// A required JSON key is absent (or null).
     #[error("{file}: key `{key}` missing")]
@@ -45,29 +40,15 @@ pub enum HfError {
 
     /// A JSON key holds a value of the wrong kind or out of range.
     #[error("{file}: key `{key}` is {found}, expected {expected}")]
-    BadValue {
-        file: String,
-        key: String,
-        found: String,
-        expected: String,
-    },
+    BadValue { file: String, key: String, found: String, expected: String },
 
     /// `model_type` names an architecture this frontend does not build.
     #[error("{file}: unknown model_type `{found}` (supported: {})", supported.join(", "))]
-    UnknownModelType {
-        file: String,
-        found: String,
-        supported: Vec<&'static str>,
-    },
+    UnknownModelType { file: String, found: String, supported: Vec<&'static str> },
 
     /// The rope type (`rope_parameters.rope_type`, `rope_scaling.type`, ...) is unknown.
     #[error("{file}: key `{key}` is `{found}`, an unknown rope type (supported: {})", supported.join(", "))]
-    UnknownRopeType {
-        file: String,
-        key: String,
-        found: String,
-        supported: Vec<&'static str>,
-    },
+    UnknownRopeType { file: String, key: String, found: String, supported: Vec<&'static str> },
 
     /// Values that are fine one by one but inconsistent together (sizes that do
     /// not divide, a rotary dimension larger than the head, ...).
@@ -82,12 +63,7 @@ pub enum HfError {
 
     /// `model.safetensors.index.json` names a shard that is not there.
     #[error("{index}: shard `{shard}` (holding tensor `{tensor}`) does not exist in {}", dir.display())]
-    MissingShard {
-        index: String,
-        shard: String,
-        tensor: String,
-        dir: PathBuf,
-    },
+    MissingShard { index: String, shard: String, tensor: String, dir: PathBuf },
 
     /// `model.safetensors.index.json` names a shard outside the checkpoint folder.
     #[error("{index}: shard `{shard}` is outside the checkpoint folder (only plain relative file names are allowed)")]
@@ -95,11 +71,7 @@ pub enum HfError {
 
     /// The index maps a tensor to a shard whose header does not list it.
     #[error("{index}: tensor `{tensor}` is mapped to shard `{shard}`, which does not contain it")]
-    TensorNotInShard {
-        index: String,
-        tensor: String,
-        shard: String,
-    },
+    TensorNotInShard { index: String, tensor: String, shard: String },
 
     /// A tensor the model needs is not in any weight file.
     #[error("tensor `{name}` missing from checkpoint (searched {})", searched.join(", "))]
@@ -107,21 +79,12 @@ pub enum HfError {
 
     /// A tensor has a different shape than the config implies.
     #[error("tensor `{name}` has shape {found:?}, expected {expected:?} ({why})")]
-    ShapeMismatch {
-        name: String,
-        found: Vec<usize>,
-        expected: Vec<usize>,
-        why: String,
-    },
+    ShapeMismatch { name: String, found: Vec<usize>, expected: Vec<usize>, why: String },
 
     /// A tensor has a dtype the caller cannot use (an integer where weights
     /// must be floating point, ...).
     #[error("tensor `{name}` has dtype {found}, expected {expected}")]
-    WrongDType {
-        name: String,
-        found: String,
-        expected: String,
-    },
+    WrongDType { name: String, found: String, expected: String },
 
     /// A tensor is stored in a safetensors dtype smelt does not read
     /// (fp8, u16, complex, ...).
@@ -140,10 +103,7 @@ pub enum HfError {
 impl HfError {
     /// Wraps an I/O error with the path it happened on.
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        HfError::Io {
-            path: path.into(),
-            source,
-        }
+        HfError::Io { path: path.into(), source }
     }
 
     /// Turns a serde_json parse error into a message that names the file and
@@ -156,12 +116,7 @@ impl HfError {
             Some(i) => text[..i].to_string(),
             None => text,
         };
-        HfError::Json {
-            file: file.into(),
-            line: err.line(),
-            column: err.column(),
-            msg,
-        }
+        HfError::Json { file: file.into(), line: err.line(), column: err.column(), msg }
     }
 
     pub(crate) fn bad_value(file: &str, key: &str, found: impl Into<String>, expected: impl Into<String>) -> Self {
@@ -174,10 +129,7 @@ impl HfError {
     }
 
     pub(crate) fn invalid(file: &str, msg: impl Into<String>) -> Self {
-        HfError::InvalidConfig {
-            file: file.to_string(),
-            msg: msg.into(),
-        }
+        HfError::InvalidConfig { file: file.to_string(), msg: msg.into() }
     }
 }
 
@@ -210,10 +162,7 @@ mod tests {
         let err = serde_json::from_str::<serde_json::Value>("{\n  \"a\": 1,\n    ]").unwrap_err();
         let e = HfError::json("config.json", &err);
         let msg = e.to_string();
-        assert!(
-            msg.starts_with("config.json: malformed JSON at line 3 column 5: "),
-            "{msg}"
-        );
+        assert!(msg.starts_with("config.json: malformed JSON at line 3 column 5: "), "{msg}");
         assert!(!msg.contains(" at line 3 column 5 at line"), "{msg}");
     }
 

@@ -65,28 +65,16 @@ pub fn expected_tensors(cfg: &HfConfig) -> Vec<TensorSpec> {
         let p = format!("model.layers.{layer}");
         add(format!("{p}.input_layernorm.weight"), vec![h], TensorRole::Norm);
         if cfg.arch.fused_projections() {
-            add(
-                format!("{p}.self_attn.qkv_proj.weight"),
-                vec![(nh + 2 * kv) * hd, h],
-                TensorRole::Linear,
-            );
+            add(format!("{p}.self_attn.qkv_proj.weight"), vec![(nh + 2 * kv) * hd, h], TensorRole::Linear);
         } else {
             for (proj, rows) in [("q_proj", nh * hd), ("k_proj", kv * hd), ("v_proj", kv * hd)] {
-                add(
-                    format!("{p}.self_attn.{proj}.weight"),
-                    vec![rows, h],
-                    TensorRole::Linear,
-                );
+                add(format!("{p}.self_attn.{proj}.weight"), vec![rows, h], TensorRole::Linear);
                 if cfg.attention_bias {
                     add(format!("{p}.self_attn.{proj}.bias"), vec![rows], TensorRole::Bias);
                 }
             }
         }
-        add(
-            format!("{p}.self_attn.o_proj.weight"),
-            vec![h, nh * hd],
-            TensorRole::Linear,
-        );
+        add(format!("{p}.self_attn.o_proj.weight"), vec![h, nh * hd], TensorRole::Linear);
         if cfg.o_proj_bias {
             add(format!("{p}.self_attn.o_proj.bias"), vec![h], TensorRole::Bias);
         }
@@ -94,17 +82,9 @@ pub fn expected_tensors(cfg: &HfConfig) -> Vec<TensorSpec> {
             add(format!("{p}.self_attn.q_norm.weight"), vec![hd], TensorRole::Norm);
             add(format!("{p}.self_attn.k_norm.weight"), vec![hd], TensorRole::Norm);
         }
-        add(
-            format!("{p}.post_attention_layernorm.weight"),
-            vec![h],
-            TensorRole::Norm,
-        );
+        add(format!("{p}.post_attention_layernorm.weight"), vec![h], TensorRole::Norm);
         if cfg.arch.fused_projections() {
-            add(
-                format!("{p}.mlp.gate_up_proj.weight"),
-                vec![2 * i, h],
-                TensorRole::Linear,
-            );
+            add(format!("{p}.mlp.gate_up_proj.weight"), vec![2 * i, h], TensorRole::Linear);
         } else {
             for proj in ["gate_proj", "up_proj"] {
                 add(format!("{p}.mlp.{proj}.weight"), vec![i, h], TensorRole::Linear);
@@ -226,9 +206,7 @@ impl RandomModelSpec {
             return invalid(format!("{arch} models have no sliding window attention"));
         }
         if self.attention_bias && matches!(arch, Arch::Mistral | Arch::Phi3 | Arch::Qwen2) {
-            return invalid(format!(
-                "{arch} models have no attention_bias option (qwen2 always has q/k/v biases)"
-            ));
+            return invalid(format!("{arch} models have no attention_bias option (qwen2 always has q/k/v biases)"));
         }
         if self.mlp_bias && arch != Arch::Llama {
             return invalid(format!("{arch} models have no mlp_bias option"));
@@ -340,9 +318,8 @@ pub fn write_random_checkpoint(dir: impl AsRef<Path>, spec: &RandomModelSpec) ->
         });
     }
     let config = spec.config_json()?;
-    let config_text = serde_json::to_string_pretty(&config).map_err(|e| HfError::InvalidSpec {
-        msg: format!("cannot serialise config.json: {e}"),
-    })?;
+    let config_text = serde_json::to_string_pretty(&config)
+        .map_err(|e| HfError::InvalidSpec { msg: format!("cannot serialise config.json: {e}") })?;
     // Reading the config back validates the sizes with the reader's own
     // messages and gives the tensor list the reader will expect.
     let cfg = HfConfig::from_json_str(&config_text, "config.json (generated)")?;
@@ -357,25 +334,19 @@ pub fn write_random_checkpoint(dir: impl AsRef<Path>, spec: &RandomModelSpec) ->
     let views = tensors
         .iter()
         .map(|(t, bytes)| {
-            TensorView::new(st_dtype, t.shape.clone(), bytes)
-                .map(|v| (t.name.clone(), v))
-                .map_err(|e| HfError::SafetensorsWrite {
-                    path: weights_path.clone(),
-                    msg: format!("tensor `{}`: {e}", t.name),
-                })
+            TensorView::new(st_dtype, t.shape.clone(), bytes).map(|v| (t.name.clone(), v)).map_err(|e| {
+                HfError::SafetensorsWrite { path: weights_path.clone(), msg: format!("tensor `{}`: {e}", t.name) }
+            })
         })
         .collect::<Result<Vec<_>, _>>()?;
     // transformers refuses safetensors files without format metadata.
     let metadata = Some([("format".to_string(), "pt".to_string())].into_iter().collect());
-    safetensors::serialize_to_file(views, metadata, &weights_path).map_err(|e| HfError::SafetensorsWrite {
-        path: weights_path.clone(),
-        msg: e.to_string(),
-    })?;
+    safetensors::serialize_to_file(views, metadata, &weights_path)
+        .map_err(|e| HfError::SafetensorsWrite { path: weights_path.clone(), msg: e.to_string() })?;
 
     let tokenizer_path = dir.join("tokenizer.json");
-    let tokenizer = serde_json::to_string_pretty(&byte_level_tokenizer_json()).map_err(|e| HfError::InvalidSpec {
-        msg: format!("cannot serialise tokenizer.json: {e}"),
-    })?;
+    let tokenizer = serde_json::to_string_pretty(&byte_level_tokenizer_json())
+        .map_err(|e| HfError::InvalidSpec { msg: format!("cannot serialise tokenizer.json: {e}") })?;
     std::fs::write(&tokenizer_path, tokenizer + "\n").map_err(|e| HfError::io(&tokenizer_path, e))?;
     Ok(())
 }
@@ -418,10 +389,7 @@ struct Normal {
 
 impl Normal {
     fn new(seed: u64) -> Normal {
-        Normal {
-            rng: StdRng::seed_from_u64(seed),
-            spare: None,
-        }
+        Normal { rng: StdRng::seed_from_u64(seed), spare: None }
     }
 
     fn sample(&mut self) -> f64 {
@@ -463,11 +431,8 @@ pub fn byte_level_alphabet() -> [char; 256] {
 /// A Hugging Face tokenizers JSON for a byte-level BPE with the 256 byte
 /// tokens (token id = byte value) and no merges.
 pub fn byte_level_tokenizer_json() -> Value {
-    let vocab: Map<String, Value> = byte_level_alphabet()
-        .iter()
-        .enumerate()
-        .map(|(id, c)| (c.to_string(), json!(id)))
-        .collect();
+    let vocab: Map<String, Value> =
+        byte_level_alphabet().iter().enumerate().map(|(id, c)| (c.to_string(), json!(id))).collect();
     json!({
         "version": "1.0",
         "truncation": null,
@@ -536,8 +501,7 @@ mod tests {
             assert_eq!(cfg.dtype, Some(DType::F32));
             let expected = expected_tensors(cfg);
             for t in &expected {
-                ckpt.expect(&t.name, &t.shape, "expected_tensors")
-                    .unwrap_or_else(|e| panic!("{arch}: {e}"));
+                ckpt.expect(&t.name, &t.shape, "expected_tensors").unwrap_or_else(|e| panic!("{arch}: {e}"));
             }
             assert_eq!(ckpt.tensor_names().len(), expected.len(), "{arch}");
 
@@ -545,29 +509,18 @@ mod tests {
             let hd = cfg.head_dim;
             match arch {
                 Arch::Phi3 => {
-                    ckpt.expect("model.layers.1.self_attn.qkv_proj.weight", &[(4 + 4) * 16, 64], "")
-                        .unwrap();
-                    ckpt.expect("model.layers.1.mlp.gate_up_proj.weight", &[352, 64], "")
-                        .unwrap();
+                    ckpt.expect("model.layers.1.self_attn.qkv_proj.weight", &[(4 + 4) * 16, 64], "").unwrap();
+                    ckpt.expect("model.layers.1.mlp.gate_up_proj.weight", &[352, 64], "").unwrap();
                 }
                 _ => {
-                    ckpt.expect("model.layers.1.self_attn.q_proj.weight", &[4 * hd, 64], "")
-                        .unwrap();
-                    ckpt.expect("model.layers.1.self_attn.o_proj.weight", &[64, 4 * hd], "")
-                        .unwrap();
-                    ckpt.expect("model.layers.0.mlp.down_proj.weight", &[64, 176], "")
-                        .unwrap();
+                    ckpt.expect("model.layers.1.self_attn.q_proj.weight", &[4 * hd, 64], "").unwrap();
+                    ckpt.expect("model.layers.1.self_attn.o_proj.weight", &[64, 4 * hd], "").unwrap();
+                    ckpt.expect("model.layers.0.mlp.down_proj.weight", &[64, 176], "").unwrap();
                 }
             }
-            assert_eq!(
-                ckpt.contains("model.layers.0.self_attn.q_proj.bias"),
-                arch == Arch::Qwen2
-            );
+            assert_eq!(ckpt.contains("model.layers.0.self_attn.q_proj.bias"), arch == Arch::Qwen2);
             assert!(!ckpt.contains("model.layers.0.self_attn.o_proj.bias"));
-            assert_eq!(
-                ckpt.contains("model.layers.0.self_attn.q_norm.weight"),
-                arch == Arch::Qwen3
-            );
+            assert_eq!(ckpt.contains("model.layers.0.self_attn.q_norm.weight"), arch == Arch::Qwen3);
             assert_eq!(ckpt.contains("lm_head.weight"), !spec.tie_word_embeddings);
 
             // Initialisation scales.
@@ -578,11 +531,7 @@ mod tests {
             let emb = ckpt.get("model.embed_tokens.weight").unwrap().to_f32_vec().unwrap();
             let (m, s) = mean_std(&emb);
             assert!(m.abs() < 0.05 && (s - 1.0).abs() < 0.05, "{arch} embedding {m} {s}");
-            let down = ckpt
-                .get("model.layers.0.mlp.down_proj.weight")
-                .unwrap()
-                .to_f32_vec()
-                .unwrap();
+            let down = ckpt.get("model.layers.0.mlp.down_proj.weight").unwrap().to_f32_vec().unwrap();
             let (_, s) = mean_std(&down);
             assert!((s * 176f64.sqrt() - 1.0).abs() < 0.05, "{arch} linear std {s}");
         }
@@ -618,19 +567,8 @@ mod tests {
         spec.mlp_bias = true;
         let (_d, ckpt) = write(&spec);
         let cfg = ckpt.config();
-        assert!(matches!(
-            cfg.rope_scaling,
-            RopeScaling::Llama3 {
-                original_max_position_embeddings: 64,
-                ..
-            }
-        ));
-        for name in [
-            "self_attn.k_proj.bias",
-            "self_attn.o_proj.bias",
-            "mlp.up_proj.bias",
-            "mlp.down_proj.bias",
-        ] {
+        assert!(matches!(cfg.rope_scaling, RopeScaling::Llama3 { original_max_position_embeddings: 64, .. }));
+        for name in ["self_attn.k_proj.bias", "self_attn.o_proj.bias", "mlp.up_proj.bias", "mlp.down_proj.bias"] {
             assert!(ckpt.contains(&format!("model.layers.1.{name}")), "{name}");
         }
 
@@ -642,10 +580,7 @@ mod tests {
         assert_eq!(ckpt.config().rope_dim(), 8);
         assert!(matches!(
             ckpt.config().rope_scaling,
-            RopeScaling::LongRope {
-                original_max_position_embeddings: 128,
-                ..
-            }
+            RopeScaling::LongRope { original_max_position_embeddings: 128, .. }
         ));
 
         let mut spec = RandomModelSpec::tiny(Arch::Qwen2);

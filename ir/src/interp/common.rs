@@ -89,13 +89,7 @@ pub(crate) fn broadcast_index(src: &[usize], out: &[usize]) -> Vec<usize> {
     let lead = out.len() - src.len();
     let src_strides = row_strides(src);
     let strides: Vec<isize> = (0..out.len())
-        .map(|i| {
-            if i < lead || src[i - lead] == 1 {
-                0
-            } else {
-                src_strides[i - lead] as isize
-            }
-        })
+        .map(|i| if i < lead || src[i - lead] == 1 { 0 } else { src_strides[i - lead] as isize })
         .collect();
     strided_indices(out, &strides, 0)
 }
@@ -170,22 +164,16 @@ pub(crate) fn from_f64s(dtype: DType, shape: Vec<usize>, v: Vec<f64>) -> Tensor 
 /// converted (and rounded) for floats, `x != 0` for bool.
 pub(crate) fn from_i64s(dtype: DType, shape: Vec<usize>, v: Vec<i64>) -> Tensor {
     match dtype {
-        DType::I64 | DType::I32 | DType::I8 | DType::U8 => Tensor {
-            dtype,
-            shape,
-            data: Data::I64(v.into_iter().map(|x| wrap_int(dtype, x)).collect()),
-        },
+        DType::I64 | DType::I32 | DType::I8 | DType::U8 => {
+            Tensor { dtype, shape, data: Data::I64(v.into_iter().map(|x| wrap_int(dtype, x)).collect()) }
+        }
         DType::Bool => from_bools(shape, v.into_iter().map(|x| x != 0).collect()),
         _ => from_f64s(dtype, shape, v.into_iter().map(|x| x as f64).collect()),
     }
 }
 
 pub(crate) fn from_bools(shape: Vec<usize>, v: Vec<bool>) -> Tensor {
-    Tensor {
-        dtype: DType::Bool,
-        shape,
-        data: Data::Bool(v),
-    }
+    Tensor { dtype: DType::Bool, shape, data: Data::Bool(v) }
 }
 
 /// Elements as f64 (exact for every float dtype; bool as 0/1).

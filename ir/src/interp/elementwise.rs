@@ -201,40 +201,24 @@ pub(crate) fn binary(op: &Op, a: &Tensor, b: &Tensor) -> OpResult {
         Op::Pow {} => {
             if a.dtype.is_float() {
                 let (x, y) = (floats(a), floats(b));
-                Ok(from_f64s(
-                    a.dtype,
-                    shape,
-                    pairs().map(|(i, j)| x[i].powf(y[j])).collect(),
-                ))
+                Ok(from_f64s(a.dtype, shape, pairs().map(|(i, j)| x[i].powf(y[j])).collect()))
             } else if b.dtype.is_float() {
                 // An integer base with a float exponent: computed in f64, truncated toward zero.
                 let (x, y) = (floats(a), floats(b));
-                Ok(from_f64s(
-                    a.dtype,
-                    shape,
-                    pairs().map(|(i, j)| x[i].powf(y[j])).collect(),
-                ))
+                Ok(from_f64s(a.dtype, shape, pairs().map(|(i, j)| x[i].powf(y[j])).collect()))
             } else {
                 let (x, y) = (ints(a), ints(b));
-                let v = pairs()
-                    .map(|(i, j)| int_pow(x[i], y[j]))
-                    .collect::<OpResult<Vec<_>>>()?;
+                let v = pairs().map(|(i, j)| int_pow(x[i], y[j])).collect::<OpResult<Vec<_>>>()?;
                 Ok(from_i64s(a.dtype, shape, v))
             }
         }
         _ if a.dtype.is_float() => {
             let (x, y) = (floats(a), floats(b));
-            Ok(from_f64s(
-                a.dtype,
-                shape,
-                pairs().map(|(i, j)| float_binary(op, x[i], y[j])).collect(),
-            ))
+            Ok(from_f64s(a.dtype, shape, pairs().map(|(i, j)| float_binary(op, x[i], y[j])).collect()))
         }
         _ if a.dtype.is_int() => {
             let (x, y) = (ints(a), ints(b));
-            let v = pairs()
-                .map(|(i, j)| int_binary(op, x[i], y[j]))
-                .collect::<OpResult<Vec<_>>>()?;
+            let v = pairs().map(|(i, j)| int_binary(op, x[i], y[j])).collect::<OpResult<Vec<_>>>()?;
             Ok(from_i64s(a.dtype, shape, v))
         }
         _ => Err(format!("needs numeric operands, found {}", a.dtype)),
@@ -245,16 +229,11 @@ pub(crate) fn binary(op: &Op, a: &Tensor, b: &Tensor) -> OpResult {
 pub(crate) fn where_(cond: &Tensor, a: &Tensor, b: &Tensor) -> OpResult {
     let shape = broadcast_shape(&broadcast_shape(&cond.shape, &a.shape)?, &b.shape)?;
     numel(&shape)?;
-    let (ic, ia, ib) = (
-        broadcast_index(&cond.shape, &shape),
-        broadcast_index(&a.shape, &shape),
-        broadcast_index(&b.shape, &shape),
-    );
+    let (ic, ia, ib) =
+        (broadcast_index(&cond.shape, &shape), broadcast_index(&a.shape, &shape), broadcast_index(&b.shape, &shape));
     let c = bools(cond);
     fn pick<T: Copy>(c: &[bool], ic: &[usize], x: &[T], ia: &[usize], y: &[T], ib: &[usize]) -> Vec<T> {
-        (0..ic.len())
-            .map(|n| if c[ic[n]] { x[ia[n]] } else { y[ib[n]] })
-            .collect()
+        (0..ic.len()).map(|n| if c[ic[n]] { x[ia[n]] } else { y[ib[n]] }).collect()
     }
     let data = match (&a.data, &b.data) {
         (Data::F32(x), Data::F32(y)) => Data::F32(pick(&c, &ic, x, &ia, y, &ib)),
@@ -263,11 +242,7 @@ pub(crate) fn where_(cond: &Tensor, a: &Tensor, b: &Tensor) -> OpResult {
         (Data::Bool(x), Data::Bool(y)) => Data::Bool(pick(&c, &ic, x, &ia, y, &ib)),
         _ => return Err(format!("branches differ in dtype: {} vs {}", a.dtype, b.dtype)),
     };
-    Ok(Tensor {
-        dtype: a.dtype,
-        shape,
-        data,
-    })
+    Ok(Tensor { dtype: a.dtype, shape, data })
 }
 
 /// Converts to another dtype. Float to integer truncates toward zero,
@@ -275,11 +250,7 @@ pub(crate) fn where_(cond: &Tensor, a: &Tensor, b: &Tensor) -> OpResult {
 /// like a C cast of the i64; anything to bool is `x != 0` (NaN is true).
 pub(crate) fn cast(x: &Tensor, to: DType) -> OpResult {
     let shape = x.shape.clone();
-    Ok(if x.dtype.is_int() {
-        from_i64s(to, shape, ints(x))
-    } else {
-        from_f64s(to, shape, floats(x))
-    })
+    Ok(if x.dtype.is_int() { from_i64s(to, shape, ints(x)) } else { from_f64s(to, shape, floats(x)) })
 }
 
 #[cfg(test)]

@@ -21,9 +21,7 @@ pub(crate) struct Prec {
 
 impl Prec {
     pub(crate) fn of(dtype: DType) -> Prec {
-        Prec {
-            wide: dtype == DType::F64,
-        }
+        Prec { wide: dtype == DType::F64 }
     }
 
     /// Rounds a value to the compute precision (a no-op for f64).
@@ -120,10 +118,7 @@ pub(crate) fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, interleaved: bool) ->
         *l = r;
     }
     if broadcast_shape(&cos.shape, &part)? != part {
-        return Err(format!(
-            "cos {:?} does not broadcast to x's rotated part {part:?}",
-            cos.shape
-        ));
+        return Err(format!("cos {:?} does not broadcast to x's rotated part {part:?}", cos.shape));
     }
     let ci = broadcast_index(&cos.shape, &part);
     let p = Prec::of(x.dtype);
@@ -239,13 +234,17 @@ pub(crate) fn attention(
                     }
                     *score = if keep { sc } else { f64::NEG_INFINITY };
                 }
-                let m = scores.iter().fold(f64::NEG_INFINITY, |m, &x| {
-                    if m.is_nan() || x.is_nan() {
-                        f64::NAN
-                    } else {
-                        m.max(x)
-                    }
-                });
+                let m =
+                    scores.iter().fold(
+                        f64::NEG_INFINITY,
+                        |m, &x| {
+                            if m.is_nan() || x.is_nan() {
+                                f64::NAN
+                            } else {
+                                m.max(x)
+                            }
+                        },
+                    );
                 if m == f64::NEG_INFINITY {
                     // Fully masked: the output row stays zero.
                     continue;
@@ -255,11 +254,8 @@ pub(crate) fn attention(
                 let probs: Vec<f64> = e.iter().map(|&x| p.r(x / sum)).collect();
                 let orow = &mut out[((bi * hq + h) * s + i) * dv..][..dv];
                 for (c, o) in orow.iter_mut().enumerate() {
-                    let acc: f64 = probs
-                        .iter()
-                        .enumerate()
-                        .map(|(j, &pj)| pj * vv[((bi * hkv + kh) * t + j) * dv + c])
-                        .sum();
+                    let acc: f64 =
+                        probs.iter().enumerate().map(|(j, &pj)| pj * vv[((bi * hkv + kh) * t + j) * dv + c]).sum();
                     *o = p.r(acc);
                 }
             }
@@ -303,11 +299,8 @@ pub(crate) fn gated_mlp(x: &Tensor, w_gate: &Tensor, w_up: &Tensor, act: &str) -
     let (xw, gw, uw) = (widen(x), widen(w_gate), widen(w_up));
     let g = floats(&matmul(&xw, &gw)?);
     let u = matmul(&xw, &uw)?;
-    let out = g
-        .iter()
-        .zip(floats(&u))
-        .map(|(&g, u)| Ok(p.r(activation(act, g, p)? * u)))
-        .collect::<OpResult<Vec<f64>>>()?;
+    let out =
+        g.iter().zip(floats(&u)).map(|(&g, u)| Ok(p.r(activation(act, g, p)? * u))).collect::<OpResult<Vec<f64>>>()?;
     Ok(from_f64s(x.dtype, u.shape, out))
 }
 

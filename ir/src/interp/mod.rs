@@ -43,18 +43,10 @@ pub enum InterpError {
     UnknownInput { name: String, expected: Vec<String> },
     /// An input has the wrong dtype.
     #[error("input `{name}`: expected dtype {expected}, found {found}")]
-    InputDType {
-        name: String,
-        expected: DType,
-        found: DType,
-    },
+    InputDType { name: String, expected: DType, found: DType },
     /// An input has the wrong rank.
     #[error("input `{name}`: expected rank {} ({expected}), found rank {} (shape {found:?})", .expected.rank(), .found.len())]
-    InputRank {
-        name: String,
-        expected: TensorType,
-        found: Vec<usize>,
-    },
+    InputRank { name: String, expected: TensorType, found: Vec<usize> },
     /// An input dim differs from its declared constant, from a symbol bound
     /// elsewhere, or from the value of its expression.
     #[error("input `{name}` axis {axis}: expected {expected}, found {found}")]
@@ -69,14 +61,7 @@ pub enum InterpError {
     #[error(
         "symbol `{symbol}` = {value} (from input `{name}` axis {axis}) is outside its declared bounds [{min}, {max}]"
     )]
-    SymbolOutOfBounds {
-        symbol: String,
-        value: i64,
-        name: String,
-        axis: usize,
-        min: i64,
-        max: i64,
-    },
+    SymbolOutOfBounds { symbol: String, value: i64, name: String, axis: usize, min: i64, max: i64 },
     /// An input tensor is malformed (storage, length or integer range).
     #[error("input `{name}`: {why}")]
     BadInput { name: String, why: String },
@@ -85,11 +70,7 @@ pub enum InterpError {
     MissingWeight { name: String, expected: TensorType },
     /// A weight differs from its declared type, or is malformed.
     #[error("weight `{name}`: expected {expected}, found {found}")]
-    WeightMismatch {
-        name: String,
-        expected: String,
-        found: String,
-    },
+    WeightMismatch { name: String, expected: String, found: String },
     /// An op failed while running; `at` names the node (label, text line or value).
     #[error("op `{op}`{at}: {message}")]
     Op { op: String, at: String, message: String },
@@ -122,35 +103,19 @@ pub fn bind_symbols(g: &Graph, inputs: &BTreeMap<String, Tensor>) -> Result<BTre
     let declared = g.inputs();
     let names: Vec<String> = declared.iter().map(|(n, _)| n.clone()).collect();
     if let Some(name) = inputs.keys().find(|k| !names.contains(k)) {
-        return Err(InterpError::UnknownInput {
-            name: name.clone(),
-            expected: names,
-        });
+        return Err(InterpError::UnknownInput { name: name.clone(), expected: names });
     }
     let mut sigs: Vec<(&str, &TensorType, &Tensor)> = Vec::new();
     for (name, v) in &declared {
         let ty = g.ty(*v);
-        let t = inputs.get(name).ok_or_else(|| InterpError::MissingInput {
-            name: name.clone(),
-            expected: ty.clone(),
-        })?;
-        common::check_tensor(t).map_err(|why| InterpError::BadInput {
-            name: name.clone(),
-            why,
-        })?;
+        let t =
+            inputs.get(name).ok_or_else(|| InterpError::MissingInput { name: name.clone(), expected: ty.clone() })?;
+        common::check_tensor(t).map_err(|why| InterpError::BadInput { name: name.clone(), why })?;
         if t.dtype != ty.dtype {
-            return Err(InterpError::InputDType {
-                name: name.clone(),
-                expected: ty.dtype,
-                found: t.dtype,
-            });
+            return Err(InterpError::InputDType { name: name.clone(), expected: ty.dtype, found: t.dtype });
         }
         if t.shape.len() != ty.rank() {
-            return Err(InterpError::InputRank {
-                name: name.clone(),
-                expected: ty.clone(),
-                found: t.shape.clone(),
-            });
+            return Err(InterpError::InputRank { name: name.clone(), expected: ty.clone(), found: t.shape.clone() });
         }
         sigs.push((name, ty, t));
     }
@@ -196,10 +161,7 @@ pub fn bind_symbols(g: &Graph, inputs: &BTreeMap<String, Tensor>) -> Result<BTre
             for (axis, (dim, &found)) in ty.shape.iter().zip(&t.shape).enumerate() {
                 let unknown: Vec<String> = dim.symbols().into_iter().filter(|s| !syms.contains_key(s)).collect();
                 let [s] = unknown.as_slice() else { continue };
-                let at = |x: i64| {
-                    dim.eval(&|n: &str| if n == s { Some(x) } else { syms.get(n).copied() })
-                        .ok()
-                };
+                let at = |x: i64| dim.eval(&|n: &str| if n == s { Some(x) } else { syms.get(n).copied() }).ok();
                 let found = found as i64;
                 let (Some(r0), Some(r1)) = (at(0), at(1)) else { continue };
                 // Checked arithmetic: a huge coefficient must not overflow.
@@ -259,15 +221,11 @@ fn check_weights(
 ) -> Result<(), InterpError> {
     for (name, v) in g.weights() {
         let ty = g.ty(v);
-        let t = weights.get(&name).ok_or_else(|| InterpError::MissingWeight {
-            name: name.clone(),
-            expected: ty.clone(),
-        })?;
-        let mismatch = |expected: String, found: String| InterpError::WeightMismatch {
-            name: name.clone(),
-            expected,
-            found,
-        };
+        let t = weights
+            .get(&name)
+            .ok_or_else(|| InterpError::MissingWeight { name: name.clone(), expected: ty.clone() })?;
+        let mismatch =
+            |expected: String, found: String| InterpError::WeightMismatch { name: name.clone(), expected, found };
         common::check_tensor(t).map_err(|why| mismatch(ty.to_string(), format!("a malformed tensor ({why})")))?;
         let want = concrete_shape(ty, syms).map_err(|e| mismatch(ty.to_string(), e))?;
         if t.dtype != ty.dtype || t.shape != want {
@@ -288,9 +246,7 @@ fn concrete_shape(ty: &TensorType, syms: &BTreeMap<String, i64>) -> Result<Vec<u
     ty.shape
         .iter()
         .map(|d| {
-            let v = d
-                .eval_map(syms)
-                .map_err(|e| format!("cannot evaluate dim `{d}`: {e}"))?;
+            let v = d.eval_map(syms).map_err(|e| format!("cannot evaluate dim `{d}`: {e}"))?;
             usize::try_from(v).map_err(|_| format!("dim `{d}` evaluates to {v}, which is negative"))
         })
         .collect()
@@ -301,9 +257,7 @@ fn concrete_shape(ty: &TensorType, syms: &BTreeMap<String, i64>) -> Result<Vec<u
 /// diagonal may be.
 fn specialise<'a>(op: &'a Op, syms: &BTreeMap<String, i64>) -> Result<Cow<'a, Op>, String> {
     let ev = |d: &Dim| -> Result<Dim, String> {
-        d.eval_map(syms)
-            .map(Dim::c)
-            .map_err(|e| format!("cannot evaluate dim `{d}`: {e}"))
+        d.eval_map(syms).map(Dim::c).map_err(|e| format!("cannot evaluate dim `{d}`: {e}"))
     };
     let shape = |ds: &[Dim]| -> Result<Vec<Dim>, String> {
         ds.iter()
@@ -318,39 +272,16 @@ fn specialise<'a>(op: &'a Op, syms: &BTreeMap<String, i64>) -> Result<Cow<'a, Op
     };
     let all = |ds: &[Dim]| -> Result<Vec<Dim>, String> { ds.iter().map(ev).collect() };
     Ok(Cow::Owned(match op {
-        Op::Fill { shape: s, value, dtype } => Op::Fill {
-            shape: shape(s)?,
-            value: *value,
-            dtype: *dtype,
-        },
-        Op::Range {
-            start,
-            end,
-            step,
-            dtype,
-        } => Op::Range {
-            start: ev(start)?,
-            end: ev(end)?,
-            step: *step,
-            dtype: *dtype,
-        },
+        Op::Fill { shape: s, value, dtype } => Op::Fill { shape: shape(s)?, value: *value, dtype: *dtype },
+        Op::Range { start, end, step, dtype } => {
+            Op::Range { start: ev(start)?, end: ev(end)?, step: *step, dtype: *dtype }
+        }
         Op::Reshape { shape: s } => Op::Reshape { shape: shape(s)? },
         Op::Expand { shape: s } => Op::Expand { shape: shape(s)? },
-        Op::Slice {
-            axes,
-            starts,
-            ends,
-            steps,
-        } => Op::Slice {
-            axes: axes.clone(),
-            starts: all(starts)?,
-            ends: all(ends)?,
-            steps: steps.clone(),
-        },
-        Op::Trilu { upper, k } => Op::Trilu {
-            upper: *upper,
-            k: ev(k)?,
-        },
+        Op::Slice { axes, starts, ends, steps } => {
+            Op::Slice { axes: axes.clone(), starts: all(starts)?, ends: all(ends)?, steps: steps.clone() }
+        }
+        Op::Trilu { upper, k } => Op::Trilu { upper: *upper, k: ev(k)? },
         _ => return Ok(Cow::Borrowed(op)),
     }))
 }
@@ -376,12 +307,7 @@ fn dispatch(op: &Op, a: &[&Tensor]) -> Result<Vec<Tensor>, String> {
             Ok(vec![value.clone()])
         }
         Op::Fill { shape, value, dtype } => one(movement::fill(&consts(shape), *value, *dtype)),
-        Op::Range {
-            start,
-            end,
-            step,
-            dtype,
-        } => one(movement::range(konst(start), konst(end), *step, *dtype)),
+        Op::Range { start, end, step, dtype } => one(movement::range(konst(start), konst(end), *step, *dtype)),
         Op::Neg {}
         | Op::Abs {}
         | Op::Relu {}
@@ -431,12 +357,9 @@ fn dispatch(op: &Op, a: &[&Tensor]) -> Result<Vec<Tensor>, String> {
         Op::MatMul {} => one(linalg::matmul(a[0], a[1])),
         Op::Reshape { shape } => one(movement::reshape(a[0], &consts(shape))),
         Op::Transpose { perm } => one(movement::transpose(a[0], perm)),
-        Op::Slice {
-            axes,
-            starts,
-            ends,
-            steps,
-        } => one(movement::slice(a[0], axes, &consts(starts), &consts(ends), steps)),
+        Op::Slice { axes, starts, ends, steps } => {
+            one(movement::slice(a[0], axes, &consts(starts), &consts(ends), steps))
+        }
         Op::Concat { axis } => one(movement::concat(a, *axis)),
         Op::Expand { shape } => one(movement::expand(a[0], &consts(shape))),
         Op::Squeeze { axes } => one(movement::squeeze(a[0], axes)),
@@ -445,30 +368,14 @@ fn dispatch(op: &Op, a: &[&Tensor]) -> Result<Vec<Tensor>, String> {
         Op::GatherElements { axis } => one(movement::gather_elements(a[0], a[1], *axis)),
         Op::ScatterElements { axis } => one(movement::scatter_elements(a[0], a[1], a[2], *axis)),
         Op::ScatterNd {} => one(movement::scatter_nd(a[0], a[1], a[2])),
-        Op::CumSum {
-            axis,
-            exclusive,
-            reverse,
-        } => one(reduce::cumsum(a[0], *axis, *exclusive, *reverse)),
+        Op::CumSum { axis, exclusive, reverse } => one(reduce::cumsum(a[0], *axis, *exclusive, *reverse)),
         Op::Trilu { upper, k } => one(movement::trilu(a[0], *upper, konst(k))),
         Op::RmsNorm { eps } => one(fused::rms_norm(a[0], a[1], *eps)),
         Op::LayerNorm { eps } => one(fused::layer_norm(a[0], a[1], a[2], *eps)),
         Op::Rope { interleaved } => one(fused::rope(a[0], a[1], a[2], *interleaved)),
-        Op::Attention {
-            scale,
-            causal,
-            window,
-            softcap,
-        } => one(fused::attention(
-            a[0],
-            a[1],
-            a[2],
-            a.get(3).copied(),
-            *scale,
-            *causal,
-            *window,
-            *softcap,
-        )),
+        Op::Attention { scale, causal, window, softcap } => {
+            one(fused::attention(a[0], a[1], a[2], a.get(3).copied(), *scale, *causal, *window, *softcap))
+        }
         Op::GatedMlp { act } => one(fused::gated_mlp(a[0], a[1], a[2], act)),
         Op::Softmax { axis } => one(fused::softmax(a[0], *axis)),
         Op::AddRmsNorm { eps } => fused::add_rms_norm(a[0], a[1], a[2], *eps),
@@ -485,18 +392,11 @@ fn eval_node(op: &Op, operands: &[&Tensor], syms: &BTreeMap<String, i64>) -> Res
     let expected = op.infer(&types.iter().collect::<Vec<_>>())?;
     let results = dispatch(&op, operands)?;
     if results.len() != expected.len() {
-        return Err(format!(
-            "computed {} results, inference expects {}",
-            results.len(),
-            expected.len()
-        ));
+        return Err(format!("computed {} results, inference expects {}", results.len(), expected.len()));
     }
     for (i, (t, ty)) in results.iter().zip(&expected).enumerate() {
         if t.dtype != ty.dtype || ty.const_shape().as_deref() != Some(&t.shape[..]) {
-            return Err(format!(
-                "result {i} is {}, but inference expects {ty} (an interpreter bug)",
-                describe(t)
-            ));
+            return Err(format!("result {i} is {}, but inference expects {ty} (an interpreter bug)", describe(t)));
         }
     }
     Ok(results)
@@ -506,11 +406,7 @@ fn eval_node(op: &Op, operands: &[&Tensor], syms: &BTreeMap<String, i64>) -> Res
 /// ops with symbolic dims: fill, range, reshape, expand, slice, trilu). The
 /// operands are validated first. Useful for testing a single op or rule.
 pub fn eval_op(op: &Op, operands: &[&Tensor], symbols: &BTreeMap<String, i64>) -> Result<Vec<Tensor>, InterpError> {
-    let err = |message: String| InterpError::Op {
-        op: op.name().to_string(),
-        at: String::new(),
-        message,
-    };
+    let err = |message: String| InterpError::Op { op: op.name().to_string(), at: String::new(), message };
     for (i, t) in operands.iter().enumerate() {
         common::check_tensor(t).map_err(|e| err(format!("operand {i}: {e}")))?;
     }
@@ -578,32 +474,20 @@ pub fn run(
             continue;
         }
         let node = g.node(n);
-        let op_err = |message: String| InterpError::Op {
-            op: node.op.name().to_string(),
-            at: location(g, n),
-            message,
-        };
+        let op_err = |message: String| InterpError::Op { op: node.op.name().to_string(), at: location(g, n), message };
         let results: Vec<Cow<Tensor>> = match &node.op {
             // Validation guarantees these are present and well typed.
-            Op::Input { name } => vec![Cow::Borrowed(
-                inputs
-                    .get(name)
-                    .ok_or_else(|| op_err(format!("input `{name}` is not bound")))?,
-            )],
-            Op::Weight { name } => vec![Cow::Borrowed(
-                weights
-                    .get(name)
-                    .ok_or_else(|| op_err(format!("weight `{name}` is not bound")))?,
-            )],
+            Op::Input { name } => {
+                vec![Cow::Borrowed(inputs.get(name).ok_or_else(|| op_err(format!("input `{name}` is not bound")))?)]
+            }
+            Op::Weight { name } => {
+                vec![Cow::Borrowed(weights.get(name).ok_or_else(|| op_err(format!("weight `{name}` is not bound")))?)]
+            }
             op => {
                 let operands = node
                     .inputs
                     .iter()
-                    .map(|v| {
-                        vals.get(v)
-                            .map(|t| t.as_ref())
-                            .ok_or_else(|| op_err(format!("operand {v} has no value")))
-                    })
+                    .map(|v| vals.get(v).map(|t| t.as_ref()).ok_or_else(|| op_err(format!("operand {v} has no value"))))
                     .collect::<Result<Vec<&Tensor>, _>>()?;
                 let out = eval_node(op, &operands, &syms).map_err(op_err)?;
                 for (i, (t, v)) in out.iter().zip(&node.outputs).enumerate() {
@@ -623,11 +507,7 @@ pub fn run(
             }
         };
         if results.len() != node.outputs.len() {
-            return Err(op_err(format!(
-                "computed {} results for {} values",
-                results.len(),
-                node.outputs.len()
-            )));
+            return Err(op_err(format!("computed {} results for {} values", results.len(), node.outputs.len())));
         }
         for v in &node.inputs {
             if let Some(u) = uses.get_mut(v) {

@@ -15,9 +15,7 @@ use super::common::{
 use crate::{DType, Data, Tensor};
 
 fn dims(name: &str, v: &[i64]) -> OpResult<Vec<usize>> {
-    v.iter()
-        .map(|&d| usize::try_from(d).map_err(|_| format!("{name} {v:?} has a negative dim")))
-        .collect()
+    v.iter().map(|&d| usize::try_from(d).map_err(|_| format!("{name} {v:?} has a negative dim"))).collect()
 }
 
 pub(crate) fn fill(shape: &[i64], value: f64, dtype: DType) -> OpResult {
@@ -44,17 +42,9 @@ pub(crate) fn range(start: i64, end: i64, step: i64, dtype: DType) -> OpResult {
 pub(crate) fn reshape(x: &Tensor, shape: &[i64]) -> OpResult {
     let shape = dims("shape", shape)?;
     if numel(&shape)? != x.numel() {
-        return Err(format!(
-            "cannot reshape {:?} ({} elements) to {shape:?}",
-            x.shape,
-            x.numel()
-        ));
+        return Err(format!("cannot reshape {:?} ({} elements) to {shape:?}", x.shape, x.numel()));
     }
-    Ok(Tensor {
-        dtype: x.dtype,
-        shape,
-        data: x.data.clone(),
-    })
+    Ok(Tensor { dtype: x.dtype, shape, data: x.data.clone() })
 }
 
 pub(crate) fn transpose(x: &Tensor, perm: &[i64]) -> OpResult {
@@ -75,11 +65,7 @@ pub(crate) fn transpose(x: &Tensor, perm: &[i64]) -> OpResult {
         strides.push(src[a] as isize);
     }
     let idx = strided_indices(&shape, &strides, 0);
-    Ok(Tensor {
-        dtype: x.dtype,
-        shape,
-        data: take(&x.data, &idx),
-    })
+    Ok(Tensor { dtype: x.dtype, shape, data: take(&x.data, &idx) })
 }
 
 /// x[start:end:step] on each listed axis. As the op documents, starts and
@@ -128,11 +114,7 @@ pub(crate) fn slice(x: &Tensor, axes: &[i64], starts: &[i64], ends: &[i64], step
         strides[a] = st as isize * src[a] as isize;
     }
     let idx = strided_indices(&shape, &strides, offset);
-    Ok(Tensor {
-        dtype: x.dtype,
-        shape,
-        data: take(&x.data, &idx),
-    })
+    Ok(Tensor { dtype: x.dtype, shape, data: take(&x.data, &idx) })
 }
 
 pub(crate) fn concat(parts: &[&Tensor], ax: i64) -> OpResult {
@@ -168,11 +150,7 @@ pub(crate) fn concat(parts: &[&Tensor], ax: i64) -> OpResult {
         }
     }
     let joined = concat_data(&parts.iter().map(|p| &p.data).collect::<Vec<_>>())?;
-    Ok(Tensor {
-        dtype: first.dtype,
-        shape,
-        data: take(&joined, &idx),
-    })
+    Ok(Tensor { dtype: first.dtype, shape, data: take(&joined, &idx) })
 }
 
 /// numpy broadcast of x against a shape (either side may supply the larger dim).
@@ -181,11 +159,7 @@ pub(crate) fn expand(x: &Tensor, shape: &[i64]) -> OpResult {
     let out = broadcast_shape(&x.shape, &target)?;
     numel(&out)?;
     let idx = broadcast_index(&x.shape, &out);
-    Ok(Tensor {
-        dtype: x.dtype,
-        shape: out,
-        data: take(&x.data, &idx),
-    })
+    Ok(Tensor { dtype: x.dtype, shape: out, data: take(&x.data, &idx) })
 }
 
 pub(crate) fn squeeze(x: &Tensor, axes: &[i64]) -> OpResult {
@@ -199,11 +173,7 @@ pub(crate) fn squeeze(x: &Tensor, axes: &[i64]) -> OpResult {
         drop[a] = true;
     }
     let shape = (0..rank).filter(|&i| !drop[i]).map(|i| x.shape[i]).collect();
-    Ok(Tensor {
-        dtype: x.dtype,
-        shape,
-        data: x.data.clone(),
-    })
+    Ok(Tensor { dtype: x.dtype, shape, data: x.data.clone() })
 }
 
 pub(crate) fn unsqueeze(x: &Tensor, axes: &[i64]) -> OpResult {
@@ -216,14 +186,8 @@ pub(crate) fn unsqueeze(x: &Tensor, axes: &[i64]) -> OpResult {
         }
     }
     let mut src = x.shape.iter();
-    let shape = (0..rank)
-        .map(|i| if ins[i] { 1 } else { src.next().copied().unwrap_or(1) })
-        .collect();
-    Ok(Tensor {
-        dtype: x.dtype,
-        shape,
-        data: x.data.clone(),
-    })
+    let shape = (0..rank).map(|i| if ins[i] { 1 } else { src.next().copied().unwrap_or(1) }).collect();
+    Ok(Tensor { dtype: x.dtype, shape, data: x.data.clone() })
 }
 
 /// ceil(span / |step|) for a non-negative span, in i128 so no step overflows.
@@ -260,11 +224,7 @@ pub(crate) fn gather(data: &Tensor, indices: &Tensor, ax: i64) -> OpResult {
             idx.extend(b..b + inner);
         }
     }
-    Ok(Tensor {
-        dtype: data.dtype,
-        shape,
-        data: take(&data.data, &idx),
-    })
+    Ok(Tensor { dtype: data.dtype, shape, data: take(&data.data, &idx) })
 }
 
 /// For each element of `indices` (row-major), the linear index into data of
@@ -280,25 +240,16 @@ fn element_targets(data: &[usize], indices: &Tensor, a: usize, what: &str) -> Op
     }
     let ds = row_strides(data);
     // Everything but the indexed axis follows the indices' own coordinates.
-    let strides: Vec<isize> = (0..data.len())
-        .map(|i| if i == a { 0 } else { ds[i] as isize })
-        .collect();
+    let strides: Vec<isize> = (0..data.len()).map(|i| if i == a { 0 } else { ds[i] as isize }).collect();
     let base = strided_indices(ishape, &strides, 0);
     let iv = ints(indices);
-    base.iter()
-        .zip(&iv)
-        .map(|(&b, &i)| Ok(b + index(i, data[a], what)? * ds[a]))
-        .collect()
+    base.iter().zip(&iv).map(|(&b, &i)| Ok(b + index(i, data[a], what)? * ds[a])).collect()
 }
 
 pub(crate) fn gather_elements(data: &Tensor, indices: &Tensor, ax: i64) -> OpResult {
     let a = axis(ax, data.shape.len())?;
     let idx = element_targets(&data.shape, indices, a, &format!("index along axis {a}"))?;
-    Ok(Tensor {
-        dtype: data.dtype,
-        shape: indices.shape.clone(),
-        data: take(&data.data, &idx),
-    })
+    Ok(Tensor { dtype: data.dtype, shape: indices.shape.clone(), data: take(&data.data, &idx) })
 }
 
 /// A copy of data with the addressed elements taken from updates. When two
@@ -319,11 +270,7 @@ pub(crate) fn scatter_elements(data: &Tensor, indices: &Tensor, updates: &Tensor
         idx[t] = n + j;
     }
     let joined = concat_data(&[&data.data, &updates.data])?;
-    Ok(Tensor {
-        dtype: data.dtype,
-        shape: data.shape.clone(),
-        data: take(&joined, &idx),
-    })
+    Ok(Tensor { dtype: data.dtype, shape: data.shape.clone(), data: take(&joined, &idx) })
 }
 
 /// A copy of data where each index tuple (the last axis of indices, k long,
@@ -332,10 +279,7 @@ pub(crate) fn scatter_elements(data: &Tensor, indices: &Tensor, updates: &Tensor
 pub(crate) fn scatter_nd(data: &Tensor, indices: &Tensor, updates: &Tensor) -> OpResult {
     let k = *indices.shape.last().ok_or("indices must have rank >= 1")?;
     if k > data.shape.len() || updates.dtype != data.dtype {
-        return Err(format!(
-            "indices {:?} do not address data {:?}",
-            indices.shape, data.shape
-        ));
+        return Err(format!("indices {:?} do not address data {:?}", indices.shape, data.shape));
     }
     let tuples: usize = indices.shape[..indices.shape.len() - 1].iter().product();
     let slice: usize = data.shape[k..].iter().product();
@@ -358,11 +302,7 @@ pub(crate) fn scatter_nd(data: &Tensor, indices: &Tensor, updates: &Tensor) -> O
         }
     }
     let joined = concat_data(&[&data.data, &updates.data])?;
-    Ok(Tensor {
-        dtype: data.dtype,
-        shape: data.shape.clone(),
-        data: take(&joined, &idx),
-    })
+    Ok(Tensor { dtype: data.dtype, shape: data.shape.clone(), data: take(&joined, &idx) })
 }
 
 /// Keeps the upper (j - i >= k) or lower (j - i <= k) triangle of the last two
@@ -393,9 +333,5 @@ pub(crate) fn trilu(x: &Tensor, upper: bool, k: i64) -> OpResult {
         })
         .collect();
     let joined = concat_data(&[&x.data, &zero])?;
-    Ok(Tensor {
-        dtype: x.dtype,
-        shape: x.shape.clone(),
-        data: take(&joined, &idx),
-    })
+    Ok(Tensor { dtype: x.dtype, shape: x.shape.clone(), data: take(&joined, &idx) })
 }

@@ -26,34 +26,19 @@ pub(crate) fn reduce(op: &Op, x: &Tensor, axes: &[i64], keepdims: bool) -> OpRes
     let count: usize = (0..rank).filter(|&i| reduced[i]).map(|i| x.shape[i]).product();
     // For each input element, the output element it contributes to.
     let kept_strides = row_strides(&kept);
-    let strides: Vec<isize> = (0..rank)
-        .map(|i| if reduced[i] { 0 } else { kept_strides[i] as isize })
-        .collect();
+    let strides: Vec<isize> = (0..rank).map(|i| if reduced[i] { 0 } else { kept_strides[i] as isize }).collect();
     let dest = strided_indices(&x.shape, &strides, 0);
-    let out_shape: Vec<usize> = if keepdims {
-        kept
-    } else {
-        (0..rank).filter(|&i| !reduced[i]).map(|i| x.shape[i]).collect()
-    };
+    let out_shape: Vec<usize> =
+        if keepdims { kept } else { (0..rank).filter(|&i| !reduced[i]).map(|i| x.shape[i]).collect() };
 
     if x.dtype.is_float() {
         let (init, f): (f64, fn(f64, f64) -> f64) = match op {
             Op::ReduceSum { .. } | Op::ReduceMean { .. } => (0.0, |a, b| a + b),
             Op::ReduceProd { .. } => (1.0, |a, b| a * b),
-            Op::ReduceMax { .. } => (f64::NEG_INFINITY, |a, b| {
-                if a.is_nan() || b.is_nan() {
-                    f64::NAN
-                } else {
-                    a.max(b)
-                }
-            }),
-            Op::ReduceMin { .. } => (f64::INFINITY, |a, b| {
-                if a.is_nan() || b.is_nan() {
-                    f64::NAN
-                } else {
-                    a.min(b)
-                }
-            }),
+            Op::ReduceMax { .. } => {
+                (f64::NEG_INFINITY, |a, b| if a.is_nan() || b.is_nan() { f64::NAN } else { a.max(b) })
+            }
+            Op::ReduceMin { .. } => (f64::INFINITY, |a, b| if a.is_nan() || b.is_nan() { f64::NAN } else { a.min(b) }),
             _ => return Err(format!("`{}` is not a reduction", op.name())),
         };
         let mut acc = vec![init; out_n];
@@ -139,11 +124,7 @@ pub(crate) fn argmax(x: &Tensor, ax: i64, keepdims: bool) -> OpResult {
 pub(crate) fn cumsum(x: &Tensor, ax: i64, exclusive: bool, reverse: bool) -> OpResult {
     let a = axis(ax, x.shape.len())?;
     let (outer, dim, inner) = split_at_axis(&x.shape, a);
-    let order: Vec<usize> = if reverse {
-        (0..dim).rev().collect()
-    } else {
-        (0..dim).collect()
-    };
+    let order: Vec<usize> = if reverse { (0..dim).rev().collect() } else { (0..dim).collect() };
     if x.dtype.is_float() {
         let v = floats(x);
         let mut out = vec![0.0; v.len()];

@@ -68,11 +68,7 @@ pub fn range(_inputs: &[&TensorType], start: &Dim, end: &Dim, step: &i64, dtype:
         return Err(format!("dtype must be numeric, found {dtype}"));
     }
     let span = end.clone() - start.clone();
-    let len = if *step > 0 {
-        span.ceil_div(*step)
-    } else {
-        (-span).ceil_div(-step)
-    };
+    let len = if *step > 0 { span.ceil_div(*step) } else { (-span).ceil_div(-step) };
     if let Some(n) = len.as_const() {
         if n < 0 {
             return one(TensorType::fixed(*dtype, &[0]));
@@ -258,11 +254,7 @@ pub fn transpose(inputs: &[&TensorType], perm: &Vec<i64>) -> R {
     let x = inputs[0];
     let mut seen = vec![false; x.rank()];
     if perm.len() != x.rank() {
-        return Err(format!(
-            "perm {perm:?} has {} entries for rank {}",
-            perm.len(),
-            x.rank()
-        ));
+        return Err(format!("perm {perm:?} has {} entries for rank {}", perm.len(), x.rank()));
     }
     let mut shape = Vec::new();
     for &p in perm {
@@ -278,11 +270,7 @@ pub fn transpose(inputs: &[&TensorType], perm: &Vec<i64>) -> R {
 /// Length of `start..end` by `step` (both already in range).
 pub fn slice_len(start: &Dim, end: &Dim, step: i64) -> Dim {
     let span = end.clone() - start.clone();
-    let len = if step > 0 {
-        span.ceil_div(step)
-    } else {
-        (-span).ceil_div(-step)
-    };
+    let len = if step > 0 { span.ceil_div(step) } else { (-span).ceil_div(-step) };
     match len.as_const() {
         Some(n) if n < 0 => Dim::c(0),
         _ => len,
@@ -308,11 +296,8 @@ pub fn slice(inputs: &[&TensorType], axes: &Vec<i64>, starts: &Vec<Dim>, ends: &
             return Err("step must not be 0".into());
         }
         if let (Some(s), Some(e), Some(d)) = (s.as_const(), e.as_const(), x.shape[a].as_const()) {
-            let ok = if st > 0 {
-                0 <= s && s <= d && 0 <= e && e <= d
-            } else {
-                0 <= s && s < d.max(1) && -1 <= e && e < d
-            };
+            let ok =
+                if st > 0 { 0 <= s && s <= d && 0 <= e && e <= d } else { 0 <= s && s < d.max(1) && -1 <= e && e < d };
             if !ok {
                 return Err(format!("slice {s}:{e}:{st} is out of range for axis {a} of size {d}"));
             }
@@ -355,13 +340,7 @@ pub fn squeeze(inputs: &[&TensorType], axes: &Vec<i64>) -> R {
             return Err(format!("axis {a} of {x} is not 1"));
         }
     }
-    let shape = x
-        .shape
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| !ax.contains(i))
-        .map(|(_, d)| d.clone())
-        .collect();
+    let shape = x.shape.iter().enumerate().filter(|(i, _)| !ax.contains(i)).map(|(_, d)| d.clone()).collect();
     one(TensorType::new(x.dtype, shape))
 }
 
@@ -370,15 +349,8 @@ pub fn unsqueeze(inputs: &[&TensorType], axes: &Vec<i64>) -> R {
     let rank = x.rank() + axes.len();
     let ax = axes_set(axes, rank)?;
     let mut src = x.shape.iter();
-    let shape = (0..rank)
-        .map(|i| {
-            if ax.contains(&i) {
-                Dim::c(1)
-            } else {
-                src.next().cloned().unwrap_or(Dim::c(1))
-            }
-        })
-        .collect();
+    let shape =
+        (0..rank).map(|i| if ax.contains(&i) { Dim::c(1) } else { src.next().cloned().unwrap_or(Dim::c(1)) }).collect();
     one(TensorType::new(x.dtype, shape))
 }
 
@@ -414,9 +386,7 @@ pub fn scatter_elements(inputs: &[&TensorType], axis: &i64) -> R {
     int_indices(idx)?;
     norm_axis(*axis, d.rank())?;
     if idx.shape != u.shape || u.dtype != d.dtype || idx.rank() != d.rank() {
-        return Err(format!(
-            "indices and updates must match each other and data's rank: {d}, {idx}, {u}"
-        ));
+        return Err(format!("indices and updates must match each other and data's rank: {d}, {idx}, {u}"));
     }
     one(d.clone())
 }
@@ -475,33 +445,23 @@ pub fn rope(inputs: &[&TensorType], _interleaved: &bool) -> R {
         return Err(format!("x, cos and sin must share a float dtype, found {x}, {c}, {s}"));
     }
     if c.shape != s.shape || c.rank() != x.rank() || x.rank() == 0 {
-        return Err(format!(
-            "cos and sin must match each other and x's rank, found {x}, {c}, {s}"
-        ));
+        return Err(format!("cos and sin must match each other and x's rank, found {x}, {c}, {s}"));
     }
     let rot = c
         .shape
         .last()
         .and_then(|d| d.as_const())
         .ok_or_else(|| format!("cos's last dim must be constant, found {c}"))?;
-    let d = x
-        .shape
-        .last()
-        .and_then(|d| d.as_const())
-        .ok_or_else(|| format!("x's last dim must be constant, found {x}"))?;
+    let d =
+        x.shape.last().and_then(|d| d.as_const()).ok_or_else(|| format!("x's last dim must be constant, found {x}"))?;
     if rot % 2 != 0 || rot > d || rot == 0 {
-        return Err(format!(
-            "rotary dim {rot} must be even, positive and at most x's last dim {d}"
-        ));
+        return Err(format!("rotary dim {rot} must be even, positive and at most x's last dim {d}"));
     }
     let mut xs = x.shape.clone();
     *xs.last_mut().unwrap_or(&mut Dim::c(0)) = Dim::c(rot);
     let b = broadcast_shapes(&xs, &c.shape)?;
     if b != xs {
-        return Err(format!(
-            "cos/sin {c} do not broadcast to x's rotated part {}",
-            ShapeDisplay(&xs)
-        ));
+        return Err(format!("cos/sin {c} do not broadcast to x's rotated part {}", ShapeDisplay(&xs)));
     }
     one(x.clone())
 }
@@ -518,9 +478,7 @@ pub fn attention(
         return Err(format!("takes at most one mask, found {}", inputs.len() - 3));
     }
     if q.rank() != 4 || k.rank() != 4 || v.rank() != 4 {
-        return Err(format!(
-            "q, k and v must be [batch, heads, seq, dim], found {q}, {k}, {v}"
-        ));
+        return Err(format!("q, k and v must be [batch, heads, seq, dim], found {q}, {k}, {v}"));
     }
     if !q.dtype.is_float() || k.dtype != q.dtype || v.dtype != q.dtype {
         return Err(format!("q, k and v must share a float dtype, found {q}, {k}, {v}"));
@@ -535,30 +493,16 @@ pub fn attention(
     }
     match (q.shape[1].as_const(), k.shape[1].as_const()) {
         (Some(hq), Some(hk)) if hk > 0 && hq % hk == 0 => {}
-        _ => {
-            return Err(format!(
-                "query heads {} must be a constant multiple of kv heads {}",
-                q.shape[1], k.shape[1]
-            ))
-        }
+        _ => return Err(format!("query heads {} must be a constant multiple of kv heads {}", q.shape[1], k.shape[1])),
     }
     if matches!(window, Some(w) if *w <= 0) || matches!(softcap, Some(c) if *c <= 0.0) {
         return Err("window and softcap must be positive".into());
     }
     if let Some(m) = inputs.get(3) {
-        let want = [
-            q.shape[0].clone(),
-            q.shape[1].clone(),
-            q.shape[2].clone(),
-            k.shape[2].clone(),
-        ];
+        let want = [q.shape[0].clone(), q.shape[1].clone(), q.shape[2].clone(), k.shape[2].clone()];
         let b = broadcast_shapes(&m.shape, &want)?;
         if b != want || !(m.dtype.is_bool() || m.dtype == q.dtype) {
-            return Err(format!(
-                "mask {m} must be bool or {} and broadcast to {}",
-                q.dtype,
-                ShapeDisplay(&want)
-            ));
+            return Err(format!("mask {m} must be bool or {} and broadcast to {}", q.dtype, ShapeDisplay(&want)));
         }
     }
     let mut shape = q.shape.clone();
@@ -593,39 +537,23 @@ mod tests {
     fn t(s: &str) -> TensorType {
         // "f32 batch,seq,64"
         let (d, sh) = s.split_once(' ').unwrap_or((s, ""));
-        let shape = if sh.is_empty() {
-            vec![]
-        } else {
-            sh.split(',').map(|x| x.parse().unwrap()).collect()
-        };
+        let shape = if sh.is_empty() { vec![] } else { sh.split(',').map(|x| x.parse().unwrap()).collect() };
         TensorType::new(d.parse().unwrap(), shape)
     }
 
     #[test]
     fn broadcasting_with_symbols() {
-        assert_eq!(
-            binary_numeric(&[&t("f32 batch,seq,64"), &t("f32 64")]).unwrap()[0],
-            t("f32 batch,seq,64")
-        );
-        assert_eq!(
-            binary_numeric(&[&t("f32 batch,1,64"), &t("f32 seq,1")]).unwrap()[0],
-            t("f32 batch,seq,64")
-        );
+        assert_eq!(binary_numeric(&[&t("f32 batch,seq,64"), &t("f32 64")]).unwrap()[0], t("f32 batch,seq,64"));
+        assert_eq!(binary_numeric(&[&t("f32 batch,1,64"), &t("f32 seq,1")]).unwrap()[0], t("f32 batch,seq,64"));
         assert!(binary_numeric(&[&t("f32 seq"), &t("f32 past")]).is_err());
         assert!(binary_numeric(&[&t("f32 seq"), &t("i64 seq")]).is_err());
     }
 
     #[test]
     fn matmul_and_reshape() {
-        assert_eq!(
-            matmul(&[&t("f32 batch,seq,64"), &t("f32 64,128")]).unwrap()[0],
-            t("f32 batch,seq,128")
-        );
+        assert_eq!(matmul(&[&t("f32 batch,seq,64"), &t("f32 64,128")]).unwrap()[0], t("f32 batch,seq,128"));
         assert!(matmul(&[&t("f32 batch,seq,64"), &t("f32 32,128")]).is_err());
-        let r = reshape(
-            &[&t("f32 batch,seq,64")],
-            &vec![Dim::sym("batch"), Dim::sym("seq"), Dim::c(4), Dim::c(16)],
-        );
+        let r = reshape(&[&t("f32 batch,seq,64")], &vec![Dim::sym("batch"), Dim::sym("seq"), Dim::c(4), Dim::c(16)]);
         assert_eq!(r.unwrap()[0], t("f32 batch,seq,4,16"));
         assert!(reshape(&[&t("f32 batch,seq,64")], &vec![Dim::sym("seq"), Dim::c(64)]).is_err());
     }
@@ -638,31 +566,10 @@ mod tests {
 
     #[test]
     fn slice_and_range_lengths() {
-        let r = slice(
-            &[&t("f32 4,10")],
-            &vec![1],
-            &vec![Dim::c(2)],
-            &vec![Dim::c(9)],
-            &vec![3],
-        )
-        .unwrap();
+        let r = slice(&[&t("f32 4,10")], &vec![1], &vec![Dim::c(2)], &vec![Dim::c(9)], &vec![3]).unwrap();
         assert_eq!(r[0], t("f32 4,3"));
-        assert!(slice(
-            &[&t("f32 4,10")],
-            &vec![1],
-            &vec![Dim::c(2)],
-            &vec![Dim::c(11)],
-            &vec![1]
-        )
-        .is_err());
-        let r = range(
-            &[],
-            &Dim::sym("past"),
-            &(Dim::sym("past") + Dim::sym("seq")),
-            &1,
-            &DType::I64,
-        )
-        .unwrap();
+        assert!(slice(&[&t("f32 4,10")], &vec![1], &vec![Dim::c(2)], &vec![Dim::c(11)], &vec![1]).is_err());
+        let r = range(&[], &Dim::sym("past"), &(Dim::sym("past") + Dim::sym("seq")), &1, &DType::I64).unwrap();
         assert_eq!(r[0], t("i64 seq"));
     }
 
@@ -673,13 +580,6 @@ mod tests {
         let m = t("bool 1,1,seq,past+seq");
         let r = attention(&[&q, &k, &k, &m], &0.25, &false, &None, &None).unwrap();
         assert_eq!(r[0], q);
-        assert!(attention(
-            &[&q, &t("f32 b,3,seq,16"), &t("f32 b,3,seq,16")],
-            &0.25,
-            &true,
-            &None,
-            &None
-        )
-        .is_err());
+        assert!(attention(&[&q, &t("f32 b,3,seq,16"), &t("f32 b,3,seq,16")], &0.25, &true, &None, &None).is_err());
     }
 }

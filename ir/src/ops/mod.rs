@@ -170,21 +170,13 @@ impl Op {
     pub fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
         let info = self.info();
         let fixed = info.operands.len();
-        let ok = if info.variadic.is_some() {
-            inputs.len() >= fixed
-        } else {
-            inputs.len() == fixed
-        };
+        let ok = if info.variadic.is_some() { inputs.len() >= fixed } else { inputs.len() == fixed };
         if !ok {
             let want = match info.variadic {
                 Some(_) => format!("at least {fixed}"),
                 None => fixed.to_string(),
             };
-            return Err(format!(
-                "expects {want} operands ({}), found {}",
-                operand_list(info),
-                inputs.len()
-            ));
+            return Err(format!("expects {want} operands ({}), found {}", operand_list(info), inputs.len()));
         }
         self.infer_outputs(inputs)
     }
@@ -384,18 +376,10 @@ mod tests {
 
     #[test]
     fn attributes_round_trip_through_generic_form() {
-        let op = Op::Attention {
-            scale: 0.25,
-            causal: true,
-            window: Some(4),
-            softcap: None,
-        };
+        let op = Op::Attention { scale: 0.25, causal: true, window: Some(4), softcap: None };
         let attrs = op.attrs().into_iter().map(|(k, v)| (k.to_string(), v)).collect();
         assert_eq!(Op::from_parts("attention", attrs).unwrap(), op);
-        assert!(matches!(
-            Op::from_parts("rms_norm", vec![]),
-            Err(OpError::BadAttr { .. })
-        ));
+        assert!(matches!(Op::from_parts("rms_norm", vec![]), Err(OpError::BadAttr { .. })));
         assert!(matches!(
             Op::from_parts("add", vec![("axis".into(), AttrValue::Int(1))]),
             Err(OpError::UnknownAttr { .. })
