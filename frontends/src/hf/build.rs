@@ -272,7 +272,7 @@ impl Builder<'_> {
         let mut sliding_mask = None;
         let mut presents = Vec::new();
 
-        for i in 0..layers {
+        for (i, &past_kv) in pasts.iter().enumerate() {
             self.context = format!("layer {i}");
             let window = cfg.sliding_window_for_layer(i);
             let mask = match window {
@@ -290,7 +290,7 @@ impl Builder<'_> {
             let residual = hidden;
             let normed = self.rms_norm(hidden, &format!("{p}.input_layernorm"), h, "hidden_size from config.json")?;
             self.context = format!("layer {i} self_attn");
-            let (attn, k_all, v_all) = self.attention(i, normed, cos, sin, mask, pasts[i])?;
+            let (attn, k_all, v_all) = self.attention(i, normed, cos, sin, mask, past_kv)?;
             presents.push((format!("present.{i}.key"), k_all));
             presents.push((format!("present.{i}.value"), v_all));
             hidden = self.add(residual, attn)?;

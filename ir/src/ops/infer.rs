@@ -48,7 +48,7 @@ pub fn broadcast_shapes(a: &[Dim], b: &[Dim]) -> Result<Vec<Dim>, String> {
     Ok(out)
 }
 
-pub fn declared(_inputs: &[&TensorType], _name: &String) -> R {
+pub fn declared(_inputs: &[&TensorType], _name: &str) -> R {
     Ok(Vec::new())
 }
 
@@ -56,8 +56,8 @@ pub fn constant(_inputs: &[&TensorType], value: &Tensor) -> R {
     one(TensorType::fixed(value.dtype, &value.shape))
 }
 
-pub fn fill(_inputs: &[&TensorType], shape: &Vec<Dim>, _value: &f64, dtype: &DType) -> R {
-    one(TensorType::new(*dtype, shape.clone()))
+pub fn fill(_inputs: &[&TensorType], shape: &[Dim], _value: &f64, dtype: &DType) -> R {
+    one(TensorType::new(*dtype, shape.to_vec()))
 }
 
 pub fn range(_inputs: &[&TensorType], start: &Dim, end: &Dim, step: &i64, dtype: &DType) -> R {
@@ -181,7 +181,7 @@ fn axes_set(axes: &[i64], rank: usize) -> Result<Vec<usize>, String> {
     Ok(out)
 }
 
-pub fn reduce(inputs: &[&TensorType], axes: &Vec<i64>, keepdims: &bool) -> R {
+pub fn reduce(inputs: &[&TensorType], axes: &[i64], keepdims: &bool) -> R {
     let x = inputs[0];
     if x.dtype.is_bool() {
         return Err(format!("needs a numeric operand, found {x}"));
@@ -202,7 +202,7 @@ pub fn reduce(inputs: &[&TensorType], axes: &Vec<i64>, keepdims: &bool) -> R {
 
 pub fn argmax(inputs: &[&TensorType], axis: &i64, keepdims: &bool) -> R {
     let x = inputs[0];
-    let t = reduce(&[x], &vec![*axis], keepdims)?;
+    let t = reduce(&[x], &[*axis], keepdims)?;
     one(t[0].with_dtype(DType::I64))
 }
 
@@ -236,7 +236,7 @@ pub fn matmul(inputs: &[&TensorType]) -> R {
     one(TensorType::new(a.dtype, shape))
 }
 
-pub fn reshape(inputs: &[&TensorType], shape: &Vec<Dim>) -> R {
+pub fn reshape(inputs: &[&TensorType], shape: &[Dim]) -> R {
     let x = inputs[0];
     let from = Dim::product(&x.shape);
     let to = Dim::product(shape);
@@ -247,10 +247,10 @@ pub fn reshape(inputs: &[&TensorType], shape: &Vec<Dim>) -> R {
             ShapeDisplay(shape)
         ));
     }
-    one(TensorType::new(x.dtype, shape.clone()))
+    one(TensorType::new(x.dtype, shape.to_vec()))
 }
 
-pub fn transpose(inputs: &[&TensorType], perm: &Vec<i64>) -> R {
+pub fn transpose(inputs: &[&TensorType], perm: &[i64]) -> R {
     let x = inputs[0];
     let mut seen = vec![false; x.rank()];
     if perm.len() != x.rank() {
@@ -277,7 +277,7 @@ pub fn slice_len(start: &Dim, end: &Dim, step: i64) -> Dim {
     }
 }
 
-pub fn slice(inputs: &[&TensorType], axes: &Vec<i64>, starts: &Vec<Dim>, ends: &Vec<Dim>, steps: &Vec<i64>) -> R {
+pub fn slice(inputs: &[&TensorType], axes: &[i64], starts: &[Dim], ends: &[Dim], steps: &[i64]) -> R {
     let x = inputs[0];
     if starts.len() != axes.len() || ends.len() != axes.len() || steps.len() != axes.len() {
         return Err(format!(
@@ -327,12 +327,12 @@ pub fn concat(inputs: &[&TensorType], axis: &i64) -> R {
     one(TensorType::new(first.dtype, shape))
 }
 
-pub fn expand(inputs: &[&TensorType], shape: &Vec<Dim>) -> R {
+pub fn expand(inputs: &[&TensorType], shape: &[Dim]) -> R {
     let x = inputs[0];
     one(TensorType::new(x.dtype, broadcast_shapes(&x.shape, shape)?))
 }
 
-pub fn squeeze(inputs: &[&TensorType], axes: &Vec<i64>) -> R {
+pub fn squeeze(inputs: &[&TensorType], axes: &[i64]) -> R {
     let x = inputs[0];
     let ax = axes_set(axes, x.rank())?;
     for &a in &ax {
@@ -344,7 +344,7 @@ pub fn squeeze(inputs: &[&TensorType], axes: &Vec<i64>) -> R {
     one(TensorType::new(x.dtype, shape))
 }
 
-pub fn unsqueeze(inputs: &[&TensorType], axes: &Vec<i64>) -> R {
+pub fn unsqueeze(inputs: &[&TensorType], axes: &[i64]) -> R {
     let x = inputs[0];
     let rank = x.rank() + axes.len();
     let ax = axes_set(axes, rank)?;
@@ -510,8 +510,8 @@ pub fn attention(
     one(TensorType::new(q.dtype, shape))
 }
 
-pub fn gated_mlp(inputs: &[&TensorType], act: &String) -> R {
-    if !matches!(act.as_str(), "silu" | "gelu_tanh" | "gelu") {
+pub fn gated_mlp(inputs: &[&TensorType], act: &str) -> R {
+    if !matches!(act, "silu" | "gelu_tanh" | "gelu") {
         return Err(format!("act must be silu, gelu_tanh or gelu, found `{act}`"));
     }
     let (x, g, u) = (inputs[0], inputs[1], inputs[2]);
@@ -553,9 +553,9 @@ mod tests {
     fn matmul_and_reshape() {
         assert_eq!(matmul(&[&t("f32 batch,seq,64"), &t("f32 64,128")]).unwrap()[0], t("f32 batch,seq,128"));
         assert!(matmul(&[&t("f32 batch,seq,64"), &t("f32 32,128")]).is_err());
-        let r = reshape(&[&t("f32 batch,seq,64")], &vec![Dim::sym("batch"), Dim::sym("seq"), Dim::c(4), Dim::c(16)]);
+        let r = reshape(&[&t("f32 batch,seq,64")], &[Dim::sym("batch"), Dim::sym("seq"), Dim::c(4), Dim::c(16)]);
         assert_eq!(r.unwrap()[0], t("f32 batch,seq,4,16"));
-        assert!(reshape(&[&t("f32 batch,seq,64")], &vec![Dim::sym("seq"), Dim::c(64)]).is_err());
+        assert!(reshape(&[&t("f32 batch,seq,64")], &[Dim::sym("seq"), Dim::c(64)]).is_err());
     }
 
     #[test]
@@ -566,9 +566,9 @@ mod tests {
 
     #[test]
     fn slice_and_range_lengths() {
-        let r = slice(&[&t("f32 4,10")], &vec![1], &vec![Dim::c(2)], &vec![Dim::c(9)], &vec![3]).unwrap();
+        let r = slice(&[&t("f32 4,10")], &[1], &[Dim::c(2)], &[Dim::c(9)], &[3]).unwrap();
         assert_eq!(r[0], t("f32 4,3"));
-        assert!(slice(&[&t("f32 4,10")], &vec![1], &vec![Dim::c(2)], &vec![Dim::c(11)], &vec![1]).is_err());
+        assert!(slice(&[&t("f32 4,10")], &[1], &[Dim::c(2)], &[Dim::c(11)], &[1]).is_err());
         let r = range(&[], &Dim::sym("past"), &(Dim::sym("past") + Dim::sym("seq")), &1, &DType::I64).unwrap();
         assert_eq!(r[0], t("i64 seq"));
     }
