@@ -70,7 +70,15 @@ fn check_model(name: &str, flags: &[&str]) {
     let ids = Tensor::from_i64(DType::I64, vec![b, s], ids).unwrap();
     let full = run(&art, BTreeMap::from([("input_ids".to_string(), ids.clone())]));
     let from_folder = run(&dir, BTreeMap::from([("input_ids".to_string(), ids.clone())]));
-    assert_eq!(full, from_folder, "{name}: artifact and checkpoint folder disagree");
+    // The artifact is fused, the folder is run as the frontend built it: the
+    // two agree within the fixtures' tolerance, not bit for bit.
+    assert_eq!(full.keys().collect::<Vec<_>>(), from_folder.keys().collect::<Vec<_>>(), "{name}");
+    for (k, t) in &full {
+        let u = &from_folder[k];
+        assert_eq!(t.shape, u.shape, "{name}: {k}");
+        let err = t.to_f64_vec().iter().zip(u.to_f64_vec()).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+        assert!(err <= 1e-3, "{name}: artifact and checkpoint folder disagree on {k} by {err}");
+    }
 
     let first = run(&art, BTreeMap::from([("input_ids".to_string(), seq_slice(&ids, 0, split))]));
     let mut inputs = BTreeMap::from([("input_ids".to_string(), seq_slice(&ids, split, s))]);
