@@ -117,7 +117,6 @@ fn plan(sig: &Signature) -> Result<Plan, GenerateError> {
     let ids = sig.input("input_ids").cloned().ok_or_else(|| bad("it has no `input_ids` input".to_string()))?;
     let logits = sig.output("logits").ok_or_else(|| bad("it has no `logits` output".to_string()))?;
     let vocab = logits.shape.last().and_then(|d| d.parse::<usize>().ok());
-    let batch_sym = ids.shape.first().cloned();
     let mut cache = Vec::new();
     for input in sig.inputs.iter().filter(|t| t.name.starts_with("past_key_values.")) {
         let rest = &input.name["past_key_values.".len()..];
@@ -125,17 +124,24 @@ fn plan(sig: &Signature) -> Result<Plan, GenerateError> {
         if sig.output(&present).is_none() {
             return Err(bad(format!("input `{}` has no matching output `{present}`", input.name)));
         }
-        // The empty cache: batch 1, no past positions, the model's constant
-        // head counts and sizes.
+        // The empty cache [batch, kv_heads, past, head_dim]: batch 1, no past
+        // positions, the model's constant head count and size.
         let ty = input.tensor_type().map_err(bad)?;
-        let mut shape = Vec::with_capacity(input.shape.len());
+        if input.shape.len() != 4 {
+            return Err(bad(format!(
+                "input `{}` has shape {}, expected [batch, kv_heads, past, head_dim]",
+                input.name,
+                input.type_string()
+            )));
+        }
+        let mut shape = Vec::with_capacity(4);
         for (axis, d) in input.shape.iter().enumerate() {
-            let n = if Some(d) == batch_sym.as_ref() {
+            let n = if axis == 0 {
                 1
-            } else if let Ok(n) = d.parse::<usize>() {
-                n
             } else if axis == 2 {
                 0
+            } else if let Ok(n) = d.parse::<usize>() {
+                n
             } else {
                 return Err(bad(format!("input `{}` has dim `{d}` at axis {axis}, expected a constant", input.name)));
             };
