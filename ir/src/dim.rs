@@ -60,7 +60,10 @@ impl Dim {
         let mut acc: BTreeMap<Monomial, i64> = BTreeMap::new();
         for (mut m, c) in terms {
             m.sort();
-            *acc.entry(m).or_insert(0) += c;
+            let e = acc.entry(m).or_insert(0);
+            // Saturating: absurd dims from bad input must not panic; they
+            // stay huge and fail the bounds and size checks downstream.
+            *e = e.saturating_add(c);
         }
         Dim { terms: acc.into_iter().filter(|(_, c)| *c != 0).collect() }
     }
@@ -205,7 +208,7 @@ impl Add for Dim {
 impl Neg for Dim {
     type Output = Dim;
     fn neg(self) -> Dim {
-        Dim::from_terms(self.terms.into_iter().map(|(m, c)| (m, -c)).collect())
+        Dim::from_terms(self.terms.into_iter().map(|(m, c)| (m, c.saturating_neg())).collect())
     }
 }
 
@@ -224,7 +227,7 @@ impl Mul for Dim {
             for (mb, cb) in &rhs.terms {
                 let mut m = ma.clone();
                 m.extend(mb.iter().cloned());
-                t.push((m, ca * cb));
+                t.push((m, ca.saturating_mul(*cb)));
             }
         }
         Dim::from_terms(t)
