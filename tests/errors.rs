@@ -232,6 +232,7 @@ fn generate_rejects_bad_prompts() {
         &["token id 999 is out of range"],
     );
     fails(&[&"generate", &art, &"--prompt-ids", &"", &"--max-new-tokens", &"2"], &["empty"]);
+    fails(&[&"generate", &art, &"--prompt-ids", &"1,2", &"--max-new-tokens", &"5000"], &["context length"]);
     let no_tok = art.parent().unwrap().join("notok");
     make_model(&no_tok, &["--arch", "qwen2", "--layers", "1"]);
     std::fs::remove_file(no_tok.join("tokenizer.json")).unwrap();

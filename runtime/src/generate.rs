@@ -50,6 +50,8 @@ pub enum GenerateError {
     TokenOutOfRange { id: i64, vocab: usize },
     #[error("the model cannot generate: {0}")]
     Signature(String),
+    #[error("a prompt of {prompt} tokens plus {new} new tokens needs {needed} positions of `{symbol}`, but the model allows at most {max} (its context length); ask for fewer tokens")]
+    TooLong { prompt: usize, new: usize, needed: usize, symbol: String, max: i64 },
     #[error("step {step}: {source}")]
     Forward {
         step: usize,
@@ -110,6 +112,10 @@ struct Plan {
     /// (past input, present output, empty past tensor).
     cache: Vec<(String, String, Tensor)>,
     vocab: Option<usize>,
+    /// The symbols of the sequence and past axes, with their upper bounds,
+    /// when the signature declares them.
+    seq_bound: Option<(String, i64)>,
+    past_bound: Option<(String, i64)>,
 }
 
 fn plan(sig: &Signature) -> Result<Plan, GenerateError> {
@@ -149,7 +155,16 @@ fn plan(sig: &Signature) -> Result<Plan, GenerateError> {
         }
         cache.push((input.name.clone(), present, Tensor::full(ty.dtype, shape, 0.0)));
     }
+    let bound = |dim: Option<&String>| {
+        let name = dim?;
+        sig.symbols.get(name).map(|b| (name.clone(), b.max))
+    };
+    let seq_bound = bound(ids.shape.get(1));
+    let past_bound =
+        bound(sig.inputs.iter().find(|t| t.name.starts_with("past_key_values.")).and_then(|t| t.shape.get(2)));
     Ok(Plan {
+        seq_bound,
+        past_bound,
         ids,
         mask: sig.input("attention_mask").cloned(),
         positions: sig.input("position_ids").cloned(),
@@ -195,6 +210,31 @@ pub fn generate_greedy(
         }
     }
     let use_cache = !plan.cache.is_empty();
+    // Refuse up front a run that would outgrow the model's declared context,
+    // rather than failing after many steps: with a cache the longest call
+    // feeds the prompt, and the last step sees the longest past; without
+    // one, the last call feeds everything but the last token.
+    let new = opts.max_new_tokens;
+    let mut needs = Vec::new();
+    if use_cache {
+        needs.push((&plan.seq_bound, prompt.len()));
+        needs.push((&plan.past_bound, (prompt.len() + new).saturating_sub(2)));
+    } else {
+        needs.push((&plan.seq_bound, prompt.len() + new.saturating_sub(1)));
+    }
+    for (bound, needed) in needs {
+        if let Some((symbol, max)) = bound {
+            if needed as i64 > *max {
+                return Err(GenerateError::TooLong {
+                    prompt: prompt.len(),
+                    new,
+                    needed,
+                    symbol: symbol.clone(),
+                    max: *max,
+                });
+            }
+        }
+    }
     let mut ids = prompt.to_vec();
     let mut past: Vec<Tensor> = plan.cache.iter().map(|(_, _, empty)| empty.clone()).collect();
     let mut past_len = 0usize;
@@ -366,6 +406,20 @@ mod tests {
         }
         // The last call's input is the previous step's output token.
         assert_eq!(m.calls[5]["input_ids"].to_i64_vec(), vec![g.ids[g.ids.len() - 2]]);
+    }
+
+    #[test]
+    fn refuses_runs_longer_than_the_context() {
+        let mut m = Counting::new(true);
+        m.sig.symbols.insert("past".into(), crate::artifact::Bounds { min: 0, max: 8 });
+        m.sig.symbols.insert("seq".into(), crate::artifact::Bounds { min: 1, max: 8 });
+        let opts = |n| GenerateOptions { max_new_tokens: n, eos_token_ids: vec![] };
+        // 3 + 7 tokens: the last step has a past of 8, the bound.
+        assert_eq!(generate_greedy(&mut m, &[1, 2, 3], &opts(7), &mut |_| {}).unwrap().ids.len(), 10);
+        let e = generate_greedy(&mut m, &[1, 2, 3], &opts(8), &mut |_| {}).unwrap_err().to_string();
+        assert!(e.contains("needs 9 positions of `past`, but the model allows at most 8"), "{e}");
+        let e = generate_greedy(&mut m, &[1; 9], &opts(1), &mut |_| {}).unwrap_err().to_string();
+        assert!(e.contains("9 positions of `seq`"), "{e}");
     }
 
     #[test]
