@@ -4,17 +4,8 @@
 //! count. Run with `cargo run --release -p smelt-codegen --example gemv_bandwidth`.
 
 use smelt_codegen::cranelift::{Arg, JitKernel};
+use smelt_codegen::templates::testing::rand;
 use smelt_codegen::templates::*;
-
-fn rand(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-    (0..n)
-        .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
 
 fn main() {
     let (k, n) = (576, 1536);

@@ -6,17 +6,8 @@
 use smelt_codegen::cranelift::{emit_object, Arg, JitKernel, RunError};
 use smelt_codegen::kir::interp::{self, BufData, Mode};
 use smelt_codegen::kir::Kernel;
+use smelt_codegen::templates::testing::rand;
 use smelt_codegen::templates::*;
-
-fn rand(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-    (0..n)
-        .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
 
 fn interp_out(k: &Kernel, inputs: &[Vec<f32>]) -> Vec<f32> {
     let mut bufs: Vec<BufData> = inputs.iter().map(|v| BufData::F32(v.clone())).collect();

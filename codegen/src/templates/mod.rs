@@ -61,5 +61,4 @@ pub(crate) fn vec_loop(b: &mut Builder, name: &str, n: usize, lanes: u8, body: i
     }
 }
 
-#[cfg(test)]
-pub(crate) mod testing;
+pub mod testing;
