@@ -12,18 +12,19 @@ use smelt_codegen::templates::*;
 fn interp_out(k: &Kernel, inputs: &[Vec<f32>]) -> Vec<f32> {
     let mut bufs: Vec<BufData> = inputs.iter().map(|v| BufData::F32(v.clone())).collect();
     let out = k.global_buffers().last().unwrap().1;
-    bufs.push(BufData::zeros(out.elem, out.len));
+    bufs.push(BufData::zeros(out.elem, k.const_len(out).unwrap()));
     interp::run(k, &mut bufs, &[], Mode::Cpu { threads: 1 }).unwrap();
     bufs.pop().unwrap().f32().to_vec()
 }
 
 fn jit_out(j: &JitKernel, inputs: &[Vec<f32>], threads: usize) -> Vec<f32> {
-    let out_len = j.kernel().global_buffers().last().unwrap().1.len;
+    let k = j.kernel();
+    let out_len = k.const_len(k.global_buffers().last().unwrap().1).unwrap();
     let mut out = vec![f32::NAN; out_len];
     for t in 0..threads {
         let mut args: Vec<Arg> = inputs.iter().map(|v| Arg::F32(v)).collect();
         args.push(Arg::F32Mut(&mut out));
-        j.run_part(&mut args, t, threads).unwrap();
+        j.run_part(&mut args, &[], t, threads).unwrap();
     }
     out
 }
@@ -161,7 +162,7 @@ fn wrapper_rejects_bad_buffers() {
     let ints = vec![1i64; 3];
     let err = j.run(&mut [Arg::F32(&x), Arg::I64(&ints), Arg::F32Mut(&mut y)]).unwrap_err();
     assert!(matches!(err, RunError::Buffer { .. }), "{err}");
-    assert!(matches!(j.run_part(&mut [], 2, 2).unwrap_err(), RunError::Threads { .. }));
+    assert!(matches!(j.run_part(&mut [], &[], 2, 2).unwrap_err(), RunError::Threads { .. }));
     j.run(&mut [Arg::F32(&x), Arg::F32(&w), Arg::F32Mut(&mut y)]).unwrap();
     assert!((y[0] - 1.0).abs() < 1e-5);
 }
@@ -189,4 +190,40 @@ fn emits_a_shared_library_object() {
         let sym = format!("smelt_{}", k.name);
         assert!(obj.windows(sym.len()).any(|w| w == sym.as_bytes()), "{sym} missing");
     }
+}
+
+/// A kernel whose buffer lengths depend on a scalar parameter runs for any
+/// value of it, and the wrapper checks the lengths that value implies.
+#[test]
+fn symbolic_lengths_are_checked_per_call() {
+    use smelt_codegen::kir::{Builder, Expr, LoopKind};
+    let mut b = Builder::new("double_rows");
+    let n = b.scalar_param("n");
+    let len = n.clone() * Expr::idx(3);
+    let x = b.input("x", len.clone());
+    let y = b.output("y", len.clone());
+    b.for_("i", Expr::idx(0), len, 1, LoopKind::Parallel, |b, i| {
+        b.store(y, i.clone(), Expr::load(x, i, 1) * Expr::f32(2.0))
+    });
+    let k = b.finish().unwrap();
+    let j = JitKernel::compile(&k).unwrap();
+    for rows in [1usize, 5, 257] {
+        let xs = rand(rows * 3, rows as u64);
+        let mut out = vec![0.0; rows * 3];
+        for t in 0..2 {
+            j.run_part(&mut [Arg::F32(&xs), Arg::F32Mut(&mut out)], &[rows as i64], t, 2).unwrap();
+        }
+        assert!(out.iter().zip(&xs).all(|(o, x)| *o == 2.0 * x), "rows {rows}");
+        let mut bufs = vec![BufData::F32(xs.clone()), BufData::zeros(smelt_codegen::kir::Scalar::F32, rows * 3)];
+        interp::run(&k, &mut bufs, &[rows as i64], Mode::Cpu { threads: 1 }).unwrap();
+        assert_eq!(bufs[1].f32(), &out[..]);
+    }
+    let xs = rand(6, 0);
+    let mut out = vec![0.0; 6];
+    let err = j.run_part(&mut [Arg::F32(&xs), Arg::F32Mut(&mut out)], &[3], 0, 1).unwrap_err();
+    assert!(matches!(err, RunError::Buffer { .. }), "{err}");
+    let err = j.run_part(&mut [Arg::F32(&xs), Arg::F32Mut(&mut out)], &[-2], 0, 1).unwrap_err();
+    assert!(err.to_string().contains("negative"), "{err}");
+    let err = j.run_part(&mut [Arg::F32(&xs), Arg::F32Mut(&mut out)], &[], 0, 1).unwrap_err();
+    assert!(matches!(err, RunError::Scalars { expected: 1, found: 0, .. }), "{err}");
 }

@@ -50,8 +50,10 @@ pub enum RunError {
     Count { kernel: String, expected: usize, found: usize },
     #[error("kernel `{kernel}`: buffer `{name}` expects {expected}, found {found}")]
     Buffer { kernel: String, name: String, expected: String, found: String },
-    #[error("kernel `{kernel}` takes scalar parameters, which bound nothing the wrapper can check; it has no safe entry point yet")]
-    Scalars { kernel: String },
+    #[error("kernel `{kernel}`: expected {expected} scalar arguments, found {found}")]
+    Scalars { kernel: String, expected: usize, found: usize },
+    #[error("kernel `{kernel}`: length of buffer `{name}` {message}")]
+    Length { kernel: String, name: String, message: String },
     #[error("kernel `{kernel}`: thread {thread} of {threads} is not a valid split")]
     Threads { kernel: String, thread: usize, threads: usize },
 }
@@ -107,15 +109,15 @@ impl JitKernel {
 
     /// Runs the whole kernel on the calling thread.
     pub fn run(&self, args: &mut [Arg]) -> Result<(), RunError> {
-        self.run_part(args, 0, 1)
+        self.run_part(args, &[], 0, 1)
     }
 
     /// Runs thread `thread`'s share of the outermost parallel loops, as one
     /// member of a team of `threads`.
-    pub fn run_part(&self, args: &mut [Arg], thread: usize, threads: usize) -> Result<(), RunError> {
+    pub fn run_part(&self, args: &mut [Arg], scalars: &[i64], thread: usize, threads: usize) -> Result<(), RunError> {
         let k = &self.kernel;
-        if !k.scalars.is_empty() {
-            return Err(RunError::Scalars { kernel: k.name.clone() });
+        if scalars.len() != k.scalars.len() {
+            return Err(RunError::Scalars { kernel: k.name.clone(), expected: k.scalars.len(), found: scalars.len() });
         }
         if threads == 0 || thread >= threads {
             return Err(RunError::Threads { kernel: k.name.clone(), thread, threads });
@@ -127,22 +129,27 @@ impl JitKernel {
         for (d, a) in decls.iter().zip(args.iter()) {
             let (elem, len, writable) = a.describe();
             let need_mut = d.access == Access::Write;
-            if elem != d.elem || len != d.len || (need_mut && !writable) {
+            let want = k.buffer_len(d, scalars).map_err(|message| RunError::Length {
+                kernel: k.name.clone(),
+                name: d.name.clone(),
+                message,
+            })?;
+            if elem != d.elem || len != want || (need_mut && !writable) {
                 let rw = |m: bool| if m { "writable " } else { "" };
                 return Err(RunError::Buffer {
                     kernel: k.name.clone(),
                     name: d.name.clone(),
-                    expected: format!("{}{:?}[{}]", rw(need_mut), d.elem, d.len),
+                    expected: format!("{}{:?}[{want}]", rw(need_mut), d.elem),
                     found: format!("{}{elem:?}[{len}]", rw(writable)),
                 });
             }
         }
         let ptrs: Vec<*mut u8> = args.iter_mut().map(|a| a.ptr()).collect();
-        // SAFETY: every buffer has the declared element type and length and
-        // writable buffers are exclusive borrows; kernels index only within
-        // the declared lengths (checked by the interpreter on the template
-        // tests) and take no scalars that could move their bounds.
-        unsafe { (self.f)(ptrs.as_ptr(), std::ptr::null(), thread as i64, threads as i64) };
+        // SAFETY: every buffer has the element type and the length the
+        // kernel declares for these scalar arguments, and writable buffers
+        // are exclusive borrows; kernels index only within their declared
+        // lengths (checked by the interpreter on the template tests).
+        unsafe { (self.f)(ptrs.as_ptr(), scalars.as_ptr(), thread as i64, threads as i64) };
         Ok(())
     }
 }

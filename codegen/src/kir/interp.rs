@@ -128,12 +128,17 @@ pub fn run(kernel: &Kernel, globals: &mut [BufData], scalars: &[i64], mode: Mode
         });
     }
     for ((_, d), b) in decls.iter().zip(globals.iter()) {
-        if d.elem != b.elem() || d.len != b.len() {
+        let len = kernel.buffer_len(d, scalars).map_err(|message| InterpError::Run {
+            kernel: kernel.name.clone(),
+            thread: String::new(),
+            message: format!("length of `{}` {message}", d.name),
+        })?;
+        if d.elem != b.elem() || len != b.len() {
             return Err(InterpError::Buffer {
                 kernel: kernel.name.clone(),
                 name: d.name.clone(),
                 expected_elem: d.elem,
-                expected: d.len,
+                expected: len,
                 found_elem: b.elem(),
                 found: b.len(),
             });
@@ -171,7 +176,7 @@ fn run_in(kernel: &Kernel, mem: &mut Vec<BufData>, scalars: &[i64], mode: Mode) 
                         // Shared memory is fresh (zeroed) for every block.
                         for (d, m) in kernel.buffers.iter().zip(mem.iter_mut()) {
                             if d.space == Space::Shared {
-                                *m = BufData::zeros(d.elem, d.len);
+                                *m = BufData::zeros(d.elem, kernel.const_len(d).unwrap_or(0));
                             }
                         }
                         let bid = [bx, by, bz];

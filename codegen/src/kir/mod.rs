@@ -92,12 +92,15 @@ pub enum Access {
     Write,
 }
 
-/// A buffer the kernel reads or writes; `len` is in elements.
+/// A buffer the kernel reads or writes. `len` is in elements: an `i64`
+/// expression over constants and the kernel's scalar parameters, so one
+/// kernel serves every value of a symbolic size (shared buffers need a
+/// constant length).
 #[derive(Clone, Debug, PartialEq)]
 pub struct BufDecl {
     pub name: String,
     pub elem: Scalar,
-    pub len: usize,
+    pub len: Expr,
     pub space: Space,
     pub access: Access,
 }
@@ -402,9 +405,45 @@ impl Kernel {
         })
     }
 
-    /// Type-checks every statement.
+    /// Type-checks every buffer length and every statement.
     pub fn verify(&self) -> Result<(), KirError> {
+        for b in &self.buffers {
+            let err = |message: String| KirError {
+                kernel: self.name.clone(),
+                message: format!("length of buffer `{}`: {message}", b.name),
+                at: print::expr(self, &b.len),
+            };
+            if self.type_of(&b.len).map_err(err)? != Ty::I64 {
+                return Err(err("is not i64".into()));
+            }
+            let mut bad = None;
+            b.len.visit(&mut |e| match e {
+                Expr::Var(v) if !self.scalars.contains(v) => bad = Some("uses a variable that is not a scalar parameter"),
+                Expr::Load { .. } | Expr::Special(_) => bad = Some("reads memory or launch coordinates"),
+                _ => {}
+            });
+            if let Some(m) = bad {
+                return Err(err(m.into()));
+            }
+            if b.space == Space::Shared && self.const_len(b).is_none() {
+                return Err(err("shared buffers need a constant length".into()));
+            }
+        }
         self.verify_stmts(&self.body)
+    }
+
+    /// A buffer's length when it does not depend on scalar parameters.
+    pub fn const_len(&self, b: &BufDecl) -> Option<usize> {
+        eval_len(&b.len, &|_| None).ok()
+    }
+
+    /// A buffer's length for the given scalar arguments (in `scalars`
+    /// order), or why it has none (wrong arity, negative, overflow).
+    pub fn buffer_len(&self, b: &BufDecl, scalars: &[i64]) -> Result<usize, String> {
+        if scalars.len() != self.scalars.len() {
+            return Err(format!("expected {} scalar arguments, found {}", self.scalars.len(), scalars.len()));
+        }
+        eval_len(&b.len, &|v| self.scalars.iter().position(|s| *s == v).map(|i| scalars[i]))
     }
 
     fn verify_stmts(&self, stmts: &[Stmt]) -> Result<(), KirError> {
@@ -599,10 +638,44 @@ impl Neg for Expr {
     }
 }
 
+impl From<usize> for Expr {
+    fn from(x: usize) -> Expr {
+        Expr::idx(x)
+    }
+}
+
 impl From<Var> for Expr {
     fn from(v: Var) -> Expr {
         Expr::Var(v)
     }
+}
+
+/// Evaluates a length expression (integers, scalar parameters, arithmetic)
+/// with checked arithmetic; `arg` gives a parameter's value.
+fn eval_len(e: &Expr, arg: &dyn Fn(Var) -> Option<i64>) -> Result<usize, String> {
+    fn go(e: &Expr, arg: &dyn Fn(Var) -> Option<i64>) -> Result<i64, String> {
+        let overflow = || "overflows i64".to_string();
+        Ok(match e {
+            Expr::Int(x, _) => *x,
+            Expr::Var(v) => arg(*v).ok_or("depends on a scalar parameter")?,
+            Expr::Cast(_, a) => go(a, arg)?,
+            Expr::Bin(op, a, b) => {
+                let (a, b) = (go(a, arg)?, go(b, arg)?);
+                match op {
+                    BinOp::Add => a.checked_add(b).ok_or_else(overflow)?,
+                    BinOp::Sub => a.checked_sub(b).ok_or_else(overflow)?,
+                    BinOp::Mul => a.checked_mul(b).ok_or_else(overflow)?,
+                    BinOp::Div => a.checked_div(b).ok_or("divides by zero")?,
+                    BinOp::Rem => a.checked_rem(b).ok_or("divides by zero")?,
+                    BinOp::Max => a.max(b),
+                    BinOp::Min => a.min(b),
+                }
+            }
+            other => return Err(format!("unsupported in a length: {other:?}")),
+        })
+    }
+    let n = go(e, arg)?;
+    usize::try_from(n).map_err(|_| format!("is negative ({n})"))
 }
 
 // ----- kernel construction -----
@@ -621,18 +694,18 @@ impl Builder {
         }
     }
 
-    pub fn buffer(&mut self, name: &str, elem: Scalar, len: usize, space: Space, access: Access) -> BufId {
-        self.kernel.buffers.push(BufDecl { name: name.to_string(), elem, len, space, access });
+    pub fn buffer(&mut self, name: &str, elem: Scalar, len: impl Into<Expr>, space: Space, access: Access) -> BufId {
+        self.kernel.buffers.push(BufDecl { name: name.to_string(), elem, len: len.into(), space, access });
         BufId(self.kernel.buffers.len() as u32 - 1)
     }
 
     /// A global f32 input.
-    pub fn input(&mut self, name: &str, len: usize) -> BufId {
+    pub fn input(&mut self, name: &str, len: impl Into<Expr>) -> BufId {
         self.buffer(name, Scalar::F32, len, Space::Global, Access::Read)
     }
 
     /// A global f32 output.
-    pub fn output(&mut self, name: &str, len: usize) -> BufId {
+    pub fn output(&mut self, name: &str, len: impl Into<Expr>) -> BufId {
         self.buffer(name, Scalar::F32, len, Space::Global, Access::Write)
     }
 

@@ -150,14 +150,14 @@ pub(super) fn kernel(k: &Kernel) -> String {
         .filter(|b| b.space == Space::Global)
         .map(|b| {
             let rw = if b.access == Access::Write { "mut " } else { "" };
-            format!("{}: {rw}{}[{}]", b.name, ty(Ty::scalar(b.elem)), b.len)
+            format!("{}: {rw}{}[{}]", b.name, ty(Ty::scalar(b.elem)), expr(k, &b.len))
         })
         .collect();
     params.extend(k.scalars.iter().map(|v| format!("{}: i64", var(k, *v))));
     out.push_str(&params.join(", "));
     out.push_str(") {\n");
     for b in k.buffers.iter().filter(|b| b.space == Space::Shared) {
-        out.push_str(&format!("  shared {}: {}[{}]\n", b.name, ty(Ty::scalar(b.elem)), b.len));
+        out.push_str(&format!("  shared {}: {}[{}]\n", b.name, ty(Ty::scalar(b.elem)), expr(k, &b.len)));
     }
     for s in &k.body {
         stmt(k, s, 0, &mut out);

@@ -40,7 +40,7 @@ pub fn reference(op: &Op, operands: &[(&[f32], Vec<usize>)]) -> Vec<f32> {
 pub fn run_kir(k: &Kernel, inputs: &[&[f32]], threads: usize) -> Vec<f32> {
     let mut bufs: Vec<BufData> = inputs.iter().map(|v| BufData::F32(v.to_vec())).collect();
     let out = k.global_buffers().last().unwrap().1;
-    bufs.push(BufData::zeros(out.elem, out.len));
+    bufs.push(BufData::zeros(out.elem, k.const_len(out).expect("run_kir needs a kernel without scalar parameters")));
     interp::run(k, &mut bufs, &[], Mode::Cpu { threads: threads.max(1) }).unwrap_or_else(|e| panic!("{e}\n{k}"));
     bufs.pop().unwrap().f32().to_vec()
 }
