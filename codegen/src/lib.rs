@@ -19,4 +19,5 @@
 
 pub mod cranelift;
 pub mod kir;
+pub mod select;
 pub mod templates;

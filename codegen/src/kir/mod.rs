@@ -418,7 +418,9 @@ impl Kernel {
             }
             let mut bad = None;
             b.len.visit(&mut |e| match e {
-                Expr::Var(v) if !self.scalars.contains(v) => bad = Some("uses a variable that is not a scalar parameter"),
+                Expr::Var(v) if !self.scalars.contains(v) => {
+                    bad = Some("uses a variable that is not a scalar parameter")
+                }
                 Expr::Load { .. } | Expr::Special(_) => bad = Some("reads memory or launch coordinates"),
                 _ => {}
             });

@@ -1,0 +1,72 @@
+//! Kernel selection: the KIR kernel that computes one IR node, for every
+//! value of the graph's symbols.
+//!
+//! Contract of every [`Instance`] (the scheduler and the runtime rely on it):
+//! - the kernel's global buffers are the node's operands in order, then its
+//!   results in order, each dense row-major in the element type of its IR
+//!   dtype (f32, i64, bool as one byte; narrower floats are computed as f32);
+//! - `scalars` gives, as dims over the graph's symbols, the value of each of
+//!   the kernel's scalar parameters; a kernel is the same for every value of
+//!   them, so identical nodes in different layers share one kernel;
+//! - every buffer's declared length, with `scalars` substituted, is exactly
+//!   the element count of the IR value bound to it;
+//! - all stores sit in one top-level `Parallel` loop (see `templates`).
+//!
+//! One file per op family returns `Ok(None)` for ops it does not handle;
+//! [`select`] tries them in turn.
+
+use crate::kir::{Kernel, Scalar};
+use smelt_ir::{DType, Dim, Op, TensorType};
+
+/// A kernel plus the values of its scalar parameters.
+#[derive(Clone, Debug)]
+pub struct Instance {
+    pub kernel: Kernel,
+    pub scalars: Vec<Dim>,
+}
+
+/// How a node is computed.
+#[derive(Clone, Debug)]
+pub enum Selected {
+    /// By a kernel launch.
+    Kernel(Instance),
+    /// By no code: the (single) result is a view of operand 0 starting
+    /// `offset` elements in, with the result's shape (reshape, squeeze,
+    /// unsqueeze, a slice that keeps a contiguous block).
+    Alias { offset: Dim },
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum SelectError {
+    #[error("no CPU kernel for `{op}` with operands {operands}: {why}")]
+    Unsupported { op: String, operands: String, why: String },
+}
+
+impl SelectError {
+    pub fn unsupported(op: &Op, inputs: &[TensorType], why: impl Into<String>) -> SelectError {
+        let operands = inputs.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(", ");
+        SelectError::Unsupported { op: op.name().to_string(), operands, why: why.into() }
+    }
+}
+
+/// The KIR element type that holds an IR dtype at run time.
+pub fn elem_of(d: DType) -> Scalar {
+    match d {
+        DType::Bool => Scalar::Bool,
+        DType::I32 => Scalar::I32,
+        d if d.is_int() => Scalar::I64,
+        _ => Scalar::F32,
+    }
+}
+
+/// Selects the kernel (or alias) for one node.
+pub fn select(op: &Op, inputs: &[TensorType], outputs: &[TensorType]) -> Result<Selected, SelectError> {
+    type Family = fn(&Op, &[TensorType], &[TensorType]) -> Result<Option<Selected>, SelectError>;
+    let families: &[Family] = &[];
+    for f in families {
+        if let Some(s) = f(op, inputs, outputs)? {
+            return Ok(s);
+        }
+    }
+    Err(SelectError::unsupported(op, inputs, "no kernel family handles this op yet"))
+}

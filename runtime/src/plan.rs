@@ -1,0 +1,114 @@
+//! The launch plan of a natively compiled artifact (`target cpu`): which
+//! kernels the shared library exports, every buffer the model touches, and
+//! the ordered kernel launches of one forward call.
+//!
+//! The compiler (`smelt-codegen`'s scheduler) writes it into the manifest;
+//! the runtime reads it and needs nothing else to run the model. Sizes are
+//! symbolic dims (strings in the text IR's dim syntax, e.g. `past + seq`)
+//! over the graph's symbols, resolved per call once the inputs' shapes bind
+//! the symbols.
+//!
+//! Invariants the scheduler guarantees and the runtime re-checks before any
+//! kernel runs: every launch names existing kernels and buffers, and for
+//! every argument `needs` (the element count the kernel's declaration asks
+//! for, given the launch's scalars) is at most the bound buffer's length.
+
+use serde::{Deserialize, Serialize};
+
+/// Element types of plan buffers, as the kernels read them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Elem {
+    F32,
+    I32,
+    I64,
+    /// One byte per element, 0 or 1.
+    Bool,
+}
+
+impl Elem {
+    pub fn size(self) -> usize {
+        match self {
+            Elem::F32 | Elem::I32 => 4,
+            Elem::I64 => 8,
+            Elem::Bool => 1,
+        }
+    }
+}
+
+/// One kernel the library exports, called as
+/// `extern "C" fn(buffers: *const *mut u8, scalars: *const i64, thread: i64, threads: i64)`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct KernelEntry {
+    /// The exported symbol.
+    pub symbol: String,
+    /// Which lowering produced it (`cranelift`, `llvm`).
+    pub lowering: String,
+    /// Element types of its global buffers, in argument order.
+    pub buffers: Vec<Elem>,
+    /// How many `i64` scalars it takes.
+    pub scalars: usize,
+}
+
+/// Where a buffer's bytes live.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Storage {
+    /// A graph input, filled from the caller's tensor (converted to `elem`).
+    Input { name: String },
+    /// Constant data at `offset` bytes in the artifact's weights file
+    /// (64-byte aligned).
+    Weight { offset: u64 },
+    /// Scratch memory in the session's arena, placed by liveness per call.
+    Arena,
+    /// A view of another buffer starting `offset` elements in (reshapes and
+    /// contiguous slices need no copy).
+    Alias { of: usize, offset: String },
+}
+
+/// A tensor of the forward call.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Buffer {
+    /// The IR value's name, for error messages.
+    pub name: String,
+    pub elem: Elem,
+    /// The tensor's shape as dims (the length is their product).
+    pub shape: Vec<String>,
+    pub storage: Storage,
+}
+
+/// One kernel call.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Launch {
+    /// Index into [`NativePlan::kernels`].
+    pub kernel: usize,
+    /// Buffer indices, one per kernel buffer argument.
+    pub args: Vec<usize>,
+    /// The element count the kernel reads or writes through each argument.
+    pub needs: Vec<String>,
+    /// The kernel's scalar arguments as dims.
+    pub scalars: Vec<String>,
+    /// The IR node it computes (`%42 = rms_norm ...` location), for errors
+    /// and profiles.
+    pub node: String,
+}
+
+/// Everything the runtime needs to run a `cpu` artifact.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NativePlan {
+    /// The shared library's file name inside the artifact.
+    pub library: String,
+    /// The weights file's name inside the artifact.
+    pub weights: String,
+    pub kernels: Vec<KernelEntry>,
+    pub buffers: Vec<Buffer>,
+    pub launches: Vec<Launch>,
+    /// The graph's symbols with their inclusive bounds; inputs outside them
+    /// are refused before any kernel runs.
+    pub symbols: Vec<(String, i64, i64)>,
+    /// Graph inputs by name, as buffer indices (their buffers have
+    /// `Storage::Input`), in the graph's order.
+    pub inputs: Vec<(String, usize)>,
+    /// Graph outputs by name, as buffer indices.
+    pub outputs: Vec<(String, usize)>,
+}
