@@ -19,5 +19,6 @@
 
 pub mod cranelift;
 pub mod kir;
+pub mod schedule;
 pub mod select;
 pub mod templates;

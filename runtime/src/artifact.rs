@@ -10,7 +10,7 @@
 //!   bf16);
 //! - `tokenizer.json`, copied from the model folder when it has one.
 //!
-//! [`write_interp_artifact`] writes one (into a temporary sibling directory,
+//! [`write_artifact`] writes one (into a temporary sibling directory,
 //! renamed into place at the end, so a failed compile never leaves half an
 //! artifact); [`Artifact::open`] reads one and refuses, with one line naming
 //! the problem, an unknown format version or target, malformed manifest JSON,
@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use smelt_ir::{DType, Dim, Graph, Tensor, TensorType};
 
+use crate::plan::NativePlan;
 use crate::tensors::{read_tensor_file, tensor_file_bytes, TensorFileError};
 
 /// The artifact format version this runtime writes and reads.
@@ -37,9 +38,14 @@ pub const GRAPH_FILE: &str = "model.smir";
 pub const WEIGHTS_FILE: &str = "weights.safetensors";
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
 
-/// Targets an artifact may be compiled for; this build of the runtime runs
-/// only [`TARGET_INTERP`].
+/// Targets an artifact may be compiled for: `interp` (text IR run by the
+/// reference interpreter) and `cpu` (kernels in a shared library run by
+/// [`crate::native`]).
 pub const TARGET_INTERP: &str = "interp";
+pub const TARGET_CPU: &str = "cpu";
+/// The shared library and the constant data of a `cpu` artifact.
+pub const LIBRARY_FILE: &str = "kernels.so";
+pub const CONSTANTS_FILE: &str = "constants.bin";
 pub const KNOWN_TARGETS: &[&str] = &["interp", "cpu", "cuda"];
 
 /// Everything that can go wrong writing or opening an artifact.
@@ -209,6 +215,9 @@ pub struct Manifest {
     /// The compiler's fusion report (what fused, what did not), when passes ran.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fusion: Option<serde_json::Value>,
+    /// The launch plan of a `cpu` artifact.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub native: Option<NativePlan>,
 }
 
 /// The hex sha256 of some bytes.
@@ -221,8 +230,8 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     s
 }
 
-/// What [`write_interp_artifact`] needs to know about the model.
-pub struct InterpArtifact<'a> {
+/// What [`write_artifact`] needs to know about the model.
+pub struct ArtifactSpec<'a> {
     /// The graph; it is verified before anything is written.
     pub graph: &'a Graph,
     /// Every weight the graph references, in its stored dtype.
@@ -233,6 +242,16 @@ pub struct InterpArtifact<'a> {
     pub eos_token_ids: Vec<i64>,
     /// The fusion report to record in the manifest, when passes ran.
     pub fusion: Option<serde_json::Value>,
+    /// For a `cpu` artifact: the plan, the linked library and the constants
+    /// its `Weight` buffers point into (then no safetensors file is written).
+    pub native: Option<NativeFiles>,
+}
+
+/// The compiled parts of a `cpu` artifact.
+pub struct NativeFiles {
+    pub plan: NativePlan,
+    pub library: Vec<u8>,
+    pub constants: Vec<u8>,
 }
 
 /// Checks that every weight the graph references is given with the dtype
@@ -256,7 +275,7 @@ pub fn check_weights(g: &Graph, weights: &BTreeMap<String, Tensor>) -> Result<()
 
 /// Writes an artifact for the `interp` target to `out` (a directory, created
 /// or replaced if it already is an artifact). Returns the manifest written.
-pub fn write_interp_artifact(out: &Path, a: &InterpArtifact<'_>) -> Result<Manifest, ArtifactError> {
+pub fn write_artifact(out: &Path, a: &ArtifactSpec<'_>) -> Result<Manifest, ArtifactError> {
     let dir_for_errors = out.to_path_buf();
     smelt_ir::verify::verify(a.graph)
         .map_err(|e| ArtifactError::GraphInvalid { dir: dir_for_errors.clone(), msg: first_lines(&e.to_string()) })?;
@@ -298,7 +317,7 @@ pub fn write_interp_artifact(out: &Path, a: &InterpArtifact<'_>) -> Result<Manif
     Ok(manifest)
 }
 
-fn write_files(tmp: &Path, out: &Path, a: &InterpArtifact<'_>) -> Result<Manifest, ArtifactError> {
+fn write_files(tmp: &Path, out: &Path, a: &ArtifactSpec<'_>) -> Result<Manifest, ArtifactError> {
     let mut files = Vec::new();
     let mut put = |name: &str, bytes: &[u8]| -> Result<(), ArtifactError> {
         let p = tmp.join(name);
@@ -307,10 +326,23 @@ fn write_files(tmp: &Path, out: &Path, a: &InterpArtifact<'_>) -> Result<Manifes
         Ok(())
     };
     put(GRAPH_FILE, smelt_ir::text::print(a.graph).as_bytes())?;
-    // Only the weights the graph references are stored.
-    let used: BTreeMap<String, Tensor> =
-        a.graph.weights().into_iter().filter_map(|(n, _)| a.weights.get(&n).map(|t| (n, t.clone()))).collect();
-    put(WEIGHTS_FILE, &tensor_file_bytes(&out.join(WEIGHTS_FILE), &used)?)?;
+    let native = match &a.native {
+        Some(n) => {
+            put(LIBRARY_FILE, &n.library)?;
+            put(CONSTANTS_FILE, &n.constants)?;
+            let mut plan = n.plan.clone();
+            plan.library = LIBRARY_FILE.to_string();
+            plan.weights = CONSTANTS_FILE.to_string();
+            Some(plan)
+        }
+        None => {
+            // Only the weights the graph references are stored.
+            let used: BTreeMap<String, Tensor> =
+                a.graph.weights().into_iter().filter_map(|(n, _)| a.weights.get(&n).map(|t| (n, t.clone()))).collect();
+            put(WEIGHTS_FILE, &tensor_file_bytes(&out.join(WEIGHTS_FILE), &used)?)?;
+            None
+        }
+    };
     let tokenizer = match a.tokenizer {
         Some(p) => {
             let bytes = std::fs::read(p).map_err(io(p))?;
@@ -322,13 +354,14 @@ fn write_files(tmp: &Path, out: &Path, a: &InterpArtifact<'_>) -> Result<Manifes
     let manifest = Manifest {
         format_version: FORMAT_VERSION,
         compiler_version: COMPILER_VERSION.to_string(),
-        target: TARGET_INTERP.to_string(),
+        target: if native.is_some() { TARGET_CPU } else { TARGET_INTERP }.to_string(),
         model: a.model.clone(),
         signature: Signature::from_graph(a.graph),
         files,
         tokenizer,
         eos_token_ids: a.eos_token_ids.clone(),
         fusion: a.fusion.clone(),
+        native,
     };
     let json = serde_json::to_string_pretty(&manifest)
         .map_err(|e| ArtifactError::ManifestInvalid { path: out.join(MANIFEST_FILE), msg: e.to_string() })?;
@@ -469,19 +502,26 @@ fn parse_manifest(dir: &Path, text: &str) -> Result<Manifest, ArtifactError> {
             why: format!("is unknown (known targets: {})", KNOWN_TARGETS.join(", ")),
         });
     }
-    if manifest.target != TARGET_INTERP {
+    if manifest.target != TARGET_INTERP && manifest.target != TARGET_CPU {
         return Err(ArtifactError::Target {
             dir: dir.to_path_buf(),
             target: manifest.target,
-            why: "is not supported by this build of the runtime (it runs `interp` artifacts)".to_string(),
+            why: "is not supported by this build of the runtime (it runs `interp` and `cpu` artifacts)".to_string(),
         });
+    }
+    if (manifest.target == TARGET_CPU) != manifest.native.is_some() {
+        return Err(invalid(format!("target `{}` and the presence of a `native` plan disagree", manifest.target)));
     }
     for f in &manifest.files {
         if !plain_file_name(&f.name) || f.name == MANIFEST_FILE {
             return Err(invalid(format!("file name `{}` is not a plain file name inside the artifact", f.name)));
         }
     }
-    let mut required = vec![GRAPH_FILE, WEIGHTS_FILE];
+    let mut required = vec![GRAPH_FILE];
+    match &manifest.native {
+        Some(plan) => required.extend([plan.library.as_str(), plan.weights.as_str()]),
+        None => required.push(WEIGHTS_FILE),
+    }
     if let Some(t) = &manifest.tokenizer {
         required.push(t.as_str());
     }
@@ -527,9 +567,9 @@ mod tests {
     fn write(dir: &Path) -> PathBuf {
         let (g, w) = tiny();
         let out = dir.join("m.smelt");
-        write_interp_artifact(
+        write_artifact(
             &out,
-            &InterpArtifact {
+            &ArtifactSpec {
                 graph: &g,
                 weights: &w,
                 model: info(),
@@ -618,9 +658,9 @@ mod tests {
         let (g, mut w) = tiny();
         std::fs::write(dir.path().join("precious.txt"), "x").unwrap();
         let art = |w: &BTreeMap<String, Tensor>| {
-            write_interp_artifact(
+            write_artifact(
                 dir.path(),
-                &InterpArtifact {
+                &ArtifactSpec {
                     graph: &g,
                     weights: w,
                     model: info(),

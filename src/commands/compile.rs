@@ -11,7 +11,7 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use clap::ValueEnum;
 use smelt_passes::{pipeline, DumpSpec, DumpTarget, PipelineOptions};
-use smelt_runtime::artifact::{write_interp_artifact, InterpArtifact};
+use smelt_runtime::artifact::{write_artifact, ArtifactSpec};
 
 use crate::source::{load_checkpoint, load_onnx, Source};
 
@@ -90,15 +90,16 @@ pub fn main(args: Args) -> Result<()> {
         let report = pipeline(&mut loaded.graph, &mut loaded.weights, &args.passes.options(false)?)?;
         Some(serde_json::to_value(&report.fusion)?)
     };
-    let manifest = write_interp_artifact(
+    let manifest = write_artifact(
         &args.output,
-        &InterpArtifact {
+        &ArtifactSpec {
             graph: &loaded.graph,
             weights: &loaded.weights,
             model: loaded.info.clone(),
             tokenizer: loaded.tokenizer.as_deref(),
             eos_token_ids: loaded.eos_token_ids.clone(),
             fusion,
+            native: None,
         },
     )?;
     let size: u64 = manifest.files.iter().map(|f| f.size).sum();
