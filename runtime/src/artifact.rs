@@ -576,6 +576,7 @@ mod tests {
                 tokenizer: None,
                 eos_token_ids: vec![2],
                 fusion: None,
+                native: None,
             },
         )
         .unwrap();
@@ -667,6 +668,7 @@ mod tests {
                     tokenizer: None,
                     eos_token_ids: vec![],
                     fusion: None,
+                    native: None,
                 },
             )
             .unwrap_err()
