@@ -8,6 +8,7 @@
 //! internal error, so users never see a backtrace.
 
 mod commands;
+mod probe;
 mod source;
 
 use std::io::Write;
@@ -43,6 +44,8 @@ enum Command {
     Check(commands::check::Args),
     /// Run ONNX backend-test cases through the importer and the reference interpreter.
     Conformance(commands::conformance::Args),
+    /// Time prefill and decode of a model (and probe the machine's limits with --machine).
+    Bench(commands::bench::Args),
 }
 
 fn main() -> ExitCode {
@@ -70,6 +73,7 @@ fn main() -> ExitCode {
         Command::MakeTestModel(a) => commands::make_model::main(a),
         Command::Check(a) => commands::check::main(a),
         Command::Conformance(a) => commands::conformance::main(a),
+        Command::Bench(a) => commands::bench::main(a),
     });
     match result {
         Ok(Ok(())) => ExitCode::SUCCESS,

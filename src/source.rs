@@ -15,6 +15,8 @@ use anyhow::{bail, Context, Result};
 use smelt_frontends::hf;
 use smelt_ir::{Graph, Tensor};
 use smelt_runtime::artifact::{Artifact, Manifest, ModelInfo};
+use smelt_runtime::generate::Forward;
+use smelt_runtime::InterpModel;
 
 /// The kinds of model paths the CLI accepts.
 pub enum Source {
@@ -171,4 +173,31 @@ pub fn tokenizer(path: &Path) -> Result<tokenizers::Tokenizer> {
     tokenizers::Tokenizer::from_file(path)
         .map_err(|e| anyhow::anyhow!("{e}"))
         .with_context(|| format!("{}: cannot load tokenizer", path.display()))
+}
+
+/// A runnable model and what generation needs to know about it.
+pub struct Runnable {
+    pub model: Box<dyn Forward>,
+    pub tokenizer: Option<PathBuf>,
+    pub eos_token_ids: Vec<i64>,
+    /// `interp` or `cpu`: what executes it.
+    pub backend: &'static str,
+}
+
+/// Opens any model path for running: a `cpu` artifact with its native
+/// kernels on `threads` threads, anything else with the reference
+/// interpreter.
+pub fn open_runnable(path: &Path, _threads: usize) -> Result<Runnable> {
+    let loaded = load(path)?;
+    Ok(Runnable {
+        tokenizer: loaded.tokenizer,
+        eos_token_ids: loaded.eos_token_ids,
+        model: Box::new(InterpModel::new(loaded.graph, loaded.weights)?),
+        backend: "interp",
+    })
+}
+
+/// The thread count `--threads` asks for, all cores by default.
+pub fn threads(requested: Option<usize>) -> usize {
+    requested.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)).max(1)
 }

@@ -173,6 +173,37 @@ fn plan(sig: &Signature) -> Result<Plan, GenerateError> {
     })
 }
 
+/// `input_ids`, and the all-ones mask and positions when the model takes
+/// them, for feeding `feed` (batch 1) after `past_len` cached positions.
+fn token_inputs(plan: &Plan, feed: &[i64], past_len: usize) -> Result<BTreeMap<String, Tensor>, GenerateError> {
+    let seq = feed.len();
+    let mut inputs = BTreeMap::new();
+    let t = |dtype, shape, v| Tensor::from_i64(dtype, shape, v).map_err(|e| GenerateError::Signature(e.to_string()));
+    inputs.insert("input_ids".to_string(), t(int_dtype(&plan.ids), vec![1, seq], feed.to_vec())?);
+    if let Some(m) = &plan.mask {
+        inputs.insert(m.name.clone(), t(int_dtype(m), vec![1, past_len + seq], vec![1; past_len + seq])?);
+    }
+    if let Some(p) = &plan.positions {
+        let pos = (past_len..past_len + seq).map(|i| i as i64).collect();
+        inputs.insert(p.name.clone(), t(int_dtype(p), vec![1, seq], pos)?);
+    }
+    Ok(inputs)
+}
+
+/// The inputs of one forward call over `feed` (batch 1) after `past_len`
+/// cached positions whose keys and values are zero: what a benchmark of a
+/// prefill (`past_len` 0) or a decode step (one token) feeds.
+pub fn step_inputs(sig: &Signature, feed: &[i64], past_len: usize) -> Result<BTreeMap<String, Tensor>, GenerateError> {
+    let plan = plan(sig)?;
+    let mut inputs = token_inputs(&plan, feed, past_len)?;
+    for (name, _, empty) in &plan.cache {
+        let mut shape = empty.shape.clone();
+        shape[2] = past_len;
+        inputs.insert(name.clone(), Tensor::full(empty.dtype, shape, 0.0));
+    }
+    Ok(inputs)
+}
+
 fn int_dtype(t: &TensorSig) -> DType {
     t.dtype.parse().unwrap_or(DType::I64)
 }
@@ -252,17 +283,7 @@ pub fn generate_greedy(
             &ids
         };
         let seq = feed.len();
-        let mut inputs = BTreeMap::new();
-        let t =
-            |dtype, shape, v| Tensor::from_i64(dtype, shape, v).map_err(|e| GenerateError::Signature(e.to_string()));
-        inputs.insert("input_ids".to_string(), t(int_dtype(&plan.ids), vec![1, seq], feed.to_vec())?);
-        if let Some(m) = &plan.mask {
-            inputs.insert(m.name.clone(), t(int_dtype(m), vec![1, past_len + seq], vec![1; past_len + seq])?);
-        }
-        if let Some(p) = &plan.positions {
-            let pos = (past_len..past_len + seq).map(|i| i as i64).collect();
-            inputs.insert(p.name.clone(), t(int_dtype(p), vec![1, seq], pos)?);
-        }
+        let mut inputs = token_inputs(&plan, feed, past_len)?;
         for ((name, _, _), tensor) in plan.cache.iter().zip(past.drain(..)) {
             inputs.insert(name.clone(), tensor);
         }

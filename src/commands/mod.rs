@@ -1,6 +1,7 @@
 //! One module per `smelt` subcommand: its clap arguments (`Args`) and its
 //! `main`, which returns an `anyhow::Result` that `main.rs` prints as one line.
 
+pub mod bench;
 pub mod check;
 pub mod compile;
 pub mod conformance;

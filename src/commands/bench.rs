@@ -1,0 +1,88 @@
+//! `smelt bench MODEL --prompt P --ctx C [--threads N] [--reps R] [--json]`:
+//! times one prefill over P tokens (empty cache) and one decode step (one
+//! token after C cached positions), each as the median of R timed calls
+//! after one warm-up call, and `--machine` measures the machine's streaming
+//! read bandwidth and f32 FMA peak with small probes, so results can be put
+//! against the hardware's limits in the same run.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use smelt_runtime::generate::step_inputs;
+
+use crate::source::{open_runnable, threads};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// A .smelt artifact (or a checkpoint folder / .onnx file, run by the interpreter).
+    pub model: Option<PathBuf>,
+    /// Prompt length of the timed prefill.
+    #[arg(long, default_value_t = 128)]
+    pub prompt: usize,
+    /// Cached positions before the timed decode step.
+    #[arg(long, default_value_t = 128)]
+    pub ctx: usize,
+    /// Threads of the CPU runtime (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Timed repetitions of each measurement (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    pub reps: usize,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Also measure read bandwidth and FMA peak of this machine.
+    #[arg(long)]
+    pub machine: bool,
+}
+
+/// Median, min and max of timed runs of `f`, in milliseconds, after one
+/// untimed warm-up run.
+fn time_ms(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<[f64; 3]> {
+    f()?;
+    let mut t = Vec::with_capacity(reps);
+    for _ in 0..reps.max(1) {
+        let start = Instant::now();
+        f()?;
+        t.push(start.elapsed().as_secs_f64() * 1e3);
+    }
+    t.sort_by(f64::total_cmp);
+    Ok([t[t.len() / 2], t[0], t[t.len() - 1]])
+}
+
+pub fn main(args: Args) -> Result<()> {
+    let threads = threads(args.threads);
+    let mut report = serde_json::Map::new();
+    report.insert("threads".into(), threads.into());
+    if args.machine {
+        let m = crate::probe::measure(threads);
+        report.insert("read_gb_s".into(), m.read_gb_s.into());
+        report.insert("fma_gflop_s".into(), m.fma_gflop_s.into());
+    }
+    if let Some(path) = &args.model {
+        if args.prompt == 0 {
+            bail!("--prompt must be at least 1 token");
+        }
+        let mut r = open_runnable(path, threads)?;
+        report.insert("backend".into(), r.backend.into());
+        let sig = r.model.signature().clone();
+        let prompt: Vec<i64> = (0..args.prompt as i64).map(|i| (i * 7919 + 1) % 100).collect();
+        let prefill = step_inputs(&sig, &prompt, 0)?;
+        let decode = step_inputs(&sig, &[1], args.ctx)?;
+        let p = time_ms(args.reps, || Ok(r.model.forward(prefill.clone()).map(|_| ())?))?;
+        let d = time_ms(args.reps, || Ok(r.model.forward(decode.clone()).map(|_| ())?))?;
+        report.insert("prompt".into(), args.prompt.into());
+        report.insert("ctx".into(), args.ctx.into());
+        report.insert("prefill_ms".into(), serde_json::json!(p));
+        report.insert("decode_ms".into(), serde_json::json!(d));
+    }
+    if args.json {
+        return crate::out(&format!("{}\n", serde_json::Value::Object(report)));
+    }
+    let mut text = String::new();
+    for (k, v) in &report {
+        text.push_str(&format!("{k}: {v}\n"));
+    }
+    crate::out(&text)
+}
