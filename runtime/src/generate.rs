@@ -63,12 +63,75 @@ pub enum GenerateError {
 }
 
 /// Settings of a generation run.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct GenerateOptions {
     /// How many tokens to add at most.
     pub max_new_tokens: usize,
     /// Generation stops after producing any of these (empty: never).
     pub eos_token_ids: Vec<i64>,
+    /// How each token is chosen; the default is greedy.
+    pub sampling: Sampling,
+}
+
+/// How the next token is chosen from the last position's logits:
+/// `temperature <= 0` is greedy (argmax, lowest id on ties); otherwise the
+/// logits are divided by the temperature, cut to the `top_k` largest
+/// (0: all), then to the smallest set whose probability reaches `top_p`
+/// (1: all), and a token is drawn from what is left with a generator
+/// seeded by `seed`, so a run is reproducible.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sampling {
+    pub temperature: f32,
+    pub top_k: usize,
+    pub top_p: f32,
+    pub seed: u64,
+}
+
+impl Default for Sampling {
+    fn default() -> Sampling {
+        Sampling { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0 }
+    }
+}
+
+impl Sampling {
+    /// The chosen token's index in `row`, or `None` when the logits hold NaN.
+    pub fn choose(&self, row: &[f32], rng: &mut fastrand::Rng) -> Option<usize> {
+        if row.iter().any(|x| x.is_nan()) {
+            return None;
+        }
+        if self.temperature <= 0.0 || self.top_k == 1 {
+            return argmax(row);
+        }
+        let mut cand: Vec<(usize, f32)> = row.iter().map(|&x| x / self.temperature).enumerate().collect();
+        let by_logit = |a: &(usize, f32), b: &(usize, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        if self.top_k > 0 && self.top_k < cand.len() {
+            cand.select_nth_unstable_by(self.top_k - 1, by_logit);
+            cand.truncate(self.top_k);
+        }
+        cand.sort_by(by_logit);
+        let max = cand[0].1;
+        let mut probs: Vec<f64> = cand.iter().map(|c| ((c.1 - max) as f64).exp()).collect();
+        let total: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|p| *p /= total);
+        if self.top_p < 1.0 {
+            let mut acc = 0.0;
+            let keep = probs.iter().position(|p| {
+                acc += p;
+                acc >= self.top_p as f64
+            });
+            let keep = keep.map_or(probs.len(), |i| i + 1);
+            probs.truncate(keep);
+        }
+        let total: f64 = probs.iter().sum();
+        let mut u = rng.f64() * total;
+        for (c, p) in cand.iter().zip(&probs) {
+            if u < *p {
+                return Some(c.0);
+            }
+            u -= p;
+        }
+        cand.get(probs.len() - 1).map(|c| c.0)
+    }
 }
 
 /// Why generation stopped.
@@ -94,6 +157,9 @@ pub struct Generation {
     pub ids: Vec<i64>,
     pub prompt_len: usize,
     pub stop: StopReason,
+    /// Seconds spent in the first forward call (the prompt) and in all later ones.
+    pub prefill_secs: f64,
+    pub decode_secs: f64,
 }
 
 impl Generation {
@@ -222,10 +288,11 @@ fn argmax(row: &[f32]) -> Option<usize> {
     best.map(|(i, _)| i)
 }
 
-/// Greedy decoding: prefill the prompt once, then one token per step with
-/// the KV cache, until `max_new_tokens` or an end-of-sequence token.
-/// `on_token` sees each new token as soon as it is chosen.
-pub fn generate_greedy(
+/// Decoding: prefill the prompt once, then one token per step with the KV
+/// cache, until `max_new_tokens` or an end-of-sequence token, choosing each
+/// token as `opts.sampling` says. `on_token` sees each new token as soon as
+/// it is chosen.
+pub fn generate(
     model: &mut dyn Forward,
     prompt: &[i64],
     opts: &GenerateOptions,
@@ -270,6 +337,8 @@ pub fn generate_greedy(
     let mut past: Vec<Tensor> = plan.cache.iter().map(|(_, _, empty)| empty.clone()).collect();
     let mut past_len = 0usize;
     let mut stop = StopReason::MaxNewTokens;
+    let mut rng = fastrand::Rng::with_seed(opts.sampling.seed);
+    let (mut prefill_secs, mut decode_secs) = (0.0, 0.0);
 
     for step in 0..opts.max_new_tokens {
         // With a cache, the prefill feeds the prompt and each later step the
@@ -288,7 +357,14 @@ pub fn generate_greedy(
             inputs.insert(name.clone(), tensor);
         }
 
+        let start = std::time::Instant::now();
         let mut out = model.forward(inputs).map_err(|source| GenerateError::Forward { step, source })?;
+        let secs = start.elapsed().as_secs_f64();
+        if step == 0 {
+            prefill_secs = secs;
+        } else {
+            decode_secs += secs;
+        }
         let bad = |msg: String| GenerateError::BadOutput { step, msg };
         let logits = out.remove("logits").ok_or_else(|| bad("no `logits` output".to_string()))?;
         let vocab = *logits.shape.last().unwrap_or(&0);
@@ -298,7 +374,8 @@ pub fn generate_greedy(
         }
         let values = logits.to_f32_vec();
         let last = &values[(rows - 1) * vocab..];
-        let next = argmax(last).ok_or_else(|| bad("the logits contain NaN".to_string()))? as i64;
+        let next =
+            opts.sampling.choose(last, &mut rng).ok_or_else(|| bad("the logits contain NaN".to_string()))? as i64;
 
         for (_, present, _) in &plan.cache {
             let t = out.remove(present).ok_or_else(|| bad(format!("no `{present}` output")))?;
@@ -319,7 +396,7 @@ pub fn generate_greedy(
             break;
         }
     }
-    Ok(Generation { ids, prompt_len: prompt.len(), stop })
+    Ok(Generation { ids, prompt_len: prompt.len(), stop, prefill_secs, decode_secs })
 }
 
 #[cfg(test)]
@@ -407,9 +484,9 @@ mod tests {
     #[test]
     fn prefills_once_then_feeds_one_token_per_step() {
         let mut m = Counting::new(true);
-        let opts = GenerateOptions { max_new_tokens: 6, eos_token_ids: vec![] };
+        let opts = GenerateOptions { max_new_tokens: 6, eos_token_ids: vec![], ..Default::default() };
         let mut streamed = Vec::new();
-        let g = generate_greedy(&mut m, &[3, 4, 1], &opts, &mut |t| streamed.push(t)).unwrap();
+        let g = generate(&mut m, &[3, 4, 1], &opts, &mut |t| streamed.push(t)).unwrap();
         assert_eq!(g.ids, expected(&[3, 4, 1], 6));
         assert_eq!(streamed, g.new_ids());
         assert_eq!(g.stop, StopReason::MaxNewTokens);
@@ -434,12 +511,12 @@ mod tests {
         let mut m = Counting::new(true);
         m.sig.symbols.insert("past".into(), crate::artifact::Bounds { min: 0, max: 8 });
         m.sig.symbols.insert("seq".into(), crate::artifact::Bounds { min: 1, max: 8 });
-        let opts = |n| GenerateOptions { max_new_tokens: n, eos_token_ids: vec![] };
+        let opts = |n| GenerateOptions { max_new_tokens: n, eos_token_ids: vec![], ..Default::default() };
         // 3 + 7 tokens: the last step has a past of 8, the bound.
-        assert_eq!(generate_greedy(&mut m, &[1, 2, 3], &opts(7), &mut |_| {}).unwrap().ids.len(), 10);
-        let e = generate_greedy(&mut m, &[1, 2, 3], &opts(8), &mut |_| {}).unwrap_err().to_string();
+        assert_eq!(generate(&mut m, &[1, 2, 3], &opts(7), &mut |_| {}).unwrap().ids.len(), 10);
+        let e = generate(&mut m, &[1, 2, 3], &opts(8), &mut |_| {}).unwrap_err().to_string();
         assert!(e.contains("needs 9 positions of `past`, but the model allows at most 8"), "{e}");
-        let e = generate_greedy(&mut m, &[1; 9], &opts(1), &mut |_| {}).unwrap_err().to_string();
+        let e = generate(&mut m, &[1; 9], &opts(1), &mut |_| {}).unwrap_err().to_string();
         assert!(e.contains("9 positions of `seq`"), "{e}");
     }
 
@@ -447,23 +524,23 @@ mod tests {
     fn stops_at_eos_and_checks_prompt() {
         let mut m = Counting::new(true);
         // [3, 4] -> 7 -> 4 -> 8 ...; 4 is the end-of-sequence token.
-        let opts = GenerateOptions { max_new_tokens: 10, eos_token_ids: vec![4] };
-        let g = generate_greedy(&mut m, &[3, 4], &opts, &mut |_| {}).unwrap();
+        let opts = GenerateOptions { max_new_tokens: 10, eos_token_ids: vec![4], ..Default::default() };
+        let g = generate(&mut m, &[3, 4], &opts, &mut |_| {}).unwrap();
         assert_eq!(g.ids, vec![3, 4, 7, 4]);
         assert_eq!(g.stop, StopReason::Eos);
         assert_eq!(m.calls.len(), 2);
 
-        let e = generate_greedy(&mut m, &[], &opts, &mut |_| {}).unwrap_err();
+        let e = generate(&mut m, &[], &opts, &mut |_| {}).unwrap_err();
         assert!(matches!(e, GenerateError::EmptyPrompt));
-        let e = generate_greedy(&mut m, &[3, 12], &opts, &mut |_| {}).unwrap_err();
+        let e = generate(&mut m, &[3, 12], &opts, &mut |_| {}).unwrap_err();
         assert_eq!(e.to_string(), "prompt token id 12 is out of range for the vocabulary of 10 tokens");
     }
 
     #[test]
     fn without_a_cache_reruns_the_sequence() {
         let mut m = Counting::new(false);
-        let opts = GenerateOptions { max_new_tokens: 3, eos_token_ids: vec![] };
-        let g = generate_greedy(&mut m, &[5, 5], &opts, &mut |_| {}).unwrap();
+        let opts = GenerateOptions { max_new_tokens: 3, eos_token_ids: vec![], ..Default::default() };
+        let g = generate(&mut m, &[5, 5], &opts, &mut |_| {}).unwrap();
         assert_eq!(g.ids, expected(&[5, 5], 3));
         let lens: Vec<usize> = m.calls.iter().map(|c| c["input_ids"].shape[1]).collect();
         assert_eq!(lens, vec![2, 3, 4]);
@@ -474,5 +551,31 @@ mod tests {
         assert_eq!(argmax(&[1.0, 3.0, 3.0, -1.0]), Some(1));
         assert_eq!(argmax(&[1.0, f32::NAN]), None);
         assert_eq!(argmax(&[]), None);
+    }
+
+    #[test]
+    fn sampling_follows_temperature_top_k_and_top_p() {
+        let mut rng = fastrand::Rng::with_seed(1);
+        let row = [0.5f32, 3.0, 1.0, 2.9];
+        assert_eq!(Sampling::default().choose(&row, &mut rng), Some(1));
+        let s = |temperature, top_k, top_p| Sampling { temperature, top_k, top_p, seed: 0 };
+        assert_eq!(s(1.0, 1, 1.0).choose(&row, &mut rng), Some(1));
+        // top_p small enough keeps only the most likely token.
+        assert!((0..200).all(|_| s(1.0, 0, 0.01).choose(&row, &mut rng) == Some(1)));
+        // top_k 2 never leaves the two largest logits.
+        assert!((0..500).all(|_| matches!(s(5.0, 2, 1.0).choose(&row, &mut rng), Some(1 | 3))));
+        // Probabilities follow softmax(logits / T): [0, ln 3] at T 1 is 1/4, 3/4.
+        let two = [0.0f32, 3f32.ln()];
+        let n = 8000;
+        let ones = (0..n).filter(|_| s(1.0, 0, 1.0).choose(&two, &mut rng) == Some(1)).count();
+        let frac = ones as f64 / n as f64;
+        assert!((frac - 0.75).abs() < 0.03, "drew token 1 with frequency {frac}, expected 0.75");
+        // The same seed gives the same draws.
+        let draw = |seed| {
+            let mut r = fastrand::Rng::with_seed(seed);
+            (0..20).map(|_| s(2.0, 0, 0.9).choose(&row, &mut r).unwrap()).collect::<Vec<_>>()
+        };
+        assert_eq!(draw(7), draw(7));
+        assert_eq!(s(1.0, 0, 1.0).choose(&[1.0, f32::NAN], &mut rng), None);
     }
 }

@@ -1,5 +1,7 @@
 //! `smelt generate ARTIFACT|MODEL (--prompt TEXT | --prompt-ids 1,2,3)
-//! --max-new-tokens N [--json]`: greedy decoding with the KV cache.
+//! --max-new-tokens N [--temperature T --top-k K --top-p P --seed S]
+//! [--stop ID,..] [--threads N] [--json]`: decoding with the KV cache,
+//! greedy unless a temperature is given; tokens/s go to stderr.
 //!
 //! `--prompt` needs the model's `tokenizer.json` (copied into artifacts at
 //! compile time); the text is encoded with the tokenizer's special tokens,
@@ -12,11 +14,10 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use smelt_runtime::generate::{generate_greedy, GenerateOptions};
-use smelt_runtime::InterpModel;
+use smelt_runtime::generate::{generate, GenerateOptions, Generation, Sampling};
 use tokenizers::Tokenizer;
 
-use crate::source::{load, tokenizer};
+use crate::source::{open_runnable, threads, tokenizer};
 
 #[derive(clap::Args, Debug)]
 #[command(group(clap::ArgGroup::new("input").required(true).args(["prompt", "prompt_ids"])))]
@@ -35,6 +36,24 @@ pub struct Args {
     /// Keep generating after an end-of-sequence token.
     #[arg(long)]
     pub ignore_eos: bool,
+    /// More token ids that end generation, e.g. 2,7 (besides the model's end-of-sequence ids).
+    #[arg(long, value_name = "IDS")]
+    pub stop: Option<String>,
+    /// Sampling temperature; 0 (the default) is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Sample only among the K most likely tokens (0: all).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// Sample only among the most likely tokens whose probability reaches P (1: all).
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Seed of the sampler, for reproducible runs.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Threads of the CPU runtime (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
     /// Print {"ids": [...], "text": ...} instead of streaming text.
     #[arg(long)]
     pub json: bool,
@@ -64,8 +83,26 @@ fn printable(text: &str) -> String {
         .collect()
 }
 
+/// `N tokens in X s (prefill ..., decode ... tokens/s)` on stderr.
+fn report_speed(g: &Generation) {
+    let new = g.ids.len() - g.prompt_len;
+    let decode_rate = if new > 1 && g.decode_secs > 0.0 { (new - 1) as f64 / g.decode_secs } else { 0.0 };
+    eprintln!(
+        "{new} new tokens in {:.2} s: prefill {} tokens in {:.1} ms, decode {decode_rate:.1} tokens/s",
+        g.prefill_secs + g.decode_secs,
+        g.prompt_len,
+        g.prefill_secs * 1e3
+    );
+}
+
 pub fn main(args: Args) -> Result<()> {
-    let loaded = load(&args.model)?;
+    if !(args.top_p > 0.0 && args.top_p <= 1.0) {
+        bail!("--top-p must be in (0, 1], found {}", args.top_p);
+    }
+    if !args.temperature.is_finite() || args.temperature < 0.0 {
+        bail!("--temperature must be a finite number >= 0, found {}", args.temperature);
+    }
+    let loaded = open_runnable(&args.model, threads(args.threads))?;
     let tok = match &loaded.tokenizer {
         Some(p) => Some(tokenizer(p)?),
         None => None,
@@ -87,14 +124,19 @@ pub fn main(args: Args) -> Result<()> {
     if prompt.is_empty() {
         bail!("the prompt is empty (it encodes to no tokens)");
     }
+    let mut eos = if args.ignore_eos { Vec::new() } else { loaded.eos_token_ids.clone() };
+    if let Some(stop) = &args.stop {
+        eos.extend(parse_ids(stop).context("--stop")?);
+    }
     let opts = GenerateOptions {
         max_new_tokens: args.max_new_tokens,
-        eos_token_ids: if args.ignore_eos { Vec::new() } else { loaded.eos_token_ids.clone() },
+        eos_token_ids: eos,
+        sampling: Sampling { temperature: args.temperature, top_k: args.top_k, top_p: args.top_p, seed: args.seed },
     };
-    let mut model = InterpModel::new(loaded.graph, loaded.weights)?;
+    let mut model = loaded.model;
 
     if args.json {
-        let g = generate_greedy(&mut model, &prompt, &opts, &mut |_| {})?;
+        let g = generate(model.as_mut(), &prompt, &opts, &mut |_| {})?;
         let text = match &tok {
             Some(t) => Some(decode(t, &g.ids)?),
             None => None,
@@ -105,6 +147,12 @@ pub fn main(args: Args) -> Result<()> {
             "prompt_tokens": g.prompt_len,
             "new_tokens": g.ids.len() - g.prompt_len,
             "stop": g.stop.as_str(),
+            "prefill_ms": g.prefill_secs * 1e3,
+            "decode_tokens_per_s": if g.ids.len() > g.prompt_len + 1 && g.decode_secs > 0.0 {
+                (g.ids.len() - g.prompt_len - 1) as f64 / g.decode_secs
+            } else {
+                0.0
+            },
         });
         return crate::out(&format!("{json}\n"));
     }
@@ -130,7 +178,7 @@ pub fn main(args: Args) -> Result<()> {
                 Ok(())
             };
             emit(&ids, &mut printed, false)?;
-            generate_greedy(&mut model, &prompt, &opts, &mut |next| {
+            let g = generate(model.as_mut(), &prompt, &opts, &mut |next| {
                 ids.push(next);
                 if failure.is_none() {
                     failure = emit(&ids, &mut printed, false).err();
@@ -140,12 +188,16 @@ pub fn main(args: Args) -> Result<()> {
                 return Err(e);
             }
             emit(&ids, &mut printed, true)?;
-            crate::out("\n")
+            crate::out("\n")?;
+            report_speed(&g);
+            Ok(())
         }
         None => {
-            let g = generate_greedy(&mut model, &prompt, &opts, &mut |_| {})?;
+            let g = generate(model.as_mut(), &prompt, &opts, &mut |_| {})?;
             let ids: Vec<String> = g.ids.iter().map(|i| i.to_string()).collect();
-            crate::out(&format!("{}\n", ids.join(",")))
+            crate::out(&format!("{}\n", ids.join(",")))?;
+            report_speed(&g);
+            Ok(())
         }
     }
 }
