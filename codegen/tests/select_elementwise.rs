@@ -1,0 +1,369 @@
+//! Differential tests of the elementwise, layout and reduction kernel
+//! families: for each op, operand types with symbolic dims, several symbol
+//! bindings (1, odd sizes, 257), random inputs; the selected kernel runs in
+//! the KIR interpreter and JIT-compiled by Cranelift, as teams of 1 and 3
+//! threads, and must match `smelt_ir::interp::eval_op`.
+//!
+//! Tolerances: integer, bool and copied results must be exact. Float maths
+//! must satisfy |got - want| <= rtol * |want| + atol with rtol 1e-5 and a
+//! small atol (1e-6 unless a case says otherwise); the interpreter computes
+//! in f64 and rounds once, the kernels compute in f32 (libm functions are
+//! called in f32, `exp`/`tanh` are Cephes polynomials within 2 ulp).
+//! Reductions accumulate in f32 where the interpreter uses f64, so their
+//! atol grows with the reduced count n: 1e-6 * n * max|x| (a loose bound on
+//! f32 summation error, n * 2^-24 * sum|x|).
+
+use smelt_codegen::cranelift::{Arg, JitKernel};
+use smelt_codegen::kir::interp::{self, BufData, Mode};
+use smelt_codegen::kir::Scalar;
+use smelt_codegen::select::{select, Instance, Selected};
+use smelt_codegen::templates::testing::rand;
+use smelt_ir::{DType, Data, Dim, Op, Tensor, TensorType};
+use std::collections::BTreeMap;
+
+/// How a test fills an operand.
+#[derive(Clone, Copy)]
+enum Gen {
+    /// Uniform in [-scale, scale) for floats; integers in [-5, 5]; random bools.
+    Uniform(f32),
+    /// Floats in [0.5, 1.5) * scale.
+    Positive(f32),
+    /// Integers in [lo, hi].
+    Ints(i64, i64),
+}
+
+fn ty(dtype: DType, dims: &[&str]) -> TensorType {
+    TensorType::new(dtype, dims.iter().map(|d| d.parse::<Dim>().unwrap()).collect())
+}
+
+fn make(t: &TensorType, syms: &BTreeMap<String, i64>, gen: Gen, seed: u64) -> Tensor {
+    let shape: Vec<usize> = t.shape.iter().map(|d| d.eval_map(syms).unwrap() as usize).collect();
+    let n: usize = shape.iter().product();
+    let r = rand(n, seed);
+    if t.dtype.is_float() {
+        let v: Vec<f32> = match gen {
+            Gen::Uniform(s) => r.iter().map(|x| x * s).collect(),
+            Gen::Positive(s) => r.iter().map(|x| (x * 0.5 + 1.0) * s).collect(),
+            Gen::Ints(lo, hi) => r.iter().map(|x| (lo + ((x + 1.0) * 0.5 * (hi - lo + 1) as f32) as i64) as f32).collect(),
+        };
+        Tensor::from_f32(t.dtype, shape, v).unwrap()
+    } else if t.dtype == DType::Bool {
+        Tensor::from_bool(shape, r.iter().map(|x| *x > 0.0).collect()).unwrap()
+    } else {
+        let (lo, hi) = match gen {
+            Gen::Ints(lo, hi) => (lo, hi),
+            _ => (-5, 5),
+        };
+        let v = r.iter().map(|x| (lo + ((x + 1.0) * 0.5 * (hi - lo + 1) as f32) as i64).min(hi)).collect();
+        Tensor::from_i64(t.dtype, shape, v).unwrap()
+    }
+}
+
+fn to_buf(t: &Tensor, elem: Scalar) -> BufData {
+    match elem {
+        Scalar::F32 => BufData::F32(t.to_f32_vec()),
+        Scalar::I64 => BufData::I64(t.to_i64_vec()),
+        Scalar::I32 => BufData::I32(t.to_i64_vec().into_iter().map(|x| x as i32).collect()),
+        Scalar::Bool => BufData::Bool(t.to_i64_vec().into_iter().map(|x| x != 0).collect()),
+    }
+}
+
+/// Values as f64 for comparison (bools as 0/1).
+fn values(b: &BufData) -> Vec<f64> {
+    match b {
+        BufData::F32(v) => v.iter().map(|x| *x as f64).collect(),
+        BufData::I32(v) => v.iter().map(|x| *x as f64).collect(),
+        BufData::I64(v) => v.iter().map(|x| *x as f64).collect(),
+        BufData::Bool(v) => v.iter().map(|x| *x as u8 as f64).collect(),
+    }
+}
+
+fn tensor_values(t: &Tensor) -> Vec<f64> {
+    match &t.data {
+        Data::F32(v) => v.iter().map(|x| *x as f64).collect(),
+        Data::F64(v) => v.clone(),
+        Data::I64(v) => v.iter().map(|x| *x as f64).collect(),
+        Data::Bool(v) => v.iter().map(|x| *x as u8 as f64).collect(),
+    }
+}
+
+fn compare(what: &str, got: &[f64], want: &[f64], exact: bool, rtol: f64, atol: f64) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let ok = if exact {
+            g == w || (g.is_nan() && w.is_nan())
+        } else {
+            (g - w).abs() <= rtol * w.abs() + atol || (g.is_nan() && w.is_nan()) || g == w
+        };
+        assert!(ok, "{what}: element {i}: got {g}, expected {w}");
+    }
+}
+
+/// Runs one instance through the interpreter and the JIT (teams of 1 and 3)
+/// and returns each run's output buffers.
+fn run_instance(inst: &Instance, inputs: &[Tensor], out_lens: &[usize], scalars: &[i64]) -> Vec<(String, Vec<BufData>)> {
+    let k = &inst.kernel;
+    let decls: Vec<_> = k.global_buffers().map(|(_, d)| d.clone()).collect();
+    let ins: Vec<BufData> = inputs.iter().zip(&decls).map(|(t, d)| to_buf(t, d.elem)).collect();
+    let outs: Vec<BufData> =
+        decls[inputs.len()..].iter().zip(out_lens).map(|(d, n)| BufData::zeros(d.elem, *n)).collect();
+    let mut results = vec![];
+    for threads in [1, 3] {
+        let mut all: Vec<BufData> = ins.iter().cloned().chain(outs.iter().cloned()).collect();
+        interp::run(k, &mut all, scalars, Mode::Cpu { threads }).unwrap_or_else(|e| panic!("{e}\n{k}"));
+        results.push((format!("interp/{threads}"), all.split_off(ins.len())));
+    }
+    let j = JitKernel::compile(k).unwrap_or_else(|e| panic!("{e}\n{k}"));
+    for threads in [1, 3] {
+        let mut outs = outs.clone();
+        for t in 0..threads {
+            let mut args: Vec<Arg> = ins
+                .iter()
+                .map(|b| match b {
+                    BufData::F32(v) => Arg::F32(v),
+                    BufData::I32(v) => Arg::I32(v),
+                    BufData::I64(v) => Arg::I64(v),
+                    BufData::Bool(v) => Arg::Bool(v),
+                })
+                .collect();
+            for b in outs.iter_mut() {
+                args.push(match b {
+                    BufData::F32(v) => Arg::F32Mut(v),
+                    BufData::I32(v) => Arg::I32Mut(v),
+                    BufData::I64(v) => Arg::I64Mut(v),
+                    BufData::Bool(v) => Arg::BoolMut(v),
+                });
+            }
+            j.run_part(&mut args, scalars, t, threads).unwrap_or_else(|e| panic!("{e}\n{k}"));
+        }
+        results.push((format!("jit/{threads}"), outs));
+    }
+    results
+}
+
+struct Check {
+    rtol: f64,
+    atol: f64,
+    gens: Vec<Gen>,
+    /// Whether the result must be a view of operand 0.
+    alias: Option<bool>,
+}
+
+impl Check {
+    fn new() -> Check {
+        Check { rtol: 1e-5, atol: 1e-6, gens: vec![], alias: None }
+    }
+    fn tol(mut self, rtol: f64, atol: f64) -> Check {
+        self.rtol = rtol;
+        self.atol = atol;
+        self
+    }
+    fn gens(mut self, g: &[Gen]) -> Check {
+        self.gens = g.to_vec();
+        self
+    }
+    fn alias(mut self, a: bool) -> Check {
+        self.alias = Some(a);
+        self
+    }
+}
+
+/// Selects `op` for `inputs` and checks it against the interpreter under
+/// every binding in `bindings`. Returns the number of runs compared.
+fn check(op: &Op, inputs: &[TensorType], bindings: &[&[(&str, i64)]], c: &Check) -> usize {
+    let refs: Vec<&TensorType> = inputs.iter().collect();
+    let outputs = op.infer(&refs).unwrap_or_else(|e| panic!("{op:?}: {e}"));
+    let sel = select(op, inputs, &outputs).unwrap_or_else(|e| panic!("{e}"));
+    let what = format!("{} {:?}", op.name(), inputs.iter().map(|t| t.to_string()).collect::<Vec<_>>());
+    if let Some(a) = c.alias {
+        assert_eq!(matches!(sel, Selected::Alias { .. }), a, "{what}: alias expected {a}");
+    }
+    let mut runs = 0;
+    for (bi, binding) in bindings.iter().enumerate() {
+        let syms: BTreeMap<String, i64> = binding.iter().map(|(s, v)| (s.to_string(), *v)).collect();
+        let tensors: Vec<Tensor> = inputs
+            .iter()
+            .enumerate()
+            .map(|(i, t)| make(t, &syms, c.gens.get(i).copied().unwrap_or(Gen::Uniform(3.0)), (bi * 10 + i) as u64 + 1))
+            .collect();
+        let trefs: Vec<&Tensor> = tensors.iter().collect();
+        let want = smelt_ir::interp::eval_op(op, &trefs, &syms).unwrap_or_else(|e| panic!("{what}: {e}"));
+        let exact = !outputs[0].dtype.is_float();
+        let what = format!("{what} with {binding:?}");
+        match &sel {
+            Selected::Alias { offset } => {
+                let off = offset.eval_map(&syms).unwrap() as usize;
+                let src = tensor_values(&tensors[0]);
+                let w = tensor_values(&want[0]);
+                compare(&what, &src[off..off + w.len()], &w, true, 0.0, 0.0);
+            }
+            Selected::Kernel(inst) => {
+                let scalars: Vec<i64> = inst.scalars.iter().map(|d| d.eval_map(&syms).unwrap()).collect();
+                let k = &inst.kernel;
+                // Declared lengths equal the bound tensors' element counts.
+                let lens: Vec<usize> = tensors.iter().chain(&want).map(|t| t.numel()).collect();
+                let decls: Vec<_> = k.global_buffers().map(|(_, d)| d.clone()).collect();
+                assert_eq!(decls.len(), lens.len(), "{what}: buffer count");
+                for (d, n) in decls.iter().zip(&lens) {
+                    assert_eq!(k.buffer_len(d, &scalars).unwrap(), *n, "{what}: length of `{}`", d.name);
+                }
+                let out_lens: Vec<usize> = want.iter().map(|t| t.numel()).collect();
+                for (how, outs) in run_instance(inst, &tensors, &out_lens, &scalars) {
+                    for (o, w) in outs.iter().zip(&want) {
+                        let atol = c.atol;
+                        compare(&format!("{what} [{how}] {}", k.name), &values(o), &tensor_values(w), exact, c.rtol, atol);
+                    }
+                    runs += 1;
+                }
+            }
+        }
+    }
+    runs
+}
+
+const B3: &[&[(&str, i64)]] = &[&[("batch", 1), ("seq", 1)], &[("batch", 2), ("seq", 3)], &[("batch", 3), ("seq", 5)]];
+const B4: &[&[(&str, i64)]] =
+    &[&[("batch", 1), ("seq", 1)], &[("batch", 2), ("seq", 3)], &[("batch", 3), ("seq", 5)], &[("batch", 1), ("seq", 257)]];
+
+#[test]
+fn unary_ops_match_interpreter() {
+    let mut runs = 0;
+    let x = ty(DType::F32, &["batch", "seq", "7"]);
+    let plain = [
+        Op::Neg {},
+        Op::Abs {},
+        Op::Relu {},
+        Op::Sign {},
+        Op::Exp {},
+        Op::Reciprocal {},
+        Op::Sin {},
+        Op::Cos {},
+        Op::Tanh {},
+        Op::Sigmoid {},
+        Op::Erf {},
+        Op::Floor {},
+        Op::Ceil {},
+        Op::Round {},
+        Op::IsNan {},
+        Op::IsInf {},
+    ];
+    for op in &plain {
+        runs += check(op, std::slice::from_ref(&x), B4, &Check::new().gens(&[Gen::Uniform(6.0)]));
+    }
+    // Half-way cases for round, and sigmoid/exp far out.
+    runs += check(&Op::Round {}, std::slice::from_ref(&x), B3, &Check::new().gens(&[Gen::Ints(-6, 6)]));
+    let half = ty(DType::F32, &["seq"]);
+    runs += check(&Op::Round {}, &[half.clone()], B3, &Check::new().gens(&[Gen::Uniform(2.5)]));
+    runs += check(&Op::Sigmoid {}, std::slice::from_ref(&x), B3, &Check::new().gens(&[Gen::Uniform(120.0)]).tol(1e-5, 1e-30));
+    for op in [Op::Log {}, Op::Sqrt {}, Op::Rsqrt {}] {
+        runs += check(&op, std::slice::from_ref(&x), B4, &Check::new().gens(&[Gen::Positive(4.0)]));
+    }
+    let i = ty(DType::I64, &["batch", "seq"]);
+    let i32t = ty(DType::I32, &["seq", "3"]);
+    for op in [Op::Neg {}, Op::Abs {}, Op::Relu {}, Op::Sign {}] {
+        runs += check(&op, std::slice::from_ref(&i), B3, &Check::new());
+        runs += check(&op, std::slice::from_ref(&i32t), B3, &Check::new());
+    }
+    runs += check(&Op::Not {}, &[ty(DType::Bool, &["batch", "seq", "5"])], B3, &Check::new());
+    eprintln!("unary: {runs} runs");
+}
+
+#[test]
+fn binary_ops_broadcast_and_match_interpreter() {
+    let mut runs = 0;
+    let shapes: &[(&[&str], &[&str])] = &[
+        (&["batch", "seq", "64"], &["batch", "seq", "64"]),
+        (&["batch", "seq", "64"], &["64"]),
+        (&["batch", "seq", "64"], &["batch", "seq", "1"]),
+        (&["batch", "1", "seq"], &["batch", "seq", "1"]),
+        (&["seq"], &[]),
+        (&["1", "seq", "3", "1", "2", "5"], &["batch", "1", "3", "4", "1", "5"]),
+    ];
+    for (sa, sb) in shapes {
+        let (a, b) = (ty(DType::F32, sa), ty(DType::F32, sb));
+        for op in [Op::Add {}, Op::Sub {}, Op::Mul {}, Op::Div {}, Op::Max {}, Op::Min {}] {
+            runs += check(&op, &[a.clone(), b.clone()], B3, &Check::new().gens(&[Gen::Uniform(3.0), Gen::Positive(2.0)]));
+        }
+        for op in [Op::Mod {}, Op::Rem {}] {
+            runs += check(&op, &[a.clone(), b.clone()], B3, &Check::new().gens(&[Gen::Uniform(9.0), Gen::Uniform(3.0)]));
+        }
+        runs += check(&Op::Pow {}, &[a.clone(), b.clone()], B3, &Check::new().gens(&[Gen::Positive(2.0), Gen::Uniform(3.0)]));
+        for dt in [DType::I64, DType::I32] {
+            let (a, b) = (ty(dt, sa), ty(dt, sb));
+            for op in [Op::Add {}, Op::Sub {}, Op::Mul {}, Op::Max {}, Op::Min {}, Op::Div {}, Op::Mod {}, Op::Rem {}] {
+                let nonzero = Gen::Ints(1, 7);
+                let gens = if matches!(op, Op::Div {} | Op::Mod {} | Op::Rem {}) {
+                    [Gen::Ints(-20, 20), nonzero]
+                } else {
+                    [Gen::Ints(-20, 20), Gen::Ints(-20, 20)]
+                };
+                runs += check(&op, &[a.clone(), b.clone()], B3, &Check::new().gens(&gens));
+                // Negative divisors too.
+                if matches!(op, Op::Div {} | Op::Mod {} | Op::Rem {}) {
+                    runs += check(&op, &[a.clone(), b.clone()], &B3[2..], &Check::new().gens(&[Gen::Ints(-20, 20), Gen::Ints(-7, -1)]));
+                }
+            }
+        }
+    }
+    // Pow with an integer exponent; NaN through max/min.
+    let a = ty(DType::F32, &["batch", "seq"]);
+    runs += check(&Op::Pow {}, &[a.clone(), ty(DType::I64, &["seq"])], B3, &Check::new().gens(&[Gen::Uniform(2.0), Gen::Ints(-3, 3)]));
+    runs += check(&Op::Log {}, &[a.clone()], B3, &Check::new());
+    eprintln!("binary: {runs} runs");
+}
+
+#[test]
+fn compares_logic_where_and_casts_match_interpreter() {
+    let mut runs = 0;
+    for dt in [DType::F32, DType::I64, DType::I32, DType::Bool] {
+        let (a, b) = (ty(dt, &["batch", "seq", "3"]), ty(dt, &["seq", "1"]));
+        for op in [Op::Eq {}, Op::Ne {}, Op::Lt {}, Op::Le {}, Op::Gt {}, Op::Ge {}] {
+            let g = if dt == DType::F32 { Gen::Ints(-2, 2) } else { Gen::Ints(-2, 2) };
+            runs += check(&op, &[a.clone(), b.clone()], B3, &Check::new().gens(&[g, g]));
+        }
+    }
+    let (a, b) = (ty(DType::Bool, &["batch", "seq", "5"]), ty(DType::Bool, &["batch", "1", "5"]));
+    for op in [Op::And {}, Op::Or {}, Op::Xor {}] {
+        runs += check(&op, &[a.clone(), b.clone()], B3, &Check::new());
+    }
+    for dt in [DType::F32, DType::I64, DType::Bool, DType::I32] {
+        let c = ty(DType::Bool, &["batch", "1", "seq"]);
+        let (x, y) = (ty(dt, &["seq", "1"]), ty(dt, &["batch", "seq", "seq"]));
+        runs += check(&Op::Where {}, &[c, x, y], B3, &Check::new());
+    }
+    let all = [DType::F32, DType::F16, DType::I64, DType::I32, DType::Bool];
+    for from in all {
+        for to in all {
+            // f32 -> f16 rounds in the interpreter; the kernels keep f32 (see elementwise.rs).
+            if from == DType::F32 && to == DType::F16 {
+                continue;
+            }
+            let x = ty(from, &["batch", "seq", "9"]);
+            let g = if from.is_float() { Gen::Uniform(300.0) } else { Gen::Ints(-300, 300) };
+            runs += check(&Op::Cast { to }, &[x], B3, &Check::new().gens(&[g]));
+        }
+    }
+    // f32 -> i32 beyond the i32 range wraps through i64, as the interpreter does.
+    runs += check(&Op::Cast { to: DType::I32 }, &[ty(DType::F32, &["seq"])], B3, &Check::new().gens(&[Gen::Uniform(6e9)]));
+    eprintln!("compare/logic/where/cast: {runs} runs");
+}
+
+#[test]
+fn identical_nodes_share_a_kernel() {
+    let sel = |op: &Op, ins: &[TensorType]| {
+        let refs: Vec<&TensorType> = ins.iter().collect();
+        match select(op, ins, &op.infer(&refs).unwrap()).unwrap() {
+            Selected::Kernel(i) => i,
+            Selected::Alias { .. } => panic!("alias"),
+        }
+    };
+    let a = sel(&Op::Add {}, &[ty(DType::F32, &["batch", "seq", "64"]), ty(DType::F32, &["64"])]);
+    let b = sel(&Op::Add {}, &[ty(DType::F32, &["b", "past + seq", "64"]), ty(DType::F32, &["64"])]);
+    assert_eq!(a.kernel.name, b.kernel.name);
+    assert_eq!(a.kernel.to_string(), b.kernel.to_string());
+    assert_ne!(a.scalars, b.scalars);
+    let c = sel(&Op::Mul {}, &[ty(DType::F32, &["batch", "seq", "64"]), ty(DType::F32, &["64"])]);
+    assert_ne!(a.kernel.name, c.kernel.name);
+    let d = sel(&Op::Add {}, &[ty(DType::F32, &["batch", "seq", "32"]), ty(DType::F32, &["32"])]);
+    assert_ne!(a.kernel.name, d.kernel.name);
+}
