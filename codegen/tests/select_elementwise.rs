@@ -367,3 +367,154 @@ fn identical_nodes_share_a_kernel() {
     let d = sel(&Op::Add {}, &[ty(DType::F32, &["batch", "seq", "32"]), ty(DType::F32, &["32"])]);
     assert_ne!(a.kernel.name, d.kernel.name);
 }
+
+fn dims(v: &[&str]) -> Vec<Dim> {
+    v.iter().map(|d| d.parse::<Dim>().unwrap()).collect()
+}
+
+#[test]
+fn layout_ops_match_interpreter() {
+    let mut runs = 0;
+    let x = ty(DType::F32, &["batch", "seq", "6"]);
+    let views = [
+        Op::Reshape { shape: dims(&["batch * seq", "2", "3"]) },
+        Op::Unsqueeze { axes: vec![1] },
+        Op::Squeeze { axes: vec![] },
+    ];
+    for op in &views {
+        runs += check(op, std::slice::from_ref(&x), B3, &Check::new().alias(true));
+    }
+    runs += check(&Op::Squeeze { axes: vec![0] }, &[ty(DType::I64, &["1", "seq"])], B3, &Check::new().alias(true));
+    for dt in [DType::F32, DType::I64, DType::Bool, DType::I32] {
+        let x = ty(dt, &["batch", "seq", "5", "3"]);
+        for perm in [vec![0, 2, 1, 3], vec![3, 2, 1, 0], vec![1, 0, 2, 3], vec![0, 1, 3, 2]] {
+            runs += check(&Op::Transpose { perm }, std::slice::from_ref(&x), B4, &Check::new());
+        }
+        runs += check(
+            &Op::Expand { shape: dims(&["batch", "3", "seq", "4"]) },
+            &[ty(dt, &["batch", "1", "seq", "1"])],
+            B3,
+            &Check::new(),
+        );
+        runs += check(&Op::Expand { shape: dims(&["seq", "2", "1"]) }, &[ty(dt, &["1", "5"])], B3, &Check::new());
+    }
+    // Slices: contiguous blocks are views, the rest copies (steps of any sign).
+    let x = ty(DType::F32, &["batch", "seq", "8"]);
+    let slices: &[(Vec<i64>, Vec<&str>, Vec<&str>, Vec<i64>, Option<bool>)] = &[
+        (vec![0], vec!["0"], vec!["1"], vec![1], Some(true)),
+        (vec![2], vec!["2"], vec!["6"], vec![1], Some(false)),
+        (vec![1], vec!["0"], vec!["seq"], vec![2], Some(false)),
+        (vec![-1], vec!["7"], vec!["-1"], vec![-1], Some(false)),
+        (vec![1, 2], vec!["seq - 1", "1"], vec!["-1", "8"], vec![-1, 3], Some(false)),
+    ];
+    for (axes, starts, ends, steps, alias) in slices {
+        let op = Op::Slice { axes: axes.clone(), starts: dims(starts), ends: dims(ends), steps: steps.clone() };
+        let mut c = Check::new();
+        c.alias = *alias;
+        runs += check(&op, std::slice::from_ref(&x), B4, &c);
+    }
+    // The last token of a [1, seq, 8] tensor is a view at a symbolic offset.
+    let last = Op::Slice { axes: vec![1], starts: dims(&["seq - 1"]), ends: dims(&["seq"]), steps: vec![1] };
+    runs += check(&last, &[ty(DType::F32, &["1", "seq", "8"])], B4, &Check::new().alias(true));
+    for dt in [DType::F32, DType::I64, DType::Bool] {
+        for axis in [0, 1, 2, -1] {
+            let ins = vec![ty(dt, &["batch", "seq", "3"]), ty(dt, &["batch", "seq", "3"]), ty(dt, &["batch", "seq", "3"])];
+            runs += check(&Op::Concat { axis }, &ins, B3, &Check::new());
+        }
+        let ins = vec![ty(dt, &["batch", "past", "4"]), ty(dt, &["batch", "seq", "4"])];
+        let kv: &[&[(&str, i64)]] = &[&[("batch", 2), ("past", 0), ("seq", 3)], &[("batch", 1), ("past", 7), ("seq", 1)]];
+        runs += check(&Op::Concat { axis: 1 }, &ins, kv, &Check::new());
+        runs += check(&Op::Concat { axis: 0 }, &[ty(dt, &["seq", "2"])], B3, &Check::new());
+    }
+    // Gather: the embedding lookup, other axes, negative and i32 indices.
+    for (data, idx, axis) in [
+        (vec!["11", "6"], vec!["batch", "seq"], 0),
+        (vec!["batch", "5", "3"], vec!["seq"], 1),
+        (vec!["batch", "4", "5"], vec!["2", "seq"], -1),
+        (vec!["7"], vec![], 0),
+    ] {
+        for (dt, it) in [(DType::F32, DType::I64), (DType::I64, DType::I32), (DType::Bool, DType::I64)] {
+            let ins = vec![ty(dt, &data), ty(it, &idx)];
+            let lim = if axis == 0 { 5 } else if axis == 1 { 4 } else { 4 };
+            runs += check(&Op::Gather { axis }, &ins, B3, &Check::new().gens(&[Gen::Uniform(3.0), Gen::Ints(-lim, lim - 1)]));
+        }
+    }
+    for axis in [0, 1, -1] {
+        let ins = vec![ty(DType::F32, &["batch", "seq", "4"]), ty(DType::I64, &["batch", "seq", "3"])];
+        runs += check(&Op::GatherElements { axis }, &ins, B3, &Check::new().gens(&[Gen::Uniform(3.0), Gen::Ints(-1, 0)]));
+    }
+    for (upper, k) in [(true, "0"), (false, "0"), (true, "2"), (false, "-1"), (false, "past")] {
+        let op = Op::Trilu { upper, k: k.parse().unwrap() };
+        let b: &[&[(&str, i64)]] = &[&[("seq", 1), ("past", 0)], &[("seq", 5), ("past", 2)]];
+        runs += check(&op, &[ty(DType::F32, &["2", "seq", "seq"])], b, &Check::new());
+        runs += check(&op, &[ty(DType::Bool, &["seq", "7"])], b, &Check::new());
+    }
+    for dtype in [DType::I64, DType::F32, DType::I32] {
+        for (start, end, step) in [("0", "seq", 1), ("past", "past + seq", 1), ("seq", "0", -2)] {
+            let op = Op::Range { start: start.parse().unwrap(), end: end.parse().unwrap(), step, dtype };
+            let b: &[&[(&str, i64)]] = &[&[("seq", 1), ("past", 0)], &[("seq", 5), ("past", 3)], &[("seq", 257), ("past", 9)]];
+            runs += check(&op, &[], b, &Check::new());
+        }
+    }
+    for (dtype, value) in [(DType::F32, -1.5), (DType::I64, 7.9), (DType::Bool, 1.0), (DType::F16, 0.1), (DType::I32, -3.0)] {
+        let op = Op::Fill { shape: dims(&["batch", "seq", "5"]), value, dtype };
+        runs += check(&op, &[], B4, &Check::new());
+    }
+    eprintln!("layout: {runs} runs");
+}
+
+#[test]
+fn reductions_match_interpreter() {
+    let mut runs = 0;
+    let x = ty(DType::F32, &["batch", "seq", "6", "5"]);
+    let axes_sets: &[&[i64]] = &[&[-1], &[1], &[0, 1], &[1, 3], &[2, 3], &[0, 1, 2, 3], &[0, 2]];
+    for axes in axes_sets {
+        for keepdims in [false, true] {
+            let ops = [
+                Op::ReduceSum { axes: axes.to_vec(), keepdims },
+                Op::ReduceMean { axes: axes.to_vec(), keepdims },
+                Op::ReduceMax { axes: axes.to_vec(), keepdims },
+                Op::ReduceMin { axes: axes.to_vec(), keepdims },
+                Op::ReduceProd { axes: axes.to_vec(), keepdims },
+            ];
+            for op in &ops {
+                // Products stay near 1 so they neither overflow nor vanish.
+                let g = if matches!(op, Op::ReduceProd { .. }) { Gen::Positive(1.0) } else { Gen::Uniform(1.0) };
+                // n * max|x| with n up to 3 * 257 * 30 elements.
+                runs += check(op, std::slice::from_ref(&x), B4, &Check::new().gens(&[g]).tol(1e-5, 1e-6 * 30.0 * 771.0));
+                runs += check(op, &[ty(DType::I64, &["batch", "seq", "6", "5"])], B3, &Check::new().gens(&[Gen::Ints(-3, 3)]));
+                if !matches!(op, Op::ReduceProd { .. }) {
+                    runs += check(op, &[ty(DType::I32, &["batch", "seq", "6", "5"])], B3, &Check::new());
+                }
+            }
+        }
+    }
+    runs += check(&Op::ReduceSum { axes: vec![], keepdims: true }, std::slice::from_ref(&x), B3, &Check::new().alias(true));
+    // A long contiguous row (the vector path) with n = 2048.
+    let row = ty(DType::F32, &["seq", "2048"]);
+    runs += check(&Op::ReduceMean { axes: vec![-1], keepdims: true }, &[row.clone()], B3, &Check::new().tol(1e-5, 1e-6 * 2048.0));
+    runs += check(&Op::ReduceMax { axes: vec![-1], keepdims: false }, &[row], B3, &Check::new());
+    for axis in [0, 1, -1] {
+        for keepdims in [false, true] {
+            for dt in [DType::F32, DType::I64, DType::I32] {
+                // Few distinct values, so ties (first maximum wins) happen.
+                let g = Gen::Ints(-2, 2);
+                runs += check(&Op::ArgMax { axis, keepdims }, &[ty(dt, &["batch", "seq", "7"])], B4, &Check::new().gens(&[g]));
+            }
+        }
+    }
+    for axis in [0, 1, -1] {
+        for (exclusive, reverse) in [(false, false), (true, false), (false, true), (true, true)] {
+            let op = Op::CumSum { axis, exclusive, reverse };
+            runs += check(&op, &[ty(DType::F32, &["batch", "seq", "7"])], B4, &Check::new().tol(1e-5, 1e-6 * 257.0 * 3.0));
+            runs += check(&op, &[ty(DType::I64, &["batch", "seq", "7"])], B3, &Check::new());
+        }
+    }
+    for axis in [-1, 0, 1, 2] {
+        for shape in [&["batch", "seq", "9"][..], &["batch", "3", "seq"][..]] {
+            runs += check(&Op::Softmax { axis }, &[ty(DType::F32, shape)], B4, &Check::new().gens(&[Gen::Uniform(10.0)]).tol(1e-5, 1e-7));
+        }
+    }
+    runs += check(&Op::Softmax { axis: -1 }, &[ty(DType::F32, &["seq", "1000"])], B3, &Check::new().gens(&[Gen::Uniform(30.0)]).tol(1e-5, 1e-8));
+    eprintln!("reductions: {runs} runs");
+}
