@@ -30,6 +30,8 @@ enum Gen {
     Positive(f32),
     /// Integers in [lo, hi].
     Ints(i64, i64),
+    /// Like `Uniform(scale)`, with every 7th element NaN and every 11th +-inf.
+    Special(f32),
 }
 
 fn ty(dtype: DType, dims: &[&str]) -> TensorType {
@@ -44,7 +46,18 @@ fn make(t: &TensorType, syms: &BTreeMap<String, i64>, gen: Gen, seed: u64) -> Te
         let v: Vec<f32> = match gen {
             Gen::Uniform(s) => r.iter().map(|x| x * s).collect(),
             Gen::Positive(s) => r.iter().map(|x| (x * 0.5 + 1.0) * s).collect(),
-            Gen::Ints(lo, hi) => r.iter().map(|x| (lo + ((x + 1.0) * 0.5 * (hi - lo + 1) as f32) as i64) as f32).collect(),
+            Gen::Ints(lo, hi) => {
+                r.iter().map(|x| (lo + ((x + 1.0) * 0.5 * (hi - lo + 1) as f32) as i64) as f32).collect()
+            }
+            Gen::Special(s) => r
+                .iter()
+                .enumerate()
+                .map(|(i, x)| match (i % 7, i % 11) {
+                    (3, _) => f32::NAN,
+                    (_, 5) => f32::INFINITY.copysign(*x),
+                    _ => x * s,
+                })
+                .collect(),
         };
         Tensor::from_f32(t.dtype, shape, v).unwrap()
     } else if t.dtype == DType::Bool {
@@ -101,7 +114,12 @@ fn compare(what: &str, got: &[f64], want: &[f64], exact: bool, rtol: f64, atol: 
 
 /// Runs one instance through the interpreter and the JIT (teams of 1 and 3)
 /// and returns each run's output buffers.
-fn run_instance(inst: &Instance, inputs: &[Tensor], out_lens: &[usize], scalars: &[i64]) -> Vec<(String, Vec<BufData>)> {
+fn run_instance(
+    inst: &Instance,
+    inputs: &[Tensor],
+    out_lens: &[usize],
+    scalars: &[i64],
+) -> Vec<(String, Vec<BufData>)> {
     let k = &inst.kernel;
     let decls: Vec<_> = k.global_buffers().map(|(_, d)| d.clone()).collect();
     let ins: Vec<BufData> = inputs.iter().zip(&decls).map(|(t, d)| to_buf(t, d.elem)).collect();
@@ -211,7 +229,14 @@ fn check(op: &Op, inputs: &[TensorType], bindings: &[&[(&str, i64)]], c: &Check)
                 for (how, outs) in run_instance(inst, &tensors, &out_lens, &scalars) {
                     for (o, w) in outs.iter().zip(&want) {
                         let atol = c.atol;
-                        compare(&format!("{what} [{how}] {}", k.name), &values(o), &tensor_values(w), exact, c.rtol, atol);
+                        compare(
+                            &format!("{what} [{how}] {}", k.name),
+                            &values(o),
+                            &tensor_values(w),
+                            exact,
+                            c.rtol,
+                            atol,
+                        );
                     }
                     runs += 1;
                 }
@@ -222,8 +247,12 @@ fn check(op: &Op, inputs: &[TensorType], bindings: &[&[(&str, i64)]], c: &Check)
 }
 
 const B3: &[&[(&str, i64)]] = &[&[("batch", 1), ("seq", 1)], &[("batch", 2), ("seq", 3)], &[("batch", 3), ("seq", 5)]];
-const B4: &[&[(&str, i64)]] =
-    &[&[("batch", 1), ("seq", 1)], &[("batch", 2), ("seq", 3)], &[("batch", 3), ("seq", 5)], &[("batch", 1), ("seq", 257)]];
+const B4: &[&[(&str, i64)]] = &[
+    &[("batch", 1), ("seq", 1)],
+    &[("batch", 2), ("seq", 3)],
+    &[("batch", 3), ("seq", 5)],
+    &[("batch", 1), ("seq", 257)],
+];
 
 #[test]
 fn unary_ops_match_interpreter() {
@@ -254,7 +283,12 @@ fn unary_ops_match_interpreter() {
     runs += check(&Op::Round {}, std::slice::from_ref(&x), B3, &Check::new().gens(&[Gen::Ints(-6, 6)]));
     let half = ty(DType::F32, &["seq"]);
     runs += check(&Op::Round {}, &[half.clone()], B3, &Check::new().gens(&[Gen::Uniform(2.5)]));
-    runs += check(&Op::Sigmoid {}, std::slice::from_ref(&x), B3, &Check::new().gens(&[Gen::Uniform(120.0)]).tol(1e-5, 1e-30));
+    runs += check(
+        &Op::Sigmoid {},
+        std::slice::from_ref(&x),
+        B3,
+        &Check::new().gens(&[Gen::Uniform(120.0)]).tol(1e-5, 1e-30),
+    );
     for op in [Op::Log {}, Op::Sqrt {}, Op::Rsqrt {}] {
         runs += check(&op, std::slice::from_ref(&x), B4, &Check::new().gens(&[Gen::Positive(4.0)]));
     }
@@ -282,12 +316,19 @@ fn binary_ops_broadcast_and_match_interpreter() {
     for (sa, sb) in shapes {
         let (a, b) = (ty(DType::F32, sa), ty(DType::F32, sb));
         for op in [Op::Add {}, Op::Sub {}, Op::Mul {}, Op::Div {}, Op::Max {}, Op::Min {}] {
-            runs += check(&op, &[a.clone(), b.clone()], B3, &Check::new().gens(&[Gen::Uniform(3.0), Gen::Positive(2.0)]));
+            runs +=
+                check(&op, &[a.clone(), b.clone()], B3, &Check::new().gens(&[Gen::Uniform(3.0), Gen::Positive(2.0)]));
         }
         for op in [Op::Mod {}, Op::Rem {}] {
-            runs += check(&op, &[a.clone(), b.clone()], B3, &Check::new().gens(&[Gen::Uniform(9.0), Gen::Uniform(3.0)]));
+            runs +=
+                check(&op, &[a.clone(), b.clone()], B3, &Check::new().gens(&[Gen::Uniform(9.0), Gen::Uniform(3.0)]));
         }
-        runs += check(&Op::Pow {}, &[a.clone(), b.clone()], B3, &Check::new().gens(&[Gen::Positive(2.0), Gen::Uniform(3.0)]));
+        runs += check(
+            &Op::Pow {},
+            &[a.clone(), b.clone()],
+            B3,
+            &Check::new().gens(&[Gen::Positive(2.0), Gen::Uniform(3.0)]),
+        );
         for dt in [DType::I64, DType::I32] {
             let (a, b) = (ty(dt, sa), ty(dt, sb));
             for op in [Op::Add {}, Op::Sub {}, Op::Mul {}, Op::Max {}, Op::Min {}, Op::Div {}, Op::Mod {}, Op::Rem {}] {
@@ -300,14 +341,24 @@ fn binary_ops_broadcast_and_match_interpreter() {
                 runs += check(&op, &[a.clone(), b.clone()], B3, &Check::new().gens(&gens));
                 // Negative divisors too.
                 if matches!(op, Op::Div {} | Op::Mod {} | Op::Rem {}) {
-                    runs += check(&op, &[a.clone(), b.clone()], &B3[2..], &Check::new().gens(&[Gen::Ints(-20, 20), Gen::Ints(-7, -1)]));
+                    runs += check(
+                        &op,
+                        &[a.clone(), b.clone()],
+                        &B3[2..],
+                        &Check::new().gens(&[Gen::Ints(-20, 20), Gen::Ints(-7, -1)]),
+                    );
                 }
             }
         }
     }
     // Pow with an integer exponent; NaN through max/min.
     let a = ty(DType::F32, &["batch", "seq"]);
-    runs += check(&Op::Pow {}, &[a.clone(), ty(DType::I64, &["seq"])], B3, &Check::new().gens(&[Gen::Uniform(2.0), Gen::Ints(-3, 3)]));
+    runs += check(
+        &Op::Pow {},
+        &[a.clone(), ty(DType::I64, &["seq"])],
+        B3,
+        &Check::new().gens(&[Gen::Uniform(2.0), Gen::Ints(-3, 3)]),
+    );
     runs += check(&Op::Log {}, &[a.clone()], B3, &Check::new());
     eprintln!("binary: {runs} runs");
 }
@@ -344,7 +395,8 @@ fn compares_logic_where_and_casts_match_interpreter() {
         }
     }
     // f32 -> i32 beyond the i32 range wraps through i64, as the interpreter does.
-    runs += check(&Op::Cast { to: DType::I32 }, &[ty(DType::F32, &["seq"])], B3, &Check::new().gens(&[Gen::Uniform(6e9)]));
+    runs +=
+        check(&Op::Cast { to: DType::I32 }, &[ty(DType::F32, &["seq"])], B3, &Check::new().gens(&[Gen::Uniform(6e9)]));
     eprintln!("compare/logic/where/cast: {runs} runs");
 }
 
@@ -418,11 +470,13 @@ fn layout_ops_match_interpreter() {
     runs += check(&last, &[ty(DType::F32, &["1", "seq", "8"])], B4, &Check::new().alias(true));
     for dt in [DType::F32, DType::I64, DType::Bool] {
         for axis in [0, 1, 2, -1] {
-            let ins = vec![ty(dt, &["batch", "seq", "3"]), ty(dt, &["batch", "seq", "3"]), ty(dt, &["batch", "seq", "3"])];
+            let ins =
+                vec![ty(dt, &["batch", "seq", "3"]), ty(dt, &["batch", "seq", "3"]), ty(dt, &["batch", "seq", "3"])];
             runs += check(&Op::Concat { axis }, &ins, B3, &Check::new());
         }
         let ins = vec![ty(dt, &["batch", "past", "4"]), ty(dt, &["batch", "seq", "4"])];
-        let kv: &[&[(&str, i64)]] = &[&[("batch", 2), ("past", 0), ("seq", 3)], &[("batch", 1), ("past", 7), ("seq", 1)]];
+        let kv: &[&[(&str, i64)]] =
+            &[&[("batch", 2), ("past", 0), ("seq", 3)], &[("batch", 1), ("past", 7), ("seq", 1)]];
         runs += check(&Op::Concat { axis: 1 }, &ins, kv, &Check::new());
         runs += check(&Op::Concat { axis: 0 }, &[ty(dt, &["seq", "2"])], B3, &Check::new());
     }
@@ -435,13 +489,25 @@ fn layout_ops_match_interpreter() {
     ] {
         for (dt, it) in [(DType::F32, DType::I64), (DType::I64, DType::I32), (DType::Bool, DType::I64)] {
             let ins = vec![ty(dt, &data), ty(it, &idx)];
-            let lim = if axis == 0 { 5 } else if axis == 1 { 4 } else { 4 };
-            runs += check(&Op::Gather { axis }, &ins, B3, &Check::new().gens(&[Gen::Uniform(3.0), Gen::Ints(-lim, lim - 1)]));
+            let lim = if axis == 0 {
+                5
+            } else if axis == 1 {
+                4
+            } else {
+                4
+            };
+            runs += check(
+                &Op::Gather { axis },
+                &ins,
+                B3,
+                &Check::new().gens(&[Gen::Uniform(3.0), Gen::Ints(-lim, lim - 1)]),
+            );
         }
     }
     for axis in [0, 1, -1] {
         let ins = vec![ty(DType::F32, &["batch", "seq", "4"]), ty(DType::I64, &["batch", "seq", "3"])];
-        runs += check(&Op::GatherElements { axis }, &ins, B3, &Check::new().gens(&[Gen::Uniform(3.0), Gen::Ints(-1, 0)]));
+        runs +=
+            check(&Op::GatherElements { axis }, &ins, B3, &Check::new().gens(&[Gen::Uniform(3.0), Gen::Ints(-1, 0)]));
     }
     for (upper, k) in [(true, "0"), (false, "0"), (true, "2"), (false, "-1"), (false, "past")] {
         let op = Op::Trilu { upper, k: k.parse().unwrap() };
@@ -452,11 +518,14 @@ fn layout_ops_match_interpreter() {
     for dtype in [DType::I64, DType::F32, DType::I32] {
         for (start, end, step) in [("0", "seq", 1), ("past", "past + seq", 1), ("seq", "0", -2)] {
             let op = Op::Range { start: start.parse().unwrap(), end: end.parse().unwrap(), step, dtype };
-            let b: &[&[(&str, i64)]] = &[&[("seq", 1), ("past", 0)], &[("seq", 5), ("past", 3)], &[("seq", 257), ("past", 9)]];
+            let b: &[&[(&str, i64)]] =
+                &[&[("seq", 1), ("past", 0)], &[("seq", 5), ("past", 3)], &[("seq", 257), ("past", 9)]];
             runs += check(&op, &[], b, &Check::new());
         }
     }
-    for (dtype, value) in [(DType::F32, -1.5), (DType::I64, 7.9), (DType::Bool, 1.0), (DType::F16, 0.1), (DType::I32, -3.0)] {
+    for (dtype, value) in
+        [(DType::F32, -1.5), (DType::I64, 7.9), (DType::Bool, 1.0), (DType::F16, 0.1), (DType::I32, -3.0)]
+    {
         let op = Op::Fill { shape: dims(&["batch", "seq", "5"]), value, dtype };
         runs += check(&op, &[], B4, &Check::new());
     }
@@ -481,40 +550,140 @@ fn reductions_match_interpreter() {
                 // Products stay near 1 so they neither overflow nor vanish.
                 let g = if matches!(op, Op::ReduceProd { .. }) { Gen::Positive(1.0) } else { Gen::Uniform(1.0) };
                 // n * max|x| with n up to 3 * 257 * 30 elements.
-                runs += check(op, std::slice::from_ref(&x), B4, &Check::new().gens(&[g]).tol(1e-5, 1e-6 * 30.0 * 771.0));
-                runs += check(op, &[ty(DType::I64, &["batch", "seq", "6", "5"])], B3, &Check::new().gens(&[Gen::Ints(-3, 3)]));
+                runs +=
+                    check(op, std::slice::from_ref(&x), B4, &Check::new().gens(&[g]).tol(1e-5, 1e-6 * 30.0 * 771.0));
+                runs += check(
+                    op,
+                    &[ty(DType::I64, &["batch", "seq", "6", "5"])],
+                    B3,
+                    &Check::new().gens(&[Gen::Ints(-3, 3)]),
+                );
                 if !matches!(op, Op::ReduceProd { .. }) {
                     runs += check(op, &[ty(DType::I32, &["batch", "seq", "6", "5"])], B3, &Check::new());
                 }
             }
         }
     }
-    runs += check(&Op::ReduceSum { axes: vec![], keepdims: true }, std::slice::from_ref(&x), B3, &Check::new().alias(true));
+    runs +=
+        check(&Op::ReduceSum { axes: vec![], keepdims: true }, std::slice::from_ref(&x), B3, &Check::new().alias(true));
     // A long contiguous row (the vector path) with n = 2048.
     let row = ty(DType::F32, &["seq", "2048"]);
-    runs += check(&Op::ReduceMean { axes: vec![-1], keepdims: true }, &[row.clone()], B3, &Check::new().tol(1e-5, 1e-6 * 2048.0));
+    runs += check(
+        &Op::ReduceMean { axes: vec![-1], keepdims: true },
+        &[row.clone()],
+        B3,
+        &Check::new().tol(1e-5, 1e-6 * 2048.0),
+    );
     runs += check(&Op::ReduceMax { axes: vec![-1], keepdims: false }, &[row], B3, &Check::new());
     for axis in [0, 1, -1] {
         for keepdims in [false, true] {
             for dt in [DType::F32, DType::I64, DType::I32] {
                 // Few distinct values, so ties (first maximum wins) happen.
                 let g = Gen::Ints(-2, 2);
-                runs += check(&Op::ArgMax { axis, keepdims }, &[ty(dt, &["batch", "seq", "7"])], B4, &Check::new().gens(&[g]));
+                runs += check(
+                    &Op::ArgMax { axis, keepdims },
+                    &[ty(dt, &["batch", "seq", "7"])],
+                    B4,
+                    &Check::new().gens(&[g]),
+                );
             }
         }
     }
     for axis in [0, 1, -1] {
         for (exclusive, reverse) in [(false, false), (true, false), (false, true), (true, true)] {
             let op = Op::CumSum { axis, exclusive, reverse };
-            runs += check(&op, &[ty(DType::F32, &["batch", "seq", "7"])], B4, &Check::new().tol(1e-5, 1e-6 * 257.0 * 3.0));
+            runs +=
+                check(&op, &[ty(DType::F32, &["batch", "seq", "7"])], B4, &Check::new().tol(1e-5, 1e-6 * 257.0 * 3.0));
             runs += check(&op, &[ty(DType::I64, &["batch", "seq", "7"])], B3, &Check::new());
         }
     }
     for axis in [-1, 0, 1, 2] {
         for shape in [&["batch", "seq", "9"][..], &["batch", "3", "seq"][..]] {
-            runs += check(&Op::Softmax { axis }, &[ty(DType::F32, shape)], B4, &Check::new().gens(&[Gen::Uniform(10.0)]).tol(1e-5, 1e-7));
+            runs += check(
+                &Op::Softmax { axis },
+                &[ty(DType::F32, shape)],
+                B4,
+                &Check::new().gens(&[Gen::Uniform(10.0)]).tol(1e-5, 1e-7),
+            );
         }
     }
-    runs += check(&Op::Softmax { axis: -1 }, &[ty(DType::F32, &["seq", "1000"])], B3, &Check::new().gens(&[Gen::Uniform(30.0)]).tol(1e-5, 1e-8));
+    runs += check(
+        &Op::Softmax { axis: -1 },
+        &[ty(DType::F32, &["seq", "1000"])],
+        B3,
+        &Check::new().gens(&[Gen::Uniform(30.0)]).tol(1e-5, 1e-8),
+    );
     eprintln!("reductions: {runs} runs");
+}
+
+#[test]
+fn nan_and_infinity_follow_the_interpreter() {
+    let mut runs = 0;
+    let x = ty(DType::F32, &["batch", "seq", "9"]);
+    let sp = Check::new().gens(&[Gen::Special(3.0), Gen::Special(2.0)]);
+    for op in
+        [Op::Relu {}, Op::Sign {}, Op::Abs {}, Op::IsNan {}, Op::IsInf {}, Op::Floor {}, Op::Sigmoid {}, Op::Tanh {}]
+    {
+        runs += check(&op, std::slice::from_ref(&x), B3, &sp);
+    }
+    for op in [Op::Max {}, Op::Min {}, Op::Add {}, Op::Mod {}, Op::Rem {}, Op::Lt {}, Op::Ne {}, Op::Eq {}] {
+        runs += check(&op, &[x.clone(), ty(DType::F32, &["9"])], B3, &sp);
+    }
+    for to in [DType::I64, DType::I32, DType::Bool] {
+        runs += check(&Op::Cast { to }, std::slice::from_ref(&x), B3, &sp);
+    }
+    for axes in [vec![-1], vec![1]] {
+        runs += check(&Op::ReduceMax { axes: axes.clone(), keepdims: false }, std::slice::from_ref(&x), B3, &sp);
+        runs += check(&Op::ReduceMin { axes, keepdims: true }, std::slice::from_ref(&x), B3, &sp);
+    }
+    for axis in [1, -1] {
+        runs += check(&Op::ArgMax { axis, keepdims: false }, std::slice::from_ref(&x), B3, &sp);
+        runs += check(&Op::Softmax { axis }, std::slice::from_ref(&x), B3, &sp);
+    }
+    eprintln!("nan/inf: {runs} runs");
+}
+
+/// The common cases get the fast paths: contiguous (or row-broadcast) f32
+/// operands are read as f32x4 vectors, softmax over the last axis too.
+#[test]
+fn fast_paths_are_vectorised() {
+    let text = |op: &Op, ins: &[TensorType]| {
+        let refs: Vec<&TensorType> = ins.iter().collect();
+        match select(op, ins, &op.infer(&refs).unwrap()).unwrap() {
+            Selected::Kernel(i) => i.kernel.to_string(),
+            Selected::Alias { .. } => panic!("alias"),
+        }
+    };
+    let a = ty(DType::F32, &["batch", "seq", "64"]);
+    for (op, ins) in [
+        (Op::Add {}, vec![a.clone(), a.clone()]),
+        (Op::Mul {}, vec![a.clone(), ty(DType::F32, &["64"])]),
+        (Op::Sigmoid {}, vec![a.clone()]),
+        (Op::Softmax { axis: -1 }, vec![a.clone()]),
+        (Op::ReduceSum { axes: vec![-1], keepdims: true }, vec![a.clone()]),
+        (Op::Gather { axis: 0 }, vec![ty(DType::F32, &["100", "64"]), ty(DType::I64, &["batch", "seq"])]),
+        (Op::Concat { axis: 1 }, vec![a.clone(), a.clone()]),
+    ] {
+        let t = text(&op, &ins);
+        assert!(t.contains("vectorized(4)"), "{}: {t}", op.name());
+    }
+}
+
+/// Kernels that call libm go into an object file with the functions as
+/// undefined symbols, for the shared library's `-lm`.
+#[test]
+fn libm_calls_become_imports_in_objects() {
+    let x = ty(DType::F32, &["seq", "8"]);
+    let mut kernels = vec![];
+    for op in [Op::Sin {}, Op::Erf {}, Op::Pow {}] {
+        let ins = if matches!(op, Op::Pow {}) { vec![x.clone(), x.clone()] } else { vec![x.clone()] };
+        let refs: Vec<&TensorType> = ins.iter().collect();
+        if let Selected::Kernel(i) = select(&op, &ins, &op.infer(&refs).unwrap()).unwrap() {
+            kernels.push(i.kernel);
+        }
+    }
+    let obj = smelt_codegen::cranelift::emit_object(&kernels, "libm_test").unwrap();
+    for sym in ["sinf", "erff", "powf"] {
+        assert!(obj.windows(sym.len()).any(|w| w == sym.as_bytes()), "{sym} missing");
+    }
 }

@@ -145,8 +145,7 @@ pub fn select(op: &Op, inputs: &[TensorType], outputs: &[TensorType]) -> Result<
         }
         _ => return Ok(None),
     };
-    let views: Vec<View> =
-        inputs.iter().zip(&elems).map(|(t, e)| View::broadcast(*e, &t.shape, &out.shape)).collect();
+    let views: Vec<View> = inputs.iter().zip(&elems).map(|(t, e)| View::broadcast(*e, &t.shape, &out.shape)).collect();
     let dtypes: Vec<&str> = inputs.iter().map(|t| t.dtype.name()).chain([out.dtype.name()]).collect();
     let prefix = format!("{}_{}", op.name(), dtypes.join("_"));
     let (kernel, scalars) = map(&prefix, &out.shape, out_elem, &views, true, &*body)
@@ -259,11 +258,7 @@ fn float_binary(op: &Op) -> Body {
             Expr::select(
                 r.clone().lt(c(0.0, l)),
                 Expr::select(b.clone().cmp(CmpOp::Gt, c(0.0, l)), shifted.clone(), r.clone()),
-                Expr::select(
-                    r.clone().cmp(CmpOp::Gt, c(0.0, l)),
-                    Expr::select(b.lt(c(0.0, l)), shifted, r.clone()),
-                    r,
-                ),
+                Expr::select(r.clone().cmp(CmpOp::Gt, c(0.0, l)), Expr::select(b.lt(c(0.0, l)), shifted, r.clone()), r),
             )
         }),
     }

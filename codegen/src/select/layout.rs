@@ -31,7 +31,9 @@ pub fn select(op: &Op, inputs: &[TensorType], outputs: &[TensorType]) -> Result<
         Ok(Some(Selected::Kernel(Instance { kernel, scalars })))
     };
     match op {
-        Op::Reshape { .. } | Op::Squeeze { .. } | Op::Unsqueeze { .. } => Ok(Some(Selected::Alias { offset: Dim::c(0) })),
+        Op::Reshape { .. } | Op::Squeeze { .. } | Op::Unsqueeze { .. } => {
+            Ok(Some(Selected::Alias { offset: Dim::c(0) }))
+        }
         Op::Transpose { perm } => {
             let x = &inputs[0];
             let rs = row_strides(&x.shape);
@@ -110,11 +112,7 @@ fn lanes_for(e: Scalar) -> u8 {
 
 /// One parallel task per (outer index, operand): each copies its operand's
 /// block for that outer index to its place in the output row.
-fn concat(
-    inputs: &[TensorType],
-    out: &TensorType,
-    axis: i64,
-) -> Result<(Kernel, Vec<Dim>), String> {
+fn concat(inputs: &[TensorType], out: &TensorType, axis: i64) -> Result<(Kernel, Vec<Dim>), String> {
     let a = norm_axis(axis, out.rank())?;
     let e = elem_of(out.dtype);
     let mut b = Builder::new("k");
@@ -186,22 +184,14 @@ fn load_index(b: &mut Builder, buf: crate::kir::BufId, elem: Scalar, at: Expr, d
     let raw = Expr::load(buf, at, 1);
     let raw = if elem == Scalar::I64 { raw } else { raw.cast(Scalar::I64) };
     let ix = b.let_("ix", raw);
-    b.assign(
-        ix,
-        Expr::select(Expr::Var(ix).lt(Expr::i64(0)), Expr::Var(ix) + dim.clone(), Expr::Var(ix)),
-    );
+    b.assign(ix, Expr::select(Expr::Var(ix).lt(Expr::i64(0)), Expr::Var(ix) + dim.clone(), Expr::Var(ix)));
     ix
 }
 
 /// `out[o, i, n] = data[o, idx[i], n]`: one task per (outer index, index);
 /// each copies a row of `inner` elements (the embedding lookup when the
 /// axis is 0).
-fn gather(
-    data: &TensorType,
-    idx: &TensorType,
-    out: &TensorType,
-    axis: i64,
-) -> Result<(Kernel, Vec<Dim>), String> {
+fn gather(data: &TensorType, idx: &TensorType, out: &TensorType, axis: i64) -> Result<(Kernel, Vec<Dim>), String> {
     let a = norm_axis(axis, data.rank())?;
     let (e, ie) = (elem_of(data.dtype), elem_of(idx.dtype));
     let mut b = Builder::new("k");
@@ -249,11 +239,7 @@ fn gather(
 
 /// `out[c] = data[c with c[axis] = idx[c]]`: one task per row of the
 /// indices (all axes but the last), walking the last axis.
-fn gather_elements(
-    data: &TensorType,
-    idx: &TensorType,
-    axis: i64,
-) -> Result<(Kernel, Vec<Dim>), String> {
+fn gather_elements(data: &TensorType, idx: &TensorType, axis: i64) -> Result<(Kernel, Vec<Dim>), String> {
     let r = data.rank();
     let a = norm_axis(axis, r)?;
     if idx.rank() != r {

@@ -24,7 +24,7 @@ use crate::templates::{widen, LANES};
 use smelt_ir::ops::infer::norm_axis;
 use smelt_ir::{DType, Dim, Op, OpKind, TensorType};
 
-pub fn select(op: &Op, inputs: &[TensorType], outputs: &[TensorType]) -> Result<Option<Selected>, SelectError> {
+pub fn select(op: &Op, inputs: &[TensorType], _outputs: &[TensorType]) -> Result<Option<Selected>, SelectError> {
     let bad = |why: String| SelectError::unsupported(op, inputs, why);
     let Some(x) = inputs.first() else { return Ok(None) };
     if !matches!(
@@ -71,7 +71,6 @@ pub fn select(op: &Op, inputs: &[TensorType], outputs: &[TensorType]) -> Result<
         }
         _ => return Ok(None),
     };
-    let _ = outputs;
     let (kernel, scalars) = r.map_err(|e| bad(e.to_string()))?;
     Ok(Some(Selected::Kernel(Instance { kernel, scalars })))
 }
@@ -258,7 +257,13 @@ fn argmax(x: &TensorType, e: Scalar, axis: usize) -> Result<(Kernel, Vec<Dim>), 
     finish_named(b, &format!("argmax_{}", x.dtype.name())).map(|k| (k, p.dims))
 }
 
-fn cumsum(x: &TensorType, e: Scalar, axis: usize, exclusive: bool, reverse: bool) -> Result<(Kernel, Vec<Dim>), KirError> {
+fn cumsum(
+    x: &TensorType,
+    e: Scalar,
+    axis: usize,
+    exclusive: bool,
+    reverse: bool,
+) -> Result<(Kernel, Vec<Dim>), KirError> {
     let Lines { mut b, mut p, x: xb, outer, dim, inner, .. } = lines(x, e, axis);
     let olen = p.expr(&mut b, &Dim::product(&x.shape));
     let y = b.buffer("out", e, olen, Space::Global, Access::Write);
@@ -280,7 +285,12 @@ fn cumsum(x: &TensorType, e: Scalar, axis: usize, exclusive: bool, reverse: bool
             }
         });
     });
-    let name = format!("cumsum{}{}_{}", if exclusive { "_excl" } else { "" }, if reverse { "_rev" } else { "" }, x.dtype.name());
+    let name = format!(
+        "cumsum{}{}_{}",
+        if exclusive { "_excl" } else { "" },
+        if reverse { "_rev" } else { "" },
+        x.dtype.name()
+    );
     finish_named(b, &name).map(|k| (k, p.dims))
 }
 
@@ -296,23 +306,24 @@ fn softmax(x: &TensorType, axis: usize) -> Result<(Kernel, Vec<Dim>), KirError> 
         let base = b.let_("base", Expr::Var(o) * dim.clone() * inner.clone() + Expr::Var(n));
         let at = |j: Expr| Expr::Var(base) + j * inner.clone();
         // Lane accumulators (when vectorised) combined into the scalar one.
-        let pass = |b: &mut Builder, name: &str, init: f32, step: &dyn Fn(&mut Builder, Expr, Expr, u8) -> Expr, max: bool| {
-            let acc = b.let_(name, Expr::f32(init));
-            let vacc = (lanes > 1).then(|| b.let_(&format!("v{name}"), Expr::f32(init).splat(lanes)));
-            sym_vec_loop(b, "j", Expr::i64(0), dim.clone(), lanes, |b, j, w| {
-                let a = if w > 1 { vacc.unwrap() } else { acc };
-                let v = step(b, j, Expr::Var(a), w);
-                b.assign(a, v);
-            });
-            if let Some(v) = vacc {
-                for lane in 0..lanes {
-                    let x = Expr::Extract(Box::new(Expr::Var(v)), lane);
-                    let c = if max { nan_max(Expr::Var(acc), x, true) } else { Expr::Var(acc) + x };
-                    b.assign(acc, c);
+        let pass =
+            |b: &mut Builder, name: &str, init: f32, step: &dyn Fn(&mut Builder, Expr, Expr, u8) -> Expr, max: bool| {
+                let acc = b.let_(name, Expr::f32(init));
+                let vacc = (lanes > 1).then(|| b.let_(&format!("v{name}"), Expr::f32(init).splat(lanes)));
+                sym_vec_loop(b, "j", Expr::i64(0), dim.clone(), lanes, |b, j, w| {
+                    let a = if w > 1 { vacc.unwrap() } else { acc };
+                    let v = step(b, j, Expr::Var(a), w);
+                    b.assign(a, v);
+                });
+                if let Some(v) = vacc {
+                    for lane in 0..lanes {
+                        let x = Expr::Extract(Box::new(Expr::Var(v)), lane);
+                        let c = if max { nan_max(Expr::Var(acc), x, true) } else { Expr::Var(acc) + x };
+                        b.assign(acc, c);
+                    }
                 }
-            }
-            acc
-        };
+                acc
+            };
         let m = pass(b, "m", f32::NEG_INFINITY, &|_, j, acc, w| nan_max(acc, Expr::load(xb, at(j), w), true), true);
         let sum = pass(
             b,

@@ -18,7 +18,7 @@
 //! every operand is contiguous or constant along it.
 
 use super::LANES;
-use crate::kir::{Builder, Expr, Kernel, KirError, LoopKind, Scalar, Space, Access, Var};
+use crate::kir::{Access, Builder, Expr, Kernel, KirError, LoopKind, Scalar, Space, Var};
 use smelt_ir::Dim;
 
 /// Elements per parallel task along the inner axis: large enough to
@@ -72,7 +72,14 @@ pub fn finish_named(b: Builder, prefix: &str) -> Result<Kernel, KirError> {
 
 /// Covers `start..end` with vector steps of `lanes` (when `lanes > 1`) and a
 /// scalar tail, for bounds known only at run time; `body(b, index, width)`.
-pub fn sym_vec_loop(b: &mut Builder, name: &str, start: Expr, end: Expr, lanes: u8, body: impl Fn(&mut Builder, Expr, u8)) {
+pub fn sym_vec_loop(
+    b: &mut Builder,
+    name: &str,
+    start: Expr,
+    end: Expr,
+    lanes: u8,
+    body: impl Fn(&mut Builder, Expr, u8),
+) {
     let mut tail_start = start.clone();
     if lanes > 1 {
         let l = lanes as i64;
@@ -177,10 +184,8 @@ pub fn map(
     let (n_dim, inner) = axes.pop().expect("at least one axis");
     let n = p.expr(&mut b, &n_dim);
     let rows = p.expr(&mut b, &Dim::product(axes.iter().map(|(d, _)| d)));
-    let outer: Vec<(Expr, Vec<Expr>)> = axes
-        .iter()
-        .map(|(d, s)| (p.expr(&mut b, d), s.iter().map(|s| p.expr(&mut b, s)).collect()))
-        .collect();
+    let outer: Vec<(Expr, Vec<Expr>)> =
+        axes.iter().map(|(d, s)| (p.expr(&mut b, d), s.iter().map(|s| p.expr(&mut b, s)).collect())).collect();
     let offsets: Vec<Expr> = views.iter().map(|v| p.expr(&mut b, &v.offset)).collect();
     let inner: Vec<Expr> = inner.iter().map(|s| p.expr(&mut b, s)).collect();
     let lanes = if vector
@@ -225,9 +230,7 @@ pub fn map(
             .iter()
             .zip(&bufs)
             .zip(&inner)
-            .map(|((o, buf), s)| {
-                matches!(s, Expr::Int(0, _)).then(|| b.let_("bv", Expr::load(*buf, Expr::Var(*o), 1)))
-            })
+            .map(|((o, buf), s)| matches!(s, Expr::Int(0, _)).then(|| b.let_("bv", Expr::load(*buf, Expr::Var(*o), 1))))
             .collect();
         let base = b.let_("base", Expr::Var(r) * n.clone());
         sym_vec_loop(b, "j", Expr::Var(j0), Expr::Var(j1), lanes, |b, j, w| {
