@@ -142,37 +142,23 @@ fn concat(inputs: &[TensorType], out: &TensorType, axis: i64) -> Result<(Kernel,
     b.for_("t", Expr::i64(0), outer * Expr::i64(k), 1, LoopKind::Parallel, |b, t| {
         let o = b.let_("o", t.clone() / Expr::i64(k));
         let which = b.let_("which", t % Expr::i64(k));
-        fn part(
-            b: &mut Builder,
-            i: usize,
-            which: Expr,
-            o: Expr,
-            row: &Expr,
-            parts: &[(Expr, Expr)],
-            bufs: &[crate::kir::BufId],
-            y: crate::kir::BufId,
-            lanes: u8,
-        ) {
-            if i == parts.len() {
-                return;
-            }
-            let (chunk, start) = parts[i].clone();
-            let src = o.clone() * chunk.clone();
-            let dst = o.clone() * row.clone() + start;
+        let lanes = lanes_for(e);
+        for (i, (chunk, start)) in parts.iter().enumerate() {
+            let src = Expr::Var(o) * chunk.clone();
+            let dst = Expr::Var(o) * row.clone() + start.clone();
             b.if_(
-                which.clone().cmp(CmpOp::Eq, Expr::i64(i as i64)),
+                Expr::Var(which).cmp(CmpOp::Eq, Expr::i64(i as i64)),
                 |b| {
                     let src = b.let_("src", src);
                     let dst = b.let_("dst", dst);
-                    sym_vec_loop(b, "j", Expr::i64(0), chunk, lanes, |b, j, w| {
+                    sym_vec_loop(b, "j", Expr::i64(0), chunk.clone(), lanes, |b, j, w| {
                         let v = Expr::load(bufs[i], Expr::Var(src) + j.clone(), w);
                         b.store(y, Expr::Var(dst) + j, v);
                     });
                 },
-                |b| part(b, i + 1, which, o, row, parts, bufs, y, lanes),
+                |_| {},
             );
         }
-        part(b, 0, Expr::Var(which), Expr::Var(o), &row, &parts, &bufs, y, lanes_for(e));
     });
     let dt = out.dtype.name();
     finish_named(b, &format!("concat{}_{dt}", inputs.len())).map(|k| (k, p.dims)).map_err(|e| e.to_string())

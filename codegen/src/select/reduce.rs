@@ -146,34 +146,7 @@ fn reduce(kind: OpKind, x: &TensorType, e: Scalar, red: &[bool]) -> Result<(Kern
         }
         let acc = b.let_("acc", init(kind, e));
         let vacc = vector.then(|| b.let_("vacc", init(kind, e).splat(LANES)));
-        fn walk(
-            b: &mut Builder,
-            level: usize,
-            at: Expr,
-            reduced: &[(Expr, Expr)],
-            xb: BufId,
-            accs: (Var, Option<Var>),
-            kind: OpKind,
-            e: Scalar,
-        ) {
-            let Some((d, s)) = reduced.get(level) else {
-                b.assign(accs.0, combine(kind, e, Expr::Var(accs.0), Expr::load(xb, at, 1)));
-                return;
-            };
-            if level + 1 == reduced.len() && accs.1.is_some() {
-                let start = b.let_("at", at);
-                sym_vec_loop(b, "j", Expr::i64(0), d.clone(), LANES, |b, j, w| {
-                    let v = Expr::load(xb, Expr::Var(start) + j, w);
-                    let a = if w > 1 { accs.1.unwrap() } else { accs.0 };
-                    b.assign(a, combine(kind, e, Expr::Var(a), v));
-                });
-                return;
-            }
-            b.for_("k", Expr::i64(0), d.clone(), 1, LoopKind::Serial, |b, k| {
-                walk(b, level + 1, at.clone() + k * s.clone(), reduced, xb, accs, kind, e)
-            });
-        }
-        walk(b, 0, Expr::Var(base), &reduced, xb, (acc, vacc), kind, e);
+        Walk { reduced: &reduced, xb, acc, vacc, kind, e }.walk(b, 0, Expr::Var(base));
         if let Some(v) = vacc {
             for lane in 0..LANES {
                 b.assign(acc, combine(kind, e, Expr::Var(acc), Expr::Extract(Box::new(Expr::Var(v)), lane)));
@@ -193,6 +166,39 @@ fn reduce(kind: OpKind, x: &TensorType, e: Scalar, red: &[bool]) -> Result<(Kern
     });
     let name = format!("{}_{}", kind.name(), x.dtype.name());
     finish_named(b, &name).map(|k| (k, p.dims))
+}
+
+/// The nest of reduced axes of one output element, accumulating into
+/// `acc` (and the lanes of `vacc` along a contiguous innermost axis).
+struct Walk<'a> {
+    reduced: &'a [(Expr, Expr)],
+    xb: BufId,
+    acc: Var,
+    vacc: Option<Var>,
+    kind: OpKind,
+    e: Scalar,
+}
+
+impl Walk<'_> {
+    fn walk(&self, b: &mut Builder, level: usize, at: Expr) {
+        let (kind, e) = (self.kind, self.e);
+        let Some((d, s)) = self.reduced.get(level) else {
+            b.assign(self.acc, combine(kind, e, Expr::Var(self.acc), Expr::load(self.xb, at, 1)));
+            return;
+        };
+        if let (true, Some(vacc)) = (level + 1 == self.reduced.len(), self.vacc) {
+            let start = b.let_("at", at);
+            sym_vec_loop(b, "j", Expr::i64(0), d.clone(), LANES, |b, j, w| {
+                let v = Expr::load(self.xb, Expr::Var(start) + j, w);
+                let a = if w > 1 { vacc } else { self.acc };
+                b.assign(a, combine(kind, e, Expr::Var(a), v));
+            });
+            return;
+        }
+        b.for_("k", Expr::i64(0), d.clone(), 1, LoopKind::Serial, |b, k| {
+            self.walk(b, level + 1, at.clone() + k * s.clone())
+        });
+    }
 }
 
 /// Splits `x` around `axis` into `(outer, dim, inner)` parameters and
