@@ -18,6 +18,9 @@ pub enum Arg<'a> {
     I32Mut(&'a mut [i32]),
     I64(&'a [i64]),
     I64Mut(&'a mut [i64]),
+    /// Bools are one byte each, 0 or 1, as the kernels store them.
+    Bool(&'a [bool]),
+    BoolMut(&'a mut [bool]),
 }
 
 impl Arg<'_> {
@@ -29,6 +32,8 @@ impl Arg<'_> {
             Arg::I32Mut(v) => (Scalar::I32, v.len(), true),
             Arg::I64(v) => (Scalar::I64, v.len(), false),
             Arg::I64Mut(v) => (Scalar::I64, v.len(), true),
+            Arg::Bool(v) => (Scalar::Bool, v.len(), false),
+            Arg::BoolMut(v) => (Scalar::Bool, v.len(), true),
         }
     }
 
@@ -40,6 +45,8 @@ impl Arg<'_> {
             Arg::I32Mut(v) => v.as_mut_ptr() as *mut u8,
             Arg::I64(v) => v.as_ptr() as *mut u8,
             Arg::I64Mut(v) => v.as_mut_ptr() as *mut u8,
+            Arg::Bool(v) => v.as_ptr() as *mut u8,
+            Arg::BoolMut(v) => v.as_mut_ptr() as *mut u8,
         }
     }
 }
@@ -77,11 +84,17 @@ impl JitKernel {
         let start = Instant::now();
         let backend = |e: String| CompileError::Backend { kernel: kernel.name.clone(), message: e };
         let (isa, info) = host_isa(false)?;
-        let mut module = JITModule::new(JITBuilder::with_isa(isa.clone(), cranelift_module::default_libcall_names()));
+        let mut jb = JITBuilder::with_isa(isa.clone(), cranelift_module::default_libcall_names());
+        // The libm functions come from this process, the same ones the
+        // interpreter calls.
+        for (name, ptr, _) in crate::kir::libm::symbols() {
+            jb.symbol(name, ptr);
+        }
+        let mut module = JITModule::new(jb);
         let mut ctx = module.make_context();
         let codegen_start = Instant::now();
         ctx.func.signature = signature(&isa);
-        lower(kernel, &isa, &mut ctx.func)?;
+        lower(kernel, &isa, &mut module, &mut ctx.func)?;
         let id = module
             .declare_function(&kernel.name, Linkage::Export, &ctx.func.signature)
             .map_err(|e| backend(e.to_string()))?;

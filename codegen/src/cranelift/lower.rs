@@ -3,7 +3,9 @@
 
 use crate::kir::{self, BinOp, CmpOp, Expr, Kernel, LoopKind, RedOp, Scalar, Space, Stmt, Ty, UnOp};
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
-use cranelift_codegen::ir::{types, AbiParam, Endianness, Function, InstBuilder, MemFlagsData, Signature, Type, Value};
+use cranelift_codegen::ir::{
+    types, AbiParam, Endianness, FuncRef, Function, InstBuilder, MemFlagsData, Signature, Type, Value,
+};
 use cranelift_codegen::isa::{CallConv, OwnedTargetIsa};
 use cranelift_codegen::settings::{self, Configurable};
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext, Variable};
@@ -64,10 +66,86 @@ pub(crate) fn signature(isa: &OwnedTargetIsa) -> Signature {
     sig
 }
 
-/// Lowers `k` into `func` (which must have [`signature`]).
-pub(crate) fn lower(k: &Kernel, isa: &OwnedTargetIsa, func: &mut Function) -> Result<(), CompileError> {
+/// The libm function (see [`crate::kir::libm`]) an op calls, if it has no
+/// instruction.
+fn libm_name(e: &Expr) -> Option<&'static str> {
+    match e {
+        Expr::Un(UnOp::Sin, _) => Some("sinf"),
+        Expr::Un(UnOp::Cos, _) => Some("cosf"),
+        Expr::Un(UnOp::Log, _) => Some("logf"),
+        Expr::Un(UnOp::Erf, _) => Some("erff"),
+        Expr::Bin(BinOp::Pow, _, _) => Some("powf"),
+        // Integer remainders have an instruction; only float ones call fmodf.
+        Expr::Bin(BinOp::Rem, _, _) => Some("fmodf"),
+        _ => None,
+    }
+}
+
+/// Every libm function the kernel's expressions may call, each once.
+fn libm_calls(k: &Kernel) -> Vec<&'static str> {
+    fn stmts(s: &[Stmt], out: &mut Vec<&'static str>) {
+        let expr = |e: &Expr, out: &mut Vec<&'static str>| {
+            e.visit(&mut |e| {
+                if let Some(n) = libm_name(e) {
+                    if !out.contains(&n) {
+                        out.push(n);
+                    }
+                }
+            })
+        };
+        for s in s {
+            match s {
+                Stmt::Assign(_, e) => expr(e, out),
+                Stmt::Store { index, value, .. } => {
+                    expr(index, out);
+                    expr(value, out);
+                }
+                Stmt::For(l) => {
+                    expr(&l.start, out);
+                    expr(&l.end, out);
+                    stmts(&l.body, out);
+                }
+                Stmt::If { cond, then, els } => {
+                    expr(cond, out);
+                    stmts(then, out);
+                    stmts(els, out);
+                }
+                Stmt::Barrier => {}
+                Stmt::Shuffle { value, arg, .. } => {
+                    expr(value, out);
+                    expr(arg, out);
+                }
+            }
+        }
+    }
+    let mut out = vec![];
+    stmts(&k.body, &mut out);
+    out
+}
+
+/// Lowers `k` into `func` (which must have [`signature`]); libm functions
+/// the kernel calls are imported through `module`.
+pub(crate) fn lower<M: Module + ?Sized>(
+    k: &Kernel,
+    isa: &OwnedTargetIsa,
+    module: &mut M,
+    func: &mut Function,
+) -> Result<(), CompileError> {
     if let Some(b) = k.buffers.iter().find(|b| b.space == Space::Shared) {
         return Err(unsupported(k, format!("shared buffer `{}`", b.name)));
+    }
+    let mut libm = vec![];
+    for name in libm_calls(k) {
+        let mut sig = Signature::new(CallConv::triple_default(isa.triple()));
+        let arity = if matches!(name, "powf" | "fmodf") { 2 } else { 1 };
+        for _ in 0..arity {
+            sig.params.push(AbiParam::new(types::F32));
+        }
+        sig.returns.push(AbiParam::new(types::F32));
+        let id = module
+            .declare_function(name, Linkage::Import, &sig)
+            .map_err(|e| CompileError::Backend { kernel: k.name.clone(), message: e.to_string() })?;
+        libm.push((name, module.declare_func_in_func(id, func)));
     }
     let mut ctx = FunctionBuilderContext::new();
     let mut fb = FunctionBuilder::new(func, &mut ctx);
@@ -87,7 +165,7 @@ pub(crate) fn lower(k: &Kernel, isa: &OwnedTargetIsa, func: &mut Function) -> Re
         let x = fb.ins().load(types::I64, MemFlagsData::trusted(), params[1], (i * 8) as i32);
         fb.def_var(vars[v.0 as usize], x);
     }
-    let mut l = Lower { k, fb, vars, bufs, thread: params[2], threads: params[3], parallel_depth: 0 };
+    let mut l = Lower { k, fb, vars, bufs, thread: params[2], threads: params[3], parallel_depth: 0, libm };
     l.stmts(&k.body)?;
     l.fb.ins().return_(&[]);
     l.fb.seal_all_blocks();
@@ -108,7 +186,7 @@ pub fn emit_object(kernels: &[Kernel], name: &str) -> Result<Vec<u8>, CompileErr
         let backend =
             |e: &dyn std::fmt::Display| CompileError::Backend { kernel: k.name.clone(), message: e.to_string() };
         ctx.func.signature = signature(&isa);
-        lower(k, &isa, &mut ctx.func)?;
+        lower(k, &isa, &mut module, &mut ctx.func)?;
         let id = module
             .declare_function(&format!("smelt_{}", k.name), Linkage::Export, &ctx.func.signature)
             .map_err(|e| backend(&e))?;
@@ -147,9 +225,31 @@ struct Lower<'a, 'f> {
     thread: Value,
     threads: Value,
     parallel_depth: usize,
+    /// Imported libm functions by symbol.
+    libm: Vec<(&'static str, FuncRef)>,
 }
 
 impl Lower<'_, '_> {
+    /// Calls the libm function `name` on scalars, or lane by lane on vectors.
+    fn libcall(&mut self, name: &str, args: &[Value], lanes: u8) -> Result<Value, CompileError> {
+        let f = self.libm.iter().find(|(n, _)| *n == name).map(|(_, f)| *f).ok_or_else(|| CompileError::Backend {
+            kernel: self.k.name.clone(),
+            message: format!("libm function `{name}` was not imported"),
+        })?;
+        if lanes == 1 {
+            let call = self.fb.ins().call(f, args);
+            return Ok(self.fb.inst_results(call)[0]);
+        }
+        let mut out = args[0];
+        for lane in 0..lanes {
+            let xs: Vec<Value> = args.iter().map(|a| self.fb.ins().extractlane(*a, lane)).collect();
+            let call = self.fb.ins().call(f, &xs);
+            let y = self.fb.inst_results(call)[0];
+            out = self.fb.ins().insertlane(out, y, lane);
+        }
+        Ok(out)
+    }
+
     fn ty(&self, e: &Expr) -> Result<Ty, CompileError> {
         self.k.type_of(e).map_err(|m| CompileError::Backend { kernel: self.k.name.clone(), message: m })
     }
@@ -288,10 +388,21 @@ impl Lower<'_, '_> {
                     }
                     (UnOp::Exp, _) => self.exp(x, t.lanes),
                     (UnOp::Tanh, _) => self.tanh(x, t.lanes),
+                    (UnOp::Floor, _) => self.fb.ins().floor(x),
+                    (UnOp::Ceil, _) => self.fb.ins().ceil(x),
+                    (UnOp::Round, _) => self.fb.ins().nearest(x),
+                    (UnOp::Sin | UnOp::Cos | UnOp::Log | UnOp::Erf, _) => {
+                        let name = libm_name(e).expect("libm op");
+                        self.libcall(name, &[x], t.lanes)?
+                    }
                 }
             }
             Expr::Bin(op, a, b) => {
                 let (x, y) = (self.expr(a)?, self.expr(b)?);
+                if t.elem == Scalar::F32 && matches!(op, BinOp::Rem | BinOp::Pow) {
+                    let name = libm_name(e).expect("libm op");
+                    return self.libcall(name, &[x, y], t.lanes);
+                }
                 let ins = self.fb.ins();
                 if t.elem == Scalar::F32 {
                     match op {
@@ -301,7 +412,7 @@ impl Lower<'_, '_> {
                         BinOp::Div => ins.fdiv(x, y),
                         BinOp::Max => ins.fmax(x, y),
                         BinOp::Min => ins.fmin(x, y),
-                        BinOp::Rem => return Err(unsupported(self.k, "float remainder".into())),
+                        BinOp::Rem | BinOp::Pow => unreachable!("libm calls are lowered above"),
                     }
                 } else {
                     match op {
@@ -314,6 +425,7 @@ impl Lower<'_, '_> {
                         BinOp::Rem => ins.srem(x, y),
                         BinOp::Max => ins.smax(x, y),
                         BinOp::Min => ins.smin(x, y),
+                        BinOp::Pow => return Err(unsupported(self.k, "integer pow".into())),
                     }
                 }
             }

@@ -10,9 +10,12 @@
 //! [`crate::kir::interp::split_range`]).
 //!
 //! `exp` and `tanh` are inlined polynomials (Cephes `expf`/`tanhf`), the
-//! same for scalars and vectors, so kernels need no libm calls: `exp` is
-//! within 2 ulp for inputs in [-87.3, 88], gives 0 below and saturates
-//! above (`exp(88)`).
+//! same for scalars and vectors: `exp` is within 2 ulp for inputs in
+//! [-87.3, 88], gives 0 below and saturates above (`exp(88)`). `floor`,
+//! `ceil` and `round` are instructions. `sin`, `cos`, `log`, `erf`, `pow`
+//! and float `%` call libm (`sinf`, ..., `fmodf`; lane by lane for
+//! vectors) as imported symbols: the JIT resolves them to
+//! [`crate::kir::libm`]'s, objects leave them undefined for `-lm`.
 //!
 //! GPU constructs (thread indices, barriers, shuffles, shared buffers) are
 //! rejected with [`CompileError::Unsupported`].

@@ -590,6 +590,13 @@ fn un(op: UnOp, a: Val) -> Result<Val, String> {
         UnOp::Sqrt => x.sqrt(),
         UnOp::Rsqrt => 1.0 / x.sqrt(),
         UnOp::Tanh => x.tanh(),
+        UnOp::Sin => super::libm::sinf(x),
+        UnOp::Cos => super::libm::cosf(x),
+        UnOp::Log => super::libm::logf(x),
+        UnOp::Erf => super::libm::erff(x),
+        UnOp::Floor => x.floor(),
+        UnOp::Ceil => x.ceil(),
+        UnOp::Round => x.round_ties_even(),
     };
     Ok(match (op, a) {
         (_, Val::F(x)) => Val::F(f(x)),
@@ -608,9 +615,10 @@ fn bin(op: BinOp, a: Val, b: Val) -> Result<Val, String> {
         BinOp::Sub => x - y,
         BinOp::Mul => x * y,
         BinOp::Div => x / y,
-        BinOp::Rem => x % y,
+        BinOp::Rem => super::libm::fmodf(x, y),
         BinOp::Max => x.max(y),
         BinOp::Min => x.min(y),
+        BinOp::Pow => super::libm::powf(x, y),
     };
     let int = |x: i64, y: i64| -> Result<i64, String> {
         Ok(match op {
@@ -622,6 +630,7 @@ fn bin(op: BinOp, a: Val, b: Val) -> Result<Val, String> {
             BinOp::Rem => x.wrapping_rem(y),
             BinOp::Max => x.max(y),
             BinOp::Min => x.min(y),
+            BinOp::Pow => return Err("integer pow".into()),
         })
     };
     Ok(match (a, b) {

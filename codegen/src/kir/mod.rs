@@ -19,6 +19,7 @@
 //!   concepts; the CPU lowering rejects them, the interpreter simulates them.
 
 pub mod interp;
+pub mod libm;
 mod print;
 
 use std::fmt;
@@ -125,6 +126,16 @@ pub enum UnOp {
     Sqrt,
     Rsqrt,
     Tanh,
+    /// The libm functions `sinf`, `cosf`, `logf`, `erff` (see [`libm`]).
+    Sin,
+    Cos,
+    Log,
+    Erf,
+    /// Round toward -inf, toward +inf, and to the nearest integer with ties
+    /// to even.
+    Floor,
+    Ceil,
+    Round,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -134,10 +145,13 @@ pub enum BinOp {
     Mul,
     /// Float division, or integer division truncating toward zero.
     Div,
-    /// Integer remainder (sign of the dividend).
+    /// Remainder with the sign of the dividend: integer `%`, or C's `fmodf`
+    /// for floats.
     Rem,
     Max,
     Min,
+    /// `powf` (floats only).
+    Pow,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -341,7 +355,7 @@ impl Kernel {
             }
             Expr::Bin(op, a, b) => {
                 let t = same(self.type_of(a)?, self.type_of(b)?, &format!("{op:?}"))?;
-                if t.elem == Scalar::Bool || (*op == BinOp::Rem && !t.elem.is_int()) {
+                if t.elem == Scalar::Bool || (*op == BinOp::Pow && t.elem != Scalar::F32) {
                     return Err(format!("{op:?} of {}", print::ty(t)));
                 }
                 t
@@ -671,6 +685,7 @@ fn eval_len(e: &Expr, arg: &dyn Fn(Var) -> Option<i64>) -> Result<usize, String>
                     BinOp::Rem => a.checked_rem(b).ok_or("divides by zero")?,
                     BinOp::Max => a.max(b),
                     BinOp::Min => a.min(b),
+                    BinOp::Pow => return Err("unsupported in a length: pow".into()),
                 }
             }
             other => return Err(format!("unsupported in a length: {other:?}")),

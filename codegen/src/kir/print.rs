@@ -47,6 +47,7 @@ pub(super) fn expr(k: &Kernel, e: &Expr) -> String {
                 BinOp::Rem => "%",
                 BinOp::Max => return format!("max({}, {})", expr(k, a), expr(k, b)),
                 BinOp::Min => return format!("min({}, {})", expr(k, a), expr(k, b)),
+                BinOp::Pow => return format!("pow({}, {})", expr(k, a), expr(k, b)),
             };
             format!("({} {sym} {})", expr(k, a), expr(k, b))
         }

@@ -15,6 +15,10 @@
 //! One file per op family returns `Ok(None)` for ops it does not handle;
 //! [`select`] tries them in turn.
 
+mod elementwise;
+mod layout;
+mod reduce;
+
 use crate::kir::{Kernel, Scalar};
 use smelt_ir::{DType, Dim, Op, TensorType};
 
@@ -62,7 +66,7 @@ pub fn elem_of(d: DType) -> Scalar {
 /// Selects the kernel (or alias) for one node.
 pub fn select(op: &Op, inputs: &[TensorType], outputs: &[TensorType]) -> Result<Selected, SelectError> {
     type Family = fn(&Op, &[TensorType], &[TensorType]) -> Result<Option<Selected>, SelectError>;
-    let families: &[Family] = &[];
+    let families: &[Family] = &[elementwise::select, layout::select, reduce::select];
     for f in families {
         if let Some(s) = f(op, inputs, outputs)? {
             return Ok(s);

@@ -16,6 +16,7 @@ mod gemm;
 mod gemv;
 mod norm;
 mod softmax;
+pub mod strided;
 
 pub use elementwise::{binary, unary, Bcast, BinaryOp, UnaryOp};
 pub use gemm::{gemm, GemmParams};
