@@ -17,6 +17,7 @@
 //!
 //! Nothing here is wired into the CLI or the runtime yet.
 
+pub mod aot;
 pub mod cranelift;
 pub mod kir;
 pub mod select;

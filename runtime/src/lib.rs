@@ -17,6 +17,7 @@
 pub mod artifact;
 pub mod generate;
 pub mod model;
+pub mod native;
 pub mod plan;
 pub mod tensors;
 
