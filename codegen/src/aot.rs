@@ -138,9 +138,20 @@ fn required_features(isa: &dyn TargetIsa) -> Vec<String> {
     out
 }
 
+/// The C compiler used to link: `$CC` when set and not empty, else `cc`.
+pub fn default_cc() -> String {
+    std::env::var("CC").ok().filter(|s| !s.trim().is_empty()).unwrap_or_else(|| "cc".to_string())
+}
+
 /// Lowers every kernel into one object and links it into
-/// `out_dir/kernels.so` (the directory is created if needed).
+/// `out_dir/kernels.so` (the directory is created if needed) with
+/// [`default_cc`].
 pub fn build_library(kernels: &[Kernel], out_dir: &Path) -> Result<LibraryInfo, AotError> {
+    build_library_with(kernels, out_dir, &default_cc())
+}
+
+/// [`build_library`] with the given C compiler as the linker.
+pub fn build_library_with(kernels: &[Kernel], out_dir: &Path, cc: &str) -> Result<LibraryInfo, AotError> {
     let mut names: Vec<&str> = kernels.iter().map(|k| k.name.as_str()).collect();
     names.sort_unstable();
     if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
@@ -155,7 +166,7 @@ pub fn build_library(kernels: &[Kernel], out_dir: &Path) -> Result<LibraryInfo, 
     std::fs::create_dir_all(out_dir).map_err(io(out_dir.to_path_buf()))?;
     let obj_path = out_dir.join(OBJECT_FILE);
     std::fs::write(&obj_path, &object).map_err(io(obj_path.clone()))?;
-    let link = link(out_dir);
+    let link = link(out_dir, cc);
     let _ = std::fs::remove_file(&obj_path);
     link?;
     let path = out_dir.join(LIBRARY_FILE);
@@ -171,16 +182,15 @@ pub fn build_library(kernels: &[Kernel], out_dir: &Path) -> Result<LibraryInfo, 
 }
 
 /// Runs `cc -shared` in `dir` on the object written there.
-fn link(dir: &Path) -> Result<(), AotError> {
-    let cc = std::env::var("CC").ok().filter(|s| !s.trim().is_empty()).unwrap_or_else(|| "cc".to_string());
-    let out = Command::new(&cc)
+fn link(dir: &Path, cc: &str) -> Result<(), AotError> {
+    let out = Command::new(cc)
         .current_dir(dir)
         .args(["-shared", "-o", LIBRARY_FILE, OBJECT_FILE, "-Wl,-z,noexecstack", "-lm"])
         .output()
-        .map_err(|source| AotError::NoLinker { cc: cc.clone(), source })?;
+        .map_err(|source| AotError::NoLinker { cc: cc.to_string(), source })?;
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
-        return Err(AotError::LinkFailed { cc, status: out.status.to_string(), stderr });
+        return Err(AotError::LinkFailed { cc: cc.to_string(), status: out.status.to_string(), stderr });
     }
     Ok(())
 }
