@@ -130,7 +130,8 @@ struct LaunchInfo {
     scalar_at: usize,
 }
 
-/// A natively compiled model, ready to run.
+/// A natively compiled model, ready to run. It is `Send` (checked below), so
+/// it may be moved to another thread; it is not meant to be shared.
 pub struct NativeModel {
     plan: NativePlan,
     signature: Signature,
@@ -165,6 +166,11 @@ impl std::fmt::Debug for NativeModel {
             .finish()
     }
 }
+
+const _: () = {
+    fn assert_send<T: Send>() {}
+    let _ = assert_send::<NativeModel>;
+};
 
 fn plan_err(msg: impl Into<String>) -> NativeError {
     NativeError::Plan(msg.into())
@@ -411,17 +417,17 @@ impl NativeModel {
 
     /// Every alias's offset from its root, in elements (valid after `check_views`).
     fn alias_offsets(&self, syms: &BTreeMap<String, i64>) -> Vec<usize> {
-        let mut out = vec![0usize; self.bufs.len()];
-        for b in 0..self.bufs.len() {
-            let mut at = b;
-            let mut total = 0usize;
-            while let Some((to, off)) = &self.bufs[at].alias {
-                total += off.eval_map(syms).unwrap_or(0) as usize;
-                at = *to;
-            }
-            out[b] = total;
-        }
-        out
+        (0..self.bufs.len())
+            .map(|b| {
+                let mut at = b;
+                let mut total = 0usize;
+                while let Some((to, off)) = &self.bufs[at].alias {
+                    total += off.eval_map(syms).unwrap_or(0) as usize;
+                    at = *to;
+                }
+                total
+            })
+            .collect()
     }
 
     /// Checks that every alias lies inside its target and every weight

@@ -295,11 +295,11 @@ mod tests {
                     x.store(1, Ordering::Relaxed);
                 }
                 let task = |launch: usize, t: usize| {
-                    let (src, dst) = if launch % 2 == 0 { (&a, &b) } else { (&b, &a) };
+                    let (src, dst) = if launch.is_multiple_of(2) { (&a, &b) } else { (&b, &a) };
                     let total: i64 = src.iter().map(|x| x.load(Ordering::Relaxed)).sum();
                     let chunk = n.div_ceil(threads);
-                    for i in t * chunk..((t + 1) * chunk).min(n) {
-                        dst[i].store(total / n as i64 * 2, Ordering::Relaxed);
+                    for d in dst.iter().skip(t * chunk).take(chunk) {
+                        d.store(total / n as i64 * 2, Ordering::Relaxed);
                     }
                 };
                 team.run(6, &task).unwrap();
