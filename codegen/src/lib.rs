@@ -6,17 +6,17 @@
 //! - [`templates`]: KIR builders for elementwise ops, `rms_norm`, GEMV,
 //!   softmax and a blocked GEMM, from shapes and tuning parameters;
 //! - [`cranelift`]: the CPU lowering (f32x4, FMA), a JIT with a safe calling
-//!   wrapper, and object-file emission for the future shared library.
+//!   wrapper, and object-file emission for the future shared library;
+//! - [`aot`]: every kernel in one object, linked with the system `cc` into
+//!   the artifact's shared library (what `smelt_runtime::native` loads), and
+//!   the plan entries and CPU features that describe it.
 //!
 //! Next steps, in order: scheduling the fused graph into template
-//! instances; linking emitted objects into the artifact's shared library with
-//! the system `cc`; the runtime loader and its persistent thread team (the
-//! kernel ABI below already takes `thread, threads`); the LLVM lowering of the
-//! same KIR (256-bit vectors for GEMM, NVPTX for GPUs); more templates
-//! (attention, rope, gather, argmax, packed-panel GEMM).
-//!
-//! Nothing here is wired into the CLI or the runtime yet.
+//! instances and wiring `aot` into `smelt compile --target cpu`; the LLVM
+//! lowering of the same KIR (256-bit vectors for GEMM, NVPTX for GPUs); more
+//! templates (attention, rope, gather, argmax, packed-panel GEMM).
 
+pub mod aot;
 pub mod cranelift;
 pub mod kir;
 pub mod schedule;

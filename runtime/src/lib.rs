@@ -9,6 +9,10 @@
 //!   interpreter, which fills the optional decoder inputs with their defaults.
 //! - [`generate`]: the [`generate::Forward`] trait and greedy generation with
 //!   the KV cache on top of it.
+//! - [`plan`]: the launch plan of a natively compiled (`cpu`) artifact;
+//!   [`native`]: [`native::NativeModel`], which runs it (the kernel library
+//!   loaded with `dlopen`, a persistent thread team, a liveness-planned
+//!   arena).
 //!
 //! The runtime links no compiler (no egg, Cranelift or LLVM): an artifact is
 //! everything it needs. It depends on smelt-ir only for tensors, the text IR
@@ -17,6 +21,7 @@
 pub mod artifact;
 pub mod generate;
 pub mod model;
+pub mod native;
 pub mod plan;
 pub mod tensors;
 

@@ -48,54 +48,59 @@ impl InterpModel {
     }
 
     /// Adds the defaults for the optional decoder inputs the caller left out
-    /// (see the module docs).
+    /// (see the module docs and [`fill_defaults`]).
     pub fn fill_defaults(&self, inputs: &mut BTreeMap<String, Tensor>) {
-        let Some(ids) = inputs.get("input_ids") else {
-            return;
-        };
-        let &[batch, seq] = ids.shape.as_slice() else {
-            return;
-        };
-        let past_inputs: Vec<_> =
-            self.signature.inputs.iter().filter(|t| t.name.starts_with("past_key_values.")).collect();
-        let given_past: Vec<&Tensor> = past_inputs.iter().filter_map(|t| inputs.get(&t.name)).collect();
-        let past_len = match given_past.first() {
-            Some(t) => match t.shape.get(2) {
-                Some(&n) => n,
-                None => return,
-            },
-            None => 0,
-        };
-        if given_past.is_empty() {
-            for sig in &past_inputs {
-                let Ok(ty) = sig.tensor_type() else { return };
-                // [batch, kv_heads, past, head_dim] with constant heads and size.
-                let (Some(h), Some(d)) =
-                    (ty.shape.get(1).and_then(|d| d.as_const()), ty.shape.get(3).and_then(|d| d.as_const()))
-                else {
-                    return;
-                };
-                if ty.shape.len() != 4 || h < 0 || d < 0 {
-                    return;
-                }
-                let empty = Tensor::full(ty.dtype, vec![batch, h as usize, 0, d as usize], 0.0);
-                inputs.insert(sig.name.clone(), empty);
+        fill_defaults(&self.signature, inputs);
+    }
+}
+
+/// Adds to `inputs` the defaults for the optional decoder inputs of `sig`
+/// that the caller left out (see the module docs). Shared by every backend,
+/// so they all fill the same defaults.
+pub fn fill_defaults(sig: &Signature, inputs: &mut BTreeMap<String, Tensor>) {
+    let Some(ids) = inputs.get("input_ids") else {
+        return;
+    };
+    let &[batch, seq] = ids.shape.as_slice() else {
+        return;
+    };
+    let past_inputs: Vec<_> = sig.inputs.iter().filter(|t| t.name.starts_with("past_key_values.")).collect();
+    let given_past: Vec<&Tensor> = past_inputs.iter().filter_map(|t| inputs.get(&t.name)).collect();
+    let past_len = match given_past.first() {
+        Some(t) => match t.shape.get(2) {
+            Some(&n) => n,
+            None => return,
+        },
+        None => 0,
+    };
+    if given_past.is_empty() {
+        for past in &past_inputs {
+            let Ok(ty) = past.tensor_type() else { return };
+            // [batch, kv_heads, past, head_dim] with constant heads and size.
+            let (Some(h), Some(d)) =
+                (ty.shape.get(1).and_then(|d| d.as_const()), ty.shape.get(3).and_then(|d| d.as_const()))
+            else {
+                return;
+            };
+            if ty.shape.len() != 4 || h < 0 || d < 0 {
+                return;
             }
+            let empty = Tensor::full(ty.dtype, vec![batch, h as usize, 0, d as usize], 0.0);
+            inputs.insert(past.name.clone(), empty);
         }
-        let int_dtype =
-            |name: &str| self.signature.input(name).and_then(|s| s.dtype.parse::<DType>().ok()).unwrap_or(DType::I64);
-        if self.signature.input("attention_mask").is_some() && !inputs.contains_key("attention_mask") {
-            let n = past_len + seq;
-            if let Ok(t) = Tensor::from_i64(int_dtype("attention_mask"), vec![batch, n], vec![1; batch * n]) {
-                inputs.insert("attention_mask".to_string(), t);
-            }
+    }
+    let int_dtype = |name: &str| sig.input(name).and_then(|s| s.dtype.parse::<DType>().ok()).unwrap_or(DType::I64);
+    if sig.input("attention_mask").is_some() && !inputs.contains_key("attention_mask") {
+        let n = past_len + seq;
+        if let Ok(t) = Tensor::from_i64(int_dtype("attention_mask"), vec![batch, n], vec![1; batch * n]) {
+            inputs.insert("attention_mask".to_string(), t);
         }
-        if self.signature.input("position_ids").is_some() && !inputs.contains_key("position_ids") {
-            let row = (past_len..past_len + seq).map(|p| p as i64);
-            let values: Vec<i64> = (0..batch).flat_map(|_| row.clone()).collect();
-            if let Ok(t) = Tensor::from_i64(int_dtype("position_ids"), vec![batch, seq], values) {
-                inputs.insert("position_ids".to_string(), t);
-            }
+    }
+    if sig.input("position_ids").is_some() && !inputs.contains_key("position_ids") {
+        let row = (past_len..past_len + seq).map(|p| p as i64);
+        let values: Vec<i64> = (0..batch).flat_map(|_| row.clone()).collect();
+        if let Ok(t) = Tensor::from_i64(int_dtype("position_ids"), vec![batch, seq], values) {
+            inputs.insert("position_ids".to_string(), t);
         }
     }
 }

@@ -111,4 +111,15 @@ pub struct NativePlan {
     pub inputs: Vec<(String, usize)>,
     /// Graph outputs by name, as buffer indices.
     pub outputs: Vec<(String, usize)>,
+    /// The architecture the library was compiled for, as
+    /// `std::env::consts::ARCH` spells it (`x86_64`); the runtime refuses to
+    /// load the library on another one. Empty: not checked.
+    #[serde(default)]
+    pub arch: String,
+    /// The CPU features the library's code may use, as
+    /// `is_x86_feature_detected!` spells them (`sse4.1`, `avx2`, `fma`);
+    /// the runtime refuses to load the library when the host lacks any
+    /// (`smelt_codegen::aot::LibraryInfo::cpu_features` gives them).
+    #[serde(default)]
+    pub cpu_features: Vec<String>,
 }
