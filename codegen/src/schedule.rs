@@ -17,7 +17,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use smelt_ir::{interp, Data, Dim, Graph, NodeId, Op, Tensor, ValueId};
-use smelt_runtime::plan::{Buffer, Elem, KernelEntry, Launch, NativePlan, Storage};
+use smelt_runtime::plan::{Buffer, Elem, Launch, NativePlan, Storage};
 
 use crate::kir::{BinOp, Expr, Kernel, Scalar};
 use crate::select::{self, elem_of, Instance, SelectError, Selected};
@@ -126,16 +126,10 @@ pub fn schedule(graph: &Graph, weights: &BTreeMap<String, Tensor>) -> Result<Sch
     let plan = NativePlan {
         library: String::new(),
         weights: String::new(),
-        kernels: s
-            .kernels
-            .iter()
-            .map(|k| KernelEntry {
-                symbol: format!("smelt_{}", k.name),
-                lowering: "cranelift".into(),
-                buffers: k.global_buffers().map(|(_, d)| plan_elem(d.elem)).collect(),
-                scalars: k.scalars.len(),
-            })
-            .collect(),
+        kernels: s.kernels.iter().map(crate::aot::kernel_entry).collect(),
+        // Filled by whoever links the library (it knows the target).
+        arch: String::new(),
+        cpu_features: vec![],
         buffers: s.buffers,
         launches: s.launches,
         symbols,
