@@ -18,6 +18,9 @@ pub enum Arg<'a> {
     I32Mut(&'a mut [i32]),
     I64(&'a [i64]),
     I64Mut(&'a mut [i64]),
+    /// One byte per element, 0 or 1 (Rust's `bool` layout).
+    Bool(&'a [bool]),
+    BoolMut(&'a mut [bool]),
 }
 
 impl Arg<'_> {
@@ -29,6 +32,8 @@ impl Arg<'_> {
             Arg::I32Mut(v) => (Scalar::I32, v.len(), true),
             Arg::I64(v) => (Scalar::I64, v.len(), false),
             Arg::I64Mut(v) => (Scalar::I64, v.len(), true),
+            Arg::Bool(v) => (Scalar::Bool, v.len(), false),
+            Arg::BoolMut(v) => (Scalar::Bool, v.len(), true),
         }
     }
 
@@ -40,6 +45,8 @@ impl Arg<'_> {
             Arg::I32Mut(v) => v.as_mut_ptr() as *mut u8,
             Arg::I64(v) => v.as_ptr() as *mut u8,
             Arg::I64Mut(v) => v.as_mut_ptr() as *mut u8,
+            Arg::Bool(v) => v.as_ptr() as *mut u8,
+            Arg::BoolMut(v) => v.as_mut_ptr() as *mut u8,
         }
     }
 }

@@ -15,6 +15,11 @@
 //! One file per op family returns `Ok(None)` for ops it does not handle;
 //! [`select`] tries them in turn.
 
+mod fused;
+mod linalg;
+
+pub use linalg::{gated_mlp_weight_nk, matmul_weight_nk};
+
 use crate::kir::{Kernel, Scalar};
 use smelt_ir::{DType, Dim, Op, TensorType};
 
@@ -62,7 +67,7 @@ pub fn elem_of(d: DType) -> Scalar {
 /// Selects the kernel (or alias) for one node.
 pub fn select(op: &Op, inputs: &[TensorType], outputs: &[TensorType]) -> Result<Selected, SelectError> {
     type Family = fn(&Op, &[TensorType], &[TensorType]) -> Result<Option<Selected>, SelectError>;
-    let families: &[Family] = &[];
+    let families: &[Family] = &[linalg::select, fused::select];
     for f in families {
         if let Some(s) = f(op, inputs, outputs)? {
             return Ok(s);

@@ -16,11 +16,16 @@ mod gemm;
 mod gemv;
 mod norm;
 mod softmax;
+pub mod sym;
+pub mod matmul_dyn;
+pub mod attention;
+pub mod rope;
+pub mod concat;
 
 pub use elementwise::{binary, unary, Bcast, BinaryOp, UnaryOp};
 pub use gemm::{gemm, GemmParams};
 pub use gemv::{gemv, WeightLayout};
-pub use norm::rms_norm;
+pub use norm::{norm_rows, rms_norm, NormKind};
 pub use softmax::softmax;
 
 use crate::kir::{Builder, Expr, LoopKind};
