@@ -73,7 +73,13 @@ fn f32s(t: &Tensor) -> Vec<f32> {
 }
 
 /// Runs `inst` on `inputs` with the JIT as `threads` threads; the results.
-fn run_jit(j: &JitKernel, inst_scalars: &[i64], inputs: &[Tensor], out_lens: &[usize], threads: usize) -> Vec<Vec<f32>> {
+fn run_jit(
+    j: &JitKernel,
+    inst_scalars: &[i64],
+    inputs: &[Tensor],
+    out_lens: &[usize],
+    threads: usize,
+) -> Vec<Vec<f32>> {
     let mut outs: Vec<Vec<f32>> = out_lens.iter().map(|&n| vec![f32::NAN; n]).collect();
     for t in 0..threads {
         let mut args: Vec<Arg> = inputs
@@ -91,7 +97,13 @@ fn run_jit(j: &JitKernel, inst_scalars: &[i64], inputs: &[Tensor], out_lens: &[u
     outs
 }
 
-fn run_interp(inst: &Instance, scalars: &[i64], inputs: &[Tensor], out_lens: &[usize], threads: usize) -> Vec<Vec<f32>> {
+fn run_interp(
+    inst: &Instance,
+    scalars: &[i64],
+    inputs: &[Tensor],
+    out_lens: &[usize],
+    threads: usize,
+) -> Vec<Vec<f32>> {
     let mut bufs: Vec<BufData> = inputs
         .iter()
         .map(|x| match &x.data {
@@ -178,7 +190,8 @@ fn case(op: Op, operands: &[(TensorType, Gen)], symbols: &[(&str, i64)], use_int
     let want: Vec<Vec<f32>> = smelt_ir::interp::eval_op(&op, &refs, &s).unwrap().iter().map(f32s).collect();
     let mut all = types.clone();
     all.extend(outputs);
-    let label = format!("{} {:?} {symbols:?}", inst.kernel.name, types.iter().map(|t| t.to_string()).collect::<Vec<_>>());
+    let label =
+        format!("{} {:?} {symbols:?}", inst.kernel.name, types.iter().map(|t| t.to_string()).collect::<Vec<_>>());
     check_instance(&label, &inst, &all, &inputs, &want, &s, use_interp)
 }
 
@@ -267,7 +280,8 @@ fn gated_mlp_cases() {
             let w = f(&format!("{k},{nn}"));
             let small = seq * k * nn < 40_000;
             let g = Gen::F(2.0);
-            worst = worst.max(case(op.clone(), &[(x.clone(), g), (w.clone(), g), (w.clone(), g)], &[("seq", seq)], small));
+            worst =
+                worst.max(case(op.clone(), &[(x.clone(), g), (w.clone(), g), (w.clone(), g)], &[("seq", seq)], small));
             // The [n, k] variant.
             let wnk = f(&format!("{nn},{k}"));
             let inst = gated_mlp_weight_nk(&x, &wnk, &wnk, act).unwrap();
@@ -372,15 +386,52 @@ fn attention_cases() {
         A { hq: 2, hkv: 2, d: 24, causal: false, window: None, softcap: None, mask: None },
         A { hq: 6, hkv: 2, d: 40, causal: true, window: Some(3), softcap: None, mask: None },
         A { hq: 2, hkv: 1, d: 48, causal: false, window: Some(4), softcap: Some(5.0), mask: None },
-        A { hq: 4, hkv: 2, d: 80, causal: true, window: None, softcap: None, mask: Some(("b,1,1,past+seq", Gen::Bool)) },
-        A { hq: 4, hkv: 4, d: 64, causal: true, window: None, softcap: None, mask: Some(("b,4,seq,past+seq", Gen::AddMask)) },
-        A { hq: 4, hkv: 2, d: 128, causal: false, window: None, softcap: Some(30.0), mask: Some(("seq,past+seq", Gen::Bool)) },
-        A { hq: 2, hkv: 1, d: 10, causal: true, window: Some(2), softcap: None, mask: Some(("1,1,1,past+seq", Gen::AddMask)) },
+        A {
+            hq: 4,
+            hkv: 2,
+            d: 80,
+            causal: true,
+            window: None,
+            softcap: None,
+            mask: Some(("b,1,1,past+seq", Gen::Bool)),
+        },
+        A {
+            hq: 4,
+            hkv: 4,
+            d: 64,
+            causal: true,
+            window: None,
+            softcap: None,
+            mask: Some(("b,4,seq,past+seq", Gen::AddMask)),
+        },
+        A {
+            hq: 4,
+            hkv: 2,
+            d: 128,
+            causal: false,
+            window: None,
+            softcap: Some(30.0),
+            mask: Some(("seq,past+seq", Gen::Bool)),
+        },
+        A {
+            hq: 2,
+            hkv: 1,
+            d: 10,
+            causal: true,
+            window: Some(2),
+            softcap: None,
+            mask: Some(("1,1,1,past+seq", Gen::AddMask)),
+        },
     ];
     for c in &cases {
         for (b, seq, past) in [(1, 1, 0), (1, 1, 6), (2, 3, 4), (1, 5, 0)] {
             let sy = [("b", b), ("seq", seq), ("past", past)];
-            let op = Op::Attention { scale: 1.0 / (c.d as f64).sqrt(), causal: c.causal, window: c.window, softcap: c.softcap };
+            let op = Op::Attention {
+                scale: 1.0 / (c.d as f64).sqrt(),
+                causal: c.causal,
+                window: c.window,
+                softcap: c.softcap,
+            };
             let q = f(&format!("b,{},seq,{}", c.hq, c.d));
             let kv = f(&format!("b,{},past+seq,{}", c.hkv, c.d));
             let mut ops = vec![(q, Gen::F(2.0)), (kv.clone(), Gen::F(2.0)), (kv, g)];

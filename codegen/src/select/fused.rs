@@ -67,7 +67,12 @@ pub fn select(op: &Op, inputs: &[TensorType], _outputs: &[TensorType]) -> Result
             let c = |d: &Dim, what: &str| {
                 d.as_const().map(|c| c as usize).ok_or_else(|| unsupported(&format!("{what} must be a constant")))
             };
-            let (hq, hkv, d, dv) = (c(&q.shape[1], "heads")?, c(&k.shape[1], "kv heads")?, c(&q.shape[3], "head dim")?, c(&v.shape[3], "value dim")?);
+            let (hq, hkv, d, dv) = (
+                c(&q.shape[1], "heads")?,
+                c(&k.shape[1], "kv heads")?,
+                c(&q.shape[3], "head dim")?,
+                c(&v.shape[3], "value dim")?,
+            );
             if hkv == 0 || hq % hkv != 0 {
                 return Err(unsupported("query heads must be a multiple of kv heads"));
             }

@@ -113,7 +113,8 @@ fn matmul(op: &Op, inputs: &[TensorType]) -> Result<Instance, SelectError> {
         return Err(SelectError::unsupported(op, inputs, "contraction dims differ"));
     }
     let (ba, bb) = (&sa[..sa.len() - 2], &sb[..sb.len() - 2]);
-    let out_batch = smelt_ir::ops::infer::broadcast_shapes(ba, bb).map_err(|e| SelectError::unsupported(op, inputs, e))?;
+    let out_batch =
+        smelt_ir::ops::infer::broadcast_shapes(ba, bb).map_err(|e| SelectError::unsupported(op, inputs, e))?;
     let one = Dim::c(1);
     let has = |src: &[Dim], i: usize| -> bool {
         let lead = out_batch.len() - src.len();

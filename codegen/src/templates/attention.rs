@@ -48,16 +48,23 @@ pub fn attention(b: &mut Builder, s: &AttnSpec, batch: Expr, sq: Expr, skv: Expr
     let mbuf = mask.map(|m| b.buffer("mask", m.elem, sym::product(&m.dims), Space::Global, Access::Read));
     let out = b.output("out", mul(rows.clone(), Expr::idx(dv)));
     // Mask strides along [batch, hq, sq, skv]; None where it broadcasts.
-    let mstrides: Vec<Option<Expr>> = match mask {
-        None => vec![None; 4],
-        Some(m) => {
-            let st = sym::strides(&m.dims);
-            let skip = 4 - m.dims.len();
-            (0..4)
-                .map(|a| if a < skip || as_const(&m.dims[a - skip]) == Some(1) { None } else { Some(st[a - skip].clone()) })
-                .collect()
-        }
-    };
+    let mstrides: Vec<Option<Expr>> =
+        match mask {
+            None => vec![None; 4],
+            Some(m) => {
+                let st = sym::strides(&m.dims);
+                let skip = 4 - m.dims.len();
+                (0..4)
+                    .map(|a| {
+                        if a < skip || as_const(&m.dims[a - skip]) == Some(1) {
+                            None
+                        } else {
+                            Some(st[a - skip].clone())
+                        }
+                    })
+                    .collect()
+            }
+        };
     b.for_("row", Expr::idx(0), rows, 1, LoopKind::Parallel, |b, row| {
         let i = b.let_("i", sym::rem(row.clone(), sq.clone()));
         let bh = b.let_("bh", sym::div(row.clone(), sq.clone()));
@@ -108,7 +115,8 @@ pub fn attention(b: &mut Builder, s: &AttnSpec, batch: Expr, sq: Expr, skv: Expr
                     dot = prod(dot);
                 }
             }
-            let vsum = vaccs.iter().skip(1).fold(vaccs.first().map(|a| Expr::Var(*a)), |s, a| s.map(|s| s + Expr::Var(*a)));
+            let vsum =
+                vaccs.iter().skip(1).fold(vaccs.first().map(|a| Expr::Var(*a)), |s, a| s.map(|s| s + Expr::Var(*a)));
             let mut score = match vsum {
                 Some(vs) => vs.hreduce(RedOp::Add) + dot,
                 None => dot,

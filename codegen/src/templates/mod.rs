@@ -11,16 +11,16 @@
 //!   scalar loop finishes the tail, so any size works, 1 included;
 //! - sums accumulate in f32 with FMA.
 
+pub mod attention;
+pub mod concat;
 mod elementwise;
 mod gemm;
 mod gemv;
+pub mod matmul_dyn;
 mod norm;
+pub mod rope;
 mod softmax;
 pub mod sym;
-pub mod matmul_dyn;
-pub mod attention;
-pub mod rope;
-pub mod concat;
 
 pub use elementwise::{binary, unary, Bcast, BinaryOp, UnaryOp};
 pub use gemm::{gemm, GemmParams};
