@@ -30,6 +30,8 @@ enum Gen {
     Pos,
     /// True with probability 3/4.
     Bool,
+    /// All false: every row fully masked.
+    NoneKept,
     /// 0, or -inf with probability 1/4, or a small offset: an additive mask.
     AddMask,
 }
@@ -58,6 +60,7 @@ fn make(t: &TensorType, g: Gen, s: &BTreeMap<String, i64>, seed: u64) -> Tensor 
         Gen::F(k) => Tensor::from_f32(t.dtype, shape, r.into_iter().map(|x| x * k).collect()).unwrap(),
         Gen::Pos => Tensor::from_f32(t.dtype, shape, r.into_iter().map(|x| x * 0.5 + 1.0).collect()).unwrap(),
         Gen::Bool => Tensor::from_bool(shape, r.into_iter().map(|x| x > -0.5).collect()).unwrap(),
+        Gen::NoneKept => Tensor::from_bool(shape, vec![false; n]).unwrap(),
         Gen::AddMask => {
             let v = r.into_iter().map(|x| if x < -0.5 { f32::NEG_INFINITY } else { x * 0.5 }).collect();
             Tensor::from_f32(t.dtype, shape, v).unwrap()
@@ -422,6 +425,15 @@ fn attention_cases() {
             softcap: None,
             mask: Some(("1,1,1,past+seq", Gen::AddMask)),
         },
+        A {
+            hq: 2,
+            hkv: 2,
+            d: 8,
+            causal: false,
+            window: None,
+            softcap: None,
+            mask: Some(("b,1,1,past+seq", Gen::NoneKept)),
+        },
     ];
     for c in &cases {
         for (b, seq, past) in [(1, 1, 0), (1, 1, 6), (2, 3, 4), (1, 5, 0)] {
@@ -436,7 +448,7 @@ fn attention_cases() {
             let kv = f(&format!("b,{},past+seq,{}", c.hkv, c.d));
             let mut ops = vec![(q, Gen::F(2.0)), (kv.clone(), Gen::F(2.0)), (kv, g)];
             if let Some((m, gen)) = c.mask {
-                let dt = if matches!(gen, Gen::Bool) { DType::Bool } else { DType::F32 };
+                let dt = if matches!(gen, Gen::Bool | Gen::NoneKept) { DType::Bool } else { DType::F32 };
                 ops.push((ty(dt, m), gen));
             }
             worst = worst.max(case(op, &ops, &sy, true));

@@ -279,6 +279,8 @@ impl Gen {
 
     /// Stores the tile's values (`vals[op][r][c]`, the gated epilogue
     /// applied) at row `i0 + r`, columns `j0 + offsets[c]`.
+    // Row, column and operand indices address several parallel tables at once.
+    #[allow(clippy::needless_range_loop)]
     fn store(&self, b: &mut Builder, i0: &Expr, j0: &Expr, vals: Vec<Vec<Vec<Expr>>>, offs: &[usize], widths: &[u8]) {
         let rows = vals[0].len();
         for r in 0..rows {
@@ -299,6 +301,8 @@ impl Gen {
     }
 
     /// A `rows x sum(widths)` tile of the KN layout at `(i0, j0)`.
+    // Row, column and operand indices address several parallel tables at once.
+    #[allow(clippy::needless_range_loop)]
     fn tile_kn(&self, b: &mut Builder, i0: &Expr, j0: &Expr, rows: usize, widths: &[u8]) {
         let offs = offsets(widths);
         let split = if rows == 1 { self.ksplit } else { 1 };
