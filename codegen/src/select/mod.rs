@@ -16,8 +16,12 @@
 //! [`select`] tries them in turn.
 
 mod elementwise;
+mod fused;
 mod layout;
+mod linalg;
 mod reduce;
+
+pub use linalg::{gated_mlp_weight_nk, matmul_weight_nk};
 
 use crate::kir::{Kernel, Scalar};
 use smelt_ir::{DType, Dim, Op, TensorType};
@@ -66,7 +70,7 @@ pub fn elem_of(d: DType) -> Scalar {
 /// Selects the kernel (or alias) for one node.
 pub fn select(op: &Op, inputs: &[TensorType], outputs: &[TensorType]) -> Result<Selected, SelectError> {
     type Family = fn(&Op, &[TensorType], &[TensorType]) -> Result<Option<Selected>, SelectError>;
-    let families: &[Family] = &[elementwise::select, layout::select, reduce::select];
+    let families: &[Family] = &[elementwise::select, layout::select, reduce::select, linalg::select, fused::select];
     for f in families {
         if let Some(s) = f(op, inputs, outputs)? {
             return Ok(s);

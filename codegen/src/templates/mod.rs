@@ -11,17 +11,22 @@
 //!   scalar loop finishes the tail, so any size works, 1 included;
 //! - sums accumulate in f32 with FMA.
 
+pub mod attention;
+pub mod concat;
 mod elementwise;
 mod gemm;
 mod gemv;
+pub mod matmul_dyn;
 mod norm;
+pub mod rope;
 mod softmax;
 pub mod strided;
+pub mod sym;
 
 pub use elementwise::{binary, unary, Bcast, BinaryOp, UnaryOp};
 pub use gemm::{gemm, GemmParams};
 pub use gemv::{gemv, WeightLayout};
-pub use norm::rms_norm;
+pub use norm::{norm_rows, rms_norm, NormKind};
 pub use softmax::softmax;
 
 use crate::kir::{Builder, Expr, LoopKind};

@@ -95,3 +95,85 @@ mod print_tests {
 }
 ";
 }
+
+/// Which normalisation [`norm_rows`] builds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NormKind {
+    /// Buffers `x, w, y`.
+    Rms,
+    /// Buffers `x, residual, w, sum, y`: `sum = x + residual` is stored and
+    /// normalised.
+    AddRms,
+    /// Buffers `x, w, bias, y`, with the population variance of the
+    /// deviations from the mean (two passes, as the reference computes it).
+    Layer,
+}
+
+/// Declares the buffers and builds the body of a normalisation over the
+/// last axis (`n`, static) of `rows` rows (any `i64` expression, usually a
+/// scalar parameter of `b`), one parallel iteration per row.
+pub fn norm_rows(b: &mut Builder, kind: NormKind, rows: Expr, n: usize, eps: f32) {
+    use super::sym::{add, mul};
+    let len = mul(rows.clone(), Expr::idx(n));
+    let x = b.input("x", len.clone());
+    let res = (kind == NormKind::AddRms).then(|| b.input("residual", len.clone()));
+    let w = b.input("w", n);
+    let bias = (kind == NormKind::Layer).then(|| b.input("bias", n));
+    let sum_out = (kind == NormKind::AddRms).then(|| b.output("sum", len.clone()));
+    let y = b.output("y", len);
+    b.for_("r", Expr::idx(0), rows, 1, LoopKind::Parallel, |b, r| {
+        let base = b.let_("base", mul(r, Expr::idx(n)));
+        let at = move |j: Expr| add(Expr::Var(base), j);
+        // The source row: x, or x + residual written to `sum` first.
+        let src = match (res, sum_out) {
+            (Some(res), Some(s)) => {
+                vec_loop(b, "s", n, LANES, |b, j, lanes| {
+                    b.store(s, at(j.clone()), Expr::load(x, at(j.clone()), lanes) + Expr::load(res, at(j), lanes));
+                });
+                s
+            }
+            _ => x,
+        };
+        let total = |b: &mut Builder, name: &str, term: &dyn Fn(Expr, u8) -> Expr| {
+            let sum = b.let_(name, Expr::f32(0.0));
+            let acc = b.let_("acc", Expr::f32(0.0).splat(LANES));
+            vec_loop(b, name, n, LANES, |b, j, lanes| {
+                let v = term(j, lanes);
+                if lanes > 1 {
+                    b.assign(acc, Expr::Var(acc) + v);
+                } else {
+                    b.assign(sum, Expr::Var(sum) + v);
+                }
+            });
+            b.assign(sum, Expr::Var(sum) + Expr::Var(acc).hreduce(RedOp::Add));
+            sum
+        };
+        let (mean, scale) = if kind == NormKind::Layer {
+            let s = total(b, "sx", &|j, lanes| Expr::load(src, at(j), lanes));
+            let mean = b.let_("mean", Expr::Var(s) / Expr::f32(n as f32));
+            let var = total(b, "sd", &|j, lanes| {
+                let d = Expr::load(src, at(j), lanes) - widen(Expr::Var(mean), lanes);
+                d.clone() * d
+            });
+            let scale = b.let_("scale", (Expr::Var(var) / Expr::f32(n as f32) + Expr::f32(eps)).rsqrt());
+            (Some(mean), scale)
+        } else {
+            let s = total(b, "ss", &|j, lanes| {
+                let v = Expr::load(src, at(j), lanes);
+                v.clone() * v
+            });
+            (None, b.let_("scale", (Expr::Var(s) / Expr::f32(n as f32) + Expr::f32(eps)).rsqrt()))
+        };
+        vec_loop(b, "k", n, LANES, |b, j, lanes| {
+            let mut v = Expr::load(src, at(j.clone()), lanes);
+            if let Some(m) = mean {
+                v = v - widen(Expr::Var(m), lanes);
+            }
+            let mut v = v * widen(Expr::Var(scale), lanes) * Expr::load(w, j.clone(), lanes);
+            if let Some(bias) = bias {
+                v = v + Expr::load(bias, j.clone(), lanes);
+            }
+            b.store(y, at(j), v);
+        });
+    });
+}

@@ -1,0 +1,147 @@
+//! Kernel selection for the fused ops other than the gated MLP (which lives
+//! with the matrix products in `linalg`): `rms_norm`, `add_rms_norm`,
+//! `layer_norm`, `rope`, `attention` and `kv_append`.
+//!
+//! Assumes the node's types passed inference (shapes fit together); checks
+//! only what the kernels themselves need: a constant last axis for the
+//! norms and rope, constant heads and head dims for attention.
+
+use super::linalg::{dim_name, Params};
+use super::{elem_of, SelectError, Selected};
+use crate::kir::{Builder, Expr, Scalar};
+use crate::templates::attention::{self, AttnMask, AttnSpec};
+use crate::templates::{concat, norm_rows, rope, NormKind};
+use smelt_ir::{Dim, Op, TensorType};
+
+pub fn select(op: &Op, inputs: &[TensorType], _outputs: &[TensorType]) -> Result<Option<Selected>, SelectError> {
+    let unsupported = |why: &str| SelectError::unsupported(op, inputs, why);
+    let floats = || -> Result<(), SelectError> {
+        if inputs.iter().all(|t| elem_of(t.dtype) == Scalar::F32) {
+            Ok(())
+        } else {
+            Err(unsupported("needs float operands"))
+        }
+    };
+    let last_const = |t: &TensorType, what: &str| -> Result<usize, SelectError> {
+        t.shape
+            .last()
+            .and_then(|d| d.as_const())
+            .map(|c| c as usize)
+            .ok_or_else(|| unsupported(&format!("{what}'s last dim must be a constant")))
+    };
+    let mut b = Builder::new("k");
+    let mut p = Params::default();
+    let prefix = match op {
+        Op::RmsNorm { eps } | Op::LayerNorm { eps } | Op::AddRmsNorm { eps } => {
+            floats()?;
+            let x = &inputs[0];
+            let n = last_const(x, "x")?;
+            let kind = match op {
+                Op::RmsNorm { .. } => NormKind::Rms,
+                Op::LayerNorm { .. } => NormKind::Layer,
+                _ => NormKind::AddRms,
+            };
+            let rows = p.product(&mut b, &x.shape[..x.rank() - 1]);
+            norm_rows(&mut b, kind, rows, n, *eps as f32);
+            format!("{}_n{n}", op.name())
+        }
+        Op::Rope { interleaved } => {
+            floats()?;
+            let (x, cos) = (&inputs[0], &inputs[1]);
+            let d = last_const(x, "x")?;
+            let r = last_const(cos, "cos")?;
+            if r % 2 != 0 || r == 0 || r > d || cos.rank() > x.rank() || inputs[2].shape != cos.shape {
+                return Err(unsupported("cos/sin must match, with an even last dim no larger than x's"));
+            }
+            let x_dims: Vec<Expr> = x.shape.iter().map(|dm| p.get(&mut b, dm)).collect();
+            let cs_dims: Vec<Expr> = cos.shape.iter().map(|dm| p.get(&mut b, dm)).collect();
+            rope::rope(&mut b, &x_dims, &cs_dims, d, r, *interleaved);
+            format!("rope_d{d}_r{r}{}", if *interleaved { "_il" } else { "" })
+        }
+        Op::Attention { scale, causal, window, softcap } => {
+            floats_except_mask(op, inputs)?;
+            let (q, k, v) = (&inputs[0], &inputs[1], &inputs[2]);
+            if q.rank() != 4 || k.rank() != 4 || v.rank() != 4 {
+                return Err(unsupported("q, k and v must have rank 4"));
+            }
+            let c = |d: &Dim, what: &str| {
+                d.as_const().map(|c| c as usize).ok_or_else(|| unsupported(&format!("{what} must be a constant")))
+            };
+            let (hq, hkv, d, dv) = (
+                c(&q.shape[1], "heads")?,
+                c(&k.shape[1], "kv heads")?,
+                c(&q.shape[3], "head dim")?,
+                c(&v.shape[3], "value dim")?,
+            );
+            if hkv == 0 || hq % hkv != 0 {
+                return Err(unsupported("query heads must be a multiple of kv heads"));
+            }
+            let spec = AttnSpec {
+                hq,
+                hkv,
+                d,
+                dv,
+                scale: *scale as f32,
+                causal: *causal,
+                window: *window,
+                softcap: softcap.map(|c| c as f32),
+            };
+            let batch = p.get(&mut b, &q.shape[0]);
+            let sq = p.get(&mut b, &q.shape[2]);
+            let skv = p.get(&mut b, &k.shape[2]);
+            let mask = inputs.get(3).map(|m| AttnMask {
+                elem: elem_of(m.dtype),
+                dims: m.shape.iter().map(|dm| p.get(&mut b, dm)).collect(),
+            });
+            if inputs.len() > 4 || mask.as_ref().is_some_and(|m| m.dims.len() > 4) {
+                return Err(unsupported("at most one mask of rank <= 4"));
+            }
+            attention::attention(&mut b, &spec, batch, sq, skv, mask.as_ref());
+            let mut name = format!("attention_h{hq}x{hkv}_d{d}");
+            if *causal {
+                name.push_str("_causal");
+            }
+            if window.is_some() {
+                name.push_str("_win");
+            }
+            if softcap.is_some() {
+                name.push_str("_cap");
+            }
+            if let Some(m) = inputs.get(3) {
+                name.push_str(if m.dtype.is_bool() { "_bmask" } else { "_fmask" });
+            }
+            name
+        }
+        Op::KvAppend { axis } => {
+            let (cache, new) = (&inputs[0], &inputs[1]);
+            if cache.dtype != new.dtype || cache.rank() != new.rank() || cache.rank() == 0 {
+                return Err(unsupported("cache and new must share dtype and rank"));
+            }
+            let r = cache.rank() as i64;
+            let a = if *axis < 0 { axis + r } else { *axis };
+            if !(0..r).contains(&a) {
+                return Err(unsupported("axis out of range"));
+            }
+            let a = a as usize;
+            let outer = p.product(&mut b, &cache.shape[..a]);
+            let ci = p.product(&mut b, &cache.shape[a..]);
+            let ni = p.product(&mut b, &new.shape[a..]);
+            concat::concat2(&mut b, elem_of(cache.dtype), outer, ci, ni);
+            format!("kv_append_{:?}_{}", elem_of(cache.dtype), dim_name(&Dim::product(&cache.shape[a + 1..])))
+                .to_lowercase()
+        }
+        _ => return Ok(None),
+    };
+    p.finish(b, &prefix, op, inputs).map(|i| Some(Selected::Kernel(i)))
+}
+
+/// Attention's q, k and v must be floats; a mask may be bool or float.
+fn floats_except_mask(op: &Op, inputs: &[TensorType]) -> Result<(), SelectError> {
+    let ok = inputs.iter().take(3).all(|t| elem_of(t.dtype) == Scalar::F32)
+        && inputs.get(3).is_none_or(|m| matches!(elem_of(m.dtype), Scalar::F32 | Scalar::Bool));
+    if ok {
+        Ok(())
+    } else {
+        Err(SelectError::unsupported(op, inputs, "q, k, v must be floats and the mask bool or float"))
+    }
+}

@@ -1,0 +1,184 @@
+//! Scaled dot-product attention with an online softmax: one parallel
+//! iteration per query row `(batch, head, i)`, one pass over the visible
+//! keys keeping the running maximum `m`, the running sum `l` and the output
+//! accumulator (vectors over the value dim, rescaled only when the maximum
+//! grows). Sums accumulate in f32.
+//!
+//! Visibility follows the reference: query `i` sits at `pos = skv - sq + i`;
+//! `causal` limits keys to `j <= pos`, a window `w` to `j > pos - w`, both
+//! applied as loop bounds. A bool mask drops keys, a float mask is added to
+//! the score; a score of -inf contributes nothing, and a row with no
+//! contributing key is zero.
+
+use super::sym::{self, add, as_const, max, min, mul, sub};
+use super::{c, widen, LANES};
+use crate::kir::{Access, Builder, CmpOp, Expr, LoopKind, RedOp, Scalar, Space, Var};
+
+/// The static part of an attention kernel.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AttnSpec {
+    pub hq: usize,
+    pub hkv: usize,
+    pub d: usize,
+    pub dv: usize,
+    pub scale: f32,
+    pub causal: bool,
+    pub window: Option<i64>,
+    pub softcap: Option<f32>,
+}
+
+/// A mask operand: its element type (bool keeps, f32 adds) and its axes,
+/// right-aligned to `[batch, hq, sq, skv]`, each that size or the constant 1.
+#[derive(Clone, Debug)]
+pub struct AttnMask {
+    pub elem: Scalar,
+    pub dims: Vec<Expr>,
+}
+
+/// Declares `q, k, v[, mask], out` and builds the body; `batch`, `sq` and
+/// `skv` are any `i64` expressions (usually scalar parameters of `b`).
+pub fn attention(b: &mut Builder, s: &AttnSpec, batch: Expr, sq: Expr, skv: Expr, mask: Option<&AttnMask>) {
+    let (hq, hkv, d, dv) = (s.hq, s.hkv, s.d, s.dv);
+    let group = hq / hkv;
+    let rows = mul(mul(batch.clone(), Expr::idx(hq)), sq.clone());
+    let kv_rows = mul(mul(batch.clone(), Expr::idx(hkv)), skv.clone());
+    let q = b.input("q", mul(rows.clone(), Expr::idx(d)));
+    let k = b.input("k", mul(kv_rows.clone(), Expr::idx(d)));
+    let v = b.input("v", mul(kv_rows, Expr::idx(dv)));
+    let mbuf = mask.map(|m| b.buffer("mask", m.elem, sym::product(&m.dims), Space::Global, Access::Read));
+    let out = b.output("out", mul(rows.clone(), Expr::idx(dv)));
+    // Mask strides along [batch, hq, sq, skv]; None where it broadcasts.
+    let mstrides: Vec<Option<Expr>> =
+        match mask {
+            None => vec![None; 4],
+            Some(m) => {
+                let st = sym::strides(&m.dims);
+                let skip = 4 - m.dims.len();
+                (0..4)
+                    .map(|a| {
+                        if a < skip || as_const(&m.dims[a - skip]) == Some(1) {
+                            None
+                        } else {
+                            Some(st[a - skip].clone())
+                        }
+                    })
+                    .collect()
+            }
+        };
+    b.for_("row", Expr::idx(0), rows, 1, LoopKind::Parallel, |b, row| {
+        let i = b.let_("i", sym::rem(row.clone(), sq.clone()));
+        let bh = b.let_("bh", sym::div(row.clone(), sq.clone()));
+        let h = b.let_("h", sym::rem(Expr::Var(bh), Expr::idx(hq)));
+        let bi = b.let_("bi", sym::div(Expr::Var(bh), Expr::idx(hq)));
+        let kh = sym::div(Expr::Var(h), Expr::idx(group));
+        let kvb = b.let_("kvb", mul(add(mul(Expr::Var(bi), Expr::idx(hkv)), kh), skv.clone()));
+        let qb = b.let_("qb", mul(row.clone(), Expr::idx(d)));
+        let pos = b.let_("pos", add(sub(skv.clone(), sq.clone()), Expr::Var(i)));
+        let mut hi = skv.clone();
+        if s.causal {
+            hi = min(hi, add(Expr::Var(pos), Expr::idx(1)));
+        }
+        let mut lo = Expr::i64(0);
+        if let Some(w) = s.window {
+            lo = max(lo, add(sub(Expr::Var(pos), Expr::i64(w)), Expr::idx(1)));
+        }
+        let moff = mbuf.map(|_| {
+            let mut o = Expr::i64(0);
+            for (a, idx) in [Expr::Var(bi), Expr::Var(h), Expr::Var(i)].into_iter().enumerate() {
+                if let Some(st) = &mstrides[a] {
+                    o = add(o, mul(idx, st.clone()));
+                }
+            }
+            b.let_("moff", o)
+        });
+        let m = b.let_("m", Expr::f32(f32::NEG_INFINITY));
+        let lsum = b.let_("l", Expr::f32(0.0));
+        let accs: Vec<(usize, u8, Var)> = chunks(dv).into_iter().map(|(o, w)| (o, w, b.let_("o", c(0.0, w)))).collect();
+        b.for_("j", lo, hi, 1, LoopKind::Serial, |b, j| {
+            let kb = b.let_("kb", mul(add(Expr::Var(kvb), j.clone()), Expr::idx(d)));
+            // q . k with two vector accumulators over the static d.
+            let parts = chunks(d);
+            let nvec = parts.iter().filter(|p| p.1 > 1).count();
+            let vaccs: Vec<Var> = (0..nvec.min(2)).map(|_| b.let_("dv", c(0.0, LANES))).collect();
+            let mut dot = Expr::f32(0.0);
+            let mut vi = 0;
+            for (o, w) in parts {
+                let prod = |acc: Expr| {
+                    let qa = Expr::load(q, add(Expr::Var(qb), Expr::idx(o)), w);
+                    qa.fma(Expr::load(k, add(Expr::Var(kb), Expr::idx(o)), w), acc)
+                };
+                if w > 1 {
+                    let a = vaccs[vi % vaccs.len()];
+                    b.assign(a, prod(Expr::Var(a)));
+                    vi += 1;
+                } else {
+                    dot = prod(dot);
+                }
+            }
+            let vsum =
+                vaccs.iter().skip(1).fold(vaccs.first().map(|a| Expr::Var(*a)), |s, a| s.map(|s| s + Expr::Var(*a)));
+            let mut score = match vsum {
+                Some(vs) => vs.hreduce(RedOp::Add) + dot,
+                None => dot,
+            };
+            score = score * Expr::f32(s.scale);
+            if let Some(cap) = s.softcap {
+                score = Expr::f32(cap) * (score / Expr::f32(cap)).tanh();
+            }
+            let sc = b.let_("sc", score);
+            if let (Some(mb), Some(mo), Some(me)) = (mbuf, moff, mask.map(|m| m.elem)) {
+                let at = match &mstrides[3] {
+                    Some(st) => add(Expr::Var(mo), mul(j.clone(), st.clone())),
+                    None => Expr::Var(mo),
+                };
+                let mv = Expr::load(mb, at, 1);
+                let masked = if me == Scalar::Bool {
+                    Expr::select(mv, Expr::Var(sc), Expr::f32(f32::NEG_INFINITY))
+                } else {
+                    Expr::Var(sc) + mv
+                };
+                b.assign(sc, masked);
+            }
+            let live = Expr::Var(sc).cmp(CmpOp::Gt, Expr::f32(f32::NEG_INFINITY));
+            b.if_(
+                live,
+                |b| {
+                    b.if_(
+                        Expr::Var(sc).cmp(CmpOp::Gt, Expr::Var(m)),
+                        |b| {
+                            let corr = b.let_("corr", (Expr::Var(m) - Expr::Var(sc)).exp());
+                            b.assign(lsum, Expr::Var(lsum) * Expr::Var(corr));
+                            for (_, w, a) in &accs {
+                                b.assign(*a, Expr::Var(*a) * widen(Expr::Var(corr), *w));
+                            }
+                            b.assign(m, Expr::Var(sc));
+                        },
+                        |_| {},
+                    );
+                    let p = b.let_("p", (Expr::Var(sc) - Expr::Var(m)).exp());
+                    b.assign(lsum, Expr::Var(lsum) + Expr::Var(p));
+                    let vb = b.let_("vb", mul(add(Expr::Var(kvb), j.clone()), Expr::idx(dv)));
+                    for (o, w, a) in &accs {
+                        let vv = Expr::load(v, add(Expr::Var(vb), Expr::idx(*o)), *w);
+                        b.assign(*a, widen(Expr::Var(p), *w).fma(vv, Expr::Var(*a)));
+                    }
+                },
+                |_| {},
+            );
+        });
+        let pos_l = Expr::Var(lsum).cmp(CmpOp::Gt, Expr::f32(0.0));
+        let inv = b.let_("inv", Expr::select(pos_l, Expr::f32(1.0) / Expr::Var(lsum), Expr::f32(0.0)));
+        let ob = b.let_("ob", mul(row, Expr::idx(dv)));
+        for (o, w, a) in &accs {
+            b.store(out, add(Expr::Var(ob), Expr::idx(*o)), Expr::Var(*a) * widen(Expr::Var(inv), *w));
+        }
+    });
+}
+
+/// `0..n` as (offset, width) pieces: vectors of [`LANES`], then scalars.
+fn chunks(n: usize) -> Vec<(usize, u8)> {
+    let l = LANES as usize;
+    let mut v: Vec<(usize, u8)> = (0..n / l).map(|i| (i * l, LANES)).collect();
+    v.extend((n / l * l..n).map(|o| (o, 1)));
+    v
+}
