@@ -16,6 +16,7 @@ use smelt_frontends::hf;
 use smelt_ir::{Graph, Tensor};
 use smelt_runtime::artifact::{Artifact, Manifest, ModelInfo};
 use smelt_runtime::generate::Forward;
+use smelt_runtime::native::NativeModel;
 use smelt_runtime::InterpModel;
 
 /// The kinds of model paths the CLI accepts.
@@ -146,7 +147,8 @@ pub fn load_onnx(path: &Path) -> Result<Loaded> {
 pub fn load_artifact(dir: &Path) -> Result<Loaded> {
     let a = Artifact::open(dir)?;
     let graph = a.graph()?;
-    let weights = a.weights()?;
+    // A `cpu` artifact keeps its constants in the native layout only.
+    let weights = if a.manifest().native.is_some() { BTreeMap::new() } else { a.weights()? };
     let m = a.manifest().clone();
     Ok(Loaded {
         graph,
@@ -187,7 +189,21 @@ pub struct Runnable {
 /// Opens any model path for running: a `cpu` artifact with its native
 /// kernels on `threads` threads, anything else with the reference
 /// interpreter.
-pub fn open_runnable(path: &Path, _threads: usize) -> Result<Runnable> {
+pub fn open_runnable(path: &Path, threads: usize) -> Result<Runnable> {
+    if let Source::Artifact(dir) = Source::classify(path)? {
+        let a = Artifact::open(&dir)?;
+        let m = a.manifest().clone();
+        if let Some(plan) = m.native.clone() {
+            let model = NativeModel::open(plan, m.signature.clone(), &dir, threads)
+                .with_context(|| format!("{}: cannot load the native kernels", dir.display()))?;
+            return Ok(Runnable {
+                model: Box::new(model),
+                tokenizer: a.tokenizer_path(),
+                eos_token_ids: m.eos_token_ids,
+                backend: "cpu",
+            });
+        }
+    }
     let loaded = load(path)?;
     Ok(Runnable {
         tokenizer: loaded.tokenizer,

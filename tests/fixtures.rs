@@ -1,6 +1,7 @@
 //! End to end on `../shared/fixtures`: for every model folder, `smelt
-//! compile` the checkpoint folder, `model-kv.onnx` and `model.onnx` to interp
-//! artifacts, then (for each, where the model has the inputs)
+//! compile` the checkpoint folder, `model-kv.onnx` and `model.onnx` to
+//! artifacts, once for the `interp` target and once for `cpu` (native
+//! kernels), then (for each, where the model has the inputs)
 //! - `smelt run` with `input_ids` reproduces `logits`;
 //! - `smelt run` with the `kv.*` inputs (renamed to the model's input names)
 //!   reproduces `kv.logits` and `kv.present.*`;
@@ -83,7 +84,7 @@ fn check_artifact(name: &str, art: &Path, reference: &BTreeMap<String, Tensor>, 
     assert_eq!(got, want, "{name}: greedy ids");
 }
 
-fn check_fixture(dir: &Path) {
+fn check_fixture(dir: &Path, target: &str) {
     let name = dir.file_name().unwrap().to_string_lossy().to_string();
     let tmp = tempfile::tempdir().unwrap();
     let reference = read_tensors(&dir.join("reference.safetensors"));
@@ -95,8 +96,11 @@ fn check_fixture(dir: &Path) {
     ];
     for (source, label, has_kv) in &sources {
         let art = tmp.path().join(format!("{name}-{label}.smelt"));
-        ok(&[&"compile", source, &"-o", &art]);
-        check_artifact(&format!("{name} ({label})"), &art, &reference, *has_kv);
+        ok(&[&"compile", source, &"-o", &art, &"--target", &target]);
+        check_artifact(&format!("{name} ({label}, {target})"), &art, &reference, *has_kv);
+    }
+    if target != "interp" {
+        return;
     }
     let art = tmp.path().join(format!("{name}-hf.smelt"));
 
@@ -121,6 +125,15 @@ fn check_fixture(dir: &Path) {
 
 #[test]
 fn every_fixture_reproduces_the_reference() {
+    every_fixture("interp");
+}
+
+#[test]
+fn every_fixture_reproduces_the_reference_with_native_cpu_kernels() {
+    every_fixture("cpu");
+}
+
+fn every_fixture(target: &str) {
     let Some(root) = fixtures_dir() else {
         println!("skipping: ../shared/fixtures not found");
         return;
@@ -141,7 +154,7 @@ fn every_fixture_reproduces_the_reference() {
         for _ in 0..threads.min(dirs.len()) {
             s.spawn(|| loop {
                 let Some(d) = queue.lock().unwrap().pop() else { break };
-                let r = std::panic::catch_unwind(|| check_fixture(&d));
+                let r = std::panic::catch_unwind(|| check_fixture(&d, target));
                 if let Err(e) = r {
                     let msg = e
                         .downcast_ref::<String>()

@@ -1,17 +1,23 @@
 //! `smelt compile MODEL -o OUT.smelt [--target interp|cpu|cuda] [--dump-ir STAGE|all]`:
 //! builds the model's graph, runs the pass pipeline (folding, CSE, fusion
 //! with egg; `--no-fuse` skips it), verifies the result and writes an
-//! artifact whose manifest records the fusion report. Only the `interp`
-//! target (verified text IR + weights, run by the reference interpreter) is
-//! implemented in this build; `cpu` and `cuda` are refused before any work.
+//! artifact whose manifest records the fusion report. `interp` stores the
+//! verified text IR and weights for the reference interpreter; `cpu` also
+//! schedules the graph into kernels, compiles them with Cranelift, links
+//! them into `kernels.so` with the system `cc` and stores the launch plan
+//! and the constants laid out for mmap; `cuda` is refused before any work.
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Result};
 use clap::ValueEnum;
+use smelt_codegen::aot::build_library;
+use smelt_codegen::schedule::schedule;
+use smelt_ir::Graph;
+use smelt_passes::Weights;
 use smelt_passes::{pipeline, DumpSpec, DumpTarget, PipelineOptions};
-use smelt_runtime::artifact::{write_artifact, ArtifactSpec};
+use smelt_runtime::artifact::{write_artifact, ArtifactSpec, NativeFiles};
 
 use crate::source::{load_checkpoint, load_onnx, Source};
 
@@ -19,7 +25,7 @@ use crate::source::{load_checkpoint, load_onnx, Source};
 pub enum Target {
     /// The verified IR and weights, run by the reference interpreter.
     Interp,
-    /// Native CPU kernels (not implemented yet).
+    /// Native CPU kernels (Cranelift) in a shared library, run by the native runtime.
     Cpu,
     /// NVIDIA GPU kernels (not implemented yet).
     Cuda,
@@ -72,9 +78,8 @@ impl PassArgs {
 }
 
 pub fn main(args: Args) -> Result<()> {
-    if args.target != Target::Interp {
-        let name = args.target.to_possible_value().map(|v| v.get_name().to_string()).unwrap_or_default();
-        bail!("target `{name}` is not implemented yet in this build (available: interp)");
+    if args.target == Target::Cuda {
+        bail!("target `cuda` is not implemented yet in this build (available: interp, cpu)");
     }
     let start = Instant::now();
     let mut loaded = match Source::classify(&args.model)? {
@@ -90,6 +95,11 @@ pub fn main(args: Args) -> Result<()> {
         let report = pipeline(&mut loaded.graph, &mut loaded.weights, &args.passes.options(false)?)?;
         Some(serde_json::to_value(&report.fusion)?)
     };
+    let native = match args.target {
+        Target::Cpu => Some(compile_native(&loaded.graph, &loaded.weights)?),
+        _ => None,
+    };
+    let target = if native.is_some() { "cpu" } else { "interp" };
     let manifest = write_artifact(
         &args.output,
         &ArtifactSpec {
@@ -99,12 +109,12 @@ pub fn main(args: Args) -> Result<()> {
             tokenizer: loaded.tokenizer.as_deref(),
             eos_token_ids: loaded.eos_token_ids.clone(),
             fusion,
-            native: None,
+            native,
         },
     )?;
     let size: u64 = manifest.files.iter().map(|f| f.size).sum();
     crate::out(&format!(
-        "compiled {} ({}, {} parameters, {} nodes) -> {} [target interp, {:.1} MB] in {:.2}s\n",
+        "compiled {} ({}, {} parameters, {} nodes) -> {} [target {target}, {:.1} MB] in {:.2}s\n",
         args.model.display(),
         manifest.model.architecture,
         manifest.model.parameters,
@@ -113,4 +123,16 @@ pub fn main(args: Args) -> Result<()> {
         size as f64 / 1e6,
         start.elapsed().as_secs_f64()
     ))
+}
+
+/// Schedules the graph into kernels, compiles and links them, and returns
+/// what the artifact stores for the `cpu` target.
+fn compile_native(graph: &Graph, weights: &Weights) -> Result<NativeFiles> {
+    let sched = schedule(graph, weights)?;
+    let dir = tempfile::tempdir()?;
+    let lib = build_library(&sched.kernels, dir.path())?;
+    let mut plan = sched.plan;
+    plan.arch = lib.arch;
+    plan.cpu_features = lib.cpu_features;
+    Ok(NativeFiles { plan, library: lib.bytes, constants: sched.weights })
 }

@@ -7,11 +7,9 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
-use smelt_runtime::generate::Forward;
 use smelt_runtime::tensors::{read_tensor_file, write_tensor_file};
-use smelt_runtime::InterpModel;
 
-use crate::source::load;
+use crate::source::{open_runnable, threads};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -23,13 +21,15 @@ pub struct Args {
     /// Where to write the named outputs (logits, present.*).
     #[arg(long)]
     pub outputs: PathBuf,
+    /// Threads of the CPU runtime (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
 }
 
 pub fn main(args: Args) -> Result<()> {
     let inputs = read_tensor_file(&args.inputs)?;
-    let loaded = load(&args.artifact)?;
-    let mut model = InterpModel::new(loaded.graph, loaded.weights)?;
-    let outputs = model.forward(inputs)?;
+    let mut r = open_runnable(&args.artifact, threads(args.threads))?;
+    let outputs = r.model.forward(inputs)?;
     write_tensor_file(&args.outputs, &outputs)?;
     let mut report = String::new();
     for (name, t) in &outputs {
