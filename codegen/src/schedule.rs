@@ -10,6 +10,11 @@
 //!   tables), so no kernel runs on constants alone;
 //! - identical kernels (same name and body) are emitted once and shared by
 //!   every launch that needs them, e.g. across layers;
+//! - a matmul or gated MLP whose weight operands are 2-D constants `[K, N]`
+//!   (in practice `transpose` of a checkpoint's `[N, K]` weight) reads the
+//!   weights as `[N, K]`, rows contiguous along K, which is what a decode
+//!   GEMV streams best; identical constants (a tied embedding and its
+//!   transposed-back head) are stored once;
 //! - every launch argument's `needs` equals the element count of the buffer
 //!   bound to it (checked symbolically here, re-checked numerically by the
 //!   runtime), so a kernel never reads or writes past a buffer.
@@ -67,6 +72,8 @@ struct Scheduler<'g> {
     buffers: Vec<Buffer>,
     /// Buffer index of each placed constant value, so it is stored once.
     placed: HashMap<ValueId, usize>,
+    /// Offset of each distinct constant's bytes in the weights file.
+    stored: HashMap<(usize, u64), Vec<u64>>,
     weights: Vec<u8>,
     kernels: Vec<Kernel>,
     kernel_index: HashMap<String, usize>,
@@ -83,6 +90,7 @@ pub fn schedule(graph: &Graph, weights: &BTreeMap<String, Tensor>) -> Result<Sch
         slots: HashMap::new(),
         buffers: vec![],
         placed: HashMap::new(),
+        stored: HashMap::new(),
         weights: vec![],
         kernels: vec![],
         kernel_index: HashMap::new(),
@@ -148,6 +156,9 @@ impl Scheduler<'_> {
         if all_const && concrete && !node.inputs.is_empty() {
             return self.fold(n);
         }
+        if let Some(done) = self.weight_stationary(n)? {
+            return Ok(done);
+        }
         let in_tys: Vec<_> = node.inputs.iter().map(|v| g.ty(*v).clone()).collect();
         let out_tys: Vec<_> = node.outputs.iter().map(|v| g.ty(*v).clone()).collect();
         let selected = match select::select(&node.op, &in_tys, &out_tys) {
@@ -170,9 +181,48 @@ impl Scheduler<'_> {
                 let b = self.new_buffer(v, Storage::Alias { of, offset: offset.to_string() });
                 self.slots.insert(v, Slot::Buf(b));
             }
-            Selected::Kernel(inst) => self.launch(n, inst)?,
+            Selected::Kernel(inst) => {
+                let args = node.inputs.iter().map(|v| self.buffer_of(*v)).collect();
+                self.launch(n, inst, args)?
+            }
         }
         Ok(())
+    }
+
+    /// A matmul or gated MLP whose weights are 2-D f32 constants `[K, N]`
+    /// runs the kernel that reads them as `[N, K]`; `None` when the node is
+    /// not one.
+    fn weight_stationary(&mut self, n: NodeId) -> Result<Option<()>, ScheduleError> {
+        let g = self.graph;
+        let node = g.node(n);
+        let weights: &[ValueId] = match &node.op {
+            Op::MatMul {} => &node.inputs[1..],
+            Op::GatedMlp { .. } => &node.inputs[1..],
+            _ => return Ok(None),
+        };
+        let mut nk = vec![];
+        for w in weights {
+            match self.slots.get(w) {
+                Some(Slot::Const(t)) if t.shape.len() == 2 && matches!(t.data, Data::F32(_)) => nk.push(transpose2(t)),
+                _ => return Ok(None),
+            }
+        }
+        let x_ty = g.ty(node.inputs[0]).clone();
+        let nk_ty = |t: &Tensor| smelt_ir::TensorType::new(t.dtype, t.shape.iter().map(|&d| Dim::from(d)).collect());
+        let inst = match &node.op {
+            Op::MatMul {} => select::matmul_weight_nk(&x_ty, &nk_ty(&nk[0])),
+            Op::GatedMlp { act } => select::gated_mlp_weight_nk(&x_ty, &nk_ty(&nk[0]), &nk_ty(&nk[1]), act),
+            _ => unreachable!("matched above"),
+        };
+        // A shape the weight kernels do not take (e.g. a 1-D activation)
+        // falls back to the general kernel.
+        let Ok(inst) = inst else { return Ok(None) };
+        let mut args = vec![self.buffer_of(node.inputs[0])];
+        for (w, t) in weights.iter().zip(nk) {
+            args.push(self.place_const(&format!("%{}ᵀ", w.index()), &t));
+        }
+        self.launch(n, inst, args)?;
+        Ok(Some(()))
     }
 
     /// Evaluates a node whose operands are all constants.
@@ -195,10 +245,11 @@ impl Scheduler<'_> {
         Ok(())
     }
 
-    fn launch(&mut self, n: NodeId, inst: Instance) -> Result<(), ScheduleError> {
+    /// Adds the launch of `inst` for node `n` on operand buffers `args`,
+    /// creating the result buffers.
+    fn launch(&mut self, n: NodeId, inst: Instance, mut args: Vec<usize>) -> Result<(), ScheduleError> {
         let g = self.graph;
         let node = g.node(n);
-        let mut args: Vec<usize> = node.inputs.iter().map(|v| self.buffer_of(*v)).collect();
         for v in &node.outputs {
             let b = self.new_buffer(*v, Storage::Arena);
             self.slots.insert(*v, Slot::Buf(b));
@@ -271,6 +322,40 @@ impl Scheduler<'_> {
         self.buffers.len() - 1
     }
 
+    /// Stores a constant's bytes (once per distinct content) and returns
+    /// the file offset.
+    fn store(&mut self, bytes: &[u8]) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        bytes.hash(&mut h);
+        let key = (bytes.len(), h.finish());
+        if let Some(offsets) = self.stored.get(&key) {
+            for &o in offsets {
+                if &self.weights[o as usize..o as usize + bytes.len()] == bytes {
+                    return o;
+                }
+            }
+        }
+        let pad = self.weights.len().next_multiple_of(WEIGHT_ALIGN) - self.weights.len();
+        self.weights.extend(std::iter::repeat_n(0u8, pad));
+        let offset = self.weights.len() as u64;
+        self.weights.extend_from_slice(bytes);
+        self.stored.entry(key).or_default().push(offset);
+        offset
+    }
+
+    /// A buffer holding a constant that is no graph value (a re-laid-out weight).
+    fn place_const(&mut self, name: &str, t: &Tensor) -> usize {
+        let offset = self.store(&const_bytes(t));
+        self.buffers.push(Buffer {
+            name: name.to_string(),
+            elem: plan_elem(elem_of(t.dtype)),
+            shape: t.shape.iter().map(|d| d.to_string()).collect(),
+            storage: Storage::Weight { offset },
+        });
+        self.buffers.len() - 1
+    }
+
     fn buffer_shape(&self, b: usize) -> Vec<Dim> {
         self.buffers[b].shape.iter().map(|s| s.parse().expect("shapes are printed dims")).collect()
     }
@@ -285,10 +370,7 @@ impl Scheduler<'_> {
             Some(Slot::Buf(b)) => *b,
             Some(Slot::Const(t)) => {
                 let bytes = const_bytes(t);
-                let pad = self.weights.len().next_multiple_of(WEIGHT_ALIGN) - self.weights.len();
-                self.weights.extend(std::iter::repeat_n(0u8, pad));
-                let offset = self.weights.len() as u64;
-                self.weights.extend_from_slice(&bytes);
+                let offset = self.store(&bytes);
                 let b = self.new_buffer(v, Storage::Weight { offset });
                 self.placed.insert(v, b);
                 b
@@ -296,6 +378,19 @@ impl Scheduler<'_> {
             None => unreachable!("operands are scheduled before their users (topological order)"),
         }
     }
+}
+
+/// The transpose of a 2-D f32 constant.
+fn transpose2(t: &Tensor) -> Tensor {
+    let (r, c) = (t.shape[0], t.shape[1]);
+    let src = t.to_f32_vec();
+    let mut out = vec![0f32; r * c];
+    for i in 0..r {
+        for j in 0..c {
+            out[j * r + i] = src[i * c + j];
+        }
+    }
+    Tensor::from_f32(t.dtype, vec![c, r], out).expect("same element count")
 }
 
 /// A constant in the element type kernels read (floats as f32).

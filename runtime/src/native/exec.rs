@@ -153,8 +153,26 @@ pub struct NativeModel {
     scalars: Vec<i64>,
     team: Team,
     stats: NativeStats,
+    /// With `SMELT_PROFILE` set: seconds and launch count per kernel symbol,
+    /// printed to stderr when the model is dropped. Profiling runs launches
+    /// one at a time, so the total is a little slower than a normal run.
+    profile: Option<BTreeMap<String, (f64, u64)>>,
     /// Declared last: dropped after the team and the tables that point into it.
     library: KernelLibrary,
+}
+
+impl Drop for NativeModel {
+    fn drop(&mut self) {
+        if let Some(profile) = &self.profile {
+            let mut rows: Vec<_> = profile.iter().collect();
+            rows.sort_by(|a, b| b.1 .0.total_cmp(&a.1 .0));
+            let total: f64 = rows.iter().map(|r| r.1 .0).sum();
+            eprintln!("smelt profile: {:.1} ms in {} calls", total * 1e3, self.stats.calls);
+            for (sym, (secs, n)) in rows {
+                eprintln!("{:9.2} ms {:5.1}% {n:6} x {sym}", secs * 1e3, secs / total * 100.0);
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for NativeModel {
@@ -262,6 +280,7 @@ impl NativeModel {
             scalars: Vec::new(),
             team,
             stats: NativeStats::default(),
+            profile: std::env::var_os("SMELT_PROFILE").map(|_| BTreeMap::new()),
             library,
         })
     }
@@ -379,7 +398,18 @@ impl NativeModel {
             // the library outlives this call.
             unsafe { (l.f)(bufs, sc, t as i64, threads) };
         };
-        self.team.run(launches.len(), &task)?;
+        match &mut self.profile {
+            None => self.team.run(launches.len(), &task)?,
+            Some(profile) => {
+                for i in 0..launches.len() {
+                    let start = std::time::Instant::now();
+                    self.team.run(1, &|_, t| task(i, t))?;
+                    let e = profile.entry(self.plan.kernels[self.plan.launches[i].kernel].symbol.clone()).or_default();
+                    e.0 += start.elapsed().as_secs_f64();
+                    e.1 += 1;
+                }
+            }
+        }
         self.stats.calls += 1;
         self.stats.launches += launches.len() as u64;
 
