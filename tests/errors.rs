@@ -134,12 +134,10 @@ fn missing_model_path_bad_onnx_and_unimplemented_targets() {
     std::fs::write(&onnx, b"not really onnx").unwrap();
     fails(&[&"compile", &onnx, &"-o", &tmp.path().join("x.smelt")], &["model.onnx"]);
     assert!(!tmp.path().join("x.smelt").exists());
-    for target in ["cpu", "cuda"] {
-        fails(
-            &[&"compile", &tmp.path(), &"-o", &tmp.path().join("x.smelt"), &"--target", &target],
-            &[&format!("target `{target}` is not implemented yet")],
-        );
-    }
+    fails(
+        &[&"compile", &tmp.path(), &"-o", &tmp.path().join("x.smelt"), &"--target", &"cuda"],
+        &[&"target `cuda` is not implemented yet"],
+    );
     let empty = tmp.path().join("empty");
     std::fs::create_dir(&empty).unwrap();
     fails(&[&"inspect", &empty], &["missing config.json"]);
