@@ -118,7 +118,7 @@ pub fn pipeline(g: &mut Graph, weights: &mut Weights, opts: &PipelineOptions) ->
     let t_all = Instant::now();
     let mut report = PipelineReport::default();
     dump(&opts.dump, 0, "input", g)?;
-    let mut chains = 0;
+    let mut groups = Vec::new();
     for (i, &stage) in STAGES.iter().enumerate() {
         let t = Instant::now();
         match stage {
@@ -143,7 +143,7 @@ pub fn pipeline(g: &mut Graph, weights: &mut Weights, opts: &PipelineOptions) ->
                 report.fusion.horizontal_members = members;
             }
             "horizontal" => {}
-            "cleanup" => chains = crate::cleanup::run(g)?,
+            "cleanup" => groups = crate::cleanup::run(g)?,
             other => return Err(PassError::Stage { stage: other.to_string(), message: "no such stage".into() }),
         }
         report.stages.push(StageTiming {
@@ -159,7 +159,8 @@ pub fn pipeline(g: &mut Graph, weights: &mut Weights, opts: &PipelineOptions) ->
     let (fused, unfused) = crate::egraph::convert::count_ops(g);
     report.fusion.fused = fused;
     report.fusion.unfused = unfused;
-    report.fusion.elementwise_chains = chains;
+    report.fusion.elementwise_chains = groups.len();
+    report.fusion.elementwise_groups = groups;
     report.total_ms = t_all.elapsed().as_secs_f64() * 1e3;
     Ok(report)
 }

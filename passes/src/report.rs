@@ -41,6 +41,18 @@ pub struct Explanation {
     pub rules: Vec<String>,
 }
 
+/// One group of elementwise primitives left after fusion (`cleanup::elementwise_groups`).
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct ElementwiseGroup {
+    /// The members' op spellings in topological order; the last is the root,
+    /// whose value leaves the group.
+    pub ops: Vec<String>,
+    /// The root's source label.
+    pub label: Option<String>,
+    /// The root's output shape (every member has it), printed.
+    pub shape: String,
+}
+
 /// Everything fusion did to one graph.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct FusionReport {
@@ -54,8 +66,10 @@ pub struct FusionReport {
     /// Matmuls joined by horizontal fusion: groups and members.
     pub horizontal_groups: usize,
     pub horizontal_members: usize,
-    /// Chains of elementwise ops left for codegen to fuse (see `cleanup`).
+    /// Groups of elementwise primitives left for codegen to compute as one
+    /// kernel each (see `cleanup`): how many, and each one's ops.
     pub elementwise_chains: usize,
+    pub elementwise_groups: Vec<ElementwiseGroup>,
     /// Time spent lowering into the e-graph, in the phases, and extracting.
     pub lower_ms: f64,
     pub run_ms: f64,
@@ -107,6 +121,26 @@ impl FusionReport {
                 "horizontal: {} groups of {} matmuls\n",
                 self.horizontal_groups, self.horizontal_members
             ));
+        }
+        if !self.elementwise_groups.is_empty() {
+            let mut by_len: BTreeMap<usize, usize> = BTreeMap::new();
+            for grp in &self.elementwise_groups {
+                *by_len.entry(grp.ops.len()).or_insert(0) += 1;
+            }
+            let lens: Vec<String> = by_len.iter().map(|(len, n)| format!("{n}x{len}")).collect();
+            s.push_str(&format!(
+                "elementwise groups for codegen: {} (count x length: {})\n",
+                self.elementwise_groups.len(),
+                lens.join(", ")
+            ));
+            for grp in self.elementwise_groups.iter().filter(|g| g.ops.len() > 1) {
+                s.push_str(&format!(
+                    "  [{}] {} at {}\n",
+                    grp.shape,
+                    grp.ops.join(" -> "),
+                    grp.label.as_deref().unwrap_or("?")
+                ));
+            }
         }
         for e in &self.explanations {
             s.push_str(&format!("{} at {}: {}\n", e.op, e.label.as_deref().unwrap_or("?"), e.rules.join(" -> ")));

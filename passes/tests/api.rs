@@ -83,3 +83,45 @@ fn runner_limits_are_reported() {
     assert!(report.summary().contains("LIMIT HIT"));
     smelt_ir::verify::verify(&g).unwrap();
 }
+
+/// Elementwise groups: single-use elementwise values of the root's shape
+/// join their user's group; a broadcast operand, a second user or a graph
+/// output starts a group of its own. The report lists the same groups.
+#[test]
+fn elementwise_groups_are_maximal_single_use_same_shape_trees() {
+    let text = r#"
+sym seq in [1, 8]
+func @g(%x: f32[seq, 4], %y: f32[seq, 4], %s: f32[4]) -> (out, side) {
+  %a = exp %x : f32[seq, 4]
+  %b = neg %y : f32[seq, 4]
+  %c = add %a, %b : f32[seq, 4]
+  %s2 = mul %s, %s : f32[4]
+  %d = mul %c, %s2 : f32[seq, 4]
+  %e = tanh %d : f32[seq, 4]
+  %e2 = transpose %x perm=[1, 0] : f32[4, seq]
+  %t = matmul %e, %e2 : f32[seq, seq]
+  %side = sigmoid %x : f32[seq, 4]
+  %f = abs %side : f32[seq, 4]
+  %out = matmul %t, %f : f32[seq, 4]
+  return out=%out, side=%side
+}
+"#;
+    let mut g = smelt_ir::text::parse(text).unwrap();
+    let groups = smelt_passes::cleanup::elementwise_groups(&g).unwrap();
+    let ops: Vec<Vec<&str>> =
+        groups.iter().map(|grp| grp.iter().map(|n| g.node(*n).op.name()).collect::<Vec<_>>()).collect();
+    // exp, neg -> add -> mul -> tanh is one tree; the [4]-shaped mul is
+    // broadcast into it, so it is its own group; sigmoid is a graph output.
+    assert!(
+        ops.contains(&vec!["exp", "neg", "add", "mul", "tanh"])
+            || ops.contains(&vec!["neg", "exp", "add", "mul", "tanh"]),
+        "{ops:?}"
+    );
+    assert!(ops.contains(&vec!["mul"]), "{ops:?}");
+    assert!(ops.contains(&vec!["sigmoid"]), "{ops:?}");
+    assert!(ops.contains(&vec!["abs"]), "{ops:?}");
+    assert_eq!(groups.len(), 4, "{ops:?}");
+    let report = smelt_passes::cleanup::run(&mut g).unwrap();
+    assert_eq!(report.len(), 4);
+    assert!(report.iter().any(|r| r.ops.len() == 5 && r.ops.last().map(String::as_str) == Some("tanh")));
+}

@@ -213,17 +213,20 @@ fn onnx_fixtures_fuse_completely_and_keep_their_logits() {
             for op in ["softmax", "sigmoid", "reduce_mean", "pow", "sqrt", "reciprocal"] {
                 assert_eq!(count(&g, op), 0, "{what}: `{op}` left unfused");
             }
-            // The decoder-with-past export's mask is recognised as causal
-            // (sliding for Mistral) plus the padding mask. The logits-only
-            // export derives its mask from packed-sequence detection on the
-            // positions, which depends on run-time values, so it stays an
-            // explicit boolean mask there.
+            // Both exports' masks are recognised as causal (sliding for
+            // Mistral). The decoder-with-past export keeps its padding mask
+            // as an operand. The logits-only export builds its mask from
+            // position ids it computes itself (`range` over `seq`, through
+            // `GatherND` and packed-sequence detection), which the index
+            // facts prove causal for every size: no mask operand is left.
             for n in g.node_ids() {
-                if let smelt_ir::Op::Attention { causal, window, .. } = &g.node(n).op {
-                    if file == "model-kv.onnx" {
-                        assert!(*causal, "{what}: attention is causal");
-                        let want = cfg.sliding_window_for_layer(0).map(|w| w as i64);
-                        assert_eq!(*window, want, "{what}: window");
+                let node = g.node(n);
+                if let smelt_ir::Op::Attention { causal, window, .. } = &node.op {
+                    assert!(*causal, "{what}: attention is causal");
+                    let want = cfg.sliding_window_for_layer(0).map(|w| w as i64);
+                    assert_eq!(*window, want, "{what}: window");
+                    if file == "model.onnx" {
+                        assert_eq!(node.inputs.len(), 3, "{what}: no mask operand left");
                     }
                 }
             }

@@ -142,6 +142,21 @@ rule_tests! {
     mask_sliding_window_4d: "mask/sliding-window", "$q: f32[1, 4, seq, 8]; $k: f32[1, 4, past+seq, 8]; $v: f32[1, 4, past+seq, 8]; $pad: bool[1, 1, 1, past+seq]",
         "(attention $q $k $v (and (and (and true:bool (gt (unsqueeze (unsqueeze (range 0 past+seq 1 i64) [-3,-2]) [-2]) (sub (unsqueeze (unsqueeze (add (range 0 seq 1 i64) (squeeze (range past past+1 1 i64) [-1])) [-3,-2]) [-1]) 4:i64))) (le (unsqueeze (unsqueeze (range 0 past+seq 1 i64) [-3,-2]) [-2]) (unsqueeze (unsqueeze (add (range 0 seq 1 i64) (squeeze (range past past+1 1 i64) [-1])) [-3,-2]) [-1]))) $pad) 0.25 false none none)"
         => "(attention $q $k $v $pad 0.25 true 4 none)";
+    attention_softcap: "attention/core", QKV,
+        "(matmul (softmax (mul (tanh (div (mul (matmul $q (transpose $k [0,1,3,2])) 0.125:f32) 50.0:f32)) 50.0:f32) -1) $v)"
+        => "(attention $q $k $v 0.125 false none 50.0)";
+    mask_trilu_additive: "mask/known-causal", "$q: f32[1, 4, seq, 8]; $k: f32[1, 4, past+seq, 8]; $v: f32[1, 4, past+seq, 8]",
+        "(matmul (softmax (add (mul (matmul $q (transpose $k [0,1,3,2])) 0.125:f32) (trilu (fill [seq,past+seq] -3.4028234663852886e38 f32) true past+1)) -1) $v)"
+        => "(attention $q $k $v 0.125 true none none)";
+    mask_trilu_padded: "mask/known-causal", "$q: f32[1, 4, seq, 8]; $k: f32[1, 4, seq, 8]; $v: f32[1, 4, seq, 8]; $pad: f32[1, 1, 1, seq]",
+        "(attention $q $k $v (add $pad (trilu (fill [seq,seq] -3.4028234663852886e38 f32) true 1)) 0.125 false none none)"
+        => "(attention $q $k $v $pad 0.125 true none none)";
+    mask_known_bool_padded: "mask/known-causal", "$q: f32[1, 4, seq, 8]; $k: f32[1, 4, seq, 8]; $v: f32[1, 4, seq, 8]; $pad: bool[1, 1, 1, seq]",
+        "(attention $q $k $v (and (lt (unsqueeze (range 0 seq 1 i64) [-2]) (add (unsqueeze (range 0 seq 1 i64) [-1]) 1:i64)) $pad) 0.125 false none none)"
+        => "(attention $q $k $v $pad 0.125 true none none)";
+    mask_known_window: "mask/known-causal", "$q: f32[1, 4, seq, 8]; $k: f32[1, 4, seq, 8]; $v: f32[1, 4, seq, 8]",
+        "(attention $q $k $v (add (trilu (fill [seq,seq] -3.4028234663852886e38 f32) true 1) (trilu (fill [seq,seq] -3.4028234663852886e38 f32) false -3)) 0.125 false none none)"
+        => "(attention $q $k $v 0.125 true 3 none)";
     slice_of_matmul: "layout/slice-columns-of-matmul", "$x: f32[2, 8]; @w: f32[8, 32]",
         "(slice (matmul $x @w) [-1] [0] [16] [1])" => "(matmul $x (slice @w [-1] [0] [16] [1]))";
 }

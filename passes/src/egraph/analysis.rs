@@ -5,6 +5,7 @@
 //! Rule guards read these facts and nothing else; they never look at the
 //! nodes of a class (see `rules/README.md`).
 
+use super::index::{self, Fact};
 use super::lang::{AttrLit, ENode};
 use egg::{DidMerge, Id, Symbol};
 use smelt_ir::{Op, Tensor, TensorType};
@@ -41,6 +42,9 @@ pub struct Data {
     /// Whether the value depends only on weights, constants and attributes,
     /// so that it can be computed once when the model is loaded.
     pub constant: bool,
+    /// What the elements are as a function of their index, for values built
+    /// from shapes alone (ranges, masks): see [`super::index`].
+    pub index: Option<Fact>,
 }
 
 impl Data {
@@ -83,9 +87,13 @@ impl egg::Analysis<ENode> for Analysis {
         }
         match enode {
             ENode::Attr(a) => Data { attr: Some(a.clone()), constant: true, ..Data::default() },
-            ENode::Num(n) => {
-                Data { tys: vec![TensorType::scalar(n.dtype)], num: Some(n.value()), constant: true, ..Data::default() }
-            }
+            ENode::Num(n) => Data {
+                tys: vec![TensorType::scalar(n.dtype)],
+                num: Some(n.value()),
+                constant: true,
+                index: index::of_number(n.dtype, n.value(), &[]),
+                ..Data::default()
+            },
             ENode::Leaf(s) => Data {
                 tys: eg.analysis.leaf_types.get(s).cloned().into_iter().collect(),
                 constant: s.as_str().starts_with('@'),
@@ -97,12 +105,9 @@ impl egg::Analysis<ENode> for Analysis {
                     let first = (t.numel() > 0).then(|| t.get_f64(0))?;
                     (0..t.numel()).all(|k| t.get_f64(k).to_bits() == first.to_bits()).then_some(first)
                 });
-                Data {
-                    tys: t.map(|t| TensorType::fixed(t.dtype, &t.shape)).into_iter().collect(),
-                    num,
-                    constant: true,
-                    ..Data::default()
-                }
+                let ty = t.map(|t| TensorType::fixed(t.dtype, &t.shape));
+                let fact = ty.as_ref().zip(num).and_then(|(t, x)| index::of_number(t.dtype, x, &t.shape));
+                Data { tys: ty.into_iter().collect(), num, constant: true, index: fact, ..Data::default() }
             }
             ENode::Get(i, [c]) => {
                 let d = &eg[*c].data;
@@ -134,7 +139,15 @@ impl egg::Analysis<ENode> for Analysis {
                         // Values computed at run time from shapes (a `range`
                         // over `past + seq`) are not compile-time constants.
                         constant &= out.iter().all(|t| t.const_shape().is_some());
-                        Data { tys: out, num, constant, ..Data::default() }
+                        let fact = match (&op, out.as_slice()) {
+                            (Ok(op), [t]) => {
+                                let facts: Vec<Option<&Fact>> =
+                                    operands.iter().map(|c| eg[*c].data.index.as_ref()).collect();
+                                index::of_op(op, &facts, &tys.iter().collect::<Vec<_>>(), t)
+                            }
+                            _ => None,
+                        };
+                        Data { tys: out, num, constant, index: fact, ..Data::default() }
                     }
                     Err(e) => {
                         let msg = format!("{}: {e}", enode);
@@ -171,6 +184,12 @@ impl egg::Analysis<ENode> for Analysis {
             a.constant = true;
             changed_a = true;
         } else if a.constant && !b.constant {
+            changed_b = true;
+        }
+        if a.index.is_none() && b.index.is_some() {
+            a.index = b.index;
+            changed_a = true;
+        } else if a.index.is_some() && b.index.is_none() {
             changed_b = true;
         }
         DidMerge(changed_a, changed_b)

@@ -5,11 +5,20 @@
 //! `softmax(scores [+ mask | where(mask, scores, -inf)]) · v`, with or
 //! without the `isnan -> where` guard exporters put around the softmax.
 //!
+//! Gemma-2's logit softcap `tanh(scores / cap) * cap` before the mask and
+//! softmax (the division merged with the scale by the algebra family into
+//! `tanh(q·kᵀ * (s / cap)) * cap`) becomes `softcap=cap` with `scale=s`.
+//!
 //! Masks are then simplified on the `attention` node itself: an additive
 //! `where(allowed, 0, -big)` becomes the boolean `allowed`; the causal and
 //! sliding-window structure built from `range`/`unsqueeze`/`le`/`gt`
 //! becomes `causal=true` / `window=w`, leaving only the padding mask (if
-//! any) as an explicit boolean operand. Grouped-query heads expanded with
+//! any) as an explicit boolean operand. Beyond these spellings, any mask
+//! whose index fact (`egraph/index.rs`: ranges, compares, `trilu`,
+//! `where`, `GatherND` lowerings of position ids, additive `-inf` masks and
+//! their sums) says it allows exactly the causal, or causal sliding-window,
+//! positions becomes `causal=true` / `window=w` (`mask/known-causal`), on
+//! its own or combined with a padding mask by `and` or `add`. Grouped-query heads expanded with
 //! `unsqueeze + expand + reshape` fold into the op's kv-head grouping.
 //!
 //! Numerics: a row whose keys are all masked gives zeros in `attention`;
@@ -17,6 +26,7 @@
 //! Such rows are padding query positions, whose outputs nothing reads.
 
 use super::{add_typed, attr, attr_float, dims, is_num, num, rw, rw_fn, ty, var, Family, Rule, RuleError};
+use crate::egraph::index::{causal_window, Conj, Fact};
 use crate::egraph::lang::AttrLit;
 use crate::egraph::EGraph;
 use egg::{Id, Subst};
@@ -36,15 +46,42 @@ fn softmax(eg: &mut EGraph, s: &Subst) -> Option<Id> {
     add_typed(eg, OpKind::Softmax, &[s[var("?x")]], vec![AttrLit::Int(ax)])
 }
 
+/// How the scores of a core match are spelled.
+#[derive(Clone, Copy, PartialEq)]
+enum Scores {
+    /// `q·kᵀ * s`.
+    Scaled,
+    /// `q·kᵀ`.
+    Unscaled,
+    /// `tanh(q·kᵀ * a) * c`: Gemma-2's logit softcap `c * tanh(q·kᵀ * s / c)`
+    /// with `s / c` already merged into one factor `a`, so `s = a * c`.
+    Capped,
+}
+
 /// Builds `attention(q, k, v [, m])` for a core match.
-fn core(eg: &mut EGraph, s: &Subst, scaled: bool, mask: &str, guarded: bool) -> Option<Id> {
-    let scale = if scaled {
-        if !scalar(eg, s, "?s") {
-            return None;
+fn core(eg: &mut EGraph, s: &Subst, scores: Scores, mask: &str, guarded: bool) -> Option<Id> {
+    let mut softcap = AttrLit::None;
+    let scale = match scores {
+        Scores::Unscaled => 1.0,
+        Scores::Scaled => {
+            if !scalar(eg, s, "?s") {
+                return None;
+            }
+            attr_float(eg, s, "?s")?
         }
-        attr_float(eg, s, "?s")?
-    } else {
-        1.0
+        Scores::Capped => {
+            if !scalar(eg, s, "?s") || !scalar(eg, s, "?c") {
+                return None;
+            }
+            let (a, c) = (num(eg, s, "?s")?, attr_float(eg, s, "?c")?);
+            if !(c > 0.0 && c.is_finite()) {
+                return None;
+            }
+            softcap = AttrLit::float(c);
+            // The same shortest-decimal rounding as `attr_float`.
+            let prod = a * c;
+            format!("{:?}", prod as f32).parse().unwrap_or(prod)
+        }
     };
     if mask == "where" && !num(eg, s, "?ninf").is_some_and(|x| x <= -1e30) {
         return None;
@@ -56,12 +93,7 @@ fn core(eg: &mut EGraph, s: &Subst, scaled: bool, mask: &str, guarded: bool) -> 
     if mask != "none" {
         ops.push(s[var("?m")]);
     }
-    add_typed(
-        eg,
-        OpKind::Attention,
-        &ops,
-        vec![AttrLit::float(scale), AttrLit::Bool(false), AttrLit::None, AttrLit::None],
-    )
+    add_typed(eg, OpKind::Attention, &ops, vec![AttrLit::float(scale), AttrLit::Bool(false), AttrLit::None, softcap])
 }
 
 /// Whether `?z`..`?t` (keys) and `?p`..`?t` (queries) step 1 are the key
@@ -107,6 +139,33 @@ fn masked(eg: &mut EGraph, s: &Subst, pad: bool, window: bool) -> Option<Id> {
     add_typed(eg, OpKind::Attention, &ops, vec![scale, AttrLit::Bool(true), w, cap])
 }
 
+/// The positions a mask operand is known to allow, from its index fact: a
+/// bool mask's conjunction, or where an additive mask is 0.
+fn allowed(eg: &EGraph, s: &Subst, v: &str) -> Option<Conj> {
+    match eg[s[var(v)]].data.index.as_ref()? {
+        Fact::Bool(c) | Fact::Additive(c) => Some(c.clone()),
+        _ => None,
+    }
+}
+
+/// `(attention q k v [pad] s true window cap)` when the index fact of `?m`
+/// says it allows exactly the causal (or causal sliding-window) positions,
+/// whatever ops spelled it; `pad` is what it was combined with.
+fn known_mask(eg: &mut EGraph, s: &Subst, pad: bool) -> Option<Id> {
+    let (q, k, m) = (ty(eg, s, "?q")?, ty(eg, s, "?k")?, ty(eg, s, "?m")?);
+    if q.rank() != 4 || k.rank() != 4 {
+        return None;
+    }
+    let w = causal_window(&allowed(eg, s, "?m")?, m, &q.shape[2], &k.shape[2])?;
+    let mut ops = vec![s[var("?q")], s[var("?k")], s[var("?v")]];
+    if pad {
+        ops.push(s[var("?pad")]);
+    }
+    let w = w.map_or(AttrLit::None, AttrLit::Int);
+    let (scale, cap) = (attr(eg, s, "?s")?.clone(), attr(eg, s, "?cap")?.clone());
+    add_typed(eg, OpKind::Attention, &ops, vec![scale, AttrLit::Bool(true), w, cap])
+}
+
 pub fn rules() -> Result<Vec<Rule>, RuleError> {
     let mut out = vec![
         rw_fn(
@@ -132,8 +191,12 @@ pub fn rules() -> Result<Vec<Rule>, RuleError> {
     ];
 
     let kt = "(transpose ?k [0,1,3,2])";
-    for scaled in [true, false] {
-        let scores = if scaled { format!("(mul (matmul ?q {kt}) ?s)") } else { format!("(matmul ?q {kt})") };
+    for form in [Scores::Scaled, Scores::Unscaled, Scores::Capped] {
+        let scores = match form {
+            Scores::Scaled => format!("(mul (matmul ?q {kt}) ?s)"),
+            Scores::Unscaled => format!("(matmul ?q {kt})"),
+            Scores::Capped => format!("(mul (tanh (mul (matmul ?q {kt}) ?s)) ?c)"),
+        };
         for mask in ["none", "add", "where"] {
             let x = match mask {
                 "none" => scores.clone(),
@@ -145,7 +208,11 @@ pub fn rules() -> Result<Vec<Rule>, RuleError> {
                 let p = if guarded { format!("(where (isnan {sm}) ?zero {sm})") } else { sm };
                 let name = format!(
                     "attention/core#{}{}{}",
-                    if scaled { "scaled" } else { "unscaled" },
+                    match form {
+                        Scores::Scaled => "scaled",
+                        Scores::Unscaled => "unscaled",
+                        Scores::Capped => "softcapped",
+                    },
                     match mask {
                         "none" => "",
                         "add" => "-additive-mask",
@@ -153,9 +220,7 @@ pub fn rules() -> Result<Vec<Rule>, RuleError> {
                     },
                     if guarded { "-nan-guard" } else { "" }
                 );
-                out.push(rw_fn(F, &name, &format!("(matmul {p} ?v)"), move |eg, s| {
-                    core(eg, s, scaled, mask, guarded)
-                })?);
+                out.push(rw_fn(F, &name, &format!("(matmul {p} ?v)"), move |eg, s| core(eg, s, form, mask, guarded))?);
             }
         }
     }
@@ -223,6 +288,23 @@ pub fn rules() -> Result<Vec<Rule>, RuleError> {
         )?);
         out.push(rw_fn(F, &format!("mask/{kind}#4d-unpadded-{i}"), &format!("{head} {m} {tail}"), move |eg, s| {
             masked(eg, s, false, window)
+        })?);
+    }
+
+    // Any spelling whose index fact is causal (a `trilu` of -inf, a
+    // `GatherND` of position ids, `where`-based additive masks, ...), alone
+    // or combined with a padding mask by `and` (bool) or `add` (additive).
+    let head = "(attention ?q ?k ?v";
+    let tail = "?s false none ?cap)";
+    out.push(rw_fn(F, "mask/known-causal#bare", &format!("{head} ?m {tail}"), |eg, s| known_mask(eg, s, false))?);
+    for (variant, m) in [
+        ("and-pad-first", "(and ?pad ?m)"),
+        ("and-pad-after", "(and ?m ?pad)"),
+        ("add-pad-first", "(add ?pad ?m)"),
+        ("add-pad-after", "(add ?m ?pad)"),
+    ] {
+        out.push(rw_fn(F, &format!("mask/known-causal#{variant}"), &format!("{head} {m} {tail}"), |eg, s| {
+            known_mask(eg, s, true)
         })?);
     }
 
