@@ -46,6 +46,9 @@ impl Lcg {
     }
 }
 
+/// The sizes of one call: (batch, seq, past).
+type Sizes = (usize, usize, usize);
+
 /// Evaluates a signature dim (`16`, `past`, `past + seq`) for the given
 /// symbol values.
 fn dim(text: &str, syms: &BTreeMap<&str, usize>) -> usize {
@@ -63,7 +66,7 @@ fn dim(text: &str, syms: &BTreeMap<&str, usize>) -> usize {
 fn inputs(
     manifest: &serde_json::Value,
     vocab: i64,
-    (batch, seq, past): (usize, usize, usize),
+    (batch, seq, past): Sizes,
     mask: Option<Vec<i64>>,
     rng: &mut Lcg,
 ) -> BTreeMap<String, Tensor> {
@@ -126,7 +129,7 @@ fn check_model(name: &str, flags: &str) -> f64 {
     let mut rng = Lcg(0x5eed ^ name.len() as u64);
     // Batch 2, past 4, seq 3: the second row's first past position is padding.
     let chunk_mask: Vec<i64> = (0..2 * 7).map(|i| i64::from(i != 7)).collect();
-    let cases: [(&str, (usize, usize, usize), Option<Vec<i64>>); 5] = [
+    let cases: [(&str, Sizes, Option<Vec<i64>>); 5] = [
         ("prefill seq 1", (1, 1, 0), None),
         ("prefill seq 257", (1, 257, 0), None),
         ("decode past 9", (1, 1, 9), None),
