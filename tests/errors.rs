@@ -134,9 +134,10 @@ fn missing_model_path_bad_onnx_and_unimplemented_targets() {
     std::fs::write(&onnx, b"not really onnx").unwrap();
     fails(&[&"compile", &onnx, &"-o", &tmp.path().join("x.smelt")], &["model.onnx"]);
     assert!(!tmp.path().join("x.smelt").exists());
+    // `cpu` is implemented now; `cuda` is refused before any work.
     fails(
         &[&"compile", &tmp.path(), &"-o", &tmp.path().join("x.smelt"), &"--target", &"cuda"],
-        &[&"target `cuda` is not implemented yet"],
+        &["target `cuda` is not implemented yet"],
     );
     let empty = tmp.path().join("empty");
     std::fs::create_dir(&empty).unwrap();
@@ -235,4 +236,185 @@ fn generate_rejects_bad_prompts() {
     make_model(&no_tok, &["--arch", "qwen2", "--layers", "1"]);
     std::fs::remove_file(no_tok.join("tokenizer.json")).unwrap();
     fails(&[&"generate", &no_tok, &"--prompt", &"hi", &"--max-new-tokens", &"2"], &["no tokenizer.json"]);
+}
+
+// ---- `cpu` artifacts: kernels.so, constants.bin and the launch plan ----
+
+/// A `cpu` artifact of a fresh one-layer llama, checked to run before a test
+/// breaks it (so each failure below is the breakage's doing).
+fn cpu_artifact() -> (tempfile::TempDir, PathBuf) {
+    let (t, dir) = model();
+    let art = t.path().join("m-cpu.smelt");
+    ok(&[&"compile", &dir, &"-o", &art, &"--target", &"cpu"]);
+    ok(&[&"generate", &art, &"--prompt-ids", &"1,2", &"--max-new-tokens", &"1"]);
+    (t, art)
+}
+
+fn generate_fails(art: &Path, wants: &[&str]) -> String {
+    fails(&[&"generate", &art, &"--prompt-ids", &"1,2", &"--max-new-tokens", &"1"], wants)
+}
+
+/// `smelt run` on two tokens must fail with `wants`.
+fn run_fails(art: &Path, wants: &[&str]) -> String {
+    let dir = art.parent().unwrap();
+    let inp = dir.join("in.safetensors");
+    write_tensors(&inp, &BTreeMap::from([("input_ids".to_string(), ids(vec![1, 2]))]));
+    fails(&[&"run", &art, &"--inputs", &inp, &"--outputs", &dir.join("out.safetensors"), &"--threads", &"2"], wants)
+}
+
+/// Flips every bit of the byte in the middle of `p`.
+fn flip_middle_byte(p: &Path) {
+    let mut bytes = std::fs::read(p).unwrap();
+    let i = bytes.len() / 2;
+    bytes[i] ^= 0xff;
+    std::fs::write(p, &bytes).unwrap();
+}
+
+/// Edits the manifest as a struct. `reseal` recomputes `native_sha256`, as
+/// if the edited plan had been written by a compiler (an artifact built on
+/// another machine, or by a buggy or other version of smelt), so the
+/// runtime's own checks of the plan are reached.
+fn edit_manifest(art: &Path, reseal: bool, f: impl FnOnce(&mut smelt_runtime::artifact::Manifest)) {
+    let p = art.join("manifest.json");
+    let mut m: smelt_runtime::artifact::Manifest = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    f(&mut m);
+    if reseal {
+        let plan = m.native.as_ref().expect("a cpu artifact has a plan");
+        m.native_sha256 = Some(smelt_runtime::artifact::native_sha256(&m.signature, plan));
+    }
+    std::fs::write(&p, serde_json::to_string_pretty(&m).unwrap()).unwrap();
+}
+
+fn plan(m: &mut smelt_runtime::artifact::Manifest) -> &mut smelt_runtime::plan::NativePlan {
+    m.native.as_mut().expect("a cpu artifact has a plan")
+}
+
+#[test]
+fn cpu_artifact_with_a_flipped_byte_in_kernels_so() {
+    let (_t, art) = cpu_artifact();
+    flip_middle_byte(&art.join("kernels.so"));
+    run_fails(&art, &["file `kernels.so` has sha256", "corrupted or modified"]);
+    generate_fails(&art, &["file `kernels.so` has sha256"]);
+}
+
+#[test]
+fn cpu_artifact_with_a_flipped_byte_in_constants_bin() {
+    let (_t, art) = cpu_artifact();
+    flip_middle_byte(&art.join("constants.bin"));
+    run_fails(&art, &["file `constants.bin` has sha256", "corrupted or modified"]);
+}
+
+#[test]
+fn cpu_artifact_without_kernels_so() {
+    let (_t, art) = cpu_artifact();
+    std::fs::remove_file(art.join("kernels.so")).unwrap();
+    generate_fails(&art, &["file `kernels.so` listed in the manifest is missing"]);
+    // Unlisted as well: the plan still names it.
+    edit_manifest(&art, false, |m| m.files.retain(|f| f.name != "kernels.so"));
+    generate_fails(&art, &["file `kernels.so` is not listed in `files`"]);
+}
+
+#[test]
+fn cpu_artifact_with_a_wrong_format_version() {
+    let (_t, art) = cpu_artifact();
+    edit_manifest(&art, false, |m| m.format_version = 7);
+    generate_fails(&art, &["artifact format version 7 is not supported", "recompile"]);
+}
+
+#[test]
+fn cpu_artifact_with_an_edited_launch_plan() {
+    let (_t, art) = cpu_artifact();
+    let pristine = std::fs::read(art.join("manifest.json")).unwrap();
+    let restore = || std::fs::write(art.join("manifest.json"), &pristine).unwrap();
+    let hash = ["launch plan", "native_sha256", "corrupted or modified"];
+
+    // Pointing a launch at another kernel with the same argument types (so
+    // every structural check passes) would run the wrong machine code on
+    // buffers sized for the right one: the plan's checksum refuses it.
+    edit_manifest(&art, false, |m| {
+        let p = plan(m);
+        let (li, other) = (0..p.launches.len())
+            .find_map(|li| {
+                let k = &p.kernels[p.launches[li].kernel];
+                let same = |j: &usize| {
+                    *j != p.launches[li].kernel
+                        && p.kernels[*j].buffers == k.buffers
+                        && p.kernels[*j].scalars == k.scalars
+                };
+                (0..p.kernels.len()).find(same).map(|j| (li, j))
+            })
+            .expect("two kernels with the same argument types");
+        p.launches[li].kernel = other;
+    });
+    generate_fails(&art, &hash);
+    restore();
+    // A weakened bound check, a changed buffer shape, a dropped checksum.
+    edit_manifest(&art, false, |m| plan(m).launches[1].needs[0] = "1".into());
+    generate_fails(&art, &hash);
+    restore();
+    edit_manifest(&art, false, |m| {
+        let b = plan(m).buffers.iter_mut().find(|b| b.shape.len() > 1).unwrap();
+        b.shape[0] = "1".into();
+    });
+    run_fails(&art, &hash);
+    restore();
+    edit_manifest(&art, false, |m| m.native_sha256 = None);
+    generate_fails(&art, &["native_sha256` missing"]);
+    restore();
+
+    // Behind the checksum, the runtime still checks every launch before any
+    // kernel runs: a missing kernel, an argument-type mismatch, a bound a
+    // buffer cannot meet.
+    edit_manifest(&art, true, |m| plan(m).launches[1].kernel = 999);
+    generate_fails(&art, &["invalid launch plan", "launch 1", "kernel 999 does not exist"]);
+    restore();
+    edit_manifest(&art, true, |m| {
+        let p = plan(m);
+        p.launches[1].args[0] = p.buffers.len() + 5;
+    });
+    generate_fails(&art, &["invalid launch plan", "launch 1", "which does not exist"]);
+    restore();
+    edit_manifest(&art, true, |m| {
+        let needs = &mut plan(m).launches[1].needs[0];
+        *needs = format!("1000*({needs})");
+    });
+    run_fails(&art, &["launch 1", "argument 0 needs", "elements"]);
+    restore();
+    edit_manifest(&art, true, |m| plan(m).kernels[0].symbol = "smelt_no_such_kernel".into());
+    generate_fails(&art, &["kernels.so", "does not export `smelt_no_such_kernel`"]);
+    restore();
+    ok(&[&"generate", &art, &"--prompt-ids", &"1,2", &"--max-new-tokens", &"1"]);
+}
+
+#[test]
+fn cpu_artifact_needing_cpu_features_this_machine_lacks() {
+    let (_t, art) = cpu_artifact();
+    // A feature no x86 machine has yet is unknown to the runtime, and so
+    // counts as missing too.
+    edit_manifest(&art, true, |m| plan(m).cpu_features.push("frobnicate".into()));
+    generate_fails(&art, &["CPU features this machine lacks", "frobnicate", "recompile"]);
+    #[cfg(target_arch = "x86_64")]
+    if !std::arch::is_x86_feature_detected!("avx512vnni") {
+        edit_manifest(&art, true, |m| {
+            let p = plan(m);
+            p.cpu_features.retain(|f| f != "frobnicate");
+            p.cpu_features.push("avx512vnni".into());
+        });
+        let msg = generate_fails(&art, &["CPU features this machine lacks: avx512vnni"]);
+        assert!(!msg.contains("frobnicate"), "{msg}");
+    }
+    // Unsealed, the same edit is refused by the checksum.
+    edit_manifest(&art, false, |m| plan(m).cpu_features.push("sse2".into()));
+    generate_fails(&art, &["native_sha256"]);
+}
+
+#[test]
+fn cpu_artifact_for_another_architecture() {
+    let (_t, art) = cpu_artifact();
+    let other = if std::env::consts::ARCH == "aarch64" { "x86_64" } else { "aarch64" };
+    edit_manifest(&art, true, |m| plan(m).arch = other.into());
+    generate_fails(
+        &art,
+        &[&format!("compiled for {other}, this machine is {}", std::env::consts::ARCH), "recompile the model"],
+    );
 }

@@ -16,6 +16,14 @@
 //! the problem, an unknown format version or target, malformed manifest JSON,
 //! a missing file and a file whose size or sha256 does not match. File names
 //! in the manifest must be plain names inside the directory.
+//!
+//! A `cpu` artifact's launch plan lives in the manifest itself, which no
+//! file sha256 covers; yet the plan decides which machine code runs on which
+//! buffers, so an edited plan could make a kernel write past a buffer. The
+//! manifest therefore also records `native_sha256`, the sha256 of the
+//! signature and the plan ([`native_sha256`]), and opening refuses a plan
+//! that does not match it. Like the file checksums, this catches corruption
+//! and hand edits, not a deliberate forgery.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -73,6 +81,8 @@ pub enum ArtifactError {
     SizeMismatch { dir: PathBuf, name: String, expected: u64, found: u64 },
     #[error("{}: file `{name}` has sha256 {found}, the manifest says {expected} (corrupted or modified)", dir.display())]
     HashMismatch { dir: PathBuf, name: String, expected: String, found: String },
+    #[error("{}: the launch plan (`native` and `signature` in {MANIFEST_FILE}) has sha256 {found}, `native_sha256` says {expected} (corrupted or modified); recompile the model", dir.display())]
+    PlanHashMismatch { dir: PathBuf, expected: String, found: String },
     #[error("{}: {GRAPH_FILE}:{msg}", dir.display())]
     GraphParse { dir: PathBuf, msg: String },
     #[error("{}: the graph does not verify: {msg}", dir.display())]
@@ -218,6 +228,9 @@ pub struct Manifest {
     /// The launch plan of a `cpu` artifact.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub native: Option<NativePlan>,
+    /// For a `cpu` artifact: [`native_sha256`] of `signature` and `native`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub native_sha256: Option<String>,
 }
 
 /// The hex sha256 of some bytes.
@@ -228,6 +241,17 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
         let _ = write!(s, "{b:02x}");
     }
     s
+}
+
+/// The sha256 of a `cpu` artifact's signature and launch plan: of their
+/// compact JSON, serialised from the parsed structs, so it does not depend on
+/// the manifest's formatting. Neither holds a float or an unordered map, so
+/// the bytes are the same after a round trip through the manifest.
+pub fn native_sha256(signature: &Signature, plan: &NativePlan) -> String {
+    // Serialising strings, integers and sequences cannot fail; an empty
+    // input would only make the check fail, never pass wrongly.
+    let bytes = serde_json::to_vec(&(signature, plan)).unwrap_or_default();
+    sha256_hex(&bytes)
 }
 
 /// What [`write_artifact`] needs to know about the model.
@@ -351,17 +375,20 @@ fn write_files(tmp: &Path, out: &Path, a: &ArtifactSpec<'_>) -> Result<Manifest,
         }
         None => None,
     };
+    let signature = Signature::from_graph(a.graph);
+    let native_sha256 = native.as_ref().map(|plan| native_sha256(&signature, plan));
     let manifest = Manifest {
         format_version: FORMAT_VERSION,
         compiler_version: COMPILER_VERSION.to_string(),
         target: if native.is_some() { TARGET_CPU } else { TARGET_INTERP }.to_string(),
         model: a.model.clone(),
-        signature: Signature::from_graph(a.graph),
+        signature,
         files,
         tokenizer,
         eos_token_ids: a.eos_token_ids.clone(),
         fusion: a.fusion.clone(),
         native,
+        native_sha256,
     };
     let json = serde_json::to_string_pretty(&manifest)
         .map_err(|e| ArtifactError::ManifestInvalid { path: out.join(MANIFEST_FILE), msg: e.to_string() })?;
@@ -528,6 +555,17 @@ fn parse_manifest(dir: &Path, text: &str) -> Result<Manifest, ArtifactError> {
     for name in required {
         if !manifest.files.iter().any(|f| f.name == name) {
             return Err(invalid(format!("file `{name}` is not listed in `files`")));
+        }
+    }
+    if let Some(plan) = &manifest.native {
+        let Some(expected) = &manifest.native_sha256 else {
+            return Err(invalid(
+                "key `native_sha256` missing (a `cpu` artifact's launch plan must be checksummed)".into(),
+            ));
+        };
+        let found = native_sha256(&manifest.signature, plan);
+        if found != expected.to_ascii_lowercase() {
+            return Err(ArtifactError::PlanHashMismatch { dir: dir.to_path_buf(), expected: expected.clone(), found });
         }
     }
     Ok(manifest)
