@@ -279,12 +279,8 @@ fn matmul_and_fused_ops() {
         }
     }
     // Attention: GQA, causal, with a past, windows, softcap, masks.
-    let at = |causal, window, softcap, d: usize| Op::Attention {
-        scale: 1.0 / (d as f64).sqrt(),
-        causal,
-        window,
-        softcap,
-    };
+    let at =
+        |causal, window, softcap, d: usize| Op::Attention { scale: 1.0 / (d as f64).sqrt(), causal, window, softcap };
     for (b, seq, past) in [(1, 1, 6), (2, 3, 4), (1, 5, 0), (1, 33, 7)] {
         let sy = [("b", b), ("seq", seq), ("past", past)];
         let q = |h: usize, d: usize| f(&format!("b,{h},seq,{d}"));
@@ -292,7 +288,13 @@ fn matmul_and_fused_ops() {
         let gq = Gen::F(2.0);
         cases.push(op_case(at(true, None, None, 16), &[q(4, 16), kv(2, 16), kv(2, 16)], &sy, &[gq, gq, g], SUM));
         cases.push(op_case(at(true, None, None, 64), &[q(6, 64), kv(2, 64), kv(2, 64)], &sy, &[gq, gq, g], SUM));
-        cases.push(op_case(at(false, Some(3), Some(5.0), 40), &[q(2, 40), kv(1, 40), kv(1, 40)], &sy, &[gq, gq, g], SUM));
+        cases.push(op_case(
+            at(false, Some(3), Some(5.0), 40),
+            &[q(2, 40), kv(1, 40), kv(1, 40)],
+            &sy,
+            &[gq, gq, g],
+            SUM,
+        ));
         let mask = ty(DType::Bool, "b,1,1,past+seq");
         let ins = [q(4, 80), kv(2, 80), kv(2, 80), mask];
         cases.push(op_case(at(true, None, None, 80), &ins, &sy, &[gq, gq, g, g], SUM));
@@ -379,7 +381,13 @@ fn elementwise_layout_reduce() {
             cases.push(op_case(op.clone(), std::slice::from_ref(&r), sy, &[Gen::F(3.0)], SUM));
         }
         cases.push(op_case(Op::Softmax { axis: -1 }, std::slice::from_ref(&r), sy, &[gs], SUM));
-        cases.push(op_case(Op::ReduceMax { axes: vec![-1], keepdims: false }, std::slice::from_ref(&r), sy, &[gs], SUM));
+        cases.push(op_case(
+            Op::ReduceMax { axes: vec![-1], keepdims: false },
+            std::slice::from_ref(&r),
+            sy,
+            &[gs],
+            SUM,
+        ));
     }
     let n = cases.len();
     let worst = check_all(&cases);
@@ -429,11 +437,18 @@ fn gemm_timing_and_ymm() {
             );
             results.push(o);
         }
-        let worst = compare(&format!("gemm {what}: LLVM vs Cranelift"), &BufData::F32(results[0].clone()), &BufData::F32(results[1].clone()), SUM, SUM);
+        let worst = compare(
+            &format!("gemm {what}: LLVM vs Cranelift"),
+            &BufData::F32(results[0].clone()),
+            &BufData::F32(results[1].clone()),
+            SUM,
+            SUM,
+        );
         eprintln!("gemm {what}: LLVM vs Cranelift worst error {worst:.2e}");
     }
     // The generated assembly of the [n, k] GEMM.
-    let asm = smelt_codegen::llvm::compile(&[nk.kernel.clone()], "gemm", smelt_codegen::llvm::Output::Assembly).unwrap();
+    let asm =
+        smelt_codegen::llvm::compile(&[nk.kernel.clone()], "gemm", smelt_codegen::llvm::Output::Assembly).unwrap();
     let asm = String::from_utf8_lossy(&asm);
     let count = |pat: &dyn Fn(&str) -> bool| asm.lines().filter(|l| pat(l.trim())).count();
     let ymm_fma = count(&|l| l.starts_with("vfmadd") && l.contains("ymm"));

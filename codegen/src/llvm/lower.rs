@@ -27,8 +27,9 @@ pub(super) fn lower(k: &Kernel, cx: &Context, module: &Module) -> Result<(), Llv
     if let Some(b) = k.buffers.iter().find(|b| b.space == Space::Shared) {
         return Err(unsupported(k, format!("shared buffer `{}`", b.name)));
     }
-    let symbol = CString::new(format!("smelt_{}", k.name)).map_err(|_| backend(k, "kernel name contains NUL".into()))?;
-    let (cx, m) = (cx.as_mut_ptr(), module.as_mut_ptr());
+    let symbol =
+        CString::new(format!("smelt_{}", k.name)).map_err(|_| backend(k, "kernel name contains NUL".into()))?;
+    let (cx, m) = (cx.raw(), module.as_mut_ptr());
     // SAFETY: every call below gets live handles of this context and
     // module, values and types created in this context, and a builder that
     // is positioned in a block of the function being built.
@@ -40,7 +41,7 @@ pub(super) fn lower(k: &Kernel, cx: &Context, module: &Module) -> Result<(), Llv
         let func = LLVMAddFunction(m, symbol.as_ptr(), fty);
         for attr in ["nounwind", "mustprogress"] {
             let kind = LLVMGetEnumAttributeKindForName(attr.as_ptr().cast(), attr.len());
-            LLVMAddAttributeToFunction(func, u32::MAX, LLVMCreateEnumAttribute(cx, kind, 0));
+            LLVMAddAttributeAtIndex(func, u32::MAX, LLVMCreateEnumAttribute(cx, kind, 0));
         }
         let b = LLVMCreateBuilderInContext(cx);
         let entry = LLVMAppendBasicBlockInContext(cx, func, c"entry".as_ptr());
@@ -316,9 +317,10 @@ impl Lower<'_> {
             if f.is_null() {
                 f = LLVMAddFunction(self.m, cname.as_ptr(), fty);
                 let kind = LLVMGetEnumAttributeKindForName(c"nounwind".as_ptr(), 8);
-                LLVMAddAttributeToFunction(f, u32::MAX, LLVMCreateEnumAttribute(self.cx, kind, 0));
+                LLVMAddAttributeAtIndex(f, u32::MAX, LLVMCreateEnumAttribute(self.cx, kind, 0));
             }
-            let call = |xs: &mut Vec<LLVMValueRef>| LLVMBuildCall2(self.b, fty, f, xs.as_mut_ptr(), xs.len() as u32, NONE);
+            let call =
+                |xs: &mut Vec<LLVMValueRef>| LLVMBuildCall2(self.b, fty, f, xs.as_mut_ptr(), xs.len() as u32, NONE);
             if lanes == 1 {
                 return Ok(call(&mut args.to_vec()));
             }
@@ -444,7 +446,7 @@ impl Lower<'_> {
         let (lanes, factor) = (plan.lanes, plan.factor);
         let n = lanes as u32;
         let wn = n * factor as u32;
-        unsafe {
+        let wide_end = unsafe {
             // Whole groups: iters = max(0, ceil((end - start) / step)).
             let span = LLVMBuildSub(self.b, end, start, NONE);
             let span = LLVMBuildAdd(self.b, span, self.i64c(l.step - 1), NONE);
@@ -506,7 +508,8 @@ impl Lower<'_> {
                 }
                 self.set(v, w);
             }
-        }
+            wide_end
+        };
         self.counted_loop(l.var, wide_end, end, l.step, |me| me.stmts(&l.body))
     }
 

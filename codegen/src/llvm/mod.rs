@@ -75,7 +75,14 @@ fn host_machine() -> Result<(TargetMachine, HostInfo), LlvmError> {
     let cpu = TargetMachine::get_host_cpu_name().to_string();
     let features = TargetMachine::get_host_cpu_features().to_string();
     let tm = target
-        .create_target_machine(&triple, &cpu, &features, OptimizationLevel::Aggressive, RelocMode::PIC, CodeModel::Default)
+        .create_target_machine(
+            &triple,
+            &cpu,
+            &features,
+            OptimizationLevel::Aggressive,
+            RelocMode::PIC,
+            CodeModel::Default,
+        )
         .ok_or_else(|| LlvmError::Target(format!("no target machine for {triple} ({cpu})")))?;
     let info = HostInfo { triple: triple.as_str().to_string_lossy().into_owned(), cpu, features };
     Ok((tm, info))
