@@ -448,7 +448,8 @@ fn gemm_timing_and_ymm() {
     }
     // The generated assembly of the [n, k] GEMM.
     let asm =
-        smelt_codegen::llvm::compile(&[nk.kernel.clone()], "gemm", smelt_codegen::llvm::Output::Assembly).unwrap();
+        smelt_codegen::llvm::compile(std::slice::from_ref(&nk.kernel), "gemm", smelt_codegen::llvm::Output::Assembly)
+            .unwrap();
     let asm = String::from_utf8_lossy(&asm);
     let count = |pat: &dyn Fn(&str) -> bool| asm.lines().filter(|l| pat(l.trim())).count();
     let ymm_fma = count(&|l| l.starts_with("vfmadd") && l.contains("ymm"));
