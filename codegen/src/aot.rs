@@ -35,6 +35,9 @@ const OBJECT_FILE: &str = "kernels.o";
 pub enum AotError {
     #[error(transparent)]
     Compile(#[from] CompileError),
+    #[cfg(feature = "llvm")]
+    #[error(transparent)]
+    Llvm(#[from] crate::llvm::LlvmError),
     #[error("two kernels are named `{0}`; kernel names must be unique in a library")]
     DuplicateKernel(String),
     #[error("{}: {source}", path.display())]
@@ -152,33 +155,90 @@ pub fn build_library(kernels: &[Kernel], out_dir: &Path) -> Result<LibraryInfo, 
 
 /// [`build_library`] with the given C compiler as the linker.
 pub fn build_library_with(kernels: &[Kernel], out_dir: &Path, cc: &str) -> Result<LibraryInfo, AotError> {
+    check_names(kernels)?;
+    let (isa, info) = host_isa(true)?;
+    let cpu_features = if info.triple.starts_with("x86_64") { required_features(&*isa) } else { Vec::new() };
+    let object = emit_object(kernels, "smelt_kernels")?;
+    link_library(kernels, out_dir, cc, &object, info.triple, cpu_features)
+}
+
+/// [`build_library_with`] with the kernels lowered by LLVM (cargo feature
+/// `llvm`) for the host CPU. `cpu_features` lists the host's enabled
+/// features that the runtime can check; LLVM may also use others of the
+/// build host's (`movbe`, `f16c`, ...), so the library is meant for the
+/// machine that built it or one of the same CPU family.
+#[cfg(feature = "llvm")]
+pub fn build_library_llvm_with(kernels: &[Kernel], out_dir: &Path, cc: &str) -> Result<LibraryInfo, AotError> {
+    check_names(kernels)?;
+    let host = crate::llvm::host_info()?;
+    let mut cpu_features: Vec<String> = if host.triple.starts_with("x86_64") {
+        host.enabled_features().iter().filter_map(|f| llvm_x86_feature_name(f)).map(str::to_string).collect()
+    } else {
+        Vec::new()
+    };
+    cpu_features.sort();
+    cpu_features.dedup();
+    let object = crate::llvm::emit_object(kernels, "smelt_kernels")?;
+    link_library(kernels, out_dir, cc, &object, host.triple, cpu_features)
+}
+
+/// Maps LLVM's x86 feature names to the standard library's, for the
+/// features the runtime checks.
+#[cfg(feature = "llvm")]
+fn llvm_x86_feature_name(f: &str) -> Option<&'static str> {
+    Some(match f {
+        "cx16" => "cmpxchg16b",
+        "sse3" => "sse3",
+        "ssse3" => "ssse3",
+        "sse4.1" => "sse4.1",
+        "sse4.2" => "sse4.2",
+        "popcnt" => "popcnt",
+        "avx" => "avx",
+        "avx2" => "avx2",
+        "fma" => "fma",
+        "avxvnni" => "avxvnni",
+        "avx512vnni" => "avx512vnni",
+        "bmi" => "bmi1",
+        "bmi2" => "bmi2",
+        "avx512bitalg" => "avx512bitalg",
+        "avx512dq" => "avx512dq",
+        "avx512f" => "avx512f",
+        "avx512vl" => "avx512vl",
+        "avx512vbmi" => "avx512vbmi",
+        "lzcnt" => "lzcnt",
+        _ => return None,
+    })
+}
+
+fn check_names(kernels: &[Kernel]) -> Result<(), AotError> {
     let mut names: Vec<&str> = kernels.iter().map(|k| k.name.as_str()).collect();
     names.sort_unstable();
     if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
         return Err(AotError::DuplicateKernel(w[0].to_string()));
     }
-    let (isa, info) = host_isa(true)?;
-    let cpu_features = if info.triple.starts_with("x86_64") { required_features(&*isa) } else { Vec::new() };
-    let arch = info.triple.split('-').next().unwrap_or_default().to_string();
+    Ok(())
+}
 
-    let object = emit_object(kernels, "smelt_kernels")?;
+/// Writes `object` into `out_dir`, links it into the library and describes it.
+fn link_library(
+    kernels: &[Kernel],
+    out_dir: &Path,
+    cc: &str,
+    object: &[u8],
+    triple: String,
+    cpu_features: Vec<String>,
+) -> Result<LibraryInfo, AotError> {
+    let arch = triple.split('-').next().unwrap_or_default().to_string();
     let io = |path: PathBuf| move |source| AotError::Io { path, source };
     std::fs::create_dir_all(out_dir).map_err(io(out_dir.to_path_buf()))?;
     let obj_path = out_dir.join(OBJECT_FILE);
-    std::fs::write(&obj_path, &object).map_err(io(obj_path.clone()))?;
+    std::fs::write(&obj_path, object).map_err(io(obj_path.clone()))?;
     let link = link(out_dir, cc);
     let _ = std::fs::remove_file(&obj_path);
     link?;
     let path = out_dir.join(LIBRARY_FILE);
     let bytes = std::fs::read(&path).map_err(io(path.clone()))?;
-    Ok(LibraryInfo {
-        path,
-        bytes,
-        symbols: kernels.iter().map(symbol_of).collect(),
-        triple: info.triple,
-        arch,
-        cpu_features,
-    })
+    Ok(LibraryInfo { path, bytes, symbols: kernels.iter().map(symbol_of).collect(), triple, arch, cpu_features })
 }
 
 /// Runs `cc -shared` in `dir` on the object written there.

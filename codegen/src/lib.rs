@@ -19,6 +19,8 @@
 pub mod aot;
 pub mod cranelift;
 pub mod kir;
+#[cfg(feature = "llvm")]
+pub mod llvm;
 pub mod schedule;
 pub mod select;
 pub mod templates;

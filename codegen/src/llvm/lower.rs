@@ -1,0 +1,775 @@
+//! KIR to LLVM IR, one function per kernel, mirroring the Cranelift
+//! lowering statement by statement (see the parent module for semantics).
+//!
+//! Every KIR variable lives in an `alloca` of the entry block, zeroed
+//! there (Cranelift reads an unassigned variable as zero); `default<O3>`
+//! promotes them to SSA values. Scalar bools are `i1` in registers and one
+//! byte (0 or 1) in buffers; bool vectors are `<n x i1>`. Instructions are
+//! built through the LLVM C API (`inkwell::llvm_sys`), which treats scalars
+//! and vectors alike.
+
+use super::widen::{self, Plan};
+use super::LlvmError;
+use crate::kir::{self, BinOp, CmpOp, Expr, Kernel, LoopKind, RedOp, Scalar, Space, Stmt, Ty, UnOp, Var};
+use inkwell::context::Context;
+use inkwell::llvm_sys::core::*;
+use inkwell::llvm_sys::prelude::*;
+use inkwell::llvm_sys::{LLVMIntPredicate as IP, LLVMRealPredicate as RP};
+use inkwell::module::Module;
+use std::collections::HashMap;
+use std::ffi::CString;
+
+/// An empty value name.
+const NONE: *const std::ffi::c_char = c"".as_ptr();
+
+/// Lowers `k` into `module` as the exported function `smelt_<name>`.
+pub(super) fn lower(k: &Kernel, cx: &Context, module: &Module) -> Result<(), LlvmError> {
+    if let Some(b) = k.buffers.iter().find(|b| b.space == Space::Shared) {
+        return Err(unsupported(k, format!("shared buffer `{}`", b.name)));
+    }
+    let symbol =
+        CString::new(format!("smelt_{}", k.name)).map_err(|_| backend(k, "kernel name contains NUL".into()))?;
+    let (cx, m) = (cx.raw(), module.as_mut_ptr());
+    // SAFETY: every call below gets live handles of this context and
+    // module, values and types created in this context, and a builder that
+    // is positioned in a block of the function being built.
+    unsafe {
+        let ptr = LLVMPointerTypeInContext(cx, 0);
+        let i64t = LLVMInt64TypeInContext(cx);
+        let mut params = [ptr, ptr, i64t, i64t];
+        let fty = LLVMFunctionType(LLVMVoidTypeInContext(cx), params.as_mut_ptr(), 4, 0);
+        let func = LLVMAddFunction(m, symbol.as_ptr(), fty);
+        for attr in ["nounwind", "mustprogress"] {
+            let kind = LLVMGetEnumAttributeKindForName(attr.as_ptr().cast(), attr.len());
+            LLVMAddAttributeAtIndex(func, u32::MAX, LLVMCreateEnumAttribute(cx, kind, 0));
+        }
+        let b = LLVMCreateBuilderInContext(cx);
+        let entry = LLVMAppendBasicBlockInContext(cx, func, c"entry".as_ptr());
+        LLVMPositionBuilderAtEnd(b, entry);
+        let mut l = Lower {
+            k,
+            cx,
+            m,
+            b,
+            func,
+            vars: vec![],
+            bufs: vec![None; k.buffers.len()],
+            thread: LLVMGetParam(func, 2),
+            threads: LLVMGetParam(func, 3),
+            parallel_depth: 0,
+            wide: None,
+        };
+        let result = l.body();
+        LLVMDisposeBuilder(b);
+        result
+    }
+}
+
+fn unsupported(k: &Kernel, what: String) -> LlvmError {
+    LlvmError::Unsupported { kernel: k.name.clone(), what }
+}
+
+fn backend(k: &Kernel, message: String) -> LlvmError {
+    LlvmError::Backend { kernel: k.name.clone(), message }
+}
+
+/// The widened lowering of a `Vectorized` loop body in progress: vector
+/// types of `lanes` lanes become `lanes * factor` lanes, and the variables
+/// in `slots` live in those wide slots.
+struct Wide {
+    lanes: u8,
+    factor: u8,
+    slots: HashMap<Var, LLVMValueRef>,
+}
+
+struct Lower<'a> {
+    k: &'a Kernel,
+    cx: LLVMContextRef,
+    m: LLVMModuleRef,
+    b: LLVMBuilderRef,
+    func: LLVMValueRef,
+    /// Each variable's alloca and value type.
+    vars: Vec<(LLVMValueRef, LLVMTypeRef)>,
+    bufs: Vec<Option<LLVMValueRef>>,
+    thread: LLVMValueRef,
+    threads: LLVMValueRef,
+    parallel_depth: usize,
+    wide: Option<Wide>,
+}
+
+type R<T> = Result<T, LlvmError>;
+
+// SAFETY (every `unsafe` block of this impl): as in `lower`, the handles
+// are live and belong to this context; the builder is positioned.
+impl Lower<'_> {
+    fn body(&mut self) -> R<()> {
+        let k = self.k;
+        unsafe {
+            for d in &k.vars {
+                let t = self.ty(d.ty);
+                let slot = LLVMBuildAlloca(self.b, t, NONE);
+                self.vars.push((slot, t));
+            }
+            for &(slot, t) in &self.vars {
+                LLVMBuildStore(self.b, LLVMConstNull(t), slot);
+            }
+            let ptr = LLVMPointerTypeInContext(self.cx, 0);
+            let (bufs, scalars) = (LLVMGetParam(self.func, 0), LLVMGetParam(self.func, 1));
+            for (slot, (id, _)) in k.global_buffers().enumerate() {
+                let at = self.gep(ptr, bufs, self.i64c(slot as i64));
+                let p = LLVMBuildLoad2(self.b, ptr, at, NONE);
+                LLVMSetAlignment(p, 8);
+                self.bufs[id.0 as usize] = Some(p);
+            }
+            let i64t = LLVMInt64TypeInContext(self.cx);
+            for (i, v) in k.scalars.iter().enumerate() {
+                let at = self.gep(i64t, scalars, self.i64c(i as i64));
+                let x = LLVMBuildLoad2(self.b, i64t, at, NONE);
+                LLVMSetAlignment(x, 8);
+                self.set(*v, x);
+            }
+        }
+        self.stmts(&k.body)?;
+        unsafe { LLVMBuildRetVoid(self.b) };
+        Ok(())
+    }
+
+    // ----- types and constants -----
+
+    fn scalar_ty(&self, s: Scalar) -> LLVMTypeRef {
+        unsafe {
+            match s {
+                Scalar::F32 => LLVMFloatTypeInContext(self.cx),
+                Scalar::I32 => LLVMInt32TypeInContext(self.cx),
+                Scalar::I64 => LLVMInt64TypeInContext(self.cx),
+                Scalar::Bool => LLVMInt1TypeInContext(self.cx),
+            }
+        }
+    }
+
+    /// The lanes a KIR vector of `lanes` lanes has in the current lowering.
+    fn lanes(&self, lanes: u8) -> u32 {
+        match &self.wide {
+            Some(w) if lanes > 1 && lanes == w.lanes => lanes as u32 * w.factor as u32,
+            _ => lanes as u32,
+        }
+    }
+
+    fn ty(&self, t: Ty) -> LLVMTypeRef {
+        let s = self.scalar_ty(t.elem);
+        if t.lanes > 1 {
+            unsafe { LLVMVectorType(s, self.lanes(t.lanes)) }
+        } else {
+            s
+        }
+    }
+
+    /// A buffer element's type in memory (bools are bytes).
+    fn mem_ty(&self, s: Scalar) -> LLVMTypeRef {
+        match s {
+            Scalar::Bool => unsafe { LLVMInt8TypeInContext(self.cx) },
+            s => self.scalar_ty(s),
+        }
+    }
+
+    fn i64c(&self, x: i64) -> LLVMValueRef {
+        unsafe { LLVMConstInt(LLVMInt64TypeInContext(self.cx), x as u64, 1) }
+    }
+
+    /// An f32 constant, splat to `lanes` (already widened) lanes.
+    fn fconst(&self, x: f32, lanes: u32) -> LLVMValueRef {
+        unsafe {
+            let c = LLVMConstReal(LLVMFloatTypeInContext(self.cx), x as f64);
+            self.const_splat(c, lanes)
+        }
+    }
+
+    fn const_splat(&self, c: LLVMValueRef, lanes: u32) -> LLVMValueRef {
+        if lanes == 1 {
+            return c;
+        }
+        let mut v = vec![c; lanes as usize];
+        unsafe { LLVMConstVector(v.as_mut_ptr(), lanes) }
+    }
+
+    fn lanes_of(&self, v: LLVMValueRef) -> u32 {
+        unsafe {
+            let t = LLVMTypeOf(v);
+            if LLVMGetTypeKind(t) == inkwell::llvm_sys::LLVMTypeKind::LLVMVectorTypeKind {
+                LLVMGetVectorSize(t)
+            } else {
+                1
+            }
+        }
+    }
+
+    // ----- variables and memory -----
+
+    fn slot(&self, v: Var) -> (LLVMValueRef, LLVMTypeRef) {
+        if let Some(w) = &self.wide {
+            if let Some(&s) = w.slots.get(&v) {
+                return (s, self.ty(self.k.var(v).ty));
+            }
+        }
+        self.vars[v.0 as usize]
+    }
+
+    fn get(&self, v: Var) -> LLVMValueRef {
+        let (slot, t) = self.slot(v);
+        unsafe { LLVMBuildLoad2(self.b, t, slot, NONE) }
+    }
+
+    fn set(&self, v: Var, x: LLVMValueRef) {
+        let (slot, _) = self.slot(v);
+        unsafe { LLVMBuildStore(self.b, x, slot) };
+    }
+
+    fn gep(&self, elem: LLVMTypeRef, base: LLVMValueRef, index: LLVMValueRef) -> LLVMValueRef {
+        let mut idx = [index];
+        unsafe { LLVMBuildInBoundsGEP2(self.b, elem, base, idx.as_mut_ptr(), 1, NONE) }
+    }
+
+    fn addr(&mut self, buf: kir::BufId, index: &Expr) -> R<LLVMValueRef> {
+        let base = self.bufs[buf.0 as usize].ok_or_else(|| unsupported(self.k, "non-global buffers".into()))?;
+        let i = self.expr(index)?;
+        Ok(self.gep(self.mem_ty(self.k.buf(buf).elem), base, i))
+    }
+
+    // ----- instructions -----
+
+    /// Calls the intrinsic `name` overloaded on `tys`.
+    fn intrinsic(&self, name: &str, tys: &[LLVMTypeRef], args: &[LLVMValueRef]) -> R<LLVMValueRef> {
+        unsafe {
+            let id = LLVMLookupIntrinsicID(name.as_ptr().cast(), name.len());
+            if id == 0 {
+                return Err(backend(self.k, format!("unknown intrinsic `{name}`")));
+            }
+            let mut tys = tys.to_vec();
+            let f = LLVMGetIntrinsicDeclaration(self.m, id, tys.as_mut_ptr(), tys.len());
+            let fty = LLVMIntrinsicGetType(self.cx, id, tys.as_mut_ptr(), tys.len());
+            let mut args = args.to_vec();
+            Ok(LLVMBuildCall2(self.b, fty, f, args.as_mut_ptr(), args.len() as u32, NONE))
+        }
+    }
+
+    /// A unary intrinsic overloaded on its operand's type.
+    fn un_intr(&self, name: &str, x: LLVMValueRef) -> R<LLVMValueRef> {
+        self.intrinsic(name, &[unsafe { LLVMTypeOf(x) }], &[x])
+    }
+
+    fn bin_intr(&self, name: &str, x: LLVMValueRef, y: LLVMValueRef) -> R<LLVMValueRef> {
+        self.intrinsic(name, &[unsafe { LLVMTypeOf(x) }], &[x, y])
+    }
+
+    fn fma(&self, x: LLVMValueRef, y: LLVMValueRef, z: LLVMValueRef) -> R<LLVMValueRef> {
+        self.intrinsic("llvm.fma", &[unsafe { LLVMTypeOf(x) }], &[x, y, z])
+    }
+
+    fn fadd(&self, x: LLVMValueRef, y: LLVMValueRef) -> LLVMValueRef {
+        unsafe { LLVMBuildFAdd(self.b, x, y, NONE) }
+    }
+
+    fn fmul(&self, x: LLVMValueRef, y: LLVMValueRef) -> LLVMValueRef {
+        unsafe { LLVMBuildFMul(self.b, x, y, NONE) }
+    }
+
+    fn fcmp(&self, p: RP, x: LLVMValueRef, y: LLVMValueRef) -> LLVMValueRef {
+        unsafe { LLVMBuildFCmp(self.b, p, x, y, NONE) }
+    }
+
+    fn select(&self, c: LLVMValueRef, x: LLVMValueRef, y: LLVMValueRef) -> LLVMValueRef {
+        unsafe { LLVMBuildSelect(self.b, c, x, y, NONE) }
+    }
+
+    fn extract(&self, v: LLVMValueRef, lane: u32) -> LLVMValueRef {
+        unsafe { LLVMBuildExtractElement(self.b, v, self.i64c(lane as i64), NONE) }
+    }
+
+    /// `lanes` copies of the scalar `x`.
+    fn splat(&self, x: LLVMValueRef, lanes: u32) -> LLVMValueRef {
+        unsafe {
+            let vt = LLVMVectorType(LLVMTypeOf(x), lanes);
+            let v = LLVMBuildInsertElement(self.b, LLVMGetPoison(vt), x, self.i64c(0), NONE);
+            let mask = LLVMConstNull(LLVMVectorType(LLVMInt32TypeInContext(self.cx), lanes));
+            LLVMBuildShuffleVector(self.b, v, LLVMGetPoison(vt), mask, NONE)
+        }
+    }
+
+    /// Lanes `range` of the vectors `a` and `b` concatenated.
+    fn shuffle(&self, a: LLVMValueRef, b: LLVMValueRef, lanes: impl Iterator<Item = u32>) -> LLVMValueRef {
+        unsafe {
+            let i32t = LLVMInt32TypeInContext(self.cx);
+            let mut mask: Vec<LLVMValueRef> = lanes.map(|i| LLVMConstInt(i32t, i as u64, 0)).collect();
+            let mask = LLVMConstVector(mask.as_mut_ptr(), mask.len() as u32);
+            LLVMBuildShuffleVector(self.b, a, b, mask, NONE)
+        }
+    }
+
+    /// Calls the libm function `name` on scalars, or lane by lane on vectors.
+    fn libcall(&self, name: &str, args: &[LLVMValueRef]) -> R<LLVMValueRef> {
+        let lanes = self.lanes_of(args[0]);
+        unsafe {
+            let f32t = LLVMFloatTypeInContext(self.cx);
+            let mut ps = vec![f32t; args.len()];
+            let fty = LLVMFunctionType(f32t, ps.as_mut_ptr(), ps.len() as u32, 0);
+            let cname = CString::new(name).map_err(|_| backend(self.k, "bad libm name".into()))?;
+            let mut f = LLVMGetNamedFunction(self.m, cname.as_ptr());
+            if f.is_null() {
+                f = LLVMAddFunction(self.m, cname.as_ptr(), fty);
+                let kind = LLVMGetEnumAttributeKindForName(c"nounwind".as_ptr(), 8);
+                LLVMAddAttributeAtIndex(f, u32::MAX, LLVMCreateEnumAttribute(self.cx, kind, 0));
+            }
+            let call =
+                |xs: &mut Vec<LLVMValueRef>| LLVMBuildCall2(self.b, fty, f, xs.as_mut_ptr(), xs.len() as u32, NONE);
+            if lanes == 1 {
+                return Ok(call(&mut args.to_vec()));
+            }
+            let mut out = LLVMGetPoison(LLVMTypeOf(args[0]));
+            for lane in 0..lanes {
+                let mut xs: Vec<LLVMValueRef> = args.iter().map(|a| self.extract(*a, lane)).collect();
+                let y = call(&mut xs);
+                out = LLVMBuildInsertElement(self.b, out, y, self.i64c(lane as i64), NONE);
+            }
+            Ok(out)
+        }
+    }
+
+    // ----- statements -----
+
+    fn stmts(&mut self, stmts: &[Stmt]) -> R<()> {
+        for s in stmts {
+            self.stmt(s)?;
+        }
+        Ok(())
+    }
+
+    fn stmt(&mut self, s: &Stmt) -> R<()> {
+        match s {
+            Stmt::Assign(v, e) => {
+                let x = self.expr(e)?;
+                self.set(*v, x);
+            }
+            Stmt::Store { buf, index, value } => {
+                let addr = self.addr(*buf, index)?;
+                let mut x = self.expr(value)?;
+                let elem = self.k.buf(*buf).elem;
+                unsafe {
+                    if elem == Scalar::Bool {
+                        x = LLVMBuildZExt(self.b, x, LLVMInt8TypeInContext(self.cx), NONE);
+                    }
+                    let st = LLVMBuildStore(self.b, x, addr);
+                    LLVMSetAlignment(st, elem.size() as u32);
+                }
+            }
+            Stmt::For(l) => self.for_loop(l)?,
+            Stmt::If { cond, then, els } => {
+                let c = self.expr(cond)?;
+                unsafe {
+                    let bt = LLVMAppendBasicBlockInContext(self.cx, self.func, c"then".as_ptr());
+                    let be = LLVMAppendBasicBlockInContext(self.cx, self.func, c"else".as_ptr());
+                    let bm = LLVMAppendBasicBlockInContext(self.cx, self.func, c"endif".as_ptr());
+                    LLVMBuildCondBr(self.b, c, bt, be);
+                    LLVMPositionBuilderAtEnd(self.b, bt);
+                    self.stmts(then)?;
+                    LLVMBuildBr(self.b, bm);
+                    LLVMPositionBuilderAtEnd(self.b, be);
+                    self.stmts(els)?;
+                    LLVMBuildBr(self.b, bm);
+                    LLVMPositionBuilderAtEnd(self.b, bm);
+                }
+            }
+            Stmt::Barrier => return Err(unsupported(self.k, "barriers".into())),
+            Stmt::Shuffle { .. } => return Err(unsupported(self.k, "warp shuffles".into())),
+        }
+        Ok(())
+    }
+
+    fn for_loop(&mut self, l: &kir::Loop) -> R<()> {
+        let mut start = self.expr(&l.start)?;
+        let mut end = self.expr(&l.end)?;
+        let parallel = l.kind == LoopKind::Parallel;
+        if parallel && self.parallel_depth == 0 {
+            (start, end) = self.split(start, end, l.step)?;
+        }
+        if self.wide.is_none() {
+            if let Some(plan) = widen::plan(self.k, l, widen::host_factor()) {
+                return self.wide_loop(l, &plan, start, end);
+            }
+        }
+        if parallel {
+            self.parallel_depth += 1;
+        }
+        let r = self.counted_loop(l.var, start, end, l.step, |me| me.stmts(&l.body));
+        if parallel {
+            self.parallel_depth -= 1;
+        }
+        r
+    }
+
+    /// `for var in (start..end).step_by(step) { body }`, with `end` already
+    /// evaluated.
+    fn counted_loop(
+        &mut self,
+        var: Var,
+        start: LLVMValueRef,
+        end: LLVMValueRef,
+        step: i64,
+        body: impl FnOnce(&mut Self) -> R<()>,
+    ) -> R<()> {
+        self.set(var, start);
+        unsafe {
+            let header = LLVMAppendBasicBlockInContext(self.cx, self.func, c"loop".as_ptr());
+            let bb = LLVMAppendBasicBlockInContext(self.cx, self.func, c"body".as_ptr());
+            let exit = LLVMAppendBasicBlockInContext(self.cx, self.func, c"exit".as_ptr());
+            LLVMBuildBr(self.b, header);
+            LLVMPositionBuilderAtEnd(self.b, header);
+            let i = self.get(var);
+            let c = LLVMBuildICmp(self.b, IP::LLVMIntSLT, i, end, NONE);
+            LLVMBuildCondBr(self.b, c, bb, exit);
+            LLVMPositionBuilderAtEnd(self.b, bb);
+            body(self)?;
+            let i = self.get(var);
+            // No overflow: `i < end` held and steps are small.
+            let next = LLVMBuildNSWAdd(self.b, i, self.i64c(step), NONE);
+            self.set(var, next);
+            LLVMBuildBr(self.b, header);
+            LLVMPositionBuilderAtEnd(self.b, exit);
+        }
+        Ok(())
+    }
+
+    /// A `Vectorized` loop lowered `plan.factor` times wider: the wide loop
+    /// over whole groups of `factor` iterations, the accumulators folded
+    /// back to their width, then the (fewer than `factor`) iterations left
+    /// at the original width.
+    fn wide_loop(&mut self, l: &kir::Loop, plan: &Plan, start: LLVMValueRef, end: LLVMValueRef) -> R<()> {
+        let (lanes, factor) = (plan.lanes, plan.factor);
+        let n = lanes as u32;
+        let wn = n * factor as u32;
+        let wide_end = unsafe {
+            // Whole groups: iters = max(0, ceil((end - start) / step)).
+            let span = LLVMBuildSub(self.b, end, start, NONE);
+            let span = LLVMBuildAdd(self.b, span, self.i64c(l.step - 1), NONE);
+            let iters = LLVMBuildSDiv(self.b, span, self.i64c(l.step), NONE);
+            let iters = self.bin_intr("llvm.smax", iters, self.i64c(0))?;
+            let groups = LLVMBuildSDiv(self.b, iters, self.i64c(factor as i64), NONE);
+            let wide_span = LLVMBuildMul(self.b, groups, self.i64c(l.step * factor as i64), NONE);
+            let wide_end = LLVMBuildAdd(self.b, start, wide_span, NONE);
+            // Wide slots: temporaries start as zero, accumulators as their
+            // value padded with the reduction's identity.
+            let mut slots = HashMap::new();
+            let entry = LLVMGetEntryBasicBlock(self.func);
+            for &v in plan.temps.iter().chain(plan.accs.iter().map(|(v, _)| v)) {
+                let t = LLVMVectorType(self.scalar_ty(self.k.var(v).ty.elem), wn);
+                let here = LLVMGetInsertBlock(self.b);
+                let first = LLVMGetFirstInstruction(entry);
+                LLVMPositionBuilderBefore(self.b, first);
+                let slot = LLVMBuildAlloca(self.b, t, NONE);
+                LLVMPositionBuilderAtEnd(self.b, here);
+                slots.insert(v, slot);
+            }
+            for &v in &plan.temps {
+                let t = LLVMVectorType(self.scalar_ty(self.k.var(v).ty.elem), wn);
+                LLVMBuildStore(self.b, LLVMConstNull(t), slots[&v]);
+            }
+            for &(v, op) in &plan.accs {
+                let x = self.get(v);
+                let pad = match op {
+                    RedOp::Add => LLVMConstNull(LLVMTypeOf(x)),
+                    RedOp::Max | RedOp::Min => x,
+                };
+                let mut w = x;
+                let mut width = n;
+                while width < wn {
+                    let p = if width == n { pad } else { self.shuffle(pad, pad, (0..width).map(|i| i % n)) };
+                    w = self.shuffle(w, p, 0..2 * width);
+                    width *= 2;
+                }
+                LLVMBuildStore(self.b, w, slots[&v]);
+            }
+            self.wide = Some(Wide { lanes, factor, slots });
+            let r = self.counted_loop(l.var, start, wide_end, l.step * factor as i64, |me| me.stmts(&l.body));
+            let wide = self.wide.take().expect("wide state");
+            r?;
+            for &(v, op) in &plan.accs {
+                let t = LLVMVectorType(self.scalar_ty(Scalar::F32), wn);
+                let mut w = LLVMBuildLoad2(self.b, t, wide.slots[&v], NONE);
+                let mut width = wn;
+                while width > n {
+                    let half = width / 2;
+                    let lo = self.shuffle(w, w, 0..half);
+                    let hi = self.shuffle(w, w, half..width);
+                    w = match op {
+                        RedOp::Add => self.fadd(lo, hi),
+                        RedOp::Max => self.bin_intr("llvm.maxnum", lo, hi)?,
+                        RedOp::Min => self.bin_intr("llvm.minnum", lo, hi)?,
+                    };
+                    width = half;
+                }
+                self.set(v, w);
+            }
+            wide_end
+        };
+        self.counted_loop(l.var, wide_end, end, l.step, |me| me.stmts(&l.body))
+    }
+
+    /// This thread's chunk of `start..end`, as `interp::split_range` computes it.
+    fn split(&mut self, start: LLVMValueRef, end: LLVMValueRef, step: i64) -> R<(LLVMValueRef, LLVMValueRef)> {
+        let (t, n) = (self.thread, self.threads);
+        unsafe {
+            let b = self.b;
+            let span = LLVMBuildSub(b, end, start, NONE);
+            let span = LLVMBuildAdd(b, span, self.i64c(step - 1), NONE);
+            let iters = LLVMBuildSDiv(b, span, self.i64c(step), NONE);
+            let iters = self.bin_intr("llvm.smax", iters, self.i64c(0))?;
+            let base = LLVMBuildUDiv(b, iters, n, NONE);
+            let extra = LLVMBuildURem(b, iters, n, NONE);
+            let tb = LLVMBuildMul(b, t, base, NONE);
+            let tmin = self.bin_intr("llvm.smin", t, extra)?;
+            let first = LLVMBuildAdd(b, tb, tmin, NONE);
+            let has_extra = LLVMBuildICmp(b, IP::LLVMIntSLT, t, extra, NONE);
+            let has_extra = LLVMBuildZExt(b, has_extra, LLVMInt64TypeInContext(self.cx), NONE);
+            let count = LLVMBuildAdd(b, base, has_extra, NONE);
+            let s = LLVMBuildMul(b, first, self.i64c(step), NONE);
+            let s = LLVMBuildAdd(b, start, s, NONE);
+            let last = LLVMBuildAdd(b, first, count, NONE);
+            let e = LLVMBuildMul(b, last, self.i64c(step), NONE);
+            let e = LLVMBuildAdd(b, start, e, NONE);
+            let bound = self.bin_intr("llvm.smax", end, start)?;
+            let e = self.bin_intr("llvm.smin", e, bound)?;
+            Ok((s, e))
+        }
+    }
+
+    // ----- expressions -----
+
+    fn kty(&self, e: &Expr) -> R<Ty> {
+        self.k.type_of(e).map_err(|m| backend(self.k, m))
+    }
+
+    fn expr(&mut self, e: &Expr) -> R<LLVMValueRef> {
+        let t = self.kty(e)?;
+        let b = self.b;
+        let lanes = self.lanes(t.lanes);
+        unsafe {
+            Ok(match e {
+                Expr::F32(x) => self.fconst(*x, 1),
+                Expr::Int(x, s) => LLVMConstInt(self.scalar_ty(*s), *x as u64, 1),
+                Expr::Bool(x) => LLVMConstInt(LLVMInt1TypeInContext(self.cx), *x as u64, 0),
+                Expr::Var(v) => self.get(*v),
+                Expr::Un(op, a) => {
+                    let x = self.expr(a)?;
+                    let float = t.elem == Scalar::F32;
+                    match (op, float) {
+                        (UnOp::Neg, true) => LLVMBuildFNeg(b, x, NONE),
+                        (UnOp::Neg, false) => LLVMBuildNeg(b, x, NONE),
+                        (UnOp::Abs, true) => self.un_intr("llvm.fabs", x)?,
+                        (UnOp::Abs, false) => {
+                            let no_poison = LLVMConstInt(LLVMInt1TypeInContext(self.cx), 0, 0);
+                            self.intrinsic("llvm.abs", &[LLVMTypeOf(x)], &[x, no_poison])?
+                        }
+                        (UnOp::Sqrt, _) => self.un_intr("llvm.sqrt", x)?,
+                        (UnOp::Rsqrt, _) => {
+                            // A true division, not the ~12-bit `rsqrtps` estimate.
+                            let s = self.un_intr("llvm.sqrt", x)?;
+                            LLVMBuildFDiv(b, self.fconst(1.0, lanes), s, NONE)
+                        }
+                        (UnOp::Exp, _) => self.exp(x, lanes)?,
+                        (UnOp::Tanh, _) => self.tanh(x, lanes)?,
+                        (UnOp::Floor, _) => self.un_intr("llvm.floor", x)?,
+                        (UnOp::Ceil, _) => self.un_intr("llvm.ceil", x)?,
+                        (UnOp::Round, _) => self.un_intr("llvm.roundeven", x)?,
+                        (UnOp::Sin, _) => self.libcall("sinf", &[x])?,
+                        (UnOp::Cos, _) => self.libcall("cosf", &[x])?,
+                        (UnOp::Log, _) => self.libcall("logf", &[x])?,
+                        (UnOp::Erf, _) => self.libcall("erff", &[x])?,
+                    }
+                }
+                Expr::Bin(op, a, c) => {
+                    let (x, y) = (self.expr(a)?, self.expr(c)?);
+                    if t.elem == Scalar::F32 {
+                        match op {
+                            BinOp::Add => self.fadd(x, y),
+                            BinOp::Sub => LLVMBuildFSub(b, x, y, NONE),
+                            BinOp::Mul => self.fmul(x, y),
+                            BinOp::Div => LLVMBuildFDiv(b, x, y, NONE),
+                            BinOp::Max => self.bin_intr("llvm.maxnum", x, y)?,
+                            BinOp::Min => self.bin_intr("llvm.minnum", x, y)?,
+                            BinOp::Rem => self.libcall("fmodf", &[x, y])?,
+                            BinOp::Pow => self.libcall("powf", &[x, y])?,
+                        }
+                    } else {
+                        match op {
+                            BinOp::Add => LLVMBuildAdd(b, x, y, NONE),
+                            BinOp::Sub => LLVMBuildSub(b, x, y, NONE),
+                            BinOp::Mul => LLVMBuildMul(b, x, y, NONE),
+                            // Templates divide only by nonzero constants.
+                            BinOp::Div => LLVMBuildSDiv(b, x, y, NONE),
+                            BinOp::Rem => LLVMBuildSRem(b, x, y, NONE),
+                            BinOp::Max => self.bin_intr("llvm.smax", x, y)?,
+                            BinOp::Min => self.bin_intr("llvm.smin", x, y)?,
+                            BinOp::Pow => return Err(unsupported(self.k, "integer pow".into())),
+                        }
+                    }
+                }
+                Expr::Fma(a, c, d) => {
+                    let (x, y, z) = (self.expr(a)?, self.expr(c)?, self.expr(d)?);
+                    self.fma(x, y, z)?
+                }
+                Expr::Cmp(op, a, c) => {
+                    let at = self.kty(a)?;
+                    let (x, y) = (self.expr(a)?, self.expr(c)?);
+                    match at.elem {
+                        Scalar::F32 => {
+                            let p = match op {
+                                CmpOp::Eq => RP::LLVMRealOEQ,
+                                CmpOp::Ne => RP::LLVMRealUNE,
+                                CmpOp::Lt => RP::LLVMRealOLT,
+                                CmpOp::Le => RP::LLVMRealOLE,
+                                CmpOp::Gt => RP::LLVMRealOGT,
+                                CmpOp::Ge => RP::LLVMRealOGE,
+                            };
+                            self.fcmp(p, x, y)
+                        }
+                        // false < true, as Rust orders bools.
+                        elem => {
+                            let signed = elem != Scalar::Bool;
+                            let p = match (op, signed) {
+                                (CmpOp::Eq, _) => IP::LLVMIntEQ,
+                                (CmpOp::Ne, _) => IP::LLVMIntNE,
+                                (CmpOp::Lt, true) => IP::LLVMIntSLT,
+                                (CmpOp::Le, true) => IP::LLVMIntSLE,
+                                (CmpOp::Gt, true) => IP::LLVMIntSGT,
+                                (CmpOp::Ge, true) => IP::LLVMIntSGE,
+                                (CmpOp::Lt, false) => IP::LLVMIntULT,
+                                (CmpOp::Le, false) => IP::LLVMIntULE,
+                                (CmpOp::Gt, false) => IP::LLVMIntUGT,
+                                (CmpOp::Ge, false) => IP::LLVMIntUGE,
+                            };
+                            LLVMBuildICmp(b, p, x, y, NONE)
+                        }
+                    }
+                }
+                Expr::Select(c, x, y) => {
+                    let (m, x, y) = (self.expr(c)?, self.expr(x)?, self.expr(y)?);
+                    self.select(m, x, y)
+                }
+                Expr::Cast(s, a) => {
+                    let from = self.kty(a)?.elem;
+                    let x = self.expr(a)?;
+                    let to = self.scalar_ty(*s);
+                    match (from, *s) {
+                        (f, s) if f == s => x,
+                        (Scalar::I32, Scalar::I64) => LLVMBuildSExt(b, x, to, NONE),
+                        (Scalar::I64, Scalar::I32) => LLVMBuildTrunc(b, x, to, NONE),
+                        (Scalar::I32 | Scalar::I64, Scalar::F32) => LLVMBuildSIToFP(b, x, to, NONE),
+                        (Scalar::F32, Scalar::I32 | Scalar::I64) => {
+                            self.intrinsic("llvm.fptosi.sat", &[to, LLVMTypeOf(x)], &[x])?
+                        }
+                        (Scalar::Bool, Scalar::F32) => LLVMBuildUIToFP(b, x, to, NONE),
+                        (Scalar::Bool, _) => LLVMBuildZExt(b, x, to, NONE),
+                        // Nonzero (NaN included) is true, as `x != 0.0`.
+                        (Scalar::F32, Scalar::Bool) => self.fcmp(RP::LLVMRealUNE, x, LLVMConstNull(LLVMTypeOf(x))),
+                        (_, Scalar::Bool) => LLVMBuildICmp(b, IP::LLVMIntNE, x, LLVMConstNull(LLVMTypeOf(x)), NONE),
+                        (f, s) => return Err(unsupported(self.k, format!("a cast from {f:?} to {s:?}"))),
+                    }
+                }
+                Expr::Splat(_, a) => {
+                    let x = self.expr(a)?;
+                    self.splat(x, lanes)
+                }
+                Expr::Extract(a, i) => {
+                    let x = self.expr(a)?;
+                    self.extract(x, *i as u32)
+                }
+                Expr::HReduce(op, a) => {
+                    let x = self.expr(a)?;
+                    // Left to right, as the interpreter does.
+                    let mut acc = self.extract(x, 0);
+                    for i in 1..self.lanes_of(x) {
+                        let y = self.extract(x, i);
+                        acc = match op {
+                            RedOp::Add => self.fadd(acc, y),
+                            RedOp::Max => self.bin_intr("llvm.maxnum", acc, y)?,
+                            RedOp::Min => self.bin_intr("llvm.minnum", acc, y)?,
+                        };
+                    }
+                    acc
+                }
+                Expr::Load { buf, index, .. } => {
+                    let addr = self.addr(*buf, index)?;
+                    let elem = self.k.buf(*buf).elem;
+                    let lt = if elem == Scalar::Bool { self.mem_ty(elem) } else { self.ty(t) };
+                    let x = LLVMBuildLoad2(b, lt, addr, NONE);
+                    // Buffers are aligned to their elements only.
+                    LLVMSetAlignment(x, elem.size() as u32);
+                    if elem == Scalar::Bool {
+                        LLVMBuildICmp(b, IP::LLVMIntNE, x, LLVMConstNull(lt), NONE)
+                    } else {
+                        x
+                    }
+                }
+                Expr::Special(_) => return Err(unsupported(self.k, "thread and block indices".into())),
+            })
+        }
+    }
+
+    /// Cephes `expf` (as the Cranelift lowering): `2^n * p(r)` with
+    /// `n = round(x / ln 2)`; NaN stays NaN, +inf saturates at `exp(88)`.
+    #[allow(clippy::excessive_precision)] // Cephes's constants, as published.
+    fn exp(&self, x0: LLVMValueRef, lanes: u32) -> R<LLVMValueRef> {
+        let c = |x: f32| self.fconst(x, lanes);
+        // Clamps that keep NaN: `x > hi ? hi : x`.
+        let (hi, lo) = (c(88.0), c(-87.336_55));
+        let x = self.select(self.fcmp(RP::LLVMRealOGT, x0, hi), hi, x0);
+        let x = self.select(self.fcmp(RP::LLVMRealOLT, x, lo), lo, x);
+        let t = self.fmul(x, c(std::f32::consts::LOG2_E));
+        let n = self.un_intr("llvm.roundeven", t)?;
+        let r = self.fma(n, c(-0.693_359_4), x)?;
+        let r = self.fma(n, c(2.121_944_4e-4), r)?;
+        let coeffs = [1.987_569_1e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5.000_000_1e-1];
+        let mut p = c(coeffs[0]);
+        for k in &coeffs[1..] {
+            p = self.fma(p, r, c(*k))?;
+        }
+        let r2 = self.fmul(r, r);
+        let p = self.fma(p, r2, r)?;
+        let p = self.fadd(p, c(1.0));
+        unsafe {
+            // 2^n built in the exponent bits: (n + 127) << 23.
+            let i32t = LLVMInt32TypeInContext(self.cx);
+            let ity = if lanes > 1 { LLVMVectorType(i32t, lanes) } else { i32t };
+            let ni = self.intrinsic("llvm.fptosi.sat", &[ity, LLVMTypeOf(n)], &[n])?;
+            let e = LLVMBuildAdd(self.b, ni, self.const_splat(LLVMConstInt(i32t, 127, 0), lanes), NONE);
+            let e = LLVMBuildShl(self.b, e, self.const_splat(LLVMConstInt(i32t, 23, 0), lanes), NONE);
+            let scale = LLVMBuildBitCast(self.b, e, LLVMTypeOf(x0), NONE);
+            let y = self.fmul(p, scale);
+            // Below the clamp the true value is (sub)normal-tiny; return 0.
+            let under = self.fcmp(RP::LLVMRealOLT, x0, lo);
+            Ok(self.select(under, c(0.0), y))
+        }
+    }
+
+    /// Cephes `tanhf` (as the Cranelift lowering): an odd polynomial below
+    /// |x| = 0.625, `1 - 2 / (exp(2|x|) + 1)` with x's sign above.
+    #[allow(clippy::excessive_precision)] // Cephes's constants, as published.
+    fn tanh(&self, x: LLVMValueRef, lanes: u32) -> R<LLVMValueRef> {
+        let c = |v: f32| self.fconst(v, lanes);
+        let z = self.fmul(x, x);
+        let coeffs = [-5.704_988_7e-3, 2.063_908_9e-2, -5.373_971_6e-2, 1.333_144_2e-1, -3.333_328_2e-1];
+        let mut p = c(coeffs[0]);
+        for k in &coeffs[1..] {
+            p = self.fma(p, z, c(*k))?;
+        }
+        let pz = self.fmul(p, z);
+        let small = self.fma(pz, x, x)?;
+        let ax = self.un_intr("llvm.fabs", x)?;
+        let e = self.exp(self.fadd(ax, ax), lanes)?;
+        let d = self.fadd(e, c(1.0));
+        let q = unsafe { LLVMBuildFDiv(self.b, c(2.0), d, NONE) };
+        let big = unsafe { LLVMBuildFSub(self.b, c(1.0), q, NONE) };
+        let big = self.bin_intr("llvm.copysign", big, x)?;
+        let is_small = self.fcmp(RP::LLVMRealOLT, ax, c(0.625));
+        Ok(self.select(is_small, small, big))
+    }
+}

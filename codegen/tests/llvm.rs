@@ -1,0 +1,465 @@
+//! Differential tests of the LLVM lowering (feature `llvm`): kernels chosen
+//! by `select` for matmul (decode and prefill), the fused ops (norms, rope,
+//! attention, gated MLP), softmax and elementwise, layout and reduction ops
+//! (libm ones included) are compiled by LLVM into one object, linked into a
+//! shared library with `cc` (as the artifact's `kernels.so`), loaded with
+//! `dlopen` and called as teams of 1 and 3 threads (each thread's share in
+//! turn); the results must match the KIR interpreter.
+//!
+//! Tolerance: integer, bool and exact copies must be equal. Floats: |got -
+//! want| <= rtol * |want| + atol * max|want| (NaN matches NaN). The
+//! interpreter and the kernels both compute in f32, but LLVM's kernels add
+//! the terms of long sums in another order (widened reduction loops), so
+//! sums get rtol = atol = 1e-4 (as the other kernel tests); pointwise ops
+//! 1e-5 (the same Cephes `exp`/`tanh` polynomials against Rust's `exp`).
+//!
+//! Also prints GFLOP/s of a 128x576x1536 GEMM through LLVM and through
+//! Cranelift, both from a linked library (`--nocapture`), and checks that
+//! LLVM's code for it uses 256-bit FMAs where the host has AVX2 and FMA.
+#![cfg(feature = "llvm")]
+
+use smelt_codegen::aot;
+use smelt_codegen::kir::interp::{self, BufData, Mode};
+use smelt_codegen::kir::{Kernel, Scalar};
+use smelt_codegen::select::{gated_mlp_weight_nk, matmul_weight_nk, select, Instance, Selected};
+use smelt_codegen::templates::testing::rand;
+use smelt_ir::{DType, Dim, Op, TensorType};
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+type KernelFn = unsafe extern "C" fn(*const *mut u8, *const i64, i64, i64);
+
+/// How an operand's values are drawn.
+#[derive(Clone, Copy)]
+enum Gen {
+    /// Uniform in [-1, 1) times the factor (ints in [-5, 5], random bools).
+    F(f32),
+    /// Uniform in [0.5, 1.5): norm weights, logarithms.
+    Pos,
+    /// Like `F(k)` with every 7th element NaN and every 11th +-inf.
+    Special(f32),
+}
+
+fn ty(dtype: DType, dims: &str) -> TensorType {
+    TensorType::new(dtype, dims.split(',').map(|d| d.trim().parse::<Dim>().unwrap()).collect())
+}
+
+fn f(dims: &str) -> TensorType {
+    ty(DType::F32, dims)
+}
+
+fn make(elem: Scalar, n: usize, g: Gen, seed: u64) -> BufData {
+    let r = rand(n, seed);
+    match elem {
+        Scalar::F32 => BufData::F32(match g {
+            Gen::F(k) => r.iter().map(|x| x * k).collect(),
+            Gen::Pos => r.iter().map(|x| x * 0.5 + 1.0).collect(),
+            Gen::Special(k) => r
+                .iter()
+                .enumerate()
+                .map(|(i, x)| match (i % 7, i % 11) {
+                    (3, _) => f32::NAN,
+                    (_, 5) => f32::INFINITY.copysign(*x),
+                    _ => x * k,
+                })
+                .collect(),
+        }),
+        Scalar::I64 => BufData::I64(r.iter().map(|x| (x * 5.0).round() as i64).collect()),
+        Scalar::I32 => BufData::I32(r.iter().map(|x| (x * 5.0).round() as i32).collect()),
+        Scalar::Bool => BufData::Bool(r.iter().map(|x| *x > -0.5).collect()),
+    }
+}
+
+/// One kernel run: its inputs and the interpreter's outputs.
+struct Case {
+    label: String,
+    kernel: Kernel,
+    scalars: Vec<i64>,
+    inputs: Vec<BufData>,
+    want: Vec<BufData>,
+    rtol: f32,
+    atol: f32,
+}
+
+fn case_of(label: &str, inst: Instance, syms: &[(&str, i64)], gens: &[Gen], tol: f32) -> Case {
+    let s: BTreeMap<String, i64> = syms.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+    let scalars: Vec<i64> = inst.scalars.iter().map(|d| d.eval_map(&s).unwrap()).collect();
+    let k = inst.kernel;
+    let decls: Vec<_> = k.global_buffers().map(|(_, d)| d.clone()).collect();
+    let mut bufs: Vec<BufData> = decls
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let n = k.buffer_len(d, &scalars).unwrap();
+            match gens.get(i) {
+                Some(g) => make(d.elem, n, *g, 11 + 7 * i as u64),
+                None => BufData::zeros(d.elem, n),
+            }
+        })
+        .collect();
+    interp::run(&k, &mut bufs, &scalars, Mode::Cpu { threads: 1 }).unwrap_or_else(|e| panic!("{label}: {e}\n{k}"));
+    let want = bufs.split_off(gens.len());
+    Case { label: format!("{label} {} {syms:?}", k.name), kernel: k, scalars, inputs: bufs, want, rtol: tol, atol: tol }
+}
+
+/// The case for `op` on operands `inputs` as `select` picks its kernel.
+fn op_case(op: Op, inputs: &[TensorType], syms: &[(&str, i64)], gens: &[Gen], tol: f32) -> Case {
+    let refs: Vec<&TensorType> = inputs.iter().collect();
+    let outputs = op.infer(&refs).unwrap_or_else(|e| panic!("{op:?}: {e}"));
+    match select(&op, inputs, &outputs).unwrap_or_else(|e| panic!("{e}")) {
+        Selected::Kernel(i) => case_of(op.name(), i, syms, gens, tol),
+        Selected::Alias { .. } => panic!("{op:?}: unexpected alias"),
+    }
+}
+
+/// Compiles every distinct kernel of `cases` with `lowering` into one
+/// library in `dir` and loads it.
+fn library(kernels: &[&Kernel], dir: &std::path::Path, llvm: bool) -> libloading::Library {
+    let mut uniq: Vec<Kernel> = vec![];
+    for k in kernels {
+        if !uniq.iter().any(|u| u.name == k.name) {
+            uniq.push((*k).clone());
+        }
+    }
+    let t = Instant::now();
+    let info = if llvm {
+        aot::build_library_llvm_with(&uniq, dir, &aot::default_cc())
+    } else {
+        aot::build_library_with(&uniq, dir, &aot::default_cc())
+    }
+    .unwrap_or_else(|e| panic!("{e}"));
+    eprintln!(
+        "{} library: {} kernels, {} bytes, built in {:.2} s, features {:?}",
+        if llvm { "LLVM" } else { "Cranelift" },
+        uniq.len(),
+        info.bytes.len(),
+        t.elapsed().as_secs_f64(),
+        info.cpu_features
+    );
+    // SAFETY: the library was just linked from our own kernels; loading it
+    // runs no initialisers of note.
+    unsafe { libloading::Library::new(&info.path) }.unwrap()
+}
+
+fn kernel_fn<'l>(lib: &'l libloading::Library, k: &Kernel) -> libloading::Symbol<'l, KernelFn> {
+    let name = format!("smelt_{}", k.name);
+    // SAFETY: every kernel symbol has the kernel ABI's signature.
+    unsafe { lib.get::<KernelFn>(name.as_bytes()) }.unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+fn ptr(b: &mut BufData) -> *mut u8 {
+    match b {
+        BufData::F32(v) => v.as_mut_ptr().cast(),
+        BufData::I32(v) => v.as_mut_ptr().cast(),
+        BufData::I64(v) => v.as_mut_ptr().cast(),
+        BufData::Bool(v) => v.as_mut_ptr().cast(),
+    }
+}
+
+/// Runs a case's kernel as a team of `threads` (each share in turn).
+fn run(f: &KernelFn, c: &Case, threads: usize) -> Vec<BufData> {
+    let mut ins = c.inputs.clone();
+    let mut outs: Vec<BufData> = c
+        .want
+        .iter()
+        .map(|w| match w {
+            BufData::F32(v) => BufData::F32(vec![f32::NAN; v.len()]),
+            BufData::I32(v) => BufData::I32(vec![-7; v.len()]),
+            BufData::I64(v) => BufData::I64(vec![-7; v.len()]),
+            BufData::Bool(v) => BufData::Bool(vec![false; v.len()]),
+        })
+        .collect();
+    let ptrs: Vec<*mut u8> = ins.iter_mut().chain(outs.iter_mut()).map(ptr).collect();
+    for t in 0..threads {
+        // SAFETY: the buffers have the lengths the kernel declares for
+        // these scalars (the interpreter checked every access), are not
+        // otherwise borrowed, and outlive the call.
+        unsafe { f(ptrs.as_ptr(), c.scalars.as_ptr(), t as i64, threads as i64) };
+    }
+    outs
+}
+
+/// Largest error relative to the largest reference value.
+fn compare(what: &str, got: &BufData, want: &BufData, rtol: f32, atol: f32) -> f32 {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    match (got, want) {
+        (BufData::F32(g), BufData::F32(w)) => {
+            let scale = w.iter().filter(|x| x.is_finite()).fold(0f32, |m, x| m.max(x.abs()));
+            let mut worst = 0f32;
+            for (i, (g, w)) in g.iter().zip(w).enumerate() {
+                let err = (g - w).abs();
+                let ok = g == w || (g.is_nan() && w.is_nan()) || err <= rtol * w.abs() + atol * scale;
+                assert!(ok, "{what}: element {i}: got {g}, expected {w}");
+                if err.is_finite() {
+                    worst = worst.max(err / scale.max(1e-30));
+                }
+            }
+            worst
+        }
+        (g, w) => {
+            assert_eq!(g, w, "{what}");
+            0.0
+        }
+    }
+}
+
+fn check_all(cases: &[Case]) -> f32 {
+    let dir = tempfile::tempdir().unwrap();
+    let kernels: Vec<&Kernel> = cases.iter().map(|c| &c.kernel).collect();
+    let lib = library(&kernels, dir.path(), true);
+    let mut worst = 0f32;
+    for c in cases {
+        let f = kernel_fn(&lib, &c.kernel);
+        for threads in [1, 3] {
+            let got = run(&f, c, threads);
+            for (o, (g, w)) in got.iter().zip(&c.want).enumerate() {
+                let what = format!("{} x{threads} result {o}", c.label);
+                worst = worst.max(compare(&what, g, w, c.rtol, c.atol));
+            }
+        }
+    }
+    worst
+}
+
+const SUM: f32 = 1e-4;
+const POINT: f32 = 1e-5;
+
+#[test]
+fn matmul_and_fused_ops() {
+    let g = Gen::F(1.0);
+    let mut cases = vec![];
+    // Matmul with a [k, n] weight and the [n, k] weight of a folded
+    // transpose: decode (M=1), odd and prefill (M=257) row counts, odd sizes.
+    for seq in [1, 3, 257] {
+        for (k, n) in [(64, 128), (13, 7), (96, 40)] {
+            let x = f(&format!("1,seq,{k}"));
+            cases.push(op_case(Op::MatMul {}, &[x.clone(), f(&format!("{k},{n}"))], &[("seq", seq)], &[g, g], SUM));
+            let nk = matmul_weight_nk(&x, &f(&format!("{n},{k}"))).unwrap();
+            cases.push(case_of("matmul_nk", nk, &[("seq", seq)], &[g, g], SUM));
+        }
+    }
+    // Batched, with broadcasting and dynamic k and n (q · kᵀ, scores · v).
+    let sy = [("b", 2), ("seq", 3), ("total", 7)];
+    cases.push(op_case(Op::MatMul {}, &[f("b,4,seq,total"), f("b,4,total,16")], &sy, &[g, g], SUM));
+    cases.push(op_case(Op::MatMul {}, &[f("b,1,seq,8"), f("4,8,total")], &sy, &[g, g], SUM));
+    // Gated MLPs, both weight layouts, every activation.
+    for act in ["silu", "gelu_tanh", "gelu"] {
+        for (seq, k, n) in [(1, 64, 96), (5, 16, 33), (257, 24, 10)] {
+            let x = f(&format!("seq,{k}"));
+            let w = f(&format!("{k},{n}"));
+            let gg = Gen::F(2.0);
+            let op = Op::GatedMlp { act: act.into() };
+            cases.push(op_case(op, &[x.clone(), w.clone(), w], &[("seq", seq)], &[gg; 3], SUM));
+            let wnk = f(&format!("{n},{k}"));
+            let inst = gated_mlp_weight_nk(&x, &wnk, &wnk, act).unwrap();
+            cases.push(case_of("gated_mlp_nk", inst, &[("seq", seq)], &[gg; 3], SUM));
+        }
+    }
+    // Norms.
+    for (b, seq) in [(1, 1), (2, 3)] {
+        for h in [7, 64, 130] {
+            let sy = [("batch", b), ("seq", seq)];
+            let x = f(&format!("batch,seq,{h}"));
+            let w = f(&format!("{h}"));
+            let gg = Gen::F(2.0);
+            cases.push(op_case(Op::RmsNorm { eps: 1e-5 }, &[x.clone(), w.clone()], &sy, &[gg, Gen::Pos], SUM));
+            let ins = [x.clone(), x.clone(), w.clone()];
+            cases.push(op_case(Op::AddRmsNorm { eps: 1e-6 }, &ins, &sy, &[gg, gg, Gen::Pos], SUM));
+            let ins = [x, w.clone(), w];
+            cases.push(op_case(Op::LayerNorm { eps: 1e-5 }, &ins, &sy, &[gg, Gen::Pos, gg], SUM));
+        }
+    }
+    // Rope, half-split and interleaved, partial rotation, broadcast cos/sin.
+    for interleaved in [false, true] {
+        for (d, r) in [(16, 16), (40, 20), (64, 32)] {
+            let x = f(&format!("b,3,seq,{d}"));
+            let c = f(&format!("b,1,seq,{r}"));
+            let op = Op::Rope { interleaved };
+            cases.push(op_case(op, &[x, c.clone(), c], &[("b", 2), ("seq", 5)], &[g; 3], POINT));
+        }
+    }
+    // Attention: GQA, causal, with a past, windows, softcap, masks.
+    let at =
+        |causal, window, softcap, d: usize| Op::Attention { scale: 1.0 / (d as f64).sqrt(), causal, window, softcap };
+    for (b, seq, past) in [(1, 1, 6), (2, 3, 4), (1, 5, 0), (1, 33, 7)] {
+        let sy = [("b", b), ("seq", seq), ("past", past)];
+        let q = |h: usize, d: usize| f(&format!("b,{h},seq,{d}"));
+        let kv = |h: usize, d: usize| f(&format!("b,{h},past+seq,{d}"));
+        let gq = Gen::F(2.0);
+        cases.push(op_case(at(true, None, None, 16), &[q(4, 16), kv(2, 16), kv(2, 16)], &sy, &[gq, gq, g], SUM));
+        cases.push(op_case(at(true, None, None, 64), &[q(6, 64), kv(2, 64), kv(2, 64)], &sy, &[gq, gq, g], SUM));
+        cases.push(op_case(
+            at(false, Some(3), Some(5.0), 40),
+            &[q(2, 40), kv(1, 40), kv(1, 40)],
+            &sy,
+            &[gq, gq, g],
+            SUM,
+        ));
+        let mask = ty(DType::Bool, "b,1,1,past+seq");
+        let ins = [q(4, 80), kv(2, 80), kv(2, 80), mask];
+        cases.push(op_case(at(true, None, None, 80), &ins, &sy, &[gq, gq, g, g], SUM));
+    }
+    // KV append.
+    let kva = Op::KvAppend { axis: 2 };
+    cases.push(op_case(kva, &[f("b,2,past,6"), f("b,2,seq,6")], &[("b", 2), ("past", 5), ("seq", 3)], &[g, g], 0.0));
+    let n = cases.len();
+    let worst = check_all(&cases);
+    eprintln!("matmul and fused ops: {n} cases, worst error {worst:.2e} of the largest output");
+}
+
+#[test]
+fn elementwise_layout_reduce() {
+    let mut cases = vec![];
+    let sy: &[(&str, i64)] = &[("batch", 2), ("seq", 37)];
+    let x = f("batch,seq,5");
+    let gs = Gen::Special(3.0);
+    // Unary float ops, NaN and infinities included (libm: sin, cos, erf).
+    for op in [
+        Op::Neg {},
+        Op::Abs {},
+        Op::Relu {},
+        Op::Exp {},
+        Op::Sin {},
+        Op::Cos {},
+        Op::Tanh {},
+        Op::Sigmoid {},
+        Op::Erf {},
+        Op::Floor {},
+        Op::Ceil {},
+        Op::Round {},
+        Op::IsNan {},
+        Op::IsInf {},
+    ] {
+        cases.push(op_case(op, std::slice::from_ref(&x), sy, &[gs], POINT));
+    }
+    for op in [Op::Log {}, Op::Sqrt {}, Op::Rsqrt {}] {
+        cases.push(op_case(op, std::slice::from_ref(&x), sy, &[Gen::Pos], POINT));
+    }
+    // Binary ops with broadcasting (libm: fmodf, powf).
+    let y = f("seq,1");
+    for op in [Op::Add {}, Op::Sub {}, Op::Mul {}, Op::Div {}, Op::Max {}, Op::Min {}, Op::Mod {}, Op::Rem {}] {
+        cases.push(op_case(op, &[x.clone(), y.clone()], sy, &[gs, Gen::F(2.0)], POINT));
+    }
+    cases.push(op_case(Op::Pow {}, &[x.clone(), y.clone()], sy, &[Gen::Pos, Gen::F(2.0)], POINT));
+    // Integer and bool ops, comparisons, where, casts.
+    let xi = ty(DType::I64, "batch,seq,5");
+    for op in [Op::Add {}, Op::Mul {}, Op::Max {}, Op::Lt {}, Op::Eq {}] {
+        cases.push(op_case(op, &[xi.clone(), xi.clone()], sy, &[Gen::F(1.0); 2], 0.0));
+    }
+    for op in [Op::Lt {}, Op::Ne {}, Op::Ge {}] {
+        cases.push(op_case(op, &[x.clone(), y.clone()], sy, &[gs, Gen::F(1.0)], 0.0));
+    }
+    let c = ty(DType::Bool, "batch,seq,5");
+    cases.push(op_case(Op::And {}, &[c.clone(), c.clone()], sy, &[Gen::F(1.0); 2], 0.0));
+    cases.push(op_case(Op::Not {}, std::slice::from_ref(&c), sy, &[Gen::F(1.0)], 0.0));
+    cases.push(op_case(Op::Where {}, &[c, x.clone(), y.clone()], sy, &[Gen::F(1.0); 3], 0.0));
+    for to in [DType::I64, DType::I32, DType::Bool] {
+        cases.push(op_case(Op::Cast { to }, std::slice::from_ref(&x), sy, &[Gen::Special(1e3)], 0.0));
+    }
+    cases.push(op_case(Op::Cast { to: DType::F32 }, std::slice::from_ref(&xi), sy, &[Gen::F(1.0)], 0.0));
+    // Layout: transpose, concat, gather, slice.
+    let x4 = f("batch,3,seq,4");
+    cases.push(op_case(Op::Transpose { perm: vec![0, 2, 1, 3] }, std::slice::from_ref(&x4), sy, &[gs], 0.0));
+    cases.push(op_case(Op::Transpose { perm: vec![3, 2, 1, 0] }, std::slice::from_ref(&x4), sy, &[gs], 0.0));
+    cases.push(op_case(Op::Concat { axis: 2 }, &[x4.clone(), x4.clone()], sy, &[gs, gs], 0.0));
+    let ids = ty(DType::I64, "batch,seq");
+    let table = f("50,8");
+    cases.push(op_case(Op::Gather { axis: 0 }, &[table, ids], sy, &[Gen::F(1.0), Gen::F(1.0)], 0.0));
+    // Reductions, softmax, argmax.
+    for h in ["5", "67"] {
+        let r = f(&format!("batch,seq,{h}"));
+        for op in [
+            Op::ReduceSum { axes: vec![-1], keepdims: false },
+            Op::ReduceMean { axes: vec![-1], keepdims: true },
+            Op::ReduceMax { axes: vec![-1], keepdims: false },
+            Op::ReduceMin { axes: vec![1], keepdims: false },
+            Op::ReduceSum { axes: vec![0, 2], keepdims: false },
+            Op::Softmax { axis: -1 },
+            Op::Softmax { axis: 1 },
+            Op::ArgMax { axis: -1, keepdims: false },
+        ] {
+            cases.push(op_case(op.clone(), std::slice::from_ref(&r), sy, &[Gen::F(3.0)], SUM));
+        }
+        cases.push(op_case(Op::Softmax { axis: -1 }, std::slice::from_ref(&r), sy, &[gs], SUM));
+        cases.push(op_case(
+            Op::ReduceMax { axes: vec![-1], keepdims: false },
+            std::slice::from_ref(&r),
+            sy,
+            &[gs],
+            SUM,
+        ));
+    }
+    let n = cases.len();
+    let worst = check_all(&cases);
+    eprintln!("elementwise, layout, reduce: {n} cases, worst error {worst:.2e} of the largest output");
+}
+
+/// GFLOP/s of the 128x576x1536 GEMM with an [n, k] weight (and the [k, n]
+/// one) through LLVM and Cranelift libraries, one thread; and on x86-64
+/// with AVX2 and FMA, LLVM's code must use 256-bit FMAs.
+#[test]
+fn gemm_timing_and_ymm() {
+    let (m, k, n) = (128usize, 576usize, 1536usize);
+    let x = f("1,seq,576");
+    let nk = matmul_weight_nk(&x, &f("1536,576")).unwrap();
+    let refs = [&x, &f("576,1536")];
+    let out = Op::MatMul {}.infer(&refs).unwrap();
+    let Selected::Kernel(kn) = select(&Op::MatMul {}, &[x.clone(), f("576,1536")], &out).unwrap() else {
+        panic!("alias")
+    };
+    let a = rand(m * k, 1);
+    let w = rand(k * n, 2);
+    let flops = 2.0 * (m * k * n) as f64;
+    for (what, inst) in [("[n,k] weight", &nk), ("[k,n] weight", &kn)] {
+        let mut results = vec![];
+        for llvm in [true, false] {
+            let dir = tempfile::tempdir().unwrap();
+            let lib = library(&[&inst.kernel], dir.path(), llvm);
+            let f = kernel_fn(&lib, &inst.kernel);
+            let (mut a, mut w) = (a.clone(), w.clone());
+            let mut o = vec![0f32; m * n];
+            let ptrs = [a.as_mut_ptr().cast::<u8>(), w.as_mut_ptr().cast(), o.as_mut_ptr().cast()];
+            let scalars = [m as i64];
+            // SAFETY: buffers of the declared lengths for seq = 128.
+            let call = || unsafe { f(ptrs.as_ptr(), scalars.as_ptr(), 0, 1) };
+            call();
+            let reps = 20;
+            let t = Instant::now();
+            for _ in 0..reps {
+                call();
+            }
+            let s = t.elapsed().as_secs_f64() / reps as f64;
+            let gflops = flops / s / 1e9;
+            eprintln!(
+                "gemm {m}x{k}x{n} {what} via {}: {:.3} ms, {gflops:.1} GFLOP/s (1 thread)",
+                if llvm { "LLVM" } else { "Cranelift" },
+                s * 1e3
+            );
+            results.push(o);
+        }
+        let worst = compare(
+            &format!("gemm {what}: LLVM vs Cranelift"),
+            &BufData::F32(results[0].clone()),
+            &BufData::F32(results[1].clone()),
+            SUM,
+            SUM,
+        );
+        eprintln!("gemm {what}: LLVM vs Cranelift worst error {worst:.2e}");
+    }
+    // The generated assembly of the [n, k] GEMM.
+    let asm =
+        smelt_codegen::llvm::compile(std::slice::from_ref(&nk.kernel), "gemm", smelt_codegen::llvm::Output::Assembly)
+            .unwrap();
+    let asm = String::from_utf8_lossy(&asm);
+    let count = |pat: &dyn Fn(&str) -> bool| asm.lines().filter(|l| pat(l.trim())).count();
+    let ymm_fma = count(&|l| l.starts_with("vfmadd") && l.contains("ymm"));
+    let zmm_fma = count(&|l| l.starts_with("vfmadd") && l.contains("zmm"));
+    let xmm_fma = count(&|l| l.starts_with("vfmadd") && l.contains("xmm"));
+    eprintln!("LLVM [n,k] gemm: {xmm_fma} xmm, {ymm_fma} ymm, {zmm_fma} zmm FMA instructions");
+    #[cfg(target_arch = "x86_64")]
+    // `SMELT_LLVM_WIDEN` (an experiment knob) may turn the widening off.
+    let widen_default = std::env::var_os("SMELT_LLVM_WIDEN").is_none();
+    if widen_default && std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        assert!(ymm_fma + zmm_fma > 0, "no 256/512-bit FMAs in the GEMM:\n{asm}");
+    }
+}
