@@ -159,7 +159,37 @@ pub fn build_library_with(kernels: &[Kernel], out_dir: &Path, cc: &str) -> Resul
     let (isa, info) = host_isa(true)?;
     let cpu_features = if info.triple.starts_with("x86_64") { required_features(&*isa) } else { Vec::new() };
     let object = emit_object(kernels, "smelt_kernels")?;
-    link_library(kernels, out_dir, cc, &object, info.triple, cpu_features)
+    link_library(kernels, out_dir, cc, &[object], info.triple, cpu_features)
+}
+
+/// One library with each kernel lowered by LLVM where `use_llvm` says so
+/// and by Cranelift elsewhere (two objects, one link). The CPU features are
+/// the union of both lowerings'.
+#[cfg(feature = "llvm")]
+pub fn build_library_mixed(
+    kernels: &[Kernel],
+    use_llvm: &dyn Fn(&Kernel) -> bool,
+    out_dir: &Path,
+) -> Result<LibraryInfo, AotError> {
+    check_names(kernels)?;
+    let (cl, ll): (Vec<Kernel>, Vec<Kernel>) = kernels.iter().cloned().partition(|k| !use_llvm(k));
+    let (isa, info) = host_isa(true)?;
+    let mut cpu_features = if info.triple.starts_with("x86_64") { required_features(&*isa) } else { Vec::new() };
+    let mut objects = vec![];
+    if !cl.is_empty() {
+        objects.push(emit_object(&cl, "smelt_kernels_cranelift")?);
+    }
+    if !ll.is_empty() {
+        let host = crate::llvm::host_info()?;
+        if host.triple.starts_with("x86_64") {
+            cpu_features
+                .extend(host.enabled_features().iter().filter_map(|f| llvm_x86_feature_name(f)).map(str::to_string));
+        }
+        objects.push(crate::llvm::emit_object(&ll, "smelt_kernels_llvm")?);
+    }
+    cpu_features.sort();
+    cpu_features.dedup();
+    link_library(kernels, out_dir, &default_cc(), &objects, info.triple, cpu_features)
 }
 
 /// [`build_library_with`] with the kernels lowered by LLVM (cargo feature
@@ -179,7 +209,7 @@ pub fn build_library_llvm_with(kernels: &[Kernel], out_dir: &Path, cc: &str) -> 
     cpu_features.sort();
     cpu_features.dedup();
     let object = crate::llvm::emit_object(kernels, "smelt_kernels")?;
-    link_library(kernels, out_dir, cc, &object, host.triple, cpu_features)
+    link_library(kernels, out_dir, cc, &[object], host.triple, cpu_features)
 }
 
 /// Maps LLVM's x86 feature names to the standard library's, for the
@@ -219,33 +249,43 @@ fn check_names(kernels: &[Kernel]) -> Result<(), AotError> {
     Ok(())
 }
 
-/// Writes `object` into `out_dir`, links it into the library and describes it.
+/// Writes the objects into `out_dir`, links them into the library and
+/// describes it.
 fn link_library(
     kernels: &[Kernel],
     out_dir: &Path,
     cc: &str,
-    object: &[u8],
+    objects: &[Vec<u8>],
     triple: String,
     cpu_features: Vec<String>,
 ) -> Result<LibraryInfo, AotError> {
     let arch = triple.split('-').next().unwrap_or_default().to_string();
     let io = |path: PathBuf| move |source| AotError::Io { path, source };
     std::fs::create_dir_all(out_dir).map_err(io(out_dir.to_path_buf()))?;
-    let obj_path = out_dir.join(OBJECT_FILE);
-    std::fs::write(&obj_path, object).map_err(io(obj_path.clone()))?;
-    let link = link(out_dir, cc);
-    let _ = std::fs::remove_file(&obj_path);
+    let mut names = vec![];
+    for (i, object) in objects.iter().enumerate() {
+        let name = if i == 0 { OBJECT_FILE.to_string() } else { format!("kernels_{i}.o") };
+        let obj_path = out_dir.join(&name);
+        std::fs::write(&obj_path, object).map_err(io(obj_path.clone()))?;
+        names.push(name);
+    }
+    let link = link(out_dir, cc, &names);
+    for n in &names {
+        let _ = std::fs::remove_file(out_dir.join(n));
+    }
     link?;
     let path = out_dir.join(LIBRARY_FILE);
     let bytes = std::fs::read(&path).map_err(io(path.clone()))?;
     Ok(LibraryInfo { path, bytes, symbols: kernels.iter().map(symbol_of).collect(), triple, arch, cpu_features })
 }
 
-/// Runs `cc -shared` in `dir` on the object written there.
-fn link(dir: &Path, cc: &str) -> Result<(), AotError> {
+/// Runs `cc -shared` in `dir` on the objects written there.
+fn link(dir: &Path, cc: &str, objects: &[String]) -> Result<(), AotError> {
     let out = Command::new(cc)
         .current_dir(dir)
-        .args(["-shared", "-o", LIBRARY_FILE, OBJECT_FILE, "-Wl,-z,noexecstack", "-lm"])
+        .args(["-shared", "-o", LIBRARY_FILE])
+        .args(objects)
+        .args(["-Wl,-z,noexecstack", "-lm"])
         .output()
         .map_err(|source| AotError::NoLinker { cc: cc.to_string(), source })?;
     if !out.status.success() {

@@ -12,7 +12,6 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 use clap::ValueEnum;
-use smelt_codegen::aot::build_library;
 use smelt_codegen::schedule::schedule;
 use smelt_ir::Graph;
 use smelt_passes::Weights;
@@ -130,8 +129,22 @@ pub fn main(args: Args) -> Result<()> {
 fn compile_native(graph: &Graph, weights: &Weights) -> Result<NativeFiles> {
     let sched = schedule(graph, weights)?;
     let dir = tempfile::tempdir()?;
-    let lib = build_library(&sched.kernels, dir.path())?;
     let mut plan = sched.plan;
+    #[cfg(not(feature = "llvm"))]
+    let lib = smelt_codegen::aot::build_library(&sched.kernels, dir.path())?;
+    // With LLVM built in, the matmul-shaped kernels (GEMM/GEMV, gated MLP)
+    // are lowered by LLVM, where 256-bit (or wider) vectors pay; the rest
+    // stay with Cranelift, which compiles them faster.
+    #[cfg(feature = "llvm")]
+    let lib = {
+        let llvm = |k: &smelt_codegen::kir::Kernel| k.name.starts_with("matmul") || k.name.starts_with("gated_mlp");
+        for (entry, k) in plan.kernels.iter_mut().zip(&sched.kernels) {
+            if llvm(k) {
+                entry.lowering = "llvm".into();
+            }
+        }
+        smelt_codegen::aot::build_library_mixed(&sched.kernels, &llvm, dir.path())?
+    };
     plan.arch = lib.arch;
     plan.cpu_features = lib.cpu_features;
     Ok(NativeFiles { plan, library: lib.bytes, constants: sched.weights })
