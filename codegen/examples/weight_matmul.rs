@@ -129,6 +129,46 @@ fn run_team(team: &Team, threads: usize, reps: usize) -> Timing {
     Timing { wall, cpu }
 }
 
+/// The memory bandwidth this machine gives right now: every weight of the
+/// team's launches read once, each thread summing its half of each buffer
+/// as integers (which the compiler vectorises), timed like [`run_team`].
+fn read_bandwidth(team: &Team, threads: usize, reps: usize) -> Timing {
+    let per_thread: Vec<(Vec<f64>, Vec<f64>)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                s.spawn(move || {
+                    let (mut walls, mut cpus) = (vec![], vec![]);
+                    let mut sink = 0u32;
+                    for _ in 0..reps {
+                        let (w0, c0) = (Instant::now(), thread_cpu_ns());
+                        for l in &team.0 {
+                            for w in &l.weights {
+                                let part = w.len().div_ceil(threads);
+                                let mine = &w[(t * part).min(w.len())..((t + 1) * part).min(w.len())];
+                                let mut acc = [0u32; 16];
+                                for c in mine.chunks_exact(16) {
+                                    for (a, x) in acc.iter_mut().zip(c) {
+                                        *a = a.wrapping_add(x.to_bits());
+                                    }
+                                }
+                                sink = acc.iter().fold(sink, |s, a| s.wrapping_add(*a));
+                            }
+                        }
+                        walls.push(w0.elapsed().as_secs_f64());
+                        cpus.push((thread_cpu_ns() - c0) as f64 * 1e-9);
+                    }
+                    std::hint::black_box(sink);
+                    (walls, cpus)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let wall = per_thread.iter().flat_map(|(w, _)| w.iter().copied()).fold(f64::INFINITY, f64::min);
+    let cpu = (0..reps).map(|r| per_thread.iter().map(|(_, c)| c[r]).fold(0.0, f64::max)).fold(f64::INFINITY, f64::min);
+    Timing { wall, cpu }
+}
+
 /// The instance and packed weights (`layers` copies) of one shape.
 fn build(s: &Shape, packed: bool, m_dim: &Dim, layers: usize) -> (Instance, Vec<Vec<Vec<f32>>>) {
     let x = TensorType::new(DType::F32, vec![m_dim.clone(), Dim::c(s.k as i64)]);
@@ -206,6 +246,16 @@ fn main() {
             t.wall * 1e3,
             bytes as f64 / t.wall / 1e9
         );
+            if packed {
+                let t = read_bandwidth(&team, threads, 7);
+                eprintln!(
+                    "reference: plain Rust read of the same weights: cpu {:.1} ms = {:.1} GB/s; best wall {:.1} ms = {:.1} GB/s",
+                    t.cpu * 1e3,
+                    bytes as f64 / t.cpu / 1e9,
+                    t.wall * 1e3,
+                    bytes as f64 / t.wall / 1e9
+                );
+            }
             // Each shape alone at one row, weights of one layer (L2/L3-warm).
             for (si, s) in SHAPES.iter().enumerate() {
                 let team = Team(vec![launch(si, 0, 1)]);

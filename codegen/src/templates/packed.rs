@@ -167,8 +167,8 @@ struct Gen {
     panels: usize,
 }
 
-/// What a pass stores: the plain product, `act(x)` (gate pass) or
-/// `c * x` (up pass).
+/// What a store writes for a value `x`: `x`, `act(x)` (the gate sweep) or
+/// `c * x` (the up pass).
 #[derive(Clone, Copy)]
 enum Epilogue {
     Plain,
@@ -194,7 +194,12 @@ impl Gen {
         match self.act {
             None => self.pass(b, i0, pj, rows, self.ws[0], Epilogue::Plain),
             Some(act) => {
-                self.pass(b, i0, pj, rows, self.ws[0], Epilogue::Gate(act));
+                // The activation is a sweep of its own over the stored gate
+                // sums, after the accumulators are dead: applied to them
+                // directly, its temporaries make the register allocator
+                // spill accumulators inside the loop over `k`.
+                self.pass(b, i0, pj, rows, self.ws[0], Epilogue::Plain);
+                self.store(b, i0, pj, rows, None, Epilogue::Gate(act));
                 self.pass(b, i0, pj, rows, self.ws[1], Epilogue::Up);
             }
         }
@@ -265,24 +270,31 @@ impl Gen {
                 (0..nv).map(|v| (1..split).fold(Expr::Var(acc[0][r][v]), |s, u| s + Expr::Var(acc[u][r][v]))).collect()
             })
             .collect();
-        self.store(b, i0, pj, sums, epi);
+        self.store(b, i0, pj, rows, Some(sums), epi);
     }
 
-    /// Stores a tile's sums through `epi`: whole vectors in every panel but
-    /// a partial last one, whose valid columns are stored one by one.
-    fn store(&self, b: &mut Builder, i0: &Expr, pj: &Expr, sums: Vec<Vec<Expr>>, epi: Epilogue) {
+    /// Stores a tile's sums (`sums[row][vector]`, or with `None` the tile's
+    /// current values in `c`) through `epi`: whole vectors in every panel
+    /// but a partial last one, whose valid columns are stored one by one.
+    fn store(&self, b: &mut Builder, i0: &Expr, pj: &Expr, rows: usize, sums: Option<Vec<Vec<Expr>>>, epi: Epilogue) {
         let (l, nr, n) = (LANES as usize, self.p.nr, self.n);
         let j0 = bind(b, "j0", mul(pj.clone(), Expr::idx(nr)));
         let rem = n % nr;
         // The sums are used on both sides of the partial-panel test.
-        let vals: Vec<Vec<Var>> = sums.into_iter().map(|r| r.into_iter().map(|s| b.let_("sum", s)).collect()).collect();
+        let vals: Option<Vec<Vec<Var>>> =
+            sums.map(|s| s.into_iter().map(|r| r.into_iter().map(|s| b.let_("sum", s)).collect()).collect());
         let row_at = |r: usize| mul(add(i0.clone(), Expr::idx(r)), Expr::idx(n));
+        let value = |r: usize, j: usize, at: &Expr, lanes: u8| match &vals {
+            Some(v) if lanes == 1 => Expr::Extract(Box::new(Expr::Var(v[r][j / l])), (j % l) as u8),
+            Some(v) => Expr::Var(v[r][j / l]),
+            None => Expr::load(self.out, at.clone(), lanes),
+        };
         let full = |b: &mut Builder| {
-            for (r, row) in vals.iter().enumerate() {
+            for r in 0..rows {
                 let base = b.let_("crow", add(row_at(r), j0.clone()));
-                for (v, &x) in row.iter().enumerate() {
+                for v in 0..nr / l {
                     let at = add(Expr::Var(base), Expr::idx(v * l));
-                    let y = self.epilogue(b, epi, Expr::Var(x), at.clone(), LANES);
+                    let y = self.epilogue(b, epi, value(r, v * l, &at, LANES), at.clone(), LANES);
                     b.store(self.out, at, y);
                 }
             }
@@ -291,12 +303,11 @@ impl Gen {
             return full(b);
         }
         let partial = |b: &mut Builder| {
-            for (r, row) in vals.iter().enumerate() {
+            for r in 0..rows {
                 let base = b.let_("crow", add(row_at(r), j0.clone()));
                 for j in 0..rem {
-                    let x = Expr::Extract(Box::new(Expr::Var(row[j / l])), (j % l) as u8);
                     let at = add(Expr::Var(base), Expr::idx(j));
-                    let y = self.epilogue(b, epi, x, at.clone(), 1);
+                    let y = self.epilogue(b, epi, value(r, j, &at, 1), at.clone(), 1);
                     b.store(self.out, at, y);
                 }
             }
