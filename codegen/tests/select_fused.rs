@@ -15,7 +15,9 @@
 
 use smelt_codegen::cranelift::{Arg, JitKernel};
 use smelt_codegen::kir::interp::{self, BufData, Mode};
-use smelt_codegen::select::{gated_mlp_weight_nk, matmul_weight_nk, select, Instance, Selected};
+use smelt_codegen::select::{
+    gated_mlp_weight_nk, matmul_weight_nk, select, weight_gated_mlp, weight_matmul, Instance, Packing, Selected,
+};
 use smelt_codegen::templates::testing::rand;
 use smelt_ir::{DType, Data, Dim, Op, Tensor, TensorType};
 use std::collections::BTreeMap;
@@ -269,6 +271,130 @@ fn matmul_weight_nk_cases() {
         }
     }
     report("matmul_weight_nk", n, worst);
+}
+
+/// `[n, k]` weights and their transposes, for the packed-weight cases.
+fn transposed(t: &Tensor, s: &BTreeMap<String, i64>) -> Tensor {
+    smelt_ir::interp::eval_op(&Op::Transpose { perm: vec![1, 0] }, &[t], s).unwrap().remove(0)
+}
+
+/// A packed weight as the 1-D tensor the kernel's weight buffer holds.
+fn packed(p: &Packing, w: &Tensor, n: usize, k: usize) -> (TensorType, Tensor) {
+    let v = p.apply(&f32s(w), n, k);
+    let len = p.packed_len(n, k);
+    assert_eq!(v.len(), len);
+    (f(&len.to_string()), Tensor::from_f32(DType::F32, vec![len], v).unwrap())
+}
+
+/// The row counts and `(n, k)` sizes of the packed-weight cases: decode,
+/// odd and prefill rows (some through two symbolic leading dims), partial
+/// and single panels, odd `k`.
+const PACKED_ROWS: [(i64, i64); 5] = [(1, 1), (1, 3), (3, 1), (1, 128), (1, 257)];
+const PACKED_NK: [(usize, usize); 6] = [(13, 130), (130, 13), (8, 5), (3, 1), (64, 576), (576, 64)];
+
+/// `weight_matmul` against `matmul(a, transpose(w))`, `w` given `[n, k]`.
+#[test]
+fn weight_matmul_cases() {
+    let mut worst = 0f32;
+    let mut cases = 0;
+    for (b, seq) in PACKED_ROWS {
+        for (nn, k) in PACKED_NK {
+            let s = syms(&[("b", b), ("seq", seq)]);
+            let a = f(&format!("b,seq,{k}"));
+            let w = f(&format!("{nn},{k}"));
+            let wk = weight_matmul(&a, nn, k).unwrap();
+            assert_eq!(wk.packs.len(), 1);
+            let (ta, tw) = (make(&a, Gen::F(1.0), &s, 3), make(&w, Gen::F(1.0), &s, 4));
+            let want = smelt_ir::interp::eval_op(&Op::MatMul {}, &[&ta, &transposed(&tw, &s)], &s).unwrap();
+            let (pty, pw) = packed(&wk.packs[0], &tw, nn, k);
+            let out = f(&format!("b,seq,{nn}"));
+            let small = (b * seq) as usize * k * nn < 40_000;
+            let label = format!("{} b={b} seq={seq}", wk.instance.kernel.name);
+            worst = worst.max(check_instance(
+                &label,
+                &wk.instance,
+                &[a, pty, out],
+                &[ta, pw],
+                &[f32s(&want[0])],
+                &s,
+                small,
+            ));
+            cases += 1;
+        }
+    }
+    report("weight_matmul", cases, worst);
+}
+
+/// `weight_gated_mlp` against `gated_mlp(x, transpose(wg), transpose(wu))`.
+#[test]
+fn weight_gated_mlp_cases() {
+    let mut worst = 0f32;
+    let mut cases = 0;
+    for act in ["silu", "gelu_tanh", "gelu"] {
+        for (b, seq) in PACKED_ROWS {
+            for (nn, k) in PACKED_NK {
+                // Every activation at every row count, the big sizes once.
+                if nn * k > 20_000 && act != "silu" {
+                    continue;
+                }
+                let s = syms(&[("b", b), ("seq", seq)]);
+                let op = Op::GatedMlp { act: act.into() };
+                let x = f(&format!("b,seq,{k}"));
+                let w = f(&format!("{nn},{k}"));
+                let wk = weight_gated_mlp(&x, nn, k, act).unwrap();
+                assert_eq!(wk.packs.len(), 2);
+                let g = Gen::F(2.0);
+                let (tx, tg, tu) = (make(&x, g, &s, 5), make(&w, g, &s, 6), make(&w, g, &s, 7));
+                let want =
+                    smelt_ir::interp::eval_op(&op, &[&tx, &transposed(&tg, &s), &transposed(&tu, &s)], &s).unwrap();
+                let (pty, pg) = packed(&wk.packs[0], &tg, nn, k);
+                let (_, pu) = packed(&wk.packs[1], &tu, nn, k);
+                let out = f(&format!("b,seq,{nn}"));
+                let small = (b * seq) as usize * k * nn < 40_000;
+                let label = format!("{} b={b} seq={seq}", wk.instance.kernel.name);
+                let types = [x, pty.clone(), pty, out];
+                worst = worst.max(check_instance(
+                    &label,
+                    &wk.instance,
+                    &types,
+                    &[tx, pg, pu],
+                    &[f32s(&want[0])],
+                    &s,
+                    small,
+                ));
+                cases += 1;
+            }
+        }
+    }
+    report("weight_gated_mlp", cases, worst);
+}
+
+/// The panel layout: padding, `apply_kn` of a `[k, n]` weight equals
+/// `apply` of its `[n, k]` transpose, and a static row count needs no
+/// scalar parameter.
+#[test]
+fn packing_layout() {
+    let s = syms(&[]);
+    for (nn, k) in [(13, 7), (8, 3), (1, 1), (17, 16)] {
+        let wk = weight_matmul(&f(&format!("2,{k}")), nn, k).unwrap();
+        assert!(wk.instance.scalars.is_empty(), "static rows need no scalar");
+        let p = wk.packs[0];
+        let Packing::Panels { nr } = p;
+        assert_eq!(p.packed_len(nn, k), nn.div_ceil(nr) * nr * k);
+        let w = make(&f(&format!("{nn},{k}")), Gen::F(1.0), &s, 9);
+        let packed = p.apply(&f32s(&w), nn, k);
+        let wkn = f32s(&transposed(&w, &s));
+        assert_eq!(p.apply_kn(&wkn, nn, k), packed);
+        let wv = f32s(&w);
+        for (i, x) in packed.iter().enumerate() {
+            let (panel, kk, jj) = (i / (nr * k), i / nr % k, i % nr);
+            let j = panel * nr + jj;
+            let want = if j < nn { wv[j * k + kk] } else { 0.0 };
+            assert_eq!(*x, want, "packed element {i} of [{nn}, {k}]");
+        }
+    }
+    assert!(weight_matmul(&f("seq,5"), 8, 4).is_err(), "contraction mismatch is an error");
+    assert!(weight_gated_mlp(&f("seq,4"), 8, 4, "relu6").is_err(), "unknown act is an error");
 }
 
 #[test]

@@ -268,9 +268,9 @@ impl Lower<'_, '_> {
                 self.fb.def_var(self.vars[v.0 as usize], x);
             }
             Stmt::Store { buf, index, value } => {
-                let addr = self.addr(*buf, index)?;
+                let (addr, disp) = self.addr(*buf, index)?;
                 let x = self.expr(value)?;
-                self.fb.ins().store(mem_flags(), x, addr, 0);
+                self.fb.ins().store(mem_flags(), x, addr, disp);
             }
             Stmt::For(l) => self.for_loop(l)?,
             Stmt::If { cond, then, els } => {
@@ -348,11 +348,25 @@ impl Lower<'_, '_> {
         (s, e)
     }
 
-    fn addr(&mut self, buf: kir::BufId, index: &Expr) -> Result<Value, CompileError> {
+    /// The address of element `index` of `buf`, as a base and a constant
+    /// byte offset: an index `e + c` puts `c` in the offset, so the x86
+    /// addressing mode carries it instead of an add per access.
+    fn addr(&mut self, buf: kir::BufId, index: &Expr) -> Result<(Value, i32), CompileError> {
         let base = self.bufs[buf.0 as usize].ok_or_else(|| unsupported(self.k, "non-global buffers".into()))?;
+        let size = self.k.buf(buf).elem.size() as i64;
+        let (index, disp) = match index {
+            Expr::Bin(BinOp::Add, e, c) => match **c {
+                Expr::Int(c, _) => match c.checked_mul(size).and_then(|d| i32::try_from(d).ok()) {
+                    Some(d) => (&**e, d),
+                    None => (index, 0),
+                },
+                _ => (index, 0),
+            },
+            _ => (index, 0),
+        };
         let i = self.expr(index)?;
-        let off = self.fb.ins().imul_imm_s(i, self.k.buf(buf).elem.size() as i64);
-        Ok(self.fb.ins().iadd(base, off))
+        let off = self.fb.ins().imul_imm_s(i, size);
+        Ok((self.fb.ins().iadd(base, off), disp))
     }
 
     fn fconst(&mut self, x: f32, lanes: u8) -> Value {
@@ -504,8 +518,9 @@ impl Lower<'_, '_> {
                 acc
             }
             Expr::Load { buf, index, .. } => {
-                let addr = self.addr(*buf, index)?;
-                self.fb.ins().load(cl_type(t), mem_flags(), addr, 0)
+                let (addr, disp) = self.addr(*buf, index)?;
+                let flags = if self.k.buf(*buf).access == kir::Access::Read { pure_load_flags() } else { mem_flags() };
+                self.fb.ins().load(cl_type(t), flags, addr, disp)
             }
             Expr::Special(_) => return Err(unsupported(self.k, "thread and block indices".into())),
         })
@@ -610,6 +625,19 @@ impl Lower<'_, '_> {
 /// Buffers are not necessarily vector-aligned, so the flags say `notrap`
 /// only (an `aligned` flag would let x86 fold loads into SSE operands that
 /// fault when unaligned).
+/// Loads from buffers the kernel never writes are pure for Cranelift
+/// (`readonly`, `notrap`, `can_move`): they are placed at their use, not in
+/// program order ahead of every pure instruction, which for register-tiled
+/// loops otherwise puts all of an iteration's loads first and spills the
+/// accumulators. `can_move` lets Cranelift hoist a loop-invariant load out
+/// of a loop (even one that runs zero times) and past an `if` inside that
+/// loop; that is sound because the kernel's read-only buffers are valid for
+/// the whole call and are never written by it, and templates never guard an
+/// out-of-bounds, loop-invariant load by a condition.
+fn pure_load_flags() -> MemFlagsData {
+    MemFlagsData::new().with_notrap().with_readonly().with_can_move()
+}
+
 fn mem_flags() -> MemFlagsData {
     MemFlagsData::new().with_notrap()
 }

@@ -12,6 +12,8 @@
 use super::{elem_of, Instance, SelectError, Selected};
 use crate::kir::{Builder, Expr, Scalar};
 use crate::templates::matmul_dyn::{self, Act, BatchAxis, Layout, MatmulDims, TileParams};
+pub use crate::templates::packed::Packing;
+use crate::templates::packed::{self, PanelParams};
 use smelt_ir::{Dim, Op, TensorType};
 
 /// The scalar parameters of a kernel being built, one per distinct
@@ -217,4 +219,76 @@ pub fn gated_mlp_weight_nk(
         return Err(SelectError::unsupported(&op, &inputs, "weights must be one [n, k] shape"));
     }
     gated(&op, &inputs, x, &w_gate_nk.shape[0], &w_gate_nk.shape[1], Layout::NK, a)
+}
+
+/// A weight-stationary matmul kernel and how its constant weights must be
+/// laid out.
+///
+/// The instance's buffers are the activations `[.., m, k]` (dense, every
+/// leading axis folded into `m`), then one packed weight per entry of
+/// `packs` (declared with length [`Packing::packed_len`], which exceeds
+/// `n * k` when `n` is not a multiple of the panel width), then the result
+/// `[.., m, n]`. Its only possible scalar parameter is `m`, the product of
+/// the leading dims of the activations. The caller stores
+/// `packs[i].apply(w_nk, n, k)` of the `i`-th weight (given `[n, k]`) in
+/// the `i`-th weight buffer.
+#[derive(Clone, Debug)]
+pub struct WeightKernel {
+    pub instance: Instance,
+    /// One per weight operand, in operand order.
+    pub packs: Vec<Packing>,
+}
+
+/// `a · Wᵀ` for a constant weight `W` given as `[n, k]`: operands
+/// `(a, packed W)`, result `[.., m, n]` for `a` of shape `[.., m, k]`. The
+/// same result as `matmul(a, transpose(W, [1, 0]))`.
+pub fn weight_matmul(a: &TensorType, n: usize, k: usize) -> Result<WeightKernel, SelectError> {
+    weight_kernel(a, n, k, None)
+}
+
+/// `act(x · Wgᵀ) * (x · Wuᵀ)` for constant weights given as `[n, k]`:
+/// operands `(x, packed Wg, packed Wu)`, result `[.., m, n]`. The same
+/// result as `gated_mlp(x, transpose(Wg), transpose(Wu))` with `act`.
+pub fn weight_gated_mlp(x: &TensorType, n: usize, k: usize, act: &str) -> Result<WeightKernel, SelectError> {
+    let op = Op::GatedMlp { act: act.to_string() };
+    let a = Act::parse(act)
+        .ok_or_else(|| SelectError::unsupported(&op, std::slice::from_ref(x), format!("unknown act `{act}`")))?;
+    weight_kernel(x, n, k, Some(a))
+}
+
+fn weight_kernel(x: &TensorType, n: usize, k: usize, act: Option<Act>) -> Result<WeightKernel, SelectError> {
+    let op = match act {
+        None => Op::MatMul {},
+        Some(a) => Op::GatedMlp { act: a.name().to_string() },
+    };
+    let w = TensorType::new(x.dtype, vec![Dim::c(n as i64), Dim::c(k as i64)]);
+    let inputs = match act {
+        None => vec![x.clone(), w],
+        Some(_) => vec![x.clone(), w.clone(), w],
+    };
+    float_operands(&op, &inputs)?;
+    if n == 0 || k == 0 {
+        return Err(SelectError::unsupported(&op, &inputs, "empty weights have no packed kernel"));
+    }
+    if x.rank() == 0 || x.shape.last() != Some(&Dim::c(k as i64)) {
+        return Err(SelectError::unsupported(&op, &inputs, format!("x's last dim must be the contraction dim {k}")));
+    }
+    let mut params = PanelParams::DEFAULT;
+    if let Ok(v) = std::env::var("SMELT_MR") {
+        params.mr = v.parse().unwrap();
+    }
+    if std::env::var("SMELT_FMA").is_ok() {
+        params.fma = true;
+    }
+    let mut b = Builder::new("matmul");
+    let mut p = Params::default();
+    let m = p.product(&mut b, &x.shape[..x.rank() - 1]);
+    packed::weight_matmul(&mut b, m, n, k, act, params);
+    let prefix = match act {
+        None => format!("wmatmul_k{k}_n{n}"),
+        Some(a) => format!("wgated_mlp_{}_k{k}_n{n}", a.name()),
+    };
+    let instance = p.finish(b, &prefix, &op, &inputs)?;
+    let packs = vec![params.packing(); if act.is_some() { 2 } else { 1 }];
+    Ok(WeightKernel { instance, packs })
 }

@@ -18,6 +18,7 @@ mod gemm;
 mod gemv;
 pub mod matmul_dyn;
 mod norm;
+pub mod packed;
 pub mod rope;
 mod softmax;
 pub mod strided;

@@ -1,0 +1,332 @@
+//! Weight-stationary matrix products over pre-packed weight panels: the
+//! kernels for `a · Wᵀ` and the gated MLP when `W` is a compile-time
+//! constant, so its layout is ours to choose.
+//!
+//! **Layout** ([`Packing::Panels`]): the weight `W[n, k]` is cut into panels
+//! of `nr` output columns; panel `p` holds, for each `kk` in `0..k`, the `nr`
+//! values `W[p * nr + j, kk]` contiguously (`j` fastest). The last panel is
+//! padded with zero columns, so every panel is whole and a step of the inner
+//! loop loads `nr / 4` full vectors. Reading a panel is one sequential
+//! stream, which suits hardware prefetchers, and every weight byte is read
+//! once per row block.
+//!
+//! **Kernel**: the top-level `Parallel` loop runs over `panels x row blocks`,
+//! row blocks fastest, so a thread's contiguous chunk covers whole panels
+//! (decode: the threads split `n`; prefill: a panel stays in L1/L2 while the
+//! row blocks of `a` stream past it). One iteration computes an `mr x nr`
+//! register tile: each step of `k` loads `nr / 4` weight vectors and
+//! broadcasts one value of `a` per row into `mr * nr / 4` vector
+//! accumulators (6 x 8: 12 accumulators, 2 weight vectors, a broadcast and
+//! a product use all 16 XMM registers). The row count of a tile is chosen at run
+//! time from the rows left (`m` may be a scalar parameter); single-row tiles
+//! (decode) keep `ksplit` sets of accumulators so that enough independent
+//! FMA chains are in flight. The gated MLP runs the gate weight's tile first
+//! and stores `act(gate)` into the output, then the up weight's tile
+//! multiplies it in, so each pass has the full register budget. Sums
+//! accumulate in f32 (see [`PanelParams::fma`]).
+//!
+//! The lowering matters as much as the tiling: loads from read-only buffers
+//! are pure for Cranelift (see `cranelift::lower`), otherwise every load of
+//! an iteration is emitted ahead of its arithmetic and the accumulators
+//! spill; and loops over `k` keep their running indices in loop-carried
+//! variables, so no per-row offset is recomputed inside them.
+//!
+//! Assumes `n`, `k` are known when the kernel is built (weights are
+//! constants); only `m` may be symbolic.
+
+use super::matmul_dyn::Act;
+use super::sym::{self, add, as_const, ceil_div, mul, sub};
+use super::{c, LANES};
+use crate::kir::{BufId, Builder, CmpOp, Expr, LoopKind, Var};
+
+/// How a constant `[n, k]` weight is laid out in the buffer the kernel reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Packing {
+    /// Panels of `nr` columns (a multiple of 4), `k`-major inside a panel,
+    /// the last panel zero-padded (see the module docs).
+    Panels { nr: usize },
+}
+
+impl Packing {
+    /// Elements of the packed buffer for an `[n, k]` weight.
+    pub fn packed_len(&self, n: usize, k: usize) -> usize {
+        match *self {
+            Packing::Panels { nr } => n.div_ceil(nr) * nr * k,
+        }
+    }
+
+    /// Packs a weight given as `[n, k]` row-major (the operand of a
+    /// `matmul(a, transpose(w))`). `w_nk` must hold `n * k` values (the
+    /// caller has the tensor's shape); a shorter slice is a caller bug.
+    pub fn apply(&self, w_nk: &[f32], n: usize, k: usize) -> Vec<f32> {
+        assert_eq!(w_nk.len(), n * k, "Packing::apply: weight of {} values for [{n}, {k}]", w_nk.len());
+        self.pack_with(n, k, |j, kk| w_nk[j * k + kk])
+    }
+
+    /// Packs a weight given as `[k, n]` row-major (the right operand of a
+    /// plain `matmul(a, w)`); the same layout as [`Packing::apply`] of its
+    /// transpose.
+    pub fn apply_kn(&self, w_kn: &[f32], n: usize, k: usize) -> Vec<f32> {
+        assert_eq!(w_kn.len(), n * k, "Packing::apply_kn: weight of {} values for [{k}, {n}]", w_kn.len());
+        self.pack_with(n, k, |j, kk| w_kn[kk * n + j])
+    }
+
+    fn pack_with(&self, n: usize, k: usize, at: impl Fn(usize, usize) -> f32) -> Vec<f32> {
+        let Packing::Panels { nr } = *self;
+        let mut out = vec![0.0f32; self.packed_len(n, k)];
+        for (p, panel) in out.chunks_mut((nr * k).max(1)).enumerate() {
+            for (kk, step) in panel.chunks_mut(nr).enumerate() {
+                for (jj, x) in step.iter_mut().enumerate() {
+                    let j = p * nr + jj;
+                    if j < n {
+                        *x = at(j, kk);
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Tile sizes of [`weight_matmul`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PanelParams {
+    /// Rows of a full tile.
+    pub mr: usize,
+    /// Columns of a panel (a multiple of 4).
+    pub nr: usize,
+    /// Accumulator sets of single-row tiles (steps of `k` per iteration of
+    /// their inner loop).
+    pub ksplit: usize,
+    /// Whether multi-row tiles use `fma`. Cranelift's x86 `fma` writes its
+    /// result over a multiplicand (there is no `vfmadd231` form), so every
+    /// shared broadcast is copied first and every accumulator moves back to
+    /// its loop register at the back edge; a separate multiply and add (on
+    /// Zen 3 on separate pipes, the same peak) keeps each accumulator in
+    /// place. Single-row tiles always use `fma`.
+    pub fma: bool,
+}
+
+impl PanelParams {
+    /// 6 x 8 tiles: 12 accumulators, 2 weight vectors, a broadcast and a
+    /// product fill the 16 XMM registers Cranelift has on x86-64; single-row
+    /// tiles keep 4 x 2 independent FMA chains.
+    pub const DEFAULT: PanelParams = PanelParams { mr: 6, nr: 8, ksplit: 4, fma: false };
+
+    pub fn packing(&self) -> Packing {
+        Packing::Panels { nr: self.nr }
+    }
+}
+
+/// Declares the buffers (`a [m * k]`, then one packed weight, or the gate
+/// and up weights when `act` is set, then `c [m * n]`) and builds the body
+/// of `c = a · Wᵀ` (or `act(a · Wgᵀ) * (a · Wuᵀ)`) into `b`. `m` may be a
+/// scalar parameter of `b`.
+pub fn weight_matmul(b: &mut Builder, m: Expr, n: usize, k: usize, act: Option<Act>, p: PanelParams) {
+    let l = LANES as usize;
+    let nr = (p.nr.max(l) / l) * l;
+    let p = PanelParams { mr: p.mr.max(1), nr, ksplit: p.ksplit.max(1), fma: p.fma };
+    let packing = p.packing();
+    let wlen = Expr::idx(packing.packed_len(n, k));
+    let a = b.input("a", mul(m.clone(), Expr::idx(k)));
+    let ws: Vec<BufId> = if act.is_some() {
+        vec![b.input("w_gate", wlen.clone()), b.input("w_up", wlen)]
+    } else {
+        vec![b.input("w", wlen)]
+    };
+    let out = b.output("c", mul(m.clone(), Expr::idx(n)));
+    let panels = n.div_ceil(nr);
+    let mblocks = ceil_div(m.clone(), p.mr);
+    let total = mul(Expr::idx(panels), mblocks.clone());
+    b.for_("t", Expr::i64(0), total, 1, LoopKind::Parallel, |b, t| {
+        let ib = bind(b, "ib", sym::rem(t.clone(), mblocks.clone()));
+        let pj = bind(b, "pj", sym::div(t, mblocks.clone()));
+        let i0 = bind(b, "i0", mul(ib, Expr::idx(p.mr)));
+        let g = Gen { a, ws: ws.clone(), out, n, k, act, p, panels };
+        let rows_left = sub(m.clone(), i0.clone());
+        g.rows_from(b, &i0, &pj, &rows_left, p.mr);
+    });
+}
+
+/// `e` itself when it is a constant or a variable, else a new variable.
+fn bind(b: &mut Builder, name: &str, e: Expr) -> Expr {
+    match e {
+        Expr::Int(..) | Expr::Var(_) => e,
+        e => Expr::Var(b.let_(name, e)),
+    }
+}
+
+struct Gen {
+    a: BufId,
+    ws: Vec<BufId>,
+    out: BufId,
+    n: usize,
+    k: usize,
+    act: Option<Act>,
+    p: PanelParams,
+    panels: usize,
+}
+
+/// What a store writes for a value `x`: `x`, `act(x)` (the gate sweep) or
+/// `c * x` (the up pass).
+#[derive(Clone, Copy)]
+enum Epilogue {
+    Plain,
+    Gate(Act),
+    Up,
+}
+
+impl Gen {
+    /// A tile of `rows` rows when at least that many are left, else fewer.
+    fn rows_from(&self, b: &mut Builder, i0: &Expr, pj: &Expr, left: &Expr, rows: usize) {
+        if rows == 1 || as_const(left).is_some_and(|l| l >= rows as i64) {
+            return self.tile(b, i0, pj, rows);
+        }
+        if let Some(l) = as_const(left) {
+            return self.rows_from(b, i0, pj, left, (l.max(1) as usize).min(rows));
+        }
+        let cond = left.clone().cmp(CmpOp::Ge, Expr::idx(rows));
+        b.if_(cond, |b| self.tile(b, i0, pj, rows), |b| self.rows_from(b, i0, pj, left, rows - 1));
+    }
+
+    /// One `rows x nr` tile: every weight's pass with its epilogue.
+    fn tile(&self, b: &mut Builder, i0: &Expr, pj: &Expr, rows: usize) {
+        match self.act {
+            None => self.pass(b, i0, pj, rows, self.ws[0], Epilogue::Plain),
+            Some(act) => {
+                // The activation is a sweep of its own over the stored gate
+                // sums, after the accumulators are dead: applied to them
+                // directly, its temporaries make the register allocator
+                // spill accumulators inside the loop over `k`.
+                self.pass(b, i0, pj, rows, self.ws[0], Epilogue::Plain);
+                self.store(b, i0, pj, rows, None, Epilogue::Gate(act));
+                self.pass(b, i0, pj, rows, self.ws[1], Epilogue::Up);
+            }
+        }
+    }
+
+    /// The product of rows `i0..i0 + rows` of `a` with panel `pj` of `w`,
+    /// stored through `epi`.
+    // Row, vector and set indices address several parallel tables at once.
+    #[allow(clippy::needless_range_loop)]
+    fn pass(&self, b: &mut Builder, i0: &Expr, pj: &Expr, rows: usize, w: BufId, epi: Epilogue) {
+        let (l, nr, k) = (LANES as usize, self.p.nr, self.k);
+        let nv = nr / l;
+        // Single-row tiles unroll `k` over `ksplit` accumulator sets; wider
+        // tiles have enough independent chains already and stay rolled, as
+        // Cranelift elaborates pure values at the loop's back edge, chain by
+        // chain, so unrolled steps would keep every broadcast live at once.
+        let (split, ku) = if rows == 1 { (self.p.ksplit, self.p.ksplit) } else { (1, 1) };
+        // acc[set][row][vector]
+        let acc: Vec<Vec<Vec<Var>>> = (0..split)
+            .map(|_| (0..rows).map(|_| (0..nv).map(|_| b.let_("acc", c(0.0, LANES))).collect()).collect())
+            .collect();
+        // Running indices into `a` (row i0) and the panel, carried by the
+        // loop so that no per-row offset is recomputed in it.
+        let ak = b.let_("ak", mul(i0.clone(), Expr::idx(k)));
+        let wk = b.let_("wk", mul(pj.clone(), Expr::idx(nr * k)));
+        // One step of `k`, `u` steps past the running indices, into set `set`.
+        let step = |b: &mut Builder, u: usize, set: usize| {
+            let wv: Vec<Var> = (0..nv)
+                .map(|v| b.let_("wv", Expr::load(w, add(Expr::Var(wk), Expr::idx(u * nr + v * l)), LANES)))
+                .collect();
+            for r in 0..rows {
+                let at = add(Expr::Var(ak), Expr::idx(r * k + u));
+                let av = b.let_("av", Expr::load(self.a, at, 1).splat(LANES));
+                for v in 0..nv {
+                    let x = acc[set][r][v];
+                    let prod = Expr::Var(av) * Expr::Var(wv[v]);
+                    let sum = if self.p.fma || rows == 1 {
+                        Expr::Var(av).fma(Expr::Var(wv[v]), Expr::Var(x))
+                    } else {
+                        Expr::Var(x) + prod
+                    };
+                    b.assign(x, sum);
+                }
+            }
+        };
+        let advance = |b: &mut Builder, by: usize| {
+            b.assign(ak, add(Expr::Var(ak), Expr::idx(by)));
+            b.assign(wk, add(Expr::Var(wk), Expr::idx(by * nr)));
+        };
+        let kmain = k / ku * ku;
+        if kmain > 0 {
+            let kind = if ku > 1 { LoopKind::Unroll(ku as u32) } else { LoopKind::Serial };
+            b.for_("kk", Expr::i64(0), Expr::idx(kmain), ku as i64, kind, |b, _| {
+                for u in 0..ku {
+                    step(b, u, u % split);
+                }
+                advance(b, ku);
+            });
+        }
+        if kmain < k {
+            b.for_("kt", Expr::idx(kmain), Expr::idx(k), 1, LoopKind::Serial, |b, _| {
+                step(b, 0, 0);
+                advance(b, 1);
+            });
+        }
+        let sums: Vec<Vec<Expr>> = (0..rows)
+            .map(|r| {
+                (0..nv).map(|v| (1..split).fold(Expr::Var(acc[0][r][v]), |s, u| s + Expr::Var(acc[u][r][v]))).collect()
+            })
+            .collect();
+        self.store(b, i0, pj, rows, Some(sums), epi);
+    }
+
+    /// Stores a tile's sums (`sums[row][vector]`, or with `None` the tile's
+    /// current values in `c`) through `epi`: whole vectors in every panel
+    /// but a partial last one, whose valid columns are stored one by one.
+    fn store(&self, b: &mut Builder, i0: &Expr, pj: &Expr, rows: usize, sums: Option<Vec<Vec<Expr>>>, epi: Epilogue) {
+        let (l, nr, n) = (LANES as usize, self.p.nr, self.n);
+        let j0 = bind(b, "j0", mul(pj.clone(), Expr::idx(nr)));
+        let rem = n % nr;
+        // The sums are used on both sides of the partial-panel test.
+        let vals: Option<Vec<Vec<Var>>> =
+            sums.map(|s| s.into_iter().map(|r| r.into_iter().map(|s| b.let_("sum", s)).collect()).collect());
+        let row_at = |r: usize| mul(add(i0.clone(), Expr::idx(r)), Expr::idx(n));
+        let value = |r: usize, j: usize, at: &Expr, lanes: u8| match &vals {
+            Some(v) if lanes == 1 => Expr::Extract(Box::new(Expr::Var(v[r][j / l])), (j % l) as u8),
+            Some(v) => Expr::Var(v[r][j / l]),
+            None => Expr::load(self.out, at.clone(), lanes),
+        };
+        let full = |b: &mut Builder| {
+            for r in 0..rows {
+                let base = b.let_("crow", add(row_at(r), j0.clone()));
+                for v in 0..nr / l {
+                    let at = add(Expr::Var(base), Expr::idx(v * l));
+                    let y = self.epilogue(b, epi, value(r, v * l, &at, LANES), at.clone(), LANES);
+                    b.store(self.out, at, y);
+                }
+            }
+        };
+        if rem == 0 {
+            return full(b);
+        }
+        let partial = |b: &mut Builder| {
+            for r in 0..rows {
+                let base = b.let_("crow", add(row_at(r), j0.clone()));
+                for j in 0..rem {
+                    let at = add(Expr::Var(base), Expr::idx(j));
+                    let y = self.epilogue(b, epi, value(r, j, &at, 1), at.clone(), 1);
+                    b.store(self.out, at, y);
+                }
+            }
+        };
+        if self.panels == 1 {
+            return partial(b);
+        }
+        b.if_(pj.clone().cmp(CmpOp::Lt, Expr::idx(self.panels - 1)), full, partial);
+    }
+
+    /// The value to store at `at` for the sum `x` (of width `lanes`).
+    fn epilogue(&self, b: &mut Builder, epi: Epilogue, x: Expr, at: Expr, lanes: u8) -> Expr {
+        match epi {
+            Epilogue::Plain => x,
+            Epilogue::Gate(act) => {
+                let g = b.let_("g", x);
+                act.apply(b, g, lanes)
+            }
+            Epilogue::Up => Expr::load(self.out, at, lanes) * x,
+        }
+    }
+}
