@@ -80,10 +80,24 @@ struct Scheduler<'g> {
     launches: Vec<Launch>,
     folded: usize,
     unsupported: Vec<(String, SelectError)>,
+    options: ScheduleOptions,
+}
+
+/// Choices the scheduler leaves to its caller.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ScheduleOptions {
+    /// Weight matmuls use the packed-panel kernels (`select::weight_matmul`),
+    /// which is what the Cranelift lowering runs fastest; otherwise the
+    /// `[N, K]` kernels, which LLVM widens to 256-bit vectors.
+    pub packed_weights: bool,
 }
 
 /// Schedules `graph` whose weights are in `weights` (by weight name).
-pub fn schedule(graph: &Graph, weights: &BTreeMap<String, Tensor>) -> Result<Schedule, ScheduleError> {
+pub fn schedule(
+    graph: &Graph,
+    weights: &BTreeMap<String, Tensor>,
+    options: ScheduleOptions,
+) -> Result<Schedule, ScheduleError> {
     let order = graph.topo_order().map_err(|e| ScheduleError::Graph(e.to_string()))?;
     let mut s = Scheduler {
         graph,
@@ -97,6 +111,7 @@ pub fn schedule(graph: &Graph, weights: &BTreeMap<String, Tensor>) -> Result<Sch
         launches: vec![],
         folded: 0,
         unsupported: vec![],
+        options,
     };
     let mut inputs = vec![];
     for n in order {
@@ -208,6 +223,25 @@ impl Scheduler<'_> {
             }
         }
         let x_ty = g.ty(node.inputs[0]).clone();
+        if self.options.packed_weights {
+            let (n_, k_) = (nk[0].shape[0], nk[0].shape[1]);
+            let wk = match &node.op {
+                Op::MatMul {} => select::weight_matmul(&x_ty, n_, k_),
+                Op::GatedMlp { act } => select::weight_gated_mlp(&x_ty, n_, k_, act),
+                _ => unreachable!("matched above"),
+            };
+            if let Ok(wk) = wk {
+                let mut args = vec![self.buffer_of(node.inputs[0])];
+                for ((w, t), pack) in weights.iter().zip(&nk).zip(&wk.packs) {
+                    let packed = pack.apply(&t.to_f32_vec(), n_, k_);
+                    let len = packed.len();
+                    let t = Tensor::from_f32(t.dtype, vec![len], packed).expect("length matches");
+                    args.push(self.place_const(&format!("%{}ᵀ packed", w.index()), &t));
+                }
+                self.launch(n, wk.instance, args)?;
+                return Ok(Some(()));
+            }
+        }
         let nk_ty = |t: &Tensor| smelt_ir::TensorType::new(t.dtype, t.shape.iter().map(|&d| Dim::from(d)).collect());
         let inst = match &node.op {
             Op::MatMul {} => select::matmul_weight_nk(&x_ty, &nk_ty(&nk[0])),

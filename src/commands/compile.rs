@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 use clap::ValueEnum;
-use smelt_codegen::schedule::schedule;
+use smelt_codegen::schedule::{schedule, ScheduleOptions};
 use smelt_ir::Graph;
 use smelt_passes::Weights;
 use smelt_passes::{pipeline, DumpSpec, DumpTarget, PipelineOptions};
@@ -127,7 +127,10 @@ pub fn main(args: Args) -> Result<()> {
 /// Schedules the graph into kernels, compiles and links them, and returns
 /// what the artifact stores for the `cpu` target.
 fn compile_native(graph: &Graph, weights: &Weights) -> Result<NativeFiles> {
-    let sched = schedule(graph, weights)?;
+    // Cranelift runs the packed-panel weight kernels fastest; the llvm
+    // build lowers the [N, K] ones with wider vectors instead.
+    let options = ScheduleOptions { packed_weights: !cfg!(feature = "llvm") };
+    let sched = schedule(graph, weights, options)?;
     let dir = tempfile::tempdir()?;
     let mut plan = sched.plan;
     #[cfg(not(feature = "llvm"))]
