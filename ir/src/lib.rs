@@ -6,6 +6,7 @@
 //! compiler machinery (no egg, Cranelift or LLVM).
 
 pub mod attr;
+pub mod bind;
 pub mod decompose;
 pub mod dim;
 pub mod dtype;

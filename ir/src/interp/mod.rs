@@ -26,6 +26,7 @@ mod linalg;
 mod movement;
 mod reduce;
 
+use crate::bind::BindError;
 use crate::graph::{GraphError, NodeId, ValueId};
 use crate::types::{ShapeDisplay, TensorType};
 use crate::{DType, Dim, Graph, Op, Tensor};
@@ -119,97 +120,15 @@ pub fn bind_symbols(g: &Graph, inputs: &BTreeMap<String, Tensor>) -> Result<BTre
         }
         sigs.push((name, ty, t));
     }
-    let dim_err = |name: &str, axis: usize, expected: String, found: usize| InterpError::InputDim {
-        name: name.to_string(),
-        axis,
-        expected,
-        found,
-    };
-
-    // Constants and single symbols first: they fix the symbols' values.
-    let mut syms: BTreeMap<String, i64> = BTreeMap::new();
-    let mut origin: BTreeMap<String, (String, usize)> = BTreeMap::new();
-    for &(name, ty, t) in &sigs {
-        for (axis, (dim, &found)) in ty.shape.iter().zip(&t.shape).enumerate() {
-            if let Some(c) = dim.as_const() {
-                if c != found as i64 {
-                    return Err(dim_err(name, axis, c.to_string(), found));
-                }
-            } else if let Some(s) = dim.as_sym() {
-                match syms.get(s) {
-                    Some(&v) if v != found as i64 => {
-                        let (n0, a0) = &origin[s];
-                        let why = format!("{s} = {v} (bound by input `{n0}` axis {a0})");
-                        return Err(dim_err(name, axis, why, found));
-                    }
-                    Some(_) => {}
-                    None => {
-                        syms.insert(s.to_string(), found as i64);
-                        origin.insert(s.to_string(), (name.to_string(), axis));
-                    }
-                }
-            }
+    let shapes: Vec<(&str, &[Dim], &[usize])> =
+        sigs.iter().map(|&(name, ty, t)| (name, ty.shape.as_slice(), t.shape.as_slice())).collect();
+    let bounds = |s: &str| g.symbols().get(s).map(|b| (b.min, b.max));
+    crate::bind::bind_shapes(&shapes, &bounds).map_err(|e| match e {
+        BindError::Dim { input, axis, expected, found } => InterpError::InputDim { name: input, axis, expected, found },
+        BindError::OutOfBounds { symbol, value, input, axis, min, max } => {
+            InterpError::SymbolOutOfBounds { symbol, value, name: input, axis, min, max }
         }
-    }
-
-    // Then expressions with exactly one unknown symbol, solved as linear
-    // equations (the solution is verified, so non-linear dims never bind a
-    // wrong value); repeated while that binds something new.
-    loop {
-        let mut progress = false;
-        for &(name, ty, t) in &sigs {
-            for (axis, (dim, &found)) in ty.shape.iter().zip(&t.shape).enumerate() {
-                let unknown: Vec<String> = dim.symbols().into_iter().filter(|s| !syms.contains_key(s)).collect();
-                let [s] = unknown.as_slice() else { continue };
-                let at = |x: i64| dim.eval(&|n: &str| if n == s { Some(x) } else { syms.get(n).copied() }).ok();
-                let found = found as i64;
-                let (Some(r0), Some(r1)) = (at(0), at(1)) else { continue };
-                // Checked arithmetic: a huge coefficient must not overflow.
-                let Some((a, rest)) = r1.checked_sub(r0).zip(found.checked_sub(r0)) else {
-                    continue;
-                };
-                if a != 0 && rest.checked_rem(a) == Some(0) {
-                    let Some(x) = rest.checked_div(a) else { continue };
-                    if at(x) == Some(found) {
-                        syms.insert(s.clone(), x);
-                        origin.insert(s.clone(), (name.to_string(), axis));
-                        progress = true;
-                    }
-                }
-            }
-        }
-        if !progress {
-            break;
-        }
-    }
-
-    for (s, &value) in &syms {
-        if let Some(b) = g.symbols().get(s) {
-            if value < b.min || value > b.max {
-                let (name, axis) = origin[s].clone();
-                return Err(InterpError::SymbolOutOfBounds {
-                    symbol: s.clone(),
-                    value,
-                    name,
-                    axis,
-                    min: b.min,
-                    max: b.max,
-                });
-            }
-        }
-    }
-
-    // Finally every dim must equal its value.
-    for &(name, ty, t) in &sigs {
-        for (axis, (dim, &found)) in ty.shape.iter().zip(&t.shape).enumerate() {
-            match dim.eval_map(&syms) {
-                Ok(v) if v == found as i64 => {}
-                Ok(v) => return Err(dim_err(name, axis, format!("{dim} = {v}"), found)),
-                Err(e) => return Err(dim_err(name, axis, format!("{dim} ({e})"), found)),
-            }
-        }
-    }
-    Ok(syms)
+    })
 }
 
 /// Checks every weight the graph references against its declared type (dims

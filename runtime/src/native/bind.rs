@@ -1,14 +1,11 @@
-//! Validating a native model's inputs and binding the shape symbols from
-//! their shapes, with the same rules (and messages) as the reference
-//! interpreter's `bind_symbols`: every input present and no unknown name,
-//! well-formed tensors, dtypes and ranks as declared, constant dims equal, a
-//! dim that is one symbol binding it (the same value everywhere), a dim that
-//! is an expression with one still-unknown symbol (`past + seq` once `seq`
-//! is bound) solving for it, symbol bounds respected, and every dim equal to
-//! its value at the end.
+//! Validating a native model's inputs (every input present and no unknown
+//! name, well-formed tensors, dtypes and ranks as declared) and binding the
+//! shape symbols from their shapes with `smelt_ir::bind::bind_shapes`, the
+//! algorithm the reference interpreter uses too.
 
 use std::collections::BTreeMap;
 
+use smelt_ir::bind::{bind_shapes, BindError};
 use smelt_ir::{DType, Data, Dim, Tensor};
 
 use super::NativeError;
@@ -84,86 +81,15 @@ pub fn bind_symbols(
         }
         given.push((spec, t));
     }
-    let dim_err = |name: &str, axis: usize, expected: String, found: usize| NativeError::InputDim {
-        name: name.to_string(),
-        axis,
-        expected,
-        found,
-    };
-
-    // Constants and single symbols first: they fix the symbols' values.
-    let mut syms: BTreeMap<String, i64> = BTreeMap::new();
-    let mut origin: BTreeMap<String, (String, usize)> = BTreeMap::new();
-    for &(spec, t) in &given {
-        for (axis, (dim, &found)) in spec.shape.iter().zip(&t.shape).enumerate() {
-            if let Some(c) = dim.as_const() {
-                if c != found as i64 {
-                    return Err(dim_err(&spec.name, axis, c.to_string(), found));
-                }
-            } else if let Some(s) = dim.as_sym() {
-                match syms.get(s) {
-                    Some(&v) if v != found as i64 => {
-                        let (n0, a0) = &origin[s];
-                        let why = format!("{s} = {v} (bound by input `{n0}` axis {a0})");
-                        return Err(dim_err(&spec.name, axis, why, found));
-                    }
-                    Some(_) => {}
-                    None => {
-                        syms.insert(s.to_string(), found as i64);
-                        origin.insert(s.to_string(), (spec.name.clone(), axis));
-                    }
-                }
-            }
+    let shapes: Vec<(&str, &[Dim], &[usize])> =
+        given.iter().map(|&(spec, t)| (spec.name.as_str(), spec.shape.as_slice(), t.shape.as_slice())).collect();
+    let bounds = |s: &str| bounds.get(s).copied();
+    bind_shapes(&shapes, &bounds).map_err(|e| match e {
+        BindError::Dim { input, axis, expected, found } => NativeError::InputDim { name: input, axis, expected, found },
+        BindError::OutOfBounds { symbol, value, input, axis, min, max } => {
+            NativeError::SymbolOutOfBounds { symbol, value, name: input, axis, min, max }
         }
-    }
-
-    // Then expressions with exactly one unknown symbol, solved as linear
-    // equations and verified (so a non-linear dim never binds a wrong
-    // value), repeated while that binds something new.
-    loop {
-        let mut progress = false;
-        for &(spec, t) in &given {
-            for (axis, (dim, &found)) in spec.shape.iter().zip(&t.shape).enumerate() {
-                let unknown: Vec<String> = dim.symbols().into_iter().filter(|s| !syms.contains_key(s)).collect();
-                let [s] = unknown.as_slice() else { continue };
-                let at = |x: i64| dim.eval(&|n: &str| if n == s { Some(x) } else { syms.get(n).copied() }).ok();
-                let found = found as i64;
-                let (Some(r0), Some(r1)) = (at(0), at(1)) else { continue };
-                let Some((a, rest)) = r1.checked_sub(r0).zip(found.checked_sub(r0)) else { continue };
-                if a != 0 && rest.checked_rem(a) == Some(0) {
-                    let Some(x) = rest.checked_div(a) else { continue };
-                    if at(x) == Some(found) {
-                        syms.insert(s.clone(), x);
-                        origin.insert(s.clone(), (spec.name.clone(), axis));
-                        progress = true;
-                    }
-                }
-            }
-        }
-        if !progress {
-            break;
-        }
-    }
-
-    for (s, &value) in &syms {
-        if let Some(&(min, max)) = bounds.get(s) {
-            if value < min || value > max {
-                let (name, axis) = origin[s].clone();
-                return Err(NativeError::SymbolOutOfBounds { symbol: s.clone(), value, name, axis, min, max });
-            }
-        }
-    }
-
-    for &(spec, t) in &given {
-        for (axis, (dim, &found)) in spec.shape.iter().zip(&t.shape).enumerate() {
-            match dim.eval_map(&syms) {
-                Ok(v) if v == found as i64 => {}
-                Ok(v) => return Err(dim_err(&spec.name, axis, format!("{dim} = {v}"), found)),
-                Err(e) => return Err(dim_err(&spec.name, axis, format!("{dim} ({e})"), found)),
-            }
-        }
-    }
-    Ok(syms)
+    })
 }
 
 #[cfg(test)]
