@@ -97,6 +97,11 @@ pub fn main(args: Args) -> Result<()> {
                 "source": m.model.source,
                 "files": m.files,
             });
+            if let Some(plan) = &m.native {
+                v["artifact"]["kernels"] = json!(plan.kernels);
+                v["artifact"]["launches"] = json!(plan.launches.len());
+                v["artifact"]["cpu_features"] = json!(plan.cpu_features);
+            }
         }
         if args.ir {
             v["ir"] = json!(ir);
@@ -121,6 +126,15 @@ pub fn main(args: Args) -> Result<()> {
         line("compiled from", m.model.source.clone());
         let files: Vec<String> = m.files.iter().map(|f| format!("{} ({} B)", f.name, f.size)).collect();
         line("files", files.join(", "));
+        if let Some(plan) = &m.native {
+            let mut by: std::collections::BTreeMap<&str, usize> = Default::default();
+            for k in &plan.kernels {
+                *by.entry(k.lowering.as_str()).or_default() += 1;
+            }
+            let by: Vec<String> = by.iter().map(|(l, n)| format!("{n} {l}")).collect();
+            line("kernels", format!("{} ({}), {} launches", plan.kernels.len(), by.join(", "), plan.launches.len()));
+            line("cpu features", plan.cpu_features.join(", "));
+        }
     }
     if let Some(t) = &loaded.tokenizer {
         line("tokenizer", t.display().to_string());
