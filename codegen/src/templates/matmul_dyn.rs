@@ -20,7 +20,7 @@
 //! use one-vector and then one-column tiles. Sums accumulate in f32.
 
 use super::sym::{self, add, as_const, ceil_div, floor_to, mul, sub};
-use super::{c, widen, LANES};
+use super::{bind, c, widen, LANES};
 use crate::kir::{BufId, Builder, CmpOp, Expr, LoopKind, RedOp, UnOp, Var};
 
 /// How the right operand is stored.
@@ -189,14 +189,6 @@ pub fn matmul(b: &mut Builder, d: &MatmulDims, layout: Layout, act: Option<Act>,
         let cols_left = sub(n.clone(), j0.clone());
         g.row_chain(b, &i0, &j0, rows_left, cols_left, mr, col_block);
     });
-}
-
-/// `e` itself when it is a constant or a variable, else a new variable.
-fn bind(b: &mut Builder, name: &str, e: Expr) -> Expr {
-    match e {
-        Expr::Int(..) | Expr::Var(_) => e,
-        e => Expr::Var(b.let_(name, e)),
-    }
 }
 
 struct Gen {

@@ -44,6 +44,15 @@ pub(crate) fn c(x: f32, lanes: u8) -> Expr {
     }
 }
 
+/// `e` itself when it is a constant or a variable, else a new variable, so
+/// a template can use a size expression many times without recomputing it.
+pub(crate) fn bind(b: &mut Builder, name: &str, e: Expr) -> Expr {
+    match e {
+        Expr::Int(..) | Expr::Var(_) => e,
+        e => Expr::Var(b.let_(name, e)),
+    }
+}
+
 /// Splats a scalar when `lanes > 1`.
 pub(crate) fn widen(x: Expr, lanes: u8) -> Expr {
     if lanes > 1 {

@@ -36,7 +36,7 @@
 
 use super::matmul_dyn::Act;
 use super::sym::{self, add, as_const, ceil_div, mul, sub};
-use super::{c, LANES};
+use super::{bind, c, LANES};
 use crate::kir::{BufId, Builder, CmpOp, Expr, LoopKind, Var};
 
 /// How a constant `[n, k]` weight is laid out in the buffer the kernel reads.
@@ -146,14 +146,6 @@ pub fn weight_matmul(b: &mut Builder, m: Expr, n: usize, k: usize, act: Option<A
         let rows_left = sub(m.clone(), i0.clone());
         g.rows_from(b, &i0, &pj, &rows_left, p.mr);
     });
-}
-
-/// `e` itself when it is a constant or a variable, else a new variable.
-fn bind(b: &mut Builder, name: &str, e: Expr) -> Expr {
-    match e {
-        Expr::Int(..) | Expr::Var(_) => e,
-        e => Expr::Var(b.let_(name, e)),
-    }
 }
 
 struct Gen {
