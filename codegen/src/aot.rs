@@ -86,6 +86,8 @@ pub fn elem_of_scalar(s: Scalar) -> Elem {
         Scalar::I32 => Elem::I32,
         Scalar::I64 => Elem::I64,
         Scalar::Bool => Elem::Bool,
+        Scalar::BF16 => Elem::BF16,
+        Scalar::F16 => Elem::F16,
     }
 }
 
@@ -96,6 +98,7 @@ pub fn kernel_entry(k: &Kernel) -> KernelEntry {
         lowering: "cranelift".to_string(),
         buffers: k.global_buffers().map(|(_, b)| elem_of_scalar(b.elem)).collect(),
         scalars: k.scalars.len(),
+        block: k.gpu.as_ref().map(|g| g.block),
     }
 }
 

@@ -153,6 +153,7 @@ pub fn schedule(
         // Filled by whoever links the library (it knows the target).
         arch: String::new(),
         cpu_features: vec![],
+        ptx: vec![],
         buffers: s.buffers,
         launches: s.launches,
         symbols,
@@ -316,8 +317,20 @@ impl Scheduler<'_> {
             }
             needs.push(need.to_string());
         }
+        let grid = match &k.gpu {
+            None => None,
+            Some(g) => {
+                let dim = |e| {
+                    len_dim(k, e, &inst.scalars)
+                        .map(|d| d.to_string())
+                        .ok_or_else(|| contract("a grid size that is not a polynomial".into(), "?".into()))
+                };
+                Some([dim(&g.grid[0])?, dim(&g.grid[1])?, dim(&g.grid[2])?])
+            }
+        };
         let kernel = self.intern(inst.kernel);
         self.launches.push(Launch {
+            grid,
             kernel,
             args,
             needs,
@@ -444,6 +457,8 @@ fn plan_elem(s: Scalar) -> Elem {
         Scalar::I32 => Elem::I32,
         Scalar::I64 => Elem::I64,
         Scalar::Bool => Elem::Bool,
+        Scalar::BF16 => Elem::BF16,
+        Scalar::F16 => Elem::F16,
     }
 }
 

@@ -24,6 +24,10 @@ pub enum Elem {
     I64,
     /// One byte per element, 0 or 1.
     Bool,
+    /// Storage-only narrow floats (weights stored narrower than they are
+    /// computed); kernels widen them to f32 as they load.
+    BF16,
+    F16,
 }
 
 impl Elem {
@@ -32,6 +36,7 @@ impl Elem {
             Elem::F32 | Elem::I32 => 4,
             Elem::I64 => 8,
             Elem::Bool => 1,
+            Elem::BF16 | Elem::F16 => 2,
         }
     }
 }
@@ -48,6 +53,11 @@ pub struct KernelEntry {
     pub buffers: Vec<Elem>,
     /// How many `i64` scalars it takes.
     pub scalars: usize,
+    /// For a GPU kernel: its threads per block (x, y, z). GPU kernels take
+    /// their global buffers as device pointers, then the scalars as `i64`,
+    /// as kernel parameters in that order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block: Option<[u32; 3]>,
 }
 
 /// Where a buffer's bytes live.
@@ -91,6 +101,18 @@ pub struct Launch {
     /// The IR node it computes (`%42 = rms_norm ...` location), for errors
     /// and profiles.
     pub node: String,
+    /// For a GPU kernel: the grid (x, y, z) in blocks, as dims.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grid: Option<[String; 3]>,
+}
+
+/// PTX text for one GPU architecture, a file of the artifact.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PtxModule {
+    /// The target, as `ptxas -arch` spells it (`sm_80`, `sm_90`, `sm_90a`).
+    pub arch: String,
+    /// The file's name inside the artifact.
+    pub file: String,
 }
 
 /// Everything the runtime needs to run a `cpu` artifact.
@@ -122,4 +144,10 @@ pub struct NativePlan {
     /// (`smelt_codegen::aot::LibraryInfo::cpu_features` gives them).
     #[serde(default)]
     pub cpu_features: Vec<String>,
+    /// For a `cuda` plan: the kernels as PTX, one module per architecture
+    /// (every module defines every kernel, named by `KernelEntry::symbol`);
+    /// `library` is then empty. The runtime takes the best module the
+    /// device can run.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ptx: Vec<PtxModule>,
 }

@@ -209,6 +209,8 @@ fn cl_type(t: Ty) -> Type {
         // the f32 lanes they select between.
         Scalar::Bool if t.lanes == 1 => types::I8,
         Scalar::Bool => types::I32,
+        // Narrow floats are storage-only; loads and stores convert.
+        Scalar::BF16 | Scalar::F16 => types::I16,
     };
     if t.lanes > 1 {
         s.by(t.lanes as u32).expect("vector type")

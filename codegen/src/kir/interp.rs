@@ -28,6 +28,8 @@ pub enum BufData {
     I32(Vec<i32>),
     I64(Vec<i64>),
     Bool(Vec<bool>),
+    BF16(Vec<half::bf16>),
+    F16(Vec<half::f16>),
 }
 
 impl BufData {
@@ -37,6 +39,8 @@ impl BufData {
             BufData::I32(v) => v.len(),
             BufData::I64(v) => v.len(),
             BufData::Bool(v) => v.len(),
+            BufData::BF16(v) => v.len(),
+            BufData::F16(v) => v.len(),
         }
     }
 
@@ -50,6 +54,8 @@ impl BufData {
             Scalar::I32 => BufData::I32(vec![0; len]),
             Scalar::I64 => BufData::I64(vec![0; len]),
             Scalar::Bool => BufData::Bool(vec![false; len]),
+            Scalar::BF16 => BufData::BF16(vec![half::bf16::ZERO; len]),
+            Scalar::F16 => BufData::F16(vec![half::f16::ZERO; len]),
         }
     }
 
@@ -59,6 +65,8 @@ impl BufData {
             BufData::I32(_) => Scalar::I32,
             BufData::I64(_) => Scalar::I64,
             BufData::Bool(_) => Scalar::Bool,
+            BufData::BF16(_) => Scalar::BF16,
+            BufData::F16(_) => Scalar::F16,
         }
     }
 
@@ -449,6 +457,10 @@ impl<'a, 'm> Thread<'a, 'm> {
             (BufData::I32(v), _) => Val::I32(v[i]),
             (BufData::I64(v), _) => Val::I64(v[i]),
             (BufData::Bool(v), _) => Val::B(v[i]),
+            (BufData::BF16(v), 1) => Val::F(v[i].to_f32()),
+            (BufData::BF16(v), n) => Val::VF(v[i..i + n as usize].iter().map(|x| x.to_f32()).collect()),
+            (BufData::F16(v), 1) => Val::F(v[i].to_f32()),
+            (BufData::F16(v), n) => Val::VF(v[i..i + n as usize].iter().map(|x| x.to_f32()).collect()),
         })
     }
 
@@ -464,6 +476,14 @@ impl<'a, 'm> Thread<'a, 'm> {
             (BufData::I32(v), Val::I32(x)) => v[i] = x,
             (BufData::I64(v), Val::I64(x)) => v[i] = x,
             (BufData::Bool(v), Val::B(x)) => v[i] = x,
+            (BufData::BF16(v), Val::F(x)) => v[i] = half::bf16::from_f32(x),
+            (BufData::BF16(v), Val::VF(x)) => {
+                v[i..i + x.len()].iter_mut().zip(&x).for_each(|(d, s)| *d = half::bf16::from_f32(*s))
+            }
+            (BufData::F16(v), Val::F(x)) => v[i] = half::f16::from_f32(x),
+            (BufData::F16(v), Val::VF(x)) => {
+                v[i..i + x.len()].iter_mut().zip(&x).for_each(|(d, s)| *d = half::f16::from_f32(*s))
+            }
             (_, x) => return Err(format!("store of {x:?} into a buffer of another type")),
         }
         Ok(())
@@ -529,6 +549,7 @@ impl<'a, 'm> Thread<'a, 'm> {
                     (Scalar::I32, _) => Val::I32(f as i32),
                     (Scalar::I64, _) => Val::I64(f as i64),
                     (Scalar::Bool, _) => Val::B(f != 0.0),
+                    (Scalar::BF16 | Scalar::F16, _) => return Err("cast to a storage-only type".into()),
                 }
             }
             Expr::Splat(n, a) => match self.eval(a)? {

@@ -32,6 +32,11 @@ pub enum Scalar {
     I32,
     I64,
     Bool,
+    /// Storage-only narrow floats: a load from a `BF16`/`F16` buffer gives
+    /// `f32` lanes (exact widening) and a store into one takes `f32` lanes
+    /// (rounded to nearest even). No expression has these types.
+    BF16,
+    F16,
 }
 
 impl Scalar {
@@ -41,11 +46,26 @@ impl Scalar {
             Scalar::F32 | Scalar::I32 => 4,
             Scalar::I64 => 8,
             Scalar::Bool => 1,
+            Scalar::BF16 | Scalar::F16 => 2,
         }
     }
 
     pub fn is_int(self) -> bool {
         matches!(self, Scalar::I32 | Scalar::I64)
+    }
+
+    /// A storage-only float (`BF16`, `F16`), computed as `f32`.
+    pub fn is_narrow_float(self) -> bool {
+        matches!(self, Scalar::BF16 | Scalar::F16)
+    }
+
+    /// The type a load from a buffer of this element type gives.
+    pub fn computed(self) -> Scalar {
+        if self.is_narrow_float() {
+            Scalar::F32
+        } else {
+            self
+        }
     }
 }
 
@@ -282,6 +302,26 @@ pub struct Kernel {
     pub scalars: Vec<Var>,
     pub vars: Vec<VarDecl>,
     pub body: Vec<Stmt>,
+    /// How a GPU kernel is launched; `None` for CPU kernels.
+    pub gpu: Option<GpuLaunch>,
+}
+
+/// The launch shape of a GPU kernel: a fixed block and a grid whose sizes
+/// are `i64` expressions over constants and the kernel's scalar parameters
+/// (like buffer lengths), so one kernel serves every symbolic size.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GpuLaunch {
+    pub block: [u32; 3],
+    pub grid: [Expr; 3],
+}
+
+impl Kernel {
+    /// The grid for the given scalar arguments (in `scalars` order).
+    pub fn grid(&self, scalars: &[i64]) -> Option<Result<[usize; 3], String>> {
+        let g = self.gpu.as_ref()?;
+        let eval = |e: &Expr| eval_len(e, &|v| self.scalars.iter().position(|s| *s == v).map(|i| scalars[i]));
+        Some((|| Ok([eval(&g.grid[0])?, eval(&g.grid[1])?, eval(&g.grid[2])?]))())
+    }
 }
 
 /// A kernel that failed type checking; `at` is the printed statement.
@@ -382,6 +422,9 @@ impl Kernel {
                 if t.is_vector() {
                     return Err("cast of a vector".into());
                 }
+                if s.is_narrow_float() {
+                    return Err(format!("cast to storage-only {s:?}"));
+                }
                 Ty::scalar(*s)
             }
             Expr::Splat(n, a) => {
@@ -410,10 +453,10 @@ impl Kernel {
                 if self.type_of(index)? != Ty::I64 {
                     return Err(format!("index into `{}` is not i64", b.name));
                 }
-                if *lanes > 1 && b.elem != Scalar::F32 {
-                    return Err(format!("vector load from non-f32 buffer `{}`", b.name));
+                if *lanes > 1 && b.elem.computed() != Scalar::F32 {
+                    return Err(format!("vector load from non-float buffer `{}`", b.name));
                 }
-                Ty::scalar(b.elem).with_lanes(*lanes)
+                Ty::scalar(b.elem.computed()).with_lanes(*lanes)
             }
             Expr::Special(_) => Ty::I64,
         })
@@ -443,6 +486,34 @@ impl Kernel {
             }
             if b.space == Space::Shared && self.const_len(b).is_none() {
                 return Err(err("shared buffers need a constant length".into()));
+            }
+        }
+        if let Some(g) = &self.gpu {
+            for e in &g.grid {
+                let err = |message: String| KirError {
+                    kernel: self.name.clone(),
+                    message: format!("grid size: {message}"),
+                    at: print::expr(self, e),
+                };
+                if self.type_of(e).map_err(err)? != Ty::I64 {
+                    return Err(err("is not i64".into()));
+                }
+                let mut bad = false;
+                e.visit(&mut |e| {
+                    bad |= matches!(e, Expr::Load { .. } | Expr::Special(_))
+                        || matches!(e, Expr::Var(v) if !self.scalars.contains(v))
+                });
+                if bad {
+                    return Err(err("may use only constants and scalar parameters".into()));
+                }
+            }
+            let threads: u64 = g.block.iter().map(|&d| d as u64).product();
+            if threads == 0 || threads > 1024 {
+                return Err(KirError {
+                    kernel: self.name.clone(),
+                    message: format!("block of {threads} threads (1..=1024 allowed)"),
+                    at: format!("{:?}", g.block),
+                });
             }
         }
         self.verify_stmts(&self.body)
@@ -482,7 +553,7 @@ impl Kernel {
                         return Err(err("store index is not i64".into()));
                     }
                     let t = self.type_of(value).map_err(err)?;
-                    if t.elem != b.elem {
+                    if t.elem != b.elem.computed() {
                         return Err(err(format!("stores {} into `{}`", print::ty(t), b.name)));
                     }
                 }
@@ -706,7 +777,14 @@ pub struct Builder {
 impl Builder {
     pub fn new(name: &str) -> Builder {
         Builder {
-            kernel: Kernel { name: name.to_string(), buffers: vec![], scalars: vec![], vars: vec![], body: vec![] },
+            kernel: Kernel {
+                name: name.to_string(),
+                buffers: vec![],
+                scalars: vec![],
+                vars: vec![],
+                body: vec![],
+                gpu: None,
+            },
             stack: vec![vec![]],
         }
     }
@@ -753,6 +831,12 @@ impl Builder {
 
     pub fn store(&mut self, buf: BufId, index: Expr, value: Expr) {
         self.push(Stmt::Store { buf, index, value });
+    }
+
+    /// Makes this a GPU kernel launched with `block` threads per block and
+    /// `grid` blocks.
+    pub fn gpu_launch(&mut self, block: [u32; 3], grid: [Expr; 3]) {
+        self.kernel.gpu = Some(GpuLaunch { block, grid });
     }
 
     pub fn barrier(&mut self) {

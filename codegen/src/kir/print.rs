@@ -10,6 +10,8 @@ pub(super) fn ty(t: Ty) -> String {
         Scalar::I32 => "i32",
         Scalar::I64 => "i64",
         Scalar::Bool => "bool",
+        Scalar::BF16 => "bf16",
+        Scalar::F16 => "f16",
     };
     if t.is_vector() {
         format!("{s}x{}", t.lanes)

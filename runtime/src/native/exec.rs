@@ -205,6 +205,8 @@ fn natural_dtype(elem: Elem) -> DType {
         Elem::I32 => DType::I32,
         Elem::I64 => DType::I64,
         Elem::Bool => DType::Bool,
+        Elem::BF16 => DType::BF16,
+        Elem::F16 => DType::F16,
     }
 }
 
@@ -214,6 +216,8 @@ fn convertible(dtype: DType, elem: Elem) -> bool {
         Elem::F32 => dtype.is_float(),
         Elem::I32 | Elem::I64 => dtype.is_int(),
         Elem::Bool => dtype == DType::Bool,
+        // Narrow buffers hold constants only; inputs are never passed in them.
+        Elem::BF16 | Elem::F16 => false,
     }
 }
 
@@ -760,6 +764,12 @@ fn read_output(name: &str, dtype: DType, elem: Elem, src: *const u8, shape: Vec<
             shape,
             unsafe { std::slice::from_raw_parts(src, n) }.iter().map(|&x| (x != 0) as i64).collect(),
         ),
+        Elem::BF16 | Elem::F16 => {
+            return Err(NativeError::Buffer {
+                buffer: name.to_string(),
+                why: format!("is stored as {elem:?}, which outputs cannot be"),
+            })
+        }
     };
     t.map_err(|e| NativeError::Buffer { buffer: name.to_string(), why: e.to_string() })
 }
