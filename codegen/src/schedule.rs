@@ -83,9 +83,21 @@ struct Scheduler<'g> {
     options: ScheduleOptions,
 }
 
+/// What the kernels run on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Device {
+    /// Host kernels (Cranelift / LLVM), run by the CPU thread team.
+    #[default]
+    Cpu,
+    /// NVIDIA GPU kernels (KIR with launch geometry, lowered to PTX).
+    Gpu,
+}
+
 /// Choices the scheduler leaves to its caller.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ScheduleOptions {
+    /// Which kernel families to select from.
+    pub device: Device,
     /// Weight matmuls use the packed-panel kernels (`select::weight_matmul`),
     /// which is what the Cranelift lowering runs fastest; otherwise the
     /// `[N, K]` kernels, which LLVM widens to 256-bit vectors.
@@ -177,7 +189,7 @@ impl Scheduler<'_> {
         }
         let in_tys: Vec<_> = node.inputs.iter().map(|v| g.ty(*v).clone()).collect();
         let out_tys: Vec<_> = node.outputs.iter().map(|v| g.ty(*v).clone()).collect();
-        let selected = match select::select(&node.op, &in_tys, &out_tys) {
+        let selected = match self.select(&node.op, &in_tys, &out_tys) {
             Ok(s) => s,
             Err(e) => {
                 // Keep going with placeholder results, so the error lists
@@ -203,6 +215,19 @@ impl Scheduler<'_> {
             }
         }
         Ok(())
+    }
+
+    /// The kernel for one node on the scheduler's device.
+    fn select(
+        &self,
+        op: &Op,
+        inputs: &[smelt_ir::TensorType],
+        outputs: &[smelt_ir::TensorType],
+    ) -> Result<Selected, SelectError> {
+        match self.options.device {
+            Device::Cpu => select::select(op, inputs, outputs),
+            Device::Gpu => Err(SelectError::unsupported(op, inputs, "GPU kernel selection is not wired in yet")),
+        }
     }
 
     /// A matmul or gated MLP whose weights are 2-D f32 constants `[K, N]`

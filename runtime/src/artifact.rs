@@ -33,7 +33,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use smelt_ir::{DType, Dim, Graph, Tensor, TensorType};
 
-use crate::plan::NativePlan;
+use crate::plan::{NativePlan, PtxModule};
 use crate::tensors::{read_tensor_file, tensor_file_bytes, TensorFileError};
 
 /// The artifact format version this runtime writes and reads.
@@ -54,7 +54,19 @@ pub const TARGET_CPU: &str = "cpu";
 /// The shared library and the constant data of a `cpu` artifact.
 pub const LIBRARY_FILE: &str = "kernels.so";
 pub const CONSTANTS_FILE: &str = "constants.bin";
-pub const KNOWN_TARGETS: &[&str] = &["interp", "cpu", "cuda"];
+/// The constant data of a `cuda` plan when it differs from the `cpu` one
+/// (e.g. weights stored narrower for the GPU).
+pub const CUDA_CONSTANTS_FILE: &str = "constants.cuda.bin";
+/// `cuda` artifacts hold NVIDIA GPU kernels as PTX (one file per GPU
+/// architecture); `cpu,cuda` holds both plans and the runtime picks one.
+pub const TARGET_CUDA: &str = "cuda";
+pub const TARGET_CPU_CUDA: &str = "cpu,cuda";
+pub const KNOWN_TARGETS: &[&str] = &["interp", "cpu", "cuda", "cpu,cuda"];
+
+/// The PTX file of one GPU architecture inside an artifact.
+pub fn ptx_file_name(arch: &str) -> String {
+    format!("kernels.{arch}.ptx")
+}
 
 /// Everything that can go wrong writing or opening an artifact.
 #[derive(Debug, thiserror::Error)]
@@ -231,6 +243,12 @@ pub struct Manifest {
     /// For a `cpu` artifact: [`native_sha256`] of `signature` and `native`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub native_sha256: Option<String>,
+    /// The launch plan of a `cuda` artifact (PTX modules in `ptx`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cuda: Option<NativePlan>,
+    /// For a `cuda` artifact: [`native_sha256`] of `signature` and `cuda`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cuda_sha256: Option<String>,
 }
 
 /// The hex sha256 of some bytes.
@@ -269,12 +287,22 @@ pub struct ArtifactSpec<'a> {
     /// For a `cpu` artifact: the plan, the linked library and the constants
     /// its `Weight` buffers point into (then no safetensors file is written).
     pub native: Option<NativeFiles>,
+    /// For a `cuda` artifact: the plan, PTX per architecture and constants.
+    pub cuda: Option<CudaFiles>,
 }
 
 /// The compiled parts of a `cpu` artifact.
 pub struct NativeFiles {
     pub plan: NativePlan,
     pub library: Vec<u8>,
+    pub constants: Vec<u8>,
+}
+
+/// The compiled parts of a `cuda` artifact.
+pub struct CudaFiles {
+    pub plan: NativePlan,
+    /// `(arch, PTX text)`, e.g. `("sm_90a", ...)`.
+    pub ptx: Vec<(String, String)>,
     pub constants: Vec<u8>,
 }
 
@@ -359,14 +387,37 @@ fn write_files(tmp: &Path, out: &Path, a: &ArtifactSpec<'_>) -> Result<Manifest,
             plan.weights = CONSTANTS_FILE.to_string();
             Some(plan)
         }
-        None => {
+        None => None,
+    };
+    let cuda = match &a.cuda {
+        Some(c) => {
+            let mut plan = c.plan.clone();
+            plan.library = String::new();
+            plan.ptx = vec![];
+            for (arch, text) in &c.ptx {
+                let file = ptx_file_name(arch);
+                put(&file, text.as_bytes())?;
+                plan.ptx.push(PtxModule { arch: arch.clone(), file });
+            }
+            // Both plans share one constants file when its bytes are equal.
+            let shared = a.native.as_ref().is_some_and(|n| n.constants == c.constants);
+            plan.weights = if shared { CONSTANTS_FILE } else { CUDA_CONSTANTS_FILE }.to_string();
+            if !shared {
+                put(CUDA_CONSTANTS_FILE, &c.constants)?;
+            }
+            Some(plan)
+        }
+        None => None,
+    };
+    match (&native, &cuda) {
+        (Some(_), _) | (_, Some(_)) => {}
+        (None, None) => {
             // Only the weights the graph references are stored.
             let used: BTreeMap<String, Tensor> =
                 a.graph.weights().into_iter().filter_map(|(n, _)| a.weights.get(&n).map(|t| (n, t.clone()))).collect();
             put(WEIGHTS_FILE, &tensor_file_bytes(&out.join(WEIGHTS_FILE), &used)?)?;
-            None
         }
-    };
+    }
     let tokenizer = match a.tokenizer {
         Some(p) => {
             let bytes = std::fs::read(p).map_err(io(p))?;
@@ -376,11 +427,18 @@ fn write_files(tmp: &Path, out: &Path, a: &ArtifactSpec<'_>) -> Result<Manifest,
         None => None,
     };
     let signature = Signature::from_graph(a.graph);
-    let native_sha256 = native.as_ref().map(|plan| native_sha256(&signature, plan));
+    let native_hash = native.as_ref().map(|plan| native_sha256(&signature, plan));
+    let cuda_hash = cuda.as_ref().map(|plan| native_sha256(&signature, plan));
+    let target = match (native.is_some(), cuda.is_some()) {
+        (false, false) => TARGET_INTERP,
+        (true, false) => TARGET_CPU,
+        (false, true) => TARGET_CUDA,
+        (true, true) => TARGET_CPU_CUDA,
+    };
     let manifest = Manifest {
         format_version: FORMAT_VERSION,
         compiler_version: COMPILER_VERSION.to_string(),
-        target: if native.is_some() { TARGET_CPU } else { TARGET_INTERP }.to_string(),
+        target: target.to_string(),
         model: a.model.clone(),
         signature,
         files,
@@ -388,7 +446,9 @@ fn write_files(tmp: &Path, out: &Path, a: &ArtifactSpec<'_>) -> Result<Manifest,
         eos_token_ids: a.eos_token_ids.clone(),
         fusion: a.fusion.clone(),
         native,
-        native_sha256,
+        native_sha256: native_hash,
+        cuda,
+        cuda_sha256: cuda_hash,
     };
     let json = serde_json::to_string_pretty(&manifest)
         .map_err(|e| ArtifactError::ManifestInvalid { path: out.join(MANIFEST_FILE), msg: e.to_string() })?;
@@ -529,15 +589,13 @@ fn parse_manifest(dir: &Path, text: &str) -> Result<Manifest, ArtifactError> {
             why: format!("is unknown (known targets: {})", KNOWN_TARGETS.join(", ")),
         });
     }
-    if manifest.target != TARGET_INTERP && manifest.target != TARGET_CPU {
-        return Err(ArtifactError::Target {
-            dir: dir.to_path_buf(),
-            target: manifest.target,
-            why: "is not supported by this build of the runtime (it runs `interp` and `cpu` artifacts)".to_string(),
-        });
-    }
-    if (manifest.target == TARGET_CPU) != manifest.native.is_some() {
+    let has_cpu = manifest.target == TARGET_CPU || manifest.target == TARGET_CPU_CUDA;
+    let has_cuda = manifest.target == TARGET_CUDA || manifest.target == TARGET_CPU_CUDA;
+    if has_cpu != manifest.native.is_some() {
         return Err(invalid(format!("target `{}` and the presence of a `native` plan disagree", manifest.target)));
+    }
+    if has_cuda != manifest.cuda.is_some() {
+        return Err(invalid(format!("target `{}` and the presence of a `cuda` plan disagree", manifest.target)));
     }
     for f in &manifest.files {
         if !plain_file_name(&f.name) || f.name == MANIFEST_FILE {
@@ -545,9 +603,18 @@ fn parse_manifest(dir: &Path, text: &str) -> Result<Manifest, ArtifactError> {
         }
     }
     let mut required = vec![GRAPH_FILE];
-    match &manifest.native {
-        Some(plan) => required.extend([plan.library.as_str(), plan.weights.as_str()]),
-        None => required.push(WEIGHTS_FILE),
+    if let Some(plan) = &manifest.native {
+        required.extend([plan.library.as_str(), plan.weights.as_str()]);
+    }
+    if let Some(plan) = &manifest.cuda {
+        if plan.ptx.is_empty() {
+            return Err(invalid("the `cuda` plan lists no PTX module".into()));
+        }
+        required.push(plan.weights.as_str());
+        required.extend(plan.ptx.iter().map(|m| m.file.as_str()));
+    }
+    if manifest.native.is_none() && manifest.cuda.is_none() {
+        required.push(WEIGHTS_FILE);
     }
     if let Some(t) = &manifest.tokenizer {
         required.push(t.as_str());
@@ -561,6 +628,17 @@ fn parse_manifest(dir: &Path, text: &str) -> Result<Manifest, ArtifactError> {
         let Some(expected) = &manifest.native_sha256 else {
             return Err(invalid(
                 "key `native_sha256` missing (a `cpu` artifact's launch plan must be checksummed)".into(),
+            ));
+        };
+        let found = native_sha256(&manifest.signature, plan);
+        if found != expected.to_ascii_lowercase() {
+            return Err(ArtifactError::PlanHashMismatch { dir: dir.to_path_buf(), expected: expected.clone(), found });
+        }
+    }
+    if let Some(plan) = &manifest.cuda {
+        let Some(expected) = &manifest.cuda_sha256 else {
+            return Err(invalid(
+                "key `cuda_sha256` missing (a `cuda` artifact's launch plan must be checksummed)".into(),
             ));
         };
         let found = native_sha256(&manifest.signature, plan);
@@ -615,6 +693,7 @@ mod tests {
                 eos_token_ids: vec![2],
                 fusion: None,
                 native: None,
+                cuda: None,
             },
         )
         .unwrap();
@@ -707,6 +786,7 @@ mod tests {
                     eos_token_ids: vec![],
                     fusion: None,
                     native: None,
+                    cuda: None,
                 },
             )
             .unwrap_err()

@@ -5,7 +5,9 @@
 //! verified text IR and weights for the reference interpreter; `cpu` also
 //! schedules the graph into kernels, compiles them with Cranelift, links
 //! them into `kernels.so` with the system `cc` and stores the launch plan
-//! and the constants laid out for mmap; `cuda` is refused before any work.
+//! and the constants laid out for mmap; `cuda` schedules the graph for the
+//! GPU and stores the kernels as PTX for each `--gpu-arch` (it needs the
+//! `llvm` build). `--target cpu,cuda` stores both plans in one artifact.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -16,7 +18,7 @@ use smelt_codegen::schedule::{schedule, ScheduleOptions};
 use smelt_ir::Graph;
 use smelt_passes::Weights;
 use smelt_passes::{pipeline, DumpSpec, DumpTarget, PipelineOptions};
-use smelt_runtime::artifact::{write_artifact, ArtifactSpec, NativeFiles};
+use smelt_runtime::artifact::{write_artifact, ArtifactSpec, CudaFiles, NativeFiles};
 
 use crate::source::{load_checkpoint, load_onnx, Source};
 
@@ -26,7 +28,7 @@ pub enum Target {
     Interp,
     /// Native CPU kernels (Cranelift) in a shared library, run by the native runtime.
     Cpu,
-    /// NVIDIA GPU kernels (not implemented yet).
+    /// NVIDIA GPU kernels as PTX (LLVM NVPTX), run by the CUDA runtime.
     Cuda,
 }
 
@@ -37,8 +39,12 @@ pub struct Args {
     /// The artifact directory to write (conventionally NAME.smelt).
     #[arg(short, long)]
     pub output: PathBuf,
-    #[arg(long, value_enum, default_value_t = Target::Interp)]
-    pub target: Target,
+    /// What to compile for; `cpu,cuda` puts both in one artifact.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "interp")]
+    pub target: Vec<Target>,
+    /// GPU architectures to emit PTX for (target `cuda`).
+    #[arg(long, value_delimiter = ',', default_value = "sm_80,sm_90,sm_90a", value_name = "SM,...")]
+    pub gpu_arch: Vec<String>,
     /// Keep the frontend's primitive graph (no passes, no fusion).
     #[arg(long)]
     pub no_fuse: bool,
@@ -77,8 +83,15 @@ impl PassArgs {
 }
 
 pub fn main(args: Args) -> Result<()> {
-    if args.target == Target::Cuda {
-        bail!("target `cuda` is not implemented yet in this build (available: interp, cpu)");
+    let wants = |t: Target| args.target.contains(&t);
+    if wants(Target::Interp) && args.target.len() > 1 {
+        bail!("target `interp` cannot be combined with other targets");
+    }
+    if wants(Target::Cuda) {
+        check_gpu_archs(&args.gpu_arch)?;
+        if !cfg!(feature = "llvm") {
+            bail!("{NO_NVPTX}");
+        }
     }
     let start = Instant::now();
     let mut loaded = match Source::classify(&args.model)? {
@@ -94,11 +107,9 @@ pub fn main(args: Args) -> Result<()> {
         let report = pipeline(&mut loaded.graph, &mut loaded.weights, &args.passes.options(false)?)?;
         Some(serde_json::to_value(&report.fusion)?)
     };
-    let native = match args.target {
-        Target::Cpu => Some(compile_native(&loaded.graph, &loaded.weights)?),
-        _ => None,
-    };
-    let target = if native.is_some() { "cpu" } else { "interp" };
+    let native = if wants(Target::Cpu) { Some(compile_native(&loaded.graph, &loaded.weights)?) } else { None };
+    let cuda =
+        if wants(Target::Cuda) { Some(compile_cuda(&loaded.graph, &loaded.weights, &args.gpu_arch)?) } else { None };
     let manifest = write_artifact(
         &args.output,
         &ArtifactSpec {
@@ -109,8 +120,10 @@ pub fn main(args: Args) -> Result<()> {
             eos_token_ids: loaded.eos_token_ids.clone(),
             fusion,
             native,
+            cuda,
         },
     )?;
+    let target = manifest.target.clone();
     let size: u64 = manifest.files.iter().map(|f| f.size).sum();
     crate::out(&format!(
         "compiled {} ({}, {} parameters, {} nodes) -> {} [target {target}, {:.1} MB] in {:.2}s\n",
@@ -129,7 +142,7 @@ pub fn main(args: Args) -> Result<()> {
 fn compile_native(graph: &Graph, weights: &Weights) -> Result<NativeFiles> {
     // Cranelift runs the packed-panel weight kernels fastest; the llvm
     // build lowers the [N, K] ones with wider vectors instead.
-    let options = ScheduleOptions { packed_weights: !cfg!(feature = "llvm") };
+    let options = ScheduleOptions { packed_weights: !cfg!(feature = "llvm"), ..ScheduleOptions::default() };
     let sched = schedule(graph, weights, options)?;
     let dir = tempfile::tempdir()?;
     let mut plan = sched.plan;
@@ -152,3 +165,45 @@ fn compile_native(graph: &Graph, weights: &Weights) -> Result<NativeFiles> {
     plan.cpu_features = lib.cpu_features;
     Ok(NativeFiles { plan, library: lib.bytes, constants: sched.weights })
 }
+
+/// The GPU architectures PTX can be emitted for.
+const GPU_ARCHS: &[&str] = &["sm_80", "sm_90", "sm_90a"];
+
+fn check_gpu_archs(archs: &[String]) -> Result<()> {
+    if archs.is_empty() {
+        bail!("--gpu-arch: at least one architecture is needed ({})", GPU_ARCHS.join(", "));
+    }
+    for a in archs {
+        if !GPU_ARCHS.contains(&a.as_str()) {
+            bail!("--gpu-arch: unknown GPU architecture `{a}` (known: {})", GPU_ARCHS.join(", "));
+        }
+    }
+    Ok(())
+}
+
+/// Schedules the graph for the GPU and emits its kernels as PTX for each
+/// architecture in `archs`.
+#[cfg(feature = "llvm")]
+fn compile_cuda(graph: &Graph, weights: &Weights, archs: &[String]) -> Result<CudaFiles> {
+    use smelt_codegen::llvm::{emit_ptx, GpuArch};
+    use smelt_codegen::schedule::Device;
+    let options = ScheduleOptions { device: Device::Gpu, ..ScheduleOptions::default() };
+    let sched = schedule(graph, weights, options)?;
+    let mut ptx = vec![];
+    for a in archs {
+        let arch = GpuArch::all().into_iter().find(|g| g.name() == a).expect("checked by check_gpu_archs");
+        ptx.push((a.clone(), emit_ptx(&sched.kernels, arch)?));
+    }
+    let mut plan = sched.plan;
+    for entry in &mut plan.kernels {
+        entry.lowering = "nvptx".into();
+    }
+    Ok(CudaFiles { plan, ptx, constants: sched.weights })
+}
+
+#[cfg(not(feature = "llvm"))]
+fn compile_cuda(_: &Graph, _: &Weights, _: &[String]) -> Result<CudaFiles> {
+    bail!("{NO_NVPTX}")
+}
+
+const NO_NVPTX: &str = "target `cuda` needs LLVM's NVPTX backend: this smelt was built without the `llvm` feature (cargo build --features llvm)";
