@@ -126,7 +126,7 @@ fn safetensors_header_lying_about_its_length() {
 }
 
 #[test]
-fn missing_model_path_bad_onnx_and_unimplemented_targets() {
+fn missing_model_path_bad_onnx_and_bad_targets() {
     let tmp = tempfile::tempdir().unwrap();
     let nowhere = tmp.path().join("nowhere");
     fails(&[&"compile", &nowhere, &"-o", &tmp.path().join("x.smelt")], &["no such file or directory"]);
@@ -134,11 +134,21 @@ fn missing_model_path_bad_onnx_and_unimplemented_targets() {
     std::fs::write(&onnx, b"not really onnx").unwrap();
     fails(&[&"compile", &onnx, &"-o", &tmp.path().join("x.smelt")], &["model.onnx"]);
     assert!(!tmp.path().join("x.smelt").exists());
-    // `cpu` is implemented now; `cuda` is refused before any work.
+    // Bad target combinations and GPU architectures are refused before any work.
     fails(
-        &[&"compile", &tmp.path(), &"-o", &tmp.path().join("x.smelt"), &"--target", &"cuda"],
-        &["target `cuda` is not implemented yet"],
+        &[&"compile", &tmp.path(), &"-o", &tmp.path().join("x.smelt"), &"--target", &"interp,cpu"],
+        &["`interp` cannot be combined"],
     );
+    fails(
+        &[&"compile", &tmp.path(), &"-o", &tmp.path().join("x.smelt"), &"--target", &"cuda", &"--gpu-arch", &"sm_75"],
+        &["unknown GPU architecture `sm_75`"],
+    );
+    if !cfg!(feature = "llvm") {
+        fails(
+            &[&"compile", &tmp.path(), &"-o", &tmp.path().join("x.smelt"), &"--target", &"cuda"],
+            &["target `cuda` needs LLVM's NVPTX backend"],
+        );
+    }
     let empty = tmp.path().join("empty");
     std::fs::create_dir(&empty).unwrap();
     fails(&[&"inspect", &empty], &["missing config.json"]);
