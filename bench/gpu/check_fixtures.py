@@ -1,0 +1,111 @@
+"""Checks `--target cuda` artifacts of every fixture against its reference
+outputs, on a machine with an NVIDIA GPU and no Rust: it runs the prebuilt
+`smelt` binary (compile, run, generate) and compares with numpy.
+
+Usage: python3 check_fixtures.py SMELT FIXTURES_DIR WORK_DIR [--weight-dtype bf16]
+
+What a pass means (../shared/fixtures/README.md; the GPU issue):
+- f32 weights: logits and present key/values within 1e-3 absolute of the
+  PyTorch f32 reference, greedy ids exactly equal;
+- bf16 weights: max |got - want| / max |want| of the logits <= 2e-2 (greedy
+  ids are reported, not required: bf16 rounding may flip near-ties).
+Prints one line per check and a summary; exits 1 if any check fails.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+ABS_TOL = 1e-3
+REL_TOL = 2e-2
+
+
+def smelt(*args):
+    r = subprocess.run([SMELT, *map(str, args)], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"smelt {' '.join(map(str, args))}: {r.stderr.strip()}")
+    return r.stdout
+
+
+def err(got, want):
+    got, want = got.astype(np.float64), want.astype(np.float64)
+    if got.shape != want.shape:
+        raise RuntimeError(f"shape {got.shape} != reference {want.shape}")
+    a = float(np.max(np.abs(got - want)))
+    return a, a / max(float(np.max(np.abs(want))), 1e-30)
+
+
+def check(name, art, ref, has_kv, work):
+    results = []
+    inp, outp = os.path.join(work, "in.safetensors"), os.path.join(work, "out.safetensors")
+    save_file({"input_ids": ref["input_ids"]}, inp)
+    smelt("run", art, "--inputs", inp, "--outputs", outp)
+    results.append(("logits", *err(load_file(outp)["logits"], ref["logits"])))
+    if has_kv:
+        feed = {}
+        for k, t in ref.items():
+            if k.startswith("kv.past."):
+                feed["past_key_values." + k[len("kv.past."):]] = t
+            elif k in ("kv.input_ids", "kv.attention_mask", "kv.position_ids"):
+                feed[k[3:]] = t
+        save_file(feed, inp)
+        smelt("run", art, "--inputs", inp, "--outputs", outp)
+        out = load_file(outp)
+        a, r = err(out["logits"], ref["kv.logits"])
+        for k, want in ref.items():
+            if k.startswith("kv.present."):
+                pa, pr = err(out["present." + k[len("kv.present."):]], want)
+                a, r = max(a, pa), max(r, pr)
+        results.append(("kv step", a, r))
+    prompt = [int(x) for x in ref["prompt"].reshape(-1)]
+    want = [int(x) for x in ref["greedy_ids"].reshape(-1)]
+    out = smelt("generate", art, "--prompt-ids", ",".join(map(str, prompt)),
+                "--max-new-tokens", len(want) - len(prompt), "--json")
+    got = json.loads(out)["ids"]
+    return results, got == want
+
+
+def main():
+    global SMELT
+    SMELT, fixtures, work = sys.argv[1:4]
+    bf16 = "--weight-dtype" in sys.argv and sys.argv[sys.argv.index("--weight-dtype") + 1] == "bf16"
+    os.makedirs(work, exist_ok=True)
+    failed = 0
+    rows = []
+    for name in sorted(os.listdir(fixtures)):
+        d = os.path.join(fixtures, name)
+        if not os.path.isfile(os.path.join(d, "reference.safetensors")):
+            continue
+        ref = load_file(os.path.join(d, "reference.safetensors"))
+        for src, label, has_kv in [(d, "hf", True), (os.path.join(d, "model-kv.onnx"), "model-kv.onnx", True),
+                                   (os.path.join(d, "model.onnx"), "model.onnx", False)]:
+            if not os.path.exists(src):
+                continue
+            art = os.path.join(work, f"{name}-{label}{'-bf16' if bf16 else ''}.smelt")
+            extra = ["--weight-dtype", "bf16"] if bf16 else []
+            try:
+                smelt("compile", src, "-o", art, "--target", "cuda", *extra)
+                results, greedy = check(name, art, ref, has_kv, work)
+            except Exception as e:  # report and go on: every fixture is checked
+                print(f"FAIL {name} ({label}): {e}", flush=True)
+                failed += 1
+                continue
+            ok = all((r if bf16 else a) <= (REL_TOL if bf16 else ABS_TOL) for _, a, r in results)
+            ok = ok and (greedy or bf16)
+            failed += not ok
+            detail = ", ".join(f"{what} abs {a:.2e} rel {r:.2e}" for what, a, r in results)
+            print(f"{'ok  ' if ok else 'FAIL'} {name} ({label}{', bf16' if bf16 else ''}): {detail}; "
+                  f"greedy {'exact' if greedy else 'differs'}", flush=True)
+            rows.append(dict(fixture=name, source=label, bf16=bf16, checks=results, greedy_exact=greedy, ok=ok))
+    with open(os.path.join(work, f"fixtures{'-bf16' if bf16 else ''}.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    passed = sum(r["ok"] for r in rows)
+    print(f"{passed}/{passed + failed} fixture artifacts pass", flush=True)
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
