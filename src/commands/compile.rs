@@ -1,4 +1,4 @@
-//! `smelt compile MODEL -o OUT.smelt [--target interp|cpu|cuda] [--dump-ir STAGE|all]`:
+//! `smelt compile MODEL -o OUT.smelt [--target interp|cpu|cuda] [--weight-dtype f32|bf16|f16] [--dump-ir STAGE|all]`:
 //! builds the model's graph, runs the pass pipeline (folding, CSE, fusion
 //! with egg; `--no-fuse` skips it), verifies the result and writes an
 //! artifact whose manifest records the fusion report. `interp` stores the
@@ -6,13 +6,17 @@
 //! schedules the graph into kernels, compiles them with Cranelift, links
 //! them into `kernels.so` with the system `cc` and stores the launch plan
 //! and the constants laid out for mmap; `cuda` is refused before any work.
+//! `--weight-dtype` (cpu only) stores the matmul weights and embedding
+//! tables as bf16 or f16 (computation stays f32); it defaults to the
+//! checkpoint's own dtype when that is bf16 or f16, so a bf16 checkpoint
+//! keeps its exact weights at half the bytes of f32.
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Result};
 use clap::ValueEnum;
-use smelt_codegen::schedule::{schedule, ScheduleOptions};
+use smelt_codegen::schedule::{schedule, ScheduleOptions, WeightDtype};
 use smelt_ir::Graph;
 use smelt_passes::Weights;
 use smelt_passes::{pipeline, DumpSpec, DumpTarget, PipelineOptions};
@@ -30,6 +34,23 @@ pub enum Target {
     Cuda,
 }
 
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum WeightDtypeArg {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl From<WeightDtypeArg> for WeightDtype {
+    fn from(d: WeightDtypeArg) -> WeightDtype {
+        match d {
+            WeightDtypeArg::F32 => WeightDtype::F32,
+            WeightDtypeArg::Bf16 => WeightDtype::BF16,
+            WeightDtypeArg::F16 => WeightDtype::F16,
+        }
+    }
+}
+
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// A Hugging Face checkpoint folder (config.json + *.safetensors) or an .onnx file.
@@ -42,6 +63,10 @@ pub struct Args {
     /// Keep the frontend's primitive graph (no passes, no fusion).
     #[arg(long)]
     pub no_fuse: bool,
+    /// How `--target cpu` stores matmul weights and embedding tables (all
+    /// arithmetic stays f32) [default: the checkpoint's dtype if bf16 or f16, else f32].
+    #[arg(long, value_enum)]
+    pub weight_dtype: Option<WeightDtypeArg>,
     #[command(flatten)]
     pub passes: PassArgs,
 }
@@ -80,6 +105,9 @@ pub fn main(args: Args) -> Result<()> {
     if args.target == Target::Cuda {
         bail!("target `cuda` is not implemented yet in this build (available: interp, cpu)");
     }
+    if args.weight_dtype.is_some() && args.target != Target::Cpu {
+        bail!("--weight-dtype applies to `--target cpu` only (the interp target keeps the checkpoint's weights)");
+    }
     let start = Instant::now();
     let mut loaded = match Source::classify(&args.model)? {
         Source::Checkpoint(dir) => load_checkpoint(&dir)?,
@@ -94,8 +122,14 @@ pub fn main(args: Args) -> Result<()> {
         let report = pipeline(&mut loaded.graph, &mut loaded.weights, &args.passes.options(false)?)?;
         Some(serde_json::to_value(&report.fusion)?)
     };
+    let weight_dtype = match (args.weight_dtype, loaded.info.stored_dtype.as_deref()) {
+        (Some(d), _) => d.into(),
+        (None, Some("bf16")) => WeightDtype::BF16,
+        (None, Some("f16")) => WeightDtype::F16,
+        (None, _) => WeightDtype::F32,
+    };
     let native = match args.target {
-        Target::Cpu => Some(compile_native(&loaded.graph, &loaded.weights)?),
+        Target::Cpu => Some(compile_native(&loaded.graph, &loaded.weights, weight_dtype)?),
         _ => None,
     };
     let target = if native.is_some() { "cpu" } else { "interp" };
@@ -126,10 +160,10 @@ pub fn main(args: Args) -> Result<()> {
 
 /// Schedules the graph into kernels, compiles and links them, and returns
 /// what the artifact stores for the `cpu` target.
-fn compile_native(graph: &Graph, weights: &Weights) -> Result<NativeFiles> {
+fn compile_native(graph: &Graph, weights: &Weights, weight_dtype: WeightDtype) -> Result<NativeFiles> {
     // Cranelift runs the packed-panel weight kernels fastest; the llvm
     // build lowers the [N, K] ones with wider vectors instead.
-    let options = ScheduleOptions { packed_weights: !cfg!(feature = "llvm") };
+    let options = ScheduleOptions { packed_weights: !cfg!(feature = "llvm"), weight_dtype };
     let sched = schedule(graph, weights, options)?;
     let dir = tempfile::tempdir()?;
     let mut plan = sched.plan;
