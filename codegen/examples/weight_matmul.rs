@@ -17,6 +17,7 @@
 //! (defaults 2, 30, 128).
 
 use smelt_codegen::cranelift::{Arg, JitKernel};
+use smelt_codegen::kir::Scalar;
 use smelt_codegen::select::{gated_mlp_weight_nk, matmul_weight_nk, weight_gated_mlp, weight_matmul, Instance};
 use smelt_codegen::templates::testing::rand;
 use smelt_ir::{DType, Dim, TensorType};
@@ -175,7 +176,12 @@ fn build(s: &Shape, packed: bool, m_dim: &Dim, layers: usize) -> (Instance, Vec<
     let w = TensorType::new(DType::F32, vec![Dim::c(s.n as i64), Dim::c(s.k as i64)]);
     let nw = if s.gated { 2 } else { 1 };
     let (inst, packs) = if packed {
-        let wk = if s.gated { weight_gated_mlp(&x, s.n, s.k, "silu") } else { weight_matmul(&x, s.n, s.k) }.unwrap();
+        let wk = if s.gated {
+            weight_gated_mlp(&x, s.n, s.k, "silu", Scalar::F32)
+        } else {
+            weight_matmul(&x, s.n, s.k, Scalar::F32)
+        }
+        .unwrap();
         (wk.instance, Some(wk.packs))
     } else {
         let i = if s.gated { gated_mlp_weight_nk(&x, &w, &w, "silu") } else { matmul_weight_nk(&x, &w) }.unwrap();

@@ -15,13 +15,18 @@
 //!   weights as `[N, K]`, rows contiguous along K, which is what a decode
 //!   GEMV streams best; identical constants (a tied embedding and its
 //!   transposed-back head) are stored once;
+//! - with [`ScheduleOptions::weight_dtype`] `bf16`/`f16`, those matmul
+//!   weights and the tables of embedding lookups (`gather` from a 2-D
+//!   constant) are stored narrow, rounded to nearest even, and widened to
+//!   f32 as kernels load them; every other constant (norm weights, biases,
+//!   rope tables) stays f32, and all arithmetic is f32;
 //! - every launch argument's `needs` equals the element count of the buffer
 //!   bound to it (checked symbolically here, re-checked numerically by the
 //!   runtime), so a kernel never reads or writes past a buffer.
 
 use std::collections::{BTreeMap, HashMap};
 
-use smelt_ir::{interp, Data, Dim, Graph, NodeId, Op, Tensor, ValueId};
+use smelt_ir::{interp, DType, Data, Dim, Graph, NodeId, Op, Tensor, ValueId};
 use smelt_runtime::plan::{Buffer, Elem, Launch, NativePlan, Storage};
 
 use crate::kir::{BinOp, Expr, Kernel, Scalar};
@@ -70,8 +75,9 @@ struct Scheduler<'g> {
     graph: &'g Graph,
     slots: HashMap<ValueId, Slot>,
     buffers: Vec<Buffer>,
-    /// Buffer index of each placed constant value, so it is stored once.
-    placed: HashMap<ValueId, usize>,
+    /// Buffer index of each placed constant value by the element type it
+    /// is stored as, so it is stored once.
+    placed: HashMap<(ValueId, Scalar), usize>,
     /// Offset of each distinct constant's bytes in the weights file.
     stored: HashMap<(usize, u64), Vec<u64>>,
     weights: Vec<u8>,
@@ -102,6 +108,34 @@ pub struct ScheduleOptions {
     /// which is what the Cranelift lowering runs fastest; otherwise the
     /// `[N, K]` kernels, which LLVM widens to 256-bit vectors.
     pub packed_weights: bool,
+    /// How the weights of weight matmuls and embedding tables are stored.
+    pub weight_dtype: WeightDtype,
+}
+
+/// The storage type of the weights (see the module docs); computation is
+/// f32 whatever it is.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum WeightDtype {
+    /// Exact f32.
+    #[default]
+    F32,
+    /// bfloat16 (8 bits of significand, f32's range): half the bytes, so
+    /// a weight-bandwidth-bound decode step reads half as much.
+    BF16,
+    /// IEEE half (11 bits of significand, finite up to 65504). A constant
+    /// with a value that would overflow stays f32.
+    F16,
+}
+
+impl WeightDtype {
+    /// The KIR element type of a weight buffer.
+    pub fn scalar(self) -> Scalar {
+        match self {
+            WeightDtype::F32 => Scalar::F32,
+            WeightDtype::BF16 => Scalar::BF16,
+            WeightDtype::F16 => Scalar::F16,
+        }
+    }
 }
 
 /// Schedules `graph` whose weights are in `weights` (by weight name).
@@ -187,6 +221,9 @@ impl Scheduler<'_> {
         if let Some(done) = self.weight_stationary(n)? {
             return Ok(done);
         }
+        if let Some(done) = self.narrow_table_gather(n)? {
+            return Ok(done);
+        }
         let in_tys: Vec<_> = node.inputs.iter().map(|v| g.ty(*v).clone()).collect();
         let out_tys: Vec<_> = node.outputs.iter().map(|v| g.ty(*v).clone()).collect();
         let selected = match self.select(&node.op, &in_tys, &out_tys) {
@@ -249,26 +286,34 @@ impl Scheduler<'_> {
             }
         }
         let x_ty = g.ty(node.inputs[0]).clone();
+        let values: Vec<Vec<f32>> = nk.iter().map(Tensor::to_f32_vec).collect();
+        let welem = self.options.weight_dtype.scalar();
+        let welem = if values.iter().all(|v| fits(welem, v)) { welem } else { Scalar::F32 };
         if self.options.packed_weights {
             let (n_, k_) = (nk[0].shape[0], nk[0].shape[1]);
             let wk = match &node.op {
-                Op::MatMul {} => select::weight_matmul(&x_ty, n_, k_),
-                Op::GatedMlp { act } => select::weight_gated_mlp(&x_ty, n_, k_, act),
+                Op::MatMul {} => select::weight_matmul(&x_ty, n_, k_, welem),
+                Op::GatedMlp { act } => select::weight_gated_mlp(&x_ty, n_, k_, act, welem),
                 _ => unreachable!("matched above"),
             };
             if let Ok(wk) = wk {
                 let mut args = vec![self.buffer_of(node.inputs[0])];
-                for ((w, t), pack) in weights.iter().zip(&nk).zip(&wk.packs) {
-                    let packed = pack.apply(&t.to_f32_vec(), n_, k_);
-                    let len = packed.len();
-                    let t = Tensor::from_f32(t.dtype, vec![len], packed).expect("length matches");
-                    args.push(self.place_const(&format!("%{}ᵀ packed", w.index()), &t));
+                for ((w, v), pack) in weights.iter().zip(&values).zip(&wk.packs) {
+                    let packed = pack.apply(v, n_, k_);
+                    let shape = [packed.len()];
+                    args.push(self.place_values(&format!("%{}ᵀ packed", w.index()), &shape, welem, &packed));
                 }
                 self.launch(n, wk.instance, args)?;
                 return Ok(Some(()));
             }
         }
-        let nk_ty = |t: &Tensor| smelt_ir::TensorType::new(t.dtype, t.shape.iter().map(|&d| Dim::from(d)).collect());
+        // The weight's type tells the `[n, k]` kernels how it is stored.
+        let wdtype = match welem {
+            Scalar::BF16 => DType::BF16,
+            Scalar::F16 => DType::F16,
+            _ => DType::F32,
+        };
+        let nk_ty = |t: &Tensor| smelt_ir::TensorType::new(wdtype, t.shape.iter().map(|&d| Dim::from(d)).collect());
         let inst = match &node.op {
             Op::MatMul {} => select::matmul_weight_nk(&x_ty, &nk_ty(&nk[0])),
             Op::GatedMlp { act } => select::gated_mlp_weight_nk(&x_ty, &nk_ty(&nk[0]), &nk_ty(&nk[1]), act),
@@ -278,9 +323,45 @@ impl Scheduler<'_> {
         // falls back to the general kernel.
         let Ok(inst) = inst else { return Ok(None) };
         let mut args = vec![self.buffer_of(node.inputs[0])];
-        for (w, t) in weights.iter().zip(nk) {
-            args.push(self.place_const(&format!("%{}ᵀ", w.index()), &t));
+        for ((w, t), v) in weights.iter().zip(&nk).zip(&values) {
+            args.push(self.place_values(&format!("%{}ᵀ", w.index()), &t.shape, welem, v));
         }
+        self.launch(n, inst, args)?;
+        Ok(Some(()))
+    }
+
+    /// With a narrow [`WeightDtype`], an embedding lookup (`gather` along
+    /// axis 0 of a 2-D float constant) reads its table stored narrow;
+    /// `None` when the node is not one. A tied embedding's table then has
+    /// the bytes of its `[n, k]` head weight, which is stored once.
+    fn narrow_table_gather(&mut self, n: NodeId) -> Result<Option<()>, ScheduleError> {
+        let elem = self.options.weight_dtype.scalar();
+        let g = self.graph;
+        let node = g.node(n);
+        let Op::Gather { axis } = &node.op else { return Ok(None) };
+        if elem == Scalar::F32 || !matches!(axis, 0 | -2) {
+            return Ok(None);
+        }
+        let (shape, values) = match self.slots.get(&node.inputs[0]) {
+            Some(Slot::Const(t)) if t.shape.len() == 2 && matches!(t.data, Data::F32(_)) => {
+                (t.shape.clone(), t.to_f32_vec())
+            }
+            _ => return Ok(None),
+        };
+        if !fits(elem, &values) {
+            return Ok(None);
+        }
+        let (data, idx, out) = (g.ty(node.inputs[0]), g.ty(node.inputs[1]), g.ty(node.outputs[0]));
+        let Ok(inst) = select::gather_stored(data, idx, out, *axis, elem) else { return Ok(None) };
+        let table = match self.placed.get(&(node.inputs[0], elem)) {
+            Some(&b) => b,
+            None => {
+                let b = self.place_values(&format!("%{}", node.inputs[0].index()), &shape, elem, &values);
+                self.placed.insert((node.inputs[0], elem), b);
+                b
+            }
+        };
+        let args = vec![table, self.buffer_of(node.inputs[1])];
         self.launch(n, inst, args)?;
         Ok(Some(()))
     }
@@ -416,13 +497,19 @@ impl Scheduler<'_> {
         offset
     }
 
-    /// A buffer holding a constant that is no graph value (a re-laid-out weight).
-    fn place_const(&mut self, name: &str, t: &Tensor) -> usize {
-        let offset = self.store(&const_bytes(t));
+    /// A buffer holding float constants stored as `elem` (`F32`, or
+    /// `BF16`/`F16` rounded to nearest even), such as a re-laid-out weight.
+    fn place_values(&mut self, name: &str, shape: &[usize], elem: Scalar, values: &[f32]) -> usize {
+        let bytes: Vec<u8> = match elem {
+            Scalar::BF16 => values.iter().flat_map(|&x| half::bf16::from_f32(x).to_le_bytes()).collect(),
+            Scalar::F16 => values.iter().flat_map(|&x| half::f16::from_f32(x).to_le_bytes()).collect(),
+            _ => values.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        };
+        let offset = self.store(&bytes);
         self.buffers.push(Buffer {
             name: name.to_string(),
-            elem: plan_elem(elem_of(t.dtype)),
-            shape: t.shape.iter().map(|d| d.to_string()).collect(),
+            elem: plan_elem(elem),
+            shape: shape.iter().map(|d| d.to_string()).collect(),
             storage: Storage::Weight { offset },
         });
         self.buffers.len() - 1
@@ -435,7 +522,7 @@ impl Scheduler<'_> {
     /// The buffer holding `v`, placing a constant in the weights file the
     /// first time a launch needs it.
     fn buffer_of(&mut self, v: ValueId) -> usize {
-        if let Some(&b) = self.placed.get(&v) {
+        if let Some(&b) = self.placed.get(&(v, Scalar::F32)) {
             return b;
         }
         match self.slots.get(&v) {
@@ -444,11 +531,21 @@ impl Scheduler<'_> {
                 let bytes = const_bytes(t);
                 let offset = self.store(&bytes);
                 let b = self.new_buffer(v, Storage::Weight { offset });
-                self.placed.insert(v, b);
+                self.placed.insert((v, Scalar::F32), b);
                 b
             }
             None => unreachable!("operands are scheduled before their users (topological order)"),
         }
+    }
+}
+
+/// Whether every finite value stays finite stored as `elem` (f16 overflows
+/// above 65504).
+fn fits(elem: Scalar, values: &[f32]) -> bool {
+    match elem {
+        Scalar::F16 => values.iter().all(|&x| !x.is_finite() || half::f16::from_f32(x).is_finite()),
+        Scalar::BF16 => values.iter().all(|&x| !x.is_finite() || half::bf16::from_f32(x).is_finite()),
+        _ => true,
     }
 }
 
@@ -521,4 +618,100 @@ fn describe(g: &Graph, n: NodeId) -> String {
         s.push_str(&format!(" (line {line})"));
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tied embedding: the table of the lookup is the transposed-back
+    /// head weight. With `weight_dtype`, both are stored narrow; the norm
+    /// weight stays f32.
+    fn tied_lm() -> (Graph, BTreeMap<String, Tensor>) {
+        let g = smelt_ir::text::parse(
+            r#"
+func @lm(%ids: i64[1, seq]) -> (logits) {
+  %e = weight name="embed" : f32[11, 8]
+  %h = gather %e, %ids axis=0 : f32[1, seq, 8]
+  %n = weight name="norm" : f32[8]
+  %hn = mul %h, %n : f32[1, seq, 8]
+  %et = transpose %e perm=[1, 0] : f32[8, 11]
+  %logits = matmul %hn, %et : f32[1, seq, 11]
+  return logits=%logits
+}
+"#,
+        )
+        .unwrap();
+        let embed: Vec<f32> = (0..88).map(|i| (i as f32 * 0.37).sin()).collect();
+        let weights = BTreeMap::from([
+            ("embed".to_string(), Tensor::from_f32(DType::F32, vec![11, 8], embed).unwrap()),
+            ("norm".to_string(), Tensor::from_f32(DType::F32, vec![8], vec![1.5; 8]).unwrap()),
+        ]);
+        (g, weights)
+    }
+
+    /// The constant buffers as (elem, offset, bytes).
+    fn constants(s: &Schedule) -> Vec<(Elem, u64, usize)> {
+        let mut out: Vec<_> = s
+            .plan
+            .buffers
+            .iter()
+            .filter_map(|b| match b.storage {
+                Storage::Weight { offset } => {
+                    let n: usize = b.shape.iter().map(|d| d.parse::<usize>().unwrap()).product();
+                    Some((b.elem, offset, n * b.elem.size()))
+                }
+                _ => None,
+            })
+            .collect();
+        out.sort_by_key(|c| c.1);
+        out
+    }
+
+    #[test]
+    fn narrow_weights_keep_tied_embeddings_stored_once() {
+        let (g, w) = tied_lm();
+        for (dtype, elem) in
+            [(WeightDtype::F32, Elem::F32), (WeightDtype::BF16, Elem::BF16), (WeightDtype::F16, Elem::F16)]
+        {
+            let s = schedule(&g, &w, ScheduleOptions { packed_weights: false, weight_dtype: dtype }).unwrap();
+            let c = constants(&s);
+            // The table and the head: one offset; the norm weight: f32.
+            assert_eq!(c.len(), 3, "{dtype:?}: {c:?}");
+            let (table, norm): (Vec<&(Elem, u64, usize)>, Vec<_>) = c.iter().partition(|x| x.2 == 88 * elem.size());
+            assert!(table.iter().all(|t| t.0 == elem && t.1 == table[0].1), "{dtype:?}: {c:?}");
+            assert_eq!(norm, vec![&(Elem::F32, norm[0].1, 32)], "{dtype:?}");
+            assert_eq!(s.weights.len() as u64, c.iter().map(|x| x.1 + x.2 as u64).max().unwrap(), "{dtype:?}");
+            let names: Vec<&str> = s.kernels.iter().map(|k| k.name.as_str()).collect();
+            let suffix = match dtype {
+                WeightDtype::F32 => "",
+                WeightDtype::BF16 => "_bf16",
+                WeightDtype::F16 => "_f16",
+            };
+            assert!(names.iter().any(|n| n.starts_with(&format!("matmul_nk_k8_n11{suffix}_"))), "{names:?}");
+        }
+    }
+
+    #[test]
+    fn packed_weights_are_stored_narrow() {
+        let (g, w) = tied_lm();
+        let s = schedule(&g, &w, ScheduleOptions { packed_weights: true, weight_dtype: WeightDtype::BF16 }).unwrap();
+        let c = constants(&s);
+        // The table, the packed head (16 columns of 8: two panels), the norm.
+        let elems: Vec<(Elem, usize)> = c.iter().map(|x| (x.0, x.2)).collect();
+        assert!(elems.contains(&(Elem::BF16, 88 * 2)) && elems.contains(&(Elem::BF16, 16 * 8 * 2)), "{c:?}");
+        assert!(elems.contains(&(Elem::F32, 32)), "{c:?}");
+    }
+
+    /// f16 cannot hold 1e5: such a weight stays f32 rather than turning
+    /// into infinities.
+    #[test]
+    fn weights_that_overflow_f16_stay_f32() {
+        let (g, mut w) = tied_lm();
+        let mut big = w["embed"].to_f32_vec();
+        big[3] = 1e5;
+        w.insert("embed".into(), Tensor::from_f32(DType::F32, vec![11, 8], big).unwrap());
+        let s = schedule(&g, &w, ScheduleOptions { packed_weights: false, weight_dtype: WeightDtype::F16 }).unwrap();
+        assert!(constants(&s).iter().all(|c| c.0 == Elem::F32), "{:?}", constants(&s));
+    }
 }

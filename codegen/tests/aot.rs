@@ -63,6 +63,7 @@ fn launch(kernel: usize, args: &[usize], needs: &[&str], scalars: &[&str], node:
         needs: needs.iter().map(|s| s.to_string()).collect(),
         scalars: scalars.iter().map(|s| s.to_string()).collect(),
         node: node.into(),
+        grid: None,
     }
 }
 
@@ -115,6 +116,7 @@ fn plan(lib: &LibraryInfo, ks: &[Kernel]) -> NativePlan {
         outputs: vec![("y".into(), 6), ("row1".into(), 7), ("w".into(), 10)],
         arch: lib.arch.clone(),
         cpu_features: lib.cpu_features.clone(),
+        ptx: vec![],
     }
 }
 

@@ -227,3 +227,146 @@ fn symbolic_lengths_are_checked_per_call() {
     let err = j.run_part(&mut [Arg::F32(&xs), Arg::F32Mut(&mut out)], &[], 0, 1).unwrap_err();
     assert!(matches!(err, RunError::Scalars { expected: 1, found: 0, .. }), "{err}");
 }
+
+/// `y[i] = x[i]` over `n` elements from an `from` buffer into a `to` buffer,
+/// in 4-lane steps and a scalar tail, so both widths of narrow loads and
+/// stores are exercised.
+fn convert_kernel(from: smelt_codegen::kir::Scalar, to: smelt_codegen::kir::Scalar, n: usize) -> Kernel {
+    use smelt_codegen::kir::{Access, Builder, Expr, LoopKind, Space};
+    let mut b = Builder::new(&format!("convert_{from:?}_{to:?}_{n}"));
+    let x = b.buffer("x", from, n, Space::Global, Access::Read);
+    let y = b.buffer("y", to, n, Space::Global, Access::Write);
+    let full = n / 4;
+    b.for_("t", Expr::idx(0), Expr::idx(full + n % 4), 1, LoopKind::Parallel, |b, t| {
+        b.if_(
+            t.clone().lt(Expr::idx(full)),
+            |b| {
+                let i = b.let_("i", t.clone() * Expr::idx(4));
+                b.store(y, Expr::Var(i), Expr::load(x, Expr::Var(i), 4));
+            },
+            |b| {
+                let i = b.let_("i", t.clone() + Expr::idx(full * 3));
+                b.store(y, Expr::Var(i), Expr::load(x, Expr::Var(i), 1));
+            },
+        );
+    });
+    b.finish().unwrap()
+}
+
+/// Bit patterns are equal, or both are NaN (the lowering keeps a NaN's
+/// payload but does not quiet it on loads, as the `half` crate does).
+fn same_bits(what: &str, i: usize, got: u32, want: u32, nan: bool) {
+    assert!(got == want || nan, "{what}: element {i}: jit {got:#010x}, interpreter {want:#010x}");
+}
+
+/// Every bf16 and f16 bit pattern loads (as 4 lanes and as scalars) to the
+/// f32 the interpreter gives (`half`'s exact widening), on teams of 1 and 3.
+#[test]
+fn narrow_loads_match_interpreter_for_every_bit_pattern() {
+    use smelt_codegen::kir::Scalar;
+    // 65536 patterns and 3 more, so the scalar tail runs too.
+    let bits: Vec<u16> = (0..=u16::MAX).chain([0x7f80, 0x3c00, 0x8001]).collect();
+    let n = bits.len();
+    for elem in [Scalar::BF16, Scalar::F16] {
+        let k = convert_kernel(elem, Scalar::F32, n);
+        let j = JitKernel::compile(&k).unwrap_or_else(|e| panic!("{e}\n{k}"));
+        let data = match elem {
+            Scalar::BF16 => BufData::BF16(bits.iter().map(|&b| half::bf16::from_bits(b)).collect()),
+            _ => BufData::F16(bits.iter().map(|&b| half::f16::from_bits(b)).collect()),
+        };
+        let mut bufs = vec![data.clone(), BufData::zeros(Scalar::F32, n)];
+        interp::run(&k, &mut bufs, &[], Mode::Cpu { threads: 1 }).unwrap();
+        let want = bufs[1].f32().to_vec();
+        for threads in [1, 3] {
+            let mut got = vec![0.0f32; n];
+            for t in 0..threads {
+                let x = match &data {
+                    BufData::BF16(v) => Arg::BF16(v),
+                    BufData::F16(v) => Arg::F16(v),
+                    _ => unreachable!(),
+                };
+                j.run_part(&mut [x, Arg::F32Mut(&mut got)], &[], t, threads).unwrap();
+            }
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                same_bits(&k.name, i, g.to_bits(), w.to_bits(), g.is_nan() && w.is_nan());
+            }
+        }
+    }
+}
+
+/// f32 values stored into bf16 and f16 buffers round to nearest even as
+/// the `half` crate (the interpreter) rounds, bit for bit: ties both ways,
+/// overflow to infinity, f16 subnormals and underflow to zero, signed
+/// zeros, infinities and NaNs (which stay NaN, quieted, payload truncated).
+#[test]
+fn narrow_stores_round_like_the_interpreter() {
+    use smelt_codegen::kir::Scalar;
+    let mut xs: Vec<f32> = vec![
+        0.0,
+        -0.0,
+        1.0,
+        -1.5,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        -f32::NAN,
+        f32::from_bits(0x7f80_0001), // signalling NaN, low payload
+        f32::from_bits(0xffa0_1234),
+        f32::MAX,
+        f32::MIN_POSITIVE,
+        f32::from_bits(1),  // smallest subnormal
+        65504.0,            // f16 max
+        65519.99,           // rounds down to f16 max
+        65520.0,            // rounds up to infinity in f16
+        6.1035156e-5,       // f16 min normal
+        5.9604645e-8,       // f16 min subnormal
+        2.9802322e-8,       // half of it: ties to even (zero)
+        2.9802326e-8,       // just above: rounds up
+        1.0 + 1.0 / 256.0,  // bf16 tie, to even (down)
+        1.0 + 3.0 / 256.0,  // bf16 tie, to even (up)
+        1.0 + 1.0 / 2048.0, // f16 tie
+        1.0 + 3.0 / 2048.0,
+        f32::from_bits(0x7f7f_ffff), // bf16 overflow to infinity
+    ];
+    // Random bit patterns over every exponent, and values around f16's range.
+    let mut s = 0x1234_5678u64;
+    for i in 0..40_000 {
+        s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let r = (s >> 32) as u32;
+        xs.push(if i % 2 == 0 { f32::from_bits(r) } else { f32::from_bits(0x3000_0000 + r % 0x1800_0000) });
+    }
+    xs.extend([3.0, -7.25, 1e-3]); // a length that is not a multiple of 4
+    let n = xs.len();
+    for elem in [Scalar::BF16, Scalar::F16] {
+        let k = convert_kernel(Scalar::F32, elem, n);
+        let j = JitKernel::compile(&k).unwrap_or_else(|e| panic!("{e}\n{k}"));
+        let mut bufs = vec![BufData::F32(xs.clone()), BufData::zeros(elem, n)];
+        interp::run(&k, &mut bufs, &[], Mode::Cpu { threads: 1 }).unwrap();
+        let want: Vec<u16> = match &bufs[1] {
+            BufData::BF16(v) => v.iter().map(|x| x.to_bits()).collect(),
+            BufData::F16(v) => v.iter().map(|x| x.to_bits()).collect(),
+            _ => unreachable!(),
+        };
+        for threads in [1, 2] {
+            let got: Vec<u16> = match elem {
+                Scalar::BF16 => {
+                    let mut out = vec![half::bf16::ZERO; n];
+                    for t in 0..threads {
+                        j.run_part(&mut [Arg::F32(&xs), Arg::BF16Mut(&mut out)], &[], t, threads).unwrap();
+                    }
+                    out.iter().map(|x| x.to_bits()).collect()
+                }
+                _ => {
+                    let mut out = vec![half::f16::ZERO; n];
+                    for t in 0..threads {
+                        j.run_part(&mut [Arg::F32(&xs), Arg::F16Mut(&mut out)], &[], t, threads).unwrap();
+                    }
+                    out.iter().map(|x| x.to_bits()).collect()
+                }
+            };
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                same_bits(&format!("{} (x = {:e})", k.name, xs[i]), i, *g as u32, *w as u32, false);
+            }
+        }
+    }
+}

@@ -78,6 +78,8 @@ fn to_buf(t: &Tensor, elem: Scalar) -> BufData {
         Scalar::I64 => BufData::I64(t.to_i64_vec()),
         Scalar::I32 => BufData::I32(t.to_i64_vec().into_iter().map(|x| x as i32).collect()),
         Scalar::Bool => BufData::Bool(t.to_i64_vec().into_iter().map(|x| x != 0).collect()),
+        Scalar::BF16 => BufData::BF16(t.to_f32_vec().into_iter().map(half::bf16::from_f32).collect()),
+        Scalar::F16 => BufData::F16(t.to_f32_vec().into_iter().map(half::f16::from_f32).collect()),
     }
 }
 
@@ -88,6 +90,8 @@ fn values(b: &BufData) -> Vec<f64> {
         BufData::I32(v) => v.iter().map(|x| *x as f64).collect(),
         BufData::I64(v) => v.iter().map(|x| *x as f64).collect(),
         BufData::Bool(v) => v.iter().map(|x| *x as u8 as f64).collect(),
+        BufData::BF16(v) => v.iter().map(|x| x.to_f64()).collect(),
+        BufData::F16(v) => v.iter().map(|x| x.to_f64()).collect(),
     }
 }
 
@@ -142,6 +146,8 @@ fn run_instance(
                     BufData::I32(v) => Arg::I32(v),
                     BufData::I64(v) => Arg::I64(v),
                     BufData::Bool(v) => Arg::Bool(v),
+                    BufData::BF16(v) => Arg::BF16(v),
+                    BufData::F16(v) => Arg::F16(v),
                 })
                 .collect();
             for b in outs.iter_mut() {
@@ -150,6 +156,8 @@ fn run_instance(
                     BufData::I32(v) => Arg::I32Mut(v),
                     BufData::I64(v) => Arg::I64Mut(v),
                     BufData::Bool(v) => Arg::BoolMut(v),
+                    BufData::BF16(v) => Arg::BF16Mut(v),
+                    BufData::F16(v) => Arg::F16Mut(v),
                 });
             }
             j.run_part(&mut args, scalars, t, threads).unwrap_or_else(|e| panic!("{e}\n{k}"));

@@ -15,6 +15,7 @@
 
 use smelt_codegen::cranelift::{Arg, JitKernel};
 use smelt_codegen::kir::interp::{self, BufData, Mode};
+use smelt_codegen::kir::Scalar;
 use smelt_codegen::select::{
     gated_mlp_weight_nk, matmul_weight_nk, select, weight_gated_mlp, weight_matmul, Instance, Packing, Selected,
 };
@@ -302,7 +303,7 @@ fn weight_matmul_cases() {
             let s = syms(&[("b", b), ("seq", seq)]);
             let a = f(&format!("b,seq,{k}"));
             let w = f(&format!("{nn},{k}"));
-            let wk = weight_matmul(&a, nn, k).unwrap();
+            let wk = weight_matmul(&a, nn, k, Scalar::F32).unwrap();
             assert_eq!(wk.packs.len(), 1);
             let (ta, tw) = (make(&a, Gen::F(1.0), &s, 3), make(&w, Gen::F(1.0), &s, 4));
             let want = smelt_ir::interp::eval_op(&Op::MatMul {}, &[&ta, &transposed(&tw, &s)], &s).unwrap();
@@ -341,7 +342,7 @@ fn weight_gated_mlp_cases() {
                 let op = Op::GatedMlp { act: act.into() };
                 let x = f(&format!("b,seq,{k}"));
                 let w = f(&format!("{nn},{k}"));
-                let wk = weight_gated_mlp(&x, nn, k, act).unwrap();
+                let wk = weight_gated_mlp(&x, nn, k, act, Scalar::F32).unwrap();
                 assert_eq!(wk.packs.len(), 2);
                 let g = Gen::F(2.0);
                 let (tx, tg, tu) = (make(&x, g, &s, 5), make(&w, g, &s, 6), make(&w, g, &s, 7));
@@ -376,7 +377,7 @@ fn weight_gated_mlp_cases() {
 fn packing_layout() {
     let s = syms(&[]);
     for (nn, k) in [(13, 7), (8, 3), (1, 1), (17, 16)] {
-        let wk = weight_matmul(&f(&format!("2,{k}")), nn, k).unwrap();
+        let wk = weight_matmul(&f(&format!("2,{k}")), nn, k, Scalar::F32).unwrap();
         assert!(wk.instance.scalars.is_empty(), "static rows need no scalar");
         let p = wk.packs[0];
         let Packing::Panels { nr } = p;
@@ -393,8 +394,8 @@ fn packing_layout() {
             assert_eq!(*x, want, "packed element {i} of [{nn}, {k}]");
         }
     }
-    assert!(weight_matmul(&f("seq,5"), 8, 4).is_err(), "contraction mismatch is an error");
-    assert!(weight_gated_mlp(&f("seq,4"), 8, 4, "relu6").is_err(), "unknown act is an error");
+    assert!(weight_matmul(&f("seq,5"), 8, 4, Scalar::F32).is_err(), "contraction mismatch is an error");
+    assert!(weight_gated_mlp(&f("seq,4"), 8, 4, "relu6", Scalar::F32).is_err(), "unknown act is an error");
 }
 
 #[test]

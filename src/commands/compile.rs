@@ -1,4 +1,4 @@
-//! `smelt compile MODEL -o OUT.smelt [--target interp|cpu|cuda] [--dump-ir STAGE|all]`:
+//! `smelt compile MODEL -o OUT.smelt [--target interp|cpu|cuda] [--weight-dtype f32|bf16|f16] [--dump-ir STAGE|all]`:
 //! builds the model's graph, runs the pass pipeline (folding, CSE, fusion
 //! with egg; `--no-fuse` skips it), verifies the result and writes an
 //! artifact whose manifest records the fusion report. `interp` stores the
@@ -8,13 +8,17 @@
 //! and the constants laid out for mmap; `cuda` schedules the graph for the
 //! GPU and stores the kernels as PTX for each `--gpu-arch` (it needs the
 //! `llvm` build). `--target cpu,cuda` stores both plans in one artifact.
+//! `--weight-dtype` stores the matmul weights and embedding tables as bf16
+//! or f16 (computation stays f32); it defaults to the checkpoint's own dtype
+//! when that is bf16 or f16, so a bf16 checkpoint keeps its exact weights at
+//! half the bytes of f32.
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Result};
 use clap::ValueEnum;
-use smelt_codegen::schedule::{schedule, ScheduleOptions};
+use smelt_codegen::schedule::{schedule, ScheduleOptions, WeightDtype};
 use smelt_ir::Graph;
 use smelt_passes::Weights;
 use smelt_passes::{pipeline, DumpSpec, DumpTarget, PipelineOptions};
@@ -30,6 +34,23 @@ pub enum Target {
     Cpu,
     /// NVIDIA GPU kernels as PTX (LLVM NVPTX), run by the CUDA runtime.
     Cuda,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum WeightDtypeArg {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl From<WeightDtypeArg> for WeightDtype {
+    fn from(d: WeightDtypeArg) -> WeightDtype {
+        match d {
+            WeightDtypeArg::F32 => WeightDtype::F32,
+            WeightDtypeArg::Bf16 => WeightDtype::BF16,
+            WeightDtypeArg::F16 => WeightDtype::F16,
+        }
+    }
 }
 
 #[derive(clap::Args, Debug)]
@@ -48,6 +69,10 @@ pub struct Args {
     /// Keep the frontend's primitive graph (no passes, no fusion).
     #[arg(long)]
     pub no_fuse: bool,
+    /// How `--target cpu` stores matmul weights and embedding tables (all
+    /// arithmetic stays f32) [default: the checkpoint's dtype if bf16 or f16, else f32].
+    #[arg(long, value_enum)]
+    pub weight_dtype: Option<WeightDtypeArg>,
     #[command(flatten)]
     pub passes: PassArgs,
 }
@@ -93,6 +118,9 @@ pub fn main(args: Args) -> Result<()> {
             bail!("{NO_NVPTX}");
         }
     }
+    if args.weight_dtype.is_some() && wants(Target::Interp) {
+        bail!("--weight-dtype applies to `--target cpu` and `cuda` only (the interp target keeps the checkpoint's weights)");
+    }
     let start = Instant::now();
     let mut loaded = match Source::classify(&args.model)? {
         Source::Checkpoint(dir) => load_checkpoint(&dir)?,
@@ -107,9 +135,19 @@ pub fn main(args: Args) -> Result<()> {
         let report = pipeline(&mut loaded.graph, &mut loaded.weights, &args.passes.options(false)?)?;
         Some(serde_json::to_value(&report.fusion)?)
     };
-    let native = if wants(Target::Cpu) { Some(compile_native(&loaded.graph, &loaded.weights)?) } else { None };
-    let cuda =
-        if wants(Target::Cuda) { Some(compile_cuda(&loaded.graph, &loaded.weights, &args.gpu_arch)?) } else { None };
+    let weight_dtype = match (args.weight_dtype, loaded.info.stored_dtype.as_deref()) {
+        (Some(d), _) => d.into(),
+        (None, Some("bf16")) => WeightDtype::BF16,
+        (None, Some("f16")) => WeightDtype::F16,
+        (None, _) => WeightDtype::F32,
+    };
+    let native =
+        if wants(Target::Cpu) { Some(compile_native(&loaded.graph, &loaded.weights, weight_dtype)?) } else { None };
+    let cuda = if wants(Target::Cuda) {
+        Some(compile_cuda(&loaded.graph, &loaded.weights, weight_dtype, &args.gpu_arch)?)
+    } else {
+        None
+    };
     let manifest = write_artifact(
         &args.output,
         &ArtifactSpec {
@@ -139,10 +177,10 @@ pub fn main(args: Args) -> Result<()> {
 
 /// Schedules the graph into kernels, compiles and links them, and returns
 /// what the artifact stores for the `cpu` target.
-fn compile_native(graph: &Graph, weights: &Weights) -> Result<NativeFiles> {
+fn compile_native(graph: &Graph, weights: &Weights, weight_dtype: WeightDtype) -> Result<NativeFiles> {
     // Cranelift runs the packed-panel weight kernels fastest; the llvm
     // build lowers the [N, K] ones with wider vectors instead.
-    let options = ScheduleOptions { packed_weights: !cfg!(feature = "llvm"), ..ScheduleOptions::default() };
+    let options = ScheduleOptions { packed_weights: !cfg!(feature = "llvm"), weight_dtype, ..ScheduleOptions::default() };
     let sched = schedule(graph, weights, options)?;
     let dir = tempfile::tempdir()?;
     let mut plan = sched.plan;
@@ -184,10 +222,10 @@ fn check_gpu_archs(archs: &[String]) -> Result<()> {
 /// Schedules the graph for the GPU and emits its kernels as PTX for each
 /// architecture in `archs`.
 #[cfg(feature = "llvm")]
-fn compile_cuda(graph: &Graph, weights: &Weights, archs: &[String]) -> Result<CudaFiles> {
+fn compile_cuda(graph: &Graph, weights: &Weights, weight_dtype: WeightDtype, archs: &[String]) -> Result<CudaFiles> {
     use smelt_codegen::llvm::{emit_ptx, GpuArch};
     use smelt_codegen::schedule::Device;
-    let options = ScheduleOptions { device: Device::Gpu, ..ScheduleOptions::default() };
+    let options = ScheduleOptions { device: Device::Gpu, weight_dtype, ..ScheduleOptions::default() };
     let sched = schedule(graph, weights, options)?;
     let mut ptx = vec![];
     for a in archs {
@@ -202,7 +240,7 @@ fn compile_cuda(graph: &Graph, weights: &Weights, archs: &[String]) -> Result<Cu
 }
 
 #[cfg(not(feature = "llvm"))]
-fn compile_cuda(_: &Graph, _: &Weights, _: &[String]) -> Result<CudaFiles> {
+fn compile_cuda(_: &Graph, _: &Weights, _: WeightDtype, _: &[String]) -> Result<CudaFiles> {
     bail!("{NO_NVPTX}")
 }
 

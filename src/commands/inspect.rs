@@ -101,6 +101,7 @@ pub fn main(args: Args) -> Result<()> {
                 v["artifact"]["kernels"] = json!(plan.kernels);
                 v["artifact"]["launches"] = json!(plan.launches.len());
                 v["artifact"]["cpu_features"] = json!(plan.cpu_features);
+                v["artifact"]["constants"] = json!(constant_bytes(plan));
             }
         }
         if args.ir {
@@ -134,6 +135,9 @@ pub fn main(args: Args) -> Result<()> {
             let by: Vec<String> = by.iter().map(|(l, n)| format!("{n} {l}")).collect();
             line("kernels", format!("{} ({}), {} launches", plan.kernels.len(), by.join(", "), plan.launches.len()));
             line("cpu features", plan.cpu_features.join(", "));
+            let c: Vec<String> =
+                constant_bytes(plan).iter().map(|(e, b)| format!("{e} {:.1} MB", *b as f64 / 1e6)).collect();
+            line("constants", c.join(", "));
         }
     }
     if let Some(t) = &loaded.tokenizer {
@@ -177,4 +181,20 @@ fn human(n: u64) -> String {
         1_000_000..=999_999_999 => format!("{:.2}M", n as f64 / 1e6),
         _ => format!("{:.2}B", n as f64 / 1e9),
     }
+}
+
+/// Bytes of the plan's constants by element type (`bf16` when the weights
+/// were compiled with `--weight-dtype bf16`), each stored constant once.
+fn constant_bytes(plan: &smelt_runtime::plan::NativePlan) -> BTreeMap<String, u64> {
+    use smelt_runtime::plan::Storage;
+    let mut seen = std::collections::BTreeSet::new();
+    let mut by: BTreeMap<String, u64> = BTreeMap::new();
+    for b in &plan.buffers {
+        let Storage::Weight { offset } = b.storage else { continue };
+        let n: u64 = b.shape.iter().map(|d| d.parse::<u64>().unwrap_or(0)).product();
+        if seen.insert(offset) {
+            *by.entry(format!("{:?}", b.elem).to_lowercase()).or_default() += n * b.elem.size() as u64;
+        }
+    }
+    by
 }

@@ -21,6 +21,11 @@ pub enum Arg<'a> {
     /// Bools are one byte each, 0 or 1, as the kernels store them.
     Bool(&'a [bool]),
     BoolMut(&'a mut [bool]),
+    /// Storage-only narrow floats (see [`Scalar::BF16`]).
+    BF16(&'a [half::bf16]),
+    BF16Mut(&'a mut [half::bf16]),
+    F16(&'a [half::f16]),
+    F16Mut(&'a mut [half::f16]),
 }
 
 impl Arg<'_> {
@@ -34,6 +39,10 @@ impl Arg<'_> {
             Arg::I64Mut(v) => (Scalar::I64, v.len(), true),
             Arg::Bool(v) => (Scalar::Bool, v.len(), false),
             Arg::BoolMut(v) => (Scalar::Bool, v.len(), true),
+            Arg::BF16(v) => (Scalar::BF16, v.len(), false),
+            Arg::BF16Mut(v) => (Scalar::BF16, v.len(), true),
+            Arg::F16(v) => (Scalar::F16, v.len(), false),
+            Arg::F16Mut(v) => (Scalar::F16, v.len(), true),
         }
     }
 
@@ -47,6 +56,10 @@ impl Arg<'_> {
             Arg::I64Mut(v) => v.as_mut_ptr() as *mut u8,
             Arg::Bool(v) => v.as_ptr() as *mut u8,
             Arg::BoolMut(v) => v.as_mut_ptr() as *mut u8,
+            Arg::BF16(v) => v.as_ptr() as *mut u8,
+            Arg::BF16Mut(v) => v.as_mut_ptr() as *mut u8,
+            Arg::F16(v) => v.as_ptr() as *mut u8,
+            Arg::F16Mut(v) => v.as_mut_ptr() as *mut u8,
         }
     }
 }

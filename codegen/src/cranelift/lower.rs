@@ -272,7 +272,13 @@ impl Lower<'_, '_> {
             Stmt::Store { buf, index, value } => {
                 let (addr, disp) = self.addr(*buf, index)?;
                 let x = self.expr(value)?;
-                self.fb.ins().store(mem_flags(), x, addr, disp);
+                let elem = self.k.buf(*buf).elem;
+                if elem.is_narrow_float() {
+                    let lanes = self.ty(value)?.lanes;
+                    self.store_narrow(elem, x, lanes, addr, disp)?;
+                } else {
+                    self.fb.ins().store(mem_flags(), x, addr, disp);
+                }
             }
             Stmt::For(l) => self.for_loop(l)?,
             Stmt::If { cond, then, els } => {
@@ -519,13 +525,178 @@ impl Lower<'_, '_> {
                 }
                 acc
             }
-            Expr::Load { buf, index, .. } => {
+            Expr::Load { buf, index, lanes } => {
                 let (addr, disp) = self.addr(*buf, index)?;
                 let flags = if self.k.buf(*buf).access == kir::Access::Read { pure_load_flags() } else { mem_flags() };
-                self.fb.ins().load(cl_type(t), flags, addr, disp)
+                let elem = self.k.buf(*buf).elem;
+                if elem.is_narrow_float() {
+                    self.load_narrow(elem, flags, addr, disp, *lanes)?
+                } else {
+                    self.fb.ins().load(cl_type(t), flags, addr, disp)
+                }
             }
             Expr::Special(_) => return Err(unsupported(self.k, "thread and block indices".into())),
         })
+    }
+
+    /// `lanes` values of a `BF16`/`F16` buffer as `f32` lanes: the 16-bit
+    /// patterns zero-extended into `i32` lanes (`pmovzxwd` for 4 lanes),
+    /// then widened exactly (see [`Lower::widen_bits`]).
+    fn load_narrow(
+        &mut self,
+        elem: Scalar,
+        flags: MemFlagsData,
+        addr: Value,
+        disp: i32,
+        lanes: u8,
+    ) -> Result<Value, CompileError> {
+        let bits = match lanes {
+            1 => self.fb.ins().uload16(types::I32, flags, addr, disp),
+            4 => self.fb.ins().uload16x4(flags, addr, disp),
+            n => return Err(unsupported(self.k, format!("a {n}-lane load from a {elem:?} buffer"))),
+        };
+        Ok(self.widen_bits(elem, bits, lanes))
+    }
+
+    /// Stores `f32` lanes into a `BF16`/`F16` buffer, rounded to nearest
+    /// even (see [`Lower::narrow_bits`]); 4 lanes are packed to 16 bits
+    /// (`packusdw`, exact as every lane is in 0..=0xffff) and stored as
+    /// one 8-byte value.
+    fn store_narrow(&mut self, elem: Scalar, x: Value, lanes: u8, addr: Value, disp: i32) -> Result<(), CompileError> {
+        let bits = self.narrow_bits(elem, x, lanes);
+        match lanes {
+            1 => {
+                self.fb.ins().istore16(mem_flags(), bits, addr, disp);
+            }
+            4 => {
+                let packed = self.fb.ins().unarrow(bits, bits);
+                let le = MemFlagsData::new().with_endianness(Endianness::Little);
+                let q = self.fb.ins().bitcast(types::I64X2, le, packed);
+                let lo = self.fb.ins().extractlane(q, 0);
+                self.fb.ins().store(mem_flags(), lo, addr, disp);
+            }
+            n => return Err(unsupported(self.k, format!("a {n}-lane store into a {elem:?} buffer"))),
+        }
+        Ok(())
+    }
+
+    /// An `i32` constant (as its bit pattern) in every lane.
+    fn iconst32(&mut self, x: u32, lanes: u8) -> Value {
+        let c = self.fb.ins().iconst(types::I32, x as i64);
+        if lanes > 1 {
+            self.fb.ins().splat(types::I32.by(lanes as u32).unwrap(), c)
+        } else {
+            c
+        }
+    }
+
+    /// Reinterprets `i32` lanes as `f32` lanes or back.
+    fn reinterpret(&mut self, x: Value, to: Scalar, lanes: u8) -> Value {
+        let ty = cl_type(Ty::scalar(to).with_lanes(lanes));
+        self.fb.ins().bitcast(ty, MemFlagsData::new().with_endianness(Endianness::Little), x)
+    }
+
+    /// Lanewise `c ? x : y` for a compare result `c` (a lane mask for vectors).
+    fn pick(&mut self, c: Value, x: Value, y: Value, lanes: u8) -> Value {
+        if lanes > 1 {
+            let t = self.fb.func.dfg.value_type(x);
+            let m = if self.fb.func.dfg.value_type(c) != t {
+                self.fb.ins().bitcast(t, MemFlagsData::new().with_endianness(Endianness::Little), c)
+            } else {
+                c
+            };
+            self.fb.ins().bitselect(m, x, y)
+        } else {
+            self.fb.ins().select(c, x, y)
+        }
+    }
+
+    /// Exact `f32` lanes of 16-bit patterns `h` (zero-extended `i32` lanes).
+    /// bf16 is the top half of an f32. f16 needs no F16C: the exponent and
+    /// mantissa shifted into f32 position and multiplied by 2^112 rebias
+    /// normals and renormalise subnormals exactly (ryg's `half_to_float`
+    /// with a magic multiply); a product >= 2^16 was an infinity or NaN,
+    /// whose exponent is then set to all ones. A NaN stays a NaN with its
+    /// payload, but unlike the `half` crate a signalling NaN is not quieted
+    /// (that would cost a compare and select per bf16 weight load).
+    fn widen_bits(&mut self, elem: Scalar, h: Value, lanes: u8) -> Value {
+        if elem == Scalar::BF16 {
+            let x = self.fb.ins().ishl_imm_s(h, 16);
+            return self.reinterpret(x, Scalar::F32, lanes);
+        }
+        let m = self.iconst32(0x7fff, lanes);
+        let em = self.fb.ins().band(h, m);
+        let em = self.fb.ins().ishl_imm_s(em, 13);
+        let f = self.reinterpret(em, Scalar::F32, lanes);
+        let magic = self.fconst(f32::from_bits(0x7780_0000), lanes); // 2^112
+        let f = self.fb.ins().fmul(f, magic);
+        let big = self.fconst(65536.0, lanes);
+        let infnan = self.fb.ins().fcmp(FloatCC::GreaterThanOrEqual, f, big);
+        let bits = self.reinterpret(f, Scalar::I32, lanes);
+        let exp = self.iconst32(0x7f80_0000, lanes);
+        let with_exp = self.fb.ins().bor(bits, exp);
+        let bits = self.pick(infnan, with_exp, bits, lanes);
+        let sm = self.iconst32(0x8000, lanes);
+        let sign = self.fb.ins().band(h, sm);
+        let sign = self.fb.ins().ishl_imm_s(sign, 16);
+        let bits = self.fb.ins().bor(bits, sign);
+        self.reinterpret(bits, Scalar::F32, lanes)
+    }
+
+    /// The 16-bit patterns (in `i32` lanes) of `f32` lanes `x` rounded to
+    /// nearest even, as the `half` crate rounds: NaN stays NaN (quieted,
+    /// payload truncated), overflow gives infinity, f16 subnormals are
+    /// rounded by an f32 addition (ryg's `float_to_half_fast3_rtne`).
+    fn narrow_bits(&mut self, elem: Scalar, x: Value, lanes: u8) -> Value {
+        let u = self.reinterpret(x, Scalar::I32, lanes);
+        let is_nan = self.fb.ins().fcmp(FloatCC::Unordered, x, x);
+        if elem == Scalar::BF16 {
+            // u + 0x7fff + (bit 16 of u), then the top half: ties to even.
+            let hi = self.fb.ins().ushr_imm_s(u, 16);
+            let one = self.iconst32(1, lanes);
+            let odd = self.fb.ins().band(hi, one);
+            let bias = self.iconst32(0x7fff, lanes);
+            let r = self.fb.ins().iadd(u, bias);
+            let r = self.fb.ins().iadd(r, odd);
+            let r = self.fb.ins().ushr_imm_s(r, 16);
+            let q = self.iconst32(0x40, lanes);
+            let nan = self.fb.ins().bor(hi, q);
+            return self.pick(is_nan, nan, r, lanes);
+        }
+        let sm = self.iconst32(0x8000_0000, lanes);
+        let sign = self.fb.ins().band(u, sm);
+        let a = self.fb.ins().bxor(u, sign);
+        // Normal results: rebias the exponent, round the 13 dropped bits.
+        let a13 = self.fb.ins().ushr_imm_s(a, 13);
+        let one = self.iconst32(1, lanes);
+        let odd = self.fb.ins().band(a13, one);
+        let bias = self.iconst32(((15u32.wrapping_sub(127)) << 23).wrapping_add(0xfff), lanes);
+        let r = self.fb.ins().iadd(a, bias);
+        let r = self.fb.ins().iadd(r, odd);
+        let normal = self.fb.ins().ushr_imm_s(r, 13);
+        // Subnormal results: adding 0.5 aligns the 10 mantissa bits at the
+        // bottom, rounded by the float addition.
+        let af = self.reinterpret(a, Scalar::F32, lanes);
+        let half = self.fconst(0.5, lanes);
+        let s = self.fb.ins().fadd(af, half);
+        let s = self.reinterpret(s, Scalar::I32, lanes);
+        let hb = self.iconst32(0x3f00_0000, lanes);
+        let sub = self.fb.ins().isub(s, hb);
+        let min_normal = self.iconst32(113 << 23, lanes);
+        let is_sub = self.fb.ins().icmp(IntCC::SignedLessThan, a, min_normal);
+        let r = self.pick(is_sub, sub, normal, lanes);
+        let f16_max = self.iconst32((127 + 16) << 23, lanes);
+        let is_inf = self.fb.ins().icmp(IntCC::SignedGreaterThanOrEqual, a, f16_max);
+        let inf = self.iconst32(0x7c00, lanes);
+        let r = self.pick(is_inf, inf, r, lanes);
+        let mant = self.iconst32(0x007f_ffff, lanes);
+        let payload = self.fb.ins().band(a, mant);
+        let payload = self.fb.ins().ushr_imm_s(payload, 13);
+        let qnan = self.iconst32(0x7e00, lanes);
+        let nan = self.fb.ins().bor(payload, qnan);
+        let r = self.pick(is_nan, nan, r, lanes);
+        let sign = self.fb.ins().ushr_imm_s(sign, 16);
+        self.fb.ins().bor(r, sign)
     }
 
     /// Lanewise `m ? x : y` for a lane mask `m` (from a vector compare).

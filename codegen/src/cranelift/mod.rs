@@ -17,6 +17,11 @@
 //! vectors) as imported symbols: the JIT resolves them to
 //! [`crate::kir::libm`]'s, objects leave them undefined for `-lm`.
 //!
+//! Storage-only `BF16`/`F16` buffers: a load (scalar, or 4 lanes with
+//! `pmovzxwd`) widens exactly to `f32` with integer and float bit
+//! manipulation (no F16C needed); a store rounds to nearest even as the
+//! `half` crate does, NaNs included.
+//!
 //! GPU constructs (thread indices, barriers, shuffles, shared buffers) are
 //! rejected with [`CompileError::Unsupported`].
 

@@ -68,7 +68,7 @@ pub fn select(op: &Op, inputs: &[TensorType], outputs: &[TensorType]) -> Result<
             }
         }
         Op::Concat { axis } => kernel(concat(inputs, out, *axis)),
-        Op::Gather { axis } => kernel(gather(&inputs[0], &inputs[1], out, *axis)),
+        Op::Gather { axis } => kernel(gather(&inputs[0], &inputs[1], out, *axis, elem_of(inputs[0].dtype))),
         Op::GatherElements { axis } => kernel(gather_elements(&inputs[0], &inputs[1], *axis)),
         Op::Trilu { upper, k } => kernel(trilu(&inputs[0], *upper, k).map_err(|e| e.to_string())),
         Op::Range { start, step, dtype, .. } => {
@@ -174,16 +174,42 @@ fn load_index(b: &mut Builder, buf: crate::kir::BufId, elem: Scalar, at: Expr, d
     ix
 }
 
+/// `gather` whose `data` (a float constant, such as an embedding table) is
+/// stored as `stored` (`BF16`/`F16`, widened to f32 as it is copied); the
+/// other operands and the result are as for [`select`].
+pub fn gather_stored(
+    data: &TensorType,
+    idx: &TensorType,
+    out: &TensorType,
+    axis: i64,
+    stored: Scalar,
+) -> Result<Instance, SelectError> {
+    let op = Op::Gather { axis };
+    let inputs = [data.clone(), idx.clone()];
+    if elem_of(data.dtype) != Scalar::F32 || stored.computed() != Scalar::F32 {
+        return Err(SelectError::unsupported(&op, &inputs, format!("a {} table stored as {stored:?}", data.dtype)));
+    }
+    let (kernel, scalars) =
+        gather(data, idx, out, axis, stored).map_err(|e| SelectError::unsupported(&op, &inputs, e))?;
+    Ok(Instance { kernel, scalars })
+}
+
 /// `out[o, i, n] = data[o, idx[i], n]`: one task per (outer index, index);
 /// each copies a row of `inner` elements (the embedding lookup when the
-/// axis is 0).
-fn gather(data: &TensorType, idx: &TensorType, out: &TensorType, axis: i64) -> Result<(Kernel, Vec<Dim>), String> {
+/// axis is 0). `data` is stored as `stored`.
+fn gather(
+    data: &TensorType,
+    idx: &TensorType,
+    out: &TensorType,
+    axis: i64,
+    stored: Scalar,
+) -> Result<(Kernel, Vec<Dim>), String> {
     let a = norm_axis(axis, data.rank())?;
     let (e, ie) = (elem_of(data.dtype), elem_of(idx.dtype));
     let mut b = Builder::new("k");
     let mut p = Dims::new();
     let dlen = p.expr(&mut b, &Dim::product(&data.shape));
-    let x = b.buffer("data", e, dlen, Space::Global, Access::Read);
+    let x = b.buffer("data", stored, dlen, Space::Global, Access::Read);
     let ilen = p.expr(&mut b, &Dim::product(&idx.shape));
     let ib = b.buffer("indices", ie, ilen.clone(), Space::Global, Access::Read);
     let olen = p.expr(&mut b, &Dim::product(&out.shape));
@@ -219,7 +245,11 @@ fn gather(data: &TensorType, idx: &TensorType, out: &TensorType, axis: i64) -> R
             },
         );
     });
-    let name = format!("gather_{}_{}", data.dtype.name(), idx.dtype.name());
+    let name = match stored {
+        Scalar::BF16 => format!("gather_bf16_{}", idx.dtype.name()),
+        Scalar::F16 => format!("gather_f16_{}", idx.dtype.name()),
+        _ => format!("gather_{}_{}", data.dtype.name(), idx.dtype.name()),
+    };
     finish_named(b, &name).map(|k| (k, p.dims)).map_err(|e| e.to_string())
 }
 

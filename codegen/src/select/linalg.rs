@@ -14,7 +14,7 @@ use crate::kir::{Builder, Expr, Scalar};
 use crate::templates::matmul_dyn::{self, Act, BatchAxis, Layout, MatmulDims, TileParams};
 pub use crate::templates::packed::Packing;
 use crate::templates::packed::{self, PanelParams};
-use smelt_ir::{Dim, Op, TensorType};
+use smelt_ir::{DType, Dim, Op, TensorType};
 
 /// The scalar parameters of a kernel being built, one per distinct
 /// symbolic dim, in the order they were first asked for.
@@ -90,7 +90,8 @@ pub fn select(op: &Op, inputs: &[TensorType], _outputs: &[TensorType]) -> Result
             if w.rank() != 2 || inputs[2].shape != w.shape {
                 return Err(SelectError::unsupported(op, inputs, "weights must be one [k, n] shape"));
             }
-            gated(op, inputs, x, &w.shape[1], &w.shape[0], Layout::KN, act).map(|i| Some(Selected::Kernel(i)))
+            gated(op, inputs, x, &w.shape[1], &w.shape[0], Layout::KN, act, Scalar::F32)
+                .map(|i| Some(Selected::Kernel(i)))
         }
         _ => Ok(None),
     }
@@ -139,14 +140,15 @@ fn matmul(op: &Op, inputs: &[TensorType]) -> Result<Instance, SelectError> {
         MatmulDims { batch, m: p.get(&mut b, &m), k: p.get(&mut b, &k), n: p.get(&mut b, &n) }
     };
     let batched = if dims.batch.is_empty() { String::new() } else { format!("b{}_", dims.batch.len()) };
-    matmul_dyn::matmul(&mut b, &dims, Layout::KN, None, TileParams::default_for(Layout::KN, false));
+    matmul_dyn::matmul(&mut b, &dims, Layout::KN, None, TileParams::default_for(Layout::KN, false), Scalar::F32);
     let prefix = format!("matmul_kn_{batched}k{}_n{}", dim_name(&k), dim_name(&n));
     p.finish(b, &prefix, op, inputs)
 }
 
 /// A product `x · W` where `x` is `[.., m, k]` (every leading axis folded
-/// into the rows) and `W` is `[k, n]` or `[n, k]` as `layout` says; with
-/// `act` the gated MLP over two such weights.
+/// into the rows) and `W` is `[k, n]` or `[n, k]` as `layout` says, stored
+/// as `w`; with `act` the gated MLP over two such weights.
+#[allow(clippy::too_many_arguments)]
 fn gated(
     op: &Op,
     inputs: &[TensorType],
@@ -155,8 +157,9 @@ fn gated(
     k: &Dim,
     layout: Layout,
     act: Act,
+    w: Scalar,
 ) -> Result<Instance, SelectError> {
-    rows_times_weight(op, inputs, x, n, k, layout, Some(act))
+    rows_times_weight(op, inputs, x, n, k, layout, Some(act), w)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -168,6 +171,7 @@ fn rows_times_weight(
     k: &Dim,
     layout: Layout,
     act: Option<Act>,
+    w: Scalar,
 ) -> Result<Instance, SelectError> {
     if x.rank() == 0 || x.shape.last() != Some(k) {
         return Err(SelectError::unsupported(op, inputs, format!("x's last dim must be the contraction dim {k}")));
@@ -180,19 +184,39 @@ fn rows_times_weight(
         k: p.get(&mut b, k),
         n: p.get(&mut b, n),
     };
-    matmul_dyn::matmul(&mut b, &dims, layout, act, TileParams::default_for(layout, act.is_some()));
+    matmul_dyn::matmul(&mut b, &dims, layout, act, TileParams::default_for(layout, act.is_some()), w);
     let l = format!("{layout:?}").to_lowercase();
     let prefix = match act {
-        None => format!("matmul_{l}_k{}_n{}", dim_name(k), dim_name(n)),
-        Some(a) => format!("gated_mlp_{}_{l}_k{}_n{}", a.name(), dim_name(k), dim_name(n)),
+        None => format!("matmul_{l}_k{}_n{}{}", dim_name(k), dim_name(n), elem_suffix(w)),
+        Some(a) => format!("gated_mlp_{}_{l}_k{}_n{}{}", a.name(), dim_name(k), dim_name(n), elem_suffix(w)),
     };
     p.finish(b, &prefix, op, inputs)
+}
+
+/// `_bf16`/`_f16` for kernels reading narrow weights, so profiles tell them apart.
+fn elem_suffix(w: Scalar) -> &'static str {
+    match w {
+        Scalar::BF16 => "_bf16",
+        Scalar::F16 => "_f16",
+        _ => "",
+    }
+}
+
+/// How a weight of this dtype is stored for the weight kernels: `bf16` and
+/// `f16` weights stay narrow (widened as they are loaded), others are f32.
+fn weight_elem(d: DType) -> Scalar {
+    match d {
+        DType::BF16 => Scalar::BF16,
+        DType::F16 => Scalar::F16,
+        _ => Scalar::F32,
+    }
 }
 
 /// `a · w_nkᵀ` for a weight stored `[n, k]` (the scheduler's fold of
 /// `matmul(a, transpose(w, [1, 0]))`): operands `(a, w_nk)`, result
 /// `[.., m, n]` for `a` of shape `[.., m, k]`. The dot products run along
-/// the weight's contiguous rows.
+/// the weight's contiguous rows. A `bf16`/`f16` weight is read from a
+/// buffer of that type (unlike other operands, which hold floats as f32).
 pub fn matmul_weight_nk(a: &TensorType, w_nk: &TensorType) -> Result<Instance, SelectError> {
     let op = Op::MatMul {};
     let inputs = [a.clone(), w_nk.clone()];
@@ -200,11 +224,12 @@ pub fn matmul_weight_nk(a: &TensorType, w_nk: &TensorType) -> Result<Instance, S
     if w_nk.rank() != 2 {
         return Err(SelectError::unsupported(&op, &inputs, "the [n, k] weight must have rank 2"));
     }
-    rows_times_weight(&op, &inputs, a, &w_nk.shape[0], &w_nk.shape[1], Layout::NK, None)
+    rows_times_weight(&op, &inputs, a, &w_nk.shape[0], &w_nk.shape[1], Layout::NK, None, weight_elem(w_nk.dtype))
 }
 
 /// `gated_mlp` with both weights stored `[n, k]`: operands
-/// `(x, w_gate_nk, w_up_nk)`, result `[.., m, n]`.
+/// `(x, w_gate_nk, w_up_nk)`, result `[.., m, n]`; narrow weights as for
+/// [`matmul_weight_nk`].
 pub fn gated_mlp_weight_nk(
     x: &TensorType,
     w_gate_nk: &TensorType,
@@ -215,10 +240,11 @@ pub fn gated_mlp_weight_nk(
     let inputs = [x.clone(), w_gate_nk.clone(), w_up_nk.clone()];
     float_operands(&op, &inputs)?;
     let a = Act::parse(act).ok_or_else(|| SelectError::unsupported(&op, &inputs, format!("unknown act `{act}`")))?;
-    if w_gate_nk.rank() != 2 || w_up_nk.shape != w_gate_nk.shape {
-        return Err(SelectError::unsupported(&op, &inputs, "weights must be one [n, k] shape"));
+    if w_gate_nk.rank() != 2 || w_up_nk.shape != w_gate_nk.shape || w_up_nk.dtype != w_gate_nk.dtype {
+        return Err(SelectError::unsupported(&op, &inputs, "weights must be one [n, k] type"));
     }
-    gated(&op, &inputs, x, &w_gate_nk.shape[0], &w_gate_nk.shape[1], Layout::NK, a)
+    let w = weight_elem(w_gate_nk.dtype);
+    gated(&op, &inputs, x, &w_gate_nk.shape[0], &w_gate_nk.shape[1], Layout::NK, a, w)
 }
 
 /// A weight-stationary matmul kernel and how its constant weights must be
@@ -241,22 +267,30 @@ pub struct WeightKernel {
 
 /// `a · Wᵀ` for a constant weight `W` given as `[n, k]`: operands
 /// `(a, packed W)`, result `[.., m, n]` for `a` of shape `[.., m, k]`. The
-/// same result as `matmul(a, transpose(W, [1, 0]))`.
-pub fn weight_matmul(a: &TensorType, n: usize, k: usize) -> Result<WeightKernel, SelectError> {
-    weight_kernel(a, n, k, None)
+/// same result as `matmul(a, transpose(W, [1, 0]))`. The packed weight is
+/// stored as `w` (`F32`, `BF16` or `F16`).
+pub fn weight_matmul(a: &TensorType, n: usize, k: usize, w: Scalar) -> Result<WeightKernel, SelectError> {
+    weight_kernel(a, n, k, None, w)
 }
 
 /// `act(x · Wgᵀ) * (x · Wuᵀ)` for constant weights given as `[n, k]`:
 /// operands `(x, packed Wg, packed Wu)`, result `[.., m, n]`. The same
-/// result as `gated_mlp(x, transpose(Wg), transpose(Wu))` with `act`.
-pub fn weight_gated_mlp(x: &TensorType, n: usize, k: usize, act: &str) -> Result<WeightKernel, SelectError> {
+/// result as `gated_mlp(x, transpose(Wg), transpose(Wu))` with `act`. The
+/// packed weights are stored as `w`.
+pub fn weight_gated_mlp(x: &TensorType, n: usize, k: usize, act: &str, w: Scalar) -> Result<WeightKernel, SelectError> {
     let op = Op::GatedMlp { act: act.to_string() };
     let a = Act::parse(act)
         .ok_or_else(|| SelectError::unsupported(&op, std::slice::from_ref(x), format!("unknown act `{act}`")))?;
-    weight_kernel(x, n, k, Some(a))
+    weight_kernel(x, n, k, Some(a), w)
 }
 
-fn weight_kernel(x: &TensorType, n: usize, k: usize, act: Option<Act>) -> Result<WeightKernel, SelectError> {
+fn weight_kernel(
+    x: &TensorType,
+    n: usize,
+    k: usize,
+    act: Option<Act>,
+    welem: Scalar,
+) -> Result<WeightKernel, SelectError> {
     let op = match act {
         None => Op::MatMul {},
         Some(a) => Op::GatedMlp { act: a.name().to_string() },
@@ -283,10 +317,13 @@ fn weight_kernel(x: &TensorType, n: usize, k: usize, act: Option<Act>) -> Result
     let mut b = Builder::new("matmul");
     let mut p = Params::default();
     let m = p.product(&mut b, &x.shape[..x.rank() - 1]);
-    packed::weight_matmul(&mut b, m, n, k, act, params);
+    if !matches!(welem, Scalar::F32 | Scalar::BF16 | Scalar::F16) {
+        return Err(SelectError::unsupported(&op, &inputs, format!("weights stored as {welem:?}")));
+    }
+    packed::weight_matmul(&mut b, m, n, k, act, params, welem);
     let prefix = match act {
-        None => format!("wmatmul_k{k}_n{n}"),
-        Some(a) => format!("wgated_mlp_{}_k{k}_n{n}", a.name()),
+        None => format!("wmatmul_k{k}_n{n}{}", elem_suffix(welem)),
+        Some(a) => format!("wgated_mlp_{}_k{k}_n{n}{}", a.name(), elem_suffix(welem)),
     };
     let instance = p.finish(b, &prefix, &op, &inputs)?;
     let packs = vec![params.packing(); if act.is_some() { 2 } else { 1 }];

@@ -21,6 +21,7 @@ mod layout;
 mod linalg;
 mod reduce;
 
+pub use layout::gather_stored;
 pub use linalg::{gated_mlp_weight_nk, matmul_weight_nk, weight_gated_mlp, weight_matmul, Packing, WeightKernel};
 
 use crate::kir::{Kernel, Scalar};

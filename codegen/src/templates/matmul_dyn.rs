@@ -21,7 +21,7 @@
 
 use super::sym::{self, add, as_const, ceil_div, floor_to, mul, sub};
 use super::{bind, c, widen, LANES};
-use crate::kir::{BufId, Builder, CmpOp, Expr, LoopKind, RedOp, UnOp, Var};
+use crate::kir::{Access, BufId, Builder, CmpOp, Expr, LoopKind, RedOp, Scalar, Space, UnOp, Var};
 
 /// How the right operand is stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -134,18 +134,21 @@ impl TileParams {
 
 /// Declares the buffers (`a`, then `b` or `w_gate, w_up`, then the result)
 /// and builds the body of `C = A · B` (or the gated MLP when `act` is set)
-/// into `b`. Every size may be a scalar parameter of `b`.
-pub fn matmul(b: &mut Builder, d: &MatmulDims, layout: Layout, act: Option<Act>, p: TileParams) {
+/// into `b`. Every size may be a scalar parameter of `b`. The right operand
+/// (`b`, or the gated MLP's weights) is stored as `b_elem` (`F32`, or
+/// `BF16`/`F16` widened to f32 as it is loaded); everything else is f32.
+pub fn matmul(b: &mut Builder, d: &MatmulDims, layout: Layout, act: Option<Act>, p: TileParams, b_elem: Scalar) {
     let (mr, nc, ksplit) = (p.mr.max(1), p.nc.max(1), p.ksplit.max(1));
     let (m, k, n) = (d.m.clone(), d.k.clone(), d.n.clone());
     let a_batch: Vec<Expr> = d.batch.iter().filter(|x| x.a).map(|x| x.dim.clone()).collect();
     let b_batch: Vec<Expr> = d.batch.iter().filter(|x| x.b).map(|x| x.dim.clone()).collect();
     let all_batch: Vec<Expr> = d.batch.iter().map(|x| x.dim.clone()).collect();
     let a = b.input("a", mul(sym::product(&a_batch), mul(m.clone(), k.clone())));
+    let mut right = |name: &str, len: Expr| b.buffer(name, b_elem, len, Space::Global, Access::Read);
     let bufs: Vec<BufId> = if act.is_some() {
-        vec![b.input("w_gate", mul(k.clone(), n.clone())), b.input("w_up", mul(k.clone(), n.clone()))]
+        vec![right("w_gate", mul(k.clone(), n.clone())), right("w_up", mul(k.clone(), n.clone()))]
     } else {
-        vec![b.input("b", mul(sym::product(&b_batch), mul(k.clone(), n.clone())))]
+        vec![right("b", mul(sym::product(&b_batch), mul(k.clone(), n.clone())))]
     };
     let out = b.output("c", mul(sym::product(&all_batch), mul(m.clone(), n.clone())));
 

@@ -37,7 +37,7 @@
 use super::matmul_dyn::Act;
 use super::sym::{self, add, as_const, ceil_div, mul, sub};
 use super::{bind, c, LANES};
-use crate::kir::{BufId, Builder, CmpOp, Expr, LoopKind, Var};
+use crate::kir::{Access, BufId, Builder, CmpOp, Expr, LoopKind, Scalar, Space, Var};
 
 /// How a constant `[n, k]` weight is laid out in the buffer the kernel reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -121,19 +121,17 @@ impl PanelParams {
 /// Declares the buffers (`a [m * k]`, then one packed weight, or the gate
 /// and up weights when `act` is set, then `c [m * n]`) and builds the body
 /// of `c = a · Wᵀ` (or `act(a · Wgᵀ) * (a · Wuᵀ)`) into `b`. `m` may be a
-/// scalar parameter of `b`.
-pub fn weight_matmul(b: &mut Builder, m: Expr, n: usize, k: usize, act: Option<Act>, p: PanelParams) {
+/// scalar parameter of `b`. The weights are stored as `w` (`F32`, or
+/// `BF16`/`F16` widened to f32 as they are loaded); everything else is f32.
+pub fn weight_matmul(b: &mut Builder, m: Expr, n: usize, k: usize, act: Option<Act>, p: PanelParams, w: Scalar) {
     let l = LANES as usize;
     let nr = (p.nr.max(l) / l) * l;
     let p = PanelParams { mr: p.mr.max(1), nr, ksplit: p.ksplit.max(1), fma: p.fma };
     let packing = p.packing();
     let wlen = Expr::idx(packing.packed_len(n, k));
     let a = b.input("a", mul(m.clone(), Expr::idx(k)));
-    let ws: Vec<BufId> = if act.is_some() {
-        vec![b.input("w_gate", wlen.clone()), b.input("w_up", wlen)]
-    } else {
-        vec![b.input("w", wlen)]
-    };
+    let mut weight = |name: &str| b.buffer(name, w, wlen.clone(), Space::Global, Access::Read);
+    let ws: Vec<BufId> = if act.is_some() { vec![weight("w_gate"), weight("w_up")] } else { vec![weight("w")] };
     let out = b.output("c", mul(m.clone(), Expr::idx(n)));
     let panels = n.div_ceil(nr);
     let mblocks = ceil_div(m.clone(), p.mr);
