@@ -21,6 +21,10 @@ pub mod cranelift;
 pub mod kir;
 #[cfg(feature = "llvm")]
 pub mod llvm;
+pub mod ptxas;
 pub mod schedule;
 pub mod select;
 pub mod templates;
+
+#[cfg(feature = "llvm")]
+pub use llvm::{emit_ptx, GpuArch};

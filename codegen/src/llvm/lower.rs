@@ -1,12 +1,18 @@
 //! KIR to LLVM IR, one function per kernel, mirroring the Cranelift
 //! lowering statement by statement (see the parent module for semantics).
+//! One lowering serves both targets: the [`Abi`] decides the function's
+//! signature and prologue, how `Parallel` loops run and whether GPU
+//! constructs exist (their NVPTX forms are in `nvptx`); [`Libm`] decides
+//! whether `sin`, `cos`, `log`, `erf`, `pow` and float `%` call the system
+//! libm or self-contained IR (`math`, what NVPTX uses).
 //!
 //! Every KIR variable lives in an `alloca` of the entry block, zeroed
 //! there (Cranelift reads an unassigned variable as zero); `default<O3>`
 //! promotes them to SSA values. Scalar bools are `i1` in registers and one
-//! byte (0 or 1) in buffers; bool vectors are `<n x i1>`. Instructions are
-//! built through the LLVM C API (`inkwell::llvm_sys`), which treats scalars
-//! and vectors alike.
+//! byte (0 or 1) in buffers; bool vectors are `<n x i1>`. `bf16` and `f16`
+//! buffer elements are `i16` and `half` in memory and `float` in registers
+//! (see `load_mem` and `store_mem`). Instructions are built through the
+//! LLVM C API (`inkwell::llvm_sys`), which treats scalars and vectors alike.
 
 use super::widen::{self, Plan};
 use super::LlvmError;
@@ -20,84 +26,143 @@ use std::collections::HashMap;
 use std::ffi::CString;
 
 /// An empty value name.
-const NONE: *const std::ffi::c_char = c"".as_ptr();
+pub(super) const NONE: *const std::ffi::c_char = c"".as_ptr();
 
-/// Lowers `k` into `module` as the exported function `smelt_<name>`.
-pub(super) fn lower(k: &Kernel, cx: &Context, module: &Module) -> Result<(), LlvmError> {
-    if let Some(b) = k.buffers.iter().find(|b| b.space == Space::Shared) {
-        return Err(unsupported(k, format!("shared buffer `{}`", b.name)));
+/// The calling convention and execution model a kernel is lowered for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Abi {
+    /// The host kernel ABI of the parent module: one call per thread of the
+    /// team, the outermost `Parallel` loop split between them.
+    Host,
+    /// A PTX `.entry` (see `nvptx`): buffers and scalars as parameters,
+    /// `Parallel` loops serial, GPU constructs allowed.
+    Ptx,
+}
+
+/// Where the libm functions (`sinf`, `cosf`, `logf`, `erff`, `powf`,
+/// `fmodf`) come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Libm {
+    /// Calls to the system's symbols (the host; bit-identical to the
+    /// interpreter, which calls the same functions).
+    System,
+    /// Internal functions built from IR (`math`), for targets without a
+    /// libm (NVPTX), and to test those on the host.
+    Inline,
+}
+
+/// What one lowering is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Flavor {
+    pub abi: Abi,
+    pub libm: Libm,
+}
+
+impl Flavor {
+    pub const HOST: Flavor = Flavor { abi: Abi::Host, libm: Libm::System };
+    pub const PTX: Flavor = Flavor { abi: Abi::Ptx, libm: Libm::Inline };
+}
+
+/// Lowers `k` into `module` as the function `smelt_<name>` (exported for the
+/// host, a kernel entry for PTX).
+pub(super) fn lower(k: &Kernel, cx: &Context, module: &Module, flavor: Flavor) -> Result<(), LlvmError> {
+    if flavor.abi == Abi::Host {
+        if let Some(b) = k.buffers.iter().find(|b| b.space == Space::Shared) {
+            return Err(unsupported(k, format!("shared buffer `{}`", b.name)));
+        }
     }
-    let symbol =
-        CString::new(format!("smelt_{}", k.name)).map_err(|_| backend(k, "kernel name contains NUL".into()))?;
+    let symbol = CString::new(crate::aot::symbol_of(k)).map_err(|_| backend(k, "kernel name contains NUL".into()))?;
     let (cx, m) = (cx.raw(), module.as_mut_ptr());
     // SAFETY: every call below gets live handles of this context and
     // module, values and types created in this context, and a builder that
     // is positioned in a block of the function being built.
     unsafe {
-        let ptr = LLVMPointerTypeInContext(cx, 0);
-        let i64t = LLVMInt64TypeInContext(cx);
-        let mut params = [ptr, ptr, i64t, i64t];
-        let fty = LLVMFunctionType(LLVMVoidTypeInContext(cx), params.as_mut_ptr(), 4, 0);
-        let func = LLVMAddFunction(m, symbol.as_ptr(), fty);
+        let func = match flavor.abi {
+            Abi::Host => {
+                let ptr = LLVMPointerTypeInContext(cx, 0);
+                let i64t = LLVMInt64TypeInContext(cx);
+                let mut params = [ptr, ptr, i64t, i64t];
+                let fty = LLVMFunctionType(LLVMVoidTypeInContext(cx), params.as_mut_ptr(), 4, 0);
+                LLVMAddFunction(m, symbol.as_ptr(), fty)
+            }
+            Abi::Ptx => super::nvptx::declare_entry(k, cx, m, &symbol),
+        };
         for attr in ["nounwind", "mustprogress"] {
-            let kind = LLVMGetEnumAttributeKindForName(attr.as_ptr().cast(), attr.len());
-            LLVMAddAttributeAtIndex(func, u32::MAX, LLVMCreateEnumAttribute(cx, kind, 0));
+            add_fn_attr(cx, func, attr);
         }
         let b = LLVMCreateBuilderInContext(cx);
         let entry = LLVMAppendBasicBlockInContext(cx, func, c"entry".as_ptr());
         LLVMPositionBuilderAtEnd(b, entry);
+        let (thread, threads) = match flavor.abi {
+            Abi::Host => (LLVMGetParam(func, 2), LLVMGetParam(func, 3)),
+            Abi::Ptx => (std::ptr::null_mut(), std::ptr::null_mut()),
+        };
         let mut l = Lower {
             k,
             cx,
             m,
             b,
             func,
+            flavor,
             vars: vec![],
             bufs: vec![None; k.buffers.len()],
-            thread: LLVMGetParam(func, 2),
-            threads: LLVMGetParam(func, 3),
+            thread,
+            threads,
             parallel_depth: 0,
             wide: None,
         };
         let result = l.body();
-        LLVMDisposeBuilder(b);
+        LLVMDisposeBuilder(l.b);
         result
     }
 }
 
-fn unsupported(k: &Kernel, what: String) -> LlvmError {
+/// Adds the enum attribute `name` (no argument) to a function.
+///
+/// # Safety
+/// `cx` and `func` are live handles of one context.
+pub(super) unsafe fn add_fn_attr(cx: LLVMContextRef, func: LLVMValueRef, name: &str) {
+    let kind = LLVMGetEnumAttributeKindForName(name.as_ptr().cast(), name.len());
+    LLVMAddAttributeAtIndex(func, u32::MAX, LLVMCreateEnumAttribute(cx, kind, 0));
+}
+
+pub(super) fn unsupported(k: &Kernel, what: String) -> LlvmError {
     LlvmError::Unsupported { kernel: k.name.clone(), what }
 }
 
-fn backend(k: &Kernel, message: String) -> LlvmError {
+pub(super) fn backend(k: &Kernel, message: String) -> LlvmError {
     LlvmError::Backend { kernel: k.name.clone(), message }
 }
 
 /// The widened lowering of a `Vectorized` loop body in progress: vector
 /// types of `lanes` lanes become `lanes * factor` lanes, and the variables
 /// in `slots` live in those wide slots.
-struct Wide {
+pub(super) struct Wide {
     lanes: u8,
     factor: u8,
     slots: HashMap<Var, LLVMValueRef>,
 }
 
-struct Lower<'a> {
-    k: &'a Kernel,
-    cx: LLVMContextRef,
-    m: LLVMModuleRef,
-    b: LLVMBuilderRef,
-    func: LLVMValueRef,
+pub(super) struct Lower<'a> {
+    pub k: &'a Kernel,
+    pub cx: LLVMContextRef,
+    pub m: LLVMModuleRef,
+    pub b: LLVMBuilderRef,
+    pub func: LLVMValueRef,
+    pub flavor: Flavor,
     /// Each variable's alloca and value type.
     vars: Vec<(LLVMValueRef, LLVMTypeRef)>,
-    bufs: Vec<Option<LLVMValueRef>>,
+    /// Each buffer's base address (global buffers from the parameters,
+    /// shared ones from module globals).
+    pub bufs: Vec<Option<LLVMValueRef>>,
+    /// The host ABI's thread index and team size (null for PTX).
     thread: LLVMValueRef,
     threads: LLVMValueRef,
     parallel_depth: usize,
-    wide: Option<Wide>,
+    pub wide: Option<Wide>,
 }
 
-type R<T> = Result<T, LlvmError>;
+pub(super) type R<T> = Result<T, LlvmError>;
 
 // SAFETY (every `unsafe` block of this impl): as in `lower`, the handles
 // are live and belong to this context; the builder is positioned.
@@ -113,21 +178,26 @@ impl Lower<'_> {
             for &(slot, t) in &self.vars {
                 LLVMBuildStore(self.b, LLVMConstNull(t), slot);
             }
-            let ptr = LLVMPointerTypeInContext(self.cx, 0);
-            let (bufs, scalars) = (LLVMGetParam(self.func, 0), LLVMGetParam(self.func, 1));
-            for (slot, (id, _)) in k.global_buffers().enumerate() {
-                let at = self.gep(ptr, bufs, self.i64c(slot as i64));
-                let p = LLVMBuildLoad2(self.b, ptr, at, NONE);
-                LLVMSetAlignment(p, 8);
-                self.bufs[id.0 as usize] = Some(p);
+            if self.flavor.abi == Abi::Host {
+                let ptr = LLVMPointerTypeInContext(self.cx, 0);
+                let (bufs, scalars) = (LLVMGetParam(self.func, 0), LLVMGetParam(self.func, 1));
+                for (slot, (id, _)) in k.global_buffers().enumerate() {
+                    let at = self.gep(ptr, bufs, self.i64c(slot as i64));
+                    let p = LLVMBuildLoad2(self.b, ptr, at, NONE);
+                    LLVMSetAlignment(p, 8);
+                    self.bufs[id.0 as usize] = Some(p);
+                }
+                let i64t = LLVMInt64TypeInContext(self.cx);
+                for (i, v) in k.scalars.iter().enumerate() {
+                    let at = self.gep(i64t, scalars, self.i64c(i as i64));
+                    let x = LLVMBuildLoad2(self.b, i64t, at, NONE);
+                    LLVMSetAlignment(x, 8);
+                    self.set(*v, x);
+                }
             }
-            let i64t = LLVMInt64TypeInContext(self.cx);
-            for (i, v) in k.scalars.iter().enumerate() {
-                let at = self.gep(i64t, scalars, self.i64c(i as i64));
-                let x = LLVMBuildLoad2(self.b, i64t, at, NONE);
-                LLVMSetAlignment(x, 8);
-                self.set(*v, x);
-            }
+        }
+        if self.flavor.abi == Abi::Ptx {
+            self.ptx_prologue()?;
         }
         self.stmts(&k.body)?;
         unsafe { LLVMBuildRetVoid(self.b) };
@@ -136,10 +206,11 @@ impl Lower<'_> {
 
     // ----- types and constants -----
 
-    fn scalar_ty(&self, s: Scalar) -> LLVMTypeRef {
+    /// A scalar's type in registers (narrow floats compute as `float`).
+    pub(super) fn scalar_ty(&self, s: Scalar) -> LLVMTypeRef {
         unsafe {
             match s {
-                Scalar::F32 => LLVMFloatTypeInContext(self.cx),
+                Scalar::F32 | Scalar::BF16 | Scalar::F16 => LLVMFloatTypeInContext(self.cx),
                 Scalar::I32 => LLVMInt32TypeInContext(self.cx),
                 Scalar::I64 => LLVMInt64TypeInContext(self.cx),
                 Scalar::Bool => LLVMInt1TypeInContext(self.cx),
@@ -148,14 +219,14 @@ impl Lower<'_> {
     }
 
     /// The lanes a KIR vector of `lanes` lanes has in the current lowering.
-    fn lanes(&self, lanes: u8) -> u32 {
+    pub(super) fn lanes(&self, lanes: u8) -> u32 {
         match &self.wide {
             Some(w) if lanes > 1 && lanes == w.lanes => lanes as u32 * w.factor as u32,
             _ => lanes as u32,
         }
     }
 
-    fn ty(&self, t: Ty) -> LLVMTypeRef {
+    pub(super) fn ty(&self, t: Ty) -> LLVMTypeRef {
         let s = self.scalar_ty(t.elem);
         if t.lanes > 1 {
             unsafe { LLVMVectorType(s, self.lanes(t.lanes)) }
@@ -164,27 +235,41 @@ impl Lower<'_> {
         }
     }
 
-    /// A buffer element's type in memory (bools are bytes).
-    fn mem_ty(&self, s: Scalar) -> LLVMTypeRef {
-        match s {
-            Scalar::Bool => unsafe { LLVMInt8TypeInContext(self.cx) },
-            s => self.scalar_ty(s),
+    /// A buffer element's type in memory (bools are bytes, `bf16` is its
+    /// bits as `i16`, `f16` is `half`).
+    pub(super) fn mem_ty(&self, s: Scalar) -> LLVMTypeRef {
+        unsafe {
+            match s {
+                Scalar::Bool => LLVMInt8TypeInContext(self.cx),
+                Scalar::BF16 => LLVMInt16TypeInContext(self.cx),
+                Scalar::F16 => LLVMHalfTypeInContext(self.cx),
+                s => self.scalar_ty(s),
+            }
         }
     }
 
-    fn i64c(&self, x: i64) -> LLVMValueRef {
+    /// `t` with `lanes` lanes (a vector when `lanes > 1`).
+    pub(super) fn vec_of(&self, t: LLVMTypeRef, lanes: u32) -> LLVMTypeRef {
+        if lanes > 1 {
+            unsafe { LLVMVectorType(t, lanes) }
+        } else {
+            t
+        }
+    }
+
+    pub(super) fn i64c(&self, x: i64) -> LLVMValueRef {
         unsafe { LLVMConstInt(LLVMInt64TypeInContext(self.cx), x as u64, 1) }
     }
 
     /// An f32 constant, splat to `lanes` (already widened) lanes.
-    fn fconst(&self, x: f32, lanes: u32) -> LLVMValueRef {
+    pub(super) fn fconst(&self, x: f32, lanes: u32) -> LLVMValueRef {
         unsafe {
             let c = LLVMConstReal(LLVMFloatTypeInContext(self.cx), x as f64);
             self.const_splat(c, lanes)
         }
     }
 
-    fn const_splat(&self, c: LLVMValueRef, lanes: u32) -> LLVMValueRef {
+    pub(super) fn const_splat(&self, c: LLVMValueRef, lanes: u32) -> LLVMValueRef {
         if lanes == 1 {
             return c;
         }
@@ -192,7 +277,7 @@ impl Lower<'_> {
         unsafe { LLVMConstVector(v.as_mut_ptr(), lanes) }
     }
 
-    fn lanes_of(&self, v: LLVMValueRef) -> u32 {
+    pub(super) fn lanes_of(&self, v: LLVMValueRef) -> u32 {
         unsafe {
             let t = LLVMTypeOf(v);
             if LLVMGetTypeKind(t) == inkwell::llvm_sys::LLVMTypeKind::LLVMVectorTypeKind {
@@ -214,31 +299,124 @@ impl Lower<'_> {
         self.vars[v.0 as usize]
     }
 
-    fn get(&self, v: Var) -> LLVMValueRef {
+    pub(super) fn get(&self, v: Var) -> LLVMValueRef {
         let (slot, t) = self.slot(v);
         unsafe { LLVMBuildLoad2(self.b, t, slot, NONE) }
     }
 
-    fn set(&self, v: Var, x: LLVMValueRef) {
+    pub(super) fn set(&self, v: Var, x: LLVMValueRef) {
         let (slot, _) = self.slot(v);
         unsafe { LLVMBuildStore(self.b, x, slot) };
     }
 
-    fn gep(&self, elem: LLVMTypeRef, base: LLVMValueRef, index: LLVMValueRef) -> LLVMValueRef {
+    pub(super) fn gep(&self, elem: LLVMTypeRef, base: LLVMValueRef, index: LLVMValueRef) -> LLVMValueRef {
         let mut idx = [index];
         unsafe { LLVMBuildInBoundsGEP2(self.b, elem, base, idx.as_mut_ptr(), 1, NONE) }
     }
 
     fn addr(&mut self, buf: kir::BufId, index: &Expr) -> R<LLVMValueRef> {
-        let base = self.bufs[buf.0 as usize].ok_or_else(|| unsupported(self.k, "non-global buffers".into()))?;
+        let base = self.bufs[buf.0 as usize].ok_or_else(|| unsupported(self.k, "shared buffers".into()))?;
         let i = self.expr(index)?;
         Ok(self.gep(self.mem_ty(self.k.buf(buf).elem), base, i))
+    }
+
+    /// The alignment of an access of `lanes` elements of `elem`. On the
+    /// host buffers are aligned to their elements only. On the GPU a vector
+    /// access is aligned to its size (capped at 16 bytes), as CUDA's
+    /// `float4` loads are: base pointers are 16-byte aligned and vector
+    /// accesses start at a multiple of their lane count (see `nvptx`).
+    fn align(&self, elem: Scalar, lanes: u8) -> u32 {
+        let size = elem.size() as u32;
+        match self.flavor.abi {
+            Abi::Host => size,
+            Abi::Ptx => {
+                let bytes = size * lanes as u32;
+                (1 << bytes.trailing_zeros()).min(16)
+            }
+        }
+    }
+
+    /// Loads `lanes` (KIR lanes, widened here) elements of `elem` at `addr`
+    /// as their register type: bools compare the byte with 0; `bf16` is
+    /// widened exactly (its bits are the high half of an `f32`), `f16` by
+    /// `fpext`.
+    pub(super) fn load_mem(&mut self, elem: Scalar, addr: LLVMValueRef, lanes: u8) -> R<LLVMValueRef> {
+        let n = self.lanes(lanes);
+        let mt = self.vec_of(self.mem_ty(elem), n);
+        unsafe {
+            let x = LLVMBuildLoad2(self.b, mt, addr, NONE);
+            LLVMSetAlignment(x, self.align(elem, lanes));
+            let f32t = self.vec_of(LLVMFloatTypeInContext(self.cx), n);
+            Ok(match elem {
+                Scalar::Bool => LLVMBuildICmp(self.b, IP::LLVMIntNE, x, LLVMConstNull(mt), NONE),
+                Scalar::BF16 => {
+                    let i32t = LLVMInt32TypeInContext(self.cx);
+                    let w = LLVMBuildZExt(self.b, x, self.vec_of(i32t, n), NONE);
+                    let w = LLVMBuildShl(self.b, w, self.const_splat(LLVMConstInt(i32t, 16, 0), n), NONE);
+                    LLVMBuildBitCast(self.b, w, f32t, NONE)
+                }
+                Scalar::F16 => LLVMBuildFPExt(self.b, x, f32t, NONE),
+                _ => x,
+            })
+        }
+    }
+
+    /// Stores `x` (of `lanes` KIR lanes) as elements of `elem` at `addr`:
+    /// bools as bytes, `f32` rounded to `bf16`/`f16` to nearest even.
+    pub(super) fn store_mem(&mut self, elem: Scalar, addr: LLVMValueRef, x: LLVMValueRef, lanes: u8) -> R<()> {
+        let n = self.lanes(lanes);
+        unsafe {
+            let x = match elem {
+                Scalar::Bool => LLVMBuildZExt(self.b, x, self.vec_of(LLVMInt8TypeInContext(self.cx), n), NONE),
+                Scalar::BF16 => self.f32_to_bf16(x, n),
+                Scalar::F16 => LLVMBuildFPTrunc(self.b, x, self.vec_of(LLVMHalfTypeInContext(self.cx), n), NONE),
+                _ => x,
+            };
+            let st = LLVMBuildStore(self.b, x, addr);
+            LLVMSetAlignment(st, self.align(elem, lanes));
+        }
+        Ok(())
+    }
+
+    /// `f32` lanes rounded to nearest even `bf16` bits (`i16` lanes), NaN
+    /// kept NaN. PTX has the instruction (`cvt.rn.bf16.f32`, sm_80 on);
+    /// the host computes it with integers, as the `half` crate (and so the
+    /// interpreter) does: NaN becomes its high half with the quiet bit set,
+    /// anything else adds `0x7fff` plus the lowest kept bit and truncates.
+    fn f32_to_bf16(&self, x: LLVMValueRef, n: u32) -> LLVMValueRef {
+        unsafe {
+            let i16t = self.vec_of(LLVMInt16TypeInContext(self.cx), n);
+            if self.flavor.abi == Abi::Ptx {
+                let h = LLVMBuildFPTrunc(self.b, x, self.vec_of(LLVMBFloatTypeInContext(self.cx), n), NONE);
+                return LLVMBuildBitCast(self.b, h, i16t, NONE);
+            }
+            let i32 = LLVMInt32TypeInContext(self.cx);
+            let c = |v: u64| self.const_splat(LLVMConstInt(i32, v, 0), n);
+            let bits = LLVMBuildBitCast(self.b, x, self.vec_of(i32, n), NONE);
+            let hi = LLVMBuildLShr(self.b, bits, c(16), NONE);
+            let nan = LLVMBuildOr(self.b, hi, c(0x40), NONE);
+            let lsb = LLVMBuildAnd(self.b, hi, c(1), NONE);
+            let r = LLVMBuildAdd(self.b, bits, c(0x7fff), NONE);
+            let r = LLVMBuildAdd(self.b, r, lsb, NONE);
+            let r = LLVMBuildLShr(self.b, r, c(16), NONE);
+            let is_nan = self.fcmp(RP::LLVMRealUNO, x, x);
+            let r = self.select(is_nan, nan, r);
+            LLVMBuildTrunc(self.b, r, i16t, NONE)
+        }
+    }
+
+    /// Fails unless the kernel is lowered for the GPU.
+    fn gpu_only(&self, what: &str) -> R<()> {
+        match self.flavor.abi {
+            Abi::Ptx => Ok(()),
+            Abi::Host => Err(unsupported(self.k, what.into())),
+        }
     }
 
     // ----- instructions -----
 
     /// Calls the intrinsic `name` overloaded on `tys`.
-    fn intrinsic(&self, name: &str, tys: &[LLVMTypeRef], args: &[LLVMValueRef]) -> R<LLVMValueRef> {
+    pub(super) fn intrinsic(&self, name: &str, tys: &[LLVMTypeRef], args: &[LLVMValueRef]) -> R<LLVMValueRef> {
         unsafe {
             let id = LLVMLookupIntrinsicID(name.as_ptr().cast(), name.len());
             if id == 0 {
@@ -253,40 +431,40 @@ impl Lower<'_> {
     }
 
     /// A unary intrinsic overloaded on its operand's type.
-    fn un_intr(&self, name: &str, x: LLVMValueRef) -> R<LLVMValueRef> {
+    pub(super) fn un_intr(&self, name: &str, x: LLVMValueRef) -> R<LLVMValueRef> {
         self.intrinsic(name, &[unsafe { LLVMTypeOf(x) }], &[x])
     }
 
-    fn bin_intr(&self, name: &str, x: LLVMValueRef, y: LLVMValueRef) -> R<LLVMValueRef> {
+    pub(super) fn bin_intr(&self, name: &str, x: LLVMValueRef, y: LLVMValueRef) -> R<LLVMValueRef> {
         self.intrinsic(name, &[unsafe { LLVMTypeOf(x) }], &[x, y])
     }
 
-    fn fma(&self, x: LLVMValueRef, y: LLVMValueRef, z: LLVMValueRef) -> R<LLVMValueRef> {
+    pub(super) fn fma(&self, x: LLVMValueRef, y: LLVMValueRef, z: LLVMValueRef) -> R<LLVMValueRef> {
         self.intrinsic("llvm.fma", &[unsafe { LLVMTypeOf(x) }], &[x, y, z])
     }
 
-    fn fadd(&self, x: LLVMValueRef, y: LLVMValueRef) -> LLVMValueRef {
+    pub(super) fn fadd(&self, x: LLVMValueRef, y: LLVMValueRef) -> LLVMValueRef {
         unsafe { LLVMBuildFAdd(self.b, x, y, NONE) }
     }
 
-    fn fmul(&self, x: LLVMValueRef, y: LLVMValueRef) -> LLVMValueRef {
+    pub(super) fn fmul(&self, x: LLVMValueRef, y: LLVMValueRef) -> LLVMValueRef {
         unsafe { LLVMBuildFMul(self.b, x, y, NONE) }
     }
 
-    fn fcmp(&self, p: RP, x: LLVMValueRef, y: LLVMValueRef) -> LLVMValueRef {
+    pub(super) fn fcmp(&self, p: RP, x: LLVMValueRef, y: LLVMValueRef) -> LLVMValueRef {
         unsafe { LLVMBuildFCmp(self.b, p, x, y, NONE) }
     }
 
-    fn select(&self, c: LLVMValueRef, x: LLVMValueRef, y: LLVMValueRef) -> LLVMValueRef {
+    pub(super) fn select(&self, c: LLVMValueRef, x: LLVMValueRef, y: LLVMValueRef) -> LLVMValueRef {
         unsafe { LLVMBuildSelect(self.b, c, x, y, NONE) }
     }
 
-    fn extract(&self, v: LLVMValueRef, lane: u32) -> LLVMValueRef {
+    pub(super) fn extract(&self, v: LLVMValueRef, lane: u32) -> LLVMValueRef {
         unsafe { LLVMBuildExtractElement(self.b, v, self.i64c(lane as i64), NONE) }
     }
 
     /// `lanes` copies of the scalar `x`.
-    fn splat(&self, x: LLVMValueRef, lanes: u32) -> LLVMValueRef {
+    pub(super) fn splat(&self, x: LLVMValueRef, lanes: u32) -> LLVMValueRef {
         unsafe {
             let vt = LLVMVectorType(LLVMTypeOf(x), lanes);
             let v = LLVMBuildInsertElement(self.b, LLVMGetPoison(vt), x, self.i64c(0), NONE);
@@ -296,7 +474,7 @@ impl Lower<'_> {
     }
 
     /// Lanes `range` of the vectors `a` and `b` concatenated.
-    fn shuffle(&self, a: LLVMValueRef, b: LLVMValueRef, lanes: impl Iterator<Item = u32>) -> LLVMValueRef {
+    pub(super) fn shuffle(&self, a: LLVMValueRef, b: LLVMValueRef, lanes: impl Iterator<Item = u32>) -> LLVMValueRef {
         unsafe {
             let i32t = LLVMInt32TypeInContext(self.cx);
             let mut mask: Vec<LLVMValueRef> = lanes.map(|i| LLVMConstInt(i32t, i as u64, 0)).collect();
@@ -305,20 +483,26 @@ impl Lower<'_> {
         }
     }
 
-    /// Calls the libm function `name` on scalars, or lane by lane on vectors.
-    fn libcall(&self, name: &str, args: &[LLVMValueRef]) -> R<LLVMValueRef> {
+    /// Calls the libm function `name` on scalars, or lane by lane on
+    /// vectors: the system's symbol, or its IR version (see [`Libm`]).
+    fn libcall(&mut self, name: &str, args: &[LLVMValueRef]) -> R<LLVMValueRef> {
         let lanes = self.lanes_of(args[0]);
         unsafe {
             let f32t = LLVMFloatTypeInContext(self.cx);
             let mut ps = vec![f32t; args.len()];
             let fty = LLVMFunctionType(f32t, ps.as_mut_ptr(), ps.len() as u32, 0);
-            let cname = CString::new(name).map_err(|_| backend(self.k, "bad libm name".into()))?;
-            let mut f = LLVMGetNamedFunction(self.m, cname.as_ptr());
-            if f.is_null() {
-                f = LLVMAddFunction(self.m, cname.as_ptr(), fty);
-                let kind = LLVMGetEnumAttributeKindForName(c"nounwind".as_ptr(), 8);
-                LLVMAddAttributeAtIndex(f, u32::MAX, LLVMCreateEnumAttribute(self.cx, kind, 0));
-            }
+            let f = match self.flavor.libm {
+                Libm::Inline => self.math_function(name, fty, args.len())?,
+                Libm::System => {
+                    let cname = CString::new(name).map_err(|_| backend(self.k, "bad libm name".into()))?;
+                    let mut f = LLVMGetNamedFunction(self.m, cname.as_ptr());
+                    if f.is_null() {
+                        f = LLVMAddFunction(self.m, cname.as_ptr(), fty);
+                        add_fn_attr(self.cx, f, "nounwind");
+                    }
+                    f
+                }
+            };
             let call =
                 |xs: &mut Vec<LLVMValueRef>| LLVMBuildCall2(self.b, fty, f, xs.as_mut_ptr(), xs.len() as u32, NONE);
             if lanes == 1 {
@@ -351,15 +535,9 @@ impl Lower<'_> {
             }
             Stmt::Store { buf, index, value } => {
                 let addr = self.addr(*buf, index)?;
-                let mut x = self.expr(value)?;
-                let elem = self.k.buf(*buf).elem;
-                unsafe {
-                    if elem == Scalar::Bool {
-                        x = LLVMBuildZExt(self.b, x, LLVMInt8TypeInContext(self.cx), NONE);
-                    }
-                    let st = LLVMBuildStore(self.b, x, addr);
-                    LLVMSetAlignment(st, elem.size() as u32);
-                }
+                let x = self.expr(value)?;
+                let lanes = self.kty(value)?.lanes;
+                self.store_mem(self.k.buf(*buf).elem, addr, x, lanes)?;
             }
             Stmt::For(l) => self.for_loop(l)?,
             Stmt::If { cond, then, els } => {
@@ -378,8 +556,16 @@ impl Lower<'_> {
                     LLVMPositionBuilderAtEnd(self.b, bm);
                 }
             }
-            Stmt::Barrier => return Err(unsupported(self.k, "barriers".into())),
-            Stmt::Shuffle { .. } => return Err(unsupported(self.k, "warp shuffles".into())),
+            Stmt::Barrier => {
+                self.gpu_only("barriers")?;
+                self.barrier()?;
+            }
+            Stmt::Shuffle { dst, kind, value, arg } => {
+                self.gpu_only("warp shuffles")?;
+                let (x, a) = (self.expr(value)?, self.expr(arg)?);
+                let y = self.shuffle_lanes(*kind, x, a)?;
+                self.set(*dst, y);
+            }
         }
         Ok(())
     }
@@ -387,11 +573,14 @@ impl Lower<'_> {
     fn for_loop(&mut self, l: &kir::Loop) -> R<()> {
         let mut start = self.expr(&l.start)?;
         let mut end = self.expr(&l.end)?;
-        let parallel = l.kind == LoopKind::Parallel;
+        // On the GPU a `Parallel` loop is a plain loop: kernels distribute
+        // work with thread and block indices themselves.
+        let parallel = l.kind == LoopKind::Parallel && self.flavor.abi == Abi::Host;
         if parallel && self.parallel_depth == 0 {
             (start, end) = self.split(start, end, l.step)?;
         }
-        if self.wide.is_none() {
+        // Widening targets the host's vector registers; PTX has none.
+        if self.wide.is_none() && self.flavor.abi == Abi::Host {
             if let Some(plan) = widen::plan(self.k, l, widen::host_factor()) {
                 return self.wide_loop(l, &plan, start, end);
             }
@@ -543,11 +732,11 @@ impl Lower<'_> {
 
     // ----- expressions -----
 
-    fn kty(&self, e: &Expr) -> R<Ty> {
+    pub(super) fn kty(&self, e: &Expr) -> R<Ty> {
         self.k.type_of(e).map_err(|m| backend(self.k, m))
     }
 
-    fn expr(&mut self, e: &Expr) -> R<LLVMValueRef> {
+    pub(super) fn expr(&mut self, e: &Expr) -> R<LLVMValueRef> {
         let t = self.kty(e)?;
         let b = self.b;
         let lanes = self.lanes(t.lanes);
@@ -696,20 +885,14 @@ impl Lower<'_> {
                     }
                     acc
                 }
-                Expr::Load { buf, index, .. } => {
+                Expr::Load { buf, index, lanes: n } => {
                     let addr = self.addr(*buf, index)?;
-                    let elem = self.k.buf(*buf).elem;
-                    let lt = if elem == Scalar::Bool { self.mem_ty(elem) } else { self.ty(t) };
-                    let x = LLVMBuildLoad2(b, lt, addr, NONE);
-                    // Buffers are aligned to their elements only.
-                    LLVMSetAlignment(x, elem.size() as u32);
-                    if elem == Scalar::Bool {
-                        LLVMBuildICmp(b, IP::LLVMIntNE, x, LLVMConstNull(lt), NONE)
-                    } else {
-                        x
-                    }
+                    self.load_mem(self.k.buf(*buf).elem, addr, *n)?
                 }
-                Expr::Special(_) => return Err(unsupported(self.k, "thread and block indices".into())),
+                Expr::Special(s) => {
+                    self.gpu_only("thread and block indices")?;
+                    self.special(*s)?
+                }
             })
         }
     }
@@ -717,7 +900,7 @@ impl Lower<'_> {
     /// Cephes `expf` (as the Cranelift lowering): `2^n * p(r)` with
     /// `n = round(x / ln 2)`; NaN stays NaN, +inf saturates at `exp(88)`.
     #[allow(clippy::excessive_precision)] // Cephes's constants, as published.
-    fn exp(&self, x0: LLVMValueRef, lanes: u32) -> R<LLVMValueRef> {
+    pub(super) fn exp(&self, x0: LLVMValueRef, lanes: u32) -> R<LLVMValueRef> {
         let c = |x: f32| self.fconst(x, lanes);
         // Clamps that keep NaN: `x > hi ? hi : x`.
         let (hi, lo) = (c(88.0), c(-87.336_55));
@@ -753,7 +936,7 @@ impl Lower<'_> {
     /// Cephes `tanhf` (as the Cranelift lowering): an odd polynomial below
     /// |x| = 0.625, `1 - 2 / (exp(2|x|) + 1)` with x's sign above.
     #[allow(clippy::excessive_precision)] // Cephes's constants, as published.
-    fn tanh(&self, x: LLVMValueRef, lanes: u32) -> R<LLVMValueRef> {
+    pub(super) fn tanh(&self, x: LLVMValueRef, lanes: u32) -> R<LLVMValueRef> {
         let c = |v: f32| self.fconst(v, lanes);
         let z = self.fmul(x, x);
         let coeffs = [-5.704_988_7e-3, 2.063_908_9e-2, -5.373_971_6e-2, 1.333_144_2e-1, -3.333_328_2e-1];

@@ -1,5 +1,7 @@
-//! The LLVM lowering of KIR for the host CPU (cargo feature `llvm`, LLVM 22
-//! through inkwell): the same kernels, ABI and semantics as the Cranelift
+//! The LLVM lowering of KIR (cargo feature `llvm`, LLVM 22 through
+//! inkwell), for the host CPU and, through [`emit_ptx`], NVIDIA GPUs.
+//!
+//! For the host: the same kernels, ABI and semantics as the Cranelift
 //! lowering ([`crate::cranelift`]), compiled by LLVM's `default<O3>`
 //! pipeline for the host CPU with all its features, so the loop and SLP
 //! vectorizers can use 256-bit (AVX2/FMA), 512-bit (AVX-512) or NEON
@@ -23,10 +25,17 @@
 //! same terms in another order (like a `ksplit` of the templates).
 //!
 //! GPU constructs (thread indices, barriers, shuffles, shared buffers) are
-//! rejected with [`LlvmError::Unsupported`].
+//! rejected with [`LlvmError::Unsupported`] for the host; [`emit_ptx`]
+//! lowers GPU kernels through the same code to PTX (see `nvptx`).
+//! `bf16`/`f16` buffers are read as `f32` exactly and written rounded to
+//! nearest even, on both targets.
 
 mod lower;
+mod math;
+mod nvptx;
 mod widen;
+
+pub use nvptx::{emit_ptx, GpuArch};
 
 use crate::kir::Kernel;
 use inkwell::context::Context;
@@ -44,6 +53,8 @@ pub enum LlvmError {
     Target(String),
     #[error("LLVM module `{module}`: {message}")]
     Module { module: String, message: String },
+    #[error("kernel `{kernel}` is a CPU kernel (it has no GPU launch geometry); only GPU kernels lower to PTX")]
+    NotGpu { kernel: String },
 }
 
 /// The host as LLVM sees it, for reports and manifests.
@@ -108,16 +119,28 @@ pub enum Output {
 /// `default<O3>` for the host and emits `what`.
 pub fn compile(kernels: &[Kernel], name: &str, what: Output) -> Result<Vec<u8>, LlvmError> {
     let (tm, _) = host_machine()?;
+    build(kernels, name, &tm, lower::Flavor::HOST, what)
+}
+
+/// Lowers every kernel for `flavor` into one module named `name` for the
+/// target machine `tm`, optimises it with `default<O3>` and emits `what`.
+fn build(
+    kernels: &[Kernel],
+    name: &str,
+    tm: &TargetMachine,
+    flavor: lower::Flavor,
+    what: Output,
+) -> Result<Vec<u8>, LlvmError> {
     let cx = Context::create();
     let module = cx.create_module(name);
     module.set_triple(&tm.get_triple());
     module.set_data_layout(&tm.get_target_data().get_data_layout());
     let merr = |message: String| LlvmError::Module { module: name.to_string(), message };
     for k in kernels {
-        lower::lower(k, &cx, &module)?;
+        lower::lower(k, &cx, &module, flavor)?;
     }
     module.verify().map_err(|e| merr(format!("invalid IR: {e}")))?;
-    module.run_passes("default<O3>", &tm, PassBuilderOptions::create()).map_err(|e| merr(e.to_string()))?;
+    module.run_passes("default<O3>", tm, PassBuilderOptions::create()).map_err(|e| merr(e.to_string()))?;
     match what {
         Output::Ir => Ok(module.print_to_string().to_bytes().to_vec()),
         Output::Object | Output::Assembly => {
