@@ -26,6 +26,8 @@ pub mod plan;
 pub mod tensors;
 
 pub use artifact::{Artifact, ArtifactError, Manifest, ModelInfo, Signature, TensorSig};
-pub use generate::{generate, Forward, ForwardError, GenerateError, GenerateOptions, Generation, Sampling, StopReason};
+pub use generate::{
+    generate, CachedDecode, Forward, ForwardError, GenerateError, GenerateOptions, Generation, Sampling, StopReason,
+};
 pub use model::InterpModel;
 pub use tensors::{read_tensor_file, write_tensor_file, TensorFileError};
