@@ -12,7 +12,10 @@
 //! position `past`. It never re-runs the whole sequence when the model has a
 //! cache; a model without past inputs (a plain `input_ids -> logits` graph)
 //! is run on the whole sequence each step, because that is all it can do.
-//! Batch size is 1; ties in the argmax go to the lowest token id (as
+//! A model that keeps its cache itself ([`Forward::cache`], a GPU model
+//! with the cache in device memory) is fed the token inputs only and hands
+//! back the last position's logits, so a step moves a few ids in and one
+//! row of logits out. Batch size is 1; ties in the argmax go to the lowest token id (as
 //! `torch.argmax` does).
 
 use std::collections::BTreeMap;
@@ -39,6 +42,34 @@ pub trait Forward {
 
     /// Runs the model once.
     fn forward(&mut self, inputs: BTreeMap<String, Tensor>) -> Result<BTreeMap<String, Tensor>, ForwardError>;
+
+    /// The model's own KV cache, when it keeps one next to where it
+    /// computes (a GPU model keeps it in device memory): [`generate`] then
+    /// feeds each step the token inputs only and reads back one row of
+    /// logits. `None` (the default): the cache travels through `forward`'s
+    /// `past_key_values.*` inputs and `present.*` outputs.
+    fn cache(&mut self) -> Option<&mut dyn CachedDecode> {
+        None
+    }
+}
+
+/// Decoding with the KV cache held by the model (see [`Forward::cache`]).
+/// It is separate from [`Forward::forward`], which stays stateless: a
+/// forward call neither reads nor changes this cache.
+pub trait CachedDecode {
+    /// Empties the cache: the next step starts a new sequence.
+    fn reset(&mut self);
+
+    /// How many positions the cache holds.
+    fn cached_len(&self) -> usize;
+
+    /// Runs `inputs` (`input_ids [batch, seq]`, and `attention_mask`
+    /// covering the cached positions plus `seq`, `position_ids`, when the
+    /// model takes them; never `past_key_values.*`) after the cached
+    /// positions, appends their keys and values to the cache, and returns
+    /// the logits of each sequence's last position, `[batch, vocab]`. A
+    /// failed step leaves the cache as it was.
+    fn step(&mut self, inputs: BTreeMap<String, Tensor>) -> Result<Tensor, ForwardError>;
 }
 
 /// Why generation failed.
@@ -339,6 +370,11 @@ pub fn generate(
     let mut stop = StopReason::MaxNewTokens;
     let mut rng = fastrand::Rng::with_seed(opts.sampling.seed);
     let (mut prefill_secs, mut decode_secs) = (0.0, 0.0);
+    // A model that keeps the cache itself starts the sequence empty.
+    let on_model = use_cache && model.cache().is_some();
+    if let Some(c) = model.cache().filter(|_| on_model) {
+        c.reset();
+    }
 
     for step in 0..opts.max_new_tokens {
         // With a cache, the prefill feeds the prompt and each later step the
@@ -353,41 +389,61 @@ pub fn generate(
         };
         let seq = feed.len();
         let mut inputs = token_inputs(&plan, feed, past_len)?;
-        for ((name, _, _), tensor) in plan.cache.iter().zip(past.drain(..)) {
-            inputs.insert(name.clone(), tensor);
-        }
+        let bad = |msg: String| GenerateError::BadOutput { step, msg };
+        let forward_err = |source| GenerateError::Forward { step, source };
 
         let start = std::time::Instant::now();
-        let mut out = model.forward(inputs).map_err(|source| GenerateError::Forward { step, source })?;
+        let last: Vec<f32> = if on_model {
+            let c = model.cache().ok_or_else(|| bad("the model no longer keeps a cache".to_string()))?;
+            let logits = c.step(inputs).map_err(forward_err)?;
+            let vocab = logits.shape.get(1).copied().unwrap_or(0);
+            if logits.shape.len() != 2 || logits.shape[0] != 1 || vocab == 0 {
+                return Err(bad(format!("the step's logits have shape {:?}, expected [1, vocab]", logits.shape)));
+            }
+            if c.cached_len() != past_len + seq {
+                return Err(bad(format!(
+                    "the model's cache holds {} positions after the step, expected {}",
+                    c.cached_len(),
+                    past_len + seq
+                )));
+            }
+            logits.to_f32_vec()
+        } else {
+            for ((name, _, _), tensor) in plan.cache.iter().zip(past.drain(..)) {
+                inputs.insert(name.clone(), tensor);
+            }
+            let mut out = model.forward(inputs).map_err(forward_err)?;
+            let logits = out.remove("logits").ok_or_else(|| bad("no `logits` output".to_string()))?;
+            let vocab = *logits.shape.last().unwrap_or(&0);
+            let rows = logits.numel().checked_div(vocab).unwrap_or(0);
+            if vocab == 0 || logits.shape.first() != Some(&1) || rows != seq {
+                return Err(bad(format!("`logits` has shape {:?}, expected [1, {seq}, vocab]", logits.shape)));
+            }
+            for (_, present, _) in &plan.cache {
+                let t = out.remove(present).ok_or_else(|| bad(format!("no `{present}` output")))?;
+                if t.shape.get(2) != Some(&(past_len + seq)) {
+                    return Err(bad(format!(
+                        "`{present}` has shape {:?}, expected {} positions on axis 2",
+                        t.shape,
+                        past_len + seq
+                    )));
+                }
+                past.push(t);
+            }
+            let mut values = logits.to_f32_vec();
+            values.drain(..(rows - 1) * vocab);
+            values
+        };
+        // The time includes reading the logits back, as a caller sees it.
         let secs = start.elapsed().as_secs_f64();
         if step == 0 {
             prefill_secs = secs;
         } else {
             decode_secs += secs;
         }
-        let bad = |msg: String| GenerateError::BadOutput { step, msg };
-        let logits = out.remove("logits").ok_or_else(|| bad("no `logits` output".to_string()))?;
-        let vocab = *logits.shape.last().unwrap_or(&0);
-        let rows = logits.numel().checked_div(vocab).unwrap_or(0);
-        if vocab == 0 || logits.shape.first() != Some(&1) || rows != seq {
-            return Err(bad(format!("`logits` has shape {:?}, expected [1, {seq}, vocab]", logits.shape)));
-        }
-        let values = logits.to_f32_vec();
-        let last = &values[(rows - 1) * vocab..];
         let next =
-            opts.sampling.choose(last, &mut rng).ok_or_else(|| bad("the logits contain NaN".to_string()))? as i64;
+            opts.sampling.choose(&last, &mut rng).ok_or_else(|| bad("the logits contain NaN".to_string()))? as i64;
 
-        for (_, present, _) in &plan.cache {
-            let t = out.remove(present).ok_or_else(|| bad(format!("no `{present}` output")))?;
-            if t.shape.get(2) != Some(&(past_len + seq)) {
-                return Err(bad(format!(
-                    "`{present}` has shape {:?}, expected {} positions on axis 2",
-                    t.shape,
-                    past_len + seq
-                )));
-            }
-            past.push(t);
-        }
         past_len += seq;
         ids.push(next);
         on_token(next);
@@ -544,6 +600,123 @@ mod tests {
         assert_eq!(g.ids, expected(&[5, 5], 3));
         let lens: Vec<usize> = m.calls.iter().map(|c| c["input_ids"].shape[1]).collect();
         assert_eq!(lens, vec![2, 3, 4]);
+    }
+
+    /// [`Counting`] with its cache kept inside, as a GPU model keeps it on
+    /// the device: steps see token inputs only.
+    struct Resident {
+        inner: Counting,
+        seen: Vec<f32>,
+        steps: Vec<BTreeMap<String, Tensor>>,
+        forwards: usize,
+        resets: usize,
+        /// Fault injection: a step that forgets to append to the cache.
+        drop_positions: bool,
+    }
+
+    impl Resident {
+        fn new() -> Resident {
+            Resident {
+                inner: Counting::new(true),
+                seen: Vec::new(),
+                steps: Vec::new(),
+                forwards: 0,
+                resets: 0,
+                drop_positions: false,
+            }
+        }
+    }
+
+    impl Forward for Resident {
+        fn signature(&self) -> &Signature {
+            &self.inner.sig
+        }
+
+        fn forward(&mut self, inputs: BTreeMap<String, Tensor>) -> Result<BTreeMap<String, Tensor>, ForwardError> {
+            self.forwards += 1;
+            self.inner.forward(inputs)
+        }
+
+        fn cache(&mut self) -> Option<&mut dyn CachedDecode> {
+            Some(self)
+        }
+    }
+
+    impl CachedDecode for Resident {
+        fn reset(&mut self) {
+            self.seen.clear();
+            self.resets += 1;
+        }
+
+        fn cached_len(&self) -> usize {
+            self.seen.len()
+        }
+
+        fn step(&mut self, mut inputs: BTreeMap<String, Tensor>) -> Result<Tensor, ForwardError> {
+            self.steps.push(inputs.clone());
+            if inputs.keys().any(|k| k.starts_with("past_key_values.")) {
+                return Err(ForwardError::Other("a step takes no past".into()));
+            }
+            let past = self.seen.len();
+            let past_tensor = Tensor::from_f32(DType::F32, vec![1, 1, past, 1], self.seen.clone()).unwrap();
+            inputs.insert("past_key_values.0.key".into(), past_tensor);
+            let out = self.inner.forward(inputs)?;
+            if !self.drop_positions {
+                self.seen = out["present.0.key"].to_f32_vec();
+            }
+            let logits = &out["logits"];
+            let vocab = logits.shape[2];
+            let rows = logits.shape[1];
+            let last = logits.to_f32_vec()[(rows - 1) * vocab..].to_vec();
+            Ok(Tensor::from_f32(DType::F32, vec![1, vocab], last).unwrap())
+        }
+    }
+
+    #[test]
+    fn a_model_holding_its_cache_gets_token_inputs_only() {
+        let opts = GenerateOptions { max_new_tokens: 6, eos_token_ids: vec![], ..Default::default() };
+        let mut host = Counting::new(true);
+        let want = generate(&mut host, &[3, 4, 1], &opts, &mut |_| {}).unwrap();
+        let mut m = Resident::new();
+        let mut streamed = Vec::new();
+        let g = generate(&mut m, &[3, 4, 1], &opts, &mut |t| streamed.push(t)).unwrap();
+        assert_eq!(g.ids, want.ids);
+        assert_eq!(streamed, g.new_ids());
+        assert_eq!((m.forwards, m.resets), (0, 1), "steps only, after one reset");
+        let lens: Vec<usize> = m.steps.iter().map(|c| c["input_ids"].shape[1]).collect();
+        assert_eq!(lens, vec![3, 1, 1, 1, 1, 1]);
+        for (step, c) in m.steps.iter().enumerate() {
+            let past = if step == 0 { 0 } else { 2 + step };
+            assert!(!c.keys().any(|k| k.starts_with("past_key_values.")), "step {step} got a past tensor");
+            assert_eq!(c["attention_mask"].shape, vec![1, past + lens[step]]);
+            let want: Vec<i64> = (past as i64..(past + lens[step]) as i64).collect();
+            assert_eq!(c["position_ids"].to_i64_vec(), want);
+        }
+        // A second run starts from an empty cache again.
+        let again = generate(&mut m, &[3, 4, 1], &opts, &mut |_| {}).unwrap();
+        assert_eq!(again.ids, want.ids);
+        assert_eq!(m.resets, 2);
+    }
+
+    #[test]
+    fn a_model_cache_that_loses_positions_is_an_error() {
+        let mut m = Resident::new();
+        m.drop_positions = true;
+        let opts = GenerateOptions { max_new_tokens: 3, eos_token_ids: vec![], ..Default::default() };
+        let e = generate(&mut m, &[1, 2], &opts, &mut |_| {}).unwrap_err().to_string();
+        assert_eq!(e, "step 0: the model's cache holds 0 positions after the step, expected 2");
+    }
+
+    #[test]
+    fn a_model_cache_is_unused_without_past_inputs() {
+        // The signature has no cache: the whole sequence goes through
+        // `forward`, whatever the model offers.
+        let mut m = Resident::new();
+        m.inner = Counting::new(false);
+        let opts = GenerateOptions { max_new_tokens: 3, eos_token_ids: vec![], ..Default::default() };
+        let g = generate(&mut m, &[5, 5], &opts, &mut |_| {}).unwrap();
+        assert_eq!(g.ids, expected(&[5, 5], 3));
+        assert_eq!((m.forwards, m.steps.len(), m.resets), (3, 0, 0));
     }
 
     #[test]

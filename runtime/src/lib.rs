@@ -12,13 +12,16 @@
 //! - [`plan`]: the launch plan of a natively compiled (`cpu`) artifact;
 //!   [`native`]: [`native::NativeModel`], which runs it (the kernel library
 //!   loaded with `dlopen`, a persistent thread team, a liveness-planned
-//!   arena).
+//!   arena); [`cuda`]: [`cuda::CudaModel`], which runs a `cuda` plan's PTX
+//!   kernels on an NVIDIA GPU (the driver loaded at run time), with the KV
+//!   cache kept on the device while decoding.
 //!
 //! The runtime links no compiler (no egg, Cranelift or LLVM): an artifact is
 //! everything it needs. It depends on smelt-ir only for tensors, the text IR
 //! parser, the verifier and the reference interpreter.
 
 pub mod artifact;
+pub mod cuda;
 pub mod generate;
 pub mod model;
 pub mod native;
@@ -26,6 +29,8 @@ pub mod plan;
 pub mod tensors;
 
 pub use artifact::{Artifact, ArtifactError, Manifest, ModelInfo, Signature, TensorSig};
-pub use generate::{generate, Forward, ForwardError, GenerateError, GenerateOptions, Generation, Sampling, StopReason};
+pub use generate::{
+    generate, CachedDecode, Forward, ForwardError, GenerateError, GenerateOptions, Generation, Sampling, StopReason,
+};
 pub use model::InterpModel;
 pub use tensors::{read_tensor_file, write_tensor_file, TensorFileError};

@@ -58,6 +58,14 @@ impl InterpModel {
 /// that the caller left out (see the module docs). Shared by every backend,
 /// so they all fill the same defaults.
 pub fn fill_defaults(sig: &Signature, inputs: &mut BTreeMap<String, Tensor>) {
+    fill_defaults_after(sig, inputs, None);
+}
+
+/// [`fill_defaults`] for a model that holds `resident_past` cached
+/// positions itself (a GPU model's device-resident KV cache): no past
+/// tensors are added, and the mask and positions cover the cached
+/// positions. With `None`, exactly [`fill_defaults`].
+pub fn fill_defaults_after(sig: &Signature, inputs: &mut BTreeMap<String, Tensor>, resident_past: Option<usize>) {
     let Some(ids) = inputs.get("input_ids") else {
         return;
     };
@@ -66,14 +74,15 @@ pub fn fill_defaults(sig: &Signature, inputs: &mut BTreeMap<String, Tensor>) {
     };
     let past_inputs: Vec<_> = sig.inputs.iter().filter(|t| t.name.starts_with("past_key_values.")).collect();
     let given_past: Vec<&Tensor> = past_inputs.iter().filter_map(|t| inputs.get(&t.name)).collect();
-    let past_len = match given_past.first() {
-        Some(t) => match t.shape.get(2) {
+    let past_len = match (resident_past, given_past.first()) {
+        (Some(n), _) => n,
+        (None, Some(t)) => match t.shape.get(2) {
             Some(&n) => n,
             None => return,
         },
-        None => 0,
+        (None, None) => 0,
     };
-    if given_past.is_empty() {
+    if given_past.is_empty() && resident_past.is_none() {
         for past in &past_inputs {
             let Ok(ty) = past.tensor_type() else { return };
             // [batch, kv_heads, past, head_dim] with constant heads and size.

@@ -50,14 +50,44 @@ pub fn bind_symbols(
     inputs: &BTreeMap<String, Tensor>,
     bounds: &BTreeMap<String, (i64, i64)>,
 ) -> Result<BTreeMap<String, i64>, NativeError> {
-    if let Some(name) = inputs.keys().find(|k| !specs.iter().any(|s| &s.name == *k)) {
+    bind_symbols_with(specs, inputs, &BTreeMap::new(), bounds)
+}
+
+/// [`bind_symbols`] where some inputs are already in place (a GPU model's
+/// device-resident KV cache): `resident` gives their shapes, their dtype is
+/// the declared one, and they bind symbols like the tensors given.
+pub fn bind_symbols_with(
+    specs: &[InputSpec],
+    inputs: &BTreeMap<String, Tensor>,
+    resident: &BTreeMap<String, Vec<usize>>,
+    bounds: &BTreeMap<String, (i64, i64)>,
+) -> Result<BTreeMap<String, i64>, NativeError> {
+    if let Some(name) = inputs.keys().chain(resident.keys()).find(|k| !specs.iter().any(|s| &s.name == *k)) {
         return Err(NativeError::UnknownInput {
             name: name.clone(),
             expected: specs.iter().map(|s| s.name.clone()).collect(),
         });
     }
-    let mut given: Vec<(&InputSpec, &Tensor)> = Vec::with_capacity(specs.len());
+    if let Some(name) = inputs.keys().find(|k| resident.contains_key(*k)) {
+        return Err(NativeError::BadInput {
+            name: name.clone(),
+            why: "the model already holds it (its cache is on the device); do not pass it".to_string(),
+        });
+    }
+    let mut given: Vec<(&InputSpec, &[usize])> = Vec::with_capacity(specs.len());
     for spec in specs {
+        if let Some(shape) = resident.get(&spec.name) {
+            if shape.len() != spec.shape.len() {
+                return Err(NativeError::InputRank {
+                    name: spec.name.clone(),
+                    expected: spec.describe(),
+                    rank: spec.shape.len(),
+                    found: shape.clone(),
+                });
+            }
+            given.push((spec, shape));
+            continue;
+        }
         let t = inputs
             .get(&spec.name)
             .ok_or_else(|| NativeError::MissingInput { name: spec.name.clone(), expected: spec.describe() })?;
@@ -79,10 +109,10 @@ pub fn bind_symbols(
                 found: t.shape.clone(),
             });
         }
-        given.push((spec, t));
+        given.push((spec, &t.shape));
     }
     let shapes: Vec<(&str, &[Dim], &[usize])> =
-        given.iter().map(|&(spec, t)| (spec.name.as_str(), spec.shape.as_slice(), t.shape.as_slice())).collect();
+        given.iter().map(|&(spec, shape)| (spec.name.as_str(), spec.shape.as_slice(), shape)).collect();
     let bounds = |s: &str| bounds.get(s).copied();
     bind_shapes(&shapes, &bounds).map_err(|e| match e {
         BindError::Dim { input, axis, expected, found } => NativeError::InputDim { name: input, axis, expected, found },
@@ -132,6 +162,23 @@ mod tests {
         inputs.remove("past");
         let syms = bind_symbols(specs2, &inputs, &bounds()).unwrap();
         assert_eq!(syms.get("past"), Some(&4));
+    }
+
+    #[test]
+    fn resident_inputs_bind_by_shape() {
+        let mut inputs = BTreeMap::new();
+        inputs.insert("ids".to_string(), t(DType::I64, vec![1, 1]));
+        inputs.insert("mask".to_string(), t(DType::I64, vec![1, 6]));
+        let resident: BTreeMap<String, Vec<usize>> = [("past".to_string(), vec![1, 2, 5, 4])].into_iter().collect();
+        let syms = bind_symbols_with(&specs(), &inputs, &resident, &bounds()).unwrap();
+        assert_eq!(syms.get("past"), Some(&5));
+        inputs.insert("mask".to_string(), t(DType::I64, vec![1, 5]));
+        let e = bind_symbols_with(&specs(), &inputs, &resident, &bounds()).unwrap_err().to_string();
+        assert_eq!(e, "input `mask` axis 1: expected past + seq = 6, found 5");
+        inputs.insert("mask".to_string(), t(DType::I64, vec![1, 6]));
+        inputs.insert("past".to_string(), t(DType::F32, vec![1, 2, 5, 4]));
+        let e = bind_symbols_with(&specs(), &inputs, &resident, &bounds()).unwrap_err().to_string();
+        assert!(e.contains("the model already holds it"), "{e}");
     }
 
     #[test]

@@ -9,6 +9,8 @@
 //! - [`arena`]: 64-byte aligned memory and the liveness-based placement of
 //!   scratch buffers;
 //! - [`bind`]: input validation and symbol binding;
+//! - [`checked`]: the plan checked once and sized per call (shared with the
+//!   GPU runtime, [`crate::cuda`]);
 //! - [`exec`]: [`NativeModel`], the [`crate::Forward`] implementation.
 //!
 //! Nothing here depends on the compiler: the plan, the library and the
@@ -18,6 +20,7 @@
 
 pub mod arena;
 pub mod bind;
+pub mod checked;
 pub mod exec;
 pub mod library;
 pub mod team;
