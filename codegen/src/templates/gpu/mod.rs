@@ -6,6 +6,7 @@ pub mod attention;
 pub mod gpuize;
 pub mod norm;
 pub mod rope;
+pub mod rows;
 pub mod softmax;
 #[cfg(test)]
 mod testing;
