@@ -3,6 +3,7 @@
 //! tested in the KIR interpreter's GPU mode.
 
 pub mod attention;
+pub mod concat;
 pub mod gpuize;
 pub mod norm;
 pub mod rope;
