@@ -52,22 +52,23 @@ pub fn attention(b: &mut Builder, s: &AttnSpec, batch: Expr, sq: Expr, skv: Expr
     let sh_p = b.buffer("weights", Scalar::F32, ntu, Space::Shared, Access::Write);
     b.gpu_launch([nt, 1, 1], [rows, Expr::i64(1), Expr::i64(1)]);
     // Mask strides along [batch, hq, sq, skv]; None where it broadcasts.
-    let mstrides: Vec<Option<Expr>> = match mask {
-        None => vec![None; 4],
-        Some(m) => {
-            let st = sym::strides(&m.dims);
-            let skip = 4 - m.dims.len();
-            (0..4)
-                .map(|a| {
-                    if a < skip || as_const(&m.dims[a - skip]) == Some(1) {
-                        None
-                    } else {
-                        Some(st[a - skip].clone())
-                    }
-                })
-                .collect()
-        }
-    };
+    let mstrides: Vec<Option<Expr>> =
+        match mask {
+            None => vec![None; 4],
+            Some(m) => {
+                let st = sym::strides(&m.dims);
+                let skip = 4 - m.dims.len();
+                (0..4)
+                    .map(|a| {
+                        if a < skip || as_const(&m.dims[a - skip]) == Some(1) {
+                            None
+                        } else {
+                            Some(st[a - skip].clone())
+                        }
+                    })
+                    .collect()
+            }
+        };
 
     let tid = b.let_("tid", Expr::Special(Special::ThreadIdx(0)));
     let row = b.let_("row", Expr::Special(Special::BlockIdx(0)));
@@ -137,8 +138,11 @@ pub fn attention(b: &mut Builder, s: &AttnSpec, batch: Expr, sq: Expr, skv: Expr
                         None => Expr::Var(mo),
                     };
                     let mv = Expr::load(mb, at, 1);
-                    let masked =
-                        if me == Scalar::Bool { Expr::select(mv, Expr::Var(sc), neg_inf()) } else { Expr::Var(sc) + mv };
+                    let masked = if me == Scalar::Bool {
+                        Expr::select(mv, Expr::Var(sc), neg_inf())
+                    } else {
+                        Expr::Var(sc) + mv
+                    };
                     b.assign(sc, masked);
                 }
                 // A score that is not above -inf (masked, or NaN) drops the key.
@@ -229,12 +233,8 @@ mod tests {
     /// kernel `select` picks, on the same operands; tolerance
     /// 1e-5 * (1 + |want|).
     fn check(c: &Case, kill_mask: bool) {
-        let op = Op::Attention {
-            scale: 1.0 / (c.d as f64).sqrt(),
-            causal: c.causal,
-            window: c.window,
-            softcap: c.softcap,
-        };
+        let op =
+            Op::Attention { scale: 1.0 / (c.d as f64).sqrt(), causal: c.causal, window: c.window, softcap: c.softcap };
         let mut types = vec![
             f(&format!("b, {}, s, {}", c.hq, c.d)),
             f(&format!("b, {}, t, {}", c.hkv, c.d)),
@@ -320,7 +320,8 @@ mod tests {
 
     #[test]
     fn gpu_attention_masks_and_softcap() {
-        let bool_mask = Case { hq: 6, hkv: 2, sq: 3, past: 2, causal: false, mask: Some((DType::Bool, "1, 1, s, t")), ..BASE };
+        let bool_mask =
+            Case { hq: 6, hkv: 2, sq: 3, past: 2, causal: false, mask: Some((DType::Bool, "1, 1, s, t")), ..BASE };
         check(&bool_mask, false);
         // Every key masked: rows of zeros.
         check(&bool_mask, true);

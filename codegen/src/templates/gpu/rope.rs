@@ -50,7 +50,8 @@ pub fn rope(b: &mut Builder, x_dims: &[Expr], cs_dims: &[Expr], d: usize, r: usi
             }
             let cb = b.let_("cb", cb);
             let xb = b.let_("xb", mul(Expr::Var(row), Expr::idx(d)));
-            let (fv, xa, ca) = (Expr::Var(f), move |i: Expr| add(Expr::Var(xb), i), move |i: Expr| add(Expr::Var(cb), i));
+            let (fv, xa, ca) =
+                (Expr::Var(f), move |i: Expr| add(Expr::Var(xb), i), move |i: Expr| add(Expr::Var(cb), i));
             // The partner feature and whether it enters with a minus sign.
             let first = if interleaved {
                 sym::rem(fv.clone(), Expr::idx(2)).cmp(CmpOp::Eq, Expr::i64(0))
@@ -59,7 +60,8 @@ pub fn rope(b: &mut Builder, x_dims: &[Expr], cs_dims: &[Expr], d: usize, r: usi
             };
             let first = b.let_("first", first);
             let (ahead, behind) = if interleaved { (1, 1) } else { (r / 2, r / 2) };
-            let partner = Expr::select(Expr::Var(first), add(fv.clone(), Expr::idx(ahead)), fv.clone() - Expr::idx(behind));
+            let partner =
+                Expr::select(Expr::Var(first), add(fv.clone(), Expr::idx(ahead)), fv.clone() - Expr::idx(behind));
             let sign = Expr::select(Expr::Var(first), Expr::f32(-1.0), Expr::f32(1.0));
             let rotated = |b: &mut Builder| {
                 let p = b.let_("p", partner.clone());
@@ -96,11 +98,9 @@ mod tests {
         ];
         for &(xs, cs, d, r, il, syms) in cases {
             let (cpu, _) = cpu_instance(&Op::Rope { interleaved: il }, &[f(xs), f(cs), f(cs)]);
-            let env: std::collections::BTreeMap<String, i64> =
-                syms.iter().map(|(k, v)| (k.to_string(), *v)).collect();
-            let dims = |s: &str| -> Vec<Expr> {
-                f(s).shape.iter().map(|dm| Expr::i64(dm.eval_map(&env).unwrap())).collect()
-            };
+            let env: std::collections::BTreeMap<String, i64> = syms.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+            let dims =
+                |s: &str| -> Vec<Expr> { f(s).shape.iter().map(|dm| Expr::i64(dm.eval_map(&env).unwrap())).collect() };
             let mut g = Builder::new("rope");
             rope(&mut g, &dims(xs), &dims(cs), d, r, il, 64);
             let g = g.finish().unwrap();

@@ -76,7 +76,8 @@ pub fn launch_rows(b: &mut Builder, layout: RowLayout, rows: Expr) -> RowThread 
 /// Shared scratch for [`row_reduce`]: one partial per warp of the block
 /// (`None` when rows fit in a warp and need none).
 pub fn reduce_scratch(b: &mut Builder, layout: RowLayout, name: &str) -> Option<BufId> {
-    (layout.tpr > 32).then(|| b.buffer(name, crate::kir::Scalar::F32, (layout.block / 32) as usize, Space::Shared, Access::Write))
+    (layout.tpr > 32)
+        .then(|| b.buffer(name, crate::kir::Scalar::F32, (layout.block / 32) as usize, Space::Shared, Access::Write))
 }
 
 /// Combines `v` (an f32 variable) over the threads of each row with

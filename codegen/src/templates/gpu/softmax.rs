@@ -68,7 +68,8 @@ mod tests {
     #[test]
     fn gpu_softmax_matches_cpu() {
         let (cpu, _) = cpu_instance(&Op::Softmax { axis: -1 }, &[f("r, n")]);
-        for layout in [RowLayout { block: 64, tpr: 32 }, RowLayout { block: 64, tpr: 64 }, RowLayout { block: 32, tpr: 4 }]
+        for layout in
+            [RowLayout { block: 64, tpr: 32 }, RowLayout { block: 64, tpr: 64 }, RowLayout { block: 32, tpr: 4 }]
         {
             let mut g = Builder::new("softmax");
             let rows = g.scalar_param("rows");
