@@ -1,0 +1,120 @@
+//! Test helpers for the GPU templates: a node's kernel instance from
+//! `select`, deterministic buffers for any kernel, and runs in the KIR
+//! interpreter's CPU and GPU modes.
+
+use crate::kir::interp::{self, BufData, Mode};
+use crate::kir::{Access, Kernel, Scalar};
+use crate::select::{select, Instance, Selected};
+use crate::templates::testing::rand;
+use smelt_ir::{Dim, Op, TensorType};
+use std::collections::BTreeMap;
+
+/// A tensor type from a dtype and comma-separated dims (`"2, s, 4"`).
+pub fn ty(dtype: smelt_ir::DType, dims: &str) -> TensorType {
+    let shape = if dims.trim().is_empty() {
+        vec![]
+    } else {
+        dims.split(',').map(|d| d.trim().parse::<Dim>().unwrap()).collect()
+    };
+    TensorType::new(dtype, shape)
+}
+
+pub fn f(dims: &str) -> TensorType {
+    ty(smelt_ir::DType::F32, dims)
+}
+
+/// The CPU instance `select` picks for `op` on `inputs`, and the result types.
+pub fn cpu_instance(op: &Op, inputs: &[TensorType]) -> (Instance, Vec<TensorType>) {
+    let refs: Vec<&TensorType> = inputs.iter().collect();
+    let outputs = op.infer(&refs).unwrap_or_else(|e| panic!("{op:?}: {e}"));
+    match select(op, inputs, &outputs).unwrap_or_else(|e| panic!("{e}")) {
+        Selected::Kernel(i) => (i, outputs),
+        Selected::Alias { .. } => panic!("{op:?}: unexpected alias"),
+    }
+}
+
+/// The values of an instance's scalar parameters for the given symbols.
+pub fn scalars(inst: &Instance, syms: &[(&str, i64)]) -> Vec<i64> {
+    let env: BTreeMap<String, i64> = syms.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+    inst.scalars.iter().map(|d| d.eval_map(&env).unwrap()).collect()
+}
+
+/// The global buffers of `k`: inputs deterministic (floats in [-2, 2),
+/// integers in -3..9, bools 3/4 true), outputs filled with a sentinel
+/// (NaN, -77, true) so unwritten elements show.
+pub fn buffers(k: &Kernel, scalars: &[i64], seed: u64) -> Vec<BufData> {
+    k.global_buffers()
+        .enumerate()
+        .map(|(i, (_, d))| {
+            let n = k.buffer_len(d, scalars).unwrap();
+            let r = rand(n, seed + 7 * i as u64);
+            let input = d.access == Access::Read;
+            match d.elem {
+                Scalar::F32 if input => BufData::F32(r.iter().map(|x| x * 2.0).collect()),
+                Scalar::F32 => BufData::F32(vec![f32::NAN; n]),
+                Scalar::I64 if input => BufData::I64(r.iter().map(|x| (x * 6.0 + 3.0).floor() as i64).collect()),
+                Scalar::I64 => BufData::I64(vec![-77; n]),
+                Scalar::I32 if input => BufData::I32(r.iter().map(|x| (x * 6.0 + 3.0).floor() as i32).collect()),
+                Scalar::I32 => BufData::I32(vec![-77; n]),
+                Scalar::Bool if input => BufData::Bool(r.iter().map(|x| *x > -0.5).collect()),
+                Scalar::Bool => BufData::Bool(vec![true; n]),
+                e => BufData::zeros(e, n),
+            }
+        })
+        .collect()
+}
+
+/// Runs a CPU kernel as a team of `threads`.
+pub fn run_cpu(k: &Kernel, bufs: &[BufData], scalars: &[i64], threads: usize) -> Vec<BufData> {
+    let mut b = bufs.to_vec();
+    interp::run(k, &mut b, scalars, Mode::Cpu { threads }).unwrap_or_else(|e| panic!("{e}\n{k}"));
+    b
+}
+
+/// Runs a GPU kernel with its own launch shape.
+pub fn run_gpu(k: &Kernel, bufs: &[BufData], scalars: &[i64]) -> Vec<BufData> {
+    let grid = k.grid(scalars).expect("a GPU kernel").unwrap_or_else(|e| panic!("grid of {}: {e}", k.name));
+    let block = k.gpu.as_ref().unwrap().block.map(|d| d as usize);
+    let mut b = bufs.to_vec();
+    interp::run(k, &mut b, scalars, Mode::Gpu { grid, block }).unwrap_or_else(|e| panic!("{e}\n{k}"));
+    b
+}
+
+/// Bitwise equality of two runs' buffers (NaNs compare by bits too).
+pub fn assert_same(what: &str, got: &[BufData], want: &[BufData]) {
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let same = match (g, w) {
+            (BufData::F32(a), BufData::F32(b)) => {
+                a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+            }
+            _ => g == w,
+        };
+        if !same {
+            let detail = match (g, w) {
+                (BufData::F32(a), BufData::F32(b)) => {
+                    let j = a.iter().zip(b).position(|(x, y)| x.to_bits() != y.to_bits()).unwrap_or(0);
+                    format!("first difference at {j}: {:?} vs {:?}", a.get(j), b.get(j))
+                }
+                _ => format!("{g:?}\nvs\n{w:?}"),
+            };
+            panic!("{what}: buffer {i} differs: {detail}");
+        }
+    }
+}
+
+/// `|got - want| <= tol * (1 + |want|)` for every f32 output element
+/// (NaN matches NaN); other buffers must be equal.
+pub fn assert_close(what: &str, got: &[BufData], want: &[BufData], tol: f32) {
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        match (g, w) {
+            (BufData::F32(a), BufData::F32(b)) => {
+                assert_eq!(a.len(), b.len(), "{what}: buffer {i} length");
+                for (j, (x, y)) in a.iter().zip(b).enumerate() {
+                    let ok = (x - y).abs() <= tol * (1.0 + y.abs()) || (x.is_nan() && y.is_nan()) || x == y;
+                    assert!(ok, "{what}: buffer {i} element {j}: got {x}, expected {y} (tolerance {tol})");
+                }
+            }
+            _ => assert_eq!(g, w, "{what}: buffer {i}"),
+        }
+    }
+}
