@@ -16,6 +16,7 @@ pub mod concat;
 mod elementwise;
 mod gemm;
 mod gemv;
+pub mod gpu;
 pub mod matmul_dyn;
 mod norm;
 pub mod packed;
