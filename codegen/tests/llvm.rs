@@ -20,7 +20,8 @@
 
 use smelt_codegen::aot;
 use smelt_codegen::kir::interp::{self, BufData, Mode};
-use smelt_codegen::kir::{Kernel, Scalar};
+use half::{bf16, f16};
+use smelt_codegen::kir::{Access, Builder, Expr, Kernel, LoopKind, RedOp, Scalar, Space};
 use smelt_codegen::select::{gated_mlp_weight_nk, matmul_weight_nk, select, Instance, Selected};
 use smelt_codegen::templates::testing::rand;
 use smelt_ir::{DType, Dim, Op, TensorType};
@@ -51,6 +52,8 @@ fn f(dims: &str) -> TensorType {
 fn make(elem: Scalar, n: usize, g: Gen, seed: u64) -> BufData {
     let r = rand(n, seed);
     match elem {
+        Scalar::BF16 => BufData::BF16(make(Scalar::F32, n, g, seed).f32().iter().map(|x| bf16::from_f32(*x)).collect()),
+        Scalar::F16 => BufData::F16(make(Scalar::F32, n, g, seed).f32().iter().map(|x| f16::from_f32(*x)).collect()),
         Scalar::F32 => BufData::F32(match g {
             Gen::F(k) => r.iter().map(|x| x * k).collect(),
             Gen::Pos => r.iter().map(|x| x * 0.5 + 1.0).collect(),
@@ -153,6 +156,8 @@ fn ptr(b: &mut BufData) -> *mut u8 {
         BufData::I32(v) => v.as_mut_ptr().cast(),
         BufData::I64(v) => v.as_mut_ptr().cast(),
         BufData::Bool(v) => v.as_mut_ptr().cast(),
+        BufData::BF16(v) => v.as_mut_ptr().cast(),
+        BufData::F16(v) => v.as_mut_ptr().cast(),
     }
 }
 
@@ -167,6 +172,8 @@ fn run(f: &KernelFn, c: &Case, threads: usize) -> Vec<BufData> {
             BufData::I32(v) => BufData::I32(vec![-7; v.len()]),
             BufData::I64(v) => BufData::I64(vec![-7; v.len()]),
             BufData::Bool(v) => BufData::Bool(vec![false; v.len()]),
+            BufData::BF16(v) => BufData::BF16(vec![bf16::NAN; v.len()]),
+            BufData::F16(v) => BufData::F16(vec![f16::NAN; v.len()]),
         })
         .collect();
     let ptrs: Vec<*mut u8> = ins.iter_mut().chain(outs.iter_mut()).map(ptr).collect();
@@ -195,6 +202,20 @@ fn compare(what: &str, got: &BufData, want: &BufData, rtol: f32, atol: f32) -> f
                 }
             }
             worst
+        }
+        // Narrow floats: the same bits, or NaN for NaN.
+        (BufData::BF16(_), BufData::BF16(_)) | (BufData::F16(_), BufData::F16(_)) => {
+            let bits = |b: &BufData| -> Vec<(u16, bool)> {
+                match b {
+                    BufData::BF16(v) => v.iter().map(|x| (x.to_bits(), x.is_nan())).collect(),
+                    BufData::F16(v) => v.iter().map(|x| (x.to_bits(), x.is_nan())).collect(),
+                    _ => unreachable!(),
+                }
+            };
+            for (i, (g, w)) in bits(got).iter().zip(bits(want)).enumerate() {
+                assert!(g.0 == w.0 || (g.1 && w.1), "{what}: element {i}: got {:#06x}, expected {:#06x}", g.0, w.0);
+            }
+            0.0
         }
         (g, w) => {
             assert_eq!(g, w, "{what}");
@@ -392,6 +413,124 @@ fn elementwise_layout_reduce() {
     let n = cases.len();
     let worst = check_all(&cases);
     eprintln!("elementwise, layout, reduce: {n} cases, worst error {worst:.2e} of the largest output");
+}
+
+/// A case for a hand-built kernel: the first `inputs` global buffers are
+/// filled by `gens`, the interpreter computes the rest.
+fn kernel_case(label: &str, k: Kernel, scalars: &[i64], gens: &[Gen], tol: f32) -> Case {
+    let decls: Vec<_> = k.global_buffers().map(|(_, d)| d.clone()).collect();
+    let mut bufs: Vec<BufData> = decls
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let n = k.buffer_len(d, scalars).unwrap();
+            match gens.get(i) {
+                Some(g) => make(d.elem, n, *g, 3 + i as u64),
+                None => BufData::zeros(d.elem, n),
+            }
+        })
+        .collect();
+    interp::run(&k, &mut bufs, scalars, Mode::Cpu { threads: 1 }).unwrap_or_else(|e| panic!("{label}: {e}\n{k}"));
+    let want = bufs.split_off(gens.len());
+    Case { label: label.into(), kernel: k, scalars: scalars.to_vec(), inputs: bufs, want, rtol: tol, atol: tol }
+}
+
+/// f32 values that exercise rounding to bf16 and f16: ties (to even up and
+/// down), NaN, infinities, subnormals of both, overflow, signed zeros.
+fn narrow_edge_values(n: usize) -> Vec<f32> {
+    let edges = [
+        f32::from_bits(0x3f80_8000),
+        f32::from_bits(0x3f81_8000),
+        f32::from_bits(0x3f80_7fff),
+        f32::from_bits(0x3f80_8001),
+        f32::NAN,
+        -f32::NAN,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::MAX,
+        f32::from_bits(0x7f7f_8000),
+        1e-40,
+        -2e-39,
+        65504.0,
+        65520.0,
+        1.0 + 1.0 / 2048.0,
+        1.0 + 3.0 / 2048.0,
+        6e-8,
+        2e-8,
+        -0.0,
+        0.0,
+    ];
+    rand(n, 77).iter().enumerate().map(|(i, x)| edges.get(i % 32).copied().unwrap_or(x * 1e3)).collect()
+}
+
+/// bf16 and f16 buffers through LLVM on the host: scalar and vector loads
+/// (8 x bf16 = 16 bytes, 4 x f16), scalar and vector stores rounding to
+/// nearest even (NaN stays NaN), and a widened reduction loop reading
+/// bf16; against the interpreter (the `half` crate), bit for bit.
+#[test]
+fn narrow_float_loads_and_stores() {
+    let n = 256;
+    let mut cases = vec![];
+    for (elem, lanes) in [(Scalar::BF16, 8u8), (Scalar::F16, 4), (Scalar::BF16, 1), (Scalar::F16, 1)] {
+        // Loads: y = x (exact), and 2 x via vectors.
+        let mut b = Builder::new(&format!("load_{elem:?}_{lanes}").to_lowercase());
+        let x = b.buffer("x", elem, n, Space::Global, Access::Read);
+        let y = b.output("y", n);
+        let y2 = b.output("y2", n);
+        b.for_("i", Expr::idx(0), Expr::idx(n / lanes as usize), 1, LoopKind::Parallel, |b, i| {
+            let at = i * Expr::idx(lanes as usize);
+            let v = b.let_("v", Expr::load(x, at.clone(), lanes));
+            b.store(y, at.clone(), Expr::Var(v));
+            let two = if lanes > 1 { Expr::f32(2.0).splat(lanes) } else { Expr::f32(2.0) };
+            b.store(y2, at, Expr::Var(v) * two);
+        });
+        cases.push(kernel_case(&format!("load {elem:?}x{lanes}"), b.finish().unwrap(), &[], &[Gen::Special(50.0)], 0.0));
+        // Stores: edge values rounded, scalar and vector.
+        let mut b = Builder::new(&format!("store_{elem:?}_{lanes}").to_lowercase());
+        let x = b.input("x", n);
+        let y = b.buffer("y", elem, n, Space::Global, Access::Write);
+        b.for_("i", Expr::idx(0), Expr::idx(n / lanes as usize), 1, LoopKind::Parallel, |b, i| {
+            let at = i * Expr::idx(lanes as usize);
+            b.store(y, at.clone(), Expr::load(x, at, lanes));
+        });
+        let mut c = kernel_case(&format!("store {elem:?}x{lanes}"), b.finish().unwrap(), &[], &[Gen::F(1.0)], 0.0);
+        c.inputs = vec![BufData::F32(narrow_edge_values(n))];
+        let mut bufs = vec![c.inputs[0].clone(), BufData::zeros(elem, n)];
+        interp::run(&c.kernel, &mut bufs, &[], Mode::Cpu { threads: 1 }).unwrap();
+        c.want = vec![bufs.pop().unwrap()];
+        cases.push(c);
+    }
+    // A Vectorized(4) dot product of bf16 rows with f32 weights (widened
+    // on AVX hosts), rounded into an f16 output.
+    let (rows, k) = (7usize, 64usize);
+    let mut b = Builder::new("dot_bf16");
+    let x = b.buffer("x", Scalar::BF16, rows * k, Space::Global, Access::Read);
+    let w = b.input("w", k);
+    let y = b.buffer("y", Scalar::F16, rows, Space::Global, Access::Write);
+    b.for_("r", Expr::idx(0), Expr::idx(rows), 1, LoopKind::Parallel, |b, r| {
+        let acc = b.let_("acc", Expr::f32(0.0).splat(4));
+        b.for_("j", Expr::idx(0), Expr::idx(k), 4, LoopKind::Vectorized(4), |b, j| {
+            let xv = Expr::load(x, r.clone() * Expr::idx(k) + j.clone(), 4);
+            b.assign(acc, xv.fma(Expr::load(w, j, 4), Expr::Var(acc)));
+        });
+        b.store(y, r, Expr::Var(acc).hreduce(RedOp::Add));
+    });
+    let c = kernel_case("dot bf16", b.finish().unwrap(), &[], &[Gen::F(1.0), Gen::F(1.0)], 0.0);
+    // The widened sum may differ in the last f32 bits, which can move the
+    // f16 rounding by one step: compare as f32 with a tolerance instead.
+    let as_f32 = |b: &BufData| match b {
+        BufData::F16(v) => BufData::F32(v.iter().map(|x| x.to_f32()).collect()),
+        other => other.clone(),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let lib = library(&[&c.kernel], dir.path(), true);
+    let f = kernel_fn(&lib, &c.kernel);
+    for threads in [1, 3] {
+        let got = run(&f, &c, threads);
+        compare("dot bf16", &as_f32(&got[0]), &as_f32(&c.want[0]), 2e-3, 2e-3);
+    }
+    let worst = check_all(&cases);
+    eprintln!("narrow loads and stores: {} cases, worst error {worst:.2e}", cases.len());
 }
 
 /// GFLOP/s of the 128x576x1536 GEMM with an [n, k] weight (and the [k, n]

@@ -2,8 +2,8 @@
 //! `fmodf`) as self-contained LLVM IR, for targets without a libm (NVPTX,
 //! where no libdevice exists at build time). Each is an internal function
 //! `__smelt_<name>(float[, float]) -> float` defined once per module on
-//! first use and called lane by lane like the system's symbols; `O3`
-//! inlines them where it pays.
+//! first use and called lane by lane like the system's symbols, and
+//! always inlined.
 //!
 //! The IR uses only target-independent operations that both NVPTX and the
 //! host lower exactly (IEEE `+ - * /`, `llvm.fma`, `llvm.sqrt`,
@@ -57,7 +57,9 @@ impl Lower<'_> {
             }
             let f = LLVMAddFunction(self.m, symbol.as_ptr(), fty);
             LLVMSetLinkage(f, LLVMLinkage::LLVMInternalLinkage);
-            for attr in ["nounwind", "willreturn", "mustprogress"] {
+            // Inlined everywhere, as CUDA's own math functions are: a GPU
+            // call costs parameter traffic and blocks register allocation.
+            for attr in ["nounwind", "willreturn", "mustprogress", "alwaysinline"] {
                 add_fn_attr(self.cx, f, attr);
             }
             // Build the body with a builder of its own, then come back.
