@@ -15,6 +15,7 @@ use anyhow::{bail, Context, Result};
 use smelt_frontends::hf;
 use smelt_ir::{Graph, Tensor};
 use smelt_runtime::artifact::{Artifact, Manifest, ModelInfo};
+use smelt_runtime::cuda::CudaModel;
 use smelt_runtime::generate::Forward;
 use smelt_runtime::native::NativeModel;
 use smelt_runtime::InterpModel;
@@ -186,13 +187,52 @@ pub struct Runnable {
     pub backend: &'static str,
 }
 
-/// Opens any model path for running: a `cpu` artifact with its native
-/// kernels on `threads` threads, anything else with the reference
-/// interpreter.
-pub fn open_runnable(path: &Path, threads: usize) -> Result<Runnable> {
+/// Which compiled plan of an artifact runs (`--device`).
+#[derive(Copy, Clone, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DeviceArg {
+    /// The GPU plan when the artifact has one and a GPU is usable, else the CPU plan.
+    Auto,
+    /// The CPU plan (native kernels).
+    Cpu,
+    /// The GPU plan (PTX kernels on the first NVIDIA GPU).
+    Cuda,
+}
+
+/// Opens any model path for running: an artifact's GPU plan on the GPU or
+/// its CPU plan on `threads` threads, as `device` asks; anything else (and
+/// `interp` artifacts) with the reference interpreter.
+pub fn open_runnable(path: &Path, threads: usize, device: DeviceArg) -> Result<Runnable> {
     if let Source::Artifact(dir) = Source::classify(path)? {
         let a = Artifact::open(&dir)?;
         let m = a.manifest().clone();
+        let use_cuda = match (device, &m.cuda, &m.native) {
+            (DeviceArg::Cpu, _, None) if m.cuda.is_some() => {
+                bail!("{}: has no CPU plan (compiled for target `{}`)", dir.display(), m.target)
+            }
+            (DeviceArg::Cpu, _, _) => false,
+            (DeviceArg::Cuda, None, _) => {
+                bail!(
+                    "{}: has no GPU plan (compiled for target `{}`; compile with --target cuda)",
+                    dir.display(),
+                    m.target
+                )
+            }
+            (DeviceArg::Cuda, Some(_), _) => true,
+            (DeviceArg::Auto, Some(_), None) => true,
+            (DeviceArg::Auto, Some(_), Some(_)) => smelt_runtime::cuda::probe(0).is_ok(),
+            (DeviceArg::Auto, None, _) => false,
+        };
+        if use_cuda {
+            let plan = m.cuda.clone().expect("checked above");
+            let model = CudaModel::open(plan, m.signature.clone(), &dir)
+                .with_context(|| format!("{}: cannot run the GPU plan", dir.display()))?;
+            return Ok(Runnable {
+                model: Box::new(model),
+                tokenizer: a.tokenizer_path(),
+                eos_token_ids: m.eos_token_ids,
+                backend: "cuda",
+            });
+        }
         if let Some(plan) = m.native.clone() {
             let model = NativeModel::open(plan, m.signature.clone(), &dir, threads)
                 .with_context(|| format!("{}: cannot load the native kernels", dir.display()))?;

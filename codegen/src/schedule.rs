@@ -254,6 +254,17 @@ impl Scheduler<'_> {
         Ok(())
     }
 
+    /// A CPU kernel instance made to run on the scheduler's device.
+    fn on_device(&self, inst: Instance) -> Result<Instance, String> {
+        match self.options.device {
+            Device::Cpu => Ok(inst),
+            Device::Gpu => {
+                let kernel = crate::templates::gpu::gpuize::gpuize(&inst.kernel).map_err(|e| e.to_string())?;
+                Ok(Instance { kernel, scalars: inst.scalars })
+            }
+        }
+    }
+
     /// The kernel for one node on the scheduler's device.
     fn select(
         &self,
@@ -263,7 +274,12 @@ impl Scheduler<'_> {
     ) -> Result<Selected, SelectError> {
         match self.options.device {
             Device::Cpu => select::select(op, inputs, outputs),
-            Device::Gpu => Err(SelectError::unsupported(op, inputs, "GPU kernel selection is not wired in yet")),
+            Device::Gpu => match select::select(op, inputs, outputs)? {
+                Selected::Kernel(i) => {
+                    self.on_device(i).map(Selected::Kernel).map_err(|e| SelectError::unsupported(op, inputs, e))
+                }
+                alias => Ok(alias),
+            },
         }
     }
 
@@ -289,6 +305,22 @@ impl Scheduler<'_> {
         let values: Vec<Vec<f32>> = nk.iter().map(Tensor::to_f32_vec).collect();
         let welem = self.options.weight_dtype.scalar();
         let welem = if values.iter().all(|v| fits(welem, v)) { welem } else { Scalar::F32 };
+        if self.options.device == Device::Gpu {
+            // The GPU weight products read `[n, k]` rows with 16-byte loads.
+            let (n_, k_) = (nk[0].shape[0], nk[0].shape[1]);
+            let inst = match &node.op {
+                Op::MatMul {} => select::weight_matmul_gpu(&x_ty, n_, k_, welem),
+                Op::GatedMlp { act } => select::weight_gated_mlp_gpu(&x_ty, n_, k_, act, welem),
+                _ => unreachable!("matched above"),
+            };
+            let Ok(inst) = inst else { return Ok(None) };
+            let mut args = vec![self.buffer_of(node.inputs[0])];
+            for ((w, t), v) in weights.iter().zip(&nk).zip(&values) {
+                args.push(self.place_values(&format!("%{}ᵀ", w.index()), &t.shape, welem, v));
+            }
+            self.launch(n, inst, args)?;
+            return Ok(Some(()));
+        }
         if self.options.packed_weights {
             let (n_, k_) = (nk[0].shape[0], nk[0].shape[1]);
             let wk = match &node.op {
@@ -353,6 +385,7 @@ impl Scheduler<'_> {
         }
         let (data, idx, out) = (g.ty(node.inputs[0]), g.ty(node.inputs[1]), g.ty(node.outputs[0]));
         let Ok(inst) = select::gather_stored(data, idx, out, *axis, elem) else { return Ok(None) };
+        let Ok(inst) = self.on_device(inst) else { return Ok(None) };
         let table = match self.placed.get(&(node.inputs[0], elem)) {
             Some(&b) => b,
             None => {

@@ -11,7 +11,7 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use smelt_runtime::generate::step_inputs;
 
-use crate::source::{open_runnable, threads};
+use crate::source::{open_runnable, threads, DeviceArg};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -26,6 +26,9 @@ pub struct Args {
     /// Threads of the CPU runtime (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Where a `cpu,cuda` artifact runs (default: the GPU when one is usable).
+    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+    pub device: DeviceArg,
     /// Timed repetitions of each measurement (the median is reported).
     #[arg(long, default_value_t = 5)]
     pub reps: usize,
@@ -64,14 +67,48 @@ pub fn main(args: Args) -> Result<()> {
         if args.prompt == 0 {
             bail!("--prompt must be at least 1 token");
         }
-        let mut r = open_runnable(path, threads)?;
+        let mut r = open_runnable(path, threads, args.device)?;
         report.insert("backend".into(), r.backend.into());
+        if let Some(bytes) = weight_bytes(path, r.backend) {
+            report.insert("weight_bytes".into(), bytes.into());
+        }
         let sig = r.model.signature().clone();
         let prompt: Vec<i64> = (0..args.prompt as i64).map(|i| (i * 7919 + 1) % 100).collect();
         let prefill = step_inputs(&sig, &prompt, 0)?;
         let decode = step_inputs(&sig, &[1], args.ctx)?;
-        let p = time_ms(args.reps, || Ok(r.model.forward(prefill.clone()).map(|_| ())?))?;
-        let d = time_ms(args.reps, || Ok(r.model.forward(decode.clone()).map(|_| ())?))?;
+        let (p, d) = match r.model.cache() {
+            // A model that keeps its KV cache (on the GPU) is timed the way
+            // generation runs it: only token inputs go in, one row of
+            // logits comes out. Each timed decode step appends to a cache
+            // filled with `ctx` positions first.
+            Some(cache) => {
+                let tokens = |inputs: &std::collections::BTreeMap<String, smelt_ir::Tensor>| {
+                    let mut t = inputs.clone();
+                    t.retain(|k, _| !k.starts_with("past_key_values."));
+                    t
+                };
+                let p = time_ms(args.reps, || {
+                    cache.reset();
+                    Ok(cache.step(tokens(&prefill)).map(|_| ())?)
+                })?;
+                cache.reset();
+                if args.ctx > 0 {
+                    let ctx: Vec<i64> = (0..args.ctx as i64).map(|i| (i * 7919 + 1) % 100).collect();
+                    cache.step(tokens(&step_inputs(&sig, &ctx, 0)?))?;
+                }
+                let mut at = args.ctx;
+                let d = time_ms(args.reps, || {
+                    let step = tokens(&step_inputs(&sig, &[1], at)?);
+                    at += 1;
+                    Ok(cache.step(step).map(|_| ())?)
+                })?;
+                (p, d)
+            }
+            None => (
+                time_ms(args.reps, || Ok(r.model.forward(prefill.clone()).map(|_| ())?))?,
+                time_ms(args.reps, || Ok(r.model.forward(decode.clone()).map(|_| ())?))?,
+            ),
+        };
         report.insert("prompt".into(), args.prompt.into());
         report.insert("ctx".into(), args.ctx.into());
         report.insert("prefill_ms".into(), serde_json::json!(p));
@@ -85,4 +122,17 @@ pub fn main(args: Args) -> Result<()> {
         text.push_str(&format!("{k}: {v}\n"));
     }
     crate::out(&text)
+}
+
+/// The size of the constants file the running plan of an artifact reads
+/// (its weights, as stored): what one decode step streams at least once.
+fn weight_bytes(path: &std::path::Path, backend: &str) -> Option<u64> {
+    let a = smelt_runtime::artifact::Artifact::open(path).ok()?;
+    let m = a.manifest();
+    let plan = match backend {
+        "cuda" => m.cuda.as_ref()?,
+        "cpu" => m.native.as_ref()?,
+        _ => return None,
+    };
+    m.files.iter().find(|f| f.name == plan.weights).map(|f| f.size)
 }

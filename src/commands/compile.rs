@@ -180,7 +180,8 @@ pub fn main(args: Args) -> Result<()> {
 fn compile_native(graph: &Graph, weights: &Weights, weight_dtype: WeightDtype) -> Result<NativeFiles> {
     // Cranelift runs the packed-panel weight kernels fastest; the llvm
     // build lowers the [N, K] ones with wider vectors instead.
-    let options = ScheduleOptions { packed_weights: !cfg!(feature = "llvm"), weight_dtype, ..ScheduleOptions::default() };
+    let options =
+        ScheduleOptions { packed_weights: !cfg!(feature = "llvm"), weight_dtype, ..ScheduleOptions::default() };
     let sched = schedule(graph, weights, options)?;
     let dir = tempfile::tempdir()?;
     let mut plan = sched.plan;

@@ -17,7 +17,7 @@ use anyhow::{bail, Context, Result};
 use smelt_runtime::generate::{generate, GenerateOptions, Generation, Sampling};
 use tokenizers::Tokenizer;
 
-use crate::source::{open_runnable, threads, tokenizer};
+use crate::source::{open_runnable, threads, tokenizer, DeviceArg};
 
 #[derive(clap::Args, Debug)]
 #[command(group(clap::ArgGroup::new("input").required(true).args(["prompt", "prompt_ids"])))]
@@ -54,6 +54,9 @@ pub struct Args {
     /// Threads of the CPU runtime (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Where a `cpu,cuda` artifact runs (default: the GPU when one is usable).
+    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+    pub device: DeviceArg,
     /// Print {"ids": [...], "text": ...} instead of streaming text.
     #[arg(long)]
     pub json: bool,
@@ -102,7 +105,7 @@ pub fn main(args: Args) -> Result<()> {
     if !args.temperature.is_finite() || args.temperature < 0.0 {
         bail!("--temperature must be a finite number >= 0, found {}", args.temperature);
     }
-    let loaded = open_runnable(&args.model, threads(args.threads))?;
+    let loaded = open_runnable(&args.model, threads(args.threads), args.device)?;
     let tok = match &loaded.tokenizer {
         Some(p) => Some(tokenizer(p)?),
         None => None,

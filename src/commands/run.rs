@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use smelt_runtime::tensors::{read_tensor_file, write_tensor_file};
 
-use crate::source::{open_runnable, threads};
+use crate::source::{open_runnable, threads, DeviceArg};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -24,11 +24,14 @@ pub struct Args {
     /// Threads of the CPU runtime (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Where a `cpu,cuda` artifact runs (default: the GPU when one is usable).
+    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+    pub device: DeviceArg,
 }
 
 pub fn main(args: Args) -> Result<()> {
     let inputs = read_tensor_file(&args.inputs)?;
-    let mut r = open_runnable(&args.artifact, threads(args.threads))?;
+    let mut r = open_runnable(&args.artifact, threads(args.threads), args.device)?;
     let outputs = r.model.forward(inputs)?;
     write_tensor_file(&args.outputs, &outputs)?;
     let mut report = String::new();
