@@ -97,6 +97,13 @@ fn check_fixture(dir: &Path, target: &str) {
     for (source, label, has_kv) in &sources {
         let art = tmp.path().join(format!("{name}-{label}.smelt"));
         ok(&[&"compile", source, &"-o", &art, &"--target", &target]);
+        if target == "cuda" {
+            check_ptx(&format!("{name} ({label})"), &art);
+            if let Some(why) = no_gpu() {
+                println!("{name} ({label}): PTX checked; not run: {why}");
+                continue;
+            }
+        }
         check_artifact(&format!("{name} ({label}, {target})"), &art, &reference, *has_kv);
     }
     if target != "interp" {
@@ -131,6 +138,47 @@ fn every_fixture_reproduces_the_reference() {
 #[test]
 fn every_fixture_reproduces_the_reference_with_native_cpu_kernels() {
     every_fixture("cpu");
+}
+
+/// With the `llvm` build: every fixture compiles for `cuda` from all three
+/// sources and every PTX module passes `ptxas` for its architecture (when
+/// `ptxas` is installed; CI installs it). On a machine with a usable GPU the
+/// artifacts must also reproduce the references.
+#[cfg(feature = "llvm")]
+#[test]
+fn every_fixture_compiles_for_cuda_and_passes_ptxas() {
+    if smelt_codegen::ptxas::find_ptxas().is_none() {
+        println!("note: ptxas not found (pip install nvidia-cuda-nvcc, or set SMELT_PTXAS); PTX is only generated");
+    }
+    every_fixture("cuda");
+}
+
+/// Runs `ptxas` on every PTX module of a `cuda` artifact and prints each
+/// kernel's registers and spills; spills are reported, not failed.
+fn check_ptx(name: &str, art: &Path) {
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(art.join("manifest.json")).unwrap()).unwrap();
+    let modules = manifest["cuda"]["ptx"].as_array().expect("a cuda plan with PTX modules").clone();
+    assert_eq!(modules.len(), 3, "{name}: one PTX module per default architecture");
+    #[cfg(feature = "llvm")]
+    if smelt_codegen::ptxas::find_ptxas().is_some() {
+        for m in modules {
+            let arch = m["arch"].as_str().unwrap();
+            let ptx = std::fs::read_to_string(art.join(m["file"].as_str().unwrap())).unwrap();
+            let report = smelt_codegen::ptxas::check(&ptx, arch).unwrap_or_else(|e| panic!("{name}, {arch}: {e}"));
+            let regs = report.functions.iter().map(|k| k.registers).max().unwrap_or(0);
+            let spills: u32 = report.functions.iter().map(|k| k.spill_store_bytes + k.spill_load_bytes).sum();
+            println!(
+                "{name}, {arch}: ptxas ok, {} kernels, max {regs} registers, {spills} spill bytes",
+                report.functions.len()
+            );
+        }
+    }
+}
+
+/// Why the fixtures cannot run on a GPU here, or `None` when one is usable.
+fn no_gpu() -> Option<String> {
+    smelt_runtime::cuda::probe(0).err().map(|e| e.to_string())
 }
 
 fn every_fixture(target: &str) {
