@@ -351,6 +351,40 @@ fn gpu_vector_add_runs_like_the_host() {
     assert_eq!(m.stats().launches, 8);
 }
 
+#[test]
+fn gpu_repeated_launches_replay_as_a_graph() {
+    let Some(_) = gpu() else { return };
+    if std::env::var_os("SMELT_PROFILE").is_some() {
+        println!("skipped: SMELT_PROFILE times each launch, so no graph is captured");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    artifact_dir(dir.path());
+    let (plan, sig) = vadd_plan();
+    let mut m = CudaModel::open(plan, sig, dir.path()).unwrap_or_else(|e| panic!("{e}"));
+    let (w, _) = weights();
+    let check = |m: &mut CudaModel, n: usize, seed: u64| {
+        let x = xs(n, seed);
+        let out = m.run(x_input(&x)).unwrap_or_else(|e| panic!("{e}"));
+        let want: Vec<f32> = x.iter().zip(&w).map(|(a, b)| (a + b) + (a + b)).collect();
+        assert_eq!(out["y"].to_f32_vec(), want, "n = {n}, seed {seed}");
+    };
+    // The second identical call is captured, later ones replay it; new
+    // input values reach the graph (they are copied to the same addresses).
+    for seed in 0..5 {
+        check(&mut m, 64, seed);
+    }
+    assert_eq!((m.stats().calls, m.stats().launches, m.stats().graph_replays), (5, 10, 4));
+    check(&mut m, 10, 9);
+    assert_eq!(m.stats().graph_replays, 4, "other shapes launch directly");
+    check(&mut m, 64, 10);
+    assert_eq!(m.stats().graph_replays, 5, "the graph's shapes replay it again");
+    m.set_graphs(false);
+    check(&mut m, 64, 11);
+    check(&mut m, 64, 12);
+    assert_eq!(m.stats().graph_replays, 5);
+}
+
 /// Hides the model's cache, so generation moves the cache through the host.
 struct HostCache<'a>(&'a mut CudaModel);
 

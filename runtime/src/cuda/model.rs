@@ -23,9 +23,14 @@
 //! Those allocations grow by doubling, so a long decode reallocates a
 //! logarithmic number of times.
 //!
-//! TODO(cuda-graph): capture a decode step as a CUDA graph and replay it
-//! when the launch parameters repeat (today every launch is issued by the
-//! host each call).
+//! Calls whose launches repeat exactly (same grids, device addresses and
+//! scalars: the same input shapes on a warm arena, as in a benchmark loop)
+//! are captured as a CUDA graph on the second occurrence and replayed from
+//! then on, one driver call instead of one per kernel. A decode step never
+//! repeats (the cache grows, and its buffers alternate), so
+//! TODO(cuda-graph-decode): replay decode steps too, by updating the
+//! captured graph's kernel parameters (`cuGraphExecKernelNodeSetParams`)
+//! or with a fixed-capacity cache whose length the kernels read on device.
 //!
 //! With `SMELT_PROFILE` set, every launch is timed with CUDA events and the
 //! totals per kernel are printed to stderr when the model is dropped.
@@ -64,7 +69,22 @@ pub struct CudaStats {
     pub arena_bytes: usize,
     /// Device memory held for the KV cache between decode steps.
     pub cache_bytes: usize,
+    /// Calls whose launches ran as one CUDA graph.
+    pub graph_replays: u64,
 }
+
+/// A CUDA graph of one call's launches, and the launch key (grids,
+/// addresses, scalars) it was captured with: it is replayed only for calls
+/// with exactly that key.
+struct Graph {
+    key: Vec<u64>,
+    exec: cudarc::driver::CudaGraph,
+}
+
+// SAFETY: the graph is owned by one model and used only through `&mut`
+// access to it, so never from two threads at once (what CUDA requires of
+// graph objects); it has no thread affinity.
+unsafe impl Send for Graph {}
 
 /// The KV cache kept on the device between decode steps.
 #[derive(Default)]
@@ -95,6 +115,12 @@ pub struct CudaModel {
     cache: DeviceCache,
     /// Per-call table of argument addresses, kept to avoid reallocating it.
     ptrs: Vec<u64>,
+    /// Whether repeated launch sequences are replayed as a CUDA graph.
+    graphs: bool,
+    /// The previous call's launch key, and the graph captured from the
+    /// last launches that repeated.
+    last_key: Option<Vec<u64>>,
+    graph: Option<Graph>,
     stats: CudaStats,
     /// With `SMELT_PROFILE` set: milliseconds and launch count per kernel.
     profile: Option<BTreeMap<String, (f64, u64)>>,
@@ -235,6 +261,9 @@ impl CudaModel {
                 arena,
                 cache: DeviceCache::default(),
                 ptrs: Vec::new(),
+                graphs: true,
+                last_key: None,
+                graph: None,
                 stats: CudaStats::default(),
                 profile: std::env::var_os("SMELT_PROFILE").map(|_| BTreeMap::new()),
                 _module: loaded,
@@ -381,7 +410,10 @@ impl CudaModel {
         Ok(())
     }
 
-    /// Launches every kernel with a non-empty grid, in order.
+    /// Launches every kernel with a non-empty grid, in order: from the
+    /// captured graph when this call's launches repeat those it was
+    /// captured from, else one by one (capturing them into a graph when
+    /// they repeat the previous call's).
     fn launch_all(&mut self, prep: &Prepared, roots: &Roots) -> Result<(), CudaError> {
         let c = &self.plan.checked;
         self.ptrs.clear();
@@ -390,13 +422,58 @@ impl CudaModel {
                 self.ptrs.push(roots.addr(b));
             }
         }
+        let launched = prep.grids.iter().filter(|g| g.is_some()).count() as u64;
+        self.stats.calls += 1;
+        self.stats.launches += launched;
+        self.stats.skipped += prep.grids.len() as u64 - launched;
+        if !self.graphs || self.profile.is_some() {
+            return self.issue(prep);
+        }
+        // Everything a launch depends on: grids, device addresses, scalars.
+        let mut key: Vec<u64> = Vec::with_capacity(3 * prep.grids.len() + self.ptrs.len() + prep.sizes.scalars.len());
+        for g in &prep.grids {
+            key.extend(g.map_or([0; 3], |(x, y, z)| [x as u64, y as u64, z as u64]));
+        }
+        key.extend(&self.ptrs);
+        key.extend(prep.sizes.scalars.iter().map(|&s| s as u64));
+        if let Some(g) = self.graph.as_ref().filter(|g| g.key == key) {
+            g.exec.launch().map_err(driver_err("launching the captured CUDA graph"))?;
+            self.stats.graph_replays += 1;
+            return Ok(());
+        }
+        if self.last_key.as_ref() != Some(&key) {
+            self.last_key = Some(key);
+            return self.issue(prep);
+        }
+        // The same launches twice in a row: capture them, then replay.
+        self.graph = None;
+        let stream = self.gpu.stream.clone();
+        stream
+            .begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(driver_err("starting a CUDA graph capture"))?;
+        let issued = self.issue(prep);
+        let captured = stream.end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0));
+        issued?;
+        let exec = captured.map_err(driver_err("capturing the launches as a CUDA graph"))?.ok_or_else(|| {
+            CudaError::Driver {
+                what: "capturing the launches as a CUDA graph".into(),
+                message: "the capture holds nothing".into(),
+            }
+        })?;
+        exec.launch().map_err(driver_err("launching the captured CUDA graph"))?;
+        self.stats.graph_replays += 1;
+        self.graph = Some(Graph { key, exec });
+        Ok(())
+    }
+
+    /// Launches every kernel with a non-empty grid on the stream (timing
+    /// each with `SMELT_PROFILE`).
+    fn issue(&mut self, prep: &Prepared) -> Result<(), CudaError> {
+        let c = &self.plan.checked;
         let stream = &self.gpu.stream;
         let mut timings = Vec::new();
         for (li, (l, launch)) in c.launches.iter().zip(&c.plan.launches).enumerate() {
-            let Some(grid) = prep.grids[li] else {
-                self.stats.skipped += 1;
-                continue;
-            };
+            let Some(grid) = prep.grids[li] else { continue };
             let f = &self.functions[launch.kernel];
             let mut args = stream.launch_builder(f);
             for p in &self.ptrs[l.arg_at..l.arg_at + launch.args.len()] {
@@ -421,7 +498,6 @@ impl CudaModel {
             if let Some(ev) = events {
                 timings.push((li, ev));
             }
-            self.stats.launches += 1;
         }
         if let Some(profile) = &mut self.profile {
             for (li, (start, end)) in timings {
@@ -431,8 +507,17 @@ impl CudaModel {
                 e.1 += 1;
             }
         }
-        self.stats.calls += 1;
         Ok(())
+    }
+
+    /// Whether calls whose launches repeat are replayed as a CUDA graph (on
+    /// by default; always off with `SMELT_PROFILE`, which times each launch).
+    pub fn set_graphs(&mut self, on: bool) {
+        self.graphs = on;
+        if !on {
+            self.graph = None;
+            self.last_key = None;
+        }
     }
 
     /// Copies device ranges back and reads them as tensors: per output
