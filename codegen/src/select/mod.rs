@@ -37,6 +37,9 @@ pub struct Instance {
 }
 
 /// How a node is computed.
+// A selection is short-lived (one per node while scheduling), so the
+// kernel is kept inline rather than boxed.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug)]
 pub enum Selected {
     /// By a kernel launch.
