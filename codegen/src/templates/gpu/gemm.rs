@@ -79,7 +79,8 @@ pub(super) struct Tiles {
 pub(super) fn shared(b: &mut Builder, op: &WeightOp, p: &GemmParams) -> Tiles {
     let mut tile = |name: &str, len: usize| b.buffer(name, Scalar::F32, Expr::idx(len), Space::Shared, Access::Write);
     let a = tile("x_tile", p.bk * p.lda());
-    let w = (0..op.weights()).map(|_| tile("w_tile", p.bk * p.ldb())).collect();
+    let names: &[&str] = if op.gate.is_some() { &["w_gate_tile", "w_up_tile"] } else { &["w_tile"] };
+    let w = names.iter().map(|name| tile(name, p.bk * p.ldb())).collect();
     Tiles { a, w }
 }
 
