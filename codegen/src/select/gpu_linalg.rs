@@ -8,7 +8,7 @@
 //! rows `m`), the weight(s) `[n, k]` in their element type, then the result
 //! `[.., n]`; their only possible scalar parameter is `m`. A symbolic `m`
 //! (decode and prefill share the kernel) gives one kernel that runs the
-//! GEMV for `m <= 8` and the tiled GEMM above, on a constant grid; a
+//! GEMV for `m <= 32` and the tiled GEMM above, on a constant grid; a
 //! constant `m` gives just the one that fits (see
 //! [`crate::templates::gpu::weight_product`]).
 //!

@@ -204,8 +204,10 @@ impl WeightProductParams {
     ///   rows of `x` per pass; a group gets more warps while `n` is too
     ///   small to give every SM two blocks, as long as each lane still has
     ///   two vectors of `k`;
-    /// - up to 8 rows take the GEMV path: 2 passes over the weights still
-    ///   beat the tiled kernel, whose `n / 64` tiles cannot fill 132 SMs;
+    /// - up to 32 rows take the GEMV path: with `n / 64` tiles the tiled
+    ///   kernel cannot fill 132 SMs, and on an H200 (CUDA mirrors, bf16
+    ///   4096 x 4096) it took 199 us at m = 16 and 231 us at m = 64, where
+    ///   a 4-row GEMV pass took 16 us (about 64 us and 250 us);
     /// - the grid is the GEMV's row blocks, or 4 blocks per SM if more, so
     ///   the tiled path runs as many tiles at once as the SMs hold.
     pub fn for_shape(op: &WeightOp, n: usize, k: usize) -> WeightProductParams {
@@ -218,7 +220,7 @@ impl WeightProductParams {
             gemv.groups /= 2;
         }
         let blocks = gemv.blocks(n).max(4 * SMS);
-        WeightProductParams { gemv, gemm, gemv_max_m: 8, blocks }
+        WeightProductParams { gemv, gemm, gemv_max_m: 32, blocks }
     }
 }
 
