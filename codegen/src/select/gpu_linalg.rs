@@ -8,7 +8,7 @@
 //! rows `m`), the weight(s) `[n, k]` in their element type, then the result
 //! `[.., n]`; their only possible scalar parameter is `m`. A symbolic `m`
 //! (decode and prefill share the kernel) gives one kernel that runs the
-//! GEMV for `m <= 8` and the tiled GEMM above, on a constant grid; a
+//! GEMV for `m <= 32` and the tiled GEMM above, on a constant grid; a
 //! constant `m` gives just the one that fits (see
 //! [`crate::templates::gpu::weight_product`]).
 //!
@@ -121,7 +121,7 @@ mod tests {
         // Static rows: only one path, and a grid that fits it.
         let inst = weight_matmul_gpu(&ty(&["1", "3", "64"]), 100, 64, Scalar::BF16).unwrap();
         assert!(inst.scalars.is_empty());
-        assert_eq!(inst.kernel.grid(&[]).unwrap().unwrap(), [13, 1, 1]);
+        assert_eq!(inst.kernel.grid(&[]).unwrap().unwrap(), [7, 1, 1]);
         let inst = weight_matmul_gpu(&ty(&["2", "100", "64"]), 100, 64, Scalar::BF16).unwrap();
         assert_eq!(inst.kernel.grid(&[]).unwrap().unwrap(), [2, 4, 1]);
     }
@@ -131,7 +131,7 @@ mod tests {
     #[test]
     fn gpu_select_runs() {
         let params = WeightProductParams {
-            gemv: GemvParams { rows_per_block: 1, warps_per_row: 1, unroll: 1, m_tile: 2 },
+            gemv: GemvParams { groups: 1, warps_per_group: 1, rows_per_group: 2, unroll: 1, m_tile: 2 },
             gemm: GemmParams { bm: 8, bn: 8, bk: 8, tm: 2, tn: 1 },
             gemv_max_m: 2,
             blocks: 2,

@@ -203,35 +203,31 @@ pub struct WeightProductParams {
 }
 
 impl WeightProductParams {
-    /// Defaults for an H200, by shape:
+    /// Defaults for an H200, by shape (the GEMV choices measured with a
+    /// CUDA C++ mirror of the GEMV, see [`gemv`]):
     /// - the GEMV path uses 256-thread blocks (the GEMM's 64x64 tile with
-    ///   4x4 per thread) and splits a row over more warps when `n` is too
+    ///   4x4 per thread), groups of one warp streaming 2 rows of `W` each,
+    ///   one load per row in flight per lane (more measured no faster), 4
+    ///   rows of `x` per pass; a group gets more warps while `n` is too
     ///   small to give every SM two blocks, as long as each lane still has
-    ///   two vectors of `k`; 4 (2 when gated) 16-byte loads in flight per
-    ///   lane, 4 rows of `x` per pass over the weights;
-    /// - up to 8 rows take the GEMV path: 2 passes over the weights still
-    ///   beat the tiled kernel, whose `n / 64` tiles cannot fill 132 SMs;
+    ///   two vectors of `k`;
+    /// - up to 32 rows take the GEMV path: with `n / 64` tiles the tiled
+    ///   kernel cannot fill 132 SMs, and on an H200 (CUDA mirrors, bf16
+    ///   4096 x 4096) it took 199 us at m = 16 and 231 us at m = 64, where
+    ///   a 4-row GEMV pass took 16 us (about 64 us and 250 us);
     /// - the grid is the GEMV's row blocks, or 4 blocks per SM if more, so
     ///   the tiled path runs as many tiles at once as the SMs hold.
     pub fn for_shape(op: &WeightOp, n: usize, k: usize) -> WeightProductParams {
         let gemm = GemmParams::DEFAULT;
-        let threads = gemm.threads();
+        let warps = gemm.threads() / 32;
         let vw = vec_width(op.w_elem, k) as usize;
-        let mut warps_per_row = 1;
-        while warps_per_row < threads / 32
-            && (n * warps_per_row).div_ceil(threads / 32) < 2 * SMS
-            && k / vw >= 2 * 32 * 2 * warps_per_row
-        {
-            warps_per_row *= 2;
+        let mut gemv = GemvParams { groups: warps, ..GemvParams::DEFAULT };
+        while gemv.warps_per_group < warps && gemv.blocks(n) < 2 * SMS && k / vw >= 2 * 32 * 2 * gemv.warps_per_group {
+            gemv.warps_per_group *= 2;
+            gemv.groups /= 2;
         }
-        let gemv = GemvParams {
-            rows_per_block: threads / 32 / warps_per_row,
-            warps_per_row,
-            unroll: if op.gate.is_some() { 2 } else { 4 },
-            m_tile: 4,
-        };
         let blocks = gemv.blocks(n).max(4 * SMS);
-        WeightProductParams { gemv, gemm, gemv_max_m: 8, blocks }
+        WeightProductParams { gemv, gemm, gemv_max_m: 32, blocks }
     }
 }
 
@@ -438,13 +434,13 @@ mod tests {
         b.finish().unwrap()
     }
 
-    /// Small blocks (64 threads: 2 rows of 1 warp, or a 16x16 tile of 2x2)
+    /// Small blocks (64 threads: 2 groups of 1 warp, or a 16x16 tile of 2x2)
     /// and 3 blocks, so the grid-stride loops of both paths take several
     /// steps; m = 2 and 5 take the GEMV path, 17 and 70 the tiled one.
     #[test]
     fn gpu_weight_product_branches_on_m() {
         let p = WeightProductParams {
-            gemv: GemvParams { rows_per_block: 2, warps_per_row: 1, unroll: 2, m_tile: 2 },
+            gemv: GemvParams { groups: 2, warps_per_group: 1, rows_per_group: 2, unroll: 2, m_tile: 2 },
             gemm: GemmParams { bm: 16, bn: 16, bk: 8, tm: 2, tn: 2 },
             gemv_max_m: 5,
             blocks: 3,
