@@ -17,10 +17,12 @@
 
 mod elementwise;
 mod fused;
+mod gpu;
 mod layout;
 mod linalg;
 mod reduce;
 
+pub use gpu::{select_gpu, select_gpu_with, GpuConfig};
 pub use linalg::{gated_mlp_weight_nk, matmul_weight_nk, weight_gated_mlp, weight_matmul, Packing, WeightKernel};
 
 use crate::kir::{Kernel, Scalar};

@@ -10,4 +10,4 @@ pub mod rope;
 pub mod rows;
 pub mod softmax;
 #[cfg(test)]
-mod testing;
+pub(crate) mod testing;
