@@ -274,12 +274,7 @@ impl Scheduler<'_> {
     ) -> Result<Selected, SelectError> {
         match self.options.device {
             Device::Cpu => select::select(op, inputs, outputs),
-            Device::Gpu => match select::select(op, inputs, outputs)? {
-                Selected::Kernel(i) => {
-                    self.on_device(i).map(Selected::Kernel).map_err(|e| SelectError::unsupported(op, inputs, e))
-                }
-                alias => Ok(alias),
-            },
+            Device::Gpu => select::select_gpu(op, inputs, outputs),
         }
     }
 

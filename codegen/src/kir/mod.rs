@@ -313,6 +313,12 @@ pub struct Kernel {
 pub struct GpuLaunch {
     pub block: [u32; 3],
     pub grid: [Expr; 3],
+    /// The kernel promises that every vector access starts at an element
+    /// index that is a multiple of its lane count (so, with 16-byte aligned
+    /// buffers, at an address aligned to its size), which lets the GPU
+    /// lowering emit 16-byte loads. Kernels made from CPU ones (`gpuize`)
+    /// do not promise it, and their vector accesses are split.
+    pub aligned_vectors: bool,
 }
 
 impl Kernel {
@@ -836,7 +842,15 @@ impl Builder {
     /// Makes this a GPU kernel launched with `block` threads per block and
     /// `grid` blocks.
     pub fn gpu_launch(&mut self, block: [u32; 3], grid: [Expr; 3]) {
-        self.kernel.gpu = Some(GpuLaunch { block, grid });
+        self.kernel.gpu = Some(GpuLaunch { block, grid, aligned_vectors: false });
+    }
+
+    /// Records the promise of [`GpuLaunch::aligned_vectors`] (after
+    /// [`Builder::gpu_launch`]).
+    pub fn promise_aligned_vectors(&mut self) {
+        if let Some(g) = &mut self.kernel.gpu {
+            g.aligned_vectors = true;
+        }
     }
 
     pub fn barrier(&mut self) {

@@ -323,12 +323,16 @@ impl Lower<'_> {
     /// The alignment of an access of `lanes` elements of `elem`. On the
     /// host buffers are aligned to their elements only. On the GPU a vector
     /// access is aligned to its size (capped at 16 bytes), as CUDA's
-    /// `float4` loads are: base pointers are 16-byte aligned and vector
-    /// accesses start at a multiple of their lane count (see `nvptx`).
+    /// `float4` loads are, when the kernel promises it
+    /// (`GpuLaunch::aligned_vectors`: base pointers are 16-byte aligned and
+    /// vector accesses start at a multiple of their lane count, see
+    /// `nvptx`); otherwise to its elements only, and the backend splits it.
     fn align(&self, elem: Scalar, lanes: u8) -> u32 {
         let size = elem.size() as u32;
+        let promised = self.k.gpu.as_ref().is_some_and(|g| g.aligned_vectors);
         match self.flavor.abi {
             Abi::Host => size,
+            Abi::Ptx if !promised => size,
             Abi::Ptx => {
                 let bytes = size * lanes as u32;
                 (1 << bytes.trailing_zeros()).min(16)

@@ -97,6 +97,7 @@ pub fn gemm(b: &mut Builder, m: Expr, op: &WeightOp, n: usize, k: usize, p: &Gem
     let o = declare(b, op, &m, n, k);
     let tiles = shared(b, op, p);
     b.gpu_launch([p.threads() as u32, 1, 1], [Expr::idx(n.div_ceil(p.bn)), ceil_div(m.clone(), p.bm), Expr::idx(1)]);
+    b.promise_aligned_vectors();
     let m0 = Expr::Special(Special::BlockIdx(1)) * Expr::idx(p.bm);
     let n0 = block_x() * Expr::idx(p.bn);
     tile(b, &o, op, &m, n, k, p, &tiles, m0, n0);

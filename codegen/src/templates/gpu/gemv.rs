@@ -90,6 +90,7 @@ pub fn gemv(b: &mut Builder, m: Expr, op: &WeightOp, n: usize, k: usize, p: &Gem
     let red = shared(b, op, p);
     let blocks = p.blocks(n);
     b.gpu_launch([p.threads() as u32, 1, 1], [Expr::idx(blocks), Expr::idx(1), Expr::idx(1)]);
+    b.promise_aligned_vectors();
     body(b, &o, op, &m, n, k, p, blocks, red);
     Ok(())
 }

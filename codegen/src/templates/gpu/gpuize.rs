@@ -77,7 +77,7 @@ pub fn gpuize_with(k: &Kernel, opts: GpuizeOptions) -> Result<Kernel, GpuizeErro
         return Err(fail(format!("a block of {block} threads (1..=1024 allowed)")));
     }
     if let Some(g) = opts.group {
-        if !g.is_power_of_two() || g > 32 || block % g != 0 {
+        if !g.is_power_of_two() || g > 32 || !block.is_multiple_of(g) {
             return Err(fail(format!("a group of {g} threads (a power of two up to 32 dividing the block {block})")));
         }
     }
@@ -136,7 +136,11 @@ pub fn gpuize_with(k: &Kernel, opts: GpuizeOptions) -> Result<Kernel, GpuizeErro
                 _ => want,
             };
             // The split loops were built for `want` threads; rebuild for `g`.
-            let body = if g == want { body } else { share(k, &lp.body, Expr::Var(lane_var), g as i64).unwrap().0 };
+            let body = match g {
+                1 => lp.body.clone(),
+                g if g == want => body,
+                g => share(k, &lp.body, Expr::Var(lane_var), g as i64).unwrap().0,
+            };
             (g, body)
         }
         None if opts.group.is_some_and(|g| g > 1) => {
@@ -165,7 +169,11 @@ pub fn gpuize_with(k: &Kernel, opts: GpuizeOptions) -> Result<Kernel, GpuizeErro
     stmts.extend(k.body[p + 1..].iter().cloned());
     out.body = stmts;
     out.gpu =
-        Some(GpuLaunch { block: [block, 1, 1], grid: [sym::ceil_div(iters, per_block), Expr::i64(1), Expr::i64(1)] });
+        Some(GpuLaunch {
+            block: [block, 1, 1],
+            grid: [sym::ceil_div(iters, per_block), Expr::i64(1), Expr::i64(1)],
+            aligned_vectors: false,
+        });
     out.name = if opts == GpuizeOptions::default() {
         format!("{}_gpu", k.name)
     } else {
@@ -461,6 +469,8 @@ mod tests {
         check(Op::Concat { axis: 1 }, &[f("2, s, 3"), f("2, 4, 3")], S);
         check(Op::Gather { axis: 0 }, &[f("10, 6"), i64s("s")], S);
         check(Op::Gather { axis: 1 }, &[f("3, 10, 2"), i64s("2, s")], S);
+        // One element per index: groups of one thread.
+        check(Op::Gather { axis: 0 }, &[ty(DType::Bool, "10"), i64s("s, 2")], S);
         check(Op::GatherElements { axis: 1 }, &[f("s, 5"), i64s("s, 5")], S);
         check(Op::Trilu { upper: false, k: d("0") }, &[f("s, s")], S);
         check(Op::Range { start: d("0"), end: d("s"), step: 1, dtype: DType::I64 }, &[], S);

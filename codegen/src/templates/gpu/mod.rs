@@ -273,6 +273,7 @@ pub fn weight_product(
     let red = gemv::shared(b, op, &p.gemv);
     let tiles = gemm::shared(b, op, &p.gemm);
     b.gpu_launch([threads as u32, 1, 1], [Expr::idx(p.blocks), Expr::idx(1), Expr::idx(1)]);
+    b.promise_aligned_vectors();
     let small = m.clone().cmp(CmpOp::Le, Expr::idx(p.gemv_max_m));
     b.if_(
         small,

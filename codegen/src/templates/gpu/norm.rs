@@ -146,9 +146,11 @@ mod tests {
 
     #[test]
     fn gpu_norm_layout_grows_with_the_row() {
-        assert_eq!(RowLayout::for_len(Some(24)).tpr, 32);
-        assert_eq!(RowLayout::for_len(Some(896)).tpr, 128);
-        assert_eq!(RowLayout::for_len(Some(4096)).tpr, 256);
-        assert_eq!(RowLayout::for_len(None).tpr, 256);
+        assert_eq!(RowLayout::for_len(Some(24), 256).tpr, 32);
+        assert_eq!(RowLayout::for_len(Some(896), 256).tpr, 128);
+        assert_eq!(RowLayout::for_len(Some(4096), 256).tpr, 256);
+        assert_eq!(RowLayout::for_len(None, 256).tpr, 256);
+        assert_eq!(RowLayout::for_len(Some(4096), 64).tpr, 64);
+        assert_eq!(RowLayout::for_len(Some(4096), 96).tpr, 32);
     }
 }

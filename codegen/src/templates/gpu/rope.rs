@@ -7,9 +7,6 @@
 use crate::kir::{Builder, CmpOp, Expr, Special};
 use crate::templates::sym::{self, add, as_const, mul};
 
-/// Threads per block.
-pub const BLOCK: u32 = 256;
-
 /// Declares `x, cos, sin, y` and builds the kernel; the arguments are those
 /// of `templates::rope::rope` (x's axes with a constant last one `d`, cos/sin
 /// axes right-aligned with x's, each x's size or 1, the last one `r`).
@@ -90,7 +87,9 @@ mod tests {
     /// Bitwise equal to the CPU kernel (same arithmetic per element).
     #[test]
     fn gpu_rope_matches_cpu_exactly() {
-        let cases: &[(&str, &str, usize, usize, bool, &[(&str, i64)])] = &[
+        // x, cos/sin, d, r, interleaved, symbols.
+        type Case = (&'static str, &'static str, usize, usize, bool, &'static [(&'static str, i64)]);
+        let cases: &[Case] = &[
             ("1, 2, s, 8", "1, 1, s, 8", 8, 8, false, &[("s", 3)]),
             ("2, 3, s, 10", "2, 1, s, 6", 10, 6, false, &[("s", 5)]),
             ("1, s, 3, 24", "1, s, 1, 24", 24, 24, true, &[("s", 2)]),

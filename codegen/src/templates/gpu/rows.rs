@@ -22,28 +22,21 @@ pub struct RowLayout {
 }
 
 impl RowLayout {
-    /// Blocks of 256 threads; threads per row grow with the row length
-    /// (about 8 elements each, at least a warp, at most the block).
-    pub fn for_len(n: Option<usize>) -> RowLayout {
-        let block = 256;
+    /// Blocks of `block` threads; threads per row grow with the row length
+    /// (about 8 elements each, at least a warp, at most the largest power
+    /// of two dividing the block, which they take when the length is not
+    /// known).
+    pub fn for_len(n: Option<usize>, block: u32) -> RowLayout {
+        let most = block & block.wrapping_neg();
         let tpr = match n {
-            Some(n) => (n.div_ceil(8).next_power_of_two() as u32).clamp(32, block),
-            None => block,
+            Some(n) => (n.div_ceil(8).next_power_of_two() as u32).clamp(32.min(most), most),
+            None => most,
         };
         RowLayout { block, tpr }
     }
 
     pub fn rows_per_block(self) -> u32 {
         self.block / self.tpr
-    }
-
-    /// Checks the layout's invariants.
-    pub fn check(self) -> Result<(), String> {
-        if self.tpr.is_power_of_two() && self.block % self.tpr == 0 && (1..=1024).contains(&self.block) {
-            Ok(())
-        } else {
-            Err(format!("{} threads per row in blocks of {}", self.tpr, self.block))
-        }
     }
 }
 

@@ -1,0 +1,368 @@
+//! Kernel selection for the GPU: one IR node to a GPU kernel instance (or a
+//! free view), under the same `Instance` contract as the CPU selection
+//! (buffers are the operands then the results, scalar parameters are dims).
+//!
+//! Dedicated GPU templates (`templates::gpu`) serve the ops where one thread
+//! per CPU iteration would be badly slow: the norms (a row per warp or
+//! block), last-axis softmax (likewise), attention (a block per query row,
+//! keys spread over its threads), rope, concat and kv_append (a thread per
+//! element). Every other op gets the CPU kernel `select` picks, turned into
+//! a GPU kernel by `templates::gpu::gpuize` (bitwise the CPU results);
+//! aliases pass through unchanged.
+//!
+//! Weight matmuls and the gated MLP are not here: they get the GPU matmul
+//! templates; asked for them, this falls back to the gpuized CPU kernel,
+//! which is correct but slow.
+
+use super::linalg::{dim_name, Params};
+use super::{elem_of, select, Instance, SelectError, Selected};
+use crate::kir::{Builder, Expr, Scalar};
+use crate::templates::attention::{AttnMask, AttnSpec};
+use crate::templates::gpu::{attention, concat, gpuize, norm, rope, rows::RowLayout, softmax};
+use crate::templates::NormKind;
+use smelt_ir::ops::infer::norm_axis;
+use smelt_ir::{Dim, Op, TensorType};
+
+/// Block sizes of the GPU kernels (the defaults suit current GPUs; tests
+/// use small blocks, which the interpreter runs much faster).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GpuConfig {
+    /// Threads per block of gpuized kernels and of the templates with a
+    /// thread per element (rope, concat).
+    pub block: u32,
+    /// Threads per block of the row kernels (norms, softmax); the threads
+    /// per row grow with the row length up to this.
+    pub row_block: u32,
+    /// Threads per block of attention, and keys per tile.
+    pub attention_threads: u32,
+}
+
+impl Default for GpuConfig {
+    fn default() -> Self {
+        GpuConfig { block: 256, row_block: 256, attention_threads: attention::THREADS }
+    }
+}
+
+/// Selects the GPU kernel (or alias) for one node, with the default
+/// [`GpuConfig`].
+pub fn select_gpu(op: &Op, inputs: &[TensorType], outputs: &[TensorType]) -> Result<Selected, SelectError> {
+    select_gpu_with(op, inputs, outputs, &GpuConfig::default())
+}
+
+/// Selects the GPU kernel (or alias) for one node.
+pub fn select_gpu_with(
+    op: &Op,
+    inputs: &[TensorType],
+    outputs: &[TensorType],
+    cfg: &GpuConfig,
+) -> Result<Selected, SelectError> {
+    if let Some(i) = dedicated(op, inputs, outputs, cfg)? {
+        return Ok(Selected::Kernel(i));
+    }
+    match select(op, inputs, outputs)? {
+        Selected::Kernel(i) => {
+            let opts = gpuize::GpuizeOptions { block: cfg.block, group: None };
+            let kernel = gpuize::gpuize_with(&i.kernel, opts)
+                .map_err(|e| SelectError::unsupported(op, inputs, e.to_string()))?;
+            Ok(Selected::Kernel(Instance { kernel, scalars: i.scalars }))
+        }
+        alias => Ok(alias),
+    }
+}
+
+/// The instance of a dedicated GPU template, if `op` has one.
+fn dedicated(
+    op: &Op,
+    inputs: &[TensorType],
+    outputs: &[TensorType],
+    cfg: &GpuConfig,
+) -> Result<Option<Instance>, SelectError> {
+    let unsupported = |why: &str| SelectError::unsupported(op, inputs, why);
+    let floats = |ts: &[TensorType]| -> Result<(), SelectError> {
+        if ts.iter().all(|t| elem_of(t.dtype) == Scalar::F32) {
+            Ok(())
+        } else {
+            Err(unsupported("needs float operands"))
+        }
+    };
+    let last_const = |t: &TensorType, what: &str| -> Result<usize, SelectError> {
+        t.shape
+            .last()
+            .and_then(|d| d.as_const())
+            .map(|c| c as usize)
+            .ok_or_else(|| unsupported(&format!("{what}'s last dim must be a constant")))
+    };
+    let mut b = Builder::new("k");
+    let mut p = Params::default();
+    let prefix = match op {
+        Op::RmsNorm { eps } | Op::LayerNorm { eps } | Op::AddRmsNorm { eps } => {
+            floats(inputs)?;
+            let x = &inputs[0];
+            let n = last_const(x, "x")?;
+            let kind = match op {
+                Op::RmsNorm { .. } => NormKind::Rms,
+                Op::LayerNorm { .. } => NormKind::Layer,
+                _ => NormKind::AddRms,
+            };
+            let rows = p.product(&mut b, &x.shape[..x.rank() - 1]);
+            norm::norm_rows(&mut b, kind, rows, n, *eps as f32, RowLayout::for_len(Some(n), cfg.row_block));
+            format!("{}_n{n}_gpu", op.name())
+        }
+        Op::Softmax { axis } => {
+            let x = &inputs[0];
+            let a = norm_axis(*axis, x.rank()).map_err(|e| unsupported(&e))?;
+            if a + 1 != x.rank() || elem_of(x.dtype) != Scalar::F32 {
+                // Other axes: the gpuized CPU kernel (a thread per line).
+                return Ok(None);
+            }
+            let rows = p.product(&mut b, &x.shape[..a]);
+            let n = p.get(&mut b, &x.shape[a]);
+            softmax::softmax_rows(
+                &mut b,
+                rows,
+                n,
+                RowLayout::for_len(x.shape[a].as_const().map(|c| c as usize), cfg.row_block),
+            );
+            format!("softmax_{}_gpu", dim_name(&x.shape[a]))
+        }
+        Op::Rope { interleaved } => {
+            floats(inputs)?;
+            let (x, cos) = (&inputs[0], &inputs[1]);
+            let d = last_const(x, "x")?;
+            let r = last_const(cos, "cos")?;
+            if r % 2 != 0 || r == 0 || r > d || cos.rank() > x.rank() || inputs[2].shape != cos.shape {
+                return Err(unsupported("cos/sin must match, with an even last dim no larger than x's"));
+            }
+            let x_dims: Vec<Expr> = x.shape.iter().map(|dm| p.get(&mut b, dm)).collect();
+            let cs_dims: Vec<Expr> = cos.shape.iter().map(|dm| p.get(&mut b, dm)).collect();
+            rope::rope(&mut b, &x_dims, &cs_dims, d, r, *interleaved, cfg.block);
+            format!("rope_d{d}_r{r}{}_gpu", if *interleaved { "_il" } else { "" })
+        }
+        Op::Attention { scale, causal, window, softcap } => {
+            floats(&inputs[..3.min(inputs.len())])?;
+            if inputs.get(3).is_some_and(|m| !matches!(elem_of(m.dtype), Scalar::F32 | Scalar::Bool)) {
+                return Err(unsupported("the mask must be bool or float"));
+            }
+            let (q, k, v) = (&inputs[0], &inputs[1], &inputs[2]);
+            if q.rank() != 4 || k.rank() != 4 || v.rank() != 4 {
+                return Err(unsupported("q, k and v must have rank 4"));
+            }
+            let c = |d: &Dim, what: &str| {
+                d.as_const().map(|c| c as usize).ok_or_else(|| unsupported(&format!("{what} must be a constant")))
+            };
+            let (hq, hkv, d, dv) = (
+                c(&q.shape[1], "heads")?,
+                c(&k.shape[1], "kv heads")?,
+                c(&q.shape[3], "head dim")?,
+                c(&v.shape[3], "value dim")?,
+            );
+            if hkv == 0 || hq % hkv != 0 {
+                return Err(unsupported("query heads must be a multiple of kv heads"));
+            }
+            let spec = AttnSpec {
+                hq,
+                hkv,
+                d,
+                dv,
+                scale: *scale as f32,
+                causal: *causal,
+                window: *window,
+                softcap: softcap.map(|c| c as f32),
+            };
+            let batch = p.get(&mut b, &q.shape[0]);
+            let sq = p.get(&mut b, &q.shape[2]);
+            let skv = p.get(&mut b, &k.shape[2]);
+            let mask = inputs.get(3).map(|m| AttnMask {
+                elem: elem_of(m.dtype),
+                dims: m.shape.iter().map(|dm| p.get(&mut b, dm)).collect(),
+            });
+            if inputs.len() > 4 || mask.as_ref().is_some_and(|m| m.dims.len() > 4) {
+                return Err(unsupported("at most one mask of rank <= 4"));
+            }
+            attention::attention(&mut b, &spec, batch, sq, skv, mask.as_ref(), cfg.attention_threads);
+            let mut name = format!("attention_h{hq}x{hkv}_d{d}");
+            for (on, tag) in [(*causal, "_causal"), (window.is_some(), "_win"), (softcap.is_some(), "_cap")] {
+                if on {
+                    name.push_str(tag);
+                }
+            }
+            if let Some(m) = inputs.get(3) {
+                name.push_str(if m.dtype.is_bool() { "_bmask" } else { "_fmask" });
+            }
+            name + "_gpu"
+        }
+        Op::Concat { axis } | Op::KvAppend { axis } => {
+            let Some(out) = outputs.first() else { return Ok(None) };
+            if inputs.is_empty() || inputs.iter().any(|t| t.rank() != out.rank() || t.dtype != out.dtype) {
+                return Err(unsupported("operands must share the result's dtype and rank"));
+            }
+            let a = norm_axis(*axis, out.rank()).map_err(|e| unsupported(&e))?;
+            let inner = Dim::product(&out.shape[a + 1..]);
+            let outer = p.product(&mut b, &out.shape[..a]);
+            let inners: Vec<Expr> =
+                inputs.iter().map(|t| p.get(&mut b, &(t.shape[a].clone() * inner.clone()))).collect();
+            concat::concat(&mut b, elem_of(out.dtype), outer, &inners, cfg.block);
+            format!("{}{}_{}_gpu", op.name(), inputs.len(), out.dtype.name())
+        }
+        _ => return Ok(None),
+    };
+    p.finish(b, &prefix, op, inputs).map(Some)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kir::interp::BufData;
+    use crate::templates::gpu::testing::*;
+    use smelt_ir::DType;
+
+    fn d(s: &str) -> Dim {
+        s.parse().unwrap()
+    }
+
+    fn i64s(dims: &str) -> TensorType {
+        ty(DType::I64, dims)
+    }
+
+    fn bools(dims: &str) -> TensorType {
+        ty(DType::Bool, dims)
+    }
+
+    /// The node's GPU selection against its CPU selection, run in the
+    /// interpreter on the same operands for each symbol binding: every
+    /// buffer length must agree, gpuized kernels must give bitwise the CPU
+    /// results and dedicated templates agree within 1e-5 * (1 + |want|).
+    /// Returns whether a dedicated template was used.
+    fn check(op: &Op, inputs: &[TensorType], bindings: &[&[(&str, i64)]], cfg: &GpuConfig) -> bool {
+        let refs: Vec<&TensorType> = inputs.iter().collect();
+        let outputs = op.infer(&refs).unwrap_or_else(|e| panic!("{op:?}: {e}"));
+        let gpu = select_gpu_with(op, inputs, &outputs, cfg).unwrap_or_else(|e| panic!("{e}"));
+        let cpu = select(op, inputs, &outputs).unwrap();
+        let (g, c) = match (gpu, cpu) {
+            (Selected::Kernel(g), Selected::Kernel(c)) => (g, c),
+            (Selected::Alias { offset: a }, Selected::Alias { offset: b }) => {
+                assert_eq!(a, b, "{op:?}");
+                return false;
+            }
+            other => panic!("{op:?}: GPU and CPU selections differ in kind: {other:?}"),
+        };
+        assert!(g.kernel.gpu.is_some(), "{op:?}: not a GPU kernel\n{}", g.kernel);
+        let gpuized = g.kernel.name.starts_with(&c.kernel.name);
+        for syms in bindings {
+            let (gs, cs) = (scalars(&g, syms), scalars(&c, syms));
+            let lens = |i: &Instance, s: &[i64]| -> Vec<usize> {
+                i.kernel.global_buffers().map(|(_, b)| i.kernel.buffer_len(b, s).unwrap()).collect()
+            };
+            assert_eq!(lens(&g, &gs), lens(&c, &cs), "{op:?} {syms:?}: buffer lengths");
+            let mut bufs = buffers(&c.kernel, &cs, 21);
+            // Additive masks: some -inf, the rest small.
+            if matches!(op, Op::Attention { .. }) && inputs.len() > 3 {
+                if let BufData::F32(m) = &mut bufs[3] {
+                    m.iter_mut().for_each(|x| *x = if *x < -1.0 { f32::NEG_INFINITY } else { *x * 0.25 });
+                }
+            }
+            let want = run_cpu(&c.kernel, &bufs, &cs, 2);
+            let got = run_gpu(&g.kernel, &bufs, &gs);
+            let what = format!("{op:?} {syms:?} ({})", g.kernel.name);
+            if gpuized {
+                assert_same(&what, &got, &want);
+            } else {
+                assert_close(&what, &got, &want, 1e-5);
+            }
+        }
+        !gpuized
+    }
+
+    /// Small blocks: the interpreter runs a block's threads one at a time
+    /// and every barrier or shuffle passes through all of them.
+    const SMALL: GpuConfig = GpuConfig { block: 64, row_block: 64, attention_threads: 16 };
+
+    const KV: &[&[(&str, i64)]] = &[&[("batch", 1), ("seq", 3), ("past", 0)], &[("batch", 2), ("seq", 1), ("past", 9)]];
+
+    /// The nodes of the fixtures' decoders (`model-kv.onnx` after fusion:
+    /// llama, mistral, qwen2, qwen3, gemma, phi3), at their sizes.
+    #[test]
+    fn gpu_select_fixture_nodes() {
+        let t = "past + seq";
+        let kv = |s: &str| s.replace('T', t);
+        let mut dedicated = vec![];
+        let mut run = |op: Op, inputs: &[TensorType]| {
+            if check(&op, inputs, KV, &SMALL) {
+                dedicated.push(op.name());
+            }
+        };
+        // Embedding, positions, rotary tables (gemma: the embedding scale).
+        run(Op::Gather { axis: 0 }, &[f("256, 64"), i64s("batch, seq")]);
+        run(Op::Mul {}, &[f("batch, seq, 64"), f("")]);
+        run(Op::Cast { to: DType::F32 }, &[i64s("batch, seq, 1")]);
+        run(Op::Mul {}, &[f("batch, seq, 1"), f("8")]);
+        run(Op::Concat { axis: -1 }, &[f("batch, seq, 12"), f("batch, seq, 12")]);
+        run(Op::Cos {}, &[f("batch, seq, 24")]);
+        run(Op::Unsqueeze { axes: vec![1] }, &[f("batch, seq, 24")]);
+        // The padding mask, gathered as ONNX's GatherND spells it.
+        run(Op::Cast { to: DType::Bool }, &[i64s(&kv("batch, T"))]);
+        run(Op::Range { start: d("0"), end: d(t), step: 1, dtype: DType::I64 }, &[]);
+        run(Op::Expand { shape: vec![d("batch"), d("1"), d("1"), d(t)] }, &[i64s("1, 1, 1, 1")]);
+        run(Op::Concat { axis: -1 }, &[i64s(&kv("batch, 1, 1, T, 1")), i64s(&kv("batch, 1, 1, T, 1"))]);
+        run(
+            Op::Slice { axes: vec![-1], starts: vec![d("1")], ends: vec![d("2")], steps: vec![1] },
+            &[i64s(&kv("batch, 1, 1, T, 2"))],
+        );
+        run(Op::Lt {}, &[i64s(&kv("batch, 1, 1, T")), i64s("")]);
+        run(Op::Add {}, &[i64s(&kv("batch, 1, 1, T")), i64s("1")]);
+        run(Op::Where {}, &[bools(&kv("batch, 1, 1, T")), i64s(&kv("batch, 1, 1, T")), i64s(&kv("batch, 1, 1, T"))]);
+        run(Op::Gather { axis: 0 }, &[bools("10"), i64s(&kv("batch, 1, 1, T"))]);
+        // Attention block: fused qkv slices (phi3, qwen3 sizes), per-head
+        // q/k norms (qwen3), rope, the cache append, attention.
+        run(
+            Op::Slice { axes: vec![-1], starts: vec![d("96")], ends: vec![d("144")], steps: vec![1] },
+            &[f("batch, seq, 192")],
+        );
+        run(Op::Add {}, &[f("batch, seq, 96"), f("96")]);
+        run(Op::RmsNorm { eps: 1e-6 }, &[f("batch, seq, 4, 24"), f("24")]);
+        run(Op::Transpose { perm: vec![0, 2, 1, 3] }, &[f("batch, seq, 4, 24")]);
+        run(Op::Rope { interleaved: false }, &[f("batch, 4, seq, 24"), f("batch, 1, seq, 24"), f("batch, 1, seq, 24")]);
+        run(Op::Concat { axis: -2 }, &[f("batch, 2, past, 24"), f("batch, 2, seq, 24")]);
+        run(Op::KvAppend { axis: -2 }, &[f("batch, 2, past, 24"), f("batch, 2, seq, 24")]);
+        let causal = |window| Op::Attention { scale: 0.2, causal: true, window, softcap: None };
+        let qkv = |hq: usize, hkv: usize, dh: usize| {
+            vec![
+                f(&format!("batch, {hq}, seq, {dh}")),
+                f(&kv(&format!("batch, {hkv}, T, {dh}"))),
+                f(&kv(&format!("batch, {hkv}, T, {dh}"))),
+            ]
+        };
+        let mut with_mask = qkv(4, 2, 24);
+        with_mask.push(bools(&kv("batch, 1, 1, T")));
+        run(causal(None), &with_mask);
+        run(causal(Some(4)), &qkv(4, 2, 16));
+        run(causal(None), &qkv(4, 1, 32));
+        // The residual stream and the final norm.
+        run(Op::AddRmsNorm { eps: 1e-6 }, &[f("batch, seq, 64"), f("batch, seq, 64"), f("64")]);
+        run(Op::RmsNorm { eps: 1e-6 }, &[f("batch, seq, 64"), f("64")]);
+        run(Op::Add {}, &[f("batch, seq, 64"), f("batch, seq, 64")]);
+        dedicated.dedup();
+        // (rms_norm twice: qwen3's per-head norm, then the final norm.)
+        assert_eq!(
+            dedicated,
+            ["concat", "rms_norm", "rope", "concat", "kv_append", "attention", "add_rms_norm", "rms_norm"]
+        );
+    }
+
+    /// The default blocks (256 threads, attention 128) on a decode step:
+    /// slow in the interpreter, so two nodes only.
+    #[test]
+    fn gpu_select_default_blocks() {
+        let decode: &[&[(&str, i64)]] = &[&[("batch", 1), ("seq", 1), ("past", 5)]];
+        let cfg = GpuConfig::default();
+        assert!(check(&Op::RmsNorm { eps: 1e-6 }, &[f("batch, seq, 4, 24"), f("24")], decode, &cfg));
+        let attn = Op::Attention { scale: 0.2, causal: true, window: None, softcap: None };
+        assert!(check(
+            &attn,
+            &[f("batch, 2, seq, 24"), f("batch, 1, past + seq, 24"), f("batch, 1, past + seq, 24")],
+            decode,
+            &cfg
+        ));
+        assert!(!check(&Op::Add {}, &[f("batch, seq, 64"), f("64")], decode, &cfg));
+    }
+}
