@@ -11,6 +11,7 @@ What a pass means (../shared/fixtures/README.md; the GPU issue):
   ids are reported, not required: bf16 rounding may flip near-ties).
 Prints one line per check and a summary; exits 1 if any check fails.
 """
+import concurrent.futures
 import json
 import os
 import subprocess
@@ -68,38 +69,48 @@ def check(name, art, ref, has_kv, work):
     return results, got == want
 
 
+def one(name, d, src, label, has_kv, bf16, work):
+    """Compiles and checks one fixture artifact; returns (ok, row or None)."""
+    ref = load_file(os.path.join(d, "reference.safetensors"))
+    tag = f"{name}-{label}{'-bf16' if bf16 else ''}"
+    art = os.path.join(work, tag + ".smelt")
+    scratch = os.path.join(work, tag)
+    os.makedirs(scratch, exist_ok=True)
+    extra = ["--weight-dtype", "bf16"] if bf16 else []
+    try:
+        smelt("compile", src, "-o", art, "--target", "cuda", "--gpu-arch", ARCH, *extra)
+        results, greedy = check(name, art, ref, has_kv, scratch)
+    except Exception as e:  # report and go on: every fixture is checked
+        print(f"FAIL {name} ({label}): {e}", flush=True)
+        return False, None
+    ok = all((r if bf16 else a) <= (REL_TOL if bf16 else ABS_TOL) for _, a, r in results)
+    ok = ok and (greedy or bf16)
+    detail = ", ".join(f"{what} abs {a:.2e} rel {r:.2e}" for what, a, r in results)
+    print(f"{'ok  ' if ok else 'FAIL'} {name} ({label}{', bf16' if bf16 else ''}): {detail}; "
+          f"greedy {'exact' if greedy else 'differs'}", flush=True)
+    return ok, dict(fixture=name, source=label, bf16=bf16, checks=results, greedy_exact=greedy, ok=ok)
+
+
 def main():
-    global SMELT
+    global SMELT, ARCH
     SMELT, fixtures, work = sys.argv[1:4]
     bf16 = "--weight-dtype" in sys.argv and sys.argv[sys.argv.index("--weight-dtype") + 1] == "bf16"
+    ARCH = os.environ.get("GPU_ARCH", "sm_90a")
     os.makedirs(work, exist_ok=True)
-    failed = 0
-    rows = []
+    jobs = []
     for name in sorted(os.listdir(fixtures)):
         d = os.path.join(fixtures, name)
         if not os.path.isfile(os.path.join(d, "reference.safetensors")):
             continue
-        ref = load_file(os.path.join(d, "reference.safetensors"))
         for src, label, has_kv in [(d, "hf", True), (os.path.join(d, "model-kv.onnx"), "model-kv.onnx", True),
                                    (os.path.join(d, "model.onnx"), "model.onnx", False)]:
-            if not os.path.exists(src):
-                continue
-            art = os.path.join(work, f"{name}-{label}{'-bf16' if bf16 else ''}.smelt")
-            extra = ["--weight-dtype", "bf16"] if bf16 else []
-            try:
-                smelt("compile", src, "-o", art, "--target", "cuda", *extra)
-                results, greedy = check(name, art, ref, has_kv, work)
-            except Exception as e:  # report and go on: every fixture is checked
-                print(f"FAIL {name} ({label}): {e}", flush=True)
-                failed += 1
-                continue
-            ok = all((r if bf16 else a) <= (REL_TOL if bf16 else ABS_TOL) for _, a, r in results)
-            ok = ok and (greedy or bf16)
-            failed += not ok
-            detail = ", ".join(f"{what} abs {a:.2e} rel {r:.2e}" for what, a, r in results)
-            print(f"{'ok  ' if ok else 'FAIL'} {name} ({label}{', bf16' if bf16 else ''}): {detail}; "
-                  f"greedy {'exact' if greedy else 'differs'}", flush=True)
-            rows.append(dict(fixture=name, source=label, bf16=bf16, checks=results, greedy_exact=greedy, ok=ok))
+            if os.path.exists(src):
+                jobs.append((name, d, src, label, has_kv, bf16, work))
+    # Artifacts are independent: compile and check them a few at a time.
+    with concurrent.futures.ThreadPoolExecutor(int(os.environ.get("JOBS", "6"))) as pool:
+        done = list(pool.map(lambda j: one(*j), jobs))
+    failed = sum(not ok for ok, _ in done)
+    rows = [r for _, r in done if r is not None]
     with open(os.path.join(work, f"fixtures{'-bf16' if bf16 else ''}.json"), "w") as f:
         json.dump(rows, f, indent=1)
     passed = sum(r["ok"] for r in rows)

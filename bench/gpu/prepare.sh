@@ -20,5 +20,12 @@ for f in "$SHARED"/fixtures/tiny-*; do
   cp "$f"/{config.json,model.safetensors,tokenizer.json,reference.safetensors,reference.json,model.onnx,model-kv.onnx} "$D/fixtures/$n/"
 done
 cp "$SHARED"/bench/{make_models.py,anchors_gpu.py} "$SHARED"/fixtures/gen/gen_fixtures.py "$D/"
-ldd target/release/smelt | grep -v -E 'linux-vdso|ld-linux|libc.so|libm.so|libgcc_s|libpthread|libdl|librt' || true
+# Shared libraries LLVM pulls in that a GPU machine's image may lack; run.sh
+# puts them behind the system's own (LD_LIBRARY_PATH is only a fallback
+# there: it loads them only when the system has none).
+mkdir -p "$D/lib"
+for l in libffi.so.8 libz.so.1 libzstd.so.1; do
+  p=$(ldd target/release/smelt | awk -v l="$l" '$1 == l { print $3 }')
+  [ -n "$p" ] && cp -L "$p" "$D/lib/"
+done
 du -sh "$D"

@@ -7,56 +7,99 @@
 #
 #   bench/gpu/run.sh [PREPARED_DIR]        # from the repository root
 #
-# Env: OUT (results folder, default /tmp/smelt-gpu-out), MODELS (benchmark
-# models, default "llama3.2-1b llama3.1-8b"), SKIP_FIXTURES=1, SKIP_BENCH=1,
-# SKIP_ANCHORS=1, COMPILE_MODELS (passed to anchors_gpu.py).
+# Phases (each stage under its own time limit, so one failure cannot eat a
+# short device lease):
+#   1. in the background: the benchmark checkpoints are made (weights drawn
+#      on the GPU) and compiled for sm_90a with bf16 weights;
+#   2. meanwhile every fixture is compiled for cuda and checked against its
+#      references, with f32 and with bf16 weights (check_fixtures.py);
+#   3. alone on the GPU: `smelt bench` per model (prefill 512 tokens, decode
+#      after 512 cached), then PyTorch eager and (time permitting)
+#      transformers' static-cache compiled generate (anchors_gpu.py);
+#   4. the summary table (table.py).
+# Results: every log in OUT/results.tgz (written on exit), the table in
+# OUT/summary.txt.
+# Env: OUT (default /tmp/smelt-gpu-out), MODELS (default
+# "llama3.2-1b llama3.1-8b"), BUDGET (seconds the whole run may take,
+# default 480), SKIP_FIXTURES=1, SKIP_BENCH=1, SKIP_ANCHORS=1.
 set -uo pipefail
 G=$(realpath "${1:-.gpu}")
 OUT=${OUT:-/tmp/smelt-gpu-out}
 W=${WORK:-/tmp/smelt-gpu}
 MODELS=${MODELS:-"llama3.2-1b llama3.1-8b"}
+BUDGET=${BUDGET:-480}
 HERE=$(dirname "$(realpath "$0")")
-mkdir -p "$OUT" "$W"
+R="$W/results"
+mkdir -p "$OUT" "$W" "$R"
+trap 'tar czf "$R/results.tgz" -C "$R" . 2>/dev/null' EXIT
 export PYTHONUNBUFFERED=1
 t0=$(date +%s)
-stamp() { echo "== [$(( $(date +%s) - t0 ))s] $*"; }
+elapsed() { echo $(( $(date +%s) - t0 )); }
+stamp() { echo "== [$(elapsed)s] $*"; }
+left() { echo $(( BUDGET - $(elapsed) )); }
+# A stage's time limit: N seconds, or what the budget has left (less a margin).
+lim() { local l=$(( $(left) - 20 )); [ "$l" -lt "$1" ] && echo $(( l > 5 ? l : 5 )) || echo "$1"; }
 
-python3 -c "import lzma,shutil,sys; shutil.copyfileobj(lzma.open('$G/smelt.xz'), open('$W/smelt','wb'))" || exit 1
+python3 -c "import lzma,shutil; shutil.copyfileobj(lzma.open('$G/smelt.xz'), open('$W/smelt','wb'))" || exit 1
 chmod +x "$W/smelt"
 S="$W/smelt"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+# The bundled libraries only fill in what the system lacks.
+missing=$(ldd "$S" | awk '/not found/ { print $1 }')
+if [ -n "$missing" ]; then
+  mkdir -p "$W/lib"
+  for l in $missing; do cp "$G/lib/$l" "$W/lib/" 2>/dev/null || echo "warning: $l missing"; done
+  export LD_LIBRARY_PATH="$W/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$R/gpu.txt"
 $S --version
 
 status=0
+if [ -z "${SKIP_BENCH:-}" ]; then
+  stamp "background: make and compile $MODELS"
+  (
+    timeout 200 python3 "$HERE/make_weights.py" "$G" "$W/models" $MODELS > "$R/make.txt" 2>&1
+    for m in $MODELS; do
+      ( /usr/bin/time -v timeout 300 "$S" compile "$W/models/$m" -o "$W/$m.smelt" --target cuda \
+          --weight-dtype bf16 --gpu-arch sm_90a > "$R/compile-$m.txt" 2> "$R/compile-$m.time"
+        rm -rf "$W/models/$m" ) &
+    done
+    wait
+  ) &
+  BG=$!
+fi
+
 if [ -z "${SKIP_FIXTURES:-}" ]; then
   stamp "fixtures, f32 weights (abs err <= 1e-3, greedy exact)"
-  python3 "$HERE/check_fixtures.py" "$S" "$G/fixtures" "$W/fx" 2>&1 | tee "$OUT/fixtures-f32.txt" || status=1
+  timeout $(lim 120) python3 "$HERE/check_fixtures.py" "$S" "$G/fixtures" "$W/fx" 2>&1 | tee "$R/fixtures-f32.txt" || status=1
   stamp "fixtures, bf16 weights (relative logits err <= 2e-2)"
-  python3 "$HERE/check_fixtures.py" "$S" "$G/fixtures" "$W/fx" --weight-dtype bf16 2>&1 | tee "$OUT/fixtures-bf16.txt" || status=1
+  timeout $(lim 90) python3 "$HERE/check_fixtures.py" "$S" "$G/fixtures" "$W/fx" --weight-dtype bf16 2>&1 \
+    | tee "$R/fixtures-bf16.txt" || status=1
 fi
 
 if [ -z "${SKIP_BENCH:-}" ]; then
+  stamp "waiting for the benchmark models"
+  while kill -0 $BG 2>/dev/null && [ "$(left)" -gt 90 ]; do sleep 2; done
+  cat "$R/make.txt"
   for m in $MODELS; do
-    stamp "make $m"
-    python3 "$HERE/make_weights.py" "$G" "$W/models" "$m" || { status=1; continue; }
-    stamp "compile $m"
-    /usr/bin/time -v "$S" compile "$W/models/$m" -o "$W/$m.smelt" --target cuda --weight-dtype bf16 --gpu-arch sm_90a \
-      2> "$OUT/compile-$m.time" | tee "$OUT/compile-$m.txt" || { status=1; tail -5 "$OUT/compile-$m.time"; continue; }
-    grep -E 'Elapsed|Maximum resident' "$OUT/compile-$m.time"
-    rm -rf "$W/models/$m"
+    cat "$R/compile-$m.txt"; grep -E 'Elapsed|Maximum resident|Command exited' "$R/compile-$m.time"
+    [ -d "$W/$m.smelt" ] || { echo "no artifact for $m"; tail -3 "$R/compile-$m.time"; status=1; continue; }
     stamp "bench $m"
-    "$S" bench "$W/$m.smelt" --device cuda --prompt 512 --ctx 512 --reps 20 --json | tee "$OUT/bench-$m.json" || status=1
-    SMELT_PROFILE=1 "$S" bench "$W/$m.smelt" --device cuda --prompt 1 --ctx 512 --reps 3 > "$OUT/profile-$m.txt" 2>&1
-    rm -rf "$W/$m.smelt"
+    timeout $(lim 90) "$S" bench "$W/$m.smelt" --device cuda --prompt 512 --ctx 512 --reps 10 --json | tee "$R/bench-$m.json" || status=1
+    SMELT_PROFILE=1 timeout $(lim 40) "$S" bench "$W/$m.smelt" --device cuda --prompt 1 --ctx 512 --reps 2 > "$R/profile-$m.txt" 2>&1
+    head -25 "$R/profile-$m.txt"
   done
 fi
 
-if [ -z "${SKIP_ANCHORS:-}" ]; then
-  stamp "anchors (PyTorch eager, transformers static-cache compiled generate)"
-  OUT="$OUT" MODELS=$(echo $MODELS | tr ' ' ,) COMPILE_MODELS=${COMPILE_MODELS:-llama3.2-1b,llama3.1-8b} \
-    python3 "$G/anchors_gpu.py" 2>&1 | grep -v Warning | tail -20
+if [ -z "${SKIP_ANCHORS:-}" ] && [ "$(left)" -gt 40 ]; then
+  # transformers' compiled generate takes minutes to warm up: only when the budget allows.
+  compile=""
+  [ "$(left)" -gt 200 ] && compile="llama3.2-1b"
+  [ "$(left)" -gt 330 ] && compile="llama3.2-1b,llama3.1-8b"
+  stamp "anchors: PyTorch eager${compile:+, compiled generate for $compile}"
+  OUT="$R" MODELS=$(echo $MODELS | tr ' ' ,) COMPILE_MODELS="${compile:-none}" SKIP_CEILINGS=1 \
+    timeout $(( $(left) - 10 )) python3 "$G/anchors_gpu.py" 2>&1 | grep '^{' | tail -12
 fi
 
 stamp "summary"
-python3 "$HERE/table.py" "$OUT"
+python3 "$HERE/table.py" "$R" | tee "$OUT/summary.txt"
 exit $status

@@ -168,12 +168,11 @@ pub fn gpuize_with(k: &Kernel, opts: GpuizeOptions) -> Result<Kernel, GpuizeErro
     stmts.push(Stmt::If { cond: Expr::Var(lp.var).lt(lp.end.clone()), then: body, els: vec![] });
     stmts.extend(k.body[p + 1..].iter().cloned());
     out.body = stmts;
-    out.gpu =
-        Some(GpuLaunch {
-            block: [block, 1, 1],
-            grid: [sym::ceil_div(iters, per_block), Expr::i64(1), Expr::i64(1)],
-            aligned_vectors: false,
-        });
+    out.gpu = Some(GpuLaunch {
+        block: [block, 1, 1],
+        grid: [sym::ceil_div(iters, per_block), Expr::i64(1), Expr::i64(1)],
+        aligned_vectors: false,
+    });
     out.name = if opts == GpuizeOptions::default() {
         format!("{}_gpu", k.name)
     } else {
