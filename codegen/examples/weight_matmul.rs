@@ -220,12 +220,8 @@ fn build(s: &Shape, packed: bool, m_dim: &Dim, layers: usize, elem: Scalar) -> (
     let w = TensorType::new(wdtype, vec![Dim::c(s.n as i64), Dim::c(s.k as i64)]);
     let nw = if s.gated { 2 } else { 1 };
     let (inst, packs) = if packed {
-        let wk = if s.gated {
-            weight_gated_mlp(&x, s.n, s.k, "silu", elem)
-        } else {
-            weight_matmul(&x, s.n, s.k, elem)
-        }
-        .unwrap();
+        let wk = if s.gated { weight_gated_mlp(&x, s.n, s.k, "silu", elem) } else { weight_matmul(&x, s.n, s.k, elem) }
+            .unwrap();
         (wk.instance, Some(wk.packs))
     } else {
         let i = if s.gated { gated_mlp_weight_nk(&x, &w, &w, "silu") } else { matmul_weight_nk(&x, &w) }.unwrap();
