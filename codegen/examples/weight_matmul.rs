@@ -14,7 +14,8 @@
 //!   the gated MLP counts both products).
 //!
 //! `cargo run --release -p smelt-codegen --example weight_matmul -- [threads] [layers] [m]`
-//! (defaults 2, 30, 128).
+//! (defaults 2, 30, 128). `SMELT_BENCH_WEIGHTS=bf16` (or `f16`) stores the
+//! weights narrow, as `smelt compile --weight-dtype` does.
 
 use smelt_codegen::cranelift::{Arg, JitKernel};
 use smelt_codegen::kir::Scalar;
@@ -45,11 +46,47 @@ const SHAPES: [Shape; 5] = [
     Shape { name: "lm_head", n: VOCAB, k: HIDDEN, gated: false },
 ];
 
+/// A weight in the type the kernels read.
+enum Weight {
+    F32(Vec<f32>),
+    BF16(Vec<half::bf16>),
+    F16(Vec<half::f16>),
+}
+
+impl Weight {
+    fn new(elem: Scalar, v: Vec<f32>) -> Weight {
+        match elem {
+            Scalar::BF16 => Weight::BF16(v.into_iter().map(half::bf16::from_f32).collect()),
+            Scalar::F16 => Weight::F16(v.into_iter().map(half::f16::from_f32).collect()),
+            _ => Weight::F32(v),
+        }
+    }
+
+    fn arg(&self) -> Arg<'_> {
+        match self {
+            Weight::F32(v) => Arg::F32(v),
+            Weight::BF16(v) => Arg::BF16(v),
+            Weight::F16(v) => Arg::F16(v),
+        }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: plain numbers, viewed as their bytes.
+        unsafe {
+            match self {
+                Weight::F32(v) => std::slice::from_raw_parts(v.as_ptr() as *const u8, v.len() * 4),
+                Weight::BF16(v) => std::slice::from_raw_parts(v.as_ptr() as *const u8, v.len() * 2),
+                Weight::F16(v) => std::slice::from_raw_parts(v.as_ptr() as *const u8, v.len() * 2),
+            }
+        }
+    }
+}
+
 /// A compiled kernel with its weights already in the layout it reads.
 struct Launch<'a> {
     j: &'a JitKernel,
     scalars: Vec<i64>,
-    weights: Vec<&'a [f32]>,
+    weights: Vec<&'a Weight>,
     x: &'a [f32],
     out: *mut f32,
     out_len: usize,
@@ -111,7 +148,7 @@ fn run_team(team: &Team, threads: usize, reps: usize) -> Timing {
                             // SAFETY: see `Team`; the slice outlives the scope.
                             let out = unsafe { std::slice::from_raw_parts_mut(l.out, l.out_len) };
                             let mut args: Vec<Arg> = vec![Arg::F32(l.x)];
-                            args.extend(l.weights.iter().map(|w| Arg::F32(w)));
+                            args.extend(l.weights.iter().map(|w| w.arg()));
                             args.push(Arg::F32Mut(out));
                             l.j.run_part(&mut args, &l.scalars, t, threads).unwrap();
                             barrier.wait();
@@ -144,12 +181,14 @@ fn read_bandwidth(team: &Team, threads: usize, reps: usize) -> Timing {
                         let (w0, c0) = (Instant::now(), thread_cpu_ns());
                         for l in &team.0 {
                             for w in &l.weights {
+                                // SAFETY: any bytes are valid u32s.
+                                let (_, w, _) = unsafe { w.bytes().align_to::<u32>() };
                                 let part = w.len().div_ceil(threads);
                                 let mine = &w[(t * part).min(w.len())..((t + 1) * part).min(w.len())];
                                 let mut acc = [0u32; 16];
                                 for c in mine.chunks_exact(16) {
                                     for (a, x) in acc.iter_mut().zip(c) {
-                                        *a = a.wrapping_add(x.to_bits());
+                                        *a = a.wrapping_add(*x);
                                     }
                                 }
                                 sink = acc.iter().fold(sink, |s, a| s.wrapping_add(*a));
@@ -171,17 +210,18 @@ fn read_bandwidth(team: &Team, threads: usize, reps: usize) -> Timing {
 }
 
 /// The instance and packed weights (`layers` copies) of one shape.
-fn build(s: &Shape, packed: bool, m_dim: &Dim, layers: usize) -> (Instance, Vec<Vec<Vec<f32>>>) {
+fn build(s: &Shape, packed: bool, m_dim: &Dim, layers: usize, elem: Scalar) -> (Instance, Vec<Vec<Weight>>) {
     let x = TensorType::new(DType::F32, vec![m_dim.clone(), Dim::c(s.k as i64)]);
-    let w = TensorType::new(DType::F32, vec![Dim::c(s.n as i64), Dim::c(s.k as i64)]);
+    let wdtype = match elem {
+        Scalar::BF16 => DType::BF16,
+        Scalar::F16 => DType::F16,
+        _ => DType::F32,
+    };
+    let w = TensorType::new(wdtype, vec![Dim::c(s.n as i64), Dim::c(s.k as i64)]);
     let nw = if s.gated { 2 } else { 1 };
     let (inst, packs) = if packed {
-        let wk = if s.gated {
-            weight_gated_mlp(&x, s.n, s.k, "silu", Scalar::F32)
-        } else {
-            weight_matmul(&x, s.n, s.k, Scalar::F32)
-        }
-        .unwrap();
+        let wk = if s.gated { weight_gated_mlp(&x, s.n, s.k, "silu", elem) } else { weight_matmul(&x, s.n, s.k, elem) }
+            .unwrap();
         (wk.instance, Some(wk.packs))
     } else {
         let i = if s.gated { gated_mlp_weight_nk(&x, &w, &w, "silu") } else { matmul_weight_nk(&x, &w) }.unwrap();
@@ -192,10 +232,13 @@ fn build(s: &Shape, packed: bool, m_dim: &Dim, layers: usize) -> (Instance, Vec<
             (0..nw)
                 .map(|i| {
                     let raw = rand(s.n * s.k, (l * 7 + i + 1) as u64);
-                    match &packs {
-                        Some(p) => p[i].apply(&raw, s.n, s.k),
-                        None => raw,
-                    }
+                    Weight::new(
+                        elem,
+                        match &packs {
+                            Some(p) => p[i].apply(&raw, s.n, s.k),
+                            None => raw,
+                        },
+                    )
                 })
                 .collect()
         })
@@ -213,11 +256,17 @@ fn main() {
     // `SMELT_BENCH_ONLY=packed|gemm` narrows the run for quick comparisons.
     let only = std::env::var("SMELT_BENCH_ONLY").unwrap_or_default();
     let variants: &[bool] = if only.is_empty() { &[false, true] } else { &[true] };
+    let elem = match std::env::var("SMELT_BENCH_WEIGHTS").as_deref() {
+        Ok("bf16") => Scalar::BF16,
+        Ok("f16") => Scalar::F16,
+        _ => Scalar::F32,
+    };
+    eprintln!("weights stored as {elem:?}");
     for &packed in variants {
         let kind = if packed { "packed panels" } else { "[n, k] (before)" };
         // Decode: every layer's own weights, one token.
-        let built: Vec<(Instance, Vec<Vec<Vec<f32>>>)> =
-            SHAPES.iter().map(|s| build(s, packed, &seq, if s.name == "lm_head" { 1 } else { layers })).collect();
+        let built: Vec<(Instance, Vec<Vec<Weight>>)> =
+            SHAPES.iter().map(|s| build(s, packed, &seq, if s.name == "lm_head" { 1 } else { layers }, elem)).collect();
         let jits: Vec<JitKernel> = built.iter().map(|(i, _)| JitKernel::compile(&i.kernel).unwrap()).collect();
         let xs: Vec<Vec<f32>> = SHAPES.iter().map(|s| rand(m * s.k, 99)).collect();
         let mut outs: Vec<Vec<f32>> = SHAPES.iter().map(|s| vec![0.0; m * s.n]).collect();
@@ -225,7 +274,7 @@ fn main() {
         let launch = |si: usize, layer: usize, rows: usize| Launch {
             j: &jits[si],
             scalars: vec![rows as i64],
-            weights: built[si].1[layer].iter().map(|w| w.as_slice()).collect(),
+            weights: built[si].1[layer].iter().collect(),
             x: &xs[si][..rows * SHAPES[si].k],
             out: out_ptrs[si],
             out_len: rows * SHAPES[si].n,
@@ -236,11 +285,11 @@ fn main() {
             for layer in 0..layers {
                 for (si, (_, weights)) in built.iter().enumerate().take(4) {
                     decode.push(launch(si, layer, 1));
-                    bytes += weights[layer].iter().map(|w| w.len() * 4).sum::<usize>();
+                    bytes += weights[layer].iter().map(|w| w.bytes().len()).sum::<usize>();
                 }
             }
             decode.push(launch(4, 0, 1));
-            bytes += built[4].1[0][0].len() * 4;
+            bytes += built[4].1[0][0].bytes().len();
             let team = Team(decode);
             run_team(&team, threads, 1);
             let t = run_team(&team, threads, 7);
@@ -267,7 +316,7 @@ fn main() {
                 let team = Team(vec![launch(si, 0, 1)]);
                 run_team(&team, threads, 3);
                 let t = run_team(&team, threads, 50);
-                let wb: usize = built[si].1[0].iter().map(|w| w.len() * 4).sum();
+                let wb: usize = built[si].1[0].iter().map(|w| w.bytes().len()).sum();
                 let gbs = |t: f64| wb as f64 / t / 1e9;
                 eprintln!(
                     "  gemv {:9} 1x{}x{}: cpu {:8.1} us = {:6.1} GB/s; wall {:8.1} us (cache-warm)",

@@ -539,9 +539,15 @@ impl Lower<'_, '_> {
         })
     }
 
-    /// `lanes` values of a `BF16`/`F16` buffer as `f32` lanes: the 16-bit
-    /// patterns zero-extended into `i32` lanes (`pmovzxwd` for 4 lanes),
-    /// then widened exactly (see [`Lower::widen_bits`]).
+    /// `lanes` values of a `BF16`/`F16` buffer as `f32` lanes. The loads
+    /// are plain `load`s (an `i16`, or the 4 lanes' 8 bytes as an `i64`
+    /// moved into a vector), which Cranelift treats as pure when they read
+    /// a read-only buffer and so places at their use; a widening load
+    /// (`uload16x4`) would stay in program order, and an unrolled loop's
+    /// loads would then all be issued first and spill registers. A bf16
+    /// vector is widened by interleaving zero words below it
+    /// (`punpcklwd`), which puts each value in the top half of its f32
+    /// lane; other cases zero-extend and go through [`Lower::widen_bits`].
     fn load_narrow(
         &mut self,
         elem: Scalar,
@@ -550,9 +556,28 @@ impl Lower<'_, '_> {
         disp: i32,
         lanes: u8,
     ) -> Result<Value, CompileError> {
+        let le = MemFlagsData::new().with_endianness(Endianness::Little);
         let bits = match lanes {
-            1 => self.fb.ins().uload16(types::I32, flags, addr, disp),
-            4 => self.fb.ins().uload16x4(flags, addr, disp),
+            1 => {
+                let h = self.fb.ins().load(types::I16, flags, addr, disp);
+                self.fb.ins().uextend(types::I32, h)
+            }
+            4 => {
+                let q = self.fb.ins().load(types::I64, flags, addr, disp);
+                let v = self.fb.ins().scalar_to_vector(types::I64X2, q);
+                if elem == Scalar::BF16 {
+                    let v = self.fb.ins().bitcast(types::I8X16, le, v);
+                    let zero = self.fb.func.dfg.constants.insert(vec![0u8; 16].into());
+                    let zero = self.fb.ins().vconst(types::I8X16, zero);
+                    // Byte i of the result: a zero word, then word i of `v`.
+                    let mask: Vec<u8> = (0..4u8).flat_map(|i| [2 * i, 2 * i + 1, 16 + 2 * i, 17 + 2 * i]).collect();
+                    let mask = self.fb.func.dfg.immediates.push(mask.into());
+                    let w = self.fb.ins().shuffle(zero, v, mask);
+                    return Ok(self.fb.ins().bitcast(types::F32X4, le, w));
+                }
+                let v = self.fb.ins().bitcast(types::I16X8, le, v);
+                self.fb.ins().uwiden_low(v)
+            }
             n => return Err(unsupported(self.k, format!("a {n}-lane load from a {elem:?} buffer"))),
         };
         Ok(self.widen_bits(elem, bits, lanes))
