@@ -18,9 +18,9 @@
 //! LLVM's code for it uses 256-bit FMAs where the host has AVX2 and FMA.
 #![cfg(feature = "llvm")]
 
+use half::{bf16, f16};
 use smelt_codegen::aot;
 use smelt_codegen::kir::interp::{self, BufData, Mode};
-use half::{bf16, f16};
 use smelt_codegen::kir::{Access, Builder, Expr, Kernel, LoopKind, RedOp, Scalar, Space};
 use smelt_codegen::select::{gated_mlp_weight_nk, matmul_weight_nk, select, Instance, Selected};
 use smelt_codegen::templates::testing::rand;
@@ -484,7 +484,13 @@ fn narrow_float_loads_and_stores() {
             let two = if lanes > 1 { Expr::f32(2.0).splat(lanes) } else { Expr::f32(2.0) };
             b.store(y2, at, Expr::Var(v) * two);
         });
-        cases.push(kernel_case(&format!("load {elem:?}x{lanes}"), b.finish().unwrap(), &[], &[Gen::Special(50.0)], 0.0));
+        cases.push(kernel_case(
+            &format!("load {elem:?}x{lanes}"),
+            b.finish().unwrap(),
+            &[],
+            &[Gen::Special(50.0)],
+            0.0,
+        ));
         // Stores: edge values rounded, scalar and vector.
         let mut b = Builder::new(&format!("store_{elem:?}_{lanes}").to_lowercase());
         let x = b.input("x", n);

@@ -172,12 +172,17 @@ fn block_reduce() -> Case {
             p[0]
         })
         .collect();
-    let nbs: Vec<i32> = (0..block * blocks).map(|g| ((g / block * block + (g % block + 1) % block) * 3) as i32).collect();
+    let nbs: Vec<i32> =
+        (0..block * blocks).map(|g| ((g / block * block + (g % block + 1) % block) * 3) as i32).collect();
     Case {
         kernel: b.finish().unwrap(),
         grid: [blocks, 1, 1],
         scalars: vec![],
-        bufs: vec![BufData::F32(xs.clone()), BufData::zeros(Scalar::F32, blocks), BufData::zeros(Scalar::I32, block * blocks)],
+        bufs: vec![
+            BufData::F32(xs.clone()),
+            BufData::zeros(Scalar::F32, blocks),
+            BufData::zeros(Scalar::I32, block * blocks),
+        ],
         want: vec![BufData::F32(xs), BufData::F32(sums), BufData::I32(nbs)],
         tol: 0.0,
         gpu_tol: 0.0,
@@ -249,7 +254,8 @@ fn shuffles() -> Case {
     let i64s: Vec<i64> = (0..n).map(|g| wide(warp(g) + (g % 32) % 7)).collect();
     let i32s: Vec<i32> = (0..n).map(|g| ((g ^ 1) as i64 * -7) as i32).collect();
     let bools: Vec<bool> = (0..n).map(|g| (warp(g) + 5) % 3 == 0).collect();
-    let outs: Vec<f32> = xs.iter().enumerate().map(|(g, x)| (x * 2.0 + x) * 2.0 + if g % 32 == 0 { xs[g + 31] } else { *x }).collect();
+    let outs: Vec<f32> =
+        xs.iter().enumerate().map(|(g, x)| (x * 2.0 + x) * 2.0 + if g % 32 == 0 { xs[g + 31] } else { *x }).collect();
     Case {
         kernel: b.finish().unwrap(),
         grid: [blocks, 1, 1],
@@ -494,7 +500,8 @@ fn unary() -> Case {
     }
 }
 
-const BINOPS: [BinOp; 8] = [BinOp::Add, BinOp::Sub, BinOp::Mul, BinOp::Div, BinOp::Rem, BinOp::Max, BinOp::Min, BinOp::Pow];
+const BINOPS: [BinOp; 8] =
+    [BinOp::Add, BinOp::Sub, BinOp::Mul, BinOp::Div, BinOp::Rem, BinOp::Max, BinOp::Min, BinOp::Pow];
 const CMPS: [CmpOp; 6] = [CmpOp::Eq, CmpOp::Ne, CmpOp::Lt, CmpOp::Le, CmpOp::Gt, CmpOp::Ge];
 
 fn cmp_ref<T: PartialOrd>(op: CmpOp, a: T, b: T) -> bool {
@@ -587,7 +594,17 @@ fn binary() -> Case {
     xs[..6].copy_from_slice(&[0.0, f32::NAN, -2.0, 1.0, 5.0, -0.0]);
     zs[..6].copy_from_slice(&[1.0, 2.0, 3.0, f32::NAN, 0.0, 0.5]);
     let ps: Vec<i64> = rand(n, 10).iter().map(|v| (v * 1e4) as i64).collect();
-    let qs: Vec<i64> = rand(n, 11).iter().map(|v| { let q = (v * 50.0) as i64; if q == 0 { 3 } else { q } }).collect();
+    let qs: Vec<i64> = rand(n, 11)
+        .iter()
+        .map(|v| {
+            let q = (v * 50.0) as i64;
+            if q == 0 {
+                3
+            } else {
+                q
+            }
+        })
+        .collect();
     let sc = 3i64;
     let fbin = |op: BinOp, a: f32, c: f32| match op {
         BinOp::Add => a + c,
@@ -599,7 +616,19 @@ fn binary() -> Case {
         BinOp::Min => a.min(c),
         BinOp::Pow => a.powf(c),
     };
-    fn ibin<T: Copy + Ord + std::ops::Add<Output = T> + std::ops::Sub<Output = T> + std::ops::Mul<Output = T> + std::ops::Div<Output = T> + std::ops::Rem<Output = T>>(op: BinOp, a: T, c: T) -> T {
+    fn ibin<
+        T: Copy
+            + Ord
+            + std::ops::Add<Output = T>
+            + std::ops::Sub<Output = T>
+            + std::ops::Mul<Output = T>
+            + std::ops::Div<Output = T>
+            + std::ops::Rem<Output = T>,
+    >(
+        op: BinOp,
+        a: T,
+        c: T,
+    ) -> T {
         match op {
             BinOp::Add => a + c,
             BinOp::Sub => a - c,
@@ -611,7 +640,8 @@ fn binary() -> Case {
             BinOp::Pow => unreachable!(),
         }
     }
-    let (mut wf, mut wi, mut wj, mut wc, mut ws, mut wk, mut wv) = (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
+    let (mut wf, mut wi, mut wj, mut wc, mut ws, mut wk, mut wv) =
+        (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
     for g in 0..n {
         let (a, c, p, q) = (xs[g], zs[g], ps[g], qs[g]);
         let (pj, qj) = (p as i32, q as i32);
@@ -786,7 +816,11 @@ fn compare(got: &BufData, want: &BufData, tol: f32) -> Result<(), String> {
         _ => {
             let (g, w) = (format!("{got:?}"), format!("{want:?}"));
             let at = g.chars().zip(w.chars()).position(|(a, b)| a != b).unwrap_or(0);
-            Err(format!("differs near `{}` vs `{}`", &g[at.saturating_sub(40)..(at + 40).min(g.len())], &w[at.saturating_sub(40)..(at + 40).min(w.len())]))
+            Err(format!(
+                "differs near `{}` vs `{}`",
+                &g[at.saturating_sub(40)..(at + 40).min(g.len())],
+                &w[at.saturating_sub(40)..(at + 40).min(w.len())]
+            ))
         }
     }
 }
@@ -861,7 +895,10 @@ fn every_op_and_construct_is_covered() {
             want.push(format!("{s:?}"));
         }
     }
-    want.extend(["Serial", "Parallel", "Unroll(2)", "Vectorized(4)", "load4", "load8", "hAdd", "hMax", "hMin"].map(String::from));
+    want.extend(
+        ["Serial", "Parallel", "Unroll(2)", "Vectorized(4)", "load4", "load8", "hAdd", "hMax", "hMin"]
+            .map(String::from),
+    );
     want.extend(["Fma", "Cmp", "Select", "Cast", "Splat", "Extract"].map(String::from));
     for w in want {
         assert!(seen.contains(&w), "no {w} in the kernels (seen {seen:?})");
@@ -888,7 +925,8 @@ fn ptx_for_every_arch_passes_ptxas() {
         let report = ptxas::check_with(p, &ptx, arch.name()).unwrap_or_else(|e| panic!("{arch}: {e}"));
         for k in &kernels {
             let sym = smelt_codegen::aot::symbol_of(k);
-            let f = report.kernel(&sym).unwrap_or_else(|| panic!("{arch}: ptxas said nothing of {sym}:\n{}", report.log));
+            let f =
+                report.kernel(&sym).unwrap_or_else(|| panic!("{arch}: ptxas said nothing of {sym}:\n{}", report.log));
             eprintln!(
                 "{arch} {sym}: {} registers, {} B spill stores, {} B spill loads, {} B stack, {} B shared",
                 f.registers, f.spill_store_bytes, f.spill_load_bytes, f.stack_frame_bytes, f.shared_bytes
@@ -947,7 +985,7 @@ fn cpu_kernels_and_bad_names_are_rejected() {
     let y = b.output("y", 4);
     b.for_("i", Expr::idx(0), Expr::idx(4), 1, LoopKind::Parallel, |b, i| b.store(y, i, Expr::f32(1.0)));
     let k = b.finish().unwrap();
-    let err = emit_ptx(&[k.clone()], GpuArch::Sm90).unwrap_err();
+    let err = emit_ptx(std::slice::from_ref(&k), GpuArch::Sm90).unwrap_err();
     assert!(matches!(err, LlvmError::NotGpu { .. }), "{err}");
     assert!(err.to_string().contains("kernel `cpu_only` is a CPU kernel"), "{err}");
     let mut bad = specials().kernel;
