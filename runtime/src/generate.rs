@@ -273,14 +273,25 @@ fn plan(sig: &Signature) -> Result<Plan, GenerateError> {
 /// `input_ids`, and the all-ones mask and positions when the model takes
 /// them, for feeding `feed` (batch 1) after `past_len` cached positions.
 fn token_inputs(plan: &Plan, feed: &[i64], past_len: usize) -> Result<BTreeMap<String, Tensor>, GenerateError> {
+    token_inputs_of(&plan.ids, plan.mask.as_ref(), plan.positions.as_ref(), feed, past_len)
+}
+
+/// [`token_inputs`] from the inputs' signatures.
+fn token_inputs_of(
+    ids: &TensorSig,
+    mask: Option<&TensorSig>,
+    positions: Option<&TensorSig>,
+    feed: &[i64],
+    past_len: usize,
+) -> Result<BTreeMap<String, Tensor>, GenerateError> {
     let seq = feed.len();
     let mut inputs = BTreeMap::new();
     let t = |dtype, shape, v| Tensor::from_i64(dtype, shape, v).map_err(|e| GenerateError::Signature(e.to_string()));
-    inputs.insert("input_ids".to_string(), t(int_dtype(&plan.ids), vec![1, seq], feed.to_vec())?);
-    if let Some(m) = &plan.mask {
+    inputs.insert("input_ids".to_string(), t(int_dtype(ids), vec![1, seq], feed.to_vec())?);
+    if let Some(m) = mask {
         inputs.insert(m.name.clone(), t(int_dtype(m), vec![1, past_len + seq], vec![1; past_len + seq])?);
     }
-    if let Some(p) = &plan.positions {
+    if let Some(p) = positions {
         let pos = (past_len..past_len + seq).map(|i| i as i64).collect();
         inputs.insert(p.name.clone(), t(int_dtype(p), vec![1, seq], pos)?);
     }
@@ -299,6 +310,20 @@ pub fn step_inputs(sig: &Signature, feed: &[i64], past_len: usize) -> Result<BTr
         inputs.insert(name.clone(), Tensor::full(empty.dtype, shape, 0.0));
     }
     Ok(inputs)
+}
+
+/// The token inputs alone (`input_ids`, and the all-ones mask and positions
+/// when the model takes them) for feeding `feed` (batch 1) after `past_len`
+/// positions the model holds itself: what a decode step of a model with its
+/// own cache ([`Forward::cache`]) takes. Unlike [`step_inputs`] it builds no
+/// past tensors, so its cost does not grow with `past_len` beyond the mask.
+pub fn cached_step_inputs(
+    sig: &Signature,
+    feed: &[i64],
+    past_len: usize,
+) -> Result<BTreeMap<String, Tensor>, GenerateError> {
+    let ids = sig.input("input_ids").ok_or_else(|| GenerateError::Signature("it has no `input_ids` input".into()))?;
+    token_inputs_of(ids, sig.input("attention_mask"), sig.input("position_ids"), feed, past_len)
 }
 
 fn int_dtype(t: &TensorSig) -> DType {
@@ -717,6 +742,18 @@ mod tests {
         let g = generate(&mut m, &[5, 5], &opts, &mut |_| {}).unwrap();
         assert_eq!(g.ids, expected(&[5, 5], 3));
         assert_eq!((m.forwards, m.steps.len(), m.resets), (3, 0, 0));
+    }
+
+    #[test]
+    fn cached_step_inputs_are_the_token_inputs_of_step_inputs() {
+        let m = Counting::new(true);
+        let full = step_inputs(&m.sig, &[7], 5).unwrap();
+        let tokens = cached_step_inputs(&m.sig, &[7], 5).unwrap();
+        assert_eq!(full["past_key_values.0.key"].shape, vec![1, 1, 5, 1]);
+        let want: BTreeMap<_, _> = full.into_iter().filter(|(k, _)| !k.starts_with("past_key_values.")).collect();
+        assert_eq!(tokens, want);
+        assert_eq!(tokens["attention_mask"].shape, vec![1, 6]);
+        assert_eq!(tokens["position_ids"].to_i64_vec(), vec![5]);
     }
 
     #[test]

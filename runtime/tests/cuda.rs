@@ -12,7 +12,7 @@ use std::path::Path;
 
 use smelt_ir::{DType, Tensor};
 use smelt_runtime::artifact::{Bounds, Signature, TensorSig};
-use smelt_runtime::cuda::{probe, CudaError, CudaModel, CudaPlan};
+use smelt_runtime::cuda::{probe, CudaError, CudaModel, CudaPlan, DeviceMemory, Host};
 use smelt_runtime::plan::{Buffer, Elem, KernelEntry, Launch, NativePlan, PtxModule, Storage};
 use smelt_runtime::{generate, CachedDecode, Forward, ForwardError, GenerateOptions};
 
@@ -321,6 +321,147 @@ fn without_a_driver_or_device_opening_is_a_clear_error() {
     bad.ptx[0].file = "../kernels.ptx".into();
     let e = CudaModel::open(bad, sig, dir.path()).unwrap_err().to_string();
     assert!(e.contains("is not a plain file name"), "{e}");
+}
+
+/// Device memory for the host half alone: addresses, no allocations.
+#[derive(Default)]
+struct FakeMemory {
+    arena: usize,
+    slots: Vec<[usize; 2]>,
+}
+
+const ARENA: u64 = 0x1000_0000;
+const WEIGHTS: u64 = 0x2000_0000;
+
+fn slot_addr(k: usize, slot: usize) -> u64 {
+    0x3000_0000 + (2 * k + slot) as u64 * 0x100_0000
+}
+
+impl DeviceMemory for FakeMemory {
+    fn weights(&self) -> u64 {
+        WEIGHTS
+    }
+
+    fn arena(&mut self, bytes: usize) -> Result<u64, CudaError> {
+        self.arena = self.arena.max(bytes);
+        Ok(ARENA)
+    }
+
+    fn cache_slot(&mut self, k: usize, slot: usize, bytes: usize) -> Result<u64, CudaError> {
+        if self.slots.len() <= k {
+            self.slots.resize(k + 1, [0; 2]);
+        }
+        self.slots[k][slot] = self.slots[k][slot].max(bytes);
+        Ok(slot_addr(k, slot))
+    }
+}
+
+fn ids(v: &[i64]) -> BTreeMap<String, Tensor> {
+    let mut m = BTreeMap::new();
+    m.insert("input_ids".to_string(), Tensor::from_i64(DType::I64, vec![1, v.len()], v.to_vec()).unwrap());
+    m
+}
+
+/// Launch `li`'s arguments in the host's table: (buffer addresses, scalars).
+fn launch_args(host: &Host, li: usize) -> (Vec<u64>, Vec<i64>) {
+    let plan = host.plan().plan();
+    let at: usize = plan.launches[..li].iter().map(|l| l.args.len() + l.scalars.len()).sum();
+    let l = &plan.launches[li];
+    let args = &host.args()[at..at + l.args.len() + l.scalars.len()];
+    (args[..l.args.len()].to_vec(), args[l.args.len()..].iter().map(|&v| v as i64).collect())
+}
+
+#[test]
+fn the_host_half_of_decode_steps_binds_the_cache_slots_in_turn() {
+    let (plan, sig) = decoder_plan();
+    let mut host = Host::new(CudaPlan::new(plan, sig, 0).unwrap());
+    let mut mem = FakeMemory::default();
+    let in_arena = |a: u64, mem: &FakeMemory| (ARENA..ARENA + mem.arena as u64).contains(&a);
+
+    // The prompt: the past is empty (in the arena), the present goes to slot 1.
+    let read = host.prepare_step(ids(&[3, 4, 1]), &mut mem).unwrap();
+    let (bufs, scalars) = launch_args(&host, 1);
+    assert!(in_arena(bufs[0], &mem) && in_arena(bufs[1], &mem), "{bufs:x?}");
+    assert_eq!((bufs[2], scalars), (slot_addr(0, 1), vec![0, 3]));
+    assert_eq!(host.grids(), &[Some((1, 1, 1)); 3]);
+    assert_eq!(mem.slots[0][1], 3 * 4);
+    // Only the logits' last row comes back.
+    let (logits, _) = launch_args(&host, 2);
+    assert_eq!((read.shape.clone(), read.ranges.clone()), (vec![1, 10], vec![(logits[1] + 2 * 10 * 4, 10)]));
+    // The ids are staged for their buffer, as the kernels' i64.
+    let uploads: Vec<(String, u64, Vec<u8>)> = host.uploads().map(|(n, a, b)| (n.to_string(), a, b.to_vec())).collect();
+    let want: Vec<u8> = [3i64, 4, 1].iter().flat_map(|v| v.to_le_bytes()).collect();
+    assert_eq!(uploads, vec![("input_ids".to_string(), launch_args(&host, 0).0[0], want)]);
+    assert_eq!(host.cached_len(), 0, "the cache changes only once the step ran");
+    host.finish_step();
+    assert_eq!(host.cached_len(), 3);
+
+    // Each step reads the past from the slot the previous one wrote, and
+    // writes the other.
+    for (step, write) in [(0usize, 0usize), (1, 1), (2, 0)] {
+        host.prepare_step(ids(&[7]), &mut mem).unwrap();
+        let (bufs, scalars) = launch_args(&host, 1);
+        assert_eq!(bufs[0], slot_addr(0, 1 - write), "step {step}");
+        assert_eq!(bufs[2], slot_addr(0, write), "step {step}");
+        assert!(in_arena(bufs[1], &mem));
+        assert_eq!(scalars, vec![3 + step as i64, 1]);
+        host.finish_step();
+    }
+    assert_eq!(host.cached_len(), 6);
+
+    // A refused step changes nothing: the next one still reads slot 0,
+    // which the last step wrote.
+    let mut bad = ids(&[7]);
+    bad.insert("past_key_values.0.key".into(), Tensor::full(DType::F32, vec![1, 1, 0, 1], 0.0));
+    assert!(host.prepare_step(bad, &mut mem).unwrap_err().to_string().contains("takes no past key/values"));
+    let e = host.prepare_step(ids(&[1; 70]), &mut mem).unwrap_err().to_string();
+    assert!(e.contains("outside its declared bounds"), "{e}");
+    host.prepare_step(ids(&[7]), &mut mem).unwrap();
+    assert_eq!(launch_args(&host, 1).0[0], slot_addr(0, 0));
+    host.finish_step();
+    // The same placement served every step after the first.
+    assert_eq!(host.placements_computed(), [0, 1, 1]);
+
+    // A forward call places the present in the arena, and leaves the cache.
+    let reads = host.prepare_run(ids(&[1, 2]), &mut mem).unwrap();
+    let (bufs, scalars) = launch_args(&host, 1);
+    assert!(bufs.iter().all(|&a| in_arena(a, &mem)), "{bufs:x?}");
+    assert_eq!(scalars, vec![0, 2]);
+    let names: Vec<&str> = reads.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names, ["logits", "present.0.key"]);
+    assert_eq!(reads[1].ranges, vec![(bufs[2], 2)]);
+    assert_eq!(host.cached_len(), 7);
+    host.reset_cache();
+    assert_eq!(host.cached_len(), 0);
+    host.prepare_step(ids(&[5]), &mut mem).unwrap();
+    assert_eq!(launch_args(&host, 1).1, vec![0, 1]);
+}
+
+#[test]
+fn the_host_half_hands_each_launch_its_parameters() {
+    let (plan, sig) = vadd_plan();
+    let mut host = Host::new(vadd_checked(plan, sig).unwrap());
+    let mut mem = FakeMemory::default();
+    host.prepare_run(x_input(&xs(100, 1)), &mut mem).unwrap();
+    let mut seen = Vec::new();
+    host.each_launch(|li, kernel, grid, block, params| {
+        // SAFETY: each parameter points to its 8-byte value in the table.
+        let values: Vec<u64> = params.iter().map(|&p| unsafe { *(p as *const u64) }).collect();
+        seen.push((li, kernel, grid, block, values));
+        Ok::<(), ()>(())
+    })
+    .unwrap();
+    // The third launch has an empty grid: it is not launched.
+    assert_eq!(seen.len(), 2);
+    for (li, kernel, grid, block, values) in seen {
+        let (bufs, scalars) = launch_args(&host, li);
+        assert_eq!((kernel, grid, block), (0, (2, 1, 1), (64, 1, 1)));
+        assert_eq!(values, bufs.iter().copied().chain(scalars.iter().map(|&s| s as u64)).collect::<Vec<_>>());
+    }
+    let (bufs, scalars) = launch_args(&host, 0);
+    // x and t in the arena, w in the weights at its offset; n = 100.
+    assert_eq!((bufs[1], scalars), (WEIGHTS + 64, vec![100]));
+    assert_eq!(host.launched(), 2);
 }
 
 // ---- On a GPU ------------------------------------------------------------

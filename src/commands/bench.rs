@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Result};
-use smelt_runtime::generate::step_inputs;
+use smelt_runtime::generate::{cached_step_inputs, step_inputs};
 
 use crate::source::{open_runnable, threads, DeviceArg};
 
@@ -74,40 +74,39 @@ pub fn main(args: Args) -> Result<()> {
         }
         let sig = r.model.signature().clone();
         let prompt: Vec<i64> = (0..args.prompt as i64).map(|i| (i * 7919 + 1) % 100).collect();
-        let prefill = step_inputs(&sig, &prompt, 0)?;
-        let decode = step_inputs(&sig, &[1], args.ctx)?;
         let (p, d) = match r.model.cache() {
             // A model that keeps its KV cache (on the GPU) is timed the way
-            // generation runs it: only token inputs go in, one row of
-            // logits comes out. Each timed decode step appends to a cache
-            // filled with `ctx` positions first.
+            // generation runs it: only token inputs go in (built directly,
+            // never as past tensors to drop), one row of logits comes out.
+            // Each timed decode step appends to a cache filled with `ctx`
+            // positions first.
             Some(cache) => {
-                let tokens = |inputs: &std::collections::BTreeMap<String, smelt_ir::Tensor>| {
-                    let mut t = inputs.clone();
-                    t.retain(|k, _| !k.starts_with("past_key_values."));
-                    t
-                };
+                let prefill = cached_step_inputs(&sig, &prompt, 0)?;
                 let p = time_ms(args.reps, || {
                     cache.reset();
-                    Ok(cache.step(tokens(&prefill)).map(|_| ())?)
+                    Ok(cache.step(prefill.clone()).map(|_| ())?)
                 })?;
                 cache.reset();
                 if args.ctx > 0 {
                     let ctx: Vec<i64> = (0..args.ctx as i64).map(|i| (i * 7919 + 1) % 100).collect();
-                    cache.step(tokens(&step_inputs(&sig, &ctx, 0)?))?;
+                    cache.step(cached_step_inputs(&sig, &ctx, 0)?)?;
                 }
                 let mut at = args.ctx;
                 let d = time_ms(args.reps, || {
-                    let step = tokens(&step_inputs(&sig, &[1], at)?);
+                    let step = cached_step_inputs(&sig, &[1], at)?;
                     at += 1;
                     Ok(cache.step(step).map(|_| ())?)
                 })?;
                 (p, d)
             }
-            None => (
-                time_ms(args.reps, || Ok(r.model.forward(prefill.clone()).map(|_| ())?))?,
-                time_ms(args.reps, || Ok(r.model.forward(decode.clone()).map(|_| ())?))?,
-            ),
+            None => {
+                let prefill = step_inputs(&sig, &prompt, 0)?;
+                let decode = step_inputs(&sig, &[1], args.ctx)?;
+                (
+                    time_ms(args.reps, || Ok(r.model.forward(prefill.clone()).map(|_| ())?))?,
+                    time_ms(args.reps, || Ok(r.model.forward(decode.clone()).map(|_| ())?))?,
+                )
+            }
         };
         report.insert("prompt".into(), args.prompt.into());
         report.insert("ctx".into(), args.ctx.into());

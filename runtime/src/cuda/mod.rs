@@ -8,6 +8,9 @@
 //!   runtime's [`crate::native::checked`] code plus blocks, grids and PTX
 //!   architectures, and per call every size, `needs` and grid evaluated
 //!   before anything is launched;
+//! - [`host`]: [`Host`], the host half of every call, up to the driver
+//!   calls (placement kept across calls, every launch's arguments in one
+//!   table), which runs and is timed without a GPU;
 //! - [`ptx`]: which PTX module a device runs (the newest it can);
 //! - [`device`]: opening the driver, the device and a stream, guarded;
 //! - [`model`]: [`CudaModel`], the [`crate::Forward`] implementation, with
@@ -17,6 +20,7 @@
 //! [`NativePlan`]: crate::plan::NativePlan
 
 pub mod device;
+pub mod host;
 pub mod model;
 pub mod plan;
 pub mod ptx;
@@ -24,6 +28,7 @@ pub mod ptx;
 use std::path::PathBuf;
 
 pub use device::{probe, DeviceInfo};
+pub use host::{DeviceMemory, Host, Read};
 pub use model::{CudaModel, CudaStats};
 pub use plan::{CudaPlan, Prepared};
 

@@ -7,13 +7,17 @@
 //! the device ([`super::ptx`]) and every kernel by symbol, and uploads the
 //! weights file once.
 //!
-//! One call does, in order: fill the optional decoder inputs; validate them,
-//! size every buffer, check every launch's `needs` and evaluate every grid
+//! One call does, in order, on the host ([`Host`], which needs no GPU):
+//! fill the optional decoder inputs; validate them, size every buffer,
+//! check every launch's `needs` and evaluate every grid
 //! ([`CudaPlan::prepare`]); place the inputs and scratch buffers in one
-//! device arena by liveness (kept across calls, grown when too small); copy
-//! the inputs in; launch every kernel with a non-empty grid on one stream,
-//! its buffers as device pointers then its scalars as `i64`; copy the
-//! outputs back.
+//! device arena by liveness (the placement kept across calls while the
+//! sizes fit it, the arena grown when too small); write every launch's
+//! arguments into one table and stage the inputs. Then on the device: copy
+//! the inputs in; launch every kernel with a non-empty grid on one stream
+//! (one raw `cuLaunchKernel` each, its parameters pointing into the table:
+//! buffers as device pointers, then scalars as `i64`); copy the outputs
+//! back, the one point where the host waits for the device.
 //!
 //! A decode step ([`CachedDecode::step`]) keeps the KV cache on the device:
 //! each `present.*` root is computed into one of two allocations kept for
@@ -27,30 +31,37 @@
 //! scalars: the same input shapes on a warm arena, as in a benchmark loop)
 //! are captured as a CUDA graph on the second occurrence and replayed from
 //! then on, one driver call instead of one per kernel. A decode step never
-//! repeats (the cache grows, and its buffers alternate), so
-//! TODO(cuda-graph-decode): replay decode steps too, by updating the
-//! captured graph's kernel parameters (`cuGraphExecKernelNodeSetParams`)
-//! or with a fixed-capacity cache whose length the kernels read on device.
+//! repeats (its scalars and grids follow the cache's length, and its cache
+//! buffers alternate), so it pays one `cuLaunchKernel` per launch.
+//! TODO(cuda-graph-decode): replay decode steps too: capture one step's
+//! launches as a graph once, keep the kernel nodes in launch order, and per
+//! step update with `cuGraphExecKernelNodeSetParams` only the nodes whose
+//! grid or arguments changed (the table tells which: a few per layer),
+//! recapturing when a grid becomes empty or non-empty; or give the cache a
+//! fixed capacity whose length the kernels read from device memory, so
+//! that every step's launches repeat exactly.
 //!
 //! With `SMELT_PROFILE` set, every launch is timed with CUDA events and the
 //! totals per kernel are printed to stderr when the model is dropped.
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 
-use cudarc::driver::{CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr};
 use cudarc::nvrtc::Ptx;
 use smelt_ir::Tensor;
 
 use super::device::{self, guard, DeviceInfo, Gpu};
-use super::plan::{CacheLayout, CudaPlan, Prepared};
+use super::host::{DeviceMemory, Host, Read};
+use super::plan::{CudaPlan, Dim3};
 use super::{describe, CudaError};
 use crate::artifact::Signature;
 use crate::generate::{CachedDecode, Forward, ForwardError};
 use crate::native::arena::AlignedBuf;
-use crate::native::checked::{check_file_name, read_output, write_input};
+use crate::native::checked::{check_file_name, read_output};
 use crate::native::{NativeError, Weights};
-use crate::plan::{NativePlan, Storage};
+use crate::plan::NativePlan;
 
 /// The smallest device allocation made (so no pointer is ever null and a
 /// zero-byte buffer still has an address).
@@ -73,11 +84,31 @@ pub struct CudaStats {
     pub graph_replays: u64,
 }
 
-/// A CUDA graph of one call's launches, and the launch key (grids,
-/// addresses, scalars) it was captured with: it is replayed only for calls
-/// with exactly that key.
+/// What a call's launches depend on: every grid and every argument (device
+/// addresses and scalars).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct LaunchKey {
+    grids: Vec<Option<Dim3>>,
+    args: Vec<u64>,
+}
+
+impl LaunchKey {
+    fn is(&self, grids: &[Option<Dim3>], args: &[u64]) -> bool {
+        self.grids == grids && self.args == args
+    }
+
+    fn set(&mut self, grids: &[Option<Dim3>], args: &[u64]) {
+        self.grids.clear();
+        self.grids.extend_from_slice(grids);
+        self.args.clear();
+        self.args.extend_from_slice(args);
+    }
+}
+
+/// A CUDA graph of one call's launches, and the launch key it was captured
+/// with: it is replayed only for calls with exactly that key.
 struct Graph {
-    key: Vec<u64>,
+    key: LaunchKey,
     exec: cudarc::driver::CudaGraph,
 }
 
@@ -86,46 +117,71 @@ struct Graph {
 // graph objects); it has no thread affinity.
 unsafe impl Send for Graph {}
 
-/// The KV cache kept on the device between decode steps.
-#[derive(Default)]
-struct DeviceCache {
-    /// Per present root of the [`CacheLayout`]: two allocations used in turn.
-    slots: Vec<[Option<CudaSlice<u8>>; 2]>,
-    /// The slot the cached tensors live in; the next step writes the other.
-    cur: usize,
-    /// Per cache pair: the cached tensor's device address and shape. Empty
-    /// when the cache is.
-    entries: Vec<(u64, Vec<usize>)>,
-    /// Cached positions.
-    len: usize,
+/// The device memory of a model: what [`Host`] asks for.
+struct Memory<'a> {
+    stream: &'a Arc<CudaStream>,
+    weights: u64,
+    arena: &'a mut CudaSlice<u8>,
+    /// Per present root of the cache layout: two allocations used in turn.
+    slots: &'a mut Vec<[Option<CudaSlice<u8>>; 2]>,
+}
+
+impl DeviceMemory for Memory<'_> {
+    fn weights(&self) -> u64 {
+        self.weights
+    }
+
+    fn arena(&mut self, bytes: usize) -> Result<u64, CudaError> {
+        if bytes > self.arena.len() {
+            *self.arena = guard(|| alloc(self.stream, bytes, "the scratch arena"))?;
+        }
+        Ok(addr_of(self.arena, self.stream))
+    }
+
+    fn cache_slot(&mut self, k: usize, slot: usize, bytes: usize) -> Result<u64, CudaError> {
+        if self.slots.len() <= k {
+            self.slots.resize_with(k + 1, Default::default);
+        }
+        let s = &mut self.slots[k][slot];
+        let have = s.as_ref().map_or(0, |s| s.len());
+        if have < bytes {
+            // Doubling: a long decode reallocates a logarithmic number of
+            // times. The old allocation goes first, so its memory can be reused.
+            let grown = bytes.max(have.saturating_mul(2));
+            *s = None;
+            *s = Some(guard(|| alloc(self.stream, grown, "the KV cache"))?);
+        }
+        Ok(s.as_ref().map_or(0, |s| addr_of(s, self.stream)))
+    }
 }
 
 /// A model compiled for the GPU, ready to run. It is `Send` (checked below):
 /// it may be moved to another thread, not shared.
 pub struct CudaModel {
-    plan: CudaPlan,
+    host: Host,
     gpu: Gpu,
     /// The PTX module loaded: (arch, file).
     module_arch: String,
     module_file: String,
     /// Per kernel of the plan.
     functions: Vec<CudaFunction>,
-    weights: CudaSlice<u8>,
+    /// The weights' device memory, at `weights_addr`.
+    _weights: CudaSlice<u8>,
+    weights_addr: u64,
     arena: CudaSlice<u8>,
-    cache: DeviceCache,
-    /// Per-call table of argument addresses, kept to avoid reallocating it.
-    ptrs: Vec<u64>,
+    /// The KV cache's device memory (see [`Memory::slots`]).
+    slots: Vec<[Option<CudaSlice<u8>>; 2]>,
     /// Whether repeated launch sequences are replayed as a CUDA graph.
     graphs: bool,
     /// The previous call's launch key, and the graph captured from the
     /// last launches that repeated.
-    last_key: Option<Vec<u64>>,
+    last_key: Option<LaunchKey>,
     graph: Option<Graph>,
     stats: CudaStats,
     /// With `SMELT_PROFILE` set: milliseconds and launch count per kernel.
     profile: Option<BTreeMap<String, (f64, u64)>>,
     /// Keeps the module loaded while the functions are used.
-    _module: std::sync::Arc<CudaModule>,
+    _module: Arc<CudaModule>,
 }
 
 const _: () = {
@@ -138,7 +194,7 @@ impl std::fmt::Debug for CudaModel {
         f.debug_struct("CudaModel")
             .field("device", &self.gpu.info)
             .field("ptx", &self.module_arch)
-            .field("launches", &self.plan.plan().launches.len())
+            .field("launches", &self.plan().launches.len())
             .finish()
     }
 }
@@ -163,7 +219,7 @@ fn driver_err(what: impl Into<String>) -> impl FnOnce(cudarc::driver::DriverErro
 }
 
 /// `bytes` of zeroed device memory (at least [`MIN_ALLOC`]).
-fn alloc(stream: &std::sync::Arc<CudaStream>, bytes: usize, what: &str) -> Result<CudaSlice<u8>, CudaError> {
+fn alloc(stream: &Arc<CudaStream>, bytes: usize, what: &str) -> Result<CudaSlice<u8>, CudaError> {
     let n = bytes.max(MIN_ALLOC);
     stream.alloc_zeros::<u8>(n).map_err(|e| match e.0 {
         cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY => {
@@ -252,15 +308,16 @@ impl CudaModel {
             }
             let arena = alloc(stream, 0, "the arena")?;
             stream.synchronize().map_err(driver_err("uploading the weights"))?;
+            let weights_addr = addr_of(&dev_weights, stream);
             Ok(CudaModel {
-                plan,
+                host: Host::new(plan),
                 module_arch: module.arch.clone(),
                 module_file: module.file.clone(),
                 functions,
-                weights: dev_weights,
+                _weights: dev_weights,
+                weights_addr,
                 arena,
-                cache: DeviceCache::default(),
-                ptrs: Vec::new(),
+                slots: Vec::new(),
                 graphs: true,
                 last_key: None,
                 graph: None,
@@ -292,123 +349,46 @@ impl CudaModel {
     }
 
     pub fn plan(&self) -> &NativePlan {
-        self.plan.plan()
+        self.host.plan().plan()
     }
 
     pub fn stats(&self) -> CudaStats {
-        let cache_bytes = self.cache.slots.iter().flatten().flatten().map(|s| s.len()).sum();
+        let cache_bytes = self.slots.iter().flatten().flatten().map(|s| s.len()).sum();
         CudaStats { arena_bytes: self.arena.len(), cache_bytes, ..self.stats }
+    }
+
+    /// The device memory, as [`Host`] asks for it.
+    fn memory(&mut self) -> (&mut Host, Memory<'_>) {
+        let mem = Memory {
+            stream: &self.gpu.stream,
+            weights: self.weights_addr,
+            arena: &mut self.arena,
+            slots: &mut self.slots,
+        };
+        (&mut self.host, mem)
     }
 
     /// Runs the model once (stateless: the decode cache is neither read nor
     /// changed); the typed form of [`Forward::forward`].
-    pub fn run(&mut self, mut inputs: BTreeMap<String, Tensor>) -> Result<BTreeMap<String, Tensor>, CudaError> {
-        crate::model::fill_defaults(self.plan.signature(), &mut inputs);
-        let prep = self.plan.prepare(&inputs, &BTreeMap::new())?;
-        let roots = self.bind_roots(&prep, None)?;
+    pub fn run(&mut self, inputs: BTreeMap<String, Tensor>) -> Result<BTreeMap<String, Tensor>, CudaError> {
+        let (host, mut mem) = self.memory();
+        let reads = host.prepare_run(inputs, &mut mem)?;
         guard(|| {
-            self.upload_inputs(&inputs, &prep, &roots)?;
-            self.launch_all(&prep, &roots)?;
-            let c = &self.plan.checked;
-            let mut reads = Vec::with_capacity(c.outputs.len());
-            for (name, b, dtype) in &c.outputs {
-                let shape = c.shape_of(*b, &prep.sizes.syms)?;
-                let addr = roots.addr(*b);
-                reads.push((name.clone(), *b, *dtype, shape, vec![(addr, prep.sizes.lens[*b])]));
-            }
+            self.upload_inputs()?;
+            self.launch_all()?;
             self.download(reads)
         })
     }
 
-    /// Where every root lives this call: places the arena (growing it), and
-    /// in a decode step the present roots in their slots and the past
-    /// inputs at the cached tensors.
-    fn bind_roots(&mut self, prep: &Prepared, step: Option<&CacheLayout>) -> Result<Roots, CudaError> {
-        // The model may have moved to another thread since the last call;
-        // the raw copies below need its context current on this one.
-        guard(|| self.gpu.ctx.bind_to_thread().map_err(driver_err("making the GPU's context current")))?;
-        let c = &self.plan.checked;
-        let lens = &prep.sizes.lens;
-        let resident = step.is_some() && !self.cache.entries.is_empty();
-        let outside = |b: usize| match step {
-            None => false,
-            Some(l) => l.present_roots.contains(&b) || (resident && l.pairs.iter().any(|p| p.past_buf == b)),
-        };
-        let (offsets, total) = c.place(lens, &|b| !outside(b))?;
-        if total > self.arena.len() {
-            // The old contents are not needed: every call writes its buffers anew.
-            self.arena = guard(|| alloc(&self.gpu.stream, total, "the scratch arena"))?;
-        }
-        let stream = &self.gpu.stream;
-        let arena = addr_of(&self.arena, stream);
-        let weights = addr_of(&self.weights, stream);
-        let mut root = vec![0u64; c.bufs.len()];
-        for (b, off) in offsets.iter().enumerate() {
-            if let Some(off) = off {
-                root[b] = arena + *off as u64;
-            }
-        }
-        for (b, info) in c.bufs.iter().enumerate() {
-            if let Storage::Weight { offset } = c.plan.buffers[b].storage {
-                if info.root == b {
-                    root[b] = weights + offset;
-                }
-            }
-        }
-        if let Some(layout) = step {
-            let write = 1 - self.cache.cur;
-            self.cache.slots.resize_with(layout.present_roots.len(), Default::default);
-            for (k, &r) in layout.present_roots.iter().enumerate() {
-                let bytes = lens[r] * c.bufs[r].elem.size();
-                let slot = &mut self.cache.slots[k][write];
-                let have = slot.as_ref().map_or(0, |s| s.len());
-                if have < bytes {
-                    let grown = bytes.max(have.saturating_mul(2));
-                    // Drop the old allocation first, so its memory can be reused.
-                    *slot = None;
-                    *slot = Some(guard(|| alloc(&self.gpu.stream, grown, "the KV cache"))?);
-                }
-                root[r] = slot.as_ref().map_or(0, |s| addr_of(s, stream));
-            }
-            if resident {
-                for (p, (addr, _)) in layout.pairs.iter().zip(&self.cache.entries) {
-                    root[p.past_buf] = *addr;
-                }
-            }
-        }
-        let addrs = c
-            .bufs
-            .iter()
-            .enumerate()
-            .map(|(b, info)| root[info.root] + (prep.sizes.elem_offsets[b] * info.elem.size()) as u64)
-            .collect();
-        Ok(Roots { addrs })
-    }
-
-    /// Copies every input the caller gave (not the resident ones) into its
-    /// buffer, converted to the buffer's element type.
-    fn upload_inputs(
-        &self,
-        inputs: &BTreeMap<String, Tensor>,
-        prep: &Prepared,
-        roots: &Roots,
-    ) -> Result<(), CudaError> {
-        let c = &self.plan.checked;
-        for (spec, &b) in c.specs.iter().zip(&c.input_bufs) {
-            let Some(t) = inputs.get(&spec.name) else { continue };
-            let len = prep.sizes.lens[b];
-            let bytes = len * c.bufs[b].elem.size();
-            if bytes == 0 {
-                continue;
-            }
-            let host = AlignedBuf::zeroed(bytes).ok_or(NativeError::OutOfMemory { bytes })?;
-            // SAFETY: `host` is aligned and holds `len` elements.
-            unsafe { write_input(&spec.name, t, c.bufs[b].elem, host.as_ptr(), len) }?;
-            // SAFETY: the buffer's root was placed for at least `len`
-            // elements at this address (sizes checked by `prepare`).
-            let src = unsafe { std::slice::from_raw_parts(host.as_ptr(), bytes) };
-            unsafe { cudarc::driver::result::memcpy_htod_async(roots.addr(b), src, self.gpu.stream.cu_stream()) }
-                .map_err(driver_err(format!("copying input `{}` to the GPU", spec.name)))?;
+    /// Copies the staged inputs to their buffers.
+    fn upload_inputs(&self) -> Result<(), CudaError> {
+        for (name, addr, bytes) in self.host.uploads() {
+            // SAFETY: the input's buffer was placed for at least these bytes
+            // at this address (sizes checked by `prepare`), and the staged
+            // bytes stay untouched until the next call, after this one
+            // synchronised.
+            unsafe { cudarc::driver::result::memcpy_htod_async(addr, bytes, self.gpu.stream.cu_stream()) }
+                .map_err(driver_err(format!("copying input `{name}` to the GPU")))?;
         }
         Ok(())
     }
@@ -417,36 +397,23 @@ impl CudaModel {
     /// captured graph when this call's launches repeat those it was
     /// captured from, else one by one (capturing them into a graph when
     /// they repeat the previous call's).
-    fn launch_all(&mut self, prep: &Prepared, roots: &Roots) -> Result<(), CudaError> {
-        let c = &self.plan.checked;
-        self.ptrs.clear();
-        for launch in &c.plan.launches {
-            for &b in &launch.args {
-                self.ptrs.push(roots.addr(b));
-            }
-        }
-        let launched = prep.grids.iter().filter(|g| g.is_some()).count() as u64;
+    fn launch_all(&mut self) -> Result<(), CudaError> {
+        let launched = self.host.launched() as u64;
         self.stats.calls += 1;
         self.stats.launches += launched;
-        self.stats.skipped += prep.grids.len() as u64 - launched;
+        self.stats.skipped += self.host.grids().len() as u64 - launched;
         if !self.graphs || self.profile.is_some() {
-            return self.issue(prep);
+            return self.issue();
         }
-        // Everything a launch depends on: grids, device addresses, scalars.
-        let mut key: Vec<u64> = Vec::with_capacity(3 * prep.grids.len() + self.ptrs.len() + prep.sizes.scalars.len());
-        for g in &prep.grids {
-            key.extend(g.map_or([0; 3], |(x, y, z)| [x as u64, y as u64, z as u64]));
-        }
-        key.extend(&self.ptrs);
-        key.extend(prep.sizes.scalars.iter().map(|&s| s as u64));
-        if let Some(g) = self.graph.as_ref().filter(|g| g.key == key) {
+        let (grids, args) = (self.host.grids(), self.host.args());
+        if let Some(g) = self.graph.as_ref().filter(|g| g.key.is(grids, args)) {
             g.exec.launch().map_err(driver_err("launching the captured CUDA graph"))?;
             self.stats.graph_replays += 1;
             return Ok(());
         }
-        if self.last_key.as_ref() != Some(&key) {
-            self.last_key = Some(key);
-            return self.issue(prep);
+        if !self.last_key.as_ref().is_some_and(|k| k.is(grids, args)) {
+            self.last_key.get_or_insert_with(LaunchKey::default).set(grids, args);
+            return self.issue();
         }
         // The same launches twice in a row: capture them, then replay.
         self.graph = None;
@@ -454,7 +421,7 @@ impl CudaModel {
         stream
             .begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
             .map_err(driver_err("starting a CUDA graph capture"))?;
-        let issued = self.issue(prep);
+        let issued = self.issue();
         let captured = stream.end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0));
         issued?;
         let exec = captured.map_err(driver_err("capturing the launches as a CUDA graph"))?.ok_or_else(|| {
@@ -465,45 +432,55 @@ impl CudaModel {
         })?;
         exec.launch().map_err(driver_err("launching the captured CUDA graph"))?;
         self.stats.graph_replays += 1;
+        let key = self.last_key.clone().unwrap_or_default();
         self.graph = Some(Graph { key, exec });
         Ok(())
     }
 
-    /// Launches every kernel with a non-empty grid on the stream (timing
-    /// each with `SMELT_PROFILE`).
-    fn issue(&mut self, prep: &Prepared) -> Result<(), CudaError> {
-        let c = &self.plan.checked;
+    /// Launches every kernel with a non-empty grid on the stream, straight
+    /// from the host's argument table (timing each with `SMELT_PROFILE`).
+    fn issue(&mut self) -> Result<(), CudaError> {
         let stream = &self.gpu.stream;
+        // Once per call: the launches below are raw driver calls.
+        self.gpu.ctx.bind_to_thread().map_err(driver_err("making the GPU's context current"))?;
+        let functions = &self.functions;
+        let profiling = self.profile.is_some();
         let mut timings = Vec::new();
-        for (li, (l, launch)) in c.launches.iter().zip(&c.plan.launches).enumerate() {
-            let Some(grid) = prep.grids[li] else { continue };
-            let f = &self.functions[launch.kernel];
-            let mut args = stream.launch_builder(f);
-            for p in &self.ptrs[l.arg_at..l.arg_at + launch.args.len()] {
-                args.arg(p);
-            }
-            for s in &prep.sizes.scalars[l.scalar_at..l.scalar_at + l.scalars.len()] {
-                args.arg(s);
-            }
-            if self.profile.is_some() {
-                args.record_kernel_launch(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
-            }
-            let cfg = LaunchConfig { grid_dim: grid, block_dim: self.plan.blocks[launch.kernel], shared_mem_bytes: 0 };
+        let launched = self.host.each_launch(|li, kernel, grid, block, params| {
+            let fail = |e: &cudarc::driver::DriverError| (li, describe(e));
+            let event = || stream.record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT));
+            let start = if profiling { Some(event().map_err(|e| fail(&e))?) } else { None };
             // SAFETY: every pointer argument addresses device memory of the
             // kernel's element type holding at least `needs` elements for
             // these scalars (checked by `prepare` before any launch), the
             // scalars are the ones those needs were computed with, the
-            // argument count and types are the kernel entry's (checked by
-            // `CheckedPlan::new`), and the memory outlives the launch (it is
-            // owned by this model and freed on this stream).
-            let events = unsafe { args.launch(cfg) }
-                .map_err(|e| CudaError::Native(c.launch_err(li, format!("the launch failed: {}", describe(&e)))))?;
-            if let Some(ev) = events {
-                timings.push((li, ev));
+            // parameters are the kernel entry's buffers then scalars, 8
+            // bytes each (counts and types checked by `CheckedPlan::new`),
+            // the memory outlives the launch (it is owned by this model and
+            // freed on this stream), and the context is current.
+            unsafe {
+                cudarc::driver::result::launch_kernel(
+                    functions[kernel].cu_function(),
+                    grid,
+                    block,
+                    0,
+                    stream.cu_stream(),
+                    params,
+                )
             }
+            .map_err(|e| fail(&e))?;
+            if let Some(start) = start {
+                timings.push((li, start, event().map_err(|e| fail(&e))?));
+            }
+            Ok(())
+        });
+        if let Err((li, why)) = launched {
+            let c = &self.host.plan().checked;
+            return Err(CudaError::Native(c.launch_err(li, format!("the launch failed: {why}"))));
         }
         if let Some(profile) = &mut self.profile {
-            for (li, (start, end)) in timings {
+            let c = &self.host.plan().checked;
+            for (li, start, end) in timings {
                 let ms = start.elapsed_ms(&end).map_err(driver_err("timing a kernel"))? as f64;
                 let e = profile.entry(c.symbol_of(li).to_string()).or_default();
                 e.0 += ms;
@@ -523,22 +500,17 @@ impl CudaModel {
         }
     }
 
-    /// Copies device ranges back and reads them as tensors: per output
-    /// (name, buffer, dtype, shape, [(address, elements)] in order).
-    #[allow(clippy::type_complexity)]
-    fn download(
-        &self,
-        reads: Vec<(String, usize, smelt_ir::DType, Vec<usize>, Vec<(u64, usize)>)>,
-    ) -> Result<BTreeMap<String, Tensor>, CudaError> {
-        let c = &self.plan.checked;
+    /// Copies device ranges back and reads them as tensors; the one place
+    /// a call waits for the device.
+    fn download(&self, reads: Vec<Read>) -> Result<BTreeMap<String, Tensor>, CudaError> {
         let stream = &self.gpu.stream;
         let mut hosts = Vec::with_capacity(reads.len());
-        for (name, b, _, _, ranges) in &reads {
-            let size = c.bufs[*b].elem.size();
-            let bytes: usize = ranges.iter().map(|r| r.1 * size).sum();
+        for r in &reads {
+            let size = r.elem.size();
+            let bytes: usize = r.ranges.iter().map(|r| r.1 * size).sum();
             let host = AlignedBuf::zeroed(bytes).ok_or(NativeError::OutOfMemory { bytes })?;
             let mut at = 0;
-            for &(addr, n) in ranges {
+            for &(addr, n) in &r.ranges {
                 if n == 0 {
                     continue;
                 }
@@ -546,97 +518,39 @@ impl CudaModel {
                 // the buffer (sizes checked by `prepare`).
                 let dst = unsafe { std::slice::from_raw_parts_mut(host.as_ptr().add(at), n * size) };
                 unsafe { cudarc::driver::result::memcpy_dtoh_async(dst, addr, stream.cu_stream()) }
-                    .map_err(driver_err(format!("copying output `{name}` from the GPU")))?;
+                    .map_err(driver_err(format!("copying output `{}` from the GPU", r.name)))?;
                 at += n * size;
             }
             hosts.push(host);
         }
         stream.synchronize().map_err(driver_err("running the model's kernels"))?;
         let mut out = BTreeMap::new();
-        for ((name, b, dtype, shape, _), host) in reads.into_iter().zip(hosts) {
+        for (r, host) in reads.into_iter().zip(hosts) {
             // SAFETY: `host` holds the shape's elements of the buffer's type.
-            let t = unsafe { read_output(&name, dtype, c.bufs[b].elem, host.as_ptr(), shape) }?;
-            out.insert(name, t);
+            let t = unsafe { read_output(&r.name, r.dtype, r.elem, host.as_ptr(), r.shape) }?;
+            out.insert(r.name, t);
         }
         Ok(out)
     }
 
     /// One decode step with the cache on the device (see the module docs).
-    pub fn step(&mut self, mut inputs: BTreeMap<String, Tensor>) -> Result<Tensor, CudaError> {
-        let layout =
-            self.plan.cache_layout().cloned().ok_or_else(|| {
-                CudaError::NoDeviceCache("its plan has no past/present pairs in scratch memory".into())
-            })?;
-        if let Some(name) = inputs.keys().find(|k| k.starts_with("past_key_values.")) {
-            return Err(CudaError::Native(NativeError::BadInput {
-                name: name.clone(),
-                why: "a decode step takes no past key/values: the model holds them on the GPU".into(),
-            }));
-        }
-        let resident: BTreeMap<String, Vec<usize>> = layout
-            .pairs
-            .iter()
-            .zip(&self.cache.entries)
-            .map(|(p, (_, shape))| (p.past.clone(), shape.clone()))
-            .collect();
-        let held = (!resident.is_empty()).then_some(self.cache.len);
-        crate::model::fill_defaults_after(self.plan.signature(), &mut inputs, held);
-        let prep = self.plan.prepare(&inputs, &resident)?;
-        let c = &self.plan.checked;
-        let logits = layout.logits;
-        let shape = c.shape_of(logits, &prep.sizes.syms)?;
-        let &[batch, seq, vocab] = shape.as_slice() else {
-            return Err(CudaError::NoDeviceCache(format!(
-                "`logits` has shape {shape:?}, expected [batch, seq, vocab]"
-            )));
-        };
-        let mut entries = Vec::with_capacity(layout.pairs.len());
-        for p in &layout.pairs {
-            entries.push(c.shape_of(p.present_buf, &prep.sizes.syms)?);
-        }
-        let (name, _, dtype) = c
-            .outputs
-            .iter()
-            .find(|(_, b, _)| *b == logits)
-            .cloned()
-            .ok_or_else(|| CudaError::Plan("the plan has no `logits` output".into()))?;
-        let roots = self.bind_roots(&prep, Some(&layout))?;
+    pub fn step(&mut self, inputs: BTreeMap<String, Tensor>) -> Result<Tensor, CudaError> {
+        let (host, mut mem) = self.memory();
+        let read = host.prepare_step(inputs, &mut mem)?;
         let out = guard(|| {
-            self.upload_inputs(&inputs, &prep, &roots)?;
-            self.launch_all(&prep, &roots)?;
-            // The last position of each sequence: row b * seq + seq - 1.
-            let base = roots.addr(logits);
-            let size = self.plan.checked.bufs[logits].elem.size() as u64;
-            let rows: Vec<(u64, usize)> = (0..batch)
-                .filter(|_| seq > 0)
-                .map(|b| (base + ((b * seq + seq - 1) * vocab) as u64 * size, vocab))
-                .collect();
-            self.download(vec![(name.clone(), logits, dtype, vec![batch, if seq > 0 { vocab } else { 0 }], rows)])
+            self.upload_inputs()?;
+            self.launch_all()?;
+            self.download(vec![read])
         })?;
         // The step ran: its presents become the cache.
-        self.cache.entries =
-            layout.pairs.iter().zip(entries).map(|(p, shape)| (roots.addr(p.present_buf), shape)).collect();
-        self.cache.len = self.cache.entries.first().and_then(|(_, s)| s.get(2).copied()).unwrap_or(0);
-        self.cache.cur = 1 - self.cache.cur;
+        self.host.finish_step();
         out.into_values().next().ok_or_else(|| CudaError::Plan("the step returned no logits".into()))
-    }
-}
-
-/// Every buffer's device address this call.
-struct Roots {
-    addrs: Vec<u64>,
-}
-
-impl Roots {
-    /// Buffer `b`'s device address (its root's plus its alias offset).
-    fn addr(&self, b: usize) -> u64 {
-        self.addrs[b]
     }
 }
 
 impl Forward for CudaModel {
     fn signature(&self) -> &Signature {
-        self.plan.signature()
+        self.host.plan().signature()
     }
 
     fn forward(&mut self, inputs: BTreeMap<String, Tensor>) -> Result<BTreeMap<String, Tensor>, ForwardError> {
@@ -644,7 +558,7 @@ impl Forward for CudaModel {
     }
 
     fn cache(&mut self) -> Option<&mut dyn CachedDecode> {
-        if self.plan.cache_layout().is_some() {
+        if self.host.plan().cache_layout().is_some() {
             Some(self)
         } else {
             None
@@ -654,12 +568,11 @@ impl Forward for CudaModel {
 
 impl CachedDecode for CudaModel {
     fn reset(&mut self) {
-        self.cache.entries.clear();
-        self.cache.len = 0;
+        self.host.reset_cache();
     }
 
     fn cached_len(&self) -> usize {
-        self.cache.len
+        self.host.cached_len()
     }
 
     fn step(&mut self, inputs: BTreeMap<String, Tensor>) -> Result<Tensor, ForwardError> {

@@ -138,13 +138,12 @@ impl CudaPlan {
         let sizes = c.size_call(inputs, resident)?;
         let mut grids = Vec::with_capacity(c.launches.len());
         for (li, l) in c.launches.iter().enumerate() {
-            let Some(dims) = &l.grid else {
+            let (Some(dims), Some(ids)) = (&l.grid, &l.grid_ids) else {
                 return Err(plan_err(format!("launch {li} has no grid")));
             };
             let mut g = [0u32; 3];
-            for (axis, d) in dims.iter().enumerate() {
-                let v =
-                    d.eval_map(&sizes.syms).map_err(|e| c.launch_err(li, format!("grid axis {axis} `{d}`: {e}")))?;
+            for (axis, (d, &id)) in dims.iter().zip(ids).enumerate() {
+                let v = c.dim_in(id, &sizes).map_err(|e| c.launch_err(li, format!("grid axis {axis} `{d}`: {e}")))?;
                 if !(0..=MAX_GRID[axis]).contains(&v) {
                     return Err(CudaError::Native(
                         c.launch_err(li, format!("grid axis {axis} = {v} (`{d}`) is outside 0..={}", MAX_GRID[axis])),
