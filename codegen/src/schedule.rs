@@ -250,6 +250,50 @@ impl Scheduler<'_> {
                 let args = node.inputs.iter().map(|v| self.buffer_of(*v)).collect();
                 self.launch(n, inst, args)?
             }
+            Selected::Steps(steps) => {
+                let operands = node.inputs.iter().map(|v| self.buffer_of(*v)).collect();
+                self.steps(n, steps, operands)?
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds the launches of `steps` for node `n` on operand buffers
+    /// `operands`, creating the result buffers and the scratch buffers
+    /// (arena memory that lives from the node's first launch to its last).
+    fn steps(&mut self, n: NodeId, steps: select::Steps, operands: Vec<usize>) -> Result<(), ScheduleError> {
+        let results = self.result_buffers(n);
+        let base = results.first().map_or_else(|| format!("node{}", n.index()), |&b| self.buffers[b].name.clone());
+        let scratch: Vec<usize> = steps
+            .scratch
+            .iter()
+            .map(|sc| {
+                self.buffers.push(Buffer {
+                    name: format!("{base}.{}", sc.name),
+                    elem: plan_elem(sc.elem),
+                    shape: vec![sc.len.to_string()],
+                    storage: Storage::Arena,
+                });
+                self.buffers.len() - 1
+            })
+            .collect();
+        for step in steps.steps {
+            let mut args = Vec::with_capacity(step.args.len());
+            for a in &step.args {
+                let (list, i, what) = match *a {
+                    select::Arg::Operand(i) => (&operands, i, "operand"),
+                    select::Arg::Result(i) => (&results, i, "result"),
+                    select::Arg::Scratch(i) => (&scratch, i, "scratch buffer"),
+                };
+                let b = *list.get(i).ok_or_else(|| ScheduleError::Contract {
+                    node: describe(self.graph, n),
+                    kernel: step.instance.kernel.name.clone(),
+                    what: format!("an argument bound to {what} {i}"),
+                    found: format!("{} of them", list.len()),
+                })?;
+                args.push(b);
+            }
+            self.push_launch(n, step.instance, args)?;
         }
         Ok(())
     }
@@ -417,13 +461,28 @@ impl Scheduler<'_> {
     /// Adds the launch of `inst` for node `n` on operand buffers `args`,
     /// creating the result buffers.
     fn launch(&mut self, n: NodeId, inst: Instance, mut args: Vec<usize>) -> Result<(), ScheduleError> {
+        args.extend(self.result_buffers(n));
+        self.push_launch(n, inst, args)
+    }
+
+    /// Arena buffers for the results of node `n`.
+    fn result_buffers(&mut self, n: NodeId) -> Vec<usize> {
+        let outputs = self.graph.node(n).outputs.clone();
+        outputs
+            .into_iter()
+            .map(|v| {
+                let b = self.new_buffer(v, Storage::Arena);
+                self.slots.insert(v, Slot::Buf(b));
+                b
+            })
+            .collect()
+    }
+
+    /// Adds the launch of `inst` for node `n` with its global buffers bound
+    /// to `args`, after checking every length against the kernel's
+    /// declarations.
+    fn push_launch(&mut self, n: NodeId, inst: Instance, args: Vec<usize>) -> Result<(), ScheduleError> {
         let g = self.graph;
-        let node = g.node(n);
-        for v in &node.outputs {
-            let b = self.new_buffer(*v, Storage::Arena);
-            self.slots.insert(*v, Slot::Buf(b));
-            args.push(b);
-        }
         let k = &inst.kernel;
         let decls: Vec<_> = k.global_buffers().map(|(_, d)| d.clone()).collect();
         let contract = |what: String, found: String| ScheduleError::Contract {
