@@ -138,6 +138,21 @@ impl Operands {
     }
 }
 
+/// `a / d` and `a % d` for `0 <= a < 2^31` and `0 < d < 2^31`: by a
+/// constant folded or left to LLVM, by a run-time value in 32 bits (a
+/// 64-bit division is a subroutine with a stack frame on NVIDIA GPUs, a
+/// 32-bit one is inline).
+fn div_rem(b: &mut Builder, a: Expr, d: Expr) -> (Var, Var) {
+    if as_const(&d).is_some() {
+        return (b.let_("q", div(a.clone(), d.clone())), b.let_("r", rem(a, d)));
+    }
+    let a32 = b.let_("a32", a.cast(Scalar::I32));
+    let d32 = b.let_("d32", d.cast(Scalar::I32));
+    let q = b.let_("q", (Expr::Var(a32) / Expr::Var(d32)).cast(Scalar::I64));
+    let r = b.let_("r", (Expr::Var(a32) % Expr::Var(d32)).cast(Scalar::I64));
+    (q, r)
+}
+
 fn neg_inf() -> Expr {
     Expr::f32(f32::NEG_INFINITY)
 }
@@ -181,8 +196,7 @@ fn rows_body(b: &mut Builder, s: &AttnSpec, o: &Operands, out: BufId, sq: &Expr,
 
     let tid = b.let_("tid", Expr::Special(Special::ThreadIdx(0)));
     let row = b.let_("row", Expr::Special(Special::BlockIdx(0)));
-    let i = b.let_("i", sym::rem(Expr::Var(row), sq.clone()));
-    let bh = b.let_("bh", sym::div(Expr::Var(row), sq.clone()));
+    let (bh, i) = div_rem(b, Expr::Var(row), sq.clone());
     let h = b.let_("h", sym::rem(Expr::Var(bh), Expr::idx(hq)));
     let bi = b.let_("bi", sym::div(Expr::Var(bh), Expr::idx(hq)));
     let kh = sym::div(Expr::Var(h), Expr::idx(group));
@@ -676,9 +690,8 @@ pub fn combine(
         |b| {
             let tid = b.let_("tid", Expr::Special(Special::ThreadIdx(0)));
             let row = b.let_("row", Expr::Special(Special::BlockIdx(0)));
-            let i = rem(Expr::Var(row), sq.clone());
-            let bh = div(Expr::Var(row), sq.clone());
-            let prow0 = b.let_("prow0", mul(add(mul(bh, Expr::idx(qmax)), i), Expr::idx(splits)));
+            let (bh, i) = div_rem(b, Expr::Var(row), sq.clone());
+            let prow0 = b.let_("prow0", mul(add(mul(Expr::Var(bh), Expr::idx(qmax)), Expr::Var(i)), Expr::idx(splits)));
             let mrow = |sp: Expr| add(ml.clone(), mul(add(Expr::Var(prow0), sp), Expr::idx(2)));
             let big = b.let_("big", neg_inf());
             b.for_("sp", Expr::i64(0), Expr::idx(splits), 1, LoopKind::Serial, |b, sp| {
