@@ -110,6 +110,8 @@ pub struct ScheduleOptions {
     pub packed_weights: bool,
     /// How the weights of weight matmuls and embedding tables are stored.
     pub weight_dtype: WeightDtype,
+    /// Block sizes and split attention of the GPU kernels.
+    pub gpu: select::GpuConfig,
 }
 
 /// The storage type of the weights (see the module docs); computation is
@@ -250,6 +252,50 @@ impl Scheduler<'_> {
                 let args = node.inputs.iter().map(|v| self.buffer_of(*v)).collect();
                 self.launch(n, inst, args)?
             }
+            Selected::Steps(steps) => {
+                let operands = node.inputs.iter().map(|v| self.buffer_of(*v)).collect();
+                self.steps(n, steps, operands)?
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds the launches of `steps` for node `n` on operand buffers
+    /// `operands`, creating the result buffers and the scratch buffers
+    /// (arena memory that lives from the node's first launch to its last).
+    fn steps(&mut self, n: NodeId, steps: select::Steps, operands: Vec<usize>) -> Result<(), ScheduleError> {
+        let results = self.result_buffers(n);
+        let base = results.first().map_or_else(|| format!("node{}", n.index()), |&b| self.buffers[b].name.clone());
+        let scratch: Vec<usize> = steps
+            .scratch
+            .iter()
+            .map(|sc| {
+                self.buffers.push(Buffer {
+                    name: format!("{base}.{}", sc.name),
+                    elem: plan_elem(sc.elem),
+                    shape: vec![sc.len.to_string()],
+                    storage: Storage::Arena,
+                });
+                self.buffers.len() - 1
+            })
+            .collect();
+        for step in steps.steps {
+            let mut args = Vec::with_capacity(step.args.len());
+            for a in &step.args {
+                let (list, i, what) = match *a {
+                    select::Arg::Operand(i) => (&operands, i, "operand"),
+                    select::Arg::Result(i) => (&results, i, "result"),
+                    select::Arg::Scratch(i) => (&scratch, i, "scratch buffer"),
+                };
+                let b = *list.get(i).ok_or_else(|| ScheduleError::Contract {
+                    node: describe(self.graph, n),
+                    kernel: step.instance.kernel.name.clone(),
+                    what: format!("an argument bound to {what} {i}"),
+                    found: format!("{} of them", list.len()),
+                })?;
+                args.push(b);
+            }
+            self.push_launch(n, step.instance, args)?;
         }
         Ok(())
     }
@@ -274,7 +320,7 @@ impl Scheduler<'_> {
     ) -> Result<Selected, SelectError> {
         match self.options.device {
             Device::Cpu => select::select(op, inputs, outputs),
-            Device::Gpu => select::select_gpu(op, inputs, outputs),
+            Device::Gpu => select::select_gpu_with(op, inputs, outputs, &self.options.gpu),
         }
     }
 
@@ -417,13 +463,28 @@ impl Scheduler<'_> {
     /// Adds the launch of `inst` for node `n` on operand buffers `args`,
     /// creating the result buffers.
     fn launch(&mut self, n: NodeId, inst: Instance, mut args: Vec<usize>) -> Result<(), ScheduleError> {
+        args.extend(self.result_buffers(n));
+        self.push_launch(n, inst, args)
+    }
+
+    /// Arena buffers for the results of node `n`.
+    fn result_buffers(&mut self, n: NodeId) -> Vec<usize> {
+        let outputs = self.graph.node(n).outputs.clone();
+        outputs
+            .into_iter()
+            .map(|v| {
+                let b = self.new_buffer(v, Storage::Arena);
+                self.slots.insert(v, Slot::Buf(b));
+                b
+            })
+            .collect()
+    }
+
+    /// Adds the launch of `inst` for node `n` with its global buffers bound
+    /// to `args`, after checking every length against the kernel's
+    /// declarations.
+    fn push_launch(&mut self, n: NodeId, inst: Instance, args: Vec<usize>) -> Result<(), ScheduleError> {
         let g = self.graph;
-        let node = g.node(n);
-        for v in &node.outputs {
-            let b = self.new_buffer(*v, Storage::Arena);
-            self.slots.insert(*v, Slot::Buf(b));
-            args.push(b);
-        }
         let k = &inst.kernel;
         let decls: Vec<_> = k.global_buffers().map(|(_, d)| d.clone()).collect();
         let contract = |what: String, found: String| ScheduleError::Contract {
@@ -756,5 +817,95 @@ func @lm(%ids: i64[1, seq]) -> (logits) {
         )
         .unwrap();
         assert!(constants(&s).iter().all(|c| c.0 == Elem::F32), "{:?}", constants(&s));
+    }
+
+    /// On the GPU an attention node is two launches sharing a scratch
+    /// buffer: the runtime's plan checker accepts the plan and sizes it,
+    /// and running the launches in order in the interpreter (arena memory
+    /// starting as NaN) gives the reference interpreter's result within
+    /// 1e-5 * (1 + |want|), for a decode step and for a prefill.
+    #[test]
+    fn gpu_attention_steps_share_a_scratch_buffer() {
+        use crate::kir::interp::{self as kinterp, BufData, Mode};
+        use crate::kir::Access;
+        use smelt_runtime::artifact::Signature;
+        use smelt_runtime::native::checked::CheckedPlan;
+
+        let g = smelt_ir::text::parse(
+            r#"
+func @attn(%q: f32[batch, 4, seq, 8], %k: f32[batch, 2, past + seq, 8], %v: f32[batch, 2, past + seq, 8]) -> (out) {
+  %o = attention %q, %k, %v scale=0.35 causal=true : f32[batch, 4, seq, 8]
+  return out=%o
+}
+"#,
+        )
+        .unwrap();
+        // Small blocks for the interpreter: 4 splits per kv head, 32
+        // threads, up to 2 queries.
+        let gpu = select::GpuConfig {
+            attention_threads: 16,
+            split_threads: 32,
+            split_blocks: 8,
+            split_max_queries: 2,
+            ..select::GpuConfig::default()
+        };
+        let options = ScheduleOptions { device: Device::Gpu, gpu, ..ScheduleOptions::default() };
+        let s = schedule(&g, &BTreeMap::new(), options).unwrap();
+        assert_eq!(s.plan.launches.len(), 2, "{:?}", s.plan.launches);
+        let scratch: Vec<usize> =
+            (0..s.plan.buffers.len()).filter(|&b| s.plan.buffers[b].name.ends_with(".partials")).collect();
+        assert_eq!(scratch.len(), 1, "{:?}", s.plan.buffers);
+        assert_eq!(s.plan.buffers[scratch[0]].storage, Storage::Arena);
+        assert!(s.plan.launches.iter().all(|l| l.args.contains(&scratch[0])));
+        let checked = CheckedPlan::new(s.plan.clone(), Signature::from_graph(&g), s.weights.len()).unwrap();
+        assert_eq!(checked.lifetimes[scratch[0]], Some((0, 1)));
+        for (batch, seq, past) in [(1usize, 1usize, 6usize), (1, 5, 2)] {
+            let what = format!("batch {batch} seq {seq} past {past}");
+            let t = past + seq;
+            let inputs: BTreeMap<String, Tensor> = [("q", 4, seq), ("k", 2, t), ("v", 2, t)]
+                .iter()
+                .enumerate()
+                .map(|(i, &(name, heads, rows))| {
+                    let shape = vec![batch, heads, rows, 8];
+                    let n = shape.iter().product();
+                    let data = crate::templates::testing::rand(n, 40 + i as u64);
+                    (name.to_string(), Tensor::from_f32(DType::F32, shape, data).unwrap())
+                })
+                .collect();
+            let sizes = checked.size_call(&inputs, &BTreeMap::new()).unwrap();
+            let mut mem: Vec<BufData> = s
+                .plan
+                .buffers
+                .iter()
+                .enumerate()
+                .map(|(i, b)| match &b.storage {
+                    Storage::Input { name } => BufData::F32(inputs[name].to_f32_vec()),
+                    Storage::Arena => BufData::F32(vec![f32::NAN; sizes.lens[i]]),
+                    other => panic!("unexpected storage {other:?}"),
+                })
+                .collect();
+            for l in &s.plan.launches {
+                let k = &s.kernels[l.kernel];
+                let eval = |d: &String| d.parse::<Dim>().unwrap().eval_map(&sizes.syms).unwrap();
+                let scalars: Vec<i64> = l.scalars.iter().map(eval).collect();
+                let grid = l.grid.as_ref().unwrap().clone().map(|d| eval(&d) as usize);
+                assert_eq!(k.grid(&scalars).unwrap().unwrap(), grid, "{what}: {}", k.name);
+                let block = k.gpu.as_ref().unwrap().block.map(|d| d as usize);
+                let mut args: Vec<BufData> = l.args.iter().map(|&b| mem[b].clone()).collect();
+                kinterp::run(k, &mut args, &scalars, Mode::Gpu { grid, block })
+                    .unwrap_or_else(|e| panic!("{what}: {e}"));
+                for ((&b, data), (_, d)) in l.args.iter().zip(args).zip(k.global_buffers()) {
+                    if d.access == Access::Write {
+                        mem[b] = data;
+                    }
+                }
+            }
+            let want = smelt_ir::interp::run(&g, &BTreeMap::new(), &inputs).unwrap()["out"].to_f32_vec();
+            let got = mem[s.plan.outputs[0].1].f32();
+            assert_eq!(got.len(), want.len(), "{what}");
+            for (j, (x, y)) in got.iter().zip(&want).enumerate() {
+                assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "{what}: element {j}: got {x}, expected {y}");
+            }
+        }
     }
 }

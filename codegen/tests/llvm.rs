@@ -111,7 +111,7 @@ fn op_case(op: Op, inputs: &[TensorType], syms: &[(&str, i64)], gens: &[Gen], to
     let outputs = op.infer(&refs).unwrap_or_else(|e| panic!("{op:?}: {e}"));
     match select(&op, inputs, &outputs).unwrap_or_else(|e| panic!("{e}")) {
         Selected::Kernel(i) => case_of(op.name(), i, syms, gens, tol),
-        Selected::Alias { .. } => panic!("{op:?}: unexpected alias"),
+        other => panic!("{op:?}: not one kernel: {other:?}"),
     }
 }
 

@@ -145,7 +145,7 @@ fn kernel_for(op: &Op, inputs: &[TensorType]) -> (Instance, Vec<TensorType>) {
     let outputs = op.infer(&refs).unwrap_or_else(|e| panic!("{op:?}: {e}"));
     match select(op, inputs, &outputs).unwrap_or_else(|e| panic!("{e}")) {
         Selected::Kernel(i) => (i, outputs),
-        Selected::Alias { .. } => panic!("{op:?}: unexpected alias"),
+        other => panic!("{op:?}: not one kernel: {other:?}"),
     }
 }
 

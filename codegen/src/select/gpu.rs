@@ -4,9 +4,10 @@
 //!
 //! Dedicated GPU templates (`templates::gpu`) serve the ops where one thread
 //! per CPU iteration would be badly slow: the norms (a row per warp or
-//! block), last-axis softmax (likewise), attention (a block per query row,
-//! keys spread over its threads), rope, concat and kv_append (a thread per
-//! element). Every other op gets the CPU kernel `select` picks, turned into
+//! block), last-axis softmax (likewise), attention (for decode two
+//! launches, keys split over blocks per GQA group then the partials
+//! combined, with a scratch buffer: [`Selected::Steps`]; for prefill a
+//! block per query row), rope, concat and kv_append (a thread per element). Every other op gets the CPU kernel `select` picks, turned into
 //! a GPU kernel by `templates::gpu::gpuize` (bitwise the CPU results);
 //! aliases pass through unchanged.
 //!
@@ -15,7 +16,7 @@
 //! which is correct but slow.
 
 use super::linalg::{dim_name, Params};
-use super::{elem_of, select, Instance, SelectError, Selected};
+use super::{elem_of, select, Arg, Instance, Scratch, SelectError, Selected, Step, Steps};
 use crate::kir::{Builder, Expr, Scalar};
 use crate::templates::attention::{AttnMask, AttnSpec};
 use crate::templates::gpu::{attention, concat, gpuize, norm, rope, rows::RowLayout, softmax};
@@ -33,13 +34,32 @@ pub struct GpuConfig {
     /// Threads per block of the row kernels (norms, softmax); the threads
     /// per row grow with the row length up to this.
     pub row_block: u32,
-    /// Threads per block of attention, and keys per tile.
+    /// Threads per block of the attention row kernel (and of the combine
+    /// step of split attention), and keys per tile.
     pub attention_threads: u32,
+    /// Split-keys attention for decode (`attention::split_partials`):
+    /// threads per block of the split kernel, and keys per tile.
+    pub split_threads: u32,
+    /// The working blocks a one-query, batch-1 step of the split kernel
+    /// should have: `split_blocks / kv heads` splits (1..=64). 0 turns the
+    /// split path off (the row kernel alone).
+    pub split_blocks: usize,
+    /// Up to this many queries per call take the split path.
+    pub split_max_queries: usize,
 }
 
 impl Default for GpuConfig {
+    /// About four working split blocks per SM of an H200 (132 SMs): 64
+    /// splits for 8 kv heads, 512 blocks.
     fn default() -> Self {
-        GpuConfig { block: 256, row_block: 256, attention_threads: attention::THREADS }
+        GpuConfig {
+            block: 256,
+            row_block: 256,
+            attention_threads: attention::THREADS,
+            split_threads: 128,
+            split_blocks: 4 * crate::templates::gpu::SMS,
+            split_max_queries: 4,
+        }
     }
 }
 
@@ -56,6 +76,9 @@ pub fn select_gpu_with(
     outputs: &[TensorType],
     cfg: &GpuConfig,
 ) -> Result<Selected, SelectError> {
+    if let Op::Attention { .. } = op {
+        return attention_node(op, inputs, cfg);
+    }
     if let Some(i) = dedicated(op, inputs, outputs, cfg)? {
         return Ok(Selected::Kernel(i));
     }
@@ -68,6 +91,109 @@ pub fn select_gpu_with(
         }
         alias => Ok(alias),
     }
+}
+
+/// Which attention kernel to build.
+#[derive(Clone, Copy)]
+enum AttnKernel {
+    Rows,
+    Split(attention::SplitParams),
+    Combine(attention::SplitParams),
+}
+
+/// Attention: the row kernel alone, or (with `cfg.split_blocks > 0`) two
+/// steps, split-keys partials into a scratch buffer then the combine kernel
+/// (which runs the rows itself when a call has more queries than the split
+/// path takes).
+fn attention_node(op: &Op, inputs: &[TensorType], cfg: &GpuConfig) -> Result<Selected, SelectError> {
+    let unsupported = |why: &str| SelectError::unsupported(op, inputs, why);
+    let Op::Attention { scale, causal, window, softcap } = op else { unreachable!("called for attention") };
+    if inputs.len() < 3 || inputs[..3].iter().any(|t| elem_of(t.dtype) != Scalar::F32) {
+        return Err(unsupported("needs float operands"));
+    }
+    if inputs.get(3).is_some_and(|m| !matches!(elem_of(m.dtype), Scalar::F32 | Scalar::Bool)) {
+        return Err(unsupported("the mask must be bool or float"));
+    }
+    let (q, k, v) = (&inputs[0], &inputs[1], &inputs[2]);
+    if q.rank() != 4 || k.rank() != 4 || v.rank() != 4 {
+        return Err(unsupported("q, k and v must have rank 4"));
+    }
+    if inputs.len() > 4 || inputs.get(3).is_some_and(|m| m.rank() > 4) {
+        return Err(unsupported("at most one mask of rank <= 4"));
+    }
+    let c = |d: &Dim, what: &str| {
+        d.as_const().map(|c| c as usize).ok_or_else(|| unsupported(&format!("{what} must be a constant")))
+    };
+    let (hq, hkv, d, dv) = (
+        c(&q.shape[1], "heads")?,
+        c(&k.shape[1], "kv heads")?,
+        c(&q.shape[3], "head dim")?,
+        c(&v.shape[3], "value dim")?,
+    );
+    if hkv == 0 || hq % hkv != 0 {
+        return Err(unsupported("query heads must be a multiple of kv heads"));
+    }
+    let spec = AttnSpec {
+        hq,
+        hkv,
+        d,
+        dv,
+        scale: *scale as f32,
+        causal: *causal,
+        window: *window,
+        softcap: softcap.map(|c| c as f32),
+    };
+    let mut name = format!("attention_h{hq}x{hkv}_d{d}");
+    for (on, tag) in [(*causal, "_causal"), (window.is_some(), "_win"), (softcap.is_some(), "_cap")] {
+        if on {
+            name.push_str(tag);
+        }
+    }
+    if let Some(m) = inputs.get(3) {
+        name.push_str(if m.dtype.is_bool() { "_bmask" } else { "_fmask" });
+    }
+    let build = |kind: AttnKernel| -> Result<Instance, SelectError> {
+        let mut b = Builder::new("k");
+        let mut p = Params::default();
+        let batch = p.get(&mut b, &q.shape[0]);
+        let sq = p.get(&mut b, &q.shape[2]);
+        let skv = p.get(&mut b, &k.shape[2]);
+        let mask = inputs
+            .get(3)
+            .map(|m| AttnMask { elem: elem_of(m.dtype), dims: m.shape.iter().map(|dm| p.get(&mut b, dm)).collect() });
+        let internal = |e: String| unsupported(&format!("internal error building the kernel: {e}"));
+        let prefix = match kind {
+            AttnKernel::Rows => {
+                attention::attention(&mut b, &spec, batch, sq, skv, mask.as_ref(), cfg.attention_threads);
+                format!("{name}_gpu")
+            }
+            AttnKernel::Split(sp) => {
+                attention::split_partials(&mut b, &spec, batch, sq, skv, mask.as_ref(), &sp).map_err(internal)?;
+                format!("{name}_split{}_gpu", sp.splits)
+            }
+            AttnKernel::Combine(sp) => {
+                attention::combine(&mut b, &spec, batch, sq, skv, mask.as_ref(), &sp, cfg.attention_threads)
+                    .map_err(internal)?;
+                format!("{name}_combine{}_gpu", sp.splits)
+            }
+        };
+        p.finish(b, &prefix, op, inputs)
+    };
+    if cfg.split_blocks == 0 {
+        return build(AttnKernel::Rows).map(Selected::Kernel);
+    }
+    let sp = attention::SplitParams::for_heads(hkv, cfg.split_blocks, cfg.split_threads, cfg.split_max_queries);
+    let scratch_len = q.shape[0].clone() * Dim::c((hq * sp.max_queries * sp.splits * (dv + 2)) as i64);
+    let operands: Vec<Arg> = (0..inputs.len()).map(Arg::Operand).collect();
+    let split_args = [operands.clone(), vec![Arg::Scratch(0)]].concat();
+    let combine_args = [operands, vec![Arg::Scratch(0), Arg::Result(0)]].concat();
+    Ok(Selected::Steps(Steps {
+        scratch: vec![Scratch { name: "partials".into(), elem: Scalar::F32, len: scratch_len }],
+        steps: vec![
+            Step { instance: build(AttnKernel::Split(sp))?, args: split_args },
+            Step { instance: build(AttnKernel::Combine(sp))?, args: combine_args },
+        ],
+    }))
 }
 
 /// The instance of a dedicated GPU template, if `op` has one.
@@ -138,59 +264,6 @@ fn dedicated(
             rope::rope(&mut b, &x_dims, &cs_dims, d, r, *interleaved, cfg.block);
             format!("rope_d{d}_r{r}{}_gpu", if *interleaved { "_il" } else { "" })
         }
-        Op::Attention { scale, causal, window, softcap } => {
-            floats(&inputs[..3.min(inputs.len())])?;
-            if inputs.get(3).is_some_and(|m| !matches!(elem_of(m.dtype), Scalar::F32 | Scalar::Bool)) {
-                return Err(unsupported("the mask must be bool or float"));
-            }
-            let (q, k, v) = (&inputs[0], &inputs[1], &inputs[2]);
-            if q.rank() != 4 || k.rank() != 4 || v.rank() != 4 {
-                return Err(unsupported("q, k and v must have rank 4"));
-            }
-            let c = |d: &Dim, what: &str| {
-                d.as_const().map(|c| c as usize).ok_or_else(|| unsupported(&format!("{what} must be a constant")))
-            };
-            let (hq, hkv, d, dv) = (
-                c(&q.shape[1], "heads")?,
-                c(&k.shape[1], "kv heads")?,
-                c(&q.shape[3], "head dim")?,
-                c(&v.shape[3], "value dim")?,
-            );
-            if hkv == 0 || hq % hkv != 0 {
-                return Err(unsupported("query heads must be a multiple of kv heads"));
-            }
-            let spec = AttnSpec {
-                hq,
-                hkv,
-                d,
-                dv,
-                scale: *scale as f32,
-                causal: *causal,
-                window: *window,
-                softcap: softcap.map(|c| c as f32),
-            };
-            let batch = p.get(&mut b, &q.shape[0]);
-            let sq = p.get(&mut b, &q.shape[2]);
-            let skv = p.get(&mut b, &k.shape[2]);
-            let mask = inputs.get(3).map(|m| AttnMask {
-                elem: elem_of(m.dtype),
-                dims: m.shape.iter().map(|dm| p.get(&mut b, dm)).collect(),
-            });
-            if inputs.len() > 4 || mask.as_ref().is_some_and(|m| m.dims.len() > 4) {
-                return Err(unsupported("at most one mask of rank <= 4"));
-            }
-            attention::attention(&mut b, &spec, batch, sq, skv, mask.as_ref(), cfg.attention_threads);
-            let mut name = format!("attention_h{hq}x{hkv}_d{d}");
-            for (on, tag) in [(*causal, "_causal"), (window.is_some(), "_win"), (softcap.is_some(), "_cap")] {
-                if on {
-                    name.push_str(tag);
-                }
-            }
-            if let Some(m) = inputs.get(3) {
-                name.push_str(if m.dtype.is_bool() { "_bmask" } else { "_fmask" });
-            }
-            name + "_gpu"
-        }
         Op::Concat { axis } | Op::KvAppend { axis } => {
             let Some(out) = outputs.first() else { return Ok(None) };
             if inputs.is_empty() || inputs.iter().any(|t| t.rank() != out.rank() || t.dtype != out.dtype) {
@@ -238,22 +311,32 @@ mod tests {
         let outputs = op.infer(&refs).unwrap_or_else(|e| panic!("{op:?}: {e}"));
         let gpu = select_gpu_with(op, inputs, &outputs, cfg).unwrap_or_else(|e| panic!("{e}"));
         let cpu = select(op, inputs, &outputs).unwrap();
-        let (g, c) = match (gpu, cpu) {
-            (Selected::Kernel(g), Selected::Kernel(c)) => (g, c),
+        let c = match (&gpu, cpu) {
+            (Selected::Kernel(_) | Selected::Steps(_), Selected::Kernel(c)) => c,
             (Selected::Alias { offset: a }, Selected::Alias { offset: b }) => {
-                assert_eq!(a, b, "{op:?}");
+                assert_eq!(a, &b, "{op:?}");
                 return false;
             }
             other => panic!("{op:?}: GPU and CPU selections differ in kind: {other:?}"),
         };
-        assert!(g.kernel.gpu.is_some(), "{op:?}: not a GPU kernel\n{}", g.kernel);
-        let gpuized = g.kernel.name.starts_with(&c.kernel.name);
+        let kernels: Vec<&Instance> = match &gpu {
+            Selected::Kernel(g) => vec![g],
+            Selected::Steps(st) => st.steps.iter().map(|s| &s.instance).collect(),
+            Selected::Alias { .. } => unreachable!("matched above"),
+        };
+        for g in &kernels {
+            assert!(g.kernel.gpu.is_some(), "{op:?}: not a GPU kernel\n{}", g.kernel);
+        }
+        let gpuized = kernels.len() == 1 && kernels[0].kernel.name.starts_with(&c.kernel.name);
+        let names: Vec<&str> = kernels.iter().map(|g| g.kernel.name.as_str()).collect();
         for syms in bindings {
-            let (gs, cs) = (scalars(&g, syms), scalars(&c, syms));
-            let lens = |i: &Instance, s: &[i64]| -> Vec<usize> {
-                i.kernel.global_buffers().map(|(_, b)| i.kernel.buffer_len(b, s).unwrap()).collect()
-            };
-            assert_eq!(lens(&g, &gs), lens(&c, &cs), "{op:?} {syms:?}: buffer lengths");
+            let cs = scalars(&c, syms);
+            if let Selected::Kernel(g) = &gpu {
+                let lens = |i: &Instance, s: &[i64]| -> Vec<usize> {
+                    i.kernel.global_buffers().map(|(_, b)| i.kernel.buffer_len(b, s).unwrap()).collect()
+                };
+                assert_eq!(lens(g, &scalars(g, syms)), lens(&c, &cs), "{op:?} {syms:?}: buffer lengths");
+            }
             let mut bufs = buffers(&c.kernel, &cs, 21);
             // Additive masks: some -inf, the rest small.
             if matches!(op, Op::Attention { .. }) && inputs.len() > 3 {
@@ -262,8 +345,9 @@ mod tests {
                 }
             }
             let want = run_cpu(&c.kernel, &bufs, &cs, 2);
-            let got = run_gpu(&g.kernel, &bufs, &gs);
-            let what = format!("{op:?} {syms:?} ({})", g.kernel.name);
+            // (The interpreter checks every step's buffer lengths.)
+            let got = run_gpu_selected(&gpu, &bufs, inputs.len(), syms);
+            let what = format!("{op:?} {syms:?} ({names:?})");
             if gpuized {
                 assert_same(&what, &got, &want);
             } else {
@@ -274,8 +358,17 @@ mod tests {
     }
 
     /// Small blocks: the interpreter runs a block's threads one at a time
-    /// and every barrier or shuffle passes through all of them.
-    const SMALL: GpuConfig = GpuConfig { block: 64, row_block: 64, attention_threads: 16 };
+    /// and every barrier or shuffle passes through all of them. Split
+    /// attention: 4 splits for 2 kv heads, up to 2 queries (so `seq = 3`
+    /// runs the combine kernel's rows).
+    const SMALL: GpuConfig = GpuConfig {
+        block: 64,
+        row_block: 64,
+        attention_threads: 16,
+        split_threads: 32,
+        split_blocks: 8,
+        split_max_queries: 2,
+    };
 
     const KV: &[&[(&str, i64)]] = &[&[("batch", 1), ("seq", 3), ("past", 0)], &[("batch", 2), ("seq", 1), ("past", 9)]];
 

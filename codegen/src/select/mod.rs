@@ -10,7 +10,15 @@
 //!   them, so identical nodes in different layers share one kernel;
 //! - every buffer's declared length, with `scalars` substituted, is exactly
 //!   the element count of the IR value bound to it;
-//! - all stores sit in one top-level `Parallel` loop (see `templates`).
+//! - all stores sit in one top-level `Parallel` loop (see `templates`);
+//!   GPU kernels instead carry their launch shape.
+//!
+//! A node may instead be computed by [`Steps`]: several kernel launches in
+//! order (GPU split-keys attention: partials, then their combination),
+//! sharing scratch buffers that live for the node's launches only. Each
+//! step binds its kernel's global buffers to the node's operands, results
+//! and scratch buffers explicitly, and the length contract holds for each
+//! (a scratch buffer's length is a dim over the graph's symbols).
 //!
 //! One file per op family returns `Ok(None)` for ops it does not handle;
 //! [`select`] tries them in turn.
@@ -50,6 +58,41 @@ pub enum Selected {
     /// `offset` elements in, with the result's shape (reshape, squeeze,
     /// unsqueeze, a slice that keeps a contiguous block).
     Alias { offset: Dim },
+    /// By several launches in order, with scratch memory.
+    Steps(Steps),
+}
+
+/// Kernel launches that together compute one node (see the module docs).
+#[derive(Clone, Debug)]
+pub struct Steps {
+    pub scratch: Vec<Scratch>,
+    pub steps: Vec<Step>,
+}
+
+/// A buffer only the node's own launches use.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Scratch {
+    /// A suffix for the buffer's name in the plan.
+    pub name: String,
+    pub elem: Scalar,
+    /// Its element count, over the graph's symbols.
+    pub len: Dim,
+}
+
+/// One launch of [`Steps`]: `args[i]` is what the kernel's `i`-th global
+/// buffer is bound to.
+#[derive(Clone, Debug)]
+pub struct Step {
+    pub instance: Instance,
+    pub args: Vec<Arg>,
+}
+
+/// What a global buffer of a [`Step`]'s kernel is bound to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arg {
+    Operand(usize),
+    Result(usize),
+    Scratch(usize),
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]

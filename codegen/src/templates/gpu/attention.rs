@@ -1,9 +1,11 @@
 //! Scaled dot-product attention on a GPU with the semantics of the CPU
 //! `templates::attention` (same buffers, visibility, masks, softcap; a row
-//! with no visible key is zero), for prefill and decode alike.
+//! with no visible key is zero). Two ways, chosen per node by
+//! `select::select_gpu`:
 //!
-//! One block of `nt` threads per query row `(batch, head, i)`; the visible
-//! keys `lo..hi` are taken in tiles of `nt`, one key per thread:
+//! **Rows** ([`attention`], and the prefill branch of [`combine`]): one
+//! block of `nt` threads per query row `(batch, head, i)`; the visible keys
+//! `lo..hi` are taken in tiles of `nt`, one key per thread:
 //! 1. thread `t` scores key `lo + tile * nt + t` (`q · k` with q staged in
 //!    shared memory, scale, softcap, mask; `-inf` when not visible or
 //!    masked) into shared `s[t]`; barrier;
@@ -15,44 +17,70 @@
 //!    (`tid, tid + nt, ...`), summing the weights into the running sum `l`
 //!    on the way (in one order, so every thread's `l` is the same).
 //!
-//! So a decode step (one query, a long cache) spreads its keys over the
-//! block's threads, and value reads are coalesced across threads. Thread
-//! `t`'s key row is read whole by that thread (not coalesced; it stays in
-//! the cache for the `d` loads). Each block reads its own kv head; query
-//! heads sharing one (GQA) read it again, from L2.
+//! A decode step launches only `batch * heads` such blocks (32 on a 1B
+//! llama, for a GPU of 132 SMs), and query heads sharing a kv head (GQA)
+//! each read it.
+//!
+//! **Split keys** ("flash-decoding", for up to [`SplitParams::max_queries`]
+//! queries): two launches per node.
+//! - [`split_partials`]: a block per `(split, batch, kv head, query)`, for
+//!   all `g = hq / hkv` query heads of the kv head's group at once, so K and
+//!   V are read once per group. The query's visible keys `lo..hi` are cut
+//!   into `splits` equal ranges (some empty when there are fewer keys than
+//!   splits, or with a window); a block runs the online softmax above over
+//!   its range in tiles of `nt` keys, with these layouts: scores by one key
+//!   per thread, the key row read with vector loads and dotted with the `g`
+//!   staged query rows (one K read serves every head); weights times values
+//!   by groups of threads, each group a key at a time, each thread a vector
+//!   of value features (coalesced V rows), the groups' sums added through
+//!   shared memory at the end. It writes each head's partial result
+//!   unnormalised, `(m, l, acc[dv])` with `acc = Σ exp(s - m) v`, to a
+//!   scratch buffer ([`SplitParams::scratch_len`]); an empty range writes
+//!   `(-inf, 0, 0)`.
+//! - [`combine`]: a block per query row rescales the row's partials to
+//!   their common maximum and writes `Σ acc_s e^(m_s - M) / Σ l_s
+//!   e^(m_s - M)` (zero when no split saw a key). With more queries than
+//!   `max_queries` the split kernel's blocks return at once and this kernel
+//!   runs the row algorithm instead, so one plan serves decode and prefill.
+//!
+//! The split grid is constant in the keys (`splits * batch * hkv *
+//! max_queries` blocks, those past the query count returning at once), so
+//! the scratch buffer is `batch * hq * max_queries * splits * (dv + 2)`
+//! floats whatever the cache length. Vector accesses are at multiples of
+//! their width (both split kernels promise aligned vectors; the operands
+//! must then be 16-byte aligned, which buffers of their own are).
 //!
 //! Sums accumulate in f32 in another order than the CPU kernel (and the
 //! running maximum moves per tile rather than per key), so results differ
 //! from it by rounding only.
 
-use crate::kir::{Access, Builder, CmpOp, Expr, LoopKind, Scalar, Space, Special, Var};
+use super::vec_width;
+use crate::kir::{Access, BufId, Builder, CmpOp, Expr, LoopKind, RedOp, Scalar, Space, Special, Ty, Var};
 use crate::templates::attention::{AttnMask, AttnSpec};
-use crate::templates::sym::{self, add, as_const, max, min, mul, sub};
+use crate::templates::sym::{self, add, as_const, ceil_div, div, max, min, mul, rem, sub};
 
 /// Threads per block (and keys per tile) by default: enough for a 128-wide
 /// value row with one feature per thread.
 pub const THREADS: u32 = 128;
 
-/// Declares `q, k, v[, mask], out` (as `templates::attention::attention`)
-/// and builds the kernel with `nt` threads per block; `batch`, `sq` and `skv`
-/// are `i64` expressions over constants and scalar parameters.
-pub fn attention(b: &mut Builder, s: &AttnSpec, batch: Expr, sq: Expr, skv: Expr, mask: Option<&AttnMask>, nt: u32) {
-    let (hq, hkv, d, dv) = (s.hq, s.hkv, s.d, s.dv);
-    let ntu = nt as usize;
-    let group = hq / hkv;
-    let rows = mul(mul(batch.clone(), Expr::idx(hq)), sq.clone());
-    let kv_rows = mul(mul(batch, Expr::idx(hkv)), skv.clone());
-    let q = b.input("q", mul(rows.clone(), Expr::idx(d)));
-    let k = b.input("k", mul(kv_rows.clone(), Expr::idx(d)));
-    let v = b.input("v", mul(kv_rows, Expr::idx(dv)));
-    let mbuf = mask.map(|m| b.buffer("mask", m.elem, sym::product(&m.dims), Space::Global, Access::Read));
-    let out = b.output("out", mul(rows.clone(), Expr::idx(dv)));
-    let sh_q = b.buffer("q_row", Scalar::F32, d, Space::Shared, Access::Write);
-    let sh_s = b.buffer("scores", Scalar::F32, ntu, Space::Shared, Access::Write);
-    let sh_p = b.buffer("weights", Scalar::F32, ntu, Space::Shared, Access::Write);
-    b.gpu_launch([nt, 1, 1], [rows, Expr::i64(1), Expr::i64(1)]);
-    // Mask strides along [batch, hq, sq, skv]; None where it broadcasts.
-    let mstrides: Vec<Option<Expr>> =
+/// The global operands `q, k, v[, mask]` and the mask's strides along
+/// `[batch, hq, sq, skv]` (`None` where it broadcasts).
+struct Operands {
+    q: BufId,
+    k: BufId,
+    v: BufId,
+    mask: Option<(BufId, Scalar)>,
+    mstrides: Vec<Option<Expr>>,
+}
+
+fn declare(b: &mut Builder, s: &AttnSpec, batch: &Expr, sq: &Expr, skv: &Expr, mask: Option<&AttnMask>) -> Operands {
+    let rows = mul(mul(batch.clone(), Expr::idx(s.hq)), sq.clone());
+    let kv_rows = mul(mul(batch.clone(), Expr::idx(s.hkv)), skv.clone());
+    let q = b.input("q", mul(rows, Expr::idx(s.d)));
+    let k = b.input("k", mul(kv_rows.clone(), Expr::idx(s.d)));
+    let v = b.input("v", mul(kv_rows, Expr::idx(s.dv)));
+    let mbuf = mask.map(|m| (b.buffer("mask", m.elem, sym::product(&m.dims), Space::Global, Access::Read), m.elem));
+    let mstrides =
         match mask {
             None => vec![None; 4],
             Some(m) => {
@@ -69,17 +97,71 @@ pub fn attention(b: &mut Builder, s: &AttnSpec, batch: Expr, sq: Expr, skv: Expr
                     .collect()
             }
         };
+    Operands { q, k, v, mask: mbuf, mstrides }
+}
 
-    let tid = b.let_("tid", Expr::Special(Special::ThreadIdx(0)));
-    let row = b.let_("row", Expr::Special(Special::BlockIdx(0)));
-    let i = b.let_("i", sym::rem(Expr::Var(row), sq.clone()));
-    let bh = b.let_("bh", sym::div(Expr::Var(row), sq.clone()));
-    let h = b.let_("h", sym::rem(Expr::Var(bh), Expr::idx(hq)));
-    let bi = b.let_("bi", sym::div(Expr::Var(bh), Expr::idx(hq)));
-    let kh = sym::div(Expr::Var(h), Expr::idx(group));
-    let kvb = b.let_("kvb", mul(add(mul(Expr::Var(bi), Expr::idx(hkv)), kh), skv.clone()));
-    let pos = b.let_("pos", add(sub(skv.clone(), sq), Expr::Var(i)));
-    let mut hi = skv;
+impl Operands {
+    /// The mask's element offset of `(bi, h, i, j = 0)`, when there is a mask.
+    fn mask_row(&self, b: &mut Builder, bi: Expr, h: Expr, i: Expr) -> Option<Var> {
+        self.mask.map(|_| {
+            let mut o = Expr::i64(0);
+            for (a, idx) in [bi, h, i].into_iter().enumerate() {
+                if let Some(st) = &self.mstrides[a] {
+                    o = add(o, mul(idx, st.clone()));
+                }
+            }
+            b.let_("moff", o)
+        })
+    }
+
+    /// Turns the raw dot product in `sc` into the score of key `j` for the
+    /// row whose mask offset is `moff`: scale, softcap, mask; a score that
+    /// is not above -inf (masked, or NaN) becomes -inf, dropping the key.
+    fn finish_score(&self, b: &mut Builder, s: &AttnSpec, sc: Var, moff: Option<Expr>, j: Expr) {
+        let mut score = Expr::Var(sc) * Expr::f32(s.scale);
+        if let Some(cap) = s.softcap {
+            score = Expr::f32(cap) * (score / Expr::f32(cap)).tanh();
+        }
+        b.assign(sc, score);
+        if let (Some((mb, me)), Some(mo)) = (self.mask, moff) {
+            let at = match &self.mstrides[3] {
+                Some(st) => add(mo, mul(j, st.clone())),
+                None => mo,
+            };
+            let mv = Expr::load(mb, at, 1);
+            let masked =
+                if me == Scalar::Bool { Expr::select(mv, Expr::Var(sc), neg_inf()) } else { Expr::Var(sc) + mv };
+            b.assign(sc, masked);
+        }
+        let live = Expr::Var(sc).cmp(CmpOp::Gt, neg_inf());
+        b.assign(sc, Expr::select(live, Expr::Var(sc), neg_inf()));
+    }
+}
+
+/// `a / d` and `a % d` for `0 <= a < 2^31` and `0 < d < 2^31`: by a
+/// constant folded or left to LLVM, by a run-time value in 32 bits (a
+/// 64-bit division is a subroutine with a stack frame on NVIDIA GPUs, a
+/// 32-bit one is inline).
+fn div_rem(b: &mut Builder, a: Expr, d: Expr) -> (Var, Var) {
+    if as_const(&d).is_some() {
+        return (b.let_("q", div(a.clone(), d.clone())), b.let_("r", rem(a, d)));
+    }
+    let a32 = b.let_("a32", a.cast(Scalar::I32));
+    let d32 = b.let_("d32", d.cast(Scalar::I32));
+    let q = b.let_("q", (Expr::Var(a32) / Expr::Var(d32)).cast(Scalar::I64));
+    let r = b.let_("r", (Expr::Var(a32) % Expr::Var(d32)).cast(Scalar::I64));
+    (q, r)
+}
+
+fn neg_inf() -> Expr {
+    Expr::f32(f32::NEG_INFINITY)
+}
+
+/// `lo` and `hi`, the visible keys `lo..hi` of query `i` of `sq` over `skv`
+/// keys (query `i` sits at `skv - sq + i`).
+fn visible(b: &mut Builder, s: &AttnSpec, sq: &Expr, skv: &Expr, i: Expr) -> (Var, Var) {
+    let pos = b.let_("pos", add(sub(skv.clone(), sq.clone()), i));
+    let mut hi = skv.clone();
     if s.causal {
         hi = min(hi, add(Expr::Var(pos), Expr::idx(1)));
     }
@@ -89,24 +171,46 @@ pub fn attention(b: &mut Builder, s: &AttnSpec, batch: Expr, sq: Expr, skv: Expr
         lo = max(lo, add(sub(Expr::Var(pos), Expr::i64(w)), Expr::idx(1)));
     }
     let lo = b.let_("lo", lo);
-    let moff = mbuf.map(|_| {
-        let mut o = Expr::i64(0);
-        for (a, idx) in [Expr::Var(bi), Expr::Var(h), Expr::Var(i)].into_iter().enumerate() {
-            if let Some(st) = &mstrides[a] {
-                o = add(o, mul(idx, st.clone()));
-            }
-        }
-        b.let_("moff", o)
-    });
+    (lo, hi)
+}
+
+/// Declares `q, k, v[, mask], out` (as `templates::attention::attention`)
+/// and builds the row kernel with `nt` threads per block; `batch`, `sq` and
+/// `skv` are `i64` expressions over constants and scalar parameters.
+pub fn attention(b: &mut Builder, s: &AttnSpec, batch: Expr, sq: Expr, skv: Expr, mask: Option<&AttnMask>, nt: u32) {
+    let o = declare(b, s, &batch, &sq, &skv, mask);
+    let rows = mul(mul(batch, Expr::idx(s.hq)), sq.clone());
+    let out = b.output("out", mul(rows.clone(), Expr::idx(s.dv)));
+    b.gpu_launch([nt, 1, 1], [rows, Expr::i64(1), Expr::i64(1)]);
+    rows_body(b, s, &o, out, &sq, &skv, nt);
+}
+
+/// The row algorithm (see the module docs) for the row `blockIdx.x`.
+fn rows_body(b: &mut Builder, s: &AttnSpec, o: &Operands, out: BufId, sq: &Expr, skv: &Expr, nt: u32) {
+    let (hq, hkv, d, dv) = (s.hq, s.hkv, s.d, s.dv);
+    let ntu = nt as usize;
+    let group = hq / hkv;
+    let sh_q = b.buffer("q_row", Scalar::F32, d, Space::Shared, Access::Write);
+    let sh_s = b.buffer("scores", Scalar::F32, ntu, Space::Shared, Access::Write);
+    let sh_p = b.buffer("weights", Scalar::F32, ntu, Space::Shared, Access::Write);
+
+    let tid = b.let_("tid", Expr::Special(Special::ThreadIdx(0)));
+    let row = b.let_("row", Expr::Special(Special::BlockIdx(0)));
+    let (bh, i) = div_rem(b, Expr::Var(row), sq.clone());
+    let h = b.let_("h", sym::rem(Expr::Var(bh), Expr::idx(hq)));
+    let bi = b.let_("bi", sym::div(Expr::Var(bh), Expr::idx(hq)));
+    let kh = sym::div(Expr::Var(h), Expr::idx(group));
+    let kvb = b.let_("kvb", mul(add(mul(Expr::Var(bi), Expr::idx(hkv)), kh), skv.clone()));
+    let (lo, hi) = visible(b, s, sq, skv, Expr::Var(i));
+    let moff = o.mask_row(b, Expr::Var(bi), Expr::Var(h), Expr::Var(i));
 
     // The query row, staged in shared memory for every thread's dot product.
     let qb = b.let_("qb", mul(Expr::Var(row), Expr::idx(d)));
     b.for_("c", Expr::Var(tid), Expr::idx(d), nt as i64, LoopKind::Serial, |b, c| {
-        b.store(sh_q, c.clone(), Expr::load(q, add(Expr::Var(qb), c), 1))
+        b.store(sh_q, c.clone(), Expr::load(o.q, add(Expr::Var(qb), c), 1))
     });
     b.barrier();
 
-    let neg_inf = || Expr::f32(f32::NEG_INFINITY);
     let m = b.let_("m", neg_inf());
     let l = b.let_("l", Expr::f32(0.0));
     // Output features tid + c * nt, c in 0..oc.
@@ -122,32 +226,12 @@ pub fn attention(b: &mut Builder, s: &AttnSpec, batch: Expr, sq: Expr, skv: Expr
             Expr::Var(j).lt(Expr::Var(hi)),
             |b| {
                 let kb = b.let_("kb", mul(add(Expr::Var(kvb), Expr::Var(j)), Expr::idx(d)));
-                let dot = b.let_("dot", Expr::f32(0.0));
+                b.assign(sc, Expr::f32(0.0));
                 b.for_("c", Expr::i64(0), Expr::idx(d), 1, LoopKind::Serial, |b, c| {
                     let qc = Expr::load(sh_q, c.clone(), 1);
-                    b.assign(dot, qc.fma(Expr::load(k, add(Expr::Var(kb), c), 1), Expr::Var(dot)));
+                    b.assign(sc, qc.fma(Expr::load(o.k, add(Expr::Var(kb), c), 1), Expr::Var(sc)));
                 });
-                let mut score = Expr::Var(dot) * Expr::f32(s.scale);
-                if let Some(cap) = s.softcap {
-                    score = Expr::f32(cap) * (score / Expr::f32(cap)).tanh();
-                }
-                b.assign(sc, score);
-                if let (Some(mb), Some(mo), Some(me)) = (mbuf, moff, mask.map(|m| m.elem)) {
-                    let at = match &mstrides[3] {
-                        Some(st) => add(Expr::Var(mo), mul(Expr::Var(j), st.clone())),
-                        None => Expr::Var(mo),
-                    };
-                    let mv = Expr::load(mb, at, 1);
-                    let masked = if me == Scalar::Bool {
-                        Expr::select(mv, Expr::Var(sc), neg_inf())
-                    } else {
-                        Expr::Var(sc) + mv
-                    };
-                    b.assign(sc, masked);
-                }
-                // A score that is not above -inf (masked, or NaN) drops the key.
-                let live = Expr::Var(sc).cmp(CmpOp::Gt, neg_inf());
-                b.assign(sc, Expr::select(live, Expr::Var(sc), neg_inf()));
+                o.finish_score(b, s, sc, moff.map(Expr::Var), Expr::Var(j));
             },
             |_| {},
         );
@@ -178,15 +262,15 @@ pub fn attention(b: &mut Builder, s: &AttnSpec, batch: Expr, sq: Expr, skv: Expr
             b.assign(tsum, Expr::Var(tsum) + Expr::Var(pt));
             let vb = b.let_("vb", mul(add(add(Expr::Var(kvb), Expr::Var(j0)), t), Expr::idx(dv)));
             for (c, a) in accs.iter().enumerate() {
-                let o = add(Expr::Var(tid), Expr::idx(c * ntu));
+                let of = add(Expr::Var(tid), Expr::idx(c * ntu));
                 let fma = |b: &mut Builder| {
-                    let vv = Expr::load(v, add(Expr::Var(vb), o.clone()), 1);
+                    let vv = Expr::load(o.v, add(Expr::Var(vb), of.clone()), 1);
                     b.assign(*a, Expr::Var(pt).fma(vv, Expr::Var(*a)));
                 };
                 if (c + 1) * ntu <= dv {
                     fma(b);
                 } else {
-                    b.if_(o.clone().lt(Expr::idx(dv)), fma, |_| {});
+                    b.if_(of.clone().lt(Expr::idx(dv)), fma, |_| {});
                 }
             }
         });
@@ -197,14 +281,446 @@ pub fn attention(b: &mut Builder, s: &AttnSpec, batch: Expr, sq: Expr, skv: Expr
     let inv = b.let_("inv", Expr::select(pos_l, Expr::f32(1.0) / Expr::Var(l), Expr::f32(0.0)));
     let ob = b.let_("ob", mul(Expr::Var(row), Expr::idx(dv)));
     for (c, a) in accs.iter().enumerate() {
-        let o = add(Expr::Var(tid), Expr::idx(c * ntu));
-        let store = |b: &mut Builder| b.store(out, add(Expr::Var(ob), o.clone()), Expr::Var(*a) * Expr::Var(inv));
+        let of = add(Expr::Var(tid), Expr::idx(c * ntu));
+        let store = |b: &mut Builder| b.store(out, add(Expr::Var(ob), of.clone()), Expr::Var(*a) * Expr::Var(inv));
         if (c + 1) * ntu <= dv {
             store(b);
         } else {
-            b.if_(o.clone().lt(Expr::idx(dv)), store, |_| {});
+            b.if_(of.clone().lt(Expr::idx(dv)), store, |_| {});
         }
     }
+}
+
+/// The shape of the split-keys path (see the module docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SplitParams {
+    /// Threads per block of [`split_partials`] (and keys per tile).
+    pub threads: u32,
+    /// Key ranges per `(batch, kv head, query)`.
+    pub splits: usize,
+    /// Up to this many queries per call take the split path.
+    pub max_queries: usize,
+}
+
+/// The most splits [`SplitParams::for_heads`] chooses: the combine reads
+/// every split's partials, so more would cost more there than they save.
+pub const MAX_SPLITS: usize = 64;
+
+impl SplitParams {
+    /// Splits enough for about `blocks` working blocks in a one-query step
+    /// of batch 1 (`blocks / hkv`, at least 1 and at most [`MAX_SPLITS`]),
+    /// with `threads` per block, for up to `max_queries` queries.
+    pub fn for_heads(hkv: usize, blocks: usize, threads: u32, max_queries: usize) -> SplitParams {
+        SplitParams { threads, splits: blocks.div_ceil(hkv.max(1)).clamp(1, MAX_SPLITS), max_queries }
+    }
+
+    /// Elements of the scratch buffer: every `(batch, head, query < max_queries,
+    /// split)`'s `acc[dv]`, then their `(m, l)` pairs.
+    pub fn scratch_len(&self, s: &AttnSpec, batch: Expr) -> Expr {
+        mul(batch, Expr::idx(self.partials_per_batch(s) * (s.dv + 2)))
+    }
+
+    fn partials_per_batch(&self, s: &AttnSpec) -> usize {
+        s.hq * self.max_queries * self.splits
+    }
+
+    /// Where the `(m, l)` pairs start in the scratch buffer.
+    fn ml_base(&self, s: &AttnSpec, batch: Expr) -> Expr {
+        mul(batch, Expr::idx(self.partials_per_batch(s) * s.dv))
+    }
+
+    fn check(&self, s: &AttnSpec) -> Result<(), String> {
+        if self.threads == 0 || self.threads > 1024 || self.splits == 0 || self.max_queries == 0 {
+            return Err(format!("split attention of {self:?}"));
+        }
+        if s.hkv == 0 || s.hq % s.hkv != 0 || s.d == 0 || s.dv == 0 {
+            return Err(format!("attention heads {}x{}, dims {}/{}", s.hq, s.hkv, s.d, s.dv));
+        }
+        Ok(())
+    }
+}
+
+/// How threads of a block share a row of `dv` value features read as
+/// vectors of `w`: `per` threads cover a row (thread `f0` owns vectors
+/// `f0, f0 + per, ...`, `fc` of them), and `groups` such groups take keys
+/// in turn.
+struct ValueLayout {
+    w: usize,
+    vecs: usize,
+    per: usize,
+    fc: usize,
+    groups: usize,
+}
+
+impl ValueLayout {
+    fn new(dv: usize, nt: usize) -> ValueLayout {
+        let w = vec_width(Scalar::F32, dv) as usize;
+        let vecs = dv / w;
+        let per = vecs.min(nt);
+        ValueLayout { w, vecs, per, fc: vecs.div_ceil(per), groups: nt / per }
+    }
+
+    /// Runs `f` for each vector `c` the thread owns, with its index `f0 +
+    /// c * per`, guarded when some threads own fewer.
+    fn each(&self, b: &mut Builder, f0: Expr, mut f: impl FnMut(&mut Builder, usize, Expr)) {
+        for c in 0..self.fc {
+            let vi = add(f0.clone(), Expr::idx(c * self.per));
+            if (c + 1) * self.per <= self.vecs {
+                f(b, c, vi);
+            } else {
+                b.if_(vi.clone().lt(Expr::idx(self.vecs)), |b| f(b, c, vi), |_| {});
+            }
+        }
+    }
+}
+
+fn zeros(w: usize) -> Expr {
+    if w > 1 {
+        Expr::f32(0.0).splat(w as u8)
+    } else {
+        Expr::f32(0.0)
+    }
+}
+
+fn widen(e: Expr, w: usize) -> Expr {
+    if w > 1 {
+        e.splat(w as u8)
+    } else {
+        e
+    }
+}
+
+/// Declares `q, k, v[, mask], partials` and builds the split kernel (see
+/// the module docs): grid `(splits, batch * hkv * max_queries)`.
+pub fn split_partials(
+    b: &mut Builder,
+    s: &AttnSpec,
+    batch: Expr,
+    sq: Expr,
+    skv: Expr,
+    mask: Option<&AttnMask>,
+    p: &SplitParams,
+) -> Result<(), String> {
+    p.check(s)?;
+    let (hq, hkv, d, dv) = (s.hq, s.hkv, s.d, s.dv);
+    let g = hq / hkv;
+    let nt = p.threads as usize;
+    let (splits, qmax) = (p.splits, p.max_queries);
+    let o = declare(b, s, &batch, &sq, &skv, mask);
+    let part = b.output("partials", p.scratch_len(s, batch.clone()));
+    let ml = p.ml_base(s, batch.clone());
+    let sh_q = b.buffer("q_rows", Scalar::F32, g * d, Space::Shared, Access::Write);
+    let sh_s = b.buffer("scores", Scalar::F32, g * nt, Space::Shared, Access::Write);
+    let sh_p = b.buffer("weights", Scalar::F32, g * nt, Space::Shared, Access::Write);
+    let vl = ValueLayout::new(dv, nt);
+    let sh_r = (vl.groups > 1)
+        .then(|| b.buffer("group_sums", Scalar::F32, vl.groups * g * (dv + 1), Space::Shared, Access::Write));
+    let wk = vec_width(Scalar::F32, d) as usize;
+    b.gpu_launch(
+        [p.threads, 1, 1],
+        [Expr::idx(splits), mul(mul(batch, Expr::idx(hkv)), Expr::idx(qmax)), Expr::i64(1)],
+    );
+    b.promise_aligned_vectors();
+
+    let tid = b.let_("tid", Expr::Special(Special::ThreadIdx(0)));
+    let split = b.let_("split", Expr::Special(Special::BlockIdx(0)));
+    let y = b.let_("y", Expr::Special(Special::BlockIdx(1)));
+    let i = b.let_("i", rem(Expr::Var(y), Expr::idx(qmax)));
+    let bk = b.let_("bk", div(Expr::Var(y), Expr::idx(qmax)));
+    let kh = b.let_("kh", rem(Expr::Var(bk), Expr::idx(hkv)));
+    let bi = b.let_("bi", div(Expr::Var(bk), Expr::idx(hkv)));
+    // Uniform over the block: more queries than the split path takes (the
+    // combine kernel then runs the rows), or a query past the last.
+    let active = Expr::Var(i).lt(Expr::select(sq.clone().cmp(CmpOp::Le, Expr::idx(qmax)), sq.clone(), Expr::i64(0)));
+    b.if_(
+        active,
+        |b| {
+            let (lo, hi) = visible(b, s, &sq, &skv, Expr::Var(i));
+            let n = max(sub(Expr::Var(hi), Expr::Var(lo)), Expr::i64(0));
+            let chunk = b.let_("chunk", ceil_div(n, splits));
+            let s0 = b.let_("s0", add(Expr::Var(lo), mul(Expr::Var(split), Expr::Var(chunk))));
+            let kn = b.let_(
+                "kn",
+                max(sub(min(add(Expr::Var(s0), Expr::Var(chunk)), Expr::Var(hi)), Expr::Var(s0)), Expr::i64(0)),
+            );
+            let kvb = b.let_("kvb", mul(add(mul(Expr::Var(bi), Expr::idx(hkv)), Expr::Var(kh)), skv.clone()));
+            let h0 = b.let_("h0", mul(Expr::Var(kh), Expr::idx(g)));
+            // The group's query rows, staged for every thread's dot products.
+            let q0 = b.let_(
+                "q0",
+                mul(
+                    add(mul(add(mul(Expr::Var(bi), Expr::idx(hq)), Expr::Var(h0)), sq.clone()), Expr::Var(i)),
+                    Expr::idx(d),
+                ),
+            );
+            b.for_("c", Expr::Var(tid), Expr::idx(g * d), nt as i64, LoopKind::Serial, |b, c| {
+                let hh = div(c.clone(), Expr::idx(d));
+                let at = add(add(Expr::Var(q0), mul(mul(hh, sq.clone()), Expr::idx(d))), rem(c.clone(), Expr::idx(d)));
+                b.store(sh_q, c, Expr::load(o.q, at, 1));
+            });
+            b.barrier();
+            let moff = o.mask_row(b, Expr::Var(bi), Expr::Var(h0), Expr::Var(i));
+            let mask_of = |hh: usize| {
+                moff.map(|mo| match &o.mstrides[1] {
+                    Some(st) => add(Expr::Var(mo), mul(Expr::idx(hh), st.clone())),
+                    None => Expr::Var(mo),
+                })
+            };
+
+            let m: Vec<Var> = (0..g).map(|_| b.let_("m", neg_inf())).collect();
+            let lp: Vec<Var> = (0..g).map(|_| b.let_("l", Expr::f32(0.0))).collect();
+            let acc: Vec<Vec<Var>> = (0..g).map(|_| (0..vl.fc).map(|_| b.let_("acc", zeros(vl.w))).collect()).collect();
+            let sc: Vec<Var> = (0..g).map(|_| b.var("s", Ty::F32)).collect();
+            let corr: Vec<Var> = (0..g).map(|_| b.var("corr", Ty::F32)).collect();
+            let f0 = b.let_("f0", rem(Expr::Var(tid), Expr::idx(vl.per)));
+            let kg = b.let_("kg", div(Expr::Var(tid), Expr::idx(vl.per)));
+            // Threads past the last whole group sit out steps 3 and 4.
+            let grouped = vl.groups * vl.per;
+            let in_group = Expr::Var(tid).lt(Expr::idx(grouped));
+            b.for_("tile", Expr::i64(0), ceil_div(Expr::Var(kn), nt), 1, LoopKind::Serial, |b, tile| {
+                let t0 = b.let_("t0", mul(tile, Expr::idx(nt)));
+                let j0 = b.let_("j0", add(Expr::Var(s0), Expr::Var(t0)));
+                let cnt = b.let_("cnt", min(Expr::idx(nt), sub(Expr::Var(kn), Expr::Var(t0))));
+                for &x in &sc {
+                    b.assign(x, neg_inf());
+                }
+                // 1. Scores: key j0 + tid against every head of the group.
+                b.if_(
+                    Expr::Var(tid).lt(Expr::Var(cnt)),
+                    |b| {
+                        let j = b.let_("j", add(Expr::Var(j0), Expr::Var(tid)));
+                        let kb = b.let_("kb", mul(add(Expr::Var(kvb), Expr::Var(j)), Expr::idx(d)));
+                        let dots: Vec<Var> = (0..g).map(|_| b.let_("dot", zeros(wk))).collect();
+                        b.for_("c", Expr::i64(0), Expr::idx(d / wk), 1, LoopKind::Serial, |b, c| {
+                            let kv = b.let_(
+                                "kv",
+                                Expr::load(o.k, add(Expr::Var(kb), mul(c.clone(), Expr::idx(wk))), wk as u8),
+                            );
+                            for (hh, dot) in dots.iter().enumerate() {
+                                let qv =
+                                    Expr::load(sh_q, add(Expr::idx(hh * d), mul(c.clone(), Expr::idx(wk))), wk as u8);
+                                b.assign(*dot, qv.fma(Expr::Var(kv), Expr::Var(*dot)));
+                            }
+                        });
+                        for (hh, dot) in dots.iter().enumerate() {
+                            let full = if wk > 1 { Expr::Var(*dot).hreduce(RedOp::Add) } else { Expr::Var(*dot) };
+                            b.assign(sc[hh], full);
+                            o.finish_score(b, s, sc[hh], mask_of(hh), Expr::Var(j));
+                        }
+                    },
+                    |_| {},
+                );
+                for (hh, x) in sc.iter().enumerate() {
+                    b.store(sh_s, add(Expr::idx(hh * nt), Expr::Var(tid)), Expr::Var(*x));
+                }
+                b.barrier();
+                // 2. Every thread finds each head's tile maximum; weights.
+                for hh in 0..g {
+                    let tmax = b.let_("tmax", neg_inf());
+                    b.for_("t", Expr::i64(0), Expr::Var(cnt), 1, LoopKind::Serial, |b, t| {
+                        b.assign(tmax, Expr::Var(tmax).max(Expr::load(sh_s, add(Expr::idx(hh * nt), t), 1)));
+                    });
+                    let m_new = b.let_("m_new", Expr::Var(m[hh]).max(Expr::Var(tmax)));
+                    let live = Expr::Var(sc[hh]).cmp(CmpOp::Gt, neg_inf());
+                    let pw = Expr::select(live, (Expr::Var(sc[hh]) - Expr::Var(m_new)).exp(), Expr::f32(0.0));
+                    b.store(sh_p, add(Expr::idx(hh * nt), Expr::Var(tid)), pw);
+                    let had = Expr::Var(m[hh]).cmp(CmpOp::Gt, neg_inf());
+                    b.assign(corr[hh], Expr::select(had, (Expr::Var(m[hh]) - Expr::Var(m_new)).exp(), Expr::f32(0.0)));
+                    b.assign(m[hh], Expr::Var(m_new));
+                }
+                b.barrier();
+                // 3. Weights times values: group kg takes keys kg, kg + groups, ...
+                for hh in 0..g {
+                    b.assign(lp[hh], Expr::Var(lp[hh]) * Expr::Var(corr[hh]));
+                    for a in &acc[hh] {
+                        b.assign(*a, Expr::Var(*a) * widen(Expr::Var(corr[hh]), vl.w));
+                    }
+                }
+                let end = if grouped == nt {
+                    Expr::Var(cnt)
+                } else {
+                    Expr::select(in_group.clone(), Expr::Var(cnt), Expr::i64(0))
+                };
+                b.for_("t", Expr::Var(kg), end, vl.groups as i64, LoopKind::Serial, |b, t| {
+                    let vb = b.let_("vb", mul(add(add(Expr::Var(kvb), Expr::Var(j0)), t.clone()), Expr::idx(dv)));
+                    let pw: Vec<Var> = (0..g)
+                        .map(|hh| b.let_("pw", Expr::load(sh_p, add(Expr::idx(hh * nt), t.clone()), 1)))
+                        .collect();
+                    for hh in 0..g {
+                        b.assign(lp[hh], Expr::Var(lp[hh]) + Expr::Var(pw[hh]));
+                    }
+                    vl.each(b, Expr::Var(f0), |b, c, vi| {
+                        let vv =
+                            b.let_("vv", Expr::load(o.v, add(Expr::Var(vb), mul(vi, Expr::idx(vl.w))), vl.w as u8));
+                        for hh in 0..g {
+                            let a = acc[hh][c];
+                            b.assign(a, widen(Expr::Var(pw[hh]), vl.w).fma(Expr::Var(vv), Expr::Var(a)));
+                        }
+                    });
+                });
+            });
+
+            // The partials of head h0 + hh: record prow0 + hh * qmax * splits.
+            let prow0 = b.let_(
+                "prow0",
+                add(
+                    mul(
+                        add(mul(add(mul(Expr::Var(bi), Expr::idx(hq)), Expr::Var(h0)), Expr::idx(qmax)), Expr::Var(i)),
+                        Expr::idx(splits),
+                    ),
+                    Expr::Var(split),
+                ),
+            );
+            let prow = |hh: usize| add(Expr::Var(prow0), Expr::idx(hh * qmax * splits));
+            let write_ml = |b: &mut Builder, hh: usize, l: Expr| {
+                let at = add(ml.clone(), mul(prow(hh), Expr::idx(2)));
+                b.store(part, at.clone(), Expr::Var(m[hh]));
+                b.store(part, add(at, Expr::idx(1)), l);
+            };
+            match sh_r {
+                None => {
+                    // One group: every thread in it saw every key.
+                    b.if_(
+                        in_group,
+                        |b| {
+                            for hh in 0..g {
+                                vl.each(b, Expr::Var(f0), |b, c, vi| {
+                                    let at = add(mul(prow(hh), Expr::idx(dv)), mul(vi, Expr::idx(vl.w)));
+                                    b.store(part, at, Expr::Var(acc[hh][c]));
+                                });
+                            }
+                        },
+                        |_| {},
+                    );
+                    b.if_(
+                        Expr::Var(tid).cmp(CmpOp::Eq, Expr::i64(0)),
+                        |b| (0..g).for_each(|hh| write_ml(b, hh, Expr::Var(lp[hh]))),
+                        |_| {},
+                    );
+                }
+                Some(red) => {
+                    // Groups add up through shared memory (one vector each: fc == 1).
+                    let lsum = vl.groups * g * dv;
+                    b.if_(
+                        Expr::Var(kg).lt(Expr::idx(vl.groups)),
+                        |b| {
+                            for hh in 0..g {
+                                let at = add(
+                                    mul(add(mul(Expr::Var(kg), Expr::idx(g)), Expr::idx(hh)), Expr::idx(dv)),
+                                    mul(Expr::Var(f0), Expr::idx(vl.w)),
+                                );
+                                b.store(red, at, Expr::Var(acc[hh][0]));
+                            }
+                            b.if_(
+                                Expr::Var(f0).cmp(CmpOp::Eq, Expr::i64(0)),
+                                |b| {
+                                    for hh in 0..g {
+                                        let at = add(Expr::idx(lsum + hh), mul(Expr::Var(kg), Expr::idx(g)));
+                                        b.store(red, at, Expr::Var(lp[hh]));
+                                    }
+                                },
+                                |_| {},
+                            );
+                        },
+                        |_| {},
+                    );
+                    b.barrier();
+                    b.for_("it", Expr::Var(tid), Expr::idx(g * vl.vecs), nt as i64, LoopKind::Serial, |b, it| {
+                        let hh = b.let_("hh", div(it.clone(), Expr::idx(vl.vecs)));
+                        let e = b.let_("e", mul(rem(it, Expr::idx(vl.vecs)), Expr::idx(vl.w)));
+                        let at = b.let_("at", add(mul(Expr::Var(hh), Expr::idx(dv)), Expr::Var(e)));
+                        let sum = b.let_("sum", zeros(vl.w));
+                        for k in 0..vl.groups {
+                            let v = Expr::load(red, add(Expr::idx(k * g * dv), Expr::Var(at)), vl.w as u8);
+                            b.assign(sum, Expr::Var(sum) + v);
+                        }
+                        let prow_h = add(Expr::Var(prow0), mul(Expr::Var(hh), Expr::idx(qmax * splits)));
+                        b.store(part, add(mul(prow_h, Expr::idx(dv)), Expr::Var(e)), Expr::Var(sum));
+                    });
+                    b.if_(
+                        Expr::Var(tid).cmp(CmpOp::Eq, Expr::i64(0)),
+                        |b| {
+                            for hh in 0..g {
+                                let mut l = Expr::f32(0.0);
+                                for k in 0..vl.groups {
+                                    l = l + Expr::load(red, Expr::idx(lsum + k * g + hh), 1);
+                                }
+                                write_ml(b, hh, l);
+                            }
+                        },
+                        |_| {},
+                    );
+                }
+            }
+        },
+        |_| {},
+    );
+    Ok(())
+}
+
+/// Declares `q, k, v[, mask], partials, out` and builds the combine kernel
+/// (see the module docs): a block of `nt` threads per query row; with more
+/// than `max_queries` queries it runs the row algorithm instead.
+#[allow(clippy::too_many_arguments)]
+pub fn combine(
+    b: &mut Builder,
+    s: &AttnSpec,
+    batch: Expr,
+    sq: Expr,
+    skv: Expr,
+    mask: Option<&AttnMask>,
+    p: &SplitParams,
+    nt: u32,
+) -> Result<(), String> {
+    p.check(s)?;
+    let (hq, dv) = (s.hq, s.dv);
+    let (splits, qmax) = (p.splits, p.max_queries);
+    let o = declare(b, s, &batch, &sq, &skv, mask);
+    let part = b.buffer("partials", Scalar::F32, p.scratch_len(s, batch.clone()), Space::Global, Access::Read);
+    let ml = p.ml_base(s, batch.clone());
+    let rows = mul(mul(batch, Expr::idx(hq)), sq.clone());
+    let out = b.output("out", mul(rows.clone(), Expr::idx(dv)));
+    b.gpu_launch([nt, 1, 1], [rows, Expr::i64(1), Expr::i64(1)]);
+    b.promise_aligned_vectors();
+    // Thread t owns value vectors t, t + nt, ...
+    let w = vec_width(Scalar::F32, dv) as usize;
+    let vl = ValueLayout { w, vecs: dv / w, per: nt as usize, fc: (dv / w).div_ceil(nt as usize), groups: 1 };
+    b.if_(
+        sq.clone().cmp(CmpOp::Le, Expr::idx(qmax)),
+        |b| {
+            let tid = b.let_("tid", Expr::Special(Special::ThreadIdx(0)));
+            let row = b.let_("row", Expr::Special(Special::BlockIdx(0)));
+            let (bh, i) = div_rem(b, Expr::Var(row), sq.clone());
+            let prow0 = b.let_("prow0", mul(add(mul(Expr::Var(bh), Expr::idx(qmax)), Expr::Var(i)), Expr::idx(splits)));
+            let mrow = |sp: Expr| add(ml.clone(), mul(add(Expr::Var(prow0), sp), Expr::idx(2)));
+            let big = b.let_("big", neg_inf());
+            b.for_("sp", Expr::i64(0), Expr::idx(splits), 1, LoopKind::Serial, |b, sp| {
+                b.assign(big, Expr::Var(big).max(Expr::load(part, mrow(sp), 1)));
+            });
+            let l = b.let_("l", Expr::f32(0.0));
+            let acc: Vec<Var> = (0..vl.fc).map(|_| b.let_("acc", zeros(vl.w))).collect();
+            b.for_("sp", Expr::i64(0), Expr::idx(splits), 1, LoopKind::Serial, |b, sp| {
+                let ms = b.let_("ms", Expr::load(part, mrow(sp.clone()), 1));
+                let live = Expr::Var(ms).cmp(CmpOp::Gt, neg_inf());
+                let w = b.let_("w", Expr::select(live, (Expr::Var(ms) - Expr::Var(big)).exp(), Expr::f32(0.0)));
+                b.assign(l, Expr::Var(w).fma(Expr::load(part, add(mrow(sp.clone()), Expr::idx(1)), 1), Expr::Var(l)));
+                let pb = b.let_("pb", mul(add(Expr::Var(prow0), sp), Expr::idx(dv)));
+                vl.each(b, Expr::Var(tid), |b, c, vi| {
+                    let pv = Expr::load(part, add(Expr::Var(pb), mul(vi, Expr::idx(vl.w))), vl.w as u8);
+                    b.assign(acc[c], widen(Expr::Var(w), vl.w).fma(pv, Expr::Var(acc[c])));
+                });
+            });
+            let pos_l = Expr::Var(l).cmp(CmpOp::Gt, Expr::f32(0.0));
+            let inv = b.let_("inv", Expr::select(pos_l, Expr::f32(1.0) / Expr::Var(l), Expr::f32(0.0)));
+            let ob = b.let_("ob", mul(Expr::Var(row), Expr::idx(dv)));
+            vl.each(b, Expr::Var(tid), |b, c, vi| {
+                let at = add(Expr::Var(ob), mul(vi, Expr::idx(vl.w)));
+                b.store(out, at, Expr::Var(acc[c]) * widen(Expr::Var(inv), vl.w));
+            });
+        },
+        |b| rows_body(b, s, &o, out, &sq, &skv, nt),
+    );
+    Ok(())
 }
 
 #[cfg(test)]
@@ -227,6 +743,9 @@ mod tests {
         /// The mask's dtype and dims (`b`, `s`, `t` for batch, queries, keys).
         mask: Option<(DType, &'static str)>,
         nt: u32,
+        /// The split-keys kernels (the combine with `nt` threads), or the
+        /// row kernel.
+        split: Option<SplitParams>,
     }
 
     /// Runs the GPU kernel (all sizes constant, `nt` threads) and the CPU
@@ -272,15 +791,37 @@ mod tests {
             elem: crate::select::elem_of(dt),
             dims: f(dims).shape.iter().map(|d| Expr::i64(d.eval_map(&env).unwrap())).collect(),
         });
-        let mut g = Builder::new("attention");
         let (bt, sq, skv) = (Expr::i64(c.batch), Expr::i64(c.sq), Expr::i64(c.past + c.sq));
-        attention(&mut g, &spec, bt, sq, skv, mask.as_ref(), c.nt);
-        let g = g.finish().unwrap();
-        let got = run_gpu(&g, &bufs, &[]);
         let what = format!(
-            "attention h{}x{} d{} b{} s{} past{} causal={} window={:?} cap={:?} mask={:?} nt={}",
-            c.hq, c.hkv, c.d, c.batch, c.sq, c.past, c.causal, c.window, c.softcap, c.mask, c.nt
+            "attention h{}x{} d{} b{} s{} past{} causal={} window={:?} cap={:?} mask={:?} nt={} split={:?}",
+            c.hq, c.hkv, c.d, c.batch, c.sq, c.past, c.causal, c.window, c.softcap, c.mask, c.nt, c.split
         );
+        let Some(sp) = c.split else {
+            let mut g = Builder::new("attention");
+            attention(&mut g, &spec, bt, sq, skv, mask.as_ref(), c.nt);
+            let g = g.finish().unwrap();
+            let got = run_gpu(&g, &bufs, &[]);
+            assert_close(&what, &got, &want, 1e-5);
+            return;
+        };
+        // Split keys: the partials (into scratch that starts as NaN, so
+        // one read but never written shows), then the combine.
+        let mut g = Builder::new("split");
+        split_partials(&mut g, &spec, bt.clone(), sq.clone(), skv.clone(), mask.as_ref(), &sp).unwrap();
+        let split = g.finish().unwrap();
+        let mut g = Builder::new("combine");
+        combine(&mut g, &spec, bt.clone(), sq, skv, mask.as_ref(), &sp, c.nt).unwrap();
+        let comb = g.finish().unwrap();
+        let n = as_const(&sp.scratch_len(&spec, bt)).unwrap() as usize;
+        let out = bufs.len() - 1;
+        let mut args: Vec<BufData> = bufs[..out].to_vec();
+        args.push(BufData::F32(vec![f32::NAN; n]));
+        let scratch = run_gpu(&split, &args, &[]).pop().unwrap();
+        let mut args: Vec<BufData> = bufs[..out].to_vec();
+        args.push(scratch);
+        args.push(bufs[out].clone());
+        let mut got = run_gpu(&comb, &args, &[]);
+        got.remove(out);
         assert_close(&what, &got, &want, 1e-5);
     }
 
@@ -296,7 +837,73 @@ mod tests {
         softcap: None,
         mask: None,
         nt: 8,
+        split: None,
     };
+
+    const fn sp(threads: u32, splits: usize, max_queries: usize) -> Option<SplitParams> {
+        Some(SplitParams { threads, splits, max_queries })
+    }
+
+    /// Split keys, decode and a few queries, over the head dims, GQA groups,
+    /// past lengths and value layouts (32 threads: one group of 20 threads
+    /// over d = 80, 12 idle; two groups of 16 over d = 64; 64 threads: two
+    /// groups of 32 over d = 128); several splits, some with no key.
+    #[test]
+    fn gpu_attention_split_decode() {
+        let base = Case { split: sp(32, 4, 4), nt: 16, ..BASE };
+        // d 24, groups of 2, 10 keys over 4 splits.
+        check(&base, false);
+        // One key, 3 of 4 splits empty; groups of 1.
+        check(&Case { hq: 2, hkv: 2, d: 40, past: 0, ..base }, false);
+        check(&Case { hq: 2, hkv: 2, d: 40, past: 1, sq: 3, ..base }, false);
+        // Groups of 4, batch 2, 3 queries, 5 splits, a long cache.
+        check(&Case { hq: 4, hkv: 1, d: 64, batch: 2, sq: 3, past: 100, split: sp(32, 5, 4), ..base }, false);
+        // d 80 (idle threads), 258 keys over 3 splits of several tiles.
+        check(&Case { hq: 2, hkv: 1, d: 80, past: 257, split: sp(32, 3, 4), ..base }, false);
+        // d 128, groups of 4, two key groups.
+        check(&Case { hq: 4, hkv: 1, d: 128, past: 257, split: sp(64, 4, 4), nt: 32, ..base }, false);
+        // Batch 2, 7 splits for 2 keys.
+        check(&Case { batch: 2, past: 1, split: sp(32, 7, 4), ..base }, false);
+    }
+
+    #[test]
+    fn gpu_attention_split_window_masks_softcap() {
+        let base = Case { split: sp(32, 8, 4), nt: 16, ..BASE };
+        // A window of 16 (2 keys per split) and of 5 (3 splits empty).
+        check(&Case { sq: 3, past: 100, window: Some(16), ..base }, false);
+        check(&Case { past: 100, window: Some(5), ..base }, false);
+        // Not causal.
+        check(&Case { hq: 2, hkv: 1, d: 40, sq: 3, past: 1, causal: false, ..base }, false);
+        // Bool masks, broadcast over heads; every key masked: zeros.
+        let bool_mask = Case { hq: 4, hkv: 1, batch: 2, past: 9, mask: Some((DType::Bool, "b, 1, s, t")), ..base };
+        check(&bool_mask, false);
+        check(&bool_mask, true);
+        // An additive mask per head, softcap, window.
+        let add_mask = Case {
+            hq: 4,
+            hkv: 2,
+            d: 64,
+            sq: 3,
+            past: 9,
+            softcap: Some(5.0),
+            window: Some(3),
+            mask: Some((DType::F32, "b, 4, s, t")),
+            split: sp(32, 3, 4),
+            ..base
+        };
+        check(&add_mask, false);
+        check(&Case { softcap: Some(2.0), mask: None, window: None, past: 30, ..add_mask }, false);
+    }
+
+    /// More queries than the split path takes: the combine kernel runs the
+    /// rows (and the split kernel's blocks all return).
+    #[test]
+    fn gpu_attention_split_falls_back_to_rows() {
+        let base = Case { split: sp(32, 4, 2), nt: 16, ..BASE };
+        check(&Case { sq: 3, past: 9, ..base }, false);
+        check(&Case { hq: 3, hkv: 1, d: 40, sq: 7, past: 0, window: Some(4), ..base }, false);
+        check(&Case { sq: 2, past: 9, mask: Some((DType::Bool, "1, 1, s, t")), ..base }, false);
+    }
 
     #[test]
     fn gpu_attention_decode() {

@@ -4,7 +4,7 @@
 
 use crate::kir::interp::{self, BufData, Mode};
 use crate::kir::{Access, Kernel, Scalar};
-use crate::select::{select, Instance, Selected};
+use crate::select::{select, Arg, Instance, Selected};
 use crate::templates::testing::rand;
 use smelt_ir::{Dim, Op, TensorType};
 use std::collections::BTreeMap;
@@ -29,7 +29,7 @@ pub fn cpu_instance(op: &Op, inputs: &[TensorType]) -> (Instance, Vec<TensorType
     let outputs = op.infer(&refs).unwrap_or_else(|e| panic!("{op:?}: {e}"));
     match select(op, inputs, &outputs).unwrap_or_else(|e| panic!("{e}")) {
         Selected::Kernel(i) => (i, outputs),
-        Selected::Alias { .. } => panic!("{op:?}: unexpected alias"),
+        other => panic!("{op:?}: not one kernel: {other:?}"),
     }
 }
 
@@ -78,6 +78,54 @@ pub fn run_gpu(k: &Kernel, bufs: &[BufData], scalars: &[i64]) -> Vec<BufData> {
     let mut b = bufs.to_vec();
     interp::run(k, &mut b, scalars, Mode::Gpu { grid, block }).unwrap_or_else(|e| panic!("{e}\n{k}"));
     b
+}
+
+/// Runs a GPU selection on `bufs` (the node's `operands` operands, then
+/// its results) for the symbol values `syms`: its kernel, or each of its
+/// steps in turn with the scratch buffers, which start as NaN so that a
+/// partial read but never written shows in the results.
+pub fn run_gpu_selected(sel: &Selected, bufs: &[BufData], operands: usize, syms: &[(&str, i64)]) -> Vec<BufData> {
+    let st = match sel {
+        Selected::Kernel(i) => return run_gpu(&i.kernel, bufs, &scalars(i, syms)),
+        Selected::Steps(st) => st,
+        Selected::Alias { .. } => panic!("an alias runs no kernel"),
+    };
+    let env: BTreeMap<String, i64> = syms.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+    let mut scratch: Vec<BufData> = st
+        .scratch
+        .iter()
+        .map(|s| {
+            let n = s.len.eval_map(&env).unwrap() as usize;
+            match s.elem {
+                Scalar::F32 => BufData::F32(vec![f32::NAN; n]),
+                e => BufData::zeros(e, n),
+            }
+        })
+        .collect();
+    let mut bufs = bufs.to_vec();
+    for step in &st.steps {
+        let k = &step.instance.kernel;
+        let args: Vec<BufData> = step
+            .args
+            .iter()
+            .map(|a| match *a {
+                Arg::Operand(i) => bufs[i].clone(),
+                Arg::Result(i) => bufs[operands + i].clone(),
+                Arg::Scratch(i) => scratch[i].clone(),
+            })
+            .collect();
+        let out = run_gpu(k, &args, &scalars(&step.instance, syms));
+        for ((a, data), (_, decl)) in step.args.iter().zip(out).zip(k.global_buffers()) {
+            if decl.access == Access::Write {
+                match *a {
+                    Arg::Operand(i) => bufs[i] = data,
+                    Arg::Result(i) => bufs[operands + i] = data,
+                    Arg::Scratch(i) => scratch[i] = data,
+                }
+            }
+        }
+    }
+    bufs
 }
 
 /// Bitwise equality of two runs' buffers (NaNs compare by bits too).
