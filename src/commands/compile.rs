@@ -18,13 +18,16 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 use clap::ValueEnum;
-use smelt_codegen::schedule::{schedule, ScheduleOptions, WeightDtype};
-use smelt_ir::Graph;
-use smelt_passes::Weights;
+use smelt_codegen::schedule::{schedule_into, ScheduleOptions, WeightDtype};
+use smelt_ir::{Graph, StoredTensor};
 use smelt_passes::{pipeline, DumpSpec, DumpTarget, PipelineOptions};
 use smelt_runtime::artifact::{write_artifact, ArtifactSpec, CudaFiles, NativeFiles};
+use smelt_runtime::constants::ConstantsWriter;
 
-use crate::source::{load_checkpoint, load_onnx, Source};
+use crate::source::{load_checkpoint_stored, load_onnx, Source};
+
+/// The weights a compile reads: stored bytes by name.
+type Weights = std::collections::BTreeMap<String, StoredTensor>;
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Target {
@@ -123,9 +126,11 @@ pub fn main(args: Args) -> Result<()> {
     }
     let start = Instant::now();
     let mut phases = Phases::new();
+    // The weights stay in their stored bytes (a checkpoint's memory map)
+    // until the scheduler places them.
     let mut loaded = match Source::classify(&args.model)? {
-        Source::Checkpoint(dir) => load_checkpoint(&dir)?,
-        Source::Onnx(p) => load_onnx(&p)?,
+        Source::Checkpoint(dir) => load_checkpoint_stored(&dir)?,
+        Source::Onnx(p) => load_onnx(&p)?.into_stored(),
         Source::Artifact(p) => {
             bail!("{}: is already a smelt artifact (compile takes a checkpoint folder or an .onnx file)", p.display())
         }
@@ -144,13 +149,18 @@ pub fn main(args: Args) -> Result<()> {
         (None, Some("f16")) => WeightDtype::F16,
         (None, _) => WeightDtype::F32,
     };
+    // Constants files are written here as they are built, then moved into
+    // the artifact; beside the output, so moving is a rename.
+    let staging = staging_dir(&args.output)?;
     let native = if wants(Target::Cpu) {
-        Some(compile_native(&loaded.graph, &loaded.weights, weight_dtype, &mut phases)?)
+        let constants = ConstantsWriter::create(&staging.path().join("constants.bin"))?;
+        Some(compile_native(&loaded.graph, &loaded.weights, weight_dtype, constants, &mut phases)?)
     } else {
         None
     };
     let cuda = if wants(Target::Cuda) {
-        Some(compile_cuda(&loaded.graph, &loaded.weights, weight_dtype, &args.gpu_arch, &mut phases)?)
+        let constants = ConstantsWriter::create(&staging.path().join("constants.cuda.bin"))?;
+        Some(compile_cuda(&loaded.graph, &loaded.weights, weight_dtype, &args.gpu_arch, constants, &mut phases)?)
     } else {
         None
     };
@@ -167,6 +177,7 @@ pub fn main(args: Args) -> Result<()> {
             cuda,
         },
     )?;
+    drop(staging);
     phases.mark("write");
     let target = manifest.target.clone();
     let size: u64 = manifest.files.iter().map(|f| f.size).sum();
@@ -213,13 +224,14 @@ fn compile_native(
     graph: &Graph,
     weights: &Weights,
     weight_dtype: WeightDtype,
+    constants: ConstantsWriter,
     phases: &mut Phases,
 ) -> Result<NativeFiles> {
     // Cranelift runs the packed-panel weight kernels fastest; the llvm
     // build lowers the [N, K] ones with wider vectors instead.
     let options =
         ScheduleOptions { packed_weights: !cfg!(feature = "llvm"), weight_dtype, ..ScheduleOptions::default() };
-    let sched = schedule(graph, weights, options)?;
+    let sched = schedule_into(graph, weights, options, constants)?;
     phases.mark("cpu schedule");
     let dir = tempfile::tempdir()?;
     let mut plan = sched.plan;
@@ -241,7 +253,21 @@ fn compile_native(
     phases.mark("cpu kernels");
     plan.arch = lib.arch;
     plan.cpu_features = lib.cpu_features;
-    Ok(NativeFiles { plan, library: lib.bytes, constants: sched.weights })
+    let constants = sched.constants.finish()?;
+    phases.mark("cpu constants");
+    Ok(NativeFiles { plan, library: lib.bytes, constants })
+}
+
+/// A temporary folder beside `output` (or in the system's when the
+/// output's folder does not exist yet), removed when dropped.
+fn staging_dir(output: &std::path::Path) -> Result<tempfile::TempDir> {
+    let parent = match output.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => std::path::Path::new("."),
+    };
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(".smelt-staging-");
+    Ok(if parent.is_dir() { builder.tempdir_in(parent)? } else { builder.tempdir()? })
 }
 
 /// The GPU architectures PTX can be emitted for.
@@ -267,12 +293,13 @@ fn compile_cuda(
     weights: &Weights,
     weight_dtype: WeightDtype,
     archs: &[String],
+    constants: ConstantsWriter,
     phases: &mut Phases,
 ) -> Result<CudaFiles> {
     use smelt_codegen::llvm::{emit_ptx, GpuArch};
     use smelt_codegen::schedule::Device;
     let options = ScheduleOptions { device: Device::Gpu, weight_dtype, ..ScheduleOptions::default() };
-    let sched = schedule(graph, weights, options)?;
+    let sched = schedule_into(graph, weights, options, constants)?;
     phases.mark("cuda schedule");
     let mut ptx = vec![];
     for a in archs {
@@ -284,11 +311,20 @@ fn compile_cuda(
     for entry in &mut plan.kernels {
         entry.lowering = "nvptx".into();
     }
-    Ok(CudaFiles { plan, ptx, constants: sched.weights })
+    let constants = sched.constants.finish()?;
+    phases.mark("cuda constants");
+    Ok(CudaFiles { plan, ptx, constants })
 }
 
 #[cfg(not(feature = "llvm"))]
-fn compile_cuda(_: &Graph, _: &Weights, _: WeightDtype, _: &[String], _: &mut Phases) -> Result<CudaFiles> {
+fn compile_cuda(
+    _: &Graph,
+    _: &Weights,
+    _: WeightDtype,
+    _: &[String],
+    _: ConstantsWriter,
+    _: &mut Phases,
+) -> Result<CudaFiles> {
     bail!("{NO_NVPTX}")
 }
 
