@@ -825,7 +825,12 @@ func @lm(%ids: i64[1, seq]) -> (logits) {
         for (dtype, elem) in
             [(WeightDtype::F32, Elem::F32), (WeightDtype::BF16, Elem::BF16), (WeightDtype::F16, Elem::F16)]
         {
-            let s = schedule(&g, &w, ScheduleOptions { packed_weights: false, weight_dtype: dtype }).unwrap();
+            let s = schedule(
+                &g,
+                &w,
+                ScheduleOptions { packed_weights: false, weight_dtype: dtype, ..ScheduleOptions::default() },
+            )
+            .unwrap();
             let c = constants(&s);
             // The table and the head: one offset; the norm weight: f32.
             assert_eq!(c.len(), 3, "{dtype:?}: {c:?}");
@@ -846,7 +851,12 @@ func @lm(%ids: i64[1, seq]) -> (logits) {
     #[test]
     fn packed_weights_are_stored_narrow() {
         let (g, w) = tied_lm();
-        let s = schedule(&g, &w, ScheduleOptions { packed_weights: true, weight_dtype: WeightDtype::BF16 }).unwrap();
+        let s = schedule(
+            &g,
+            &w,
+            ScheduleOptions { packed_weights: true, weight_dtype: WeightDtype::BF16, ..ScheduleOptions::default() },
+        )
+        .unwrap();
         let c = constants(&s);
         // The table, the packed head (16 columns of 8: two panels), the norm.
         let elems: Vec<(Elem, usize)> = c.iter().map(|x| (x.0, x.2)).collect();
@@ -862,7 +872,12 @@ func @lm(%ids: i64[1, seq]) -> (logits) {
         let mut big = w["embed"].to_tensor().to_f32_vec();
         big[3] = 1e5;
         w.insert("embed".into(), StoredTensor::from_tensor(&Tensor::from_f32(DType::F32, vec![11, 8], big).unwrap()));
-        let s = schedule(&g, &w, ScheduleOptions { packed_weights: false, weight_dtype: WeightDtype::F16 }).unwrap();
+        let s = schedule(
+            &g,
+            &w,
+            ScheduleOptions { packed_weights: false, weight_dtype: WeightDtype::F16, ..ScheduleOptions::default() },
+        )
+        .unwrap();
         assert!(constants(&s).iter().all(|c| c.0 == Elem::F32), "{:?}", constants(&s));
     }
 }

@@ -68,8 +68,11 @@ fn gid_x(b: &mut Builder) -> Var {
     b.let_("g", bid * bdim + t(0))
 }
 
+/// Every test kernel starts its vector accesses at multiples of their lane
+/// counts, so it may promise aligned vectors (16-byte loads on the GPU).
 fn launch(b: &mut Builder, block: [u32; 3], grid: [usize; 3]) {
     b.gpu_launch(block, grid.map(Expr::idx));
+    b.promise_aligned_vectors();
 }
 
 // ----- the kernels -----
@@ -985,7 +988,7 @@ fn cpu_kernels_and_bad_names_are_rejected() {
     let y = b.output("y", 4);
     b.for_("i", Expr::idx(0), Expr::idx(4), 1, LoopKind::Parallel, |b, i| b.store(y, i, Expr::f32(1.0)));
     let k = b.finish().unwrap();
-    let err = emit_ptx(&[k.clone()], GpuArch::Sm90).unwrap_err();
+    let err = emit_ptx(std::slice::from_ref(&k), GpuArch::Sm90).unwrap_err();
     assert!(matches!(err, LlvmError::NotGpu { .. }), "{err}");
     assert!(err.to_string().contains("kernel `cpu_only` is a CPU kernel"), "{err}");
     let mut bad = specials().kernel;
@@ -1126,3 +1129,27 @@ for arch in ['sm_80', 'sm_90', 'sm_90a']:
 print('ALL OK' if fails == 0 else '%d FAILURES' % fails)
 sys.exit(1 if fails else 0)
 "#;
+
+/// A kernel that does not promise aligned vectors (what `gpuize` makes of
+/// CPU kernels, whose f32x4 loads start at any element) gets no 16-byte
+/// accesses: a misaligned one would fault on the GPU.
+#[test]
+fn unpromised_vector_loads_are_split() {
+    let mut b = Builder::new("misaligned_vec");
+    let x = b.input("x", Expr::idx(9));
+    let y = b.output("y", Expr::idx(4));
+    b.gpu_launch([1, 1, 1], [Expr::idx(1), Expr::idx(1), Expr::idx(1)]);
+    // Elements 1..5: not a multiple of 4 lanes from the base.
+    b.store(y, Expr::idx(0), Expr::load(x, Expr::idx(1), 4));
+    let k = b.finish().unwrap();
+    let mut bufs = vec![BufData::F32((0..9).map(|i| i as f32).collect()), BufData::F32(vec![0.0; 4])];
+    run(&k, &mut bufs, &[], Mode::Gpu { grid: [1, 1, 1], block: [1, 1, 1] }).unwrap();
+    assert_eq!(bufs[1].f32(), &[1.0, 2.0, 3.0, 4.0]);
+    for arch in GpuArch::all() {
+        let ptx = emit_ptx(std::slice::from_ref(&k), arch).unwrap();
+        assert!(!ptx.contains(".v4."), "{arch}: a 16-byte access in\n{ptx}");
+        if ptxas::find_ptxas().is_some() {
+            ptxas::check(&ptx, arch.name()).unwrap_or_else(|e| panic!("{arch}: {e}"));
+        }
+    }
+}

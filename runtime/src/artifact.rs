@@ -794,10 +794,15 @@ mod tests {
         let m = msg(&out);
         assert!(m.contains("not a plain file name"), "{m}");
 
-        let cpu = manifest.replace("\"target\": \"interp\"", "\"target\": \"cuda\"");
-        std::fs::write(out.join(MANIFEST_FILE), cpu).unwrap();
+        let cuda = manifest.replace("\"target\": \"interp\"", "\"target\": \"cuda\"");
+        std::fs::write(out.join(MANIFEST_FILE), cuda).unwrap();
         let m = msg(&out);
-        assert!(m.contains("target `cuda` is not supported by this build"), "{m}");
+        assert!(m.contains("target `cuda` and the presence of a `cuda` plan disagree"), "{m}");
+
+        let unknown = manifest.replace("\"target\": \"interp\"", "\"target\": \"tpu\"");
+        std::fs::write(out.join(MANIFEST_FILE), unknown).unwrap();
+        let m = msg(&out);
+        assert!(m.contains("target `tpu` is unknown"), "{m}");
 
         std::fs::remove_file(out.join(MANIFEST_FILE)).unwrap();
         assert!(msg(&out).contains("not a smelt artifact"));

@@ -343,12 +343,22 @@ fn gpu_vector_add_runs_like_the_host() {
         assert_eq!(out["y"].to_f32_vec(), want, "n = {n}");
         assert_eq!(out["y_tail"].to_f32_vec(), want[1..].to_vec(), "n = {n}");
     }
+    // The model may move to another thread (its context goes with it).
+    let x = xs(7, 9);
+    let (mut m, out) = std::thread::spawn(move || {
+        let out = m.run(x_input(&x)).unwrap_or_else(|e| panic!("{e}"));
+        (m, out)
+    })
+    .join()
+    .unwrap();
+    let want: Vec<f32> = xs(7, 9).iter().zip(&w).map(|(a, b)| (a + b) + (a + b)).collect();
+    assert_eq!(out["y"].to_f32_vec(), want);
     let stats = m.stats();
-    assert_eq!((stats.calls, stats.launches, stats.skipped), (4, 8, 4));
+    assert_eq!((stats.calls, stats.launches, stats.skipped), (5, 10, 5));
     assert!(stats.arena_bytes >= 2 * 256 * 4, "{stats:?}");
     // Refused inputs launch nothing.
     assert!(m.run(x_input(&xs(300, 0))).is_err());
-    assert_eq!(m.stats().launches, 8);
+    assert_eq!(m.stats().launches, 10);
 }
 
 #[test]

@@ -544,10 +544,10 @@ impl Lower<'_, '_> {
     /// moved into a vector), which Cranelift treats as pure when they read
     /// a read-only buffer and so places at their use; a widening load
     /// (`uload16x4`) would stay in program order, and an unrolled loop's
-    /// loads would then all be issued first and spill registers. A bf16
-    /// vector is widened by interleaving zero words below it
-    /// (`punpcklwd`), which puts each value in the top half of its f32
-    /// lane; other cases zero-extend and go through [`Lower::widen_bits`].
+    /// loads would then all be issued first and spill registers. Each
+    /// 16-bit value is put in the top half of a 32-bit lane (for vectors by
+    /// interleaving zero words below them, `punpcklwd`), which for bf16 is
+    /// already its f32; see [`Lower::widen_bits`] for f16.
     fn load_narrow(
         &mut self,
         elem: Scalar,
@@ -557,30 +557,27 @@ impl Lower<'_, '_> {
         lanes: u8,
     ) -> Result<Value, CompileError> {
         let le = MemFlagsData::new().with_endianness(Endianness::Little);
-        let bits = match lanes {
+        let hi = match lanes {
             1 => {
                 let h = self.fb.ins().load(types::I16, flags, addr, disp);
-                self.fb.ins().uextend(types::I32, h)
+                let h = self.fb.ins().uextend(types::I32, h);
+                self.fb.ins().ishl_imm_s(h, 16)
             }
             4 => {
                 let q = self.fb.ins().load(types::I64, flags, addr, disp);
                 let v = self.fb.ins().scalar_to_vector(types::I64X2, q);
-                if elem == Scalar::BF16 {
-                    let v = self.fb.ins().bitcast(types::I8X16, le, v);
-                    let zero = self.fb.func.dfg.constants.insert(vec![0u8; 16].into());
-                    let zero = self.fb.ins().vconst(types::I8X16, zero);
-                    // Byte i of the result: a zero word, then word i of `v`.
-                    let mask: Vec<u8> = (0..4u8).flat_map(|i| [2 * i, 2 * i + 1, 16 + 2 * i, 17 + 2 * i]).collect();
-                    let mask = self.fb.func.dfg.immediates.push(mask.into());
-                    let w = self.fb.ins().shuffle(zero, v, mask);
-                    return Ok(self.fb.ins().bitcast(types::F32X4, le, w));
-                }
-                let v = self.fb.ins().bitcast(types::I16X8, le, v);
-                self.fb.ins().uwiden_low(v)
+                let v = self.fb.ins().bitcast(types::I8X16, le, v);
+                let zero = self.fb.func.dfg.constants.insert(vec![0u8; 16].into());
+                let zero = self.fb.ins().vconst(types::I8X16, zero);
+                // Byte i of the result: a zero word, then word i of `v`.
+                let mask: Vec<u8> = (0..4u8).flat_map(|i| [2 * i, 2 * i + 1, 16 + 2 * i, 17 + 2 * i]).collect();
+                let mask = self.fb.func.dfg.immediates.push(mask.into());
+                let w = self.fb.ins().shuffle(zero, v, mask);
+                self.fb.ins().bitcast(types::I32X4, le, w)
             }
             n => return Err(unsupported(self.k, format!("a {n}-lane load from a {elem:?} buffer"))),
         };
-        Ok(self.widen_bits(elem, bits, lanes))
+        Ok(self.widen_bits(elem, hi, lanes))
     }
 
     /// Stores `f32` lanes into a `BF16`/`F16` buffer, rounded to nearest
@@ -636,34 +633,37 @@ impl Lower<'_, '_> {
         }
     }
 
-    /// Exact `f32` lanes of 16-bit patterns `h` (zero-extended `i32` lanes).
-    /// bf16 is the top half of an f32. f16 needs no F16C: the exponent and
-    /// mantissa shifted into f32 position and multiplied by 2^112 rebias
-    /// normals and renormalise subnormals exactly (ryg's `half_to_float`
-    /// with a magic multiply); a product >= 2^16 was an infinity or NaN,
-    /// whose exponent is then set to all ones. A NaN stays a NaN with its
-    /// payload, but unlike the `half` crate a signalling NaN is not quieted
-    /// (that would cost a compare and select per bf16 weight load).
-    fn widen_bits(&mut self, elem: Scalar, h: Value, lanes: u8) -> Value {
+    /// Exact `f32` lanes of 16-bit patterns held in the top half of `i32`
+    /// lanes `x` (low half zero). That is a bf16's f32. f16 needs no F16C:
+    /// the exponent and mantissa shifted into f32 position and multiplied
+    /// by 2^112 rebias normals and renormalise subnormals exactly (ryg's
+    /// `half_to_float` with a magic multiply); a product >= 2^16 was an
+    /// infinity or NaN, whose exponent is then set to all ones. A NaN stays
+    /// a NaN with its payload, but unlike the `half` crate a signalling NaN
+    /// is not quieted (that would cost a compare and select per load).
+    fn widen_bits(&mut self, elem: Scalar, x: Value, lanes: u8) -> Value {
         if elem == Scalar::BF16 {
-            let x = self.fb.ins().ishl_imm_s(h, 16);
             return self.reinterpret(x, Scalar::F32, lanes);
         }
-        let m = self.iconst32(0x7fff, lanes);
-        let em = self.fb.ins().band(h, m);
-        let em = self.fb.ins().ishl_imm_s(em, 13);
+        let sm = self.iconst32(0x8000_0000, lanes);
+        let sign = self.fb.ins().band(x, sm);
+        let em = self.fb.ins().bxor(x, sign);
+        let em = self.fb.ins().ushr_imm_s(em, 3);
         let f = self.reinterpret(em, Scalar::F32, lanes);
         let magic = self.fconst(f32::from_bits(0x7780_0000), lanes); // 2^112
         let f = self.fb.ins().fmul(f, magic);
         let big = self.fconst(65536.0, lanes);
         let infnan = self.fb.ins().fcmp(FloatCC::GreaterThanOrEqual, f, big);
-        let bits = self.reinterpret(f, Scalar::I32, lanes);
         let exp = self.iconst32(0x7f80_0000, lanes);
-        let with_exp = self.fb.ins().bor(bits, exp);
-        let bits = self.pick(infnan, with_exp, bits, lanes);
-        let sm = self.iconst32(0x8000, lanes);
-        let sign = self.fb.ins().band(h, sm);
-        let sign = self.fb.ins().ishl_imm_s(sign, 16);
+        let exp = if lanes > 1 {
+            // The compare's lane mask selects the exponent bits.
+            self.fb.ins().band(infnan, exp)
+        } else {
+            let none = self.iconst32(0, 1);
+            self.fb.ins().select(infnan, exp, none)
+        };
+        let bits = self.reinterpret(f, Scalar::I32, lanes);
+        let bits = self.fb.ins().bor(bits, exp);
         let bits = self.fb.ins().bor(bits, sign);
         self.reinterpret(bits, Scalar::F32, lanes)
     }

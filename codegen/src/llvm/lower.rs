@@ -207,7 +207,7 @@ impl Lower<'_> {
     // ----- types and constants -----
 
     /// A scalar's type in registers (narrow floats compute as `float`).
-    pub(super) fn scalar_ty(&self, s: Scalar) -> LLVMTypeRef {
+    fn scalar_ty(&self, s: Scalar) -> LLVMTypeRef {
         unsafe {
             match s {
                 Scalar::F32 | Scalar::BF16 | Scalar::F16 => LLVMFloatTypeInContext(self.cx),
@@ -219,14 +219,14 @@ impl Lower<'_> {
     }
 
     /// The lanes a KIR vector of `lanes` lanes has in the current lowering.
-    pub(super) fn lanes(&self, lanes: u8) -> u32 {
+    fn lanes(&self, lanes: u8) -> u32 {
         match &self.wide {
             Some(w) if lanes > 1 && lanes == w.lanes => lanes as u32 * w.factor as u32,
             _ => lanes as u32,
         }
     }
 
-    pub(super) fn ty(&self, t: Ty) -> LLVMTypeRef {
+    fn ty(&self, t: Ty) -> LLVMTypeRef {
         let s = self.scalar_ty(t.elem);
         if t.lanes > 1 {
             unsafe { LLVMVectorType(s, self.lanes(t.lanes)) }
@@ -249,7 +249,7 @@ impl Lower<'_> {
     }
 
     /// `t` with `lanes` lanes (a vector when `lanes > 1`).
-    pub(super) fn vec_of(&self, t: LLVMTypeRef, lanes: u32) -> LLVMTypeRef {
+    fn vec_of(&self, t: LLVMTypeRef, lanes: u32) -> LLVMTypeRef {
         if lanes > 1 {
             unsafe { LLVMVectorType(t, lanes) }
         } else {
@@ -257,7 +257,7 @@ impl Lower<'_> {
         }
     }
 
-    pub(super) fn i64c(&self, x: i64) -> LLVMValueRef {
+    fn i64c(&self, x: i64) -> LLVMValueRef {
         unsafe { LLVMConstInt(LLVMInt64TypeInContext(self.cx), x as u64, 1) }
     }
 
@@ -269,7 +269,7 @@ impl Lower<'_> {
         }
     }
 
-    pub(super) fn const_splat(&self, c: LLVMValueRef, lanes: u32) -> LLVMValueRef {
+    fn const_splat(&self, c: LLVMValueRef, lanes: u32) -> LLVMValueRef {
         if lanes == 1 {
             return c;
         }
@@ -277,7 +277,7 @@ impl Lower<'_> {
         unsafe { LLVMConstVector(v.as_mut_ptr(), lanes) }
     }
 
-    pub(super) fn lanes_of(&self, v: LLVMValueRef) -> u32 {
+    fn lanes_of(&self, v: LLVMValueRef) -> u32 {
         unsafe {
             let t = LLVMTypeOf(v);
             if LLVMGetTypeKind(t) == inkwell::llvm_sys::LLVMTypeKind::LLVMVectorTypeKind {
@@ -309,7 +309,7 @@ impl Lower<'_> {
         unsafe { LLVMBuildStore(self.b, x, slot) };
     }
 
-    pub(super) fn gep(&self, elem: LLVMTypeRef, base: LLVMValueRef, index: LLVMValueRef) -> LLVMValueRef {
+    fn gep(&self, elem: LLVMTypeRef, base: LLVMValueRef, index: LLVMValueRef) -> LLVMValueRef {
         let mut idx = [index];
         unsafe { LLVMBuildInBoundsGEP2(self.b, elem, base, idx.as_mut_ptr(), 1, NONE) }
     }
@@ -344,7 +344,7 @@ impl Lower<'_> {
     /// as their register type: bools compare the byte with 0; `bf16` is
     /// widened exactly (its bits are the high half of an `f32`), `f16` by
     /// `fpext`.
-    pub(super) fn load_mem(&mut self, elem: Scalar, addr: LLVMValueRef, lanes: u8) -> R<LLVMValueRef> {
+    fn load_mem(&mut self, elem: Scalar, addr: LLVMValueRef, lanes: u8) -> R<LLVMValueRef> {
         let n = self.lanes(lanes);
         let mt = self.vec_of(self.mem_ty(elem), n);
         unsafe {
@@ -367,7 +367,7 @@ impl Lower<'_> {
 
     /// Stores `x` (of `lanes` KIR lanes) as elements of `elem` at `addr`:
     /// bools as bytes, `f32` rounded to `bf16`/`f16` to nearest even.
-    pub(super) fn store_mem(&mut self, elem: Scalar, addr: LLVMValueRef, x: LLVMValueRef, lanes: u8) -> R<()> {
+    fn store_mem(&mut self, elem: Scalar, addr: LLVMValueRef, x: LLVMValueRef, lanes: u8) -> R<()> {
         let n = self.lanes(lanes);
         unsafe {
             let x = match elem {
@@ -463,12 +463,12 @@ impl Lower<'_> {
         unsafe { LLVMBuildSelect(self.b, c, x, y, NONE) }
     }
 
-    pub(super) fn extract(&self, v: LLVMValueRef, lane: u32) -> LLVMValueRef {
+    fn extract(&self, v: LLVMValueRef, lane: u32) -> LLVMValueRef {
         unsafe { LLVMBuildExtractElement(self.b, v, self.i64c(lane as i64), NONE) }
     }
 
     /// `lanes` copies of the scalar `x`.
-    pub(super) fn splat(&self, x: LLVMValueRef, lanes: u32) -> LLVMValueRef {
+    fn splat(&self, x: LLVMValueRef, lanes: u32) -> LLVMValueRef {
         unsafe {
             let vt = LLVMVectorType(LLVMTypeOf(x), lanes);
             let v = LLVMBuildInsertElement(self.b, LLVMGetPoison(vt), x, self.i64c(0), NONE);
@@ -478,7 +478,7 @@ impl Lower<'_> {
     }
 
     /// Lanes `range` of the vectors `a` and `b` concatenated.
-    pub(super) fn shuffle(&self, a: LLVMValueRef, b: LLVMValueRef, lanes: impl Iterator<Item = u32>) -> LLVMValueRef {
+    fn shuffle(&self, a: LLVMValueRef, b: LLVMValueRef, lanes: impl Iterator<Item = u32>) -> LLVMValueRef {
         unsafe {
             let i32t = LLVMInt32TypeInContext(self.cx);
             let mut mask: Vec<LLVMValueRef> = lanes.map(|i| LLVMConstInt(i32t, i as u64, 0)).collect();
@@ -736,11 +736,11 @@ impl Lower<'_> {
 
     // ----- expressions -----
 
-    pub(super) fn kty(&self, e: &Expr) -> R<Ty> {
+    fn kty(&self, e: &Expr) -> R<Ty> {
         self.k.type_of(e).map_err(|m| backend(self.k, m))
     }
 
-    pub(super) fn expr(&mut self, e: &Expr) -> R<LLVMValueRef> {
+    fn expr(&mut self, e: &Expr) -> R<LLVMValueRef> {
         let t = self.kty(e)?;
         let b = self.b;
         let lanes = self.lanes(t.lanes);

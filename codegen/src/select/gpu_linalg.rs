@@ -91,7 +91,7 @@ pub fn weight_product_gpu(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::templates::gpu::testing::check;
+    use crate::templates::gpu::weight_testing::check;
     use crate::templates::gpu::{GemmParams, GemvParams};
 
     fn ty(dims: &[&str]) -> TensorType {

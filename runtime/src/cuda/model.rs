@@ -324,6 +324,9 @@ impl CudaModel {
     /// in a decode step the present roots in their slots and the past
     /// inputs at the cached tensors.
     fn bind_roots(&mut self, prep: &Prepared, step: Option<&CacheLayout>) -> Result<Roots, CudaError> {
+        // The model may have moved to another thread since the last call;
+        // the raw copies below need its context current on this one.
+        guard(|| self.gpu.ctx.bind_to_thread().map_err(driver_err("making the GPU's context current")))?;
         let c = &self.plan.checked;
         let lens = &prep.sizes.lens;
         let resident = step.is_some() && !self.cache.entries.is_empty();

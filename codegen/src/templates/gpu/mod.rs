@@ -35,7 +35,7 @@ pub mod rope;
 pub mod rows;
 pub mod softmax;
 #[cfg(test)]
-mod testing;
+pub(crate) mod testing;
 
 use crate::kir::{Access, BufId, Builder, CmpOp, Expr, Scalar, Space, Special};
 use crate::templates::matmul_dyn::Act;
