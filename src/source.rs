@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use smelt_frontends::hf;
-use smelt_ir::{Graph, Tensor};
+use smelt_ir::{DType, Graph, StoredTensor, Tensor};
 use smelt_runtime::artifact::{Artifact, Manifest, ModelInfo};
 use smelt_runtime::cuda::CudaModel;
 use smelt_runtime::generate::Forward;
@@ -52,10 +52,12 @@ impl Source {
     }
 }
 
-/// A model ready to run: graph, weights and what is known about it.
-pub struct Loaded {
+/// A model ready to run: graph, weights and what is known about it. The
+/// weights are tensors (what the interpreter runs on) or, for a compile,
+/// their stored bytes.
+pub struct Loaded<W = Tensor> {
     pub graph: Graph,
-    pub weights: BTreeMap<String, Tensor>,
+    pub weights: BTreeMap<String, W>,
     pub info: ModelInfo,
     pub tokenizer: Option<PathBuf>,
     pub eos_token_ids: Vec<i64>,
@@ -65,16 +67,41 @@ pub struct Loaded {
     pub manifest: Option<Manifest>,
 }
 
+impl<W> Loaded<W> {
+    fn map_weights<V>(self, f: impl Fn(W) -> V) -> Loaded<V> {
+        Loaded {
+            graph: self.graph,
+            weights: self.weights.into_iter().map(|(n, w)| (n, f(w))).collect(),
+            info: self.info,
+            tokenizer: self.tokenizer,
+            eos_token_ids: self.eos_token_ids,
+            kind: self.kind,
+            manifest: self.manifest,
+        }
+    }
+}
+
+impl Loaded {
+    /// The weights as stored bytes (what a compile reads).
+    pub fn into_stored(self) -> Loaded<StoredTensor> {
+        self.map_weights(|t| StoredTensor::from_tensor(&t))
+    }
+}
+
 /// The dtype all weights share, if they share one.
-fn uniform_dtype(weights: &BTreeMap<String, Tensor>) -> Option<String> {
-    let mut it = weights.values().map(|t| t.dtype);
-    let first = it.next()?;
-    it.all(|d| d == first).then(|| first.name().to_string())
+fn uniform_dtype(mut dtypes: impl Iterator<Item = DType>) -> Option<String> {
+    let first = dtypes.next()?;
+    dtypes.all(|d| d == first).then(|| first.name().to_string())
 }
 
 /// Builds a checkpoint's graph with the Hugging Face frontend and verifies it.
 pub fn load_checkpoint(dir: &Path) -> Result<Loaded> {
-    let m = hf::load(dir)?;
+    Ok(load_checkpoint_stored(dir)?.map_weights(|t| t.to_tensor()))
+}
+
+/// [`load_checkpoint`], leaving the weights in the checkpoint's mapped files.
+pub fn load_checkpoint_stored(dir: &Path) -> Result<Loaded<StoredTensor>> {
+    let m = hf::load_stored(dir)?;
     verify(&m.graph, dir)?;
     let info = ModelInfo {
         architecture: m
@@ -86,7 +113,7 @@ pub fn load_checkpoint(dir: &Path) -> Result<Loaded> {
         model_type: Some(m.config.arch.model_type().to_string()),
         parameters: m.parameter_count() as u64,
         layers: m.config.num_hidden_layers,
-        stored_dtype: uniform_dtype(&m.weights),
+        stored_dtype: uniform_dtype(m.weights.values().map(|t| t.dtype)),
         source: dir.display().to_string(),
     };
     let tokenizer = Some(dir.join("tokenizer.json")).filter(|p| p.is_file());
@@ -130,7 +157,7 @@ pub fn load_onnx(path: &Path) -> Result<Loaded> {
         model_type: config.as_ref().map(|c| c.arch.model_type().to_string()),
         parameters: m.weights.values().map(|t| t.numel() as u64).sum(),
         layers: config.as_ref().map(|c| c.num_hidden_layers).unwrap_or(layers),
-        stored_dtype: uniform_dtype(&m.weights),
+        stored_dtype: uniform_dtype(m.weights.values().map(|t| t.dtype)),
         source: path.display().to_string(),
     };
     Ok(Loaded {

@@ -17,6 +17,7 @@
 //! templates (attention, rope, gather, argmax, packed-panel GEMM).
 
 pub mod aot;
+pub mod constants;
 pub mod cranelift;
 pub mod kir;
 #[cfg(feature = "llvm")]

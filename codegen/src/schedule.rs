@@ -20,15 +20,26 @@
 //!   constant) are stored narrow, rounded to nearest even, and widened to
 //!   f32 as kernels load them; every other constant (norm weights, biases,
 //!   rope tables) stays f32, and all arithmetic is f32;
+//! - weights are read where they are placed, from their stored bytes (a
+//!   memory-mapped checkpoint): casts that widen them exactly and 2-D
+//!   transposes are kept as views, not evaluated, so a bf16 `[n, k]`
+//!   checkpoint weight stored bf16 `[n, k]` is appended as it is, and any
+//!   other layout or type costs one conversion pass (see [`crate::constants`]);
+//! - constants are deduplicated by a sampled key, then compared in full;
+//!   the constants file is written (and hashed) by a background thread as
+//!   it grows ([`ConstantsWriter`]), never held whole;
 //! - every launch argument's `needs` equals the element count of the buffer
 //!   bound to it (checked symbolically here, re-checked numerically by the
 //!   runtime), so a kernel never reads or writes past a buffer.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 
-use smelt_ir::{interp, DType, Data, Dim, Graph, NodeId, Op, Tensor, ValueId};
+use smelt_ir::{interp, DType, Data, Dim, Graph, NodeId, Op, StoredTensor, Tensor, ValueId};
+use smelt_runtime::constants::ConstantsWriter;
 use smelt_runtime::plan::{Buffer, Elem, Launch, NativePlan, Storage};
 
+use crate::constants::{convertible, sample_key, Chunk, Matrix};
 use crate::kir::{BinOp, Expr, Kernel, Scalar};
 use crate::select::{self, elem_of, Instance, SelectError, Selected};
 
@@ -57,8 +68,10 @@ pub struct Schedule {
     /// The plan, with `library` and `weights` file names left empty for the
     /// artifact writer to fill.
     pub plan: NativePlan,
-    /// The constant data the plan's `Storage::Weight` offsets point into.
-    pub weights: Vec<u8>,
+    /// The constant data the plan's `Storage::Weight` offsets point into,
+    /// possibly still being written: `finish` it after other work (building
+    /// the kernels), which the writing then overlaps.
+    pub constants: ConstantsWriter,
     /// Nodes folded at compile time.
     pub folded: usize,
 }
@@ -67,8 +80,60 @@ pub struct Schedule {
 enum Slot {
     /// A compile-time constant not yet placed in the weights file.
     Const(Tensor),
+    /// A weight (or an exact view of one), read only where it is placed.
+    Stored(StoredView),
     /// A plan buffer.
     Buf(usize),
+}
+
+/// A weight's stored bytes seen as a value: a cast that widens them
+/// exactly (bf16 to f32) changes `dtype`, a 2-D transpose flips `transposed`.
+#[derive(Clone)]
+struct StoredView {
+    t: StoredTensor,
+    /// The value's dtype: the stored one, or f32 widened from f16/bf16.
+    dtype: DType,
+    /// The value is the transpose of the stored 2-D matrix.
+    transposed: bool,
+}
+
+impl StoredView {
+    /// The value as a matrix of stored elements and whether it is the
+    /// transpose of that matrix; `None` unless it is a 2-D float value
+    /// (a 1-D one is a single row).
+    fn matrix(&self) -> Option<(Matrix, bool)> {
+        if !convertible(self.t.dtype) || !self.dtype.is_float() {
+            return None;
+        }
+        let (rows, cols) = match self.t.shape[..] {
+            [r, c] => (r, c),
+            [n] => (1, n),
+            _ => return None,
+        };
+        Some((Matrix { data: Chunk::Shared(self.t.clone()), dtype: self.t.dtype, rows, cols }, self.transposed))
+    }
+
+    /// The value as a tensor (to fold an op on it).
+    fn to_tensor(&self) -> Tensor {
+        let mut t = if self.transposed {
+            let (r, c) = (self.t.shape[0], self.t.shape[1]);
+            let bytes = smelt_ir::stored::transpose(self.t.bytes(), r, c, self.t.dtype.size_bytes());
+            Tensor::from_le_bytes("weight", self.t.dtype, vec![c, r], &bytes).expect("same length")
+        } else {
+            self.t.to_tensor()
+        };
+        // f16/bf16 values are held as f32 already: widening is a retag.
+        t.dtype = self.dtype;
+        t
+    }
+
+    /// The value's bytes as kernels read it (floats as f32).
+    fn kernel_bytes(&self) -> Chunk {
+        match self.matrix() {
+            Some((m, transposed)) => m.laid_out(DType::F32, transposed).expect("f32 holds every float value"),
+            None => Chunk::Owned(const_bytes(&self.to_tensor())),
+        }
+    }
 }
 
 struct Scheduler<'g> {
@@ -78,9 +143,12 @@ struct Scheduler<'g> {
     /// Buffer index of each placed constant value by the element type it
     /// is stored as, so it is stored once.
     placed: HashMap<(ValueId, Scalar), usize>,
-    /// Offset of each distinct constant's bytes in the weights file.
+    /// Offsets of the constants in the weights file by [`sample_key`].
     stored: HashMap<(usize, u64), Vec<u64>>,
-    weights: Vec<u8>,
+    /// Stored tensors appended as they are, by offset: the same bytes
+    /// again (a tied weight) need no comparison.
+    shared: Vec<(StoredTensor, u64)>,
+    constants: ConstantsWriter,
     kernels: Vec<Kernel>,
     kernel_index: HashMap<String, usize>,
     launches: Vec<Launch>,
@@ -130,6 +198,15 @@ pub enum WeightDtype {
 }
 
 impl WeightDtype {
+    /// The element type of a weight.
+    pub fn dtype(self) -> DType {
+        match self {
+            WeightDtype::F32 => DType::F32,
+            WeightDtype::BF16 => DType::BF16,
+            WeightDtype::F16 => DType::F16,
+        }
+    }
+
     /// The KIR element type of a weight buffer.
     pub fn scalar(self) -> Scalar {
         match self {
@@ -140,11 +217,23 @@ impl WeightDtype {
     }
 }
 
-/// Schedules `graph` whose weights are in `weights` (by weight name).
+/// Schedules `graph` whose weights are in `weights` (by weight name),
+/// keeping the constants in memory.
 pub fn schedule(
     graph: &Graph,
-    weights: &BTreeMap<String, Tensor>,
+    weights: &BTreeMap<String, StoredTensor>,
     options: ScheduleOptions,
+) -> Result<Schedule, ScheduleError> {
+    schedule_into(graph, weights, options, ConstantsWriter::in_memory())
+}
+
+/// Schedules `graph`, appending its constants to `constants` (e.g. a file
+/// written as it grows).
+pub fn schedule_into(
+    graph: &Graph,
+    weights: &BTreeMap<String, StoredTensor>,
+    options: ScheduleOptions,
+    constants: ConstantsWriter,
 ) -> Result<Schedule, ScheduleError> {
     let order = graph.topo_order().map_err(|e| ScheduleError::Graph(e.to_string()))?;
     let mut s = Scheduler {
@@ -153,7 +242,8 @@ pub fn schedule(
         buffers: vec![],
         placed: HashMap::new(),
         stored: HashMap::new(),
-        weights: vec![],
+        shared: vec![],
+        constants,
         kernels: vec![],
         kernel_index: HashMap::new(),
         launches: vec![],
@@ -177,7 +267,8 @@ pub fn schedule(
                     .get(name)
                     .cloned()
                     .ok_or_else(|| ScheduleError::MissingWeight { node: describe(graph, n), name: name.clone() })?;
-                s.slots.insert(node.outputs[0], Slot::Const(t));
+                let view = StoredView { dtype: t.dtype, t, transposed: false };
+                s.slots.insert(node.outputs[0], Slot::Stored(view));
             }
             Op::Constant { value } => {
                 s.slots.insert(node.outputs[0], Slot::Const(value.clone()));
@@ -208,16 +299,19 @@ pub fn schedule(
         inputs,
         outputs,
     };
-    Ok(Schedule { kernels: s.kernels, plan, weights: s.weights, folded: s.folded })
+    Ok(Schedule { kernels: s.kernels, plan, constants: s.constants, folded: s.folded })
 }
 
 impl Scheduler<'_> {
     fn node(&mut self, n: NodeId) -> Result<(), ScheduleError> {
         let g = self.graph;
         let node = g.node(n);
-        let all_const = node.inputs.iter().all(|v| matches!(self.slots.get(v), Some(Slot::Const(_))));
+        let all_const = node.inputs.iter().all(|v| matches!(self.slots.get(v), Some(Slot::Const(_) | Slot::Stored(_))));
         let concrete = node.outputs.iter().all(|v| g.ty(*v).shape.iter().all(Dim::is_const));
         if all_const && concrete && !node.inputs.is_empty() {
+            if self.view(n) {
+                return Ok(());
+            }
             return self.fold(n);
         }
         if let Some(done) = self.weight_stationary(n)? {
@@ -324,7 +418,38 @@ impl Scheduler<'_> {
         }
     }
 
-    /// A matmul or gated MLP whose weights are 2-D f32 constants `[K, N]`
+    /// A 2-D float constant as a stored matrix and whether the value is
+    /// its transpose; `None` for anything else.
+    fn matrix(&self, v: ValueId) -> Option<(Matrix, bool)> {
+        match self.slots.get(&v)? {
+            Slot::Stored(s) if s.t.shape.len() == 2 => s.matrix(),
+            Slot::Const(t) if t.shape.len() == 2 && matches!(t.data, Data::F32(_)) => {
+                let data = Chunk::Owned(const_bytes(t));
+                Some((Matrix { data, dtype: DType::F32, rows: t.shape[0], cols: t.shape[1] }, false))
+            }
+            _ => None,
+        }
+    }
+
+    /// Keeps a cast that widens a weight exactly, or a 2-D transpose of
+    /// one, as a view of its stored bytes (applied where it is placed);
+    /// false when the node is not one.
+    fn view(&mut self, n: NodeId) -> bool {
+        let node = self.graph.node(n);
+        let Some(Slot::Stored(s)) = self.slots.get(&node.inputs[0]) else { return false };
+        let mut s = s.clone();
+        match &node.op {
+            Op::Cast { to } if *to == s.dtype => {}
+            Op::Cast { to } if *to == DType::F32 && matches!(s.dtype, DType::BF16 | DType::F16) => s.dtype = *to,
+            Op::Transpose { perm } if perm[..] == [1, 0] && s.t.shape.len() == 2 => s.transposed = !s.transposed,
+            _ => return false,
+        }
+        self.slots.insert(node.outputs[0], Slot::Stored(s));
+        self.folded += 1;
+        true
+    }
+
+    /// A matmul or gated MLP whose weights are 2-D float constants `[K, N]`
     /// runs the kernel that reads them as `[N, K]`; `None` when the node is
     /// not one.
     fn weight_stationary(&mut self, n: NodeId) -> Result<Option<()>, ScheduleError> {
@@ -335,20 +460,32 @@ impl Scheduler<'_> {
             Op::GatedMlp { .. } => &node.inputs[1..],
             _ => return Ok(None),
         };
-        let mut nk = vec![];
+        let mut mats = vec![];
         for w in weights {
-            match self.slots.get(w) {
-                Some(Slot::Const(t)) if t.shape.len() == 2 && matches!(t.data, Data::F32(_)) => nk.push(transpose2(t)),
-                _ => return Ok(None),
+            match self.matrix(*w) {
+                Some(m) => mats.push(m),
+                None => return Ok(None),
             }
         }
+        // The value is `[k, n]`; kernels read `[n, k]`, its transpose, which
+        // is the stored matrix itself when the value is a transpose.
+        let (k_, n_) = match &mats[0] {
+            (m, false) => (m.rows, m.cols),
+            (m, true) => (m.cols, m.rows),
+        };
         let x_ty = g.ty(node.inputs[0]).clone();
-        let values: Vec<Vec<f32>> = nk.iter().map(Tensor::to_f32_vec).collect();
-        let welem = self.options.weight_dtype.scalar();
-        let welem = if values.iter().all(|v| fits(welem, v)) { welem } else { Scalar::F32 };
+        let wanted = self.options.weight_dtype.scalar();
+        let laid_out = |elem: Scalar| -> Option<Vec<Chunk>> {
+            mats.iter().map(|(m, transposed)| m.laid_out(scalar_dtype(elem), !transposed)).collect()
+        };
+        // A weight with a value the narrow type cannot hold keeps all of
+        // the node's weights f32.
+        let (welem, nk) = match laid_out(wanted) {
+            Some(nk) => (wanted, nk),
+            None => (Scalar::F32, laid_out(Scalar::F32).expect("f32 holds every float value")),
+        };
         if self.options.device == Device::Gpu {
             // The GPU weight products read `[n, k]` rows with 16-byte loads.
-            let (n_, k_) = (nk[0].shape[0], nk[0].shape[1]);
             let inst = match &node.op {
                 Op::MatMul {} => select::weight_matmul_gpu(&x_ty, n_, k_, welem),
                 Op::GatedMlp { act } => select::weight_gated_mlp_gpu(&x_ty, n_, k_, act, welem),
@@ -356,14 +493,13 @@ impl Scheduler<'_> {
             };
             let Ok(inst) = inst else { return Ok(None) };
             let mut args = vec![self.buffer_of(node.inputs[0])];
-            for ((w, t), v) in weights.iter().zip(&nk).zip(&values) {
-                args.push(self.place_values(&format!("%{}ᵀ", w.index()), &t.shape, welem, v));
+            for (w, chunk) in weights.iter().zip(nk) {
+                args.push(self.place_chunk(&format!("%{}ᵀ", w.index()), &[n_, k_], welem, chunk));
             }
             self.launch(n, inst, args)?;
             return Ok(Some(()));
         }
         if self.options.packed_weights {
-            let (n_, k_) = (nk[0].shape[0], nk[0].shape[1]);
             let wk = match &node.op {
                 Op::MatMul {} => select::weight_matmul(&x_ty, n_, k_, welem),
                 Op::GatedMlp { act } => select::weight_gated_mlp(&x_ty, n_, k_, act, welem),
@@ -371,33 +507,30 @@ impl Scheduler<'_> {
             };
             if let Ok(wk) = wk {
                 let mut args = vec![self.buffer_of(node.inputs[0])];
-                for ((w, v), pack) in weights.iter().zip(&values).zip(&wk.packs) {
-                    let packed = pack.apply(v, n_, k_);
-                    let shape = [packed.len()];
-                    args.push(self.place_values(&format!("%{}ᵀ packed", w.index()), &shape, welem, &packed));
+                let esize = scalar_dtype(welem).size_bytes();
+                for ((w, chunk), pack) in weights.iter().zip(&nk).zip(&wk.packs) {
+                    let packed = pack.apply_bytes(chunk.bytes(), esize, n_, k_);
+                    let shape = [packed.len() / esize];
+                    let name = format!("%{}ᵀ packed", w.index());
+                    args.push(self.place_chunk(&name, &shape, welem, Chunk::Owned(packed)));
                 }
                 self.launch(n, wk.instance, args)?;
                 return Ok(Some(()));
             }
         }
         // The weight's type tells the `[n, k]` kernels how it is stored.
-        let wdtype = match welem {
-            Scalar::BF16 => DType::BF16,
-            Scalar::F16 => DType::F16,
-            _ => DType::F32,
-        };
-        let nk_ty = |t: &Tensor| smelt_ir::TensorType::new(wdtype, t.shape.iter().map(|&d| Dim::from(d)).collect());
+        let nk_ty = smelt_ir::TensorType::new(scalar_dtype(welem), vec![Dim::from(n_), Dim::from(k_)]);
         let inst = match &node.op {
-            Op::MatMul {} => select::matmul_weight_nk(&x_ty, &nk_ty(&nk[0])),
-            Op::GatedMlp { act } => select::gated_mlp_weight_nk(&x_ty, &nk_ty(&nk[0]), &nk_ty(&nk[1]), act),
+            Op::MatMul {} => select::matmul_weight_nk(&x_ty, &nk_ty),
+            Op::GatedMlp { act } => select::gated_mlp_weight_nk(&x_ty, &nk_ty, &nk_ty, act),
             _ => unreachable!("matched above"),
         };
         // A shape the weight kernels do not take (e.g. a 1-D activation)
         // falls back to the general kernel.
         let Ok(inst) = inst else { return Ok(None) };
         let mut args = vec![self.buffer_of(node.inputs[0])];
-        for ((w, t), v) in weights.iter().zip(&nk).zip(&values) {
-            args.push(self.place_values(&format!("%{}ᵀ", w.index()), &t.shape, welem, v));
+        for (w, chunk) in weights.iter().zip(nk) {
+            args.push(self.place_chunk(&format!("%{}ᵀ", w.index()), &[n_, k_], welem, chunk));
         }
         self.launch(n, inst, args)?;
         Ok(Some(()))
@@ -415,22 +548,16 @@ impl Scheduler<'_> {
         if elem == Scalar::F32 || !matches!(axis, 0 | -2) {
             return Ok(None);
         }
-        let (shape, values) = match self.slots.get(&node.inputs[0]) {
-            Some(Slot::Const(t)) if t.shape.len() == 2 && matches!(t.data, Data::F32(_)) => {
-                (t.shape.clone(), t.to_f32_vec())
-            }
-            _ => return Ok(None),
-        };
-        if !fits(elem, &values) {
-            return Ok(None);
-        }
+        let Some((m, transposed)) = self.matrix(node.inputs[0]) else { return Ok(None) };
+        let shape = if transposed { [m.cols, m.rows] } else { [m.rows, m.cols] };
         let (data, idx, out) = (g.ty(node.inputs[0]), g.ty(node.inputs[1]), g.ty(node.outputs[0]));
         let Ok(inst) = select::gather_stored(data, idx, out, *axis, elem) else { return Ok(None) };
         let Ok(inst) = self.on_device(inst) else { return Ok(None) };
         let table = match self.placed.get(&(node.inputs[0], elem)) {
             Some(&b) => b,
             None => {
-                let b = self.place_values(&format!("%{}", node.inputs[0].index()), &shape, elem, &values);
+                let Some(chunk) = m.laid_out(scalar_dtype(elem), transposed) else { return Ok(None) };
+                let b = self.place_chunk(&format!("%{}", node.inputs[0].index()), &shape, elem, chunk);
                 self.placed.insert((node.inputs[0], elem), b);
                 b
             }
@@ -443,15 +570,17 @@ impl Scheduler<'_> {
     /// Evaluates a node whose operands are all constants.
     fn fold(&mut self, n: NodeId) -> Result<(), ScheduleError> {
         let node = self.graph.node(n);
-        let operands: Vec<&Tensor> = node
+        let operands: Vec<Cow<'_, Tensor>> = node
             .inputs
             .iter()
             .map(|v| match &self.slots[v] {
-                Slot::Const(t) => t,
+                Slot::Const(t) => Cow::Borrowed(t),
+                Slot::Stored(s) => Cow::Owned(s.to_tensor()),
                 Slot::Buf(_) => unreachable!("fold is only called with constant operands"),
             })
             .collect();
-        let results = interp::eval_op(&node.op, &operands, &BTreeMap::new())
+        let refs: Vec<&Tensor> = operands.iter().map(|t| t.as_ref()).collect();
+        let results = interp::eval_op(&node.op, &refs, &BTreeMap::new())
             .map_err(|e| ScheduleError::Fold { node: describe(self.graph, n), message: e.to_string() })?;
         for (v, t) in node.outputs.iter().zip(results) {
             self.slots.insert(*v, Slot::Const(t));
@@ -566,35 +695,36 @@ impl Scheduler<'_> {
 
     /// Stores a constant's bytes (once per distinct content) and returns
     /// the file offset.
-    fn store(&mut self, bytes: &[u8]) -> u64 {
-        use std::hash::{Hash, Hasher};
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        bytes.hash(&mut h);
-        let key = (bytes.len(), h.finish());
+    fn store(&mut self, chunk: Chunk) -> u64 {
+        if let Chunk::Shared(t) = &chunk {
+            if let Some((_, o)) = self.shared.iter().find(|(s, _)| s.same_bytes(t)) {
+                return *o;
+            }
+        }
+        let key = sample_key(chunk.bytes());
         if let Some(offsets) = self.stored.get(&key) {
             for &o in offsets {
-                if &self.weights[o as usize..o as usize + bytes.len()] == bytes {
+                if self.constants.matches(o, chunk.bytes()) {
                     return o;
                 }
             }
         }
-        let pad = self.weights.len().next_multiple_of(WEIGHT_ALIGN) - self.weights.len();
-        self.weights.extend(std::iter::repeat_n(0u8, pad));
-        let offset = self.weights.len() as u64;
-        self.weights.extend_from_slice(bytes);
+        let shared = match &chunk {
+            Chunk::Shared(t) => Some(t.clone()),
+            Chunk::Owned(_) => None,
+        };
+        let offset = self.constants.append(chunk.boxed(), WEIGHT_ALIGN);
         self.stored.entry(key).or_default().push(offset);
+        if let Some(t) = shared {
+            self.shared.push((t, offset));
+        }
         offset
     }
 
-    /// A buffer holding float constants stored as `elem` (`F32`, or
-    /// `BF16`/`F16` rounded to nearest even), such as a re-laid-out weight.
-    fn place_values(&mut self, name: &str, shape: &[usize], elem: Scalar, values: &[f32]) -> usize {
-        let bytes: Vec<u8> = match elem {
-            Scalar::BF16 => values.iter().flat_map(|&x| half::bf16::from_f32(x).to_le_bytes()).collect(),
-            Scalar::F16 => values.iter().flat_map(|&x| half::f16::from_f32(x).to_le_bytes()).collect(),
-            _ => values.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        };
-        let offset = self.store(&bytes);
+    /// A buffer holding float constants stored as `elem` (`chunk` holds
+    /// them as such), such as a re-laid-out weight.
+    fn place_chunk(&mut self, name: &str, shape: &[usize], elem: Scalar, chunk: Chunk) -> usize {
+        let offset = self.store(chunk);
         self.buffers.push(Buffer {
             name: name.to_string(),
             elem: plan_elem(elem),
@@ -617,8 +747,15 @@ impl Scheduler<'_> {
         match self.slots.get(&v) {
             Some(Slot::Buf(b)) => *b,
             Some(Slot::Const(t)) => {
-                let bytes = const_bytes(t);
-                let offset = self.store(&bytes);
+                let chunk = Chunk::Owned(const_bytes(t));
+                let offset = self.store(chunk);
+                let b = self.new_buffer(v, Storage::Weight { offset });
+                self.placed.insert((v, Scalar::F32), b);
+                b
+            }
+            Some(Slot::Stored(s)) => {
+                let chunk = s.kernel_bytes();
+                let offset = self.store(chunk);
                 let b = self.new_buffer(v, Storage::Weight { offset });
                 self.placed.insert((v, Scalar::F32), b);
                 b
@@ -628,27 +765,13 @@ impl Scheduler<'_> {
     }
 }
 
-/// Whether every finite value stays finite stored as `elem` (f16 overflows
-/// above 65504).
-fn fits(elem: Scalar, values: &[f32]) -> bool {
-    match elem {
-        Scalar::F16 => values.iter().all(|&x| !x.is_finite() || half::f16::from_f32(x).is_finite()),
-        Scalar::BF16 => values.iter().all(|&x| !x.is_finite() || half::bf16::from_f32(x).is_finite()),
-        _ => true,
+/// The element type of a KIR float element type.
+fn scalar_dtype(s: Scalar) -> DType {
+    match s {
+        Scalar::BF16 => DType::BF16,
+        Scalar::F16 => DType::F16,
+        _ => DType::F32,
     }
-}
-
-/// The transpose of a 2-D f32 constant.
-fn transpose2(t: &Tensor) -> Tensor {
-    let (r, c) = (t.shape[0], t.shape[1]);
-    let src = t.to_f32_vec();
-    let mut out = vec![0f32; r * c];
-    for i in 0..r {
-        for j in 0..c {
-            out[j * r + i] = src[i * c + j];
-        }
-    }
-    Tensor::from_f32(t.dtype, vec![c, r], out).expect("same element count")
 }
 
 /// A constant in the element type kernels read (floats as f32).
@@ -716,7 +839,7 @@ mod tests {
     /// A tied embedding: the table of the lookup is the transposed-back
     /// head weight. With `weight_dtype`, both are stored narrow; the norm
     /// weight stays f32.
-    fn tied_lm() -> (Graph, BTreeMap<String, Tensor>) {
+    fn tied_lm() -> (Graph, BTreeMap<String, StoredTensor>) {
         let g = smelt_ir::text::parse(
             r#"
 func @lm(%ids: i64[1, seq]) -> (logits) {
@@ -736,7 +859,7 @@ func @lm(%ids: i64[1, seq]) -> (logits) {
             ("embed".to_string(), Tensor::from_f32(DType::F32, vec![11, 8], embed).unwrap()),
             ("norm".to_string(), Tensor::from_f32(DType::F32, vec![8], vec![1.5; 8]).unwrap()),
         ]);
-        (g, weights)
+        (g, weights.iter().map(|(n, t)| (n.clone(), StoredTensor::from_tensor(t))).collect())
     }
 
     /// The constant buffers as (elem, offset, bytes).
@@ -775,7 +898,7 @@ func @lm(%ids: i64[1, seq]) -> (logits) {
             let (table, norm): (Vec<&(Elem, u64, usize)>, Vec<_>) = c.iter().partition(|x| x.2 == 88 * elem.size());
             assert!(table.iter().all(|t| t.0 == elem && t.1 == table[0].1), "{dtype:?}: {c:?}");
             assert_eq!(norm, vec![&(Elem::F32, norm[0].1, 32)], "{dtype:?}");
-            assert_eq!(s.weights.len() as u64, c.iter().map(|x| x.1 + x.2 as u64).max().unwrap(), "{dtype:?}");
+            assert_eq!(s.constants.len(), c.iter().map(|x| x.1 + x.2 as u64).max().unwrap(), "{dtype:?}");
             let names: Vec<&str> = s.kernels.iter().map(|k| k.name.as_str()).collect();
             let suffix = match dtype {
                 WeightDtype::F32 => "",
@@ -807,9 +930,9 @@ func @lm(%ids: i64[1, seq]) -> (logits) {
     #[test]
     fn weights_that_overflow_f16_stay_f32() {
         let (g, mut w) = tied_lm();
-        let mut big = w["embed"].to_f32_vec();
+        let mut big = w["embed"].to_tensor().to_f32_vec();
         big[3] = 1e5;
-        w.insert("embed".into(), Tensor::from_f32(DType::F32, vec![11, 8], big).unwrap());
+        w.insert("embed".into(), StoredTensor::from_tensor(&Tensor::from_f32(DType::F32, vec![11, 8], big).unwrap()));
         let s = schedule(
             &g,
             &w,

@@ -371,7 +371,7 @@ fn weight_gated_mlp_cases() {
 }
 
 /// The panel layout: padding, `apply_kn` of a `[k, n]` weight equals
-/// `apply` of its `[n, k]` transpose, and a static row count needs no
+/// `apply` of its `[n, k]` transpose (and `apply_bytes` of its bytes), and a static row count needs no
 /// scalar parameter.
 #[test]
 fn packing_layout() {
@@ -386,6 +386,9 @@ fn packing_layout() {
         let packed = p.apply(&f32s(&w), nn, k);
         let wkn = f32s(&transposed(&w, &s));
         assert_eq!(p.apply_kn(&wkn, nn, k), packed);
+        let bytes: Vec<u8> = f32s(&w).iter().flat_map(|x| x.to_le_bytes()).collect();
+        let packed_bytes: Vec<u8> = packed.iter().flat_map(|x| x.to_le_bytes()).collect();
+        assert_eq!(p.apply_bytes(&bytes, 4, nn, k), packed_bytes, "apply_bytes of [{nn}, {k}]");
         let wv = f32s(&w);
         for (i, x) in packed.iter().enumerate() {
             let (panel, kk, jj) = (i / (nr * k), i / nr % k, i % nr);

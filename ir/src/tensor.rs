@@ -160,6 +160,15 @@ impl Tensor {
 
     /// Little-endian bytes in the layout of `self.dtype` (safetensors, ONNX raw_data).
     pub fn to_le_bytes(&self) -> Vec<u8> {
+        // The common cases at memory speed (weights are large); the general
+        // loop below is the definition.
+        match (&self.data, self.dtype) {
+            (Data::F32(v), DType::F32) => return v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            (Data::F32(v), DType::BF16) => return v.iter().flat_map(|&x| bf16::from_f32(x).to_le_bytes()).collect(),
+            (Data::F32(v), DType::F16) => return v.iter().flat_map(|&x| f16::from_f32(x).to_le_bytes()).collect(),
+            (Data::I64(v), DType::I64) => return v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            _ => {}
+        }
         let mut out = Vec::with_capacity(self.numel() * self.dtype.size_bytes());
         for i in 0..self.numel() {
             let x = self.get_f64(i);

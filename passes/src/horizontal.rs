@@ -9,7 +9,7 @@
 
 use crate::error::PassError;
 use crate::Weights;
-use smelt_ir::{DType, Dim, Graph, NodeId, Op, Tensor, TensorType, ValueId};
+use smelt_ir::{DType, Dim, Graph, NodeId, Op, StoredTensor, Tensor, TensorType, ValueId};
 use std::collections::{BTreeMap, HashSet};
 
 /// A matmul's right operand traced back to a weight.
@@ -21,17 +21,27 @@ struct WeightView {
     chain: Vec<Op>,
     /// The compute dtype the operand has in the graph.
     dtype: DType,
+    /// The dtype the graph declares the weight stored in.
+    stored: DType,
+    /// The operand's shape (`[k, n]`).
+    shape: [usize; 2],
 }
 
 fn trace(g: &Graph, mut v: ValueId) -> Option<WeightView> {
-    let dtype = g.ty(v).dtype;
+    let ty = g.ty(v);
+    let dtype = ty.dtype;
+    let shape = match ty.const_shape()?[..] {
+        [k, n] => [k, n],
+        _ => return None,
+    };
     let mut chain = Vec::new();
     loop {
         let node = g.def(v);
         match &node.op {
             Op::Weight { name } => {
                 chain.reverse();
-                return Some(WeightView { name: name.clone(), chain, dtype });
+                let stored = g.ty(v).dtype;
+                return Some(WeightView { name: name.clone(), chain, dtype, stored, shape });
             }
             Op::Cast { to } if to.is_float() => v = node.inputs[0],
             op @ (Op::Transpose { .. } | Op::Slice { .. } | Op::Reshape { .. }) => {
@@ -43,12 +53,99 @@ fn trace(g: &Graph, mut v: ValueId) -> Option<WeightView> {
     }
 }
 
-fn eval(view: &WeightView, weights: &Weights) -> Option<Tensor> {
-    let mut t = weights.get(&view.name)?.clone();
-    for op in &view.chain {
+/// One weight of a join: the weight, the movement ops applied to it
+/// (innermost first) and the `[k, n]` shape they give.
+pub struct JoinPart<'a> {
+    pub weight: &'a str,
+    pub chain: &'a [Op],
+    pub shape: [usize; 2],
+}
+
+/// What horizontal fusion needs of a weight store: adding a joined weight
+/// and dropping the weights no longer referenced. Implemented for
+/// [`Weights`] (tensors) and for [`StoredTensor`]s (what a compile reads,
+/// kept in their stored bytes).
+pub trait WeightStore {
+    /// Adds the weight `name`: each part evaluated, and the results
+    /// concatenated along axis 1. Returns false, adding nothing, when a part
+    /// is missing, is not stored as `dtype` or does not evaluate to its shape.
+    fn join(&mut self, name: &str, dtype: DType, parts: &[JoinPart<'_>]) -> bool;
+
+    /// Keeps only the weights for which `keep` is true.
+    fn retain_weights(&mut self, keep: &dyn Fn(&str) -> bool);
+}
+
+/// A part evaluated with the reference interpreter.
+fn eval(t: &Tensor, part: &JoinPart<'_>) -> Option<Tensor> {
+    let mut t = t.clone();
+    for op in part.chain {
         t = smelt_ir::interp::eval_op(op, &[&t], &BTreeMap::new()).ok()?.pop()?;
     }
     Some(t)
+}
+
+impl WeightStore for Weights {
+    fn join(&mut self, name: &str, dtype: DType, parts: &[JoinPart<'_>]) -> bool {
+        let mut tensors = Vec::with_capacity(parts.len());
+        for p in parts {
+            match self.get(p.weight).filter(|t| t.dtype == dtype).and_then(|t| eval(t, p)) {
+                Some(t) if t.shape == p.shape => tensors.push(t),
+                _ => return false,
+            }
+        }
+        let refs: Vec<&Tensor> = tensors.iter().collect();
+        match smelt_ir::interp::eval_op(&Op::Concat { axis: 1 }, &refs, &BTreeMap::new()) {
+            Ok(mut joined) => {
+                self.insert(name.to_string(), joined.remove(0));
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    fn retain_weights(&mut self, keep: &dyn Fn(&str) -> bool) {
+        self.retain(|n, _| keep(n));
+    }
+}
+
+impl WeightStore for BTreeMap<String, StoredTensor> {
+    fn join(&mut self, name: &str, dtype: DType, parts: &[JoinPart<'_>]) -> bool {
+        let rows = parts[0].shape[0];
+        let cols: usize = parts.iter().map(|p| p.shape[1]).sum();
+        let esize = dtype.size_bytes();
+        let mut out = vec![0u8; rows * cols * esize];
+        let mut at = 0;
+        for p in parts {
+            let Some(w) = self.get(p.weight).filter(|t| t.dtype == dtype) else { return false };
+            let [k, n] = p.shape;
+            if k != rows {
+                return false;
+            }
+            if matches!(p.chain, [Op::Transpose { perm }] if perm[..] == [1, 0]) && w.shape == [n, k] {
+                // The usual case, `transpose(w)` of a checkpoint's `[n, k]`
+                // weight: transposed straight into its columns.
+                smelt_ir::stored::transpose_into(w.bytes(), n, k, esize, &mut out, cols, at);
+            } else {
+                let Some(t) = eval(&w.to_tensor(), p).filter(|t| t.shape == p.shape) else { return false };
+                let bytes = t.to_le_bytes();
+                for (r, row) in bytes.chunks_exact(n * esize).enumerate() {
+                    out[(r * cols + at) * esize..][..n * esize].copy_from_slice(row);
+                }
+            }
+            at += n;
+        }
+        match StoredTensor::from_bytes(name, dtype, vec![rows, cols], out) {
+            Ok(t) => {
+                self.insert(name.to_string(), t);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    fn retain_weights(&mut self, keep: &dyn Fn(&str) -> bool) {
+        self.retain(|n, _| keep(n));
+    }
 }
 
 /// A short name for the joined weight: the common prefix, then the parts.
@@ -64,7 +161,7 @@ fn joined_name(names: &[String]) -> String {
 }
 
 /// Returns (groups, matmuls joined).
-pub fn run(g: &mut Graph, weights: &mut Weights) -> Result<(usize, usize), PassError> {
+pub fn run(g: &mut Graph, weights: &mut impl WeightStore) -> Result<(usize, usize), PassError> {
     // Group by left operand, in topological order so the result is stable.
     let mut groups: BTreeMap<ValueId, Vec<(NodeId, WeightView)>> = BTreeMap::new();
     for n in g.topo_order()? {
@@ -73,9 +170,6 @@ pub fn run(g: &mut Graph, weights: &mut Weights) -> Result<(usize, usize), PassE
             continue;
         }
         let (x, w) = (node.inputs[0], node.inputs[1]);
-        if g.ty(w).rank() != 2 {
-            continue;
-        }
         if let Some(view) = trace(g, w) {
             groups.entry(x).or_default().push((n, view));
         }
@@ -86,35 +180,27 @@ pub fn run(g: &mut Graph, weights: &mut Weights) -> Result<(usize, usize), PassE
         if members.len() < 2 {
             continue;
         }
-        let dtype = members[0].1.dtype;
-        if members.iter().any(|(_, v)| v.dtype != dtype) {
+        let (dtype, stored, rows) = (members[0].1.dtype, members[0].1.stored, members[0].1.shape[0]);
+        if members.iter().any(|(_, v)| v.dtype != dtype || v.stored != stored || v.shape[0] != rows) {
             continue;
         }
-        let Some(tensors) = members.iter().map(|(_, v)| eval(v, weights)).collect::<Option<Vec<Tensor>>>() else {
-            continue;
-        };
-        let stored = tensors[0].dtype;
-        let rows = tensors[0].shape[0];
-        if tensors.iter().any(|t| t.dtype != stored || t.shape.len() != 2 || t.shape[0] != rows) {
-            continue;
-        }
-        let refs: Vec<&Tensor> = tensors.iter().collect();
-        let joined = smelt_ir::interp::eval_op(&Op::Concat { axis: 1 }, &refs, &BTreeMap::new())
-            .map_err(|e| PassError::Stage { stage: "horizontal".into(), message: e.to_string() })?
-            .remove(0);
         let names: Vec<String> = members.iter().map(|(_, v)| v.name.clone()).collect();
         let name = joined_name(&names);
-        let cols = joined.shape[1];
+        let parts: Vec<JoinPart<'_>> =
+            members.iter().map(|(_, v)| JoinPart { weight: &v.name, chain: &v.chain, shape: v.shape }).collect();
+        if !weights.join(&name, stored, &parts) {
+            continue;
+        }
+        let cols = members.iter().map(|(_, v)| v.shape[1]).sum::<usize>();
         let mut w = g.add_weight(&name, TensorType::fixed(stored, &[rows, cols]));
-        weights.insert(name, joined);
         if stored != dtype {
             w = g.add(Op::Cast { to: dtype }, &[w])?;
         }
         let label = g.node(members[0].0).label.clone();
         let mm = g.add_labeled(Op::MatMul {}, &[x, w], label.as_deref())?;
         let mut offset = 0;
-        for ((n, _), t) in members.iter().zip(&tensors) {
-            let width = t.shape[1];
+        for (n, v) in &members {
+            let width = v.shape[1];
             let part = g.add_labeled(
                 Op::Slice {
                     axes: vec![-1],
@@ -135,6 +221,6 @@ pub fn run(g: &mut Graph, weights: &mut Weights) -> Result<(usize, usize), PassE
     }
     g.remove_dead();
     let live: HashSet<String> = g.weights().into_iter().map(|(n, _)| n).collect();
-    weights.retain(|n, _| !replaced.contains(n) || live.contains(n));
+    weights.retain_weights(&|n| !replaced.contains(n) || live.contains(n));
     Ok((n_groups, n_members))
 }

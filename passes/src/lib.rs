@@ -27,6 +27,7 @@ pub mod verify;
 
 pub use error::PassError;
 pub use fuse::{fuse, FusionOptions, Limits};
+pub use horizontal::WeightStore;
 pub use pipeline::{pipeline, DumpSpec, DumpTarget, PipelineOptions, PipelineReport, STAGES};
 pub use report::{fusion_report, FusionReport};
 

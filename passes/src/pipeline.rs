@@ -13,8 +13,8 @@
 
 use crate::error::PassError;
 use crate::fuse::FusionOptions;
+use crate::horizontal::WeightStore;
 use crate::report::FusionReport;
-use crate::Weights;
 use smelt_ir::Graph;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -114,7 +114,11 @@ fn dump(spec: &Option<DumpSpec>, index: usize, stage: &str, g: &Graph) -> Result
 
 /// Runs every stage on the graph (and the weight store, which horizontal
 /// fusion extends with joined weights).
-pub fn pipeline(g: &mut Graph, weights: &mut Weights, opts: &PipelineOptions) -> Result<PipelineReport, PassError> {
+pub fn pipeline(
+    g: &mut Graph,
+    weights: &mut impl WeightStore,
+    opts: &PipelineOptions,
+) -> Result<PipelineReport, PassError> {
     let t_all = Instant::now();
     let mut report = PipelineReport::default();
     dump(&opts.dump, 0, "input", g)?;

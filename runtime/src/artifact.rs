@@ -31,10 +31,11 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use smelt_ir::{DType, Dim, Graph, Tensor, TensorType};
+use smelt_ir::{DType, Dim, Graph, StoredTensor, Tensor, TensorType};
 
+pub use crate::constants::FileData;
 use crate::plan::{NativePlan, PtxModule};
-use crate::tensors::{read_tensor_file, tensor_file_bytes, TensorFileError};
+use crate::tensors::{read_tensor_file, stored_file_bytes, TensorFileError};
 
 /// The artifact format version this runtime writes and reads.
 pub const FORMAT_VERSION: u64 = 1;
@@ -277,7 +278,7 @@ pub struct ArtifactSpec<'a> {
     /// The graph; it is verified before anything is written.
     pub graph: &'a Graph,
     /// Every weight the graph references, in its stored dtype.
-    pub weights: &'a BTreeMap<String, Tensor>,
+    pub weights: &'a BTreeMap<String, StoredTensor>,
     pub model: ModelInfo,
     /// The model folder's `tokenizer.json`, copied when given.
     pub tokenizer: Option<&'a Path>,
@@ -295,7 +296,7 @@ pub struct ArtifactSpec<'a> {
 pub struct NativeFiles {
     pub plan: NativePlan,
     pub library: Vec<u8>,
-    pub constants: Vec<u8>,
+    pub constants: FileData,
 }
 
 /// The compiled parts of a `cuda` artifact.
@@ -303,23 +304,29 @@ pub struct CudaFiles {
     pub plan: NativePlan,
     /// `(arch, PTX text)`, e.g. `("sm_90a", ...)`.
     pub ptx: Vec<(String, String)>,
-    pub constants: Vec<u8>,
+    pub constants: FileData,
 }
 
 /// Checks that every weight the graph references is given with the dtype
 /// and (constant) shape the graph declares.
 pub fn check_weights(g: &Graph, weights: &BTreeMap<String, Tensor>) -> Result<(), ArtifactError> {
+    check_weight_types(g, |n| weights.get(n).map(|t| (t.dtype, &t.shape[..])))
+}
+
+/// [`check_weights`] of stored tensors.
+pub fn check_stored_weights(g: &Graph, weights: &BTreeMap<String, StoredTensor>) -> Result<(), ArtifactError> {
+    check_weight_types(g, |n| weights.get(n).map(|t| (t.dtype, &t.shape[..])))
+}
+
+fn check_weight_types<'w>(g: &Graph, get: impl Fn(&str) -> Option<(DType, &'w [usize])>) -> Result<(), ArtifactError> {
     for (name, v) in g.weights() {
         let ty = g.ty(v);
-        let Some(t) = weights.get(&name) else {
+        let Some((dtype, shape)) = get(&name) else {
             return Err(ArtifactError::Weight { name, why: "is referenced by the graph but not given".to_string() });
         };
-        let shape_ok = ty.const_shape().is_some_and(|s| s == t.shape);
-        if t.dtype != ty.dtype || !shape_ok {
-            return Err(ArtifactError::Weight {
-                name,
-                why: format!("is {}{:?}, the graph declares {ty}", t.dtype, t.shape),
-            });
+        let shape_ok = ty.const_shape().is_some_and(|s| s == shape);
+        if dtype != ty.dtype || !shape_ok {
+            return Err(ArtifactError::Weight { name, why: format!("is {dtype}{shape:?}, the graph declares {ty}") });
         }
     }
     Ok(())
@@ -331,7 +338,7 @@ pub fn write_artifact(out: &Path, a: &ArtifactSpec<'_>) -> Result<Manifest, Arti
     let dir_for_errors = out.to_path_buf();
     smelt_ir::verify::verify(a.graph)
         .map_err(|e| ArtifactError::GraphInvalid { dir: dir_for_errors.clone(), msg: first_lines(&e.to_string()) })?;
-    check_weights(a.graph, a.weights)?;
+    check_stored_weights(a.graph, a.weights)?;
 
     if out.exists() {
         let is_artifact = out.join(MANIFEST_FILE).is_file();
@@ -369,19 +376,44 @@ pub fn write_artifact(out: &Path, a: &ArtifactSpec<'_>) -> Result<Manifest, Arti
     Ok(manifest)
 }
 
-fn write_files(tmp: &Path, out: &Path, a: &ArtifactSpec<'_>) -> Result<Manifest, ArtifactError> {
-    let mut files = Vec::new();
-    let mut put = |name: &str, bytes: &[u8]| -> Result<(), ArtifactError> {
-        let p = tmp.join(name);
+/// The files written into the temporary artifact directory, with their
+/// manifest entries.
+struct Files<'t> {
+    tmp: &'t Path,
+    list: Vec<FileEntry>,
+}
+
+impl Files<'_> {
+    fn put(&mut self, name: &str, bytes: &[u8]) -> Result<(), ArtifactError> {
+        let p = self.tmp.join(name);
         std::fs::write(&p, bytes).map_err(io(&p))?;
-        files.push(FileEntry { name: name.to_string(), size: bytes.len() as u64, sha256: sha256_hex(bytes) });
+        self.list.push(FileEntry { name: name.to_string(), size: bytes.len() as u64, sha256: sha256_hex(bytes) });
         Ok(())
-    };
-    put(GRAPH_FILE, smelt_ir::text::print(a.graph).as_bytes())?;
+    }
+
+    /// Puts `data`; a file written (and hashed) already is moved in, not
+    /// read again.
+    fn put_data(&mut self, name: &str, data: &FileData) -> Result<(), ArtifactError> {
+        let FileData::File { path, size, sha256 } = data else {
+            return self.put(name, &data.read().map_err(io(self.tmp))?);
+        };
+        let p = self.tmp.join(name);
+        if std::fs::rename(path, &p).is_err() {
+            // Another file system: copy.
+            std::fs::copy(path, &p).map_err(io(&p))?;
+        }
+        self.list.push(FileEntry { name: name.to_string(), size: *size, sha256: sha256.clone() });
+        Ok(())
+    }
+}
+
+fn write_files(tmp: &Path, out: &Path, a: &ArtifactSpec<'_>) -> Result<Manifest, ArtifactError> {
+    let mut files = Files { tmp, list: Vec::new() };
+    files.put(GRAPH_FILE, smelt_ir::text::print(a.graph).as_bytes())?;
     let native = match &a.native {
         Some(n) => {
-            put(LIBRARY_FILE, &n.library)?;
-            put(CONSTANTS_FILE, &n.constants)?;
+            files.put(LIBRARY_FILE, &n.library)?;
+            files.put_data(CONSTANTS_FILE, &n.constants)?;
             let mut plan = n.plan.clone();
             plan.library = LIBRARY_FILE.to_string();
             plan.weights = CONSTANTS_FILE.to_string();
@@ -396,14 +428,14 @@ fn write_files(tmp: &Path, out: &Path, a: &ArtifactSpec<'_>) -> Result<Manifest,
             plan.ptx = vec![];
             for (arch, text) in &c.ptx {
                 let file = ptx_file_name(arch);
-                put(&file, text.as_bytes())?;
+                files.put(&file, text.as_bytes())?;
                 plan.ptx.push(PtxModule { arch: arch.clone(), file });
             }
             // Both plans share one constants file when its bytes are equal.
-            let shared = a.native.as_ref().is_some_and(|n| n.constants == c.constants);
+            let shared = a.native.as_ref().is_some_and(|n| n.constants.same_contents(&c.constants));
             plan.weights = if shared { CONSTANTS_FILE } else { CUDA_CONSTANTS_FILE }.to_string();
             if !shared {
-                put(CUDA_CONSTANTS_FILE, &c.constants)?;
+                files.put_data(CUDA_CONSTANTS_FILE, &c.constants)?;
             }
             Some(plan)
         }
@@ -413,15 +445,15 @@ fn write_files(tmp: &Path, out: &Path, a: &ArtifactSpec<'_>) -> Result<Manifest,
         (Some(_), _) | (_, Some(_)) => {}
         (None, None) => {
             // Only the weights the graph references are stored.
-            let used: BTreeMap<String, Tensor> =
-                a.graph.weights().into_iter().filter_map(|(n, _)| a.weights.get(&n).map(|t| (n, t.clone()))).collect();
-            put(WEIGHTS_FILE, &tensor_file_bytes(&out.join(WEIGHTS_FILE), &used)?)?;
+            let used: BTreeMap<String, &StoredTensor> =
+                a.graph.weights().into_iter().filter_map(|(n, _)| a.weights.get(&n).map(|t| (n, t))).collect();
+            files.put(WEIGHTS_FILE, &stored_file_bytes(&out.join(WEIGHTS_FILE), &used)?)?;
         }
     }
     let tokenizer = match a.tokenizer {
         Some(p) => {
             let bytes = std::fs::read(p).map_err(io(p))?;
-            put(TOKENIZER_FILE, &bytes)?;
+            files.put(TOKENIZER_FILE, &bytes)?;
             Some(TOKENIZER_FILE.to_string())
         }
         None => None,
@@ -441,7 +473,7 @@ fn write_files(tmp: &Path, out: &Path, a: &ArtifactSpec<'_>) -> Result<Manifest,
         target: target.to_string(),
         model: a.model.clone(),
         signature,
-        files,
+        files: files.list,
         tokenizer,
         eos_token_ids: a.eos_token_ids.clone(),
         fusion: a.fusion.clone(),
@@ -669,6 +701,10 @@ mod tests {
         (g, weights)
     }
 
+    fn stored(w: &BTreeMap<String, Tensor>) -> BTreeMap<String, StoredTensor> {
+        w.iter().map(|(n, t)| (n.clone(), StoredTensor::from_tensor(t))).collect()
+    }
+
     fn info() -> ModelInfo {
         ModelInfo {
             architecture: "Tiny".into(),
@@ -687,7 +723,7 @@ mod tests {
             &out,
             &ArtifactSpec {
                 graph: &g,
-                weights: &w,
+                weights: &stored(&w),
                 model: info(),
                 tokenizer: None,
                 eos_token_ids: vec![2],
@@ -785,7 +821,7 @@ mod tests {
                 dir.path(),
                 &ArtifactSpec {
                     graph: &g,
-                    weights: w,
+                    weights: &stored(w),
                     model: info(),
                     tokenizer: None,
                     eos_token_ids: vec![],

@@ -21,6 +21,7 @@
 //! parser, the verifier and the reference interpreter.
 
 pub mod artifact;
+pub mod constants;
 pub mod cuda;
 pub mod generate;
 pub mod model;

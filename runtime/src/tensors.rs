@@ -12,7 +12,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use safetensors::tensor::{Dtype, SafeTensorError, SafeTensors, TensorView};
-use smelt_ir::{DType, Tensor};
+use smelt_ir::{DType, StoredTensor, Tensor};
 
 /// Everything that can go wrong reading or writing a safetensors file.
 #[derive(Debug, thiserror::Error)]
@@ -132,6 +132,19 @@ pub fn tensor_file_bytes(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Res
     let mut views = Vec::with_capacity(bytes.len());
     for ((name, data), t) in bytes.iter().zip(tensors.values()) {
         let view = TensorView::new(to_safetensors_dtype(t.dtype), t.shape.clone(), data)
+            .map_err(|e| write_err(format!("tensor `{name}`: {e}")))?;
+        views.push((name.as_str(), view));
+    }
+    safetensors::tensor::serialize(views, None).map_err(|e| write_err(e.to_string()))
+}
+
+/// Serialises named stored tensors to safetensors bytes (their bytes as
+/// they are).
+pub fn stored_file_bytes(path: &Path, tensors: &BTreeMap<String, &StoredTensor>) -> Result<Vec<u8>, TensorFileError> {
+    let write_err = |msg: String| TensorFileError::Write { path: path.to_path_buf(), msg };
+    let mut views = Vec::with_capacity(tensors.len());
+    for (name, t) in tensors {
+        let view = TensorView::new(to_safetensors_dtype(t.dtype), t.shape.clone(), t.bytes())
             .map_err(|e| write_err(format!("tensor `{name}`: {e}")))?;
         views.push((name.as_str(), view));
     }

@@ -18,13 +18,16 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 use clap::ValueEnum;
-use smelt_codegen::schedule::{schedule, ScheduleOptions, WeightDtype};
-use smelt_ir::Graph;
-use smelt_passes::Weights;
+use smelt_codegen::schedule::{schedule_into, ScheduleOptions, WeightDtype};
+use smelt_ir::{Graph, StoredTensor};
 use smelt_passes::{pipeline, DumpSpec, DumpTarget, PipelineOptions};
 use smelt_runtime::artifact::{write_artifact, ArtifactSpec, CudaFiles, NativeFiles};
+use smelt_runtime::constants::ConstantsWriter;
 
-use crate::source::{load_checkpoint, load_onnx, Source};
+use crate::source::{load_checkpoint_stored, load_onnx, Source};
+
+/// The weights a compile reads: stored bytes by name.
+type Weights = std::collections::BTreeMap<String, StoredTensor>;
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Target {
@@ -125,29 +128,42 @@ pub fn main(args: Args) -> Result<()> {
         bail!("--weight-dtype applies to `--target cpu` and `cuda` only (the interp target keeps the checkpoint's weights)");
     }
     let start = Instant::now();
+    let mut phases = Phases::new();
+    // The weights stay in their stored bytes (a checkpoint's memory map)
+    // until the scheduler places them.
     let mut loaded = match Source::classify(&args.model)? {
-        Source::Checkpoint(dir) => load_checkpoint(&dir)?,
-        Source::Onnx(p) => load_onnx(&p)?,
+        Source::Checkpoint(dir) => load_checkpoint_stored(&dir)?,
+        Source::Onnx(p) => load_onnx(&p)?.into_stored(),
         Source::Artifact(p) => {
             bail!("{}: is already a smelt artifact (compile takes a checkpoint folder or an .onnx file)", p.display())
         }
     };
+    phases.mark("load");
     let fusion = if args.no_fuse {
         None
     } else {
         let report = pipeline(&mut loaded.graph, &mut loaded.weights, &args.passes.options(false)?)?;
         Some(serde_json::to_value(&report.fusion)?)
     };
+    phases.mark("passes");
     let weight_dtype = match (args.weight_dtype, loaded.info.stored_dtype.as_deref()) {
         (Some(d), _) => d.into(),
         (None, Some("bf16")) => WeightDtype::BF16,
         (None, Some("f16")) => WeightDtype::F16,
         (None, _) => WeightDtype::F32,
     };
-    let native =
-        if wants(Target::Cpu) { Some(compile_native(&loaded.graph, &loaded.weights, weight_dtype)?) } else { None };
+    // Constants files are written here as they are built, then moved into
+    // the artifact; beside the output, so moving is a rename.
+    let staging = staging_dir(&args.output)?;
+    let native = if wants(Target::Cpu) {
+        let constants = ConstantsWriter::create(&staging.path().join("constants.bin"))?;
+        Some(compile_native(&loaded.graph, &loaded.weights, weight_dtype, constants, &mut phases)?)
+    } else {
+        None
+    };
     let cuda = if wants(Target::Cuda) {
-        Some(compile_cuda(&loaded.graph, &loaded.weights, weight_dtype, &args.gpu_arch)?)
+        let constants = ConstantsWriter::create(&staging.path().join("constants.cuda.bin"))?;
+        Some(compile_cuda(&loaded.graph, &loaded.weights, weight_dtype, &args.gpu_arch, constants, &mut phases)?)
     } else {
         None
     };
@@ -164,6 +180,8 @@ pub fn main(args: Args) -> Result<()> {
             cuda,
         },
     )?;
+    drop(staging);
+    phases.mark("write");
     let target = manifest.target.clone();
     let size: u64 = manifest.files.iter().map(|f| f.size).sum();
     crate::out(&format!(
@@ -178,14 +196,46 @@ pub fn main(args: Args) -> Result<()> {
     ))
 }
 
+/// `SMELT_TIME=1`: the time each phase of a compile took (and the peak
+/// resident memory so far, where `/proc` has it), on stderr.
+struct Phases {
+    on: bool,
+    last: Instant,
+}
+
+impl Phases {
+    fn new() -> Phases {
+        Phases { on: std::env::var_os("SMELT_TIME").is_some_and(|v| !v.is_empty() && v != "0"), last: Instant::now() }
+    }
+
+    fn mark(&mut self, phase: &str) {
+        if self.on {
+            let peak = std::fs::read_to_string("/proc/self/status")
+                .ok()
+                .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).map(|l| l[6..].trim().to_string()))
+                .map(|p| format!(" (peak RSS {p})"))
+                .unwrap_or_default();
+            eprintln!("time: {phase:<14} {:7.2}s{peak}", self.last.elapsed().as_secs_f64());
+        }
+        self.last = Instant::now();
+    }
+}
+
 /// Schedules the graph into kernels, compiles and links them, and returns
 /// what the artifact stores for the `cpu` target.
-fn compile_native(graph: &Graph, weights: &Weights, weight_dtype: WeightDtype) -> Result<NativeFiles> {
+fn compile_native(
+    graph: &Graph,
+    weights: &Weights,
+    weight_dtype: WeightDtype,
+    constants: ConstantsWriter,
+    phases: &mut Phases,
+) -> Result<NativeFiles> {
     // Cranelift runs the packed-panel weight kernels fastest; the llvm
     // build lowers the [N, K] ones with wider vectors instead.
     let options =
         ScheduleOptions { packed_weights: !cfg!(feature = "llvm"), weight_dtype, ..ScheduleOptions::default() };
-    let sched = schedule(graph, weights, options)?;
+    let sched = schedule_into(graph, weights, options, constants)?;
+    phases.mark("cpu schedule");
     let dir = tempfile::tempdir()?;
     let mut plan = sched.plan;
     #[cfg(not(feature = "llvm"))]
@@ -203,9 +253,24 @@ fn compile_native(graph: &Graph, weights: &Weights, weight_dtype: WeightDtype) -
         }
         smelt_codegen::aot::build_library_mixed(&sched.kernels, &llvm, dir.path())?
     };
+    phases.mark("cpu kernels");
     plan.arch = lib.arch;
     plan.cpu_features = lib.cpu_features;
-    Ok(NativeFiles { plan, library: lib.bytes, constants: sched.weights })
+    let constants = sched.constants.finish()?;
+    phases.mark("cpu constants");
+    Ok(NativeFiles { plan, library: lib.bytes, constants })
+}
+
+/// A temporary folder beside `output` (or in the system's when the
+/// output's folder does not exist yet), removed when dropped.
+fn staging_dir(output: &std::path::Path) -> Result<tempfile::TempDir> {
+    let parent = match output.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => std::path::Path::new("."),
+    };
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(".smelt-staging-");
+    Ok(if parent.is_dir() { builder.tempdir_in(parent)? } else { builder.tempdir()? })
 }
 
 /// The GPU architectures PTX can be emitted for.
@@ -226,25 +291,43 @@ fn check_gpu_archs(archs: &[String]) -> Result<()> {
 /// Schedules the graph for the GPU and emits its kernels as PTX for each
 /// architecture in `archs`.
 #[cfg(feature = "llvm")]
-fn compile_cuda(graph: &Graph, weights: &Weights, weight_dtype: WeightDtype, archs: &[String]) -> Result<CudaFiles> {
+fn compile_cuda(
+    graph: &Graph,
+    weights: &Weights,
+    weight_dtype: WeightDtype,
+    archs: &[String],
+    constants: ConstantsWriter,
+    phases: &mut Phases,
+) -> Result<CudaFiles> {
     use smelt_codegen::llvm::{emit_ptx, GpuArch};
     use smelt_codegen::schedule::Device;
     let options = ScheduleOptions { device: Device::Gpu, weight_dtype, ..ScheduleOptions::default() };
-    let sched = schedule(graph, weights, options)?;
+    let sched = schedule_into(graph, weights, options, constants)?;
+    phases.mark("cuda schedule");
     let mut ptx = vec![];
     for a in archs {
         let arch = GpuArch::all().into_iter().find(|g| g.name() == a).expect("checked by check_gpu_archs");
         ptx.push((a.clone(), emit_ptx(&sched.kernels, arch)?));
     }
+    phases.mark("cuda kernels");
     let mut plan = sched.plan;
     for entry in &mut plan.kernels {
         entry.lowering = "nvptx".into();
     }
-    Ok(CudaFiles { plan, ptx, constants: sched.weights })
+    let constants = sched.constants.finish()?;
+    phases.mark("cuda constants");
+    Ok(CudaFiles { plan, ptx, constants })
 }
 
 #[cfg(not(feature = "llvm"))]
-fn compile_cuda(_: &Graph, _: &Weights, _: WeightDtype, _: &[String]) -> Result<CudaFiles> {
+fn compile_cuda(
+    _: &Graph,
+    _: &Weights,
+    _: WeightDtype,
+    _: &[String],
+    _: ConstantsWriter,
+    _: &mut Phases,
+) -> Result<CudaFiles> {
     bail!("{NO_NVPTX}")
 }
 

@@ -19,16 +19,18 @@
 
 use super::config::{Activation, Arch, HfConfig, RopeScaling};
 use super::{Checkpoint, HfError};
-use smelt_ir::{DType, Dim, Graph, GraphError, Op, Tensor, TensorType, ValueId};
+use smelt_ir::{DType, Dim, Graph, GraphError, Op, StoredTensor, Tensor, TensorType, ValueId};
 use std::collections::BTreeMap;
 use std::path::Path;
 
 /// A Hugging Face model as smelt IR plus the weights the graph references
-/// (in their stored dtype; the graph casts them to f32 where it computes).
+/// (in their stored dtype; the graph casts them to f32 where it computes):
+/// as [`Tensor`]s (what the interpreter runs on), or as [`StoredTensor`]s
+/// sharing the checkpoint's mapped bytes (what a compile reads).
 #[derive(Debug, Clone)]
-pub struct HfModel {
+pub struct HfModel<W = Tensor> {
     pub graph: Graph,
-    pub weights: BTreeMap<String, Tensor>,
+    pub weights: BTreeMap<String, W>,
     pub config: HfConfig,
 }
 
@@ -39,14 +41,39 @@ impl HfModel {
     }
 }
 
+impl HfModel<StoredTensor> {
+    /// Total number of weight elements (what model cards call parameters).
+    pub fn parameter_count(&self) -> usize {
+        self.weights.values().map(StoredTensor::numel).sum()
+    }
+
+    /// The weights read into [`Tensor`]s.
+    pub fn into_tensors(self) -> HfModel {
+        let weights = self.weights.into_iter().map(|(n, t)| (n, t.to_tensor())).collect();
+        HfModel { graph: self.graph, weights, config: self.config }
+    }
+}
+
 /// Opens a checkpoint folder and builds its graph.
 pub fn load(dir: &Path) -> Result<HfModel, HfError> {
+    Ok(load_stored(dir)?.into_tensors())
+}
+
+/// Opens a checkpoint folder and builds its graph, leaving the weights in
+/// the mapped files.
+pub fn load_stored(dir: &Path) -> Result<HfModel<StoredTensor>, HfError> {
     let ckpt = Checkpoint::open(dir)?;
-    build(&ckpt)
+    build_stored(&ckpt)
 }
 
 /// Builds the graph of an opened checkpoint.
 pub fn build(ckpt: &Checkpoint) -> Result<HfModel, HfError> {
+    Ok(build_stored(ckpt)?.into_tensors())
+}
+
+/// Builds the graph of an opened checkpoint; the weights share its mapped
+/// bytes.
+pub fn build_stored(ckpt: &Checkpoint) -> Result<HfModel<StoredTensor>, HfError> {
     let cfg = ckpt.config().clone();
     let mut b = Builder {
         g: Graph::new(cfg.arch.causal_lm_class()),
@@ -68,7 +95,7 @@ struct Builder<'a> {
     g: Graph,
     cfg: &'a HfConfig,
     ckpt: &'a Checkpoint,
-    weights: BTreeMap<String, Tensor>,
+    weights: BTreeMap<String, StoredTensor>,
     /// Weight name -> its f32 value in the graph, so tied weights are read once.
     weight_values: BTreeMap<String, ValueId>,
     /// What is being built, for messages ("layer 3 self_attn").
@@ -137,9 +164,8 @@ impl Builder<'_> {
         if let Some(v) = self.weight_values.get(name) {
             return Ok(*v);
         }
-        let t = self.ckpt.expect(name, shape, why)?;
-        let tensor = Tensor::from_le_bytes(name, t.dtype, t.shape.clone(), t.bytes)
-            .map_err(|e| HfError::invalid(t.file, e.to_string()))?;
+        self.ckpt.expect(name, shape, why)?;
+        let tensor = self.ckpt.get_stored(name)?;
         let dtype = tensor.dtype;
         self.weights.insert(name.to_string(), tensor);
         let mut v = self.g.add_weight(name, TensorType::fixed(dtype, shape));

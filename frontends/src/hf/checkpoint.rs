@@ -17,12 +17,13 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
 
 use memmap2::Mmap;
 use safetensors::tensor::{Dtype as StDtype, SafeTensorError};
 use safetensors::SafeTensors;
 use serde_json::Value;
-use smelt_ir::DType;
+use smelt_ir::{DType, StoredTensor};
 
 use super::config::HfConfig;
 use super::error::{describe_json, HfError};
@@ -85,7 +86,9 @@ const FLOAT_DTYPES: &str = "a float dtype (f32, f16, bf16, f64)";
 struct WeightFile {
     /// Path relative to the checkpoint folder, as named in messages.
     name: String,
-    map: Mmap,
+    /// Shared with the [`StoredTensor`]s handed out, which may outlive the
+    /// checkpoint.
+    map: Arc<Mmap>,
 }
 
 /// Where one tensor lives: its file and its absolute byte range in the map.
@@ -186,6 +189,17 @@ impl Checkpoint {
         Ok(TensorRef { name: key, dtype, shape: entry.shape.clone(), bytes, file: &file.name })
     }
 
+    /// The tensor `name` as a [`StoredTensor`] sharing the mapped bytes (no
+    /// copy; the map stays alive as long as the tensor).
+    pub fn get_stored(&self, name: &str) -> Result<StoredTensor, HfError> {
+        let t = self.get(name)?;
+        let entry = &self.tensors[name];
+        let file = &self.files[entry.file];
+        let owner: smelt_ir::stored::ByteOwner = file.map.clone();
+        StoredTensor::new(name, t.dtype, t.shape, owner, entry.start..entry.end)
+            .map_err(|e| HfError::invalid(&file.name, e.to_string()))
+    }
+
     /// The tensor `name`, checked to have `expected_shape` and a float dtype.
     /// `why` says where the expected shape comes from and is part of the
     /// message, e.g. "num_key_value_heads=2 x head_dim=32 rows from config.json".
@@ -244,7 +258,7 @@ impl Checkpoint {
                 (name, entry)
             })
             .collect();
-        self.files.push(WeightFile { name: rel.to_string(), map });
+        self.files.push(WeightFile { name: rel.to_string(), map: Arc::new(map) });
         Ok(entries)
     }
 
