@@ -980,7 +980,7 @@ func @attn(%q: f32[batch, 4, seq, 8], %k: f32[batch, 2, past + seq, 8], %v: f32[
         assert_eq!(scratch.len(), 1, "{:?}", s.plan.buffers);
         assert_eq!(s.plan.buffers[scratch[0]].storage, Storage::Arena);
         assert!(s.plan.launches.iter().all(|l| l.args.contains(&scratch[0])));
-        let checked = CheckedPlan::new(s.plan.clone(), Signature::from_graph(&g), s.weights.len()).unwrap();
+        let checked = CheckedPlan::new(s.plan.clone(), Signature::from_graph(&g), s.constants.len() as usize).unwrap();
         assert_eq!(checked.lifetimes[scratch[0]], Some((0, 1)));
         for (batch, seq, past) in [(1usize, 1usize, 6usize), (1, 5, 2)] {
             let what = format!("batch {batch} seq {seq} past {past}");
