@@ -985,7 +985,7 @@ fn cpu_kernels_and_bad_names_are_rejected() {
     let y = b.output("y", 4);
     b.for_("i", Expr::idx(0), Expr::idx(4), 1, LoopKind::Parallel, |b, i| b.store(y, i, Expr::f32(1.0)));
     let k = b.finish().unwrap();
-    let err = emit_ptx(&[k.clone()], GpuArch::Sm90).unwrap_err();
+    let err = emit_ptx(std::slice::from_ref(&k), GpuArch::Sm90).unwrap_err();
     assert!(matches!(err, LlvmError::NotGpu { .. }), "{err}");
     assert!(err.to_string().contains("kernel `cpu_only` is a CPU kernel"), "{err}");
     let mut bad = specials().kernel;
