@@ -386,8 +386,8 @@ impl Lower<'_> {
             let n = self.un_intr("llvm.roundeven", self.fmul(t, c(std::f64::consts::LOG2_E)))?;
             let nn = LLVMBuildFNeg(b, n, NONE);
             // ln 2 = LN2_HI + LN2_LO (fdlibm's split).
-            let r = self.fma(nn, c(6.931_471_803_691_238_164_9e-1), t)?;
-            let r = self.fma(nn, c(1.908_214_929_270_587_700_02e-10), r)?;
+            let r = self.fma(nn, c(6.931_471_803_691_238e-1), t)?;
+            let r = self.fma(nn, c(1.908_214_929_270_587_7e-10), r)?;
             // Taylor to r^11 (|r| <= 0.35: error below 1e-14).
             let mut fact = [1.0f64; 12];
             for k in 1..12 {

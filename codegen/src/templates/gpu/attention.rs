@@ -583,10 +583,10 @@ pub fn split_partials(
                     b.if_(
                         in_group,
                         |b| {
-                            for (hh, acc_h) in acc.iter().enumerate().take(g) {
+                            for (hh, a) in acc.iter().enumerate() {
                                 vl.each(b, Expr::Var(f0), |b, c, vi| {
                                     let at = add(mul(prow(hh), Expr::idx(dv)), mul(vi, Expr::idx(vl.w)));
-                                    b.store(part, at, Expr::Var(acc_h[c]));
+                                    b.store(part, at, Expr::Var(a[c]));
                                 });
                             }
                         },
@@ -604,19 +604,19 @@ pub fn split_partials(
                     b.if_(
                         Expr::Var(kg).lt(Expr::idx(vl.groups)),
                         |b| {
-                            for (hh, acc_h) in acc.iter().enumerate().take(g) {
+                            for (hh, a) in acc.iter().enumerate() {
                                 let at = add(
                                     mul(add(mul(Expr::Var(kg), Expr::idx(g)), Expr::idx(hh)), Expr::idx(dv)),
                                     mul(Expr::Var(f0), Expr::idx(vl.w)),
                                 );
-                                b.store(red, at, Expr::Var(acc_h[0]));
+                                b.store(red, at, Expr::Var(a[0]));
                             }
                             b.if_(
                                 Expr::Var(f0).cmp(CmpOp::Eq, Expr::i64(0)),
                                 |b| {
-                                    for (hh, lp_h) in lp.iter().enumerate().take(g) {
+                                    for (hh, l) in lp.iter().enumerate() {
                                         let at = add(Expr::idx(lsum + hh), mul(Expr::Var(kg), Expr::idx(g)));
-                                        b.store(red, at, Expr::Var(*lp_h));
+                                        b.store(red, at, Expr::Var(*l));
                                     }
                                 },
                                 |_| {},
