@@ -77,10 +77,10 @@ pub fn main(args: Args) -> Result<()> {
         let prefill = step_inputs(&sig, &prompt, 0)?;
         let decode = step_inputs(&sig, &[1], args.ctx)?;
         let (p, d) = match r.model.cache() {
-            // A model that keeps its KV cache (on the GPU) is timed the way
-            // generation runs it: only token inputs go in, one row of
-            // logits comes out. Each timed decode step appends to a cache
-            // filled with `ctx` positions first.
+            // A model that keeps its KV cache (the CPU and GPU runtimes do)
+            // is timed the way generation runs it: only token inputs go in,
+            // one row of logits comes out. Each timed decode step appends to
+            // a cache filled with `ctx` positions first.
             Some(cache) => {
                 let tokens = |inputs: &std::collections::BTreeMap<String, smelt_ir::Tensor>| {
                     let mut t = inputs.clone();
