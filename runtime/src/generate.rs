@@ -302,6 +302,18 @@ pub fn step_inputs(sig: &Signature, feed: &[i64], past_len: usize) -> Result<BTr
     Ok(inputs)
 }
 
+/// The token inputs of one step of a model that keeps its cache
+/// ([`CachedDecode::step`]): `input_ids` over `feed` (batch 1), and the
+/// all-ones mask and positions after `past_len` cached positions when the
+/// model takes them; never a past tensor.
+pub fn token_step_inputs(
+    sig: &Signature,
+    feed: &[i64],
+    past_len: usize,
+) -> Result<BTreeMap<String, Tensor>, GenerateError> {
+    token_inputs(&plan(sig)?, feed, past_len)
+}
+
 fn int_dtype(t: &TensorSig) -> DType {
     t.dtype.parse().unwrap_or(DType::I64)
 }
