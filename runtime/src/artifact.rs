@@ -761,7 +761,7 @@ mod tests {
         let cpu = manifest.replace("\"target\": \"interp\"", "\"target\": \"cuda\"");
         std::fs::write(out.join(MANIFEST_FILE), cpu).unwrap();
         let m = msg(&out);
-        assert!(m.contains("target `cuda` is not supported by this build"), "{m}");
+        assert!(m.contains("target `cuda` and the presence of a `cuda` plan disagree"), "{m}");
 
         std::fs::remove_file(out.join(MANIFEST_FILE)).unwrap();
         assert!(msg(&out).contains("not a smelt artifact"));
