@@ -12,11 +12,11 @@
 //! position `past`. It never re-runs the whole sequence when the model has a
 //! cache; a model without past inputs (a plain `input_ids -> logits` graph)
 //! is run on the whole sequence each step, because that is all it can do.
-//! A model that keeps its cache itself ([`Forward::cache`], a GPU model
-//! with the cache in device memory) is fed the token inputs only and hands
-//! back the last position's logits, so a step moves a few ids in and one
-//! row of logits out. Batch size is 1; ties in the argmax go to the lowest token id (as
-//! `torch.argmax` does).
+//! A model that keeps its cache itself ([`Forward::cache`]: a CPU model
+//! with the cache in its own memory, a GPU model with it in device memory)
+//! is fed the token inputs only and hands back the last position's logits,
+//! so a step moves a few ids in and one row of logits out. Batch size is 1;
+//! ties in the argmax go to the lowest token id (as `torch.argmax` does).
 
 use std::collections::BTreeMap;
 
@@ -44,10 +44,11 @@ pub trait Forward {
     fn forward(&mut self, inputs: BTreeMap<String, Tensor>) -> Result<BTreeMap<String, Tensor>, ForwardError>;
 
     /// The model's own KV cache, when it keeps one next to where it
-    /// computes (a GPU model keeps it in device memory): [`generate`] then
-    /// feeds each step the token inputs only and reads back one row of
-    /// logits. `None` (the default): the cache travels through `forward`'s
-    /// `past_key_values.*` inputs and `present.*` outputs.
+    /// computes (a CPU model in its own memory, a GPU model in device
+    /// memory): [`generate`] then feeds each step the token inputs only and
+    /// reads back one row of logits. `None` (the default): the cache
+    /// travels through `forward`'s `past_key_values.*` inputs and
+    /// `present.*` outputs.
     fn cache(&mut self) -> Option<&mut dyn CachedDecode> {
         None
     }

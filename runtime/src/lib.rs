@@ -12,7 +12,9 @@
 //! - [`plan`]: the launch plan of a natively compiled (`cpu`) artifact;
 //!   [`native`]: [`native::NativeModel`], which runs it (the kernel library
 //!   loaded with `dlopen`, a persistent thread team, a liveness-planned
-//!   arena); [`cuda`]: [`cuda::CudaModel`], which runs a `cuda` plan's PTX
+//!   arena, the KV cache kept in its own memory while decoding); [`cache`]:
+//!   the host half of a KV cache a model keeps itself, shared by both
+//!   runtimes; [`cuda`]: [`cuda::CudaModel`], which runs a `cuda` plan's PTX
 //!   kernels on an NVIDIA GPU (the driver loaded at run time), with the KV
 //!   cache kept on the device while decoding.
 //!
@@ -22,6 +24,7 @@
 
 pub mod artifact;
 pub mod constants;
+pub mod cache;
 pub mod cuda;
 pub mod generate;
 pub mod model;

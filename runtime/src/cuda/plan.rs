@@ -7,9 +7,9 @@
 //! evaluates the grids.
 //!
 //! It also finds whether the plan can keep its KV cache on the device
-//! ([`CacheLayout`]): every `past_key_values.X` input has a `present.X`
-//! output of the same element type computed into scratch memory, and there
-//! is a `logits` output.
+//! ([`CacheLayout::of`], shared with the CPU runtime): every
+//! `past_key_values.X` input has a `present.X` output of the same element
+//! type computed into scratch memory, and there is a `logits` output.
 
 use std::collections::BTreeMap;
 
@@ -18,8 +18,9 @@ use smelt_ir::Tensor;
 use super::ptx::{choose_module, parse_archs};
 use super::CudaError;
 use crate::artifact::Signature;
+pub use crate::cache::{CacheLayout, CachePair};
 use crate::native::checked::{CallSizes, CheckedPlan};
-use crate::plan::{NativePlan, PtxModule, Storage};
+use crate::plan::{NativePlan, PtxModule};
 
 /// The most threads a block may have, per axis and in total (every GPU
 /// since compute capability 2.0).
@@ -30,28 +31,6 @@ pub const MAX_GRID: [i64; 3] = [(1 << 31) - 1, 65535, 65535];
 
 /// Launch dims: (x, y, z).
 pub type Dim3 = (u32, u32, u32);
-
-/// One cache entry kept on the device between decode steps.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct CachePair {
-    /// The `past_key_values.X` input and its buffer.
-    pub past: String,
-    pub past_buf: usize,
-    /// The `present.X` output and its buffer.
-    pub present: String,
-    pub present_buf: usize,
-}
-
-/// How a plan keeps its KV cache on the device.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct CacheLayout {
-    pub pairs: Vec<CachePair>,
-    /// The roots of the `present.*` buffers: in a decode step they live
-    /// outside the arena, in memory kept for the next step.
-    pub present_roots: Vec<usize>,
-    /// The `logits` output's buffer.
-    pub logits: usize,
-}
 
 /// One call, sized and checked: what [`super::CudaModel`] launches.
 #[derive(Clone, Debug)]
@@ -104,7 +83,7 @@ impl CudaPlan {
                 )));
             }
         }
-        let cache = cache_layout(&checked);
+        let cache = CacheLayout::of(&checked);
         Ok(CudaPlan { checked, blocks, cache })
     }
 
@@ -155,30 +134,4 @@ impl CudaPlan {
         }
         Ok(Prepared { sizes, grids })
     }
-}
-
-/// The device cache layout of `c`, when every past input pairs with a
-/// present output computed into scratch memory.
-fn cache_layout(c: &CheckedPlan) -> Option<CacheLayout> {
-    let output = |name: &str| c.outputs.iter().find(|(n, _, _)| n == name).map(|(_, b, _)| *b);
-    let logits = output("logits")?;
-    let mut pairs = Vec::new();
-    let mut present_roots = Vec::new();
-    for (spec, &past_buf) in c.specs.iter().zip(&c.input_bufs) {
-        let Some(rest) = spec.name.strip_prefix("past_key_values.") else { continue };
-        let present = format!("present.{rest}");
-        let present_buf = output(&present)?;
-        let root = c.bufs[present_buf].root;
-        if c.plan.buffers[root].storage != Storage::Arena || c.bufs[present_buf].elem != c.bufs[past_buf].elem {
-            return None;
-        }
-        if !present_roots.contains(&root) {
-            present_roots.push(root);
-        }
-        pairs.push(CachePair { past: spec.name.clone(), past_buf, present, present_buf });
-    }
-    if pairs.is_empty() {
-        return None;
-    }
-    Some(CacheLayout { pairs, present_roots, logits })
 }

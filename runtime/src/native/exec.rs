@@ -18,6 +18,17 @@
 //! 5. run every launch on the team, then copy the outputs into tensors of
 //!    the signature's dtypes.
 //!
+//! A decode step ([`CachedDecode::step`]) keeps the KV cache in the model's
+//! own memory, outside the arena, as the GPU runtime does on its device
+//! ([`crate::cache`] finds the layout for both): each `present.*` root is
+//! computed into one of two buffers kept for the purpose, which the next
+//! step binds as its `past_key_values.*` while it writes its own
+//! `present.*` into the other (no copy). Only the token inputs go in and the
+//! last position's logits come out. The buffers grow by doubling, so a long
+//! decode reallocates a logarithmic number of times. The kernels still
+//! concatenate the past and the new keys and values into the present each
+//! step (TODO(kv-append): write the new positions in place instead).
+//!
 //! The plan is checked once at construction ([`CheckedPlan::new`]): kernel and buffer indices,
 //! argument counts and element types against the kernel entries, alias
 //! chains (same element type, no cycle), weight offsets (64-byte aligned,
@@ -33,12 +44,13 @@ use std::path::Path;
 use smelt_ir::Tensor;
 
 use super::arena::{AlignedBuf, ALIGN};
-use super::checked::{check_file_name, plan_err, read_output, write_input, CheckedPlan};
+use super::checked::{check_file_name, plan_err, read_output, write_input, CallSizes, CheckedPlan};
 use super::library::{KernelFn, KernelLibrary};
 use super::team::Team;
 use super::NativeError;
 use crate::artifact::Signature;
-use crate::generate::{Forward, ForwardError};
+use crate::cache::CacheLayout;
+use crate::generate::{CachedDecode, Forward, ForwardError};
 use crate::plan::{NativePlan, Storage};
 
 /// The weights file's bytes, 64-byte aligned at their start.
@@ -116,6 +128,22 @@ pub struct NativeStats {
     pub launches: u64,
     /// The arena's current size in bytes.
     pub arena_bytes: usize,
+    /// Memory held for the KV cache between decode steps, in bytes.
+    pub cache_bytes: usize,
+}
+
+/// The KV cache kept between decode steps (see the module docs).
+#[derive(Default)]
+struct HostCache {
+    /// Per present root of the [`CacheLayout`]: two buffers used in turn.
+    slots: Vec<[Option<AlignedBuf>; 2]>,
+    /// The slot the cached tensors live in; the next step writes the other.
+    cur: usize,
+    /// Per cache pair: the cached tensor's address and shape. Empty when
+    /// the cache is.
+    entries: Vec<(usize, Vec<usize>)>,
+    /// Cached positions.
+    len: usize,
 }
 
 /// A natively compiled model, ready to run. It is `Send` (checked below), so
@@ -126,6 +154,9 @@ pub struct NativeModel {
     /// Each launch's kernel.
     fns: Vec<KernelFn>,
     arena: AlignedBuf,
+    /// How the plan keeps its KV cache, when it can, and the cache.
+    layout: Option<CacheLayout>,
+    cache: HostCache,
     /// Per-call table, kept to avoid reallocating it.
     ptrs: Vec<usize>,
     team: Team,
@@ -214,11 +245,14 @@ impl NativeModel {
         let threads = if threads == 0 { default_threads() } else { threads };
         let team = Team::new(threads).map_err(NativeError::Spawn)?;
         let arena = AlignedBuf::zeroed(0).ok_or(NativeError::OutOfMemory { bytes: ALIGN })?;
+        let layout = CacheLayout::of(&checked);
         Ok(NativeModel {
             checked,
             weights,
             fns,
             arena,
+            layout,
+            cache: HostCache::default(),
             ptrs: Vec::new(),
             team,
             stats: NativeStats::default(),
@@ -236,21 +270,109 @@ impl NativeModel {
     }
 
     pub fn stats(&self) -> NativeStats {
-        NativeStats { arena_bytes: self.arena.len(), ..self.stats }
+        let cache_bytes = self.cache.slots.iter().flatten().flatten().map(|s| s.len()).sum();
+        NativeStats { arena_bytes: self.arena.len(), cache_bytes, ..self.stats }
     }
 
     /// Runs the model once (see the module docs); the typed form of
-    /// [`Forward::forward`].
+    /// [`Forward::forward`]. It neither reads nor changes the decode cache.
     pub fn run(&mut self, mut inputs: BTreeMap<String, Tensor>) -> Result<BTreeMap<String, Tensor>, NativeError> {
-        let c = &self.checked;
-        crate::model::fill_defaults(&c.signature, &mut inputs);
+        crate::model::fill_defaults(&self.checked.signature, &mut inputs);
         // Every length, alias and weight range, every launch's scalars and
         // needs: all checked before anything runs.
-        let sizes = c.size_call(&inputs, &BTreeMap::new())?;
+        let sizes = self.checked.size_call(&inputs, &BTreeMap::new())?;
+        let addrs = self.execute(&inputs, &sizes, false)?;
+
+        // Copy the outputs out.
+        let c = &self.checked;
+        let mut out = BTreeMap::new();
+        for (name, b, dtype) in &c.outputs {
+            let shape = c.shape_of(*b, &sizes.syms)?;
+            // SAFETY: the buffer holds its shape's elements (checked lengths).
+            let t = unsafe { read_output(name, *dtype, c.bufs[*b].elem, addrs[*b], shape) }?;
+            out.insert(name.clone(), t);
+        }
+        Ok(out)
+    }
+
+    /// One decode step with the cache in the model's memory (see the module
+    /// docs); the typed form of [`CachedDecode::step`].
+    pub fn step(&mut self, mut inputs: BTreeMap<String, Tensor>) -> Result<Tensor, NativeError> {
+        let layout = self.layout.as_ref().ok_or_else(|| {
+            NativeError::NoCache("its plan has no past/present pairs computed into scratch memory".into())
+        })?;
+        CacheLayout::refuse_past(&inputs, "in its own memory")?;
+        let shapes: Vec<&[usize]> = self.cache.entries.iter().map(|(_, s)| s.as_slice()).collect();
+        CacheLayout::check_batch(&inputs, &shapes)?;
+        let resident = layout.resident(&shapes);
+        let held = (!resident.is_empty()).then_some(self.cache.len);
+        crate::model::fill_defaults_after(&self.checked.signature, &mut inputs, held);
+        let sizes = self.checked.size_call(&inputs, &resident)?;
+        let outs = layout.step_outputs(&self.checked, &sizes.syms)?;
+        let addrs = self.execute(&inputs, &sizes, true)?;
+
+        // The last position of each sequence: one row, or a gather of rows.
+        let c = &self.checked;
+        let (logits, elem) = (addrs[outs.logits_buf], c.bufs[outs.logits_buf].elem);
+        let size = elem.size();
+        let rows: Vec<usize> = outs.last_rows().collect();
+        let shape = outs.returned_shape();
+        let (name, dtype) = (&outs.logits_name, outs.logits_dtype);
+        let contiguous = rows.windows(2).all(|w| w[1] == w[0] + outs.vocab);
+        let t = if contiguous {
+            let first = rows.first().copied().unwrap_or(0);
+            // SAFETY: rows first.. hold `shape`'s elements inside the logits
+            // buffer (its length was checked against [batch, seq, vocab]).
+            unsafe { read_output(name, dtype, elem, logits.wrapping_add(first * size), shape) }?
+        } else {
+            let bytes = rows.len() * outs.vocab * size;
+            let host = AlignedBuf::zeroed(bytes).ok_or(NativeError::OutOfMemory { bytes })?;
+            for (k, &at) in rows.iter().enumerate() {
+                // SAFETY: each row lies inside the logits buffer; `host` has
+                // room for every row and does not overlap it.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        logits.wrapping_add(at * size),
+                        host.as_ptr().add(k * outs.vocab * size),
+                        outs.vocab * size,
+                    )
+                };
+            }
+            // SAFETY: `host` holds `shape`'s elements of `elem`, aligned.
+            unsafe { read_output(name, dtype, elem, host.as_ptr(), shape) }?
+        };
+
+        // The step ran: its presents become the cache, and the slot they
+        // live in is the one the next step reads.
+        let layout = self.layout.as_ref().ok_or_else(|| NativeError::NoCache("its layout is gone".into()))?;
+        self.cache.entries =
+            layout.pairs.iter().zip(outs.presents).map(|(p, shape)| (addrs[p.present_buf] as usize, shape)).collect();
+        self.cache.len = self.cache.entries.first().and_then(|(_, s)| s.get(2).copied()).unwrap_or(0);
+        self.cache.cur = 1 - self.cache.cur;
+        Ok(t)
+    }
+
+    /// Places the call's buffers, copies the given inputs in and runs every
+    /// launch; returns every buffer's address. For a decode `step`, the
+    /// `present.*` roots go to the cache slot the held cache is not in, and
+    /// the `past_key_values.*` inputs are the held cache (when it holds any).
+    fn execute(
+        &mut self,
+        inputs: &BTreeMap<String, Tensor>,
+        sizes: &CallSizes,
+        step: bool,
+    ) -> Result<Vec<*mut u8>, NativeError> {
+        let c = &self.checked;
         let lens = &sizes.lens;
+        let layout = if step { self.layout.as_ref() } else { None };
+        let resident = layout.is_some() && !self.cache.entries.is_empty();
+        let outside = |b: usize| match layout {
+            None => false,
+            Some(l) => l.present_roots.contains(&b) || (resident && l.pairs.iter().any(|p| p.past_buf == b)),
+        };
 
         // Placement of the inputs and scratch buffers.
-        let (offsets, total) = c.place(lens, &|_| true)?;
+        let (offsets, total) = c.place(lens, &|b| !outside(b))?;
         if total > self.arena.len() {
             // The old contents are not needed: every call writes its buffers anew.
             self.arena = AlignedBuf::zeroed(total).ok_or(NativeError::OutOfMemory { bytes: total })?;
@@ -272,24 +394,50 @@ impl NativeModel {
                 }
             }
         }
-        let ptr_of = |b: usize| -> *mut u8 {
-            let info = &c.bufs[b];
-            // SAFETY: `size_call` proved every alias lies inside its root.
-            unsafe { root_ptr[info.root].add(sizes.elem_offsets[b] * info.elem.size()) }
-        };
+        if let Some(layout) = layout {
+            let write = 1 - self.cache.cur;
+            self.cache.slots.resize_with(layout.present_roots.len(), Default::default);
+            for (k, &r) in layout.present_roots.iter().enumerate() {
+                // No overflow: `size_call` checked every buffer's size in bytes.
+                let bytes = lens[r] * c.bufs[r].elem.size();
+                let slot = &mut self.cache.slots[k][write];
+                let have = slot.as_ref().map_or(0, |s| s.len());
+                if slot.is_none() || have < bytes {
+                    let grown = bytes.max(have.saturating_mul(2));
+                    // Drop the old buffer first, so its memory can be reused.
+                    *slot = None;
+                    *slot = Some(AlignedBuf::zeroed(grown).ok_or(NativeError::CacheOutOfMemory { bytes: grown })?);
+                }
+                root_ptr[r] = slot.as_ref().map_or(std::ptr::null_mut(), |s| s.as_ptr());
+            }
+            if resident {
+                for (p, (addr, _)) in layout.pairs.iter().zip(&self.cache.entries) {
+                    root_ptr[p.past_buf] = *addr as *mut u8;
+                }
+            }
+        }
+        // Every buffer's address: its root's plus its offset in the root
+        // (`size_call` proved every alias lies inside its root). Buffers no
+        // launch uses keep a meaningless address they are never read at.
+        let addrs: Vec<*mut u8> = c
+            .bufs
+            .iter()
+            .enumerate()
+            .map(|(b, info)| root_ptr[info.root].wrapping_add(sizes.elem_offsets[b] * info.elem.size()))
+            .collect();
 
-        // Copy the inputs in.
+        // Copy the inputs in (a step's resident past is already in place).
         for (spec, &b) in c.specs.iter().zip(&c.input_bufs) {
-            let t = &inputs[&spec.name];
+            let Some(t) = inputs.get(&spec.name) else { continue };
             // SAFETY: the buffer is placed for `lens[b]` elements of its type, aligned.
-            unsafe { write_input(&spec.name, t, c.bufs[b].elem, ptr_of(b), lens[b]) }?;
+            unsafe { write_input(&spec.name, t, c.bufs[b].elem, addrs[b], lens[b]) }?;
         }
 
         // The pointer table, one block of arguments per launch.
         self.ptrs.clear();
         for launch in &c.plan.launches {
             for &b in &launch.args {
-                self.ptrs.push(ptr_of(b) as usize);
+                self.ptrs.push(addrs[b] as usize);
             }
         }
         let threads = self.team.threads() as i64;
@@ -321,16 +469,7 @@ impl NativeModel {
         }
         self.stats.calls += 1;
         self.stats.launches += launches.len() as u64;
-
-        // Copy the outputs out.
-        let mut out = BTreeMap::new();
-        for (name, b, dtype) in &c.outputs {
-            let shape = c.shape_of(*b, &sizes.syms)?;
-            // SAFETY: the buffer holds its shape's elements (checked lengths).
-            let t = unsafe { read_output(name, *dtype, c.bufs[*b].elem, ptr_of(*b), shape) }?;
-            out.insert(name.clone(), t);
-        }
-        Ok(out)
+        Ok(addrs)
     }
 }
 
@@ -341,5 +480,29 @@ impl Forward for NativeModel {
 
     fn forward(&mut self, inputs: BTreeMap<String, Tensor>) -> Result<BTreeMap<String, Tensor>, ForwardError> {
         Ok(self.run(inputs)?)
+    }
+
+    fn cache(&mut self) -> Option<&mut dyn CachedDecode> {
+        if self.layout.is_some() {
+            Some(self)
+        } else {
+            None
+        }
+    }
+}
+
+impl CachedDecode for NativeModel {
+    fn reset(&mut self) {
+        // The slots stay allocated for the next sequence.
+        self.cache.entries.clear();
+        self.cache.len = 0;
+    }
+
+    fn cached_len(&self) -> usize {
+        self.cache.len
+    }
+
+    fn step(&mut self, inputs: BTreeMap<String, Tensor>) -> Result<Tensor, ForwardError> {
+        Ok(NativeModel::step(self, inputs)?)
     }
 }

@@ -11,7 +11,9 @@
 //! - [`bind`]: input validation and symbol binding;
 //! - [`checked`]: the plan checked once and sized per call (shared with the
 //!   GPU runtime, [`crate::cuda`]);
-//! - [`exec`]: [`NativeModel`], the [`crate::Forward`] implementation.
+//! - [`exec`]: [`NativeModel`], the [`crate::Forward`] implementation, with
+//!   the KV cache kept in its own memory while decoding
+//!   ([`crate::CachedDecode`]).
 //!
 //! Nothing here depends on the compiler: the plan, the library and the
 //! weights file are everything it needs.
@@ -77,6 +79,10 @@ pub enum NativeError {
     ArenaTooLarge { bytes: u128 },
     #[error("the scratch arena of {bytes} bytes could not be allocated")]
     OutOfMemory { bytes: usize },
+    #[error("the KV cache's {bytes} bytes could not be allocated")]
+    CacheOutOfMemory { bytes: usize },
+    #[error("this model cannot keep its KV cache: {0}")]
+    NoCache(String),
     #[error(transparent)]
     Team(#[from] TeamError),
 }
