@@ -103,10 +103,11 @@ fn same(what: &str, got: &Tensor, want: &Tensor) -> bool {
 
 /// Steps through a prefill, single tokens and a chunk, with a failed step,
 /// a forward call and a reset in between, against the reference.
-fn check_steps(name: &str, flags: &str, compile_flags: &[&str]) {
+fn check_steps(name: &str, flags: &str, compile_flags: &[&str], in_place: bool) {
     let (_tmp, art) = compiled(name, flags, compile_flags);
     let mut m = open(&art, 2);
     assert!(m.cache().is_some(), "{name}: the plan keeps no cache");
+    assert_eq!(m.cache_in_place(), in_place, "{name}: whether the cache is kept in place");
     let mut reference = Reference::default();
     let mut bitwise = true;
     let mut check = |m: &mut NativeModel, r: &mut Reference, label: &str, inputs: BTreeMap<String, Tensor>| {
@@ -164,7 +165,47 @@ fn cached_steps_equal_forward_calls_llama_gqa() {
         "--arch llama --seed 21 --layers 2 --hidden 90 --intermediate 70 \
          --heads 4 --kv-heads 2 --head-dim 24 --vocab 260",
         &[],
+        true,
     );
+}
+
+/// Without fusion the caches are plain concats read by primitive ops, so
+/// the runtime keeps them by swapping buffers instead.
+#[test]
+fn cached_steps_equal_forward_calls_unfused() {
+    check_steps(
+        "llama_unfused",
+        "--arch llama --seed 25 --layers 2 --hidden 64 --intermediate 70          --heads 4 --kv-heads 2 --head-dim 16 --vocab 260",
+        &["--no-fuse"],
+        false,
+    );
+}
+
+/// With room reserved up front, an in-place cache is allocated once and
+/// never moved, however many steps follow.
+#[test]
+fn a_reserved_cache_is_allocated_once() {
+    let (_tmp, art) = compiled(
+        "llama_reserved",
+        "--arch llama --seed 26 --layers 2 --hidden 64 --intermediate 70          --heads 4 --kv-heads 2 --head-dim 16 --vocab 260",
+        &[],
+    );
+    let mut m = open(&art, 2);
+    assert!(m.cache_in_place());
+    m.reserve(40);
+    let mut reference = Reference::default();
+    let mut bytes = None;
+    for k in 0..30 {
+        let v = if k == 0 { vec![1, 2, 3, 4, 5, 6] } else { vec![(k * 7 % 250) as i64] };
+        let inputs = tokens(1, &v, None);
+        let got = CachedDecode::step(&mut m, inputs.clone()).unwrap_or_else(|e| panic!("step {k}: {e}"));
+        same(&format!("reserved, step {k}"), &got, &reference.step(&mut m, inputs));
+        let now = m.stats().cache_bytes;
+        assert_eq!(*bytes.get_or_insert(now), now, "step {k}: the cache was reallocated");
+    }
+    // 2 layers x (keys, values) x 2 kv heads x 40 positions x 16 x 4 bytes.
+    assert_eq!(bytes, Some(2 * 2 * 2 * 40 * 16 * 4));
+    assert_eq!(m.cached_len(), 35);
 }
 
 #[test]
@@ -174,6 +215,7 @@ fn cached_steps_equal_forward_calls_qwen3_bf16_weights() {
         "--arch qwen3 --seed 22 --layers 2 --hidden 64 --intermediate 100 \
          --heads 2 --kv-heads 1 --head-dim 32 --vocab 270",
         &["--weight-dtype", "bf16"],
+        true,
     );
 }
 

@@ -20,6 +20,7 @@ pub mod aot;
 pub mod constants;
 pub mod cranelift;
 pub mod kir;
+pub mod kv_in_place;
 #[cfg(feature = "llvm")]
 pub mod llvm;
 pub mod ptxas;

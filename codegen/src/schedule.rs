@@ -138,6 +138,8 @@ impl StoredView {
 
 struct Scheduler<'g> {
     graph: &'g Graph,
+    /// The KV caches kept in place (CPU only).
+    in_place: Option<crate::kv_in_place::InPlace>,
     slots: HashMap<ValueId, Slot>,
     buffers: Vec<Buffer>,
     /// Buffer index of each placed constant value by the element type it
@@ -236,7 +238,14 @@ pub fn schedule_into(
     constants: ConstantsWriter,
 ) -> Result<Schedule, ScheduleError> {
     let order = graph.topo_order().map_err(|e| ScheduleError::Graph(e.to_string()))?;
+    // The GPU runtime keeps its cache by swapping whole buffers; only the
+    // CPU plan appends in place.
+    let in_place = match options.device {
+        Device::Cpu => crate::kv_in_place::find(graph),
+        Device::Gpu => None,
+    };
     let mut s = Scheduler {
+        in_place,
         graph,
         slots: HashMap::new(),
         buffers: vec![],
@@ -284,7 +293,23 @@ pub fn schedule_into(
         let b = s.buffer_of(*v);
         outputs.push((name.clone(), b));
     }
-    let symbols = graph.symbols().iter().map(|(k, b)| (k.clone(), b.min, b.max)).collect();
+    let mut symbols: Vec<(String, i64, i64)> = graph.symbols().iter().map(|(k, b)| (k.clone(), b.min, b.max)).collect();
+    let kv_cache = s.in_place.as_ref().map(|ip| {
+        // Every symbol at its largest gives the largest value of a dim (the
+        // dims here are sums of symbols).
+        let most = |d: &Dim| {
+            let env = graph.symbols().iter().map(|(k, b)| (k.clone(), b.max)).collect();
+            d.eval_map(&env).unwrap_or(i64::MAX)
+        };
+        symbols.push((ip.capacity.clone(), 0, most(&ip.filled)));
+        symbols.push((ip.copied.clone(), 0, most(&ip.past)));
+        smelt_runtime::plan::KvCachePlan {
+            capacity: ip.capacity.clone(),
+            copied: ip.copied.clone(),
+            past: ip.past.to_string(),
+            filled: ip.filled.to_string(),
+        }
+    });
     let plan = NativePlan {
         library: String::new(),
         weights: String::new(),
@@ -298,6 +323,7 @@ pub fn schedule_into(
         symbols,
         inputs,
         outputs,
+        kv_cache,
     };
     Ok(Schedule { kernels: s.kernels, plan, constants: s.constants, folded: s.folded })
 }
@@ -322,6 +348,31 @@ impl Scheduler<'_> {
         }
         let in_tys: Vec<_> = node.inputs.iter().map(|v| g.ty(*v).clone()).collect();
         let out_tys: Vec<_> = node.outputs.iter().map(|v| g.ty(*v).clone()).collect();
+        let in_place = self.in_place.as_ref().filter(|ip| ip.appends.contains(&n) || ip.attentions.contains(&n));
+        if let Some((kv, capacity, append)) =
+            in_place.map(|ip| (ip.kv.clone(), ip.capacity.clone(), ip.appends.contains(&n)))
+        {
+            // A cache kept in place: the append's result is laid out with
+            // room for `capacity` positions, and attention reads it so.
+            let inst = match select::select_in_place(&node.op, &in_tys, &kv) {
+                Ok(Selected::Kernel(inst)) => inst,
+                Ok(_) => unreachable!("in-place cache kernels are single kernels"),
+                Err(e) => {
+                    self.unsupported.push((describe(g, n), e));
+                    return Ok(());
+                }
+            };
+            let mut args: Vec<usize> = node.inputs.iter().map(|v| self.buffer_of(*v)).collect();
+            if append {
+                let v = node.outputs[0];
+                let b = self.new_buffer(v, Storage::Arena);
+                self.buffers[b].shape[2] = capacity;
+                self.slots.insert(v, Slot::Buf(b));
+                args.push(b);
+                return self.push_launch(n, inst, args);
+            }
+            return self.launch(n, inst, args);
+        }
         let selected = match self.select(&node.op, &in_tys, &out_tys) {
             Ok(s) => s,
             Err(e) => {
@@ -995,7 +1046,8 @@ func @attn(%q: f32[batch, 4, seq, 8], %k: f32[batch, 2, past + seq, 8], %v: f32[
                     (name.to_string(), Tensor::from_f32(DType::F32, shape, data).unwrap())
                 })
                 .collect();
-            let sizes = checked.size_call(&inputs, &BTreeMap::new()).unwrap();
+            let sizes =
+                checked.size_call(&inputs, &BTreeMap::new(), smelt_runtime::native::checked::KvBinding::Dense).unwrap();
             let mut mem: Vec<BufData> = s
                 .plan
                 .buffers

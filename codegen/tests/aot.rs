@@ -117,6 +117,7 @@ fn plan(lib: &LibraryInfo, ks: &[Kernel]) -> NativePlan {
         arch: lib.arch.clone(),
         cpu_features: lib.cpu_features.clone(),
         ptx: vec![],
+        kv_cache: None,
     }
 }
 

@@ -19,6 +19,7 @@ pub mod fold;
 pub mod fuse;
 pub mod horizontal;
 pub mod infer;
+pub mod kv_append;
 pub mod pipeline;
 pub mod report;
 pub mod rules;

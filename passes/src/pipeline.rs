@@ -20,7 +20,8 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 /// The stages, in order (what `--dump-ir` accepts, besides `all`).
-pub const STAGES: &[&str] = &["verify", "infer", "fold", "cse", "dce", "canon", "fuse", "horizontal", "cleanup"];
+pub const STAGES: &[&str] =
+    &["verify", "infer", "fold", "cse", "dce", "canon", "fuse", "horizontal", "cleanup", "kv_append"];
 
 /// Where dumps go.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -148,6 +149,9 @@ pub fn pipeline(
             }
             "horizontal" => {}
             "cleanup" => groups = crate::cleanup::run(g)?,
+            "kv_append" => {
+                crate::kv_append::run(g)?;
+            }
             other => return Err(PassError::Stage { stage: other.to_string(), message: "no such stage".into() }),
         }
         report.stages.push(StageTiming {

@@ -45,7 +45,7 @@ struct Directives {
     check_nots: Vec<String>,
 }
 
-const STAGES: &[&str] = &["fold", "cse", "dce", "canon", "fuse", "horizontal", "cleanup", "pipeline"];
+const STAGES: &[&str] = &["fold", "cse", "dce", "canon", "fuse", "horizontal", "cleanup", "kv_append", "pipeline"];
 
 fn directives(src: &str) -> Result<Directives, String> {
     let mut d = Directives::default();
@@ -104,6 +104,7 @@ fn run_stages(g: &mut Graph, w: &mut Weights, stages: &[String]) -> Result<(), S
             }),
             "horizontal" => smelt_passes::horizontal::run(g, w).map(|_| ()),
             "cleanup" => smelt_passes::cleanup::run(g).map(|_| ()),
+            "kv_append" => smelt_passes::kv_append::run(g).map(|_| ()),
             "pipeline" => {
                 let opts = PipelineOptions { verify_each: true, ..PipelineOptions::default() };
                 smelt_passes::pipeline(g, w, &opts).map(|_| ())

@@ -64,6 +64,11 @@ pub trait CachedDecode {
     /// How many positions the cache holds.
     fn cached_len(&self) -> usize;
 
+    /// Tells the cache how many positions the sequence will reach, so it
+    /// can allocate that room once instead of growing step by step. A
+    /// hint: a step past it still works.
+    fn reserve(&mut self, _positions: usize) {}
+
     /// Runs `inputs` (`input_ids [batch, seq]`, and `attention_mask`
     /// covering the cached positions plus `seq`, `position_ids`, when the
     /// model takes them; never `past_key_values.*`) after the cached
@@ -400,6 +405,8 @@ pub fn generate(
     let on_model = use_cache && model.cache().is_some();
     if let Some(c) = model.cache().filter(|_| on_model) {
         c.reset();
+        // The last token generated is never fed back.
+        c.reserve(prompt.len() + opts.max_new_tokens.saturating_sub(1));
     }
 
     for step in 0..opts.max_new_tokens {

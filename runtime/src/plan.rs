@@ -150,4 +150,31 @@ pub struct NativePlan {
     /// device can run.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ptx: Vec<PtxModule>,
+    /// Present when some `present.*` buffers are KV caches kept in place
+    /// (see [`KvCachePlan`]); their shapes use its `capacity` symbol.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_cache: Option<KvCachePlan>,
+}
+
+/// How a plan's KV caches are kept in place. The `present.*` buffers of the
+/// caches have room for `capacity` positions per `(batch, head)`; the
+/// kernels that append to them copy the first `copied` positions of their
+/// `past_key_values.*` input, then write the call's new positions after
+/// the past ones. Neither symbol comes from an input:
+/// - a call given its past as inputs binds `capacity` to `filled` and
+///   `copied` to `past` (dims over the input symbols), so the buffers are
+///   the dense `present.*` outputs;
+/// - a decode step whose cache the runtime holds binds `capacity` to the
+///   room of the buffers it keeps (at least `filled`) and `copied` to 0,
+///   and passes those same buffers as the `past_key_values.*` inputs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct KvCachePlan {
+    /// The symbol for the positions each cache buffer has room for.
+    pub capacity: String,
+    /// The symbol for the past positions an append copies from its input.
+    pub copied: String,
+    /// The positions held before a call, as a dim (`past`).
+    pub past: String,
+    /// The positions held after a call, as a dim (`past + seq`).
+    pub filled: String,
 }

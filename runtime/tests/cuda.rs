@@ -76,6 +76,7 @@ fn vadd_plan() -> (NativePlan, Signature) {
         arch: String::new(),
         cpu_features: vec![],
         ptx: vec![PtxModule { arch: "sm_80".into(), file: "kernels.sm_80.ptx".into() }],
+        kv_cache: None,
     };
     let sig = Signature {
         inputs: vec![sig_of("x", "f32", &["n"])],
@@ -135,6 +136,7 @@ fn decoder_plan() -> (NativePlan, Signature) {
         arch: String::new(),
         cpu_features: vec![],
         ptx: vec![PtxModule { arch: "sm_80".into(), file: "kernels.sm_80.ptx".into() }],
+        kv_cache: None,
     };
     let sig = Signature {
         inputs: vec![

@@ -13,7 +13,32 @@ use crate::templates::attention::{self, AttnMask, AttnSpec};
 use crate::templates::{concat, norm_rows, rope, NormKind};
 use smelt_ir::{Dim, Op, TensorType};
 
+/// A KV cache kept in place between decode steps (see
+/// [`crate::schedule`]): each `(batch, head)` block of a cache buffer has
+/// room for `capacity` positions, and an append copies the first `copied`
+/// positions of its `cache` operand (all of them in a call that is given
+/// the past as an input, none when the buffer already holds it).
+#[derive(Clone, Debug, PartialEq)]
+pub struct CacheInPlace {
+    pub capacity: Dim,
+    pub copied: Dim,
+}
+
 pub fn select(op: &Op, inputs: &[TensorType], _outputs: &[TensorType]) -> Result<Option<Selected>, SelectError> {
+    select_with(op, inputs, None)
+}
+
+/// The kernel of an `attention` whose keys and values, or of a `kv_append`
+/// whose result, is a cache kept in place as `kv` says.
+pub fn select_in_place(op: &Op, inputs: &[TensorType], kv: &CacheInPlace) -> Result<Selected, SelectError> {
+    match op {
+        Op::Attention { .. } | Op::KvAppend { .. } => select_with(op, inputs, Some(kv))?
+            .ok_or_else(|| SelectError::unsupported(op, inputs, "no in-place cache kernel (internal error)")),
+        _ => Err(SelectError::unsupported(op, inputs, "only attention and kv_append read or write a cache in place")),
+    }
+}
+
+fn select_with(op: &Op, inputs: &[TensorType], kv: Option<&CacheInPlace>) -> Result<Option<Selected>, SelectError> {
     let unsupported = |why: &str| SelectError::unsupported(op, inputs, why);
     let floats = || -> Result<(), SelectError> {
         if inputs.iter().all(|t| elem_of(t.dtype) == Scalar::F32) {
@@ -96,8 +121,15 @@ pub fn select(op: &Op, inputs: &[TensorType], _outputs: &[TensorType]) -> Result
             if inputs.len() > 4 || mask.as_ref().is_some_and(|m| m.dims.len() > 4) {
                 return Err(unsupported("at most one mask of rank <= 4"));
             }
-            attention::attention(&mut b, &spec, batch, sq, skv, mask.as_ref());
+            let kv_stride = match kv {
+                Some(kv) => p.get(&mut b, &kv.capacity),
+                None => skv.clone(),
+            };
+            attention::attention(&mut b, &spec, batch, sq, skv, kv_stride, mask.as_ref());
             let mut name = format!("attention_h{hq}x{hkv}_d{d}");
+            if kv.is_some() {
+                name.push_str("_cache");
+            }
             if *causal {
                 name.push_str("_causal");
             }
@@ -126,9 +158,18 @@ pub fn select(op: &Op, inputs: &[TensorType], _outputs: &[TensorType]) -> Result
             let outer = p.product(&mut b, &cache.shape[..a]);
             let ci = p.product(&mut b, &cache.shape[a..]);
             let ni = p.product(&mut b, &new.shape[a..]);
-            concat::concat2(&mut b, elem_of(cache.dtype), outer, ci, ni);
-            format!("kv_append_{:?}_{}", elem_of(cache.dtype), dim_name(&Dim::product(&cache.shape[a + 1..])))
-                .to_lowercase()
+            let elem = elem_of(cache.dtype);
+            let row = Dim::product(&cache.shape[a + 1..]);
+            match kv {
+                None => concat::concat2(&mut b, elem, outer, ci, ni),
+                Some(kv) => {
+                    let copied = p.get(&mut b, &(kv.copied.clone() * row.clone()));
+                    let out_row = p.get(&mut b, &(kv.capacity.clone() * row.clone()));
+                    concat::append_rows(&mut b, elem, outer, ci, copied, ni, out_row);
+                }
+            }
+            let kind = if kv.is_some() { "kv_append_cache" } else { "kv_append" };
+            format!("{kind}_{elem:?}_{}", dim_name(&row)).to_lowercase()
         }
         _ => return Ok(None),
     };

@@ -31,6 +31,7 @@ mod layout;
 mod linalg;
 mod reduce;
 
+pub use fused::{select_in_place, CacheInPlace};
 pub use gpu::{select_gpu, select_gpu_with, GpuConfig};
 pub use gpu_linalg::{weight_gated_mlp_gpu, weight_matmul_gpu, weight_product_gpu};
 pub use layout::gather_stored;

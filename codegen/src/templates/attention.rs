@@ -37,11 +37,22 @@ pub struct AttnMask {
 
 /// Declares `q, k, v[, mask], out` and builds the body; `batch`, `sq` and
 /// `skv` are any `i64` expressions (usually scalar parameters of `b`).
-pub fn attention(b: &mut Builder, s: &AttnSpec, batch: Expr, sq: Expr, skv: Expr, mask: Option<&AttnMask>) {
+/// `kv_stride` is the number of positions each `(batch, kv head)` block of
+/// `k` and `v` holds: `skv` for tensors of their logical shape, more for a
+/// KV cache kept in place with room to grow (only the first `skv` are read).
+pub fn attention(
+    b: &mut Builder,
+    s: &AttnSpec,
+    batch: Expr,
+    sq: Expr,
+    skv: Expr,
+    kv_stride: Expr,
+    mask: Option<&AttnMask>,
+) {
     let (hq, hkv, d, dv) = (s.hq, s.hkv, s.d, s.dv);
     let group = hq / hkv;
     let rows = mul(mul(batch.clone(), Expr::idx(hq)), sq.clone());
-    let kv_rows = mul(mul(batch.clone(), Expr::idx(hkv)), skv.clone());
+    let kv_rows = mul(mul(batch.clone(), Expr::idx(hkv)), kv_stride.clone());
     let q = b.input("q", mul(rows.clone(), Expr::idx(d)));
     let k = b.input("k", mul(kv_rows.clone(), Expr::idx(d)));
     let v = b.input("v", mul(kv_rows, Expr::idx(dv)));
@@ -71,7 +82,7 @@ pub fn attention(b: &mut Builder, s: &AttnSpec, batch: Expr, sq: Expr, skv: Expr
         let h = b.let_("h", sym::rem(Expr::Var(bh), Expr::idx(hq)));
         let bi = b.let_("bi", sym::div(Expr::Var(bh), Expr::idx(hq)));
         let kh = sym::div(Expr::Var(h), Expr::idx(group));
-        let kvb = b.let_("kvb", mul(add(mul(Expr::Var(bi), Expr::idx(hkv)), kh), skv.clone()));
+        let kvb = b.let_("kvb", mul(add(mul(Expr::Var(bi), Expr::idx(hkv)), kh), kv_stride.clone()));
         let qb = b.let_("qb", mul(row.clone(), Expr::idx(d)));
         let pos = b.let_("pos", add(sub(skv.clone(), sq.clone()), Expr::Var(i)));
         let mut hi = skv.clone();

@@ -19,7 +19,7 @@ use super::ptx::{choose_module, parse_archs};
 use super::CudaError;
 use crate::artifact::Signature;
 pub use crate::cache::{CacheLayout, CachePair};
-use crate::native::checked::{CallSizes, CheckedPlan};
+use crate::native::checked::{CallSizes, CheckedPlan, KvBinding};
 use crate::plan::{NativePlan, PtxModule};
 
 /// The most threads a block may have, per axis and in total (every GPU
@@ -114,7 +114,7 @@ impl CudaPlan {
         resident: &BTreeMap<String, Vec<usize>>,
     ) -> Result<Prepared, CudaError> {
         let c = &self.checked;
-        let sizes = c.size_call(inputs, resident)?;
+        let sizes = c.size_call(inputs, resident, KvBinding::Dense)?;
         let mut grids = Vec::with_capacity(c.launches.len());
         for (li, l) in c.launches.iter().enumerate() {
             let (Some(dims), Some(ids)) = (&l.grid, &l.grid_ids) else {

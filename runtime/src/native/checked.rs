@@ -103,6 +103,28 @@ pub struct CheckedPlan {
     /// The same dims in flat tables, for sizing a call in a few passes
     /// over contiguous memory.
     flat: Flat,
+    /// The plan's in-place KV caches, their dims parsed.
+    pub kv: Option<KvDims>,
+}
+
+/// A [`crate::plan::KvCachePlan`] with its dims parsed.
+#[derive(Clone, Debug)]
+pub struct KvDims {
+    pub capacity: String,
+    pub copied: String,
+    pub past: Dim,
+    pub filled: Dim,
+}
+
+/// How a call binds the symbols of a plan's in-place KV caches (plans
+/// without them ignore it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KvBinding {
+    /// The past comes as inputs and the presents go out dense.
+    Dense,
+    /// The cache buffers are the runtime's own, with room for `capacity`
+    /// positions and the past already in them.
+    Resident { capacity: usize },
 }
 
 /// A plan's dims by id in flat tables.
@@ -228,7 +250,27 @@ impl CheckedPlan {
         for (n, min, max) in &plan.symbols {
             bounds.insert(n.clone(), (*min, *max));
         }
+        let kv = match &plan.kv_cache {
+            None => None,
+            Some(k) => {
+                let what = |f: &'static str| move || format!("the KV cache plan's `{f}`");
+                let declared = |n: &String| plan.symbols.iter().any(|(s, _, _)| s == n);
+                if !declared(&k.capacity) || !declared(&k.copied) {
+                    return Err(plan_err("the KV cache plan names symbols the plan does not declare"));
+                }
+                if signature.symbols.contains_key(&k.capacity) || signature.symbols.contains_key(&k.copied) {
+                    return Err(plan_err("the KV cache plan's symbols collide with the model's own"));
+                }
+                Some(KvDims {
+                    capacity: k.capacity.clone(),
+                    copied: k.copied.clone(),
+                    past: parse_dim(&k.past, &what("past"))?,
+                    filled: parse_dim(&k.filled, &what("filled"))?,
+                })
+            }
+        };
         Ok(CheckedPlan {
+            kv,
             plan,
             signature,
             bufs,
@@ -263,13 +305,16 @@ impl CheckedPlan {
     /// Validates the inputs (plus the `resident` ones, given by shape: see
     /// [`super::bind::bind_symbols_with`]), binds the symbols and sizes the call: every
     /// length, alias and weight range, every launch's scalars and needs.
+    /// `kv` says how the symbols of in-place KV caches are bound.
     pub fn size_call(
         &self,
         inputs: &BTreeMap<String, Tensor>,
         resident: &BTreeMap<String, Vec<usize>>,
+        kv: KvBinding,
     ) -> Result<CallSizes, NativeError> {
         let declared = |name: &str| self.input_names.contains(name);
-        let syms = bind_symbols_known(&self.specs, &declared, inputs, resident, &self.bounds)?;
+        let mut syms = bind_symbols_known(&self.specs, &declared, inputs, resident, &self.bounds)?;
+        self.bind_kv(&mut syms, kv)?;
         let vals: Vec<Option<i64>> = self.dims.iter().map(|d| d.eval_map(&syms).ok()).collect();
         let v = Vals { vals: &vals, syms: &syms };
         let lens = self.buffer_lens(v)?;
@@ -298,6 +343,28 @@ impl CheckedPlan {
         }
         let elem_offsets = self.alias_offsets(v);
         Ok(CallSizes { syms, vals, lens, elem_offsets, scalars })
+    }
+
+    /// Binds the in-place KV cache symbols (see [`KvBinding`]).
+    fn bind_kv(&self, syms: &mut BTreeMap<String, i64>, binding: KvBinding) -> Result<(), NativeError> {
+        let Some(kv) = &self.kv else { return Ok(()) };
+        let eval = |d: &Dim, what: &str| {
+            d.eval_map(syms).map_err(|e| plan_err(format!("the KV cache's {what} positions `{d}`: {e}")))
+        };
+        let (past, filled) = (eval(&kv.past, "past")?, eval(&kv.filled, "filled")?);
+        let (capacity, copied) = match binding {
+            KvBinding::Dense => (filled, past),
+            KvBinding::Resident { capacity } => {
+                let capacity = i64::try_from(capacity).unwrap_or(i64::MAX);
+                if capacity < filled {
+                    return Err(NativeError::CacheFull { capacity: capacity as usize, filled: filled as usize });
+                }
+                (capacity, 0)
+            }
+        };
+        syms.insert(kv.capacity.clone(), capacity);
+        syms.insert(kv.copied.clone(), copied);
+        Ok(())
     }
 
     /// Offsets in one arena for every root with a lifetime that `keep`
@@ -903,6 +970,7 @@ mod tests {
             arch: String::new(),
             cpu_features: vec![],
             ptx: vec![],
+            kv_cache: None,
         };
         let t = |name: &str, shape: &str| TensorSig {
             name: name.into(),
@@ -920,7 +988,7 @@ mod tests {
 
     fn sizes(c: &CheckedPlan, n: usize) -> CallSizes {
         let x = Tensor::from_f32(DType::F32, vec![n], vec![0.0; n]).unwrap();
-        c.size_call(&[("x".to_string(), x)].into_iter().collect(), &BTreeMap::new()).unwrap()
+        c.size_call(&[("x".to_string(), x)].into_iter().collect(), &BTreeMap::new(), KvBinding::Dense).unwrap()
     }
 
     /// Every kept root is placed inside the arena, and roots alive at the

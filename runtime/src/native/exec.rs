@@ -20,14 +20,21 @@
 //!
 //! A decode step ([`CachedDecode::step`]) keeps the KV cache in the model's
 //! own memory, outside the arena, as the GPU runtime does on its device
-//! ([`crate::cache`] finds the layout for both): each `present.*` root is
-//! computed into one of two buffers kept for the purpose, which the next
-//! step binds as its `past_key_values.*` while it writes its own
-//! `present.*` into the other (no copy). Only the token inputs go in and the
-//! last position's logits come out. The buffers grow by doubling, so a long
-//! decode reallocates a logarithmic number of times. The kernels still
-//! concatenate the past and the new keys and values into the present each
-//! step (TODO(kv-append): write the new positions in place instead).
+//! ([`crate::cache`] finds the layout for both). Only the token inputs go
+//! in and the last position's logits come out. Two ways:
+//! - **in place**, when the plan lays its caches out for it
+//!   ([`crate::plan::KvCachePlan`]): one buffer per cache with room for
+//!   `capacity` positions is both the step's `past_key_values.*` and its
+//!   `present.*`; the append kernels write only the new positions and
+//!   attention reads the cache where it is. When a step needs more room,
+//!   the buffers are reallocated (to twice the room, or what
+//!   [`CachedDecode::reserve`] asked for) and the held positions moved to
+//!   the new layout once;
+//! - otherwise, each `present.*` root is computed into one of two buffers
+//!   kept for the purpose, which the next step binds as its
+//!   `past_key_values.*` while it writes its own `present.*` into the other
+//!   (the kernels copy the past into the present each step). The buffers
+//!   grow by doubling.
 //!
 //! The plan is checked once at construction ([`CheckedPlan::new`]): kernel and buffer indices,
 //! argument counts and element types against the kernel entries, alias
@@ -44,7 +51,7 @@ use std::path::Path;
 use smelt_ir::Tensor;
 
 use super::arena::{AlignedBuf, ALIGN};
-use super::checked::{check_file_name, plan_err, read_output, write_input, CallSizes, CheckedPlan};
+use super::checked::{check_file_name, plan_err, read_output, write_input, CallSizes, CheckedPlan, KvBinding};
 use super::library::{KernelFn, KernelLibrary};
 use super::team::Team;
 use super::NativeError;
@@ -135,8 +142,13 @@ pub struct NativeStats {
 /// The KV cache kept between decode steps (see the module docs).
 #[derive(Default)]
 struct HostCache {
-    /// Per present root of the [`CacheLayout`]: two buffers used in turn.
+    /// Per present root of the [`CacheLayout`]: two buffers used in turn
+    /// (in place: only the first, with room for `capacity` positions).
     slots: Vec<[Option<AlignedBuf>; 2]>,
+    /// In place: the positions the buffers have room for, and the room
+    /// the caller asked for ([`CachedDecode::reserve`]).
+    capacity: usize,
+    reserved: usize,
     /// The slot the cached tensors live in; the next step writes the other.
     cur: usize,
     /// Per cache pair: the cached tensor's address and shape. Empty when
@@ -156,6 +168,8 @@ pub struct NativeModel {
     arena: AlignedBuf,
     /// How the plan keeps its KV cache, when it can, and the cache.
     layout: Option<CacheLayout>,
+    /// The cache is kept in place (see the module docs).
+    in_place: bool,
     cache: HostCache,
     /// Per-call table, kept to avoid reallocating it.
     ptrs: Vec<usize>,
@@ -246,7 +260,15 @@ impl NativeModel {
         let team = Team::new(threads).map_err(NativeError::Spawn)?;
         let arena = AlignedBuf::zeroed(0).ok_or(NativeError::OutOfMemory { bytes: ALIGN })?;
         let layout = CacheLayout::of(&checked);
+        let in_place = match (&layout, &checked.kv) {
+            (Some(l), Some(kv)) => l.pairs.iter().all(|p| {
+                let info = &checked.bufs[p.present_buf];
+                info.root == p.present_buf && info.shape.get(2) == Some(&smelt_ir::Dim::sym(&kv.capacity))
+            }),
+            _ => false,
+        };
         Ok(NativeModel {
+            in_place,
             checked,
             weights,
             fns,
@@ -269,6 +291,11 @@ impl NativeModel {
         self.team.threads()
     }
 
+    /// Whether decode steps keep the KV cache in place (see the module docs).
+    pub fn cache_in_place(&self) -> bool {
+        self.in_place
+    }
+
     pub fn stats(&self) -> NativeStats {
         let cache_bytes = self.cache.slots.iter().flatten().flatten().map(|s| s.len()).sum();
         NativeStats { arena_bytes: self.arena.len(), cache_bytes, ..self.stats }
@@ -280,7 +307,7 @@ impl NativeModel {
         crate::model::fill_defaults(&self.checked.signature, &mut inputs);
         // Every length, alias and weight range, every launch's scalars and
         // needs: all checked before anything runs.
-        let sizes = self.checked.size_call(&inputs, &BTreeMap::new())?;
+        let sizes = self.checked.size_call(&inputs, &BTreeMap::new(), KvBinding::Dense)?;
         let addrs = self.execute(&inputs, &sizes, false)?;
 
         // Copy the outputs out.
@@ -307,7 +334,19 @@ impl NativeModel {
         let resident = layout.resident(&shapes);
         let held = (!resident.is_empty()).then_some(self.cache.len);
         crate::model::fill_defaults_after(&self.checked.signature, &mut inputs, held);
-        let sizes = self.checked.size_call(&inputs, &resident)?;
+        let sizes = if self.in_place {
+            let room = |capacity| KvBinding::Resident { capacity };
+            match self.checked.size_call(&inputs, &resident, room(self.cache.capacity)) {
+                Err(NativeError::CacheFull { filled, .. }) => {
+                    let bound = self.capacity_bound();
+                    let grown = filled.max(self.cache.reserved).max(self.cache.capacity.saturating_mul(2)).min(bound);
+                    self.checked.size_call(&inputs, &resident, room(grown.max(filled)))?
+                }
+                sizes => sizes?,
+            }
+        } else {
+            self.checked.size_call(&inputs, &resident, KvBinding::Dense)?
+        };
         let outs = layout.step_outputs(&self.checked, &sizes.syms)?;
         let addrs = self.execute(&inputs, &sizes, true)?;
 
@@ -348,8 +387,53 @@ impl NativeModel {
         self.cache.entries =
             layout.pairs.iter().zip(outs.presents).map(|(p, shape)| (addrs[p.present_buf] as usize, shape)).collect();
         self.cache.len = self.cache.entries.first().and_then(|(_, s)| s.get(2).copied()).unwrap_or(0);
-        self.cache.cur = 1 - self.cache.cur;
+        if self.in_place {
+            // The presents' shapes say `capacity` positions; the cache
+            // holds the filled ones.
+            let len = self.cache.len;
+            let filled = self.checked.kv.as_ref().map(|kv| kv.filled.eval_map(&sizes.syms));
+            self.cache.len = match filled {
+                Some(Ok(f)) => f as usize,
+                _ => len,
+            };
+            for (_, shape) in &mut self.cache.entries {
+                shape[2] = self.cache.len;
+            }
+        } else {
+            self.cache.cur = 1 - self.cache.cur;
+        }
         Ok(t)
+    }
+
+    /// The most positions an in-place cache may have room for: the bound
+    /// of the plan's capacity symbol.
+    fn capacity_bound(&self) -> usize {
+        let kv = self.checked.kv.as_ref();
+        kv.and_then(|kv| self.checked.bounds.get(&kv.capacity)).map_or(usize::MAX, |&(_, max)| max.max(0) as usize)
+    }
+
+    /// Moves the held positions of in-place cache buffer `k` (laid out for
+    /// `self.cache.capacity` positions) into `to`, laid out for `capacity`.
+    fn relayout(&self, k: usize, to: &AlignedBuf, capacity: usize) {
+        let (Some(Some(from)), Some((_, shape))) = (self.cache.slots.get(k).map(|s| &s[0]), self.cache.entries.get(k))
+        else {
+            return;
+        };
+        let elem = self.layout.as_ref().map_or(4, |l| self.checked.bufs[l.pairs[k].present_buf].elem.size());
+        let &[batch, heads, len, width] = shape.as_slice() else { return };
+        let (old, row) = (self.cache.capacity, width * elem);
+        for bh in 0..batch * heads {
+            // SAFETY: `from` holds `batch * heads` blocks of `old >= len`
+            // rows and `to` as many blocks of `capacity >= len` rows, each
+            // row `width` elements of `elem` bytes; they do not overlap.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    from.as_ptr().add(bh * old * row),
+                    to.as_ptr().add(bh * capacity * row),
+                    len * row,
+                )
+            };
+        }
     }
 
     /// Places the call's buffers, copies the given inputs in and runs every
@@ -368,7 +452,9 @@ impl NativeModel {
         let resident = layout.is_some() && !self.cache.entries.is_empty();
         let outside = |b: usize| match layout {
             None => false,
-            Some(l) => l.present_roots.contains(&b) || (resident && l.pairs.iter().any(|p| p.past_buf == b)),
+            Some(l) => {
+                l.present_roots.contains(&b) || ((resident || self.in_place) && l.pairs.iter().any(|p| p.past_buf == b))
+            }
         };
 
         // Placement of the inputs and scratch buffers.
@@ -394,7 +480,29 @@ impl NativeModel {
                 }
             }
         }
-        if let Some(layout) = layout {
+        if let (Some(layout), true) = (layout, self.in_place) {
+            let capacity =
+                self.checked.kv.as_ref().and_then(|kv| sizes.syms.get(&kv.capacity)).map_or(0, |&c| c as usize);
+            self.cache.slots.resize_with(layout.pairs.len(), Default::default);
+            for (k, p) in layout.pairs.iter().enumerate() {
+                let r = p.present_buf;
+                // No overflow: `size_call` checked every buffer's size in bytes.
+                let bytes = lens[r] * c.bufs[r].elem.size();
+                if capacity != self.cache.capacity || self.cache.slots[k][0].is_none() {
+                    let buf = AlignedBuf::zeroed(bytes).ok_or(NativeError::CacheOutOfMemory { bytes })?;
+                    if !self.cache.entries.is_empty() {
+                        self.relayout(k, &buf, capacity);
+                    }
+                    self.cache.slots[k][0] = Some(buf);
+                }
+                let slot = self.cache.slots[k][0].as_ref().map_or(std::ptr::null_mut(), |s| s.as_ptr());
+                // The same memory is the past the step reads and the
+                // present it writes (the appends copy no past).
+                root_ptr[r] = slot;
+                root_ptr[p.past_buf] = slot;
+            }
+            self.cache.capacity = capacity;
+        } else if let Some(layout) = layout {
             let write = 1 - self.cache.cur;
             self.cache.slots.resize_with(layout.present_roots.len(), Default::default);
             for (k, &r) in layout.present_roots.iter().enumerate() {
@@ -496,6 +604,10 @@ impl CachedDecode for NativeModel {
         // The slots stay allocated for the next sequence.
         self.cache.entries.clear();
         self.cache.len = 0;
+    }
+
+    fn reserve(&mut self, positions: usize) {
+        self.cache.reserved = positions;
     }
 
     fn cached_len(&self) -> usize {

@@ -83,6 +83,8 @@ pub enum NativeError {
     CacheOutOfMemory { bytes: usize },
     #[error("this model cannot keep its KV cache: {0}")]
     NoCache(String),
+    #[error("the KV cache has room for {capacity} positions, the call needs {filled}")]
+    CacheFull { capacity: usize, filled: usize },
     #[error(transparent)]
     Team(#[from] TeamError),
 }
