@@ -180,6 +180,9 @@ pub struct ScheduleOptions {
     pub packed_weights: bool,
     /// How the weights of weight matmuls and embedding tables are stored.
     pub weight_dtype: WeightDtype,
+    /// The tiles and vector width of the packed weight kernels
+    /// (`PanelParams::DEFAULT` for Cranelift, `WIDE` for LLVM on AVX2).
+    pub panel: crate::templates::packed::PanelParams,
     /// Block sizes and split attention of the GPU kernels.
     pub gpu: select::GpuConfig,
 }
@@ -552,8 +555,8 @@ impl Scheduler<'_> {
         }
         if self.options.packed_weights {
             let wk = match &node.op {
-                Op::MatMul {} => select::weight_matmul(&x_ty, n_, k_, welem),
-                Op::GatedMlp { act } => select::weight_gated_mlp(&x_ty, n_, k_, act, welem),
+                Op::MatMul {} => select::weight_matmul_with(&x_ty, n_, k_, welem, self.options.panel),
+                Op::GatedMlp { act } => select::weight_gated_mlp_with(&x_ty, n_, k_, act, welem, self.options.panel),
                 _ => unreachable!("matched above"),
             };
             if let Ok(wk) = wk {

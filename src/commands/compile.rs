@@ -230,10 +230,9 @@ fn compile_native(
     constants: ConstantsWriter,
     phases: &mut Phases,
 ) -> Result<NativeFiles> {
-    // Cranelift runs the packed-panel weight kernels fastest; the llvm
-    // build lowers the [N, K] ones with wider vectors instead.
-    let options =
-        ScheduleOptions { packed_weights: !cfg!(feature = "llvm"), weight_dtype, ..ScheduleOptions::default() };
+    // The weight kernels read packed panels: 4-lane vectors for Cranelift,
+    // and in the llvm build vectors as wide as the host's (see `panel`).
+    let options = ScheduleOptions { packed_weights: true, weight_dtype, panel: panel(), ..ScheduleOptions::default() };
     let sched = schedule_into(graph, weights, options, constants)?;
     phases.mark("cpu schedule");
     let dir = tempfile::tempdir()?;
@@ -245,7 +244,9 @@ fn compile_native(
     // stay with Cranelift, which compiles them faster.
     #[cfg(feature = "llvm")]
     let lib = {
-        let llvm = |k: &smelt_codegen::kir::Kernel| k.name.starts_with("matmul") || k.name.starts_with("gated_mlp");
+        let llvm = |k: &smelt_codegen::kir::Kernel| {
+            ["matmul", "gated_mlp", "wmatmul", "wgated_mlp"].iter().any(|p| k.name.starts_with(p))
+        };
         for (entry, k) in plan.kernels.iter_mut().zip(&sched.kernels) {
             if llvm(k) {
                 entry.lowering = "llvm".into();
@@ -259,6 +260,21 @@ fn compile_native(
     let constants = sched.constants.finish()?;
     phases.mark("cpu constants");
     Ok(NativeFiles { plan, library: lib.bytes, constants })
+}
+
+/// The packed weight kernels' tiles: without LLVM, Cranelift's 128-bit
+/// ones; with it, 8-lane tiles where the host has AVX2 and FMA (LLVM
+/// lowers the weight kernels), else the 128-bit tiles with FMA.
+fn panel() -> smelt_codegen::templates::packed::PanelParams {
+    use smelt_codegen::templates::packed::PanelParams;
+    if !cfg!(feature = "llvm") {
+        return PanelParams::DEFAULT;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        return PanelParams::WIDE;
+    }
+    PanelParams { fma: true, ..PanelParams::DEFAULT }
 }
 
 /// A temporary folder beside `output` (or in the system's when the

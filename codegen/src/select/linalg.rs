@@ -270,7 +270,18 @@ pub struct WeightKernel {
 /// same result as `matmul(a, transpose(W, [1, 0]))`. The packed weight is
 /// stored as `w` (`F32`, `BF16` or `F16`).
 pub fn weight_matmul(a: &TensorType, n: usize, k: usize, w: Scalar) -> Result<WeightKernel, SelectError> {
-    weight_kernel(a, n, k, None, w)
+    weight_kernel(a, n, k, None, w, PanelParams::DEFAULT)
+}
+
+/// [`weight_matmul`] with the tile shape and vector width of `params`.
+pub fn weight_matmul_with(
+    a: &TensorType,
+    n: usize,
+    k: usize,
+    w: Scalar,
+    params: PanelParams,
+) -> Result<WeightKernel, SelectError> {
+    weight_kernel(a, n, k, None, w, params)
 }
 
 /// `act(x · Wgᵀ) * (x · Wuᵀ)` for constant weights given as `[n, k]`:
@@ -278,10 +289,22 @@ pub fn weight_matmul(a: &TensorType, n: usize, k: usize, w: Scalar) -> Result<We
 /// result as `gated_mlp(x, transpose(Wg), transpose(Wu))` with `act`. The
 /// packed weights are stored as `w`.
 pub fn weight_gated_mlp(x: &TensorType, n: usize, k: usize, act: &str, w: Scalar) -> Result<WeightKernel, SelectError> {
+    weight_gated_mlp_with(x, n, k, act, w, PanelParams::DEFAULT)
+}
+
+/// [`weight_gated_mlp`] with the tile shape and vector width of `params`.
+pub fn weight_gated_mlp_with(
+    x: &TensorType,
+    n: usize,
+    k: usize,
+    act: &str,
+    w: Scalar,
+    params: PanelParams,
+) -> Result<WeightKernel, SelectError> {
     let op = Op::GatedMlp { act: act.to_string() };
     let a = Act::parse(act)
         .ok_or_else(|| SelectError::unsupported(&op, std::slice::from_ref(x), format!("unknown act `{act}`")))?;
-    weight_kernel(x, n, k, Some(a), w)
+    weight_kernel(x, n, k, Some(a), w, params)
 }
 
 fn weight_kernel(
@@ -290,6 +313,7 @@ fn weight_kernel(
     k: usize,
     act: Option<Act>,
     welem: Scalar,
+    params: PanelParams,
 ) -> Result<WeightKernel, SelectError> {
     let op = match act {
         None => Op::MatMul {},
@@ -307,13 +331,6 @@ fn weight_kernel(
     if x.rank() == 0 || x.shape.last() != Some(&Dim::c(k as i64)) {
         return Err(SelectError::unsupported(&op, &inputs, format!("x's last dim must be the contraction dim {k}")));
     }
-    let mut params = PanelParams::DEFAULT;
-    if let Ok(v) = std::env::var("SMELT_MR") {
-        params.mr = v.parse().unwrap();
-    }
-    if std::env::var("SMELT_FMA").is_ok() {
-        params.fma = true;
-    }
     let mut b = Builder::new("matmul");
     let mut p = Params::default();
     let m = p.product(&mut b, &x.shape[..x.rank() - 1]);
@@ -321,9 +338,11 @@ fn weight_kernel(
         return Err(SelectError::unsupported(&op, &inputs, format!("weights stored as {welem:?}")));
     }
     packed::weight_matmul(&mut b, m, n, k, act, params, welem);
+    // The vector width is in the name: the lowering is chosen by it.
+    let v = if params.lanes == 4 { String::new() } else { format!("_v{}", params.lanes) };
     let prefix = match act {
-        None => format!("wmatmul_k{k}_n{n}{}", elem_suffix(welem)),
-        Some(a) => format!("wgated_mlp_{}_k{k}_n{n}{}", a.name(), elem_suffix(welem)),
+        None => format!("wmatmul_k{k}_n{n}{}{v}", elem_suffix(welem)),
+        Some(a) => format!("wgated_mlp_{}_k{k}_n{n}{}{v}", a.name(), elem_suffix(welem)),
     };
     let instance = p.finish(b, &prefix, &op, &inputs)?;
     let packs = vec![params.packing(); if act.is_some() { 2 } else { 1 }];

@@ -35,7 +35,10 @@ pub use fused::{select_in_place, CacheInPlace};
 pub use gpu::{select_gpu, select_gpu_with, GpuConfig};
 pub use gpu_linalg::{weight_gated_mlp_gpu, weight_matmul_gpu, weight_product_gpu};
 pub use layout::gather_stored;
-pub use linalg::{gated_mlp_weight_nk, matmul_weight_nk, weight_gated_mlp, weight_matmul, Packing, WeightKernel};
+pub use linalg::{
+    gated_mlp_weight_nk, matmul_weight_nk, weight_gated_mlp, weight_gated_mlp_with, weight_matmul, weight_matmul_with,
+    Packing, WeightKernel,
+};
 
 use crate::kir::{Kernel, Scalar};
 use smelt_ir::{DType, Dim, Op, TensorType};

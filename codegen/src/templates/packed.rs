@@ -112,8 +112,11 @@ impl Packing {
 pub struct PanelParams {
     /// Rows of a full tile.
     pub mr: usize,
-    /// Columns of a panel (a multiple of 4).
+    /// Columns of a panel (a multiple of `lanes`).
     pub nr: usize,
+    /// f32 lanes of a vector: 4 (128-bit, what Cranelift lowers), or 8 or
+    /// 16 for LLVM on AVX2 / AVX-512 hosts.
+    pub lanes: u8,
     /// Accumulator sets of single-row tiles (steps of `k` per iteration of
     /// their inner loop).
     pub ksplit: usize,
@@ -126,11 +129,23 @@ pub struct PanelParams {
     pub fma: bool,
 }
 
+impl Default for PanelParams {
+    fn default() -> Self {
+        PanelParams::DEFAULT
+    }
+}
+
 impl PanelParams {
     /// 6 x 8 tiles: 12 accumulators, 2 weight vectors, a broadcast and a
     /// product fill the 16 XMM registers Cranelift has on x86-64; single-row
     /// tiles keep 4 x 2 independent FMA chains.
-    pub const DEFAULT: PanelParams = PanelParams { mr: 6, nr: 8, ksplit: 4, fma: false };
+    pub const DEFAULT: PanelParams = PanelParams { mr: 6, nr: 8, lanes: 4, ksplit: 4, fma: false };
+
+    /// 6 x 16 tiles of 8-lane vectors with `fma`: the same 12 accumulators
+    /// in the 16 YMM registers of AVX2, for the LLVM lowering (the classic
+    /// Haswell GEMM micro-kernel: two weight loads and six broadcasts feed
+    /// twelve FMAs per step of `k`).
+    pub const WIDE: PanelParams = PanelParams { mr: 6, nr: 16, lanes: 8, ksplit: 4, fma: true };
 
     pub fn packing(&self) -> Packing {
         Packing::Panels { nr: self.nr }
@@ -143,9 +158,10 @@ impl PanelParams {
 /// scalar parameter of `b`. The weights are stored as `w` (`F32`, or
 /// `BF16`/`F16` widened to f32 as they are loaded); everything else is f32.
 pub fn weight_matmul(b: &mut Builder, m: Expr, n: usize, k: usize, act: Option<Act>, p: PanelParams, w: Scalar) {
-    let l = LANES as usize;
+    let lanes = if p.lanes.is_power_of_two() && p.lanes > 1 { p.lanes } else { LANES };
+    let l = lanes as usize;
     let nr = (p.nr.max(l) / l) * l;
-    let p = PanelParams { mr: p.mr.max(1), nr, ksplit: p.ksplit.max(1), fma: p.fma };
+    let p = PanelParams { mr: p.mr.max(1), nr, lanes, ksplit: p.ksplit.max(1), fma: p.fma };
     let packing = p.packing();
     let wlen = Expr::idx(packing.packed_len(n, k));
     let a = b.input("a", mul(m.clone(), Expr::idx(k)));
@@ -219,7 +235,8 @@ impl Gen {
     // Row, vector and set indices address several parallel tables at once.
     #[allow(clippy::needless_range_loop)]
     fn pass(&self, b: &mut Builder, i0: &Expr, pj: &Expr, rows: usize, w: BufId, epi: Epilogue) {
-        let (l, nr, k) = (LANES as usize, self.p.nr, self.k);
+        let (lanes, nr, k) = (self.p.lanes, self.p.nr, self.k);
+        let l = lanes as usize;
         let nv = nr / l;
         // Single-row tiles unroll `k` over `ksplit` accumulator sets; wider
         // tiles have enough independent chains already and stay rolled, as
@@ -228,7 +245,7 @@ impl Gen {
         let (split, ku) = if rows == 1 { (self.p.ksplit, self.p.ksplit) } else { (1, 1) };
         // acc[set][row][vector]
         let acc: Vec<Vec<Vec<Var>>> = (0..split)
-            .map(|_| (0..rows).map(|_| (0..nv).map(|_| b.let_("acc", c(0.0, LANES))).collect()).collect())
+            .map(|_| (0..rows).map(|_| (0..nv).map(|_| b.let_("acc", c(0.0, lanes))).collect()).collect())
             .collect();
         // Running indices into `a` (row i0) and the panel, carried by the
         // loop so that no per-row offset is recomputed in it.
@@ -237,11 +254,11 @@ impl Gen {
         // One step of `k`, `u` steps past the running indices, into set `set`.
         let step = |b: &mut Builder, u: usize, set: usize| {
             let wv: Vec<Var> = (0..nv)
-                .map(|v| b.let_("wv", Expr::load(w, add(Expr::Var(wk), Expr::idx(u * nr + v * l)), LANES)))
+                .map(|v| b.let_("wv", Expr::load(w, add(Expr::Var(wk), Expr::idx(u * nr + v * l)), lanes)))
                 .collect();
             for r in 0..rows {
                 let at = add(Expr::Var(ak), Expr::idx(r * k + u));
-                let av = b.let_("av", Expr::load(self.a, at, 1).splat(LANES));
+                let av = b.let_("av", Expr::load(self.a, at, 1).splat(lanes));
                 for v in 0..nv {
                     let x = acc[set][r][v];
                     let prod = Expr::Var(av) * Expr::Var(wv[v]);
@@ -286,7 +303,8 @@ impl Gen {
     /// current values in `c`) through `epi`: whole vectors in every panel
     /// but a partial last one, whose valid columns are stored one by one.
     fn store(&self, b: &mut Builder, i0: &Expr, pj: &Expr, rows: usize, sums: Option<Vec<Vec<Expr>>>, epi: Epilogue) {
-        let (l, nr, n) = (LANES as usize, self.p.nr, self.n);
+        let (lanes, nr, n) = (self.p.lanes, self.p.nr, self.n);
+        let l = lanes as usize;
         let j0 = bind(b, "j0", mul(pj.clone(), Expr::idx(nr)));
         let rem = n % nr;
         // The sums are used on both sides of the partial-panel test.
@@ -303,7 +321,7 @@ impl Gen {
                 let base = b.let_("crow", add(row_at(r), j0.clone()));
                 for v in 0..nr / l {
                     let at = add(Expr::Var(base), Expr::idx(v * l));
-                    let y = self.epilogue(b, epi, value(r, v * l, &at, LANES), at.clone(), LANES);
+                    let y = self.epilogue(b, epi, value(r, v * l, &at, lanes), at.clone(), lanes);
                     b.store(self.out, at, y);
                 }
             }
