@@ -548,12 +548,14 @@ impl NativeModel {
                 self.ptrs.push(addrs[b] as usize);
             }
         }
-        let threads = self.team.threads() as i64;
+        // A kernel splits its parallel loop into `parts` shares and computes
+        // share `part` (the kernel ABI calls them thread and threads).
+        let parts = self.team.parts() as i64;
         let ptrs = self.ptrs.as_ptr() as usize;
         let scalars = sizes.scalars.as_ptr() as usize;
         let launches = &c.launches;
         let fns = &self.fns;
-        let task = |i: usize, t: usize| {
+        let task = |i: usize, part: usize| {
             let l = &launches[i];
             let bufs = (ptrs as *const *mut u8).wrapping_add(l.arg_at);
             let sc = (scalars as *const i64).wrapping_add(l.scalar_at);
@@ -561,7 +563,7 @@ impl NativeModel {
             // element type with at least `needs` elements (checked above),
             // the scalars are the ones those needs were computed with, and
             // the library outlives this call.
-            unsafe { (fns[i])(bufs, sc, t as i64, threads) };
+            unsafe { (fns[i])(bufs, sc, part as i64, parts) };
         };
         match &mut self.profile {
             None => self.team.run(launches.len(), &task)?,

@@ -1,13 +1,24 @@
 //! A persistent thread team: `threads - 1` spawned workers plus the calling
-//! thread run a sequence of launches together. Every thread runs
-//! `task(launch, thread)` for each launch in order, and a spin barrier
-//! separates consecutive launches, so launch `i + 1` sees everything launch
-//! `i` wrote on any thread.
+//! thread run a sequence of launches together. Each launch is cut into
+//! [`Team::parts`] parts, and `task(launch, part)` runs once for every part
+//! of every launch, on whichever thread claims it: the threads claim parts
+//! in order from one counter, and a part of launch `i + 1` starts only once
+//! every part of launch `i` has finished, so it sees everything launch `i`
+//! wrote on any thread.
+//!
+//! Why parts claimed dynamically rather than one share per thread behind a
+//! barrier: when the machine runs more threads than it has cores (a build,
+//! another program), a thread of the team is descheduled now and then. With
+//! a barrier, every launch then waits for it (a scheduler time slice, not a
+//! microsecond); with claimed parts, the threads that run do its parts, and
+//! only a part claimed and not yet finished is waited for. With an idle
+//! machine both cost the same: two atomics per part.
 //!
 //! Design points:
 //! - no allocation and no lock per launch: the job (a pointer to the task
 //!   and the launch count) is published once per [`Team::run`], workers are
-//!   woken once per run, and the barrier is two atomics;
+//!   woken once per run, and claiming and finishing a part is one atomic
+//!   each;
 //! - waiting spins briefly, then yields; idle workers (between runs) end up
 //!   asleep on a condition variable, so an idle team costs no CPU;
 //! - a panic in a task (on any thread) is caught: the team is poisoned, every
@@ -25,6 +36,11 @@ use std::thread::JoinHandle;
 /// Spins before yielding, and yields before sleeping (idle workers only).
 const SPINS: u32 = 1 << 10;
 const YIELDS: u32 = 1 << 8;
+
+/// Parts per thread in a launch: enough for the running threads to take
+/// over a descheduled one's share, few enough that a part is still a
+/// sizeable contiguous range of a kernel's parallel loop.
+const PARTS_PER_THREAD: usize = 4;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TeamError {
@@ -52,9 +68,12 @@ struct Shared {
     wake: Condvar,
     /// Written by the caller only while every worker is idle (see `run`).
     job: UnsafeCell<Job>,
-    /// The barrier: arrivals in the current phase and the phase number.
-    arrived: AtomicUsize,
-    phase: AtomicUsize,
+    /// Parts per launch.
+    parts: usize,
+    /// Parts of the current job claimed (the next one to claim), and
+    /// parts finished, both counted over all its launches in order.
+    claimed: AtomicUsize,
+    finished: AtomicUsize,
     /// Workers done with the current job.
     done: AtomicUsize,
     poisoned: AtomicBool,
@@ -71,18 +90,12 @@ unsafe impl Sync for Shared {}
 unsafe impl Send for Shared {}
 
 impl Shared {
-    /// Waits until every thread has arrived; false when the team was
-    /// poisoned meanwhile (the phase is then abandoned).
-    fn barrier(&self) -> bool {
-        let phase = self.phase.load(Ordering::Acquire);
-        if self.arrived.fetch_add(1, Ordering::AcqRel) + 1 == self.threads {
-            self.arrived.store(0, Ordering::Relaxed);
-            self.phase.fetch_add(1, Ordering::Release);
-            return !self.poisoned.load(Ordering::Acquire);
-        }
+    /// Waits until `parts` parts have finished; false when the team was
+    /// poisoned meanwhile (the job is then abandoned).
+    fn wait_finished(&self, parts: usize) -> bool {
         let mut spins = 0u32;
         loop {
-            if self.phase.load(Ordering::Acquire) != phase {
+            if self.finished.load(Ordering::Acquire) >= parts {
                 return true;
             }
             if self.poisoned.load(Ordering::Acquire) {
@@ -104,21 +117,30 @@ impl Shared {
         self.poisoned.store(true, Ordering::Release);
     }
 
-    /// Runs the job's launches as `thread`; catches a panic and poisons.
+    /// Claims and runs parts of the job as `thread` until none is left;
+    /// catches a panic and poisons.
+    ///
+    /// No deadlock: parts are claimed in order, and a part waits only for
+    /// the parts of earlier launches, all claimed before it by threads that
+    /// run them without waiting for anything later.
     fn run_job(&self, job: Job, thread: usize) {
         let Some(task) = job.task else { return };
         // SAFETY: the caller of `Team::run` keeps the task alive until every
         // worker has reported done.
         let task = unsafe { &*task };
+        let total = job.launches * self.parts;
         let mut launch = 0;
-        let r = catch_unwind(AssertUnwindSafe(|| {
-            while launch < job.launches {
-                task(launch, thread);
-                launch += 1;
-                if launch < job.launches && !self.barrier() {
-                    return;
-                }
+        let r = catch_unwind(AssertUnwindSafe(|| loop {
+            let g = self.claimed.fetch_add(1, Ordering::Relaxed);
+            if g >= total || self.poisoned.load(Ordering::Acquire) {
+                return;
             }
+            launch = g / self.parts;
+            if !self.wait_finished(launch * self.parts) {
+                return;
+            }
+            task(launch, g % self.parts);
+            self.finished.fetch_add(1, Ordering::Release);
         }));
         if r.is_err() {
             self.poison(thread, launch);
@@ -185,14 +207,16 @@ impl Team {
     /// workers are spawned, the caller of [`Team::run`] is thread 0.
     pub fn new(threads: usize) -> std::io::Result<Team> {
         let threads = threads.max(1);
+        let parts = if threads == 1 { 1 } else { threads * PARTS_PER_THREAD };
         let shared = Arc::new(Shared {
             threads,
+            parts,
+            claimed: AtomicUsize::new(0),
+            finished: AtomicUsize::new(0),
             epoch: AtomicU64::new(0),
             lock: Mutex::new(()),
             wake: Condvar::new(),
             job: UnsafeCell::new(Job { task: None, launches: 0 }),
-            arrived: AtomicUsize::new(0),
-            phase: AtomicUsize::new(0),
             done: AtomicUsize::new(0),
             poisoned: AtomicBool::new(false),
             panic_at: Mutex::new(None),
@@ -213,9 +237,15 @@ impl Team {
         self.shared.threads
     }
 
-    /// Runs `launches` launches: every thread calls `task(launch, thread)`
-    /// for each launch in order, with a barrier between launches. Returns
-    /// when every thread has finished the last one.
+    /// The parts each launch is cut into (1 for a team of one thread).
+    pub fn parts(&self) -> usize {
+        self.shared.parts
+    }
+
+    /// Runs `launches` launches: `task(launch, part)` runs once for every
+    /// part (`0..parts()`) of every launch, each launch's parts after every
+    /// part of the one before (see the module docs). Returns when all have
+    /// finished.
     pub fn run(&mut self, launches: usize, task: &(dyn Fn(usize, usize) + Sync)) -> Result<(), TeamError> {
         let s = &*self.shared;
         if s.poisoned.load(Ordering::Acquire) {
@@ -253,6 +283,9 @@ impl Team {
             // task pointer.
             unsafe { *s.job.get() = Job { task: None, launches: 0 } };
         }
+        // Every thread is done with the job (the workers reported done).
+        s.claimed.store(0, Ordering::Relaxed);
+        s.finished.store(0, Ordering::Relaxed);
         if s.poisoned.load(Ordering::Acquire) {
             let at = s.panic_at.lock().ok().and_then(|a| *a);
             let (thread, launch) = at.unwrap_or((0, 0));
@@ -281,8 +314,8 @@ mod tests {
     use std::sync::atomic::AtomicI64;
 
     /// Launch `i` writes `v[j] = v[j] + sum(prev)`-style dependencies: each
-    /// thread writes its chunk from values every thread wrote in the previous
-    /// launch, so a missing barrier shows as a wrong total.
+    /// part writes its chunk from values every part wrote in the previous
+    /// launch, so a part run too early shows as a wrong total.
     #[test]
     fn launches_see_previous_launches() {
         for threads in [1, 2, 3, 5] {
@@ -294,10 +327,11 @@ mod tests {
                 for x in &a {
                     x.store(1, Ordering::Relaxed);
                 }
+                let parts = team.parts();
                 let task = |launch: usize, t: usize| {
                     let (src, dst) = if launch.is_multiple_of(2) { (&a, &b) } else { (&b, &a) };
                     let total: i64 = src.iter().map(|x| x.load(Ordering::Relaxed)).sum();
-                    let chunk = n.div_ceil(threads);
+                    let chunk = n.div_ceil(parts);
                     for d in dst.iter().skip(t * chunk).take(chunk) {
                         d.store(total / n as i64 * 2, Ordering::Relaxed);
                     }
@@ -310,28 +344,58 @@ mod tests {
     }
 
     #[test]
-    fn every_thread_runs_every_launch() {
+    fn every_part_of_every_launch_runs_once() {
         let mut team = Team::new(4).unwrap();
-        let hits: Vec<AtomicUsize> = (0..4 * 10).map(|_| AtomicUsize::new(0)).collect();
-        team.run(10, &|l, t| {
-            hits[l * 4 + t].fetch_add(1, Ordering::Relaxed);
+        let parts = team.parts();
+        assert_eq!(parts, 4 * PARTS_PER_THREAD);
+        let hits: Vec<AtomicUsize> = (0..parts * 10).map(|_| AtomicUsize::new(0)).collect();
+        team.run(10, &|l, p| {
+            hits[l * parts + p].fetch_add(1, Ordering::Relaxed);
         })
         .unwrap();
         assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1));
         assert_eq!(team.threads(), 4);
+        assert_eq!(Team::new(1).unwrap().parts(), 1);
+    }
+
+    /// A thread that stalls in its part (descheduled, in effect) does not
+    /// hold up the other parts of its launch: the other threads run them.
+    #[test]
+    fn a_stalled_thread_does_not_hold_up_the_others() {
+        let mut team = Team::new(2).unwrap();
+        let parts = team.parts();
+        let by_thread: Vec<AtomicUsize> = (0..parts).map(|_| AtomicUsize::new(usize::MAX)).collect();
+        let stalled = AtomicBool::new(false);
+        team.run(1, &|_, p| {
+            let worker = std::thread::current().name().is_some_and(|n| n.starts_with("smelt-worker-"));
+            let me = usize::from(worker);
+            by_thread[p].store(me, Ordering::Relaxed);
+            // The first part a worker claims sleeps long enough for the
+            // caller to claim every other part.
+            if me == 1 && !stalled.swap(true, Ordering::Relaxed) {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        })
+        .unwrap();
+        let ran: Vec<usize> = by_thread.iter().map(|x| x.load(Ordering::Relaxed)).collect();
+        assert!(ran.iter().all(|&t| t <= 1), "{ran:?}");
+        if stalled.load(Ordering::Relaxed) {
+            let by_caller = ran.iter().filter(|&&t| t == 0).count();
+            assert!(by_caller >= parts - 2, "the caller ran only {by_caller} of {parts} parts: {ran:?}");
+        }
     }
 
     #[test]
     fn a_worker_panic_is_an_error_not_a_hang() {
         let mut team = Team::new(3).unwrap();
         let e = team
-            .run(4, &|l, t| {
-                if l == 2 && t == 1 {
+            .run(4, &|l, p| {
+                if l == 2 && p == 1 {
                     panic!("boom");
                 }
             })
             .unwrap_err();
-        assert_eq!(e, TeamError::Panicked { thread: 1, launch: 2 });
+        assert!(matches!(e, TeamError::Panicked { launch: 2, .. }), "{e:?}");
         assert_eq!(team.run(1, &|_, _| {}).unwrap_err(), TeamError::Poisoned);
         drop(team);
     }
@@ -339,8 +403,8 @@ mod tests {
     #[test]
     fn a_caller_panic_is_an_error_too() {
         let mut team = Team::new(2).unwrap();
-        let e = team.run(3, &|l, t| assert!(!(l == 0 && t == 0), "boom")).unwrap_err();
-        assert_eq!(e, TeamError::Panicked { thread: 0, launch: 0 });
+        let e = team.run(3, &|l, p| assert!(!(l == 0 && p == 0), "boom")).unwrap_err();
+        assert!(matches!(e, TeamError::Panicked { launch: 0, .. }), "{e:?}");
     }
 
     #[test]
@@ -354,6 +418,6 @@ mod tests {
             })
             .unwrap();
         }
-        assert_eq!(count.load(Ordering::Relaxed), 3 * 2 * 3);
+        assert_eq!(count.load(Ordering::Relaxed), 3 * 2 * team.parts());
     }
 }
