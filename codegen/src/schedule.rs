@@ -357,7 +357,7 @@ impl Scheduler<'_> {
         {
             // A cache kept in place: the append's result is laid out with
             // room for `capacity` positions, and attention reads it so.
-            let inst = match select::select_in_place(&node.op, &in_tys, &kv) {
+            let inst = match select::select_in_place(&node.op, &in_tys, &kv, self.options.panel.lanes) {
                 Ok(Selected::Kernel(inst)) => inst,
                 Ok(_) => unreachable!("in-place cache kernels are single kernels"),
                 Err(e) => {

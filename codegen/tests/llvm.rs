@@ -23,7 +23,8 @@ use smelt_codegen::aot;
 use smelt_codegen::kir::interp::{self, BufData, Mode};
 use smelt_codegen::kir::{Access, Builder, Expr, Kernel, LoopKind, RedOp, Scalar, Space};
 use smelt_codegen::select::{
-    gated_mlp_weight_nk, matmul_weight_nk, select, weight_gated_mlp_with, weight_matmul_with, Instance, Selected,
+    gated_mlp_weight_nk, matmul_weight_nk, select, select_in_place, weight_gated_mlp_with, weight_matmul_with,
+    CacheInPlace, Instance, Selected,
 };
 use smelt_codegen::templates::packed::PanelParams;
 use smelt_codegen::templates::testing::rand;
@@ -335,6 +336,25 @@ fn matmul_and_fused_ops() {
         let mask = ty(DType::Bool, "b,1,1,past+seq");
         let ins = [q(4, 80), kv(2, 80), kv(2, 80), mask];
         cases.push(op_case(at(true, None, None, 80), &ins, &sy, &[gq, gq, g, g], SUM));
+    }
+    // Attention over a cache kept in place (row stride `cap`), with 8-lane
+    // vectors: head dims that are whole vectors, and ones with a 4-lane
+    // piece and single lanes left over.
+    let kv = CacheInPlace { capacity: Dim::sym("cap"), copied: Dim::sym("copied") };
+    for d in [16, 24, 40, 44, 64, 80] {
+        let op = at(true, None, None, d);
+        let (q, k) = (f(&format!("b,4,seq,{d}")), f(&format!("b,2,past+seq,{d}")));
+        let mask = ty(DType::Bool, "b,1,1,past+seq");
+        for lanes in [4, 8] {
+            let Selected::Kernel(inst) =
+                select_in_place(&op, &[q.clone(), k.clone(), k.clone(), mask.clone()], &kv, lanes)
+                    .unwrap_or_else(|e| panic!("{e}"))
+            else {
+                panic!("attention is one kernel")
+            };
+            let sy = [("b", 2), ("seq", 3), ("past", 5), ("cap", 11)];
+            cases.push(case_of("attention in place", inst, &sy, &[Gen::F(2.0), Gen::F(2.0), g, g], SUM));
+        }
     }
     // KV append.
     let kva = Op::KvAppend { axis: 2 };

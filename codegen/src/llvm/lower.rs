@@ -876,7 +876,22 @@ impl Lower<'_> {
                     self.extract(x, *i as u32)
                 }
                 Expr::HReduce(op, a) => {
-                    let x = self.expr(a)?;
+                    let mut x = self.expr(a)?;
+                    let mut n = self.lanes_of(x);
+                    if *op == RedOp::Add && n.is_power_of_two() {
+                        // Sums halve the vector until one lane is left:
+                        // log2(n) dependent adds instead of n - 1 (a sum in
+                        // the inner loop of attention is on its critical
+                        // path). The terms are added in another order than
+                        // the interpreter's left to right, which tests allow
+                        // for sums.
+                        while n > 1 {
+                            n /= 2;
+                            let (lo, hi) = (self.shuffle(x, x, 0..n), self.shuffle(x, x, n..2 * n));
+                            x = self.fadd(lo, hi);
+                        }
+                        return Ok(self.extract(x, 0));
+                    }
                     // Left to right, as the interpreter does.
                     let mut acc = self.extract(x, 0);
                     for i in 1..self.lanes_of(x) {

@@ -25,20 +25,26 @@ pub struct CacheInPlace {
 }
 
 pub fn select(op: &Op, inputs: &[TensorType], _outputs: &[TensorType]) -> Result<Option<Selected>, SelectError> {
-    select_with(op, inputs, None)
+    select_with(op, inputs, None, crate::templates::LANES)
 }
 
 /// The kernel of an `attention` whose keys and values, or of a `kv_append`
-/// whose result, is a cache kept in place as `kv` says.
-pub fn select_in_place(op: &Op, inputs: &[TensorType], kv: &CacheInPlace) -> Result<Selected, SelectError> {
+/// whose result, is a cache kept in place as `kv` says; attention's vectors
+/// have `lanes` f32 lanes (4, or 8 for a lowering with 256-bit vectors).
+pub fn select_in_place(op: &Op, inputs: &[TensorType], kv: &CacheInPlace, lanes: u8) -> Result<Selected, SelectError> {
     match op {
-        Op::Attention { .. } | Op::KvAppend { .. } => select_with(op, inputs, Some(kv))?
+        Op::Attention { .. } | Op::KvAppend { .. } => select_with(op, inputs, Some(kv), lanes)?
             .ok_or_else(|| SelectError::unsupported(op, inputs, "no in-place cache kernel (internal error)")),
         _ => Err(SelectError::unsupported(op, inputs, "only attention and kv_append read or write a cache in place")),
     }
 }
 
-fn select_with(op: &Op, inputs: &[TensorType], kv: Option<&CacheInPlace>) -> Result<Option<Selected>, SelectError> {
+fn select_with(
+    op: &Op,
+    inputs: &[TensorType],
+    kv: Option<&CacheInPlace>,
+    lanes: u8,
+) -> Result<Option<Selected>, SelectError> {
     let unsupported = |why: &str| SelectError::unsupported(op, inputs, why);
     let floats = || -> Result<(), SelectError> {
         if inputs.iter().all(|t| elem_of(t.dtype) == Scalar::F32) {
@@ -110,6 +116,7 @@ fn select_with(op: &Op, inputs: &[TensorType], kv: Option<&CacheInPlace>) -> Res
                 causal: *causal,
                 window: *window,
                 softcap: softcap.map(|c| c as f32),
+                lanes,
             };
             let batch = p.get(&mut b, &q.shape[0]);
             let sq = p.get(&mut b, &q.shape[2]);
@@ -129,6 +136,9 @@ fn select_with(op: &Op, inputs: &[TensorType], kv: Option<&CacheInPlace>) -> Res
             let mut name = format!("attention_h{hq}x{hkv}_d{d}");
             if kv.is_some() {
                 name.push_str("_cache");
+            }
+            if lanes != crate::templates::LANES {
+                name.push_str(&format!("_v{lanes}"));
             }
             if *causal {
                 name.push_str("_causal");

@@ -142,6 +142,7 @@ fn attention_node(op: &Op, inputs: &[TensorType], cfg: &GpuConfig) -> Result<Sel
         causal: *causal,
         window: *window,
         softcap: softcap.map(|c| c as f32),
+        lanes: crate::templates::LANES,
     };
     let mut name = format!("attention_h{hq}x{hkv}_d{d}");
     for (on, tag) in [(*causal, "_causal"), (window.is_some(), "_win"), (softcap.is_some(), "_cap")] {

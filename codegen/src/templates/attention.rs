@@ -25,6 +25,11 @@ pub struct AttnSpec {
     pub causal: bool,
     pub window: Option<i64>,
     pub softcap: Option<f32>,
+    /// f32 lanes of the CPU kernel's vectors: 4 (Cranelift's 128 bits), or
+    /// 8 for LLVM on AVX2, where the value accumulators of a 64-wide head
+    /// then fit the 16 vector registers instead of spilling. GPU templates
+    /// ignore it.
+    pub lanes: u8,
 }
 
 /// A mask operand: its element type (bool keeps, f32 adds) and its axes,
@@ -104,26 +109,29 @@ pub fn attention(
         });
         let m = b.let_("m", Expr::f32(f32::NEG_INFINITY));
         let lsum = b.let_("l", Expr::f32(0.0));
-        let accs: Vec<(usize, u8, Var)> = chunks(dv).into_iter().map(|(o, w)| (o, w, b.let_("o", c(0.0, w)))).collect();
+        let lanes = if s.lanes.is_power_of_two() && s.lanes >= LANES { s.lanes } else { LANES };
+        let accs: Vec<(usize, u8, Var)> =
+            chunks(dv, lanes).into_iter().map(|(o, w)| (o, w, b.let_("o", c(0.0, w)))).collect();
         b.for_("j", lo, hi, 1, LoopKind::Serial, |b, j| {
             let kb = b.let_("kb", mul(add(Expr::Var(kvb), j.clone()), Expr::idx(d)));
-            // q . k with two vector accumulators over the static d.
-            let parts = chunks(d);
-            let nvec = parts.iter().filter(|p| p.1 > 1).count();
-            let vaccs: Vec<Var> = (0..nvec.min(2)).map(|_| b.let_("dv", c(0.0, LANES))).collect();
+            // q . k with two vector accumulators over the full-width
+            // pieces of the static d; a narrower piece is reduced on its own.
+            let parts = chunks(d, lanes);
+            let nvec = parts.iter().filter(|p| p.1 == lanes).count();
+            let vaccs: Vec<Var> = (0..nvec.min(2)).map(|_| b.let_("dv", c(0.0, lanes))).collect();
             let mut dot = Expr::f32(0.0);
             let mut vi = 0;
             for (o, w) in parts {
-                let prod = |acc: Expr| {
-                    let qa = Expr::load(q, add(Expr::Var(qb), Expr::idx(o)), w);
-                    qa.fma(Expr::load(k, add(Expr::Var(kb), Expr::idx(o)), w), acc)
-                };
-                if w > 1 {
+                let qa = Expr::load(q, add(Expr::Var(qb), Expr::idx(o)), w);
+                let ka = Expr::load(k, add(Expr::Var(kb), Expr::idx(o)), w);
+                if w == lanes && w > 1 {
                     let a = vaccs[vi % vaccs.len()];
-                    b.assign(a, prod(Expr::Var(a)));
+                    b.assign(a, qa.fma(ka, Expr::Var(a)));
                     vi += 1;
+                } else if w > 1 {
+                    dot = (qa * ka).hreduce(RedOp::Add) + dot;
                 } else {
-                    dot = prod(dot);
+                    dot = qa.fma(ka, dot);
                 }
             }
             let vsum =
@@ -186,10 +194,16 @@ pub fn attention(
     });
 }
 
-/// `0..n` as (offset, width) pieces: vectors of [`LANES`], then scalars.
-fn chunks(n: usize) -> Vec<(usize, u8)> {
-    let l = LANES as usize;
-    let mut v: Vec<(usize, u8)> = (0..n / l).map(|i| (i * l, LANES)).collect();
-    v.extend((n / l * l..n).map(|o| (o, 1)));
+/// `0..n` as (offset, width) pieces: vectors of `lanes`, then one of
+/// [`LANES`] when `lanes` is wider and it fits, then scalars.
+fn chunks(n: usize, lanes: u8) -> Vec<(usize, u8)> {
+    let l = lanes as usize;
+    let mut v: Vec<(usize, u8)> = (0..n / l).map(|i| (i * l, lanes)).collect();
+    let mut at = n / l * l;
+    if lanes > LANES && n - at >= LANES as usize {
+        v.push((at, LANES));
+        at += LANES as usize;
+    }
+    v.extend((at..n).map(|o| (o, 1)));
     v
 }

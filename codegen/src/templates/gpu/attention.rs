@@ -785,6 +785,7 @@ mod tests {
             causal: c.causal,
             window: c.window,
             softcap: c.softcap.map(|x| x as f32),
+            lanes: crate::templates::LANES,
         };
         let env: std::collections::BTreeMap<String, i64> = syms.iter().map(|(k, v)| (k.to_string(), *v)).collect();
         let mask = c.mask.map(|(dt, dims)| AttnMask {
