@@ -167,6 +167,12 @@ fn random_tied_model_with_bf16_weights_matches_the_interpreter() {
     ok(&[&"compile", &dir, &"-o", &f32_art, &"--target", &"cpu"]);
     ok(&[&"compile", &dir, &"-o", &bf16_art, &"--target", &"cpu", &"--weight-dtype", &"bf16"]);
     let size = |a: &Path| std::fs::metadata(a.join("constants.bin")).unwrap().len() as f64;
+    // The tied table is stored once: the lookup reads the output head's
+    // packed copy (panel padding aside, the constants are the checkpoint).
+    let checkpoint = std::fs::metadata(dir.join("model.safetensors")).unwrap().len() as f64;
+    let stored = size(&f32_art) / checkpoint;
+    println!("constants: f32 / checkpoint = {stored:.3}");
+    assert!(stored < 1.15, "the f32 constants are {stored:.3}x the checkpoint: is the tied table stored twice?");
     let ratio = size(&bf16_art) / size(&f32_art);
     println!("constants: bf16 / f32 = {ratio:.3}; {}", constants_line(&bf16_art));
     assert!(ratio < 0.55, "bf16 constants are {ratio:.3} of the f32 ones");

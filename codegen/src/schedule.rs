@@ -41,7 +41,7 @@ use smelt_runtime::plan::{Buffer, Elem, Launch, NativePlan, Storage};
 
 use crate::constants::{convertible, sample_key, Chunk, Matrix};
 use crate::kir::{BinOp, Expr, Kernel, Scalar};
-use crate::select::{self, elem_of, Instance, SelectError, Selected};
+use crate::select::{self, elem_of, Instance, Packing, SelectError, Selected};
 
 /// Alignment of every constant in the weights file, in bytes.
 pub const WEIGHT_ALIGN: usize = 64;
@@ -140,6 +140,9 @@ struct Scheduler<'g> {
     graph: &'g Graph,
     /// The KV caches kept in place (CPU only).
     in_place: Option<crate::kv_in_place::InPlace>,
+    /// Weights packed weight kernels read as their `[n, k]` matrix, which
+    /// an embedding lookup then reads packed too ([`packed_tables`]).
+    packed_tables: Vec<StoredTensor>,
     slots: HashMap<ValueId, Slot>,
     buffers: Vec<Buffer>,
     /// Buffer index of each placed constant value by the element type it
@@ -247,8 +250,13 @@ pub fn schedule_into(
         Device::Cpu => crate::kv_in_place::find(graph),
         Device::Gpu => None,
     };
+    let packed_tables = match options.device {
+        Device::Cpu if options.packed_weights => packed_tables(graph, weights),
+        _ => vec![],
+    };
     let mut s = Scheduler {
         in_place,
+        packed_tables,
         graph,
         slots: HashMap::new(),
         buffers: vec![],
@@ -344,6 +352,9 @@ impl Scheduler<'_> {
             return self.fold(n);
         }
         if let Some(done) = self.weight_stationary(n)? {
+            return Ok(done);
+        }
+        if let Some(done) = self.packed_table_gather(n)? {
             return Ok(done);
         }
         if let Some(done) = self.narrow_table_gather(n)? {
@@ -590,6 +601,35 @@ impl Scheduler<'_> {
         Ok(Some(()))
     }
 
+    /// An embedding lookup (`gather` along axis 0) in a table that a packed
+    /// weight kernel also reads (a tied embedding and output head) reads the
+    /// table in the packed layout, which is placed here with the bytes the
+    /// weight kernel's packing gives, so [`Self::store`] keeps one copy;
+    /// `None` when the node is not one.
+    fn packed_table_gather(&mut self, n: NodeId) -> Result<Option<()>, ScheduleError> {
+        let g = self.graph;
+        let node = g.node(n);
+        let Op::Gather { axis: 0 | -2 } = &node.op else { return Ok(None) };
+        let Some(Slot::Stored(s)) = self.slots.get(&node.inputs[0]) else { return Ok(None) };
+        if s.transposed || s.t.shape.len() != 2 || !self.packed_tables.iter().any(|t| t.same_bytes(&s.t)) {
+            return Ok(None);
+        }
+        let Some((m, false)) = s.matrix() else { return Ok(None) };
+        let elem = self.options.weight_dtype.scalar();
+        let Packing::Panels { nr } = self.options.panel.packing();
+        let (data, idx, out) = (g.ty(node.inputs[0]), g.ty(node.inputs[1]), g.ty(node.outputs[0]));
+        let Ok(inst) = select::gather_packed(data, idx, out, elem, nr) else { return Ok(None) };
+        let Some(chunk) = m.laid_out(scalar_dtype(elem), false) else { return Ok(None) };
+        let esize = scalar_dtype(elem).size_bytes();
+        let packed = self.options.panel.packing().apply_bytes(chunk.bytes(), esize, m.rows, m.cols);
+        let shape = [packed.len() / esize];
+        let table =
+            self.place_chunk(&format!("%{} packed", node.inputs[0].index()), &shape, elem, Chunk::Owned(packed));
+        let args = vec![table, self.buffer_of(node.inputs[1])];
+        self.launch(n, inst, args)?;
+        Ok(Some(()))
+    }
+
     /// With a narrow [`WeightDtype`], an embedding lookup (`gather` along
     /// axis 0 of a 2-D float constant) reads its table stored narrow;
     /// `None` when the node is not one. A tied embedding's table then has
@@ -817,6 +857,42 @@ impl Scheduler<'_> {
             None => unreachable!("operands are scheduled before their users (topological order)"),
         }
     }
+}
+
+/// The stored weights that weight-stationary products read as their
+/// `[n, k]` matrix: a matmul's (or gated MLP's) weight operand that is the
+/// transpose of a checkpoint weight, seen through exact casts.
+fn packed_tables(graph: &Graph, weights: &BTreeMap<String, StoredTensor>) -> Vec<StoredTensor> {
+    let mut found: Vec<StoredTensor> = vec![];
+    for n in graph.node_ids() {
+        let node = graph.node(n);
+        let operands = match node.op {
+            Op::MatMul {} | Op::GatedMlp { .. } => &node.inputs[1..],
+            _ => continue,
+        };
+        for &w in operands {
+            // Back to the weight through casts and 2-D transposes.
+            let (mut v, mut flips) = (w, 0);
+            let name = loop {
+                let def = graph.def(v);
+                match &def.op {
+                    Op::Weight { name } => break Some(name),
+                    Op::Cast { to } if to.is_float() => v = def.inputs[0],
+                    Op::Transpose { perm } if perm[..] == [1, 0] => {
+                        flips += 1;
+                        v = def.inputs[0];
+                    }
+                    _ => break None,
+                }
+            };
+            if let Some(t) = name.filter(|_| flips % 2 == 1).and_then(|n| weights.get(n)) {
+                if !found.iter().any(|f| f.same_bytes(t)) {
+                    found.push(t.clone());
+                }
+            }
+        }
+    }
+    found
 }
 
 /// The element type of a KIR float element type.

@@ -194,6 +194,69 @@ pub fn gather_stored(
     Ok(Instance { kernel, scalars })
 }
 
+/// An embedding lookup (`gather` along axis 0 of a 2-D float table
+/// `[rows, width]`) from the table stored as `stored` in the packed-panel
+/// layout of [`crate::templates::packed::Packing::Panels`] with `nr`
+/// columns: the layout of the same matrix as the weight of a packed
+/// matmul, so a tied embedding and output head share one copy. Row `r`'s
+/// element `c` is at `(r / nr) * nr * width + c * nr + r % nr`. An index
+/// outside the table (after wrapping one negative turn) gives a zero row.
+pub fn gather_packed(
+    data: &TensorType,
+    idx: &TensorType,
+    out: &TensorType,
+    stored: Scalar,
+    nr: usize,
+) -> Result<Instance, SelectError> {
+    let op = Op::Gather { axis: 0 };
+    let inputs = [data.clone(), idx.clone()];
+    let unsupported = |why: &str| SelectError::unsupported(&op, &inputs, why);
+    let (rows, width) = match &data.shape[..] {
+        [r, w] => match (r.as_const(), w.as_const()) {
+            (Some(r), Some(w)) if r > 0 && nr > 0 => (r as usize, w as usize),
+            _ => return Err(unsupported("a packed table has constant, nonzero dims")),
+        },
+        _ => return Err(unsupported("a packed table is 2-D")),
+    };
+    if elem_of(data.dtype) != Scalar::F32 || stored.computed() != Scalar::F32 {
+        return Err(unsupported("a packed table holds floats"));
+    }
+    let ie = elem_of(idx.dtype);
+    let mut b = Builder::new("k");
+    let mut p = Dims::new();
+    let x = b.buffer("data", stored, Expr::idx(rows.div_ceil(nr) * nr * width), Space::Global, Access::Read);
+    let n = p.expr(&mut b, &Dim::product(&idx.shape));
+    let ib = b.buffer("indices", ie, n.clone(), Space::Global, Access::Read);
+    let olen = p.expr(&mut b, &Dim::product(&out.shape));
+    let y = b.buffer("out", Scalar::F32, olen, Space::Global, Access::Write);
+    let dim = Expr::idx(rows);
+    b.for_("t", Expr::i64(0), n, 1, LoopKind::Parallel, |b, t| {
+        let ix = load_index(b, ib, ie, t.clone(), &dim);
+        let dst = b.let_("dst", t * Expr::idx(width));
+        let ok = Expr::select(Expr::Var(ix).lt(Expr::i64(0)), Expr::Bool(false), Expr::Var(ix).lt(dim.clone()));
+        b.if_(
+            ok,
+            |b| {
+                let panel = Expr::Var(ix) / Expr::idx(nr);
+                let lane = Expr::Var(ix) % Expr::idx(nr);
+                let src = b.let_("src", panel * Expr::idx(nr * width) + lane);
+                b.for_("c", Expr::i64(0), Expr::idx(width), 1, LoopKind::Serial, |b, c| {
+                    let at = Expr::Var(src) + c.clone() * Expr::idx(nr);
+                    b.store(y, Expr::Var(dst) + c, Expr::load(x, at, 1));
+                });
+            },
+            |b| {
+                b.for_("c", Expr::i64(0), Expr::idx(width), 1, LoopKind::Serial, |b, c| {
+                    b.store(y, Expr::Var(dst) + c, Expr::f32(0.0));
+                });
+            },
+        );
+    });
+    let name = format!("gather_packed{nr}_{}_{}", format!("{stored:?}").to_lowercase(), idx.dtype.name());
+    let kernel = finish_named(b, &name).map_err(|e| unsupported(&e.to_string()))?;
+    Ok(Instance { kernel, scalars: p.dims })
+}
+
 /// `out[o, i, n] = data[o, idx[i], n]`: one task per (outer index, index);
 /// each copies a row of `inner` elements (the embedding lookup when the
 /// axis is 0). `data` is stored as `stored`.
