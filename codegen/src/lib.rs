@@ -26,6 +26,7 @@ pub mod ptxas;
 pub mod schedule;
 pub mod select;
 pub mod templates;
+pub mod tuning;
 
 #[cfg(feature = "llvm")]
 pub use llvm::{emit_ptx, GpuArch};

@@ -13,7 +13,8 @@ use super::{elem_of, Instance, SelectError, Selected};
 use crate::kir::{Builder, Expr, Scalar};
 use crate::templates::matmul_dyn::{self, Act, BatchAxis, Layout, MatmulDims, TileParams};
 pub use crate::templates::packed::Packing;
-use crate::templates::packed::{self, PanelParams};
+pub use crate::templates::packed::PanelParams;
+use crate::templates::packed;
 use smelt_ir::{DType, Dim, Op, TensorType};
 
 /// The scalar parameters of a kernel being built, one per distinct
@@ -159,7 +160,7 @@ fn gated(
     act: Act,
     w: Scalar,
 ) -> Result<Instance, SelectError> {
-    rows_times_weight(op, inputs, x, n, k, layout, Some(act), w)
+    rows_times_weight(op, inputs, x, n, k, layout, Some(act), w, TileParams::default_for(layout, true))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -172,6 +173,7 @@ fn rows_times_weight(
     layout: Layout,
     act: Option<Act>,
     w: Scalar,
+    tile: TileParams,
 ) -> Result<Instance, SelectError> {
     if x.rank() == 0 || x.shape.last() != Some(k) {
         return Err(SelectError::unsupported(op, inputs, format!("x's last dim must be the contraction dim {k}")));
@@ -184,7 +186,7 @@ fn rows_times_weight(
         k: p.get(&mut b, k),
         n: p.get(&mut b, n),
     };
-    matmul_dyn::matmul(&mut b, &dims, layout, act, TileParams::default_for(layout, act.is_some()), w);
+    matmul_dyn::matmul(&mut b, &dims, layout, act, tile, w);
     let l = format!("{layout:?}").to_lowercase();
     let prefix = match act {
         None => format!("matmul_{l}_k{}_n{}{}", dim_name(k), dim_name(n), elem_suffix(w)),
@@ -224,7 +226,50 @@ pub fn matmul_weight_nk(a: &TensorType, w_nk: &TensorType) -> Result<Instance, S
     if w_nk.rank() != 2 {
         return Err(SelectError::unsupported(&op, &inputs, "the [n, k] weight must have rank 2"));
     }
-    rows_times_weight(&op, &inputs, a, &w_nk.shape[0], &w_nk.shape[1], Layout::NK, None, weight_elem(w_nk.dtype))
+    let tile = TileParams::default_for(Layout::NK, false);
+    rows_times_weight(&op, &inputs, a, &w_nk.shape[0], &w_nk.shape[1], Layout::NK, None, weight_elem(w_nk.dtype), tile)
+}
+
+/// A product with a constant weight `[n, k]` stored as `w` (the plain one,
+/// or the gated MLP with `act`), read as `[n, k]` rows with the tile
+/// parameters `tile`: [`matmul_weight_nk`] and [`gated_mlp_weight_nk`] with
+/// chosen parameters (the tuner's `rows` variants). Operands `(x, W...)`
+/// with `x` of shape `[.., m, k]`.
+pub fn weight_product_rows(
+    x: &TensorType,
+    n: usize,
+    k: usize,
+    act: Option<Act>,
+    w: Scalar,
+    tile: TileParams,
+) -> Result<Instance, SelectError> {
+    let op = match act {
+        None => Op::MatMul {},
+        Some(a) => Op::GatedMlp { act: a.name().to_string() },
+    };
+    let wt = TensorType::new(x.dtype, vec![Dim::c(n as i64), Dim::c(k as i64)]);
+    let inputs = match act {
+        None => vec![x.clone(), wt],
+        Some(_) => vec![x.clone(), wt.clone(), wt],
+    };
+    float_operands(&op, &inputs)?;
+    let (nd, kd) = (Dim::c(n as i64), Dim::c(k as i64));
+    rows_times_weight(&op, &inputs, x, &nd, &kd, Layout::NK, act, w, tile)
+}
+
+/// A packed-panel weight product (the plain one, or the gated MLP with
+/// `act`) with the panel parameters `params`: [`weight_matmul`] and
+/// [`weight_gated_mlp`] with chosen parameters (the tuner's `panels`
+/// variants).
+pub fn weight_product_panels(
+    x: &TensorType,
+    n: usize,
+    k: usize,
+    act: Option<Act>,
+    w: Scalar,
+    params: PanelParams,
+) -> Result<WeightKernel, SelectError> {
+    weight_kernel(x, n, k, act, w, params)
 }
 
 /// `gated_mlp` with both weights stored `[n, k]`: operands
@@ -270,7 +315,7 @@ pub struct WeightKernel {
 /// same result as `matmul(a, transpose(W, [1, 0]))`. The packed weight is
 /// stored as `w` (`F32`, `BF16` or `F16`).
 pub fn weight_matmul(a: &TensorType, n: usize, k: usize, w: Scalar) -> Result<WeightKernel, SelectError> {
-    weight_kernel(a, n, k, None, w)
+    weight_kernel(a, n, k, None, w, PanelParams::DEFAULT)
 }
 
 /// `act(x · Wgᵀ) * (x · Wuᵀ)` for constant weights given as `[n, k]`:
@@ -281,7 +326,7 @@ pub fn weight_gated_mlp(x: &TensorType, n: usize, k: usize, act: &str, w: Scalar
     let op = Op::GatedMlp { act: act.to_string() };
     let a = Act::parse(act)
         .ok_or_else(|| SelectError::unsupported(&op, std::slice::from_ref(x), format!("unknown act `{act}`")))?;
-    weight_kernel(x, n, k, Some(a), w)
+    weight_kernel(x, n, k, Some(a), w, PanelParams::DEFAULT)
 }
 
 fn weight_kernel(
@@ -290,6 +335,7 @@ fn weight_kernel(
     k: usize,
     act: Option<Act>,
     welem: Scalar,
+    params: PanelParams,
 ) -> Result<WeightKernel, SelectError> {
     let op = match act {
         None => Op::MatMul {},
@@ -307,19 +353,13 @@ fn weight_kernel(
     if x.rank() == 0 || x.shape.last() != Some(&Dim::c(k as i64)) {
         return Err(SelectError::unsupported(&op, &inputs, format!("x's last dim must be the contraction dim {k}")));
     }
-    let mut params = PanelParams::DEFAULT;
-    if let Ok(v) = std::env::var("SMELT_MR") {
-        params.mr = v.parse().unwrap();
-    }
-    if std::env::var("SMELT_FMA").is_ok() {
-        params.fma = true;
-    }
     let mut b = Builder::new("matmul");
     let mut p = Params::default();
     let m = p.product(&mut b, &x.shape[..x.rank() - 1]);
     if !matches!(welem, Scalar::F32 | Scalar::BF16 | Scalar::F16) {
         return Err(SelectError::unsupported(&op, &inputs, format!("weights stored as {welem:?}")));
     }
+    let params = params.normalized();
     packed::weight_matmul(&mut b, m, n, k, act, params, welem);
     let prefix = match act {
         None => format!("wmatmul_k{k}_n{n}{}", elem_suffix(welem)),

@@ -34,7 +34,10 @@ mod reduce;
 pub use gpu::{select_gpu, select_gpu_with, GpuConfig};
 pub use gpu_linalg::{weight_gated_mlp_gpu, weight_matmul_gpu, weight_product_gpu};
 pub use layout::gather_stored;
-pub use linalg::{gated_mlp_weight_nk, matmul_weight_nk, weight_gated_mlp, weight_matmul, Packing, WeightKernel};
+pub use linalg::{
+    gated_mlp_weight_nk, matmul_weight_nk, weight_gated_mlp, weight_matmul, weight_product_panels, weight_product_rows,
+    Packing, PanelParams, WeightKernel,
+};
 
 use crate::kir::{Kernel, Scalar};
 use smelt_ir::{DType, Dim, Op, TensorType};
