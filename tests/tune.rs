@@ -69,19 +69,34 @@ fn tuned_compiles_use_measured_winners_deterministically_and_only_on_this_device
     let (b, _) = compile(&tmp.path().join("b.smelt"), &db);
     assert_eq!(tunings(&a), tunings(&b), "two compiles with one database choose the same kernels");
     assert_eq!(a["native"]["kernels"], b["native"]["kernels"]);
-    let measured: Vec<serde_json::Value> =
-        tunings(&a).into_iter().filter(|t| t["source"] == "measured").collect();
+    let measured: Vec<serde_json::Value> = tunings(&a).into_iter().filter(|t| t["source"] == "measured").collect();
     assert_eq!(measured.len(), records.len(), "{err_a}");
     assert!(err_a.contains(&format!("tuning: {} of", records.len())), "{err_a}");
     let keys: Vec<String> = records
         .iter()
-        .map(|r| format!("{}/{}/{}", r["key"]["signature"].as_str().unwrap(), r["key"]["bucket"].as_str().unwrap(), r["key"]["device"].as_str().unwrap()))
+        .map(|r| {
+            format!(
+                "{}/{}/{}",
+                r["key"]["signature"].as_str().unwrap(),
+                r["key"]["bucket"].as_str().unwrap(),
+                r["key"]["device"].as_str().unwrap()
+            )
+        })
         .collect();
     for t in &measured {
         assert!(keys.contains(&t["key"].as_str().unwrap().to_string()), "{t}");
     }
     // The tuned artifact runs.
-    ok(&[&"generate", &tmp.path().join("a.smelt"), &"--prompt-ids", &"1,2,3", &"--max-new-tokens", &"3", &"--threads", &"2"]);
+    ok(&[
+        &"generate",
+        &tmp.path().join("a.smelt"),
+        &"--prompt-ids",
+        &"1,2,3",
+        &"--max-new-tokens",
+        &"3",
+        &"--threads",
+        &"2",
+    ]);
 
     // The same records under another device fingerprint are not applied.
     let other = tmp.path().join("other.json");
@@ -108,7 +123,10 @@ fn tuned_compiles_use_measured_winners_deterministically_and_only_on_this_device
 fn a_damaged_database_warns_and_compiles_untuned() {
     let tmp = tempfile::tempdir().unwrap();
     let cases = [
-        ("truncated.json", "{\"format\": \"smelt-tuning-db\", \"version\": 1, \"records\": [{\"key\": {\"sig".to_string()),
+        (
+            "truncated.json",
+            "{\"format\": \"smelt-tuning-db\", \"version\": 1, \"records\": [{\"key\": {\"sig".to_string(),
+        ),
         ("garbage.json", "\u{7f}ELF not json at all".to_string()),
         ("future.json", "{\"format\": \"smelt-tuning-db\", \"version\": 99, \"records\": []}".to_string()),
     ];

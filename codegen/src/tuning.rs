@@ -500,12 +500,18 @@ impl FromStr for Variant {
                     "1" => true,
                     _ => return Err(err(format!("`fma={fma}` is not 0 or 1"))),
                 };
-                let p = PanelParams { mr: number(s, "mr", mr)?, nr: number(s, "nr", nr)?, ksplit: number(s, "ksplit", ks)?, fma };
+                let p = PanelParams {
+                    mr: number(s, "mr", mr)?,
+                    nr: number(s, "nr", nr)?,
+                    ksplit: number(s, "ksplit", ks)?,
+                    fma,
+                };
                 Ok(Variant::Panels { p, lowering: lw.parse().map_err(err)? })
             }
             "rows" => {
                 let [mr, nc, ks, lw] = take(s, map, ["mr", "nc", "ksplit", "lowering"])?;
-                let t = TileParams { mr: number(s, "mr", mr)?, nc: number(s, "nc", nc)?, ksplit: number(s, "ksplit", ks)? };
+                let t =
+                    TileParams { mr: number(s, "mr", mr)?, nc: number(s, "nc", nc)?, ksplit: number(s, "ksplit", ks)? };
                 Ok(Variant::Rows { t, lowering: lw.parse().map_err(err)? })
             }
             _ => Err(err(format!("unknown kernel family `{head}`"))),
@@ -603,9 +609,14 @@ mod tests {
                 assert_eq!(v.to_string().parse::<Variant>().unwrap(), v, "{v}");
             }
         }
-        for bad in ["", "panels mr=1", "panels mr=1 nr=8 ksplit=1 fma=2 lowering=cranelift", "rows mr=x nc=1 ksplit=1 lowering=llvm",
-            "rows mr=1 nc=1 ksplit=1 lowering=llvm extra=1", "weight_product n=1 k=1 act=relu w=f32"]
-        {
+        for bad in [
+            "",
+            "panels mr=1",
+            "panels mr=1 nr=8 ksplit=1 fma=2 lowering=cranelift",
+            "rows mr=x nc=1 ksplit=1 lowering=llvm",
+            "rows mr=1 nc=1 ksplit=1 lowering=llvm extra=1",
+            "weight_product n=1 k=1 act=relu w=f32",
+        ] {
             assert!(bad.parse::<Variant>().is_err() && bad.parse::<Site>().is_err(), "{bad}");
         }
     }
@@ -649,10 +660,14 @@ mod tests {
         assert_eq!(est.record.source, TuningSource::Estimated);
         assert_eq!(est.variant, Variant::Panels { p: PanelParams::DEFAULT, lowering: Lowering::Cranelift });
         let mut t = Tuning::default();
-        let v = Variant::Panels { p: PanelParams { mr: 4, nr: 16, ksplit: 2, fma: true }, lowering: Lowering::Cranelift };
+        let v =
+            Variant::Panels { p: PanelParams { mr: 4, nr: 16, ksplit: 2, fma: true }, lowering: Lowering::Cranelift };
         t.insert(&s.signature(&Lowering::available()), v, "sig/bucket/dev");
         let m = choose(&s, Some(&t), true);
-        assert_eq!((m.variant, m.record.source, m.record.key.as_deref()), (v, TuningSource::Measured, Some("sig/bucket/dev")));
+        assert_eq!(
+            (m.variant, m.record.source, m.record.key.as_deref()),
+            (v, TuningSource::Measured, Some("sig/bucket/dev"))
+        );
         // A variant outside the space (mr = 9) is ignored.
         let bad = Variant::Panels { p: PanelParams { mr: 9, ..PanelParams::DEFAULT }, lowering: Lowering::Cranelift };
         t.insert(&s.signature(&Lowering::available()), bad, "k");

@@ -23,8 +23,8 @@
 //! parser, the verifier and the reference interpreter.
 
 pub mod artifact;
-pub mod constants;
 pub mod cache;
+pub mod constants;
 pub mod cuda;
 pub mod generate;
 pub mod model;

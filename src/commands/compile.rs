@@ -20,14 +20,14 @@ use anyhow::{bail, Result};
 use clap::ValueEnum;
 use smelt_codegen::schedule::{schedule_into, ScheduleOptions, WeightDtype};
 use smelt_codegen::tuning::{Site, Tuning};
-use smelt_passes::egraph::cost::MeasuredCosts;
-use smelt_runtime::plan::{NativePlan, TuningSource};
-use smelt_tune::db;
-use std::sync::Arc;
 use smelt_ir::{Graph, StoredTensor};
+use smelt_passes::egraph::cost::MeasuredCosts;
 use smelt_passes::{pipeline, DumpSpec, DumpTarget, PipelineOptions};
 use smelt_runtime::artifact::{write_artifact, ArtifactSpec, CudaFiles, NativeFiles};
 use smelt_runtime::constants::ConstantsWriter;
+use smelt_runtime::plan::{NativePlan, TuningSource};
+use smelt_tune::db;
+use std::sync::Arc;
 
 use crate::source::{load_checkpoint_stored, load_onnx, Source};
 

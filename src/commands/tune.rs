@@ -87,7 +87,13 @@ pub fn main(args: Args) -> Result<()> {
         let n = other.len();
         let c = db::update(&db_path, |d| d.merge(other))?;
         warn(&c.warnings);
-        eprintln!("imported {} of {n} records from {} into {} ({} records)", c.added, file.display(), db_path.display(), c.total);
+        eprintln!(
+            "imported {} of {n} records from {} into {} ({} records)",
+            c.added,
+            file.display(),
+            db_path.display(),
+            c.total
+        );
     }
     if let Some(model) = &args.model {
         tune_model(&args, model, &db_path)?;
@@ -166,7 +172,10 @@ fn tune_model(args: &Args, model: &std::path::Path, db_path: &std::path::Path) -
     bar.finish();
     crate::out(&table(&reports, &cfg.rows))?;
     let stored = reports.iter().filter(|r| r.record.is_some()).count();
-    eprintln!("{stored} records written to {}; `smelt compile` uses them (--tuning-db to choose the file)", db_path.display());
+    eprintln!(
+        "{stored} records written to {}; `smelt compile` uses them (--tuning-db to choose the file)",
+        db_path.display()
+    );
     Ok(())
 }
 
@@ -183,7 +192,14 @@ struct Bar {
 
 impl Bar {
     fn new(budget: Duration) -> Bar {
-        Bar { start: Instant::now(), budget, tty: std::io::stderr().is_terminal(), site: String::new(), index: 0, count: 0 }
+        Bar {
+            start: Instant::now(),
+            budget,
+            tty: std::io::stderr().is_terminal(),
+            site: String::new(),
+            index: 0,
+            count: 0,
+        }
     }
 
     fn draw(&self, what: &str) {
@@ -283,9 +299,15 @@ fn table(reports: &[SiteReport], rows: &[usize]) -> String {
             (Some(f), _) => {
                 let d: Vec<String> = f.default_times.iter().map(|t| secs(*t)).collect();
                 let b: Vec<String> = f.best_times.iter().map(|t| secs(*t)).collect();
-                let x: Vec<String> = f.default_times.iter().zip(&f.best_times).map(|(d, b)| format!("{:.2}x", d / b)).collect();
+                let x: Vec<String> =
+                    f.default_times.iter().zip(&f.best_times).map(|(d, b)| format!("{:.2}x", d / b)).collect();
                 let params = if f.best == f.default { format!("{} (the default)", f.best) } else { f.best.to_string() };
-                out.push_str(&format!("{head} {:<28} {:<28} {:<14} {params}\n", d.join(" / "), b.join(" / "), x.join(" / ")));
+                out.push_str(&format!(
+                    "{head} {:<28} {:<28} {:<14} {params}\n",
+                    d.join(" / "),
+                    b.join(" / "),
+                    x.join(" / ")
+                ));
             }
             (None, Some(e)) => out.push_str(&format!("{head} not tuned: {e}\n")),
             (None, None) => out.push_str(&format!("{head} not reached within the budget\n")),

@@ -224,7 +224,8 @@ impl Db {
     pub fn tuning_for(&self, device: &str, path: &str) -> (Tuning, Vec<Warning>) {
         let mut best: BTreeMap<&str, &Record> = BTreeMap::new();
         for r in self.records.values().filter(|r| r.key.device == device) {
-            let newer = best.get(r.key.signature.as_str()).is_none_or(|b| (r.unix_time, &r.key) > (b.unix_time, &b.key));
+            let newer =
+                best.get(r.key.signature.as_str()).is_none_or(|b| (r.unix_time, &r.key) > (b.unix_time, &b.key));
             if newer {
                 best.insert(&r.key.signature, r);
             }
@@ -234,7 +235,9 @@ impl Db {
         for (i, (sig, r)) in best.into_iter().enumerate() {
             match r.variant() {
                 Ok(v) => tuning.insert(sig, v, &r.key.to_string()),
-                Err(e) => warnings.push(Warning::BadRecord { path: path.to_string(), index: i, message: e.to_string() }),
+                Err(e) => {
+                    warnings.push(Warning::BadRecord { path: path.to_string(), index: i, message: e.to_string() })
+                }
             }
         }
         (tuning, warnings)
@@ -319,7 +322,12 @@ pub fn update(path: &Path, change: impl FnOnce(&mut Db) -> usize) -> Result<Comm
     };
     std::fs::create_dir_all(&dir).map_err(io(&dir))?;
     let lock_path = lock_path(path);
-    let lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(io(&lock_path))?;
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(io(&lock_path))?;
     lock.lock().map_err(io(&lock_path))?;
     let mut warnings = vec![];
     let mut db = match read(path) {
@@ -455,7 +463,10 @@ mod tests {
         let bad = text.replace("\"threads\": 2", "\"threads\": \"two\"");
         let mut two = Db::new();
         two.insert(record("b", "d1", P2, 1));
-        let joined = bad.replace("\"records\": [", &format!("\"records\": [{},", serde_json::to_string(two.records().next().unwrap()).unwrap()));
+        let joined = bad.replace(
+            "\"records\": [",
+            &format!("\"records\": [{},", serde_json::to_string(two.records().next().unwrap()).unwrap()),
+        );
         let (db, w) = Db::parse(&joined, "x.json");
         assert_eq!(db.len(), 1, "{joined}");
         assert!(matches!(w[..], [Warning::BadRecord { index: 1, .. }]), "{w:?}");
@@ -465,7 +476,10 @@ mod tests {
     fn tuning_applies_only_this_devices_newest_records() {
         let mut db = Db::new();
         db.insert(record("a", "d1", P1, 10));
-        db.insert(Record { key: Key { bucket: bucket(&[1, 64], 2), ..record("a", "d1", P2, 20).key }, ..record("a", "d1", P2, 20) });
+        db.insert(Record {
+            key: Key { bucket: bucket(&[1, 64], 2), ..record("a", "d1", P2, 20).key },
+            ..record("a", "d1", P2, 20)
+        });
         db.insert(record("b", "d2", P1, 10));
         db.insert(record("c", "d1", "panels nonsense", 10));
         let (t, w) = db.tuning_for("d1", "x");

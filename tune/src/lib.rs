@@ -174,7 +174,14 @@ pub fn tune(
     for (i, (job, estimates, total)) in work.into_iter().enumerate() {
         let share = total / all;
         let now = Instant::now();
-        let mut report = SiteReport { job: job.clone(), share, estimates: estimates.clone(), found: None, error: None, record: None };
+        let mut report = SiteReport {
+            job: job.clone(),
+            share,
+            estimates: estimates.clone(),
+            found: None,
+            error: None,
+            record: None,
+        };
         if now >= end {
             reports.push(report);
             continue;
@@ -242,7 +249,8 @@ fn confirm(bench: &mut Bench, f: &mut Found, timer: &mut dyn Timer, end: Instant
     if f.best == f.default || Instant::now() >= end {
         return;
     }
-    let (Outcome::Timed(d), Outcome::Timed(b)) = (bench.evaluate(&f.default, timer), bench.evaluate(&f.best, timer)) else {
+    let (Outcome::Timed(d), Outcome::Timed(b)) = (bench.evaluate(&f.default, timer), bench.evaluate(&f.best, timer))
+    else {
         f.best = f.default;
         f.best_times = f.default_times.clone();
         return;

@@ -145,15 +145,24 @@ impl Exe {
             #[cfg(feature = "llvm")]
             Lowering::Llvm => {
                 let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-                let info =
-                    smelt_codegen::aot::build_library_llvm_with(std::slice::from_ref(k), dir.path(), &smelt_codegen::aot::default_cc())
-                        .map_err(|e| e.to_string())?;
+                let info = smelt_codegen::aot::build_library_llvm_with(
+                    std::slice::from_ref(k),
+                    dir.path(),
+                    &smelt_codegen::aot::default_cc(),
+                )
+                .map_err(|e| e.to_string())?;
                 // SAFETY: a library smelt just built; its initialisers are the linker's.
                 let lib = unsafe { libloading::Library::new(&info.path) }.map_err(|e| e.to_string())?;
                 let sym = smelt_codegen::aot::symbol_of(k);
-                // SAFETY: the symbol is a kernel with the kernel ABI.
-                let f = unsafe { lib.get::<smelt_runtime::native::KernelFn>(sym.as_bytes()) }.map_err(|e| e.to_string())?;
-                Ok(Exe::Lib { f: *f, _lib: lib, _dir: dir })
+                let f: smelt_runtime::native::KernelFn = {
+                    // SAFETY: the symbol is a kernel with the kernel ABI; the
+                    // pointer is used only while `lib` is loaded (it is kept
+                    // beside it).
+                    let s = unsafe { lib.get::<smelt_runtime::native::KernelFn>(sym.as_bytes()) }
+                        .map_err(|e| e.to_string())?;
+                    *s
+                };
+                Ok(Exe::Lib { f, _lib: lib, _dir: dir })
             }
             #[cfg(not(feature = "llvm"))]
             Lowering::Llvm => Err("this smelt was built without the `llvm` feature".into()),
@@ -368,7 +377,13 @@ impl Bench {
             if let Err(e) = lengths_match(kernel, &cb, m) {
                 return Outcome::Failed(e);
             }
-            let shared = Shared { ptrs: vec![cb.ptrs()], scalars: vec![m as i64], f: exe.entry(), threads: self.threads, base: 0 };
+            let shared = Shared {
+                ptrs: vec![cb.ptrs()],
+                scalars: vec![m as i64],
+                f: exe.entry(),
+                threads: self.threads,
+                base: 0,
+            };
             if let Err(e) = run(&mut self.team, &shared, 1) {
                 return Outcome::Failed(e);
             }
@@ -431,7 +446,10 @@ fn lengths_match(k: &Kernel, cb: &CallBufs, m: usize) -> Result<(), String> {
     for (i, (d, b)) in decls.iter().zip(&cb.bufs).enumerate() {
         let want = k.buffer_len(d, &[m as i64])? * d.elem.size();
         if want != b.bytes || (d.access == Access::Write) != (i == cb.out) {
-            return Err(format!("kernel `{}`: buffer `{}` needs {want} bytes, the bench has {}", k.name, d.name, b.bytes));
+            return Err(format!(
+                "kernel `{}`: buffer `{}` needs {want} bytes, the bench has {}",
+                k.name, d.name, b.bytes
+            ));
         }
     }
     Ok(())
@@ -503,7 +521,10 @@ mod tests {
         for w in [Scalar::BF16, Scalar::F16] {
             let site = Site::weight_product(20, 24, None, w).unwrap();
             let mut b = Bench::new(site, &[3], 1).unwrap();
-            let v = Variant::Panels { p: PanelParams { mr: 3, nr: 12, ksplit: 2, fma: true }, lowering: Lowering::Cranelift };
+            let v = Variant::Panels {
+                p: PanelParams { mr: 3, nr: 12, ksplit: 2, fma: true },
+                lowering: Lowering::Cranelift,
+            };
             assert!(matches!(b.evaluate(&v, &mut FnTimer(|_: &Variant, _| 1.0)), Outcome::Timed(_)));
         }
     }

@@ -146,7 +146,8 @@ pub fn search(
         failed: vec![],
         complete: false,
     };
-    let mut st = State { eval, seen: HashMap::from([(default, Some(default_times))]), found, best_score: 1.0, deadline };
+    let mut st =
+        State { eval, seen: HashMap::from([(default, Some(default_times))]), found, best_score: 1.0, deadline };
     // Every family's starting point, then the families best first (the
     // default's family first on ties).
     let home = space.locate(&default).map(|(f, _)| f);
@@ -224,7 +225,10 @@ mod tests {
         let base = if m == 1 { 1e-5 } else { 1e-3 };
         match v {
             Variant::Panels { p, .. } => {
-                let d = (p.mr as f64 - 3.0).abs() + (p.nr as f64 - 12.0).abs() / 4.0 + (p.ksplit as f64 - 2.0).abs() + (!p.fma) as u8 as f64;
+                let d = (p.mr as f64 - 3.0).abs()
+                    + (p.nr as f64 - 12.0).abs() / 4.0
+                    + (p.ksplit as f64 - 2.0).abs()
+                    + (!p.fma) as u8 as f64;
                 base * (1.0 + 0.05 * d)
             }
             Variant::Rows { .. } => base * 3.0,
@@ -238,8 +242,10 @@ mod tests {
         let default = s.default_variant(true, &[Lowering::Cranelift]);
         let mut eval = |v: &Variant| Outcome::Timed(vec![cost(v, 1), cost(v, 128)]);
         let mut bests = 0;
-        let f = search(&s, &space, default, Instant::now() + Duration::from_secs(60), &mut eval, &mut |_| bests += 1).unwrap();
-        let want = Variant::Panels { p: PanelParams { mr: 3, nr: 12, ksplit: 2, fma: true }, lowering: Lowering::Cranelift };
+        let f = search(&s, &space, default, Instant::now() + Duration::from_secs(60), &mut eval, &mut |_| bests += 1)
+            .unwrap();
+        let want =
+            Variant::Panels { p: PanelParams { mr: 3, nr: 12, ksplit: 2, fma: true }, lowering: Lowering::Cranelift };
         assert_eq!(f.best, want);
         assert!(f.complete && bests > 0);
         assert!(f.evaluated < space.len() / 4, "{} of {}", f.evaluated, space.len());

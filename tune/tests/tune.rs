@@ -41,7 +41,10 @@ fn cost(v: &Variant, m: usize) -> f64 {
     let base = 1e-6 * m as f64;
     match v {
         Variant::Panels { p, .. } => {
-            let d = (p.mr as f64 - 2.0).abs() + (p.nr as f64 - 16.0).abs() / 4.0 + (p.ksplit as f64).log2() + (!p.fma) as u8 as f64;
+            let d = (p.mr as f64 - 2.0).abs()
+                + (p.nr as f64 - 16.0).abs() / 4.0
+                + (p.ksplit as f64).log2()
+                + (!p.fma) as u8 as f64;
             base * (1.0 + 0.1 * d)
         }
         Variant::Rows { .. } => base * 5.0,
@@ -62,7 +65,12 @@ fn the_search_on_a_fake_timer_finds_the_known_optimum() {
     assert_eq!(r.params, optimum().to_string());
     assert_eq!(r.default_params, site.default_variant(true, &[Lowering::Cranelift]).to_string());
     assert_eq!(r.timings.len(), 2);
-    assert!((r.timings[0].default_seconds / r.timings[0].seconds - cost(&site.default_variant(true, &[Lowering::Cranelift]), 1) / cost(&optimum(), 1)).abs() < 1e-9);
+    assert!(
+        (r.timings[0].default_seconds / r.timings[0].seconds
+            - cost(&site.default_variant(true, &[Lowering::Cranelift]), 1) / cost(&optimum(), 1))
+        .abs()
+            < 1e-9
+    );
 }
 
 #[test]
@@ -114,7 +122,11 @@ fn concurrent_writers_leave_a_valid_database_with_every_record() {
                 for i in 0..each {
                     let (unix_time, date) = db::now();
                     let r = db::Record {
-                        key: db::Key { signature: format!("sig-{w}-{i}"), bucket: db::bucket(&[1], 1), device: "d".into() },
+                        key: db::Key {
+                            signature: format!("sig-{w}-{i}"),
+                            bucket: db::bucket(&[1], 1),
+                            device: "d".into(),
+                        },
                         site: site.to_string(),
                         params: optimum().to_string(),
                         default_params: optimum().to_string(),

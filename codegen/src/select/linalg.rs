@@ -12,9 +12,9 @@
 use super::{elem_of, Instance, SelectError, Selected};
 use crate::kir::{Builder, Expr, Scalar};
 use crate::templates::matmul_dyn::{self, Act, BatchAxis, Layout, MatmulDims, TileParams};
+use crate::templates::packed;
 pub use crate::templates::packed::Packing;
 pub use crate::templates::packed::PanelParams;
-use crate::templates::packed;
 use smelt_ir::{DType, Dim, Op, TensorType};
 
 /// The scalar parameters of a kernel being built, one per distinct

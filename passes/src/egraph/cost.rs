@@ -220,7 +220,11 @@ fn class_factors(eg: &EGraph, m: &MeasuredCosts) -> HashMap<Id, Vec<f64>> {
             continue;
         }
         let mut it = times.iter();
-        let f = c.nodes.iter().map(|n| if matches!(n, ENode::Op(..)) { it.next().map_or(1.0, |t| t / mean) } else { 1.0 }).collect();
+        let f = c
+            .nodes
+            .iter()
+            .map(|n| if matches!(n, ENode::Op(..)) { it.next().map_or(1.0, |t| t / mean) } else { 1.0 })
+            .collect();
         out.insert(eg.find(c.id), f);
     }
     out
