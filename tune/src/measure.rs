@@ -203,6 +203,10 @@ struct Shared {
 // SAFETY: see the type's docs; the buffers outlive every call.
 unsafe impl Sync for Shared {}
 
+/// Timing buffers kept between variants of one weight layout: the layout
+/// and, by row count, the rotated copies.
+type Cached = (Option<Packing>, BTreeMap<usize, Vec<CallBufs>>);
+
 /// A site's test bench: random weights, reference results, the team.
 pub struct Bench {
     site: Site,
@@ -218,7 +222,7 @@ pub struct Bench {
     rotate_bytes: usize,
     /// The layout the cached weights are in, and the cached copies by
     /// row count.
-    cache: Option<(Option<Packing>, BTreeMap<usize, Vec<CallBufs>>)>,
+    cache: Option<Cached>,
     /// A variant to build wrong on purpose (tests of the check).
     wrong: Option<Variant>,
 }
@@ -476,7 +480,9 @@ pub fn compare(got: &[f32], want: &[f32]) -> Option<String> {
         return Some(format!("{} results, expected {}", got.len(), want.len()));
     }
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        if !((g - w).abs() <= 1e-4 * (1.0 + w.abs())) {
+        // NaN (an element never written) fails too.
+        let close = (g - w).abs() <= 1e-4 * (1.0 + w.abs());
+        if !close {
             return Some(format!("element {i} is {g}, the reference is {w}"));
         }
     }
