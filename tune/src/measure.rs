@@ -127,7 +127,7 @@ impl Aligned {
 
 /// A lowered kernel this process can call.
 enum Exe {
-    Jit(JitKernel),
+    Jit(Box<JitKernel>),
     #[cfg(feature = "llvm")]
     Lib {
         f: smelt_runtime::native::KernelFn,
@@ -141,7 +141,7 @@ type Entry = unsafe extern "C" fn(*const *mut u8, *const i64, i64, i64);
 impl Exe {
     fn new(k: &Kernel, lowering: Lowering) -> Result<Exe, String> {
         match lowering {
-            Lowering::Cranelift => JitKernel::compile(k).map(Exe::Jit).map_err(|e| e.to_string()),
+            Lowering::Cranelift => JitKernel::compile(k).map(|j| Exe::Jit(Box::new(j))).map_err(|e| e.to_string()),
             #[cfg(feature = "llvm")]
             Lowering::Llvm => {
                 let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
