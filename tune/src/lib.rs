@@ -8,8 +8,9 @@
 //!   random inputs) and times one variant on the runtime's thread team;
 //! - [`search`]: coordinate descent over a site's space;
 //! - [`tune`]: visits the sites by their share of the model's estimated
-//!   time within an anytime budget and commits each winner to the
-//!   database as soon as it is found;
+//!   time within an anytime budget, confirms each winner by re-timing it
+//!   alternately with the default, and commits it to the database as soon
+//!   as its site is done;
 //! - [`db`]: the database file (versioned JSON, locked, atomically
 //!   replaced, tolerant of damage); [`device`]: the device fingerprint.
 //!
@@ -33,7 +34,7 @@ use smelt_runtime::plan::NativePlan;
 use crate::db::{Key, Record, Timing};
 use crate::device::Device;
 use crate::measure::{Bench, Outcome, Timer};
-use crate::search::{no_slower, score, Found, MIN_GAIN};
+use crate::search::{score, Found};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TuneError {
@@ -146,9 +147,11 @@ impl Progress for Quiet {}
 
 /// Tunes `jobs` within `cfg.budget`: sites in order of estimated time,
 /// each given a slice of what is left in proportion to its share (so an
-/// early finish passes time on); each site's winner is committed to the
-/// database when it is found and again when the site is done, so
-/// interrupting a run keeps what was measured.
+/// early finish passes time on); each site's confirmed winner is
+/// committed to the database when the site is done, so interrupting a run
+/// keeps every finished site (the confirmation may run a few seconds past
+/// the budget). `seed` sees each site's bench before the search (tests
+/// seed a wrong variant there).
 pub fn tune(
     jobs: Vec<Job>,
     cfg: &Config,
@@ -195,10 +198,8 @@ pub fn tune(
         let space = job.site.space(&cfg.lowerings);
         let default = job.site.default_variant(cfg.packed_default, &cfg.lowerings);
         let signature = job.site.signature(&cfg.lowerings);
-        let mut last_commit = Instant::now();
         let mut evaluated = 0usize;
         let best_ratio = std::cell::Cell::new(1.0f64);
-        let mut commit_error = None;
         let result = {
             let mut eval = |v: &Variant| {
                 let o = bench.evaluate(v, timer);
@@ -206,28 +207,13 @@ pub fn tune(
                 progress.variant(evaluated, 1.0 / best_ratio.get());
                 o
             };
-            let mut on_best = |f: &Found| {
-                best_ratio.set(score(&f.best_times, &f.default_times));
-                // Keep the best so far if the run is interrupted.
-                if last_commit.elapsed() > Duration::from_secs(5) {
-                    if let Some(path) = &cfg.db {
-                        let r = record(&signature, &job, f, &estimates, cfg);
-                        if let Err(e) = db::commit(path, vec![r]) {
-                            commit_error = Some(e);
-                        }
-                    }
-                    last_commit = Instant::now();
-                }
-            };
+            let mut on_best = |f: &Found| best_ratio.set(score(&f.best_times, &f.default_times));
             search::search(&job.site, &space, default, deadline, &mut eval, &mut on_best)
         };
-        if let Some(e) = commit_error {
-            return Err(e.into());
-        }
         match result {
             Err(e) => report.error = Some(e.to_string()),
             Ok(mut found) => {
-                confirm(&mut bench, &mut found, timer, end);
+                confirm(&mut bench, &mut found, timer);
                 let r = record(&signature, &job, &found, &estimates, cfg);
                 if let Some(path) = &cfg.db {
                     db::commit(path, vec![r.clone()])?;
@@ -242,30 +228,60 @@ pub fn tune(
     Ok(reports)
 }
 
-/// Times the winner again next to the default (when time is left) and
-/// falls back to the default unless the winner still is no slower
-/// anywhere and better overall, on the mean of both timings.
-fn confirm(bench: &mut Bench, f: &mut Found, timer: &mut dyn Timer, end: Instant) {
-    if f.best == f.default || Instant::now() >= end {
+/// How many times the winner and the default are re-timed, alternately,
+/// before the winner is kept.
+pub const CONFIRM_ROUNDS: usize = 3;
+/// The mean gain over the row counts a winner must show in confirmation.
+pub const MIN_ACCEPT: f64 = 0.03;
+
+/// Re-times the default and the winner alternately [`CONFIRM_ROUNDS`]
+/// times, so each winner timing has a default timing taken right beside
+/// it (a shared machine's load drifts over seconds), and keeps the winner
+/// only if, per row count, the median of the paired ratios (the search's
+/// pair included) is at most 1, and their mean is at least [`MIN_ACCEPT`]
+/// below 1; otherwise the default is the winner. The recorded times are
+/// the medians of all timings. This costs a few evaluations past the
+/// site's deadline when the search used all of its time.
+fn confirm(bench: &mut Bench, f: &mut Found, timer: &mut dyn Timer) {
+    if f.best == f.default {
         return;
     }
-    let (Outcome::Timed(d), Outcome::Timed(b)) = (bench.evaluate(&f.default, timer), bench.evaluate(&f.best, timer))
-    else {
-        f.best = f.default;
-        f.best_times = f.default_times.clone();
-        return;
+    let mut ds = vec![f.default_times.clone()];
+    let mut bs = vec![f.best_times.clone()];
+    for _ in 0..CONFIRM_ROUNDS {
+        let (Outcome::Timed(d), Outcome::Timed(b)) =
+            (bench.evaluate(&f.default, timer), bench.evaluate(&f.best, timer))
+        else {
+            // Timing failed this time: keep the default.
+            bs.clear();
+            break;
+        };
+        ds.push(d);
+        bs.push(b);
+    }
+    let median = |mut v: Vec<f64>| -> f64 {
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        }
     };
-    let mean = |x: &[f64], y: &[f64]| -> Vec<f64> { x.iter().zip(y).map(|(a, b)| (a + b) / 2.0).collect() };
-    let d = mean(&d, &f.default_times);
-    let b = mean(&b, &f.best_times);
-    if no_slower(&b, &d) && score(&b, &d) < 1.0 - MIN_GAIN / 2.0 {
-        f.default_times = d;
-        f.best_times = b;
+    let rows = f.default_times.len();
+    let d: Vec<f64> = (0..rows).map(|i| median(ds.iter().map(|t| t[i]).collect())).collect();
+    let keep = !bs.is_empty() && {
+        let ratios: Vec<f64> =
+            (0..rows).map(|i| median(ds.iter().zip(&bs).map(|(d, b)| b[i] / d[i]).collect())).collect();
+        ratios.iter().all(|r| *r <= 1.0) && ratios.iter().sum::<f64>() / rows as f64 <= 1.0 - MIN_ACCEPT
+    };
+    if keep {
+        f.best_times = (0..rows).map(|i| median(bs.iter().map(|t| t[i]).collect())).collect();
     } else {
         f.best = f.default;
-        f.default_times = d.clone();
-        f.best_times = d;
+        f.best_times = d.clone();
     }
+    f.default_times = d;
 }
 
 /// The database record of a site's winner.

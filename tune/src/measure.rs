@@ -7,9 +7,9 @@
 //! - the kernel runs on `threads` threads of a `smelt_runtime` [`Team`],
 //!   with the team's barrier after every call, as the runtime runs a plan;
 //! - the inputs, weights and outputs are rotated through enough copies to
-//!   exceed the last-level cache twice over, so a memory-bound kernel (a
-//!   decode GEMV) is timed from memory, as it is in a model whose weights
-//!   do not fit in the cache;
+//!   exceed the last-level cache four times over (at least 128 MiB), so a
+//!   memory-bound kernel (a decode GEMV) is timed from memory, as it is in
+//!   a model whose weights do not fit in the cache;
 //! - [`WallTimer`] warms up, then takes the median of several samples, each
 //!   long enough (a few milliseconds) for the clock's resolution.
 //!
@@ -47,7 +47,7 @@ pub struct WallTimer {
 
 impl Default for WallTimer {
     fn default() -> WallTimer {
-        WallTimer { samples: 7, sample_seconds: 0.004 }
+        WallTimer { samples: 7, sample_seconds: 0.01 }
     }
 }
 
@@ -257,6 +257,14 @@ fn store(v: &[f32], w: Scalar) -> (Vec<u8>, Vec<f32>) {
     }
 }
 
+/// The least a call's rotated copies span: caches do not evict strictly
+/// least recently used, so copies only twice the last-level cache still
+/// hit it now and then, which a model's decode step (hundreds of MB of
+/// weights per token) never does.
+const ROTATE_MIN_BYTES: usize = 128 << 20;
+/// The most copies of one call's buffers.
+const MAX_COPIES: usize = 128;
+
 /// The row counts every variant is checked at: one row (decode) and a
 /// count that leaves a partial tile for every tile height in the space.
 pub const CHECK_ROWS: [usize; 2] = [1, 13];
@@ -301,7 +309,7 @@ impl Bench {
                 .map_err(|e| TuneError::Reference { site: site.to_string(), message: e.to_string() })?;
             checks.push((m, a, want[0].to_f32_vec()));
         }
-        let rotate_bytes = 2 * crate::device::last_level_cache_bytes();
+        let rotate_bytes = (4 * crate::device::last_level_cache_bytes()).max(ROTATE_MIN_BYTES);
         Ok(Bench { site, threads, team, rows: rows.to_vec(), weights, checks, rotate_bytes, cache: None, wrong: None })
     }
 
@@ -405,7 +413,7 @@ impl Bench {
                 None => {
                     let Site::WeightProduct { n, k, .. } = self.site;
                     let per_call: usize = weights.iter().map(Vec::len).sum::<usize>() + 4 * m * (n + k);
-                    let count = self.rotate_bytes.div_ceil(per_call.max(1)).clamp(1, 64);
+                    let count = self.rotate_bytes.div_ceil(per_call.max(1)).clamp(1, MAX_COPIES);
                     let a = random(m * k, 7);
                     (0..count).map(|_| self.call_bufs(&weights, &a, m)).collect()
                 }
