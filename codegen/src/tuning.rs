@@ -17,10 +17,17 @@
 //! shape bucket and device; [`Tuning`] is what one compile takes from it.
 //!
 //! Tunable today: the CPU weight products (a matmul or gated MLP with a
-//! constant `[n, k]` weight), which are most of a decoder's time. Other
-//! kernels (norms, rope, attention, elementwise) have no parameters yet
-//! and are recorded as [`TuningSource::Fixed`]. GPU kernels are not
-//! tunable yet; their block sizes come from `select::GpuConfig`.
+//! constant `[n, k]` weight), which are most of a decoder's time, over
+//! tile rows and columns, accumulator sets along `k` for one-row tiles
+//! (the unroll of their inner loop), `fma` or multiply-add, the weight
+//! layout and the lowering. Not in the space: the vector width (KIR
+//! vectors are 4 lanes; LLVM widens reductions itself) and how work is
+//! split across threads (contiguous chunks of the one `Parallel` loop).
+//! Other kernels (norms, rope, attention, elementwise) have no parameters
+//! yet and are recorded as [`TuningSource::Fixed`]. GPU kernels are not
+//! tunable yet (their block sizes come from `select::GpuConfig`); a GPU
+//! template joins by adding a `Site` variant, its families and its
+//! `build`, and a GPU bench to `smelt-tune`.
 
 use std::collections::BTreeMap;
 use std::fmt;
