@@ -2,7 +2,8 @@
 //!
 //! Subcommands: `compile` (model -> artifact), `run` (named tensors in and
 //! out), `generate` (greedy decoding with the KV cache), `inspect` (what a
-//! model or artifact is) and `make-test-model` (the project's random-weight
+//! model or artifact is), `tune` (measure kernel variants, keep the winners
+//! in a tuning database) and `make-test-model` (the project's random-weight
 //! checkpoint writer). Every failure is reported as one line `error: ...` on
 //! stderr with exit code 1; a panic (a bug) is reported the same way, as an
 //! internal error, so users never see a backtrace.
@@ -46,6 +47,8 @@ enum Command {
     Conformance(commands::conformance::Args),
     /// Time prefill and decode of a model (and probe the machine's limits with --machine).
     Bench(commands::bench::Args),
+    /// Measure kernel variants on this machine and keep the winners in a tuning database.
+    Tune(commands::tune::Args),
 }
 
 fn main() -> ExitCode {
@@ -74,6 +77,7 @@ fn main() -> ExitCode {
         Command::Check(a) => commands::check::main(a),
         Command::Conformance(a) => commands::conformance::main(a),
         Command::Bench(a) => commands::bench::main(a),
+        Command::Tune(a) => commands::tune::main(a),
     });
     match result {
         Ok(Ok(())) => ExitCode::SUCCESS,

@@ -99,6 +99,7 @@ pub fn kernel_entry(k: &Kernel) -> KernelEntry {
         buffers: k.global_buffers().map(|(_, b)| elem_of_scalar(b.elem)).collect(),
         scalars: k.scalars.len(),
         block: k.gpu.as_ref().map(|g| g.block),
+        tuning: None,
     }
 }
 

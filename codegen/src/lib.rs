@@ -7,6 +7,9 @@
 //!   softmax and a blocked GEMM, from shapes and tuning parameters;
 //! - [`cranelift`]: the CPU lowering (f32x4, FMA), a JIT with a safe calling
 //!   wrapper, and object-file emission for the future shared library;
+//! - [`tuning`]: the parameter spaces of the tunable kernels (CPU weight
+//!   products), their variants and signatures, and the measured winners
+//!   the scheduler builds (`smelt tune` measures them, in `smelt-tune`);
 //! - [`aot`]: every kernel in one object, linked with the system `cc` into
 //!   the artifact's shared library (what `smelt_runtime::native` loads), and
 //!   the plan entries and CPU features that describe it.
@@ -27,6 +30,7 @@ pub mod ptxas;
 pub mod schedule;
 pub mod select;
 pub mod templates;
+pub mod tuning;
 
 #[cfg(feature = "llvm")]
 pub use llvm::{emit_ptx, GpuArch};

@@ -34,14 +34,16 @@
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use smelt_ir::{interp, DType, Data, Dim, Graph, NodeId, Op, StoredTensor, Tensor, ValueId};
 use smelt_runtime::constants::ConstantsWriter;
-use smelt_runtime::plan::{Buffer, Elem, Launch, NativePlan, Storage};
+use smelt_runtime::plan::{Buffer, Elem, KernelEntry, KernelTuning, Launch, NativePlan, Storage};
 
 use crate::constants::{convertible, sample_key, Chunk, Matrix};
 use crate::kir::{BinOp, Expr, Kernel, Scalar};
 use crate::select::{self, elem_of, Instance, Packing, SelectError, Selected};
+use crate::tuning::{Site, Tuning};
 
 /// Alignment of every constant in the weights file, in bytes.
 pub const WEIGHT_ALIGN: usize = 64;
@@ -160,6 +162,8 @@ struct Scheduler<'g> {
     folded: usize,
     unsupported: Vec<(String, SelectError)>,
     options: ScheduleOptions,
+    /// How the parameters of each tunable kernel (by index) were chosen.
+    tuned: HashMap<usize, KernelTuning>,
 }
 
 /// What the kernels run on.
@@ -173,7 +177,7 @@ pub enum Device {
 }
 
 /// Choices the scheduler leaves to its caller.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct ScheduleOptions {
     /// Which kernel families to select from.
     pub device: Device,
@@ -188,6 +192,9 @@ pub struct ScheduleOptions {
     pub panel: crate::templates::packed::PanelParams,
     /// Block sizes and split attention of the GPU kernels.
     pub gpu: select::GpuConfig,
+    /// Measured winners for tunable CPU kernels (see [`crate::tuning`]);
+    /// kernels without one get their templates' default parameters.
+    pub tuning: Option<Arc<Tuning>>,
 }
 
 /// The storage type of the weights (see the module docs); computation is
@@ -270,6 +277,7 @@ pub fn schedule_into(
         folded: 0,
         unsupported: vec![],
         options,
+        tuned: HashMap::new(),
     };
     let mut inputs = vec![];
     for n in order {
@@ -324,7 +332,7 @@ pub fn schedule_into(
     let plan = NativePlan {
         library: String::new(),
         weights: String::new(),
-        kernels: s.kernels.iter().map(crate::aot::kernel_entry).collect(),
+        kernels: s.kernels.iter().enumerate().map(|(i, k)| s.kernel_entry(i, k)).collect(),
         // Filled by whoever links the library (it knows the target).
         arch: String::new(),
         cpu_features: vec![],
@@ -340,6 +348,20 @@ pub fn schedule_into(
 }
 
 impl Scheduler<'_> {
+    /// The plan entry of kernel `i`, with how its parameters were chosen
+    /// (CPU kernels; GPU kernels are not tunable yet and record nothing).
+    fn kernel_entry(&self, i: usize, k: &Kernel) -> KernelEntry {
+        let mut e = crate::aot::kernel_entry(k);
+        if self.options.device == Device::Cpu {
+            let t = self.tuned.get(&i).cloned().unwrap_or_else(crate::tuning::fixed);
+            if t.params.contains("lowering=llvm") {
+                e.lowering = "llvm".into();
+            }
+            e.tuning = Some(t);
+        }
+        e
+    }
+
     fn node(&mut self, n: NodeId) -> Result<(), ScheduleError> {
         let g = self.graph;
         let node = g.node(n);
@@ -564,40 +586,35 @@ impl Scheduler<'_> {
             self.launch(n, inst, args)?;
             return Ok(Some(()));
         }
-        if self.options.packed_weights {
-            let wk = match &node.op {
-                Op::MatMul {} => select::weight_matmul_with(&x_ty, n_, k_, welem, self.options.panel),
-                Op::GatedMlp { act } => select::weight_gated_mlp_with(&x_ty, n_, k_, act, welem, self.options.panel),
-                _ => unreachable!("matched above"),
-            };
-            if let Ok(wk) = wk {
-                let mut args = vec![self.buffer_of(node.inputs[0])];
-                let esize = scalar_dtype(welem).size_bytes();
-                for ((w, chunk), pack) in weights.iter().zip(&nk).zip(&wk.packs) {
+        // On the CPU the tuning table, or the templates' estimate, picks
+        // the variant: packed panels or `[n, k]` rows, its tile sizes and
+        // its lowering.
+        let act = match &node.op {
+            Op::GatedMlp { act } => Some(act.as_str()),
+            _ => None,
+        };
+        let Some(site) = Site::weight_product(n_, k_, act, welem) else { return Ok(None) };
+        let choice = crate::tuning::choose(&site, self.options.tuning.as_deref(), self.options.packed_weights);
+        // A shape the weight kernels do not take (e.g. a 1-D activation)
+        // falls back to the general kernel.
+        let Ok(built) = site.build(&x_ty, &choice.variant) else { return Ok(None) };
+        let mut args = vec![self.buffer_of(node.inputs[0])];
+        let esize = scalar_dtype(welem).size_bytes();
+        for (w, chunk) in weights.iter().zip(nk) {
+            // The weight's type tells the `[n, k]` kernels how it is stored.
+            args.push(match built.packing {
+                Some(pack) => {
                     let packed = pack.apply_bytes(chunk.bytes(), esize, n_, k_);
                     let shape = [packed.len() / esize];
                     let name = format!("%{}ᵀ packed", w.index());
-                    args.push(self.place_chunk(&name, &shape, welem, Chunk::Owned(packed)));
+                    self.place_chunk(&name, &shape, welem, Chunk::Owned(packed))
                 }
-                self.launch(n, wk.instance, args)?;
-                return Ok(Some(()));
-            }
+                None => self.place_chunk(&format!("%{}ᵀ", w.index()), &[n_, k_], welem, chunk),
+            });
         }
-        // The weight's type tells the `[n, k]` kernels how it is stored.
-        let nk_ty = smelt_ir::TensorType::new(scalar_dtype(welem), vec![Dim::from(n_), Dim::from(k_)]);
-        let inst = match &node.op {
-            Op::MatMul {} => select::matmul_weight_nk(&x_ty, &nk_ty),
-            Op::GatedMlp { act } => select::gated_mlp_weight_nk(&x_ty, &nk_ty, &nk_ty, act),
-            _ => unreachable!("matched above"),
-        };
-        // A shape the weight kernels do not take (e.g. a 1-D activation)
-        // falls back to the general kernel.
-        let Ok(inst) = inst else { return Ok(None) };
-        let mut args = vec![self.buffer_of(node.inputs[0])];
-        for (w, chunk) in weights.iter().zip(nk) {
-            args.push(self.place_chunk(&format!("%{}ᵀ", w.index()), &[n_, k_], welem, chunk));
-        }
-        self.launch(n, inst, args)?;
+        self.launch(n, built.instance, args)?;
+        let kernel = self.launches.last().expect("a launch was just added").kernel;
+        self.tuned.insert(kernel, choice.record);
         Ok(Some(()))
     }
 

@@ -16,7 +16,7 @@
 //! saturates in a few iterations regardless of the layer count.
 
 use crate::egraph::convert::{count_ops, lower, Materializer};
-use crate::egraph::cost::extract;
+use crate::egraph::cost::{extract_with, MeasuredCosts};
 use crate::egraph::lang::ENode;
 use crate::error::PassError;
 use crate::report::{Explanation, FusionReport, PhaseReport};
@@ -50,6 +50,10 @@ pub struct FusionOptions {
     /// (slower: only for `--explain`).
     pub explain: bool,
     pub limits: Limits,
+    /// Measured kernel times from the tuning database; extraction uses them
+    /// to choose between alternatives it has measured (see
+    /// `egraph::cost`), the estimate elsewhere.
+    pub measured: Option<std::sync::Arc<MeasuredCosts>>,
 }
 
 /// The phases and their families, in order.
@@ -134,7 +138,7 @@ pub fn fuse(g: &mut Graph, opts: &FusionOptions) -> Result<FusionReport, PassErr
 
     let t_ex = Instant::now();
     let roots: Vec<Id> = g.outputs().iter().map(|(_, v)| lowered.value_ids[v]).collect();
-    let choice = extract(&eg, &roots)?;
+    let choice = extract_with(&eg, &roots, opts.measured.as_deref())?;
     let labels: HashMap<Id, String> = lowered.labels.iter().map(|(id, l)| (eg.find(*id), l.clone())).collect();
     let mut m = Materializer::new(g, &eg, labels);
     let choose = |id: Id| choice.node(&eg, id);

@@ -58,6 +58,44 @@ pub struct KernelEntry {
     /// as kernel parameters in that order.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub block: Option<[u32; 3]>,
+    /// Where the kernel's template parameters came from (absent in
+    /// artifacts written before the tuner existed, and for GPU kernels).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tuning: Option<KernelTuning>,
+}
+
+/// How a kernel's parameters were chosen, as the compiler records it for
+/// people and for `smelt tune ARTIFACT` (which re-creates the kernel's
+/// variants from `site`). The runtime does not interpret it. Strings only
+/// (no floats), so the plan's hash is stable across a manifest round trip.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KernelTuning {
+    pub source: TuningSource,
+    /// The template and what is fixed about the kernel (static sizes,
+    /// dtypes), e.g. `weight_product n=960 k=576 act=none w=f32`; empty for
+    /// a kernel without tunable parameters.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub site: String,
+    /// The parameters it was built with, as the template spells them, e.g.
+    /// `panels mr=6 nr=8 ksplit=4 fma=0 lanes=4 lowering=cranelift`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub params: String,
+    /// For a measured kernel: the tuning database record's key
+    /// (`signature/bucket/device`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+}
+
+/// Where a kernel's parameters came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TuningSource {
+    /// A winner measured on this device kind, from the tuning database.
+    Measured,
+    /// The template's default (estimated) parameters: no record matched.
+    Estimated,
+    /// The template has no tunable parameters.
+    Fixed,
 }
 
 /// Where a buffer's bytes live.

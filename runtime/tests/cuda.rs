@@ -25,6 +25,7 @@ fn kernel(symbol: &str, buffers: &[Elem], scalars: usize) -> KernelEntry {
         buffers: buffers.to_vec(),
         scalars,
         block: Some([64, 1, 1]),
+        tuning: None,
     }
 }
 

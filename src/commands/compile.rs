@@ -19,10 +19,15 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use clap::ValueEnum;
 use smelt_codegen::schedule::{schedule_into, ScheduleOptions, WeightDtype};
+use smelt_codegen::tuning::{Site, Tuning};
 use smelt_ir::{Graph, StoredTensor};
+use smelt_passes::egraph::cost::MeasuredCosts;
 use smelt_passes::{pipeline, DumpSpec, DumpTarget, PipelineOptions};
 use smelt_runtime::artifact::{write_artifact, ArtifactSpec, CudaFiles, NativeFiles};
 use smelt_runtime::constants::ConstantsWriter;
+use smelt_runtime::plan::{NativePlan, TuningSource};
+use smelt_tune::db;
+use std::sync::Arc;
 
 use crate::source::{load_checkpoint_stored, load_onnx, Source};
 
@@ -80,7 +85,58 @@ pub struct Args {
     #[arg(long, value_enum)]
     pub weight_dtype: Option<WeightDtypeArg>,
     #[command(flatten)]
+    pub tuning: TuningArgs,
+    #[command(flatten)]
     pub passes: PassArgs,
+}
+
+/// Which measured kernel parameters `--target cpu` uses.
+#[derive(clap::Args, Debug, Default)]
+pub struct TuningArgs {
+    /// The tuning database `smelt tune` wrote [default: $SMELT_TUNING_DB, else the user's cache folder's
+    /// smelt/tuning.json, when it exists].
+    #[arg(long, value_name = "PATH")]
+    pub tuning_db: Option<PathBuf>,
+    /// Use every kernel's default (estimated) parameters, ignoring any tuning database.
+    #[arg(long, conflicts_with = "tuning_db")]
+    pub no_tuning: bool,
+}
+
+impl TuningArgs {
+    /// The winners for this machine from the database, if one is used, and
+    /// their measured times for the fusion cost model; a damaged database
+    /// is a warning (on stderr) and an untuned compile.
+    pub fn load(&self) -> Option<(Arc<Tuning>, PathBuf, MeasuredCosts)> {
+        if self.no_tuning {
+            return None;
+        }
+        let path = match &self.tuning_db {
+            Some(p) => {
+                if !p.exists() {
+                    eprintln!("warning: tuning database {}: no such file; compiling untuned", p.display());
+                    return None;
+                }
+                p.clone()
+            }
+            None => db::default_path().filter(|p| p.exists())?,
+        };
+        let (database, warnings) = db::Db::load(&path);
+        let device = smelt_tune::device::Device::host_cpu();
+        let (tuning, more) = database.tuning_for(&device.id, &path.display().to_string());
+        for w in warnings.iter().chain(&more) {
+            eprintln!("warning: {w}");
+        }
+        // The winners' times (summed over the row counts they were timed
+        // at), keyed as the cost model looks weight products up.
+        let mut costs = MeasuredCosts::default();
+        for r in database.records().filter(|r| r.key.device == device.id) {
+            if let Ok(Site::WeightProduct { n, k, act, .. }) = r.site.parse::<Site>() {
+                let op = if act.is_some() { "gated_mlp" } else { "matmul" };
+                costs.insert(MeasuredCosts::key(op, k as i64, n as i64), r.timings.iter().map(|t| t.seconds).sum());
+            }
+        }
+        Some((Arc::new(tuning), path, costs))
+    }
 }
 
 /// The pass pipeline's options, shared by `compile` and `inspect --fusion`.
@@ -139,25 +195,25 @@ pub fn main(args: Args) -> Result<()> {
         }
     };
     phases.mark("load");
+    // Measured kernels of this machine (CPU kernels: only a cpu compile).
+    let tuning = if wants(Target::Cpu) { args.tuning.load() } else { None };
     let fusion = if args.no_fuse {
         None
     } else {
-        let report = pipeline(&mut loaded.graph, &mut loaded.weights, &args.passes.options(false)?)?;
+        let mut options = args.passes.options(false)?;
+        options.fusion.measured = tuning.as_ref().map(|t| Arc::new(t.2.clone()));
+        let report = pipeline(&mut loaded.graph, &mut loaded.weights, &options)?;
         Some(serde_json::to_value(&report.fusion)?)
     };
     phases.mark("passes");
-    let weight_dtype = match (args.weight_dtype, loaded.info.stored_dtype.as_deref()) {
-        (Some(d), _) => d.into(),
-        (None, Some("bf16")) => WeightDtype::BF16,
-        (None, Some("f16")) => WeightDtype::F16,
-        (None, _) => WeightDtype::F32,
-    };
+    let weight_dtype = weight_dtype(args.weight_dtype, loaded.info.stored_dtype.as_deref());
     // Constants files are written here as they are built, then moved into
     // the artifact; beside the output, so moving is a rename.
     let staging = staging_dir(&args.output)?;
     let native = if wants(Target::Cpu) {
         let constants = ConstantsWriter::create(&staging.path().join("constants.bin"))?;
-        Some(compile_native(&loaded.graph, &loaded.weights, weight_dtype, constants, &mut phases)?)
+        let tuning = tuning.map(|(t, p, _)| (t, p));
+        Some(compile_native(&loaded.graph, &loaded.weights, weight_dtype, tuning, constants, &mut phases)?)
     } else {
         None
     };
@@ -196,6 +252,40 @@ pub fn main(args: Args) -> Result<()> {
     ))
 }
 
+/// The weight storage type: `--weight-dtype`, else the checkpoint's own
+/// when it is bf16 or f16, else f32.
+pub fn weight_dtype(arg: Option<WeightDtypeArg>, stored: Option<&str>) -> WeightDtype {
+    match (arg, stored) {
+        (Some(d), _) => d.into(),
+        (None, Some("bf16")) => WeightDtype::BF16,
+        (None, Some("f16")) => WeightDtype::F16,
+        (None, _) => WeightDtype::F32,
+    }
+}
+
+/// The schedule options of `--target cpu` in this build.
+pub fn cpu_options(weight_dtype: WeightDtype, tuning: Option<Arc<Tuning>>) -> ScheduleOptions {
+    // The weight kernels read packed panels: 4-lane vectors for Cranelift,
+    // and in the llvm build vectors as wide as the host's (see `panel`),
+    // unless a measured winner says otherwise.
+    ScheduleOptions { packed_weights: true, weight_dtype, panel: panel(), tuning, ..ScheduleOptions::default() }
+}
+
+/// Loads `model` (a checkpoint folder or an .onnx file), runs the passes
+/// and schedules it for the CPU, untuned: the plan `smelt tune` reads the
+/// model's kernels from. The constants are built in memory and dropped.
+pub fn cpu_plan(model: &std::path::Path, weight_dtype_arg: Option<WeightDtypeArg>) -> Result<NativePlan> {
+    let mut loaded = match Source::classify(model)? {
+        Source::Checkpoint(dir) => load_checkpoint_stored(&dir)?,
+        Source::Onnx(p) => load_onnx(&p)?.into_stored(),
+        Source::Artifact(p) => bail!("{}: is an artifact, not a model", p.display()),
+    };
+    pipeline(&mut loaded.graph, &mut loaded.weights, &PipelineOptions::default())?;
+    let wd = weight_dtype(weight_dtype_arg, loaded.info.stored_dtype.as_deref());
+    let sched = schedule_into(&loaded.graph, &loaded.weights, cpu_options(wd, None), ConstantsWriter::in_memory())?;
+    Ok(sched.plan)
+}
+
 /// `SMELT_TIME=1`: the time each phase of a compile took (and the peak
 /// resident memory so far, where `/proc` has it), on stderr.
 struct Phases {
@@ -227,13 +317,26 @@ fn compile_native(
     graph: &Graph,
     weights: &Weights,
     weight_dtype: WeightDtype,
+    tuning: Option<(Arc<Tuning>, PathBuf)>,
     constants: ConstantsWriter,
     phases: &mut Phases,
 ) -> Result<NativeFiles> {
-    // The weight kernels read packed panels: 4-lane vectors for Cranelift,
-    // and in the llvm build vectors as wide as the host's (see `panel`).
-    let options = ScheduleOptions { packed_weights: true, weight_dtype, panel: panel(), ..ScheduleOptions::default() };
-    let sched = schedule_into(graph, weights, options, constants)?;
+    let (tuning, db_path) = match tuning {
+        Some((t, p)) => (Some(t), Some(p)),
+        None => (None, None),
+    };
+    let sched = schedule_into(graph, weights, cpu_options(weight_dtype, tuning), constants)?;
+    if let Some(p) = db_path {
+        let count = |s: TuningSource| {
+            sched.plan.kernels.iter().filter(|k| k.tuning.as_ref().is_some_and(|t| t.source == s)).count()
+        };
+        let (measured, estimated) = (count(TuningSource::Measured), count(TuningSource::Estimated));
+        eprintln!(
+            "tuning: {measured} of {} tunable kernels use measured parameters ({})",
+            measured + estimated,
+            p.display()
+        );
+    }
     phases.mark("cpu schedule");
     let dir = tempfile::tempdir()?;
     let mut plan = sched.plan;
@@ -243,16 +346,25 @@ fn compile_native(
     // kernels (8-lane tiles only it lowers), attention and the norms ran
     // 1.4x and 2x faster through it than through Cranelift in a prefill of
     // smollm2-135m, and the compile took no longer (a few dozen distinct
-    // kernels). The per-kernel choice stays, for a tuner to make.
+    // kernels). A tunable kernel's lowering is its variant's (the
+    // scheduler has set it).
     #[cfg(feature = "llvm")]
     let lib = {
-        let llvm = |_: &smelt_codegen::kir::Kernel| true;
+        let by_name = |_: &smelt_codegen::kir::Kernel| true;
         for (entry, k) in plan.kernels.iter_mut().zip(&sched.kernels) {
-            if llvm(k) {
+            let tunable = entry.tuning.as_ref().is_some_and(|t| t.source != TuningSource::Fixed);
+            if !tunable && by_name(k) {
                 entry.lowering = "llvm".into();
             }
         }
-        smelt_codegen::aot::build_library_mixed(&sched.kernels, &llvm, dir.path())?
+        let llvm: std::collections::HashSet<String> = plan
+            .kernels
+            .iter()
+            .zip(&sched.kernels)
+            .filter(|(e, _)| e.lowering == "llvm")
+            .map(|(_, k)| k.name.clone())
+            .collect();
+        smelt_codegen::aot::build_library_mixed(&sched.kernels, &|k| llvm.contains(&k.name), dir.path())?
     };
     phases.mark("cpu kernels");
     plan.arch = lib.arch;
@@ -266,15 +378,7 @@ fn compile_native(
 /// ones; with it, 8-lane tiles where the host has AVX2 and FMA (LLVM
 /// lowers the weight kernels), else the 128-bit tiles with FMA.
 fn panel() -> smelt_codegen::templates::packed::PanelParams {
-    use smelt_codegen::templates::packed::PanelParams;
-    if !cfg!(feature = "llvm") {
-        return PanelParams::DEFAULT;
-    }
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        return PanelParams::WIDE;
-    }
-    PanelParams { fma: true, ..PanelParams::DEFAULT }
+    smelt_codegen::tuning::default_panels(&smelt_codegen::tuning::Lowering::available()).0
 }
 
 /// A temporary folder beside `output` (or in the system's when the

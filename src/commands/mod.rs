@@ -9,3 +9,4 @@ pub mod generate;
 pub mod inspect;
 pub mod make_model;
 pub mod run;
+pub mod tune;

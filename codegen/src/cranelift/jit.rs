@@ -133,6 +133,15 @@ impl JitKernel {
         &self.kernel
     }
 
+    /// The compiled entry point, for callers that check the buffers
+    /// against the kernel's declarations themselves and call it from
+    /// several threads (the tuner's timing team). Calling it is unsafe:
+    /// every buffer must have the declared element type and length for
+    /// the scalars passed, and `self` must outlive every call.
+    pub fn entry(&self) -> unsafe extern "C" fn(*const *mut u8, *const i64, i64, i64) {
+        self.f
+    }
+
     /// Runs the whole kernel on the calling thread.
     pub fn run(&self, args: &mut [Arg]) -> Result<(), RunError> {
         self.run_part(args, &[], 0, 1)

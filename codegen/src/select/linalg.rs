@@ -12,8 +12,9 @@
 use super::{elem_of, Instance, SelectError, Selected};
 use crate::kir::{Builder, Expr, Scalar};
 use crate::templates::matmul_dyn::{self, Act, BatchAxis, Layout, MatmulDims, TileParams};
+use crate::templates::packed;
 pub use crate::templates::packed::Packing;
-use crate::templates::packed::{self, PanelParams};
+pub use crate::templates::packed::PanelParams;
 use smelt_ir::{DType, Dim, Op, TensorType};
 
 /// The scalar parameters of a kernel being built, one per distinct
@@ -159,7 +160,7 @@ fn gated(
     act: Act,
     w: Scalar,
 ) -> Result<Instance, SelectError> {
-    rows_times_weight(op, inputs, x, n, k, layout, Some(act), w)
+    rows_times_weight(op, inputs, x, n, k, layout, Some(act), w, TileParams::default_for(layout, true))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -172,6 +173,7 @@ fn rows_times_weight(
     layout: Layout,
     act: Option<Act>,
     w: Scalar,
+    tile: TileParams,
 ) -> Result<Instance, SelectError> {
     if x.rank() == 0 || x.shape.last() != Some(k) {
         return Err(SelectError::unsupported(op, inputs, format!("x's last dim must be the contraction dim {k}")));
@@ -184,7 +186,7 @@ fn rows_times_weight(
         k: p.get(&mut b, k),
         n: p.get(&mut b, n),
     };
-    matmul_dyn::matmul(&mut b, &dims, layout, act, TileParams::default_for(layout, act.is_some()), w);
+    matmul_dyn::matmul(&mut b, &dims, layout, act, tile, w);
     let l = format!("{layout:?}").to_lowercase();
     let prefix = match act {
         None => format!("matmul_{l}_k{}_n{}{}", dim_name(k), dim_name(n), elem_suffix(w)),
@@ -224,7 +226,50 @@ pub fn matmul_weight_nk(a: &TensorType, w_nk: &TensorType) -> Result<Instance, S
     if w_nk.rank() != 2 {
         return Err(SelectError::unsupported(&op, &inputs, "the [n, k] weight must have rank 2"));
     }
-    rows_times_weight(&op, &inputs, a, &w_nk.shape[0], &w_nk.shape[1], Layout::NK, None, weight_elem(w_nk.dtype))
+    let tile = TileParams::default_for(Layout::NK, false);
+    rows_times_weight(&op, &inputs, a, &w_nk.shape[0], &w_nk.shape[1], Layout::NK, None, weight_elem(w_nk.dtype), tile)
+}
+
+/// A product with a constant weight `[n, k]` stored as `w` (the plain one,
+/// or the gated MLP with `act`), read as `[n, k]` rows with the tile
+/// parameters `tile`: [`matmul_weight_nk`] and [`gated_mlp_weight_nk`] with
+/// chosen parameters (the tuner's `rows` variants). Operands `(x, W...)`
+/// with `x` of shape `[.., m, k]`.
+pub fn weight_product_rows(
+    x: &TensorType,
+    n: usize,
+    k: usize,
+    act: Option<Act>,
+    w: Scalar,
+    tile: TileParams,
+) -> Result<Instance, SelectError> {
+    let op = match act {
+        None => Op::MatMul {},
+        Some(a) => Op::GatedMlp { act: a.name().to_string() },
+    };
+    let wt = TensorType::new(x.dtype, vec![Dim::c(n as i64), Dim::c(k as i64)]);
+    let inputs = match act {
+        None => vec![x.clone(), wt],
+        Some(_) => vec![x.clone(), wt.clone(), wt],
+    };
+    float_operands(&op, &inputs)?;
+    let (nd, kd) = (Dim::c(n as i64), Dim::c(k as i64));
+    rows_times_weight(&op, &inputs, x, &nd, &kd, Layout::NK, act, w, tile)
+}
+
+/// A packed-panel weight product (the plain one, or the gated MLP with
+/// `act`) with the panel parameters `params`: [`weight_matmul`] and
+/// [`weight_gated_mlp`] with chosen parameters (the tuner's `panels`
+/// variants).
+pub fn weight_product_panels(
+    x: &TensorType,
+    n: usize,
+    k: usize,
+    act: Option<Act>,
+    w: Scalar,
+    params: PanelParams,
+) -> Result<WeightKernel, SelectError> {
+    weight_kernel(x, n, k, act, w, params)
 }
 
 /// `gated_mlp` with both weights stored `[n, k]`: operands
@@ -337,6 +382,7 @@ fn weight_kernel(
     if !matches!(welem, Scalar::F32 | Scalar::BF16 | Scalar::F16) {
         return Err(SelectError::unsupported(&op, &inputs, format!("weights stored as {welem:?}")));
     }
+    let params = params.normalized();
     packed::weight_matmul(&mut b, m, n, k, act, params, welem);
     // The vector width is in the name: the lowering is chosen by it.
     let v = if params.lanes == 4 { String::new() } else { format!("_v{}", params.lanes) };

@@ -37,7 +37,7 @@ pub use gpu_linalg::{weight_gated_mlp_gpu, weight_matmul_gpu, weight_product_gpu
 pub use layout::{gather_packed, gather_stored};
 pub use linalg::{
     gated_mlp_weight_nk, matmul_weight_nk, weight_gated_mlp, weight_gated_mlp_with, weight_matmul, weight_matmul_with,
-    Packing, WeightKernel,
+    weight_product_panels, weight_product_rows, Packing, PanelParams, WeightKernel,
 };
 
 use crate::kir::{Kernel, Scalar};

@@ -150,6 +150,20 @@ impl PanelParams {
     pub fn packing(&self) -> Packing {
         Packing::Panels { nr: self.nr }
     }
+
+    /// The parameters [`weight_matmul`] actually uses: at least one row
+    /// and one set, `nr` rounded down to whole vectors (at least one).
+    pub fn normalized(&self) -> PanelParams {
+        let lanes = if self.lanes.is_power_of_two() && self.lanes > 1 { self.lanes } else { LANES };
+        let l = lanes as usize;
+        PanelParams {
+            mr: self.mr.max(1),
+            nr: (self.nr.max(l) / l) * l,
+            lanes,
+            ksplit: self.ksplit.max(1),
+            fma: self.fma,
+        }
+    }
 }
 
 /// Declares the buffers (`a [m * k]`, then one packed weight, or the gate
@@ -158,17 +172,14 @@ impl PanelParams {
 /// scalar parameter of `b`. The weights are stored as `w` (`F32`, or
 /// `BF16`/`F16` widened to f32 as they are loaded); everything else is f32.
 pub fn weight_matmul(b: &mut Builder, m: Expr, n: usize, k: usize, act: Option<Act>, p: PanelParams, w: Scalar) {
-    let lanes = if p.lanes.is_power_of_two() && p.lanes > 1 { p.lanes } else { LANES };
-    let l = lanes as usize;
-    let nr = (p.nr.max(l) / l) * l;
-    let p = PanelParams { mr: p.mr.max(1), nr, lanes, ksplit: p.ksplit.max(1), fma: p.fma };
+    let p = p.normalized();
     let packing = p.packing();
     let wlen = Expr::idx(packing.packed_len(n, k));
     let a = b.input("a", mul(m.clone(), Expr::idx(k)));
     let mut weight = |name: &str| b.buffer(name, w, wlen.clone(), Space::Global, Access::Read);
     let ws: Vec<BufId> = if act.is_some() { vec![weight("w_gate"), weight("w_up")] } else { vec![weight("w")] };
     let out = b.output("c", mul(m.clone(), Expr::idx(n)));
-    let panels = n.div_ceil(nr);
+    let panels = n.div_ceil(p.nr);
     let mblocks = ceil_div(m.clone(), p.mr);
     let total = mul(Expr::idx(panels), mblocks.clone());
     b.for_("t", Expr::i64(0), total, 1, LoopKind::Parallel, |b, t| {

@@ -21,15 +21,72 @@
 //! residual stream would grow like 4^60 and lose every small difference to
 //! rounding) and lets a fused op that reuses shared operands win.
 //!
-//! Later the per-op costs will come from measured kernel times in the
-//! tuning database; the shape of the model stays.
+//! **Measured times** ([`MeasuredCosts`], from the tuning database that
+//! `smelt tune` fills) refine the choice *within* an e-class: when every
+//! op node of a class has a measured kernel time, each node's own cost is
+//! its estimate scaled by its time relative to the class's mean time, so
+//! the faster alternative wins while the class keeps the estimate's scale
+//! against the rest of the graph (measured seconds and the unit estimates
+//! are not mixed across classes, where they are not comparable). A class
+//! with any unmeasured alternative is costed by the estimate alone. Today
+//! the tuner measures weight products (`matmul` and `gated_mlp` with a
+//! constant 2-D weight, keyed by [`MeasuredCosts::key`]); unfused chains
+//! are not timed, so a fused-versus-unfused choice still rests on the
+//! estimate.
 
 use super::analysis::EGraph;
 use super::lang::ENode;
 use crate::error::PassError;
 use egg::Id;
 use smelt_ir::{Category, OpKind};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+
+/// Measured kernel times (seconds) by [`MeasuredCosts::key`].
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MeasuredCosts {
+    times: BTreeMap<String, f64>,
+}
+
+impl MeasuredCosts {
+    /// The key of a weight product: `matmul k=576 n=960` or
+    /// `gated_mlp k=576 n=1536` (the weight's static `[k, n]` shape).
+    pub fn key(op: &str, k: i64, n: i64) -> String {
+        format!("{op} k={k} n={n}")
+    }
+
+    pub fn insert(&mut self, key: String, seconds: f64) {
+        self.times.insert(key, seconds);
+    }
+
+    pub fn get(&self, key: &str) -> Option<f64> {
+        self.times.get(key).copied()
+    }
+
+    pub fn len(&self) -> usize {
+        self.times.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.times.is_empty()
+    }
+
+    /// The measured time of an e-node, when it is a weight product the
+    /// table has: a `matmul` or `gated_mlp` whose (first) weight operand
+    /// is a compile-time constant of a static 2-D type.
+    fn of(&self, eg: &EGraph, node: &ENode) -> Option<f64> {
+        let (kind, operands, _) = node.split_op()?;
+        if !matches!(kind, OpKind::MatMul | OpKind::GatedMlp) || operands.len() < 2 {
+            return None;
+        }
+        let w = &eg[operands[1]].data;
+        let ty = w.ty()?;
+        if !w.constant || ty.rank() != 2 {
+            return None;
+        }
+        let (k, n) = (ty.shape[0].as_const()?, ty.shape[1].as_const()?);
+        self.get(&MeasuredCosts::key(kind.info().name, k, n))
+    }
+}
 
 /// The cost of one e-node, given a cost for each child (already zero for
 /// shared children).
@@ -94,6 +151,13 @@ impl Choice {
 /// only one of them survives), until the choice is stable (at most four
 /// rounds).
 pub fn extract(eg: &EGraph, roots: &[Id]) -> Result<Choice, PassError> {
+    extract_with(eg, roots, None)
+}
+
+/// [`extract`] with measured kernel times refining the choices within
+/// e-classes (see the module docs).
+pub fn extract_with(eg: &EGraph, roots: &[Id], measured: Option<&MeasuredCosts>) -> Result<Choice, PassError> {
+    let factors = measured.map(|m| class_factors(eg, m)).unwrap_or_default();
     let mut uses: HashMap<Id, usize> = HashMap::new();
     for c in eg.classes() {
         for n in &c.nodes {
@@ -102,10 +166,10 @@ pub fn extract(eg: &EGraph, roots: &[Id]) -> Result<Choice, PassError> {
             }
         }
     }
-    let mut choice = choose(eg, &uses)?;
+    let mut choice = choose(eg, &uses, &factors)?;
     for _round in 0..4 {
         let dag = dag_uses(eg, &choice, roots);
-        let next = choose(eg, &dag)?;
+        let next = choose(eg, &dag, &factors)?;
         let stable = next.best.iter().all(|(id, (_, n))| choice.best.get(id).map(|(_, m)| m) == Some(n));
         choice = next;
         if stable {
@@ -136,7 +200,37 @@ fn dag_uses(eg: &EGraph, choice: &Choice, roots: &[Id]) -> HashMap<Id, usize> {
     uses
 }
 
-fn choose(eg: &EGraph, uses: &HashMap<Id, usize>) -> Result<Choice, PassError> {
+/// For each class whose op nodes all have measured times (at least two
+/// of them), the factor per node (in the class's node order) that scales
+/// its own cost: its time over the class's mean time.
+fn class_factors(eg: &EGraph, m: &MeasuredCosts) -> HashMap<Id, Vec<f64>> {
+    let mut out = HashMap::new();
+    if m.is_empty() {
+        return out;
+    }
+    for c in eg.classes() {
+        let ops: Vec<&ENode> = c.nodes.iter().filter(|n| matches!(n, ENode::Op(..))).collect();
+        if ops.len() < 2 {
+            continue;
+        }
+        let times: Option<Vec<f64>> = ops.iter().map(|n| m.of(eg, n)).collect();
+        let Some(times) = times else { continue };
+        let mean = times.iter().sum::<f64>() / times.len() as f64;
+        if mean <= 0.0 {
+            continue;
+        }
+        let mut it = times.iter();
+        let f = c
+            .nodes
+            .iter()
+            .map(|n| if matches!(n, ENode::Op(..)) { it.next().map_or(1.0, |t| t / mean) } else { 1.0 })
+            .collect();
+        out.insert(eg.find(c.id), f);
+    }
+    out
+}
+
+fn choose(eg: &EGraph, uses: &HashMap<Id, usize>, factors: &HashMap<Id, Vec<f64>>) -> Result<Choice, PassError> {
     let mut classes: Vec<Id> = eg.classes().map(|c| c.id).collect();
     classes.sort_unstable();
     let shared = |id: Id| uses.get(&id).copied().unwrap_or(0) > 1;
@@ -157,21 +251,30 @@ fn choose(eg: &EGraph, uses: &HashMap<Id, usize>) -> Result<Choice, PassError> {
     while let Some(cid) = queue.pop_front() {
         queued.remove(&cid);
         let mut improved = false;
-        for n in &eg[cid].nodes {
+        let scale = factors.get(&cid);
+        for (ni, n) in eg[cid].nodes.iter().enumerate() {
             // A node that uses its own class (`and(true, x)` merged with `x`)
             // is never a way to compute the class.
             let ready = n.children_ids().iter().all(|c| eg.find(*c) != cid && best.contains_key(&eg.find(*c)));
             if !ready {
                 continue;
             }
-            let cost = node_cost(eg, n, |c| {
+            let children = |c: Id| {
                 let c = eg.find(c);
                 if shared(c) {
                     0.0
                 } else {
                     best[&c].0
                 }
-            });
+            };
+            let cost = match scale {
+                // Own cost scaled by the measurement, children as they are.
+                Some(f) => {
+                    let own = node_cost(eg, n, |_| 0.0);
+                    own * f[ni] + n.children_ids().iter().map(|c| children(*c)).sum::<f64>()
+                }
+                None => node_cost(eg, n, children),
+            };
             let better = match best.get(&cid) {
                 None => true,
                 Some((old, _)) => cost < *old - 1e-9,
@@ -193,4 +296,54 @@ fn choose(eg: &EGraph, uses: &HashMap<Id, usize>) -> Result<Choice, PassError> {
         return Err(PassError::Extract(format!("e-class {c} has no finite cost (a cycle with no way out)")));
     }
     Ok(Choice { best })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::egraph::convert::lower;
+
+    /// Two products of one result type in one class (united by hand): the
+    /// estimate ties them, measured times pick the faster.
+    #[test]
+    fn measured_times_choose_between_measured_alternatives() {
+        let g = smelt_ir::text::parse(
+            r#"
+func @two(%x: f32[seq, 8], %y: f32[seq, 16]) -> (a, b) {
+  %w8 = weight name="w8" : f32[8, 4]
+  %w16 = weight name="w16" : f32[16, 4]
+  %a = matmul %x, %w8 : f32[seq, 4]
+  %b = matmul %y, %w16 : f32[seq, 4]
+  return a=%a, b=%b
+}
+"#,
+        )
+        .unwrap();
+        let lowered = lower(&g, false).unwrap();
+        let mut eg = lowered.egraph;
+        let ids: Vec<Id> = g.outputs().iter().map(|(_, v)| lowered.value_ids[v]).collect();
+        eg.union(ids[0], ids[1]);
+        eg.rebuild();
+        let root = eg.find(ids[0]);
+        let k_of = |c: &Choice| {
+            let n = c.node(&eg, root);
+            let (_, ops, _) = n.split_op().unwrap();
+            eg[ops[1]].data.ty().unwrap().shape[0].as_const().unwrap()
+        };
+        for (t8, t16, want) in [(2.0, 1.0, 16), (1.0, 2.0, 8)] {
+            let mut m = MeasuredCosts::default();
+            m.insert(MeasuredCosts::key("matmul", 8, 4), t8);
+            m.insert(MeasuredCosts::key("matmul", 16, 4), t16);
+            let c = extract_with(&eg, &[root], Some(&m)).unwrap();
+            assert_eq!(k_of(&c), want, "times {t8} / {t16}");
+            // The class keeps the estimate's scale: one primitive, cost 1 on average.
+            assert!(c.best[&root].0 < 1.0, "{}", c.best[&root].0);
+        }
+        // One alternative unmeasured: the estimate alone (a tie, kept stable).
+        let mut m = MeasuredCosts::default();
+        m.insert(MeasuredCosts::key("matmul", 8, 4), 0.1);
+        let plain = extract(&eg, &[root]).unwrap();
+        let partial = extract_with(&eg, &[root], Some(&m)).unwrap();
+        assert_eq!(k_of(&plain), k_of(&partial));
+    }
 }

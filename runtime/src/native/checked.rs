@@ -961,6 +961,7 @@ mod tests {
                 buffers: vec![Elem::F32, Elem::F32],
                 scalars: 0,
                 block: None,
+                tuning: None,
             }],
             buffers,
             launches,
