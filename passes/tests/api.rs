@@ -59,8 +59,8 @@ fn dumps_go_to_a_folder_per_stage() {
         std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().to_string()).collect();
     files.sort();
     assert_eq!(files.first().map(String::as_str), Some("00-input.smir"));
-    assert_eq!(files.last().map(String::as_str), Some("09-cleanup.smir"));
-    assert_eq!(files.len(), 10);
+    assert_eq!(files.last().map(String::as_str), Some("10-kv_append.smir"));
+    assert_eq!(files.len(), 11);
     let fused = std::fs::read_to_string(dir.path().join("07-fuse.smir")).unwrap();
     assert!(smelt_ir::text::parse(&fused).is_ok());
     assert!(fused.contains("= attention "));
