@@ -578,6 +578,23 @@ fn narrow_float_loads_and_stores() {
 /// GFLOP/s of the 128x576x1536 GEMM with an [n, k] weight (and the [k, n]
 /// one) through LLVM and Cranelift libraries, one thread; and on x86-64
 /// with AVX2 and FMA, LLVM's code must use 256-bit FMAs.
+/// Seconds per call of a GEMM kernel `(a, w, out)` with `m` rows on one
+/// thread: one warm-up call, then the mean of 20.
+fn time_gemm(f: &KernelFn, a: &mut [f32], w: &mut [f32], o: &mut [f32], m: usize) -> f64 {
+    let ptrs = [a.as_mut_ptr().cast::<u8>(), w.as_mut_ptr().cast(), o.as_mut_ptr().cast()];
+    let scalars = [m as i64];
+    // SAFETY: the caller passes buffers of the kernel's declared lengths
+    // for `m` rows.
+    let call = || unsafe { f(ptrs.as_ptr(), scalars.as_ptr(), 0, 1) };
+    call();
+    let reps = 20;
+    let t = Instant::now();
+    for _ in 0..reps {
+        call();
+    }
+    t.elapsed().as_secs_f64() / reps as f64
+}
+
 #[test]
 fn gemm_timing_and_ymm() {
     let (m, k, n) = (128usize, 576usize, 1536usize);
@@ -601,17 +618,7 @@ fn gemm_timing_and_ymm() {
         let mut a = a.clone();
         let mut wp = wide.packs[0].apply_kn(&w, n, k);
         let mut o = vec![0f32; m * n];
-        let ptrs = [a.as_mut_ptr().cast::<u8>(), wp.as_mut_ptr().cast(), o.as_mut_ptr().cast()];
-        let scalars = [m as i64];
-        // SAFETY: buffers of the declared lengths for seq = 128.
-        let call = || unsafe { kf(ptrs.as_ptr(), scalars.as_ptr(), 0, 1) };
-        call();
-        let reps = 20;
-        let t = Instant::now();
-        for _ in 0..reps {
-            call();
-        }
-        let s = t.elapsed().as_secs_f64() / reps as f64;
+        let s = time_gemm(&kf, &mut a, &mut wp, &mut o, m);
         eprintln!(
             "gemm {m}x{k}x{n} packed 6x16 f32x8 via LLVM: {:.3} ms, {:.1} GFLOP/s (1 thread)",
             s * 1e3,
@@ -636,17 +643,7 @@ fn gemm_timing_and_ymm() {
             let f = kernel_fn(&lib, &inst.kernel);
             let (mut a, mut w) = (a.clone(), w.clone());
             let mut o = vec![0f32; m * n];
-            let ptrs = [a.as_mut_ptr().cast::<u8>(), w.as_mut_ptr().cast(), o.as_mut_ptr().cast()];
-            let scalars = [m as i64];
-            // SAFETY: buffers of the declared lengths for seq = 128.
-            let call = || unsafe { f(ptrs.as_ptr(), scalars.as_ptr(), 0, 1) };
-            call();
-            let reps = 20;
-            let t = Instant::now();
-            for _ in 0..reps {
-                call();
-            }
-            let s = t.elapsed().as_secs_f64() / reps as f64;
+            let s = time_gemm(&f, &mut a, &mut w, &mut o, m);
             let gflops = flops / s / 1e9;
             eprintln!(
                 "gemm {m}x{k}x{n} {what} via {}: {:.3} ms, {gflops:.1} GFLOP/s (1 thread)",
