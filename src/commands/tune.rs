@@ -153,7 +153,8 @@ fn tune_model(args: &Args, model: &std::path::Path, db_path: &std::path::Path) -
         budget: Duration::from_secs_f64(args.budget),
         machine: Machine { flop_s: probe.fma_gflop_s * 1e9, read_bytes_s: probe.read_gb_s * 1e9 },
         device: device.clone(),
-        packed_default: !cfg!(feature = "llvm"),
+        // The defaults a compile uses (what "default" times are timed as).
+        packed_default: super::compile::cpu_options(Default::default(), None).packed_weights,
         db: Some(db_path.to_path_buf()),
         lowerings: Lowering::available(),
     };
