@@ -187,8 +187,10 @@ pub struct ScheduleOptions {
     pub packed_weights: bool,
     /// How the weights of weight matmuls and embedding tables are stored.
     pub weight_dtype: WeightDtype,
-    /// The tiles and vector width of the packed weight kernels
-    /// (`PanelParams::DEFAULT` for Cranelift, `WIDE` for LLVM on AVX2).
+    /// The vector width of the CPU attention kernels (`panel.lanes`: 4 for
+    /// Cranelift, 8 for LLVM on AVX2); a compile passes the default weight
+    /// panels ([`crate::tuning::default_panels`]), whose tiles the weight
+    /// products take from [`crate::tuning::choose`].
     pub panel: crate::templates::packed::PanelParams,
     /// Block sizes and split attention of the GPU kernels.
     pub gpu: select::GpuConfig,
@@ -633,12 +635,19 @@ impl Scheduler<'_> {
         }
         let Some((m, false)) = s.matrix() else { return Ok(None) };
         let elem = self.options.weight_dtype.scalar();
-        let Packing::Panels { nr } = self.options.panel.packing();
+        // The packing the output head's kernel will use (the same choice
+        // `weight_stationary` makes for a product with this `[n, k]`
+        // weight); a head read as rows leaves the table as it is.
+        let Some(site) = Site::weight_product(m.rows, m.cols, None, elem) else { return Ok(None) };
+        let choice = crate::tuning::choose(&site, self.options.tuning.as_deref(), self.options.packed_weights);
+        let crate::tuning::Variant::Panels { p, .. } = choice.variant else { return Ok(None) };
+        let packing = p.normalized().packing();
+        let Packing::Panels { nr } = packing;
         let (data, idx, out) = (g.ty(node.inputs[0]), g.ty(node.inputs[1]), g.ty(node.outputs[0]));
         let Ok(inst) = select::gather_packed(data, idx, out, elem, nr) else { return Ok(None) };
         let Some(chunk) = m.laid_out(scalar_dtype(elem), false) else { return Ok(None) };
         let esize = scalar_dtype(elem).size_bytes();
-        let packed = self.options.panel.packing().apply_bytes(chunk.bytes(), esize, m.rows, m.cols);
+        let packed = packing.apply_bytes(chunk.bytes(), esize, m.rows, m.cols);
         let shape = [packed.len() / esize];
         let table =
             self.place_chunk(&format!("%{} packed", node.inputs[0].index()), &shape, elem, Chunk::Owned(packed));
@@ -1066,14 +1075,16 @@ func @lm(%ids: i64[1, seq]) -> (logits) {
         )
         .unwrap();
         let c = constants(&s);
-        // The packed head (16 columns of 8: two panels), which the table
-        // lookup reads too (one offset, stored once), and the norm.
+        // The packed head (11 columns padded to 16, by 8: two panels of 8
+        // columns, or one of 16 in the llvm build), which the table lookup
+        // reads too (one offset, stored once), and the norm.
         let elems: Vec<(Elem, usize)> = c.iter().map(|x| (x.0, x.2)).collect();
         let packed: Vec<_> = c.iter().filter(|x| x.0 == Elem::BF16).collect();
         assert_eq!(packed.len(), 2, "{c:?}");
         assert!(packed.iter().all(|x| x.1 == packed[0].1 && x.2 == 16 * 8 * 2), "{c:?}");
         assert!(elems.contains(&(Elem::F32, 32)), "{c:?}");
-        assert!(s.kernels.iter().any(|k| k.name.starts_with("gather_packed8_bf16")), "no packed lookup");
+        let lookup = |k: &&Kernel| k.name.starts_with("gather_packed") && k.name.contains("_bf16_");
+        assert!(s.kernels.iter().any(|k| lookup(&k)), "no packed lookup");
     }
 
     /// f16 cannot hold 1e5: such a weight stays f32 rather than turning

@@ -690,7 +690,8 @@ mod tests {
         let s = site();
         let est = choose(&s, None, true);
         assert_eq!(est.record.source, TuningSource::Estimated);
-        assert_eq!(est.variant, Variant::Panels { p: PanelParams::DEFAULT, lowering: Lowering::Cranelift });
+        let (p, lowering) = default_panels(&Lowering::available());
+        assert_eq!(est.variant, Variant::Panels { p, lowering });
         let mut t = Tuning::default();
         let v = Variant::Panels {
             p: PanelParams { mr: 4, nr: 16, ksplit: 2, fma: true, lanes: 4 },

@@ -47,7 +47,10 @@ fn a_measured_winner_is_built_and_recorded() {
     let t = e.tuning.unwrap();
     assert_eq!(t.source, TuningSource::Estimated);
     assert_eq!(t.site, site.to_string());
-    assert_eq!(t.params, "panels mr=6 nr=8 ksplit=4 fma=0 lanes=4 lowering=cranelift");
+    // The estimate is the build's default panels (Cranelift's 4-lane
+    // tiles, or LLVM's wider ones in the llvm build).
+    let (p, lowering) = smelt_codegen::tuning::default_panels(&Lowering::available());
+    assert_eq!(t.params, Variant::Panels { p, lowering }.to_string());
 
     let winner = Variant::Panels {
         p: PanelParams { mr: 3, nr: 12, ksplit: 2, fma: true, lanes: 4 },

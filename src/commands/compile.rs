@@ -350,10 +350,9 @@ fn compile_native(
     // scheduler has set it).
     #[cfg(feature = "llvm")]
     let lib = {
-        let by_name = |_: &smelt_codegen::kir::Kernel| true;
-        for (entry, k) in plan.kernels.iter_mut().zip(&sched.kernels) {
+        for entry in plan.kernels.iter_mut() {
             let tunable = entry.tuning.as_ref().is_some_and(|t| t.source != TuningSource::Fixed);
-            if !tunable && by_name(k) {
+            if !tunable {
                 entry.lowering = "llvm".into();
             }
         }

@@ -89,35 +89,10 @@ fn select_with(
             rope::rope(&mut b, &x_dims, &cs_dims, d, r, *interleaved);
             format!("rope_d{d}_r{r}{}", if *interleaved { "_il" } else { "" })
         }
-        Op::Attention { scale, causal, window, softcap } => {
-            floats_except_mask(op, inputs)?;
-            let (q, k, v) = (&inputs[0], &inputs[1], &inputs[2]);
-            if q.rank() != 4 || k.rank() != 4 || v.rank() != 4 {
-                return Err(unsupported("q, k and v must have rank 4"));
-            }
-            let c = |d: &Dim, what: &str| {
-                d.as_const().map(|c| c as usize).ok_or_else(|| unsupported(&format!("{what} must be a constant")))
-            };
-            let (hq, hkv, d, dv) = (
-                c(&q.shape[1], "heads")?,
-                c(&k.shape[1], "kv heads")?,
-                c(&q.shape[3], "head dim")?,
-                c(&v.shape[3], "value dim")?,
-            );
-            if hkv == 0 || hq % hkv != 0 {
-                return Err(unsupported("query heads must be a multiple of kv heads"));
-            }
-            let spec = AttnSpec {
-                hq,
-                hkv,
-                d,
-                dv,
-                scale: *scale as f32,
-                causal: *causal,
-                window: *window,
-                softcap: softcap.map(|c| c as f32),
-                lanes,
-            };
+        Op::Attention { causal, window, softcap, .. } => {
+            let spec = attention_spec(op, inputs, lanes)?;
+            let (hq, hkv, d) = (spec.hq, spec.hkv, spec.d);
+            let (q, k) = (&inputs[0], &inputs[1]);
             let batch = p.get(&mut b, &q.shape[0]);
             let sq = p.get(&mut b, &q.shape[2]);
             let skv = p.get(&mut b, &k.shape[2]);
@@ -125,9 +100,6 @@ fn select_with(
                 elem: elem_of(m.dtype),
                 dims: m.shape.iter().map(|dm| p.get(&mut b, dm)).collect(),
             });
-            if inputs.len() > 4 || mask.as_ref().is_some_and(|m| m.dims.len() > 4) {
-                return Err(unsupported("at most one mask of rank <= 4"));
-            }
             let kv_stride = match kv {
                 Some(kv) => p.get(&mut b, &kv.capacity),
                 None => skv.clone(),
@@ -186,13 +158,47 @@ fn select_with(
     p.finish(b, &prefix, op, inputs).map(|i| Some(Selected::Kernel(i)))
 }
 
-/// Attention's q, k and v must be floats; a mask may be bool or float.
-fn floats_except_mask(op: &Op, inputs: &[TensorType]) -> Result<(), SelectError> {
-    let ok = inputs.iter().take(3).all(|t| elem_of(t.dtype) == Scalar::F32)
-        && inputs.get(3).is_none_or(|m| matches!(elem_of(m.dtype), Scalar::F32 | Scalar::Bool));
-    if ok {
-        Ok(())
-    } else {
-        Err(SelectError::unsupported(op, inputs, "q, k, v must be floats and the mask bool or float"))
+/// The static part of an attention node's kernel, for the CPU and GPU
+/// templates alike, after checking what they need: float q, k, v of rank 4
+/// and at most one bool or float mask of rank <= 4, constant heads and head
+/// dims, query heads a multiple of kv heads. `lanes` is the CPU vector width.
+pub(super) fn attention_spec(op: &Op, inputs: &[TensorType], lanes: u8) -> Result<AttnSpec, SelectError> {
+    let unsupported = |why: &str| SelectError::unsupported(op, inputs, why);
+    let Op::Attention { scale, causal, window, softcap } = op else {
+        return Err(unsupported("not an attention node"));
+    };
+    let floats = inputs.len() >= 3 && inputs[..3].iter().all(|t| elem_of(t.dtype) == Scalar::F32);
+    if !floats || inputs.get(3).is_some_and(|m| !matches!(elem_of(m.dtype), Scalar::F32 | Scalar::Bool)) {
+        return Err(unsupported("q, k, v must be floats and the mask bool or float"));
     }
+    let (q, k, v) = (&inputs[0], &inputs[1], &inputs[2]);
+    if q.rank() != 4 || k.rank() != 4 || v.rank() != 4 {
+        return Err(unsupported("q, k and v must have rank 4"));
+    }
+    if inputs.len() > 4 || inputs.get(3).is_some_and(|m| m.rank() > 4) {
+        return Err(unsupported("at most one mask of rank <= 4"));
+    }
+    let c = |d: &Dim, what: &str| {
+        d.as_const().map(|c| c as usize).ok_or_else(|| unsupported(&format!("{what} must be a constant")))
+    };
+    let (hq, hkv, d, dv) = (
+        c(&q.shape[1], "heads")?,
+        c(&k.shape[1], "kv heads")?,
+        c(&q.shape[3], "head dim")?,
+        c(&v.shape[3], "value dim")?,
+    );
+    if hkv == 0 || hq % hkv != 0 {
+        return Err(unsupported("query heads must be a multiple of kv heads"));
+    }
+    Ok(AttnSpec {
+        hq,
+        hkv,
+        d,
+        dv,
+        scale: *scale as f32,
+        causal: *causal,
+        window: *window,
+        softcap: softcap.map(|c| c as f32),
+        lanes,
+    })
 }

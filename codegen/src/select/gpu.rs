@@ -18,7 +18,7 @@
 use super::linalg::{dim_name, Params};
 use super::{elem_of, select, Arg, Instance, Scratch, SelectError, Selected, Step, Steps};
 use crate::kir::{Builder, Expr, Scalar};
-use crate::templates::attention::{AttnMask, AttnSpec};
+use crate::templates::attention::AttnMask;
 use crate::templates::gpu::{attention, concat, gpuize, norm, rope, rows::RowLayout, softmax};
 use crate::templates::NormKind;
 use smelt_ir::ops::infer::norm_axis;
@@ -107,43 +107,10 @@ enum AttnKernel {
 /// path takes).
 fn attention_node(op: &Op, inputs: &[TensorType], cfg: &GpuConfig) -> Result<Selected, SelectError> {
     let unsupported = |why: &str| SelectError::unsupported(op, inputs, why);
-    let Op::Attention { scale, causal, window, softcap } = op else { unreachable!("called for attention") };
-    if inputs.len() < 3 || inputs[..3].iter().any(|t| elem_of(t.dtype) != Scalar::F32) {
-        return Err(unsupported("needs float operands"));
-    }
-    if inputs.get(3).is_some_and(|m| !matches!(elem_of(m.dtype), Scalar::F32 | Scalar::Bool)) {
-        return Err(unsupported("the mask must be bool or float"));
-    }
-    let (q, k, v) = (&inputs[0], &inputs[1], &inputs[2]);
-    if q.rank() != 4 || k.rank() != 4 || v.rank() != 4 {
-        return Err(unsupported("q, k and v must have rank 4"));
-    }
-    if inputs.len() > 4 || inputs.get(3).is_some_and(|m| m.rank() > 4) {
-        return Err(unsupported("at most one mask of rank <= 4"));
-    }
-    let c = |d: &Dim, what: &str| {
-        d.as_const().map(|c| c as usize).ok_or_else(|| unsupported(&format!("{what} must be a constant")))
-    };
-    let (hq, hkv, d, dv) = (
-        c(&q.shape[1], "heads")?,
-        c(&k.shape[1], "kv heads")?,
-        c(&q.shape[3], "head dim")?,
-        c(&v.shape[3], "value dim")?,
-    );
-    if hkv == 0 || hq % hkv != 0 {
-        return Err(unsupported("query heads must be a multiple of kv heads"));
-    }
-    let spec = AttnSpec {
-        hq,
-        hkv,
-        d,
-        dv,
-        scale: *scale as f32,
-        causal: *causal,
-        window: *window,
-        softcap: softcap.map(|c| c as f32),
-        lanes: crate::templates::LANES,
-    };
+    let Op::Attention { causal, window, softcap, .. } = op else { unreachable!("called for attention") };
+    let spec = super::fused::attention_spec(op, inputs, crate::templates::LANES)?;
+    let (hq, hkv, d, dv) = (spec.hq, spec.hkv, spec.d, spec.dv);
+    let (q, k) = (&inputs[0], &inputs[1]);
     let mut name = format!("attention_h{hq}x{hkv}_d{d}");
     for (on, tag) in [(*causal, "_causal"), (window.is_some(), "_win"), (softcap.is_some(), "_cap")] {
         if on {
