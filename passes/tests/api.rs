@@ -125,3 +125,49 @@ func @g(%x: f32[seq, 4], %y: f32[seq, 4], %s: f32[4]) -> (out, side) {
     assert_eq!(report.len(), 4);
     assert!(report.iter().any(|r| r.ops.len() == 5 && r.ops.last().map(String::as_str) == Some("tanh")));
 }
+
+/// Measured kernel times decide between a gated MLP and its unfused
+/// spelling (two products and the elementwise ops between them): the
+/// faster measured alternative is extracted; unmeasured, the estimate
+/// prefers the fused op.
+#[test]
+fn measured_times_choose_fused_or_unfused() {
+    use smelt_passes::egraph::cost::MeasuredCosts;
+    let text = r#"
+func @mlp(%x: f32[seq, 8]) -> (y) {
+  %wg = weight name="wg" : f32[16, 8]
+  %wu = weight name="wu" : f32[16, 8]
+  %tg = transpose %wg perm=[1, 0] : f32[8, 16]
+  %tu = transpose %wu perm=[1, 0] : f32[8, 16]
+  %g = matmul %x, %tg : f32[seq, 16]
+  %s = sigmoid %g : f32[seq, 16]
+  %a = mul %g, %s : f32[seq, 16]
+  %u = matmul %x, %tu : f32[seq, 16]
+  %y = mul %a, %u : f32[seq, 16]
+  return y=%y
+}
+"#;
+    let fused_with = |measured: Option<MeasuredCosts>| {
+        let mut g = smelt_ir::text::parse(text).unwrap();
+        let opts = FusionOptions { measured: measured.map(std::sync::Arc::new), ..FusionOptions::default() };
+        smelt_passes::fuse(&mut g, &opts).unwrap();
+        smelt_ir::verify::verify(&g).unwrap();
+        let ops = smelt_passes::fuse::op_counts(&g);
+        (ops.get("gated_mlp").copied().unwrap_or(0), ops.get("matmul").copied().unwrap_or(0))
+    };
+    let times = |gated: f64, product: f64| {
+        let mut m = MeasuredCosts::default();
+        m.insert(MeasuredCosts::key("gated_mlp", 8, 16), gated);
+        m.insert(MeasuredCosts::key("matmul", 8, 16), product);
+        m
+    };
+    assert_eq!(fused_with(None), (1, 0));
+    // Fused 3 us against two products of 1 us: unfused is faster.
+    assert_eq!(fused_with(Some(times(3e-6, 1e-6))), (0, 2));
+    // Fused 1.5 us against two products of 1 us: fused is faster.
+    assert_eq!(fused_with(Some(times(1.5e-6, 1e-6))), (1, 0));
+    // Only the fused op measured: nothing to compare, the estimate decides.
+    let mut only = MeasuredCosts::default();
+    only.insert(MeasuredCosts::key("gated_mlp", 8, 16), 3e-6);
+    assert_eq!(fused_with(Some(only)), (1, 0));
+}

@@ -19,6 +19,7 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use clap::ValueEnum;
 use smelt_codegen::schedule::{schedule_into, ScheduleOptions, WeightDtype};
+use smelt_codegen::kir::Scalar;
 use smelt_codegen::tuning::{Site, Tuning};
 use smelt_ir::{Graph, StoredTensor};
 use smelt_passes::egraph::cost::MeasuredCosts;
@@ -104,9 +105,10 @@ pub struct TuningArgs {
 
 impl TuningArgs {
     /// The winners for this machine from the database, if one is used, and
-    /// their measured times for the fusion cost model; a damaged database
-    /// is a warning (on stderr) and an untuned compile.
-    pub fn load(&self) -> Option<(Arc<Tuning>, PathBuf, MeasuredCosts)> {
+    /// their measured times for the fusion cost model (of products whose
+    /// weights are stored as `weights`, as this compile stores them); a
+    /// damaged database is a warning (on stderr) and an untuned compile.
+    pub fn load(&self, weights: Scalar) -> Option<(Arc<Tuning>, PathBuf, MeasuredCosts)> {
         if self.no_tuning {
             return None;
         }
@@ -130,7 +132,10 @@ impl TuningArgs {
         // at), keyed as the cost model looks weight products up.
         let mut costs = MeasuredCosts::default();
         for r in database.records().filter(|r| r.key.device == device.id) {
-            if let Ok(Site::WeightProduct { n, k, act, .. }) = r.site.parse::<Site>() {
+            if let Ok(Site::WeightProduct { n, k, act, w }) = r.site.parse::<Site>() {
+                if w != weights {
+                    continue;
+                }
                 let op = if act.is_some() { "gated_mlp" } else { "matmul" };
                 costs.insert(MeasuredCosts::key(op, k as i64, n as i64), r.timings.iter().map(|t| t.seconds).sum());
             }
@@ -195,8 +200,9 @@ pub fn main(args: Args) -> Result<()> {
         }
     };
     phases.mark("load");
+    let weight_dtype = weight_dtype(args.weight_dtype, loaded.info.stored_dtype.as_deref());
     // Measured kernels of this machine (CPU kernels: only a cpu compile).
-    let tuning = if wants(Target::Cpu) { args.tuning.load() } else { None };
+    let tuning = if wants(Target::Cpu) { args.tuning.load(weight_dtype.scalar()) } else { None };
     let fusion = if args.no_fuse {
         None
     } else {
@@ -206,7 +212,6 @@ pub fn main(args: Args) -> Result<()> {
         Some(serde_json::to_value(&report.fusion)?)
     };
     phases.mark("passes");
-    let weight_dtype = weight_dtype(args.weight_dtype, loaded.info.stored_dtype.as_deref());
     // Constants files are written here as they are built, then moved into
     // the artifact; beside the output, so moving is a rename.
     let staging = staging_dir(&args.output)?;

@@ -294,7 +294,7 @@ fn table(reports: &[SiteReport], rows: &[usize]) -> String {
         "speedup"
     );
     for r in reports {
-        let name = r.job.site.label();
+        let name = if r.job.unfused { format!("{} (unfused)", r.job.site.label()) } else { r.job.site.label() };
         let head = format!("{name:<26} {:>6} {:>5.1}%", r.job.launches, 100.0 * r.share);
         match (&r.found, &r.error) {
             (Some(f), _) => {

@@ -62,6 +62,11 @@ pub struct Job {
     pub kernel: String,
     /// How many launches of one forward call run it.
     pub launches: usize,
+    /// A plain product the plan does not run: half of a gated site's
+    /// unfused spelling (`kernel` names the gated kernel), timed at its
+    /// default parameters only, so that the fusion cost model can weigh the
+    /// fused kernel against the products it replaces.
+    pub unfused: bool,
 }
 
 /// The distinct tunable kernels of a CPU plan (from each kernel's
@@ -80,9 +85,21 @@ pub fn jobs_of_plan(plan: &NativePlan) -> Vec<Job> {
         let Some(t) = &k.tuning else { continue };
         let Ok(site) = t.site.parse::<Site>() else { continue };
         let name = k.symbol.strip_prefix("smelt_").unwrap_or(&k.symbol).to_string();
-        by_site.entry(t.site.clone()).or_insert(Job { site, kernel: name, launches: 0 }).launches += count;
+        by_site.entry(t.site.clone()).or_insert(Job { site, kernel: name, launches: 0, unfused: false }).launches +=
+            count;
     }
-    by_site.into_values().filter(|j| j.launches > 0).collect()
+    let mut jobs: Vec<Job> = by_site.into_values().filter(|j| j.launches > 0).collect();
+    // Each gated site's plain product, when the plan has none of that shape.
+    let mut companions: Vec<Job> = vec![];
+    for j in &jobs {
+        let Site::WeightProduct { n, k, act: Some(_), w } = j.site else { continue };
+        let plain = Site::WeightProduct { n, k, act: None, w };
+        if !jobs.iter().chain(&companions).any(|o| o.site == plain) {
+            companions.push(Job { site: plain, kernel: j.kernel.clone(), launches: 2 * j.launches, unfused: true });
+        }
+    }
+    jobs.extend(companions);
+    jobs
 }
 
 /// The machine's limits, for roofline estimates.
@@ -147,7 +164,8 @@ impl Progress for Quiet {}
 
 /// Tunes `jobs` within `cfg.budget`: sites in order of estimated time,
 /// each given a slice of what is left in proportion to its share (so an
-/// early finish passes time on); each site's confirmed winner is
+/// early finish passes time on), then the companions (`Job::unfused`),
+/// each timed at its default once; each site's confirmed winner is
 /// committed to the database when the site is done, so interrupting a run
 /// keeps every finished site (the confirmation may run a few seconds past
 /// the budget). `seed` sees each site's bench before the search (tests
@@ -169,13 +187,16 @@ pub fn tune(
             (j, est, total)
         })
         .collect();
-    work.sort_by(|a, b| b.2.total_cmp(&a.2).then_with(|| a.0.kernel.cmp(&b.0.kernel)));
-    let all: f64 = work.iter().map(|w| w.2).sum::<f64>().max(1e-12);
+    // Companions (timed once, see `Job::unfused`) go last and take no share.
+    work.sort_by(|a, b| {
+        a.0.unfused.cmp(&b.0.unfused).then_with(|| b.2.total_cmp(&a.2)).then_with(|| a.0.kernel.cmp(&b.0.kernel))
+    });
+    let all: f64 = work.iter().filter(|w| !w.0.unfused).map(|w| w.2).sum::<f64>().max(1e-12);
     let mut left_share = 1.0;
     let count = work.len();
     let mut reports = vec![];
     for (i, (job, estimates, total)) in work.into_iter().enumerate() {
-        let share = total / all;
+        let share = if job.unfused { 0.0 } else { total / all };
         let now = Instant::now();
         let mut report = SiteReport {
             job: job.clone(),
@@ -185,14 +206,17 @@ pub fn tune(
             error: None,
             record: None,
         };
-        if now >= end {
+        // Companions are timed even when the budget is spent: one default
+        // evaluation each, a few seconds at most.
+        if now >= end && !job.unfused {
             reports.push(report);
             continue;
         }
         progress.site(i, count, &job);
         let slice = (end - now).mul_f64((share / left_share).clamp(0.0, 1.0));
         left_share -= share;
-        let deadline = (now + slice).min(end);
+        // A companion's deadline has passed: the search times its default.
+        let deadline = if job.unfused { now } else { (now + slice).min(end) };
         let mut bench = Bench::new(job.site, &cfg.rows, cfg.threads)?;
         seed(&mut bench);
         let space = job.site.space(&cfg.lowerings);

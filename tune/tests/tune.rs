@@ -26,7 +26,7 @@ fn config(db: Option<std::path::PathBuf>) -> Config {
 }
 
 fn job(site: Site) -> Job {
-    Job { site, kernel: "test".into(), launches: 3 }
+    Job { site, kernel: "test".into(), launches: 3, unfused: false }
 }
 
 /// The known optimum of [`cost`].
@@ -106,6 +106,28 @@ fn sites_are_visited_by_their_estimated_share_within_the_budget() {
     assert_eq!(reports[0].job.site, big);
     assert!(reports[0].share > reports[1].share);
     assert!(reports.iter().all(|r| r.found.is_none() && r.record.is_none()));
+}
+
+/// A gated site's plain product (its unfused spelling's kernel, which the
+/// fusion cost model weighs it against) goes after the plan's own sites,
+/// takes no share of the budget and is timed at its default only, even
+/// when the budget is spent.
+#[test]
+fn unfused_companions_are_timed_at_their_default_after_the_sites() {
+    let gated = Site::weight_product(16, 16, Some("silu"), Scalar::F32).unwrap();
+    let plain = Site::weight_product(16, 16, None, Scalar::F32).unwrap();
+    let mut cfg = config(None);
+    cfg.budget = Duration::ZERO;
+    let companion = Job { site: plain, kernel: "gated".into(), launches: 6, unfused: true };
+    let reports = tune(vec![companion, job(gated)], &cfg, &mut FnTimer(cost), &mut Quiet, |_| {}).unwrap();
+    assert_eq!(reports[0].job.site, gated);
+    assert!(reports[0].found.is_none(), "the budget is spent");
+    assert_eq!(reports[1].job.site, plain);
+    assert_eq!(reports[1].share, 0.0);
+    let f = reports[1].found.as_ref().expect("the companion is timed");
+    assert_eq!(f.best, f.default);
+    assert_eq!(f.best_times, vec![cost(&f.default, 1), cost(&f.default, 16)]);
+    assert!(reports[1].record.is_some());
 }
 
 #[test]
