@@ -1,8 +1,10 @@
 //! Scaled dot-product attention with an online softmax: one parallel
 //! iteration per query row `(batch, head, i)`, one pass over the visible
 //! keys keeping the running maximum `m`, the running sum `l` and the output
-//! accumulator (vectors over the value dim, rescaled only when the maximum
-//! grows). Sums accumulate in f32.
+//! accumulator (vectors over the value dim). Keys go in blocks of
+//! [`KEY_BLOCK`] (scored together, the maximum and the rescaling updated
+//! once per block), then one at a time for the rest (rescaled only when
+//! the maximum grows). Sums accumulate in f32.
 //!
 //! Visibility follows the reference: query `i` sits at `pos = skv - sq + i`;
 //! `causal` limits keys to `j <= pos`, a window `w` to `j > pos - w`, both
@@ -112,7 +114,8 @@ pub fn attention(
         let lanes = if s.lanes.is_power_of_two() && s.lanes >= LANES { s.lanes } else { LANES };
         let accs: Vec<(usize, u8, Var)> =
             chunks(dv, lanes).into_iter().map(|(o, w)| (o, w, b.let_("o", c(0.0, w)))).collect();
-        b.for_("j", lo, hi, 1, LoopKind::Serial, |b, j| {
+        // The masked, scaled score of key `j` (-inf where it is dropped).
+        let score_of = |b: &mut Builder, j: &Expr| -> Var {
             let kb = b.let_("kb", mul(add(Expr::Var(kvb), j.clone()), Expr::idx(d)));
             // q . k with two vector accumulators over the full-width
             // pieces of the static d; a narrower piece is reduced on its own.
@@ -158,6 +161,51 @@ pub fn attention(
                 };
                 b.assign(sc, masked);
             }
+            sc
+        };
+        // Adds key `j` with weight `p` (already relative to `m`).
+        let accumulate = |b: &mut Builder, j: &Expr, p: Var| {
+            b.assign(lsum, Expr::Var(lsum) + Expr::Var(p));
+            let vb = b.let_("vb", mul(add(Expr::Var(kvb), j.clone()), Expr::idx(dv)));
+            for (o, w, a) in &accs {
+                let vv = Expr::load(v, add(Expr::Var(vb), Expr::idx(*o)), *w);
+                b.assign(*a, widen(Expr::Var(p), *w).fma(vv, Expr::Var(*a)));
+            }
+        };
+        // Blocks of KEY_BLOCK keys: their scores are independent, so they
+        // are computed together (the dot products' latencies overlap), the
+        // running maximum moves once per block and each exponential is
+        // independent of the others. A block with no live key leaves the
+        // state as it is; `exp(-inf)` is 0, so dropped keys add nothing.
+        let blocks = b.let_("nblk", sym::div(max(sub(hi.clone(), lo.clone()), Expr::i64(0)), Expr::idx(KEY_BLOCK)));
+        b.for_("jb", Expr::idx(0), Expr::Var(blocks), 1, LoopKind::Serial, |b, jb| {
+            let j0 = b.let_("j0", add(lo.clone(), mul(jb, Expr::idx(KEY_BLOCK))));
+            let keys: Vec<Expr> = (0..KEY_BLOCK).map(|t| add(Expr::Var(j0), Expr::idx(t))).collect();
+            let scores: Vec<Var> = keys.iter().map(|j| score_of(b, j)).collect();
+            let top = scores.iter().fold(Expr::Var(m), |acc, s| acc.max(Expr::Var(*s)));
+            let mn = b.let_("mn", top);
+            b.if_(
+                Expr::Var(mn).cmp(CmpOp::Gt, Expr::f32(f32::NEG_INFINITY)),
+                |b| {
+                    let corr = b.let_("corr", (Expr::Var(m) - Expr::Var(mn)).exp());
+                    b.assign(lsum, Expr::Var(lsum) * Expr::Var(corr));
+                    for (_, w, a) in &accs {
+                        b.assign(*a, Expr::Var(*a) * widen(Expr::Var(corr), *w));
+                    }
+                    b.assign(m, Expr::Var(mn));
+                    let ps: Vec<Var> =
+                        scores.iter().map(|sc| b.let_("p", (Expr::Var(*sc) - Expr::Var(m)).exp())).collect();
+                    for (j, p) in keys.iter().zip(ps) {
+                        accumulate(b, j, p);
+                    }
+                },
+                |_| {},
+            );
+        });
+        // The keys after the last whole block, one at a time.
+        let tail = add(lo.clone(), mul(Expr::Var(blocks), Expr::idx(KEY_BLOCK)));
+        b.for_("j", tail, hi, 1, LoopKind::Serial, |b, j| {
+            let sc = score_of(b, &j);
             let live = Expr::Var(sc).cmp(CmpOp::Gt, Expr::f32(f32::NEG_INFINITY));
             b.if_(
                 live,
@@ -175,12 +223,7 @@ pub fn attention(
                         |_| {},
                     );
                     let p = b.let_("p", (Expr::Var(sc) - Expr::Var(m)).exp());
-                    b.assign(lsum, Expr::Var(lsum) + Expr::Var(p));
-                    let vb = b.let_("vb", mul(add(Expr::Var(kvb), j.clone()), Expr::idx(dv)));
-                    for (o, w, a) in &accs {
-                        let vv = Expr::load(v, add(Expr::Var(vb), Expr::idx(*o)), *w);
-                        b.assign(*a, widen(Expr::Var(p), *w).fma(vv, Expr::Var(*a)));
-                    }
+                    accumulate(b, &j, p);
                 },
                 |_| {},
             );
@@ -193,6 +236,9 @@ pub fn attention(
         }
     });
 }
+
+/// Keys scored together per step of the CPU kernel's main loop.
+const KEY_BLOCK: usize = 4;
 
 /// `0..n` as (offset, width) pieces: vectors of `lanes`, then one of
 /// [`LANES`] when `lanes` is wider and it fits, then scalars.
