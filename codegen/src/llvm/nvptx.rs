@@ -299,6 +299,13 @@ impl Lower<'_> {
                 args.push(self.expr(c)?);
             }
             let d = self.intrinsic(name, &[], &args)?;
+            // LLVM does not declare the MMA intrinsics convergent, so
+            // nothing would stop it from moving one into control flow that
+            // only some lanes take (where a use of `D` is conditional, as
+            // the edge stores are). Clang marks every call in CUDA code
+            // convergent; so does this call site.
+            let kind = LLVMGetEnumAttributeKindForName(c"convergent".as_ptr(), 10);
+            LLVMAddCallSiteAttribute(d, u32::MAX, LLVMCreateEnumAttribute(self.cx, kind, 0));
             for (i, v) in m.d.iter().enumerate() {
                 self.set(*v, LLVMBuildExtractValue(self.b, d, i as u32, NONE));
             }
