@@ -3,7 +3,8 @@
 //! each shuffle kind on each type, `f32x4` and `bf16x8` vector loads,
 //! narrow stores, every unary and binary op including the libm ones,
 //! casts, selects, comparisons, horizontal reductions, nested loops of
-//! each kind) are first run in the interpreter's GPU mode against plain
+//! each kind, tensor-core MMAs of both types from shared and global
+//! memory) are first run in the interpreter's GPU mode against plain
 //! Rust references, then emitted as PTX for sm_80, sm_90 and sm_90a and
 //! assembled by `ptxas` (skipped, saying why, when no ptxas is found).
 //!
@@ -784,8 +785,134 @@ fn loops() -> Case {
     }
 }
 
+/// Tensor-core MMAs (`m16n8k16`, f32 accumulation), two warps per block
+/// and two blocks, each warp its own tile: a bf16 one with `A` staged in
+/// shared memory (padded rows) and `B` from global memory, and an f16 one
+/// the other way round, each accumulating onto a `C` read from memory.
+fn mma() -> Case {
+    let (warps, blocks) = (2usize, 2usize);
+    let tiles = warps * blocks;
+    let mut b = Builder::new("gpu_mma");
+    let a_bf = global(&mut b, "a_bf16", Scalar::BF16, tiles * 256, Access::Read);
+    let b_bf = global(&mut b, "b_bf16", Scalar::BF16, tiles * 128, Access::Read);
+    let a_h = global(&mut b, "a_f16", Scalar::F16, tiles * 256, Access::Read);
+    let b_h = global(&mut b, "b_f16", Scalar::F16, tiles * 128, Access::Read);
+    let cin = b.input("c", tiles * 128);
+    let y_bf = b.output("y_bf16", tiles * 128);
+    let y_h = b.output("y_f16", tiles * 128);
+    let (lda, ldb) = (24usize, 24usize);
+    let sa = b.buffer("a_tile", Scalar::BF16, warps * 16 * lda, Space::Shared, Access::Write);
+    let sb = b.buffer("b_tile", Scalar::F16, warps * 8 * ldb, Space::Shared, Access::Write);
+    let tx = b.let_("t", t(0));
+    let w = b.let_("w", v(tx) / Expr::idx(32));
+    let lane = b.let_("lane", v(tx) % Expr::idx(32));
+    let tile = b.let_("tile", Expr::Special(Special::BlockIdx(0)) * Expr::idx(warps) + v(w));
+    // Each lane copies 8 elements of its warp's A (bf16) and 4 of its B (f16).
+    for i in 0..8 {
+        let e = b.let_("e", v(lane) * Expr::idx(8) + Expr::idx(i));
+        let (r, c) = (v(e) / Expr::idx(16), v(e) % Expr::idx(16));
+        let val = Expr::load(a_bf, v(tile) * Expr::idx(256) + v(e), 1);
+        b.store(sa, (v(w) * Expr::idx(16) + r) * Expr::idx(lda) + c, val);
+    }
+    b.for_("i", Expr::idx(0), Expr::idx(4), 1, LoopKind::Serial, |b, i| {
+        let e = b.let_("e", v(lane) * Expr::idx(4) + i);
+        let (r, c) = (v(e) / Expr::idx(16), v(e) % Expr::idx(16));
+        let val = Expr::load(b_h, v(tile) * Expr::idx(128) + v(e), 1);
+        b.store(sb, (v(w) * Expr::idx(8) + r) * Expr::idx(ldb) + c, val);
+    });
+    b.barrier();
+    let g = b.let_("g", v(lane) / Expr::idx(4));
+    let tq = b.let_("tq", v(lane) % Expr::idx(4));
+    // Fragment indices in a row-major A (stride lda) and a [n][k] B
+    // (stride ldb), from the PTX ISA's m16n8k16 layout.
+    let a_at = |base: Expr, ld: usize| {
+        [0usize, 1, 2, 3].map(|r| {
+            base.clone()
+                + (v(g) + Expr::idx(8 * (r % 2))) * Expr::idx(ld)
+                + v(tq) * Expr::idx(2)
+                + Expr::idx(8 * (r / 2))
+        })
+    };
+    let b_at = |base: Expr, ld: usize| {
+        [0usize, 1].map(|r| base.clone() + v(g) * Expr::idx(ld) + v(tq) * Expr::idx(2) + Expr::idx(8 * r))
+    };
+    let cell = |e: usize| {
+        v(tile) * Expr::idx(128)
+            + (v(g) + Expr::idx(8 * (e / 2))) * Expr::idx(8)
+            + v(tq) * Expr::idx(2)
+            + Expr::idx(e % 2)
+    };
+    let c = [0usize, 1, 2, 3].map(|e| Expr::load(cin, cell(e), 1));
+    let d1 = [(); 4].map(|_| b.var("d_bf16", Ty::F32));
+    b.mma(Mma {
+        elem: Scalar::BF16,
+        d: d1,
+        a: sa,
+        a_at: a_at(v(w) * Expr::idx(16 * lda), lda),
+        b: b_bf,
+        b_at: b_at(v(tile) * Expr::idx(128), 16),
+        c: c.clone(),
+    });
+    let d2 = [(); 4].map(|_| b.var("d_f16", Ty::F32));
+    b.mma(Mma {
+        elem: Scalar::F16,
+        d: d2,
+        a: a_h,
+        a_at: a_at(v(tile) * Expr::idx(256), 16),
+        b: sb,
+        b_at: b_at(v(w) * Expr::idx(8 * ldb), ldb),
+        c,
+    });
+    for e in 0..4 {
+        b.store(y_bf, cell(e), v(d1[e]));
+        b.store(y_h, cell(e), v(d2[e]));
+    }
+    launch(&mut b, [(warps * 32) as u32, 1, 1], [blocks, 1, 1]);
+    let abf: Vec<bf16> = rand(tiles * 256, 31).iter().map(|x| bf16::from_f32(*x)).collect();
+    let bbf: Vec<bf16> = rand(tiles * 128, 32).iter().map(|x| bf16::from_f32(*x)).collect();
+    let ah: Vec<f16> = rand(tiles * 256, 33).iter().map(|x| f16::from_f32(*x)).collect();
+    let bh: Vec<f16> = rand(tiles * 128, 34).iter().map(|x| f16::from_f32(*x)).collect();
+    let cs = rand(tiles * 128, 35);
+    // D = A · B + C per tile, B given [n][k]; in f64, rounded once.
+    let matmul = |a: &dyn Fn(usize) -> f64, b: &dyn Fn(usize) -> f64| -> Vec<f32> {
+        let mut out = vec![0f32; tiles * 128];
+        for tl in 0..tiles {
+            for r in 0..16 {
+                for n in 0..8 {
+                    let s: f64 = (0..16).map(|k| a(tl * 256 + r * 16 + k) * b(tl * 128 + n * 16 + k)).sum();
+                    out[tl * 128 + r * 8 + n] = (s + cs[tl * 128 + r * 8 + n] as f64) as f32;
+                }
+            }
+        }
+        out
+    };
+    let want_bf = matmul(&|i| abf[i].to_f64(), &|i| bbf[i].to_f64());
+    let want_h = matmul(&|i| ah[i].to_f64(), &|i| bh[i].to_f64());
+    let bufs = vec![
+        BufData::BF16(abf.clone()),
+        BufData::BF16(bbf.clone()),
+        BufData::F16(ah.clone()),
+        BufData::F16(bh.clone()),
+        BufData::F32(cs.clone()),
+        BufData::zeros(Scalar::F32, tiles * 128),
+        BufData::zeros(Scalar::F32, tiles * 128),
+    ];
+    let want = vec![
+        BufData::BF16(abf),
+        BufData::BF16(bbf),
+        BufData::F16(ah),
+        BufData::F16(bh),
+        BufData::F32(cs),
+        BufData::F32(want_bf),
+        BufData::F32(want_h),
+    ];
+    // The interpreter rounds the f64 sum once; tensor cores sum in f32
+    // with their own order and truncation (values here are below 16).
+    Case { kernel: b.finish().unwrap(), grid: [blocks, 1, 1], scalars: vec![], bufs, want, tol: 0.0, gpu_tol: 1e-5 }
+}
+
 fn cases() -> Vec<Case> {
-    vec![specials(), block_reduce(), shuffles(), vectors_and_narrow(), unary(), binary(), loops()]
+    vec![specials(), block_reduce(), shuffles(), vectors_and_narrow(), unary(), binary(), loops(), mma()]
 }
 
 // ----- checking -----
@@ -849,7 +976,7 @@ fn kernels_match_rust_references_in_the_gpu_interpreter() {
 fn every_op_and_construct_is_covered() {
     let cs = cases();
     let text: String = cs.iter().map(|c| c.kernel.to_string()).collect();
-    for s in ["shuffle_xor", "shuffle_down", "shuffle_idx", "barrier"] {
+    for s in ["shuffle_xor", "shuffle_down", "shuffle_idx", "barrier", "mma_m16n8k16_bf16", "mma_m16n8k16_f16"] {
         assert!(text.contains(s), "no `{s}` in the kernels:\n{text}");
     }
     let mut seen = std::collections::HashSet::new();
@@ -885,6 +1012,7 @@ fn every_op_and_construct_is_covered() {
                         walk(els, seen)
                     }
                     Stmt::Shuffle { value, .. } => e(value),
+                    Stmt::Mma(m) => m.exprs().for_each(e),
                     Stmt::Barrier => {}
                 }
             }
@@ -973,6 +1101,8 @@ fn check_ptx_text(ptx: &str, arch: GpuArch, kernels: &[Kernel]) {
         "%ctaid.y",
         "%ntid.z",
         "%nctaid.z",
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32",
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32",
     ] {
         assert!(ptx.contains(want), "{arch}: no `{want}` in the PTX");
     }
@@ -1152,4 +1282,95 @@ fn unpromised_vector_loads_are_split() {
             ptxas::check(&ptx, arch.name()).unwrap_or_else(|e| panic!("{arch}: {e}"));
         }
     }
+}
+
+/// The tensor-core GEMM as the GPU weight product uses it (bf16 and f16
+/// weights, plain, gated and with bias/residual epilogues, default
+/// parameters, alone and behind the run-time GEMV/GEMM branch) emits
+/// `mma.sync` for every architecture and assembles without spills (at
+/// most 16 bytes on sm_80). `-- --nocapture` prints each kernel's registers and shared memory.
+#[test]
+fn tensor_core_gemm_ptx_passes_ptxas() {
+    use smelt_codegen::templates::gpu::{gemm_tc, weight_product, TcParams, WeightOp, WeightProductParams};
+    use smelt_codegen::templates::matmul_dyn::Act;
+    let silu = |elem| WeightOp { bias: true, residual: true, ..WeightOp::gated(elem, Act::Silu) };
+    let mut kernels = vec![];
+    for (op, n, k) in [(WeightOp::plain(Scalar::BF16), 4096, 4096), (silu(Scalar::F16), 14336, 4096)] {
+        let mut b = Builder::new(&format!("gemm_tc_{}", op.describe()));
+        let m = b.scalar_param("m");
+        gemm_tc::gemm_tc(&mut b, m, &op, n, k, &TcParams::DEFAULT).unwrap();
+        kernels.push(b.finish().unwrap());
+    }
+    let ops = [(WeightOp::plain(Scalar::F16), 896, 896), (WeightOp::gated(Scalar::BF16, Act::Silu), 4864, 896)];
+    for (op, n, k) in ops {
+        let mut b = Builder::new(&format!("weight_product_{}", op.describe()));
+        let m = b.scalar_param("m");
+        weight_product(&mut b, m, &op, n, k, &WeightProductParams::for_shape(&op, n, k)).unwrap();
+        kernels.push(b.finish().unwrap());
+    }
+    let ptxas = ptxas::find_ptxas();
+    if ptxas.is_none() {
+        eprintln!("SKIPPED the ptxas part: {}", ptxas::PtxasError::NotFound);
+    }
+    let mut spills = vec![];
+    for arch in GpuArch::all() {
+        let ptx = emit_ptx(&kernels, arch).unwrap_or_else(|e| panic!("{arch}: {e}"));
+        if let Some(dir) = std::env::var_os("SMELT_TC_DUMP") {
+            std::fs::write(std::path::Path::new(&dir).join(format!("tc_{}.ptx", arch.name())), &ptx).unwrap();
+        }
+        for t in ["bf16.bf16", "f16.f16"] {
+            let want = format!("mma.sync.aligned.m16n8k16.row.col.f32.{t}.f32");
+            assert!(ptx.contains(&want), "{arch}: no `{want}` in the PTX");
+        }
+        let Some(p) = &ptxas else { continue };
+        let report = ptxas::check_with(p, &ptx, arch.name()).unwrap_or_else(|e| panic!("{arch}: {e}"));
+        for k in &kernels {
+            let sym = smelt_codegen::aot::symbol_of(k);
+            let f =
+                report.kernel(&sym).unwrap_or_else(|| panic!("{arch}: ptxas said nothing of {sym}:\n{}", report.log));
+            eprintln!(
+                "{arch} {sym}: {} registers, {} B spill stores, {} B spill loads, {} B stack, {} B shared",
+                f.registers, f.spill_store_bytes, f.spill_load_bytes, f.stack_frame_bytes, f.shared_bytes
+            );
+            spills.push((arch, sym.clone(), f.spill_store_bytes + f.spill_load_bytes));
+        }
+    }
+    // As for the attention kernels: ptxas for sm_80 caps the combined
+    // weight product (GEMV and GEMM paths) at 64 registers and spills a
+    // few bytes there; sm_90 and sm_90a must not spill at all.
+    let bad: Vec<_> = spills.iter().filter(|(arch, _, b)| *b > 0 && !(*arch == GpuArch::Sm80 && *b <= 16)).collect();
+    assert!(bad.is_empty(), "spills: {bad:?}");
+}
+
+/// The host lowerings (LLVM and Cranelift) refuse an MMA with a typed
+/// error naming it.
+#[test]
+fn host_lowerings_refuse_mma() {
+    let mut b = Builder::new("host_mma");
+    let a = global(&mut b, "a", Scalar::BF16, 256, Access::Read);
+    let w = global(&mut b, "w", Scalar::BF16, 128, Access::Read);
+    let y = b.output("y", 4);
+    let d = [(); 4].map(|_| b.var("d", Ty::F32));
+    let at = |i: usize| Expr::idx(2 * i);
+    b.mma(Mma {
+        elem: Scalar::BF16,
+        d,
+        a,
+        a_at: [0, 1, 2, 3].map(at),
+        b: w,
+        b_at: [0, 1].map(at),
+        c: [(); 4].map(|_| Expr::f32(0.0)),
+    });
+    for (i, dv) in d.iter().enumerate() {
+        b.store(y, Expr::idx(i), v(*dv));
+    }
+    let k = b.finish().unwrap();
+    let err = smelt_codegen::llvm::emit_object(std::slice::from_ref(&k), "host_mma").unwrap_err();
+    assert!(matches!(err, LlvmError::Unsupported { .. }) && err.to_string().contains("tensor-core mma"), "{err}");
+    let err = smelt_codegen::cranelift::JitKernel::compile(&k).map(|_| ()).unwrap_err();
+    assert!(
+        matches!(err, smelt_codegen::cranelift::CompileError::Unsupported { .. })
+            && err.to_string().contains("tensor-core mma"),
+        "{err}"
+    );
 }

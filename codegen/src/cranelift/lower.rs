@@ -115,6 +115,7 @@ fn libm_calls(k: &Kernel) -> Vec<&'static str> {
                     expr(value, out);
                     expr(arg, out);
                 }
+                Stmt::Mma(m) => m.exprs().for_each(|e| expr(e, out)),
             }
         }
     }
@@ -295,6 +296,7 @@ impl Lower<'_, '_> {
             }
             Stmt::Barrier => return Err(unsupported(self.k, "barriers".into())),
             Stmt::Shuffle { .. } => return Err(unsupported(self.k, "warp shuffles".into())),
+            Stmt::Mma(_) => return Err(unsupported(self.k, "tensor-core mma".into())),
         }
         Ok(())
     }

@@ -22,7 +22,8 @@
 //! manipulation (no F16C needed); a store rounds to nearest even as the
 //! `half` crate does, NaNs included.
 //!
-//! GPU constructs (thread indices, barriers, shuffles, shared buffers) are
+//! GPU constructs (thread indices, barriers, shuffles, tensor-core MMAs,
+//! shared buffers) are
 //! rejected with [`CompileError::Unsupported`].
 
 mod jit;

@@ -13,7 +13,9 @@
 //!   therefore deterministic, and a barrier reached by some threads while
 //!   others finish is reported as divergence. Warp shuffles synchronise the
 //!   whole block (publish, barrier, read, barrier), so every thread of the
-//!   block must execute the same shuffles.
+//!   block must execute the same shuffles. A tensor-core [`Mma`] is
+//!   simulated the same way: every lane publishes its fragments, and each
+//!   computes its part of `D` from its warp's 32 fragments.
 //!
 //! Every buffer access is bounds-checked; errors name the kernel and the
 //! statement.
@@ -428,6 +430,78 @@ impl<'a, 'm> Thread<'a, 'm> {
                 self.sync(Status::Barrier)?;
                 self.vars[dst.0 as usize] = Some(y);
             }
+            Stmt::Mma(m) => self.mma(m)?,
+        }
+        Ok(())
+    }
+
+    /// One warp-wide `m16n8k16` MMA (see [`Mma`] for the fragment layout
+    /// and the precision).
+    fn mma(&mut self, m: &Mma) -> Result<(), String> {
+        let (me, n) = match self.ctx {
+            Ctx::Gpu { me, n, .. } => (me, n),
+            Ctx::Cpu { .. } => return Err("mma in CPU mode".into()),
+        };
+        let base = me - me % 32;
+        if base + 32 > n {
+            return Err(format!("mma in a warp of {} threads (32 needed)", n - base));
+        }
+        // This lane's fragments: A's 8 elements, B's 4, then C's 4.
+        let mut mine = Vec::with_capacity(16);
+        let regs = m.a_at.iter().map(|e| (m.a, e)).chain(m.b_at.iter().map(|e| (m.b, e)));
+        for (buf, at) in regs {
+            let i = self.eval(at)?.i64()?;
+            if i % 2 != 0 {
+                return Err(format!("mma fragment at odd index {i} of `{}`", self.k.buf(buf).name));
+            }
+            for j in [i, i + 1] {
+                match self.load(buf, j, 1)? {
+                    Val::F(x) => mine.push(x),
+                    other => return Err(format!("mma fragment element {other:?}")),
+                }
+            }
+        }
+        for c in &m.c {
+            match self.eval(c)? {
+                Val::F(x) => mine.push(x),
+                other => return Err(format!("mma accumulator {other:?}")),
+            }
+        }
+        self.slots()[me] = Some(Val::VF(mine));
+        self.sync(Status::Barrier)?;
+        let mut a = [[0f64; 16]; 16];
+        let mut b = [[0f64; 8]; 16];
+        let mut c = [[0f64; 8]; 16];
+        for lane in 0..32 {
+            let Some(Val::VF(f)) = &self.slots()[base + lane] else {
+                return Err(format!("mma: lane {lane} published no fragments"));
+            };
+            let (g, t) = (lane / 4, lane % 4);
+            for j in 0..4 {
+                let (row, col) = (g + 8 * (j % 2), 2 * t + 8 * (j / 2));
+                a[row][col] = f[2 * j] as f64;
+                a[row][col + 1] = f[2 * j + 1] as f64;
+            }
+            for j in 0..2 {
+                let k = 2 * t + 8 * j;
+                b[k][g] = f[8 + 2 * j] as f64;
+                b[k + 1][g] = f[8 + 2 * j + 1] as f64;
+            }
+            for i in 0..4 {
+                c[g + 8 * (i / 2)][2 * t + i % 2] = f[12 + i] as f64;
+            }
+        }
+        let lane = me % 32;
+        let (g, t) = (lane / 4, lane % 4);
+        let d: Vec<f32> = (0..4)
+            .map(|i| {
+                let (row, col) = (g + 8 * (i / 2), 2 * t + i % 2);
+                (c[row][col] + (0..16).map(|k| a[row][k] * b[k][col]).sum::<f64>()) as f32
+            })
+            .collect();
+        self.sync(Status::Barrier)?;
+        for (v, x) in m.d.iter().zip(d) {
+            self.vars[v.0 as usize] = Some(Val::F(x));
         }
         Ok(())
     }

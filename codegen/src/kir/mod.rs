@@ -15,8 +15,9 @@
 //! - A `Parallel` loop promises that its iterations touch disjoint output
 //!   elements. On a CPU the outermost parallel loop on a path is split into
 //!   contiguous chunks, one per thread of the team; inner ones run serially.
-//! - Thread/block indices, barriers, shared buffers and warp shuffles are GPU
-//!   concepts; the CPU lowering rejects them, the interpreter simulates them.
+//! - Thread/block indices, barriers, shared buffers, warp shuffles and
+//!   tensor-core MMAs ([`Mma`]) are GPU concepts; the CPU lowerings reject
+//!   them, the interpreter simulates them.
 
 pub mod interp;
 pub mod libm;
@@ -291,6 +292,56 @@ pub enum Stmt {
         value: Expr,
         arg: Expr,
     },
+    /// One warp-wide tensor-core matrix multiply-accumulate (see [`Mma`]).
+    /// Boxed: it is far larger than the other statements.
+    Mma(Box<Mma>),
+}
+
+/// `D = A · B + C` for one `16 x 8 x 16` tile, computed collectively by the
+/// 32 lanes of a warp (PTX `mma.sync.aligned.m16n8k16.row.col.f32.T.T.f32`
+/// with `T` = `bf16` or `f16`): `A` is `16 x 16` (rows `m`, columns `k`),
+/// `B` is `16 x 8` (`k` by `n`), `C` and `D` are `16 x 8` in `f32`.
+///
+/// Each lane holds a fragment of every matrix, as the PTX ISA lays them out
+/// ("Matrix Fragments for mma.m16n8k16 with floating point type"), with
+/// `g = lane / 4` and `t = lane % 4`:
+/// - `A`: four registers of two consecutive-`k` elements; register `j`
+///   holds `A[g + 8 (j % 2)][2t + 8 (j / 2) + {0, 1}]`;
+/// - `B`: two registers of two consecutive-`k` elements; register `j`
+///   holds `B[2t + 8j + {0, 1}][g]`;
+/// - `C`, `D`: four `f32`; element `i` is `[g + 8 (i / 2)][2t + i % 2]`.
+///
+/// A register of `A` or `B` is read from memory: the elements `at` and
+/// `at + 1` of its buffer, whose element type must be `elem`, with `at`
+/// even (a 4-byte aligned pair). So the statement is a fragment load and
+/// the MMA at once; a template that reuses a fragment repeats the index
+/// and the lowering's CSE merges the loads (the MMA touches no memory).
+/// `C` is four `f32` expressions and `D` four `f32` variables.
+///
+/// Every lane of the warp must execute the statement with the warp's 32
+/// threads present (the interpreter checks both; the hardware hangs or
+/// gives undefined results). Precision: products are exact (bf16 and f16
+/// have at most 11 significant bits); the interpreter adds them and `C` in
+/// f64 and rounds once to f32, while tensor cores sum in their own order
+/// with their own internal rounding, so the two agree to a few f32 ulps
+/// of the sum of the terms' magnitudes, not bitwise.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Mma {
+    /// The multiplicands' element type: `BF16` or `F16`.
+    pub elem: Scalar,
+    pub d: [Var; 4],
+    pub a: BufId,
+    pub a_at: [Expr; 4],
+    pub b: BufId,
+    pub b_at: [Expr; 2],
+    pub c: [Expr; 4],
+}
+
+impl Mma {
+    /// Every expression of the statement: `A`'s indices, `B`'s, then `C`.
+    pub fn exprs(&self) -> impl Iterator<Item = &Expr> {
+        self.a_at.iter().chain(&self.b_at).chain(&self.c)
+    }
 }
 
 /// A complete kernel. Build one with [`Builder`].
@@ -362,7 +413,7 @@ impl Kernel {
         }
         fn stmts(s: &[Stmt]) -> bool {
             s.iter().any(|s| match s {
-                Stmt::Barrier | Stmt::Shuffle { .. } => true,
+                Stmt::Barrier | Stmt::Shuffle { .. } | Stmt::Mma(_) => true,
                 Stmt::Assign(_, e) => expr(e),
                 Stmt::Store { index, value, .. } => expr(index) || expr(value),
                 Stmt::For(l) => expr(&l.start) || expr(&l.end) || stmts(&l.body),
@@ -588,7 +639,36 @@ impl Kernel {
                         return Err(err("shuffle of mismatched types".into()));
                     }
                 }
+                Stmt::Mma(m) => self.verify_mma(m).map_err(err)?,
             }
+        }
+        Ok(())
+    }
+}
+
+impl Kernel {
+    fn verify_mma(&self, m: &Mma) -> Result<(), String> {
+        if !m.elem.is_narrow_float() {
+            return Err(format!("mma of {:?} (bf16 or f16 expected)", m.elem));
+        }
+        for (buf, what) in [(m.a, "A"), (m.b, "B")] {
+            let d = self.buffers.get(buf.0 as usize).ok_or("unknown buffer")?;
+            if d.elem != m.elem {
+                return Err(format!("mma {what} from `{}` of {:?}, not {:?}", d.name, d.elem, m.elem));
+            }
+        }
+        for e in m.a_at.iter().chain(&m.b_at) {
+            if self.type_of(e)? != Ty::I64 {
+                return Err("mma fragment index is not i64".into());
+            }
+        }
+        for e in &m.c {
+            if self.type_of(e)? != Ty::F32 {
+                return Err("mma accumulator C is not f32".into());
+            }
+        }
+        if m.d.iter().any(|v| self.vars.get(v.0 as usize).map(|d| d.ty) != Some(Ty::F32)) {
+            return Err("mma result D must be four f32 variables".into());
         }
         Ok(())
     }
@@ -859,6 +939,11 @@ impl Builder {
 
     pub fn shuffle(&mut self, dst: Var, kind: ShuffleKind, value: Expr, arg: Expr) {
         self.push(Stmt::Shuffle { dst, kind, value, arg });
+    }
+
+    /// A warp-wide tensor-core MMA (see [`Mma`]).
+    pub fn mma(&mut self, m: Mma) {
+        self.push(Stmt::Mma(Box::new(m)));
     }
 
     /// `for name in (start..end).step_by(step)`; the body gets the loop variable.

@@ -142,6 +142,20 @@ fn stmt(k: &Kernel, s: &Stmt, depth: usize, out: &mut String) {
             expr(k, value),
             expr(k, arg)
         )),
+        Stmt::Mma(m) => {
+            let list = |es: &[Expr]| es.iter().map(|e| expr(k, e)).collect::<Vec<_>>().join(", ");
+            let d: Vec<String> = m.d.iter().map(|v| var(k, *v)).collect();
+            out.push_str(&format!(
+                "{pad}{} = mma_m16n8k16_{}(a: {}[{}], b: {}[{}], c: {})\n",
+                d.join(", "),
+                ty(Ty::scalar(m.elem)),
+                buf(k, m.a),
+                list(&m.a_at),
+                buf(k, m.b),
+                list(&m.b_at),
+                list(&m.c)
+            ))
+        }
     }
 }
 

@@ -314,7 +314,7 @@ impl Lower<'_> {
         unsafe { LLVMBuildInBoundsGEP2(self.b, elem, base, idx.as_mut_ptr(), 1, NONE) }
     }
 
-    fn addr(&mut self, buf: kir::BufId, index: &Expr) -> R<LLVMValueRef> {
+    pub(super) fn addr(&mut self, buf: kir::BufId, index: &Expr) -> R<LLVMValueRef> {
         let base = self.bufs[buf.0 as usize].ok_or_else(|| unsupported(self.k, "shared buffers".into()))?;
         let i = self.expr(index)?;
         Ok(self.gep(self.mem_ty(self.k.buf(buf).elem), base, i))
@@ -570,6 +570,10 @@ impl Lower<'_> {
                 let y = self.shuffle_lanes(*kind, x, a)?;
                 self.set(*dst, y);
             }
+            Stmt::Mma(m) => {
+                self.gpu_only("tensor-core mma")?;
+                self.mma(m)?;
+            }
         }
         Ok(())
     }
@@ -740,7 +744,7 @@ impl Lower<'_> {
         self.k.type_of(e).map_err(|m| backend(self.k, m))
     }
 
-    fn expr(&mut self, e: &Expr) -> R<LLVMValueRef> {
+    pub(super) fn expr(&mut self, e: &Expr) -> R<LLVMValueRef> {
         let t = self.kty(e)?;
         let b = self.b;
         let lanes = self.lanes(t.lanes);

@@ -17,7 +17,10 @@
 //! `shfl.sync` over the full warp (mask `0xffffffff`, clamp 31), `i64`
 //! values as two 32-bit halves and bools as 32-bit integers; shared
 //! buffers are module globals in the shared space (16-byte aligned, one per
-//! buffer); a `Parallel` loop is an ordinary loop (GPU kernels distribute
+//! buffer); a tensor-core [`crate::kir::Mma`] is the NVVM intrinsic
+//! `llvm.nvvm.mma.m16n8k16.row.col.bf16` (`i32` fragments) or
+//! `...row.col.f32.f32` (`<2 x half>` fragments), each fragment register
+//! one 4-byte load of its element pair; a `Parallel` loop is an ordinary loop (GPU kernels distribute
 //! work with thread and block indices themselves). The libm functions are
 //! built from IR (`math`), since no libdevice exists at build time; `exp`
 //! and `tanh` are the host's polynomials, `sqrt` is `sqrt.rn`, division
@@ -34,11 +37,13 @@
 //!   interpreter gives missing lanes' reads the reader's own value; the
 //!   hardware gives undefined values);
 //! - every thread of a block reaches the same barriers (the interpreter
-//!   checks this one).
+//!   checks this one);
+//! - an MMA's fragment indices are even (4-byte aligned pairs; the
+//!   interpreter checks this) and all 32 lanes of the warp execute it.
 
 use super::lower::{backend, unsupported, Lower, NONE, R};
 use super::LlvmError;
-use crate::kir::{Access, Kernel, ShuffleKind, Space, Special};
+use crate::kir::{Access, Kernel, Mma, Scalar, ShuffleKind, Space, Special};
 use inkwell::llvm_sys::core::*;
 use inkwell::llvm_sys::prelude::*;
 use inkwell::llvm_sys::{LLVMIntPredicate as IP, LLVMLinkage, LLVMTypeKind};
@@ -269,5 +274,42 @@ impl Lower<'_> {
             let inside = LLVMBuildICmp(b, IP::LLVMIntULT, arg, LLVMConstInt(i64t, 32, 0), NONE);
             Ok(self.select(inside, y, x))
         }
+    }
+
+    /// `D = A · B + C` on the tensor cores (see [`Mma`]): each fragment
+    /// register is one 32-bit load of its element pair.
+    pub(super) fn mma(&mut self, m: &Mma) -> R<()> {
+        unsafe {
+            let (name, reg) = match m.elem {
+                Scalar::BF16 => ("llvm.nvvm.mma.m16n8k16.row.col.bf16", LLVMInt32TypeInContext(self.cx)),
+                Scalar::F16 => {
+                    ("llvm.nvvm.mma.m16n8k16.row.col.f32.f32", LLVMVectorType(LLVMHalfTypeInContext(self.cx), 2))
+                }
+                other => return Err(unsupported(self.k, format!("an mma of {other:?}"))),
+            };
+            let mut args = vec![];
+            let regs = m.a_at.iter().map(|e| (m.a, e)).chain(m.b_at.iter().map(|e| (m.b, e)));
+            for (buf, at) in regs {
+                let addr = self.addr(buf, at)?;
+                let x = LLVMBuildLoad2(self.b, reg, addr, NONE);
+                LLVMSetAlignment(x, 4);
+                args.push(x);
+            }
+            for c in &m.c {
+                args.push(self.expr(c)?);
+            }
+            let d = self.intrinsic(name, &[], &args)?;
+            // LLVM does not declare the MMA intrinsics convergent, so
+            // nothing would stop it from moving one into control flow that
+            // only some lanes take (where a use of `D` is conditional, as
+            // the edge stores are). Clang marks every call in CUDA code
+            // convergent; so does this call site.
+            let kind = LLVMGetEnumAttributeKindForName(c"convergent".as_ptr(), 10);
+            LLVMAddCallSiteAttribute(d, u32::MAX, LLVMCreateEnumAttribute(self.cx, kind, 0));
+            for (i, v) in m.d.iter().enumerate() {
+                self.set(*v, LLVMBuildExtractValue(self.b, d, i as u32, NONE));
+            }
+        }
+        Ok(())
     }
 }

@@ -205,6 +205,7 @@ fn reads_outside(k: &Kernel, l: &Loop, v: Var) -> bool {
             Stmt::If { cond, then, els } => expr(cond, v) || stmts(then, l, v) || stmts(els, l, v),
             Stmt::Barrier => false,
             Stmt::Shuffle { value, arg, .. } => expr(value, v) || expr(arg, v),
+            Stmt::Mma(m) => m.exprs().any(|e| expr(e, v)),
         })
     }
     stmts(&k.body, l, v)

@@ -8,7 +8,9 @@
 //! rows `m`), the weight(s) `[n, k]` in their element type, then the result
 //! `[.., n]`; their only possible scalar parameter is `m`. A symbolic `m`
 //! (decode and prefill share the kernel) gives one kernel that runs the
-//! GEMV for `m <= 32` and the tiled GEMM above, on a constant grid; a
+//! GEMV for `m <= 32` and the tiled GEMM above (on tensor cores for bf16
+//! and f16 weights, which rounds the activations to the weights' type for
+//! the products), on a constant grid; a
 //! constant `m` gives just the one that fits (see
 //! [`crate::templates::gpu::weight_product`]).
 //!
@@ -91,8 +93,8 @@ pub fn weight_product_gpu(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::templates::gpu::weight_testing::check;
-    use crate::templates::gpu::{GemmParams, GemvParams};
+    use crate::templates::gpu::weight_testing::check_product;
+    use crate::templates::gpu::{GemmParams, GemvParams, TcParams};
 
     fn ty(dims: &[&str]) -> TensorType {
         TensorType::new(DType::F32, dims.iter().map(|d| d.parse().unwrap()).collect())
@@ -122,8 +124,13 @@ mod tests {
         let inst = weight_matmul_gpu(&ty(&["1", "3", "64"]), 100, 64, Scalar::BF16).unwrap();
         assert!(inst.scalars.is_empty());
         assert_eq!(inst.kernel.grid(&[]).unwrap().unwrap(), [7, 1, 1]);
+        // 200 rows of bf16 weights: the tensor-core GEMM's 128x64 tiles.
         let inst = weight_matmul_gpu(&ty(&["2", "100", "64"]), 100, 64, Scalar::BF16).unwrap();
+        assert_eq!(inst.kernel.grid(&[]).unwrap().unwrap(), [2, 2, 1]);
+        assert!(inst.kernel.to_string().contains("mma_m16n8k16_bf16"));
+        let inst = weight_matmul_gpu(&ty(&["2", "100", "64"]), 100, 64, Scalar::F32).unwrap();
         assert_eq!(inst.kernel.grid(&[]).unwrap().unwrap(), [2, 4, 1]);
+        assert!(!inst.kernel.to_string().contains("mma"));
     }
 
     /// Instances with small blocks run in the interpreter: a symbolic `m`
@@ -133,16 +140,19 @@ mod tests {
         let params = WeightProductParams {
             gemv: GemvParams { groups: 1, warps_per_group: 1, rows_per_group: 2, unroll: 1, m_tile: 2 },
             gemm: GemmParams { bm: 8, bn: 8, bk: 8, tm: 2, tn: 1 },
+            tc: TcParams { bm: 16, bn: 8, bk: 16, wm: 16, wn: 8 },
             gemv_max_m: 2,
             blocks: 2,
         };
         let op = WeightOp::gated(Scalar::BF16, Act::Gelu);
         let inst = weight_product_gpu(&ty(&["batch", "seq", "24"]), 3, 24, &op, &params).unwrap();
         for m in [2, 5] {
-            check(&inst.kernel, &op, m, 3, 24);
+            check_product(&inst.kernel, &op, &params, m, 3, 24);
         }
         let op = WeightOp::plain(Scalar::F32);
         let inst = weight_product_gpu(&ty(&["2", "24"]), 3, 24, &op, &params).unwrap();
-        check(&inst.kernel, &op, 2, 3, 24);
+        check_product(&inst.kernel, &op, &params, 2, 3, 24);
+        let inst = weight_product_gpu(&ty(&["5", "24"]), 3, 24, &op, &params).unwrap();
+        check_product(&inst.kernel, &op, &params, 5, 3, 24);
     }
 }

@@ -279,6 +279,7 @@ fn exprs(stmts: &[Stmt], f: &mut impl FnMut(&Expr)) {
             value.visit(f);
             arg.visit(f);
         }
+        Stmt::Mma(m) => m.exprs().for_each(|e| e.visit(f)),
         Stmt::Barrier => {}
     })
 }
@@ -294,6 +295,7 @@ fn count(stmts: &[Stmt], v: Var) -> usize {
     let mut n = 0;
     walk(stmts, &mut |s| match s {
         Stmt::Assign(x, _) | Stmt::Shuffle { dst: x, .. } if *x == v => n += 1,
+        Stmt::Mma(m) => n += m.d.iter().filter(|d| **d == v).count(),
         Stmt::For(l) if l.var == v => n += 1,
         _ => {}
     });
@@ -387,6 +389,7 @@ fn private(k: &Kernel, l: &Loop) -> bool {
     let mut assigned = vec![l.var];
     walk(&l.body, &mut |s| match s {
         Stmt::Assign(v, _) | Stmt::Shuffle { dst: v, .. } => assigned.push(*v),
+        Stmt::Mma(m) => assigned.extend(m.d),
         Stmt::For(inner) => assigned.push(inner.var),
         _ => {}
     });

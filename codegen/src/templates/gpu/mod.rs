@@ -7,7 +7,14 @@
 //! ([`WeightOp`], [`declare`]), the epilogue, the vector width, and the one
 //! kernel the scheduler uses for a symbolic number of rows
 //! ([`weight_product`]), which branches at run time between [`gemv`] (decode)
-//! and [`gemm`] (prefill).
+//! and a GEMM (prefill): the tensor-core [`gemm_tc`] for bf16 and f16
+//! weights, the SIMT [`gemm`] for f32 weights.
+//!
+//! **Precision of the prefill path with bf16/f16 weights:** the tensor
+//! cores multiply bf16/f16 operands, so there the activations are rounded
+//! to the weights' element type (to nearest even) before the products
+//! (f32 accumulation); the GEMV path and f32 weights keep f32 activations
+//! (f32 weights promise 1e-3 logits, which rounding `x` would break).
 //!
 //! Conventions of these templates, which the GPU lowering may rely on:
 //! - global buffers: activations `x [m, k]` (f32), the weights `[n, k]`
@@ -28,6 +35,7 @@
 pub mod attention;
 pub mod concat;
 pub mod gemm;
+pub mod gemm_tc;
 pub mod gemv;
 pub mod gpuize;
 pub mod norm;
@@ -41,6 +49,7 @@ use crate::kir::{Access, BufId, Builder, CmpOp, Expr, Scalar, Space, Special};
 use crate::templates::matmul_dyn::Act;
 use crate::templates::sym::{as_const, ceil_div, mul};
 pub use gemm::GemmParams;
+pub use gemm_tc::TcParams;
 pub use gemv::GemvParams;
 
 /// Streaming multiprocessors of the target (an H200 has 132); sizes the
@@ -195,6 +204,8 @@ pub(crate) fn lane(e: Expr, i: u8, lanes: u8) -> Expr {
 pub struct WeightProductParams {
     pub gemv: GemvParams,
     pub gemm: GemmParams,
+    /// The tensor-core GEMM, which replaces `gemm` for bf16/f16 weights.
+    pub tc: TcParams,
     /// Up to this many rows the GEMV path runs, above it the tiled GEMM.
     pub gemv_max_m: usize,
     /// Blocks in the (constant, one-dimensional) grid; both paths walk
@@ -227,7 +238,7 @@ impl WeightProductParams {
             gemv.groups /= 2;
         }
         let blocks = gemv.blocks(n).max(4 * SMS);
-        WeightProductParams { gemv, gemm, gemv_max_m: 32, blocks }
+        WeightProductParams { gemv, gemm, tc: TcParams::DEFAULT, gemv_max_m: 32, blocks }
     }
 }
 
@@ -254,24 +265,37 @@ pub fn weight_product(
 ) -> Result<(), String> {
     op.check(n, k)?;
     p.gemv.check()?;
-    p.gemm.check()?;
+    let tc = gemm_tc::supports(op);
+    if tc {
+        p.tc.check()?;
+    } else {
+        p.gemm.check()?;
+    }
     if let Some(mc) = as_const(&m) {
         return if mc <= p.gemv_max_m as i64 {
             gemv::gemv(b, m, op, n, k, &p.gemv)
+        } else if tc {
+            gemm_tc::gemm_tc(b, m, op, n, k, &p.tc)
         } else {
             gemm::gemm(b, m, op, n, k, &p.gemm)
         };
     }
     let threads = p.gemv.threads();
-    if threads != p.gemm.threads() {
-        return Err(format!("the GEMV uses {threads} threads per block and the GEMM {}", p.gemm.threads()));
+    let gemm_threads = if tc { p.tc.threads() } else { p.gemm.threads() };
+    if threads != gemm_threads {
+        return Err(format!("the GEMV uses {threads} threads per block and the GEMM {gemm_threads}"));
     }
     if p.blocks == 0 {
         return Err("a grid of 0 blocks".into());
     }
     let o = declare(b, op, &m, n, k);
     let red = gemv::shared(b, op, &p.gemv);
-    let tiles = gemm::shared(b, op, &p.gemm);
+    // Only the GEMM that runs gets shared tiles.
+    enum Tiles {
+        Simt(gemm::Tiles),
+        Tc(gemm_tc::Tiles),
+    }
+    let tiles = if tc { Tiles::Tc(gemm_tc::shared(b, op, &p.tc)) } else { Tiles::Simt(gemm::shared(b, op, &p.gemm)) };
     b.gpu_launch([threads as u32, 1, 1], [Expr::idx(p.blocks), Expr::idx(1), Expr::idx(1)]);
     b.promise_aligned_vectors();
     let small = m.clone().cmp(CmpOp::Le, Expr::idx(p.gemv_max_m));
@@ -279,13 +303,16 @@ pub fn weight_product(
         small,
         |b| gemv::body(b, &o, op, &m, n, k, &p.gemv, p.blocks, red),
         |b| {
-            let (bm, bn) = (p.gemm.bm, p.gemm.bn);
+            let (bm, bn) = if tc { (p.tc.bm, p.tc.bn) } else { (p.gemm.bm, p.gemm.bn) };
             let cols = n.div_ceil(bn);
             let count = mul(ceil_div(m.clone(), bm), Expr::idx(cols));
             b.for_("tile", block_x(), count, p.blocks as i64, crate::kir::LoopKind::Serial, |b, t| {
                 let m0 = t.clone() / Expr::idx(cols) * Expr::idx(bm);
                 let n0 = t % Expr::idx(cols) * Expr::idx(bn);
-                gemm::tile(b, &o, op, &m, n, k, &p.gemm, &tiles, m0, n0);
+                match &tiles {
+                    Tiles::Tc(tiles) => gemm_tc::tile(b, &o, op, &m, n, k, &p.tc, tiles, m0, n0),
+                    Tiles::Simt(tiles) => gemm::tile(b, &o, op, &m, n, k, &p.gemm, tiles, m0, n0),
+                }
             });
         },
     );
@@ -353,9 +380,30 @@ pub(crate) mod weight_testing {
     /// scalar is `m`) on deterministic inputs of `m x k` by `n x k` and
     /// checks every output against the f64 reference.
     pub fn check(kernel: &Kernel, op: &WeightOp, m: usize, n: usize, k: usize) {
+        check_impl(kernel, op, m, n, k, false)
+    }
+
+    /// [`check`] for a kernel that rounds `x` to the weights' type before
+    /// its products (the tensor-core path): the reference rounds `x` too,
+    /// so the products are exact and only the f32 sums differ, and the
+    /// same tolerance holds.
+    pub fn check_rounded(kernel: &Kernel, op: &WeightOp, m: usize, n: usize, k: usize) {
+        check_impl(kernel, op, m, n, k, true)
+    }
+
+    /// [`check`] or [`check_rounded`], as `weight_product` with `p` runs
+    /// `m` rows of `op`.
+    pub fn check_product(kernel: &Kernel, op: &WeightOp, p: &WeightProductParams, m: usize, n: usize, k: usize) {
+        let rounded = m > p.gemv_max_m && super::gemm_tc::supports(op);
+        check_impl(kernel, op, m, n, k, rounded)
+    }
+
+    fn check_impl(kernel: &Kernel, op: &WeightOp, m: usize, n: usize, k: usize, rounded: bool) {
         let what = format!("{} (m={m}, n={n}, k={k})", kernel.name);
         let seed = (m * 1000 + n * 10 + k) as u64;
         let x = rand(m * k, seed);
+        // The activations as the products see them.
+        let xr: Vec<f32> = if rounded { weights(op.w_elem, &x).0 } else { x.clone() };
         let mut bufs = vec![BufData::F32(x.clone())];
         let mut ws = vec![];
         for i in 0..op.weights() {
@@ -389,7 +437,7 @@ pub(crate) mod weight_testing {
                     .map(|wi| {
                         let (mut s, mut a) = (0.0f64, 0.0f64);
                         for p in 0..k {
-                            let t = x[i * k + p] as f64 * ws[wi][j * k + p] as f64;
+                            let t = xr[i * k + p] as f64 * ws[wi][j * k + p] as f64;
                             s += t;
                             a += t.abs();
                         }
@@ -425,7 +473,7 @@ pub(crate) mod weight_testing {
 
 #[cfg(test)]
 mod tests {
-    use super::weight_testing::check;
+    use super::weight_testing::check_product;
     use super::*;
 
     fn kernel(op: &WeightOp, n: usize, k: usize, p: &WeightProductParams) -> crate::kir::Kernel {
@@ -435,21 +483,31 @@ mod tests {
         b.finish().unwrap()
     }
 
-    /// Small blocks (64 threads: 2 groups of 1 warp, or a 16x16 tile of 2x2)
-    /// and 3 blocks, so the grid-stride loops of both paths take several
-    /// steps; m = 2 and 5 take the GEMV path, 17 and 70 the tiled one.
+    /// Small blocks (64 threads: 2 groups of 1 warp, a 16x16 tile of 2x2,
+    /// or 2 warps of 16x16 MMA tiles) and 3 blocks, so the grid-stride loops
+    /// of every path take several steps; m = 2 and 5 take the GEMV path, 17
+    /// and 70 the tiled one (tensor cores for the bf16 and f16 weights).
     #[test]
     fn gpu_weight_product_branches_on_m() {
         let p = WeightProductParams {
             gemv: GemvParams { groups: 2, warps_per_group: 1, rows_per_group: 2, unroll: 2, m_tile: 2 },
             gemm: GemmParams { bm: 16, bn: 16, bk: 8, tm: 2, tn: 2 },
+            tc: TcParams { bm: 32, bn: 16, bk: 16, wm: 16, wn: 16 },
             gemv_max_m: 5,
             blocks: 3,
         };
         let plain = WeightOp::plain(Scalar::BF16);
         let gated = WeightOp { bias: true, residual: true, ..WeightOp::gated(Scalar::F32, Act::Silu) };
-        for (op, m, n, k) in [(plain, 2, 7, 40), (plain, 17, 33, 24), (gated, 5, 7, 24), (gated, 70, 3, 7)] {
-            check(&kernel(&op, n, k, &p), &op, m, n, k);
+        let gated16 = WeightOp { bias: true, ..WeightOp::gated(Scalar::F16, Act::Silu) };
+        for (op, m, n, k) in [
+            (plain, 2, 7, 40),
+            (plain, 17, 33, 24),
+            (plain, 70, 37, 40),
+            (gated, 5, 7, 24),
+            (gated, 70, 3, 7),
+            (gated16, 17, 37, 52),
+        ] {
+            check_product(&kernel(&op, n, k, &p), &op, &p, m, n, k);
         }
     }
 
