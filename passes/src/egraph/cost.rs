@@ -210,6 +210,9 @@ fn dag_uses(eg: &EGraph, choice: &Choice, roots: &[Id]) -> HashMap<Id, usize> {
 /// alternative; a gated MLP's unfused spelling is three levels deep.
 const MEASURED_DEPTH: usize = 6;
 
+/// The most nodes one alternative's walk visits.
+const WALK_BUDGET: usize = 256;
+
 /// The measured seconds of `node` and what it computes below it down to
 /// the `inputs` (classes its alternatives share), each class counted once
 /// (`visited`), with the count of measured kernels among them; `None` when
@@ -221,7 +224,12 @@ fn measured_subtree(
     node: &ENode,
     depth: usize,
     visited: &mut HashSet<Id>,
+    budget: &mut usize,
 ) -> Option<(f64, usize)> {
+    // Saturated classes hold many spellings; a walk that would visit more
+    // than its budget of nodes gives up (no measured time) rather than
+    // slow the compile down.
+    *budget = budget.checked_sub(1)?;
     let Some((kind, operands, _)) = node.split_op() else { return Some((0.0, 0)) };
     // A graph input or weight, or computed once when the model is loaded.
     if kind.info().category == Category::Declared
@@ -244,7 +252,7 @@ fn measured_subtree(
         let mut best: Option<((f64, usize), HashSet<Id>)> = None;
         for n in &eg[ch].nodes {
             let mut seen = visited.clone();
-            if let Some(t) = measured_subtree(eg, m, inputs, n, depth - 1, &mut seen) {
+            if let Some(t) = measured_subtree(eg, m, inputs, n, depth - 1, &mut seen, budget) {
                 if best.as_ref().is_none_or(|(b, _)| t.0 < b.0) {
                     best = Some((t, seen));
                 }
@@ -267,7 +275,12 @@ fn measured_alternatives(eg: &EGraph, m: &MeasuredCosts) -> HashMap<Id, Vec<Opti
         return out;
     }
     for c in eg.classes() {
-        if c.nodes.iter().filter(|n| matches!(n, ENode::Op(..))).count() < 2 {
+        // Only a class with a measured product among its own nodes can
+        // have measured alternatives worth comparing (and this keeps the
+        // walks few).
+        if c.nodes.iter().filter(|n| matches!(n, ENode::Op(..))).count() < 2
+            || !c.nodes.iter().any(|n| m.of(eg, n).is_some())
+        {
             continue;
         }
         let cid = eg.find(c.id);
@@ -279,7 +292,8 @@ fn measured_alternatives(eg: &EGraph, m: &MeasuredCosts) -> HashMap<Id, Vec<Opti
                 let mut inputs: HashSet<Id> =
                     c.nodes.iter().enumerate().filter(|(j, _)| *j != i).flat_map(|(_, o)| o.children_ids()).map(|x| eg.find(*x)).collect();
                 inputs.insert(cid);
-                match measured_subtree(eg, m, &inputs, n, MEASURED_DEPTH, &mut HashSet::new()) {
+                let mut budget = WALK_BUDGET;
+                match measured_subtree(eg, m, &inputs, n, MEASURED_DEPTH, &mut HashSet::new(), &mut budget) {
                     Some((t, found)) if found > 0 && t > 0.0 => Some(t),
                     _ => None,
                 }
