@@ -818,6 +818,7 @@ pub fn flash(
     let out = b.output("out", mul(mul(bh.clone(), sq.clone()), Expr::idx(s.dv)));
     b.gpu_launch([p.threads, 1, 1], [bh, ceil_div(sq.clone(), p.rows), Expr::i64(1)]);
     b.promise_aligned_vectors();
+    b.min_blocks_per_sm(1);
     flash_body(b, s, &o, out, &sq, &skv, p);
     Ok(())
 }
@@ -922,7 +923,12 @@ fn flash_body(b: &mut Builder, s: &AttnSpec, o: &Operands, out: BufId, sq: &Expr
         b.barrier();
 
         // 1. Scores of this thread's rows against its keys tcol + c * tc.
-        let dots: Vec<Vec<Var>> = (0..l.ra).map(|_| (0..l.kc).map(|_| b.let_("dot", zeros(wk))).collect()).collect();
+        // The dot products accumulate lane by lane into the scalar scores
+        // (a GPU has no vector FMA, and vector accumulators would hold four
+        // times the registers).
+        for x in sc.iter().flatten() {
+            b.assign(*x, Expr::f32(0.0));
+        }
         b.for_("cv", Expr::i64(0), Expr::idx(d / wk), 1, LoopKind::Serial, |b, cv| {
             let col = mul(cv, Expr::idx(wk));
             let qv: Vec<Var> = (0..l.ra)
@@ -931,11 +937,16 @@ fn flash_body(b: &mut Builder, s: &AttnSpec, o: &Operands, out: BufId, sq: &Expr
                     b.let_("qv", Expr::load(sh_q, add(mul(r, Expr::idx(l.qs)), col.clone()), wk as u8))
                 })
                 .collect();
+            let lane =
+                |v: Var, e: usize| if wk > 1 { Expr::Extract(Box::new(Expr::Var(v)), e as u8) } else { Expr::Var(v) };
             for c in 0..l.kc {
                 let kr = add(Expr::Var(tcol), Expr::idx(c * tc));
                 let kv = b.let_("kv", Expr::load(sh_kv, add(mul(kr, Expr::idx(l.ks)), col.clone()), wk as u8));
-                for a in 0..l.ra {
-                    b.assign(dots[a][c], Expr::Var(qv[a]).fma(Expr::Var(kv), Expr::Var(dots[a][c])));
+                for e in 0..wk {
+                    for a in 0..l.ra {
+                        let x = sc[a][c];
+                        b.assign(x, lane(qv[a], e).fma(lane(kv, e), Expr::Var(x)));
+                    }
                 }
             }
         });
@@ -943,22 +954,12 @@ fn flash_body(b: &mut Builder, s: &AttnSpec, o: &Operands, out: BufId, sq: &Expr
             let j = b.let_("j", add(Expr::Var(j0), add(Expr::Var(tcol), Expr::idx(c * tc))));
             for (a, (_, lo, hi, moff)) in rows.iter().enumerate() {
                 let x = sc[a][c];
-                b.assign(x, neg_inf());
                 let seen = Expr::select(
                     Expr::Var(j).cmp(CmpOp::Ge, Expr::Var(*lo)),
                     Expr::Var(j).lt(Expr::Var(*hi)),
                     Expr::Bool(false),
                 );
-                b.if_(
-                    seen,
-                    |b| {
-                        let full =
-                            if wk > 1 { Expr::Var(dots[a][c]).hreduce(RedOp::Add) } else { Expr::Var(dots[a][c]) };
-                        b.assign(x, full);
-                        o.finish_score(b, s, x, moff.map(Expr::Var), Expr::Var(j));
-                    },
-                    |_| {},
-                );
+                b.if_(seen, |b| o.finish_score(b, s, x, moff.map(Expr::Var), Expr::Var(j)), |b| b.assign(x, neg_inf()));
             }
         }
 
@@ -1072,6 +1073,9 @@ pub fn combine(
     let out = b.output("out", mul(mul(bh.clone(), sq.clone()), Expr::idx(dv)));
     b.gpu_launch([f.threads, 1, 1], [bh, ceil_div(sq.clone(), f.rows), Expr::i64(1)]);
     b.promise_aligned_vectors();
+    // The flash branch holds its accumulators and scores in registers:
+    // without this ptxas trades a few of them for occupancy and spills.
+    b.min_blocks_per_sm(1);
     // Groups of threads take the block's rows in turn; thread f0 of a group
     // owns the row's value vectors f0, f0 + per, ...
     let vl = ValueLayout::new(dv, f.threads as usize);
