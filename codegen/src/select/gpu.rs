@@ -9,8 +9,9 @@
 //! combined, with a scratch buffer: [`Selected::Steps`]; for prefill the
 //! second launch runs flash attention, a block per tile of query rows),
 //! rope, concat and kv_append (a thread per element). Every other op gets
-//! the CPU kernel `select` picks, turned into a GPU kernel by `templates::gpu::gpuize` (bitwise the CPU results);
-//! aliases pass through unchanged.
+//! the CPU kernel `select` picks, turned into a GPU kernel by
+//! `templates::gpu::gpuize` (bitwise the CPU results); aliases pass through
+//! unchanged.
 //!
 //! Weight matmuls and the gated MLP are not here: they get the GPU matmul
 //! templates; asked for them, this falls back to the gpuized CPU kernel,
