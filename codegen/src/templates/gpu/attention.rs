@@ -943,17 +943,16 @@ fn flash_body(b: &mut Builder, s: &AttnSpec, o: &Operands, out: BufId, sq: &Expr
                 let kr = add(Expr::Var(tcol), Expr::idx(c * tc));
                 let kv = b.let_("kv", Expr::load(sh_kv, add(mul(kr, Expr::idx(l.ks)), col.clone()), wk as u8));
                 for e in 0..wk {
-                    for a in 0..l.ra {
-                        let x = sc[a][c];
-                        b.assign(x, lane(qv[a], e).fma(lane(kv, e), Expr::Var(x)));
+                    for (row, q) in sc.iter().zip(&qv) {
+                        b.assign(row[c], lane(*q, e).fma(lane(kv, e), Expr::Var(row[c])));
                     }
                 }
             }
         });
         for c in 0..l.kc {
             let j = b.let_("j", add(Expr::Var(j0), add(Expr::Var(tcol), Expr::idx(c * tc))));
-            for (a, (_, lo, hi, moff)) in rows.iter().enumerate() {
-                let x = sc[a][c];
+            for (row, (_, lo, hi, moff)) in sc.iter().zip(&rows) {
+                let x = row[c];
                 let seen = Expr::select(
                     Expr::Var(j).cmp(CmpOp::Ge, Expr::Var(*lo)),
                     Expr::Var(j).lt(Expr::Var(*hi)),
@@ -968,8 +967,8 @@ fn flash_body(b: &mut Builder, s: &AttnSpec, o: &Operands, out: BufId, sq: &Expr
         // new running maximum, and the weights into shared memory.
         for a in 0..l.ra {
             let tmax = b.let_("tmax", neg_inf());
-            for c in 0..l.kc {
-                b.assign(tmax, Expr::Var(tmax).max(Expr::Var(sc[a][c])));
+            for x in &sc[a] {
+                b.assign(tmax, Expr::Var(tmax).max(Expr::Var(*x)));
             }
             let mut off = 1;
             while off < tc {
@@ -984,8 +983,7 @@ fn flash_body(b: &mut Builder, s: &AttnSpec, o: &Operands, out: BufId, sq: &Expr
             b.assign(m[a], Expr::Var(m_new));
             let tsum = b.let_("tsum", Expr::f32(0.0));
             let prow = mul(add(Expr::Var(trow), Expr::idx(a * l.tr)), Expr::idx(l.ps));
-            for c in 0..l.kc {
-                let x = sc[a][c];
+            for (c, &x) in sc[a].iter().enumerate() {
                 let live = Expr::Var(x).cmp(CmpOp::Gt, neg_inf());
                 let pw = b.let_("pw", Expr::select(live, (Expr::Var(x) - Expr::Var(m_new)).exp(), Expr::f32(0.0)));
                 b.assign(tsum, Expr::Var(tsum) + Expr::Var(pw));
