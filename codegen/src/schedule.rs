@@ -1128,7 +1128,10 @@ func @attn(%q: f32[batch, 4, seq, 8], %k: f32[batch, 2, past + seq, 8], %v: f32[
         // Small blocks for the interpreter: 4 splits per kv head, 32
         // threads, up to 2 queries.
         let gpu = select::GpuConfig {
-            attention_threads: 16,
+            attention_threads: 32,
+            flash_rows: 16,
+            flash_keys: 8,
+            flash_row_threads: 4,
             split_threads: 32,
             split_blocks: 8,
             split_max_queries: 2,

@@ -1130,6 +1130,39 @@ fn cpu_kernels_and_bad_names_are_rejected() {
     assert!(err.contains("two kernels are named `gpu_specials`"), "{err}");
 }
 
+/// A launch that asks for a minimum of resident blocks gets
+/// `.minnctapersm` after its `.maxntid`; one that does not gets none (ptxas
+/// then chooses its register budget itself).
+#[test]
+fn min_blocks_per_sm_becomes_minnctapersm() {
+    let kernel = |name: &str, min: Option<u32>| {
+        let mut b = Builder::new(name);
+        let y = b.output("y", 256);
+        launch(&mut b, [128, 1, 1], [2, 1, 1]);
+        if let Some(n) = min {
+            b.min_blocks_per_sm(n);
+        }
+        let g = gid_x(&mut b);
+        b.store(y, Expr::Var(g), Expr::f32(1.0));
+        b.finish().unwrap()
+    };
+    let (with, without) = (kernel("bounded", Some(1)), kernel("free", None));
+    assert_eq!(with.gpu.as_ref().unwrap().min_blocks_per_sm, Some(1));
+    for arch in GpuArch::all() {
+        let ptx = emit_ptx(&[with.clone(), without.clone()], arch).unwrap_or_else(|e| panic!("{arch}: {e}"));
+        let entry = |k: &Kernel| {
+            let at = ptx.find(&format!(".entry {}(", smelt_codegen::aot::symbol_of(k))).unwrap();
+            let body = &ptx[at..];
+            body[..body.find('{').unwrap()].to_string()
+        };
+        assert!(entry(&with).contains(".minnctapersm 1"), "{arch}: {}", entry(&with));
+        assert!(!entry(&without).contains(".minnctapersm"), "{arch}: {}", entry(&without));
+        if let Some(p) = ptxas::find_ptxas() {
+            ptxas::check_with(&p, &ptx, arch.name()).unwrap_or_else(|e| panic!("{arch}: {e}"));
+        }
+    }
+}
+
 #[test]
 fn ptxas_reports_broken_ptx() {
     let Some(p) = ptxas::find_ptxas() else {

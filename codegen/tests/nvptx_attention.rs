@@ -1,11 +1,11 @@
 //! The GPU attention kernels `select_gpu` picks for real decoders' shapes
-//! (default `GpuConfig`: split keys for decode, the combine kernel, which
-//! also runs the rows for prefill), emitted as PTX for sm_80, sm_90 and
-//! sm_90a and assembled by `ptxas` (skipped, saying why, when none is
-//! found): no spills on sm_90/sm_90a (at most 16 bytes on sm_80), static
-//! shared memory within 48 KiB and at least what the kernels declare. Prints
-//! each kernel's registers, spills and shared memory, and the grids of a
-//! batch-1 decode step. `cargo test -p smelt-codegen --features llvm --test
+//! and a few odd head dims (default `GpuConfig`: split keys for decode, the
+//! combine kernel, which runs flash attention for prefill), emitted as PTX
+//! for sm_80, sm_90 and sm_90a and assembled by `ptxas` (skipped, saying
+//! why, when none is found): no spills on sm_90/sm_90a (at most 16 bytes on
+//! sm_80), static shared memory within 48 KiB and at least what the kernels
+//! declare. Prints each kernel's registers, spills and shared memory, the
+//! grids of a batch-1 decode step and of a 512-token prefill. `cargo test -p smelt-codegen --features llvm --test
 //! nvptx_attention -- --nocapture` shows them.
 #![cfg(feature = "llvm")]
 
@@ -29,6 +29,11 @@ fn shapes() -> Vec<(&'static str, usize, usize, usize, Op, bool)> {
         ("llama3.1-8b", 32, 8, 128, causal(128, None, None), false),
         ("qwen2.5-0.5b", 14, 2, 64, causal(64, None, None), false),
         ("gemma2-2b", 8, 4, 256, causal(256, Some(4096), Some(50.0)), false),
+        ("phi3-mini", 32, 32, 96, causal(96, None, None), false),
+        // Odd head dims: their combine (flash) kernels only.
+        ("d24 4:2", 4, 2, 24, causal(24, None, None), false),
+        ("d40 3:1+mask", 3, 1, 40, causal(40, Some(64), None), true),
+        ("d80 2:1", 2, 1, 80, causal(80, None, None), false),
     ]
 }
 
@@ -77,7 +82,10 @@ fn split_attention_ptx_passes_ptxas() {
                 st[1].kernel.gpu.as_ref().unwrap().block[0],
             );
         }
-        kernels.extend(st.into_iter().map(|i| i.kernel));
+        let g = grid(&st[1], &[("batch", 1), ("seq", 512), ("past", 0)]);
+        eprintln!("{model} prefill, 512 queries: {} grid {g:?}", st[1].kernel.name);
+        let flash_only = model.starts_with("d");
+        kernels.extend(st.into_iter().skip(usize::from(flash_only)).map(|i| i.kernel));
     }
     let ptxas = ptxas::find_ptxas();
     if ptxas.is_none() {

@@ -370,6 +370,12 @@ pub struct GpuLaunch {
     /// lowering emit 16-byte loads. Kernels made from CPU ones (`gpuize`)
     /// do not promise it, and their vector accesses are split.
     pub aligned_vectors: bool,
+    /// At least this many blocks should fit on a multiprocessor at once
+    /// (CUDA's second `__launch_bounds__` argument). Without it `ptxas`
+    /// picks its own register budget for the block size and may spill to
+    /// keep more blocks resident; a kernel that wants its registers (a
+    /// compute-bound one with tiles in registers) asks for 1.
+    pub min_blocks_per_sm: Option<u32>,
 }
 
 impl Kernel {
@@ -922,7 +928,7 @@ impl Builder {
     /// Makes this a GPU kernel launched with `block` threads per block and
     /// `grid` blocks.
     pub fn gpu_launch(&mut self, block: [u32; 3], grid: [Expr; 3]) {
-        self.kernel.gpu = Some(GpuLaunch { block, grid, aligned_vectors: false });
+        self.kernel.gpu = Some(GpuLaunch { block, grid, aligned_vectors: false, min_blocks_per_sm: None });
     }
 
     /// Records the promise of [`GpuLaunch::aligned_vectors`] (after
@@ -930,6 +936,13 @@ impl Builder {
     pub fn promise_aligned_vectors(&mut self) {
         if let Some(g) = &mut self.kernel.gpu {
             g.aligned_vectors = true;
+        }
+    }
+
+    /// Records [`GpuLaunch::min_blocks_per_sm`] (after [`Builder::gpu_launch`]).
+    pub fn min_blocks_per_sm(&mut self, n: u32) {
+        if let Some(g) = &mut self.kernel.gpu {
+            g.min_blocks_per_sm = Some(n);
         }
     }
 

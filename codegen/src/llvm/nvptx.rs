@@ -8,7 +8,8 @@
 //! (read-only ones `noalias readonly`, so loads may use the non-coherent
 //! cache: the runtime never passes an input that aliases an output), then
 //! each scalar parameter as an `i64`. The block is `maxntid` (the KIR
-//! launch's block); the grid is the caller's business. LLVM 22 needs both
+//! launch's block), with `minnctapersm` when the launch asks for a minimum
+//! of resident blocks; the grid is the caller's business. LLVM 22 needs both
 //! the `ptx_kernel` calling convention and the `nvvm.annotations` kernel
 //! metadata to emit a `.entry`.
 //!
@@ -155,15 +156,20 @@ pub(super) unsafe fn declare_entry(k: &Kernel, cx: LLVMContextRef, m: LLVMModule
         }
     }
     if let Some(g) = &k.gpu {
-        let (key, value) = ("nvvm.maxntid", format!("{},{},{}", g.block[0], g.block[1], g.block[2]));
-        let a = LLVMCreateStringAttribute(
-            cx,
-            key.as_ptr().cast(),
-            key.len() as u32,
-            value.as_ptr().cast(),
-            value.len() as u32,
-        );
-        LLVMAddAttributeAtIndex(f, u32::MAX, a);
+        let mut attrs = vec![("nvvm.maxntid", format!("{},{},{}", g.block[0], g.block[1], g.block[2]))];
+        if let Some(n) = g.min_blocks_per_sm {
+            attrs.push(("nvvm.minctasm", n.to_string()));
+        }
+        for (key, value) in attrs {
+            let a = LLVMCreateStringAttribute(
+                cx,
+                key.as_ptr().cast(),
+                key.len() as u32,
+                value.as_ptr().cast(),
+                value.len() as u32,
+            );
+            LLVMAddAttributeAtIndex(f, u32::MAX, a);
+        }
     }
     // !nvvm.annotations = !{!{ptr @f, !"kernel", i32 1}}
     let mut md = [

@@ -6,10 +6,12 @@
 //! per CPU iteration would be badly slow: the norms (a row per warp or
 //! block), last-axis softmax (likewise), attention (for decode two
 //! launches, keys split over blocks per GQA group then the partials
-//! combined, with a scratch buffer: [`Selected::Steps`]; for prefill a
-//! block per query row), rope, concat and kv_append (a thread per element). Every other op gets the CPU kernel `select` picks, turned into
-//! a GPU kernel by `templates::gpu::gpuize` (bitwise the CPU results);
-//! aliases pass through unchanged.
+//! combined, with a scratch buffer: [`Selected::Steps`]; for prefill the
+//! second launch runs flash attention, a block per tile of query rows),
+//! rope, concat and kv_append (a thread per element). Every other op gets
+//! the CPU kernel `select` picks, turned into a GPU kernel by
+//! `templates::gpu::gpuize` (bitwise the CPU results); aliases pass through
+//! unchanged.
 //!
 //! Weight matmuls and the gated MLP are not here: they get the GPU matmul
 //! templates; asked for them, this falls back to the gpuized CPU kernel,
@@ -34,9 +36,18 @@ pub struct GpuConfig {
     /// Threads per block of the row kernels (norms, softmax); the threads
     /// per row grow with the row length up to this.
     pub row_block: u32,
-    /// Threads per block of the attention row kernel (and of the combine
-    /// step of split attention), and keys per tile.
+    /// Threads per block of the attention row kernel (used alone when the
+    /// split path is off) and of the combine step of split attention, which
+    /// runs the flash algorithm for prefill (`attention::FlashParams`); keys
+    /// per tile of the row kernel.
     pub attention_threads: u32,
+    /// Flash attention (prefill): query rows per block and keys per tile
+    /// (both halved as needed to fit the shared memory of wide heads), and
+    /// threads per query row (a power of two, at most 32; the rows must be
+    /// a multiple of `attention_threads / flash_row_threads`).
+    pub flash_rows: usize,
+    pub flash_keys: usize,
+    pub flash_row_threads: usize,
     /// Split-keys attention for decode (`attention::split_partials`):
     /// threads per block of the split kernel, and keys per tile.
     pub split_threads: u32,
@@ -55,7 +66,10 @@ impl Default for GpuConfig {
         GpuConfig {
             block: 256,
             row_block: 256,
-            attention_threads: attention::THREADS,
+            attention_threads: attention::FlashParams::DEFAULT.threads,
+            flash_rows: attention::FlashParams::DEFAULT.rows,
+            flash_keys: attention::FlashParams::DEFAULT.keys,
+            flash_row_threads: attention::FlashParams::DEFAULT.row_threads,
             split_threads: 128,
             split_blocks: 4 * crate::templates::gpu::SMS,
             split_max_queries: 4,
@@ -98,13 +112,14 @@ pub fn select_gpu_with(
 enum AttnKernel {
     Rows,
     Split(attention::SplitParams),
-    Combine(attention::SplitParams),
+    Combine(attention::SplitParams, attention::FlashParams),
 }
 
 /// Attention: the row kernel alone, or (with `cfg.split_blocks > 0`) two
 /// steps, split-keys partials into a scratch buffer then the combine kernel
-/// (which runs the rows itself when a call has more queries than the split
-/// path takes).
+/// (which runs flash attention itself when a call has more queries than the
+/// split path takes). Heads too wide for the flash tiles' shared memory
+/// get the row kernel alone.
 fn attention_node(op: &Op, inputs: &[TensorType], cfg: &GpuConfig) -> Result<Selected, SelectError> {
     let unsupported = |why: &str| SelectError::unsupported(op, inputs, why);
     let Op::Attention { causal, window, softcap, .. } = op else { unreachable!("called for attention") };
@@ -139,15 +154,21 @@ fn attention_node(op: &Op, inputs: &[TensorType], cfg: &GpuConfig) -> Result<Sel
                 attention::split_partials(&mut b, &spec, batch, sq, skv, mask.as_ref(), &sp).map_err(internal)?;
                 format!("{name}_split{}_gpu", sp.splits)
             }
-            AttnKernel::Combine(sp) => {
-                attention::combine(&mut b, &spec, batch, sq, skv, mask.as_ref(), &sp, cfg.attention_threads)
-                    .map_err(internal)?;
-                format!("{name}_combine{}_gpu", sp.splits)
+            AttnKernel::Combine(sp, fp) => {
+                attention::combine(&mut b, &spec, batch, sq, skv, mask.as_ref(), &sp, &fp).map_err(internal)?;
+                format!("{name}_combine{}_flash{}x{}_gpu", sp.splits, fp.rows, fp.keys)
             }
         };
         p.finish(b, &prefix, op, inputs)
     };
-    if cfg.split_blocks == 0 {
+    let fp = attention::FlashParams {
+        threads: cfg.attention_threads,
+        rows: cfg.flash_rows,
+        keys: cfg.flash_keys,
+        row_threads: cfg.flash_row_threads,
+    }
+    .fit(d, dv);
+    if cfg.split_blocks == 0 || fp.shared_bytes(d, dv) > attention::MAX_SHARED_BYTES {
         return build(AttnKernel::Rows).map(Selected::Kernel);
     }
     let sp = attention::SplitParams::for_heads(hkv, cfg.split_blocks, cfg.split_threads, cfg.split_max_queries);
@@ -159,7 +180,7 @@ fn attention_node(op: &Op, inputs: &[TensorType], cfg: &GpuConfig) -> Result<Sel
         scratch: vec![Scratch { name: "partials".into(), elem: Scalar::F32, len: scratch_len }],
         steps: vec![
             Step { instance: build(AttnKernel::Split(sp))?, args: split_args },
-            Step { instance: build(AttnKernel::Combine(sp))?, args: combine_args },
+            Step { instance: build(AttnKernel::Combine(sp, fp))?, args: combine_args },
         ],
     }))
 }
@@ -332,7 +353,10 @@ mod tests {
     const SMALL: GpuConfig = GpuConfig {
         block: 64,
         row_block: 64,
-        attention_threads: 16,
+        attention_threads: 32,
+        flash_rows: 16,
+        flash_keys: 8,
+        flash_row_threads: 4,
         split_threads: 32,
         split_blocks: 8,
         split_max_queries: 2,

@@ -1,9 +1,9 @@
 //! Scaled dot-product attention on a GPU with the semantics of the CPU
 //! `templates::attention` (same buffers, visibility, masks, softcap; a row
-//! with no visible key is zero). Two ways, chosen per node by
+//! with no visible key is zero). Three ways, chosen per node by
 //! `select::select_gpu`:
 //!
-//! **Rows** ([`attention`], and the prefill branch of [`combine`]): one
+//! **Rows** ([`attention`], used alone when the split path is off): one
 //! block of `nt` threads per query row `(batch, head, i)`; the visible keys
 //! `lo..hi` are taken in tiles of `nt`, one key per thread:
 //! 1. thread `t` scores key `lo + tile * nt + t` (`q · k` with q staged in
@@ -17,9 +17,33 @@
 //!    (`tid, tid + nt, ...`), summing the weights into the running sum `l`
 //!    on the way (in one order, so every thread's `l` is the same).
 //!
-//! A decode step launches only `batch * heads` such blocks (32 on a 1B
-//! llama, for a GPU of 132 SMs), and query heads sharing a kv head (GQA)
-//! each read it.
+//! **Flash** ([`flash`], and the prefill branch of [`combine`]): a block
+//! per `(batch, head, tile of Bq queries)` ([`FlashParams`]; grid `(batch *
+//! hq, ceil(sq / Bq))`, the last query tiles first since they see the most
+//! keys). The block stages its query rows in shared memory once, then walks
+//! only the keys some of its rows see (from the first query's lowest
+//! visible key to the last one's highest: key tiles wholly past the causal
+//! limit or before the window are never visited) in tiles of `Bk`. Threads
+//! form a grid of `threads / row_threads` rows by `row_threads` (adjacent
+//! lanes of a warp); a thread owns rows `trow + a * (threads / row_threads)`
+//! and keys `tcol + c * row_threads` of each tile. Per tile:
+//! 1. the key tile is staged in shared memory (zero past the block's keys;
+//!    rows padded by a vector against bank conflicts); barrier;
+//! 2. each thread scores its rows against its keys from shared memory
+//!    (scale, softcap, mask; `-inf` when not visible), takes each row's tile
+//!    maximum across the row's threads by butterfly shuffles (every lane
+//!    gets the same value), moves the running maximum, and writes its
+//!    weights `exp(s - m)` to shared memory, adding them to its share of
+//!    the row sum `l`; barrier;
+//! 3. the value tile replaces the key tile; barrier;
+//! 4. each thread rescales its accumulators (its rows by the value vectors
+//!    `tcol, tcol + row_threads, ...`) and adds every key's weight times
+//!    value; barrier (before the next key tile overwrites the values).
+//!
+//! At the end the row sums' shares are added by shuffles and the rows are
+//! normalised (zero when no key was seen). Query heads sharing a kv head
+//! (GQA) read it in their own blocks (from L2), and the KV layout is the
+//! dense `[batch, hkv, skv, d]` the other kernels read.
 //!
 //! **Split keys** ("flash-decoding", for up to [`SplitParams::max_queries`]
 //! queries): two launches per node.
@@ -37,25 +61,27 @@
 //!   unnormalised, `(m, l, acc[dv])` with `acc = Σ exp(s - m) v`, to a
 //!   scratch buffer ([`SplitParams::scratch_len`]); an empty range writes
 //!   `(-inf, 0, 0)`.
-//! - [`combine`]: a block per query row rescales the row's partials to
-//!   their common maximum and writes `Σ acc_s e^(m_s - M) / Σ l_s
-//!   e^(m_s - M)` (zero when no split saw a key). With more queries than
-//!   `max_queries` the split kernel's blocks return at once and this kernel
-//!   runs the row algorithm instead, so one plan serves decode and prefill.
+//! - [`combine`]: on the flash grid, groups of threads take the block's
+//!   query rows, rescale each row's partials to their common maximum and
+//!   write `Σ acc_s e^(m_s - M) / Σ l_s e^(m_s - M)` (zero when no split saw
+//!   a key). With more queries than `max_queries` the split kernel's blocks
+//!   return at once and this kernel runs flash attention instead, so one
+//!   plan serves decode and prefill.
 //!
 //! The split grid is constant in the keys (`splits * batch * hkv *
 //! max_queries` blocks, those past the query count returning at once), so
 //! the scratch buffer is `batch * hq * max_queries * splits * (dv + 2)`
 //! floats whatever the cache length. Vector accesses are at multiples of
-//! their width (both split kernels promise aligned vectors; the operands
-//! must then be 16-byte aligned, which buffers of their own are).
+//! their width (the split, combine and flash kernels promise aligned
+//! vectors; the operands must then be 16-byte aligned, which buffers of
+//! their own are).
 //!
 //! Sums accumulate in f32 in another order than the CPU kernel (and the
 //! running maximum moves per tile rather than per key), so results differ
 //! from it by rounding only.
 
 use super::vec_width;
-use crate::kir::{Access, BufId, Builder, CmpOp, Expr, LoopKind, RedOp, Scalar, Space, Special, Ty, Var};
+use crate::kir::{Access, BufId, Builder, CmpOp, Expr, LoopKind, RedOp, Scalar, ShuffleKind, Space, Special, Ty, Var};
 use crate::templates::attention::{AttnMask, AttnSpec};
 use crate::templates::sym::{self, add, as_const, ceil_div, div, max, min, mul, rem, sub};
 
@@ -658,9 +684,371 @@ pub fn split_partials(
     Ok(())
 }
 
+/// The static shared memory a block may declare without opting in to more.
+pub const MAX_SHARED_BYTES: usize = 48 * 1024;
+
+/// The shape of the flash path ([`flash`], and the prefill branch of
+/// [`combine`]): a block of `threads` threads per `(batch, head, tile of
+/// rows queries)`, keys in tiles of `keys`; `row_threads` threads (a power
+/// of two, at most a warp) share each query row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlashParams {
+    /// Threads per block (a multiple of 32).
+    pub threads: u32,
+    /// Query rows per block (`Bq`), a multiple of `threads / row_threads`.
+    pub rows: usize,
+    /// Keys per tile (`Bk`), a multiple of `row_threads`.
+    pub keys: usize,
+    /// Threads per query row: each scores `keys / row_threads` keys of a
+    /// tile and owns every `row_threads`-th value vector of the row.
+    pub row_threads: usize,
+}
+
+impl FlashParams {
+    /// 32 query rows by 32 keys on 128 threads, 8 per row (each thread: two
+    /// rows, four keys of a tile, a quarter of the value vectors).
+    pub const DEFAULT: FlashParams = FlashParams { threads: THREADS, rows: 32, keys: 32, row_threads: 8 };
+
+    /// These parameters with the tiles halved (keys first while they are at
+    /// least the rows) until the shared memory for head dims `d`, `dv` fits
+    /// in [`MAX_SHARED_BYTES`], as far as the thread layout allows.
+    pub fn fit(mut self, d: usize, dv: usize) -> FlashParams {
+        let tr = (self.threads as usize / self.row_threads.max(1)).max(1);
+        while self.shared_bytes(d, dv) > MAX_SHARED_BYTES {
+            let keys_can = self.keys / 2 >= self.row_threads && (self.keys / 2).is_multiple_of(self.row_threads);
+            let rows_can = self.rows / 2 >= tr && (self.rows / 2).is_multiple_of(tr);
+            if keys_can && (self.keys >= self.rows || !rows_can) {
+                self.keys /= 2;
+            } else if rows_can {
+                self.rows /= 2;
+            } else {
+                break;
+            }
+        }
+        self
+    }
+
+    /// Bytes of shared memory the flash branch declares for head dims `d`
+    /// and `dv`: the query tile, one key or value tile, the weights.
+    pub fn shared_bytes(&self, d: usize, dv: usize) -> usize {
+        let l = FlashLayout::new(self, d, dv);
+        4 * (self.rows * l.qs + self.keys * l.ks.max(dv) + self.rows * l.ps)
+    }
+
+    fn check(&self, s: &AttnSpec) -> Result<(), String> {
+        let (nt, tc) = (self.threads as usize, self.row_threads);
+        let ok = nt > 0
+            && nt <= 1024
+            && nt.is_multiple_of(32)
+            && tc.is_power_of_two()
+            && tc <= 32
+            && self.rows > 0
+            && self.rows.is_multiple_of(nt / tc)
+            && self.keys > 0
+            && self.keys.is_multiple_of(tc);
+        if !ok {
+            return Err(format!("flash attention of {self:?}"));
+        }
+        if s.hkv == 0 || !s.hq.is_multiple_of(s.hkv) || s.d == 0 || s.dv == 0 {
+            return Err(format!("attention heads {}x{}, dims {}/{}", s.hq, s.hkv, s.d, s.dv));
+        }
+        let bytes = self.shared_bytes(s.d, s.dv);
+        if bytes > MAX_SHARED_BYTES {
+            return Err(format!(
+                "flash attention of {self:?} needs {bytes} B of shared memory for dims {}/{}",
+                s.d, s.dv
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Where things sit in the flash branch's shared memory and threads.
+struct FlashLayout {
+    /// Vector widths of key and value rows.
+    wk: usize,
+    wv: usize,
+    /// Row strides (in floats) of the staged queries and keys, padded by a
+    /// vector so that the threads of a warp reading consecutive rows at the
+    /// same column hit different banks; of the weights, padded by one.
+    qs: usize,
+    ks: usize,
+    ps: usize,
+    /// Thread rows (`threads / row_threads`), rows per thread, keys per thread.
+    tr: usize,
+    ra: usize,
+    kc: usize,
+}
+
+impl FlashLayout {
+    fn new(p: &FlashParams, d: usize, dv: usize) -> FlashLayout {
+        let wk = vec_width(Scalar::F32, d) as usize;
+        let wv = vec_width(Scalar::F32, dv) as usize;
+        let tc = p.row_threads.max(1);
+        let tr = (p.threads as usize / tc).max(1);
+        FlashLayout {
+            wk,
+            wv,
+            qs: d + wk,
+            ks: d + wk,
+            ps: p.keys + 1,
+            tr,
+            ra: (p.rows / tr).max(1),
+            kc: (p.keys / tc).max(1),
+        }
+    }
+}
+
+/// Declares `q, k, v[, mask], out` (as `templates::attention::attention`)
+/// and builds the flash kernel alone (see the module docs): grid `(batch *
+/// hq, ceil(sq / rows))`.
+#[allow(clippy::too_many_arguments)]
+pub fn flash(
+    b: &mut Builder,
+    s: &AttnSpec,
+    batch: Expr,
+    sq: Expr,
+    skv: Expr,
+    mask: Option<&AttnMask>,
+    p: &FlashParams,
+) -> Result<(), String> {
+    p.check(s)?;
+    let o = declare(b, s, &batch, &sq, &skv, mask);
+    let bh = mul(batch, Expr::idx(s.hq));
+    let out = b.output("out", mul(mul(bh.clone(), sq.clone()), Expr::idx(s.dv)));
+    b.gpu_launch([p.threads, 1, 1], [bh, ceil_div(sq.clone(), p.rows), Expr::i64(1)]);
+    b.promise_aligned_vectors();
+    b.min_blocks_per_sm(1);
+    flash_body(b, s, &o, out, &sq, &skv, p);
+    Ok(())
+}
+
+/// The flash algorithm (see the module docs) for the block `(blockIdx.x =
+/// batch * hq + head, blockIdx.y)`; every thread runs every barrier and
+/// shuffle (the tile count is the block's).
+fn flash_body(b: &mut Builder, s: &AttnSpec, o: &Operands, out: BufId, sq: &Expr, skv: &Expr, p: &FlashParams) {
+    let (hq, hkv, d, dv) = (s.hq, s.hkv, s.d, s.dv);
+    let group = hq / hkv;
+    let nt = p.threads as usize;
+    let (bq, bk, tc) = (p.rows, p.keys, p.row_threads);
+    let l = FlashLayout::new(p, d, dv);
+    let (wk, wv) = (l.wk, l.wv);
+    let sh_q = b.buffer("q_tile", Scalar::F32, bq * l.qs, Space::Shared, Access::Write);
+    let sh_kv = b.buffer("kv_tile", Scalar::F32, bk * l.ks.max(dv), Space::Shared, Access::Write);
+    let sh_p = b.buffer("weights", Scalar::F32, bq * l.ps, Space::Shared, Access::Write);
+
+    let tid = b.let_("tid", Expr::Special(Special::ThreadIdx(0)));
+    let trow = b.let_("trow", div(Expr::Var(tid), Expr::idx(tc)));
+    let tcol = b.let_("tcol", rem(Expr::Var(tid), Expr::idx(tc)));
+    let bh = b.let_("bh", Expr::Special(Special::BlockIdx(0)));
+    let h = b.let_("h", rem(Expr::Var(bh), Expr::idx(hq)));
+    let bi = b.let_("bi", div(Expr::Var(bh), Expr::idx(hq)));
+    // The last query tiles see the most keys under a causal mask: they go
+    // first, so that the short ones fill in at the end.
+    let qtiles = ceil_div(sq.clone(), bq);
+    let qt = b.let_("qt", sub(sub(qtiles, Expr::i64(1)), Expr::Special(Special::BlockIdx(1))));
+    let i0 = b.let_("i0", mul(Expr::Var(qt), Expr::idx(bq)));
+    let kvb =
+        b.let_("kvb", mul(add(mul(Expr::Var(bi), Expr::idx(hkv)), div(Expr::Var(h), Expr::idx(group))), skv.clone()));
+    let qrow0 = b.let_("qrow0", add(mul(Expr::Var(bh), sq.clone()), Expr::Var(i0)));
+
+    // The block's keys: from the first query's lowest visible key to the
+    // last query's highest; tiles outside them are never visited.
+    let ilast = sub(min(sq.clone(), add(Expr::Var(i0), Expr::idx(bq))), Expr::i64(1));
+    let (lo_blk, _) = visible(b, s, sq, skv, Expr::Var(i0));
+    let (_, hi_blk) = visible(b, s, sq, skv, ilast);
+    let nkeys = b.let_("nkeys", max(sub(Expr::Var(hi_blk), Expr::Var(lo_blk)), Expr::i64(0)));
+
+    // This thread's rows: trow + a * tr. Rows past the last query see no key.
+    let mut rows = vec![];
+    for a in 0..l.ra {
+        let i = b.let_("i", add(Expr::Var(i0), add(Expr::Var(trow), Expr::idx(a * l.tr))));
+        let (lo, hi) = visible(b, s, sq, skv, Expr::Var(i));
+        b.assign(hi, Expr::select(Expr::Var(i).lt(sq.clone()), Expr::Var(hi), Expr::i64(0)));
+        let moff = o.mask_row(b, Expr::Var(bi), Expr::Var(h), Expr::Var(i));
+        rows.push((i, lo, hi, moff));
+    }
+
+    // The query tile, zero past the last query.
+    let qvecs = d / wk;
+    b.for_("e", Expr::Var(tid), Expr::idx(bq * qvecs), nt as i64, LoopKind::Serial, |b, e| {
+        let r = b.let_("r", div(e.clone(), Expr::idx(qvecs)));
+        let c = b.let_("c", mul(rem(e, Expr::idx(qvecs)), Expr::idx(wk)));
+        let at = add(mul(Expr::Var(r), Expr::idx(l.qs)), Expr::Var(c));
+        b.if_(
+            add(Expr::Var(i0), Expr::Var(r)).lt(sq.clone()),
+            |b| {
+                let src = add(mul(add(Expr::Var(qrow0), Expr::Var(r)), Expr::idx(d)), Expr::Var(c));
+                b.store(sh_q, at.clone(), Expr::load(o.q, src, wk as u8));
+            },
+            |b| b.store(sh_q, at.clone(), zeros(wk)),
+        );
+    });
+
+    let m: Vec<Var> = (0..l.ra).map(|_| b.let_("m", neg_inf())).collect();
+    // Each thread's share of the row sums (its own keys' weights).
+    let lsum: Vec<Var> = (0..l.ra).map(|_| b.let_("l", Expr::f32(0.0))).collect();
+    let vl = ValueLayout { w: wv, vecs: dv / wv, per: tc, fc: (dv / wv).div_ceil(tc), groups: 1 };
+    let acc: Vec<Vec<Var>> = (0..l.ra).map(|_| (0..vl.fc).map(|_| b.let_("acc", zeros(wv))).collect()).collect();
+    let sc: Vec<Vec<Var>> = (0..l.ra).map(|_| (0..l.kc).map(|_| b.var("s", Ty::F32)).collect()).collect();
+    let corr: Vec<Var> = (0..l.ra).map(|_| b.var("corr", Ty::F32)).collect();
+    let other = b.var("other", Ty::F32);
+
+    // A tile of `width`-wide rows of `src` (row `j` at `(kvb + j) * len`)
+    // into `sh_kv` at stride `stride`, zero past the block's keys.
+    let stage = |b: &mut Builder, j0: Var, src: BufId, len: usize, width: usize, stride: usize| {
+        let vecs = len / width;
+        b.for_("e", Expr::Var(tid), Expr::idx(bk * vecs), nt as i64, LoopKind::Serial, |b, e| {
+            let r = b.let_("r", div(e.clone(), Expr::idx(vecs)));
+            let c = b.let_("c", mul(rem(e, Expr::idx(vecs)), Expr::idx(width)));
+            let j = b.let_("j", add(Expr::Var(j0), Expr::Var(r)));
+            let at = add(mul(Expr::Var(r), Expr::idx(stride)), Expr::Var(c));
+            b.if_(
+                Expr::Var(j).lt(Expr::Var(hi_blk)),
+                |b| {
+                    let from = add(mul(add(Expr::Var(kvb), Expr::Var(j)), Expr::idx(len)), Expr::Var(c));
+                    b.store(sh_kv, at.clone(), Expr::load(src, from, width as u8));
+                },
+                |b| b.store(sh_kv, at.clone(), zeros(width)),
+            );
+        });
+    };
+
+    b.for_("tile", Expr::i64(0), ceil_div(Expr::Var(nkeys), bk), 1, LoopKind::Serial, |b, tile| {
+        let j0 = b.let_("j0", add(Expr::Var(lo_blk), mul(tile, Expr::idx(bk))));
+        // The previous tile's readers of the values and weights are done
+        // (and, on the first tile, the query tile is staged).
+        b.barrier();
+        stage(b, j0, o.k, d, wk, l.ks);
+        b.barrier();
+
+        // 1. Scores of this thread's rows against its keys tcol + c * tc.
+        // The dot products accumulate lane by lane into the scalar scores
+        // (a GPU has no vector FMA, and vector accumulators would hold four
+        // times the registers).
+        for x in sc.iter().flatten() {
+            b.assign(*x, Expr::f32(0.0));
+        }
+        b.for_("cv", Expr::i64(0), Expr::idx(d / wk), 1, LoopKind::Serial, |b, cv| {
+            let col = mul(cv, Expr::idx(wk));
+            let qv: Vec<Var> = (0..l.ra)
+                .map(|a| {
+                    let r = add(Expr::Var(trow), Expr::idx(a * l.tr));
+                    b.let_("qv", Expr::load(sh_q, add(mul(r, Expr::idx(l.qs)), col.clone()), wk as u8))
+                })
+                .collect();
+            let lane =
+                |v: Var, e: usize| if wk > 1 { Expr::Extract(Box::new(Expr::Var(v)), e as u8) } else { Expr::Var(v) };
+            for c in 0..l.kc {
+                let kr = add(Expr::Var(tcol), Expr::idx(c * tc));
+                let kv = b.let_("kv", Expr::load(sh_kv, add(mul(kr, Expr::idx(l.ks)), col.clone()), wk as u8));
+                for e in 0..wk {
+                    for (row, q) in sc.iter().zip(&qv) {
+                        b.assign(row[c], lane(*q, e).fma(lane(kv, e), Expr::Var(row[c])));
+                    }
+                }
+            }
+        });
+        for c in 0..l.kc {
+            let j = b.let_("j", add(Expr::Var(j0), add(Expr::Var(tcol), Expr::idx(c * tc))));
+            for (row, (_, lo, hi, moff)) in sc.iter().zip(&rows) {
+                let x = row[c];
+                let seen = Expr::select(
+                    Expr::Var(j).cmp(CmpOp::Ge, Expr::Var(*lo)),
+                    Expr::Var(j).lt(Expr::Var(*hi)),
+                    Expr::Bool(false),
+                );
+                b.if_(seen, |b| o.finish_score(b, s, x, moff.map(Expr::Var), Expr::Var(j)), |b| b.assign(x, neg_inf()));
+            }
+        }
+
+        // 2. Each row's tile maximum over its threads (adjacent lanes of a
+        // warp, so butterfly shuffles: every lane gets the same value), the
+        // new running maximum, and the weights into shared memory.
+        for a in 0..l.ra {
+            let tmax = b.let_("tmax", neg_inf());
+            for x in &sc[a] {
+                b.assign(tmax, Expr::Var(tmax).max(Expr::Var(*x)));
+            }
+            let mut off = 1;
+            while off < tc {
+                b.shuffle(other, ShuffleKind::Xor, Expr::Var(tmax), Expr::idx(off));
+                b.assign(tmax, Expr::Var(tmax).max(Expr::Var(other)));
+                off *= 2;
+            }
+            let m_new = b.let_("m_new", Expr::Var(m[a]).max(Expr::Var(tmax)));
+            // Before any key, m is -inf and l and the accumulators are 0.
+            let had = Expr::Var(m[a]).cmp(CmpOp::Gt, neg_inf());
+            b.assign(corr[a], Expr::select(had, (Expr::Var(m[a]) - Expr::Var(m_new)).exp(), Expr::f32(0.0)));
+            b.assign(m[a], Expr::Var(m_new));
+            let tsum = b.let_("tsum", Expr::f32(0.0));
+            let prow = mul(add(Expr::Var(trow), Expr::idx(a * l.tr)), Expr::idx(l.ps));
+            for (c, &x) in sc[a].iter().enumerate() {
+                let live = Expr::Var(x).cmp(CmpOp::Gt, neg_inf());
+                let pw = b.let_("pw", Expr::select(live, (Expr::Var(x) - Expr::Var(m_new)).exp(), Expr::f32(0.0)));
+                b.assign(tsum, Expr::Var(tsum) + Expr::Var(pw));
+                b.store(sh_p, add(prow.clone(), add(Expr::Var(tcol), Expr::idx(c * tc))), Expr::Var(pw));
+            }
+            b.assign(lsum[a], Expr::Var(lsum[a]).fma(Expr::Var(corr[a]), Expr::Var(tsum)));
+        }
+        // Every thread is done with the keys: the values take their place.
+        b.barrier();
+        stage(b, j0, o.v, dv, wv, dv);
+        b.barrier();
+
+        // 3. Weights times values, every key of the tile (weights past the
+        // visible keys are 0 and so are the values staged for them).
+        for a in 0..l.ra {
+            for x in &acc[a] {
+                b.assign(*x, Expr::Var(*x) * widen(Expr::Var(corr[a]), wv));
+            }
+        }
+        b.for_("t", Expr::i64(0), Expr::idx(bk), 1, LoopKind::Serial, |b, t| {
+            let pw: Vec<Var> = (0..l.ra)
+                .map(|a| {
+                    let r = add(Expr::Var(trow), Expr::idx(a * l.tr));
+                    b.let_("pw", Expr::load(sh_p, add(mul(r, Expr::idx(l.ps)), t.clone()), 1))
+                })
+                .collect();
+            let vrow = mul(t, Expr::idx(dv));
+            vl.each(b, Expr::Var(tcol), |b, c, vi| {
+                let vv = b.let_("vv", Expr::load(sh_kv, add(vrow.clone(), mul(vi, Expr::idx(wv))), wv as u8));
+                for a in 0..l.ra {
+                    let x = acc[a][c];
+                    b.assign(x, widen(Expr::Var(pw[a]), wv).fma(Expr::Var(vv), Expr::Var(x)));
+                }
+            });
+        });
+    });
+
+    // The row sums over the row's threads, then the normalised rows.
+    for (a, (i, _, _, _)) in rows.iter().enumerate() {
+        let mut off = 1;
+        while off < tc {
+            b.shuffle(other, ShuffleKind::Xor, Expr::Var(lsum[a]), Expr::idx(off));
+            b.assign(lsum[a], Expr::Var(lsum[a]) + Expr::Var(other));
+            off *= 2;
+        }
+        let pos_l = Expr::Var(lsum[a]).cmp(CmpOp::Gt, Expr::f32(0.0));
+        let inv = b.let_("inv", Expr::select(pos_l, Expr::f32(1.0) / Expr::Var(lsum[a]), Expr::f32(0.0)));
+        b.if_(
+            Expr::Var(*i).lt(sq.clone()),
+            |b| {
+                let ob = b.let_("ob", mul(add(mul(Expr::Var(bh), sq.clone()), Expr::Var(*i)), Expr::idx(dv)));
+                vl.each(b, Expr::Var(tcol), |b, c, vi| {
+                    let at = add(Expr::Var(ob), mul(vi, Expr::idx(wv)));
+                    b.store(out, at, Expr::Var(acc[a][c]) * widen(Expr::Var(inv), wv));
+                });
+            },
+            |_| {},
+        );
+    }
+}
+
 /// Declares `q, k, v[, mask], partials, out` and builds the combine kernel
-/// (see the module docs): a block of `nt` threads per query row; with more
-/// than `max_queries` queries it runs the row algorithm instead.
+/// (see the module docs): grid `(batch * hq, ceil(sq / f.rows))`, `f.threads`
+/// threads; with more than `p.max_queries` queries it runs the flash
+/// algorithm instead.
 #[allow(clippy::too_many_arguments)]
 pub fn combine(
     b: &mut Builder,
@@ -670,55 +1058,71 @@ pub fn combine(
     skv: Expr,
     mask: Option<&AttnMask>,
     p: &SplitParams,
-    nt: u32,
+    f: &FlashParams,
 ) -> Result<(), String> {
     p.check(s)?;
+    f.check(s)?;
     let (hq, dv) = (s.hq, s.dv);
     let (splits, qmax) = (p.splits, p.max_queries);
     let o = declare(b, s, &batch, &sq, &skv, mask);
     let part = b.buffer("partials", Scalar::F32, p.scratch_len(s, batch.clone()), Space::Global, Access::Read);
     let ml = p.ml_base(s, batch.clone());
-    let rows = mul(mul(batch, Expr::idx(hq)), sq.clone());
-    let out = b.output("out", mul(rows.clone(), Expr::idx(dv)));
-    b.gpu_launch([nt, 1, 1], [rows, Expr::i64(1), Expr::i64(1)]);
+    let bh = mul(batch, Expr::idx(hq));
+    let out = b.output("out", mul(mul(bh.clone(), sq.clone()), Expr::idx(dv)));
+    b.gpu_launch([f.threads, 1, 1], [bh, ceil_div(sq.clone(), f.rows), Expr::i64(1)]);
     b.promise_aligned_vectors();
-    // Thread t owns value vectors t, t + nt, ...
-    let w = vec_width(Scalar::F32, dv) as usize;
-    let vl = ValueLayout { w, vecs: dv / w, per: nt as usize, fc: (dv / w).div_ceil(nt as usize), groups: 1 };
+    // The flash branch holds its accumulators and scores in registers:
+    // without this ptxas trades a few of them for occupancy and spills.
+    b.min_blocks_per_sm(1);
+    // Groups of threads take the block's rows in turn; thread f0 of a group
+    // owns the row's value vectors f0, f0 + per, ...
+    let vl = ValueLayout::new(dv, f.threads as usize);
     b.if_(
         sq.clone().cmp(CmpOp::Le, Expr::idx(qmax)),
         |b| {
             let tid = b.let_("tid", Expr::Special(Special::ThreadIdx(0)));
-            let row = b.let_("row", Expr::Special(Special::BlockIdx(0)));
-            let (bh, i) = div_rem(b, Expr::Var(row), sq.clone());
-            let prow0 = b.let_("prow0", mul(add(mul(Expr::Var(bh), Expr::idx(qmax)), Expr::Var(i)), Expr::idx(splits)));
-            let mrow = |sp: Expr| add(ml.clone(), mul(add(Expr::Var(prow0), sp), Expr::idx(2)));
-            let big = b.let_("big", neg_inf());
-            b.for_("sp", Expr::i64(0), Expr::idx(splits), 1, LoopKind::Serial, |b, sp| {
-                b.assign(big, Expr::Var(big).max(Expr::load(part, mrow(sp), 1)));
-            });
-            let l = b.let_("l", Expr::f32(0.0));
-            let acc: Vec<Var> = (0..vl.fc).map(|_| b.let_("acc", zeros(vl.w))).collect();
-            b.for_("sp", Expr::i64(0), Expr::idx(splits), 1, LoopKind::Serial, |b, sp| {
-                let ms = b.let_("ms", Expr::load(part, mrow(sp.clone()), 1));
-                let live = Expr::Var(ms).cmp(CmpOp::Gt, neg_inf());
-                let w = b.let_("w", Expr::select(live, (Expr::Var(ms) - Expr::Var(big)).exp(), Expr::f32(0.0)));
-                b.assign(l, Expr::Var(w).fma(Expr::load(part, add(mrow(sp.clone()), Expr::idx(1)), 1), Expr::Var(l)));
-                let pb = b.let_("pb", mul(add(Expr::Var(prow0), sp), Expr::idx(dv)));
-                vl.each(b, Expr::Var(tid), |b, c, vi| {
-                    let pv = Expr::load(part, add(Expr::Var(pb), mul(vi, Expr::idx(vl.w))), vl.w as u8);
-                    b.assign(acc[c], widen(Expr::Var(w), vl.w).fma(pv, Expr::Var(acc[c])));
+            let bh = b.let_("bh", Expr::Special(Special::BlockIdx(0)));
+            let f0 = b.let_("f0", rem(Expr::Var(tid), Expr::idx(vl.per)));
+            let kg = b.let_("kg", div(Expr::Var(tid), Expr::idx(vl.per)));
+            let i0 = b.let_("i0", mul(Expr::Special(Special::BlockIdx(1)), Expr::idx(f.rows)));
+            let end = min(sq.clone(), add(Expr::Var(i0), Expr::idx(f.rows)));
+            // Threads past the last whole group sit out.
+            let end = Expr::select(Expr::Var(kg).lt(Expr::idx(vl.groups)), end, Expr::i64(0));
+            let first = add(Expr::Var(i0), Expr::Var(kg));
+            b.for_("i", first, end, vl.groups as i64, LoopKind::Serial, |b, i| {
+                let row = b.let_("row", add(mul(Expr::Var(bh), sq.clone()), i.clone()));
+                let prow0 = b.let_("prow0", mul(add(mul(Expr::Var(bh), Expr::idx(qmax)), i), Expr::idx(splits)));
+                let mrow = |sp: Expr| add(ml.clone(), mul(add(Expr::Var(prow0), sp), Expr::idx(2)));
+                let big = b.let_("big", neg_inf());
+                b.for_("sp", Expr::i64(0), Expr::idx(splits), 1, LoopKind::Serial, |b, sp| {
+                    b.assign(big, Expr::Var(big).max(Expr::load(part, mrow(sp), 1)));
+                });
+                let l = b.let_("l", Expr::f32(0.0));
+                let acc: Vec<Var> = (0..vl.fc).map(|_| b.let_("acc", zeros(vl.w))).collect();
+                b.for_("sp", Expr::i64(0), Expr::idx(splits), 1, LoopKind::Serial, |b, sp| {
+                    let ms = b.let_("ms", Expr::load(part, mrow(sp.clone()), 1));
+                    let live = Expr::Var(ms).cmp(CmpOp::Gt, neg_inf());
+                    let w = b.let_("w", Expr::select(live, (Expr::Var(ms) - Expr::Var(big)).exp(), Expr::f32(0.0)));
+                    b.assign(
+                        l,
+                        Expr::Var(w).fma(Expr::load(part, add(mrow(sp.clone()), Expr::idx(1)), 1), Expr::Var(l)),
+                    );
+                    let pb = b.let_("pb", mul(add(Expr::Var(prow0), sp), Expr::idx(dv)));
+                    vl.each(b, Expr::Var(f0), |b, c, vi| {
+                        let pv = Expr::load(part, add(Expr::Var(pb), mul(vi, Expr::idx(vl.w))), vl.w as u8);
+                        b.assign(acc[c], widen(Expr::Var(w), vl.w).fma(pv, Expr::Var(acc[c])));
+                    });
+                });
+                let pos_l = Expr::Var(l).cmp(CmpOp::Gt, Expr::f32(0.0));
+                let inv = b.let_("inv", Expr::select(pos_l, Expr::f32(1.0) / Expr::Var(l), Expr::f32(0.0)));
+                let ob = b.let_("ob", mul(Expr::Var(row), Expr::idx(dv)));
+                vl.each(b, Expr::Var(f0), |b, c, vi| {
+                    let at = add(Expr::Var(ob), mul(vi, Expr::idx(vl.w)));
+                    b.store(out, at, Expr::Var(acc[c]) * widen(Expr::Var(inv), vl.w));
                 });
             });
-            let pos_l = Expr::Var(l).cmp(CmpOp::Gt, Expr::f32(0.0));
-            let inv = b.let_("inv", Expr::select(pos_l, Expr::f32(1.0) / Expr::Var(l), Expr::f32(0.0)));
-            let ob = b.let_("ob", mul(Expr::Var(row), Expr::idx(dv)));
-            vl.each(b, Expr::Var(tid), |b, c, vi| {
-                let at = add(Expr::Var(ob), mul(vi, Expr::idx(vl.w)));
-                b.store(out, at, Expr::Var(acc[c]) * widen(Expr::Var(inv), vl.w));
-            });
         },
-        |b| rows_body(b, s, &o, out, &sq, &skv, nt),
+        |b| flash_body(b, s, &o, out, &sq, &skv, f),
     );
     Ok(())
 }
@@ -743,7 +1147,7 @@ mod tests {
         /// The mask's dtype and dims (`b`, `s`, `t` for batch, queries, keys).
         mask: Option<(DType, &'static str)>,
         nt: u32,
-        /// The split-keys kernels (the combine with `nt` threads), or the
+        /// The split-keys kernels (the combine with [`SMALL_FLASH`]), or the
         /// row kernel.
         split: Option<SplitParams>,
     }
@@ -811,7 +1215,7 @@ mod tests {
         split_partials(&mut g, &spec, bt.clone(), sq.clone(), skv.clone(), mask.as_ref(), &sp).unwrap();
         let split = g.finish().unwrap();
         let mut g = Builder::new("combine");
-        combine(&mut g, &spec, bt.clone(), sq, skv, mask.as_ref(), &sp, c.nt).unwrap();
+        combine(&mut g, &spec, bt.clone(), sq, skv, mask.as_ref(), &sp, &SMALL_FLASH).unwrap();
         let comb = g.finish().unwrap();
         let n = as_const(&sp.scratch_len(&spec, bt)).unwrap() as usize;
         let out = bufs.len() - 1;
@@ -824,6 +1228,171 @@ mod tests {
         let mut got = run_gpu(&comb, &args, &[]);
         got.remove(out);
         assert_close(&what, &got, &want, 1e-5);
+    }
+
+    /// Flash tiles small enough for the interpreter: 32 threads, 4 per
+    /// row, 16 rows (two per thread), 8 keys per tile (two per thread).
+    const SMALL_FLASH: FlashParams = FlashParams { threads: 32, rows: 16, keys: 8, row_threads: 4 };
+
+    /// A flash attention case, checked against `smelt_ir`'s interpretation
+    /// of the attention op.
+    #[derive(Clone, Copy)]
+    struct Flash {
+        hq: usize,
+        hkv: usize,
+        d: usize,
+        batch: i64,
+        sq: i64,
+        past: i64,
+        causal: bool,
+        window: Option<i64>,
+        softcap: Option<f64>,
+        /// The mask's dtype and dims (`b`, `s`, `t` for batch, queries, keys).
+        mask: Option<(DType, &'static str)>,
+        /// Every mask element false (a bool mask): rows of zeros.
+        kill_mask: bool,
+        p: FlashParams,
+    }
+
+    const FLASH: Flash = Flash {
+        hq: 4,
+        hkv: 2,
+        d: 24,
+        batch: 1,
+        sq: 5,
+        past: 0,
+        causal: true,
+        window: None,
+        softcap: None,
+        mask: None,
+        kill_mask: false,
+        p: SMALL_FLASH,
+    };
+
+    /// Runs the flash kernel (all sizes constant) in the interpreter's GPU
+    /// mode and the reference on the same operands; tolerance 1e-5 * (1 +
+    /// |want|). Returns the largest absolute error.
+    fn check_flash(c: &Flash) -> f32 {
+        use smelt_ir::{Tensor, TensorType};
+        let scale = 1.0 / (c.d as f64).sqrt();
+        let op = Op::Attention { scale, causal: c.causal, window: c.window, softcap: c.softcap };
+        let syms = [("b", c.batch), ("s", c.sq), ("t", c.past + c.sq)];
+        let env: std::collections::BTreeMap<String, i64> = syms.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+        let mask_ty: Option<TensorType> = c.mask.map(|(dt, dims)| ty(dt, dims));
+        let spec = AttnSpec {
+            hq: c.hq,
+            hkv: c.hkv,
+            d: c.d,
+            dv: c.d,
+            scale: scale as f32,
+            causal: c.causal,
+            window: c.window,
+            softcap: c.softcap.map(|x| x as f32),
+            lanes: crate::templates::LANES,
+        };
+        let mask_dims: Option<Vec<usize>> =
+            mask_ty.as_ref().map(|m| m.shape.iter().map(|d| d.eval_map(&env).unwrap() as usize).collect());
+        let mask = mask_ty.as_ref().zip(mask_dims.as_ref()).map(|(m, dims)| AttnMask {
+            elem: crate::select::elem_of(m.dtype),
+            dims: dims.iter().map(|&d| Expr::idx(d)).collect(),
+        });
+        let mut g = Builder::new("flash");
+        flash(&mut g, &spec, Expr::i64(c.batch), Expr::i64(c.sq), Expr::i64(c.past + c.sq), mask.as_ref(), &c.p)
+            .unwrap();
+        let k = g.finish().unwrap();
+        let mut bufs = buffers(&k, &[], c.d as u64 + c.sq as u64 + c.past as u64);
+        match &mut bufs[3] {
+            BufData::Bool(m) if c.kill_mask => m.iter_mut().for_each(|x| *x = false),
+            BufData::F32(m) if c.mask.is_some() => {
+                m.iter_mut().for_each(|x| *x = if *x < -1.0 { f32::NEG_INFINITY } else { *x * 0.25 })
+            }
+            _ => {}
+        }
+        let (b, t, s) = (c.batch as usize, (c.past + c.sq) as usize, c.sq as usize);
+        let tensor = |buf: &BufData, shape: Vec<usize>| match buf {
+            BufData::F32(x) => Tensor::from_f32(DType::F32, shape, x.clone()).unwrap(),
+            BufData::Bool(x) => Tensor::from_bool(shape, x.clone()).unwrap(),
+            other => panic!("operand {other:?}"),
+        };
+        let mut operands = vec![
+            tensor(&bufs[0], vec![b, c.hq, s, c.d]),
+            tensor(&bufs[1], vec![b, c.hkv, t, c.d]),
+            tensor(&bufs[2], vec![b, c.hkv, t, c.d]),
+        ];
+        if let Some(dims) = mask_dims {
+            operands.push(tensor(&bufs[3], dims));
+        }
+        let refs: Vec<&Tensor> = operands.iter().collect();
+        let want = smelt_ir::interp::eval_op(&op, &refs, &env).unwrap().remove(0).to_f32_vec();
+        let got = run_gpu(&k, &bufs, &[]);
+        let got = got.last().unwrap().f32();
+        let what = format!(
+            "flash h{}x{} d{} b{} s{} past{} causal={} window={:?} cap={:?} mask={:?} kill={} {:?}",
+            c.hq, c.hkv, c.d, c.batch, c.sq, c.past, c.causal, c.window, c.softcap, c.mask, c.kill_mask, c.p
+        );
+        assert_close(&what, &[BufData::F32(got.to_vec())], &[BufData::F32(want.clone())], 1e-5);
+        let err = got.iter().zip(&want).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+        eprintln!("{what}: max abs err {err:.2e}");
+        err
+    }
+
+    /// Causal prefill over query counts (one partial tile, several, with a
+    /// partial last one), cached pasts, head dims and GQA groups of 2 and 3.
+    #[test]
+    fn gpu_flash_causal() {
+        for (sq, past) in [(5, 0), (5, 7), (33, 0), (33, 7), (70, 7)] {
+            check_flash(&Flash { sq, past, ..FLASH });
+        }
+        check_flash(&Flash { hq: 3, hkv: 1, d: 40, sq: 33, past: 7, ..FLASH });
+        check_flash(&Flash { hq: 3, hkv: 1, d: 64, sq: 70, past: 0, ..FLASH });
+        // Batch 2, head dim 40.
+        check_flash(&Flash { d: 40, batch: 2, sq: 33, past: 7, ..FLASH });
+    }
+
+    /// Sliding windows (narrower than a key tile, wider than a query tile),
+    /// not causal, softcap.
+    #[test]
+    fn gpu_flash_window_noncausal_softcap() {
+        check_flash(&Flash { sq: 70, past: 7, window: Some(5), ..FLASH });
+        check_flash(&Flash { hq: 3, hkv: 1, d: 40, batch: 2, sq: 33, past: 0, window: Some(20), ..FLASH });
+        check_flash(&Flash { d: 64, sq: 33, past: 7, causal: false, ..FLASH });
+        check_flash(&Flash {
+            hq: 3,
+            hkv: 1,
+            sq: 5,
+            past: 7,
+            causal: false,
+            window: Some(3),
+            softcap: Some(2.0),
+            ..FLASH
+        });
+    }
+
+    /// Explicit masks: bool (padding, broadcast over heads and queries; per
+    /// query), additive per head with -inf entries, every key masked.
+    #[test]
+    fn gpu_flash_masks() {
+        let pad = Flash { batch: 2, sq: 33, past: 7, mask: Some((DType::Bool, "b, 1, 1, t")), ..FLASH };
+        check_flash(&pad);
+        check_flash(&Flash { kill_mask: true, sq: 5, ..pad });
+        check_flash(&Flash { hq: 3, hkv: 1, d: 40, sq: 70, past: 0, mask: Some((DType::Bool, "1, 1, s, t")), ..FLASH });
+        let add = Flash { d: 64, batch: 2, sq: 5, past: 7, mask: Some((DType::F32, "b, 4, s, t")), ..FLASH };
+        check_flash(&add);
+        check_flash(&Flash { causal: false, window: Some(9), softcap: Some(5.0), sq: 33, batch: 1, ..add });
+    }
+
+    /// Head dims 80 and 128, other thread layouts (8 threads per row, one
+    /// row per thread; the default tiles), and the tiles `fit` halves for
+    /// wide heads.
+    #[test]
+    fn gpu_flash_dims_and_layouts() {
+        let wide = FlashParams { threads: 64, rows: 16, keys: 16, row_threads: 8 };
+        check_flash(&Flash { hq: 2, hkv: 1, d: 80, sq: 33, past: 7, p: wide, ..FLASH });
+        check_flash(&Flash { hq: 2, hkv: 1, d: 128, sq: 20, past: 0, window: Some(7), p: wide, ..FLASH });
+        check_flash(&Flash { hq: 2, hkv: 1, d: 40, sq: 40, past: 7, p: FlashParams::DEFAULT, ..FLASH });
+        let p = FlashParams::DEFAULT.fit(256, 256);
+        assert!(p.shared_bytes(256, 256) <= MAX_SHARED_BYTES && p.rows * p.keys >= 16 * 16, "{p:?}");
+        assert_eq!(FlashParams::DEFAULT.fit(128, 128), FlashParams::DEFAULT);
     }
 
     const BASE: Case = Case {
@@ -896,14 +1465,16 @@ mod tests {
         check(&Case { softcap: Some(2.0), mask: None, window: None, past: 30, ..add_mask }, false);
     }
 
-    /// More queries than the split path takes: the combine kernel runs the
-    /// rows (and the split kernel's blocks all return).
+    /// More queries than the split path takes: the combine kernel runs
+    /// flash attention (and the split kernel's blocks all return).
     #[test]
-    fn gpu_attention_split_falls_back_to_rows() {
+    fn gpu_attention_split_falls_back_to_flash() {
         let base = Case { split: sp(32, 4, 2), nt: 16, ..BASE };
         check(&Case { sq: 3, past: 9, ..base }, false);
         check(&Case { hq: 3, hkv: 1, d: 40, sq: 7, past: 0, window: Some(4), ..base }, false);
         check(&Case { sq: 2, past: 9, mask: Some((DType::Bool, "1, 1, s, t")), ..base }, false);
+        // Several query tiles, batch 2, an additive mask per head.
+        check(&Case { batch: 2, sq: 19, past: 7, mask: Some((DType::F32, "b, 4, s, t")), ..base }, false);
     }
 
     #[test]

@@ -172,6 +172,7 @@ pub fn gpuize_with(k: &Kernel, opts: GpuizeOptions) -> Result<Kernel, GpuizeErro
         block: [block, 1, 1],
         grid: [sym::ceil_div(iters, per_block), Expr::i64(1), Expr::i64(1)],
         aligned_vectors: false,
+        min_blocks_per_sm: None,
     });
     out.name = if opts == GpuizeOptions::default() {
         format!("{}_gpu", k.name)
