@@ -18,8 +18,8 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 use clap::ValueEnum;
-use smelt_codegen::schedule::{schedule_into, ScheduleOptions, WeightDtype};
 use smelt_codegen::kir::Scalar;
+use smelt_codegen::schedule::{schedule_into, ScheduleOptions, WeightDtype};
 use smelt_codegen::tuning::{Site, Tuning};
 use smelt_ir::{Graph, StoredTensor};
 use smelt_passes::egraph::cost::MeasuredCosts;

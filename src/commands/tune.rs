@@ -62,6 +62,12 @@ pub struct Args {
     /// Write the tuning database to FILE (after tuning, if a model is given).
     #[arg(long, value_name = "FILE")]
     pub export: Option<PathBuf>,
+    /// Also time each gated MLP's plain product (at its default), so that
+    /// compiles weigh the fused kernel against its unfused spelling with
+    /// measured times (experimental: the unfused spelling's elementwise
+    /// kernel and merged product are not timed).
+    #[arg(long)]
+    pub time_unfused: bool,
 }
 
 pub fn main(args: Args) -> Result<()> {
@@ -130,7 +136,10 @@ fn tune_model(args: &Args, model: &std::path::Path, db_path: &std::path::Path) -
         }
         _ => cpu_plan(model, args.weight_dtype)?,
     };
-    let jobs = jobs_of_plan(&plan);
+    let mut jobs = jobs_of_plan(&plan);
+    if args.time_unfused {
+        jobs = smelt_tune::with_unfused_companions(jobs);
+    }
     if jobs.is_empty() {
         eprintln!(
             "{}: no tunable kernels (an artifact compiled before `smelt tune` existed records none; recompile it)",

@@ -88,8 +88,18 @@ pub fn jobs_of_plan(plan: &NativePlan) -> Vec<Job> {
         by_site.entry(t.site.clone()).or_insert(Job { site, kernel: name, launches: 0, unfused: false }).launches +=
             count;
     }
-    let mut jobs: Vec<Job> = by_site.into_values().filter(|j| j.launches > 0).collect();
-    // Each gated site's plain product, when the plan has none of that shape.
+    by_site.into_values().filter(|j| j.launches > 0).collect()
+}
+
+/// `jobs` and, for each gated site, its plain product when `jobs` has none
+/// of that shape: a companion (`Job::unfused`) whose time lets the fusion
+/// cost model weigh the gated kernel against the two products of its
+/// unfused spelling. Opt-in (`smelt tune --time-unfused`): the unfused
+/// spelling also runs an elementwise kernel, and the horizontal pass
+/// merges its two products into one of twice the width, neither of which
+/// the companion times, so on smollm2 the extraction it led to was 4%
+/// slower end to end than the fused kernel (BENCHMARKS.md).
+pub fn with_unfused_companions(mut jobs: Vec<Job>) -> Vec<Job> {
     let mut companions: Vec<Job> = vec![];
     for j in &jobs {
         let Site::WeightProduct { n, k, act: Some(_), w } = j.site else { continue };

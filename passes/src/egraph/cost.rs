@@ -289,8 +289,14 @@ fn measured_alternatives(eg: &EGraph, m: &MeasuredCosts) -> HashMap<Id, Vec<Opti
             .iter()
             .enumerate()
             .map(|(i, n)| {
-                let mut inputs: HashSet<Id> =
-                    c.nodes.iter().enumerate().filter(|(j, _)| *j != i).flat_map(|(_, o)| o.children_ids()).map(|x| eg.find(*x)).collect();
+                let mut inputs: HashSet<Id> = c
+                    .nodes
+                    .iter()
+                    .enumerate()
+                    .filter(|(j, _)| *j != i)
+                    .flat_map(|(_, o)| o.children_ids())
+                    .map(|x| eg.find(*x))
+                    .collect();
                 inputs.insert(cid);
                 let mut budget = WALK_BUDGET;
                 match measured_subtree(eg, m, &inputs, n, MEASURED_DEPTH, &mut HashSet::new(), &mut budget) {
