@@ -105,7 +105,7 @@ pub fn gemm(b: &mut Builder, m: Expr, op: &WeightOp, n: usize, k: usize, p: &Gem
 }
 
 /// `a && b` for scalar bools (KIR has no logical operators).
-fn and(a: Expr, b: Expr) -> Expr {
+pub(super) fn and(a: Expr, b: Expr) -> Expr {
     Expr::select(a, b, Expr::Bool(false))
 }
 

@@ -25,6 +25,7 @@
 //! by every thread. Not yet done: `ldmatrix`, `cp.async` double buffering
 //! and 2-wide stores.
 
+use super::gemm::and;
 use super::{block_x, declare, epilogue, thread_x, vec_width, Operands, WeightOp};
 use crate::kir::{Access, BufId, Builder, Expr, LoopKind, Mma, Scalar, Space, Special, Ty, Var};
 use crate::templates::c;
@@ -118,11 +119,6 @@ pub fn gemm_tc(b: &mut Builder, m: Expr, op: &WeightOp, n: usize, k: usize, p: &
     let n0 = block_x() * Expr::idx(p.bn);
     tile(b, &o, op, &m, n, k, p, &tiles, m0, n0);
     Ok(())
-}
-
-/// `a && b` for scalar bools (KIR has no logical operators).
-fn and(a: Expr, b: Expr) -> Expr {
-    Expr::select(a, b, Expr::Bool(false))
 }
 
 /// The tile of `y` at rows `m0..`, columns `n0..`.
