@@ -193,20 +193,22 @@ pub(super) fn tile(
     }
 }
 
-/// Copies slices of `k`-major operands into transposed shared tiles.
-struct Stage {
-    t: Var,
-    threads: usize,
-    k: usize,
-    bk: usize,
+/// Copies slices of `k`-major operands into shared tiles, each thread a
+/// strided share of the slice's vectors (also the tensor-core GEMM's).
+pub(super) struct Stage {
+    pub t: Var,
+    pub threads: usize,
+    pub k: usize,
+    pub bk: usize,
 }
 
 impl Stage {
     /// Rows `row0 .. row0 + rows` (those below `total`) of `src [total, k]`,
-    /// columns `k0 .. k0 + bk` (those below `k`), into `dst[c * ld + r]`,
-    /// zeros elsewhere; `vw`-wide loads.
+    /// columns `k0 .. k0 + bk` (those below `k`), loaded as `vw`-wide
+    /// vectors (zeros outside) and handed to `store(b, r, c, value)` with
+    /// the vector's row and first column within the slice.
     #[allow(clippy::too_many_arguments)]
-    fn slice(
+    pub fn slice_with(
         &self,
         b: &mut Builder,
         src: BufId,
@@ -214,9 +216,8 @@ impl Stage {
         total: Expr,
         row0: Var,
         k0: Var,
-        dst: BufId,
         rows: usize,
-        ld: usize,
+        store: impl Fn(&mut Builder, Var, Var, Var),
     ) {
         let lanes = vw as usize;
         let per_row = self.bk / lanes;
@@ -239,10 +240,7 @@ impl Stage {
                     |b| b.assign(val, Expr::load(src, gr * Expr::idx(self.k) + gk, vw)),
                     |b| b.assign(val, c(0.0, vw)),
                 );
-                for e in 0..vw {
-                    let at = (Expr::Var(cc) + Expr::idx(e as usize)) * Expr::idx(ld) + Expr::Var(r);
-                    b.store(dst, at, lane(Expr::Var(val), e, vw));
-                }
+                store(b, r, cc, val);
             };
             if (l + 1) * self.threads > count {
                 b.if_(Expr::Var(v).lt(Expr::idx(count)), copy_one, |_| {});
@@ -250,6 +248,28 @@ impl Stage {
                 copy_one(b);
             }
         }
+    }
+
+    /// [`Stage::slice_with`] into `dst[c * ld + r]`: transposed, lane by lane.
+    #[allow(clippy::too_many_arguments)]
+    fn slice(
+        &self,
+        b: &mut Builder,
+        src: BufId,
+        vw: u8,
+        total: Expr,
+        row0: Var,
+        k0: Var,
+        dst: BufId,
+        rows: usize,
+        ld: usize,
+    ) {
+        self.slice_with(b, src, vw, total, row0, k0, rows, |b, r, cc, val| {
+            for e in 0..vw {
+                let at = (Expr::Var(cc) + Expr::idx(e as usize)) * Expr::idx(ld) + Expr::Var(r);
+                b.store(dst, at, lane(Expr::Var(val), e, vw));
+            }
+        });
     }
 }
 

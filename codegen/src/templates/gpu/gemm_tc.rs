@@ -25,9 +25,9 @@
 //! by every thread. Not yet done: `ldmatrix`, `cp.async` double buffering
 //! and 2-wide stores.
 
-use super::gemm::and;
+use super::gemm::{and, Stage};
 use super::{block_x, declare, epilogue, thread_x, vec_width, Operands, WeightOp};
-use crate::kir::{Access, BufId, Builder, Expr, LoopKind, Mma, Scalar, Space, Special, Ty, Var};
+use crate::kir::{Access, BufId, Builder, Expr, LoopKind, Mma, Scalar, Space, Special, Var};
 use crate::templates::c;
 use crate::templates::sym::ceil_div;
 
@@ -155,12 +155,12 @@ pub(super) fn tile(
         o.w.iter()
             .map(|_| (0..mt).map(|_| (0..nt).map(|_| [(); 4].map(|_| b.let_("acc", c(0.0, 1)))).collect()).collect())
             .collect();
-    let copy = Stage { t, threads: p.threads(), k, bk: p.bk, ld };
+    let copy = Stage { t, threads: p.threads(), k, bk: p.bk };
     b.for_("k0", Expr::idx(0), Expr::idx(k), p.bk as i64, LoopKind::Serial, |b, k0| {
         let k0 = b.let_("k0", k0);
-        copy.slice(b, o.x, vec_width(Scalar::F32, k), m.clone(), m0, k0, tiles.a, p.bm);
+        slice(&copy, b, o.x, vec_width(Scalar::F32, k), m.clone(), m0, k0, tiles.a, p.bm, ld);
         for (&w, &dst) in o.w.iter().zip(&tiles.w) {
-            copy.slice(b, w, vec_width(op.w_elem, k), Expr::idx(n), n0, k0, dst, p.bn);
+            slice(&copy, b, w, vec_width(op.w_elem, k), Expr::idx(n), n0, k0, dst, p.bn, ld);
         }
         b.barrier();
         let steps = (p.bk / 16) as u32;
@@ -201,51 +201,24 @@ pub(super) fn tile(
     }
 }
 
-/// Copies slices of `k`-major operands into `k`-major shared tiles.
-struct Stage {
-    t: Var,
-    threads: usize,
-    k: usize,
-    bk: usize,
+/// [`Stage::slice_with`] into `dst[r * ld + c]`, row-major as the
+/// fragments read it (rounded to `dst`'s type by the store).
+#[allow(clippy::too_many_arguments)]
+fn slice(
+    stage: &Stage,
+    b: &mut Builder,
+    src: BufId,
+    vw: u8,
+    total: Expr,
+    row0: Var,
+    k0: Var,
+    dst: BufId,
+    rows: usize,
     ld: usize,
-}
-
-impl Stage {
-    /// Rows `row0 .. row0 + rows` (those below `total`) of `src [total, k]`,
-    /// columns `k0 .. k0 + bk` (those below `k`), into `dst[r * ld + c]`
-    /// (rounded to `dst`'s type), zeros elsewhere; `vw`-wide loads.
-    #[allow(clippy::too_many_arguments)]
-    fn slice(&self, b: &mut Builder, src: BufId, vw: u8, total: Expr, row0: Var, k0: Var, dst: BufId, rows: usize) {
-        let lanes = vw as usize;
-        let per_row = self.bk / lanes;
-        let count = rows * per_row;
-        let val = b.var("ld", Ty::F32.with_lanes(vw));
-        for l in 0..count.div_ceil(self.threads) {
-            let v = b.let_("v", Expr::Var(self.t) + Expr::idx(l * self.threads));
-            let copy_one = |b: &mut Builder| {
-                let r = b.let_("r", Expr::Var(v) / Expr::idx(per_row));
-                let cc = b.let_("c", Expr::Var(v) % Expr::idx(per_row) * Expr::idx(lanes));
-                let gr = Expr::Var(row0) + Expr::Var(r);
-                let gk = Expr::Var(k0) + Expr::Var(cc);
-                let mut inside = gr.clone().lt(total.clone());
-                if !self.k.is_multiple_of(self.bk) {
-                    // `vw` divides `k`, so a vector is wholly in or out.
-                    inside = and(inside, gk.clone().lt(Expr::idx(self.k)));
-                }
-                b.if_(
-                    inside,
-                    |b| b.assign(val, Expr::load(src, gr * Expr::idx(self.k) + gk, vw)),
-                    |b| b.assign(val, c(0.0, vw)),
-                );
-                b.store(dst, Expr::Var(r) * Expr::idx(self.ld) + Expr::Var(cc), Expr::Var(val));
-            };
-            if (l + 1) * self.threads > count {
-                b.if_(Expr::Var(v).lt(Expr::idx(count)), copy_one, |_| {});
-            } else {
-                copy_one(b);
-            }
-        }
-    }
+) {
+    stage.slice_with(b, src, vw, total, row0, k0, rows, |b, r, cc, val| {
+        b.store(dst, Expr::Var(r) * Expr::idx(ld) + Expr::Var(cc), Expr::Var(val));
+    });
 }
 
 #[cfg(test)]
@@ -253,7 +226,7 @@ mod tests {
     use super::super::weight_testing::check_rounded;
     use super::*;
     use crate::kir::interp::{self, BufData, Mode};
-    use crate::kir::Kernel;
+    use crate::kir::{Kernel, Ty};
     use crate::templates::matmul_dyn::Act;
     use crate::templates::testing::rand;
 
