@@ -109,3 +109,34 @@ fn verifier_rejects_ill_typed_kernels() {
     let err = b.finish().unwrap_err().to_string();
     assert!(err.contains("store to read-only buffer `x`"), "{err}");
 }
+
+/// A prefetch is a hint: it may point past its buffer, the interpreter
+/// (in both modes) ignores it, and only a global buffer with an `i64`
+/// index is accepted.
+#[test]
+fn prefetch_is_only_a_hint() {
+    let mut b = Builder::new("copy_prefetching");
+    let x = b.input("x", 8);
+    let y = b.output("y", 8);
+    b.for_("i", Expr::idx(0), Expr::idx(8), 1, LoopKind::Parallel, |b, i| {
+        b.prefetch(x, i.clone() + Expr::idx(1 << 20));
+        b.store(y, i.clone(), Expr::load(x, i, 1));
+    });
+    let k = b.finish().unwrap();
+    assert!(k.to_string().contains("prefetch x[(i.0 + 1048576)]"), "{k}");
+    let data: Vec<f32> = (0..8).map(|v| v as f32).collect();
+    let mut bufs = vec![BufData::F32(data.clone()), BufData::F32(vec![0.0; 8])];
+    run(&k, &mut bufs, &[], Mode::Cpu { threads: 2 }).unwrap();
+    assert_eq!(bufs[1].f32(), data.as_slice());
+
+    let mut b = Builder::new("bad_prefetch");
+    let sh = b.buffer("tile", Scalar::F32, 4, Space::Shared, Access::Write);
+    b.prefetch(sh, Expr::idx(0));
+    let err = b.finish().unwrap_err().to_string();
+    assert!(err.contains("prefetch of a buffer that is not global"), "{err}");
+    let mut b = Builder::new("bad_prefetch_index");
+    let x = b.input("x", 4);
+    b.prefetch(x, Expr::f32(0.0));
+    let err = b.finish().unwrap_err().to_string();
+    assert!(err.contains("prefetch index must be i64"), "{err}");
+}

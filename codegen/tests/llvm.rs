@@ -678,3 +678,24 @@ fn gemm_timing_and_ymm() {
         assert!(ymm_fma + zmm_fma > 0, "no 256/512-bit FMAs in the GEMM:\n{asm}");
     }
 }
+
+/// The packed weight kernels prefetch their panels in single-row tiles
+/// when the weights are narrow (see `templates::packed::PREFETCH_AHEAD`),
+/// and only then: LLVM's x86 code for a bf16 kernel has `prefetcht0`
+/// instructions, the f32 one none. (The kernels' results, prefetches past
+/// the panel's end included, are checked in `matmul_and_fused_ops`.)
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn narrow_decode_kernels_prefetch_their_panels() {
+    let x = f("seq,96");
+    for (elem, want) in [(Scalar::BF16, true), (Scalar::F16, true), (Scalar::F32, false)] {
+        let wk = weight_matmul_with(&x, 40, 96, elem, PanelParams::WIDE).unwrap();
+        let k = &wk.instance.kernel;
+        assert_eq!(k.to_string().contains("prefetch w["), want, "{elem:?}:\n{k}");
+        let asm =
+            smelt_codegen::llvm::compile(std::slice::from_ref(k), "prefetch", smelt_codegen::llvm::Output::Assembly)
+                .unwrap();
+        let prefetches = String::from_utf8_lossy(&asm).lines().filter(|l| l.trim().starts_with("prefetch")).count();
+        assert_eq!(prefetches > 0, want, "{elem:?}: {prefetches} prefetch instructions");
+    }
+}

@@ -1013,6 +1013,7 @@ fn every_op_and_construct_is_covered() {
                     }
                     Stmt::Shuffle { value, .. } => e(value),
                     Stmt::Mma(m) => m.exprs().for_each(e),
+                    Stmt::Prefetch { index, .. } => e(index),
                     Stmt::Barrier => {}
                 }
             }

@@ -116,6 +116,7 @@ fn libm_calls(k: &Kernel) -> Vec<&'static str> {
                     expr(arg, out);
                 }
                 Stmt::Mma(m) => m.exprs().for_each(|e| expr(e, out)),
+                Stmt::Prefetch { index, .. } => expr(index, out),
             }
         }
     }
@@ -297,6 +298,8 @@ impl Lower<'_, '_> {
             Stmt::Barrier => return Err(unsupported(self.k, "barriers".into())),
             Stmt::Shuffle { .. } => return Err(unsupported(self.k, "warp shuffles".into())),
             Stmt::Mma(_) => return Err(unsupported(self.k, "tensor-core mma".into())),
+            // Cranelift has no prefetch instruction; the hint is dropped.
+            Stmt::Prefetch { .. } => {}
         }
         Ok(())
     }

@@ -431,6 +431,9 @@ impl<'a, 'm> Thread<'a, 'm> {
                 self.vars[dst.0 as usize] = Some(y);
             }
             Stmt::Mma(m) => self.mma(m)?,
+            Stmt::Prefetch { index, .. } => {
+                self.eval(index)?.i64()?;
+            }
         }
         Ok(())
     }

@@ -295,6 +295,15 @@ pub enum Stmt {
     /// One warp-wide tensor-core matrix multiply-accumulate (see [`Mma`]).
     /// Boxed: it is far larger than the other statements.
     Mma(Box<Mma>),
+    /// A hint that element `index` of the global buffer `buf` is read soon:
+    /// the host LLVM lowering emits a prefetch of its cache line, the other
+    /// lowerings and the interpreter nothing. It reads and writes no data,
+    /// so `index` may lie past the buffer's end (a stream's last prefetches
+    /// do), and it never changes a result.
+    Prefetch {
+        buf: BufId,
+        index: Expr,
+    },
 }
 
 /// `D = A · B + C` for one `16 x 8 x 16` tile, computed collectively by the
@@ -422,6 +431,7 @@ impl Kernel {
                 Stmt::Barrier | Stmt::Shuffle { .. } | Stmt::Mma(_) => true,
                 Stmt::Assign(_, e) => expr(e),
                 Stmt::Store { index, value, .. } => expr(index) || expr(value),
+                Stmt::Prefetch { index, .. } => expr(index),
                 Stmt::For(l) => expr(&l.start) || expr(&l.end) || stmts(&l.body),
                 Stmt::If { cond, then, els } => expr(cond) || stmts(then) || stmts(els),
             })
@@ -646,6 +656,14 @@ impl Kernel {
                     }
                 }
                 Stmt::Mma(m) => self.verify_mma(m).map_err(err)?,
+                Stmt::Prefetch { buf, index } => {
+                    if self.buffers.get(buf.0 as usize).is_none_or(|b| b.space != Space::Global) {
+                        return Err(err("prefetch of a buffer that is not global".into()));
+                    }
+                    if self.type_of(index).map_err(err)? != Ty::I64 {
+                        return Err(err("prefetch index must be i64".into()));
+                    }
+                }
             }
         }
         Ok(())
@@ -948,6 +966,11 @@ impl Builder {
 
     pub fn barrier(&mut self) {
         self.push(Stmt::Barrier);
+    }
+
+    /// See [`Stmt::Prefetch`].
+    pub fn prefetch(&mut self, buf: BufId, index: Expr) {
+        self.push(Stmt::Prefetch { buf, index });
     }
 
     pub fn shuffle(&mut self, dst: Var, kind: ShuffleKind, value: Expr, arg: Expr) {

@@ -135,6 +135,9 @@ fn stmt(k: &Kernel, s: &Stmt, depth: usize, out: &mut String) {
             out.push_str(&format!("{pad}}}\n"));
         }
         Stmt::Barrier => out.push_str(&format!("{pad}barrier\n")),
+        Stmt::Prefetch { buf, index } => {
+            out.push_str(&format!("{pad}prefetch {}[{}]\n", k.buf(*buf).name, expr(k, index)))
+        }
         Stmt::Shuffle { dst, kind, value, arg } => out.push_str(&format!(
             "{pad}{} = shuffle_{}({}, {})\n",
             var(k, *dst),

@@ -314,6 +314,24 @@ impl Lower<'_> {
         unsafe { LLVMBuildInBoundsGEP2(self.b, elem, base, idx.as_mut_ptr(), 1, NONE) }
     }
 
+    /// `llvm.prefetch` (a read, into all cache levels) of element `index`
+    /// of `buf`. The address is computed without `inbounds`: it may lie
+    /// past the buffer (see [`kir::Stmt::Prefetch`]), which a prefetch
+    /// tolerates and an in-bounds GEP would make poison.
+    fn prefetch(&mut self, buf: kir::BufId, index: &Expr) -> R<()> {
+        let base = self.bufs[buf.0 as usize].ok_or_else(|| unsupported(self.k, "shared buffers".into()))?;
+        let i = self.expr(index)?;
+        unsafe {
+            let mut idx = [i];
+            let elem = self.mem_ty(self.k.buf(buf).elem);
+            let p = LLVMBuildGEP2(self.b, elem, base, idx.as_mut_ptr(), 1, NONE);
+            let i32t = LLVMInt32TypeInContext(self.cx);
+            let c = |x: u64| LLVMConstInt(i32t, x, 0);
+            self.intrinsic("llvm.prefetch", &[LLVMTypeOf(p)], &[p, c(0), c(3), c(1)])?;
+        }
+        Ok(())
+    }
+
     pub(super) fn addr(&mut self, buf: kir::BufId, index: &Expr) -> R<LLVMValueRef> {
         let base = self.bufs[buf.0 as usize].ok_or_else(|| unsupported(self.k, "shared buffers".into()))?;
         let i = self.expr(index)?;
@@ -574,6 +592,10 @@ impl Lower<'_> {
                 self.gpu_only("tensor-core mma")?;
                 self.mma(m)?;
             }
+            // GPU kernels stream through their own caches; the hint is for
+            // the host's.
+            Stmt::Prefetch { buf, index } if self.flavor.abi == Abi::Host => self.prefetch(*buf, index)?,
+            Stmt::Prefetch { .. } => {}
         }
         Ok(())
     }

@@ -206,6 +206,7 @@ fn reads_outside(k: &Kernel, l: &Loop, v: Var) -> bool {
             Stmt::Barrier => false,
             Stmt::Shuffle { value, arg, .. } => expr(value, v) || expr(arg, v),
             Stmt::Mma(m) => m.exprs().any(|e| expr(e, v)),
+            Stmt::Prefetch { index, .. } => expr(index, v),
         })
     }
     stmts(&k.body, l, v)

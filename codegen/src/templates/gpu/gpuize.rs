@@ -281,6 +281,7 @@ fn exprs(stmts: &[Stmt], f: &mut impl FnMut(&Expr)) {
             arg.visit(f);
         }
         Stmt::Mma(m) => m.exprs().for_each(|e| e.visit(f)),
+        Stmt::Prefetch { index, .. } => index.visit(f),
         Stmt::Barrier => {}
     })
 }
