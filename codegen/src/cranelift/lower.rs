@@ -116,6 +116,8 @@ fn libm_calls(k: &Kernel) -> Vec<&'static str> {
                     expr(arg, out);
                 }
                 Stmt::Mma(m) => m.exprs().for_each(|e| expr(e, out)),
+                Stmt::Wgmma(w) => w.exprs().for_each(|e| expr(e, out)),
+                Stmt::Async(_) => {}
             }
         }
     }
@@ -297,6 +299,7 @@ impl Lower<'_, '_> {
             Stmt::Barrier => return Err(unsupported(self.k, "barriers".into())),
             Stmt::Shuffle { .. } => return Err(unsupported(self.k, "warp shuffles".into())),
             Stmt::Mma(_) => return Err(unsupported(self.k, "tensor-core mma".into())),
+            Stmt::Wgmma(_) | Stmt::Async(_) => return Err(unsupported(self.k, "warpgroup mma (wgmma)".into())),
         }
         Ok(())
     }
