@@ -1013,7 +1013,8 @@ fn every_op_and_construct_is_covered() {
                     }
                     Stmt::Shuffle { value, .. } => e(value),
                     Stmt::Mma(m) => m.exprs().for_each(e),
-                    Stmt::Barrier => {}
+                    Stmt::Wgmma(w) => w.exprs().for_each(e),
+                    Stmt::Barrier | Stmt::Async(_) => {}
                 }
             }
         }
@@ -1404,6 +1405,104 @@ fn host_lowerings_refuse_mma() {
     assert!(
         matches!(err, smelt_codegen::cranelift::CompileError::Unsupported { .. })
             && err.to_string().contains("tensor-core mma"),
+        "{err}"
+    );
+}
+
+/// The wgmma GEMM (sm_90a): alone (bf16 plain, f16 gated with bias and
+/// residual, default parameters: two warpgroups of m64n64) and as the
+/// sm_90a variant of the weight products. The sm_90a module holds
+/// `wgmma.mma_async` of both types with its fences, commits and waits, and
+/// assembles without spills; the sm_80 and sm_90 modules of the weight
+/// products hold no wgmma (they keep `mma.sync` under the same entries),
+/// and a kernel whose own body uses wgmma is refused for them.
+/// `-- --nocapture` prints each kernel's registers and shared memory.
+#[test]
+fn wgmma_gemm_ptx_passes_ptxas() {
+    use smelt_codegen::templates::gpu::{gemm_wgmma, weight_product, TcParams, WeightOp, WeightProductParams};
+    use smelt_codegen::templates::matmul_dyn::Act;
+    let silu = |elem| WeightOp { bias: true, residual: true, ..WeightOp::gated(elem, Act::Silu) };
+    let mut alone = vec![];
+    for (op, n, k) in [(WeightOp::plain(Scalar::BF16), 4096, 4096), (silu(Scalar::F16), 14336, 4096)] {
+        let mut b = Builder::new(&format!("gemm_wgmma_{}", op.describe()));
+        let m = b.scalar_param("m");
+        gemm_wgmma::gemm_wgmma(&mut b, m, &op, n, k, &TcParams::DEFAULT).unwrap();
+        alone.push(b.finish().unwrap());
+    }
+    let mut products = vec![];
+    let ops = [(WeightOp::plain(Scalar::F16), 896, 896), (WeightOp::gated(Scalar::BF16, Act::Silu), 4864, 896)];
+    for (op, n, k) in ops {
+        let mut b = Builder::new(&format!("weight_product_{}", op.describe()));
+        let m = b.scalar_param("m");
+        weight_product(&mut b, m, &op, n, k, &WeightProductParams::for_shape(&op, n, k)).unwrap();
+        let kern = b.finish().unwrap();
+        assert!(kern.sm90a.as_ref().is_some_and(|v| v.uses_wgmma()), "{} has no wgmma variant", kern.name);
+        products.push(kern);
+    }
+    for arch in [GpuArch::Sm80, GpuArch::Sm90] {
+        let ptx = emit_ptx(&products, arch).unwrap_or_else(|e| panic!("{arch}: {e}"));
+        assert!(!ptx.contains("wgmma") && ptx.contains("mma.sync.aligned.m16n8k16"), "{arch}: wgmma in the PTX");
+        let err = emit_ptx(&alone, arch).unwrap_err();
+        assert!(matches!(err, LlvmError::NeedsArch { .. }) && err.to_string().contains("sm_90a"), "{err}");
+    }
+    let kernels: Vec<Kernel> = alone.into_iter().chain(products).collect();
+    let ptx = emit_ptx(&kernels, GpuArch::Sm90a).unwrap_or_else(|e| panic!("sm_90a: {e}"));
+    if let Some(dir) = std::env::var_os("SMELT_TC_DUMP") {
+        std::fs::write(std::path::Path::new(&dir).join("wgmma_sm_90a.ptx"), &ptx).unwrap();
+    }
+    for want in [
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16",
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16",
+        "wgmma.fence.sync.aligned",
+        "wgmma.commit_group.sync.aligned",
+        "wgmma.wait_group.sync.aligned \t0",
+        "fence.proxy.async.shared::cta",
+    ] {
+        assert!(ptx.contains(want), "sm_90a: no `{want}` in the PTX");
+    }
+    assert!(!ptx.contains("mma.sync"), "sm_90a: the weight products still use mma.sync");
+    let Some(p) = ptxas::find_ptxas() else {
+        eprintln!("SKIPPED the ptxas part: {}", ptxas::PtxasError::NotFound);
+        return;
+    };
+    let report = ptxas::check_with(&p, &ptx, "sm_90a").unwrap_or_else(|e| panic!("sm_90a: {e}"));
+    for k in &kernels {
+        let sym = smelt_codegen::aot::symbol_of(k);
+        let f = report.kernel(&sym).unwrap_or_else(|| panic!("sm_90a: ptxas said nothing of {sym}:\n{}", report.log));
+        eprintln!(
+            "sm_90a {sym}: {} registers, {} B spill stores, {} B spill loads, {} B stack, {} B shared",
+            f.registers, f.spill_store_bytes, f.spill_load_bytes, f.stack_frame_bytes, f.shared_bytes
+        );
+        assert_eq!(f.spill_store_bytes + f.spill_load_bytes, 0, "sm_90a {sym} spills");
+    }
+    assert!(!report.log.contains("serialized"), "ptxas serialized wgmma:\n{}", report.log);
+    eprintln!("{}", report.log);
+}
+
+/// The host lowerings (LLVM and Cranelift) refuse a wgmma with a typed
+/// error naming it.
+#[test]
+fn host_lowerings_refuse_wgmma() {
+    let mut b = Builder::new("host_wgmma");
+    let y = b.output("y", 4);
+    let s = b.buffer("s", Scalar::BF16, Expr::idx(64 * 16), Space::Shared, Access::Write);
+    let d: Vec<Var> = (0..4).map(|_| b.let_("d", Expr::f32(0.0))).collect();
+    b.async_sync(AsyncSync::WgmmaFence);
+    let mat = SmemMatrix { buf: s, start: Expr::idx(0), lbo: 128, sbo: 256 };
+    b.wgmma(Wgmma { elem: Scalar::BF16, n: 8, d: d.clone(), a: mat.clone(), b: mat });
+    b.async_sync(AsyncSync::WgmmaCommit);
+    b.async_sync(AsyncSync::WgmmaWait(0));
+    for (i, dv) in d.iter().enumerate() {
+        b.store(y, Expr::idx(i), v(*dv));
+    }
+    let mut k = b.finish().unwrap();
+    // Without its shared buffer the host lowerings reach the statement.
+    k.buffers.truncate(1);
+    let err = smelt_codegen::llvm::emit_object(std::slice::from_ref(&k), "host_wgmma").unwrap_err();
+    assert!(matches!(err, LlvmError::Unsupported { .. }) && err.to_string().contains("wgmma"), "{err}");
+    let err = smelt_codegen::cranelift::JitKernel::compile(&k).map(|_| ()).unwrap_err();
+    assert!(
+        matches!(err, smelt_codegen::cranelift::CompileError::Unsupported { .. }) && err.to_string().contains("wgmma"),
         "{err}"
     );
 }
