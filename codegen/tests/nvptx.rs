@@ -7,6 +7,9 @@
 //! memory) are first run in the interpreter's GPU mode against plain
 //! Rust references, then emitted as PTX for sm_80, sm_90 and sm_90a and
 //! assembled by `ptxas` (skipped, saying why, when no ptxas is found).
+//! The sm_90a-only warpgroup MMA (wgmma) is checked apart: its GEMM's
+//! PTX for sm_90a assembles without spills, and sm_80/sm_90 modules hold
+//! none (its numerics are tested in the interpreter, in `gemm_wgmma`).
 //!
 //! With `SMELT_NVPTX_DUMP=DIR` the test also writes, for a GPU machine,
 //! the PTX of each architecture, every case's inputs and the interpreter's

@@ -330,7 +330,8 @@ impl<'a, 'm> Thread<'a, 'm> {
         for (v, x) in k.scalars.iter().zip(scalars) {
             vars[v.0 as usize] = Some(Val::I64(*x));
         }
-        let wg = WgState { pending: vec![false; k.vars.len()], dirty: vec![false; k.buffers.len()], ..WgState::default() };
+        let wg =
+            WgState { pending: vec![false; k.vars.len()], dirty: vec![false; k.buffers.len()], ..WgState::default() };
         Thread { k, vars, ctx, mem, parallel_depth: 0, wg }
     }
 

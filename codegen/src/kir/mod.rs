@@ -808,21 +808,27 @@ impl Kernel {
         if !(8..=256).contains(&w.n) || !w.n.is_multiple_of(8) {
             return Err(format!("wgmma with N = {} (a multiple of 8 in 8..=256 expected)", w.n));
         }
-        if w.d.len() != w.n as usize / 2 || w.d.iter().any(|v| self.vars.get(v.0 as usize).map(|d| d.ty) != Some(Ty::F32))
+        if w.d.len() != w.n as usize / 2
+            || w.d.iter().any(|v| self.vars.get(v.0 as usize).map(|d| d.ty) != Some(Ty::F32))
         {
             return Err(format!("wgmma m64n{}k16 needs {} f32 accumulator variables", w.n, w.n / 2));
         }
         for (m, what) in [(&w.a, "A"), (&w.b, "B")] {
             let d = self.buffers.get(m.buf.0 as usize).ok_or("unknown buffer")?;
             if d.elem != w.elem || d.space != Space::Shared {
-                return Err(format!("wgmma {what} from `{}` ({:?}, {:?}): a shared {:?} buffer expected", d.name, d.space, d.elem, w.elem));
+                return Err(format!(
+                    "wgmma {what} from `{}` ({:?}, {:?}): a shared {:?} buffer expected",
+                    d.name, d.space, d.elem, w.elem
+                ));
             }
             if self.type_of(&m.start)? != Ty::I64 {
                 return Err(format!("wgmma {what} start is not i64"));
             }
             for (off, name) in [(m.lbo, "leading"), (m.sbo, "stride")] {
                 if !off.is_multiple_of(16) || off >= 1 << 18 {
-                    return Err(format!("wgmma {what} {name} byte offset {off} (a multiple of 16 below 2^18 expected)"));
+                    return Err(format!(
+                        "wgmma {what} {name} byte offset {off} (a multiple of 16 below 2^18 expected)"
+                    ));
                 }
             }
         }

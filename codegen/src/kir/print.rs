@@ -158,9 +158,7 @@ fn stmt(k: &Kernel, s: &Stmt, depth: usize, out: &mut String) {
         }
         Stmt::Wgmma(w) => {
             let d: Vec<String> = w.d.iter().map(|v| var(k, *v)).collect();
-            let desc = |m: &SmemMatrix| {
-                format!("{}[{}] lbo {} sbo {}", buf(k, m.buf), expr(k, &m.start), m.lbo, m.sbo)
-            };
+            let desc = |m: &SmemMatrix| format!("{}[{}] lbo {} sbo {}", buf(k, m.buf), expr(k, &m.start), m.lbo, m.sbo);
             out.push_str(&format!(
                 "{pad}[{}] += wgmma_m64n{}k16_{}(a: {}, b: {})\n",
                 d.join(", "),

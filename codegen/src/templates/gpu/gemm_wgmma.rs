@@ -107,7 +107,9 @@ pub fn gemm_wgmma(b: &mut Builder, m: Expr, op: &WeightOp, n: usize, k: usize, p
 
 /// The element index of row `r`, column `c` of a staged slice `bk` wide.
 fn core_index(r: Expr, c: Expr, bk: usize) -> Expr {
-    r.clone() / Expr::idx(8) * Expr::idx(8 * bk) + c.clone() / Expr::idx(8) * Expr::idx(64) + r % Expr::idx(8) * Expr::idx(8)
+    r.clone() / Expr::idx(8) * Expr::idx(8 * bk)
+        + c.clone() / Expr::idx(8) * Expr::idx(64)
+        + r % Expr::idx(8) * Expr::idx(8)
         + c % Expr::idx(8)
 }
 
@@ -139,8 +141,7 @@ pub(super) fn tile(
     let wr = b.let_("wr", Expr::Var(wg) / Expr::idx(wt.groups_n) * Expr::idx(64));
     let wc = b.let_("wc", Expr::Var(wg) % Expr::idx(wt.groups_n) * Expr::idx(wt.nw));
     // accs[weight][i]: register i of this thread's fragment of D.
-    let accs: Vec<Vec<Var>> =
-        o.w.iter().map(|_| (0..wt.nw / 2).map(|_| b.let_("acc", c(0.0, 1))).collect()).collect();
+    let accs: Vec<Vec<Var>> = o.w.iter().map(|_| (0..wt.nw / 2).map(|_| b.let_("acc", c(0.0, 1))).collect()).collect();
     let copy = Stage { t, threads: p.threads(), k, bk };
     b.for_("k0", Expr::idx(0), Expr::idx(k), bk as i64, crate::kir::LoopKind::Serial, |b, k0| {
         let k0 = b.let_("k0", k0);
@@ -244,7 +245,8 @@ mod tests {
     fn gpu_gemm_wgmma_edges() {
         let p = TcParams { bm: 64, bn: 16, bk: 16, wm: 16, wn: 16 };
         assert_eq!(fits(&p), Some(WgTiling { groups_m: 1, groups_n: 1, nw: 16 }));
-        for (i, (m, n, k)) in [(1, 24, 40), (5, 37, 52), (17, 72, 40), (70, 37, 52), (130, 24, 40)].into_iter().enumerate()
+        for (i, (m, n, k)) in
+            [(1, 24, 40), (5, 37, 52), (17, 72, 40), (70, 37, 52), (130, 24, 40)].into_iter().enumerate()
         {
             let op = WeightOp::plain([Scalar::BF16, Scalar::F16][i % 2]);
             check_rounded(&kernel(&op, n, k, &p), &op, m, n, k);
