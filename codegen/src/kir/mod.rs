@@ -315,8 +315,8 @@ pub enum Stmt {
 /// its transpose, `N x 16` (rows `n`, columns `k`): a `[n, k]` weight tile.
 /// Each is read through a matrix descriptor ([`SmemMatrix`]) in the
 /// "interleave" layout of 8 x 8 core matrices (8 rows of 16 bytes,
-/// contiguous): element `(r, c)` is at byte `start + (r / 8) sbo + (c / 8) lbo
-/// + (r % 8) 16 + (c % 8) 2`, so `lbo` steps between the two core matrices
+/// contiguous): element `(r, c)` is at byte
+/// `start + (r / 8) sbo + (c / 8) lbo + (r % 8) 16 + (c % 8) 2`, so `lbo` steps between the two core matrices
 /// along `k` and `sbo` between those along `m` (or `n`).
 ///
 /// `D` is `64 x N` in `f32`, `N / 2` registers per thread, as the PTX ISA

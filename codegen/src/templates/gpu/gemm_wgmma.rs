@@ -21,8 +21,8 @@
 //!
 //! Each `bk` slice of `x` and of the weights is staged in shared memory in
 //! the no-swizzle ("interleave") K-major layout of 8 x 8 core matrices
-//! (row `r`, column `c` at element `(r / 8) (8 bk) + (c / 8) 64 + (r % 8) 8
-//! + c % 8`: the core matrices along `k` are adjacent, 128 bytes apart, the
+//! (row `r`, column `c` at element
+//! `(r / 8) (8 bk) + (c / 8) 64 + (r % 8) 8 + c % 8`: the core matrices along `k` are adjacent, 128 bytes apart, the
 //! next 8 rows `16 bk` bytes further), with zeros past `m`, `n` or `k`, by
 //! the same coalesced vector loads as the `mma.sync` kernel. Then every
 //! thread fences its stores for the async proxy, the block synchronises,
