@@ -1324,8 +1324,10 @@ fn unpromised_vector_loads_are_split() {
 /// The tensor-core GEMM as the GPU weight product uses it (bf16 and f16
 /// weights, plain, gated and with bias/residual epilogues, default
 /// parameters, alone and behind the run-time GEMV/GEMM branch) emits
-/// `mma.sync` for every architecture and assembles without spills (at
-/// most 16 bytes on sm_80). `-- --nocapture` prints each kernel's registers and shared memory.
+/// `mma.sync` for every architecture (on sm_90a the weight products run
+/// their wgmma variant instead, see `wgmma_gemm_ptx_passes_ptxas`; the
+/// lone `mma.sync` GEMMs keep it) and assembles without spills (at most 16
+/// bytes on sm_80). `-- --nocapture` prints each kernel's registers and shared memory.
 #[test]
 fn tensor_core_gemm_ptx_passes_ptxas() {
     use smelt_codegen::templates::gpu::{gemm_tc, weight_product, TcParams, WeightOp, WeightProductParams};
