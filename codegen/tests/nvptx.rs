@@ -914,8 +914,55 @@ fn mma() -> Case {
     Case { kernel: b.finish().unwrap(), grid: [blocks, 1, 1], scalars: vec![], bufs, want, tol: 0.0, gpu_tol: 1e-5 }
 }
 
+/// A bf16 weight product (symbolic `m` = 70 rows: the tensor-core GEMM
+/// path) in 128-thread blocks, one warpgroup of m64n16: `mma.sync` on
+/// sm_80 and sm_90, its wgmma variant on sm_90a, so the dump checks wgmma
+/// against the interpreter on a Hopper GPU. The interpreter runs both
+/// bodies against the f64 product of the rounded activations.
+fn weight_product_tc() -> Case {
+    use smelt_codegen::templates::gpu::WeightProductParams;
+    use smelt_codegen::templates::gpu::{weight_product, GemmParams, GemvParams, TcParams, WeightOp};
+    let (m, n, k) = (70usize, 24usize, 40usize);
+    let p = WeightProductParams {
+        gemv: GemvParams { groups: 4, warps_per_group: 1, rows_per_group: 2, unroll: 2, m_tile: 2 },
+        gemm: GemmParams::DEFAULT,
+        tc: TcParams { bm: 64, bn: 16, bk: 16, wm: 16, wn: 16 },
+        gemv_max_m: 2,
+        blocks: 2,
+    };
+    let op = WeightOp::plain(Scalar::BF16);
+    let mut b = Builder::new("gpu_weight_product_tc");
+    let ms = b.scalar_param("m");
+    weight_product(&mut b, ms, &op, n, k, &p).unwrap();
+    let kernel = b.finish().unwrap();
+    assert!(kernel.sm90a.is_some());
+    let x = rand(m * k, 41);
+    let w: Vec<bf16> = rand(n * k, 42).into_iter().map(bf16::from_f32).collect();
+    let mut y = vec![0f32; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            let xr = |p: usize| bf16::from_f32(x[i * k + p]).to_f64();
+            y[i * n + j] = (0..k).map(|p| xr(p) * w[j * k + p].to_f64()).sum::<f64>() as f32;
+        }
+    }
+    let bufs = vec![BufData::F32(x.clone()), BufData::BF16(w.clone()), BufData::zeros(Scalar::F32, m * n)];
+    let want = vec![BufData::F32(x), BufData::BF16(w), BufData::F32(y)];
+    // Sums of 40 products below 1 in f32, in any order.
+    Case { kernel, grid: [2, 1, 1], scalars: vec![m as i64], bufs, want, tol: 1e-5, gpu_tol: 1e-5 }
+}
+
 fn cases() -> Vec<Case> {
-    vec![specials(), block_reduce(), shuffles(), vectors_and_narrow(), unary(), binary(), loops(), mma()]
+    vec![
+        specials(),
+        block_reduce(),
+        shuffles(),
+        vectors_and_narrow(),
+        unary(),
+        binary(),
+        loops(),
+        mma(),
+        weight_product_tc(),
+    ]
 }
 
 // ----- checking -----
@@ -964,14 +1011,17 @@ fn block_of(k: &Kernel) -> [usize; 3] {
 
 #[test]
 fn kernels_match_rust_references_in_the_gpu_interpreter() {
-    for mut c in cases() {
-        let k = &c.kernel;
-        run(k, &mut c.bufs, &c.scalars, Mode::Gpu { grid: c.grid, block: block_of(k) })
-            .unwrap_or_else(|e| panic!("{e}\n{k}"));
-        for (i, ((got, want), (_, d))) in c.bufs.iter().zip(&c.want).zip(k.global_buffers()).enumerate() {
-            compare(got, want, c.tol).unwrap_or_else(|e| panic!("{} buffer {i} `{}`: {e}", k.name, d.name));
+    for c in cases() {
+        // The kernel, and its sm_90a body when it has one.
+        for k in [Some(&c.kernel), c.kernel.sm90a.as_deref()].into_iter().flatten() {
+            let mut bufs = c.bufs.clone();
+            run(k, &mut bufs, &c.scalars, Mode::Gpu { grid: c.grid, block: block_of(k) })
+                .unwrap_or_else(|e| panic!("{e}\n{k}"));
+            for (i, ((got, want), (_, d))) in bufs.iter().zip(&c.want).zip(k.global_buffers()).enumerate() {
+                compare(got, want, c.tol).unwrap_or_else(|e| panic!("{} buffer {i} `{}`: {e}", k.name, d.name));
+            }
+            assert_eq!(k.grid(&c.scalars).unwrap().unwrap(), c.grid);
         }
-        assert_eq!(k.grid(&c.scalars).unwrap().unwrap(), c.grid);
     }
 }
 
@@ -1067,6 +1117,8 @@ fn ptx_for_every_arch_passes_ptxas() {
                 f.registers, f.spill_store_bytes, f.spill_load_bytes, f.stack_frame_bytes, f.shared_bytes
             );
             assert_eq!(f.spill_store_bytes + f.spill_load_bytes, 0, "{arch} {sym} spills");
+            // The module holds the kernel's sm_90a body there.
+            let k = if arch == GpuArch::Sm90a { k.for_sm90a() } else { std::borrow::Cow::Borrowed(k) };
             let shared: usize = k
                 .buffers
                 .iter()
