@@ -7,6 +7,9 @@
 //! memory) are first run in the interpreter's GPU mode against plain
 //! Rust references, then emitted as PTX for sm_80, sm_90 and sm_90a and
 //! assembled by `ptxas` (skipped, saying why, when no ptxas is found).
+//! The sm_90a-only warpgroup MMA (wgmma) is checked apart: its GEMM's
+//! PTX for sm_90a assembles without spills, and sm_80/sm_90 modules hold
+//! none (its numerics are tested in the interpreter, in `gemm_wgmma`).
 //!
 //! With `SMELT_NVPTX_DUMP=DIR` the test also writes, for a GPU machine,
 //! the PTX of each architecture, every case's inputs and the interpreter's
@@ -911,8 +914,55 @@ fn mma() -> Case {
     Case { kernel: b.finish().unwrap(), grid: [blocks, 1, 1], scalars: vec![], bufs, want, tol: 0.0, gpu_tol: 1e-5 }
 }
 
+/// A bf16 weight product (symbolic `m` = 70 rows: the tensor-core GEMM
+/// path) in 128-thread blocks, one warpgroup of m64n16: `mma.sync` on
+/// sm_80 and sm_90, its wgmma variant on sm_90a, so the dump checks wgmma
+/// against the interpreter on a Hopper GPU. The interpreter runs both
+/// bodies against the f64 product of the rounded activations.
+fn weight_product_tc() -> Case {
+    use smelt_codegen::templates::gpu::WeightProductParams;
+    use smelt_codegen::templates::gpu::{weight_product, GemmParams, GemvParams, TcParams, WeightOp};
+    let (m, n, k) = (70usize, 24usize, 40usize);
+    let p = WeightProductParams {
+        gemv: GemvParams { groups: 4, warps_per_group: 1, rows_per_group: 2, unroll: 2, m_tile: 2 },
+        gemm: GemmParams::DEFAULT,
+        tc: TcParams { bm: 64, bn: 16, bk: 16, wm: 16, wn: 16 },
+        gemv_max_m: 2,
+        blocks: 2,
+    };
+    let op = WeightOp::plain(Scalar::BF16);
+    let mut b = Builder::new("gpu_weight_product_tc");
+    let ms = b.scalar_param("m");
+    weight_product(&mut b, ms, &op, n, k, &p).unwrap();
+    let kernel = b.finish().unwrap();
+    assert!(kernel.sm90a.is_some());
+    let x = rand(m * k, 41);
+    let w: Vec<bf16> = rand(n * k, 42).into_iter().map(bf16::from_f32).collect();
+    let mut y = vec![0f32; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            let xr = |p: usize| bf16::from_f32(x[i * k + p]).to_f64();
+            y[i * n + j] = (0..k).map(|p| xr(p) * w[j * k + p].to_f64()).sum::<f64>() as f32;
+        }
+    }
+    let bufs = vec![BufData::F32(x.clone()), BufData::BF16(w.clone()), BufData::zeros(Scalar::F32, m * n)];
+    let want = vec![BufData::F32(x), BufData::BF16(w), BufData::F32(y)];
+    // Sums of 40 products below 1 in f32, in any order.
+    Case { kernel, grid: [2, 1, 1], scalars: vec![m as i64], bufs, want, tol: 1e-5, gpu_tol: 1e-5 }
+}
+
 fn cases() -> Vec<Case> {
-    vec![specials(), block_reduce(), shuffles(), vectors_and_narrow(), unary(), binary(), loops(), mma()]
+    vec![
+        specials(),
+        block_reduce(),
+        shuffles(),
+        vectors_and_narrow(),
+        unary(),
+        binary(),
+        loops(),
+        mma(),
+        weight_product_tc(),
+    ]
 }
 
 // ----- checking -----
@@ -961,14 +1011,17 @@ fn block_of(k: &Kernel) -> [usize; 3] {
 
 #[test]
 fn kernels_match_rust_references_in_the_gpu_interpreter() {
-    for mut c in cases() {
-        let k = &c.kernel;
-        run(k, &mut c.bufs, &c.scalars, Mode::Gpu { grid: c.grid, block: block_of(k) })
-            .unwrap_or_else(|e| panic!("{e}\n{k}"));
-        for (i, ((got, want), (_, d))) in c.bufs.iter().zip(&c.want).zip(k.global_buffers()).enumerate() {
-            compare(got, want, c.tol).unwrap_or_else(|e| panic!("{} buffer {i} `{}`: {e}", k.name, d.name));
+    for c in cases() {
+        // The kernel, and its sm_90a body when it has one.
+        for k in [Some(&c.kernel), c.kernel.sm90a.as_deref()].into_iter().flatten() {
+            let mut bufs = c.bufs.clone();
+            run(k, &mut bufs, &c.scalars, Mode::Gpu { grid: c.grid, block: block_of(k) })
+                .unwrap_or_else(|e| panic!("{e}\n{k}"));
+            for (i, ((got, want), (_, d))) in bufs.iter().zip(&c.want).zip(k.global_buffers()).enumerate() {
+                compare(got, want, c.tol).unwrap_or_else(|e| panic!("{} buffer {i} `{}`: {e}", k.name, d.name));
+            }
+            assert_eq!(k.grid(&c.scalars).unwrap().unwrap(), c.grid);
         }
-        assert_eq!(k.grid(&c.scalars).unwrap().unwrap(), c.grid);
     }
 }
 
@@ -1014,7 +1067,8 @@ fn every_op_and_construct_is_covered() {
                     Stmt::Shuffle { value, .. } => e(value),
                     Stmt::Mma(m) => m.exprs().for_each(e),
                     Stmt::Prefetch { index, .. } => e(index),
-                    Stmt::Barrier => {}
+                    Stmt::Wgmma(w) => w.exprs().for_each(e),
+                    Stmt::Barrier | Stmt::Async(_) => {}
                 }
             }
         }
@@ -1064,6 +1118,8 @@ fn ptx_for_every_arch_passes_ptxas() {
                 f.registers, f.spill_store_bytes, f.spill_load_bytes, f.stack_frame_bytes, f.shared_bytes
             );
             assert_eq!(f.spill_store_bytes + f.spill_load_bytes, 0, "{arch} {sym} spills");
+            // The module holds the kernel's sm_90a body there.
+            let k = if arch == GpuArch::Sm90a { k.for_sm90a() } else { std::borrow::Cow::Borrowed(k) };
             let shared: usize = k
                 .buffers
                 .iter()
@@ -1321,8 +1377,10 @@ fn unpromised_vector_loads_are_split() {
 /// The tensor-core GEMM as the GPU weight product uses it (bf16 and f16
 /// weights, plain, gated and with bias/residual epilogues, default
 /// parameters, alone and behind the run-time GEMV/GEMM branch) emits
-/// `mma.sync` for every architecture and assembles without spills (at
-/// most 16 bytes on sm_80). `-- --nocapture` prints each kernel's registers and shared memory.
+/// `mma.sync` for every architecture (on sm_90a the weight products run
+/// their wgmma variant instead, see `wgmma_gemm_ptx_passes_ptxas`; the
+/// lone `mma.sync` GEMMs keep it) and assembles without spills (at most 16
+/// bytes on sm_80). `-- --nocapture` prints each kernel's registers and shared memory.
 #[test]
 fn tensor_core_gemm_ptx_passes_ptxas() {
     use smelt_codegen::templates::gpu::{gemm_tc, weight_product, TcParams, WeightOp, WeightProductParams};
@@ -1405,6 +1463,104 @@ fn host_lowerings_refuse_mma() {
     assert!(
         matches!(err, smelt_codegen::cranelift::CompileError::Unsupported { .. })
             && err.to_string().contains("tensor-core mma"),
+        "{err}"
+    );
+}
+
+/// The wgmma GEMM (sm_90a): alone (bf16 plain, f16 gated with bias and
+/// residual, default parameters: two warpgroups of m64n64) and as the
+/// sm_90a variant of the weight products. The sm_90a module holds
+/// `wgmma.mma_async` of both types with its fences, commits and waits, and
+/// assembles without spills; the sm_80 and sm_90 modules of the weight
+/// products hold no wgmma (they keep `mma.sync` under the same entries),
+/// and a kernel whose own body uses wgmma is refused for them.
+/// `-- --nocapture` prints each kernel's registers and shared memory.
+#[test]
+fn wgmma_gemm_ptx_passes_ptxas() {
+    use smelt_codegen::templates::gpu::{gemm_wgmma, weight_product, TcParams, WeightOp, WeightProductParams};
+    use smelt_codegen::templates::matmul_dyn::Act;
+    let silu = |elem| WeightOp { bias: true, residual: true, ..WeightOp::gated(elem, Act::Silu) };
+    let mut alone = vec![];
+    for (op, n, k) in [(WeightOp::plain(Scalar::BF16), 4096, 4096), (silu(Scalar::F16), 14336, 4096)] {
+        let mut b = Builder::new(&format!("gemm_wgmma_{}", op.describe()));
+        let m = b.scalar_param("m");
+        gemm_wgmma::gemm_wgmma(&mut b, m, &op, n, k, &TcParams::DEFAULT).unwrap();
+        alone.push(b.finish().unwrap());
+    }
+    let mut products = vec![];
+    let ops = [(WeightOp::plain(Scalar::F16), 896, 896), (WeightOp::gated(Scalar::BF16, Act::Silu), 4864, 896)];
+    for (op, n, k) in ops {
+        let mut b = Builder::new(&format!("weight_product_{}", op.describe()));
+        let m = b.scalar_param("m");
+        weight_product(&mut b, m, &op, n, k, &WeightProductParams::for_shape(&op, n, k)).unwrap();
+        let kern = b.finish().unwrap();
+        assert!(kern.sm90a.as_ref().is_some_and(|v| v.uses_wgmma()), "{} has no wgmma variant", kern.name);
+        products.push(kern);
+    }
+    for arch in [GpuArch::Sm80, GpuArch::Sm90] {
+        let ptx = emit_ptx(&products, arch).unwrap_or_else(|e| panic!("{arch}: {e}"));
+        assert!(!ptx.contains("wgmma") && ptx.contains("mma.sync.aligned.m16n8k16"), "{arch}: wgmma in the PTX");
+        let err = emit_ptx(&alone, arch).unwrap_err();
+        assert!(matches!(err, LlvmError::NeedsArch { .. }) && err.to_string().contains("sm_90a"), "{err}");
+    }
+    let kernels: Vec<Kernel> = alone.into_iter().chain(products).collect();
+    let ptx = emit_ptx(&kernels, GpuArch::Sm90a).unwrap_or_else(|e| panic!("sm_90a: {e}"));
+    if let Some(dir) = std::env::var_os("SMELT_TC_DUMP") {
+        std::fs::write(std::path::Path::new(&dir).join("wgmma_sm_90a.ptx"), &ptx).unwrap();
+    }
+    for want in [
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16",
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16",
+        "wgmma.fence.sync.aligned",
+        "wgmma.commit_group.sync.aligned",
+        "wgmma.wait_group.sync.aligned \t0",
+        "fence.proxy.async.shared::cta",
+    ] {
+        assert!(ptx.contains(want), "sm_90a: no `{want}` in the PTX");
+    }
+    assert!(!ptx.contains("mma.sync"), "sm_90a: the weight products still use mma.sync");
+    let Some(p) = ptxas::find_ptxas() else {
+        eprintln!("SKIPPED the ptxas part: {}", ptxas::PtxasError::NotFound);
+        return;
+    };
+    let report = ptxas::check_with(&p, &ptx, "sm_90a").unwrap_or_else(|e| panic!("sm_90a: {e}"));
+    for k in &kernels {
+        let sym = smelt_codegen::aot::symbol_of(k);
+        let f = report.kernel(&sym).unwrap_or_else(|| panic!("sm_90a: ptxas said nothing of {sym}:\n{}", report.log));
+        eprintln!(
+            "sm_90a {sym}: {} registers, {} B spill stores, {} B spill loads, {} B stack, {} B shared",
+            f.registers, f.spill_store_bytes, f.spill_load_bytes, f.stack_frame_bytes, f.shared_bytes
+        );
+        assert_eq!(f.spill_store_bytes + f.spill_load_bytes, 0, "sm_90a {sym} spills");
+    }
+    assert!(!report.log.contains("serialized"), "ptxas serialized wgmma:\n{}", report.log);
+    eprintln!("{}", report.log);
+}
+
+/// The host lowerings (LLVM and Cranelift) refuse a wgmma with a typed
+/// error naming it.
+#[test]
+fn host_lowerings_refuse_wgmma() {
+    let mut b = Builder::new("host_wgmma");
+    let y = b.output("y", 4);
+    let s = b.buffer("s", Scalar::BF16, Expr::idx(64 * 16), Space::Shared, Access::Write);
+    let d: Vec<Var> = (0..4).map(|_| b.let_("d", Expr::f32(0.0))).collect();
+    b.async_sync(AsyncSync::WgmmaFence);
+    let mat = SmemMatrix { buf: s, start: Expr::idx(0), lbo: 128, sbo: 256 };
+    b.wgmma(Wgmma { elem: Scalar::BF16, n: 8, d: d.clone(), a: mat.clone(), b: mat });
+    b.async_sync(AsyncSync::WgmmaCommit);
+    b.async_sync(AsyncSync::WgmmaWait(0));
+    for (i, dv) in d.iter().enumerate() {
+        b.store(y, Expr::idx(i), v(*dv));
+    }
+    let mut k = b.finish().unwrap();
+    // Without its shared buffer the host lowerings reach the statement.
+    k.buffers.truncate(1);
+    let err = smelt_codegen::llvm::emit_object(std::slice::from_ref(&k), "host_wgmma").unwrap_err();
+    assert!(matches!(err, LlvmError::Unsupported { .. }) && err.to_string().contains("wgmma"), "{err}");
+    let err = smelt_codegen::cranelift::JitKernel::compile(&k).map(|_| ()).unwrap_err();
+    assert!(
+        matches!(err, smelt_codegen::cranelift::CompileError::Unsupported { .. }) && err.to_string().contains("wgmma"),
         "{err}"
     );
 }

@@ -117,6 +117,8 @@ fn libm_calls(k: &Kernel) -> Vec<&'static str> {
                 }
                 Stmt::Mma(m) => m.exprs().for_each(|e| expr(e, out)),
                 Stmt::Prefetch { index, .. } => expr(index, out),
+                Stmt::Wgmma(w) => w.exprs().for_each(|e| expr(e, out)),
+                Stmt::Async(_) => {}
             }
         }
     }
@@ -300,6 +302,7 @@ impl Lower<'_, '_> {
             Stmt::Mma(_) => return Err(unsupported(self.k, "tensor-core mma".into())),
             // Cranelift has no prefetch instruction; the hint is dropped.
             Stmt::Prefetch { .. } => {}
+            Stmt::Wgmma(_) | Stmt::Async(_) => return Err(unsupported(self.k, "warpgroup mma (wgmma)".into())),
         }
         Ok(())
     }

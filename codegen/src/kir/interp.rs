@@ -15,7 +15,14 @@
 //!   whole block (publish, barrier, read, barrier), so every thread of the
 //!   block must execute the same shuffles. A tensor-core [`Mma`] is
 //!   simulated the same way: every lane publishes its fragments, and each
-//!   computes its part of `D` from its warp's 32 fragments.
+//!   computes its part of `D` from its warp's 32 fragments. A warpgroup
+//!   [`Wgmma`] publishes its descriptors (which must agree over the
+//!   warpgroup) and computes its part of `D` from shared memory at issue;
+//!   its asynchrony is simulated as a protocol check instead: reading its
+//!   accumulators or storing to the shared buffers it reads before a
+//!   `wgmma.wait_group` retired it, issuing it without a `wgmma.fence` or
+//!   on shared tiles whose generic stores no `fence.proxy.async` ordered,
+//!   and ending the kernel with a group in flight are errors.
 //!
 //! Every buffer access is bounds-checked; errors name the kernel and the
 //! statement.
@@ -213,6 +220,11 @@ struct SimState<'m> {
     status: Vec<Status>,
     slots: Vec<Option<Val>>,
     error: Option<String>,
+    /// Per buffer: the (thread, in-flight wgmma group) pairs that read it.
+    async_reads: Vec<u32>,
+    /// Per buffer: the threads with generic stores into it that no
+    /// `fence.proxy.async` has ordered yet.
+    unfenced: Vec<u32>,
 }
 
 struct Sim<'m> {
@@ -236,6 +248,8 @@ fn run_block(
             status: vec![Status::Running; n],
             slots: vec![None; n],
             error: None,
+            async_reads: vec![0; kernel.buffers.len()],
+            unfenced: vec![0; kernel.buffers.len()],
         }),
         cv: Condvar::new(),
     };
@@ -251,7 +265,7 @@ fn run_block(
                 }
                 let ctx = Ctx::Gpu { tid, bid, block, grid, me, n };
                 let mut th = Thread::new(kernel, scalars, ctx, Memory::Sim { sim, guard: Some(guard) });
-                let result = th.exec(&kernel.body);
+                let result = th.exec(&kernel.body).and_then(|()| th.wgmma_done());
                 match result {
                     Ok(()) => {
                         let _ = th.sync(Status::Done);
@@ -291,6 +305,23 @@ struct Thread<'a, 'm> {
     mem: Memory<'a, 'm>,
     /// Depth of enclosing parallel loops; only the outermost is split.
     parallel_depth: usize,
+    wg: WgState,
+}
+
+/// One thread's view of the wgmma protocol (see the module docs).
+#[derive(Default)]
+struct WgState {
+    /// A `wgmma.fence` since the last wait.
+    fenced: bool,
+    /// The wgmmas issued since the last commit: their accumulators and the
+    /// buffers they read.
+    open: (Vec<Var>, Vec<BufId>),
+    /// Committed groups still in flight, oldest first.
+    groups: std::collections::VecDeque<(Vec<Var>, Vec<BufId>)>,
+    /// Per variable: an accumulator of a wgmma in flight.
+    pending: Vec<bool>,
+    /// Per buffer: this thread stored into it since its last proxy fence.
+    dirty: Vec<bool>,
 }
 
 impl<'a, 'm> Thread<'a, 'm> {
@@ -299,7 +330,9 @@ impl<'a, 'm> Thread<'a, 'm> {
         for (v, x) in k.scalars.iter().zip(scalars) {
             vars[v.0 as usize] = Some(Val::I64(*x));
         }
-        Thread { k, vars, ctx, mem, parallel_depth: 0 }
+        let wg =
+            WgState { pending: vec![false; k.vars.len()], dirty: vec![false; k.buffers.len()], ..WgState::default() };
+        Thread { k, vars, ctx, mem, parallel_depth: 0, wg }
     }
 
     fn bufs(&mut self) -> &mut Vec<BufData> {
@@ -370,11 +403,15 @@ impl<'a, 'm> Thread<'a, 'm> {
         match s {
             Stmt::Assign(v, e) => {
                 let x = self.eval(e)?;
+                self.not_pending(*v)?;
                 self.vars[v.0 as usize] = Some(x);
             }
             Stmt::Store { buf, index, value } => {
                 let i = self.eval(index)?.i64()?;
                 let x = self.eval(value)?;
+                if self.k.buf(*buf).space == Space::Shared {
+                    self.shared_store(*buf)?;
+                }
                 self.store(*buf, i, x)?;
             }
             Stmt::For(l) => {
@@ -434,6 +471,148 @@ impl<'a, 'm> Thread<'a, 'm> {
             Stmt::Prefetch { index, .. } => {
                 self.eval(index)?.i64()?;
             }
+            Stmt::Wgmma(w) => self.wgmma(w)?,
+            Stmt::Async(a) => self.async_sync(*a)?,
+        }
+        Ok(())
+    }
+
+    /// Fails if `v` is the accumulator of a wgmma still in flight.
+    fn not_pending(&self, v: Var) -> Result<(), String> {
+        if self.wg.pending[v.0 as usize] {
+            return Err(format!(
+                "accesses `{}`, an accumulator of a wgmma in flight (no wgmma.wait_group retired it)",
+                self.k.var(v).name
+            ));
+        }
+        Ok(())
+    }
+
+    fn sim_state(&mut self) -> Result<&mut SimState<'m>, String> {
+        match &mut self.mem {
+            Memory::Sim { guard, .. } => Ok(guard.as_mut().expect("no baton")),
+            Memory::Direct(_) => Err("wgmma and async-proxy fences run only in GPU mode".into()),
+        }
+    }
+
+    /// One of the wgmma protocol's ordering statements (see [`AsyncSync`]).
+    fn async_sync(&mut self, a: AsyncSync) -> Result<(), String> {
+        self.sim_state()?;
+        match a {
+            AsyncSync::WgmmaFence => self.wg.fenced = true,
+            AsyncSync::WgmmaCommit => {
+                let group = std::mem::take(&mut self.wg.open);
+                self.wg.groups.push_back(group);
+            }
+            AsyncSync::WgmmaWait(n) => {
+                while self.wg.groups.len() > n as usize {
+                    let (vars, bufs) = self.wg.groups.pop_front().unwrap();
+                    for v in vars {
+                        self.wg.pending[v.0 as usize] = false;
+                    }
+                    let st = self.sim_state()?;
+                    for b in bufs {
+                        st.async_reads[b.0 as usize] -= 1;
+                    }
+                }
+                // Accumulators of later groups (or of uncommitted wgmmas)
+                // stay in flight.
+                let still: Vec<Var> =
+                    self.wg.groups.iter().chain(std::iter::once(&self.wg.open)).flat_map(|g| g.0.clone()).collect();
+                for v in still {
+                    self.wg.pending[v.0 as usize] = true;
+                }
+                self.wg.fenced = false;
+            }
+            AsyncSync::ProxyFenceShared => {
+                for i in 0..self.wg.dirty.len() {
+                    if std::mem::take(&mut self.wg.dirty[i]) {
+                        self.sim_state()?.unfenced[i] -= 1;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Fails if wgmmas are still in flight when the thread ends.
+    fn wgmma_done(&mut self) -> Result<(), String> {
+        if !self.wg.groups.is_empty() || !self.wg.open.0.is_empty() {
+            return Err("the kernel ends with wgmmas in flight (no wgmma.commit_group and wait_group)".into());
+        }
+        Ok(())
+    }
+
+    /// One warpgroup-wide `m64nNk16` MMA (see [`Wgmma`] for the layouts).
+    fn wgmma(&mut self, w: &Wgmma) -> Result<(), String> {
+        let (me, n) = match self.ctx {
+            Ctx::Gpu { me, n, .. } => (me, n),
+            Ctx::Cpu { .. } => return Err("wgmma in CPU mode".into()),
+        };
+        let base = me - me % 128;
+        if base + 128 > n {
+            return Err(format!("wgmma in a warpgroup of {} threads (128 needed)", n - base));
+        }
+        if !self.wg.fenced {
+            return Err("wgmma without a wgmma.fence before it (since the last wait)".into());
+        }
+        let mut starts = [0i64; 2];
+        for (s, m) in starts.iter_mut().zip([&w.a, &w.b]) {
+            *s = self.eval(&m.start)?.i64()?;
+            let bytes = *s * 2;
+            if !(0..1 << 18).contains(&bytes) || bytes % 16 != 0 {
+                return Err(format!(
+                    "wgmma descriptor start {s} of `{}` (16-byte aligned, below 2^18 bytes)",
+                    self.k.buf(m.buf).name
+                ));
+            }
+            if self.sim_state()?.unfenced[m.buf.0 as usize] > 0 {
+                return Err(format!(
+                    "wgmma reads `{}`, whose generic stores no fence.proxy.async ordered",
+                    self.k.buf(m.buf).name
+                ));
+            }
+        }
+        self.slots()[me] = Some(Val::I64((starts[0] << 32) | starts[1]));
+        self.sync(Status::Barrier)?;
+        let mine = self.slots()[me].clone();
+        if let Some(other) = (base..base + 128).find(|&t| self.slots()[t] != mine) {
+            return Err(format!("wgmma descriptors differ between threads {me} and {other} of the warpgroup"));
+        }
+        self.sync(Status::Barrier)?;
+        let tid = me - base;
+        let (r0, _) = Wgmma::d_cell(tid, 0);
+        // This thread's two rows of A and N / 4 columns of B (rows of the
+        // stored transpose), each 16 deep.
+        let mut fetch = |m: &SmemMatrix, start: i64, r: usize| -> Result<Vec<f64>, String> {
+            (0..16)
+                .map(|c| match self.load(m.buf, start + m.offset(r, c) as i64, 1)? {
+                    Val::F(x) => Ok(x as f64),
+                    other => Err(format!("wgmma element {other:?}")),
+                })
+                .collect()
+        };
+        let a_rows = [fetch(&w.a, starts[0], r0)?, fetch(&w.a, starts[0], r0 + 8)?];
+        let mut b_cols = vec![];
+        for i in (0..w.n as usize / 2).step_by(4) {
+            for j in 0..2 {
+                b_cols.push(fetch(&w.b, starts[1], Wgmma::d_cell(tid, i + j).1)?);
+            }
+        }
+        for (i, v) in w.d.iter().enumerate() {
+            let c = match &self.vars[v.0 as usize] {
+                Some(Val::F(x)) => *x as f64,
+                _ => return Err(format!("wgmma accumulator `{}` unset", self.k.var(*v).name)),
+            };
+            let (a, b) = (&a_rows[(i / 2) % 2], &b_cols[(i / 4) * 2 + i % 2]);
+            let sum = c + (0..16).map(|kk| a[kk] * b[kk]).sum::<f64>();
+            self.vars[v.0 as usize] = Some(Val::F(sum as f32));
+            self.wg.pending[v.0 as usize] = true;
+            self.wg.open.0.push(*v);
+        }
+        for m in [&w.a, &w.b] {
+            self.wg.open.1.push(m.buf);
+            self.sim_state()?.async_reads[m.buf.0 as usize] += 1;
         }
         Ok(())
     }
@@ -509,6 +688,24 @@ impl<'a, 'm> Thread<'a, 'm> {
         Ok(())
     }
 
+    /// Protocol bookkeeping of a generic store into shared `buf`.
+    fn shared_store(&mut self, buf: BufId) -> Result<(), String> {
+        let i = buf.0 as usize;
+        let Memory::Sim { guard, .. } = &mut self.mem else { return Ok(()) };
+        let st = guard.as_mut().expect("no baton");
+        if st.async_reads[i] > 0 {
+            return Err(format!(
+                "stores into `{}` while a wgmma in flight reads it (no wgmma.wait_group retired it)",
+                self.k.buf(buf).name
+            ));
+        }
+        if !self.wg.dirty[i] {
+            self.wg.dirty[i] = true;
+            st.unfenced[i] += 1;
+        }
+        Ok(())
+    }
+
     fn slots(&mut self) -> &mut Vec<Option<Val>> {
         match &mut self.mem {
             Memory::Sim { guard, .. } => &mut guard.as_mut().expect("no baton").slots,
@@ -572,9 +769,12 @@ impl<'a, 'm> Thread<'a, 'm> {
             Expr::Int(x, Scalar::I32) => Val::I32(*x as i32),
             Expr::Int(x, _) => Val::I64(*x),
             Expr::Bool(b) => Val::B(*b),
-            Expr::Var(v) => self.vars[v.0 as usize]
-                .clone()
-                .ok_or_else(|| format!("variable `{}` read before assignment", self.k.var(*v).name))?,
+            Expr::Var(v) => {
+                self.not_pending(*v)?;
+                self.vars[v.0 as usize]
+                    .clone()
+                    .ok_or_else(|| format!("variable `{}` read before assignment", self.k.var(*v).name))?
+            }
             Expr::Un(op, a) => un(*op, self.eval(a)?)?,
             Expr::Bin(op, a, b) => {
                 let a = self.eval(a)?;

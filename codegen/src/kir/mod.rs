@@ -16,8 +16,13 @@
 //!   elements. On a CPU the outermost parallel loop on a path is split into
 //!   contiguous chunks, one per thread of the team; inner ones run serially.
 //! - Thread/block indices, barriers, shared buffers, warp shuffles and
-//!   tensor-core MMAs ([`Mma`]) are GPU concepts; the CPU lowerings reject
-//!   them, the interpreter simulates them.
+//!   tensor-core MMAs ([`Mma`], and Hopper's warpgroup [`Wgmma`] with its
+//!   ordering statements [`AsyncSync`]) are GPU concepts; the CPU lowerings
+//!   reject them, the interpreter simulates them. `Wgmma` needs sm_90a: the
+//!   PTX emitter refuses it for other architectures.
+//! - A GPU kernel may carry an sm_90a variant ([`Kernel::sm90a`]): another
+//!   body for the same entry (same global buffers, scalars and launch), which
+//!   the sm_90a PTX module uses instead of the kernel's own body.
 
 pub mod interp;
 pub mod libm;
@@ -304,6 +309,108 @@ pub enum Stmt {
         buf: BufId,
         index: Expr,
     },
+    /// One warpgroup-wide Hopper MMA from shared memory (see [`Wgmma`]).
+    Wgmma(Box<Wgmma>),
+    /// An ordering point of the asynchronous proxy (see [`AsyncSync`]).
+    Async(AsyncSync),
+}
+
+/// `D = A · B + D` for one `64 x N x 16` tile, computed collectively by the
+/// 128 threads of a warpgroup (four consecutive warps, the first a multiple
+/// of 4) as PTX `wgmma.mma_async.sync.aligned.m64nNk16.f32.T.T` with `T` =
+/// `bf16` or `f16`, both operands K-major in shared memory, no swizzling.
+///
+/// `A` is `64 x 16` (rows `m`, columns `k`) and `B` is `16 x N` stored as
+/// its transpose, `N x 16` (rows `n`, columns `k`): a `[n, k]` weight tile.
+/// Each is read through a matrix descriptor ([`SmemMatrix`]) in the
+/// "interleave" layout of 8 x 8 core matrices (8 rows of 16 bytes,
+/// contiguous): element `(r, c)` is at byte
+/// `start + (r / 8) sbo + (c / 8) lbo + (r % 8) 16 + (c % 8) 2`, so `lbo` steps between the two core matrices
+/// along `k` and `sbo` between those along `m` (or `n`).
+///
+/// `D` is `64 x N` in `f32`, `N / 2` registers per thread, as the PTX ISA
+/// lays it out ("WGMMA .m64nNk16 register fragment layout for accumulator
+/// matrix D"): with `w` the thread's warp within the warpgroup, `g = lane /
+/// 4` and `t = lane % 4`, register `i` holds `D[16 w + g + 8 ((i / 2) % 2)][8
+/// (i / 4) + 2 t + i % 2]`. The statement reads and writes its `d`
+/// variables (it always accumulates; start from zeros).
+///
+/// The instruction is asynchronous, and so is its contract: a
+/// [`AsyncSync::WgmmaFence`] must come before the first `Wgmma` of a batch,
+/// the batch is closed by [`AsyncSync::WgmmaCommit`], and its `d` variables
+/// may be read, and its shared buffers stored to, only after an
+/// [`AsyncSync::WgmmaWait`] retired the group. Generic stores into the
+/// shared tiles must be followed by [`AsyncSync::ProxyFenceShared`] (by the
+/// storing thread, before the barrier that publishes them). The interpreter
+/// checks all of this, and that every thread of the warpgroup runs the
+/// statement with the same descriptors; it computes the product at issue.
+/// Precision as for [`Mma`]: the interpreter sums the exact products and `D`
+/// in f64 and rounds once.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Wgmma {
+    /// The multiplicands' element type: `BF16` or `F16`.
+    pub elem: Scalar,
+    /// `N`: a multiple of 8 in `8..=256`.
+    pub n: u32,
+    /// `N / 2` f32 variables: this thread's fragment of `D`.
+    pub d: Vec<Var>,
+    pub a: SmemMatrix,
+    pub b: SmemMatrix,
+}
+
+/// A K-major matrix in shared memory, as a wgmma matrix descriptor without
+/// swizzling names it (see [`Wgmma`] for the addressing).
+#[derive(Clone, Debug, PartialEq)]
+pub struct SmemMatrix {
+    /// A shared buffer of the MMA's element type.
+    pub buf: BufId,
+    /// The element index of `(0, 0)`: an `i64` expression, uniform over the
+    /// warpgroup, 16-byte aligned.
+    pub start: Expr,
+    /// Leading-dimension byte offset: between core matrices along `k`.
+    pub lbo: u32,
+    /// Stride-dimension byte offset: between core matrices along `m`/`n`.
+    pub sbo: u32,
+}
+
+impl SmemMatrix {
+    /// The element offset from `start` of `(r, c)` (2-byte elements).
+    pub fn offset(&self, r: usize, c: usize) -> usize {
+        (r / 8) * (self.sbo as usize / 2) + (c / 8) * (self.lbo as usize / 2) + (r % 8) * 8 + c % 8
+    }
+}
+
+impl Wgmma {
+    /// The descriptors' start expressions (`A`'s, then `B`'s).
+    pub fn exprs(&self) -> impl Iterator<Item = &Expr> {
+        [&self.a.start, &self.b.start].into_iter()
+    }
+
+    /// The row and column of `D` that register `i` of thread `tid` (within
+    /// the warpgroup, `0..128`) holds.
+    pub fn d_cell(tid: usize, i: usize) -> (usize, usize) {
+        let (w, lane) = (tid / 32, tid % 32);
+        let (g, t) = (lane / 4, lane % 4);
+        (16 * w + g + 8 * ((i / 2) % 2), 8 * (i / 4) + 2 * t + i % 2)
+    }
+}
+
+/// Ordering statements of Hopper's asynchronous proxy, executed by every
+/// thread of a warpgroup (see [`Wgmma`] for the protocol).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AsyncSync {
+    /// `wgmma.fence.sync.aligned`: register and shared-memory accesses
+    /// before it are ordered before the `Wgmma`s after it.
+    WgmmaFence,
+    /// `wgmma.commit_group.sync.aligned`: the `Wgmma`s issued since the last
+    /// commit form a group.
+    WgmmaCommit,
+    /// `wgmma.wait_group.sync.aligned N`: waits until at most `N` committed
+    /// groups are pending.
+    WgmmaWait(u8),
+    /// `fence.proxy.async.shared::cta`: this thread's generic-proxy accesses
+    /// to shared memory are ordered before later async-proxy (wgmma) ones.
+    ProxyFenceShared,
 }
 
 /// `D = A · B + C` for one `16 x 8 x 16` tile, computed collectively by the
@@ -364,6 +471,13 @@ pub struct Kernel {
     pub body: Vec<Stmt>,
     /// How a GPU kernel is launched; `None` for CPU kernels.
     pub gpu: Option<GpuLaunch>,
+    /// Another body for sm_90a (for example wgmma where this one uses
+    /// `mma.sync`): the same global buffers, scalars and launch, its own
+    /// shared buffers, variables and statements; its name is ignored (the
+    /// entry keeps this kernel's). `emit_ptx` lowers it instead of this
+    /// kernel for `GpuArch::Sm90a`; the interpreter and other modules run
+    /// this kernel. Set it with [`Builder::set_sm90a`].
+    pub sm90a: Option<Box<Kernel>>,
 }
 
 /// The launch shape of a GPU kernel: a fixed block and a grid whose sizes
@@ -428,7 +542,7 @@ impl Kernel {
         }
         fn stmts(s: &[Stmt]) -> bool {
             s.iter().any(|s| match s {
-                Stmt::Barrier | Stmt::Shuffle { .. } | Stmt::Mma(_) => true,
+                Stmt::Barrier | Stmt::Shuffle { .. } | Stmt::Mma(_) | Stmt::Wgmma(_) | Stmt::Async(_) => true,
                 Stmt::Assign(_, e) => expr(e),
                 Stmt::Store { index, value, .. } => expr(index) || expr(value),
                 Stmt::Prefetch { index, .. } => expr(index),
@@ -589,7 +703,11 @@ impl Kernel {
                 });
             }
         }
-        self.verify_stmts(&self.body)
+        self.verify_stmts(&self.body)?;
+        if let Some(v) = &self.sm90a {
+            self.verify_variant(v)?;
+        }
+        Ok(())
     }
 
     /// A buffer's length when it does not depend on scalar parameters.
@@ -664,6 +782,8 @@ impl Kernel {
                         return Err(err("prefetch index must be i64".into()));
                     }
                 }
+                Stmt::Wgmma(w) => self.verify_wgmma(w).map_err(err)?,
+                Stmt::Async(_) => {}
             }
         }
         Ok(())
@@ -695,6 +815,85 @@ impl Kernel {
             return Err("mma result D must be four f32 variables".into());
         }
         Ok(())
+    }
+}
+
+impl Kernel {
+    fn verify_wgmma(&self, w: &Wgmma) -> Result<(), String> {
+        if !w.elem.is_narrow_float() {
+            return Err(format!("wgmma of {:?} (bf16 or f16 expected)", w.elem));
+        }
+        if !(8..=256).contains(&w.n) || !w.n.is_multiple_of(8) {
+            return Err(format!("wgmma with N = {} (a multiple of 8 in 8..=256 expected)", w.n));
+        }
+        if w.d.len() != w.n as usize / 2
+            || w.d.iter().any(|v| self.vars.get(v.0 as usize).map(|d| d.ty) != Some(Ty::F32))
+        {
+            return Err(format!("wgmma m64n{}k16 needs {} f32 accumulator variables", w.n, w.n / 2));
+        }
+        for (m, what) in [(&w.a, "A"), (&w.b, "B")] {
+            let d = self.buffers.get(m.buf.0 as usize).ok_or("unknown buffer")?;
+            if d.elem != w.elem || d.space != Space::Shared {
+                return Err(format!(
+                    "wgmma {what} from `{}` ({:?}, {:?}): a shared {:?} buffer expected",
+                    d.name, d.space, d.elem, w.elem
+                ));
+            }
+            if self.type_of(&m.start)? != Ty::I64 {
+                return Err(format!("wgmma {what} start is not i64"));
+            }
+            for (off, name) in [(m.lbo, "leading"), (m.sbo, "stride")] {
+                if !off.is_multiple_of(16) || off >= 1 << 18 {
+                    return Err(format!(
+                        "wgmma {what} {name} byte offset {off} (a multiple of 16 below 2^18 expected)"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the kernel's own body uses sm_90a-only statements (wgmma).
+    pub fn uses_wgmma(&self) -> bool {
+        fn stmts(s: &[Stmt]) -> bool {
+            s.iter().any(|s| match s {
+                Stmt::Wgmma(_) | Stmt::Async(_) => true,
+                Stmt::For(l) => stmts(&l.body),
+                Stmt::If { then, els, .. } => stmts(then) || stmts(els),
+                _ => false,
+            })
+        }
+        stmts(&self.body)
+    }
+
+    /// The kernel to lower for sm_90a: the [`Kernel::sm90a`] variant under
+    /// this kernel's name, or this kernel.
+    pub fn for_sm90a(&self) -> std::borrow::Cow<'_, Kernel> {
+        match &self.sm90a {
+            Some(v) => std::borrow::Cow::Owned(Kernel { name: self.name.clone(), sm90a: None, ..(**v).clone() }),
+            None => std::borrow::Cow::Borrowed(self),
+        }
+    }
+
+    /// Checks that `v` can stand in for this kernel on sm_90a.
+    fn verify_variant(&self, v: &Kernel) -> Result<(), KirError> {
+        let err = |message: String| KirError { kernel: self.name.clone(), message, at: "sm_90a variant".into() };
+        if v.sm90a.is_some() {
+            return Err(err("an sm_90a variant has a variant of its own".into()));
+        }
+        let globals = |k: &Kernel| k.global_buffers().map(|(_, d)| d.clone()).collect::<Vec<_>>();
+        if globals(self) != globals(v) {
+            return Err(err("the sm_90a variant's global buffers differ".into()));
+        }
+        if self.scalars.len() != v.scalars.len()
+            || self.scalars.iter().zip(&v.scalars).any(|(a, b)| self.var(*a).name != v.var(*b).name)
+        {
+            return Err(err("the sm_90a variant's scalar parameters differ".into()));
+        }
+        if self.gpu.is_none() || self.gpu != v.gpu {
+            return Err(err("the sm_90a variant's launch differs (or the kernel is not a GPU kernel)".into()));
+        }
+        v.verify()
     }
 }
 
@@ -882,6 +1081,7 @@ fn eval_len(e: &Expr, arg: &dyn Fn(Var) -> Option<i64>) -> Result<usize, String>
 pub struct Builder {
     kernel: Kernel,
     stack: Vec<Vec<Stmt>>,
+    sm90a: Option<Box<Builder>>,
 }
 
 impl Builder {
@@ -894,9 +1094,35 @@ impl Builder {
                 vars: vec![],
                 body: vec![],
                 gpu: None,
+                sm90a: None,
             },
             stack: vec![vec![]],
+            sm90a: None,
         }
+    }
+
+    /// A copy of this builder as it stands (declarations and statements so
+    /// far), without its sm_90a variant: where a template starts building
+    /// another body for the same kernel.
+    pub fn fork(&self) -> Builder {
+        Builder { kernel: Kernel { sm90a: None, ..self.kernel.clone() }, stack: self.stack.clone(), sm90a: None }
+    }
+
+    /// Makes `variant` (built from a [`Builder::fork`] of this builder) the
+    /// kernel's [`Kernel::sm90a`] body; [`Builder::finish`] finishes and
+    /// checks it.
+    pub fn set_sm90a(&mut self, variant: Builder) {
+        self.sm90a = Some(Box::new(variant));
+    }
+
+    /// A warpgroup-wide Hopper MMA (see [`Wgmma`]).
+    pub fn wgmma(&mut self, w: Wgmma) {
+        self.push(Stmt::Wgmma(Box::new(w)));
+    }
+
+    /// An ordering statement of the asynchronous proxy (see [`AsyncSync`]).
+    pub fn async_sync(&mut self, s: AsyncSync) {
+        self.push(Stmt::Async(s));
     }
 
     pub fn buffer(&mut self, name: &str, elem: Scalar, len: impl Into<Expr>, space: Space, access: Access) -> BufId {
@@ -1017,6 +1243,9 @@ impl Builder {
     pub fn finish(mut self) -> Result<Kernel, KirError> {
         assert_eq!(self.stack.len(), 1, "unclosed body");
         self.kernel.body = self.stack.pop().unwrap();
+        if let Some(v) = self.sm90a {
+            self.kernel.sm90a = Some(Box::new(v.finish()?));
+        }
         self.kernel.verify()?;
         Ok(self.kernel)
     }

@@ -159,6 +159,27 @@ fn stmt(k: &Kernel, s: &Stmt, depth: usize, out: &mut String) {
                 list(&m.c)
             ))
         }
+        Stmt::Wgmma(w) => {
+            let d: Vec<String> = w.d.iter().map(|v| var(k, *v)).collect();
+            let desc = |m: &SmemMatrix| format!("{}[{}] lbo {} sbo {}", buf(k, m.buf), expr(k, &m.start), m.lbo, m.sbo);
+            out.push_str(&format!(
+                "{pad}[{}] += wgmma_m64n{}k16_{}(a: {}, b: {})\n",
+                d.join(", "),
+                w.n,
+                ty(Ty::scalar(w.elem)),
+                desc(&w.a),
+                desc(&w.b)
+            ))
+        }
+        Stmt::Async(a) => out.push_str(&format!(
+            "{pad}{}\n",
+            match a {
+                AsyncSync::WgmmaFence => "wgmma_fence".to_string(),
+                AsyncSync::WgmmaCommit => "wgmma_commit".to_string(),
+                AsyncSync::WgmmaWait(n) => format!("wgmma_wait {n}"),
+                AsyncSync::ProxyFenceShared => "fence_proxy_async_shared".to_string(),
+            }
+        )),
     }
 }
 
@@ -183,5 +204,9 @@ pub(super) fn kernel(k: &Kernel) -> String {
         stmt(k, s, 0, &mut out);
     }
     out.push_str("}\n");
+    if let Some(v) = &k.sm90a {
+        out.push_str("sm_90a variant:\n");
+        out.push_str(&kernel(v));
+    }
     out
 }

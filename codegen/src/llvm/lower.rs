@@ -110,6 +110,7 @@ pub(super) fn lower(k: &Kernel, cx: &Context, module: &Module, flavor: Flavor) -
             threads,
             parallel_depth: 0,
             wide: None,
+            wgmma_vars: vec![],
         };
         let result = l.body();
         LLVMDisposeBuilder(l.b);
@@ -160,6 +161,10 @@ pub(super) struct Lower<'a> {
     threads: LLVMValueRef,
     parallel_depth: usize,
     pub wide: Option<Wide>,
+    /// The accumulators of the wgmmas lowered since the last
+    /// `wgmma.wait_group 0`, which passes them through an empty asm so that
+    /// nothing reads them before the wait (see `nvptx`).
+    pub wgmma_vars: Vec<kir::Var>,
 }
 
 pub(super) type R<T> = Result<T, LlvmError>;
@@ -596,6 +601,14 @@ impl Lower<'_> {
             // the host's.
             Stmt::Prefetch { buf, index } if self.flavor.abi == Abi::Host => self.prefetch(*buf, index)?,
             Stmt::Prefetch { .. } => {}
+            Stmt::Wgmma(w) => {
+                self.gpu_only("warpgroup mma (wgmma)")?;
+                self.wgmma(w)?;
+            }
+            Stmt::Async(a) => {
+                self.gpu_only("warpgroup mma (wgmma) fences")?;
+                self.async_sync(*a)?;
+            }
         }
         Ok(())
     }

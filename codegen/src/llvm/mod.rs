@@ -55,6 +55,8 @@ pub enum LlvmError {
     Module { module: String, message: String },
     #[error("kernel `{kernel}` is a CPU kernel (it has no GPU launch geometry); only GPU kernels lower to PTX")]
     NotGpu { kernel: String },
+    #[error("kernel `{kernel}` uses instructions of {needs} (wgmma), which {arch} lacks")]
+    NeedsArch { kernel: String, arch: &'static str, needs: &'static str },
 }
 
 /// The host as LLVM sees it, for reports and manifests.

@@ -41,10 +41,25 @@
 //!   checks this one);
 //! - an MMA's fragment indices are even (4-byte aligned pairs; the
 //!   interpreter checks this) and all 32 lanes of the warp execute it.
+//!
+//! sm_90a: a kernel's [`Kernel::sm90a`] variant replaces it in the sm_90a
+//! module (`emit_ptx`), which is how the weight products get a wgmma body
+//! there and keep `mma.sync` on sm_80 and sm_90 under the same entry name,
+//! parameters and launch. A [`Wgmma`] is inline PTX
+//! (`wgmma.mma_async.sync.aligned.m64nNk16.f32.T.T`, LLVM 22 has no
+//! intrinsic for it) whose accumulators are tied in/out operands and whose
+//! descriptors are computed from the shared buffer's address (a pointer in
+//! the shared space is its offset in the shared window); the fence, commit
+//! and wait are the `llvm.nvvm.wgmma.*` intrinsics and the proxy fence
+//! `llvm.nvvm.fence.proxy.async.shared_cta`, which LLVM treats as touching
+//! memory, so shared loads and stores stay on their side. After
+//! `wait_group 0` the accumulators pass through an empty volatile asm so
+//! that no read of them is scheduled above the wait. Other architectures
+//! refuse a kernel whose body uses wgmma.
 
 use super::lower::{backend, unsupported, Lower, NONE, R};
 use super::LlvmError;
-use crate::kir::{Access, Kernel, Mma, Scalar, ShuffleKind, Space, Special};
+use crate::kir::{Access, AsyncSync, Kernel, Mma, Scalar, ShuffleKind, SmemMatrix, Space, Special, Wgmma};
 use inkwell::llvm_sys::core::*;
 use inkwell::llvm_sys::prelude::*;
 use inkwell::llvm_sys::{LLVMIntPredicate as IP, LLVMLinkage, LLVMTypeKind};
@@ -99,11 +114,24 @@ impl std::fmt::Display for GpuArch {
 /// PTX assembly for `kernels` (one module, one `.entry` each), optimised
 /// with `default<O3>` for `arch`. Every kernel must be a GPU kernel (have a
 /// launch geometry) whose symbol is a PTX identifier.
+///
+/// For [`GpuArch::Sm90a`] a kernel with an sm_90a variant
+/// ([`Kernel::sm90a`]) is lowered as that variant, under its own name;
+/// for the other architectures a kernel whose body uses wgmma is refused
+/// ([`LlvmError::NeedsArch`]).
 pub fn emit_ptx(kernels: &[Kernel], arch: GpuArch) -> Result<String, LlvmError> {
     let module = format!("smelt_{}", arch.name());
+    let chosen: Vec<std::borrow::Cow<'_, Kernel>> = kernels
+        .iter()
+        .map(|k| if arch == GpuArch::Sm90a { k.for_sm90a() } else { std::borrow::Cow::Borrowed(k) })
+        .collect();
+    let kernels: Vec<Kernel> = chosen.into_iter().map(|k| k.into_owned()).collect();
     for (i, k) in kernels.iter().enumerate() {
         if k.gpu.is_none() {
             return Err(LlvmError::NotGpu { kernel: k.name.clone() });
+        }
+        if arch != GpuArch::Sm90a && k.uses_wgmma() {
+            return Err(LlvmError::NeedsArch { kernel: k.name.clone(), arch: arch.name(), needs: "sm_90a" });
         }
         let symbol = crate::aot::symbol_of(k);
         let ok_char = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '$';
@@ -115,7 +143,7 @@ pub fn emit_ptx(kernels: &[Kernel], arch: GpuArch) -> Result<String, LlvmError> 
         }
     }
     let tm = machine(arch)?;
-    let bytes = super::build(kernels, &module, &tm, super::lower::Flavor::PTX, super::Output::Assembly)?;
+    let bytes = super::build(&kernels, &module, &tm, super::lower::Flavor::PTX, super::Output::Assembly)?;
     String::from_utf8(bytes).map_err(|e| LlvmError::Module { module, message: format!("PTX is not UTF-8: {e}") })
 }
 
@@ -314,6 +342,124 @@ impl Lower<'_> {
             LLVMAddCallSiteAttribute(d, u32::MAX, LLVMCreateEnumAttribute(self.cx, kind, 0));
             for (i, v) in m.d.iter().enumerate() {
                 self.set(*v, LLVMBuildExtractValue(self.b, d, i as u32, NONE));
+            }
+        }
+        Ok(())
+    }
+
+    /// The 64-bit matrix descriptor of `m` (no swizzling): the shared
+    /// address of its start and the two byte offsets, each `>> 4`.
+    fn descriptor(&mut self, m: &SmemMatrix) -> R<LLVMValueRef> {
+        let addr = self.addr(m.buf, &m.start)?;
+        unsafe {
+            let i64t = LLVMInt64TypeInContext(self.cx);
+            let c = |v: u64| LLVMConstInt(i64t, v, 0);
+            // A pointer into the shared space is the shared-window offset.
+            let a = LLVMBuildPtrToInt(self.b, addr, i64t, NONE);
+            let a = LLVMBuildLShr(self.b, LLVMBuildAnd(self.b, a, c(0x3ffff), NONE), c(4), NONE);
+            let offsets = ((m.lbo as u64 >> 4) << 16) | ((m.sbo as u64 >> 4) << 32);
+            Ok(LLVMBuildOr(self.b, a, c(offsets), NONE))
+        }
+    }
+
+    /// A call of the inline PTX `asm` with `constraints`, returning `ty`:
+    /// volatile (never removed or merged) and convergent (never moved into
+    /// control flow that only some threads take), like CUDA's `asm volatile`.
+    fn inline_asm(&self, ty: LLVMTypeRef, asm: &str, constraints: &str, args: &mut [LLVMValueRef]) -> LLVMValueRef {
+        unsafe {
+            let mut arg_tys: Vec<LLVMTypeRef> = args.iter().map(|a| LLVMTypeOf(*a)).collect();
+            let fty = LLVMFunctionType(ty, arg_tys.as_mut_ptr(), arg_tys.len() as u32, 0);
+            let f = LLVMGetInlineAsm(
+                fty,
+                asm.as_ptr().cast(),
+                asm.len(),
+                constraints.as_ptr().cast(),
+                constraints.len(),
+                1,
+                0,
+                inkwell::llvm_sys::LLVMInlineAsmDialect::LLVMInlineAsmDialectATT,
+                0,
+            );
+            let call = LLVMBuildCall2(self.b, fty, f, args.as_mut_ptr(), args.len() as u32, NONE);
+            let kind = LLVMGetEnumAttributeKindForName(c"convergent".as_ptr(), 10);
+            LLVMAddCallSiteAttribute(call, u32::MAX, LLVMCreateEnumAttribute(self.cx, kind, 0));
+            call
+        }
+    }
+
+    /// `D += A · B` on Hopper's warpgroup tensor cores (see [`Wgmma`]):
+    /// `wgmma.mma_async` as inline PTX (LLVM has no intrinsic for it), the
+    /// accumulators tied in and out, both descriptors as `l` registers and
+    /// the scale-d predicate set from a register holding 1.
+    pub(super) fn wgmma(&mut self, w: &Wgmma) -> R<()> {
+        let ty = match w.elem {
+            Scalar::BF16 => "bf16",
+            Scalar::F16 => "f16",
+            other => return Err(unsupported(self.k, format!("a wgmma of {other:?}"))),
+        };
+        let regs = w.d.len();
+        let da = self.descriptor(&w.a)?;
+        let db = self.descriptor(&w.b)?;
+        let list: Vec<String> = (0..regs).map(|i| format!("${i}")).collect();
+        let asm = format!(
+            "{{\n.reg .pred p;\nsetp.ne.b32 p, ${}, 0;\nwgmma.mma_async.sync.aligned.m64n{}k16.f32.{ty}.{ty} {{{}}}, ${}, ${}, p, 1, 1, 0, 0;\n}}",
+            regs + 2,
+            w.n,
+            list.join(", "),
+            regs,
+            regs + 1
+        );
+        let mut constraints: Vec<String> = (0..regs).map(|_| "=f".to_string()).collect();
+        constraints.extend(["l".to_string(), "l".to_string(), "r".to_string()]);
+        constraints.extend((0..regs).map(|i| i.to_string()));
+        constraints.push("~{memory}".into());
+        unsafe {
+            let f32t = LLVMFloatTypeInContext(self.cx);
+            let mut fields = vec![f32t; regs];
+            let sty = LLVMStructTypeInContext(self.cx, fields.as_mut_ptr(), regs as u32, 0);
+            let mut args = vec![da, db, LLVMConstInt(LLVMInt32TypeInContext(self.cx), 1, 0)];
+            args.extend(w.d.iter().map(|v| self.get(*v)));
+            let d = self.inline_asm(sty, &asm, &constraints.join(","), &mut args);
+            for (i, v) in w.d.iter().enumerate() {
+                self.set(*v, LLVMBuildExtractValue(self.b, d, i as u32, NONE));
+            }
+        }
+        for v in &w.d {
+            if !self.wgmma_vars.contains(v) {
+                self.wgmma_vars.push(*v);
+            }
+        }
+        Ok(())
+    }
+
+    /// The ordering statements of the wgmma protocol (see [`AsyncSync`]),
+    /// as NVVM intrinsics (which LLVM treats as touching all memory, so no
+    /// load or store moves across them). After `wgmma.wait_group 0` every
+    /// accumulator of the wgmmas before it passes through an empty volatile
+    /// asm (CUTLASS's `warpgroup_fence_operand`), so that no use of one is
+    /// scheduled above the wait.
+    pub(super) fn async_sync(&mut self, a: AsyncSync) -> R<()> {
+        match a {
+            AsyncSync::WgmmaFence => {
+                self.intrinsic("llvm.nvvm.wgmma.fence.sync.aligned", &[], &[])?;
+            }
+            AsyncSync::WgmmaCommit => {
+                self.intrinsic("llvm.nvvm.wgmma.commit_group.sync.aligned", &[], &[])?;
+            }
+            AsyncSync::WgmmaWait(n) => {
+                let n64 = unsafe { LLVMConstInt(LLVMInt64TypeInContext(self.cx), n as u64, 0) };
+                self.intrinsic("llvm.nvvm.wgmma.wait_group.sync.aligned", &[], &[n64])?;
+                if n == 0 {
+                    let f32t = unsafe { LLVMFloatTypeInContext(self.cx) };
+                    for v in std::mem::take(&mut self.wgmma_vars) {
+                        let x = self.get(v);
+                        let y = self.inline_asm(f32t, "", "=f,0,~{memory}", &mut [x]);
+                        self.set(v, y);
+                    }
+                }
+            }
+            AsyncSync::ProxyFenceShared => {
+                self.intrinsic("llvm.nvvm.fence.proxy.async.shared_cta", &[], &[])?;
             }
         }
         Ok(())

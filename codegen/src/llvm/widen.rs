@@ -207,6 +207,8 @@ fn reads_outside(k: &Kernel, l: &Loop, v: Var) -> bool {
             Stmt::Shuffle { value, arg, .. } => expr(value, v) || expr(arg, v),
             Stmt::Mma(m) => m.exprs().any(|e| expr(e, v)),
             Stmt::Prefetch { index, .. } => expr(index, v),
+            Stmt::Wgmma(w) => w.d.contains(&v) || w.exprs().any(|e| expr(e, v)),
+            Stmt::Async(_) => false,
         })
     }
     stmts(&k.body, l, v)

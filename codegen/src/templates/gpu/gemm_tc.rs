@@ -24,6 +24,11 @@
 //! the loads). Stores past `m` or `n` are skipped; the barriers are reached
 //! by every thread. Not yet done: `ldmatrix`, `cp.async` double buffering
 //! and 2-wide stores.
+//!
+//! On sm_90a the weight products replace this GEMM with
+//! [`super::gemm_wgmma`] (same contract and launch for the same
+//! [`TcParams`]) through the kernel's sm_90a variant; sm_80 and sm_90 run
+//! this one.
 
 use super::gemm::{and, Stage};
 use super::{block_x, declare, epilogue, thread_x, vec_width, Operands, WeightOp};

@@ -282,7 +282,8 @@ fn exprs(stmts: &[Stmt], f: &mut impl FnMut(&Expr)) {
         }
         Stmt::Mma(m) => m.exprs().for_each(|e| e.visit(f)),
         Stmt::Prefetch { index, .. } => index.visit(f),
-        Stmt::Barrier => {}
+        Stmt::Wgmma(w) => w.exprs().for_each(|e| e.visit(f)),
+        Stmt::Barrier | Stmt::Async(_) => {}
     })
 }
 
@@ -298,6 +299,7 @@ fn count(stmts: &[Stmt], v: Var) -> usize {
     walk(stmts, &mut |s| match s {
         Stmt::Assign(x, _) | Stmt::Shuffle { dst: x, .. } if *x == v => n += 1,
         Stmt::Mma(m) => n += m.d.iter().filter(|d| **d == v).count(),
+        Stmt::Wgmma(w) => n += w.d.iter().filter(|d| **d == v).count(),
         Stmt::For(l) if l.var == v => n += 1,
         _ => {}
     });
@@ -392,6 +394,7 @@ fn private(k: &Kernel, l: &Loop) -> bool {
     walk(&l.body, &mut |s| match s {
         Stmt::Assign(v, _) | Stmt::Shuffle { dst: v, .. } => assigned.push(*v),
         Stmt::Mma(m) => assigned.extend(m.d),
+        Stmt::Wgmma(w) => assigned.extend(&w.d),
         Stmt::For(inner) => assigned.push(inner.var),
         _ => {}
     });

@@ -10,6 +10,15 @@
 //! and a GEMM (prefill): the tensor-core [`gemm_tc`] for bf16 and f16
 //! weights, the SIMT [`gemm`] for f32 weights.
 //!
+//! **sm_90a:** a weight product whose GEMM path is [`gemm_tc`] also gets
+//! an sm_90a body ([`crate::kir::Kernel::sm90a`], built from a fork of the
+//! same builder) whose GEMM path is [`gemm_wgmma`] (Hopper's warpgroup
+//! MMA), when the tensor-core parameters allow a 64 x N warpgroup tiling
+//! with the same threads ([`gemm_wgmma::fits`], true of the defaults). Both
+//! bodies share the kernel's name, buffers, scalars and launch, so the one
+//! launch plan serves every PTX module; `emit_ptx` lowers the variant for
+//! sm_90a only.
+//!
 //! **Precision of the prefill path with bf16/f16 weights:** the tensor
 //! cores multiply bf16/f16 operands, so there the activations are rounded
 //! to the weights' element type (to nearest even) before the products
@@ -36,6 +45,7 @@ pub mod attention;
 pub mod concat;
 pub mod gemm;
 pub mod gemm_tc;
+pub mod gemm_wgmma;
 pub mod gemv;
 pub mod gpuize;
 pub mod norm;
@@ -263,6 +273,28 @@ pub fn weight_product(
     k: usize,
     p: &WeightProductParams,
 ) -> Result<(), String> {
+    // The sm_90a body, where the GEMM path runs on the tensor cores.
+    let gemv_only = as_const(&m).is_some_and(|mc| mc <= p.gemv_max_m as i64);
+    let sm90a = (gemm_tc::supports(op) && gemm_wgmma::fits(&p.tc).is_some() && !gemv_only).then(|| b.fork());
+    build(b, m.clone(), op, n, k, p, false)?;
+    if let Some(mut v) = sm90a {
+        build(&mut v, m, op, n, k, p, true)?;
+        b.set_sm90a(v);
+    }
+    Ok(())
+}
+
+/// [`weight_product`]'s body, with [`gemm_wgmma`] as its tensor-core GEMM
+/// when `wgmma`.
+fn build(
+    b: &mut Builder,
+    m: Expr,
+    op: &WeightOp,
+    n: usize,
+    k: usize,
+    p: &WeightProductParams,
+    wgmma: bool,
+) -> Result<(), String> {
     op.check(n, k)?;
     p.gemv.check()?;
     let tc = gemm_tc::supports(op);
@@ -274,6 +306,8 @@ pub fn weight_product(
     if let Some(mc) = as_const(&m) {
         return if mc <= p.gemv_max_m as i64 {
             gemv::gemv(b, m, op, n, k, &p.gemv)
+        } else if tc && wgmma {
+            gemm_wgmma::gemm_wgmma(b, m, op, n, k, &p.tc)
         } else if tc {
             gemm_tc::gemm_tc(b, m, op, n, k, &p.tc)
         } else {
@@ -294,8 +328,13 @@ pub fn weight_product(
     enum Tiles {
         Simt(gemm::Tiles),
         Tc(gemm_tc::Tiles),
+        Wgmma(gemm_wgmma::Tiles),
     }
-    let tiles = if tc { Tiles::Tc(gemm_tc::shared(b, op, &p.tc)) } else { Tiles::Simt(gemm::shared(b, op, &p.gemm)) };
+    let tiles = match (tc, wgmma) {
+        (true, true) => Tiles::Wgmma(gemm_wgmma::shared(b, op, &p.tc)),
+        (true, false) => Tiles::Tc(gemm_tc::shared(b, op, &p.tc)),
+        _ => Tiles::Simt(gemm::shared(b, op, &p.gemm)),
+    };
     b.gpu_launch([threads as u32, 1, 1], [Expr::idx(p.blocks), Expr::idx(1), Expr::idx(1)]);
     b.promise_aligned_vectors();
     let small = m.clone().cmp(CmpOp::Le, Expr::idx(p.gemv_max_m));
@@ -311,6 +350,7 @@ pub fn weight_product(
                 let n0 = t % Expr::idx(cols) * Expr::idx(bn);
                 match &tiles {
                     Tiles::Tc(tiles) => gemm_tc::tile(b, &o, op, &m, n, k, &p.tc, tiles, m0, n0),
+                    Tiles::Wgmma(tiles) => gemm_wgmma::tile(b, &o, op, &m, n, k, &p.tc, tiles, m0, n0),
                     Tiles::Simt(tiles) => gemm::tile(b, &o, op, &m, n, k, &p.gemm, tiles, m0, n0),
                 }
             });
@@ -511,6 +551,34 @@ mod tests {
         }
     }
 
+    /// The sm_90a body (wgmma for the GEMM path) of a symbolic-m product
+    /// with 128-thread blocks (one warpgroup of m64n16, or 4 GEMV warps),
+    /// 3 blocks: both paths, against the reference, and the same launch as
+    /// the `mma.sync` body.
+    #[test]
+    fn gpu_weight_product_sm90a_variant() {
+        let p = WeightProductParams {
+            gemv: GemvParams { groups: 4, warps_per_group: 1, rows_per_group: 2, unroll: 2, m_tile: 2 },
+            gemm: GemmParams::DEFAULT,
+            tc: TcParams { bm: 64, bn: 16, bk: 16, wm: 16, wn: 16 },
+            gemv_max_m: 5,
+            blocks: 3,
+        };
+        let plain = WeightOp::plain(Scalar::F16);
+        let gated = WeightOp { bias: true, residual: true, ..WeightOp::gated(Scalar::BF16, Act::Silu) };
+        for (op, m, n, k) in [(plain, 2, 37, 40), (plain, 70, 37, 52), (gated, 17, 24, 40)] {
+            let kern = kernel(&op, n, k, &p);
+            let v = kern.sm90a.as_deref().expect("an sm_90a variant");
+            assert_eq!(v.gpu, kern.gpu);
+            assert!(v.uses_wgmma() && !kern.uses_wgmma());
+            check_product(&kern.for_sm90a(), &op, &p, m, n, k);
+        }
+        // f32 weights and tilings without warpgroups get no variant.
+        let f32_op = WeightOp::plain(Scalar::F32);
+        let p32 = WeightProductParams { gemm: GemmParams { bm: 32, bn: 16, bk: 8, tm: 2, tn: 2 }, ..p };
+        assert!(p32.gemm.threads() == p32.gemv.threads() && kernel(&f32_op, 8, 8, &p32).sm90a.is_none());
+    }
+
     #[test]
     fn gpu_weight_product_defaults_build() {
         for (n, k) in [(1, 1), (128, 896), (896, 896), (4096, 4096), (14336, 4096)] {
@@ -519,6 +587,7 @@ mod tests {
                 assert_eq!(p.gemv.threads(), p.gemm.threads(), "{p:?}");
                 let kern = kernel(&op, n, k, &p);
                 assert!(kern.uses_gpu_features());
+                assert!(kern.sm90a.as_ref().is_some_and(|v| v.uses_wgmma()), "{p:?}");
             }
         }
     }
