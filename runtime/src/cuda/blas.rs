@@ -81,23 +81,30 @@ fn data_type(e: Elem) -> cudaDataType {
     }
 }
 
+/// Whether `libcublas` loads and has every entry point the runtime calls;
+/// [`CudaError::NoLibrary`], naming it, when not. Needs no GPU.
+pub fn check_cublas() -> Result<(), CudaError> {
+    if !cublas_present() {
+        return Err(no_library(
+            "it was not found; install the CUDA toolkit's cuBLAS (e.g. PyPI's nvidia-cublas-cu12) and add the \
+             directory holding libcublas.so.12 to LD_LIBRARY_PATH, or recompile the model with --gpu-gemm kernels",
+        ));
+    }
+    // SAFETY: loads the library found above; `get` only looks symbols up.
+    let lib = unsafe { cudarc::cublas::sys::culib() };
+    for s in SYMBOLS {
+        // SAFETY: the symbol is only looked up, never called through this type.
+        if let Err(e) = unsafe { lib.get::<unsafe extern "C" fn()>(s.as_bytes()) } {
+            return Err(no_library(format!("it lacks `{s}` ({e}); it is older than this runtime needs")));
+        }
+    }
+    Ok(())
+}
+
 impl Blas {
     /// Loads cuBLAS, creates a handle on `stream` and gives it a workspace.
     pub fn open(stream: &Arc<CudaStream>) -> Result<Blas, CudaError> {
-        if !cublas_present() {
-            return Err(no_library(
-                "it was not found; install the CUDA toolkit's cuBLAS (e.g. PyPI's nvidia-cublas-cu12) and add the \
-                 directory holding libcublas.so.12 to LD_LIBRARY_PATH, or recompile the model with --gpu-gemm kernels",
-            ));
-        }
-        // SAFETY: loads the library found above; `get` only looks symbols up.
-        let lib = unsafe { cudarc::cublas::sys::culib() };
-        for s in SYMBOLS {
-            // SAFETY: the symbol is only looked up, never called through this type.
-            if let Err(e) = unsafe { lib.get::<unsafe extern "C" fn()>(s.as_bytes()) } {
-                return Err(no_library(format!("it lacks `{s}` ({e}); it is older than this runtime needs")));
-            }
-        }
+        check_cublas()?;
         guard(|| {
             let blas = CudaBlas::new(stream.clone())
                 .map_err(|e| CudaError::Driver { what: "creating a cuBLAS handle".into(), message: format!("{e:?}") })?;
