@@ -717,9 +717,7 @@ impl Scheduler<'_> {
             let x_elem = scalar_of_elem(self.buffers[x].elem);
             let y_elem = elem_of(g.ty(node.outputs[0]).dtype);
             // A product the library form does not take keeps its kernel.
-            if let Ok(lib) =
-                select::gpu_library::cublas_weight_product(&x_ty, x_elem, y_elem, n_, k_, act, welem)
-            {
+            if let Ok(lib) = select::gpu_library::cublas_weight_product(&x_ty, x_elem, y_elem, n_, k_, act, welem) {
                 let mut operands = vec![x];
                 for (w, chunk) in weights.iter().zip(nk) {
                     operands.push(self.place_chunk(&format!("%{}ᵀ", w.index()), &[n_, k_], welem, chunk));
@@ -1545,5 +1543,4 @@ func @mlp(%x: f32[batch, seq, 16]) -> (y) {
     }
 
     use crate::kir::interp as kinterp_buf;
-
 }

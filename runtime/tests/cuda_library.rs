@@ -13,7 +13,7 @@ use smelt_runtime::artifact::{Bounds, Signature, TensorSig};
 use smelt_runtime::cuda::blas::{check_cublas, cublas_present};
 use smelt_runtime::cuda::{probe, CudaError, CudaModel, CudaPlan, DeviceMemory, Host, Issue};
 use smelt_runtime::plan::{
-    Buffer, Elem, GemmCall, GemmCompute, KernelEntry, LibraryCall, Launch, NativePlan, PtxModule, Storage,
+    Buffer, Elem, GemmCall, GemmCompute, KernelEntry, Launch, LibraryCall, NativePlan, PtxModule, Storage,
 };
 use smelt_runtime::Forward;
 

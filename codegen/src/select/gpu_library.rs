@@ -137,7 +137,14 @@ fn elem_name(e: Scalar) -> &'static str {
 
 /// The GPU kernel copying `[rows.., cols]` from elements `from` to `to`
 /// (loads widen exactly, stores round to nearest even).
-fn convert(rows: &[Dim], cols: usize, from: Scalar, to: Scalar, op: &Op, x: &TensorType) -> Result<Instance, SelectError> {
+fn convert(
+    rows: &[Dim],
+    cols: usize,
+    from: Scalar,
+    to: Scalar,
+    op: &Op,
+    x: &TensorType,
+) -> Result<Instance, SelectError> {
     let mut b = Builder::new("gpu_convert");
     let mut p = Params::default();
     let m = p.product(&mut b, rows);
@@ -151,13 +158,21 @@ fn convert(rows: &[Dim], cols: usize, from: Scalar, to: Scalar, op: &Op, x: &Ten
             b.store(dst, i.clone(), Expr::load(src, i, w));
         });
     });
-    let prefix = format!("gpu_convert_{}_to_{}_c{cols}_m{}", elem_name(from), elem_name(to), dim_name(&Dim::product(rows)));
+    let prefix =
+        format!("gpu_convert_{}_to_{}_c{cols}_m{}", elem_name(from), elem_name(to), dim_name(&Dim::product(rows)));
     on_gpu(p.finish(b, &prefix, op, std::slice::from_ref(x))?, op, x)
 }
 
 /// The GPU kernel `y = act(g) * u` over `[rows.., cols]` (f32 `g`, `u`; `y`
 /// of `y_elem`).
-fn gated(rows: &[Dim], cols: usize, act: Act, y_elem: Scalar, op: &Op, x: &TensorType) -> Result<Instance, SelectError> {
+fn gated(
+    rows: &[Dim],
+    cols: usize,
+    act: Act,
+    y_elem: Scalar,
+    op: &Op,
+    x: &TensorType,
+) -> Result<Instance, SelectError> {
     let mut b = Builder::new("gpu_gated");
     let mut p = Params::default();
     let m = p.product(&mut b, rows);
@@ -179,7 +194,8 @@ fn gated(rows: &[Dim], cols: usize, act: Act, y_elem: Scalar, op: &Op, x: &Tenso
 }
 
 fn on_gpu(inst: Instance, op: &Op, x: &TensorType) -> Result<Instance, SelectError> {
-    let kernel = gpuize(&inst.kernel).map_err(|e| SelectError::unsupported(op, std::slice::from_ref(x), e.to_string()))?;
+    let kernel =
+        gpuize(&inst.kernel).map_err(|e| SelectError::unsupported(op, std::slice::from_ref(x), e.to_string()))?;
     Ok(Instance { kernel, scalars: inst.scalars })
 }
 

@@ -106,8 +106,10 @@ impl Blas {
     pub fn open(stream: &Arc<CudaStream>) -> Result<Blas, CudaError> {
         check_cublas()?;
         guard(|| {
-            let blas = CudaBlas::new(stream.clone())
-                .map_err(|e| CudaError::Driver { what: "creating a cuBLAS handle".into(), message: format!("{e:?}") })?;
+            let blas = CudaBlas::new(stream.clone()).map_err(|e| CudaError::Driver {
+                what: "creating a cuBLAS handle".into(),
+                message: format!("{e:?}"),
+            })?;
             let workspace = stream.alloc_zeros::<u8>(WORKSPACE_BYTES).map_err(|e| CudaError::Driver {
                 what: "allocating cuBLAS's workspace".into(),
                 message: super::describe(&e),
@@ -115,11 +117,12 @@ impl Blas {
             let (ptr, _) = workspace.device_ptr(stream);
             // SAFETY: the workspace is device memory of that size, owned by
             // the `Blas` with the handle, so it outlives every call on it.
-            unsafe {
-                cudarc::cublas::sys::cublasSetWorkspace_v2(*blas.handle(), ptr as *mut c_void, WORKSPACE_BYTES)
-            }
-            .result()
-            .map_err(|e| CudaError::Driver { what: "setting cuBLAS's workspace".into(), message: format!("{e:?}") })?;
+            unsafe { cudarc::cublas::sys::cublasSetWorkspace_v2(*blas.handle(), ptr as *mut c_void, WORKSPACE_BYTES) }
+                .result()
+                .map_err(|e| CudaError::Driver {
+                    what: "setting cuBLAS's workspace".into(),
+                    message: format!("{e:?}"),
+                })?;
             Ok(Blas { blas, _workspace: workspace })
         })
     }

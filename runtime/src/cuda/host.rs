@@ -488,5 +488,4 @@ pub enum Issue<'a> {
     /// A library GEMM `y[m, n] = x[m, k] · w[n, k]ᵀ` on device addresses
     /// `x`, `w`, `y`, each checked to hold what the call reads or writes.
     Gemm { launch: usize, call: &'a GemmCall, m: u64, x: u64, w: u64, y: u64 },
-
 }

@@ -60,8 +60,8 @@ use cudarc::driver::{CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr}
 use cudarc::nvrtc::Ptx;
 use smelt_ir::Tensor;
 
-use super::device::{self, guard, DeviceInfo, Gpu};
 use super::blas::Blas;
+use super::device::{self, guard, DeviceInfo, Gpu};
 use super::host::{DeviceMemory, Host, Issue, Read};
 use super::plan::{CudaPlan, Dim3};
 use super::{describe, CudaError};
