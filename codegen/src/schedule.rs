@@ -1440,8 +1440,12 @@ func @mlp(%x: f32[batch, seq, 16]) -> (y) {
             assert_eq!(kinds, want, "{wd:?}");
             // Both gated GEMMs share one library entry, after the kernels.
             assert_eq!(s.plan.kernels.len(), s.kernels.len() + 2, "{wd:?}");
-            let checked =
-                CheckedPlan::new(s.plan.clone(), Signature::from_graph(&g), s.constants.len() as usize).unwrap();
+            let len = s.constants.len() as usize;
+            // The GPU runtime's checks (library calls included) accept it.
+            let mut with_ptx = s.plan.clone();
+            with_ptx.ptx = vec![smelt_runtime::plan::PtxModule { arch: "sm_90".into(), file: "k.ptx".into() }];
+            smelt_runtime::cuda::CudaPlan::new(with_ptx, Signature::from_graph(&g), len).unwrap();
+            let checked = CheckedPlan::new(s.plan.clone(), Signature::from_graph(&g), len).unwrap();
             let file = s.constants.finish().unwrap().read().unwrap();
             for (batch, seq) in [(1usize, 1usize), (2, 5)] {
                 let what = format!("{wd:?} batch {batch} seq {seq}");
