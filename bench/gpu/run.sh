@@ -25,8 +25,8 @@
 # Env: OUT (default /tmp/smelt-gpu-out), MODELS (default
 # "llama3.2-1b llama3.1-8b"), BUDGET (seconds the whole run may take,
 # default 480), SKIP_FIXTURES=1, SKIP_BENCH=1, SKIP_ANCHORS=1, SKIP_CUBLAS=1.
-# cuBLAS is loaded at run time: libcublas.so.12 from the system or from
-# PyTorch's nvidia-cublas-cu12 wheel (added to LD_LIBRARY_PATH below).
+# cuBLAS is loaded at run time: libcublas from the system or from
+# PyTorch's nvidia wheels (put on LD_LIBRARY_PATH below).
 set -uo pipefail
 G=$(realpath "${1:-.gpu}")
 OUT=${OUT:-/tmp/smelt-gpu-out}
@@ -55,14 +55,27 @@ if [ -n "$missing" ]; then
   for l in $missing; do cp "$G/lib/$l" "$W/lib/" 2>/dev/null || echo "warning: $l missing"; done
   export LD_LIBRARY_PATH="$W/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 fi
-# cuBLAS for the `--gpu-gemm cublas` artifacts: the pip wheel PyTorch uses,
-# when the system's loader does not find one.
-if [ -z "${SKIP_CUBLAS:-}" ] && ! ldconfig -p 2>/dev/null | grep -q 'libcublas\.so\.12'; then
-  cublas_lib=$(python3 -c "import nvidia.cublas as c, os; print(os.path.join(list(c.__path__)[0], 'lib'))" 2>/dev/null)
-  if [ -n "$cublas_lib" ] && [ -d "$cublas_lib" ]; then
-    export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$cublas_lib"
+# cuBLAS for the `--gpu-gemm cublas` artifacts: smelt looks for
+# libcublas.so(.12) by name; when the system's loader has none, the pip
+# wheel PyTorch uses (nvidia-cublas-cu12's nvidia/cublas/lib, or CUDA 13's
+# nvidia/cu13/lib, whose cublasGemmEx has the same ABI) is linked in as
+# libcublas.so.
+if [ -z "${SKIP_CUBLAS:-}" ] && ! ldconfig -p 2>/dev/null | grep -qE 'libcublas\.so(\.12)? '; then
+  cublas=$(python3 -c '
+import glob, os, nvidia
+for root in nvidia.__path__:
+    for pat in ("cublas/lib/libcublas.so.*", "cu*/lib/libcublas.so.*"):
+        hits = sorted(glob.glob(os.path.join(root, pat)))
+        if hits:
+            print(hits[-1])
+            raise SystemExit
+' 2>/dev/null)
+  if [ -n "$cublas" ]; then
+    mkdir -p "$W/cublas" && ln -sf "$cublas" "$W/cublas/libcublas.so"
+    export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$W/cublas:$(dirname "$cublas")"
+    echo "cuBLAS: $cublas"
   else
-    echo "warning: no libcublas.so.12 found; the cublas rows will fail"
+    echo "warning: no libcublas found; the cublas rows will fail"
   fi
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$R/gpu.txt"
