@@ -216,8 +216,11 @@ pub enum GpuGemm {
     Kernels,
     /// cuBLAS GEMMs through the runtime (`select::gpu_library`), with KIR
     /// kernels for the activations' conversion and the gated MLP's
-    /// elementwise product.
+    /// elementwise product; f32 products in f32.
     Cublas,
+    /// As `Cublas`, but f32 weight products round their operands to TF32
+    /// on tensor cores (bf16/f16 ones are unchanged).
+    CublasTf32,
 }
 
 /// The storage type of the weights (see the module docs); computation is
@@ -566,9 +569,13 @@ impl Scheduler<'_> {
                         a: plan_elem(gm.a),
                         b: plan_elem(gm.b),
                         c: Elem::F32,
-                        compute: GemmCompute::F32,
+                        compute: match self.options.gpu_gemm {
+                            GpuGemm::CublasTf32 if gm.a == Scalar::F32 => GemmCompute::Tf32,
+                            _ => GemmCompute::F32,
+                        },
                     };
-                    let symbol = format!("cublas_gemm_{:?}_n{}_k{}", call.a, gm.n, gm.k).to_lowercase();
+                    let tf32 = if call.compute == GemmCompute::Tf32 { "_tf32" } else { "" };
+                    let symbol = format!("cublas_gemm_{:?}{tf32}_n{}_k{}", call.a, gm.n, gm.k).to_lowercase();
                     let (nd, kd) = (Dim::c(gm.n as i64), Dim::c(gm.k as i64));
                     let needs = [gm.m.clone() * kd.clone(), nd.clone() * kd, gm.m.clone() * nd];
                     let elems = [call.a, call.b, call.c];
@@ -708,7 +715,7 @@ impl Scheduler<'_> {
             Some(nk) => (wanted, nk),
             None => (Scalar::F32, laid_out(Scalar::F32).expect("f32 holds every float value")),
         };
-        if self.options.device == Device::Gpu && self.options.gpu_gemm == GpuGemm::Cublas {
+        if self.options.device == Device::Gpu && self.options.gpu_gemm != GpuGemm::Kernels {
             let act = match &node.op {
                 Op::GatedMlp { act } => Some(act.as_str()),
                 _ => None,
@@ -1401,13 +1408,16 @@ func @mlp(%x: f32[batch, seq, 16]) -> (y) {
         };
         let weights = BTreeMap::from([weight("wq", 24, 16, 1), weight("wg", 40, 24, 2), weight("wu", 40, 24, 3)]);
         let f32_weights: BTreeMap<String, Tensor> = weights.iter().map(|(n, t)| (n.clone(), t.to_tensor())).collect();
-        for (wd, tol) in [(WeightDtype::F32, 1e-6), (WeightDtype::BF16, 1e-2), (WeightDtype::F16, 2e-3)] {
-            let options = ScheduleOptions {
-                device: Device::Gpu,
-                weight_dtype: wd,
-                gpu_gemm: GpuGemm::Cublas,
-                ..ScheduleOptions::default()
-            };
+        let cases = [
+            (WeightDtype::F32, GpuGemm::Cublas, 1e-6),
+            (WeightDtype::F32, GpuGemm::CublasTf32, 4e-3),
+            (WeightDtype::BF16, GpuGemm::Cublas, 1e-2),
+            (WeightDtype::F16, GpuGemm::CublasTf32, 2e-3),
+        ];
+        for (wd, gemm, tol) in cases {
+            let tf32 = gemm == GpuGemm::CublasTf32 && wd == WeightDtype::F32;
+            let options =
+                ScheduleOptions { device: Device::Gpu, weight_dtype: wd, gpu_gemm: gemm, ..ScheduleOptions::default() };
             let s = schedule(&g, &weights, options).unwrap();
             // The launches: [convert], gemm, [convert], gemm, gemm, gated.
             let kinds: Vec<String> = s
@@ -1419,7 +1429,7 @@ func @mlp(%x: f32[batch, seq, 16]) -> (y) {
                     match &e.library {
                         Some(LibraryCall::Gemm(c)) => {
                             assert_eq!(e.lowering, "cublas");
-                            assert_eq!(c.compute, GemmCompute::F32);
+                            assert_eq!(c.compute, if tf32 { GemmCompute::Tf32 } else { GemmCompute::F32 });
                             assert_eq!((c.a, c.b, c.c), (wd_elem(wd), wd_elem(wd), Elem::F32));
                             format!("gemm n={} k={}", c.n, c.k)
                         }
@@ -1448,7 +1458,7 @@ func @mlp(%x: f32[batch, seq, 16]) -> (y) {
             let checked = CheckedPlan::new(s.plan.clone(), Signature::from_graph(&g), len).unwrap();
             let file = s.constants.finish().unwrap().read().unwrap();
             for (batch, seq) in [(1usize, 1usize), (2, 5)] {
-                let what = format!("{wd:?} batch {batch} seq {seq}");
+                let what = format!("{wd:?} {gemm:?} batch {batch} seq {seq}");
                 let data = crate::templates::testing::rand(batch * seq * 16, 7);
                 let x = Tensor::from_f32(DType::F32, vec![batch, seq, 16], data).unwrap();
                 let inputs = BTreeMap::from([("x".to_string(), x)]);
@@ -1492,7 +1502,10 @@ func @mlp(%x: f32[batch, seq, 16]) -> (y) {
                         let (m, n, k) = (scalars[0] as usize, c.n as usize, c.k as usize);
                         let needs: Vec<i64> = l.needs.iter().map(eval).collect();
                         assert_eq!(needs, [(m * k) as i64, (n * k) as i64, (m * n) as i64], "{what}");
-                        let (xv, wv) = (widen(&mem[l.args[0]]), widen(&mem[l.args[1]]));
+                        let (mut xv, mut wv) = (widen(&mem[l.args[0]]), widen(&mem[l.args[1]]));
+                        if c.compute == GemmCompute::Tf32 {
+                            xv.iter_mut().chain(wv.iter_mut()).for_each(|v| *v = to_tf32(*v));
+                        }
                         let y: Vec<f32> = (0..m * n)
                             .map(|i| {
                                 let (r, j) = (i / n, i % n);
@@ -1534,6 +1547,13 @@ func @mlp(%x: f32[batch, seq, 16]) -> (y) {
             WeightDtype::BF16 => "bf16",
             WeightDtype::F16 => "f16",
         }
+    }
+
+    /// `x` rounded to TF32 (10 explicit significand bits), to nearest even.
+    fn to_tf32(x: f32) -> f32 {
+        let b = x.to_bits();
+        let round = 0xfff + ((b >> 13) & 1);
+        f32::from_bits(b.wrapping_add(round) & !0x1fff)
     }
 
     /// A buffer's values as f32 (narrow floats widened exactly).

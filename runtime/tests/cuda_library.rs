@@ -167,6 +167,11 @@ fn plans_with_library_calls_are_checked() {
     let p = checked(plan.clone(), sig.clone()).unwrap();
     assert!(p.has_library_calls());
     assert!(p.gemm(1).is_some() && p.gemm(0).is_none());
+    // Without its library call the plan needs no cuBLAS.
+    let mut plain = plan.clone();
+    plain.kernels.truncate(1);
+    plain.launches.remove(0);
+    assert!(!checked(plain, sig.clone()).unwrap().has_library_calls());
 
     let refused = |f: &dyn Fn(&mut NativePlan), want: &str| {
         let mut bad = plan.clone();

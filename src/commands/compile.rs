@@ -71,6 +71,7 @@ pub enum GpuGemmArg {
     #[default]
     Kernels,
     Cublas,
+    CublasTf32,
 }
 
 #[derive(clap::Args, Debug)]
@@ -94,7 +95,8 @@ pub struct Args {
     #[arg(long, value_enum)]
     pub weight_dtype: Option<WeightDtypeArg>,
     /// What computes `--target cuda`'s weight products: generated kernels, or cuBLAS GEMMs
-    /// (loaded at run time; the manifest's kernel entries say which, `lowering: cublas`).
+    /// (loaded at run time; the manifest's kernel entries say which, `lowering: cublas`);
+    /// `cublas-tf32` lets f32 weight products round their operands to TF32.
     #[arg(long, value_enum, default_value = "kernels")]
     pub gpu_gemm: GpuGemmArg,
     #[command(flatten)]
@@ -239,6 +241,7 @@ pub fn main(args: Args) -> Result<()> {
         let gemm = match args.gpu_gemm {
             GpuGemmArg::Kernels => smelt_codegen::schedule::GpuGemm::Kernels,
             GpuGemmArg::Cublas => smelt_codegen::schedule::GpuGemm::Cublas,
+            GpuGemmArg::CublasTf32 => smelt_codegen::schedule::GpuGemm::CublasTf32,
         };
         Some(compile_cuda(&loaded.graph, &loaded.weights, weight_dtype, gemm, &args.gpu_arch, constants, &mut phases)?)
     } else {
