@@ -175,8 +175,9 @@ pub fn load_onnx(path: &Path) -> Result<Loaded> {
 pub fn load_artifact(dir: &Path) -> Result<Loaded> {
     let a = Artifact::open(dir)?;
     let graph = a.graph()?;
-    // A `cpu` artifact keeps its constants in the native layout only.
-    let weights = if a.manifest().native.is_some() { BTreeMap::new() } else { a.weights()? };
+    // A `cpu` or `cuda` artifact keeps its constants in the plans' layout only.
+    let weights =
+        if a.manifest().native.is_some() || a.manifest().cuda.is_some() { BTreeMap::new() } else { a.weights()? };
     let m = a.manifest().clone();
     Ok(Loaded {
         graph,

@@ -2,7 +2,10 @@
 outputs, on a machine with an NVIDIA GPU and no Rust: it runs the prebuilt
 `smelt` binary (compile, run, generate) and compares with numpy.
 
-Usage: python3 check_fixtures.py SMELT FIXTURES_DIR WORK_DIR [--weight-dtype bf16]
+Usage: python3 check_fixtures.py SMELT FIXTURES_DIR WORK_DIR [--weight-dtype bf16] [--gpu-gemm cublas]
+
+With `--gpu-gemm cublas` the weight products are cuBLAS GEMMs (the same
+tolerances apply: f32 weights are multiplied in f32, no TF32).
 
 What a pass means (../shared/fixtures/README.md; the GPU issue):
 - f32 weights: logits and present key/values within 1e-3 absolute of the
@@ -21,6 +24,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 ABS_TOL = 1e-3
+CUBLAS = False
 REL_TOL = 2e-2
 
 
@@ -72,11 +76,11 @@ def check(name, art, ref, has_kv, work):
 def one(name, d, src, label, has_kv, bf16, work):
     """Compiles and checks one fixture artifact; returns (ok, row or None)."""
     ref = load_file(os.path.join(d, "reference.safetensors"))
-    tag = f"{name}-{label}{'-bf16' if bf16 else ''}"
+    tag = f"{name}-{label}{'-bf16' if bf16 else ''}{'-cublas' if CUBLAS else ''}"
     art = os.path.join(work, tag + ".smelt")
     scratch = os.path.join(work, tag)
     os.makedirs(scratch, exist_ok=True)
-    extra = ["--weight-dtype", "bf16"] if bf16 else []
+    extra = (["--weight-dtype", "bf16"] if bf16 else []) + (["--gpu-gemm", "cublas"] if CUBLAS else [])
     try:
         smelt("compile", src, "-o", art, "--target", "cuda", "--gpu-arch", ARCH, *extra)
         results, greedy = check(name, art, ref, has_kv, scratch)
@@ -86,15 +90,16 @@ def one(name, d, src, label, has_kv, bf16, work):
     ok = all((r if bf16 else a) <= (REL_TOL if bf16 else ABS_TOL) for _, a, r in results)
     ok = ok and (greedy or bf16)
     detail = ", ".join(f"{what} abs {a:.2e} rel {r:.2e}" for what, a, r in results)
-    print(f"{'ok  ' if ok else 'FAIL'} {name} ({label}{', bf16' if bf16 else ''}): {detail}; "
+    print(f"{'ok  ' if ok else 'FAIL'} {name} ({label}{', bf16' if bf16 else ''}{', cublas' if CUBLAS else ''}): {detail}; "
           f"greedy {'exact' if greedy else 'differs'}", flush=True)
-    return ok, dict(fixture=name, source=label, bf16=bf16, checks=results, greedy_exact=greedy, ok=ok)
+    return ok, dict(fixture=name, source=label, bf16=bf16, cublas=CUBLAS, checks=results, greedy_exact=greedy, ok=ok)
 
 
 def main():
-    global SMELT, ARCH
+    global SMELT, ARCH, CUBLAS
     SMELT, fixtures, work = sys.argv[1:4]
     bf16 = "--weight-dtype" in sys.argv and sys.argv[sys.argv.index("--weight-dtype") + 1] == "bf16"
+    CUBLAS = "--gpu-gemm" in sys.argv and sys.argv[sys.argv.index("--gpu-gemm") + 1] == "cublas"
     ARCH = os.environ.get("GPU_ARCH", "sm_90a")
     os.makedirs(work, exist_ok=True)
     jobs = []
@@ -111,7 +116,7 @@ def main():
         done = list(pool.map(lambda j: one(*j), jobs))
     failed = sum(not ok for ok, _ in done)
     rows = [r for _, r in done if r is not None]
-    with open(os.path.join(work, f"fixtures{'-bf16' if bf16 else ''}.json"), "w") as f:
+    with open(os.path.join(work, f"fixtures{'-bf16' if bf16 else ''}{'-cublas' if CUBLAS else ''}.json"), "w") as f:
         json.dump(rows, f, indent=1)
     passed = sum(r["ok"] for r in rows)
     print(f"{passed}/{passed + failed} fixture artifacts pass", flush=True)

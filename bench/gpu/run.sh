@@ -10,18 +10,23 @@
 # Phases (each stage under its own time limit, so one failure cannot eat a
 # short device lease):
 #   1. in the background: the benchmark checkpoints are made (weights drawn
-#      on the GPU) and compiled for sm_90a with bf16 weights;
+#      on the GPU) and compiled for sm_90a with bf16 weights, twice: with
+#      generated weight-product kernels and with `--gpu-gemm cublas`;
 #   2. meanwhile every fixture is compiled for cuda and checked against its
-#      references, with f32 and with bf16 weights (check_fixtures.py);
+#      references, with f32 and with bf16 weights, then again with
+#      `--gpu-gemm cublas` (check_fixtures.py);
 #   3. alone on the GPU: `smelt bench` per model (prefill 512 tokens, decode
-#      after 512 cached), then PyTorch eager and (time permitting)
+#      after 512 cached; the cublas artifact with fewer repetitions), then
+#      PyTorch eager and (time permitting)
 #      transformers' static-cache compiled generate (anchors_gpu.py);
 #   4. the summary table (table.py).
 # Results: every log in OUT/results.tgz (written on exit), the table in
 # OUT/summary.txt.
 # Env: OUT (default /tmp/smelt-gpu-out), MODELS (default
 # "llama3.2-1b llama3.1-8b"), BUDGET (seconds the whole run may take,
-# default 480), SKIP_FIXTURES=1, SKIP_BENCH=1, SKIP_ANCHORS=1.
+# default 480), SKIP_FIXTURES=1, SKIP_BENCH=1, SKIP_ANCHORS=1, SKIP_CUBLAS=1.
+# cuBLAS is loaded at run time: libcublas from the system or from
+# PyTorch's nvidia wheels (put on LD_LIBRARY_PATH below).
 set -uo pipefail
 G=$(realpath "${1:-.gpu}")
 OUT=${OUT:-/tmp/smelt-gpu-out}
@@ -50,6 +55,29 @@ if [ -n "$missing" ]; then
   for l in $missing; do cp "$G/lib/$l" "$W/lib/" 2>/dev/null || echo "warning: $l missing"; done
   export LD_LIBRARY_PATH="$W/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 fi
+# cuBLAS for the `--gpu-gemm cublas` artifacts: smelt looks for
+# libcublas.so(.12) by name; when the system's loader has none, the pip
+# wheel PyTorch uses (nvidia-cublas-cu12's nvidia/cublas/lib, or CUDA 13's
+# nvidia/cu13/lib, whose cublasGemmEx has the same ABI) is linked in as
+# libcublas.so.
+if [ -z "${SKIP_CUBLAS:-}" ] && ! ldconfig -p 2>/dev/null | grep -qE 'libcublas\.so(\.12)? '; then
+  cublas=$(python3 -c '
+import glob, os, nvidia
+for root in nvidia.__path__:
+    for pat in ("cublas/lib/libcublas.so.*", "cu*/lib/libcublas.so.*"):
+        hits = sorted(glob.glob(os.path.join(root, pat)))
+        if hits:
+            print(hits[-1])
+            raise SystemExit
+' 2>/dev/null)
+  if [ -n "$cublas" ]; then
+    mkdir -p "$W/cublas" && ln -sf "$cublas" "$W/cublas/libcublas.so"
+    export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$W/cublas:$(dirname "$cublas")"
+    echo "cuBLAS: $cublas"
+  else
+    echo "warning: no libcublas found; the cublas rows will fail"
+  fi
+fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$R/gpu.txt"
 $S --version
 
@@ -61,6 +89,8 @@ if [ -z "${SKIP_BENCH:-}" ]; then
     for m in $MODELS; do
       ( /usr/bin/time -v timeout 300 "$S" compile "$W/models/$m" -o "$W/$m.smelt" --target cuda \
           --weight-dtype bf16 --gpu-arch sm_90a > "$R/compile-$m.txt" 2> "$R/compile-$m.time"
+        [ -z "${SKIP_CUBLAS:-}" ] && timeout 240 "$S" compile "$W/models/$m" -o "$W/$m-cublas.smelt" --target cuda \
+          --weight-dtype bf16 --gpu-arch sm_90a --gpu-gemm cublas > "$R/compile-$m-cublas.txt" 2>&1
         rm -rf "$W/models/$m" ) &
     done
     wait
@@ -74,6 +104,13 @@ if [ -z "${SKIP_FIXTURES:-}" ]; then
   stamp "fixtures, bf16 weights (relative logits err <= 2e-2)"
   timeout $(lim 90) python3 "$HERE/check_fixtures.py" "$S" "$G/fixtures" "$W/fx" --weight-dtype bf16 2>&1 \
     | tee "$R/fixtures-bf16.txt" || status=1
+  if [ -z "${SKIP_CUBLAS:-}" ]; then
+    stamp "fixtures, --gpu-gemm cublas, f32 then bf16 weights"
+    timeout $(lim 90) python3 "$HERE/check_fixtures.py" "$S" "$G/fixtures" "$W/fx" --gpu-gemm cublas 2>&1 \
+      | tee "$R/fixtures-cublas.txt" || status=1
+    timeout $(lim 60) python3 "$HERE/check_fixtures.py" "$S" "$G/fixtures" "$W/fx" --weight-dtype bf16 \
+      --gpu-gemm cublas 2>&1 | tee "$R/fixtures-bf16-cublas.txt" || status=1
+  fi
 fi
 
 if [ -z "${SKIP_BENCH:-}" ]; then
@@ -87,6 +124,16 @@ if [ -z "${SKIP_BENCH:-}" ]; then
     timeout $(lim 90) "$S" bench "$W/$m.smelt" --device cuda --prompt 512 --ctx 512 --reps 10 --json | tee "$R/bench-$m.json" || status=1
     SMELT_PROFILE=1 timeout $(lim 40) "$S" bench "$W/$m.smelt" --device cuda --prompt 1 --ctx 512 --reps 2 > "$R/profile-$m.txt" 2>&1
     head -25 "$R/profile-$m.txt"
+    if [ -z "${SKIP_CUBLAS:-}" ]; then
+      cat "$R/compile-$m-cublas.txt" 2>/dev/null
+      if [ -d "$W/$m-cublas.smelt" ]; then
+        stamp "bench $m, --gpu-gemm cublas"
+        timeout $(lim 60) "$S" bench "$W/$m-cublas.smelt" --device cuda --prompt 512 --ctx 512 --reps 5 --json \
+          | tee "$R/bench-$m-cublas.json" || status=1
+      else
+        echo "no cublas artifact for $m"; status=1
+      fi
+    fi
   done
 fi
 

@@ -100,6 +100,7 @@ pub fn kernel_entry(k: &Kernel) -> KernelEntry {
         scalars: k.scalars.len(),
         block: k.gpu.as_ref().map(|g| g.block),
         tuning: None,
+        library: None,
     }
 }
 

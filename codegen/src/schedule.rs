@@ -65,7 +65,10 @@ pub enum ScheduleError {
 
 /// The result of scheduling.
 pub struct Schedule {
-    /// Distinct kernels, in first-use order; `plan.kernels[i]` describes `kernels[i]`.
+    /// Distinct kernels, in first-use order; `plan.kernels[i]` describes
+    /// `kernels[i]`. The plan's entries after these are library calls
+    /// ([`smelt_runtime::plan::LibraryCall`], with [`GpuGemm::Cublas`]),
+    /// which have no kernel.
     pub kernels: Vec<Kernel>,
     /// The plan, with `library` and `weights` file names left empty for the
     /// artifact writer to fill.
@@ -164,6 +167,10 @@ struct Scheduler<'g> {
     options: ScheduleOptions,
     /// How the parameters of each tunable kernel (by index) were chosen.
     tuned: HashMap<usize, KernelTuning>,
+    /// Library calls' plan entries (distinct), and the launches of them
+    /// (their `kernel` is an index here until the plan is built).
+    library: Vec<KernelEntry>,
+    library_launches: Vec<usize>,
 }
 
 /// What the kernels run on.
@@ -197,6 +204,23 @@ pub struct ScheduleOptions {
     /// Measured winners for tunable CPU kernels (see [`crate::tuning`]);
     /// kernels without one get their templates' default parameters.
     pub tuning: Option<Arc<Tuning>>,
+    /// What computes the GPU weight products.
+    pub gpu_gemm: GpuGemm,
+}
+
+/// What computes the GPU weight products (`x · Wᵀ`, the gated MLP).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum GpuGemm {
+    /// Generated kernels ([`select::weight_product_gpu`]).
+    #[default]
+    Kernels,
+    /// cuBLAS GEMMs through the runtime (`select::gpu_library`), with KIR
+    /// kernels for the activations' conversion and the gated MLP's
+    /// elementwise product; f32 products in f32.
+    Cublas,
+    /// As `Cublas`, but f32 weight products round their operands to TF32
+    /// on tensor cores (bf16/f16 ones are unchanged).
+    CublasTf32,
 }
 
 /// The storage type of the weights (see the module docs); computation is
@@ -280,6 +304,8 @@ pub fn schedule_into(
         unsupported: vec![],
         options,
         tuned: HashMap::new(),
+        library: vec![],
+        library_launches: vec![],
     };
     let mut inputs = vec![];
     for n in order {
@@ -331,16 +357,23 @@ pub fn schedule_into(
             filled: ip.filled.to_string(),
         }
     });
+    // Library calls' entries follow the kernels'.
+    let mut kernels: Vec<KernelEntry> = s.kernels.iter().enumerate().map(|(i, k)| s.kernel_entry(i, k)).collect();
+    let mut launches = s.launches;
+    for &l in &s.library_launches {
+        launches[l].kernel += s.kernels.len();
+    }
+    kernels.extend(s.library);
     let plan = NativePlan {
         library: String::new(),
         weights: String::new(),
-        kernels: s.kernels.iter().enumerate().map(|(i, k)| s.kernel_entry(i, k)).collect(),
+        kernels,
         // Filled by whoever links the library (it knows the target).
         arch: String::new(),
         cpu_features: vec![],
         ptx: vec![],
         buffers: s.buffers,
-        launches: s.launches,
+        launches,
         symbols,
         inputs,
         outputs,
@@ -483,6 +516,115 @@ impl Scheduler<'_> {
         Ok(())
     }
 
+    /// Adds the launches of a library weight product (see
+    /// [`select::gpu_library`]) for node `n` on operand buffers `operands`:
+    /// its KIR kernels as [`Self::steps`] does, its GEMMs as library calls
+    /// whose needs are `m·k`, `n·k` and `m·n`, checked against the buffers
+    /// bound to them.
+    fn library_steps(
+        &mut self,
+        n: NodeId,
+        lib: select::gpu_library::LibrarySteps,
+        operands: Vec<usize>,
+    ) -> Result<(), ScheduleError> {
+        use select::gpu_library::LibStep;
+        use smelt_runtime::plan::{GemmCall, GemmCompute, LibraryCall};
+        let results = self.result_buffers(n);
+        let base = results.first().map_or_else(|| format!("node{}", n.index()), |&b| self.buffers[b].name.clone());
+        let scratch: Vec<usize> = lib
+            .scratch
+            .iter()
+            .map(|sc| {
+                self.buffers.push(Buffer {
+                    name: format!("{base}.{}", sc.name),
+                    elem: plan_elem(sc.elem),
+                    shape: vec![sc.len.to_string()],
+                    storage: Storage::Arena,
+                });
+                self.buffers.len() - 1
+            })
+            .collect();
+        let bind = |a: select::Arg| match a {
+            select::Arg::Operand(i) => operands.get(i).copied(),
+            select::Arg::Result(i) => results.get(i).copied(),
+            select::Arg::Scratch(i) => scratch.get(i).copied(),
+        };
+        for step in lib.steps {
+            match step {
+                LibStep::Kernel(step) => {
+                    let args = step.args.iter().map(|&a| bind(a)).collect::<Option<Vec<usize>>>();
+                    let args = args.ok_or_else(|| ScheduleError::Contract {
+                        node: describe(self.graph, n),
+                        kernel: step.instance.kernel.name.clone(),
+                        what: "arguments bound to existing buffers".into(),
+                        found: format!("{:?}", step.args),
+                    })?;
+                    self.push_launch(n, step.instance, args)?;
+                }
+                LibStep::Gemm(gm) => {
+                    let call = GemmCall {
+                        library: "cublas".into(),
+                        n: gm.n as u64,
+                        k: gm.k as u64,
+                        a: plan_elem(gm.a),
+                        b: plan_elem(gm.b),
+                        c: Elem::F32,
+                        compute: match self.options.gpu_gemm {
+                            GpuGemm::CublasTf32 if gm.a == Scalar::F32 => GemmCompute::Tf32,
+                            _ => GemmCompute::F32,
+                        },
+                    };
+                    let tf32 = if call.compute == GemmCompute::Tf32 { "_tf32" } else { "" };
+                    let symbol = format!("cublas_gemm_{:?}{tf32}_n{}_k{}", call.a, gm.n, gm.k).to_lowercase();
+                    let (nd, kd) = (Dim::c(gm.n as i64), Dim::c(gm.k as i64));
+                    let needs = [gm.m.clone() * kd.clone(), nd.clone() * kd, gm.m.clone() * nd];
+                    let elems = [call.a, call.b, call.c];
+                    let mut args = vec![];
+                    for ((a, need), elem) in [gm.x, gm.w, gm.y].into_iter().zip(&needs).zip(elems) {
+                        let b = bind(a).filter(|&b| {
+                            Dim::product(self.buffer_shape(b).iter()) == *need && self.buffers[b].elem == elem
+                        });
+                        let b = b.ok_or_else(|| ScheduleError::Contract {
+                            node: describe(self.graph, n),
+                            kernel: symbol.clone(),
+                            what: format!("{elem:?}[{need}] for {a:?}"),
+                            found: bind(a).map_or("no buffer".into(), |b| {
+                                format!("{:?}{:?}", self.buffers[b].elem, self.buffer_shape(b))
+                            }),
+                        })?;
+                        args.push(b);
+                    }
+                    let entry = KernelEntry {
+                        symbol: symbol.clone(),
+                        lowering: "cublas".into(),
+                        buffers: elems.to_vec(),
+                        scalars: 1,
+                        block: None,
+                        tuning: None,
+                        library: Some(LibraryCall::Gemm(call)),
+                    };
+                    let kernel = match self.library.iter().position(|e| *e == entry) {
+                        Some(i) => i,
+                        None => {
+                            self.library.push(entry);
+                            self.library.len() - 1
+                        }
+                    };
+                    self.library_launches.push(self.launches.len());
+                    self.launches.push(Launch {
+                        kernel,
+                        args,
+                        needs: needs.iter().map(|d| d.to_string()).collect(),
+                        scalars: vec![gm.m.to_string()],
+                        node: describe(self.graph, n),
+                        grid: None,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// A CPU kernel instance made to run on the scheduler's device.
     fn on_device(&self, inst: Instance) -> Result<Instance, String> {
         match self.options.device {
@@ -573,6 +715,24 @@ impl Scheduler<'_> {
             Some(nk) => (wanted, nk),
             None => (Scalar::F32, laid_out(Scalar::F32).expect("f32 holds every float value")),
         };
+        if self.options.device == Device::Gpu && self.options.gpu_gemm != GpuGemm::Kernels {
+            let act = match &node.op {
+                Op::GatedMlp { act } => Some(act.as_str()),
+                _ => None,
+            };
+            let x = self.buffer_of(node.inputs[0]);
+            let x_elem = scalar_of_elem(self.buffers[x].elem);
+            let y_elem = elem_of(g.ty(node.outputs[0]).dtype);
+            // A product the library form does not take keeps its kernel.
+            if let Ok(lib) = select::gpu_library::cublas_weight_product(&x_ty, x_elem, y_elem, n_, k_, act, welem) {
+                let mut operands = vec![x];
+                for (w, chunk) in weights.iter().zip(nk) {
+                    operands.push(self.place_chunk(&format!("%{}ᵀ", w.index()), &[n_, k_], welem, chunk));
+                }
+                self.library_steps(n, lib, operands)?;
+                return Ok(Some(()));
+            }
+        }
         if self.options.device == Device::Gpu {
             // The GPU weight products read `[n, k]` rows with 16-byte loads.
             let inst = match &node.op {
@@ -952,6 +1112,18 @@ fn plan_elem(s: Scalar) -> Elem {
     }
 }
 
+/// The KIR element type of a plan buffer's elements.
+fn scalar_of_elem(e: Elem) -> Scalar {
+    match e {
+        Elem::F32 => Scalar::F32,
+        Elem::I32 => Scalar::I32,
+        Elem::I64 => Scalar::I64,
+        Elem::Bool => Scalar::Bool,
+        Elem::BF16 => Scalar::BF16,
+        Elem::F16 => Scalar::F16,
+    }
+}
+
 /// A KIR length expression as a dim, with the instance's scalar dims
 /// substituted for the kernel's parameters; `None` when it is not a
 /// polynomial (division by a non-constant, a load).
@@ -1197,4 +1369,202 @@ func @attn(%q: f32[batch, 4, seq, 8], %k: f32[batch, 2, past + seq, 8], %v: f32[
             }
         }
     }
+
+    /// With `GpuGemm::Cublas` a projection and a gated MLP become library
+    /// GEMMs (after a conversion of the activations for narrow weights) and
+    /// a gated elementwise kernel; the runtime's plan checker accepts the
+    /// plan, and simulating it (kernels in the interpreter's GPU mode, each
+    /// GEMM by a reference matmul over what its buffers hold, so the
+    /// activations are those the conversion rounded to the weights' type)
+    /// gives the reference interpreter's outputs within the rounding of the
+    /// weights' type, for a decode-sized and a prefill-sized call.
+    #[test]
+    fn cublas_weight_products_simulate_to_the_reference() {
+        use crate::kir::interp::{self as kinterp, BufData, Mode};
+        use crate::kir::Access;
+        use smelt_runtime::artifact::Signature;
+        use smelt_runtime::native::checked::{CheckedPlan, KvBinding};
+        use smelt_runtime::plan::{GemmCompute, LibraryCall};
+
+        let g = smelt_ir::text::parse(
+            r#"
+func @mlp(%x: f32[batch, seq, 16]) -> (y) {
+  %wq = weight name="wq" : f32[24, 16]
+  %wqt = transpose %wq perm=[1, 0] : f32[16, 24]
+  %h = matmul %x, %wqt : f32[batch, seq, 24]
+  %wg = weight name="wg" : f32[40, 24]
+  %wgt = transpose %wg perm=[1, 0] : f32[24, 40]
+  %wu = weight name="wu" : f32[40, 24]
+  %wut = transpose %wu perm=[1, 0] : f32[24, 40]
+  %y = gated_mlp %h, %wgt, %wut act="silu" : f32[batch, seq, 40]
+  return y=%y
+}
+"#,
+        )
+        .unwrap();
+        let weight = |name: &str, n: usize, k: usize, seed: u64| {
+            let data = crate::templates::testing::rand(n * k, seed);
+            (name.to_string(), StoredTensor::from_tensor(&Tensor::from_f32(DType::F32, vec![n, k], data).unwrap()))
+        };
+        let weights = BTreeMap::from([weight("wq", 24, 16, 1), weight("wg", 40, 24, 2), weight("wu", 40, 24, 3)]);
+        let f32_weights: BTreeMap<String, Tensor> = weights.iter().map(|(n, t)| (n.clone(), t.to_tensor())).collect();
+        let cases = [
+            (WeightDtype::F32, GpuGemm::Cublas, 1e-6),
+            (WeightDtype::F32, GpuGemm::CublasTf32, 4e-3),
+            (WeightDtype::BF16, GpuGemm::Cublas, 1e-2),
+            (WeightDtype::F16, GpuGemm::CublasTf32, 2e-3),
+        ];
+        for (wd, gemm, tol) in cases {
+            let tf32 = gemm == GpuGemm::CublasTf32 && wd == WeightDtype::F32;
+            let options =
+                ScheduleOptions { device: Device::Gpu, weight_dtype: wd, gpu_gemm: gemm, ..ScheduleOptions::default() };
+            let s = schedule(&g, &weights, options).unwrap();
+            // The launches: [convert], gemm, [convert], gemm, gemm, gated.
+            let kinds: Vec<String> = s
+                .plan
+                .launches
+                .iter()
+                .map(|l| {
+                    let e = &s.plan.kernels[l.kernel];
+                    match &e.library {
+                        Some(LibraryCall::Gemm(c)) => {
+                            assert_eq!(e.lowering, "cublas");
+                            assert_eq!(c.compute, if tf32 { GemmCompute::Tf32 } else { GemmCompute::F32 });
+                            assert_eq!((c.a, c.b, c.c), (wd_elem(wd), wd_elem(wd), Elem::F32));
+                            format!("gemm n={} k={}", c.n, c.k)
+                        }
+                        None => s.kernels[l.kernel].name.split("_m").next().unwrap().to_string(),
+                    }
+                })
+                .collect();
+            let mut want = vec![];
+            let convert = |k: usize| format!("gpu_convert_f32_to_{}_c{k}", wd_name(wd));
+            if wd != WeightDtype::F32 {
+                want.push(convert(16));
+            }
+            want.push("gemm n=24 k=16".to_string());
+            if wd != WeightDtype::F32 {
+                want.push(convert(24));
+            }
+            want.extend(["gemm n=40 k=24".to_string(), "gemm n=40 k=24".to_string(), "gpu_gated_silu_n40".into()]);
+            assert_eq!(kinds, want, "{wd:?}");
+            // Both gated GEMMs share one library entry, after the kernels.
+            assert_eq!(s.plan.kernels.len(), s.kernels.len() + 2, "{wd:?}");
+            let len = s.constants.len() as usize;
+            // The GPU runtime's checks (library calls included) accept it.
+            let mut with_ptx = s.plan.clone();
+            with_ptx.ptx = vec![smelt_runtime::plan::PtxModule { arch: "sm_90".into(), file: "k.ptx".into() }];
+            smelt_runtime::cuda::CudaPlan::new(with_ptx, Signature::from_graph(&g), len).unwrap();
+            let checked = CheckedPlan::new(s.plan.clone(), Signature::from_graph(&g), len).unwrap();
+            let file = s.constants.finish().unwrap().read().unwrap();
+            for (batch, seq) in [(1usize, 1usize), (2, 5)] {
+                let what = format!("{wd:?} {gemm:?} batch {batch} seq {seq}");
+                let data = crate::templates::testing::rand(batch * seq * 16, 7);
+                let x = Tensor::from_f32(DType::F32, vec![batch, seq, 16], data).unwrap();
+                let inputs = BTreeMap::from([("x".to_string(), x)]);
+                let sizes = checked.size_call(&inputs, &BTreeMap::new(), KvBinding::Dense).unwrap();
+                let mut mem: Vec<BufData> = s
+                    .plan
+                    .buffers
+                    .iter()
+                    .enumerate()
+                    .map(|(i, b)| match &b.storage {
+                        Storage::Input { name } => BufData::F32(inputs[name].to_f32_vec()),
+                        Storage::Arena => match b.elem {
+                            Elem::F32 => BufData::F32(vec![f32::NAN; sizes.lens[i]]),
+                            Elem::BF16 => BufData::BF16(vec![half::bf16::NAN; sizes.lens[i]]),
+                            Elem::F16 => BufData::F16(vec![half::f16::NAN; sizes.lens[i]]),
+                            other => panic!("unexpected scratch elem {other:?}"),
+                        },
+                        Storage::Weight { offset } => {
+                            let at = *offset as usize;
+                            let bytes = &file[at..at + sizes.lens[i] * b.elem.size()];
+                            match b.elem {
+                                Elem::F32 => BufData::F32(
+                                    bytes.chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect(),
+                                ),
+                                Elem::BF16 => BufData::BF16(
+                                    bytes.chunks(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]])).collect(),
+                                ),
+                                Elem::F16 => BufData::F16(
+                                    bytes.chunks(2).map(|c| half::f16::from_le_bytes([c[0], c[1]])).collect(),
+                                ),
+                                other => panic!("unexpected weight elem {other:?}"),
+                            }
+                        }
+                        other => panic!("unexpected storage {other:?}"),
+                    })
+                    .collect();
+                let eval = |d: &String| d.parse::<Dim>().unwrap().eval_map(&sizes.syms).unwrap();
+                for l in &s.plan.launches {
+                    let scalars: Vec<i64> = l.scalars.iter().map(eval).collect();
+                    if let Some(LibraryCall::Gemm(c)) = &s.plan.kernels[l.kernel].library {
+                        let (m, n, k) = (scalars[0] as usize, c.n as usize, c.k as usize);
+                        let needs: Vec<i64> = l.needs.iter().map(eval).collect();
+                        assert_eq!(needs, [(m * k) as i64, (n * k) as i64, (m * n) as i64], "{what}");
+                        let (mut xv, mut wv) = (widen(&mem[l.args[0]]), widen(&mem[l.args[1]]));
+                        if c.compute == GemmCompute::Tf32 {
+                            xv.iter_mut().chain(wv.iter_mut()).for_each(|v| *v = to_tf32(*v));
+                        }
+                        let y: Vec<f32> = (0..m * n)
+                            .map(|i| {
+                                let (r, j) = (i / n, i % n);
+                                (0..k).map(|t| xv[r * k + t] as f64 * wv[j * k + t] as f64).sum::<f64>() as f32
+                            })
+                            .collect();
+                        mem[l.args[2]] = BufData::F32(y);
+                        continue;
+                    }
+                    let k = &s.kernels[l.kernel];
+                    let grid = l.grid.as_ref().unwrap().clone().map(|d| eval(&d) as usize);
+                    let block = k.gpu.as_ref().unwrap().block.map(|d| d as usize);
+                    let mut args: Vec<BufData> = l.args.iter().map(|&b| mem[b].clone()).collect();
+                    kinterp::run(k, &mut args, &scalars, Mode::Gpu { grid, block })
+                        .unwrap_or_else(|e| panic!("{what}: {e}"));
+                    for ((&b, data), (_, d)) in l.args.iter().zip(args).zip(k.global_buffers()) {
+                        if d.access == Access::Write {
+                            mem[b] = data;
+                        }
+                    }
+                }
+                let want = smelt_ir::interp::run(&g, &f32_weights, &inputs).unwrap()["y"].to_f32_vec();
+                let got = mem[s.plan.outputs[0].1].f32();
+                assert_eq!(got.len(), want.len(), "{what}");
+                let scale = want.iter().fold(0f32, |a, y| a.max(y.abs()));
+                let err = got.iter().zip(&want).fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+                assert!(err <= tol * (1.0 + scale), "{what}: max error {err} against max |y| {scale}");
+            }
+        }
+    }
+
+    fn wd_elem(wd: WeightDtype) -> Elem {
+        plan_elem(wd.scalar())
+    }
+
+    fn wd_name(wd: WeightDtype) -> &'static str {
+        match wd {
+            WeightDtype::F32 => "f32",
+            WeightDtype::BF16 => "bf16",
+            WeightDtype::F16 => "f16",
+        }
+    }
+
+    /// `x` rounded to TF32 (10 explicit significand bits), to nearest even.
+    fn to_tf32(x: f32) -> f32 {
+        let b = x.to_bits();
+        let round = 0xfff + ((b >> 13) & 1);
+        f32::from_bits(b.wrapping_add(round) & !0x1fff)
+    }
+
+    /// A buffer's values as f32 (narrow floats widened exactly).
+    fn widen(b: &kinterp_buf::BufData) -> Vec<f32> {
+        match b {
+            kinterp_buf::BufData::F32(v) => v.clone(),
+            kinterp_buf::BufData::BF16(v) => v.iter().map(|x| x.to_f32()).collect(),
+            kinterp_buf::BufData::F16(v) => v.iter().map(|x| x.to_f32()).collect(),
+            other => panic!("not a float buffer: {other:?}"),
+        }
+    }
+
+    use crate::kir::interp as kinterp_buf;
 }

@@ -62,6 +62,55 @@ pub struct KernelEntry {
     /// artifacts written before the tuner existed, and for GPU kernels).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tuning: Option<KernelTuning>,
+    /// Present when this entry is not a kernel of the artifact's code but a
+    /// call into a vendor library (see [`LibraryCall`]); `symbol` then only
+    /// names it, `lowering` is the library (`cublas`) and `block` is absent.
+    /// Absent in plans written before library calls existed; a runtime that
+    /// predates them refuses such an entry (it has no thread block).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub library: Option<LibraryCall>,
+}
+
+/// A launch done by a vendor library instead of a generated kernel. Its
+/// [`KernelEntry::buffers`] and its launches' arguments follow the call's
+/// own order (see each variant), its scalars are the variant's run-time
+/// sizes, and its launches have no grid.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum LibraryCall {
+    /// `y[m, n] = x[m, k] · w[n, k]ᵀ`, all dense row-major, by cuBLAS
+    /// (`cublasGemmEx`). Buffers: `x` (elements `a`), `w` (elements `b`),
+    /// `y` (elements `c`); one scalar, `m`. Every launch's needs are
+    /// exactly `m·k`, `n·k` and `m·n` (the runtime refuses a plan whose
+    /// needs differ, and a call whose buffers are shorter).
+    Gemm(GemmCall),
+}
+
+/// The static half of a [`LibraryCall::Gemm`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GemmCall {
+    /// The library: `cublas`.
+    pub library: String,
+    pub n: u64,
+    pub k: u64,
+    /// Element types of `x`, `w` and `y` (`x` and `w` the same: f32, bf16
+    /// or f16; `y` f32).
+    pub a: Elem,
+    pub b: Elem,
+    pub c: Elem,
+    pub compute: GemmCompute,
+}
+
+/// How a library GEMM accumulates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GemmCompute {
+    /// f32 products and sums (`CUBLAS_COMPUTE_32F`: f32 operands are not
+    /// rounded to TF32; bf16/f16 operands multiply exactly).
+    F32,
+    /// f32 operands rounded to TF32 on tensor cores
+    /// (`CUBLAS_COMPUTE_32F_FAST_TF32`), f32 sums.
+    Tf32,
 }
 
 /// How a kernel's parameters were chosen, as the compiler records it for

@@ -26,6 +26,7 @@ fn kernel(symbol: &str, buffers: &[Elem], scalars: usize) -> KernelEntry {
         scalars,
         block: Some([64, 1, 1]),
         tuning: None,
+        library: None,
     }
 }
 

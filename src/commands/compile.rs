@@ -65,6 +65,15 @@ impl From<WeightDtypeArg> for WeightDtype {
     }
 }
 
+/// `--gpu-gemm`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum GpuGemmArg {
+    #[default]
+    Kernels,
+    Cublas,
+    CublasTf32,
+}
+
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// A Hugging Face checkpoint folder (config.json + *.safetensors) or an .onnx file.
@@ -85,6 +94,11 @@ pub struct Args {
     /// arithmetic stays f32) [default: the checkpoint's dtype if bf16 or f16, else f32].
     #[arg(long, value_enum)]
     pub weight_dtype: Option<WeightDtypeArg>,
+    /// What computes `--target cuda`'s weight products: generated kernels, or cuBLAS GEMMs
+    /// (loaded at run time; the manifest's kernel entries say which, `lowering: cublas`);
+    /// `cublas-tf32` lets f32 weight products round their operands to TF32.
+    #[arg(long, value_enum, default_value = "kernels")]
+    pub gpu_gemm: GpuGemmArg,
     #[command(flatten)]
     pub tuning: TuningArgs,
     #[command(flatten)]
@@ -224,7 +238,12 @@ pub fn main(args: Args) -> Result<()> {
     };
     let cuda = if wants(Target::Cuda) {
         let constants = ConstantsWriter::create(&staging.path().join("constants.cuda.bin"))?;
-        Some(compile_cuda(&loaded.graph, &loaded.weights, weight_dtype, &args.gpu_arch, constants, &mut phases)?)
+        let gemm = match args.gpu_gemm {
+            GpuGemmArg::Kernels => smelt_codegen::schedule::GpuGemm::Kernels,
+            GpuGemmArg::Cublas => smelt_codegen::schedule::GpuGemm::Cublas,
+            GpuGemmArg::CublasTf32 => smelt_codegen::schedule::GpuGemm::CublasTf32,
+        };
+        Some(compile_cuda(&loaded.graph, &loaded.weights, weight_dtype, gemm, &args.gpu_arch, constants, &mut phases)?)
     } else {
         None
     };
@@ -419,13 +438,14 @@ fn compile_cuda(
     graph: &Graph,
     weights: &Weights,
     weight_dtype: WeightDtype,
+    gpu_gemm: smelt_codegen::schedule::GpuGemm,
     archs: &[String],
     constants: ConstantsWriter,
     phases: &mut Phases,
 ) -> Result<CudaFiles> {
     use smelt_codegen::llvm::{emit_ptx, GpuArch};
     use smelt_codegen::schedule::Device;
-    let options = ScheduleOptions { device: Device::Gpu, weight_dtype, ..ScheduleOptions::default() };
+    let options = ScheduleOptions { device: Device::Gpu, weight_dtype, gpu_gemm, ..ScheduleOptions::default() };
     let sched = schedule_into(graph, weights, options, constants)?;
     phases.mark("cuda schedule");
     let mut ptx = vec![];
@@ -435,7 +455,8 @@ fn compile_cuda(
     }
     phases.mark("cuda kernels");
     let mut plan = sched.plan;
-    for entry in &mut plan.kernels {
+    // Library calls (cuBLAS) keep their own `lowering`.
+    for entry in plan.kernels.iter_mut().filter(|e| e.library.is_none()) {
         entry.lowering = "nvptx".into();
     }
     let constants = sched.constants.finish()?;
@@ -448,6 +469,7 @@ fn compile_cuda(
     _: &Graph,
     _: &Weights,
     _: WeightDtype,
+    _: smelt_codegen::schedule::GpuGemm,
     _: &[String],
     _: ConstantsWriter,
     _: &mut Phases,

@@ -139,6 +139,23 @@ pub fn main(args: Args) -> Result<()> {
                 constant_bytes(plan).iter().map(|(e, b)| format!("{e} {:.1} MB", *b as f64 / 1e6)).collect();
             line("constants", c.join(", "));
         }
+        if let Some(plan) = &m.cuda {
+            // Per implementation: generated kernels (`nvptx`) and library
+            // calls (`cublas` GEMMs, with `--gpu-gemm cublas`).
+            let mut by: std::collections::BTreeMap<&str, (usize, usize)> = Default::default();
+            for k in &plan.kernels {
+                by.entry(k.lowering.as_str()).or_default().0 += 1;
+            }
+            for l in &plan.launches {
+                if let Some(k) = plan.kernels.get(l.kernel) {
+                    by.entry(k.lowering.as_str()).or_default().1 += 1;
+                }
+            }
+            let by: Vec<String> = by.iter().map(|(l, (k, n))| format!("{k} {l} ({n} launches)")).collect();
+            line("cuda kernels", format!("{}: {}", plan.kernels.len(), by.join(", ")));
+            let archs: Vec<&str> = plan.ptx.iter().map(|p| p.arch.as_str()).collect();
+            line("cuda ptx", archs.join(", "));
+        }
     }
     if let Some(t) = &loaded.tokenizer {
         line("tokenizer", t.display().to_string());

@@ -26,6 +26,7 @@
 mod elementwise;
 mod fused;
 mod gpu;
+pub mod gpu_library;
 mod gpu_linalg;
 mod layout;
 mod linalg;

@@ -35,7 +35,7 @@ use super::CudaError;
 use crate::native::arena::{AlignedBuf, ALIGN};
 use crate::native::checked::{write_input, Placement};
 use crate::native::NativeError;
-use crate::plan::{Elem, Storage};
+use crate::plan::{Elem, GemmCall, Storage};
 
 /// Device memory as the host half sees it: addresses.
 pub trait DeviceMemory {
@@ -435,25 +435,57 @@ impl Host {
         self.grids.iter().filter(|g| g.is_some()).count()
     }
 
-    /// Calls `f` for every launch of the prepared call with a non-empty
-    /// grid, in order, with what `cuLaunchKernel` takes: the launch's index,
-    /// its kernel's index, grid, block, and one pointer per kernel parameter
-    /// to its value in the argument table (valid during the call to `f`; the
-    /// driver copies the values when it launches).
+    /// Calls `f` for every kernel launch of the prepared call with a
+    /// non-empty grid, in order, with what `cuLaunchKernel` takes: the
+    /// launch's index, its kernel's index, grid, block, and one pointer per
+    /// kernel parameter to its value in the argument table (valid during the
+    /// call to `f`; the driver copies the values when it launches). Library
+    /// calls are skipped: [`Host::each_issue`] gives both kinds in order.
     pub fn each_launch<E>(
         &mut self,
         mut f: impl FnMut(usize, usize, Dim3, Dim3, &mut [*mut c_void]) -> Result<(), E>,
     ) -> Result<(), E> {
+        self.each_issue(|issue| match issue {
+            Issue::Kernel { launch, kernel, grid, block, params } => f(launch, kernel, grid, block, params),
+            Issue::Gemm { .. } => Ok(()),
+        })
+    }
+
+    /// Calls `f` for every launch of the prepared call that runs (a kernel
+    /// with a non-empty grid, a library call with `m > 0`), in plan order.
+    pub fn each_issue<E>(&mut self, mut f: impl FnMut(Issue<'_>) -> Result<(), E>) -> Result<(), E> {
         let c = &self.plan.checked;
         let mut params: Vec<*mut c_void> = Vec::with_capacity(self.max_args);
         for (li, launch) in c.plan.launches.iter().enumerate() {
             let Some(grid) = self.grids[li] else { continue };
+            let args = &mut self.args[self.launch_at[li]..self.launch_at[li + 1]];
+            if let Some(call) = self.plan.gemms[launch.kernel].as_ref() {
+                // Arguments x, w, y, then the scalar m (see `LibraryCall::Gemm`).
+                let &[x, w, y, m] = &args[..] else { unreachable!("checked by CudaPlan::new") };
+                f(Issue::Gemm { launch: li, call, m, x, w, y })?;
+                continue;
+            }
             params.clear();
-            for v in &mut self.args[self.launch_at[li]..self.launch_at[li + 1]] {
+            for v in args {
                 params.push(v as *mut u64 as *mut c_void);
             }
-            f(li, launch.kernel, grid, self.plan.blocks[launch.kernel], &mut params)?;
+            f(Issue::Kernel {
+                launch: li,
+                kernel: launch.kernel,
+                grid,
+                block: self.plan.blocks[launch.kernel],
+                params: &mut params,
+            })?;
         }
         Ok(())
     }
+}
+
+/// One launch of a prepared call, as [`Host::each_issue`] gives it.
+pub enum Issue<'a> {
+    /// A PTX kernel: what `cuLaunchKernel` takes (see [`Host::each_launch`]).
+    Kernel { launch: usize, kernel: usize, grid: Dim3, block: Dim3, params: &'a mut [*mut c_void] },
+    /// A library GEMM `y[m, n] = x[m, k] · w[n, k]ᵀ` on device addresses
+    /// `x`, `w`, `y`, each checked to hold what the call reads or writes.
+    Gemm { launch: usize, call: &'a GemmCall, m: u64, x: u64, w: u64, y: u64 },
 }

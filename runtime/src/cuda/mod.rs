@@ -12,6 +12,8 @@
 //!   calls (placement kept across calls, every launch's arguments in one
 //!   table), which runs and is timed without a GPU;
 //! - [`ptx`]: which PTX module a device runs (the newest it can);
+//! - [`blas`]: cuBLAS for the plan's library calls (GEMMs), loaded only
+//!   when the plan has some;
 //! - [`device`]: opening the driver, the device and a stream, guarded;
 //! - [`model`]: [`CudaModel`], the [`crate::Forward`] implementation, with
 //!   the weights uploaded once, one device arena placed by liveness, and a
@@ -19,6 +21,7 @@
 //!
 //! [`NativePlan`]: crate::plan::NativePlan
 
+pub mod blas;
 pub mod device;
 pub mod host;
 pub mod model;
@@ -28,7 +31,7 @@ pub mod ptx;
 use std::path::PathBuf;
 
 pub use device::{probe, DeviceInfo};
-pub use host::{DeviceMemory, Host, Read};
+pub use host::{DeviceMemory, Host, Issue, Read};
 pub use model::{CudaModel, CudaStats};
 pub use plan::{CudaPlan, Prepared};
 
@@ -40,6 +43,9 @@ pub enum CudaError {
     /// The driver library is missing or cannot initialise.
     #[error("no CUDA driver: {0}")]
     NoDriver(String),
+    /// A vendor library the plan calls (cuBLAS) is missing or unusable.
+    #[error("the model's plan calls {library}, which cannot be used: {why}")]
+    NoLibrary { library: String, why: String },
     /// The driver works but there is no (usable) GPU.
     #[error("no CUDA device: {0}")]
     NoDevice(String),

@@ -41,6 +41,14 @@
 //! fixed capacity whose length the kernels read from device memory, so
 //! that every step's launches repeat exactly.
 //!
+//! A plan with library calls (GEMMs by cuBLAS, `--gpu-gemm cublas`) also
+//! opens cuBLAS ([`super::blas`]) on the model's stream when it opens; its
+//! calls are issued in plan order between the kernel launches, in eager
+//! calls and in graph captures alike (a capture only ever follows an eager
+//! call with the same launches, so cuBLAS has chosen and loaded its kernels
+//! for those shapes before it is captured). A plan without them never
+//! loads cuBLAS.
+//!
 //! With `SMELT_PROFILE` set, every launch is timed with CUDA events and the
 //! totals per kernel are printed to stderr when the model is dropped.
 
@@ -52,8 +60,9 @@ use cudarc::driver::{CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr}
 use cudarc::nvrtc::Ptx;
 use smelt_ir::Tensor;
 
+use super::blas::Blas;
 use super::device::{self, guard, DeviceInfo, Gpu};
-use super::host::{DeviceMemory, Host, Read};
+use super::host::{DeviceMemory, Host, Issue, Read};
 use super::plan::{CudaPlan, Dim3};
 use super::{describe, CudaError};
 use crate::artifact::Signature;
@@ -163,8 +172,10 @@ pub struct CudaModel {
     /// The PTX module loaded: (arch, file).
     module_arch: String,
     module_file: String,
-    /// Per kernel of the plan.
-    functions: Vec<CudaFunction>,
+    /// Per kernel of the plan (None for library calls).
+    functions: Vec<Option<CudaFunction>>,
+    /// cuBLAS, when the plan has library calls.
+    blas: Option<Blas>,
     /// The weights' device memory, at `weights_addr`.
     _weights: CudaSlice<u8>,
     weights_addr: u64,
@@ -286,7 +297,11 @@ impl CudaModel {
                 message: describe(&e),
             })?;
             let mut functions = Vec::with_capacity(plan.plan().kernels.len());
-            for k in &plan.plan().kernels {
+            for (i, k) in plan.plan().kernels.iter().enumerate() {
+                if plan.gemm(i).is_some() {
+                    functions.push(None);
+                    continue;
+                }
                 let missing = |message: String| CudaError::MissingKernel {
                     file: module.file.clone(),
                     symbol: k.symbol.clone(),
@@ -295,9 +310,10 @@ impl CudaModel {
                 if k.symbol.contains('\0') {
                     return Err(missing("the name holds a NUL byte".into()));
                 }
-                functions.push(loaded.load_function(&k.symbol).map_err(|e| missing(describe(&e)))?);
+                functions.push(Some(loaded.load_function(&k.symbol).map_err(|e| missing(describe(&e)))?));
             }
             let stream = &gpu.stream;
+            let blas = if plan.has_library_calls() { Some(Blas::open(stream)?) } else { None };
             let bytes = weights.as_bytes();
             let mut dev_weights = alloc(stream, bytes.len(), "the weights")?;
             if !bytes.is_empty() {
@@ -314,6 +330,7 @@ impl CudaModel {
                 module_arch: module.arch.clone(),
                 module_file: module.file.clone(),
                 functions,
+                blas,
                 _weights: dev_weights,
                 weights_addr,
                 arena,
@@ -446,29 +463,50 @@ impl CudaModel {
         let functions = &self.functions;
         let profiling = self.profile.is_some();
         let mut timings = Vec::new();
-        let launched = self.host.each_launch(|li, kernel, grid, block, params| {
+        let blas = self.blas.as_ref();
+        let launched = self.host.each_issue(|issue| {
+            let li = match &issue {
+                Issue::Kernel { launch, .. } | Issue::Gemm { launch, .. } => *launch,
+            };
             let fail = |e: &cudarc::driver::DriverError| (li, describe(e));
             let event = || stream.record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT));
             let start = if profiling { Some(event().map_err(|e| fail(&e))?) } else { None };
-            // SAFETY: every pointer argument addresses device memory of the
-            // kernel's element type holding at least `needs` elements for
-            // these scalars (checked by `prepare` before any launch), the
-            // scalars are the ones those needs were computed with, the
-            // parameters are the kernel entry's buffers then scalars, 8
-            // bytes each (counts and types checked by `CheckedPlan::new`),
-            // the memory outlives the launch (it is owned by this model and
-            // freed on this stream), and the context is current.
-            unsafe {
-                cudarc::driver::result::launch_kernel(
-                    functions[kernel].cu_function(),
-                    grid,
-                    block,
-                    0,
-                    stream.cu_stream(),
-                    params,
-                )
+            match issue {
+                Issue::Kernel { kernel, grid, block, params, .. } => {
+                    let Some(function) = &functions[kernel] else {
+                        return Err((li, "the kernel was not loaded".to_string()));
+                    };
+                    // SAFETY: every pointer argument addresses device memory
+                    // of the kernel's element type holding at least `needs`
+                    // elements for these scalars (checked by `prepare` before
+                    // any launch), the scalars are the ones those needs were
+                    // computed with, the parameters are the kernel entry's
+                    // buffers then scalars, 8 bytes each (counts and types
+                    // checked by `CheckedPlan::new`), the memory outlives the
+                    // launch (it is owned by this model and freed on this
+                    // stream), and the context is current.
+                    unsafe {
+                        cudarc::driver::result::launch_kernel(
+                            function.cu_function(),
+                            grid,
+                            block,
+                            0,
+                            stream.cu_stream(),
+                            params,
+                        )
+                    }
+                    .map_err(|e| fail(&e))?;
+                }
+                Issue::Gemm { call, m, x, w, y, .. } => {
+                    let Some(blas) = blas else { return Err((li, "cuBLAS was not opened".to_string())) };
+                    // SAFETY: x, w and y hold at least m·k, n·k and m·n
+                    // elements of the call's types (the needs, checked by
+                    // `CudaPlan::new` to be exactly those and by `prepare`
+                    // against the buffers), m fits an i32 (`prepare`), the
+                    // handle runs on this stream and the context is current.
+                    unsafe { blas.gemm(call, m, x, w, y) }.map_err(|e| (li, e))?;
+                }
             }
-            .map_err(|e| fail(&e))?;
             if let Some(start) = start {
                 timings.push((li, start, event().map_err(|e| fail(&e))?));
             }

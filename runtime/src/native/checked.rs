@@ -962,6 +962,7 @@ mod tests {
                 scalars: 0,
                 block: None,
                 tuning: None,
+                library: None,
             }],
             buffers,
             launches,
