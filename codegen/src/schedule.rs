@@ -611,11 +611,12 @@ impl Scheduler<'_> {
         };
         if self.options.device == Device::Gpu {
             // The GPU weight products read `[n, k]` rows with 16-byte loads.
-            let inst = match &node.op {
-                Op::MatMul {} => select::weight_matmul_gpu(&x_ty, n_, k_, welem),
-                Op::GatedMlp { act } => select::weight_gated_mlp_gpu(&x_ty, n_, k_, act, welem),
-                _ => unreachable!("matched above"),
+            let act = match &node.op {
+                Op::GatedMlp { act } => Some(act.as_str()),
+                _ => None,
             };
+            let params = self.options.gpu.weight_products;
+            let inst = select::weight_node_gpu(&x_ty, n_, k_, act, welem, params.as_ref());
             let Ok(inst) = inst else { return Ok(None) };
             let mut args = vec![self.buffer_of(node.inputs[0])];
             for (w, chunk) in weights.iter().zip(nk) {

@@ -11,7 +11,10 @@
 //! `--weight-dtype` stores the matmul weights and embedding tables as bf16
 //! or f16 (computation stays f32); it defaults to the checkpoint's own dtype
 //! when that is bf16 or f16, so a bf16 checkpoint keeps its exact weights at
-//! half the bytes of f32.
+//! half the bytes of f32. `--dtype bf16|f16` (target `cuda` only) keeps
+//! the hidden-state activations in that type, computed with f32
+//! accumulation (`smelt_passes::narrow`), and makes it the weights'
+//! default type too.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -65,6 +68,27 @@ impl From<WeightDtypeArg> for WeightDtype {
     }
 }
 
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ActDtypeArg {
+    /// f32 activations.
+    F32,
+    /// bf16 activations (f32 accumulation; the logits and the KV cache stay f32).
+    Bf16,
+    /// f16 activations (f32 accumulation; the logits and the KV cache stay f32).
+    F16,
+}
+
+impl ActDtypeArg {
+    /// The narrow type, `None` for f32.
+    fn narrow(self) -> Option<smelt_ir::DType> {
+        match self {
+            ActDtypeArg::F32 => None,
+            ActDtypeArg::Bf16 => Some(smelt_ir::DType::BF16),
+            ActDtypeArg::F16 => Some(smelt_ir::DType::F16),
+        }
+    }
+}
+
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// A Hugging Face checkpoint folder (config.json + *.safetensors) or an .onnx file.
@@ -85,6 +109,10 @@ pub struct Args {
     /// arithmetic stays f32) [default: the checkpoint's dtype if bf16 or f16, else f32].
     #[arg(long, value_enum)]
     pub weight_dtype: Option<WeightDtypeArg>,
+    /// The type of the hidden-state activations of `--target cuda` (computed with f32 accumulation;
+    /// narrow types make the weights default to the same type).
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: ActDtypeArg,
     #[command(flatten)]
     pub tuning: TuningArgs,
     #[command(flatten)]
@@ -188,6 +216,11 @@ pub fn main(args: Args) -> Result<()> {
     if args.weight_dtype.is_some() && wants(Target::Interp) {
         bail!("--weight-dtype applies to `--target cpu` and `cuda` only (the interp target keeps the checkpoint's weights)");
     }
+    if let Some(d) = args.dtype.narrow() {
+        if wants(Target::Cpu) || wants(Target::Interp) {
+            bail!("--dtype {d} applies to `--target cuda` only (the cpu and interp targets keep f32 activations)");
+        }
+    }
     let start = Instant::now();
     let mut phases = Phases::new();
     // The weights stay in their stored bytes (a checkpoint's memory map)
@@ -200,7 +233,11 @@ pub fn main(args: Args) -> Result<()> {
         }
     };
     phases.mark("load");
-    let weight_dtype = weight_dtype(args.weight_dtype, loaded.info.stored_dtype.as_deref());
+    let weight_dtype = match (args.weight_dtype, args.dtype) {
+        (None, ActDtypeArg::Bf16) => WeightDtype::BF16,
+        (None, ActDtypeArg::F16) => WeightDtype::F16,
+        _ => weight_dtype(args.weight_dtype, loaded.info.stored_dtype.as_deref()),
+    };
     // Measured kernels of this machine (CPU kernels: only a cpu compile).
     let tuning = if wants(Target::Cpu) { args.tuning.load(weight_dtype.scalar()) } else { None };
     let fusion = if args.no_fuse {
@@ -224,7 +261,8 @@ pub fn main(args: Args) -> Result<()> {
     };
     let cuda = if wants(Target::Cuda) {
         let constants = ConstantsWriter::create(&staging.path().join("constants.cuda.bin"))?;
-        Some(compile_cuda(&loaded.graph, &loaded.weights, weight_dtype, &args.gpu_arch, constants, &mut phases)?)
+        let (dtype, archs) = (args.dtype.narrow(), &args.gpu_arch);
+        Some(compile_cuda(&loaded.graph, &loaded.weights, weight_dtype, dtype, archs, constants, &mut phases)?)
     } else {
         None
     };
@@ -419,6 +457,7 @@ fn compile_cuda(
     graph: &Graph,
     weights: &Weights,
     weight_dtype: WeightDtype,
+    activations: Option<smelt_ir::DType>,
     archs: &[String],
     constants: ConstantsWriter,
     phases: &mut Phases,
@@ -426,7 +465,13 @@ fn compile_cuda(
     use smelt_codegen::llvm::{emit_ptx, GpuArch};
     use smelt_codegen::schedule::Device;
     let options = ScheduleOptions { device: Device::Gpu, weight_dtype, ..ScheduleOptions::default() };
-    let sched = schedule_into(graph, weights, options, constants)?;
+    // Narrow activations: the hidden state's values retyped (the artifact
+    // keeps the f32 graph: inputs and outputs are the same).
+    let narrowed = match activations {
+        Some(d) => Some(smelt_passes::narrow::narrow_activations(graph, d)?.0),
+        None => None,
+    };
+    let sched = schedule_into(narrowed.as_ref().unwrap_or(graph), weights, options, constants)?;
     phases.mark("cuda schedule");
     let mut ptx = vec![];
     for a in archs {
@@ -440,7 +485,8 @@ fn compile_cuda(
     }
     let constants = sched.constants.finish()?;
     phases.mark("cuda constants");
-    Ok(CudaFiles { plan, ptx, constants })
+    let activation_dtype = activations.map(|d| d.name().to_string());
+    Ok(CudaFiles { plan, ptx, constants, activation_dtype })
 }
 
 #[cfg(not(feature = "llvm"))]
@@ -448,6 +494,7 @@ fn compile_cuda(
     _: &Graph,
     _: &Weights,
     _: WeightDtype,
+    _: Option<smelt_ir::DType>,
     _: &[String],
     _: ConstantsWriter,
     _: &mut Phases,

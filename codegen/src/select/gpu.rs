@@ -57,6 +57,10 @@ pub struct GpuConfig {
     pub split_blocks: usize,
     /// Up to this many queries per call take the split path.
     pub split_max_queries: usize,
+    /// The weight products' parameters; `None`: each shape's defaults
+    /// (`WeightProductParams::for_shape`). Tests set small ones, which the
+    /// interpreter runs much faster.
+    pub weight_products: Option<crate::templates::gpu::WeightProductParams>,
 }
 
 impl Default for GpuConfig {
@@ -73,6 +77,7 @@ impl Default for GpuConfig {
             split_threads: 128,
             split_blocks: 4 * crate::templates::gpu::SMS,
             split_max_queries: 4,
+            weight_products: None,
         }
     }
 }
@@ -275,8 +280,8 @@ fn dedicated(
 mod tests {
     use super::*;
     use crate::kir::interp::BufData;
-    use crate::templates::gpu::testing::*;
     use crate::kir::Scalar;
+    use crate::templates::gpu::testing::*;
     use smelt_ir::DType;
 
     fn d(s: &str) -> Dim {
@@ -361,6 +366,7 @@ mod tests {
         split_threads: 32,
         split_blocks: 8,
         split_max_queries: 2,
+        weight_products: None,
     };
 
     const KV: &[&[(&str, i64)]] = &[&[("batch", 1), ("seq", 3), ("past", 0)], &[("batch", 2), ("seq", 1), ("past", 9)]];
@@ -468,9 +474,8 @@ mod tests {
         let sel = narrowed(&sel, in_elems, out_elems);
         for syms in KV {
             let env: std::collections::BTreeMap<String, i64> = syms.iter().map(|(k, v)| (k.to_string(), *v)).collect();
-            let shape = |t: &TensorType| -> Vec<usize> {
-                t.shape.iter().map(|d| d.eval_map(&env).unwrap() as usize).collect()
-            };
+            let shape =
+                |t: &TensorType| -> Vec<usize> { t.shape.iter().map(|d| d.eval_map(&env).unwrap() as usize).collect() };
             let mut bufs = vec![];
             let mut tensors = vec![];
             for (i, (t, &e)) in inputs.iter().zip(in_elems).enumerate() {
@@ -556,7 +561,13 @@ mod tests {
                 &[n],
                 &SMALL,
             );
-            check_narrow(&Op::Concat { axis: -1 }, &[nt("batch, seq, 12"), nt("batch, seq, 12")], &[n, n], &[n], &SMALL);
+            check_narrow(
+                &Op::Concat { axis: -1 },
+                &[nt("batch, seq, 12"), nt("batch, seq, 12")],
+                &[n, n],
+                &[n],
+                &SMALL,
+            );
             // Mixed operands: f32 values in the IR with narrow buffers (a
             // widening cast seen through, a narrowing cast stored by the
             // kernel): the embedding lookup, a scale, rope with f32 tables,

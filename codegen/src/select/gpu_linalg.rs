@@ -34,6 +34,30 @@ pub fn weight_matmul_gpu(a: &TensorType, n: usize, k: usize, w_elem: Scalar) -> 
     weight_product_gpu(a, n, k, &op, &WeightProductParams::for_shape(&op, n, k))
 }
 
+/// [`weight_matmul_gpu`] (`act` `None`) or [`weight_gated_mlp_gpu`], with
+/// `params` instead of the shape's defaults when given.
+pub fn weight_node_gpu(
+    x: &TensorType,
+    n: usize,
+    k: usize,
+    act: Option<&str>,
+    w_elem: Scalar,
+    params: Option<&WeightProductParams>,
+) -> Result<Instance, SelectError> {
+    match (act, params) {
+        (None, None) => weight_matmul_gpu(x, n, k, w_elem),
+        (Some(a), None) => weight_gated_mlp_gpu(x, n, k, a, w_elem),
+        (None, Some(p)) => weight_product_gpu(x, n, k, &WeightOp::plain(w_elem), p),
+        (Some(a), Some(p)) => {
+            let act = Act::parse(a).ok_or_else(|| {
+                let op = Op::GatedMlp { act: a.to_string() };
+                SelectError::unsupported(&op, std::slice::from_ref(x), format!("unknown act `{a}`"))
+            })?;
+            weight_product_gpu(x, n, k, &WeightOp::gated(w_elem, act), p)
+        }
+    }
+}
+
 /// `act(x · Wgᵀ) * (x · Wuᵀ)` for constant weights given `[n, k]`:
 /// operands `(x, Wg, Wu)`, result `[.., m, n]`. The same result as
 /// `gated_mlp(x, transpose(Wg), transpose(Wu))` with `act`.

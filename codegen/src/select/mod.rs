@@ -33,7 +33,7 @@ mod reduce;
 
 pub use fused::{select_in_place, CacheInPlace};
 pub use gpu::{select_gpu, select_gpu_with, GpuConfig};
-pub use gpu_linalg::{weight_gated_mlp_gpu, weight_matmul_gpu, weight_product_gpu};
+pub use gpu_linalg::{weight_gated_mlp_gpu, weight_matmul_gpu, weight_node_gpu, weight_product_gpu};
 pub use layout::{gather_packed, gather_stored};
 pub use linalg::{
     gated_mlp_weight_nk, matmul_weight_nk, weight_gated_mlp, weight_gated_mlp_with, weight_matmul, weight_matmul_with,

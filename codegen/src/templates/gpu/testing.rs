@@ -208,8 +208,9 @@ pub fn narrowed(sel: &Selected, operands: &[Scalar], results: &[Scalar]) -> Sele
     match sel {
         Selected::Kernel(i) => {
             let n = i.kernel.global_buffers().count();
-            let args: Vec<Arg> =
-                (0..n).map(|j| if j < operands.len() { Arg::Operand(j) } else { Arg::Result(j - operands.len()) }).collect();
+            let args: Vec<Arg> = (0..n)
+                .map(|j| if j < operands.len() { Arg::Operand(j) } else { Arg::Result(j - operands.len()) })
+                .collect();
             Selected::Kernel(Instance { kernel: narrow(&i.kernel, &args), scalars: i.scalars.clone() })
         }
         Selected::Steps(st) => {
