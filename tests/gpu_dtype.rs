@@ -28,6 +28,8 @@
 //!   last position) is the f32 model's is printed, not required (it was,
 //!   in all four runs).
 
+mod common;
+
 use std::collections::BTreeMap;
 
 use smelt_codegen::schedule::{schedule, Device, ScheduleOptions, WeightDtype};
@@ -144,4 +146,23 @@ fn narrow_activations_whole_model_on_simulated_gpu() {
             assert!(b <= 2e-2, "{dtype} seq {seq}: (b) relative error {b:e} > 2e-2");
         }
     }
+}
+
+/// `--dtype bf16|f16` is for the cuda target only: the cpu and interp
+/// targets refuse it with one clear line (before loading the model).
+#[test]
+fn narrow_dtype_is_refused_for_cpu_and_interp() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m");
+    common::make_model(&model, &[]);
+    let out = dir.path().join("a.smelt");
+    for target in ["cpu", "interp", "cpu,cuda"] {
+        for dtype in ["bf16", "f16"] {
+            common::fails(
+                &[&"compile", &model, &"-o", &out, &"--target", &target, &"--dtype", &dtype],
+                &["--dtype", dtype, "applies to `--target cuda` only"],
+            );
+        }
+    }
+    common::ok(&[&"compile", &model, &"-o", &out, &"--target", &"cpu", &"--dtype", &"f32"]);
 }

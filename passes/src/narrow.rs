@@ -201,10 +201,7 @@ func @lm(%input_ids: i64[1, seq], %pos: i64[1, seq], %past: f32[1, seq2, 4]) -> 
             let text = smelt_ir::text::print(&n);
             let narrow = to.name();
             assert!(count >= 4, "{count}\n{text}");
-            assert!(
-                text.contains(&format!("rms_norm %")) && text.contains(&format!(": {narrow}[1, seq, 4]")),
-                "{text}"
-            );
+            assert!(text.contains("rms_norm %") && text.contains(&format!(": {narrow}[1, seq, 4]")), "{text}");
             assert!(text.contains("cos %") && text.contains(": f32[1, seq, 1]"), "{text}");
             for (name, v) in n.outputs() {
                 assert_eq!(n.ty(*v).dtype, DType::F32, "{name}");

@@ -204,6 +204,11 @@ impl PassArgs {
 
 pub fn main(args: Args) -> Result<()> {
     let wants = |t: Target| args.target.contains(&t);
+    if let Some(d) = args.dtype.narrow() {
+        if wants(Target::Cpu) || wants(Target::Interp) {
+            bail!("--dtype {d} applies to `--target cuda` only (the cpu and interp targets keep f32 activations)");
+        }
+    }
     if wants(Target::Interp) && args.target.len() > 1 {
         bail!("target `interp` cannot be combined with other targets");
     }
@@ -215,11 +220,6 @@ pub fn main(args: Args) -> Result<()> {
     }
     if args.weight_dtype.is_some() && wants(Target::Interp) {
         bail!("--weight-dtype applies to `--target cpu` and `cuda` only (the interp target keeps the checkpoint's weights)");
-    }
-    if let Some(d) = args.dtype.narrow() {
-        if wants(Target::Cpu) || wants(Target::Interp) {
-            bail!("--dtype {d} applies to `--target cuda` only (the cpu and interp targets keep f32 activations)");
-        }
     }
     let start = Instant::now();
     let mut phases = Phases::new();
