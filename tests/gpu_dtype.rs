@@ -154,7 +154,7 @@ fn narrow_activations_whole_model_on_simulated_gpu() {
 fn narrow_dtype_is_refused_for_cpu_and_interp() {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("m");
-    common::make_model(&model, &[]);
+    common::make_model(&model, &["--arch", "llama", "--layers", "1"]);
     let out = dir.path().join("a.smelt");
     for target in ["cpu", "interp", "cpu,cuda"] {
         for dtype in ["bf16", "f16"] {
