@@ -153,6 +153,60 @@ fn every_fixture_compiles_for_cuda_and_passes_ptxas() {
     every_fixture("cuda");
 }
 
+/// With the `llvm` build: every fixture, from all three sources, compiles
+/// for `cuda` with bf16 and with f16 activations (`--dtype`, weights in the
+/// same type) and every PTX module passes `ptxas`. On a machine with a
+/// usable GPU the full-sequence logits must be within ||got - want|| /
+/// ||want|| <= 2e-2 of the reference (the GPU issue's bound for bf16);
+/// whether the greedy ids match is printed, not required.
+#[cfg(feature = "llvm")]
+#[test]
+fn every_fixture_compiles_for_cuda_with_narrow_activations_and_passes_ptxas() {
+    every_fixture_with(&|dir| {
+        let name = dir.file_name().unwrap().to_string_lossy().to_string();
+        let tmp = tempfile::tempdir().unwrap();
+        let reference = read_tensors(&dir.join("reference.safetensors"));
+        for source in [dir.to_path_buf(), dir.join("model-kv.onnx"), dir.join("model.onnx")] {
+            let label = source.file_name().unwrap().to_string_lossy().to_string();
+            for dtype in ["bf16", "f16"] {
+                let what = format!("{name} ({label}, --dtype {dtype})");
+                let art = tmp.path().join(format!("{name}-{label}-{dtype}.smelt"));
+                ok(&[&"compile", &source, &"-o", &art, &"--target", &"cuda", &"--dtype", &dtype]);
+                let manifest: serde_json::Value =
+                    serde_json::from_str(&std::fs::read_to_string(art.join("manifest.json")).unwrap()).unwrap();
+                assert_eq!(manifest["cuda_activation_dtype"], dtype, "{what}");
+                check_ptx(&what, &art);
+                if let Some(why) = no_gpu() {
+                    println!("{what}: PTX checked; not run: {why}");
+                    continue;
+                }
+                check_narrow_logits(&what, &art, &reference);
+            }
+        }
+    });
+}
+
+/// The relative logits error of a narrow-activation artifact (at most
+/// 2e-2) and whether its greedy ids are the reference's (printed).
+#[cfg(feature = "llvm")]
+fn check_narrow_logits(what: &str, art: &Path, reference: &BTreeMap<String, Tensor>) {
+    let tmp = tempfile::tempdir().unwrap();
+    let (inp, outp) = (tmp.path().join("in.safetensors"), tmp.path().join("out.safetensors"));
+    write_tensors(&inp, &BTreeMap::from([("input_ids".to_string(), reference["input_ids"].clone())]));
+    ok(&[&"run", &art, &"--inputs", &inp, &"--outputs", &outp]);
+    let (got, want) = (read_tensors(&outp)["logits"].to_f64_vec(), reference["logits"].to_f64_vec());
+    let diff: f64 = got.iter().zip(&want).map(|(a, b)| (a - b).powi(2)).sum::<f64>().sqrt();
+    let rel = diff / want.iter().map(|b| b * b).sum::<f64>().sqrt();
+    let prompt: Vec<String> = reference["prompt"].to_i64_vec().iter().map(|i| i.to_string()).collect();
+    let ids = reference["greedy_ids"].to_i64_vec();
+    let new = (ids.len() - prompt.len()).to_string();
+    let json = ok(&[&"generate", &art, &"--prompt-ids", &prompt.join(","), &"--max-new-tokens", &new, &"--json"]);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let got_ids: Vec<i64> = v["ids"].as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect();
+    println!("{what}: logits relative error {rel:.2e}; greedy ids match: {}", got_ids == ids);
+    assert!(rel <= 2e-2, "{what}: logits relative error {rel} > 2e-2");
+}
+
 /// Runs `ptxas` on every PTX module of a `cuda` artifact and prints each
 /// kernel's registers and spills; spills are reported, not failed.
 fn check_ptx(name: &str, art: &Path) {
@@ -182,6 +236,11 @@ fn no_gpu() -> Option<String> {
 }
 
 fn every_fixture(target: &str) {
+    every_fixture_with(&|d| check_fixture(d, target));
+}
+
+/// Runs `check` on every fixture folder (see [`every_fixture`]).
+fn every_fixture_with(check: &(dyn Fn(&Path) + Sync)) {
     let Some(root) = fixtures_dir() else {
         println!("skipping: ../shared/fixtures not found");
         return;
@@ -202,7 +261,7 @@ fn every_fixture(target: &str) {
         for _ in 0..threads.min(dirs.len()) {
             s.spawn(|| loop {
                 let Some(d) = queue.lock().unwrap().pop() else { break };
-                let r = std::panic::catch_unwind(|| check_fixture(&d, target));
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| check(&d)));
                 if let Err(e) = r {
                     let msg = e
                         .downcast_ref::<String>()

@@ -2,7 +2,7 @@
 outputs, on a machine with an NVIDIA GPU and no Rust: it runs the prebuilt
 `smelt` binary (compile, run, generate) and compares with numpy.
 
-Usage: python3 check_fixtures.py SMELT FIXTURES_DIR WORK_DIR [--weight-dtype bf16] [--gpu-gemm cublas]
+Usage: python3 check_fixtures.py SMELT FIXTURES_DIR WORK_DIR [--weight-dtype bf16 | --dtype bf16] [--gpu-gemm cublas]
 
 With `--gpu-gemm cublas` the weight products are cuBLAS GEMMs (the same
 tolerances apply: f32 weights are multiplied in f32, no TF32).
@@ -11,7 +11,11 @@ What a pass means (../shared/fixtures/README.md; the GPU issue):
 - f32 weights: logits and present key/values within 1e-3 absolute of the
   PyTorch f32 reference, greedy ids exactly equal;
 - bf16 weights: max |got - want| / max |want| of the logits <= 2e-2 (greedy
-  ids are reported, not required: bf16 rounding may flip near-ties).
+  ids are reported, not required: bf16 rounding may flip near-ties);
+- bf16 activations (`--dtype bf16`, weights bf16 too): ||got - want|| /
+  ||want|| of the logits (and of the kv step's logits and present key/values,
+  which stay f32 but are computed from bf16 values) <= 2e-2; greedy ids
+  reported, not required.
 Prints one line per check and a summary; exits 1 if any check fails.
 """
 import concurrent.futures
@@ -26,6 +30,8 @@ from safetensors.numpy import load_file, save_file
 ABS_TOL = 1e-3
 CUBLAS = False
 REL_TOL = 2e-2
+NORM_REL = False
+MODE = ""
 
 
 def smelt(*args):
@@ -40,6 +46,8 @@ def err(got, want):
     if got.shape != want.shape:
         raise RuntimeError(f"shape {got.shape} != reference {want.shape}")
     a = float(np.max(np.abs(got - want)))
+    if NORM_REL:
+        return a, float(np.linalg.norm(got - want)) / max(float(np.linalg.norm(want)), 1e-30)
     return a, a / max(float(np.max(np.abs(want))), 1e-30)
 
 
@@ -76,11 +84,12 @@ def check(name, art, ref, has_kv, work):
 def one(name, d, src, label, has_kv, bf16, work):
     """Compiles and checks one fixture artifact; returns (ok, row or None)."""
     ref = load_file(os.path.join(d, "reference.safetensors"))
-    tag = f"{name}-{label}{'-bf16' if bf16 else ''}{'-cublas' if CUBLAS else ''}"
+    tag = f"{name}-{label}{MODE if bf16 else ''}{'-cublas' if CUBLAS else ''}"
     art = os.path.join(work, tag + ".smelt")
     scratch = os.path.join(work, tag)
     os.makedirs(scratch, exist_ok=True)
-    extra = (["--weight-dtype", "bf16"] if bf16 else []) + (["--gpu-gemm", "cublas"] if CUBLAS else [])
+    extra = (["--dtype", "bf16"] if NORM_REL else ["--weight-dtype", "bf16"]) if bf16 else []
+    extra += ["--gpu-gemm", "cublas"] if CUBLAS else []
     try:
         smelt("compile", src, "-o", art, "--target", "cuda", "--gpu-arch", ARCH, *extra)
         results, greedy = check(name, art, ref, has_kv, scratch)
@@ -90,16 +99,21 @@ def one(name, d, src, label, has_kv, bf16, work):
     ok = all((r if bf16 else a) <= (REL_TOL if bf16 else ABS_TOL) for _, a, r in results)
     ok = ok and (greedy or bf16)
     detail = ", ".join(f"{what} abs {a:.2e} rel {r:.2e}" for what, a, r in results)
-    print(f"{'ok  ' if ok else 'FAIL'} {name} ({label}{', bf16' if bf16 else ''}{', cublas' if CUBLAS else ''}): {detail}; "
+    print(f"{'ok  ' if ok else 'FAIL'} {name} ({label}{', ' + MODE[1:] if bf16 else ''}{', cublas' if CUBLAS else ''}): "
+          f"{detail}; "
           f"greedy {'exact' if greedy else 'differs'}", flush=True)
     return ok, dict(fixture=name, source=label, bf16=bf16, cublas=CUBLAS, checks=results, greedy_exact=greedy, ok=ok)
 
 
 def main():
-    global SMELT, ARCH, CUBLAS
+    global SMELT, ARCH, NORM_REL, MODE, CUBLAS
     SMELT, fixtures, work = sys.argv[1:4]
     bf16 = "--weight-dtype" in sys.argv and sys.argv[sys.argv.index("--weight-dtype") + 1] == "bf16"
     CUBLAS = "--gpu-gemm" in sys.argv and sys.argv[sys.argv.index("--gpu-gemm") + 1] == "cublas"
+    # bf16 activations: `-bf16-act` files, norm-relative errors.
+    NORM_REL = "--dtype" in sys.argv and sys.argv[sys.argv.index("--dtype") + 1] == "bf16"
+    bf16 = bf16 or NORM_REL
+    MODE = "-bf16-act" if NORM_REL else "-bf16"
     ARCH = os.environ.get("GPU_ARCH", "sm_90a")
     os.makedirs(work, exist_ok=True)
     jobs = []
@@ -116,7 +130,7 @@ def main():
         done = list(pool.map(lambda j: one(*j), jobs))
     failed = sum(not ok for ok, _ in done)
     rows = [r for _, r in done if r is not None]
-    with open(os.path.join(work, f"fixtures{'-bf16' if bf16 else ''}{'-cublas' if CUBLAS else ''}.json"), "w") as f:
+    with open(os.path.join(work, f"fixtures{MODE if bf16 else ''}{'-cublas' if CUBLAS else ''}.json"), "w") as f:
         json.dump(rows, f, indent=1)
     passed = sum(r["ok"] for r in rows)
     print(f"{passed}/{passed + failed} fixture artifacts pass", flush=True)

@@ -104,6 +104,9 @@ if [ -z "${SKIP_FIXTURES:-}" ]; then
   stamp "fixtures, bf16 weights (relative logits err <= 2e-2)"
   timeout $(lim 90) python3 "$HERE/check_fixtures.py" "$S" "$G/fixtures" "$W/fx" --weight-dtype bf16 2>&1 \
     | tee "$R/fixtures-bf16.txt" || status=1
+  stamp "fixtures, bf16 activations (--dtype bf16; relative logits err <= 2e-2)"
+  timeout $(lim 90) python3 "$HERE/check_fixtures.py" "$S" "$G/fixtures" "$W/fx" --dtype bf16 2>&1 \
+    | tee "$R/fixtures-bf16-act.txt" || status=1
   if [ -z "${SKIP_CUBLAS:-}" ]; then
     stamp "fixtures, --gpu-gemm cublas, f32 then bf16 weights"
     timeout $(lim 90) python3 "$HERE/check_fixtures.py" "$S" "$G/fixtures" "$W/fx" --gpu-gemm cublas 2>&1 \

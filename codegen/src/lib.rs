@@ -29,6 +29,7 @@ pub mod llvm;
 pub mod ptxas;
 pub mod schedule;
 pub mod select;
+pub mod simulate;
 pub mod templates;
 pub mod tuning;
 

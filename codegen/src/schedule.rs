@@ -171,6 +171,9 @@ struct Scheduler<'g> {
     /// (their `kernel` is an index here until the plan is built).
     library: Vec<KernelEntry>,
     library_launches: Vec<usize>,
+    /// GPU: f32 results stored narrow by the kernel that computes them,
+    /// because their only use is a cast to a narrow type ([`narrow_stores`]).
+    narrow_stores: HashMap<ValueId, Scalar>,
 }
 
 /// What the kernels run on.
@@ -287,7 +290,12 @@ pub fn schedule_into(
         Device::Cpu if options.packed_weights => packed_tables(graph, weights),
         _ => vec![],
     };
+    let narrow_stores = match options.device {
+        Device::Cpu => HashMap::new(),
+        Device::Gpu => narrow_stores(graph),
+    };
     let mut s = Scheduler {
+        narrow_stores,
         in_place,
         packed_tables,
         graph,
@@ -408,6 +416,9 @@ impl Scheduler<'_> {
             }
             return self.fold(n);
         }
+        if self.free_cast(n) {
+            return Ok(());
+        }
         if let Some(done) = self.weight_stationary(n)? {
             return Ok(done);
         }
@@ -462,6 +473,9 @@ impl Scheduler<'_> {
                 let of = self.buffer_of(node.inputs[0]);
                 let v = node.outputs[0];
                 let b = self.new_buffer(v, Storage::Alias { of, offset: offset.to_string() });
+                // A view has its operand's elements (a narrow buffer seen
+                // through a widening cast stays narrow).
+                self.buffers[b].elem = self.buffers[of].elem;
                 self.slots.insert(v, Slot::Buf(b));
             }
             Selected::Kernel(inst) => {
@@ -680,6 +694,28 @@ impl Scheduler<'_> {
         true
     }
 
+    /// GPU: a cast that needs no kernel, because kernels widen narrow
+    /// buffers exactly as they load them (a cast to f32 of a bf16/f16
+    /// buffer is a view of it) or because the operand's kernel already
+    /// stored it in the cast's type ([`narrow_stores`]); false when the
+    /// node is not one. A graph output keeps a buffer of its own type.
+    fn free_cast(&mut self, n: NodeId) -> bool {
+        let node = self.graph.node(n);
+        let Op::Cast { to } = node.op else { return false };
+        let Some(&Slot::Buf(b)) = self.slots.get(&node.inputs[0]) else { return false };
+        let v = node.outputs[0];
+        if self.options.device != Device::Gpu || self.graph.is_output(v) || !to.is_float() {
+            return false;
+        }
+        let have = self.buffers[b].elem;
+        let widening = to == DType::F32 && matches!(have, Elem::BF16 | Elem::F16);
+        if !widening && have != plan_elem(select::gpu_elem_of(to)) {
+            return false;
+        }
+        self.slots.insert(v, Slot::Buf(b));
+        true
+    }
+
     /// A matmul or gated MLP whose weights are 2-D float constants `[K, N]`
     /// runs the kernel that reads them as `[N, K]`; `None` when the node is
     /// not one.
@@ -735,11 +771,12 @@ impl Scheduler<'_> {
         }
         if self.options.device == Device::Gpu {
             // The GPU weight products read `[n, k]` rows with 16-byte loads.
-            let inst = match &node.op {
-                Op::MatMul {} => select::weight_matmul_gpu(&x_ty, n_, k_, welem),
-                Op::GatedMlp { act } => select::weight_gated_mlp_gpu(&x_ty, n_, k_, act, welem),
-                _ => unreachable!("matched above"),
+            let act = match &node.op {
+                Op::GatedMlp { act } => Some(act.as_str()),
+                _ => None,
             };
+            let params = self.options.gpu.weight_products;
+            let inst = select::weight_node_gpu(&x_ty, n_, k_, act, welem, params.as_ref());
             let Ok(inst) = inst else { return Ok(None) };
             let mut args = vec![self.buffer_of(node.inputs[0])];
             for (w, chunk) in weights.iter().zip(nk) {
@@ -892,8 +929,30 @@ impl Scheduler<'_> {
     /// Adds the launch of `inst` for node `n` with its global buffers bound
     /// to `args`, after checking every length against the kernel's
     /// declarations.
-    fn push_launch(&mut self, n: NodeId, inst: Instance, args: Vec<usize>) -> Result<(), ScheduleError> {
+    fn push_launch(&mut self, n: NodeId, mut inst: Instance, args: Vec<usize>) -> Result<(), ScheduleError> {
         let g = self.graph;
+        if self.options.device == Device::Gpu {
+            // Kernels compute in f32: an f32 buffer of the kernel bound to
+            // a narrow one (narrow activations) loads it widened and stores
+            // into it rounded.
+            let narrow: Vec<(usize, Scalar)> = inst
+                .kernel
+                .global_buffers()
+                .zip(&args)
+                .enumerate()
+                .filter_map(|(i, ((_, d), &b))| match (d.elem, self.buffers.get(b).map(|b| b.elem)) {
+                    (Scalar::F32, Some(Elem::BF16)) => Some((i, Scalar::BF16)),
+                    (Scalar::F32, Some(Elem::F16)) => Some((i, Scalar::F16)),
+                    _ => None,
+                })
+                .collect();
+            inst.kernel = select::narrow_buffers(&inst.kernel, &narrow).map_err(|e| ScheduleError::Contract {
+                node: describe(g, n),
+                kernel: inst.kernel.name.clone(),
+                what: "f32 buffers where the plan has narrow ones".into(),
+                found: e.to_string(),
+            })?;
+        }
         let k = &inst.kernel;
         let decls: Vec<_> = k.global_buffers().map(|(_, d)| d.clone()).collect();
         let contract = |what: String, found: String| ScheduleError::Contract {
@@ -964,9 +1023,15 @@ impl Scheduler<'_> {
 
     fn new_buffer(&mut self, v: ValueId, storage: Storage) -> usize {
         let ty = self.graph.ty(v);
+        let elem = match self.options.device {
+            Device::Cpu => elem_of(ty.dtype),
+            // Constants are laid out as kernels read them (floats as f32).
+            Device::Gpu if matches!(storage, Storage::Weight { .. }) => elem_of(ty.dtype),
+            Device::Gpu => self.narrow_stores.get(&v).copied().unwrap_or_else(|| select::gpu_elem_of(ty.dtype)),
+        };
         self.buffers.push(Buffer {
             name: format!("%{}", v.index()),
-            elem: plan_elem(elem_of(ty.dtype)),
+            elem: plan_elem(elem),
             shape: ty.shape.iter().map(|d| d.to_string()).collect(),
             storage,
         });
@@ -1043,6 +1108,25 @@ impl Scheduler<'_> {
             None => unreachable!("operands are scheduled before their users (topological order)"),
         }
     }
+}
+
+/// GPU: the f32 values whose only use is a cast to bf16/f16 and that a
+/// kernel computes (not inputs, weights or constants, not graph outputs):
+/// that kernel stores them narrow, rounding as it stores, which is what
+/// the cast would do, and the cast is free. (Narrow activations put such a
+/// cast after every op with mixed operands, see `smelt_passes::narrow`.)
+fn narrow_stores(graph: &Graph) -> HashMap<ValueId, Scalar> {
+    let mut out = HashMap::new();
+    for n in graph.node_ids() {
+        let node = graph.node(n);
+        let Op::Cast { to: to @ (DType::BF16 | DType::F16) } = node.op else { continue };
+        let r = node.inputs[0];
+        let computed = !matches!(graph.def(r).op, Op::Input { .. } | Op::Weight { .. } | Op::Constant { .. });
+        if computed && graph.ty(r).dtype == DType::F32 && !graph.is_output(r) && graph.users(r).len() == 1 {
+            out.insert(r, select::gpu_elem_of(to));
+        }
+    }
+    out
 }
 
 /// The stored weights that weight-stationary products read as their

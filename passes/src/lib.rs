@@ -20,6 +20,7 @@ pub mod fuse;
 pub mod horizontal;
 pub mod infer;
 pub mod kv_append;
+pub mod narrow;
 pub mod pipeline;
 pub mod report;
 pub mod rules;

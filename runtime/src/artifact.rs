@@ -250,6 +250,11 @@ pub struct Manifest {
     /// For a `cuda` artifact: [`native_sha256`] of `signature` and `cuda`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cuda_sha256: Option<String>,
+    /// For a `cuda` artifact compiled with `--dtype bf16|f16`: the type of
+    /// the hidden-state activations (absent: f32). Informational: the
+    /// plan's buffers say the same.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cuda_activation_dtype: Option<String>,
 }
 
 /// The hex sha256 of some bytes.
@@ -305,6 +310,8 @@ pub struct CudaFiles {
     /// `(arch, PTX text)`, e.g. `("sm_90a", ...)`.
     pub ptx: Vec<(String, String)>,
     pub constants: FileData,
+    /// The hidden-state activations' type when narrow (`bf16`, `f16`).
+    pub activation_dtype: Option<String>,
 }
 
 /// Checks that every weight the graph references is given with the dtype
@@ -481,6 +488,7 @@ fn write_files(tmp: &Path, out: &Path, a: &ArtifactSpec<'_>) -> Result<Manifest,
         native_sha256: native_hash,
         cuda,
         cuda_sha256: cuda_hash,
+        cuda_activation_dtype: a.cuda.as_ref().and_then(|c| c.activation_dtype.clone()),
     };
     let json = serde_json::to_string_pretty(&manifest)
         .map_err(|e| ArtifactError::ManifestInvalid { path: out.join(MANIFEST_FILE), msg: e.to_string() })?;

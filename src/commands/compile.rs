@@ -11,7 +11,10 @@
 //! `--weight-dtype` stores the matmul weights and embedding tables as bf16
 //! or f16 (computation stays f32); it defaults to the checkpoint's own dtype
 //! when that is bf16 or f16, so a bf16 checkpoint keeps its exact weights at
-//! half the bytes of f32.
+//! half the bytes of f32. `--dtype bf16|f16` (target `cuda` only) keeps
+//! the hidden-state activations in that type, computed with f32
+//! accumulation (`smelt_passes::narrow`), and makes it the weights'
+//! default type too.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -74,6 +77,28 @@ pub enum GpuGemmArg {
     CublasTf32,
 }
 
+/// `--dtype`.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ActDtypeArg {
+    /// f32 activations.
+    F32,
+    /// bf16 activations (f32 accumulation; the logits and the KV cache stay f32).
+    Bf16,
+    /// f16 activations (f32 accumulation; the logits and the KV cache stay f32).
+    F16,
+}
+
+impl ActDtypeArg {
+    /// The narrow type, `None` for f32.
+    fn narrow(self) -> Option<smelt_ir::DType> {
+        match self {
+            ActDtypeArg::F32 => None,
+            ActDtypeArg::Bf16 => Some(smelt_ir::DType::BF16),
+            ActDtypeArg::F16 => Some(smelt_ir::DType::F16),
+        }
+    }
+}
+
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// A Hugging Face checkpoint folder (config.json + *.safetensors) or an .onnx file.
@@ -99,6 +124,10 @@ pub struct Args {
     /// `cublas-tf32` lets f32 weight products round their operands to TF32.
     #[arg(long, value_enum, default_value = "kernels")]
     pub gpu_gemm: GpuGemmArg,
+    /// The type of the hidden-state activations of `--target cuda` (computed with f32 accumulation;
+    /// narrow types make the weights default to the same type).
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: ActDtypeArg,
     #[command(flatten)]
     pub tuning: TuningArgs,
     #[command(flatten)]
@@ -190,6 +219,11 @@ impl PassArgs {
 
 pub fn main(args: Args) -> Result<()> {
     let wants = |t: Target| args.target.contains(&t);
+    if let Some(d) = args.dtype.narrow() {
+        if wants(Target::Cpu) || wants(Target::Interp) {
+            bail!("--dtype {d} applies to `--target cuda` only (the cpu and interp targets keep f32 activations)");
+        }
+    }
     if wants(Target::Interp) && args.target.len() > 1 {
         bail!("target `interp` cannot be combined with other targets");
     }
@@ -214,7 +248,11 @@ pub fn main(args: Args) -> Result<()> {
         }
     };
     phases.mark("load");
-    let weight_dtype = weight_dtype(args.weight_dtype, loaded.info.stored_dtype.as_deref());
+    let weight_dtype = match (args.weight_dtype, args.dtype) {
+        (None, ActDtypeArg::Bf16) => WeightDtype::BF16,
+        (None, ActDtypeArg::F16) => WeightDtype::F16,
+        _ => weight_dtype(args.weight_dtype, loaded.info.stored_dtype.as_deref()),
+    };
     // Measured kernels of this machine (CPU kernels: only a cpu compile).
     let tuning = if wants(Target::Cpu) { args.tuning.load(weight_dtype.scalar()) } else { None };
     let fusion = if args.no_fuse {
@@ -243,7 +281,8 @@ pub fn main(args: Args) -> Result<()> {
             GpuGemmArg::Cublas => smelt_codegen::schedule::GpuGemm::Cublas,
             GpuGemmArg::CublasTf32 => smelt_codegen::schedule::GpuGemm::CublasTf32,
         };
-        Some(compile_cuda(&loaded.graph, &loaded.weights, weight_dtype, gemm, &args.gpu_arch, constants, &mut phases)?)
+        let gpu = GpuChoices { gemm, activations: args.dtype.narrow(), archs: &args.gpu_arch };
+        Some(compile_cuda(&loaded.graph, &loaded.weights, weight_dtype, gpu, constants, &mut phases)?)
     } else {
         None
     };
@@ -431,22 +470,39 @@ fn check_gpu_archs(archs: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// The GPU target's choices: what computes the weight products
+/// (`--gpu-gemm`), the activations' type (`--dtype`; `None` for f32) and
+/// the architectures to emit PTX for (`--gpu-arch`).
+// Without LLVM `compile_cuda` refuses before reading them.
+#[cfg_attr(not(feature = "llvm"), allow(dead_code))]
+struct GpuChoices<'a> {
+    gemm: smelt_codegen::schedule::GpuGemm,
+    activations: Option<smelt_ir::DType>,
+    archs: &'a [String],
+}
+
 /// Schedules the graph for the GPU and emits its kernels as PTX for each
-/// architecture in `archs`.
+/// architecture in `gpu.archs`.
 #[cfg(feature = "llvm")]
 fn compile_cuda(
     graph: &Graph,
     weights: &Weights,
     weight_dtype: WeightDtype,
-    gpu_gemm: smelt_codegen::schedule::GpuGemm,
-    archs: &[String],
+    gpu: GpuChoices,
     constants: ConstantsWriter,
     phases: &mut Phases,
 ) -> Result<CudaFiles> {
     use smelt_codegen::llvm::{emit_ptx, GpuArch};
     use smelt_codegen::schedule::Device;
+    let GpuChoices { gemm: gpu_gemm, activations, archs } = gpu;
     let options = ScheduleOptions { device: Device::Gpu, weight_dtype, gpu_gemm, ..ScheduleOptions::default() };
-    let sched = schedule_into(graph, weights, options, constants)?;
+    // Narrow activations: the hidden state's values retyped (the artifact
+    // keeps the f32 graph: inputs and outputs are the same).
+    let narrowed = match activations {
+        Some(d) => Some(smelt_passes::narrow::narrow_activations(graph, d)?.0),
+        None => None,
+    };
+    let sched = schedule_into(narrowed.as_ref().unwrap_or(graph), weights, options, constants)?;
     phases.mark("cuda schedule");
     let mut ptx = vec![];
     for a in archs {
@@ -461,7 +517,8 @@ fn compile_cuda(
     }
     let constants = sched.constants.finish()?;
     phases.mark("cuda constants");
-    Ok(CudaFiles { plan, ptx, constants })
+    let activation_dtype = activations.map(|d| d.name().to_string());
+    Ok(CudaFiles { plan, ptx, constants, activation_dtype })
 }
 
 #[cfg(not(feature = "llvm"))]
@@ -469,8 +526,7 @@ fn compile_cuda(
     _: &Graph,
     _: &Weights,
     _: WeightDtype,
-    _: smelt_codegen::schedule::GpuGemm,
-    _: &[String],
+    _: GpuChoices,
     _: ConstantsWriter,
     _: &mut Phases,
 ) -> Result<CudaFiles> {

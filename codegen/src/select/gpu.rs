@@ -57,6 +57,10 @@ pub struct GpuConfig {
     pub split_blocks: usize,
     /// Up to this many queries per call take the split path.
     pub split_max_queries: usize,
+    /// The weight products' parameters; `None`: each shape's defaults
+    /// (`WeightProductParams::for_shape`). Tests set small ones, which the
+    /// interpreter runs much faster.
+    pub weight_products: Option<crate::templates::gpu::WeightProductParams>,
 }
 
 impl Default for GpuConfig {
@@ -73,6 +77,7 @@ impl Default for GpuConfig {
             split_threads: 128,
             split_blocks: 4 * crate::templates::gpu::SMS,
             split_max_queries: 4,
+            weight_products: None,
         }
     }
 }
@@ -275,6 +280,7 @@ fn dedicated(
 mod tests {
     use super::*;
     use crate::kir::interp::BufData;
+    use crate::kir::Scalar;
     use crate::templates::gpu::testing::*;
     use smelt_ir::DType;
 
@@ -360,6 +366,7 @@ mod tests {
         split_threads: 32,
         split_blocks: 8,
         split_max_queries: 2,
+        weight_products: None,
     };
 
     const KV: &[&[(&str, i64)]] = &[&[("batch", 1), ("seq", 3), ("past", 0)], &[("batch", 2), ("seq", 1), ("past", 9)]];
@@ -449,5 +456,159 @@ mod tests {
             &cfg
         ));
         assert!(!check(&Op::Add {}, &[f("batch, seq, 64"), f("64")], decode, &cfg));
+    }
+
+    /// Narrow activations: the node's GPU kernels with operand `i` in a
+    /// buffer of `in_elems[i]` and result `j` in `out_elems[j]` (bf16/f16
+    /// buffers where the scheduler binds narrow ones: values typed narrow,
+    /// widening casts seen through, results a narrowing cast follows),
+    /// against the reference interpreter on the same (rounded) operands,
+    /// its results rounded to the narrow buffers' type: within one ulp of
+    /// that type (the kernels sum in f32, the interpreter in f64, and a sum
+    /// near a rounding boundary may round either way) plus 1e-5.
+    fn check_narrow(op: &Op, inputs: &[TensorType], in_elems: &[Scalar], out_elems: &[Scalar], cfg: &GpuConfig) {
+        use smelt_ir::Tensor;
+        let refs: Vec<&TensorType> = inputs.iter().collect();
+        let outputs = op.infer(&refs).unwrap_or_else(|e| panic!("{op:?}: {e}"));
+        let sel = select_gpu_with(op, inputs, &outputs, cfg).unwrap_or_else(|e| panic!("{e}"));
+        let sel = narrowed(&sel, in_elems, out_elems);
+        for syms in KV {
+            let env: std::collections::BTreeMap<String, i64> = syms.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+            let shape =
+                |t: &TensorType| -> Vec<usize> { t.shape.iter().map(|d| d.eval_map(&env).unwrap() as usize).collect() };
+            let mut bufs = vec![];
+            let mut tensors = vec![];
+            for (i, (t, &e)) in inputs.iter().zip(in_elems).enumerate() {
+                let sh = shape(t);
+                let n: usize = sh.iter().product();
+                let r = crate::templates::testing::rand(n, 90 + 13 * i as u64);
+                if t.dtype.is_float() {
+                    let vals: Vec<f32> = floats(&stored(e, &r.iter().map(|x| x * 2.0).collect::<Vec<_>>()));
+                    bufs.push(stored(e, &vals));
+                    tensors.push(Tensor::from_f32(t.dtype, sh, vals).unwrap());
+                } else if t.dtype.is_bool() {
+                    let v: Vec<bool> = r.iter().map(|x| *x > -0.5).collect();
+                    bufs.push(BufData::Bool(v.clone()));
+                    tensors.push(Tensor { dtype: t.dtype, shape: sh, data: smelt_ir::Data::Bool(v) });
+                } else {
+                    let v: Vec<i64> = r.iter().map(|x| ((x + 1.0) * 100.0) as i64 % 64).collect();
+                    bufs.push(BufData::I64(v.clone()));
+                    tensors.push(Tensor::from_i64(t.dtype, sh, v).unwrap());
+                }
+            }
+            let trefs: Vec<&Tensor> = tensors.iter().collect();
+            let want = smelt_ir::interp::eval_op(op, &trefs, &env).unwrap_or_else(|e| panic!("{op:?}: {e}"));
+            for (t, &e) in outputs.iter().zip(out_elems) {
+                let n: usize = shape(t).iter().product();
+                bufs.push(match e {
+                    Scalar::F32 => BufData::F32(vec![f32::NAN; n]),
+                    e => BufData::zeros(e, n),
+                });
+            }
+            let got = run_gpu_selected(&sel, &bufs, inputs.len(), syms);
+            for (j, (w, &e)) in want.iter().zip(out_elems).enumerate() {
+                let w = w.to_f32_vec();
+                let w: Vec<f32> = floats(&stored(e, &w));
+                let g = floats(&got[inputs.len() + j]);
+                let ulp = match e {
+                    Scalar::BF16 => 1.0 / 128.0,
+                    Scalar::F16 => 1.0 / 1024.0,
+                    _ => 0.0,
+                };
+                assert_eq!(g.len(), w.len());
+                for (i, (x, y)) in g.iter().zip(&w).enumerate() {
+                    let ok = (x - y).abs() <= ulp * y.abs() + 1e-5 * (1.0 + y.abs()) || (x.is_nan() && y.is_nan());
+                    assert!(ok, "{op:?} {syms:?} result {j} ({e:?}) element {i}: got {x}, expected {y}");
+                }
+            }
+        }
+    }
+
+    /// Every GPU template and the gpuized CPU kernels the fixtures' decoders
+    /// use, with bf16 and f16 activations (odd sizes, small blocks).
+    #[test]
+    fn gpu_select_narrow_activations() {
+        use Scalar::{F32, I64};
+        let t = "past + seq";
+        let kv = |s: &str| s.replace('T', t);
+        for n in [Scalar::BF16, Scalar::F16] {
+            let nt = |dims: &str| ty(if n == Scalar::BF16 { DType::BF16 } else { DType::F16 }, dims);
+            // Values typed narrow: norms, softmax, elementwise, layout.
+            check_narrow(&Op::RmsNorm { eps: 1e-6 }, &[nt("batch, seq, 3, 24"), f("24")], &[n, F32], &[n], &SMALL);
+            check_narrow(&Op::RmsNorm { eps: 1e-6 }, &[nt("batch, seq, 100"), f("100")], &[n, F32], &[n], &SMALL);
+            check_narrow(
+                &Op::AddRmsNorm { eps: 1e-6 },
+                &[nt("batch, seq, 40"), nt("batch, seq, 40"), f("40")],
+                &[n, n, F32],
+                &[n, n],
+                &SMALL,
+            );
+            check_narrow(
+                &Op::LayerNorm { eps: 1e-5 },
+                &[nt("batch, seq, 40"), f("40"), f("40")],
+                &[n, F32, F32],
+                &[n],
+                &SMALL,
+            );
+            check_narrow(&Op::Softmax { axis: -1 }, &[nt("batch, 3, seq, 13")], &[n], &[n], &SMALL);
+            check_narrow(&Op::Add {}, &[nt("batch, seq, 40"), nt("batch, seq, 40")], &[n, n], &[n], &SMALL);
+            check_narrow(&Op::Sigmoid {}, &[nt("batch, seq, 40")], &[n], &[n], &SMALL);
+            check_narrow(&Op::Transpose { perm: vec![0, 2, 1, 3] }, &[nt("batch, seq, 3, 24")], &[n], &[n], &SMALL);
+            check_narrow(
+                &Op::Slice { axes: vec![-1], starts: vec![d("96")], ends: vec![d("144")], steps: vec![1] },
+                &[nt("batch, seq, 192")],
+                &[n],
+                &[n],
+                &SMALL,
+            );
+            check_narrow(
+                &Op::Concat { axis: -1 },
+                &[nt("batch, seq, 12"), nt("batch, seq, 12")],
+                &[n, n],
+                &[n],
+                &SMALL,
+            );
+            // Mixed operands: f32 values in the IR with narrow buffers (a
+            // widening cast seen through, a narrowing cast stored by the
+            // kernel): the embedding lookup, a scale, rope with f32 tables,
+            // a narrow key appended to an f32 cache, attention with q narrow
+            // and f32 or narrow caches.
+            check_narrow(&Op::Gather { axis: 0 }, &[f("64, 40"), i64s("batch, seq")], &[F32, I64], &[n], &SMALL);
+            check_narrow(&Op::Mul {}, &[f("batch, seq, 40"), f("")], &[n, F32], &[n], &SMALL);
+            check_narrow(
+                &Op::Rope { interleaved: false },
+                &[f("batch, 3, seq, 24"), f("batch, 1, seq, 24"), f("batch, 1, seq, 24")],
+                &[n, F32, F32],
+                &[n],
+                &SMALL,
+            );
+            check_narrow(
+                &Op::Rope { interleaved: true },
+                &[f("batch, 3, seq, 24"), f("batch, 1, seq, 16"), f("batch, 1, seq, 16")],
+                &[n, F32, F32],
+                &[n],
+                &SMALL,
+            );
+            check_narrow(
+                &Op::KvAppend { axis: -2 },
+                &[f("batch, 2, past, 24"), f("batch, 2, seq, 24")],
+                &[F32, n],
+                &[F32],
+                &SMALL,
+            );
+            let causal = |window| Op::Attention { scale: 0.2, causal: true, window, softcap: None };
+            let qkv = |hq: usize, hkv: usize, dh: usize| {
+                vec![
+                    f(&format!("batch, {hq}, seq, {dh}")),
+                    f(&kv(&format!("batch, {hkv}, T, {dh}"))),
+                    f(&kv(&format!("batch, {hkv}, T, {dh}"))),
+                ]
+            };
+            let mut with_mask = qkv(4, 2, 24);
+            with_mask.push(bools(&kv("batch, 1, 1, T")));
+            check_narrow(&causal(None), &with_mask, &[n, F32, F32, Scalar::Bool], &[n], &SMALL);
+            check_narrow(&causal(Some(4)), &qkv(4, 2, 16), &[n, n, n], &[n], &SMALL);
+            check_narrow(&causal(None), &qkv(3, 1, 8), &[n, F32, F32], &[F32], &SMALL);
+        }
     }
 }

@@ -34,6 +34,30 @@ pub fn weight_matmul_gpu(a: &TensorType, n: usize, k: usize, w_elem: Scalar) -> 
     weight_product_gpu(a, n, k, &op, &WeightProductParams::for_shape(&op, n, k))
 }
 
+/// [`weight_matmul_gpu`] (`act` `None`) or [`weight_gated_mlp_gpu`], with
+/// `params` instead of the shape's defaults when given.
+pub fn weight_node_gpu(
+    x: &TensorType,
+    n: usize,
+    k: usize,
+    act: Option<&str>,
+    w_elem: Scalar,
+    params: Option<&WeightProductParams>,
+) -> Result<Instance, SelectError> {
+    match (act, params) {
+        (None, None) => weight_matmul_gpu(x, n, k, w_elem),
+        (Some(a), None) => weight_gated_mlp_gpu(x, n, k, a, w_elem),
+        (None, Some(p)) => weight_product_gpu(x, n, k, &WeightOp::plain(w_elem), p),
+        (Some(a), Some(p)) => {
+            let act = Act::parse(a).ok_or_else(|| {
+                let op = Op::GatedMlp { act: a.to_string() };
+                SelectError::unsupported(&op, std::slice::from_ref(x), format!("unknown act `{a}`"))
+            })?;
+            weight_product_gpu(x, n, k, &WeightOp::gated(w_elem, act), p)
+        }
+    }
+}
+
 /// `act(x · Wgᵀ) * (x · Wuᵀ)` for constant weights given `[n, k]`:
 /// operands `(x, Wg, Wu)`, result `[.., m, n]`. The same result as
 /// `gated_mlp(x, transpose(Wg), transpose(Wu))` with `act`.
@@ -154,5 +178,34 @@ mod tests {
         check_product(&inst.kernel, &op, &params, 2, 3, 24);
         let inst = weight_product_gpu(&ty(&["5", "24"]), 3, 24, &op, &params).unwrap();
         check_product(&inst.kernel, &op, &params, 5, 3, 24);
+    }
+
+    /// Narrow activations: `x` and `y` in bf16 or f16 buffers (the
+    /// scheduler binds them so), for f32, bf16 and f16 weights, on the GEMV
+    /// (2 rows) and the GEMM (5 rows: the tensor-core one for narrow
+    /// weights, where staging `x` in the weights' type rounds nothing when
+    /// `x` is already of it), plain and gated.
+    #[test]
+    fn gpu_select_narrow_activations() {
+        use crate::templates::gpu::weight_testing::check_product_narrow;
+        let params = WeightProductParams {
+            gemv: GemvParams { groups: 1, warps_per_group: 1, rows_per_group: 2, unroll: 1, m_tile: 2 },
+            gemm: GemmParams { bm: 8, bn: 8, bk: 8, tm: 2, tn: 1 },
+            tc: TcParams { bm: 16, bn: 8, bk: 16, wm: 16, wn: 8 },
+            gemv_max_m: 2,
+            blocks: 2,
+        };
+        for act in [Scalar::BF16, Scalar::F16] {
+            for w in [Scalar::F32, Scalar::BF16, Scalar::F16] {
+                for op in [WeightOp::plain(w), WeightOp::gated(w, Act::Silu)] {
+                    let inst = weight_product_gpu(&ty(&["batch", "seq", "40"]), 3, 40, &op, &params).unwrap();
+                    let last = inst.kernel.global_buffers().count() - 1;
+                    let kernel = super::super::narrow_buffers(&inst.kernel, &[(0, act), (last, act)]).unwrap();
+                    for m in [2, 5] {
+                        check_product_narrow(&kernel, &op, &params, (m, 3, 40), act);
+                    }
+                }
+            }
+        }
     }
 }

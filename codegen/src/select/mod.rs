@@ -34,7 +34,7 @@ mod reduce;
 
 pub use fused::{select_in_place, CacheInPlace};
 pub use gpu::{select_gpu, select_gpu_with, GpuConfig};
-pub use gpu_linalg::{weight_gated_mlp_gpu, weight_matmul_gpu, weight_product_gpu};
+pub use gpu_linalg::{weight_gated_mlp_gpu, weight_matmul_gpu, weight_node_gpu, weight_product_gpu};
 pub use layout::{gather_packed, gather_stored};
 pub use linalg::{
     gated_mlp_weight_nk, matmul_weight_nk, weight_gated_mlp, weight_gated_mlp_with, weight_matmul, weight_matmul_with,
@@ -121,6 +121,66 @@ pub fn elem_of(d: DType) -> Scalar {
         d if d.is_int() => Scalar::I64,
         _ => Scalar::F32,
     }
+}
+
+/// The KIR element type that holds an IR dtype in a GPU plan: like
+/// [`elem_of`], except that bf16 and f16 values (narrow activations, see
+/// `smelt_passes::narrow`) live in bf16/f16 buffers.
+pub fn gpu_elem_of(d: DType) -> Scalar {
+    match d {
+        DType::BF16 => Scalar::BF16,
+        DType::F16 => Scalar::F16,
+        d => elem_of(d),
+    }
+}
+
+/// Why a kernel cannot take a narrow buffer in place of an f32 one.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum NarrowError {
+    #[error("buffer `{0}` is not an f32 global buffer")]
+    NotF32(String),
+    #[error("the kernel reads back its result `{0}`, which would then be rounded between its own steps")]
+    ReadsResult(String),
+}
+
+/// The kernel with its `i`-th global buffer stored as `elem` (`BF16` or
+/// `F16`) for each `(i, elem)` of `narrow`, instead of f32: loads from it
+/// widen exactly and stores into it round to nearest even, so the kernel
+/// computes in f32 what it did before and reads narrow operands or rounds
+/// its results as it stores them. A result the kernel also loads is
+/// refused (its own intermediate reads would see rounded values). The
+/// kernel's name gains a suffix that says which buffers are narrow.
+pub fn narrow_buffers(kernel: &Kernel, narrow: &[(usize, Scalar)]) -> Result<Kernel, NarrowError> {
+    let mut k = kernel.clone();
+    if narrow.is_empty() {
+        return Ok(k);
+    }
+    let globals: Vec<crate::kir::BufId> = kernel.global_buffers().map(|(id, _)| id).collect();
+    let mut suffix = String::new();
+    for &(i, elem) in narrow {
+        let Some(&id) = globals.get(i) else { return Err(NarrowError::NotF32(format!("#{i}"))) };
+        let decl = kernel.buf(id);
+        if decl.elem != Scalar::F32 || !elem.is_narrow_float() {
+            return Err(NarrowError::NotF32(decl.name.clone()));
+        }
+        if decl.access == crate::kir::Access::Write && loads(kernel, id) {
+            return Err(NarrowError::ReadsResult(decl.name.clone()));
+        }
+        k.buffers[id.0 as usize].elem = elem;
+        suffix.push_str(&format!("_{}{}", i, if elem == Scalar::BF16 { "b" } else { "h" }));
+    }
+    k.name = format!("{}_n{suffix}", k.name);
+    Ok(k)
+}
+
+/// Whether any expression of `k` loads from `buf` (MMAs read shared
+/// buffers only).
+fn loads(k: &Kernel, buf: crate::kir::BufId) -> bool {
+    let mut found = false;
+    crate::templates::gpu::gpuize::exprs(&k.body, &mut |e| {
+        found |= matches!(e, crate::kir::Expr::Load { buf: b, .. } if *b == buf);
+    });
+    found
 }
 
 /// Selects the kernel (or alias) for one node.

@@ -264,7 +264,7 @@ fn walk(stmts: &[Stmt], f: &mut impl FnMut(&Stmt)) {
 }
 
 /// Calls `f` on every expression of the statements, nested ones included.
-fn exprs(stmts: &[Stmt], f: &mut impl FnMut(&Expr)) {
+pub(crate) fn exprs(stmts: &[Stmt], f: &mut impl FnMut(&Expr)) {
     walk(stmts, &mut |s| match s {
         Stmt::Assign(_, e) => e.visit(f),
         Stmt::Store { index, value, .. } => {

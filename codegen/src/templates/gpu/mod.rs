@@ -420,7 +420,7 @@ pub(crate) mod weight_testing {
     /// scalar is `m`) on deterministic inputs of `m x k` by `n x k` and
     /// checks every output against the f64 reference.
     pub fn check(kernel: &Kernel, op: &WeightOp, m: usize, n: usize, k: usize) {
-        check_impl(kernel, op, m, n, k, false)
+        check_impl(kernel, op, m, n, k, false, Scalar::F32)
     }
 
     /// [`check`] for a kernel that rounds `x` to the weights' type before
@@ -428,23 +428,43 @@ pub(crate) mod weight_testing {
     /// so the products are exact and only the f32 sums differ, and the
     /// same tolerance holds.
     pub fn check_rounded(kernel: &Kernel, op: &WeightOp, m: usize, n: usize, k: usize) {
-        check_impl(kernel, op, m, n, k, true)
+        check_impl(kernel, op, m, n, k, true, Scalar::F32)
     }
 
     /// [`check`] or [`check_rounded`], as `weight_product` with `p` runs
     /// `m` rows of `op`.
     pub fn check_product(kernel: &Kernel, op: &WeightOp, p: &WeightProductParams, m: usize, n: usize, k: usize) {
         let rounded = m > p.gemv_max_m && super::gemm_tc::supports(op);
-        check_impl(kernel, op, m, n, k, rounded)
+        check_impl(kernel, op, m, n, k, rounded, Scalar::F32)
     }
 
-    fn check_impl(kernel: &Kernel, op: &WeightOp, m: usize, n: usize, k: usize, rounded: bool) {
+    /// [`check_product`] for narrow activations: `kernel`'s `x` and `y`
+    /// buffers hold `act` (bf16 or f16, see `select::narrow_buffers`), so
+    /// `x` is rounded to `act` before the kernel sees it and the reference
+    /// is rounded to `act` too; the tolerance gains one ulp of `act`.
+    pub fn check_product_narrow(
+        kernel: &Kernel,
+        op: &WeightOp,
+        p: &WeightProductParams,
+        (m, n, k): (usize, usize, usize),
+        act: Scalar,
+    ) {
+        let rounded = m > p.gemv_max_m && super::gemm_tc::supports(op);
+        check_impl(kernel, op, m, n, k, rounded, act)
+    }
+
+    fn check_impl(kernel: &Kernel, op: &WeightOp, m: usize, n: usize, k: usize, rounded: bool, act: Scalar) {
         let what = format!("{} (m={m}, n={n}, k={k})", kernel.name);
         let seed = (m * 1000 + n * 10 + k) as u64;
-        let x = rand(m * k, seed);
+        let (x, x_buf) = if act == Scalar::F32 {
+            let x = rand(m * k, seed);
+            (x.clone(), BufData::F32(x))
+        } else {
+            weights(act, &rand(m * k, seed))
+        };
         // The activations as the products see them.
         let xr: Vec<f32> = if rounded { weights(op.w_elem, &x).0 } else { x.clone() };
-        let mut bufs = vec![BufData::F32(x.clone())];
+        let mut bufs = vec![x_buf];
         let mut ws = vec![];
         for i in 0..op.weights() {
             let (w, buf) = weights(op.w_elem, &rand(n * k, seed + 1 + i as u64));
@@ -463,13 +483,24 @@ pub(crate) mod weight_testing {
         if op.residual {
             bufs.push(BufData::F32(res.clone()));
         }
-        bufs.push(BufData::F32(vec![0.0; m * n]));
+        bufs.push(if act == Scalar::F32 { BufData::F32(vec![0.0; m * n]) } else { weights(act, &vec![0.0; m * n]).1 });
         let scalars: Vec<i64> = kernel.scalars.iter().map(|_| m as i64).collect();
         let grid = kernel.grid(&scalars).expect("a GPU kernel").expect("a valid grid");
         let block = kernel.gpu.as_ref().unwrap().block.map(|d| d as usize);
         interp::run(kernel, &mut bufs, &scalars, Mode::Gpu { grid, block })
             .unwrap_or_else(|e| panic!("{what}: {e}\n{kernel}"));
-        let got = bufs.pop().unwrap().f32().to_vec();
+        let got = match bufs.pop().unwrap() {
+            BufData::F32(v) => v,
+            BufData::BF16(v) => v.iter().map(|x| x.to_f32()).collect(),
+            BufData::F16(v) => v.iter().map(|x| x.to_f32()).collect(),
+            other => panic!("{what}: y holds {other:?}"),
+        };
+        // One ulp of a narrow result (the kernel rounds its f32 value).
+        let ulp = match act {
+            Scalar::BF16 => 1.0 / 128.0,
+            Scalar::F16 => 1.0 / 1024.0,
+            _ => 0.0,
+        };
         for i in 0..m {
             for j in 0..n {
                 // (value, bound on its f32 error) per weight.
@@ -501,6 +532,7 @@ pub(crate) mod weight_testing {
                     want += res[i * n + j] as f64;
                     tol += 1e-7 * want.abs();
                 }
+                tol += ulp * want.abs();
                 let g = got[i * n + j] as f64;
                 assert!(
                     (g - want).abs() <= tol + 1e-7,

@@ -166,3 +166,60 @@ pub fn assert_close(what: &str, got: &[BufData], want: &[BufData], tol: f32) {
         }
     }
 }
+
+/// The values of a float buffer (f32, bf16 or f16) as f32.
+pub fn floats(b: &BufData) -> Vec<f32> {
+    match b {
+        BufData::F32(v) => v.clone(),
+        BufData::BF16(v) => v.iter().map(|x| x.to_f32()).collect(),
+        BufData::F16(v) => v.iter().map(|x| x.to_f32()).collect(),
+        other => panic!("not a float buffer: {other:?}"),
+    }
+}
+
+/// `values` stored as `elem` (f32, or rounded to nearest even for bf16/f16).
+pub fn stored(elem: Scalar, values: &[f32]) -> BufData {
+    match elem {
+        Scalar::BF16 => BufData::BF16(values.iter().map(|x| half::bf16::from_f32(*x)).collect()),
+        Scalar::F16 => BufData::F16(values.iter().map(|x| half::f16::from_f32(*x)).collect()),
+        _ => BufData::F32(values.to_vec()),
+    }
+}
+
+/// A GPU selection whose kernels have the node's operand `i` in a buffer of
+/// `operands[i]` and result `j` in one of `results[j]`: each kernel's f32
+/// buffer bound to a narrow one is made narrow, as the scheduler does.
+pub fn narrowed(sel: &Selected, operands: &[Scalar], results: &[Scalar]) -> Selected {
+    let narrow = |k: &Kernel, args: &[Arg]| -> Kernel {
+        let list: Vec<(usize, Scalar)> = args
+            .iter()
+            .enumerate()
+            .filter_map(|(i, a)| {
+                let e = match *a {
+                    Arg::Operand(j) => operands[j],
+                    Arg::Result(j) => results[j],
+                    Arg::Scratch(_) => return None,
+                };
+                (e.is_narrow_float() && k.global_buffers().nth(i).unwrap().1.elem == Scalar::F32).then_some((i, e))
+            })
+            .collect();
+        crate::select::narrow_buffers(k, &list).unwrap_or_else(|e| panic!("{}: {e}", k.name))
+    };
+    match sel {
+        Selected::Kernel(i) => {
+            let n = i.kernel.global_buffers().count();
+            let args: Vec<Arg> = (0..n)
+                .map(|j| if j < operands.len() { Arg::Operand(j) } else { Arg::Result(j - operands.len()) })
+                .collect();
+            Selected::Kernel(Instance { kernel: narrow(&i.kernel, &args), scalars: i.scalars.clone() })
+        }
+        Selected::Steps(st) => {
+            let mut st = st.clone();
+            for s in &mut st.steps {
+                s.instance.kernel = narrow(&s.instance.kernel, &s.args);
+            }
+            Selected::Steps(st)
+        }
+        alias => alias.clone(),
+    }
+}

@@ -1,0 +1,182 @@
+//! Runs a GPU launch plan on the host, every kernel in the KIR
+//! interpreter's GPU mode: what tests use to check a whole plan (the
+//! scheduler's buffers, aliases, scratch and narrow activations included)
+//! against the reference interpreter where no GPU is at hand. Slow (one
+//! interpreted thread at a time), so for small models and small blocks.
+//!
+//! Memory is one element array per root buffer of the plan (inputs,
+//! constants, arena buffers, each in its plan element type); a view passes
+//! its slice of its root's array to a kernel, and the slices a kernel
+//! writes are copied back. Arena memory starts as NaN (floats) or zeros,
+//! so a value read before it is written shows in the results. The plan is
+//! checked and each call sized by the runtime's own `CheckedPlan`.
+
+use std::collections::BTreeMap;
+
+use smelt_ir::{DType, Data, Graph, Tensor};
+use smelt_runtime::artifact::Signature;
+use smelt_runtime::native::checked::{CheckedPlan, KvBinding};
+use smelt_runtime::plan::{Elem, NativePlan, Storage};
+
+use crate::kir::interp::{self, BufData, Mode};
+use crate::kir::{Access, Kernel};
+
+/// Runs `plan` (whose kernels are `kernels`, its constants `constants`)
+/// for `graph`'s signature on `inputs`; the outputs by name, floats as f32
+/// tensors of the output's dtype.
+pub fn run_gpu_plan(
+    graph: &Graph,
+    kernels: &[Kernel],
+    plan: &NativePlan,
+    constants: &[u8],
+    inputs: &BTreeMap<String, Tensor>,
+) -> Result<BTreeMap<String, Tensor>, String> {
+    let checked =
+        CheckedPlan::new(plan.clone(), Signature::from_graph(graph), constants.len()).map_err(|e| e.to_string())?;
+    let sizes = checked.size_call(inputs, &BTreeMap::new(), KvBinding::Dense).map_err(|e| e.to_string())?;
+    let mut mem: BTreeMap<usize, BufData> = BTreeMap::new();
+    for (b, buf) in plan.buffers.iter().enumerate() {
+        if checked.bufs[b].root != b {
+            continue;
+        }
+        let n = sizes.lens[b];
+        let data = match &buf.storage {
+            Storage::Input { name } => {
+                let t = inputs.get(name).ok_or_else(|| format!("no input `{name}`"))?;
+                from_tensor(t, buf.elem)
+            }
+            Storage::Weight { offset } => {
+                let at = *offset as usize;
+                let bytes = constants
+                    .get(at..at + n * buf.elem.size())
+                    .ok_or_else(|| format!("buffer `{}` lies outside the constants", buf.name))?;
+                from_bytes(bytes, buf.elem)
+            }
+            _ => match buf.elem {
+                Elem::F32 => BufData::F32(vec![f32::NAN; n]),
+                Elem::BF16 => BufData::BF16(vec![half::bf16::NAN; n]),
+                Elem::F16 => BufData::F16(vec![half::f16::NAN; n]),
+                e => BufData::zeros(scalar_of(e), n),
+            },
+        };
+        mem.insert(b, data);
+    }
+    // `SMELT_SIM_PROFILE=1`: the interpreter's time per kernel, on stderr.
+    let profile = std::env::var_os("SMELT_SIM_PROFILE").is_some();
+    let mut times: BTreeMap<String, f64> = BTreeMap::new();
+    for (li, l) in plan.launches.iter().enumerate() {
+        let k = &kernels[l.kernel];
+        let t0 = std::time::Instant::now();
+        let ld = &checked.launches[li];
+        let scalars = sizes.scalars[ld.scalar_at..ld.scalar_at + ld.scalar_ids.len()].to_vec();
+        let eval = |d: &String| -> Result<usize, String> {
+            let dim: smelt_ir::Dim = d.parse().map_err(|e| format!("{e}"))?;
+            Ok(dim.eval_map(&sizes.syms).map_err(|e| e.to_string())? as usize)
+        };
+        let grid = l.grid.as_ref().ok_or_else(|| format!("launch {li} ({}) has no grid", k.name))?;
+        let grid = [eval(&grid[0])?, eval(&grid[1])?, eval(&grid[2])?];
+        let block = k.gpu.as_ref().ok_or_else(|| format!("{} is not a GPU kernel", k.name))?.block.map(|d| d as usize);
+        let view = |b: usize| (checked.bufs[b].root, sizes.elem_offsets[b], sizes.lens[b]);
+        let mut args: Vec<BufData> = l
+            .args
+            .iter()
+            .map(|&b| {
+                let (r, at, n) = view(b);
+                slice(&mem[&r], at, n)
+            })
+            .collect();
+        interp::run(k, &mut args, &scalars, Mode::Gpu { grid, block })
+            .map_err(|e| format!("launch {li} ({}, node {}): {e}", k.name, l.node))?;
+        for ((&b, data), (_, d)) in l.args.iter().zip(args).zip(k.global_buffers()) {
+            if d.access == Access::Write {
+                let (r, at, _) = view(b);
+                write(mem.get_mut(&r).expect("every root has memory"), at, &data);
+            }
+        }
+        *times.entry(k.name.clone()).or_default() += t0.elapsed().as_secs_f64();
+    }
+    if profile {
+        let mut v: Vec<_> = times.into_iter().collect();
+        v.sort_by(|a, b| b.1.total_cmp(&a.1));
+        for (name, t) in v.iter().take(8) {
+            eprintln!("simulate: {t:8.3}s {name}");
+        }
+    }
+    let mut out = BTreeMap::new();
+    for (name, b, dtype) in &checked.outputs {
+        let (r, at, n) = (checked.bufs[*b].root, sizes.elem_offsets[*b], sizes.lens[*b]);
+        let shape = checked.shape_in(*b, &sizes).map_err(|e| e.to_string())?;
+        out.insert(name.clone(), to_tensor(&slice(&mem[&r], at, n), *dtype, shape)?);
+    }
+    Ok(out)
+}
+
+fn scalar_of(e: Elem) -> crate::kir::Scalar {
+    use crate::kir::Scalar;
+    match e {
+        Elem::F32 => Scalar::F32,
+        Elem::I32 => Scalar::I32,
+        Elem::I64 => Scalar::I64,
+        Elem::Bool => Scalar::Bool,
+        Elem::BF16 => Scalar::BF16,
+        Elem::F16 => Scalar::F16,
+    }
+}
+
+fn from_tensor(t: &Tensor, elem: Elem) -> BufData {
+    match (&t.data, elem) {
+        (Data::Bool(v), _) => BufData::Bool(v.clone()),
+        (Data::I64(v), Elem::I32) => BufData::I32(v.iter().map(|&x| x as i32).collect()),
+        (Data::I64(v), _) => BufData::I64(v.clone()),
+        (_, Elem::BF16) => BufData::BF16(t.to_f32_vec().iter().map(|&x| half::bf16::from_f32(x)).collect()),
+        (_, Elem::F16) => BufData::F16(t.to_f32_vec().iter().map(|&x| half::f16::from_f32(x)).collect()),
+        _ => BufData::F32(t.to_f32_vec()),
+    }
+}
+
+fn from_bytes(b: &[u8], elem: Elem) -> BufData {
+    let words = |n: usize| b.chunks_exact(n);
+    match elem {
+        Elem::F32 => BufData::F32(words(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()),
+        Elem::I32 => BufData::I32(words(4).map(|c| i32::from_le_bytes(c.try_into().unwrap())).collect()),
+        Elem::I64 => BufData::I64(words(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect()),
+        Elem::Bool => BufData::Bool(b.iter().map(|&x| x != 0).collect()),
+        Elem::BF16 => BufData::BF16(words(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]])).collect()),
+        Elem::F16 => BufData::F16(words(2).map(|c| half::f16::from_le_bytes([c[0], c[1]])).collect()),
+    }
+}
+
+fn slice(d: &BufData, at: usize, n: usize) -> BufData {
+    match d {
+        BufData::F32(v) => BufData::F32(v[at..at + n].to_vec()),
+        BufData::I32(v) => BufData::I32(v[at..at + n].to_vec()),
+        BufData::I64(v) => BufData::I64(v[at..at + n].to_vec()),
+        BufData::Bool(v) => BufData::Bool(v[at..at + n].to_vec()),
+        BufData::BF16(v) => BufData::BF16(v[at..at + n].to_vec()),
+        BufData::F16(v) => BufData::F16(v[at..at + n].to_vec()),
+    }
+}
+
+fn write(d: &mut BufData, at: usize, src: &BufData) {
+    match (d, src) {
+        (BufData::F32(v), BufData::F32(s)) => v[at..at + s.len()].copy_from_slice(s),
+        (BufData::I32(v), BufData::I32(s)) => v[at..at + s.len()].copy_from_slice(s),
+        (BufData::I64(v), BufData::I64(s)) => v[at..at + s.len()].copy_from_slice(s),
+        (BufData::Bool(v), BufData::Bool(s)) => v[at..at + s.len()].copy_from_slice(s),
+        (BufData::BF16(v), BufData::BF16(s)) => v[at..at + s.len()].copy_from_slice(s),
+        (BufData::F16(v), BufData::F16(s)) => v[at..at + s.len()].copy_from_slice(s),
+        _ => unreachable!("a kernel's buffer keeps its element type"),
+    }
+}
+
+fn to_tensor(d: &BufData, dtype: DType, shape: Vec<usize>) -> Result<Tensor, String> {
+    let t = match d {
+        BufData::F32(v) => Tensor::from_f32(dtype, shape, v.clone()),
+        BufData::BF16(v) => Tensor::from_f32(dtype, shape, v.iter().map(|x| x.to_f32()).collect()),
+        BufData::F16(v) => Tensor::from_f32(dtype, shape, v.iter().map(|x| x.to_f32()).collect()),
+        BufData::I32(v) => Tensor::from_i64(dtype, shape, v.iter().map(|&x| x as i64).collect()),
+        BufData::I64(v) => Tensor::from_i64(dtype, shape, v.clone()),
+        BufData::Bool(v) => return Ok(Tensor { dtype, shape, data: Data::Bool(v.clone()) }),
+    };
+    t.map_err(|e| e.to_string())
+}
