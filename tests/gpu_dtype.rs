@@ -32,7 +32,7 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use smelt_codegen::schedule::{schedule, Device, ScheduleOptions, WeightDtype};
+use smelt_codegen::schedule::{schedule, Device, GpuGemm, ScheduleOptions, WeightDtype};
 use smelt_codegen::select::GpuConfig;
 use smelt_codegen::templates::gpu::{GemmParams, GemvParams, TcParams, WeightProductParams};
 use smelt_frontends::hf::{load_stored, write_random_checkpoint, Arch, RandomModelSpec};
@@ -77,15 +77,19 @@ fn last_argmax(logits: &Tensor) -> usize {
     (0..vocab).max_by(|&a, &b| row[a].total_cmp(&row[b])).unwrap()
 }
 
-/// The plan's logits for `graph` with weights stored as `weight_dtype`.
+/// The plan's logits for `graph` with weights stored as `weight_dtype` and
+/// weight products computed by `gpu_gemm`.
 fn gpu_logits(
     graph: &Graph,
     stored: &BTreeMap<String, StoredTensor>,
-    weight_dtype: WeightDtype,
+    (weight_dtype, gpu_gemm): (WeightDtype, GpuGemm),
     inputs: &BTreeMap<String, Tensor>,
 ) -> Tensor {
-    let options = ScheduleOptions { device: Device::Gpu, gpu: SMALL, weight_dtype, ..ScheduleOptions::default() };
+    let options =
+        ScheduleOptions { device: Device::Gpu, gpu: SMALL, weight_dtype, gpu_gemm, ..ScheduleOptions::default() };
     let s = schedule(graph, stored, options).unwrap_or_else(|e| panic!("{e}"));
+    let library = s.plan.kernels.iter().filter(|k| k.library.is_some()).count();
+    assert_eq!(library > 0, gpu_gemm != GpuGemm::Kernels, "{library} library calls with {gpu_gemm:?}");
     let constants = s.constants.finish().unwrap().read().unwrap();
     let mut out = smelt_codegen::simulate::run_gpu_plan(graph, &s.kernels, &s.plan, &constants, inputs)
         .unwrap_or_else(|e| panic!("{e}"));
@@ -132,16 +136,22 @@ fn narrow_activations_whole_model_on_simulated_gpu() {
             let (narrow, count) = narrow_activations(&g, dtype).unwrap();
             smelt_ir::verify::verify(&narrow).unwrap();
             let oracle = interp::run(&narrow, &weights, &inp).unwrap().remove("logits").unwrap();
-            let got_a = gpu_logits(&narrow, &stored, WeightDtype::F32, &inp);
+            let got_a = gpu_logits(&narrow, &stored, (WeightDtype::F32, GpuGemm::Kernels), &inp);
             let a = rel_err(&got_a.to_f32_vec(), &oracle.to_f32_vec());
-            let got_b = gpu_logits(&narrow, &stored, wd, &inp);
+            let got_b = gpu_logits(&narrow, &stored, (wd, GpuGemm::Kernels), &inp);
             let b = rel_err(&got_b.to_f32_vec(), &want.to_f32_vec());
+            // (c): the same with the weight products as cuBLAS GEMMs (in
+            // the simulation, reference products of the stored operands).
+            let got_c = gpu_logits(&narrow, &stored, (wd, GpuGemm::Cublas), &inp);
+            let c = rel_err(&got_c.to_f32_vec(), &want.to_f32_vec());
             let oracle_vs_f32 = rel_err(&oracle.to_f32_vec(), &want.to_f32_vec());
             let same = last_argmax(&got_b) == last_argmax(&want);
             println!(
                 "seq {seq} past {past} {dtype}: {count} values narrowed; (a) vs narrowed graph {a:.2e}; \
-                 (b) vs f32 model {b:.2e} (narrowed graph vs f32 model {oracle_vs_f32:.2e}); greedy token same: {same}"
+                 (b) vs f32 model {b:.2e}, (c) with cuBLAS GEMMs {c:.2e} (narrowed graph vs f32 model \
+                 {oracle_vs_f32:.2e}); greedy token same: {same}"
             );
+            assert!(c <= 2e-2, "{dtype} seq {seq}: (c) relative error {c:e} > 2e-2");
             assert!(a <= tight, "{dtype} seq {seq}: (a) relative error {a:e} > {tight:e}");
             assert!(b <= 2e-2, "{dtype} seq {seq}: (b) relative error {b:e} > 2e-2");
         }

@@ -758,7 +758,7 @@ impl Scheduler<'_> {
             };
             let x = self.buffer_of(node.inputs[0]);
             let x_elem = scalar_of_elem(self.buffers[x].elem);
-            let y_elem = elem_of(g.ty(node.outputs[0]).dtype);
+            let y_elem = self.gpu_stored_elem(node.outputs[0]);
             // A product the library form does not take keeps its kernel.
             if let Ok(lib) = select::gpu_library::cublas_weight_product(&x_ty, x_elem, y_elem, n_, k_, act, welem) {
                 let mut operands = vec![x];
@@ -1021,13 +1021,20 @@ impl Scheduler<'_> {
         self.kernels.len() - 1
     }
 
+    /// The element type a computed value `v` is stored in on the GPU: its
+    /// own (bf16/f16 activations narrow), or the narrow type of the cast
+    /// that is its only use ([`narrow_stores`]).
+    fn gpu_stored_elem(&self, v: ValueId) -> Scalar {
+        self.narrow_stores.get(&v).copied().unwrap_or_else(|| select::gpu_elem_of(self.graph.ty(v).dtype))
+    }
+
     fn new_buffer(&mut self, v: ValueId, storage: Storage) -> usize {
         let ty = self.graph.ty(v);
         let elem = match self.options.device {
             Device::Cpu => elem_of(ty.dtype),
             // Constants are laid out as kernels read them (floats as f32).
             Device::Gpu if matches!(storage, Storage::Weight { .. }) => elem_of(ty.dtype),
-            Device::Gpu => self.narrow_stores.get(&v).copied().unwrap_or_else(|| select::gpu_elem_of(ty.dtype)),
+            Device::Gpu => self.gpu_stored_elem(v),
         };
         self.buffers.push(Buffer {
             name: format!("%{}", v.index()),
@@ -1464,10 +1471,7 @@ func @attn(%q: f32[batch, 4, seq, 8], %k: f32[batch, 2, past + seq, 8], %v: f32[
     /// weights' type, for a decode-sized and a prefill-sized call.
     #[test]
     fn cublas_weight_products_simulate_to_the_reference() {
-        use crate::kir::interp::{self as kinterp, BufData, Mode};
-        use crate::kir::Access;
         use smelt_runtime::artifact::Signature;
-        use smelt_runtime::native::checked::{CheckedPlan, KvBinding};
         use smelt_runtime::plan::{GemmCompute, LibraryCall};
 
         let g = smelt_ir::text::parse(
@@ -1539,80 +1543,16 @@ func @mlp(%x: f32[batch, seq, 16]) -> (y) {
             let mut with_ptx = s.plan.clone();
             with_ptx.ptx = vec![smelt_runtime::plan::PtxModule { arch: "sm_90".into(), file: "k.ptx".into() }];
             smelt_runtime::cuda::CudaPlan::new(with_ptx, Signature::from_graph(&g), len).unwrap();
-            let checked = CheckedPlan::new(s.plan.clone(), Signature::from_graph(&g), len).unwrap();
             let file = s.constants.finish().unwrap().read().unwrap();
             for (batch, seq) in [(1usize, 1usize), (2, 5)] {
                 let what = format!("{wd:?} {gemm:?} batch {batch} seq {seq}");
                 let data = crate::templates::testing::rand(batch * seq * 16, 7);
                 let x = Tensor::from_f32(DType::F32, vec![batch, seq, 16], data).unwrap();
                 let inputs = BTreeMap::from([("x".to_string(), x)]);
-                let sizes = checked.size_call(&inputs, &BTreeMap::new(), KvBinding::Dense).unwrap();
-                let mut mem: Vec<BufData> = s
-                    .plan
-                    .buffers
-                    .iter()
-                    .enumerate()
-                    .map(|(i, b)| match &b.storage {
-                        Storage::Input { name } => BufData::F32(inputs[name].to_f32_vec()),
-                        Storage::Arena => match b.elem {
-                            Elem::F32 => BufData::F32(vec![f32::NAN; sizes.lens[i]]),
-                            Elem::BF16 => BufData::BF16(vec![half::bf16::NAN; sizes.lens[i]]),
-                            Elem::F16 => BufData::F16(vec![half::f16::NAN; sizes.lens[i]]),
-                            other => panic!("unexpected scratch elem {other:?}"),
-                        },
-                        Storage::Weight { offset } => {
-                            let at = *offset as usize;
-                            let bytes = &file[at..at + sizes.lens[i] * b.elem.size()];
-                            match b.elem {
-                                Elem::F32 => BufData::F32(
-                                    bytes.chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect(),
-                                ),
-                                Elem::BF16 => BufData::BF16(
-                                    bytes.chunks(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]])).collect(),
-                                ),
-                                Elem::F16 => BufData::F16(
-                                    bytes.chunks(2).map(|c| half::f16::from_le_bytes([c[0], c[1]])).collect(),
-                                ),
-                                other => panic!("unexpected weight elem {other:?}"),
-                            }
-                        }
-                        other => panic!("unexpected storage {other:?}"),
-                    })
-                    .collect();
-                let eval = |d: &String| d.parse::<Dim>().unwrap().eval_map(&sizes.syms).unwrap();
-                for l in &s.plan.launches {
-                    let scalars: Vec<i64> = l.scalars.iter().map(eval).collect();
-                    if let Some(LibraryCall::Gemm(c)) = &s.plan.kernels[l.kernel].library {
-                        let (m, n, k) = (scalars[0] as usize, c.n as usize, c.k as usize);
-                        let needs: Vec<i64> = l.needs.iter().map(eval).collect();
-                        assert_eq!(needs, [(m * k) as i64, (n * k) as i64, (m * n) as i64], "{what}");
-                        let (mut xv, mut wv) = (widen(&mem[l.args[0]]), widen(&mem[l.args[1]]));
-                        if c.compute == GemmCompute::Tf32 {
-                            xv.iter_mut().chain(wv.iter_mut()).for_each(|v| *v = to_tf32(*v));
-                        }
-                        let y: Vec<f32> = (0..m * n)
-                            .map(|i| {
-                                let (r, j) = (i / n, i % n);
-                                (0..k).map(|t| xv[r * k + t] as f64 * wv[j * k + t] as f64).sum::<f64>() as f32
-                            })
-                            .collect();
-                        mem[l.args[2]] = BufData::F32(y);
-                        continue;
-                    }
-                    let k = &s.kernels[l.kernel];
-                    let grid = l.grid.as_ref().unwrap().clone().map(|d| eval(&d) as usize);
-                    let block = k.gpu.as_ref().unwrap().block.map(|d| d as usize);
-                    let mut args: Vec<BufData> = l.args.iter().map(|&b| mem[b].clone()).collect();
-                    kinterp::run(k, &mut args, &scalars, Mode::Gpu { grid, block })
-                        .unwrap_or_else(|e| panic!("{what}: {e}"));
-                    for ((&b, data), (_, d)) in l.args.iter().zip(args).zip(k.global_buffers()) {
-                        if d.access == Access::Write {
-                            mem[b] = data;
-                        }
-                    }
-                }
+                let out = crate::simulate::run_gpu_plan(&g, &s.kernels, &s.plan, &file, &inputs)
+                    .unwrap_or_else(|e| panic!("{what}: {e}"));
                 let want = smelt_ir::interp::run(&g, &f32_weights, &inputs).unwrap()["y"].to_f32_vec();
-                let got = mem[s.plan.outputs[0].1].f32();
+                let got = out["y"].to_f32_vec();
                 assert_eq!(got.len(), want.len(), "{what}");
                 let scale = want.iter().fold(0f32, |a, y| a.max(y.abs()));
                 let err = got.iter().zip(&want).fold(0f32, |a, (x, y)| a.max((x - y).abs()));
@@ -1632,23 +1572,4 @@ func @mlp(%x: f32[batch, seq, 16]) -> (y) {
             WeightDtype::F16 => "f16",
         }
     }
-
-    /// `x` rounded to TF32 (10 explicit significand bits), to nearest even.
-    fn to_tf32(x: f32) -> f32 {
-        let b = x.to_bits();
-        let round = 0xfff + ((b >> 13) & 1);
-        f32::from_bits(b.wrapping_add(round) & !0x1fff)
-    }
-
-    /// A buffer's values as f32 (narrow floats widened exactly).
-    fn widen(b: &kinterp_buf::BufData) -> Vec<f32> {
-        match b {
-            kinterp_buf::BufData::F32(v) => v.clone(),
-            kinterp_buf::BufData::BF16(v) => v.iter().map(|x| x.to_f32()).collect(),
-            kinterp_buf::BufData::F16(v) => v.iter().map(|x| x.to_f32()).collect(),
-            other => panic!("not a float buffer: {other:?}"),
-        }
-    }
-
-    use crate::kir::interp as kinterp_buf;
 }

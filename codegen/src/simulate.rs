@@ -10,13 +10,19 @@
 //! writes are copied back. Arena memory starts as NaN (floats) or zeros,
 //! so a value read before it is written shows in the results. The plan is
 //! checked and each call sized by the runtime's own `CheckedPlan`.
+//!
+//! Library calls (the cuBLAS GEMMs of `--gpu-gemm cublas`) run as a
+//! reference product: the operands as stored (narrow ones widened, and
+//! rounded to TF32 when the call asks for TF32 compute), summed in f64,
+//! rounded once to the f32 result. cuBLAS sums in its own order, so this is
+//! the result up to f32 summation error, not bitwise.
 
 use std::collections::BTreeMap;
 
 use smelt_ir::{DType, Data, Graph, Tensor};
 use smelt_runtime::artifact::Signature;
 use smelt_runtime::native::checked::{CheckedPlan, KvBinding};
-use smelt_runtime::plan::{Elem, NativePlan, Storage};
+use smelt_runtime::plan::{Elem, GemmCall, GemmCompute, LibraryCall, NativePlan, Storage};
 
 use crate::kir::interp::{self, BufData, Mode};
 use crate::kir::{Access, Kernel};
@@ -65,10 +71,26 @@ pub fn run_gpu_plan(
     let profile = std::env::var_os("SMELT_SIM_PROFILE").is_some();
     let mut times: BTreeMap<String, f64> = BTreeMap::new();
     for (li, l) in plan.launches.iter().enumerate() {
-        let k = &kernels[l.kernel];
         let t0 = std::time::Instant::now();
         let ld = &checked.launches[li];
         let scalars = sizes.scalars[ld.scalar_at..ld.scalar_at + ld.scalar_ids.len()].to_vec();
+        let view = |b: usize| (checked.bufs[b].root, sizes.elem_offsets[b], sizes.lens[b]);
+        if let Some(LibraryCall::Gemm(call)) = &plan.kernels[l.kernel].library {
+            let [x, w, y] = l.args[..] else {
+                return Err(format!("launch {li} ({}): a GEMM takes 3 buffers", plan.kernels[l.kernel].symbol));
+            };
+            let operand = |b: usize| {
+                let (r, at, n) = view(b);
+                widen(&slice(&mem[&r], at, n))
+            };
+            let m = *scalars.first().ok_or_else(|| format!("launch {li}: a GEMM without its row count"))? as usize;
+            let out = gemm(call, m, operand(x)?, operand(w)?)?;
+            let (r, at, _) = view(y);
+            write(mem.get_mut(&r).expect("every root has memory"), at, &BufData::F32(out));
+            *times.entry(plan.kernels[l.kernel].symbol.clone()).or_default() += t0.elapsed().as_secs_f64();
+            continue;
+        }
+        let k = kernels.get(l.kernel).ok_or_else(|| format!("launch {li}: no kernel {}", l.kernel))?;
         let eval = |d: &String| -> Result<usize, String> {
             let dim: smelt_ir::Dim = d.parse().map_err(|e| format!("{e}"))?;
             Ok(dim.eval_map(&sizes.syms).map_err(|e| e.to_string())? as usize)
@@ -76,7 +98,6 @@ pub fn run_gpu_plan(
         let grid = l.grid.as_ref().ok_or_else(|| format!("launch {li} ({}) has no grid", k.name))?;
         let grid = [eval(&grid[0])?, eval(&grid[1])?, eval(&grid[2])?];
         let block = k.gpu.as_ref().ok_or_else(|| format!("{} is not a GPU kernel", k.name))?.block.map(|d| d as usize);
-        let view = |b: usize| (checked.bufs[b].root, sizes.elem_offsets[b], sizes.lens[b]);
         let mut args: Vec<BufData> = l
             .args
             .iter()
@@ -109,6 +130,41 @@ pub fn run_gpu_plan(
         out.insert(name.clone(), to_tensor(&slice(&mem[&r], at, n), *dtype, shape)?);
     }
     Ok(out)
+}
+
+/// `y[m, n] = x[m, k] · w[n, k]ᵀ` as the library call computes it (see the
+/// module header for the precision).
+fn gemm(call: &GemmCall, m: usize, mut x: Vec<f32>, mut w: Vec<f32>) -> Result<Vec<f32>, String> {
+    let (n, k) = (call.n as usize, call.k as usize);
+    if x.len() != m * k || w.len() != n * k {
+        return Err(format!("GEMM m={m} n={n} k={k} on {} and {} elements", x.len(), w.len()));
+    }
+    if call.compute == GemmCompute::Tf32 {
+        x.iter_mut().chain(w.iter_mut()).for_each(|v| *v = to_tf32(*v));
+    }
+    Ok((0..m * n)
+        .map(|i| {
+            let (r, j) = (i / n, i % n);
+            (0..k).map(|t| x[r * k + t] as f64 * w[j * k + t] as f64).sum::<f64>() as f32
+        })
+        .collect())
+}
+
+/// `x` rounded to TF32 (10 explicit significand bits), to nearest even.
+pub fn to_tf32(x: f32) -> f32 {
+    let b = x.to_bits();
+    let round = 0xfff + ((b >> 13) & 1);
+    f32::from_bits(b.wrapping_add(round) & !0x1fff)
+}
+
+/// A float buffer's values as f32 (narrow floats widened exactly).
+fn widen(b: &BufData) -> Result<Vec<f32>, String> {
+    match b {
+        BufData::F32(v) => Ok(v.clone()),
+        BufData::BF16(v) => Ok(v.iter().map(|x| x.to_f32()).collect()),
+        BufData::F16(v) => Ok(v.iter().map(|x| x.to_f32()).collect()),
+        other => Err(format!("a GEMM operand that is not float: {other:?}")),
+    }
 }
 
 fn scalar_of(e: Elem) -> crate::kir::Scalar {
