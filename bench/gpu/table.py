@@ -16,7 +16,8 @@ def lines(name):
     return open(p).read().splitlines() if os.path.exists(p) else []
 
 
-for f in ("fixtures-f32.txt", "fixtures-bf16.txt", "fixtures-cublas.txt", "fixtures-bf16-cublas.txt"):
+for f in ("fixtures-f32.txt", "fixtures-bf16.txt", "fixtures-bf16-act.txt", "fixtures-cublas.txt",
+          "fixtures-bf16-cublas.txt"):
     summary = [l for l in lines(f) if "fixture artifacts pass" in l]
     if summary:
         print(f"{f[:-4]:<22} {summary[-1]}")
