@@ -30,8 +30,8 @@
 //! [`TcParams`]) through the kernel's sm_90a variant; sm_80 and sm_90 run
 //! this one.
 
-use super::gemm::{and, Stage};
-use super::{block_x, declare, epilogue, thread_x, vec_width, Operands, WeightOp};
+use super::gemm::Stage;
+use super::{block_x, declare, store_cell, thread_x, vec_width, Operands, WeightOp};
 use crate::kir::{Access, BufId, Builder, Expr, LoopKind, Mma, Scalar, Space, Special, Var};
 use crate::templates::c;
 use crate::templates::sym::ceil_div;
@@ -189,18 +189,8 @@ pub(super) fn tile(
             for e in 0..4 {
                 let row = Expr::Var(m0) + Expr::Var(wr) + Expr::Var(g) + Expr::idx(i * 16 + 8 * (e / 2));
                 let col = Expr::Var(n0) + Expr::Var(wc) + Expr::Var(tq) * Expr::idx(2) + Expr::idx(j * 8 + e % 2);
-                let row = b.let_("row", row);
-                let col = b.let_("col", col);
-                b.if_(
-                    and(Expr::Var(row).lt(m.clone()), Expr::Var(col).lt(Expr::idx(n))),
-                    |b| {
-                        let at = b.let_("at", Expr::Var(row) * Expr::idx(n) + Expr::Var(col));
-                        let dots = accs.iter().map(|a| Expr::Var(a[i][j][e])).collect();
-                        let v = epilogue(b, o, op, dots, &Expr::Var(at), &Expr::Var(col), 1);
-                        b.store(o.y, Expr::Var(at), v);
-                    },
-                    |_| {},
-                );
+                let dots = accs.iter().map(|a| Expr::Var(a[i][j][e])).collect();
+                store_cell(b, o, op, m, n, row, col, dots);
             }
         }
     }

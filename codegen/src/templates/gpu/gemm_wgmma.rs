@@ -32,8 +32,8 @@
 //! (the no-swizzle one has bank conflicts), TMA or `cp.async` staging and a
 //! multi-stage pipeline that overlaps the copies with the MMAs.
 
-use super::gemm::{and, Stage};
-use super::{block_x, declare, epilogue, thread_x, vec_width, Operands, TcParams, WeightOp};
+use super::gemm::Stage;
+use super::{block_x, declare, store_cell, thread_x, vec_width, Operands, TcParams, WeightOp};
 use crate::kir::{Access, AsyncSync, BufId, Builder, Expr, Scalar, SmemMatrix, Space, Special, Var, Wgmma};
 use crate::templates::c;
 use crate::templates::sym::ceil_div;
@@ -185,18 +185,8 @@ pub(super) fn tile(
             + Expr::Var(g)
             + Expr::idx(8 * ((i / 2) % 2));
         let col = Expr::Var(n0) + Expr::Var(wc) + Expr::Var(tq) * Expr::idx(2) + Expr::idx(8 * (i / 4) + i % 2);
-        let row = b.let_("row", row);
-        let col = b.let_("col", col);
-        b.if_(
-            and(Expr::Var(row).lt(m.clone()), Expr::Var(col).lt(Expr::idx(n))),
-            |b| {
-                let at = b.let_("at", Expr::Var(row) * Expr::idx(n) + Expr::Var(col));
-                let dots = accs.iter().map(|a| Expr::Var(a[i])).collect();
-                let v = epilogue(b, o, op, dots, &Expr::Var(at), &Expr::Var(col), 1);
-                b.store(o.y, Expr::Var(at), v);
-            },
-            |_| {},
-        );
+        let dots = accs.iter().map(|a| Expr::Var(a[i])).collect();
+        store_cell(b, o, op, m, n, row, col, dots);
     }
 }
 

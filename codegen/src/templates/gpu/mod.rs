@@ -152,6 +152,33 @@ pub(crate) fn declare(b: &mut Builder, op: &WeightOp, m: &Expr, n: usize, k: usi
     Operands { x, w, bias, residual, y }
 }
 
+/// Stores one element of a tensor-core accumulator tile: `y[row, col]`
+/// through the [`epilogue`] of its dot products `dots` (one per weight),
+/// skipped past `m` rows or `n` columns (the tiles are whole, `y` is not).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn store_cell(
+    b: &mut Builder,
+    o: &Operands,
+    op: &WeightOp,
+    m: &Expr,
+    n: usize,
+    row: Expr,
+    col: Expr,
+    dots: Vec<Expr>,
+) {
+    let row = b.let_("row", row);
+    let col = b.let_("col", col);
+    b.if_(
+        gemm::and(Expr::Var(row).lt(m.clone()), Expr::Var(col).lt(Expr::idx(n))),
+        |b| {
+            let at = b.let_("at", Expr::Var(row) * Expr::idx(n) + Expr::Var(col));
+            let v = epilogue(b, o, op, dots, &Expr::Var(at), &Expr::Var(col), 1);
+            b.store(o.y, Expr::Var(at), v);
+        },
+        |_| {},
+    );
+}
+
 /// The value of `y[at .. at + lanes]` (`at = row * n + col`) from the dot
 /// products `dots`, one per weight, each `lanes` wide.
 pub(crate) fn epilogue(
