@@ -490,14 +490,12 @@ impl Scheduler<'_> {
         Ok(())
     }
 
-    /// Adds the launches of `steps` for node `n` on operand buffers
-    /// `operands`, creating the result buffers and the scratch buffers
-    /// (arena memory that lives from the node's first launch to its last).
-    fn steps(&mut self, n: NodeId, steps: select::Steps, operands: Vec<usize>) -> Result<(), ScheduleError> {
+    /// The result buffers of node `n`, and its scratch buffers (arena
+    /// memory named after its first result) for a multi-launch node.
+    fn node_buffers(&mut self, n: NodeId, scratch: &[select::Scratch]) -> (Vec<usize>, Vec<usize>) {
         let results = self.result_buffers(n);
         let base = results.first().map_or_else(|| format!("node{}", n.index()), |&b| self.buffers[b].name.clone());
-        let scratch: Vec<usize> = steps
-            .scratch
+        let scratch = scratch
             .iter()
             .map(|sc| {
                 self.buffers.push(Buffer {
@@ -509,6 +507,14 @@ impl Scheduler<'_> {
                 self.buffers.len() - 1
             })
             .collect();
+        (results, scratch)
+    }
+
+    /// Adds the launches of `steps` for node `n` on operand buffers
+    /// `operands`, creating the result buffers and the scratch buffers
+    /// (arena memory that lives from the node's first launch to its last).
+    fn steps(&mut self, n: NodeId, steps: select::Steps, operands: Vec<usize>) -> Result<(), ScheduleError> {
+        let (results, scratch) = self.node_buffers(n, &steps.scratch);
         for step in steps.steps {
             let mut args = Vec::with_capacity(step.args.len());
             for a in &step.args {
@@ -543,21 +549,7 @@ impl Scheduler<'_> {
     ) -> Result<(), ScheduleError> {
         use select::gpu_library::LibStep;
         use smelt_runtime::plan::{GemmCall, GemmCompute, LibraryCall};
-        let results = self.result_buffers(n);
-        let base = results.first().map_or_else(|| format!("node{}", n.index()), |&b| self.buffers[b].name.clone());
-        let scratch: Vec<usize> = lib
-            .scratch
-            .iter()
-            .map(|sc| {
-                self.buffers.push(Buffer {
-                    name: format!("{base}.{}", sc.name),
-                    elem: plan_elem(sc.elem),
-                    shape: vec![sc.len.to_string()],
-                    storage: Storage::Arena,
-                });
-                self.buffers.len() - 1
-            })
-            .collect();
+        let (results, scratch) = self.node_buffers(n, &lib.scratch);
         let bind = |a: select::Arg| match a {
             select::Arg::Operand(i) => operands.get(i).copied(),
             select::Arg::Result(i) => results.get(i).copied(),
