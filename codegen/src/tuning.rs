@@ -19,10 +19,12 @@
 //! Tunable today: the CPU weight products (a matmul or gated MLP with a
 //! constant `[n, k]` weight), which are most of a decoder's time, over
 //! tile rows and columns, accumulator sets along `k` for one-row tiles
-//! (the unroll of their inner loop), `fma` or multiply-add, the weight
-//! layout and the lowering. Not in the space: the vector width (KIR
-//! vectors are 4 lanes; LLVM widens reductions itself) and how work is
-//! split across threads (contiguous chunks of the one `Parallel` loop).
+//! (the unroll of their inner loop), how many weight panels a one-row tile
+//! reads at once (`streams`: each thread reads that many sequential
+//! streams), `fma` or multiply-add, the vector width of packed tiles
+//! through LLVM, the weight layout and the lowering. Not in the space: how
+//! work is split across threads (contiguous chunks of the one `Parallel`
+//! loop).
 //! Other kernels (norms, rope, attention, elementwise) have no parameters
 //! yet and are recorded as [`TuningSource::Fixed`]. GPU kernels are not
 //! tunable yet (their block sizes come from `select::GpuConfig`); a GPU
@@ -130,7 +132,7 @@ impl Family {
         let v = |i: usize| self.axes[i].values[point[i]];
         match self.kind {
             FamilyKind::Panels => Variant::Panels {
-                p: PanelParams { mr: v(0), nr: v(1), ksplit: v(2), fma: v(3) == 1, lanes: v(4) as u8 },
+                p: PanelParams { mr: v(0), nr: v(1), ksplit: v(2), fma: v(3) == 1, lanes: v(4) as u8, streams: v(5) },
                 lowering: self.lowering,
             },
             FamilyKind::Rows => {
@@ -143,7 +145,7 @@ impl Family {
     pub fn point_of(&self, v: &Variant) -> Option<Vec<usize>> {
         let values: Vec<usize> = match (self.kind, v) {
             (FamilyKind::Panels, Variant::Panels { p, lowering }) if *lowering == self.lowering => {
-                vec![p.mr, p.nr, p.ksplit, p.fma as usize, p.lanes as usize]
+                vec![p.mr, p.nr, p.ksplit, p.fma as usize, p.lanes as usize, p.streams]
             }
             (FamilyKind::Rows, Variant::Rows { t, lowering }) if *lowering == self.lowering => {
                 vec![t.mr, t.nc, t.ksplit]
@@ -257,6 +259,7 @@ impl Site {
                     axis("fma", &[0, 1]),
                     // Cranelift lowers 4-lane vectors only.
                     axis("lanes", if lowering == Lowering::Llvm { &[4, 8] } else { &[4] }),
+                    axis("streams", &[1, 2, 4]),
                 ],
             });
             families.push(Family {
@@ -404,18 +407,19 @@ impl fmt::Display for Site {
 }
 
 impl fmt::Display for Variant {
-    /// `panels mr=6 nr=8 ksplit=4 fma=0 lanes=4 lowering=cranelift`, or
+    /// `panels mr=6 nr=8 ksplit=4 fma=0 lanes=4 streams=2 lowering=cranelift`, or
     /// `rows mr=3 nc=4 ksplit=2 lowering=llvm`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Variant::Panels { p, lowering } => write!(
                 f,
-                "panels mr={} nr={} ksplit={} fma={} lanes={} lowering={}",
+                "panels mr={} nr={} ksplit={} fma={} lanes={} streams={} lowering={}",
                 p.mr,
                 p.nr,
                 p.ksplit,
                 p.fma as u8,
                 p.lanes,
+                p.streams,
                 lowering.name()
             ),
             Variant::Rows { t, lowering } => {
@@ -508,7 +512,8 @@ impl FromStr for Variant {
         let (head, map) = fields(s)?;
         match head {
             "panels" => {
-                let [mr, nr, ks, fma, lanes, lw] = take(s, map, ["mr", "nr", "ksplit", "fma", "lanes", "lowering"])?;
+                let [mr, nr, ks, fma, lanes, streams, lw] =
+                    take(s, map, ["mr", "nr", "ksplit", "fma", "lanes", "streams", "lowering"])?;
                 let fma = match fma {
                     "0" => false,
                     "1" => true,
@@ -521,6 +526,7 @@ impl FromStr for Variant {
                     fma,
                     lanes: u8::try_from(number(s, "lanes", lanes)?)
                         .map_err(|_| err(format!("`lanes={lanes}` is too wide")))?,
+                    streams: number(s, "streams", streams)?,
                 };
                 Ok(Variant::Panels { p, lowering: lw.parse().map_err(err)? })
             }
@@ -657,7 +663,7 @@ mod tests {
     fn the_space_enumerates_and_locates_every_variant() {
         let s = site();
         let space = s.space(&[Lowering::Cranelift]);
-        assert_eq!(space.len(), 8 * 4 * 4 * 2 + 5 * 4 * 3);
+        assert_eq!(space.len(), 8 * 4 * 4 * 2 * 3 + 5 * 4 * 3);
         for fam in &space.families {
             let all = fam.variants();
             assert_eq!(all.len(), fam.len());
@@ -694,7 +700,7 @@ mod tests {
         assert_eq!(est.variant, Variant::Panels { p, lowering });
         let mut t = Tuning::default();
         let v = Variant::Panels {
-            p: PanelParams { mr: 4, nr: 16, ksplit: 2, fma: true, lanes: 4 },
+            p: PanelParams { mr: 4, nr: 16, ksplit: 2, fma: true, lanes: 4, streams: 4 },
             lowering: Lowering::Cranelift,
         };
         t.insert(&s.signature(&Lowering::available()), v, "sig/bucket/dev");

@@ -265,7 +265,7 @@ fn matmul_and_fused_ops() {
     }
     // Packed-panel weight kernels with 8-lane (AVX2) and 16-lane tiles:
     // decode, odd and prefill rows, partial last panels, odd k.
-    for params in [PanelParams::WIDE, PanelParams { mr: 4, nr: 32, lanes: 16, ksplit: 2, fma: true }] {
+    for params in [PanelParams::WIDE, PanelParams { mr: 4, nr: 32, lanes: 16, ksplit: 2, streams: 2, fma: true }] {
         for seq in [1, 5, 257] {
             for (k, n) in [(64, 128), (13, 7), (96, 40)] {
                 let x = f(&format!("seq,{k}"));

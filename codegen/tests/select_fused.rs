@@ -17,7 +17,8 @@ use smelt_codegen::cranelift::{Arg, JitKernel};
 use smelt_codegen::kir::interp::{self, BufData, Mode};
 use smelt_codegen::kir::Scalar;
 use smelt_codegen::select::{
-    gated_mlp_weight_nk, matmul_weight_nk, select, weight_gated_mlp, weight_matmul, Instance, Packing, Selected,
+    gated_mlp_weight_nk, matmul_weight_nk, select, weight_gated_mlp, weight_gated_mlp_with, weight_matmul,
+    weight_matmul_with, Instance, Packing, PanelParams, Selected,
 };
 use smelt_codegen::templates::testing::rand;
 use smelt_ir::{DType, Data, Dim, Op, Tensor, TensorType};
@@ -368,6 +369,64 @@ fn weight_gated_mlp_cases() {
         }
     }
     report("weight_gated_mlp", cases, worst);
+}
+
+/// Single-row tiles read `streams` panels at once (panel `q + s * groups`
+/// of stream `s`): every stream count against the reference, with panel
+/// counts that divide evenly, leave the last stream a group short, or are
+/// fewer than the streams asked for; decode through a symbolic row count
+/// (the kernel's runtime `m == 1` branch) and a static one, and a prefill
+/// row count, which visits the panels one at a time.
+#[test]
+fn weight_products_read_every_panel_in_streams() {
+    let mut worst = 0f32;
+    let mut cases = 0;
+    for streams in 1..=5 {
+        let params = PanelParams { streams, ..PanelParams::DEFAULT };
+        // nr = 8: 1, 3, 5, 7 and 13 panels, the last one partial in some.
+        for (nn, k) in [(8, 9), (20, 16), (40, 5), (52, 12), (100, 7)] {
+            for (rows, seq) in [("seq", 1), ("1", 1), ("seq", 5)] {
+                let s = syms(&[("seq", seq)]);
+                let x = f(&format!("{rows},{k}"));
+                let w = f(&format!("{nn},{k}"));
+                let out = f(&format!("{rows},{nn}"));
+                let label = format!("streams={streams} n={nn} k={k} rows={rows} seq={seq}");
+                let g = Gen::F(2.0);
+                let (tx, tg, tu) = (make(&x, g, &s, 11), make(&w, g, &s, 12), make(&w, g, &s, 13));
+                let plain = weight_matmul_with(&x, nn, k, Scalar::F32, params).unwrap();
+                let want = smelt_ir::interp::eval_op(&Op::MatMul {}, &[&tx, &transposed(&tg, &s)], &s).unwrap();
+                let (pty, pw) = packed(&plain.packs[0], &tg, nn, k);
+                let types = [x.clone(), pty, out.clone()];
+                worst = worst.max(check_instance(
+                    &format!("wmatmul {label}"),
+                    &plain.instance,
+                    &types,
+                    &[tx.clone(), pw],
+                    &[f32s(&want[0])],
+                    &s,
+                    true,
+                ));
+                let op = Op::GatedMlp { act: "silu".into() };
+                let gated = weight_gated_mlp_with(&x, nn, k, "silu", Scalar::F32, params).unwrap();
+                let want =
+                    smelt_ir::interp::eval_op(&op, &[&tx, &transposed(&tg, &s), &transposed(&tu, &s)], &s).unwrap();
+                let (pty, pg) = packed(&gated.packs[0], &tg, nn, k);
+                let (_, pu) = packed(&gated.packs[1], &tu, nn, k);
+                let types = [x, pty.clone(), pty, out];
+                worst = worst.max(check_instance(
+                    &format!("wgated_mlp {label}"),
+                    &gated.instance,
+                    &types,
+                    &[tx, pg, pu],
+                    &[f32s(&want[0])],
+                    &s,
+                    true,
+                ));
+                cases += 2;
+            }
+        }
+    }
+    report("streamed weight products", cases, worst);
 }
 
 /// The panel layout: padding, `apply_kn` of a `[k, n]` weight equals

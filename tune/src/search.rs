@@ -220,7 +220,8 @@ mod tests {
     }
 
     /// A cost separable in the panel parameters with its minimum at
-    /// mr=3 nr=12 ksplit=2 fma=1; the rows family is slower everywhere.
+    /// mr=3 nr=12 ksplit=2 fma=1 streams=4; the rows family is slower
+    /// everywhere.
     fn cost(v: &Variant, m: usize) -> f64 {
         let base = if m == 1 { 1e-5 } else { 1e-3 };
         match v {
@@ -228,7 +229,8 @@ mod tests {
                 let d = (p.mr as f64 - 3.0).abs()
                     + (p.nr as f64 - 12.0).abs() / 4.0
                     + (p.ksplit as f64 - 2.0).abs()
-                    + (!p.fma) as u8 as f64;
+                    + (!p.fma) as u8 as f64
+                    + (p.streams as f64 - 4.0).abs() / 2.0;
                 base * (1.0 + 0.05 * d)
             }
             Variant::Rows { .. } => base * 3.0,
@@ -245,7 +247,7 @@ mod tests {
         let f = search(&s, &space, default, Instant::now() + Duration::from_secs(60), &mut eval, &mut |_| bests += 1)
             .unwrap();
         let want = Variant::Panels {
-            p: PanelParams { mr: 3, nr: 12, ksplit: 2, fma: true, lanes: 4 },
+            p: PanelParams { mr: 3, nr: 12, ksplit: 2, fma: true, lanes: 4, streams: 4 },
             lowering: Lowering::Cranelift,
         };
         assert_eq!(f.best, want);

@@ -31,7 +31,10 @@ fn job(site: Site) -> Job {
 
 /// The known optimum of [`cost`].
 fn optimum() -> Variant {
-    Variant::Panels { p: PanelParams { mr: 2, nr: 16, ksplit: 1, fma: true, lanes: 4 }, lowering: Lowering::Cranelift }
+    Variant::Panels {
+        p: PanelParams { mr: 2, nr: 16, ksplit: 1, fma: true, lanes: 4, streams: 2 },
+        lowering: Lowering::Cranelift,
+    }
 }
 
 /// Seconds for `v` at `m` rows: separable in the panel parameters with

@@ -10,16 +10,23 @@
 //! stream, which suits hardware prefetchers, and every weight byte is read
 //! once per row block.
 //!
-//! **Kernel**: the top-level `Parallel` loop runs over `panels x row blocks`,
-//! row blocks fastest, so a thread's contiguous chunk covers whole panels
-//! (decode: the threads split `n`; prefill: a panel stays in L1/L2 while the
-//! row blocks of `a` stream past it). One iteration computes an `mr x nr`
+//! **Kernel**: with more than one row, the top-level `Parallel` loop runs
+//! over `panels x row blocks`, row blocks fastest, so a thread's contiguous
+//! chunk covers whole panels and a panel stays in L1/L2 while the row blocks
+//! of `a` stream past it. With one row (decode, which reads every weight
+//! byte once and is bound by memory), the panels are dealt into `streams`
+//! runs (panel `q + s * groups` is group `q`'s panel in stream `s`) and the
+//! threads split the groups, so each thread reads `streams` sequential
+//! streams at once: one core kept more misses in flight that way (on
+//! smollm2's decode here, 4 streams were about 15% faster than 1 with f32
+//! weights and 20% with bf16 ones; BENCHMARKS.md). One iteration computes an `mr x nr`
 //! register tile: each step of `k` loads `nr / 4` weight vectors and
 //! broadcasts one value of `a` per row into `mr * nr / 4` vector
 //! accumulators (6 x 8: 12 accumulators, 2 weight vectors, a broadcast and
 //! a product use all 16 XMM registers). The row count of a tile is chosen at run
 //! time from the rows left (`m` may be a scalar parameter); single-row tiles
-//! (decode) keep `ksplit` sets of accumulators so that enough independent
+//! (decode) keep `ksplit` sets of accumulators over all their panels
+//! (`ksplit / streams` per panel, at least one) so that enough independent
 //! FMA chains are in flight. The gated MLP runs the gate weight's tile first
 //! and stores `act(gate)` into the output, then the up weight's tile
 //! multiplies it in, so each pass has the full register budget. Sums
@@ -120,6 +127,12 @@ pub struct PanelParams {
     /// Accumulator sets of single-row tiles (steps of `k` per iteration of
     /// their inner loop).
     pub ksplit: usize,
+    /// Panels a single-row tile reads at once (decode): each is one
+    /// sequential stream of the weight, and on the machines measured one
+    /// core kept more bytes in flight with two or four streams than with
+    /// one (see [`weight_matmul`]). Multi-row tiles visit the same panels
+    /// one after another.
+    pub streams: usize,
     /// Whether multi-row tiles use `fma`. Cranelift's x86 `fma` writes its
     /// result over a multiplicand (there is no `vfmadd231` form), so every
     /// shared broadcast is copied first and every accumulator moves back to
@@ -138,21 +151,24 @@ impl Default for PanelParams {
 impl PanelParams {
     /// 6 x 8 tiles: 12 accumulators, 2 weight vectors, a broadcast and a
     /// product fill the 16 XMM registers Cranelift has on x86-64; single-row
-    /// tiles keep 4 x 2 independent FMA chains.
-    pub const DEFAULT: PanelParams = PanelParams { mr: 6, nr: 8, lanes: 4, ksplit: 4, fma: false };
+    /// tiles read 2 panels with 2 x 2 x 2 independent FMA chains (4 panels'
+    /// 8 weight vectors and 8 accumulators would not fit).
+    pub const DEFAULT: PanelParams = PanelParams { mr: 6, nr: 8, lanes: 4, ksplit: 4, streams: 2, fma: false };
 
     /// 6 x 16 tiles of 8-lane vectors with `fma`: the same 12 accumulators
     /// in the 16 YMM registers of AVX2, for the LLVM lowering (the classic
     /// Haswell GEMM micro-kernel: two weight loads and six broadcasts feed
-    /// twelve FMAs per step of `k`).
-    pub const WIDE: PanelParams = PanelParams { mr: 6, nr: 16, lanes: 8, ksplit: 4, fma: true };
+    /// twelve FMAs per step of `k`); single-row tiles read 4 panels, each
+    /// with 2 FMA chains (LLVM folds the weight loads into the FMAs).
+    pub const WIDE: PanelParams = PanelParams { mr: 6, nr: 16, lanes: 8, ksplit: 4, streams: 4, fma: true };
 
     pub fn packing(&self) -> Packing {
         Packing::Panels { nr: self.nr }
     }
 
-    /// The parameters [`weight_matmul`] actually uses: at least one row
-    /// and one set, `nr` rounded down to whole vectors (at least one).
+    /// The parameters [`weight_matmul`] actually uses: at least one row,
+    /// one set and one stream, `nr` rounded down to whole vectors (at
+    /// least one).
     pub fn normalized(&self) -> PanelParams {
         let lanes = if self.lanes.is_power_of_two() && self.lanes > 1 { self.lanes } else { LANES };
         let l = lanes as usize;
@@ -161,15 +177,18 @@ impl PanelParams {
             nr: (self.nr.max(l) / l) * l,
             lanes,
             ksplit: self.ksplit.max(1),
+            streams: self.streams.max(1),
             fma: self.fma,
         }
     }
 }
 
-/// How far ahead of its reads a single-row tile with narrow weights
-/// prefetches its panel, in bytes (see `Gen::prefetch`). On smollm2's bf16
-/// decode here (2 threads) 2048 and 4096 were alike and about 8% faster
-/// than no prefetch; f32 weights showed no gain and do not prefetch.
+/// How far ahead of its reads a single-row tile with narrow weights and one
+/// stream prefetches its panel, in bytes (see `Gen::prefetch`). On
+/// smollm2's bf16 decode here (2 threads) 2048 and 4096 were alike and
+/// about 8% faster than no prefetch with one stream; with four streams the
+/// prefetches gained nothing (1024) or cost time (2048), so tiles reading
+/// several panels do not prefetch, and f32 weights showed no gain either.
 pub const PREFETCH_AHEAD: usize = 2048;
 
 /// Declares the buffers (`a [m * k]`, then one packed weight, or the gate
@@ -186,16 +205,47 @@ pub fn weight_matmul(b: &mut Builder, m: Expr, n: usize, k: usize, act: Option<A
     let ws: Vec<BufId> = if act.is_some() { vec![weight("w_gate"), weight("w_up")] } else { vec![weight("w")] };
     let out = b.output("c", mul(m.clone(), Expr::idx(n)));
     let panels = n.div_ceil(p.nr);
-    let mblocks = ceil_div(m.clone(), p.mr);
-    let total = mul(Expr::idx(panels), mblocks.clone());
-    b.for_("t", Expr::i64(0), total, 1, LoopKind::Parallel, |b, t| {
-        let ib = bind(b, "ib", sym::rem(t.clone(), mblocks.clone()));
-        let pj = bind(b, "pj", sym::div(t, mblocks.clone()));
-        let i0 = bind(b, "i0", mul(ib, Expr::idx(p.mr)));
-        let g = Gen { a, ws: ws.clone(), out, n, k, act, p, panels, w_size: w.size() };
-        let rows_left = sub(m.clone(), i0.clone());
-        g.rows_from(b, &i0, &pj, &rows_left, p.mr);
-    });
+    let streams = stream_count(p.streams, panels);
+    let groups = panels.div_ceil(streams);
+    let g = Gen { a, ws, out, n, k, act, p, panels, streams, groups, w_size: w.size() };
+    // One row (decode): the threads split the panel groups, each reading
+    // its groups' panels as `streams` sequential streams at once.
+    let streamed = |b: &mut Builder| {
+        b.for_("q", Expr::i64(0), Expr::idx(groups), 1, LoopKind::Parallel, |b, q| {
+            g.streamed_tile(b, &q);
+        });
+    };
+    // More rows: `panels x row blocks`, row blocks fastest, so a panel
+    // stays in cache while the row blocks of `a` stream past it.
+    let tiled = |b: &mut Builder| {
+        let mblocks = ceil_div(m.clone(), p.mr);
+        let total = mul(Expr::idx(panels), mblocks.clone());
+        b.for_("t", Expr::i64(0), total, 1, LoopKind::Parallel, |b, t| {
+            let ib = bind(b, "ib", sym::rem(t.clone(), mblocks.clone()));
+            let pj = bind(b, "pj", sym::div(t, mblocks.clone()));
+            let i0 = bind(b, "i0", mul(ib, Expr::idx(p.mr)));
+            let rows_left = sub(m.clone(), i0.clone());
+            g.rows_from(b, &i0, &pj, &rows_left, p.mr);
+        });
+    };
+    match as_const(&m) {
+        _ if streams == 1 => tiled(b),
+        Some(1) => streamed(b),
+        Some(_) => tiled(b),
+        None => b.if_(m.clone().cmp(CmpOp::Eq, Expr::i64(1)), streamed, tiled),
+    }
+}
+
+/// How many streams of at least one panel each `panels` panels make when
+/// `wanted` are asked for: stream `s` holds the panels `q + s * groups`,
+/// so the last stream is empty when `(streams - 1) * groups` reaches
+/// `panels` (5 panels in 4 streams of 2), and fewer streams are used.
+fn stream_count(wanted: usize, panels: usize) -> usize {
+    let mut s = wanted.clamp(1, panels.max(1));
+    while s > 1 && (s - 1) * panels.div_ceil(s) >= panels {
+        s -= 1;
+    }
+    s
 }
 
 struct Gen {
@@ -207,6 +257,10 @@ struct Gen {
     act: Option<Act>,
     p: PanelParams,
     panels: usize,
+    /// Panel streams (see [`stream_count`]) and panels per stream: group
+    /// `q` is the panels `q + s * groups` for `s` in `0..streams`.
+    streams: usize,
+    groups: usize,
     /// Bytes per weight element.
     w_size: usize,
 }
@@ -224,82 +278,132 @@ impl Gen {
     /// A tile of `rows` rows when at least that many are left, else fewer.
     fn rows_from(&self, b: &mut Builder, i0: &Expr, pj: &Expr, left: &Expr, rows: usize) {
         if rows == 1 || as_const(left).is_some_and(|l| l >= rows as i64) {
-            return self.tile(b, i0, pj, rows);
+            return self.panels_tile(b, i0, std::slice::from_ref(pj), rows);
         }
         if let Some(l) = as_const(left) {
             return self.rows_from(b, i0, pj, left, (l.max(1) as usize).min(rows));
         }
         let cond = left.clone().cmp(CmpOp::Ge, Expr::idx(rows));
-        b.if_(cond, |b| self.tile(b, i0, pj, rows), |b| self.rows_from(b, i0, pj, left, rows - 1));
+        b.if_(
+            cond,
+            |b| self.panels_tile(b, i0, std::slice::from_ref(pj), rows),
+            |b| self.rows_from(b, i0, pj, left, rows - 1),
+        );
     }
 
-    /// One `rows x nr` tile: every weight's pass with its epilogue.
-    fn tile(&self, b: &mut Builder, i0: &Expr, pj: &Expr, rows: usize) {
+    /// The single-row tiles of group `q`'s panels, `q + s * groups` for
+    /// each stream `s` that has one (the last streams may end a group
+    /// before the others), read at once where all of them exist.
+    fn streamed_tile(&self, b: &mut Builder, q: &Expr) {
+        let i0 = Expr::i64(0);
+        let pj = |b: &mut Builder, s: usize| bind(b, "pj", add(q.clone(), Expr::idx(s * self.groups)));
+        // Groups below `whole` have a panel in every stream.
+        let whole = self.panels - (self.streams - 1) * self.groups;
+        let all = |b: &mut Builder| {
+            let pjs: Vec<Expr> = (0..self.streams).map(|s| pj(b, s)).collect();
+            self.panels_tile(b, &i0, &pjs, 1)
+        };
+        if whole == self.groups {
+            return all(b);
+        }
+        let each = |b: &mut Builder| {
+            for s in 0..self.streams {
+                let one = |b: &mut Builder| {
+                    let pj = pj(b, s);
+                    self.panels_tile(b, &i0, &[pj], 1)
+                };
+                b.if_(q.clone().cmp(CmpOp::Lt, Expr::idx(self.panels - s * self.groups)), one, |_| {});
+            }
+        };
+        b.if_(q.clone().cmp(CmpOp::Lt, Expr::idx(whole)), all, each);
+    }
+
+    /// One `rows x nr` tile in each of the panels `pjs`: every weight's
+    /// pass with its epilogue.
+    fn panels_tile(&self, b: &mut Builder, i0: &Expr, pjs: &[Expr], rows: usize) {
         match self.act {
-            None => self.pass(b, i0, pj, rows, self.ws[0], Epilogue::Plain),
+            None => self.pass(b, i0, pjs, rows, self.ws[0], Epilogue::Plain),
             Some(act) => {
                 // The activation is a sweep of its own over the stored gate
                 // sums, after the accumulators are dead: applied to them
                 // directly, its temporaries make the register allocator
                 // spill accumulators inside the loop over `k`.
-                self.pass(b, i0, pj, rows, self.ws[0], Epilogue::Plain);
-                self.store(b, i0, pj, rows, None, Epilogue::Gate(act));
-                self.pass(b, i0, pj, rows, self.ws[1], Epilogue::Up);
+                self.pass(b, i0, pjs, rows, self.ws[0], Epilogue::Plain);
+                for pj in pjs {
+                    self.store(b, i0, pj, rows, None, Epilogue::Gate(act));
+                }
+                self.pass(b, i0, pjs, rows, self.ws[1], Epilogue::Up);
             }
         }
     }
 
-    /// The product of rows `i0..i0 + rows` of `a` with panel `pj` of `w`,
-    /// stored through `epi`.
-    // Row, vector and set indices address several parallel tables at once.
+    /// The product of rows `i0..i0 + rows` of `a` with the panels `pjs` of
+    /// `w` (several only for single-row tiles), stored through `epi`.
+    // Row, panel, vector and set indices address several parallel tables at once.
     #[allow(clippy::needless_range_loop)]
-    fn pass(&self, b: &mut Builder, i0: &Expr, pj: &Expr, rows: usize, w: BufId, epi: Epilogue) {
+    fn pass(&self, b: &mut Builder, i0: &Expr, pjs: &[Expr], rows: usize, w: BufId, epi: Epilogue) {
         let (lanes, nr, k) = (self.p.lanes, self.p.nr, self.k);
         let l = lanes as usize;
         let nv = nr / l;
-        // Single-row tiles unroll `k` over `ksplit` accumulator sets; wider
+        let np = pjs.len();
+        // Single-row tiles unroll `k` over `ksplit` steps, shared out over
+        // accumulator sets so that every panel has as many independent FMA
+        // chains as the budget of `ksplit` sets of one panel allows; wider
         // tiles have enough independent chains already and stay rolled, as
         // Cranelift elaborates pure values at the loop's back edge, chain by
         // chain, so unrolled steps would keep every broadcast live at once.
-        let (split, ku) = if rows == 1 { (self.p.ksplit, self.p.ksplit) } else { (1, 1) };
-        // acc[set][row][vector]
-        let acc: Vec<Vec<Vec<Var>>> = (0..split)
-            .map(|_| (0..rows).map(|_| (0..nv).map(|_| b.let_("acc", c(0.0, lanes))).collect()).collect())
+        let (split, ku) = if rows == 1 { ((self.p.ksplit / np).max(1), self.p.ksplit) } else { (1, 1) };
+        // acc[set][row][panel][vector]
+        let acc: Vec<Vec<Vec<Vec<Var>>>> = (0..split)
+            .map(|_| {
+                (0..rows)
+                    .map(|_| (0..np).map(|_| (0..nv).map(|_| b.let_("acc", c(0.0, lanes))).collect()).collect())
+                    .collect()
+            })
             .collect();
-        // Running indices into `a` (row i0) and the panel, carried by the
+        // Running indices into `a` (row i0) and each panel, carried by the
         // loop so that no per-row offset is recomputed in it.
         let ak = b.let_("ak", mul(i0.clone(), Expr::idx(k)));
-        let wk = b.let_("wk", mul(pj.clone(), Expr::idx(nr * k)));
+        let wk: Vec<Var> = pjs.iter().map(|pj| b.let_("wk", mul(pj.clone(), Expr::idx(nr * k)))).collect();
         // One step of `k`, `u` steps past the running indices, into set `set`.
         let step = |b: &mut Builder, u: usize, set: usize| {
-            let wv: Vec<Var> = (0..nv)
-                .map(|v| b.let_("wv", Expr::load(w, add(Expr::Var(wk), Expr::idx(u * nr + v * l)), lanes)))
+            let wv: Vec<Vec<Var>> = wk
+                .iter()
+                .map(|&wk| {
+                    (0..nv)
+                        .map(|v| b.let_("wv", Expr::load(w, add(Expr::Var(wk), Expr::idx(u * nr + v * l)), lanes)))
+                        .collect()
+                })
                 .collect();
             for r in 0..rows {
                 let at = add(Expr::Var(ak), Expr::idx(r * k + u));
                 let av = b.let_("av", Expr::load(self.a, at, 1).splat(lanes));
-                for v in 0..nv {
-                    let x = acc[set][r][v];
-                    let prod = Expr::Var(av) * Expr::Var(wv[v]);
-                    let sum = if self.p.fma || rows == 1 {
-                        Expr::Var(av).fma(Expr::Var(wv[v]), Expr::Var(x))
-                    } else {
-                        Expr::Var(x) + prod
-                    };
-                    b.assign(x, sum);
+                for pi in 0..np {
+                    for v in 0..nv {
+                        let x = acc[set][r][pi][v];
+                        let prod = Expr::Var(av) * Expr::Var(wv[pi][v]);
+                        let sum = if self.p.fma || rows == 1 {
+                            Expr::Var(av).fma(Expr::Var(wv[pi][v]), Expr::Var(x))
+                        } else {
+                            Expr::Var(x) + prod
+                        };
+                        b.assign(x, sum);
+                    }
                 }
             }
         };
         let advance = |b: &mut Builder, by: usize| {
             b.assign(ak, add(Expr::Var(ak), Expr::idx(by)));
-            b.assign(wk, add(Expr::Var(wk), Expr::idx(by * nr)));
+            for &wk in &wk {
+                b.assign(wk, add(Expr::Var(wk), Expr::idx(by * nr)));
+            }
         };
         let kmain = k / ku * ku;
         if kmain > 0 {
             let kind = if ku > 1 { LoopKind::Unroll(ku as u32) } else { LoopKind::Serial };
             b.for_("kk", Expr::i64(0), Expr::idx(kmain), ku as i64, kind, |b, _| {
-                if rows == 1 {
-                    self.prefetch(b, w, wk, ku * nr);
+                if rows == 1 && np == 1 {
+                    self.prefetch(b, w, wk[0], ku * nr);
                 }
                 for u in 0..ku {
                     step(b, u, u % split);
@@ -313,12 +417,16 @@ impl Gen {
                 advance(b, 1);
             });
         }
-        let sums: Vec<Vec<Expr>> = (0..rows)
-            .map(|r| {
-                (0..nv).map(|v| (1..split).fold(Expr::Var(acc[0][r][v]), |s, u| s + Expr::Var(acc[u][r][v]))).collect()
-            })
-            .collect();
-        self.store(b, i0, pj, rows, Some(sums), epi);
+        for (pi, pj) in pjs.iter().enumerate() {
+            let sums: Vec<Vec<Expr>> = (0..rows)
+                .map(|r| {
+                    (0..nv)
+                        .map(|v| (1..split).fold(Expr::Var(acc[0][r][pi][v]), |s, u| s + Expr::Var(acc[u][r][pi][v])))
+                        .collect()
+                })
+                .collect();
+            self.store(b, i0, pj, rows, Some(sums), epi);
+        }
     }
 
     /// Single-row tiles (decode) with narrow weights read half the bytes

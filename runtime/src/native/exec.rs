@@ -176,22 +176,38 @@ pub struct NativeModel {
     team: Team,
     stats: NativeStats,
     /// With `SMELT_PROFILE` set: seconds and launch count per kernel symbol,
-    /// printed to stderr when the model is dropped. Profiling runs launches
-    /// one at a time, so the total is a little slower than a normal run.
-    profile: Option<BTreeMap<String, (f64, u64)>>,
+    /// one table per distinct binding of the shape symbols other than the
+    /// KV cache's (so a prefill and a decode step are reported apart), printed to stderr when the model is
+    /// dropped. Profiling runs launches one at a time, so the total is a
+    /// little slower than a normal run.
+    profile: Option<BTreeMap<String, ProfileTable>>,
     /// Declared last: dropped after the team and the tables that point into it.
     library: KernelLibrary,
+}
+
+/// One `SMELT_PROFILE` table: seconds and launches per kernel symbol over
+/// the calls made with one binding of the shape symbols.
+#[derive(Default)]
+struct ProfileTable {
+    calls: u64,
+    kernels: BTreeMap<String, (f64, u64)>,
 }
 
 impl Drop for NativeModel {
     fn drop(&mut self) {
         if let Some(profile) = &self.profile {
-            let mut rows: Vec<_> = profile.iter().collect();
-            rows.sort_by(|a, b| b.1 .0.total_cmp(&a.1 .0));
-            let total: f64 = rows.iter().map(|r| r.1 .0).sum();
-            eprintln!("smelt profile: {:.1} ms in {} calls", total * 1e3, self.stats.calls);
-            for (sym, (secs, n)) in rows {
-                eprintln!("{:9.2} ms {:5.1}% {n:6} x {sym}", secs * 1e3, secs / total * 100.0);
+            for (bindings, table) in profile {
+                let mut rows: Vec<_> = table.kernels.iter().collect();
+                rows.sort_by(|a, b| b.1 .0.total_cmp(&a.1 .0));
+                let total: f64 = rows.iter().map(|r| r.1 .0).sum();
+                eprintln!(
+                    "smelt profile [{bindings}]: {:.3} ms per call ({} calls)",
+                    total * 1e3 / table.calls.max(1) as f64,
+                    table.calls
+                );
+                for (sym, (secs, n)) in rows {
+                    eprintln!("{:9.2} ms {:5.1}% {n:6} x {sym}", secs * 1e3, secs / total * 100.0);
+                }
             }
         }
     }
@@ -568,10 +584,26 @@ impl NativeModel {
         match &mut self.profile {
             None => self.team.run(launches.len(), &task)?,
             Some(profile) => {
+                // The cache's own symbols (its capacity, how much of it is
+                // filled) change every decode step; leaving them out keeps
+                // one table per kind of call (a prefill of n tokens, a decode).
+                let cache_syms: Vec<String> = self.checked.kv.as_ref().map_or_else(Vec::new, |kv| {
+                    let mut v = kv.past.symbols();
+                    v.extend([kv.capacity.clone(), kv.copied.clone()]);
+                    v
+                });
+                let bindings: Vec<String> = sizes
+                    .syms
+                    .iter()
+                    .filter(|(k, _)| !cache_syms.contains(k))
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect();
+                let table = profile.entry(bindings.join(" ")).or_default();
+                table.calls += 1;
                 for i in 0..launches.len() {
                     let start = std::time::Instant::now();
                     self.team.run(1, &|_, t| task(i, t))?;
-                    let e = profile.entry(c.symbol_of(i).to_string()).or_default();
+                    let e = table.kernels.entry(c.symbol_of(i).to_string()).or_default();
                     e.0 += start.elapsed().as_secs_f64();
                     e.1 += 1;
                 }
