@@ -1,6 +1,7 @@
 //! Small probes of the machine's limits, measured in the same run as a
 //! benchmark (machines drift, so figures from different runs are not
-//! compared): streaming read bandwidth with 256-bit loads, and f32 FMA peak
+//! compared): streaming read bandwidth with 256-bit loads (four streams
+//! per thread), and f32 FMA peak
 //! with 256-bit FMAs in enough independent chains to cover the latency.
 //! On machines without AVX2/FMA the probes fall back to portable code, whose
 //! figures are then what plain Rust reaches, not the hardware's peak.
@@ -37,6 +38,11 @@ fn read_bandwidth(threads: usize) -> f64 {
     best
 }
 
+/// Sums `c`, read as [`STREAMS`] sequential streams at once (its quarters,
+/// side by side): on the machines measured, one core kept more misses in
+/// flight reading several streams than one, as the decode kernels do
+/// (`templates::packed` in smelt-codegen), and a probe that reads one
+/// stream per thread reported less than those kernels reached.
 fn sum(c: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx2") {
@@ -46,24 +52,35 @@ fn sum(c: &[f32]) -> f32 {
     c.iter().sum()
 }
 
+/// Sequential streams per thread of the read probe.
+const STREAMS: usize = 4;
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn sum_avx2(c: &[f32]) -> f32 {
     use std::arch::x86_64::*;
-    let mut acc = [_mm256_setzero_ps(); 4];
-    let blocks = c.len() / 32;
+    let mut acc = [_mm256_setzero_ps(); 2 * STREAMS];
+    // Each stream reads `blocks` blocks of 16 floats from its own quarter.
+    let blocks = c.len() / (16 * STREAMS);
+    let len = blocks * 16;
     let p = c.as_ptr();
     for i in 0..blocks {
-        for (j, a) in acc.iter_mut().enumerate() {
-            // SAFETY: i * 32 + j * 8 + 8 <= blocks * 32 <= c.len().
-            *a = _mm256_add_ps(*a, unsafe { _mm256_loadu_ps(p.add(i * 32 + j * 8)) });
+        for s in 0..STREAMS {
+            for j in 0..2 {
+                // SAFETY: s * len + i * 16 + j * 8 + 8 <= STREAMS * len <= c.len().
+                let v = unsafe { _mm256_loadu_ps(p.add(s * len + i * 16 + j * 8)) };
+                acc[2 * s + j] = _mm256_add_ps(acc[2 * s + j], v);
+            }
         }
     }
+    let mut total = _mm256_setzero_ps();
+    for a in acc {
+        total = _mm256_add_ps(total, a);
+    }
     let mut out = [0f32; 8];
-    let total = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
     // SAFETY: `out` holds 8 floats.
     unsafe { _mm256_storeu_ps(out.as_mut_ptr(), total) };
-    out.iter().sum::<f32>() + c[blocks * 32..].iter().sum::<f32>()
+    out.iter().sum::<f32>() + c[STREAMS * len..].iter().sum::<f32>()
 }
 
 /// Best of several timed runs of independent FMA chains on every thread.
