@@ -374,17 +374,20 @@ fn weight_gated_mlp_cases() {
 /// Single-row tiles read `streams` panels at once (panel `q + s * groups`
 /// of stream `s`): every stream count against the reference, with panel
 /// counts that divide evenly, leave the last stream a group short, or are
-/// fewer than the streams asked for; decode through a symbolic row count
-/// (the kernel's runtime `m == 1` branch) and a static one, and a prefill
-/// row count, which visits the panels one at a time.
+/// too few for the streams asked for (at least 8 groups are kept); decode
+/// through a symbolic row count (the kernel's runtime `m == 1` branch) and
+/// a static one, and a prefill row count, which visits the panels one at a
+/// time.
 #[test]
 fn weight_products_read_every_panel_in_streams() {
     let mut worst = 0f32;
     let mut cases = 0;
     for streams in 1..=5 {
         let params = PanelParams { streams, ..PanelParams::DEFAULT };
-        // nr = 8: 1, 3, 5, 7 and 13 panels, the last one partial in some.
-        for (nn, k) in [(8, 9), (20, 16), (40, 5), (52, 12), (100, 7)] {
+        // nr = 8: 5 panels (one stream), 17 (two streams, the second a
+        // group short), 25 (three, a group short), 32 (four, even) and 33
+        // (four, the last panel partial and the last stream short).
+        for (nn, k) in [(40, 5), (136, 9), (200, 7), (256, 12), (260, 6)] {
             for (rows, seq) in [("seq", 1), ("1", 1), ("seq", 5)] {
                 let s = syms(&[("seq", seq)]);
                 let x = f(&format!("{rows},{k}"));

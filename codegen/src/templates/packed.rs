@@ -236,12 +236,19 @@ pub fn weight_matmul(b: &mut Builder, m: Expr, n: usize, k: usize, act: Option<A
     }
 }
 
-/// How many streams of at least one panel each `panels` panels make when
-/// `wanted` are asked for: stream `s` holds the panels `q + s * groups`,
-/// so the last stream is empty when `(streams - 1) * groups` reaches
-/// `panels` (5 panels in 4 streams of 2), and fewer streams are used.
+/// Panel groups a streamed kernel keeps when it can (see [`stream_count`]).
+const MIN_GROUPS: usize = 8;
+
+/// How many streams `panels` panels are read in when `wanted` are asked
+/// for. The threads split the groups, so fewer streams than asked keep at
+/// least [`MIN_GROUPS`] groups where the panels allow (a narrow product
+/// would otherwise leave threads idle: 8 panels in 4 streams are 2 groups,
+/// work for 2 threads only). And every stream holds at least one panel:
+/// stream `s` holds the panels `q + s * groups`, so the last stream would
+/// be empty when `(streams - 1) * groups` reaches `panels` (5 panels in 4
+/// streams of 2).
 fn stream_count(wanted: usize, panels: usize) -> usize {
-    let mut s = wanted.clamp(1, panels.max(1));
+    let mut s = wanted.clamp(1, (panels / MIN_GROUPS).max(1));
     while s > 1 && (s - 1) * panels.div_ceil(s) >= panels {
         s -= 1;
     }
@@ -503,6 +510,30 @@ impl Gen {
                 act.apply(b, g, lanes)
             }
             Epilogue::Up => Expr::load(self.out, at, lanes) * x,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::stream_count;
+
+    #[test]
+    fn streams_keep_enough_groups_and_no_empty_stream() {
+        // (asked, panels, used): smollm2's 36, 60 and 96 panels take 4;
+        // narrow products keep 8 groups; no stream is left empty.
+        for (asked, panels, used) in
+            [(4, 36, 4), (4, 60, 4), (4, 96, 4), (4, 8, 1), (4, 16, 2), (4, 33, 4), (4, 5, 1), (2, 17, 2), (5, 40, 5)]
+        {
+            assert_eq!(stream_count(asked, panels), used, "{asked} streams of {panels} panels");
+        }
+        for panels in 1..200 {
+            for asked in 1..=8 {
+                let s = stream_count(asked, panels);
+                let groups = panels.div_ceil(s);
+                assert!(s >= 1 && s <= asked && (s - 1) * groups < panels, "{asked} of {panels}: {s}");
+                assert!(s == 1 || groups >= 8, "{asked} of {panels}: {s} streams of {groups} groups");
+            }
         }
     }
 }
