@@ -19,12 +19,14 @@
 //! threads split the groups, so each thread reads `streams` sequential
 //! streams at once: one core kept more misses in flight that way (on
 //! smollm2's decode here, 4 streams were about 15% faster than 1 with f32
-//! weights and 20% with bf16 ones; BENCHMARKS.md). One iteration computes an `mr x nr`
-//! register tile: each step of `k` loads `nr / 4` weight vectors and
-//! broadcasts one value of `a` per row into `mr * nr / 4` vector
-//! accumulators (6 x 8: 12 accumulators, 2 weight vectors, a broadcast and
-//! a product use all 16 XMM registers). The row count of a tile is chosen at run
-//! time from the rows left (`m` may be a scalar parameter); single-row tiles
+//! weights and 20% with bf16 ones; BENCHMARKS.md).
+//!
+//! One iteration computes an `mr x nr` register tile: each step of `k`
+//! loads `nr / 4` weight vectors and broadcasts one value of `a` per row
+//! into `mr * nr / 4` vector accumulators (6 x 8: 12 accumulators, 2 weight
+//! vectors, a broadcast and a product use all 16 XMM registers). The row
+//! count of a tile is chosen at run time from the rows left (`m` may be a
+//! scalar parameter; `m == 1` takes the streamed loop); single-row tiles
 //! (decode) keep `ksplit` sets of accumulators over all their panels
 //! (`ksplit / streams` per panel, at least one) so that enough independent
 //! FMA chains are in flight. The gated MLP runs the gate weight's tile first
@@ -130,8 +132,8 @@ pub struct PanelParams {
     /// Panels a single-row tile reads at once (decode): each is one
     /// sequential stream of the weight, and on the machines measured one
     /// core kept more bytes in flight with two or four streams than with
-    /// one (see [`weight_matmul`]). Multi-row tiles visit the same panels
-    /// one after another.
+    /// one (see [`weight_matmul`]). Multi-row tiles (prefill) read one
+    /// panel at a time.
     pub streams: usize,
     /// Whether multi-row tiles use `fma`. Cranelift's x86 `fma` writes its
     /// result over a multiplicand (there is no `vfmadd231` form), so every
