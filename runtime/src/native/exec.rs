@@ -177,9 +177,9 @@ pub struct NativeModel {
     stats: NativeStats,
     /// With `SMELT_PROFILE` set: seconds and launch count per kernel symbol,
     /// one table per distinct binding of the shape symbols other than the
-    /// KV cache's (so a prefill and a decode step are reported apart), printed to stderr when the model is
-    /// dropped. Profiling runs launches one at a time, so the total is a
-    /// little slower than a normal run.
+    /// KV cache's (so a prefill and a decode step are reported apart),
+    /// printed to stderr when the model is dropped. Profiling runs launches
+    /// one at a time, so the total is a little slower than a normal run.
     profile: Option<BTreeMap<String, ProfileTable>>,
     /// Declared last: dropped after the team and the tables that point into it.
     library: KernelLibrary,
