@@ -1196,7 +1196,7 @@ fn plan_elem(s: Scalar) -> Elem {
 }
 
 /// The KIR element type of a plan buffer's elements.
-fn scalar_of_elem(e: Elem) -> Scalar {
+pub(crate) fn scalar_of_elem(e: Elem) -> Scalar {
     match e {
         Elem::F32 => Scalar::F32,
         Elem::I32 => Scalar::I32,

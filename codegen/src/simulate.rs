@@ -62,7 +62,7 @@ pub fn run_gpu_plan(
                 Elem::F32 => BufData::F32(vec![f32::NAN; n]),
                 Elem::BF16 => BufData::BF16(vec![half::bf16::NAN; n]),
                 Elem::F16 => BufData::F16(vec![half::f16::NAN; n]),
-                e => BufData::zeros(scalar_of(e), n),
+                e => BufData::zeros(crate::schedule::scalar_of_elem(e), n),
             },
         };
         mem.insert(b, data);
@@ -164,18 +164,6 @@ fn widen(b: &BufData) -> Result<Vec<f32>, String> {
         BufData::BF16(v) => Ok(v.iter().map(|x| x.to_f32()).collect()),
         BufData::F16(v) => Ok(v.iter().map(|x| x.to_f32()).collect()),
         other => Err(format!("a GEMM operand that is not float: {other:?}")),
-    }
-}
-
-fn scalar_of(e: Elem) -> crate::kir::Scalar {
-    use crate::kir::Scalar;
-    match e {
-        Elem::F32 => Scalar::F32,
-        Elem::I32 => Scalar::I32,
-        Elem::I64 => Scalar::I64,
-        Elem::Bool => Scalar::Bool,
-        Elem::BF16 => Scalar::BF16,
-        Elem::F16 => Scalar::F16,
     }
 }
 

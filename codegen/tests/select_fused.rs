@@ -18,7 +18,7 @@ use smelt_codegen::kir::interp::{self, BufData, Mode};
 use smelt_codegen::kir::Scalar;
 use smelt_codegen::select::{
     gated_mlp_weight_nk, matmul_weight_nk, select, weight_gated_mlp, weight_gated_mlp_with, weight_matmul,
-    weight_matmul_with, Instance, Packing, PanelParams, Selected,
+    weight_matmul_with, Instance, Packing, PanelParams, Selected, WeightKernel,
 };
 use smelt_codegen::templates::testing::rand;
 use smelt_ir::{DType, Data, Dim, Op, Tensor, TensorType};
@@ -294,6 +294,57 @@ fn packed(p: &Packing, w: &Tensor, n: usize, k: usize) -> (TensorType, Tensor) {
 const PACKED_ROWS: [(i64, i64); 5] = [(1, 1), (1, 3), (3, 1), (1, 128), (1, 257)];
 const PACKED_NK: [(usize, usize); 6] = [(13, 130), (130, 13), (8, 5), (3, 1), (64, 576), (576, 64)];
 
+/// Checks a `weight_matmul` kernel `wk` for `a [.., k]` (result type
+/// `out`) against `matmul(a, transpose(w))` on random values from `g`
+/// (seeds for `a` and `w`); returns the worst error.
+#[allow(clippy::too_many_arguments)]
+fn check_weight_matmul(
+    label: &str,
+    wk: &WeightKernel,
+    a: &TensorType,
+    out: &TensorType,
+    (nn, k): (usize, usize),
+    g: Gen,
+    seeds: [u64; 2],
+    s: &BTreeMap<String, i64>,
+    small: bool,
+) -> f32 {
+    assert_eq!(wk.packs.len(), 1);
+    let w = f(&format!("{nn},{k}"));
+    let (ta, tw) = (make(a, g, s, seeds[0]), make(&w, g, s, seeds[1]));
+    let want = smelt_ir::interp::eval_op(&Op::MatMul {}, &[&ta, &transposed(&tw, s)], s).unwrap();
+    let (pty, pw) = packed(&wk.packs[0], &tw, nn, k);
+    let types = [a.clone(), pty, out.clone()];
+    check_instance(label, &wk.instance, &types, &[ta, pw], &[f32s(&want[0])], s, small)
+}
+
+/// Checks a `weight_gated_mlp` kernel `wk` for `x [.., k]` against
+/// `gated_mlp(x, transpose(wg), transpose(wu))` with `act`, as
+/// [`check_weight_matmul`] (seeds for `x`, `wg` and `wu`).
+#[allow(clippy::too_many_arguments)]
+fn check_weight_gated_mlp(
+    label: &str,
+    wk: &WeightKernel,
+    act: &str,
+    x: &TensorType,
+    out: &TensorType,
+    (nn, k): (usize, usize),
+    g: Gen,
+    seeds: [u64; 3],
+    s: &BTreeMap<String, i64>,
+    small: bool,
+) -> f32 {
+    assert_eq!(wk.packs.len(), 2);
+    let op = Op::GatedMlp { act: act.into() };
+    let w = f(&format!("{nn},{k}"));
+    let (tx, tg, tu) = (make(x, g, s, seeds[0]), make(&w, g, s, seeds[1]), make(&w, g, s, seeds[2]));
+    let want = smelt_ir::interp::eval_op(&op, &[&tx, &transposed(&tg, s), &transposed(&tu, s)], s).unwrap();
+    let (pty, pg) = packed(&wk.packs[0], &tg, nn, k);
+    let (_, pu) = packed(&wk.packs[1], &tu, nn, k);
+    let types = [x.clone(), pty.clone(), pty, out.clone()];
+    check_instance(label, &wk.instance, &types, &[tx, pg, pu], &[f32s(&want[0])], s, small)
+}
+
 /// `weight_matmul` against `matmul(a, transpose(w))`, `w` given `[n, k]`.
 #[test]
 fn weight_matmul_cases() {
@@ -303,24 +354,12 @@ fn weight_matmul_cases() {
         for (nn, k) in PACKED_NK {
             let s = syms(&[("b", b), ("seq", seq)]);
             let a = f(&format!("b,seq,{k}"));
-            let w = f(&format!("{nn},{k}"));
             let wk = weight_matmul(&a, nn, k, Scalar::F32).unwrap();
-            assert_eq!(wk.packs.len(), 1);
-            let (ta, tw) = (make(&a, Gen::F(1.0), &s, 3), make(&w, Gen::F(1.0), &s, 4));
-            let want = smelt_ir::interp::eval_op(&Op::MatMul {}, &[&ta, &transposed(&tw, &s)], &s).unwrap();
-            let (pty, pw) = packed(&wk.packs[0], &tw, nn, k);
             let out = f(&format!("b,seq,{nn}"));
             let small = (b * seq) as usize * k * nn < 40_000;
             let label = format!("{} b={b} seq={seq}", wk.instance.kernel.name);
-            worst = worst.max(check_instance(
-                &label,
-                &wk.instance,
-                &[a, pty, out],
-                &[ta, pw],
-                &[f32s(&want[0])],
-                &s,
-                small,
-            ));
+            let g = Gen::F(1.0);
+            worst = worst.max(check_weight_matmul(&label, &wk, &a, &out, (nn, k), g, [3, 4], &s, small));
             cases += 1;
         }
     }
@@ -340,30 +379,13 @@ fn weight_gated_mlp_cases() {
                     continue;
                 }
                 let s = syms(&[("b", b), ("seq", seq)]);
-                let op = Op::GatedMlp { act: act.into() };
                 let x = f(&format!("b,seq,{k}"));
-                let w = f(&format!("{nn},{k}"));
                 let wk = weight_gated_mlp(&x, nn, k, act, Scalar::F32).unwrap();
-                assert_eq!(wk.packs.len(), 2);
-                let g = Gen::F(2.0);
-                let (tx, tg, tu) = (make(&x, g, &s, 5), make(&w, g, &s, 6), make(&w, g, &s, 7));
-                let want =
-                    smelt_ir::interp::eval_op(&op, &[&tx, &transposed(&tg, &s), &transposed(&tu, &s)], &s).unwrap();
-                let (pty, pg) = packed(&wk.packs[0], &tg, nn, k);
-                let (_, pu) = packed(&wk.packs[1], &tu, nn, k);
                 let out = f(&format!("b,seq,{nn}"));
                 let small = (b * seq) as usize * k * nn < 40_000;
                 let label = format!("{} b={b} seq={seq}", wk.instance.kernel.name);
-                let types = [x, pty.clone(), pty, out];
-                worst = worst.max(check_instance(
-                    &label,
-                    &wk.instance,
-                    &types,
-                    &[tx, pg, pu],
-                    &[f32s(&want[0])],
-                    &s,
-                    small,
-                ));
+                let (g, seeds) = (Gen::F(2.0), [5, 6, 7]);
+                worst = worst.max(check_weight_gated_mlp(&label, &wk, act, &x, &out, (nn, k), g, seeds, &s, small));
                 cases += 1;
             }
         }
@@ -391,40 +413,16 @@ fn weight_products_read_every_panel_in_streams() {
             for (rows, seq) in [("seq", 1), ("1", 1), ("seq", 5)] {
                 let s = syms(&[("seq", seq)]);
                 let x = f(&format!("{rows},{k}"));
-                let w = f(&format!("{nn},{k}"));
                 let out = f(&format!("{rows},{nn}"));
                 let label = format!("streams={streams} n={nn} k={k} rows={rows} seq={seq}");
                 let g = Gen::F(2.0);
-                let (tx, tg, tu) = (make(&x, g, &s, 11), make(&w, g, &s, 12), make(&w, g, &s, 13));
                 let plain = weight_matmul_with(&x, nn, k, Scalar::F32, params).unwrap();
-                let want = smelt_ir::interp::eval_op(&Op::MatMul {}, &[&tx, &transposed(&tg, &s)], &s).unwrap();
-                let (pty, pw) = packed(&plain.packs[0], &tg, nn, k);
-                let types = [x.clone(), pty, out.clone()];
-                worst = worst.max(check_instance(
-                    &format!("wmatmul {label}"),
-                    &plain.instance,
-                    &types,
-                    &[tx.clone(), pw],
-                    &[f32s(&want[0])],
-                    &s,
-                    true,
-                ));
-                let op = Op::GatedMlp { act: "silu".into() };
+                let l = format!("wmatmul {label}");
+                worst = worst.max(check_weight_matmul(&l, &plain, &x, &out, (nn, k), g, [11, 12], &s, true));
                 let gated = weight_gated_mlp_with(&x, nn, k, "silu", Scalar::F32, params).unwrap();
-                let want =
-                    smelt_ir::interp::eval_op(&op, &[&tx, &transposed(&tg, &s), &transposed(&tu, &s)], &s).unwrap();
-                let (pty, pg) = packed(&gated.packs[0], &tg, nn, k);
-                let (_, pu) = packed(&gated.packs[1], &tu, nn, k);
-                let types = [x, pty.clone(), pty, out];
-                worst = worst.max(check_instance(
-                    &format!("wgated_mlp {label}"),
-                    &gated.instance,
-                    &types,
-                    &[tx, pg, pu],
-                    &[f32s(&want[0])],
-                    &s,
-                    true,
-                ));
+                let l = format!("wgated_mlp {label}");
+                let seeds = [11, 12, 13];
+                worst = worst.max(check_weight_gated_mlp(&l, &gated, "silu", &x, &out, (nn, k), g, seeds, &s, true));
                 cases += 2;
             }
         }
