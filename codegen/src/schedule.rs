@@ -204,8 +204,9 @@ pub struct ScheduleOptions {
     pub panel: crate::templates::packed::PanelParams,
     /// Block sizes and split attention of the GPU kernels.
     pub gpu: select::GpuConfig,
-    /// Measured winners for tunable CPU kernels (see [`crate::tuning`]);
-    /// kernels without one get their templates' default parameters.
+    /// Measured winners for tunable kernels, CPU or GPU (see
+    /// [`crate::tuning`]); kernels without one get their templates'
+    /// default parameters.
     pub tuning: Option<Arc<Tuning>>,
     /// What computes the GPU weight products.
     pub gpu_gemm: GpuGemm,
@@ -392,16 +393,14 @@ pub fn schedule_into(
 
 impl Scheduler<'_> {
     /// The plan entry of kernel `i`, with how its parameters were chosen
-    /// (CPU kernels; GPU kernels are not tunable yet and record nothing).
+    /// (measured, estimated, or fixed for a kernel without parameters).
     fn kernel_entry(&self, i: usize, k: &Kernel) -> KernelEntry {
         let mut e = crate::aot::kernel_entry(k);
-        if self.options.device == Device::Cpu {
-            let t = self.tuned.get(&i).cloned().unwrap_or_else(crate::tuning::fixed);
-            if t.params.contains("lowering=llvm") {
-                e.lowering = "llvm".into();
-            }
-            e.tuning = Some(t);
+        let t = self.tuned.get(&i).cloned().unwrap_or_else(crate::tuning::fixed);
+        if self.options.device == Device::Cpu && t.params.contains("lowering=llvm") {
+            e.lowering = "llvm".into();
         }
+        e.tuning = Some(t);
         e
     }
 
@@ -767,14 +766,31 @@ impl Scheduler<'_> {
                 Op::GatedMlp { act } => Some(act.as_str()),
                 _ => None,
             };
-            let params = self.options.gpu.weight_products;
-            let inst = select::weight_node_gpu(&x_ty, n_, k_, act, welem, params.as_ref());
-            let Ok(inst) = inst else { return Ok(None) };
+            // Parameters set in the options (tests' small blocks) win;
+            // otherwise the tuning table's winner for this GPU, or the
+            // template's estimate.
+            let choice = Site::gpu_weight_product(n_, k_, act, welem)
+                .filter(|_| self.options.gpu.weight_products.is_none())
+                .map(|site| (site, crate::tuning::choose(&site, self.options.tuning.as_deref(), false)));
+            let built = choice.as_ref().and_then(|(site, c)| Some((site.build(&x_ty, &c.variant).ok()?, c)));
+            let (inst, record) = match built {
+                Some((b, c)) => (b.instance, Some(c.record.clone())),
+                None => {
+                    let params = self.options.gpu.weight_products;
+                    let inst = select::weight_node_gpu(&x_ty, n_, k_, act, welem, params.as_ref());
+                    let Ok(inst) = inst else { return Ok(None) };
+                    (inst, None)
+                }
+            };
             let mut args = vec![self.buffer_of(node.inputs[0])];
             for (w, chunk) in weights.iter().zip(nk) {
                 args.push(self.place_chunk(&format!("%{}ᵀ", w.index()), &[n_, k_], welem, chunk));
             }
             self.launch(n, inst, args)?;
+            if let Some(record) = record {
+                let kernel = self.launches.last().expect("a launch was just added").kernel;
+                self.tuned.insert(kernel, record);
+            }
             return Ok(Some(()));
         }
         // On the CPU the tuning table, or the templates' estimate, picks

@@ -119,3 +119,55 @@ fn a_record_outside_the_space_or_for_another_site_is_not_used() {
     .unwrap();
     assert!(s.plan.kernels.iter().all(|k| k.tuning.as_ref().unwrap().source != TuningSource::Measured));
 }
+
+/// On the GPU the weight product is a tunable site too: untuned it is the
+/// template's estimate (`WeightProductParams::for_shape`), and a measured
+/// winner is built with its block size and grid and recorded with its key
+/// (`tuning::gpu`'s tests check that such points compute the product).
+#[test]
+fn a_measured_gpu_winner_is_built_and_recorded() {
+    use smelt_codegen::schedule::Device;
+    use smelt_codegen::templates::gpu::{WeightOp, WeightProductParams, SMS};
+    use smelt_codegen::tuning::GpuParams;
+
+    let g = smelt_ir::text::parse(GRAPH).unwrap();
+    let w = weights();
+    let site = Site::gpu_weight_product(24, 16, None, Scalar::F32).unwrap();
+    let gpu = ScheduleOptions { device: Device::Gpu, ..ScheduleOptions::default() };
+    let entry = |s: &smelt_codegen::schedule::Schedule| {
+        let i = s.plan.launches.iter().find(|l| l.node.contains("matmul")).unwrap().kernel;
+        (s.plan.kernels[i].clone(), s.kernels[i].clone())
+    };
+
+    let untuned = schedule(&g, &w, gpu.clone()).unwrap();
+    let (e, k) = entry(&untuned);
+    let t = e.tuning.unwrap();
+    assert_eq!((t.source, t.site.as_str()), (TuningSource::Estimated, site.to_string().as_str()));
+    let default = GpuParams::default_for(24, 16, Scalar::F32, None);
+    assert_eq!(t.params, Variant::Gpu { p: default }.to_string());
+    let d = WeightProductParams::for_shape(&WeightOp::plain(Scalar::F32), 24, 16);
+    assert_eq!(k.gpu.as_ref().unwrap().block, [d.gemv.threads() as u32, 1, 1]);
+
+    let winner =
+        GpuParams { threads: 128, wpg: 2, rpg: 1, unroll: 2, mtile: 2, gemv_max_m: 4, tile: 1, bk: 16, bps: 1 };
+    let mut tuning = Tuning::default();
+    // GPU signatures do not depend on the host's lowerings.
+    assert_eq!(site.signature(&[]), site.signature(&Lowering::available()));
+    tuning.insert(&site.signature(&[]), Variant::Gpu { p: winner }, "sig/m=1,128 gpu/gpu-x");
+    let tuned = schedule(&g, &w, ScheduleOptions { tuning: Some(Arc::new(tuning)), ..gpu }).unwrap();
+    let (e, k) = entry(&tuned);
+    let t = e.tuning.unwrap();
+    assert_eq!(
+        (t.source, t.params.as_str(), t.key.as_deref()),
+        (TuningSource::Measured, Variant::Gpu { p: winner }.to_string().as_str(), Some("sig/m=1,128 gpu/gpu-x"))
+    );
+    let grid = k.grid(&[1]).unwrap().unwrap();
+    assert_eq!((k.gpu.as_ref().unwrap().block, grid), ([128, 1, 1], [SMS, 1, 1]));
+    // No other kernel of the plan claims the record.
+    assert!(tuned
+        .plan
+        .kernels
+        .iter()
+        .filter(|x| x.symbol != e.symbol)
+        .all(|x| x.tuning.as_ref().unwrap().source != TuningSource::Measured));
+}

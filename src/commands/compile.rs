@@ -152,6 +152,37 @@ impl TuningArgs {
     /// weights are stored as `weights`, as this compile stores them); a
     /// damaged database is a warning (on stderr) and an untuned compile.
     pub fn load(&self, weights: Scalar) -> Option<(Arc<Tuning>, PathBuf, MeasuredCosts)> {
+        self.load_for(&smelt_tune::device::Device::host_cpu(), weights)
+    }
+
+    /// The winners for GPU 0 of this machine (a `cuda` compile); none,
+    /// with a note, when no GPU is visible (records are only applied to the
+    /// GPU they were measured on).
+    pub fn load_gpu(&self) -> Option<(Arc<Tuning>, PathBuf)> {
+        if self.no_tuning {
+            return None;
+        }
+        match smelt_runtime::cuda::probe(0) {
+            Ok(info) => {
+                let device = smelt_tune::device::Device::gpu(&info.name, info.compute_capability, info.driver_version);
+                self.load_for(&device, Scalar::F32).map(|(t, p, _)| (t, p))
+            }
+            Err(e) => {
+                if self.tuning_db.is_some() {
+                    eprintln!("note: no GPU to match tuning records against ({e}); GPU kernels use their estimated parameters");
+                }
+                None
+            }
+        }
+    }
+
+    /// The winners measured on `device`, and (CPU) their times for the
+    /// fusion cost model.
+    fn load_for(
+        &self,
+        device: &smelt_tune::device::Device,
+        weights: Scalar,
+    ) -> Option<(Arc<Tuning>, PathBuf, MeasuredCosts)> {
         if self.no_tuning {
             return None;
         }
@@ -166,7 +197,6 @@ impl TuningArgs {
             None => db::default_path().filter(|p| p.exists())?,
         };
         let (database, warnings) = db::Db::load(&path);
-        let device = smelt_tune::device::Device::host_cpu();
         let (tuning, more) = database.tuning_for(&device.id, &path.display().to_string());
         for w in warnings.iter().chain(&more) {
             eprintln!("warning: {w}");
@@ -253,8 +283,10 @@ pub fn main(args: Args) -> Result<()> {
         (None, ActDtypeArg::F16) => WeightDtype::F16,
         _ => weight_dtype(args.weight_dtype, loaded.info.stored_dtype.as_deref()),
     };
-    // Measured kernels of this machine (CPU kernels: only a cpu compile).
+    // Measured kernels of this machine (CPU kernels: only a cpu compile;
+    // GPU kernels: of the GPU this machine has).
     let tuning = if wants(Target::Cpu) { args.tuning.load(weight_dtype.scalar()) } else { None };
+    let gpu_tuning = if wants(Target::Cuda) { args.tuning.load_gpu() } else { None };
     let fusion = if args.no_fuse {
         None
     } else {
@@ -282,7 +314,7 @@ pub fn main(args: Args) -> Result<()> {
             GpuGemmArg::CublasTf32 => smelt_codegen::schedule::GpuGemm::CublasTf32,
         };
         let gpu = GpuChoices { gemm, activations: args.dtype.narrow(), archs: &args.gpu_arch };
-        Some(compile_cuda(&loaded.graph, &loaded.weights, weight_dtype, gpu, constants, &mut phases)?)
+        Some(compile_cuda(&loaded.graph, &loaded.weights, weight_dtype, gpu, gpu_tuning, constants, &mut phases)?)
     } else {
         None
     };
@@ -337,7 +369,27 @@ pub fn cpu_options(weight_dtype: WeightDtype, tuning: Option<Arc<Tuning>>) -> Sc
 /// Loads `model` (a checkpoint folder or an .onnx file), runs the passes
 /// and schedules it for the CPU, untuned: the plan `smelt tune` reads the
 /// model's kernels from. The constants are built in memory and dropped.
+/// The schedule options of `--target cuda` (generated weight products).
+pub fn gpu_options(weight_dtype: WeightDtype) -> ScheduleOptions {
+    ScheduleOptions { device: smelt_codegen::schedule::Device::Gpu, weight_dtype, ..ScheduleOptions::default() }
+}
+
+/// The `cuda` plan of a model (untuned, generated weight products), for
+/// `smelt tune --target cuda`.
+pub fn gpu_plan(model: &std::path::Path, weight_dtype_arg: Option<WeightDtypeArg>) -> Result<NativePlan> {
+    plan_with(model, weight_dtype_arg, gpu_options)
+}
+
 pub fn cpu_plan(model: &std::path::Path, weight_dtype_arg: Option<WeightDtypeArg>) -> Result<NativePlan> {
+    plan_with(model, weight_dtype_arg, |wd| cpu_options(wd, None))
+}
+
+/// The plan `options` schedule for a model (after the pass pipeline).
+fn plan_with(
+    model: &std::path::Path,
+    weight_dtype_arg: Option<WeightDtypeArg>,
+    options: impl Fn(WeightDtype) -> ScheduleOptions,
+) -> Result<NativePlan> {
     let mut loaded = match Source::classify(model)? {
         Source::Checkpoint(dir) => load_checkpoint_stored(&dir)?,
         Source::Onnx(p) => load_onnx(&p)?.into_stored(),
@@ -345,7 +397,7 @@ pub fn cpu_plan(model: &std::path::Path, weight_dtype_arg: Option<WeightDtypeArg
     };
     pipeline(&mut loaded.graph, &mut loaded.weights, &PipelineOptions::default())?;
     let wd = weight_dtype(weight_dtype_arg, loaded.info.stored_dtype.as_deref());
-    let sched = schedule_into(&loaded.graph, &loaded.weights, cpu_options(wd, None), ConstantsWriter::in_memory())?;
+    let sched = schedule_into(&loaded.graph, &loaded.weights, options(wd), ConstantsWriter::in_memory())?;
     Ok(sched.plan)
 }
 
@@ -390,15 +442,7 @@ fn compile_native(
     };
     let sched = schedule_into(graph, weights, cpu_options(weight_dtype, tuning), constants)?;
     if let Some(p) = db_path {
-        let count = |s: TuningSource| {
-            sched.plan.kernels.iter().filter(|k| k.tuning.as_ref().is_some_and(|t| t.source == s)).count()
-        };
-        let (measured, estimated) = (count(TuningSource::Measured), count(TuningSource::Estimated));
-        eprintln!(
-            "tuning: {measured} of {} tunable kernels use measured parameters ({})",
-            measured + estimated,
-            p.display()
-        );
+        report_tuning(&sched.plan, "", &p);
     }
     phases.mark("cpu schedule");
     let dir = tempfile::tempdir()?;
@@ -434,6 +478,18 @@ fn compile_native(
     let constants = sched.constants.finish()?;
     phases.mark("cpu constants");
     Ok(NativeFiles { plan, library: lib.bytes, constants })
+}
+
+/// How many of `plan`'s tunable kernels use measured parameters, on stderr.
+fn report_tuning(plan: &NativePlan, what: &str, db: &std::path::Path) {
+    let count =
+        |s: TuningSource| plan.kernels.iter().filter(|k| k.tuning.as_ref().is_some_and(|t| t.source == s)).count();
+    let (measured, estimated) = (count(TuningSource::Measured), count(TuningSource::Estimated));
+    eprintln!(
+        "tuning: {measured} of {} tunable {what}kernels use measured parameters ({})",
+        measured + estimated,
+        db.display()
+    );
 }
 
 /// The packed weight kernels' tiles: without LLVM, Cranelift's 128-bit
@@ -489,13 +545,17 @@ fn compile_cuda(
     weights: &Weights,
     weight_dtype: WeightDtype,
     gpu: GpuChoices,
+    tuning: Option<(Arc<Tuning>, PathBuf)>,
     constants: ConstantsWriter,
     phases: &mut Phases,
 ) -> Result<CudaFiles> {
     use smelt_codegen::llvm::{emit_ptx, GpuArch};
-    use smelt_codegen::schedule::Device;
     let GpuChoices { gemm: gpu_gemm, activations, archs } = gpu;
-    let options = ScheduleOptions { device: Device::Gpu, weight_dtype, gpu_gemm, ..ScheduleOptions::default() };
+    let (tuning, db_path) = match tuning {
+        Some((t, p)) => (Some(t), Some(p)),
+        None => (None, None),
+    };
+    let options = ScheduleOptions { gpu_gemm, tuning, ..gpu_options(weight_dtype) };
     // Narrow activations: the hidden state's values retyped (the artifact
     // keeps the f32 graph: inputs and outputs are the same).
     let narrowed = match activations {
@@ -503,6 +563,9 @@ fn compile_cuda(
         None => None,
     };
     let sched = schedule_into(narrowed.as_ref().unwrap_or(graph), weights, options, constants)?;
+    if let Some(p) = db_path {
+        report_tuning(&sched.plan, "GPU ", &p);
+    }
     phases.mark("cuda schedule");
     let mut ptx = vec![];
     for a in archs {
@@ -527,6 +590,7 @@ fn compile_cuda(
     _: &Weights,
     _: WeightDtype,
     _: GpuChoices,
+    _: Option<(Arc<Tuning>, PathBuf)>,
     _: ConstantsWriter,
     _: &mut Phases,
 ) -> Result<CudaFiles> {

@@ -10,6 +10,13 @@
 //! interrupted run keeps what it measured. A later `smelt compile` uses
 //! the winners (`--tuning-db`, `--no-tuning`).
 //!
+//! `--target cuda` tunes the GPU weight products instead, on GPU 0: each
+//! variant is scheduled as `smelt compile --target cuda` would build it,
+//! checked on the GPU against the reference interpreter, and timed with
+//! CUDA events (see `smelt_tune::gpu`); records are keyed by the GPU's
+//! fingerprint (name, SM version, driver), so only a compile on the same
+//! GPU applies them.
+//!
 //! `--import FILE` merges another database into `--db`; `--export FILE`
 //! writes `--db` to FILE. Both may be given without a model.
 
@@ -25,7 +32,7 @@ use smelt_tune::device::Device;
 use smelt_tune::measure::WallTimer;
 use smelt_tune::{jobs_of_plan, Config, Job, Machine, Progress, SiteReport, TuneError};
 
-use crate::commands::compile::{cpu_plan, WeightDtypeArg};
+use crate::commands::compile::{cpu_plan, gpu_plan, WeightDtypeArg};
 use crate::source::Source;
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -36,7 +43,7 @@ pub enum TuneTarget {
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// A checkpoint folder or .onnx file (scheduled here), or a `cpu` artifact (its plan is read).
+    /// A checkpoint folder or .onnx file (scheduled here), or an artifact (its plan for the target is read).
     pub model: Option<PathBuf>,
     /// Which kernels to tune.
     #[arg(long, value_enum, default_value_t = TuneTarget::Cpu)]
@@ -47,7 +54,7 @@ pub struct Args {
     /// The tuning database [default: $SMELT_TUNING_DB, else the user's cache folder's smelt/tuning.json].
     #[arg(long, value_name = "PATH")]
     pub db: Option<PathBuf>,
-    /// Threads the kernels are timed on (default: all cores); part of each record's key.
+    /// Threads the CPU kernels are timed on (default: all cores); part of each record's key.
     #[arg(long)]
     pub threads: Option<usize>,
     /// Rows of the prefill workload each kernel is also timed at (besides one row, decode).
@@ -71,8 +78,8 @@ pub struct Args {
 }
 
 pub fn main(args: Args) -> Result<()> {
-    if args.target == TuneTarget::Cuda {
-        return Err(TuneError::CudaNotSupported.into());
+    if args.target == TuneTarget::Cuda && !cfg!(feature = "llvm") {
+        return Err(TuneError::CudaNeedsLlvm.into());
     }
     if args.model.is_none() && args.import.is_empty() && args.export.is_none() {
         bail!("smelt tune: give a MODEL to tune, or --import/--export a database (see `smelt tune --help`)");
@@ -125,15 +132,22 @@ fn warn(warnings: &[db::Warning]) {
 }
 
 fn tune_model(args: &Args, model: &std::path::Path, db_path: &std::path::Path) -> Result<()> {
-    let threads = crate::source::threads(args.threads);
+    let gpu = args.target == TuneTarget::Cuda;
+    // The GPU is looked for before the model is scheduled.
+    let gpu_info = match gpu {
+        true => Some(smelt_runtime::cuda::probe(0).map_err(|e| TuneError::Gpu(e.to_string()))?),
+        false => None,
+    };
     let plan = match Source::classify(model)? {
         Source::Artifact(dir) => {
             let a = Artifact::open(&dir)?;
-            match &a.manifest().native {
+            let (plan, name) = if gpu { (&a.manifest().cuda, "cuda") } else { (&a.manifest().native, "cpu") };
+            match plan {
                 Some(p) => p.clone(),
-                None => bail!("{}: has no `cpu` plan to tune (target `{}`)", dir.display(), a.manifest().target),
+                None => bail!("{}: has no `{name}` plan to tune (target `{}`)", dir.display(), a.manifest().target),
             }
         }
+        _ if gpu => gpu_plan(model, args.weight_dtype)?,
         _ => cpu_plan(model, args.weight_dtype)?,
     };
     let mut jobs = jobs_of_plan(&plan);
@@ -149,13 +163,17 @@ fn tune_model(args: &Args, model: &std::path::Path, db_path: &std::path::Path) -
     }
     // Make sure the database can be written before measuring anything.
     db::update(db_path, |_| 0)?;
-    eprintln!("probing the machine ({threads} threads)...");
-    let probe = crate::probe::measure(threads);
-    let device = Device::host_cpu();
     let mut rows = vec![1];
     if args.prompt > 1 {
         rows.push(args.prompt);
     }
+    if let Some(info) = gpu_info {
+        return tune_gpu(args, model, db_path, jobs, rows, info);
+    }
+    let threads = crate::source::threads(args.threads);
+    eprintln!("probing the machine ({threads} threads)...");
+    let probe = crate::probe::measure(threads);
+    let device = Device::host_cpu();
     let cfg = Config {
         rows,
         threads,
@@ -166,6 +184,7 @@ fn tune_model(args: &Args, model: &std::path::Path, db_path: &std::path::Path) -
         packed_default: super::compile::cpu_options(Default::default(), None).packed_weights,
         db: Some(db_path.to_path_buf()),
         lowerings: Lowering::available(),
+        gpu: None,
     };
     eprintln!(
         "tuning {} kernels of {} for {} s on {} ({}), {threads} threads; read {:.1} GB/s, FMA peak {:.0} GFLOP/s",
@@ -177,8 +196,50 @@ fn tune_model(args: &Args, model: &std::path::Path, db_path: &std::path::Path) -
         probe.read_gb_s,
         probe.fma_gflop_s
     );
+    run(jobs, &cfg, db_path)
+}
+
+/// Nominal limits of an H100/H200-class GPU (f32 FMA, HBM reads): they
+/// only order the kernels by estimated time and fill the records'
+/// roofline estimates.
+const GPU_NOMINAL: Machine = Machine { flop_s: 60e12, read_bytes_s: 4.0e12 };
+
+fn tune_gpu(
+    args: &Args,
+    model: &std::path::Path,
+    db_path: &std::path::Path,
+    jobs: Vec<Job>,
+    rows: Vec<usize>,
+    info: smelt_runtime::cuda::DeviceInfo,
+) -> Result<()> {
+    let device = Device::gpu(&info.name, info.compute_capability, info.driver_version);
+    let cfg = Config {
+        rows,
+        threads: 0,
+        budget: Duration::from_secs_f64(args.budget),
+        machine: GPU_NOMINAL,
+        device: device.clone(),
+        packed_default: false,
+        db: Some(db_path.to_path_buf()),
+        lowerings: vec![Lowering::Nvptx],
+        gpu: Some(smelt_tune::gpu::GpuExec::Device { ordinal: 0 }),
+    };
+    eprintln!(
+        "tuning {} GPU kernels of {} for {} s on {} ({}, {})",
+        jobs.len(),
+        model.display(),
+        args.budget,
+        device.id,
+        device.description,
+        info
+    );
+    run(jobs, &cfg, db_path)
+}
+
+/// Tunes `jobs` with a progress bar, then prints the table.
+fn run(jobs: Vec<Job>, cfg: &Config, db_path: &std::path::Path) -> Result<()> {
     let mut bar = Bar::new(cfg.budget);
-    let reports = smelt_tune::tune(jobs, &cfg, &mut WallTimer::default(), &mut bar, |_| {})?;
+    let reports = smelt_tune::tune(jobs, cfg, &mut WallTimer::default(), &mut bar, |_| {})?;
     bar.finish();
     crate::out(&table(&reports, &cfg.rows))?;
     let stored = reports.iter().filter(|r| r.record.is_some()).count();

@@ -63,6 +63,12 @@ pub fn bucket(rows: &[usize], threads: usize) -> String {
     format!("m={} threads={threads}", rows.join(","))
 }
 
+/// The shape bucket of a GPU record: `m=1,128 gpu`.
+pub fn gpu_bucket(rows: &[usize]) -> String {
+    let rows: Vec<String> = rows.iter().map(|m| m.to_string()).collect();
+    format!("m={} gpu", rows.join(","))
+}
+
 /// One workload of a record: seconds per call with `m` rows.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Timing {

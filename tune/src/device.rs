@@ -3,8 +3,8 @@
 //! record measured under another fingerprint is never applied.
 //!
 //! CPU: the architecture, the model name `/proc/cpuinfo` reports and the
-//! SIMD features the kernels can use. GPU fingerprints (name, SM version,
-//! driver) will come with GPU tuning.
+//! SIMD features the kernels can use. GPU: the name, the compute
+//! capability and the CUDA version the driver supports.
 
 use crate::fnv_hex;
 
@@ -25,6 +25,18 @@ impl Device {
         f.dedup();
         let description = format!("{arch} | {} | {}", model.trim(), f.join(","));
         Device { id: format!("cpu-{}", fnv_hex(description.as_bytes())), description }
+    }
+
+    /// A GPU from what the driver reports (`NVIDIA H200`, (9, 0), 12080).
+    pub fn gpu(name: &str, compute_capability: (u32, u32), driver_version: u32) -> Device {
+        let (major, minor) = compute_capability;
+        let description = format!(
+            "{} | sm_{major}{minor} | driver CUDA {}.{}",
+            name.trim(),
+            driver_version / 1000,
+            driver_version % 1000 / 10
+        );
+        Device { id: format!("gpu-{}", fnv_hex(description.as_bytes())), description }
     }
 
     /// This machine's CPU.
@@ -115,6 +127,11 @@ mod tests {
         assert!(a.id.starts_with("cpu-") && a.id.len() == 16, "{}", a.id);
         assert_ne!(a.id, Device::cpu("x86_64", "AMD EPYC 7B13", &["avx2"]).id);
         assert_ne!(a.id, Device::cpu("x86_64", "Intel Xeon", &["avx2", "fma"]).id);
+        let h200 = Device::gpu("NVIDIA H200", (9, 0), 12080);
+        assert_eq!(h200.description, "NVIDIA H200 | sm_90 | driver CUDA 12.8");
+        assert!(h200.id.starts_with("gpu-") && h200.id.len() == 16, "{}", h200.id);
+        assert_ne!(h200.id, Device::gpu("NVIDIA H200", (9, 0), 13000).id);
+        assert_ne!(h200.id, Device::gpu("NVIDIA H100 80GB HBM3", (9, 0), 12080).id);
         let host = Device::host_cpu();
         assert_eq!(host, Device::host_cpu());
         assert!(host.description.starts_with(std::env::consts::ARCH), "{}", host.description);

@@ -6,6 +6,8 @@
 //!   runs;
 //! - [`measure`]: builds, checks (against the reference interpreter, on
 //!   random inputs) and times one variant on the runtime's thread team;
+//!   [`gpu`]: the same for a GPU kernel, scheduled as a compile would and
+//!   timed on the GPU with CUDA events;
 //! - [`search`]: coordinate descent over a site's space;
 //! - [`tune`]: visits the sites by their share of the model's estimated
 //!   time within an anytime budget, confirms each winner by re-timing it
@@ -21,6 +23,7 @@
 
 pub mod db;
 pub mod device;
+pub mod gpu;
 pub mod measure;
 pub mod search;
 
@@ -33,13 +36,18 @@ use smelt_runtime::plan::NativePlan;
 
 use crate::db::{Key, Record, Timing};
 use crate::device::Device;
-use crate::measure::{Bench, Outcome, Timer};
+use crate::gpu::{GpuBench, GpuExec};
+use crate::measure::{Bench, Evaluate, Outcome, Timer};
 use crate::search::{score, Found};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TuneError {
-    #[error("tuning kernels for target `cuda` is not supported yet (GPU kernels have no parameter spaces in smelt_codegen::tuning); tune the `cpu` target")]
-    CudaNotSupported,
+    #[error("tuning GPU kernels needs LLVM's NVPTX backend: this smelt was built without the `llvm` feature (cargo build --features llvm)")]
+    CudaNeedsLlvm,
+    #[error("{site}: not a kernel of target `{target}`")]
+    Target { site: String, target: &'static str },
+    #[error("opening the GPU: {0}")]
+    Gpu(String),
     #[error("starting the timing thread team: {0}")]
     Team(#[source] std::io::Error),
     #[error("{site}: computing the reference result failed: {message}")]
@@ -132,6 +140,7 @@ impl Machine {
 pub struct Config {
     /// Row counts each kernel is timed at (decode 1, prefill the prompt).
     pub rows: Vec<usize>,
+    /// Threads of the CPU timing team (0 on a GPU run).
     pub threads: usize,
     pub budget: Duration,
     pub machine: Machine,
@@ -141,6 +150,8 @@ pub struct Config {
     /// Where winners are committed as they are found (none: not stored).
     pub db: Option<PathBuf>,
     pub lowerings: Vec<Lowering>,
+    /// Where GPU sites run (`None`: the run has none).
+    pub gpu: Option<GpuExec>,
 }
 
 /// What happened to one site.
@@ -185,7 +196,7 @@ pub fn tune(
     cfg: &Config,
     timer: &mut dyn Timer,
     progress: &mut dyn Progress,
-    mut seed: impl FnMut(&mut Bench),
+    mut seed: impl FnMut(&mut dyn Evaluate),
 ) -> Result<Vec<SiteReport>, TuneError> {
     let start = Instant::now();
     let end = start + cfg.budget;
@@ -227,8 +238,12 @@ pub fn tune(
         left_share -= share;
         // A companion's deadline has passed: the search times its default.
         let deadline = if job.unfused { now } else { (now + slice).min(end) };
-        let mut bench = Bench::new(job.site, &cfg.rows, cfg.threads)?;
-        seed(&mut bench);
+        let mut bench: Box<dyn Evaluate> = match (&cfg.gpu, job.site.is_gpu()) {
+            (Some(exec), true) => Box::new(GpuBench::new(job.site, &cfg.rows, exec.clone(), None)?),
+            (None, true) => return Err(TuneError::Target { site: job.site.to_string(), target: "cpu" }),
+            (_, false) => Box::new(Bench::new(job.site, &cfg.rows, cfg.threads)?),
+        };
+        seed(bench.as_mut());
         let space = job.site.space(&cfg.lowerings);
         let default = job.site.default_variant(cfg.packed_default, &cfg.lowerings);
         let signature = job.site.signature(&cfg.lowerings);
@@ -247,7 +262,7 @@ pub fn tune(
         match result {
             Err(e) => report.error = Some(e.to_string()),
             Ok(mut found) => {
-                confirm(&mut bench, &mut found, timer);
+                confirm(bench.as_mut(), &mut found, timer);
                 let r = record(&signature, &job, &found, &estimates, cfg);
                 if let Some(path) = &cfg.db {
                     db::commit(path, vec![r.clone()])?;
@@ -276,7 +291,7 @@ pub const MIN_ACCEPT: f64 = 0.03;
 /// below 1; otherwise the default is the winner. The recorded times are
 /// the medians of all timings. This costs a few evaluations past the
 /// site's deadline when the search used all of its time.
-fn confirm(bench: &mut Bench, f: &mut Found, timer: &mut dyn Timer) {
+fn confirm(bench: &mut dyn Evaluate, f: &mut Found, timer: &mut dyn Timer) {
     if f.best == f.default {
         return;
     }
@@ -324,7 +339,10 @@ fn record(signature: &str, job: &Job, f: &Found, estimates: &[f64], cfg: &Config
     Record {
         key: Key {
             signature: signature.to_string(),
-            bucket: db::bucket(&cfg.rows, cfg.threads),
+            bucket: match cfg.gpu {
+                Some(_) => db::gpu_bucket(&cfg.rows),
+                None => db::bucket(&cfg.rows, cfg.threads),
+            },
             device: cfg.device.id.clone(),
         },
         site: job.site.to_string(),

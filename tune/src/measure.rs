@@ -74,6 +74,16 @@ impl<F: FnMut(&Variant, usize) -> f64> Timer for FnTimer<F> {
     }
 }
 
+/// Checks and times variants of one site on one device (the host's
+/// thread team, [`Bench`], or a GPU, [`crate::gpu::GpuBench`]).
+pub trait Evaluate {
+    /// Checks `v` on random inputs, then times it at every row count.
+    fn evaluate(&mut self, v: &Variant, timer: &mut dyn Timer) -> Outcome;
+    /// Makes `v` wrong on purpose, to test that the check rejects it.
+    #[doc(hidden)]
+    fn seed_wrong(&mut self, v: Variant);
+}
+
 /// What evaluating a variant gave.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Outcome {
@@ -166,6 +176,7 @@ impl Exe {
             }
             #[cfg(not(feature = "llvm"))]
             Lowering::Llvm => Err("this smelt was built without the `llvm` feature".into()),
+            Lowering::Nvptx => Err("a GPU kernel does not run on the host (see `crate::gpu`)".into()),
         }
     }
 
@@ -226,7 +237,7 @@ pub struct Bench {
 }
 
 /// Deterministic uniform values in [-1, 1) (xorshift64*).
-fn random(n: usize, seed: u64) -> Vec<f32> {
+pub(crate) fn random(n: usize, seed: u64) -> Vec<f32> {
     let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     (0..n)
         .map(|_| {
@@ -270,7 +281,10 @@ pub const CHECK_ROWS: [usize; 2] = [1, 13];
 impl Bench {
     /// A bench timing `site` at each of `rows` on `threads` threads.
     pub fn new(site: Site, rows: &[usize], threads: usize) -> Result<Bench, TuneError> {
-        let Site::WeightProduct { n, k, act, w } = site;
+        if site.is_gpu() {
+            return Err(TuneError::Target { site: site.to_string(), target: "cpu" });
+        }
+        let (n, k, act, w) = site.product();
         let team = Team::new(threads).map_err(TuneError::Team)?;
         let mut weights = vec![];
         let mut widened = vec![];
@@ -319,16 +333,9 @@ impl Bench {
         &self.rows
     }
 
-    /// Builds `v` wrong on purpose (its weights laid out for other panels
-    /// than the kernel reads), to test that the check rejects it.
-    #[doc(hidden)]
-    pub fn seed_wrong(&mut self, v: Variant) {
-        self.wrong = Some(v);
-    }
-
     /// The weights in the layout `packing` wants (`None`: `[n, k]`).
     fn laid_out(&self, packing: Option<Packing>) -> Vec<Vec<u8>> {
-        let Site::WeightProduct { n, k, w, .. } = self.site;
+        let (n, k, _, w) = self.site.product();
         self.weights
             .iter()
             .map(|b| match packing {
@@ -340,7 +347,7 @@ impl Bench {
 
     /// Buffers for one call with `m` rows: `a`, the weights, `c` (NaN).
     fn call_bufs(&self, weights: &[Vec<u8>], a: &[f32], m: usize) -> CallBufs {
-        let Site::WeightProduct { n, .. } = self.site;
+        let (n, ..) = self.site.product();
         let mut bufs = vec![Aligned::from_f32(a)];
         bufs.extend(weights.iter().map(|w| Aligned::from_bytes(w)));
         bufs.push(Aligned::from_f32(&vec![f32::NAN; m * n]));
@@ -360,9 +367,16 @@ impl Bench {
         }
         Ok(built)
     }
+}
 
-    /// Checks `v` on random inputs, then times it at every row count.
-    pub fn evaluate(&mut self, v: &Variant, timer: &mut dyn Timer) -> Outcome {
+impl Evaluate for Bench {
+    /// Builds `v` wrong on purpose (its weights laid out for other panels
+    /// than the kernel reads).
+    fn seed_wrong(&mut self, v: Variant) {
+        self.wrong = Some(v);
+    }
+
+    fn evaluate(&mut self, v: &Variant, timer: &mut dyn Timer) -> Outcome {
         let built = match self.build(v) {
             Ok(b) => b,
             Err(e) => return Outcome::Failed(format!("building: {e}")),
@@ -403,7 +417,7 @@ impl Bench {
             let mut copies = match self.cache.as_mut().and_then(|(_, c)| c.remove(&m)) {
                 Some(c) => c,
                 None => {
-                    let Site::WeightProduct { n, k, .. } = self.site;
+                    let (n, k, ..) = self.site.product();
                     let per_call: usize = weights.iter().map(Vec::len).sum::<usize>() + 4 * m * (n + k);
                     let count = self.rotate_bytes.div_ceil(per_call.max(1)).clamp(1, MAX_COPIES);
                     let a = random(m * k, 7);

@@ -212,7 +212,7 @@ mod tests {
     use super::*;
     use smelt_codegen::kir::Scalar;
     use smelt_codegen::select::PanelParams;
-    use smelt_codegen::tuning::Lowering;
+    use smelt_codegen::tuning::{GpuParams, Lowering, GPU_AXES};
     use std::time::Duration;
 
     fn site() -> Site {
@@ -233,8 +233,39 @@ mod tests {
                     + (p.streams as f64 - 4.0).abs() / 2.0;
                 base * (1.0 + 0.05 * d)
             }
-            Variant::Rows { .. } => base * 3.0,
+            Variant::Rows { .. } | Variant::Gpu { .. } => base * 3.0,
         }
+    }
+
+    /// The GPU optimum of [`gpu_cost`].
+    const GPU_BEST: GpuParams =
+        GpuParams { threads: 128, wpg: 2, rpg: 4, unroll: 2, mtile: 2, gemv_max_m: 16, tile: 1, bk: 64, bps: 8 };
+
+    /// A cost separable in the GPU axes (distance in value-index steps),
+    /// with its minimum at [`GPU_BEST`].
+    fn gpu_cost(v: &Variant, m: usize) -> f64 {
+        let Variant::Gpu { p } = v else { return 1.0 };
+        let index = |axis: usize, x: usize| GPU_AXES[axis].1.iter().position(|&y| y == x).unwrap() as f64;
+        let d: f64 = p
+            .values()
+            .iter()
+            .zip(GPU_BEST.values())
+            .enumerate()
+            .map(|(a, (x, b))| (index(a, *x) - index(a, b)).abs())
+            .sum();
+        (if m == 1 { 1e-6 } else { 1e-4 }) * (1.0 + 0.05 * d)
+    }
+
+    #[test]
+    fn finds_the_optimum_of_the_gpu_space() {
+        let s = Site::gpu_weight_product(960, 576, Some("silu"), Scalar::BF16).unwrap();
+        let space = s.space(&[]);
+        let default = s.default_variant(false, &[]);
+        assert_ne!(default, Variant::Gpu { p: GPU_BEST });
+        let mut eval = |v: &Variant| Outcome::Timed(vec![gpu_cost(v, 1), gpu_cost(v, 128)]);
+        let f = search(&s, &space, default, Instant::now() + Duration::from_secs(60), &mut eval, &mut |_| {}).unwrap();
+        assert_eq!(f.best, Variant::Gpu { p: GPU_BEST });
+        assert!(f.complete && f.evaluated < space.len() / 100, "{} of {}", f.evaluated, space.len());
     }
 
     #[test]

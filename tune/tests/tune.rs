@@ -22,6 +22,7 @@ fn config(db: Option<std::path::PathBuf>) -> Config {
         packed_default: true,
         db,
         lowerings: vec![Lowering::Cranelift],
+        gpu: None,
     }
 }
 
@@ -50,7 +51,7 @@ fn cost(v: &Variant, m: usize) -> f64 {
                 + (!p.fma) as u8 as f64;
             base * (1.0 + 0.1 * d)
         }
-        Variant::Rows { .. } => base * 5.0,
+        Variant::Rows { .. } | Variant::Gpu { .. } => base * 5.0,
     }
 }
 

@@ -28,6 +28,9 @@ pub struct DeviceInfo {
     /// Global memory in bytes.
     pub memory: usize,
     pub multiprocessors: u32,
+    /// The CUDA version the driver supports, as `cuDriverGetVersion`
+    /// gives it (12080 for 12.8); 0 when it could not be read.
+    pub driver_version: u32,
 }
 
 impl std::fmt::Display for DeviceInfo {
@@ -122,12 +125,20 @@ pub fn open(ordinal: usize) -> Result<Gpu, CudaError> {
         let name = ctx.name().map_err(driver("reading the GPU's name"))?;
         let memory = ctx.total_mem().map_err(driver("reading the GPU's memory size"))?;
         let stream = ctx.new_stream().map_err(driver("creating a stream"))?;
+        let mut driver_version: std::ffi::c_int = 0;
+        // SAFETY: writes one int; the driver is initialised (the context
+        // above was created).
+        let read = unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut driver_version) };
+        if read != CUresult::CUDA_SUCCESS {
+            driver_version = 0;
+        }
         let info = DeviceInfo {
             ordinal,
             name,
             compute_capability: (major.max(0) as u32, minor.max(0) as u32),
             memory,
             multiprocessors: sms.max(0) as u32,
+            driver_version: driver_version.max(0) as u32,
         };
         Ok(Gpu { ctx, stream, info })
     })

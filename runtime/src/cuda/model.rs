@@ -528,6 +528,37 @@ impl CudaModel {
         Ok(())
     }
 
+    /// GPU seconds of `calls` back-to-back runs of the plan's launches on
+    /// `inputs` (checked and uploaded once, as [`CudaModel::run`] does),
+    /// measured by CUDA events around the launches alone: no copies, and
+    /// (after one warm-up call that captures them) replayed as a CUDA graph
+    /// unless profiling. Nothing is read back. This is how `smelt tune`
+    /// times a GPU kernel variant.
+    pub fn time_launches(&mut self, inputs: BTreeMap<String, Tensor>, calls: usize) -> Result<f64, CudaError> {
+        let (host, mut mem) = self.memory();
+        let _reads = host.prepare_run(inputs, &mut mem)?;
+        guard(|| {
+            self.upload_inputs()?;
+            // Two calls: the second repeats the first, so it captures the
+            // graph that the timed calls replay.
+            self.launch_all()?;
+            self.launch_all()?;
+            let stream = self.gpu.stream.clone();
+            let event = || {
+                stream
+                    .record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+                    .map_err(driver_err("recording a timing event"))
+            };
+            let start = event()?;
+            for _ in 0..calls {
+                self.launch_all()?;
+            }
+            let end = event()?;
+            let ms = start.elapsed_ms(&end).map_err(driver_err("timing the launches"))?;
+            Ok(ms as f64 / 1e3)
+        })
+    }
+
     /// Whether calls whose launches repeat are replayed as a CUDA graph (on
     /// by default; always off with `SMELT_PROFILE`, which times each launch).
     pub fn set_graphs(&mut self, on: bool) {

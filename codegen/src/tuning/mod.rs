@@ -25,11 +25,14 @@
 //! through LLVM, the weight layout and the lowering. Not in the space: how
 //! work is split across threads (contiguous chunks of the one `Parallel`
 //! loop).
+//! On the GPU the weight products (`Site::GpuWeightProduct`, the
+//! generated kernels of `templates::gpu::weight_product`) are tunable over
+//! their block size, the GEMV's thread groups and rows per pass, the point
+//! where the tiled GEMM takes over, its tile and `k` slice, and the grid
+//! ([`gpu`]).
 //! Other kernels (norms, rope, attention, elementwise) have no parameters
-//! yet and are recorded as [`TuningSource::Fixed`]. GPU kernels are not
-//! tunable yet (their block sizes come from `select::GpuConfig`); a GPU
-//! template joins by adding a `Site` variant, its families and its
-//! `build`, and a GPU bench to `smelt-tune`.
+//! yet and are recorded as [`TuningSource::Fixed`]; the other GPU kernels
+//! take their block sizes from `select::GpuConfig`.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -37,6 +40,9 @@ use std::str::FromStr;
 
 use smelt_ir::{DType, Dim, TensorType};
 use smelt_runtime::plan::{KernelTuning, TuningSource};
+
+mod gpu;
+pub use gpu::{GpuParams, AXES as GPU_AXES};
 
 use crate::kir::Scalar;
 use crate::select::{self, Instance, Packing, PanelParams, SelectError};
@@ -48,6 +54,8 @@ pub enum Lowering {
     Cranelift,
     /// LLVM at `O3` for the host (cargo feature `llvm`).
     Llvm,
+    /// LLVM's NVPTX backend (GPU kernels; cargo feature `llvm`).
+    Nvptx,
 }
 
 impl Lowering {
@@ -55,10 +63,11 @@ impl Lowering {
         match self {
             Lowering::Cranelift => "cranelift",
             Lowering::Llvm => "llvm",
+            Lowering::Nvptx => "nvptx",
         }
     }
 
-    /// The lowerings this build has.
+    /// The host lowerings this build has.
     pub fn available() -> Vec<Lowering> {
         if cfg!(feature = "llvm") {
             vec![Lowering::Cranelift, Lowering::Llvm]
@@ -75,6 +84,9 @@ pub enum Site {
     /// with constant weights given `[n, k]` and stored as `w` (f32, bf16 or
     /// f16); the rows of `x` are a scalar parameter of the kernel.
     WeightProduct { n: usize, k: usize, act: Option<Act>, w: Scalar },
+    /// The same product as a GPU kernel (f32 activations, weights `[n, k]`
+    /// as stored), whose rows `m` are a scalar parameter.
+    GpuWeightProduct { n: usize, k: usize, act: Option<Act>, w: Scalar },
 }
 
 /// One choice of a site's open parameters.
@@ -84,12 +96,15 @@ pub enum Variant {
     Panels { p: PanelParams, lowering: Lowering },
     /// Weights read as `[n, k]` rows (`templates::matmul_dyn`, `NK`).
     Rows { t: TileParams, lowering: Lowering },
+    /// A GPU weight product's parameters ([`gpu`]).
+    Gpu { p: GpuParams },
 }
 
 impl Variant {
     pub fn lowering(&self) -> Lowering {
         match self {
             Variant::Panels { lowering, .. } | Variant::Rows { lowering, .. } => *lowering,
+            Variant::Gpu { .. } => Lowering::Nvptx,
         }
     }
 }
@@ -116,6 +131,7 @@ pub struct Axis {
 pub enum FamilyKind {
     Panels,
     Rows,
+    Gpu,
 }
 
 /// Variants of one kind and lowering: the product of its axes.
@@ -138,6 +154,7 @@ impl Family {
             FamilyKind::Rows => {
                 Variant::Rows { t: TileParams { mr: v(0), nc: v(1), ksplit: v(2) }, lowering: self.lowering }
             }
+            FamilyKind::Gpu => Variant::Gpu { p: GpuParams::from_values(std::array::from_fn(v)) },
         }
     }
 
@@ -150,6 +167,7 @@ impl Family {
             (FamilyKind::Rows, Variant::Rows { t, lowering }) if *lowering == self.lowering => {
                 vec![t.mr, t.nc, t.ksplit]
             }
+            (FamilyKind::Gpu, Variant::Gpu { p }) => p.values().to_vec(),
             _ => return None,
         };
         self.axes.iter().zip(values).map(|(a, x)| a.values.iter().position(|&y| y == x)).collect()
@@ -222,6 +240,7 @@ impl fmt::Display for Space {
             let kind = match fam.kind {
                 FamilyKind::Panels => "panels",
                 FamilyKind::Rows => "rows",
+                FamilyKind::Gpu => "gpu",
             };
             write!(f, "{kind}/{}", fam.lowering.name())?;
             for a in &fam.axes {
@@ -237,16 +256,35 @@ impl Site {
     /// The site of a weight product, or `None` for an activation this
     /// template does not know.
     pub fn weight_product(n: usize, k: usize, act: Option<&str>, w: Scalar) -> Option<Site> {
-        let act = match act {
-            None => None,
-            Some(a) => Some(Act::parse(a)?),
-        };
-        Some(Site::WeightProduct { n, k, act, w })
+        Some(Site::WeightProduct { n, k, act: parse_act(act)?, w })
     }
 
-    /// The space of variants with the given lowerings available.
+    /// The site of a GPU weight product, or `None` for an activation the
+    /// template does not know.
+    pub fn gpu_weight_product(n: usize, k: usize, act: Option<&str>, w: Scalar) -> Option<Site> {
+        Some(Site::GpuWeightProduct { n, k, act: parse_act(act)?, w })
+    }
+
+    /// The product's shape, activation and weight type.
+    pub fn product(&self) -> (usize, usize, Option<Act>, Scalar) {
+        match *self {
+            Site::WeightProduct { n, k, act, w } | Site::GpuWeightProduct { n, k, act, w } => (n, k, act, w),
+        }
+    }
+
+    /// Whether the site is a GPU kernel.
+    pub fn is_gpu(&self) -> bool {
+        matches!(self, Site::GpuWeightProduct { .. })
+    }
+
+    /// The space of variants with the given (host) lowerings available; a
+    /// GPU site's space does not depend on them.
     pub fn space(&self, lowerings: &[Lowering]) -> Space {
         let axis = |name, values: &[usize]| Axis { name, values: values.to_vec() };
+        if self.is_gpu() {
+            let axes = GPU_AXES.iter().map(|(name, values)| axis(name, values)).collect();
+            return Space { families: vec![Family { kind: FamilyKind::Gpu, lowering: Lowering::Nvptx, axes }] };
+        }
         let mut families = vec![];
         for &lowering in lowerings {
             families.push(Family {
@@ -272,10 +310,14 @@ impl Site {
     }
 
     /// The parameters used without a measurement (the templates' own
-    /// estimates): packed panels for Cranelift (what it runs fastest), or
-    /// `[n, k]` rows, lowered by LLVM where the build has it.
+    /// estimates): on the CPU packed panels for Cranelift (what it runs
+    /// fastest), or `[n, k]` rows, lowered by LLVM where the build has it;
+    /// on the GPU `WeightProductParams::for_shape`.
     pub fn default_variant(&self, packed_weights: bool, lowerings: &[Lowering]) -> Variant {
-        let Site::WeightProduct { act, .. } = *self;
+        let (n, k, act, w) = self.product();
+        if self.is_gpu() {
+            return Variant::Gpu { p: GpuParams::default_for(n, k, w, act) };
+        }
         if packed_weights {
             let (p, lowering) = default_panels(lowerings);
             Variant::Panels { p, lowering }
@@ -288,7 +330,7 @@ impl Site {
     /// Where a search of `family` starts: the template's default
     /// parameters in that family.
     pub fn start(&self, family: &Family) -> Vec<usize> {
-        let Site::WeightProduct { act, .. } = *self;
+        let (_, _, act, _) = self.product();
         let v = match family.kind {
             FamilyKind::Panels if family.lowering == Lowering::Llvm => {
                 Variant::Panels { p: default_panels(&[Lowering::Llvm]).0, lowering: family.lowering }
@@ -297,35 +339,52 @@ impl Site {
             FamilyKind::Rows => {
                 Variant::Rows { t: TileParams::default_for(Layout::NK, act.is_some()), lowering: family.lowering }
             }
+            FamilyKind::Gpu => self.default_variant(false, &[]),
         };
         family.point_of(&v).unwrap_or_else(|| vec![0; family.axes.len()])
     }
 
     /// The rows operand the tuner builds kernels for: `f32[m, k]`.
     pub fn rows_type(&self) -> TensorType {
-        let Site::WeightProduct { k, .. } = *self;
+        let (_, k, _, _) = self.product();
         TensorType::new(DType::F32, vec![Dim::sym("m"), Dim::c(k as i64)])
     }
 
     /// Builds the kernel of variant `v` for rows `x` (`[.., m, k]`).
     pub fn build(&self, x: &TensorType, v: &Variant) -> Result<Built, SelectError> {
-        let Site::WeightProduct { n, k, act, w } = *self;
-        match *v {
-            Variant::Panels { p, lowering } => {
+        let (n, k, act, w) = self.product();
+        match (self.is_gpu(), *v) {
+            (false, Variant::Panels { p, lowering }) => {
                 let wk = select::weight_product_panels(x, n, k, act, w, p)?;
                 Ok(Built { instance: wk.instance, packing: Some(wk.packs[0]), lowering })
             }
-            Variant::Rows { t, lowering } => {
+            (false, Variant::Rows { t, lowering }) => {
                 let instance = select::weight_product_rows(x, n, k, act, w, t)?;
                 Ok(Built { instance, packing: None, lowering })
             }
+            (true, Variant::Gpu { p }) => {
+                let fail = |why: String| {
+                    let op = match act {
+                        None => smelt_ir::Op::MatMul {},
+                        Some(a) => smelt_ir::Op::GatedMlp { act: a.name().to_string() },
+                    };
+                    SelectError::unsupported(&op, std::slice::from_ref(x), why)
+                };
+                let params = p.resolve(n).map_err(fail)?;
+                let instance = select::weight_node_gpu(x, n, k, act.map(Act::name), w, Some(&params))?;
+                Ok(Built { instance, packing: None, lowering: Lowering::Nvptx })
+            }
+            _ => Err(SelectError::unsupported(
+                &smelt_ir::Op::MatMul {},
+                std::slice::from_ref(x),
+                format!("variant `{v}` is not one of site `{self}`'s"),
+            )),
         }
     }
 
     /// How many `[n, k]` weights the kernel reads (2 for the gated MLP).
     pub fn weights(&self) -> usize {
-        let Site::WeightProduct { act, .. } = *self;
-        if act.is_some() {
+        if self.product().2.is_some() {
             2
         } else {
             1
@@ -337,7 +396,8 @@ impl Site {
     /// run and platform).
     pub fn signature(&self, lowerings: &[Lowering]) -> String {
         let mut text = format!("{self}\n{}\n", self.space(lowerings));
-        for packed in [true, false] {
+        let defaults = if self.is_gpu() { &[false][..] } else { &[true, false][..] };
+        for &packed in defaults {
             let v = self.default_variant(packed, lowerings);
             match self.build(&self.rows_type(), &v) {
                 Ok(b) => text.push_str(&b.instance.kernel.to_string()),
@@ -351,12 +411,14 @@ impl Site {
     pub fn template(&self) -> &'static str {
         match self {
             Site::WeightProduct { .. } => "weight_product",
+            Site::GpuWeightProduct { .. } => "gpu_weight_product",
         }
     }
 
-    /// A short readable name, like the kernels': `matmul k576 n960`.
+    /// A short readable name, like the kernels': `matmul k576 n960`
+    /// (`gpu matmul k576 n960` on the GPU).
     pub fn label(&self) -> String {
-        let Site::WeightProduct { n, k, act, w } = *self;
+        let (n, k, act, w) = self.product();
         let what = match act {
             None => "matmul".to_string(),
             Some(a) => format!("gated_mlp_{}", a.name()),
@@ -366,18 +428,26 @@ impl Site {
             Scalar::F16 => " f16",
             _ => "",
         };
-        format!("{what} k{k} n{n}{w}")
+        let gpu = if self.is_gpu() { "gpu " } else { "" };
+        format!("{gpu}{what} k{k} n{n}{w}")
     }
 
     /// Floating-point operations and bytes moved by one call with `m`
     /// rows (weights once, activations in, results out), for roofline
     /// estimates.
     pub fn work(&self, m: usize) -> (f64, f64) {
-        let Site::WeightProduct { n, k, w, .. } = *self;
+        let (n, k, _, w) = self.product();
         let ws = self.weights() as f64;
         let flops = 2.0 * ws * (m * n * k) as f64;
         let wbytes = ws * (n * k * w.size()) as f64;
         (flops, wbytes + 4.0 * (m * k + m * n) as f64)
+    }
+}
+
+fn parse_act(act: Option<&str>) -> Option<Option<Act>> {
+    match act {
+        None => Some(None),
+        Some(a) => Some(Some(Act::parse(a)?)),
     }
 }
 
@@ -398,17 +468,19 @@ fn scalar_name(s: Scalar) -> &'static str {
 }
 
 impl fmt::Display for Site {
-    /// `weight_product n=960 k=576 act=none w=f32`
+    /// `weight_product n=960 k=576 act=none w=f32` (`gpu_weight_product
+    /// ...` on the GPU).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let Site::WeightProduct { n, k, act, w } = *self;
+        let (n, k, act, w) = self.product();
         let act = act.map_or("none", Act::name);
-        write!(f, "weight_product n={n} k={k} act={act} w={}", scalar_name(w))
+        write!(f, "{} n={n} k={k} act={act} w={}", self.template(), scalar_name(w))
     }
 }
 
 impl fmt::Display for Variant {
-    /// `panels mr=6 nr=8 ksplit=4 fma=0 lanes=4 streams=2 lowering=cranelift`, or
-    /// `rows mr=3 nc=4 ksplit=2 lowering=llvm`.
+    /// `panels mr=6 nr=8 ksplit=4 fma=0 lanes=4 streams=2 lowering=cranelift`,
+    /// `rows mr=3 nc=4 ksplit=2 lowering=llvm`, or `gpu threads=256 wpg=1 ...`
+    /// (the GPU axes in order).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Variant::Panels { p, lowering } => write!(
@@ -424,6 +496,13 @@ impl fmt::Display for Variant {
             ),
             Variant::Rows { t, lowering } => {
                 write!(f, "rows mr={} nc={} ksplit={} lowering={}", t.mr, t.nc, t.ksplit, lowering.name())
+            }
+            Variant::Gpu { p } => {
+                write!(f, "gpu")?;
+                for ((name, _), v) in GPU_AXES.iter().zip(p.values()) {
+                    write!(f, " {name}={v}")?;
+                }
+                Ok(())
             }
         }
     }
@@ -479,7 +558,8 @@ impl FromStr for Lowering {
         match s {
             "cranelift" => Ok(Lowering::Cranelift),
             "llvm" => Ok(Lowering::Llvm),
-            _ => Err(format!("unknown lowering `{s}` (cranelift, llvm)")),
+            "nvptx" => Ok(Lowering::Nvptx),
+            _ => Err(format!("unknown lowering `{s}` (cranelift, llvm, nvptx)")),
         }
     }
 }
@@ -489,7 +569,7 @@ impl FromStr for Site {
     fn from_str(s: &str) -> Result<Site, ParseError> {
         let err = |why: String| ParseError { text: s.to_string(), why };
         let (head, map) = fields(s)?;
-        if head != "weight_product" {
+        if head != "weight_product" && head != "gpu_weight_product" {
             return Err(err(format!("unknown template `{head}`")));
         }
         let [n, k, act, w] = take(s, map, ["n", "k", "act", "w"])?;
@@ -501,7 +581,12 @@ impl FromStr for Site {
             _ => return Err(err(format!("unknown weight type `{w}`"))),
         };
         let act = if act == "none" { None } else { Some(act) };
-        Site::weight_product(n, k, act, w).ok_or_else(|| err("unknown activation".into()))
+        let site = if head == "gpu_weight_product" {
+            Site::gpu_weight_product(n, k, act, w)
+        } else {
+            Site::weight_product(n, k, act, w)
+        };
+        site.ok_or_else(|| err("unknown activation".into()))
     }
 }
 
@@ -535,6 +620,18 @@ impl FromStr for Variant {
                 let t =
                     TileParams { mr: number(s, "mr", mr)?, nc: number(s, "nc", nc)?, ksplit: number(s, "ksplit", ks)? };
                 Ok(Variant::Rows { t, lowering: lw.parse().map_err(err)? })
+            }
+            "gpu" => {
+                let mut map = map;
+                let mut values = [0usize; 9];
+                for (v, (name, _)) in values.iter_mut().zip(GPU_AXES) {
+                    let text = map.remove(name).ok_or_else(|| err(format!("`{name}` is missing")))?;
+                    *v = number(s, name, text)?;
+                }
+                if let Some(k) = map.keys().next() {
+                    return Err(err(format!("unknown field `{k}`")));
+                }
+                Ok(Variant::Gpu { p: GpuParams::from_values(values) })
             }
             _ => Err(err(format!("unknown kernel family `{head}`"))),
         }

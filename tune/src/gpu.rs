@@ -1,0 +1,422 @@
+//! Checking and timing GPU weight-product variants
+//! (`Site::GpuWeightProduct`).
+//!
+//! A variant is run the way a model runs it: the bench holds a small
+//! graph of `copies` products `y_i = x · W_iᵀ` (or gated MLPs) sharing
+//! `x`, each with its own weights, and schedules it for the GPU with a
+//! tuning table that names the variant, so the scheduler builds, places
+//! and records the kernel exactly as a compile would (the bench checks
+//! that the plan says so). Then:
+//! - **check**: the plan runs on random rows (1, 3 and 67: both the GEMV
+//!   and, past every `gemv_max_m`, the tiled GEMM) and `y_0` is compared
+//!   with the reference interpreter's result; with bf16/f16 weights the
+//!   tiled GEMM multiplies on tensor cores, which round `x` to the
+//!   weights' type, so its reference rounds `x` too (the tolerance is
+//!   [`crate::measure::compare`]'s either way);
+//! - **time**: [`CudaModel::time_launches`] (CUDA events around the
+//!   launches alone, replayed as a CUDA graph) for each timed row count;
+//!   one call runs all the copies, whose weights together exceed the GPU's
+//!   L2 cache several times ([`ROTATE_BYTES`]), so a memory-bound GEMV is
+//!   timed from HBM as in a model.
+//!
+//! Without a GPU, [`GpuExec::Simulated`] still schedules the graph (and
+//! checks the plan), then runs the variant's kernel in the KIR
+//! interpreter's GPU mode for the check, built with a grid of one block
+//! (both of the template's paths walk their work with a loop striding by
+//! the grid's size, so the size changes no result, and the interpreter
+//! runs a block's threads one by one), and leaves the timing to the
+//! [`Timer`] alone: tests use it with a deterministic timer.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use smelt_codegen::schedule::{schedule, Device, Schedule, ScheduleOptions, WeightDtype};
+use smelt_codegen::tuning::{Site, Tuning, Variant};
+use smelt_ir::{DType, Graph, Op, StoredTensor, Tensor};
+use smelt_runtime::plan::TuningSource;
+
+use smelt_codegen::kir::interp::{self, BufData, Mode};
+use smelt_codegen::kir::Scalar;
+use smelt_codegen::templates::gpu::WeightProductParams;
+
+use crate::measure::{compare, random, Evaluate, Outcome, Timer};
+use crate::TuneError;
+
+/// Bytes the copies' weights should exceed together: four times the 50
+/// MiB L2 cache of an H100/H200 and then some.
+pub const ROTATE_BYTES: usize = 256 << 20;
+/// At most this many copies (small products have many launches per call).
+const MAX_COPIES: usize = 64;
+/// Rows checked: decode, a few rows, and past every `gemv_max_m`.
+pub const CHECK_ROWS: [usize; 3] = [1, 3, 67];
+
+/// Where GPU variants run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GpuExec {
+    /// A GPU, by its ordinal, through the CUDA runtime.
+    Device { ordinal: usize },
+    /// The KIR interpreter's GPU mode on the host: the check only (for
+    /// tests; timings come from the [`Timer`] alone).
+    Simulated,
+}
+
+/// One checked row count: its input and reference results for `y_0`
+/// (exact, and with `x` rounded to the weights' type).
+struct Check {
+    m: usize,
+    x: Tensor,
+    exact: Vec<f32>,
+    rounded: Vec<f32>,
+}
+
+/// Checks and times the variants of one GPU site.
+pub struct GpuBench {
+    site: Site,
+    rows: Vec<usize>,
+    exec: GpuExec,
+    graph: Graph,
+    weights: BTreeMap<String, StoredTensor>,
+    copies: usize,
+    checks: Vec<Check>,
+    /// Copy 0's weights as stored, for the simulated check.
+    stored: Vec<BufData>,
+    wrong: Option<Variant>,
+}
+
+impl GpuBench {
+    /// A bench for `site` timing each of `rows` on `exec`; `copies` of the
+    /// product by default enough to exceed [`ROTATE_BYTES`].
+    pub fn new(site: Site, rows: &[usize], exec: GpuExec, copies: Option<usize>) -> Result<GpuBench, TuneError> {
+        if !site.is_gpu() {
+            return Err(TuneError::Target { site: site.to_string(), target: "cuda" });
+        }
+        let (n, k, act, w) = site.product();
+        let per_copy = site.weights() * n * k * w.size();
+        let copies = copies.unwrap_or_else(|| ROTATE_BYTES.div_ceil(per_copy.max(1)).clamp(1, MAX_COPIES)).max(1);
+        let graph =
+            product_graph(&site, copies).map_err(|message| TuneError::Reference { site: site.to_string(), message })?;
+        // Copy 0's weights are random; the others are the same values
+        // rotated by their index, so no two copies share bytes.
+        let base: Vec<Vec<f32>> = (0..site.weights()).map(|i| random(n * k, 17 + i as u64)).collect();
+        let mut weights = BTreeMap::new();
+        for c in 0..copies {
+            for (i, b) in base.iter().enumerate() {
+                let mut v = b.clone();
+                let by = c % v.len().max(1);
+                v.rotate_left(by);
+                let t = Tensor::from_f32(DType::F32, vec![n, k], v).expect("sizes match");
+                weights.insert(weight_name(c, i), StoredTensor::from_tensor(&t));
+            }
+        }
+        // The reference sees the weights as stored (rounded to `w`).
+        let stored: Vec<Vec<f32>> = base.iter().map(|b| b.iter().map(|x| round_to(*x, w)).collect()).collect();
+        let stored_bufs = base
+            .iter()
+            .map(|b| match w {
+                Scalar::BF16 => BufData::BF16(b.iter().map(|x| half::bf16::from_f32(*x)).collect()),
+                Scalar::F16 => BufData::F16(b.iter().map(|x| half::f16::from_f32(*x)).collect()),
+                _ => BufData::F32(b.clone()),
+            })
+            .collect();
+        let op = match act {
+            None => Op::MatMul {},
+            Some(a) => Op::GatedMlp { act: a.name().to_string() },
+        };
+        let kn: Vec<Tensor> = stored.iter().map(|wv| transposed(wv, n, k)).collect();
+        let reference = |x: &[f32], m: usize| -> Result<Vec<f32>, TuneError> {
+            let xt = Tensor::from_f32(DType::F32, vec![m, k], x.to_vec()).expect("sizes match");
+            let mut operands = vec![&xt];
+            operands.extend(kn.iter());
+            let out = smelt_ir::interp::eval_op(&op, &operands, &BTreeMap::new())
+                .map_err(|e| TuneError::Reference { site: site.to_string(), message: e.to_string() })?;
+            Ok(out[0].to_f32_vec())
+        };
+        let mut checks = vec![];
+        for (i, &m) in CHECK_ROWS.iter().enumerate() {
+            let x = random(m * k, 101 + i as u64);
+            let exact = reference(&x, m)?;
+            let rounded = if w == Scalar::F32 {
+                exact.clone()
+            } else {
+                let xr: Vec<f32> = x.iter().map(|v| round_to(*v, w)).collect();
+                reference(&xr, m)?
+            };
+            let x = Tensor::from_f32(DType::F32, vec![m, k], x).expect("sizes match");
+            checks.push(Check { m, x, exact, rounded });
+        }
+        Ok(GpuBench {
+            site,
+            rows: rows.to_vec(),
+            exec,
+            graph,
+            weights,
+            copies,
+            checks,
+            stored: stored_bufs,
+            wrong: None,
+        })
+    }
+
+    /// How many products one call runs.
+    pub fn copies(&self) -> usize {
+        self.copies
+    }
+
+    /// The graph scheduled with `v` as the site's measured winner, after
+    /// checking that the plan builds `v` for every product.
+    fn schedule(&self, v: &Variant) -> Result<Schedule, String> {
+        let (_, _, _, w) = self.site.product();
+        let mut tuning = Tuning::default();
+        tuning.insert(&self.site.signature(&[]), *v, "smelt-tune");
+        let weight_dtype = match w {
+            Scalar::BF16 => WeightDtype::BF16,
+            Scalar::F16 => WeightDtype::F16,
+            _ => WeightDtype::F32,
+        };
+        let options = ScheduleOptions {
+            device: Device::Gpu,
+            weight_dtype,
+            tuning: Some(Arc::new(tuning)),
+            ..ScheduleOptions::default()
+        };
+        let s = schedule(&self.graph, &self.weights, options).map_err(|e| e.to_string())?;
+        let want = v.to_string();
+        let products = s
+            .plan
+            .launches
+            .iter()
+            .filter(|l| {
+                s.plan.kernels[l.kernel]
+                    .tuning
+                    .as_ref()
+                    .is_some_and(|t| t.source == TuningSource::Measured && t.params == want)
+            })
+            .count();
+        if products != self.copies {
+            return Err(format!("the plan runs the variant in {products} of {} products", self.copies));
+        }
+        Ok(s)
+    }
+
+    /// Why `got` (`y_0` of a run on `c`'s rows) is wrong, if it is.
+    fn check_outcome(&self, v: &Variant, mut got: Vec<f32>, c: &Check) -> Option<String> {
+        let Variant::Gpu { p } = v else { return Some("not a GPU variant".into()) };
+        let (_, _, _, w) = self.site.product();
+        let tensor_cores = c.m > p.gemv_max_m && w != Scalar::F32;
+        let want = if tensor_cores { &c.rounded } else { &c.exact };
+        if self.wrong == Some(*v) {
+            // The seeded fault: one result off.
+            if let Some(first) = got.first_mut() {
+                *first = -*first - 1.0;
+            }
+        }
+        compare(&got, want).map(|e| format!("{} rows: {e}", c.m))
+    }
+
+    fn simulated(&self, v: &Variant, timer: &mut dyn Timer) -> Outcome {
+        let (n, k, act, w) = self.site.product();
+        let Variant::Gpu { p } = v else { return Outcome::Failed("not a GPU variant".into()) };
+        let params = match p.resolve(n) {
+            Ok(params) => WeightProductParams { blocks: 1, ..params },
+            Err(e) => return Outcome::Failed(format!("building: {e}")),
+        };
+        let x = self.site.rows_type();
+        let built = match smelt_codegen::select::weight_node_gpu(&x, n, k, act.map(|a| a.name()), w, Some(&params)) {
+            Ok(b) => b,
+            Err(e) => return Outcome::Failed(format!("building: {e}")),
+        };
+        let kernel = &built.kernel;
+        let Some(block) = kernel.gpu.as_ref().map(|g| g.block.map(|d| d as usize)) else {
+            return Outcome::Failed(format!("`{}` is not a GPU kernel", kernel.name));
+        };
+        for c in &self.checks {
+            let mut bufs = vec![BufData::F32(c.x.to_f32_vec())];
+            bufs.extend(self.stored.iter().cloned());
+            bufs.push(BufData::F32(vec![f32::NAN; c.m * n]));
+            let run = interp::run(kernel, &mut bufs, &[c.m as i64], Mode::Gpu { grid: [1, 1, 1], block });
+            if let Err(e) = run {
+                return Outcome::Failed(format!("{} rows: {e}", c.m));
+            }
+            let Some(BufData::F32(got)) = bufs.pop() else {
+                return Outcome::Failed("the result is not f32".into());
+            };
+            if let Some(e) = self.check_outcome(v, got, c) {
+                return Outcome::Wrong(e);
+            }
+        }
+        Outcome::Timed(self.rows.iter().map(|&m| timer.seconds(&self.site, v, m, &mut |_| 0.0)).collect())
+    }
+
+    #[cfg(feature = "llvm")]
+    fn on_device(&self, v: &Variant, s: Schedule, ordinal: usize, timer: &mut dyn Timer) -> Outcome {
+        use smelt_codegen::llvm::{emit_ptx, GpuArch};
+        use smelt_runtime::artifact::Signature;
+        use smelt_runtime::cuda::{CudaModel, CudaPlan};
+        use smelt_runtime::native::Weights;
+        use smelt_runtime::plan::PtxModule;
+
+        let info = match smelt_runtime::cuda::probe(ordinal) {
+            Ok(i) => i,
+            Err(e) => return Outcome::Failed(e.to_string()),
+        };
+        let arch = match info.compute_capability {
+            (9, 0) => GpuArch::Sm90a,
+            (9.., _) => GpuArch::Sm90,
+            _ => GpuArch::Sm80,
+        };
+        let ptx = match emit_ptx(&s.kernels, arch) {
+            Ok(p) => p,
+            Err(e) => return Outcome::Failed(format!("emitting PTX: {e}")),
+        };
+        let Schedule { mut plan, constants, .. } = s;
+        for e in plan.kernels.iter_mut().filter(|e| e.library.is_none()) {
+            e.lowering = "nvptx".into();
+        }
+        plan.ptx = vec![PtxModule { arch: arch.name().into(), file: "tune.ptx".into() }];
+        let bytes =
+            match constants.finish().map_err(|e| e.to_string()).and_then(|d| d.read().map_err(|e| e.to_string())) {
+                Ok(b) => b,
+                Err(e) => return Outcome::Failed(format!("reading the constants: {e}")),
+            };
+        let opened = Weights::from_bytes(&bytes).map_err(|e| e.to_string()).and_then(|w| {
+            let plan = CudaPlan::new(plan, Signature::from_graph(&self.graph), w.len()).map_err(|e| e.to_string())?;
+            CudaModel::with_plan(plan, &w, &|_| Ok(ptx.clone()), ordinal).map_err(|e| e.to_string())
+        });
+        let mut model = match opened {
+            Ok(m) => m,
+            Err(e) => return Outcome::Failed(format!("loading the variant: {e}")),
+        };
+        for c in &self.checks {
+            let inputs = BTreeMap::from([("x".to_string(), c.x.clone())]);
+            let out = match model.run(inputs) {
+                Ok(o) => o,
+                Err(e) => return Outcome::Failed(format!("{} rows: {e}", c.m)),
+            };
+            if let Some(e) = self.check_outcome(v, out["y0"].to_f32_vec(), c) {
+                return Outcome::Wrong(e);
+            }
+        }
+        let (_, k, _, _) = self.site.product();
+        let mut times = vec![];
+        for &m in &self.rows {
+            let x = Tensor::from_f32(DType::F32, vec![m, k], random(m * k, 7)).expect("sizes match");
+            let mut failed = None;
+            let copies = self.copies as f64;
+            // One call of the plan runs every copy: seconds per product.
+            let mut go = |calls: usize| -> f64 {
+                let inputs = BTreeMap::from([("x".to_string(), x.clone())]);
+                match model.time_launches(inputs, calls) {
+                    Ok(t) => t / copies,
+                    Err(e) => {
+                        failed = Some(e.to_string());
+                        1.0
+                    }
+                }
+            };
+            let t = timer.seconds(&self.site, v, m, &mut go);
+            if let Some(e) = failed {
+                return Outcome::Failed(format!("timing {m} rows: {e}"));
+            }
+            times.push(t);
+        }
+        Outcome::Timed(times)
+    }
+
+    #[cfg(not(feature = "llvm"))]
+    fn on_device(&self, _: &Variant, _: Schedule, _: usize, _: &mut dyn Timer) -> Outcome {
+        Outcome::Failed(TuneError::CudaNeedsLlvm.to_string())
+    }
+}
+
+impl Evaluate for GpuBench {
+    /// Makes `v`'s first result wrong after it runs.
+    fn seed_wrong(&mut self, v: Variant) {
+        self.wrong = Some(v);
+    }
+
+    fn evaluate(&mut self, v: &Variant, timer: &mut dyn Timer) -> Outcome {
+        // The plan is built even when simulating: that checks the
+        // scheduler takes the variant.
+        let s = match self.schedule(v) {
+            Ok(s) => s,
+            Err(e) => return Outcome::Failed(format!("building: {e}")),
+        };
+        match self.exec {
+            GpuExec::Simulated => self.simulated(v, timer),
+            GpuExec::Device { ordinal } => self.on_device(v, s, ordinal, timer),
+        }
+    }
+}
+
+fn weight_name(copy: usize, i: usize) -> String {
+    format!("w{copy}_{i}")
+}
+
+/// `copies` products of `site` on one `x [m, k]`: outputs `y0`, `y1`, ...
+fn product_graph(site: &Site, copies: usize) -> Result<Graph, String> {
+    let (n, k, act, _) = site.product();
+    let outs: Vec<String> = (0..copies).map(|c| format!("y{c}")).collect();
+    let mut text = format!("func @tune(%x: f32[m, {k}]) -> ({}) {{\n", outs.join(", "));
+    for c in 0..copies {
+        for i in 0..site.weights() {
+            let w = weight_name(c, i);
+            text.push_str(&format!("  %{w} = weight name=\"{w}\" : f32[{n}, {k}]\n"));
+            text.push_str(&format!("  %{w}t = transpose %{w} perm=[1, 0] : f32[{k}, {n}]\n"));
+        }
+        let (w0, w1) = (weight_name(c, 0), weight_name(c, 1));
+        text.push_str(&match act {
+            None => format!("  %y{c} = matmul %x, %{w0}t : f32[m, {n}]\n"),
+            Some(a) => format!("  %y{c} = gated_mlp %x, %{w0}t, %{w1}t act=\"{}\" : f32[m, {n}]\n", a.name()),
+        });
+    }
+    let rets: Vec<String> = outs.iter().map(|o| format!("{o}=%{o}")).collect();
+    text.push_str(&format!("  return {}\n}}\n", rets.join(", ")));
+    smelt_ir::text::parse(&text).map_err(|e| e.to_string())
+}
+
+/// `[n, k]` values as the graph's `[k, n]` transpose.
+fn transposed(w: &[f32], n: usize, k: usize) -> Tensor {
+    let mut t = vec![0f32; n * k];
+    for j in 0..n {
+        for p in 0..k {
+            t[p * n + j] = w[j * k + p];
+        }
+    }
+    Tensor::from_f32(DType::F32, vec![k, n], t).expect("sizes match")
+}
+
+/// `x` as a weight of type `w` holds it.
+fn round_to(x: f32, w: smelt_codegen::kir::Scalar) -> f32 {
+    match w {
+        Scalar::BF16 => half::bf16::from_f32(x).to_f32(),
+        Scalar::F16 => half::f16::from_f32(x).to_f32(),
+        _ => x,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::measure::FnTimer;
+    use smelt_codegen::tuning::GpuParams;
+
+    #[test]
+    fn the_simulated_bench_checks_variants_and_rejects_a_wrong_one() {
+        let site = Site::gpu_weight_product(24, 40, None, Scalar::F32).unwrap();
+        let mut b = GpuBench::new(site, &[1, 128], GpuExec::Simulated, Some(2)).unwrap();
+        assert_eq!(b.copies(), 2);
+        // A small block keeps the interpreter quick.
+        let p = GpuParams { threads: 128, wpg: 1, rpg: 1, unroll: 1, mtile: 4, gemv_max_m: 4, tile: 0, bk: 16, bps: 1 };
+        let v = Variant::Gpu { p };
+        let mut timer = FnTimer(|_: &Variant, m: usize| m as f64);
+        assert_eq!(b.evaluate(&v, &mut timer), Outcome::Timed(vec![1.0, 128.0]));
+        b.seed_wrong(v);
+        match b.evaluate(&v, &mut timer) {
+            Outcome::Wrong(why) => assert!(why.contains("the reference is"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        // A point the template refuses fails to build.
+        let bad = Variant::Gpu { p: GpuParams { threads: 128, wpg: 8, ..p } };
+        assert!(matches!(b.evaluate(&bad, &mut timer), Outcome::Failed(_)));
+    }
+}
