@@ -1564,3 +1564,49 @@ fn host_lowerings_refuse_wgmma() {
         "{err}"
     );
 }
+
+/// Every value of every axis of the GPU weight product's tuning space, one
+/// axis at a time from the default (what a coordinate search tries first),
+/// for a decoder's MLP shape with bf16 weights (tensor-core GEMM, and its
+/// wgmma body on sm_90a) and an f32 projection, either fails to build or
+/// gives PTX that ptxas accepts for every architecture: a variant the
+/// tuner times never fails to load for a reason the build could have seen.
+#[test]
+fn the_gpu_tuning_space_builds_ptx_that_ptxas_accepts() {
+    use smelt_codegen::tuning::{GpuParams, Site, Variant, GPU_AXES};
+    let mut kernels: Vec<Kernel> = vec![];
+    for site in [
+        Site::gpu_weight_product(1536, 576, Some("silu"), Scalar::BF16).unwrap(),
+        Site::gpu_weight_product(960, 576, None, Scalar::F32).unwrap(),
+    ] {
+        let (n, k, act, w) = site.product();
+        let default = GpuParams::default_for(n, k, w, act);
+        for (axis, (_, values)) in GPU_AXES.iter().enumerate() {
+            for &value in values.iter() {
+                let mut v = default.values();
+                v[axis] = value;
+                let variant = Variant::Gpu { p: GpuParams::from_values(v) };
+                if let Ok(b) = site.build(&site.rows_type(), &variant) {
+                    if !kernels.iter().any(|x| x.name == b.instance.kernel.name) {
+                        kernels.push(b.instance.kernel);
+                    }
+                }
+            }
+        }
+    }
+    assert!(kernels.len() > 40, "{} kernels", kernels.len());
+    let ptxas = ptxas::find_ptxas();
+    if ptxas.is_none() {
+        eprintln!("SKIPPED the ptxas part: {}", ptxas::PtxasError::NotFound);
+    }
+    for arch in GpuArch::all() {
+        let ptx = emit_ptx(&kernels, arch).unwrap_or_else(|e| panic!("{arch}: {e}"));
+        let Some(p) = &ptxas else { continue };
+        let report = ptxas::check_with(p, &ptx, arch.name()).unwrap_or_else(|e| panic!("{arch}: {e}"));
+        for k in &kernels {
+            let sym = smelt_codegen::aot::symbol_of(k);
+            let f = report.kernel(&sym).unwrap_or_else(|| panic!("{arch}: ptxas said nothing of {sym}"));
+            assert!(f.shared_bytes <= 48 << 10, "{arch} {sym}: {} B of static shared memory", f.shared_bytes);
+        }
+    }
+}
