@@ -539,12 +539,14 @@ impl Scheduler<'_> {
     /// [`select::gpu_library`]) for node `n` on operand buffers `operands`:
     /// its KIR kernels as [`Self::steps`] does, its GEMMs as library calls
     /// whose needs are `m·k`, `n·k` and `m·n`, checked against the buffers
-    /// bound to them.
+    /// bound to them; `tuning` (a measured choice of the library) is
+    /// recorded on the GEMMs' entries.
     fn library_steps(
         &mut self,
         n: NodeId,
         lib: select::gpu_library::LibrarySteps,
         operands: Vec<usize>,
+        tuning: Option<KernelTuning>,
     ) -> Result<(), ScheduleError> {
         use select::gpu_library::LibStep;
         use smelt_runtime::plan::{GemmCall, GemmCompute, LibraryCall};
@@ -605,7 +607,7 @@ impl Scheduler<'_> {
                         buffers: elems.to_vec(),
                         scalars: 1,
                         block: None,
-                        tuning: None,
+                        tuning: tuning.clone(),
                         library: Some(LibraryCall::Gemm(call)),
                     };
                     let kernel = match self.library.iter().position(|e| *e == entry) {
@@ -742,11 +744,23 @@ impl Scheduler<'_> {
             Some(nk) => (wanted, nk),
             None => (Scalar::F32, laid_out(Scalar::F32).expect("f32 holds every float value")),
         };
-        if self.options.device == Device::Gpu && self.options.gpu_gemm != GpuGemm::Kernels {
-            let act = match &node.op {
-                Op::GatedMlp { act } => Some(act.as_str()),
-                _ => None,
-            };
+        let act = match &node.op {
+            Op::GatedMlp { act } => Some(act.as_str()),
+            _ => None,
+        };
+        // On the GPU, parameters set in the options (tests' small blocks)
+        // or `--gpu-gemm cublas` win; otherwise the tuning table's winner
+        // for this GPU (generated kernel parameters, or cuBLAS), or the
+        // template's estimate.
+        let gpu_choice = (self.options.device == Device::Gpu
+            && self.options.gpu.weight_products.is_none()
+            && self.options.gpu_gemm == GpuGemm::Kernels)
+            .then(|| Site::gpu_weight_product(n_, k_, act, welem))
+            .flatten()
+            .map(|site| (site, crate::tuning::choose(&site, self.options.tuning.as_deref(), false)));
+        let tuned_library = gpu_choice.as_ref().filter(|(_, c)| c.variant == crate::tuning::Variant::Cublas);
+        if self.options.device == Device::Gpu && (self.options.gpu_gemm != GpuGemm::Kernels || tuned_library.is_some())
+        {
             let x = self.buffer_of(node.inputs[0]);
             let x_elem = scalar_of_elem(self.buffers[x].elem);
             let y_elem = self.gpu_stored_elem(node.outputs[0]);
@@ -756,23 +770,15 @@ impl Scheduler<'_> {
                 for (w, chunk) in weights.iter().zip(nk) {
                     operands.push(self.place_chunk(&format!("%{}ᵀ", w.index()), &[n_, k_], welem, chunk));
                 }
-                self.library_steps(n, lib, operands)?;
+                self.library_steps(n, lib, operands, tuned_library.map(|(_, c)| c.record.clone()))?;
                 return Ok(Some(()));
             }
         }
         if self.options.device == Device::Gpu {
-            // The GPU weight products read `[n, k]` rows with 16-byte loads.
-            let act = match &node.op {
-                Op::GatedMlp { act } => Some(act.as_str()),
-                _ => None,
-            };
-            // Parameters set in the options (tests' small blocks) win;
-            // otherwise the tuning table's winner for this GPU, or the
-            // template's estimate.
-            let choice = Site::gpu_weight_product(n_, k_, act, welem)
-                .filter(|_| self.options.gpu.weight_products.is_none())
-                .map(|site| (site, crate::tuning::choose(&site, self.options.tuning.as_deref(), false)));
-            let built = choice.as_ref().and_then(|(site, c)| Some((site.build(&x_ty, &c.variant).ok()?, c)));
+            // The GPU weight products read `[n, k]` rows with 16-byte
+            // loads. A choice that does not build here (cuBLAS for a
+            // product it does not take) falls back to the estimate.
+            let built = gpu_choice.as_ref().and_then(|(site, c)| Some((site.build(&x_ty, &c.variant).ok()?, c)));
             let (inst, record) = match built {
                 Some((b, c)) => (b.instance, Some(c.record.clone())),
                 None => {
@@ -796,10 +802,6 @@ impl Scheduler<'_> {
         // On the CPU the tuning table, or the templates' estimate, picks
         // the variant: packed panels or `[n, k]` rows, its tile sizes and
         // its lowering.
-        let act = match &node.op {
-            Op::GatedMlp { act } => Some(act.as_str()),
-            _ => None,
-        };
         let Some(site) = Site::weight_product(n_, k_, act, welem) else { return Ok(None) };
         let choice = crate::tuning::choose(&site, self.options.tuning.as_deref(), self.options.packed_weights);
         // A shape the weight kernels do not take (e.g. a 1-D activation)

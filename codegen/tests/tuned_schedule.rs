@@ -171,3 +171,22 @@ fn a_measured_gpu_winner_is_built_and_recorded() {
         .filter(|x| x.symbol != e.symbol)
         .all(|x| x.tuning.as_ref().unwrap().source != TuningSource::Measured));
 }
+
+/// A measured choice of cuBLAS for a GPU weight product makes it a library
+/// GEMM whose plan entry records the choice.
+#[test]
+fn a_measured_cublas_choice_is_a_recorded_library_call() {
+    use smelt_codegen::schedule::Device;
+    let g = smelt_ir::text::parse(GRAPH).unwrap();
+    let w = weights();
+    let site = Site::gpu_weight_product(24, 16, None, Scalar::F32).unwrap();
+    let mut tuning = Tuning::default();
+    tuning.insert(&site.signature(&[]), Variant::Cublas, "sig/m=1,128 gpu/gpu-x");
+    let options = ScheduleOptions { device: Device::Gpu, tuning: Some(Arc::new(tuning)), ..ScheduleOptions::default() };
+    let s = schedule(&g, &w, options).unwrap();
+    let l = s.plan.launches.iter().find(|l| l.node.contains("matmul")).unwrap();
+    let e = &s.plan.kernels[l.kernel];
+    assert!(e.library.is_some(), "{e:?}");
+    let t = e.tuning.as_ref().unwrap();
+    assert_eq!((t.source, t.params.as_str()), (TuningSource::Measured, "cublas"));
+}

@@ -192,17 +192,25 @@ impl GpuBench {
                     .is_some_and(|t| t.source == TuningSource::Measured && t.params == want)
             })
             .count();
-        if products != self.copies {
-            return Err(format!("the plan runs the variant in {products} of {} products", self.copies));
+        // A product is one launch of the variant (a generated kernel, or a
+        // plain product's GEMM) or two (a gated product's two GEMMs).
+        if products < self.copies {
+            return Err(format!("the plan runs the variant in {products} launches for {} products", self.copies));
         }
         Ok(s)
     }
 
     /// Why `got` (`y_0` of a run on `c`'s rows) is wrong, if it is.
     fn check_outcome(&self, v: &Variant, mut got: Vec<f32>, c: &Check) -> Option<String> {
-        let Variant::Gpu { p } = v else { return Some("not a GPU variant".into()) };
         let (_, _, _, w) = self.site.product();
-        let tensor_cores = c.m > p.gemv_max_m && w != Scalar::F32;
+        // Where the products round `x` to the weights' type: the tiled
+        // GEMM on tensor cores, and cuBLAS (one type for both operands).
+        let rounds_x = match v {
+            Variant::Gpu { p } => c.m > p.gemv_max_m,
+            Variant::Cublas => true,
+            _ => return Some("not a GPU variant".into()),
+        };
+        let tensor_cores = rounds_x && w != Scalar::F32;
         let want = if tensor_cores { &c.rounded } else { &c.exact };
         if self.wrong == Some(*v) {
             // The seeded fault: one result off.
@@ -213,9 +221,37 @@ impl GpuBench {
         compare(&got, want).map(|e| format!("{} rows: {e}", c.m))
     }
 
-    fn simulated(&self, v: &Variant, timer: &mut dyn Timer) -> Outcome {
+    fn simulated(&self, v: &Variant, s: Schedule, timer: &mut dyn Timer) -> Outcome {
         let (n, k, act, w) = self.site.product();
-        let Variant::Gpu { p } = v else { return Outcome::Failed("not a GPU variant".into()) };
+        let times = |timer: &mut dyn Timer| -> Vec<f64> {
+            self.rows.iter().map(|&m| timer.seconds(&self.site, v, m, &mut |_| 0.0)).collect()
+        };
+        let Variant::Gpu { p } = v else {
+            // cuBLAS: the whole plan, its GEMMs as reference products.
+            let constants =
+                match s.constants.finish().map_err(|e| e.to_string()).and_then(|d| d.read().map_err(|e| e.to_string()))
+                {
+                    Ok(c) => c,
+                    Err(e) => return Outcome::Failed(format!("reading the constants: {e}")),
+                };
+            for c in &self.checks {
+                let inputs = BTreeMap::from([("x".to_string(), c.x.clone())]);
+                let out = match smelt_codegen::simulate::run_gpu_plan(
+                    &self.graph,
+                    &s.kernels,
+                    &s.plan,
+                    &constants,
+                    &inputs,
+                ) {
+                    Ok(o) => o,
+                    Err(e) => return Outcome::Failed(format!("{} rows: {e}", c.m)),
+                };
+                if let Some(e) = self.check_outcome(v, out["y0"].to_f32_vec(), c) {
+                    return Outcome::Wrong(e);
+                }
+            }
+            return Outcome::Timed(times(timer));
+        };
         let params = match p.resolve(n) {
             Ok(params) => WeightProductParams { blocks: 1, ..params },
             Err(e) => return Outcome::Failed(format!("building: {e}")),
@@ -244,7 +280,7 @@ impl GpuBench {
                 return Outcome::Wrong(e);
             }
         }
-        Outcome::Timed(self.rows.iter().map(|&m| timer.seconds(&self.site, v, m, &mut |_| 0.0)).collect())
+        Outcome::Timed(times(timer))
     }
 
     #[cfg(feature = "llvm")]
@@ -342,7 +378,7 @@ impl Evaluate for GpuBench {
             Err(e) => return Outcome::Failed(format!("building: {e}")),
         };
         match self.exec {
-            GpuExec::Simulated => self.simulated(v, timer),
+            GpuExec::Simulated => self.simulated(v, s, timer),
             GpuExec::Device { ordinal } => self.on_device(v, s, ordinal, timer),
         }
     }
@@ -418,5 +454,21 @@ mod tests {
         // A point the template refuses fails to build.
         let bad = Variant::Gpu { p: GpuParams { threads: 128, wpg: 8, ..p } };
         assert!(matches!(b.evaluate(&bad, &mut timer), Outcome::Failed(_)));
+        // cuBLAS is scheduled as library calls and checked too.
+        assert_eq!(b.evaluate(&Variant::Cublas, &mut timer), Outcome::Timed(vec![1.0, 128.0]));
+    }
+
+    /// cuBLAS with bf16 weights converts `x` to bf16 first: checked
+    /// against the reference with `x` rounded, plain and gated.
+    #[test]
+    fn cublas_with_narrow_weights_is_checked_against_rounded_rows() {
+        for act in [None, Some("silu")] {
+            let site = Site::gpu_weight_product(16, 32, act, Scalar::BF16).unwrap();
+            let mut b = GpuBench::new(site, &[1], GpuExec::Simulated, Some(2)).unwrap();
+            let mut timer = FnTimer(|_: &Variant, _| 1.0);
+            assert_eq!(b.evaluate(&Variant::Cublas, &mut timer), Outcome::Timed(vec![1.0]), "{act:?}");
+            b.seed_wrong(Variant::Cublas);
+            assert!(matches!(b.evaluate(&Variant::Cublas, &mut timer), Outcome::Wrong(_)), "{act:?}");
+        }
     }
 }

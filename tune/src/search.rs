@@ -233,7 +233,7 @@ mod tests {
                     + (p.streams as f64 - 4.0).abs() / 2.0;
                 base * (1.0 + 0.05 * d)
             }
-            Variant::Rows { .. } | Variant::Gpu { .. } => base * 3.0,
+            Variant::Rows { .. } | Variant::Gpu { .. } | Variant::Cublas => base * 3.0,
         }
     }
 

@@ -51,7 +51,7 @@ fn cost(v: &Variant, m: usize) -> f64 {
                 + (!p.fma) as u8 as f64;
             base * (1.0 + 0.1 * d)
         }
-        Variant::Rows { .. } | Variant::Gpu { .. } => base * 5.0,
+        Variant::Rows { .. } | Variant::Gpu { .. } | Variant::Cublas => base * 5.0,
     }
 }
 

@@ -29,7 +29,7 @@
 //! generated kernels of `templates::gpu::weight_product`) are tunable over
 //! their block size, the GEMV's thread groups and rows per pass, the point
 //! where the tiled GEMM takes over, its tile and `k` slice, and the grid
-//! ([`gpu`]).
+//! ([`gpu`]), or done by cuBLAS instead ([`Variant::Cublas`]).
 //! Other kernels (norms, rope, attention, elementwise) have no parameters
 //! yet and are recorded as [`TuningSource::Fixed`]; the other GPU kernels
 //! take their block sizes from `select::GpuConfig`.
@@ -98,13 +98,17 @@ pub enum Variant {
     Rows { t: TileParams, lowering: Lowering },
     /// A GPU weight product's parameters ([`gpu`]).
     Gpu { p: GpuParams },
+    /// A GPU weight product done by cuBLAS (`select::gpu_library`, f32
+    /// compute: the same function, unlike TF32, which stays the user's
+    /// choice with `--gpu-gemm cublas-tf32`).
+    Cublas,
 }
 
 impl Variant {
     pub fn lowering(&self) -> Lowering {
         match self {
             Variant::Panels { lowering, .. } | Variant::Rows { lowering, .. } => *lowering,
-            Variant::Gpu { .. } => Lowering::Nvptx,
+            Variant::Gpu { .. } | Variant::Cublas => Lowering::Nvptx,
         }
     }
 }
@@ -132,6 +136,8 @@ pub enum FamilyKind {
     Panels,
     Rows,
     Gpu,
+    /// One variant, no axes: [`Variant::Cublas`].
+    Cublas,
 }
 
 /// Variants of one kind and lowering: the product of its axes.
@@ -155,6 +161,7 @@ impl Family {
                 Variant::Rows { t: TileParams { mr: v(0), nc: v(1), ksplit: v(2) }, lowering: self.lowering }
             }
             FamilyKind::Gpu => Variant::Gpu { p: GpuParams::from_values(std::array::from_fn(v)) },
+            FamilyKind::Cublas => Variant::Cublas,
         }
     }
 
@@ -168,6 +175,7 @@ impl Family {
                 vec![t.mr, t.nc, t.ksplit]
             }
             (FamilyKind::Gpu, Variant::Gpu { p }) => p.values().to_vec(),
+            (FamilyKind::Cublas, Variant::Cublas) => vec![],
             _ => return None,
         };
         self.axes.iter().zip(values).map(|(a, x)| a.values.iter().position(|&y| y == x)).collect()
@@ -241,6 +249,7 @@ impl fmt::Display for Space {
                 FamilyKind::Panels => "panels",
                 FamilyKind::Rows => "rows",
                 FamilyKind::Gpu => "gpu",
+                FamilyKind::Cublas => "cublas",
             };
             write!(f, "{kind}/{}", fam.lowering.name())?;
             for a in &fam.axes {
@@ -283,7 +292,12 @@ impl Site {
         let axis = |name, values: &[usize]| Axis { name, values: values.to_vec() };
         if self.is_gpu() {
             let axes = GPU_AXES.iter().map(|(name, values)| axis(name, values)).collect();
-            return Space { families: vec![Family { kind: FamilyKind::Gpu, lowering: Lowering::Nvptx, axes }] };
+            return Space {
+                families: vec![
+                    Family { kind: FamilyKind::Gpu, lowering: Lowering::Nvptx, axes },
+                    Family { kind: FamilyKind::Cublas, lowering: Lowering::Nvptx, axes: vec![] },
+                ],
+            };
         }
         let mut families = vec![];
         for &lowering in lowerings {
@@ -340,6 +354,7 @@ impl Site {
                 Variant::Rows { t: TileParams::default_for(Layout::NK, act.is_some()), lowering: family.lowering }
             }
             FamilyKind::Gpu => self.default_variant(false, &[]),
+            FamilyKind::Cublas => Variant::Cublas,
         };
         family.point_of(&v).unwrap_or_else(|| vec![0; family.axes.len()])
     }
@@ -350,7 +365,9 @@ impl Site {
         TensorType::new(DType::F32, vec![Dim::sym("m"), Dim::c(k as i64)])
     }
 
-    /// Builds the kernel of variant `v` for rows `x` (`[.., m, k]`).
+    /// Builds the kernel of variant `v` for rows `x` (`[.., m, k]`); a
+    /// [`Variant::Cublas`] is library calls, built by the scheduler
+    /// (`select::gpu_library`), not here.
     pub fn build(&self, x: &TensorType, v: &Variant) -> Result<Built, SelectError> {
         let (n, k, act, w) = self.product();
         match (self.is_gpu(), *v) {
@@ -497,6 +514,7 @@ impl fmt::Display for Variant {
             Variant::Rows { t, lowering } => {
                 write!(f, "rows mr={} nc={} ksplit={} lowering={}", t.mr, t.nc, t.ksplit, lowering.name())
             }
+            Variant::Cublas => write!(f, "cublas"),
             Variant::Gpu { p } => {
                 write!(f, "gpu")?;
                 for ((name, _), v) in GPU_AXES.iter().zip(p.values()) {
@@ -621,6 +639,10 @@ impl FromStr for Variant {
                     TileParams { mr: number(s, "mr", mr)?, nc: number(s, "nc", nc)?, ksplit: number(s, "ksplit", ks)? };
                 Ok(Variant::Rows { t, lowering: lw.parse().map_err(err)? })
             }
+            "cublas" => match map.keys().next() {
+                Some(k) => Err(err(format!("unknown field `{k}`"))),
+                None => Ok(Variant::Cublas),
+            },
             "gpu" => {
                 let mut map = map;
                 let mut values = [0usize; 9];
@@ -744,6 +766,16 @@ mod tests {
                 assert_eq!(v.to_string().parse::<Variant>().unwrap(), v, "{v}");
             }
         }
+        let gpu = Site::gpu_weight_product(960, 576, Some("silu"), Scalar::BF16).unwrap();
+        assert_eq!(gpu.to_string(), "gpu_weight_product n=960 k=576 act=silu w=bf16");
+        assert_eq!(gpu.to_string().parse::<Site>().unwrap(), gpu);
+        let d = gpu.default_variant(false, &[]);
+        assert_eq!(d.to_string(), "gpu threads=256 wpg=1 rpg=2 unroll=1 mtile=4 gemv_max_m=32 tile=0 bk=32 bps=4");
+        for v in [d, Variant::Cublas] {
+            assert_eq!(v.to_string().parse::<Variant>().unwrap(), v, "{v}");
+            assert!(gpu.space(&[]).contains(&v), "{v}");
+        }
+        assert!("gpu threads=256".parse::<Variant>().is_err() && "cublas x=1".parse::<Variant>().is_err());
         for bad in [
             "",
             "panels mr=1",
