@@ -45,39 +45,7 @@ left() { echo $(( BUDGET - $(elapsed) )); }
 # A stage's time limit: N seconds, or what the budget has left (less a margin).
 lim() { local l=$(( $(left) - 20 )); [ "$l" -lt "$1" ] && echo $(( l > 5 ? l : 5 )) || echo "$1"; }
 
-python3 -c "import lzma,shutil; shutil.copyfileobj(lzma.open('$G/smelt.xz'), open('$W/smelt','wb'))" || exit 1
-chmod +x "$W/smelt"
-S="$W/smelt"
-# The bundled libraries only fill in what the system lacks.
-missing=$(ldd "$S" | awk '/not found/ { print $1 }')
-if [ -n "$missing" ]; then
-  mkdir -p "$W/lib"
-  for l in $missing; do cp "$G/lib/$l" "$W/lib/" 2>/dev/null || echo "warning: $l missing"; done
-  export LD_LIBRARY_PATH="$W/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-fi
-# cuBLAS for the `--gpu-gemm cublas` artifacts: smelt looks for
-# libcublas.so(.12) by name; when the system's loader has none, the pip
-# wheel PyTorch uses (nvidia-cublas-cu12's nvidia/cublas/lib, or CUDA 13's
-# nvidia/cu13/lib, whose cublasGemmEx has the same ABI) is linked in as
-# libcublas.so.
-if [ -z "${SKIP_CUBLAS:-}" ] && ! ldconfig -p 2>/dev/null | grep -qE 'libcublas\.so(\.12)? '; then
-  cublas=$(python3 -c '
-import glob, os, nvidia
-for root in nvidia.__path__:
-    for pat in ("cublas/lib/libcublas.so.*", "cu*/lib/libcublas.so.*"):
-        hits = sorted(glob.glob(os.path.join(root, pat)))
-        if hits:
-            print(hits[-1])
-            raise SystemExit
-' 2>/dev/null)
-  if [ -n "$cublas" ]; then
-    mkdir -p "$W/cublas" && ln -sf "$cublas" "$W/cublas/libcublas.so"
-    export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$W/cublas:$(dirname "$cublas")"
-    echo "cuBLAS: $cublas"
-  else
-    echo "warning: no libcublas found; the cublas rows will fail"
-  fi
-fi
+. "$HERE/env.sh"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$R/gpu.txt"
 $S --version
 

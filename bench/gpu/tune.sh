@@ -28,17 +28,8 @@ mkdir -p "$OUT" "$W"
 t0=$(date +%s)
 stamp() { echo "== [$(( $(date +%s) - t0 ))s] $*"; }
 
-[ -x "$W/smelt" ] || {
-  python3 -c "import lzma,shutil; shutil.copyfileobj(lzma.open('$G/smelt.xz'), open('$W/smelt','wb'))" || exit 1
-  chmod +x "$W/smelt"
-}
-S="$W/smelt"
-missing=$(ldd "$S" | awk '/not found/ { print $1 }')
-if [ -n "$missing" ]; then
-  mkdir -p "$W/lib"
-  for l in $missing; do cp "$G/lib/$l" "$W/lib/" 2>/dev/null || echo "warning: $l missing"; done
-  export LD_LIBRARY_PATH="$W/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-fi
+# cuBLAS is one of the variants the tuner times (found as run.sh finds it).
+. "$HERE/env.sh"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 DB="$W/tuning.json"
 rm -f "$DB"
