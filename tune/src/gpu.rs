@@ -78,6 +78,8 @@ pub struct GpuBench {
     weights: BTreeMap<String, StoredTensor>,
     copies: usize,
     checks: Vec<Check>,
+    /// The output columns the checks compare ([`checked_columns`]).
+    cols: Vec<usize>,
     /// Copy 0's weights as stored, for the simulated check.
     stored: Vec<BufData>,
     wrong: Option<Variant>,
@@ -122,7 +124,10 @@ impl GpuBench {
             None => Op::MatMul {},
             Some(a) => Op::GatedMlp { act: a.name().to_string() },
         };
-        let kn: Vec<Tensor> = stored.iter().map(|wv| transposed(wv, n, k)).collect();
+        // The reference covers a sample of the output columns (all of a
+        // narrow product), so a wide output head is checked in seconds.
+        let cols = checked_columns(n);
+        let kn: Vec<Tensor> = stored.iter().map(|wv| transposed_columns(wv, &cols, k)).collect();
         let reference = |x: &[f32], m: usize| -> Result<Vec<f32>, TuneError> {
             let xt = Tensor::from_f32(DType::F32, vec![m, k], x.to_vec()).expect("sizes match");
             let mut operands = vec![&xt];
@@ -153,6 +158,7 @@ impl GpuBench {
             copies,
             checks,
             stored: stored_bufs,
+            cols,
             wrong: None,
         })
     }
@@ -218,7 +224,13 @@ impl GpuBench {
                 *first = -*first - 1.0;
             }
         }
-        compare(&got, want).map(|e| format!("{} rows: {e}", c.m))
+        let (n, ..) = self.site.product();
+        if got.len() != c.m * n {
+            return Some(format!("{} rows: {} results, expected {}", c.m, got.len(), c.m * n));
+        }
+        let got: Vec<f32> =
+            (0..c.m).flat_map(|i| self.cols.iter().map(move |&j| (i, j))).map(|(i, j)| got[i * n + j]).collect();
+        compare(&got, want).map(|e| format!("{} rows: {e} (of the checked columns)", c.m))
     }
 
     fn simulated(&self, v: &Variant, s: Schedule, timer: &mut dyn Timer) -> Outcome {
@@ -337,12 +349,15 @@ impl GpuBench {
         for &m in &self.rows {
             let x = Tensor::from_f32(DType::F32, vec![m, k], random(m * k, 7)).expect("sizes match");
             let mut failed = None;
-            let copies = self.copies as f64;
-            // One call of the plan runs every copy: seconds per product.
+            let copies = self.copies;
+            // The timer asks for `calls` products; one call of the plan
+            // runs every copy, so it runs enough plan calls to cover them
+            // and scales their time to `calls` products.
             let mut go = |calls: usize| -> f64 {
                 let inputs = BTreeMap::from([("x".to_string(), x.clone())]);
-                match model.time_launches(inputs, calls) {
-                    Ok(t) => t / copies,
+                let plan_calls = calls.div_ceil(copies).max(1);
+                match model.time_launches(inputs, plan_calls) {
+                    Ok(t) => t / (plan_calls * copies) as f64 * calls as f64,
                     Err(e) => {
                         failed = Some(e.to_string());
                         1.0
@@ -410,15 +425,28 @@ fn product_graph(site: &Site, copies: usize) -> Result<Graph, String> {
     smelt_ir::text::parse(&text).map_err(|e| e.to_string())
 }
 
-/// `[n, k]` values as the graph's `[k, n]` transpose.
-fn transposed(w: &[f32], n: usize, k: usize) -> Tensor {
-    let mut t = vec![0f32; n * k];
-    for j in 0..n {
+/// The output columns a check compares: all of up to 512, else 448
+/// spread evenly and the last 64 (where tiles end short).
+pub fn checked_columns(n: usize) -> Vec<usize> {
+    if n <= 512 {
+        return (0..n).collect();
+    }
+    let mut cols: Vec<usize> = (0..448).map(|i| i * (n - 64) / 448).collect();
+    cols.extend(n - 64..n);
+    cols
+}
+
+/// Columns `cols` of `[n, k]` values (rows of `W`), as the graph's
+/// `[k, cols]` transpose.
+fn transposed_columns(w: &[f32], cols: &[usize], k: usize) -> Tensor {
+    let c = cols.len();
+    let mut t = vec![0f32; c * k];
+    for (jj, &j) in cols.iter().enumerate() {
         for p in 0..k {
-            t[p * n + j] = w[j * k + p];
+            t[p * c + jj] = w[j * k + p];
         }
     }
-    Tensor::from_f32(DType::F32, vec![k, n], t).expect("sizes match")
+    Tensor::from_f32(DType::F32, vec![k, c], t).expect("sizes match")
 }
 
 /// `x` as a weight of type `w` holds it.
@@ -435,6 +463,15 @@ mod tests {
     use super::*;
     use crate::measure::FnTimer;
     use smelt_codegen::tuning::GpuParams;
+
+    #[test]
+    fn wide_outputs_check_a_sample_of_columns_with_the_tail() {
+        assert_eq!(checked_columns(24), (0..24).collect::<Vec<_>>());
+        let c = checked_columns(49152);
+        assert_eq!(c.len(), 512);
+        assert!(c.windows(2).all(|w| w[0] < w[1]), "sorted and distinct");
+        assert_eq!((c[0], c[447] < 49152 - 64, c[511]), (0, true, 49151));
+    }
 
     #[test]
     fn the_simulated_bench_checks_variants_and_rejects_a_wrong_one() {
