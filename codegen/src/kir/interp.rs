@@ -229,7 +229,22 @@ struct SimState<'m> {
 
 struct Sim<'m> {
     state: Mutex<SimState<'m>>,
-    cv: Condvar,
+    /// One per simulated thread: passing the baton wakes only the thread
+    /// whose turn it is (waking every thread at every turn made the
+    /// simulation spend most of its time in the kernel's scheduler).
+    cvs: Vec<Condvar>,
+}
+
+impl Sim<'_> {
+    /// Wakes the thread whose turn `st` says it is, or every thread when
+    /// one failed (they all abort).
+    fn wake(&self, st: &SimState<'_>) {
+        if st.error.is_some() {
+            self.cvs.iter().for_each(Condvar::notify_all);
+        } else if let Some(cv) = self.cvs.get(st.turn) {
+            cv.notify_all();
+        }
+    }
 }
 
 fn run_block(
@@ -251,15 +266,16 @@ fn run_block(
             async_reads: vec![0; kernel.buffers.len()],
             unfenced: vec![0; kernel.buffers.len()],
         }),
-        cv: Condvar::new(),
+        cvs: (0..n).map(|_| Condvar::new()).collect(),
     };
     std::thread::scope(|s| {
         for me in 0..n {
             let sim = &sim;
             s.spawn(move || {
                 let tid = [me % block[0], (me / block[0]) % block[1], me / (block[0] * block[1])];
-                let guard =
-                    sim.cv.wait_while(sim.state.lock().unwrap(), |st| st.turn != me && st.error.is_none()).unwrap();
+                let guard = sim.cvs[me]
+                    .wait_while(sim.state.lock().unwrap(), |st| st.turn != me && st.error.is_none())
+                    .unwrap();
                 if guard.error.is_some() {
                     return;
                 }
@@ -275,7 +291,7 @@ fn run_block(
                         if g.error.is_none() {
                             g.error = Some(format!("thread {tid:?}: {e}"));
                         }
-                        sim.cv.notify_all();
+                        sim.wake(&g);
                     }
                 }
             });
@@ -373,11 +389,11 @@ impl<'a, 'm> Thread<'a, 'm> {
                 "barrier divergence: threads {at:?} wait at a barrier that the other threads of the block never reach"
             ));
         }
-        sim.cv.notify_all();
+        sim.wake(&g);
         if status == Status::Done {
             return Ok(());
         }
-        let g = sim.cv.wait_while(g, |st| st.turn != me && st.error.is_none()).unwrap();
+        let g = sim.cvs[me].wait_while(g, |st| st.turn != me && st.error.is_none()).unwrap();
         if g.error.is_some() {
             *guard = Some(g);
             return Err("aborted: another thread failed".into());
