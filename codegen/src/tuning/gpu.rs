@@ -194,11 +194,14 @@ mod tests {
     }
 
     /// Every value of every axis, one axis at a time from the default (the
-    /// points a coordinate search visits first), builds a kernel or is
-    /// refused when built, for f32 and tensor-core (bf16) weights, plain
-    /// and gated.
+    /// points a coordinate search visits first), builds a kernel that
+    /// computes the product in the interpreter's GPU mode on the rows its
+    /// axis matters for (decode rows and a few for the GEMV's, rows past
+    /// every `gemv_max_m` for the tiled GEMM's); for f32 and tensor-core
+    /// (bf16) weights, plain and gated.
     #[test]
-    fn each_axis_value_builds_or_is_refused() {
+    fn each_axis_value_builds_a_correct_kernel() {
+        use crate::templates::gpu::weight_testing::check_product;
         let (n, k) = (24, 48);
         let mut built = 0;
         for (w, act) in [(Scalar::F32, None), (Scalar::BF16, Some(Act::Silu))] {
@@ -209,11 +212,27 @@ mod tests {
                     let mut v = default.values();
                     v[axis] = value;
                     let p = GpuParams::from_values(v);
-                    match site.build(&site.rows_type(), &super::super::Variant::Gpu { p }) {
-                        Ok(_) => built += 1,
-                        // Only a point the rules refuse: 8 warps per group
-                        // of a 128-thread block.
-                        Err(e) => assert!(*name == "wpg" && value == 8, "{name}={value}: {e}"),
+                    // From the default (256 threads) every one-axis move
+                    // is a point the template takes.
+                    site.build(&site.rows_type(), &super::super::Variant::Gpu { p })
+                        .unwrap_or_else(|e| panic!("{name}={value}: {e}"));
+                    built += 1;
+                    // The grid's size changes no result (both paths stride
+                    // by it), so the interpreter runs a one-block grid.
+                    let params = WeightProductParams { blocks: 1, ..p.resolve(n).unwrap() };
+                    let x = site.rows_type();
+                    let small = crate::select::weight_node_gpu(&x, n, k, act.map(Act::name), w, Some(&params))
+                        .unwrap_or_else(|e| panic!("{name}={value}: {e}"));
+                    // Each axis on the rows its path runs.
+                    let rows: &[usize] = match *name {
+                        "wpg" | "rpg" | "unroll" | "mtile" => &[1, 5],
+                        "tile" | "bk" => &[70],
+                        "gemv_max_m" => &[5, 70],
+                        "threads" => &[1, 70],
+                        _ => &[1],
+                    };
+                    for &m in rows {
+                        check_product(&small.kernel, &op(w, act), &params, m, n, k);
                     }
                 }
             }
@@ -224,9 +243,7 @@ mod tests {
     /// Two points far from the default, every axis moved (small blocks:
     /// the interpreter runs a GPU block's threads one by one), compute the
     /// product in the interpreter's GPU mode on both paths: decode rows, a
-    /// few rows and rows past `gemv_max_m` for the tiled GEMM (the
-    /// interpreter takes about a minute for these five runs in a debug
-    /// build).
+    /// few rows and rows past `gemv_max_m` for the tiled GEMM.
     #[test]
     fn far_points_compute_the_product() {
         use crate::templates::gpu::weight_testing::check_product;
