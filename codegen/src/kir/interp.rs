@@ -9,8 +9,10 @@
 //! - [`Mode::Gpu`] runs a grid of thread blocks, one block at a time. Within
 //!   a block every thread is an OS thread, but only one runs at a time: thread
 //!   0 runs to its next barrier, then thread 1, and so on; when the last
-//!   thread arrives the next phase starts at thread 0. The schedule is
-//!   therefore deterministic, and a barrier reached by some threads while
+//!   thread arrives the next phase starts at thread 0 (each thread waits on
+//!   its own condition variable, so passing the turn wakes one thread). The
+//!   schedule is therefore deterministic, and a barrier reached by some
+//!   threads while
 //!   others finish is reported as divergence. Warp shuffles synchronise the
 //!   whole block (publish, barrier, read, barrier), so every thread of the
 //!   block must execute the same shuffles. A tensor-core [`Mma`] is
