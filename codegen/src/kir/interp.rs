@@ -12,10 +12,9 @@
 //!   thread arrives the next phase starts at thread 0 (each thread waits on
 //!   its own condition variable, so passing the turn wakes one thread). The
 //!   schedule is therefore deterministic, and a barrier reached by some
-//!   threads while
-//!   others finish is reported as divergence. Warp shuffles synchronise the
-//!   whole block (publish, barrier, read, barrier), so every thread of the
-//!   block must execute the same shuffles. A tensor-core [`Mma`] is
+//!   threads while others finish is reported as divergence. Warp shuffles
+//!   synchronise the whole block (publish, barrier, read, barrier), so every
+//!   thread of the block must execute the same shuffles. A tensor-core [`Mma`] is
 //!   simulated the same way: every lane publishes its fragments, and each
 //!   computes its part of `D` from its warp's 32 fragments. A warpgroup
 //!   [`Wgmma`] publishes its descriptors (which must agree over the
