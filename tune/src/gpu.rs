@@ -208,7 +208,7 @@ impl GpuBench {
 
     /// Why `got` (`y_0` of a run on `c`'s rows) is wrong, if it is.
     fn check_outcome(&self, v: &Variant, mut got: Vec<f32>, c: &Check) -> Option<String> {
-        let (_, _, _, w) = self.site.product();
+        let (n, _, _, w) = self.site.product();
         // Where the products round `x` to the weights' type: the tiled
         // GEMM on tensor cores, and cuBLAS (one type for both operands).
         let rounds_x = match v {
@@ -224,7 +224,6 @@ impl GpuBench {
                 *first = -*first - 1.0;
             }
         }
-        let (n, ..) = self.site.product();
         if got.len() != c.m * n {
             return Some(format!("{} rows: {} results, expected {}", c.m, got.len(), c.m * n));
         }
@@ -240,12 +239,10 @@ impl GpuBench {
         };
         let Variant::Gpu { p } = v else {
             // cuBLAS: the whole plan, its GEMMs as reference products.
-            let constants =
-                match s.constants.finish().map_err(|e| e.to_string()).and_then(|d| d.read().map_err(|e| e.to_string()))
-                {
-                    Ok(c) => c,
-                    Err(e) => return Outcome::Failed(format!("reading the constants: {e}")),
-                };
+            let constants = match constant_bytes(s.constants) {
+                Ok(c) => c,
+                Err(e) => return Outcome::Failed(e),
+            };
             for c in &self.checks {
                 let inputs = BTreeMap::from([("x".to_string(), c.x.clone())]);
                 let out = match smelt_codegen::simulate::run_gpu_plan(
@@ -321,11 +318,10 @@ impl GpuBench {
             e.lowering = "nvptx".into();
         }
         plan.ptx = vec![PtxModule { arch: arch.name().into(), file: "tune.ptx".into() }];
-        let bytes =
-            match constants.finish().map_err(|e| e.to_string()).and_then(|d| d.read().map_err(|e| e.to_string())) {
-                Ok(b) => b,
-                Err(e) => return Outcome::Failed(format!("reading the constants: {e}")),
-            };
+        let bytes = match constant_bytes(constants) {
+            Ok(b) => b,
+            Err(e) => return Outcome::Failed(e),
+        };
         let opened = Weights::from_bytes(&bytes).map_err(|e| e.to_string()).and_then(|w| {
             let plan = CudaPlan::new(plan, Signature::from_graph(&self.graph), w.len()).map_err(|e| e.to_string())?;
             CudaModel::with_plan(plan, &w, &|_| Ok(ptx.clone()), ordinal).map_err(|e| e.to_string())
@@ -397,6 +393,12 @@ impl Evaluate for GpuBench {
             GpuExec::Device { ordinal } => self.on_device(v, s, ordinal, timer),
         }
     }
+}
+
+/// The bytes a schedule's constants writer holds.
+fn constant_bytes(c: smelt_runtime::constants::ConstantsWriter) -> Result<Vec<u8>, String> {
+    let read = c.finish().map_err(|e| e.to_string()).and_then(|d| d.read().map_err(|e| e.to_string()));
+    read.map_err(|e| format!("reading the constants: {e}"))
 }
 
 fn weight_name(copy: usize, i: usize) -> String {
