@@ -778,9 +778,15 @@ impl Scheduler<'_> {
             // The GPU weight products read `[n, k]` rows with 16-byte
             // loads. A choice that does not build here (cuBLAS for a
             // product it does not take) falls back to the estimate.
-            let built = gpu_choice.as_ref().and_then(|(site, c)| Some((site.build(&x_ty, &c.variant).ok()?, c)));
+            let built = gpu_choice.as_ref().and_then(|(site, c)| {
+                let estimate = || {
+                    let d = crate::tuning::choose(site, None, false);
+                    site.build(&x_ty, &d.variant).map(|b| (b, d.record))
+                };
+                site.build(&x_ty, &c.variant).map(|b| (b, c.record.clone())).or_else(|_| estimate()).ok()
+            });
             let (inst, record) = match built {
-                Some((b, c)) => (b.instance, Some(c.record.clone())),
+                Some((b, record)) => (b.instance, Some(record)),
                 None => {
                     let params = self.options.gpu.weight_products;
                     let inst = select::weight_node_gpu(&x_ty, n_, k_, act, welem, params.as_ref());
