@@ -159,7 +159,9 @@ impl TuningArgs {
     /// with a note, when no GPU is visible (records are only applied to the
     /// GPU they were measured on).
     pub fn load_gpu(&self) -> Option<(Arc<Tuning>, PathBuf)> {
-        if self.no_tuning {
+        // Without a database there is nothing to match: the GPU is not
+        // opened.
+        if self.no_tuning || (self.tuning_db.is_none() && db::default_path().filter(|p| p.exists()).is_none()) {
             return None;
         }
         match smelt_runtime::cuda::probe(0) {
@@ -366,9 +368,6 @@ pub fn cpu_options(weight_dtype: WeightDtype, tuning: Option<Arc<Tuning>>) -> Sc
     ScheduleOptions { packed_weights: true, weight_dtype, panel: panel(), tuning, ..ScheduleOptions::default() }
 }
 
-/// Loads `model` (a checkpoint folder or an .onnx file), runs the passes
-/// and schedules it for the CPU, untuned: the plan `smelt tune` reads the
-/// model's kernels from. The constants are built in memory and dropped.
 /// The schedule options of `--target cuda` (generated weight products).
 pub fn gpu_options(weight_dtype: WeightDtype) -> ScheduleOptions {
     ScheduleOptions { device: smelt_codegen::schedule::Device::Gpu, weight_dtype, ..ScheduleOptions::default() }
@@ -380,6 +379,9 @@ pub fn gpu_plan(model: &std::path::Path, weight_dtype_arg: Option<WeightDtypeArg
     plan_with(model, weight_dtype_arg, gpu_options)
 }
 
+/// Loads `model` (a checkpoint folder or an .onnx file), runs the passes
+/// and schedules it for the CPU, untuned: the plan `smelt tune` reads the
+/// model's kernels from. The constants are built in memory and dropped.
 pub fn cpu_plan(model: &std::path::Path, weight_dtype_arg: Option<WeightDtypeArg>) -> Result<NativePlan> {
     plan_with(model, weight_dtype_arg, |wd| cpu_options(wd, None))
 }
