@@ -194,3 +194,58 @@ fn a_winner_that_does_not_hold_up_when_timed_again_is_not_kept() {
     assert_eq!(f.best, default);
     assert_eq!(reports[0].record.as_ref().unwrap().params, default.to_string());
 }
+
+/// The known GPU optimum of [`gpu_cost`]: a 128-thread block, two warps
+/// per GEMV group, the GEMM's second tile and 64-wide `k` slices.
+fn gpu_optimum() -> Variant {
+    use smelt_codegen::tuning::GpuParams;
+    let d = GpuParams::default_for(24, 40, Scalar::F32, None);
+    Variant::Gpu { p: GpuParams { threads: 128, wpg: 2, tile: 1, bk: 64, ..d } }
+}
+
+/// Separable in the GPU axes (value-index distance from [`gpu_optimum`]);
+/// cuBLAS is slower than every generated kernel.
+fn gpu_cost(v: &Variant, m: usize) -> f64 {
+    use smelt_codegen::tuning::GPU_AXES;
+    let (Variant::Gpu { p }, Variant::Gpu { p: best }) = (v, gpu_optimum()) else { return 1e-3 * m as f64 };
+    let index = |a: usize, x: usize| GPU_AXES[a].1.iter().position(|&y| y == x).unwrap() as f64;
+    let d: f64 =
+        p.values().iter().zip(best.values()).enumerate().map(|(a, (x, b))| (index(a, *x) - index(a, b)).abs()).sum();
+    1e-6 * m as f64 * (1.0 + 0.1 * d)
+}
+
+/// The GPU path end to end without a GPU: every variant is scheduled as a
+/// compile would and checked in the KIR interpreter's GPU mode
+/// (`GpuExec::Simulated`); the fake timer's optimum is found, a seeded
+/// wrong variant that the search visits (a 512-thread block, tried in the
+/// first sweep of the block-size axis) is rejected and never stored, and
+/// the record
+/// carries the GPU bucket and fingerprint.
+#[test]
+fn gpu_tuning_on_the_simulated_gpu_finds_the_optimum_and_rejects_a_wrong_variant() {
+    use smelt_codegen::tuning::GpuParams;
+    let site = Site::gpu_weight_product(24, 40, None, Scalar::F32).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db.json");
+    let gpu = Device::gpu("Simulated GPU", (9, 0), 12080);
+    let cfg = Config {
+        threads: 0,
+        device: gpu.clone(),
+        packed_default: false,
+        lowerings: vec![Lowering::Nvptx],
+        gpu: Some(smelt_tune::gpu::GpuExec::Simulated),
+        ..config(Some(path.clone()))
+    };
+    let wrong = Variant::Gpu { p: GpuParams { threads: 512, ..GpuParams::default_for(24, 40, Scalar::F32, None) } };
+    let reports = tune(vec![job(site)], &cfg, &mut FnTimer(gpu_cost), &mut Quiet, |b| b.seed_wrong(wrong)).unwrap();
+    let f = reports[0].found.as_ref().unwrap_or_else(|| panic!("{:?}", reports[0].error));
+    assert_eq!(f.best, gpu_optimum());
+    assert_eq!(f.rejected.iter().map(|r| r.0).collect::<Vec<_>>(), vec![wrong]);
+    assert!(f.rejected[0].1.contains("the reference is"), "{}", f.rejected[0].1);
+    let r = reports[0].record.as_ref().unwrap();
+    assert_eq!((r.key.bucket.as_str(), r.key.device.as_str()), ("m=1,16 gpu", gpu.id.as_str()));
+    assert_eq!(r.params, gpu_optimum().to_string());
+    let (stored, w) = Db::load(&path);
+    assert!(w.is_empty(), "{w:?}");
+    assert_eq!(stored.len(), 1);
+}
