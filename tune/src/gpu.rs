@@ -83,6 +83,12 @@ pub struct GpuBench {
     /// Copy 0's weights as stored, for the simulated check.
     stored: Vec<BufData>,
     wrong: Option<Variant>,
+    /// The site's signature (the tuning table key the plans are built with).
+    signature: String,
+    /// The device's compute capability (`GpuExec::Device`), read once
+    /// (only the llvm build emits PTX for it).
+    #[cfg_attr(not(feature = "llvm"), allow(dead_code))]
+    capability: Option<(u32, u32)>,
 }
 
 impl GpuBench {
@@ -92,6 +98,13 @@ impl GpuBench {
         if !site.is_gpu() {
             return Err(TuneError::Target { site: site.to_string(), target: "cuda" });
         }
+        // The PTX's architecture is the device's: read once, here.
+        let capability = match exec {
+            GpuExec::Device { ordinal } => {
+                Some(smelt_runtime::cuda::probe(ordinal).map_err(|e| TuneError::Gpu(e.to_string()))?.compute_capability)
+            }
+            GpuExec::Simulated => None,
+        };
         let (n, k, act, w) = site.product();
         let per_copy = site.weights() * n * k * w.size();
         let copies = copies.unwrap_or_else(|| ROTATE_BYTES.div_ceil(per_copy.max(1)).clamp(1, MAX_COPIES)).max(1);
@@ -160,6 +173,8 @@ impl GpuBench {
             stored: stored_bufs,
             cols,
             wrong: None,
+            signature: site.signature(&[]),
+            capability,
         })
     }
 
@@ -173,7 +188,7 @@ impl GpuBench {
     fn schedule(&self, v: &Variant) -> Result<Schedule, String> {
         let (_, _, _, w) = self.site.product();
         let mut tuning = Tuning::default();
-        tuning.insert(&self.site.signature(&[]), *v, "smelt-tune");
+        tuning.insert(&self.signature, *v, "smelt-tune");
         let weight_dtype = match w {
             Scalar::BF16 => WeightDtype::BF16,
             Scalar::F16 => WeightDtype::F16,
@@ -300,13 +315,9 @@ impl GpuBench {
         use smelt_runtime::native::Weights;
         use smelt_runtime::plan::PtxModule;
 
-        let info = match smelt_runtime::cuda::probe(ordinal) {
-            Ok(i) => i,
-            Err(e) => return Outcome::Failed(e.to_string()),
-        };
-        let arch = match info.compute_capability {
-            (9, 0) => GpuArch::Sm90a,
-            (9.., _) => GpuArch::Sm90,
+        let arch = match self.capability {
+            Some((9, 0)) => GpuArch::Sm90a,
+            Some((9.., _)) => GpuArch::Sm90,
             _ => GpuArch::Sm80,
         };
         let ptx = match emit_ptx(&s.kernels, arch) {
