@@ -1,10 +1,12 @@
 //! Small probes of the machine's limits, measured in the same run as a
 //! benchmark (machines drift, so figures from different runs are not
-//! compared): streaming read bandwidth with 256-bit loads (four streams
-//! per thread), and f32 FMA peak
-//! with 256-bit FMAs in enough independent chains to cover the latency.
-//! On machines without AVX2/FMA the probes fall back to portable code, whose
-//! figures are then what plain Rust reaches, not the hardware's peak.
+//! compared): streaming read bandwidth (four streams per thread), and f32
+//! FMA peak with FMAs in enough independent chains to cover the latency.
+//! Both use the widest vectors the host has: 512-bit with AVX-512 (where
+//! the kernels use them too, so a 256-bit probe would report half the FMA
+//! peak), else 256-bit with AVX2 and FMA. On machines with neither the
+//! probes fall back to portable code, whose figures are then what plain
+//! Rust reaches, not the hardware's peak.
 
 use std::time::Instant;
 
@@ -45,6 +47,11 @@ fn read_bandwidth(threads: usize) -> f64 {
 /// stream per thread reported less than those kernels reached.
 fn sum(c: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX-512F is present (checked above).
+        return unsafe { sum_avx512(c) };
+    }
+    #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx2") {
         // SAFETY: AVX2 is present (checked above).
         return unsafe { sum_avx2(c) };
@@ -83,6 +90,32 @@ unsafe fn sum_avx2(c: &[f32]) -> f32 {
     out.iter().sum::<f32>() + c[STREAMS * len..].iter().sum::<f32>()
 }
 
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn sum_avx512(c: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let mut acc = [_mm512_setzero_ps(); 2 * STREAMS];
+    // Each stream reads `blocks` blocks of 32 floats (two cache lines)
+    // from its own quarter.
+    let blocks = c.len() / (32 * STREAMS);
+    let len = blocks * 32;
+    let p = c.as_ptr();
+    for i in 0..blocks {
+        for s in 0..STREAMS {
+            for j in 0..2 {
+                // SAFETY: s * len + i * 32 + j * 16 + 16 <= STREAMS * len <= c.len().
+                let v = unsafe { _mm512_loadu_ps(p.add(s * len + i * 32 + j * 16)) };
+                acc[2 * s + j] = _mm512_add_ps(acc[2 * s + j], v);
+            }
+        }
+    }
+    let mut total = _mm512_setzero_ps();
+    for a in acc {
+        total = _mm512_add_ps(total, a);
+    }
+    _mm512_reduce_add_ps(total) + c[STREAMS * len..].iter().sum::<f32>()
+}
+
 /// Best of several timed runs of independent FMA chains on every thread.
 fn fma_peak(threads: usize) -> f64 {
     let iters = 20_000_000u64;
@@ -100,6 +133,11 @@ fn fma_peak(threads: usize) -> f64 {
 
 /// Runs the chains and returns the flops done.
 fn fma_chains(iters: u64) -> f64 {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX-512F is present (checked above).
+        return unsafe { fma_avx512(iters) };
+    }
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
         // SAFETY: AVX2 and FMA are present (checked above).
@@ -131,4 +169,22 @@ unsafe fn fma_avx2(iters: u64) -> f64 {
     }
     std::hint::black_box(acc);
     (iters / 12 * 12 * 8 * 2) as f64
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn fma_avx512(iters: u64) -> f64 {
+    use std::arch::x86_64::*;
+    // Twelve independent chains, as with AVX2: two 512-bit FMA pipes with a
+    // latency of four cycles need at least eight in flight.
+    let mut acc = [_mm512_set1_ps(1.0); 12];
+    let a = _mm512_set1_ps(0.999_999);
+    let b = _mm512_set1_ps(1e-7);
+    for _ in 0..iters / 12 {
+        for x in acc.iter_mut() {
+            *x = _mm512_fmadd_ps(*x, a, b);
+        }
+    }
+    std::hint::black_box(acc);
+    (iters / 12 * 12 * 16 * 2) as f64
 }

@@ -164,6 +164,13 @@ impl PanelParams {
     /// with 2 FMA chains (LLVM folds the weight loads into the FMAs).
     pub const WIDE: PanelParams = PanelParams { mr: 6, nr: 16, lanes: 8, ksplit: 4, streams: 4, fma: true };
 
+    /// The same tiles in 16-lane vectors for AVX-512 hosts (LLVM), whose 32
+    /// ZMM registers hold them with room to spare: 6 x 32 tiles keep 12
+    /// accumulators; single-row tiles read 4 panels, each step of each one
+    /// a whole 64-byte line of f32 weights (half a line of bf16), with 2
+    /// FMA chains per panel.
+    pub const WIDE_AVX512: PanelParams = PanelParams { mr: 6, nr: 32, lanes: 16, ksplit: 4, streams: 4, fma: true };
+
     pub fn packing(&self) -> Packing {
         Packing::Panels { nr: self.nr }
     }

@@ -305,12 +305,12 @@ impl Site {
                 kind: FamilyKind::Panels,
                 lowering,
                 axes: vec![
-                    axis("mr", &[1, 2, 3, 4, 5, 6, 7, 8]),
-                    axis("nr", &[4, 8, 12, 16]),
+                    // Taller tiles than 8 rows fit only AVX-512's 32 registers.
+                    axis("mr", &[1, 2, 3, 4, 5, 6, 7, 8, 10, 12]),
+                    axis("nr", &[4, 8, 12, 16, 32]),
                     axis("ksplit", &[1, 2, 4, 8]),
                     axis("fma", &[0, 1]),
-                    // Cranelift lowers 4-lane vectors only.
-                    axis("lanes", if lowering == Lowering::Llvm { &[4, 8] } else { &[4] }),
+                    axis("lanes", &host_lanes(lowering)),
                     axis("streams", &[1, 2, 4]),
                 ],
             });
@@ -726,19 +726,38 @@ pub fn choose(site: &Site, tuning: Option<&Tuning>, packed_weights: bool) -> Cho
 }
 
 /// The packed-panel parameters used without a measurement, and their
-/// lowering: 6x16 tiles of 8-lane vectors with FMA through LLVM where the
-/// build has it and the host has AVX2 and FMA (the classic Haswell GEMM
-/// micro-kernel), 4-lane tiles with FMA through LLVM on other hosts, and
-/// Cranelift's 6x8 tiles without LLVM.
+/// lowering, where the build has LLVM: 6x32 tiles of 16-lane vectors with
+/// FMA on hosts with AVX-512, 6x16 tiles of 8-lane vectors where the host
+/// has AVX2 and FMA (the classic Haswell GEMM micro-kernel), 4-lane tiles
+/// with FMA on other hosts; Cranelift's 6x8 tiles without LLVM.
 pub fn default_panels(lowerings: &[Lowering]) -> (PanelParams, Lowering) {
     if !lowerings.contains(&Lowering::Llvm) {
         return (PanelParams::DEFAULT, Lowering::Cranelift);
+    }
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        return (PanelParams::WIDE_AVX512, Lowering::Llvm);
     }
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
         return (PanelParams::WIDE, Lowering::Llvm);
     }
     (PanelParams { fma: true, ..PanelParams::DEFAULT }, Lowering::Llvm)
+}
+
+/// The vector widths (f32 lanes) worth trying with `lowering` on this
+/// host: Cranelift lowers 4-lane vectors only; LLVM also 8 (AVX2 or
+/// wider) and 16 where the host has AVX-512 (on other hosts LLVM would
+/// split them into narrower vectors, which only wastes the budget).
+fn host_lanes(lowering: Lowering) -> Vec<usize> {
+    if lowering != Lowering::Llvm {
+        return vec![4];
+    }
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        return vec![4, 8, 16];
+    }
+    vec![4, 8]
 }
 
 /// The record of a kernel without tunable parameters.
@@ -792,7 +811,7 @@ mod tests {
     fn the_space_enumerates_and_locates_every_variant() {
         let s = site();
         let space = s.space(&[Lowering::Cranelift]);
-        assert_eq!(space.len(), 8 * 4 * 4 * 2 * 3 + 5 * 4 * 3);
+        assert_eq!(space.len(), 10 * 5 * 4 * 2 * 3 + 5 * 4 * 3);
         for fam in &space.families {
             let all = fam.variants();
             assert_eq!(all.len(), fam.len());
@@ -804,6 +823,10 @@ mod tests {
         for packed in [true, false] {
             assert!(space.contains(&s.default_variant(packed, &[Lowering::Cranelift])));
         }
+        // The host's LLVM space holds the host's default panels (16-lane
+        // ones on AVX-512 hosts, 8-lane ones on AVX2 hosts).
+        let llvm_space = s.space(&[Lowering::Llvm]);
+        assert!(llvm_space.contains(&s.default_variant(true, &[Lowering::Llvm])));
         // An LLVM variant is not in a Cranelift-only space.
         let llvm = Variant::Rows { t: TileParams { mr: 1, nc: 1, ksplit: 1 }, lowering: Lowering::Llvm };
         assert!(!space.contains(&llvm));
