@@ -7,8 +7,9 @@
 //!
 //! Each thread owns [`PARTS_PER_THREAD`] consecutive parts of every launch
 //! (thread `t` parts `t * PARTS_PER_THREAD..`) and claims them in order
-//! first; a thread done with its own parts of a launch then claims the
-//! parts other threads have not claimed yet.
+//! first; a thread done with its own parts of a launch then waits for the
+//! others, and when the wait is long it claims the parts other threads
+//! have not claimed yet.
 //!
 //! Why own parts first: a kernel maps consecutive parts to consecutive
 //! ranges of its parallel loop, so a thread that runs its own parts in
@@ -31,8 +32,8 @@
 //! - no allocation and no lock per launch: the job (a pointer to the task
 //!   and the launch count) is published once per [`Team::run`], workers are
 //!   woken once per run, and claiming and finishing a part is one atomic
-//!   each (a claim of an own part touches only its thread's counter, on a
-//!   cache line of its own);
+//!   each, on counters of the thread's own (each on a cache line of its
+//!   own), which the other threads only read;
 //! - waiting spins briefly, then yields; idle workers (between runs) end up
 //!   asleep on a condition variable, so an idle team costs no CPU;
 //! - a panic in a task (on any thread) is caught: the team is poisoned, every
@@ -50,6 +51,11 @@ use std::thread::JoinHandle;
 /// Spins before yielding, and yields before sleeping (idle workers only).
 const SPINS: u32 = 1 << 10;
 const YIELDS: u32 = 1 << 8;
+
+/// Spins of a thread waiting for a launch's other parts between its looks
+/// for parts nobody has claimed (a few microseconds: a launch's last parts
+/// usually finish sooner, and then nobody looks).
+const STEAL_AFTER: u32 = 128;
 
 /// Parts per thread in a launch: enough for the running threads to take
 /// over a descheduled one's share, few enough that a part is still a
@@ -90,8 +96,9 @@ struct Shared {
     /// or by others), counted over all launches: value `c` is launch
     /// `c / own`, part `thread * own + c % own`.
     claimed: Vec<Padded>,
-    /// Parts of the current job finished, over all its launches.
-    finished: Padded,
+    /// Per thread, the parts of the current job it finished (its own and
+    /// others'), over all launches; only that thread writes its counter.
+    finished: Vec<Padded>,
     /// Workers done with the current job.
     done: AtomicUsize,
     poisoned: AtomicBool,
@@ -113,24 +120,9 @@ unsafe impl Sync for Shared {}
 unsafe impl Send for Shared {}
 
 impl Shared {
-    /// Waits until `parts` parts have finished; false when the team was
-    /// poisoned meanwhile (the job is then abandoned).
-    fn wait_finished(&self, parts: usize) -> bool {
-        let mut spins = 0u32;
-        loop {
-            if self.finished.0.load(Ordering::Acquire) >= parts {
-                return true;
-            }
-            if self.poisoned.load(Ordering::Acquire) {
-                return false;
-            }
-            if spins < SPINS {
-                spins += 1;
-                std::hint::spin_loop();
-            } else {
-                std::thread::yield_now();
-            }
-        }
+    /// Parts of the current job finished, over all threads.
+    fn finished(&self) -> usize {
+        self.finished.iter().map(|f| f.0.load(Ordering::Acquire)).sum()
     }
 
     fn poison(&self, thread: usize, launch: usize) {
@@ -140,33 +132,62 @@ impl Shared {
         self.poisoned.store(true, Ordering::Release);
     }
 
-    /// Claims and runs parts of the job as `thread` until none is left;
-    /// catches a panic and poisons.
+    /// Runs the job's launches as `thread`: in each, its own parts, then
+    /// it waits for the launch's other parts to finish, and runs those of
+    /// them no thread has claimed when the wait is long (their owner is
+    /// descheduled or has more work); catches a panic and poisons.
     ///
-    /// No deadlock: a thread claims parts of launch `l` only, its own and
-    /// then others', until every part of `l` is claimed, and only then
-    /// moves on to `l + 1`; a part waits only for the parts of earlier
-    /// launches, all claimed by then by threads that run them without
-    /// waiting for anything later.
+    /// Waiting first and taking over parts only later keeps a launch's
+    /// synchronisation to one write of each thread's `finished` counter
+    /// and its reads by the others: when every thread runs, nobody touches
+    /// another thread's `claimed` line. (Each part bumping one shared
+    /// counter moved that cache line between cores for every part, which
+    /// cost microseconds per launch when the cores were far apart.)
+    ///
+    /// No deadlock: a thread moves on to launch `l + 1` only once every
+    /// part of `l` has finished, and a waiting thread runs any part of `l`
+    /// still unclaimed, so every part of `l` is claimed by a thread that
+    /// runs it without waiting for anything.
     fn run_job(&self, job: Job, thread: usize) {
         let Some(task) = job.task else { return };
         // SAFETY: the caller of `Team::run` keeps the task alive until every
         // worker has reported done.
         let task = unsafe { &*task };
+        let mine = &self.finished[thread].0;
+        let mut done = 0;
         let mut launch = 0;
         let r = catch_unwind(AssertUnwindSafe(|| {
             for l in 0..job.launches {
                 launch = l;
-                // Own parts first, then the others' in thread order from
-                // the next thread on.
-                for k in 0..self.threads {
-                    let owner = (thread + k) % self.threads;
-                    while let Some(c) = self.claim(owner, l) {
-                        if self.poisoned.load(Ordering::Acquire) || !self.wait_finished(l * self.parts) {
-                            return;
+                let mut run = |owner: usize, c: usize| {
+                    task(l, owner * self.own + c % self.own);
+                    done += 1;
+                    mine.store(done, Ordering::Release);
+                };
+                while let Some(c) = self.claim(thread, l) {
+                    if self.poisoned.load(Ordering::Acquire) {
+                        return;
+                    }
+                    run(thread, c);
+                }
+                let mut spins = 0u32;
+                while self.finished() < (l + 1) * self.parts {
+                    if self.poisoned.load(Ordering::Acquire) {
+                        return;
+                    }
+                    spins += 1;
+                    if spins.is_multiple_of(STEAL_AFTER) {
+                        for k in 1..self.threads {
+                            let owner = (thread + k) % self.threads;
+                            while let Some(c) = self.claim(owner, l) {
+                                run(owner, c);
+                            }
                         }
-                        task(l, owner * self.own + c % self.own);
-                        self.finished.0.fetch_add(1, Ordering::Release);
+                    }
+                    if spins < SPINS {
+                        std::hint::spin_loop();
+                    } else {
+                        std::thread::yield_now();
                     }
                 }
             }
@@ -261,7 +282,7 @@ impl Team {
             parts: threads * own,
             own,
             claimed: (0..threads).map(|_| Padded(AtomicUsize::new(0))).collect(),
-            finished: Padded(AtomicUsize::new(0)),
+            finished: (0..threads).map(|_| Padded(AtomicUsize::new(0))).collect(),
             epoch: AtomicU64::new(0),
             lock: Mutex::new(()),
             wake: Condvar::new(),
@@ -333,10 +354,9 @@ impl Team {
             unsafe { *s.job.get() = Job { task: None, launches: 0 } };
         }
         // Every thread is done with the job (the workers reported done).
-        for c in &s.claimed {
+        for c in s.claimed.iter().chain(&s.finished) {
             c.0.store(0, Ordering::Relaxed);
         }
-        s.finished.0.store(0, Ordering::Relaxed);
         if s.poisoned.load(Ordering::Acquire) {
             let at = s.panic_at.lock().ok().and_then(|a| *a);
             let (thread, launch) = at.unwrap_or((0, 0));
