@@ -126,6 +126,35 @@ impl Weights {
     }
 }
 
+/// The largest argument, in bytes, of a launch that one thread runs whole
+/// rather than the team splitting it (see `NativeModel::execute`): 32 KiB
+/// is a few microseconds of one core's work, about what splitting it
+/// would save, and keeps every kernel of a prefill parallel.
+const SERIAL_BYTES: usize = 32 << 10;
+
+/// One step of the thread team: launches `start..end`, either one launch
+/// split into the team's parts or (`serial`) consecutive small launches
+/// run whole by one thread.
+#[derive(Debug, PartialEq)]
+struct Step {
+    start: usize,
+    end: usize,
+    serial: bool,
+}
+
+/// Fills `steps` with one step per launch, `serial[i]` saying whether
+/// launch `i` runs whole on one thread, consecutive serial launches merged
+/// into one step.
+fn group_steps(steps: &mut Vec<Step>, serial: impl Iterator<Item = bool>) {
+    steps.clear();
+    for (i, serial) in serial.enumerate() {
+        match steps.last_mut() {
+            Some(last) if serial && last.serial => last.end = i + 1,
+            _ => steps.push(Step { start: i, end: i + 1, serial }),
+        }
+    }
+}
+
 /// Counters for tests and profiles.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NativeStats {
@@ -171,8 +200,9 @@ pub struct NativeModel {
     /// The cache is kept in place (see the module docs).
     in_place: bool,
     cache: HostCache,
-    /// Per-call table, kept to avoid reallocating it.
+    /// Per-call tables, kept to avoid reallocating them.
     ptrs: Vec<usize>,
+    steps: Vec<Step>,
     team: Team,
     stats: NativeStats,
     /// With `SMELT_PROFILE` set: seconds and launch count per kernel symbol,
@@ -293,6 +323,7 @@ impl NativeModel {
             layout,
             cache: HostCache::default(),
             ptrs: Vec::new(),
+            steps: Vec::new(),
             team,
             stats: NativeStats::default(),
             profile: std::env::var_os("SMELT_PROFILE").map(|_| BTreeMap::new()),
@@ -565,6 +596,21 @@ impl NativeModel {
                 self.ptrs.push(addrs[b] as usize);
             }
         }
+        // The team runs steps: a launch of its own, split into the team's
+        // parts, or a run of consecutive small launches (every argument at
+        // most `SERIAL_BYTES`), which one thread runs whole, one after the
+        // other. A decode step's slices, transposes, rotations and norms
+        // touch a few kilobytes each: split over threads, each paid a
+        // synchronisation of the team and moved its data between cores,
+        // which costs more than the kernel itself.
+        let threads = self.team.threads();
+        group_steps(
+            &mut self.steps,
+            c.plan
+                .launches
+                .iter()
+                .map(|l| threads > 1 && l.args.iter().all(|&b| lens[b] * c.bufs[b].elem.size() <= SERIAL_BYTES)),
+        );
         // A kernel splits its parallel loop into `parts` shares and computes
         // share `part` (the kernel ABI calls them thread and threads).
         let parts = self.team.parts() as i64;
@@ -572,7 +618,7 @@ impl NativeModel {
         let scalars = sizes.scalars.as_ptr() as usize;
         let launches = &c.launches;
         let fns = &self.fns;
-        let task = |i: usize, part: usize| {
+        let call = |i: usize, part: i64, parts: i64| {
             let l = &launches[i];
             let bufs = (ptrs as *const *mut u8).wrapping_add(l.arg_at);
             let sc = (scalars as *const i64).wrapping_add(l.scalar_at);
@@ -580,10 +626,25 @@ impl NativeModel {
             // element type with at least `needs` elements (checked above),
             // the scalars are the ones those needs were computed with, and
             // the library outlives this call.
-            unsafe { (fns[i])(bufs, sc, part as i64, parts) };
+            unsafe { (fns[i])(bufs, sc, part, parts) };
+        };
+        let steps = &self.steps;
+        // Runs part `part` of step `s`, then `after(launch)` for each launch
+        // it ran (profiles time the launches with it).
+        let task = |s: usize, part: usize, after: &dyn Fn(usize)| {
+            let st = &steps[s];
+            if !st.serial {
+                call(st.start, part as i64, parts);
+                after(st.start);
+            } else if part == 0 {
+                for i in st.start..st.end {
+                    call(i, 0, 1);
+                    after(i);
+                }
+            }
         };
         match &mut self.profile {
-            None => self.team.run(launches.len(), &task)?,
+            None => self.team.run(steps.len(), &|s, part| task(s, part, &|_| {}))?,
             Some(profile) => {
                 // The cache's own symbols (its capacity, how much of it is
                 // filled) change every decode step; leaving them out keeps
@@ -610,10 +671,10 @@ impl NativeModel {
                 use std::sync::atomic::{AtomicU64, Ordering};
                 let ends: Vec<AtomicU64> = (0..launches.len()).map(|_| AtomicU64::new(0)).collect();
                 let start = std::time::Instant::now();
-                self.team.run(launches.len(), &|i, t| {
-                    task(i, t);
+                let end = |i: usize| {
                     ends[i].fetch_max(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
-                })?;
+                };
+                self.team.run(steps.len(), &|s, part| task(s, part, &end))?;
                 let mut before = 0;
                 for (i, end) in ends.iter().enumerate() {
                     let end = end.load(Ordering::Relaxed).max(before);
@@ -665,5 +726,20 @@ impl CachedDecode for NativeModel {
 
     fn step(&mut self, inputs: BTreeMap<String, Tensor>) -> Result<Tensor, ForwardError> {
         Ok(NativeModel::step(self, inputs)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{group_steps, Step};
+
+    #[test]
+    fn consecutive_small_launches_share_a_step_and_others_get_their_own() {
+        let mut steps = vec![Step { start: 9, end: 9, serial: true }];
+        group_steps(&mut steps, [false, true, true, false, false, true].into_iter());
+        let got: Vec<(usize, usize, bool)> = steps.iter().map(|s| (s.start, s.end, s.serial)).collect();
+        assert_eq!(got, [(0, 1, false), (1, 3, true), (3, 4, false), (4, 5, false), (5, 6, true)]);
+        group_steps(&mut steps, std::iter::empty());
+        assert!(steps.is_empty());
     }
 }
