@@ -1354,13 +1354,15 @@ func @lm(%ids: i64[1, seq]) -> (logits) {
         )
         .unwrap();
         let c = constants(&s);
-        // The packed head (11 columns padded to 16, by 8: two panels of 8
-        // columns, or one of 16 in the llvm build), which the table lookup
+        // The packed head (11 columns padded to whole panels of the
+        // build's and host's `nr`: 16 columns in panels of 8 or 16, 32 on
+        // AVX-512 hosts of the llvm build, by 8), which the table lookup
         // reads too (one offset, stored once), and the norm.
+        let nr = crate::tuning::default_panels(&crate::tuning::Lowering::available()).0.nr;
         let elems: Vec<(Elem, usize)> = c.iter().map(|x| (x.0, x.2)).collect();
         let packed: Vec<_> = c.iter().filter(|x| x.0 == Elem::BF16).collect();
         assert_eq!(packed.len(), 2, "{c:?}");
-        assert!(packed.iter().all(|x| x.1 == packed[0].1 && x.2 == 16 * 8 * 2), "{c:?}");
+        assert!(packed.iter().all(|x| x.1 == packed[0].1 && x.2 == 11usize.next_multiple_of(nr) * 8 * 2), "{c:?}");
         assert!(elems.contains(&(Elem::F32, 32)), "{c:?}");
         let lookup = |k: &&Kernel| k.name.starts_with("gather_packed") && k.name.contains("_bf16_");
         assert!(s.kernels.iter().any(|k| lookup(&k)), "no packed lookup");

@@ -886,15 +886,18 @@ impl<'a, 'm> Thread<'a, 'm> {
 }
 
 /// The chunk of `start..end` (in steps of `step`) that `thread` of `threads`
-/// runs: contiguous, as equal as possible, earlier threads take the extra
-/// iterations. The Cranelift lowering computes the same split.
+/// runs: contiguous, iterations `thread * iters / threads` up to
+/// `(thread + 1) * iters / threads` (rounded down), so chunks differ by at
+/// most one iteration and the longer ones are spread evenly. (The runtime
+/// gives each core consecutive parts: had the first parts taken all the
+/// extra iterations, 10 panel groups in 8 parts would have been 6 for one
+/// core and 4 for the other.) Both lowerings compute the same split.
 pub fn split_range(start: i64, end: i64, step: i64, thread: usize, threads: usize) -> (i64, i64) {
     let iters = if end > start { (end - start + step - 1) / step } else { 0 };
     let (t, n) = (thread as i64, threads as i64);
-    let (base, extra) = (iters / n, iters % n);
-    let first = t * base + t.min(extra);
-    let count = base + if t < extra { 1 } else { 0 };
-    (start + first * step, (start + (first + count) * step).min(end.max(start)))
+    let first = t * iters / n;
+    let last = (t + 1) * iters / n;
+    (start + first * step, (start + last * step).min(end.max(start)))
 }
 
 fn un(op: UnOp, a: Val) -> Result<Val, String> {
@@ -976,4 +979,31 @@ fn cmp(op: CmpOp, a: Val, b: Val) -> Result<Val, String> {
         (Val::VF(x), Val::VF(y)) => Val::VB(x.iter().zip(&y).map(|(x, y)| c(op, x, y)).collect()),
         (a, b) => return Err(format!("comparison of {a:?} and {b:?}")),
     })
+}
+
+#[cfg(test)]
+mod split_tests {
+    use super::split_range;
+
+    #[test]
+    fn chunks_cover_the_range_once_and_spread_the_extra_iterations() {
+        for iters in 0..40i64 {
+            for threads in 1..10 {
+                let mut at = 0;
+                let sizes: Vec<i64> = (0..threads)
+                    .map(|t| {
+                        let (s, e) = split_range(0, iters * 3 - 1, 3, t, threads);
+                        assert_eq!(s, at.min(iters * 3 - 1).max(0), "{iters} in {threads}");
+                        at = s + (e - s + 2) / 3 * 3;
+                        (e - s + 2) / 3
+                    })
+                    .collect();
+                assert_eq!(sizes.iter().sum::<i64>(), iters, "{iters} in {threads}: {sizes:?}");
+                assert!(sizes.iter().max().unwrap() - sizes.iter().min().unwrap() <= 1, "{sizes:?}");
+            }
+        }
+        // 10 in 8: the two longer chunks are one in each half.
+        let sizes: Vec<i64> = (0..8).map(|t| split_range(0, 10, 1, t, 8)).map(|(s, e)| e - s).collect();
+        assert_eq!(sizes, [1, 1, 1, 2, 1, 1, 1, 2]);
+    }
 }

@@ -210,7 +210,8 @@ pub struct NativeModel {
     /// KV cache's (so a prefill and a decode step are reported apart),
     /// printed to stderr when the model is dropped. A launch is timed from
     /// the end of the one before it to its own end, in one team run as
-    /// without profiling (which adds a clock read per part).
+    /// without profiling (which adds a clock read per part); its idle time
+    /// is how long each thread waited after its last part of it.
     profile: Option<BTreeMap<String, ProfileTable>>,
     /// Declared last: dropped after the team and the tables that point into it.
     library: KernelLibrary,
@@ -221,7 +222,18 @@ pub struct NativeModel {
 #[derive(Default)]
 struct ProfileTable {
     calls: u64,
-    kernels: BTreeMap<String, (f64, u64)>,
+    kernels: BTreeMap<String, KernelProfile>,
+}
+
+/// One kernel's row of a profile table.
+#[derive(Default)]
+struct KernelProfile {
+    /// Seconds its launches took (see `NativeModel::profile`).
+    time: f64,
+    /// Of those, the seconds an average thread of the team waited (for
+    /// the launch's other parts, or while one thread ran a serial step).
+    idle: f64,
+    launches: u64,
 }
 
 impl Drop for NativeModel {
@@ -229,15 +241,24 @@ impl Drop for NativeModel {
         if let Some(profile) = &self.profile {
             for (bindings, table) in profile {
                 let mut rows: Vec<_> = table.kernels.iter().collect();
-                rows.sort_by(|a, b| b.1 .0.total_cmp(&a.1 .0));
-                let total: f64 = rows.iter().map(|r| r.1 .0).sum();
+                rows.sort_by(|a, b| b.1.time.total_cmp(&a.1.time));
+                let total: f64 = rows.iter().map(|r| r.1.time).sum();
+                let idle: f64 = rows.iter().map(|r| r.1.idle).sum();
                 eprintln!(
-                    "smelt profile [{bindings}]: {:.3} ms per call ({} calls)",
+                    "smelt profile [{bindings}]: {:.3} ms per call ({} calls), threads idle {:.1}% of it",
                     total * 1e3 / table.calls.max(1) as f64,
-                    table.calls
+                    table.calls,
+                    idle / total.max(f64::MIN_POSITIVE) * 100.0
                 );
-                for (sym, (secs, n)) in rows {
-                    eprintln!("{:9.2} ms {:5.1}% {n:6} x {sym}", secs * 1e3, secs / total * 100.0);
+                eprintln!("{:>12} {:>6} {:>6} {:>8}   kernel", "time", "share", "idle", "launches");
+                for (sym, k) in rows {
+                    eprintln!(
+                        "{:9.2} ms {:5.1}% {:5.1}% {:8}   {sym}",
+                        k.time * 1e3,
+                        k.time / total * 100.0,
+                        k.idle / k.time.max(f64::MIN_POSITIVE) * 100.0,
+                        k.launches
+                    );
                 }
             }
         }
@@ -671,16 +692,27 @@ impl NativeModel {
                 use std::sync::atomic::{AtomicU64, Ordering};
                 let ends: Vec<AtomicU64> = (0..launches.len()).map(|_| AtomicU64::new(0)).collect();
                 let start = std::time::Instant::now();
+                // Each thread's last part of each launch ends at
+                // `by_thread[launch * threads + thread]`; from then to the
+                // launch's end the thread waited (or ran nothing in it).
+                let threads = self.team.threads();
+                let by_thread: Vec<AtomicU64> = (0..launches.len() * threads).map(|_| AtomicU64::new(0)).collect();
                 let end = |i: usize| {
-                    ends[i].fetch_max(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                    let now = start.elapsed().as_nanos() as u64;
+                    ends[i].fetch_max(now, Ordering::Relaxed);
+                    by_thread[i * threads + super::team::current_thread()].fetch_max(now, Ordering::Relaxed);
                 };
                 self.team.run(steps.len(), &|s, part| task(s, part, &end))?;
                 let mut before = 0;
                 for (i, end) in ends.iter().enumerate() {
                     let end = end.load(Ordering::Relaxed).max(before);
+                    let idle: u64 = (0..threads)
+                        .map(|t| end - by_thread[i * threads + t].load(Ordering::Relaxed).clamp(before, end))
+                        .sum();
                     let e = table.kernels.entry(c.symbol_of(i).to_string()).or_default();
-                    e.0 += (end - before) as f64 * 1e-9;
-                    e.1 += 1;
+                    e.time += (end - before) as f64 * 1e-9;
+                    e.idle += idle as f64 * 1e-9 / threads as f64;
+                    e.launches += 1;
                     before = end;
                 }
             }

@@ -246,7 +246,20 @@ impl Shared {
     }
 }
 
+thread_local! {
+    /// The team thread index of the current thread (0: the caller of
+    /// [`Team::run`], and any thread outside a team).
+    static THREAD: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// The index in its team of the thread this is called on (0 for the
+/// thread that calls [`Team::run`]), for profiles.
+pub fn current_thread() -> usize {
+    THREAD.with(|t| t.get())
+}
+
 fn worker(shared: Arc<Shared>, thread: usize) {
+    THREAD.with(|t| t.set(thread));
     let mut seen = 0;
     while let Some(e) = shared.next_epoch(seen) {
         seen = e;
