@@ -265,7 +265,9 @@ fn matmul_and_fused_ops() {
     }
     // Packed-panel weight kernels with 8-lane (AVX2) and 16-lane tiles:
     // decode, odd and prefill rows, partial last panels, odd k.
-    for params in [PanelParams::WIDE, PanelParams { mr: 4, nr: 32, lanes: 16, ksplit: 2, streams: 2, fma: true }] {
+    for params in
+        [PanelParams::WIDE, PanelParams { mr: 4, nr: 32, lanes: 16, ksplit: 2, streams: 2, prefetch: 1024, fma: true }]
+    {
         for seq in [1, 5, 257] {
             for (k, n) in [(64, 128), (13, 7), (96, 40)] {
                 let x = f(&format!("seq,{k}"));
@@ -679,23 +681,33 @@ fn gemm_timing_and_ymm() {
     }
 }
 
-/// The packed weight kernels prefetch their panels in single-row tiles
-/// when the weights are narrow (see `templates::packed::PREFETCH_AHEAD`),
-/// and only then: LLVM's x86 code for a bf16 kernel has `prefetcht0`
-/// instructions, the f32 one none. (The kernels' results, prefetches past
-/// the panel's end included, are checked in `matmul_and_fused_ops`.)
+/// Single-row tiles of the packed weight kernels prefetch every panel
+/// they read when `PanelParams::prefetch` asks for it, and only then:
+/// LLVM's x86 code has non-temporal `prefetchnta` instructions, for f32
+/// and narrow weights alike, and none with `prefetch: 0`. (The kernels'
+/// results, prefetches past the panel's end included, are checked in
+/// `matmul_and_fused_ops`.)
 #[cfg(target_arch = "x86_64")]
 #[test]
-fn narrow_decode_kernels_prefetch_their_panels() {
+fn decode_kernels_prefetch_their_panels_when_asked() {
     let x = f("seq,96");
-    for (elem, want) in [(Scalar::BF16, true), (Scalar::F16, true), (Scalar::F32, false)] {
-        let wk = weight_matmul_with(&x, 40, 96, elem, PanelParams::WIDE).unwrap();
-        let k = &wk.instance.kernel;
-        assert_eq!(k.to_string().contains("prefetch w["), want, "{elem:?}:\n{k}");
-        let asm =
-            smelt_codegen::llvm::compile(std::slice::from_ref(k), "prefetch", smelt_codegen::llvm::Output::Assembly)
-                .unwrap();
-        let prefetches = String::from_utf8_lossy(&asm).lines().filter(|l| l.trim().starts_with("prefetch")).count();
-        assert_eq!(prefetches > 0, want, "{elem:?}: {prefetches} prefetch instructions");
+    for elem in [Scalar::BF16, Scalar::F16, Scalar::F32] {
+        for prefetch in [0, 2048] {
+            let want = prefetch > 0;
+            let wk = weight_matmul_with(&x, 40, 96, elem, PanelParams { prefetch, ..PanelParams::WIDE }).unwrap();
+            let k = &wk.instance.kernel;
+            assert_eq!(k.to_string().contains("prefetch w["), want, "{elem:?} {prefetch}:\n{k}");
+            let asm = smelt_codegen::llvm::compile(
+                std::slice::from_ref(k),
+                "prefetch",
+                smelt_codegen::llvm::Output::Assembly,
+            )
+            .unwrap();
+            let asm = String::from_utf8_lossy(&asm);
+            let prefetches = asm.lines().filter(|l| l.trim().starts_with("prefetch")).count();
+            let nta = asm.lines().filter(|l| l.trim().starts_with("prefetchnta")).count();
+            assert_eq!(prefetches > 0, want, "{elem:?} {prefetch}: {prefetches} prefetch instructions");
+            assert_eq!(nta, prefetches, "{elem:?} {prefetch}: every prefetch is non-temporal");
+        }
     }
 }

@@ -53,7 +53,7 @@ fn a_measured_winner_is_built_and_recorded() {
     assert_eq!(t.params, Variant::Panels { p, lowering }.to_string());
 
     let winner = Variant::Panels {
-        p: PanelParams { mr: 3, nr: 12, ksplit: 2, fma: true, lanes: 4, streams: 1 },
+        p: PanelParams { mr: 3, nr: 12, ksplit: 2, fma: true, lanes: 4, streams: 1, prefetch: 0 },
         lowering: Lowering::Cranelift,
     };
     let mut tuning = Tuning::default();

@@ -5,7 +5,7 @@
 //!   "records": [ { "key": { "signature": "weight_product-3f0c...", "bucket": "m=1,128 threads=2",
 //!                           "device": "cpu-9a1b..." },
 //!                  "site": "weight_product n=960 k=576 act=none w=f32",
-//!                  "params": "panels mr=4 nr=8 ksplit=4 fma=1 lanes=4 streams=2 lowering=cranelift",
+//!                  "params": "panels mr=4 nr=8 ksplit=4 fma=1 lanes=4 streams=2 prefetch=0 lowering=cranelift",
 //!                  "default_params": "...", "timings": [ { "m": 1, "seconds": ..., ... } ],
 //!                  "threads": 2, "device": "x86_64 | AMD EPYC ... | avx,avx2,fma",
 //!                  "smelt_version": "0.1.0", "date": "2026-11-29T10:12:03Z", "unix_time": ... } ] }
@@ -413,7 +413,7 @@ mod tests {
             key: Key { signature: sig.into(), bucket: bucket(&[1, 128], 2), device: device.into() },
             site: "weight_product n=8 k=8 act=none w=f32".into(),
             params: params.into(),
-            default_params: "panels mr=6 nr=8 ksplit=4 fma=0 lanes=4 streams=2 lowering=cranelift".into(),
+            default_params: "panels mr=6 nr=8 ksplit=4 fma=0 lanes=4 streams=2 prefetch=0 lowering=cranelift".into(),
             timings: vec![Timing { m: 1, seconds: 1e-6, default_seconds: 2e-6, estimate_seconds: 5e-7 }],
             threads: 2,
             device: "test device".into(),
@@ -423,7 +423,7 @@ mod tests {
         }
     }
 
-    const P1: &str = "panels mr=4 nr=8 ksplit=2 fma=1 lanes=4 streams=2 lowering=cranelift";
+    const P1: &str = "panels mr=4 nr=8 ksplit=2 fma=1 lanes=4 streams=2 prefetch=0 lowering=cranelift";
     const P2: &str = "rows mr=2 nc=4 ksplit=2 lowering=cranelift";
 
     #[test]

@@ -544,7 +544,7 @@ mod tests {
             let site = Site::weight_product(20, 24, None, w).unwrap();
             let mut b = Bench::new(site, &[3], 1).unwrap();
             let v = Variant::Panels {
-                p: PanelParams { mr: 3, nr: 12, ksplit: 2, fma: true, lanes: 4, streams: 1 },
+                p: PanelParams { mr: 3, nr: 12, ksplit: 2, fma: true, lanes: 4, streams: 1, prefetch: 0 },
                 lowering: Lowering::Cranelift,
             };
             assert!(matches!(b.evaluate(&v, &mut FnTimer(|_: &Variant, _| 1.0)), Outcome::Timed(_)));

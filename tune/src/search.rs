@@ -278,7 +278,7 @@ mod tests {
         let f = search(&s, &space, default, Instant::now() + Duration::from_secs(60), &mut eval, &mut |_| bests += 1)
             .unwrap();
         let want = Variant::Panels {
-            p: PanelParams { mr: 3, nr: 12, ksplit: 2, fma: true, lanes: 4, streams: 4 },
+            p: PanelParams { mr: 3, nr: 12, ksplit: 2, fma: true, lanes: 4, streams: 4, prefetch: 0 },
             lowering: Lowering::Cranelift,
         };
         assert_eq!(f.best, want);

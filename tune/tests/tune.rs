@@ -33,7 +33,7 @@ fn job(site: Site) -> Job {
 /// The known optimum of [`cost`].
 fn optimum() -> Variant {
     Variant::Panels {
-        p: PanelParams { mr: 2, nr: 16, ksplit: 1, fma: true, lanes: 4, streams: 2 },
+        p: PanelParams { mr: 2, nr: 16, ksplit: 1, fma: true, lanes: 4, streams: 2, prefetch: 0 },
         lowering: Lowering::Cranelift,
     }
 }

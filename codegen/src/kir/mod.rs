@@ -300,9 +300,10 @@ pub enum Stmt {
     /// One warp-wide tensor-core matrix multiply-accumulate (see [`Mma`]).
     /// Boxed: it is far larger than the other statements.
     Mma(Box<Mma>),
-    /// A hint that element `index` of the global buffer `buf` is read soon:
-    /// the host LLVM lowering emits a prefetch of its cache line, the other
-    /// lowerings and the interpreter nothing. It reads and writes no data,
+    /// A hint that element `index` of the global buffer `buf` is read soon,
+    /// once: the host LLVM lowering emits a non-temporal prefetch of its
+    /// cache line (x86 `prefetchnta`), the other lowerings and the
+    /// interpreter nothing. It reads and writes no data,
     /// so `index` may lie past the buffer's end (a stream's last prefetches
     /// do), and it never changes a result.
     Prefetch {

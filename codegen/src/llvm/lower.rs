@@ -332,7 +332,8 @@ impl Lower<'_> {
             let p = LLVMBuildGEP2(self.b, elem, base, idx.as_mut_ptr(), 1, NONE);
             let i32t = LLVMInt32TypeInContext(self.cx);
             let c = |x: u64| LLVMConstInt(i32t, x, 0);
-            self.intrinsic("llvm.prefetch", &[LLVMTypeOf(p)], &[p, c(0), c(3), c(1)])?;
+            // Read, locality 0 (non-temporal: the data is read once), data cache.
+            self.intrinsic("llvm.prefetch", &[LLVMTypeOf(p)], &[p, c(0), c(0), c(1)])?;
         }
         Ok(())
     }

@@ -135,6 +135,11 @@ pub struct PanelParams {
     /// one (see [`weight_matmul`]). Multi-row tiles (prefill) read one
     /// panel at a time.
     pub streams: usize,
+    /// How far ahead (bytes) a single-row tile prefetches each panel it
+    /// reads, with a non-temporal hint; 0: no prefetch. Multi-row tiles do
+    /// not prefetch (they reuse each panel across rows). See
+    /// [`Gen::prefetch`].
+    pub prefetch: usize,
     /// Whether multi-row tiles use `fma`. Cranelift's x86 `fma` writes its
     /// result over a multiplicand (there is no `vfmadd231` form), so every
     /// shared broadcast is copied first and every accumulator moves back to
@@ -155,21 +160,26 @@ impl PanelParams {
     /// product fill the 16 XMM registers Cranelift has on x86-64; single-row
     /// tiles read 2 panels with 2 x 2 x 2 independent FMA chains (4 panels'
     /// 8 weight vectors and 8 accumulators would not fit).
-    pub const DEFAULT: PanelParams = PanelParams { mr: 6, nr: 8, lanes: 4, ksplit: 4, streams: 2, fma: false };
+    pub const DEFAULT: PanelParams =
+        PanelParams { mr: 6, nr: 8, lanes: 4, ksplit: 4, streams: 2, prefetch: 0, fma: false };
 
     /// 6 x 16 tiles of 8-lane vectors with `fma`: the same 12 accumulators
     /// in the 16 YMM registers of AVX2, for the LLVM lowering (the classic
     /// Haswell GEMM micro-kernel: two weight loads and six broadcasts feed
     /// twelve FMAs per step of `k`); single-row tiles read 4 panels, each
     /// with 2 FMA chains (LLVM folds the weight loads into the FMAs).
-    pub const WIDE: PanelParams = PanelParams { mr: 6, nr: 16, lanes: 8, ksplit: 4, streams: 4, fma: true };
+    pub const WIDE: PanelParams =
+        PanelParams { mr: 6, nr: 16, lanes: 8, ksplit: 4, streams: 4, prefetch: 0, fma: true };
 
     /// The same tiles in 16-lane vectors for AVX-512 hosts (LLVM), whose 32
     /// ZMM registers hold them with room to spare: 6 x 32 tiles keep 12
     /// accumulators; single-row tiles read 4 panels, each step of each one
     /// a whole 64-byte line of f32 weights (half a line of bf16), with 2
-    /// FMA chains per panel.
-    pub const WIDE_AVX512: PanelParams = PanelParams { mr: 6, nr: 32, lanes: 16, ksplit: 4, streams: 4, fma: true };
+    /// FMA chains per panel, and prefetch each 2 KiB ahead (on a 2-core
+    /// Zen 5, decode 3.6% faster with f32 weights and 2% with bf16; a
+    /// one-thread C stream of bf16 widening gained 12%).
+    pub const WIDE_AVX512: PanelParams =
+        PanelParams { mr: 6, nr: 32, lanes: 16, ksplit: 4, streams: 4, prefetch: 2048, fma: true };
 
     pub fn packing(&self) -> Packing {
         Packing::Panels { nr: self.nr }
@@ -187,18 +197,11 @@ impl PanelParams {
             lanes,
             ksplit: self.ksplit.max(1),
             streams: self.streams.max(1),
+            prefetch: self.prefetch,
             fma: self.fma,
         }
     }
 }
-
-/// How far ahead of its reads a single-row tile with narrow weights and one
-/// stream prefetches its panel, in bytes (see `Gen::prefetch`). On
-/// smollm2's bf16 decode here (2 threads) 2048 and 4096 were alike and
-/// about 8% faster than no prefetch with one stream; with four streams the
-/// prefetches gained nothing (1024) or cost time (2048), so tiles reading
-/// several panels do not prefetch, and f32 weights showed no gain either.
-pub const PREFETCH_AHEAD: usize = 2048;
 
 /// Declares the buffers (`a [m * k]`, then one packed weight, or the gate
 /// and up weights when `act` is set, then `c [m * n]`) and builds the body
@@ -418,8 +421,10 @@ impl Gen {
         if kmain > 0 {
             let kind = if ku > 1 { LoopKind::Unroll(ku as u32) } else { LoopKind::Serial };
             b.for_("kk", Expr::i64(0), Expr::idx(kmain), ku as i64, kind, |b, _| {
-                if rows == 1 && np == 1 {
-                    self.prefetch(b, w, wk[0], ku * nr);
+                if rows == 1 {
+                    for &wk in &wk {
+                        self.prefetch(b, w, wk, ku * nr);
+                    }
                 }
                 for u in 0..ku {
                     step(b, u, u % split);
@@ -445,22 +450,24 @@ impl Gen {
         }
     }
 
-    /// Single-row tiles (decode) with narrow weights read half the bytes
-    /// per instruction that f32 weights do (the same steps, each widening
-    /// its loads), too few for the out-of-order window alone to keep
-    /// enough cache misses in flight: they streamed about 25% fewer bytes
-    /// per second than f32 ones here, hand-written C alike. So each step
-    /// of `step_elems` weights prefetches the cache lines it will read
-    /// [`PREFETCH_AHEAD`] bytes later (the hint may point past the panel,
-    /// or the buffer, harmlessly).
+    /// Prefetches, for one step of `step_elems` weights of a single-row
+    /// tile, the cache lines of the panel at `wk` that it reads
+    /// `PanelParams::prefetch` bytes later (the hint may point past the
+    /// panel, or the buffer, harmlessly). A decode step reads each weight
+    /// once: on the machines measured, each core kept more misses in
+    /// flight with the hints than its out-of-order window alone reached
+    /// (narrow weights, which widen every load, most), and the hint is
+    /// non-temporal so the streamed weights do not evict the activations
+    /// and the KV cache from the caches.
     fn prefetch(&self, b: &mut Builder, w: BufId, wk: Var, step_elems: usize) {
-        if self.w_size >= 4 {
+        let ahead = self.p.prefetch;
+        if ahead == 0 {
             return;
         }
         let line = 64 / self.w_size;
         let lines = (step_elems * self.w_size).div_ceil(64);
         for j in 0..lines {
-            b.prefetch(w, add(Expr::Var(wk), Expr::idx(PREFETCH_AHEAD / self.w_size + j * line)));
+            b.prefetch(w, add(Expr::Var(wk), Expr::idx(ahead / self.w_size + j * line)));
         }
     }
 

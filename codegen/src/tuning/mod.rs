@@ -154,7 +154,15 @@ impl Family {
         let v = |i: usize| self.axes[i].values[point[i]];
         match self.kind {
             FamilyKind::Panels => Variant::Panels {
-                p: PanelParams { mr: v(0), nr: v(1), ksplit: v(2), fma: v(3) == 1, lanes: v(4) as u8, streams: v(5) },
+                p: PanelParams {
+                    mr: v(0),
+                    nr: v(1),
+                    ksplit: v(2),
+                    fma: v(3) == 1,
+                    lanes: v(4) as u8,
+                    streams: v(5),
+                    prefetch: v(6),
+                },
                 lowering: self.lowering,
             },
             FamilyKind::Rows => {
@@ -169,7 +177,7 @@ impl Family {
     pub fn point_of(&self, v: &Variant) -> Option<Vec<usize>> {
         let values: Vec<usize> = match (self.kind, v) {
             (FamilyKind::Panels, Variant::Panels { p, lowering }) if *lowering == self.lowering => {
-                vec![p.mr, p.nr, p.ksplit, p.fma as usize, p.lanes as usize, p.streams]
+                vec![p.mr, p.nr, p.ksplit, p.fma as usize, p.lanes as usize, p.streams, p.prefetch]
             }
             (FamilyKind::Rows, Variant::Rows { t, lowering }) if *lowering == self.lowering => {
                 vec![t.mr, t.nc, t.ksplit]
@@ -312,6 +320,8 @@ impl Site {
                     axis("fma", &[0, 1]),
                     axis("lanes", &host_lanes(lowering)),
                     axis("streams", &[1, 2, 4]),
+                    // Only the LLVM lowering emits prefetches.
+                    axis("prefetch", if lowering == Lowering::Llvm { &[0, 1024, 2048, 4096] } else { &[0] }),
                 ],
             });
             families.push(Family {
@@ -495,20 +505,21 @@ impl fmt::Display for Site {
 }
 
 impl fmt::Display for Variant {
-    /// `panels mr=6 nr=8 ksplit=4 fma=0 lanes=4 streams=2 lowering=cranelift`,
+    /// `panels mr=6 nr=8 ksplit=4 fma=0 lanes=4 streams=2 prefetch=0 lowering=cranelift`,
     /// `rows mr=3 nc=4 ksplit=2 lowering=llvm`, or `gpu threads=256 wpg=1 ...`
     /// (the GPU axes in order).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Variant::Panels { p, lowering } => write!(
                 f,
-                "panels mr={} nr={} ksplit={} fma={} lanes={} streams={} lowering={}",
+                "panels mr={} nr={} ksplit={} fma={} lanes={} streams={} prefetch={} lowering={}",
                 p.mr,
                 p.nr,
                 p.ksplit,
                 p.fma as u8,
                 p.lanes,
                 p.streams,
+                p.prefetch,
                 lowering.name()
             ),
             Variant::Rows { t, lowering } => {
@@ -615,8 +626,8 @@ impl FromStr for Variant {
         let (head, map) = fields(s)?;
         match head {
             "panels" => {
-                let [mr, nr, ks, fma, lanes, streams, lw] =
-                    take(s, map, ["mr", "nr", "ksplit", "fma", "lanes", "streams", "lowering"])?;
+                let [mr, nr, ks, fma, lanes, streams, prefetch, lw] =
+                    take(s, map, ["mr", "nr", "ksplit", "fma", "lanes", "streams", "prefetch", "lowering"])?;
                 let fma = match fma {
                     "0" => false,
                     "1" => true,
@@ -630,6 +641,7 @@ impl FromStr for Variant {
                     lanes: u8::try_from(number(s, "lanes", lanes)?)
                         .map_err(|_| err(format!("`lanes={lanes}` is too wide")))?,
                     streams: number(s, "streams", streams)?,
+                    prefetch: number(s, "prefetch", prefetch)?,
                 };
                 Ok(Variant::Panels { p, lowering: lw.parse().map_err(err)? })
             }
@@ -812,6 +824,7 @@ mod tests {
         let s = site();
         let space = s.space(&[Lowering::Cranelift]);
         assert_eq!(space.len(), 10 * 5 * 4 * 2 * 3 + 5 * 4 * 3);
+        assert_eq!(s.space(&[Lowering::Llvm]).families[0].axes.last().map(|a| a.values.len()), Some(4));
         for fam in &space.families {
             let all = fam.variants();
             assert_eq!(all.len(), fam.len());
@@ -852,7 +865,7 @@ mod tests {
         assert_eq!(est.variant, Variant::Panels { p, lowering });
         let mut t = Tuning::default();
         let v = Variant::Panels {
-            p: PanelParams { mr: 4, nr: 16, ksplit: 2, fma: true, lanes: 4, streams: 4 },
+            p: PanelParams { mr: 4, nr: 16, ksplit: 2, fma: true, lanes: 4, streams: 4, prefetch: 0 },
             lowering: Lowering::Cranelift,
         };
         t.insert(&s.signature(&Lowering::available()), v, "sig/bucket/dev");
