@@ -176,8 +176,8 @@ impl PanelParams {
     /// accumulators; single-row tiles read 4 panels, each step of each one
     /// a whole 64-byte line of f32 weights (half a line of bf16), with 2
     /// FMA chains per panel, and prefetch each 2 KiB ahead (on a 2-core
-    /// Zen 5, decode 3.6% faster with f32 weights and 2% with bf16; a
-    /// one-thread C stream of bf16 widening gained 12%).
+    /// Zen 5, smollm2-135m's decode 4.7% faster with f32 weights and 2.2%
+    /// with bf16; a one-thread C stream of bf16 widening gained 12%).
     pub const WIDE_AVX512: PanelParams =
         PanelParams { mr: 6, nr: 32, lanes: 16, ksplit: 4, streams: 4, prefetch: 2048, fma: true };
 
@@ -453,12 +453,13 @@ impl Gen {
     /// Prefetches, for one step of `step_elems` weights of a single-row
     /// tile, the cache lines of the panel at `wk` that it reads
     /// `PanelParams::prefetch` bytes later (the hint may point past the
-    /// panel, or the buffer, harmlessly). A decode step reads each weight
-    /// once: on the machines measured, each core kept more misses in
-    /// flight with the hints than its out-of-order window alone reached
-    /// (narrow weights, which widen every load, most), and the hint is
-    /// non-temporal so the streamed weights do not evict the activations
-    /// and the KV cache from the caches.
+    /// panel, or the buffer, harmlessly). On the Zen 5 measured, each core
+    /// kept more misses in flight with the hints than its out-of-order
+    /// window alone reached; on a Zen 3, tiles reading 4 streams gained
+    /// nothing from (temporal) hints, hence a tuning axis. The hint is
+    /// non-temporal because a decode step reads each weight once (meant to
+    /// keep the weights from evicting the activations and the KV cache;
+    /// attention's time did not measurably change).
     fn prefetch(&self, b: &mut Builder, w: BufId, wk: Var, step_elems: usize) {
         let ahead = self.p.prefetch;
         if ahead == 0 {
