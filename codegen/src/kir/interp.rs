@@ -989,19 +989,19 @@ mod split_tests {
     fn chunks_cover_the_range_once_and_spread_the_extra_iterations() {
         for iters in 0..40i64 {
             for threads in 1..10 {
-                let mut at = 0;
-                let sizes: Vec<i64> = (0..threads)
-                    .map(|t| {
-                        let (s, e) = split_range(0, iters * 3 - 1, 3, t, threads);
-                        assert_eq!(s, at.min(iters * 3 - 1).max(0), "{iters} in {threads}");
-                        at = s + (e - s + 2) / 3 * 3;
-                        (e - s + 2) / 3
-                    })
-                    .collect();
-                assert_eq!(sizes.iter().sum::<i64>(), iters, "{iters} in {threads}: {sizes:?}");
+                let chunks: Vec<(i64, i64)> = (0..threads).map(|t| split_range(0, iters, 1, t, threads)).collect();
+                // Contiguous, in thread order, from 0 to `iters`.
+                assert_eq!(chunks.first().map(|c| c.0), Some(0), "{iters} in {threads}");
+                assert_eq!(chunks.last().map(|c| c.1), Some(iters), "{iters} in {threads}");
+                assert!(chunks.windows(2).all(|w| w[0].1 == w[1].0), "{iters} in {threads}: {chunks:?}");
+                let sizes: Vec<i64> = chunks.iter().map(|c| c.1 - c.0).collect();
                 assert!(sizes.iter().max().unwrap() - sizes.iter().min().unwrap() <= 1, "{sizes:?}");
             }
         }
+        // Steps: 0, 3, ..., 27 (10 iterations; the end is not a multiple of
+        // the step) in 4 chunks of 2, 3, 2, 3 iterations.
+        let chunks: Vec<(i64, i64)> = (0..4).map(|t| split_range(0, 29, 3, t, 4)).collect();
+        assert_eq!(chunks, [(0, 6), (6, 15), (15, 21), (21, 29)]);
         // 10 in 8: the two longer chunks are one in each half.
         let sizes: Vec<i64> = (0..8).map(|t| split_range(0, 10, 1, t, 8)).map(|(s, e)| e - s).collect();
         assert_eq!(sizes, [1, 1, 1, 2, 1, 1, 1, 2]);

@@ -138,7 +138,7 @@ pub struct PanelParams {
     /// How far ahead (bytes) a single-row tile prefetches each panel it
     /// reads, with a non-temporal hint; 0: no prefetch. Multi-row tiles do
     /// not prefetch (they reuse each panel across rows). See
-    /// [`Gen::prefetch`].
+    /// `Gen::prefetch`.
     pub prefetch: usize,
     /// Whether multi-row tiles use `fma`. Cranelift's x86 `fma` writes its
     /// result over a multiplicand (there is no `vfmadd231` form), so every
