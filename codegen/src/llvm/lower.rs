@@ -977,7 +977,14 @@ impl Lower<'_> {
             // 2^n built in the exponent bits: (n + 127) << 23.
             let i32t = LLVMInt32TypeInContext(self.cx);
             let ity = if lanes > 1 { LLVMVectorType(i32t, lanes) } else { i32t };
-            let ni = self.intrinsic("llvm.fptosi.sat", &[ity, LLVMTypeOf(n)], &[n])?;
+            // `n` lies in [-126, 127] for every x but NaN, which becomes 0
+            // here (its `p` is NaN, so the result stays NaN). A plain
+            // `fptosi` of an in-range value then converts a whole vector
+            // in one instruction; the saturating intrinsic was scalarized,
+            // lane by lane, on x86.
+            let ordered = self.fcmp(RP::LLVMRealORD, n, n);
+            let n = self.select(ordered, n, c(0.0));
+            let ni = LLVMBuildFPToSI(self.b, n, ity, NONE);
             let e = LLVMBuildAdd(self.b, ni, self.const_splat(LLVMConstInt(i32t, 127, 0), lanes), NONE);
             let e = LLVMBuildShl(self.b, e, self.const_splat(LLVMConstInt(i32t, 23, 0), lanes), NONE);
             let scale = LLVMBuildBitCast(self.b, e, LLVMTypeOf(x0), NONE);

@@ -1,10 +1,12 @@
 //! Scaled dot-product attention with an online softmax: one parallel
 //! iteration per query row `(batch, head, i)`, one pass over the visible
 //! keys keeping the running maximum `m`, the running sum `l` and the output
-//! accumulator (vectors over the value dim). Keys go in blocks of
-//! [`KEY_BLOCK`] (8 with 16-lane vectors; scored together, the maximum and the rescaling updated
-//! once per block), then one at a time for the rest (rescaled only when
-//! the maximum grows). Sums accumulate in f32.
+//! accumulator (vectors over the value dim). Keys go in chunks (see
+//! [`score_chunk`]): a chunk's scores are computed in blocks of
+//! [`key_block`] keys and kept in the row's own output until the row is
+//! done; the chunk's maximum, its exponentials and their sum are vector
+//! operations over keys, and the running state is rescaled once per chunk.
+//! Sums accumulate in f32.
 //!
 //! Visibility follows the reference: query `i` sits at `pos = skv - sq + i`;
 //! `causal` limits keys to `j <= pos`, a window `w` to `j > pos - w`, both
@@ -112,8 +114,13 @@ pub fn attention(
         let m = b.let_("m", Expr::f32(f32::NEG_INFINITY));
         let lsum = b.let_("l", Expr::f32(0.0));
         let lanes = if s.lanes.is_power_of_two() && s.lanes >= LANES { s.lanes } else { LANES };
-        let accs: Vec<(usize, u8, Var)> =
-            chunks(dv, lanes).into_iter().map(|(o, w)| (o, w, b.let_("o", c(0.0, w)))).collect();
+        // The output accumulators: one set, or two (even and odd keys, so
+        // that two chains of FMAs overlap their latencies) when a set is
+        // at most 4 vectors and both fit the registers.
+        let pieces = chunks(dv, lanes);
+        let nsets = if pieces.len() <= 4 { 2 } else { 1 };
+        let sets: Vec<Vec<(usize, u8, Var)>> =
+            (0..nsets).map(|_| pieces.iter().map(|&(o, w)| (o, w, b.let_("o", c(0.0, w)))).collect()).collect();
         // The masked, scaled score of key `j` (-inf where it is dropped).
         let score_of = |b: &mut Builder, j: &Expr| -> Var {
             let kb = b.let_("kb", mul(add(Expr::Var(kvb), j.clone()), Expr::idx(d)));
@@ -164,82 +171,112 @@ pub fn attention(
             sc
         };
         // Adds key `j` with weight `p` (already relative to `m`).
-        let accumulate = |b: &mut Builder, j: &Expr, p: Var| {
-            b.assign(lsum, Expr::Var(lsum) + Expr::Var(p));
+        let accumulate = |b: &mut Builder, j: &Expr, p: Var, accs: &[(usize, u8, Var)]| {
             let vb = b.let_("vb", mul(add(Expr::Var(kvb), j.clone()), Expr::idx(dv)));
-            for (o, w, a) in &accs {
+            for (o, w, a) in accs {
                 let vv = Expr::load(v, add(Expr::Var(vb), Expr::idx(*o)), *w);
                 b.assign(*a, widen(Expr::Var(p), *w).fma(vv, Expr::Var(*a)));
             }
         };
-        // Blocks of KEY_BLOCK keys: their scores are independent, so they
-        // are computed together (the dot products' latencies overlap), the
-        // running maximum moves once per block and each exponential is
-        // independent of the others. A block with no live key leaves the
-        // state as it is; `exp(-inf)` is 0, so dropped keys add nothing.
+        // Keys go in chunks of `chunk`. A chunk's scores are computed
+        // first, blocks of `key_block` at a time (independent dot products,
+        // whose latencies overlap), and stored in the row's own output,
+        // which nothing reads until the row's result is stored over it at
+        // the end. Then the chunk's maximum, its exponentials and their sum
+        // are taken with vectors over keys, and the running state is
+        // rescaled once per chunk. Dropped keys score -inf, so `exp` makes
+        // them 0; a chunk with no live key leaves the state as it is.
+        let (vl, chunk) = score_chunk(dv, lanes);
         let key_block = key_block(lanes);
-        let blocks = b.let_("nblk", sym::div(max(sub(hi.clone(), lo.clone()), Expr::i64(0)), Expr::idx(key_block)));
-        b.for_("jb", Expr::idx(0), Expr::Var(blocks), 1, LoopKind::Serial, |b, jb| {
-            let j0 = b.let_("j0", add(lo.clone(), mul(jb, Expr::idx(key_block))));
-            let keys: Vec<Expr> = (0..key_block).map(|t| add(Expr::Var(j0), Expr::idx(t))).collect();
-            let scores: Vec<Var> = keys.iter().map(|j| score_of(b, j)).collect();
-            let top = scores.iter().fold(Expr::Var(m), |acc, s| acc.max(Expr::Var(*s)));
-            let mn = b.let_("mn", top);
+        let sb = b.let_("sb", mul(row.clone(), Expr::idx(dv)));
+        let nkeys = b.let_("nkeys", max(sub(hi.clone(), lo.clone()), Expr::i64(0)));
+        let nch = sym::ceil_div(Expr::Var(nkeys), chunk);
+        b.for_("ch", Expr::idx(0), nch, 1, LoopKind::Serial, |b, ch| {
+            let j0 = b.let_("j0", add(lo.clone(), mul(ch, Expr::idx(chunk))));
+            let n = b.let_("n", min(Expr::idx(chunk), sub(hi.clone(), Expr::Var(j0))));
+            let at = |t: Expr| add(Expr::Var(sb), t);
+            let blocks = b.let_("nblk", sym::div(Expr::Var(n), Expr::idx(key_block)));
+            b.for_("jb", Expr::idx(0), Expr::Var(blocks), 1, LoopKind::Serial, |b, jb| {
+                let t0 = b.let_("t0", mul(jb, Expr::idx(key_block)));
+                let ts: Vec<Expr> = (0..key_block).map(|t| add(Expr::Var(t0), Expr::idx(t))).collect();
+                let scores: Vec<Var> = ts.iter().map(|t| score_of(b, &add(Expr::Var(j0), t.clone()))).collect();
+                for (t, sc) in ts.into_iter().zip(scores) {
+                    b.store(out, at(t), Expr::Var(sc));
+                }
+            });
+            let tail = mul(Expr::Var(blocks), Expr::idx(key_block));
+            b.for_("t", tail, Expr::Var(n), 1, LoopKind::Serial, |b, t| {
+                let sc = score_of(b, &add(Expr::Var(j0), t.clone()));
+                b.store(out, at(t), Expr::Var(sc));
+            });
+            // Whole vectors: the last one padded with dropped keys.
+            let nv = b.let_("nv", sym::ceil_div(Expr::Var(n), vl as usize));
+            b.for_("t", Expr::Var(n), mul(Expr::Var(nv), Expr::idx(vl as usize)), 1, LoopKind::Serial, |b, t| {
+                b.store(out, at(t), Expr::f32(f32::NEG_INFINITY));
+            });
+            let vmax = b.let_("vmax", c(f32::NEG_INFINITY, vl));
+            b.for_("v", Expr::idx(0), Expr::Var(nv), 1, LoopKind::Serial, |b, vi| {
+                let sv = Expr::load(out, at(mul(vi, Expr::idx(vl as usize))), vl);
+                b.assign(vmax, Expr::Var(vmax).max(sv));
+            });
+            let top = if vl > 1 { Expr::Var(vmax).hreduce(RedOp::Max) } else { Expr::Var(vmax) };
+            let mn = b.let_("mn", Expr::Var(m).max(top));
             b.if_(
                 Expr::Var(mn).cmp(CmpOp::Gt, Expr::f32(f32::NEG_INFINITY)),
                 |b| {
                     let corr = b.let_("corr", (Expr::Var(m) - Expr::Var(mn)).exp());
                     b.assign(lsum, Expr::Var(lsum) * Expr::Var(corr));
-                    for (_, w, a) in &accs {
+                    for (_, w, a) in sets.iter().flatten() {
                         b.assign(*a, Expr::Var(*a) * widen(Expr::Var(corr), *w));
                     }
                     b.assign(m, Expr::Var(mn));
-                    let ps: Vec<Var> =
-                        scores.iter().map(|sc| b.let_("p", (Expr::Var(*sc) - Expr::Var(m)).exp())).collect();
-                    for (j, p) in keys.iter().zip(ps) {
-                        accumulate(b, j, p);
-                    }
-                },
-                |_| {},
-            );
-        });
-        // The keys after the last whole block, one at a time.
-        let tail = add(lo.clone(), mul(Expr::Var(blocks), Expr::idx(key_block)));
-        b.for_("j", tail, hi, 1, LoopKind::Serial, |b, j| {
-            let sc = score_of(b, &j);
-            let live = Expr::Var(sc).cmp(CmpOp::Gt, Expr::f32(f32::NEG_INFINITY));
-            b.if_(
-                live,
-                |b| {
-                    b.if_(
-                        Expr::Var(sc).cmp(CmpOp::Gt, Expr::Var(m)),
-                        |b| {
-                            let corr = b.let_("corr", (Expr::Var(m) - Expr::Var(sc)).exp());
-                            b.assign(lsum, Expr::Var(lsum) * Expr::Var(corr));
-                            for (_, w, a) in &accs {
-                                b.assign(*a, Expr::Var(*a) * widen(Expr::Var(corr), *w));
-                            }
-                            b.assign(m, Expr::Var(sc));
-                        },
-                        |_| {},
-                    );
-                    let p = b.let_("p", (Expr::Var(sc) - Expr::Var(m)).exp());
-                    accumulate(b, &j, p);
+                    let vsum = b.let_("vsum", c(0.0, vl));
+                    b.for_("v", Expr::idx(0), Expr::Var(nv), 1, LoopKind::Serial, |b, vi| {
+                        let o = b.let_("o", at(mul(vi, Expr::idx(vl as usize))));
+                        let p = b.let_("p", (Expr::load(out, Expr::Var(o), vl) - widen(Expr::Var(m), vl)).exp());
+                        b.store(out, Expr::Var(o), Expr::Var(p));
+                        b.assign(vsum, Expr::Var(vsum) + Expr::Var(p));
+                    });
+                    let total = if vl > 1 { Expr::Var(vsum).hreduce(RedOp::Add) } else { Expr::Var(vsum) };
+                    b.assign(lsum, Expr::Var(lsum) + total);
+                    // Key `t` goes to set `t % nsets`: whole rounds, then the rest.
+                    let rounds = b.let_("nr", sym::div(Expr::Var(n), Expr::idx(nsets)));
+                    b.for_("r", Expr::idx(0), Expr::Var(rounds), 1, LoopKind::Serial, |b, r| {
+                        for (i, set) in sets.iter().enumerate() {
+                            let t = b.let_("t", add(mul(r.clone(), Expr::idx(nsets)), Expr::idx(i)));
+                            let p = b.let_("p", Expr::load(out, at(Expr::Var(t)), 1));
+                            accumulate(b, &add(Expr::Var(j0), Expr::Var(t)), p, set);
+                        }
+                    });
+                    let done = mul(Expr::Var(rounds), Expr::idx(nsets));
+                    b.for_("t", done, Expr::Var(n), 1, LoopKind::Serial, |b, t| {
+                        let p = b.let_("p", Expr::load(out, at(t.clone()), 1));
+                        accumulate(b, &add(Expr::Var(j0), t), p, &sets[0]);
+                    });
                 },
                 |_| {},
             );
         });
         let pos_l = Expr::Var(lsum).cmp(CmpOp::Gt, Expr::f32(0.0));
         let inv = b.let_("inv", Expr::select(pos_l, Expr::f32(1.0) / Expr::Var(lsum), Expr::f32(0.0)));
-        let ob = b.let_("ob", mul(row, Expr::idx(dv)));
-        for (o, w, a) in &accs {
-            b.store(out, add(Expr::Var(ob), Expr::idx(*o)), Expr::Var(*a) * widen(Expr::Var(inv), *w));
+        for (i, (o, w, a)) in sets[0].iter().enumerate() {
+            let sum = sets[1..].iter().fold(Expr::Var(*a), |s, set| s + Expr::Var(set[i].2));
+            b.store(out, add(Expr::Var(sb), Expr::idx(*o)), sum * widen(Expr::Var(inv), *w));
         }
     });
 }
 
 /// Keys scored together per step of the CPU kernel's main loop.
 const KEY_BLOCK: usize = 4;
+
+/// The vector width of a chunk's maximum and exponentials, and the keys
+/// per chunk: the widest of `lanes`, [`LANES`] and 1 that fits the value
+/// dim `dv`, and the most whole vectors of it that fit `dv` (each row's
+/// output, `dv` wide, holds one chunk's scores).
+fn score_chunk(dv: usize, lanes: u8) -> (u8, usize) {
+    let vl = [lanes, LANES, 1].into_iter().find(|&w| w as usize <= dv).unwrap_or(1);
+    (vl, dv / vl as usize * vl as usize)
+}
 
 /// Keys per block for vectors of `lanes`: twice [`KEY_BLOCK`] with 16-lane
 /// vectors (AVX-512's 32 registers hold the extra scores; on a Zen 5 the
