@@ -341,26 +341,45 @@ impl Gen {
     /// pass with its epilogue.
     fn panels_tile(&self, b: &mut Builder, i0: &Expr, pjs: &[Expr], rows: usize) {
         match self.act {
-            None => self.pass(b, i0, pjs, rows, self.ws[0], Epilogue::Plain),
+            None => self.pass(b, i0, pjs, rows, self.ws[0], Epilogue::Plain, None),
             Some(act) => {
                 // The activation is a sweep of its own over the stored gate
                 // sums, after the accumulators are dead: applied to them
                 // directly, its temporaries make the register allocator
                 // spill accumulators inside the loop over `k`.
-                self.pass(b, i0, pjs, rows, self.ws[0], Epilogue::Plain);
+                // A stream reads gate panel `p`, up panel `p`, then gate
+                // panel `p + 1`: near the end of a panel its prefetches
+                // go to the start of the panel read next, in the other
+                // weight (at the same index less a panel for the up panel,
+                // at the same index for the next gate panel).
+                let panel = (self.p.nr * self.k) as i64;
+                self.pass(b, i0, pjs, rows, self.ws[0], Epilogue::Plain, Some((self.ws[1], -panel)));
                 for pj in pjs {
                     self.store(b, i0, pj, rows, None, Epilogue::Gate(act));
                 }
-                self.pass(b, i0, pjs, rows, self.ws[1], Epilogue::Up);
+                self.pass(b, i0, pjs, rows, self.ws[1], Epilogue::Up, Some((self.ws[0], 0)));
             }
         }
     }
 
     /// The product of rows `i0..i0 + rows` of `a` with the panels `pjs` of
     /// `w` (several only for single-row tiles), stored through `epi`.
+    /// `next` is where a single-row tile's stream goes after each panel,
+    /// when not on into `w`'s next panel: a buffer and the shift of its
+    /// indices against `w`'s, which the prefetches take once they would
+    /// pass the panel's end.
     // Row, panel, vector and set indices address several parallel tables at once.
-    #[allow(clippy::needless_range_loop)]
-    fn pass(&self, b: &mut Builder, i0: &Expr, pjs: &[Expr], rows: usize, w: BufId, epi: Epilogue) {
+    #[allow(clippy::needless_range_loop, clippy::too_many_arguments)]
+    fn pass(
+        &self,
+        b: &mut Builder,
+        i0: &Expr,
+        pjs: &[Expr],
+        rows: usize,
+        w: BufId,
+        epi: Epilogue,
+        next: Option<(BufId, i64)>,
+    ) {
         let (lanes, nr, k) = (self.p.lanes, self.p.nr, self.k);
         let l = lanes as usize;
         let nv = nr / l;
@@ -418,12 +437,21 @@ impl Gen {
             }
         };
         let kmain = k / ku * ku;
-        if kmain > 0 {
-            let kind = if ku > 1 { LoopKind::Unroll(ku as u32) } else { LoopKind::Serial };
-            b.for_("kk", Expr::i64(0), Expr::idx(kmain), ku as i64, kind, |b, _| {
+        // Steps from `kswitch` on prefetch into `next` (see above).
+        let ahead_steps = (self.p.prefetch / self.w_size).div_ceil(nr);
+        let kswitch = match next {
+            Some(_) if rows == 1 && self.p.prefetch > 0 => kmain.saturating_sub(ahead_steps) / ku * ku,
+            _ => kmain,
+        };
+        let kind = if ku > 1 { LoopKind::Unroll(ku as u32) } else { LoopKind::Serial };
+        for (from, to, target) in [(0, kswitch, (w, 0)), (kswitch, kmain, next.unwrap_or((w, 0)))] {
+            if from == to {
+                continue;
+            }
+            b.for_("kk", Expr::idx(from), Expr::idx(to), ku as i64, kind, |b, _| {
                 if rows == 1 {
                     for &wk in &wk {
-                        self.prefetch(b, w, wk, ku * nr);
+                        self.prefetch(b, target.0, wk, target.1, ku * nr);
                     }
                 }
                 for u in 0..ku {
@@ -452,7 +480,8 @@ impl Gen {
 
     /// Prefetches, for one step of `step_elems` weights of a single-row
     /// tile, the cache lines of the panel at `wk` that it reads
-    /// `PanelParams::prefetch` bytes later (the hint may point past the
+    /// `PanelParams::prefetch` bytes later, in `w` at indices `shift` from
+    /// the panel's own (the stream's next panel; the hint may point past the
     /// panel, or the buffer, harmlessly). On the Zen 5 measured, each core
     /// kept more misses in flight with the hints than its out-of-order
     /// window alone reached; on a Zen 3, tiles reading 4 streams gained
@@ -460,7 +489,7 @@ impl Gen {
     /// non-temporal because a decode step reads each weight once (meant to
     /// keep the weights from evicting the activations and the KV cache;
     /// attention's time did not measurably change).
-    fn prefetch(&self, b: &mut Builder, w: BufId, wk: Var, step_elems: usize) {
+    fn prefetch(&self, b: &mut Builder, w: BufId, wk: Var, shift: i64, step_elems: usize) {
         let ahead = self.p.prefetch;
         if ahead == 0 {
             return;
@@ -468,7 +497,8 @@ impl Gen {
         let line = 64 / self.w_size;
         let lines = (step_elems * self.w_size).div_ceil(64);
         for j in 0..lines {
-            b.prefetch(w, add(Expr::Var(wk), Expr::idx(ahead / self.w_size + j * line)));
+            let at = (ahead / self.w_size + j * line) as i64 + shift;
+            b.prefetch(w, add(Expr::Var(wk), Expr::i64(at)));
         }
     }
 
@@ -533,7 +563,47 @@ impl Gen {
 
 #[cfg(test)]
 mod tests {
-    use super::stream_count;
+    use super::*;
+    use crate::kir::Stmt;
+
+    /// The weight each prefetching loop of `stmts` prefetches from, in
+    /// program order.
+    fn prefetch_targets(k: &crate::kir::Kernel, stmts: &[Stmt], out: &mut Vec<String>) {
+        for s in stmts {
+            match s {
+                Stmt::For(l) => {
+                    if let Some(Stmt::Prefetch { buf, .. }) = l.body.iter().find(|s| matches!(s, Stmt::Prefetch { .. }))
+                    {
+                        out.push(k.buf(*buf).name.clone());
+                    }
+                    prefetch_targets(k, &l.body, out);
+                }
+                Stmt::If { then, els, .. } => {
+                    prefetch_targets(k, then, out);
+                    prefetch_targets(k, els, out);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// A gated single-row tile reads gate panel `p`, up panel `p`, then the
+    /// next gate panel: each pass's last steps prefetch the other weight.
+    #[test]
+    fn gated_passes_prefetch_the_panel_read_next() {
+        let p = PanelParams { prefetch: 2048, ..PanelParams::WIDE_AVX512 };
+        for w in [Scalar::F32, Scalar::BF16] {
+            let mut b = Builder::new("gated");
+            weight_matmul(&mut b, Expr::i64(1), 1536, 576, Some(Act::Silu), p, w);
+            let k = b.finish().unwrap();
+            let mut seen = vec![];
+            prefetch_targets(&k, &k.body, &mut seen);
+            assert!(!seen.is_empty() && seen.len() % 4 == 0, "{seen:?}");
+            for pass in seen.chunks(4) {
+                assert_eq!(pass, ["w_gate", "w_up", "w_up", "w_gate"], "{w:?}: {seen:?}");
+            }
+        }
+    }
 
     #[test]
     fn streams_keep_enough_groups_and_no_empty_stream() {
