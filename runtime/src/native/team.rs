@@ -36,7 +36,9 @@
 //!   each, on counters of the thread's own (each on a cache line of its
 //!   own), which the other threads only read;
 //! - waiting spins briefly, then yields; idle workers (between runs) end up
-//!   asleep on a condition variable, so an idle team costs no CPU;
+//!   asleep on a condition variable after [`SLEEP_AFTER`], so an idle team
+//!   costs no CPU, and [`Team::prewake`] wakes them while the caller
+//!   prepares its next run;
 //! - a panic in a task (on any thread) is caught: the team is poisoned, every
 //!   other thread leaves at its next barrier, [`Team::run`] waits until no
 //!   thread still runs a task (so the caller's buffers are no longer in use)
@@ -49,9 +51,16 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
-/// Spins before yielding, and yields before sleeping (idle workers only).
+/// Spins before yielding.
 const SPINS: u32 = 1 << 10;
-const YIELDS: u32 = 1 << 8;
+
+/// How long an idle worker keeps looking for the next job (spinning, then
+/// yielding the core to anything else runnable) before it sleeps. Longer
+/// than the host's work between two decode steps (checking the inputs,
+/// placing buffers, copying the logits out: about 0.1-0.3 ms for
+/// smollm2-135m): a worker woken from sleep started its first launch about
+/// 20 us late on a 2-core VM, every step.
+const SLEEP_AFTER: std::time::Duration = std::time::Duration::from_millis(2);
 
 /// Spins of a thread waiting for a launch's other parts between its looks
 /// for parts nobody has claimed (a few microseconds: a launch's last parts
@@ -85,6 +94,10 @@ struct Shared {
     threads: usize,
     /// Bumped (under `lock`) when a new job is published.
     epoch: AtomicU64,
+    /// Bumped (under `lock`) by [`Team::prewake`]: a job is coming soon.
+    hint: AtomicU64,
+    /// Workers asleep on `wake`.
+    sleeping: AtomicUsize,
     lock: Mutex<()>,
     wake: Condvar,
     /// Written by the caller only while every worker is idle (see `run`).
@@ -218,32 +231,49 @@ impl Shared {
         }
     }
 
-    /// A worker waits for a job newer than `seen`; None on shutdown.
+    /// A worker waits for a job newer than `seen`; None on shutdown. It
+    /// spins, yields, then sleeps until a job or a [`Team::prewake`],
+    /// after which it spins again.
     fn next_epoch(&self, seen: u64) -> Option<u64> {
-        for i in 0..SPINS + YIELDS {
-            let e = self.epoch.load(Ordering::Acquire);
-            if e != seen {
-                return Some(e);
-            }
-            if self.shutdown.load(Ordering::Acquire) {
-                return None;
-            }
-            if i < SPINS {
-                std::hint::spin_loop();
-            } else {
-                std::thread::yield_now();
-            }
-        }
-        let mut guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         loop {
-            let e = self.epoch.load(Ordering::Acquire);
-            if e != seen {
-                return Some(e);
+            let start = std::time::Instant::now();
+            for i in 0u32.. {
+                let e = self.epoch.load(Ordering::Acquire);
+                if e != seen {
+                    return Some(e);
+                }
+                if self.shutdown.load(Ordering::Acquire) {
+                    return None;
+                }
+                if i < SPINS {
+                    std::hint::spin_loop();
+                } else if start.elapsed() < SLEEP_AFTER {
+                    std::thread::yield_now();
+                } else {
+                    break;
+                }
             }
-            if self.shutdown.load(Ordering::Acquire) {
-                return None;
+            let mut guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+            let hint = self.hint.load(Ordering::Relaxed);
+            self.sleeping.fetch_add(1, Ordering::SeqCst);
+            let woken = loop {
+                let e = self.epoch.load(Ordering::Acquire);
+                if e != seen {
+                    break Some(Some(e));
+                }
+                if self.shutdown.load(Ordering::Acquire) {
+                    break Some(None);
+                }
+                if self.hint.load(Ordering::Relaxed) != hint {
+                    break None;
+                }
+                guard = self.wake.wait(guard).unwrap_or_else(|p| p.into_inner());
+            };
+            self.sleeping.fetch_sub(1, Ordering::SeqCst);
+            drop(guard);
+            if let Some(next) = woken {
+                return next;
             }
-            guard = self.wake.wait(guard).unwrap_or_else(|p| p.into_inner());
         }
     }
 }
@@ -299,6 +329,8 @@ impl Team {
             claimed: (0..threads).map(|_| Padded(AtomicUsize::new(0))).collect(),
             finished: (0..threads).map(|_| Padded(AtomicUsize::new(0))).collect(),
             epoch: AtomicU64::new(0),
+            hint: AtomicU64::new(0),
+            sleeping: AtomicUsize::new(0),
             lock: Mutex::new(()),
             wake: Condvar::new(),
             job: UnsafeCell::new(Job { task: None, launches: 0 }),
@@ -325,6 +357,21 @@ impl Team {
     /// The parts each launch is cut into (1 for a team of one thread).
     pub fn parts(&self) -> usize {
         self.shared.parts
+    }
+
+    /// Wakes sleeping workers so that they are spinning when the next
+    /// [`Team::run`] comes: a caller that prepares a run (checks inputs,
+    /// places buffers) calls this first, and the wake-up, tens of
+    /// microseconds for an idle CPU, overlaps that work instead of
+    /// delaying the first launch.
+    pub fn prewake(&self) {
+        let s = &*self.shared;
+        if s.sleeping.load(Ordering::SeqCst) == 0 {
+            return;
+        }
+        let _guard = s.lock.lock().unwrap_or_else(|p| p.into_inner());
+        s.hint.fetch_add(1, Ordering::Relaxed);
+        s.wake.notify_all();
     }
 
     /// Runs `launches` launches: `task(launch, part)` runs once for every
@@ -505,5 +552,30 @@ mod tests {
             .unwrap();
         }
         assert_eq!(count.load(Ordering::Relaxed), 3 * 2 * team.parts());
+    }
+
+    /// Idle workers fall asleep after `SLEEP_AFTER`; `prewake` gets every
+    /// one of them looking for work again (spinning, not asleep), and the
+    /// next run works.
+    #[test]
+    fn prewake_wakes_sleeping_workers() {
+        let mut team = Team::new(3).unwrap();
+        let asleep = |team: &Team| team.shared.sleeping.load(Ordering::SeqCst);
+        let wait_for = |team: &Team, want: usize| {
+            let start = std::time::Instant::now();
+            while asleep(team) != want {
+                assert!(start.elapsed().as_secs() < 10, "{} workers asleep, waited for {want}", asleep(team));
+                std::thread::sleep(std::time::Duration::from_micros(100));
+            }
+        };
+        wait_for(&team, 2);
+        team.prewake();
+        wait_for(&team, 0);
+        let count = AtomicUsize::new(0);
+        team.run(1, &|_, _| {
+            count.fetch_add(1, Ordering::Relaxed);
+        })
+        .unwrap();
+        assert_eq!(count.load(Ordering::Relaxed), team.parts());
     }
 }
