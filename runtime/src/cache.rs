@@ -146,7 +146,18 @@ impl CacheLayout {
             .find(|(_, b, _)| *b == self.logits)
             .cloned()
             .ok_or_else(|| NativeError::Plan("the plan has no `logits` output".into()))?;
-        let presents = self.pairs.iter().map(|p| c.shape_of(p.present_buf, syms)).collect::<Result<_, _>>()?;
+        // The presents mostly share one declared shape (a model's keys and
+        // values alike): each distinct one is evaluated once.
+        let mut presents: Vec<Vec<usize>> = Vec::with_capacity(self.pairs.len());
+        for (i, p) in self.pairs.iter().enumerate() {
+            let dims = &c.bufs[p.present_buf].shape;
+            let same = (0..i).rev().find(|&j| c.bufs[self.pairs[j].present_buf].shape == *dims);
+            let shape = match same {
+                Some(j) => presents[j].clone(),
+                None => c.shape_of(p.present_buf, syms)?,
+            };
+            presents.push(shape);
+        }
         Ok(StepOutputs { logits_buf: self.logits, logits_name, logits_dtype, batch, seq, vocab, presents })
     }
 }
