@@ -108,6 +108,14 @@ fn check_steps(name: &str, flags: &str, compile_flags: &[&str], in_place: bool) 
     let mut m = open(&art, 2);
     assert!(m.cache().is_some(), "{name}: the plan keeps no cache");
     assert_eq!(m.cache_in_place(), in_place, "{name}: whether the cache is kept in place");
+    // Appends into a cache kept in place say how little they move (so a
+    // decode step runs them on one thread); no other launch does.
+    let plan = m.plan();
+    for l in &plan.launches {
+        let append = plan.kernels[l.kernel].symbol.contains("kv_append_cache");
+        assert_eq!(l.work.is_some(), append, "{name}: launch `{}` work {:?}", l.node, l.work);
+    }
+    assert_eq!(plan.launches.iter().any(|l| l.work.is_some()), in_place, "{name}: appends with a work dim");
     let mut reference = Reference::default();
     let mut bitwise = true;
     let mut check = |m: &mut NativeModel, r: &mut Reference, label: &str, inputs: BTreeMap<String, Tensor>| {

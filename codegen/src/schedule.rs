@@ -450,7 +450,19 @@ impl Scheduler<'_> {
                 self.buffers[b].shape[2] = capacity;
                 self.slots.insert(v, Slot::Buf(b));
                 args.push(b);
-                return self.push_launch(n, inst, args);
+                self.push_launch(n, inst, args)?;
+                // It moves the copied positions and the new ones, a few
+                // kilobytes in a decode step, though its result is the
+                // whole cache.
+                let (cache, new) = (&in_tys[0], &in_tys[1]);
+                let outer = Dim::product(&cache.shape[..2]);
+                let row = Dim::product(&cache.shape[3..]);
+                let moved = outer * (kv.copied.clone() * row + Dim::product(&new.shape[2..]));
+                let bytes = Dim::c(2 * plan_elem(elem_of(cache.dtype)).size() as i64) * moved;
+                if let Some(l) = self.launches.last_mut() {
+                    l.work = Some(bytes.to_string());
+                }
+                return Ok(());
             }
             return self.launch(n, inst, args);
         }
@@ -625,6 +637,7 @@ impl Scheduler<'_> {
                         scalars: vec![gm.m.to_string()],
                         node: describe(self.graph, n),
                         grid: None,
+                        work: None,
                     });
                 }
             }
@@ -1010,6 +1023,7 @@ impl Scheduler<'_> {
         let kernel = self.intern(inst.kernel);
         self.launches.push(Launch {
             grid,
+            work: None,
             kernel,
             args,
             needs,

@@ -191,6 +191,12 @@ pub struct Launch {
     /// For a GPU kernel: the grid (x, y, z) in blocks, as dims.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grid: Option<[String; 3]>,
+    /// Bytes the launch reads and writes in all, as a dim, where that is
+    /// far less than its arguments hold (an append of one position to a
+    /// KV cache kept in place). The CPU runtime runs a launch on one
+    /// thread when this, or else every argument, is small.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub work: Option<String>,
 }
 
 /// PTX text for one GPU architecture, a file of the artifact.

@@ -46,6 +46,7 @@ fn launch(kernel: usize, args: &[usize], needs: &[&str], scalars: &[&str], grid:
         scalars: strings(scalars),
         node: node.into(),
         grid: Some([grid.to_string(), "1".to_string(), "1".to_string()]),
+        work: None,
     }
 }
 

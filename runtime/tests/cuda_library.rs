@@ -85,6 +85,7 @@ fn gemm_plan() -> (NativePlan, Signature) {
                 scalars: strings(&["m"]),
                 node: "%y = matmul %x, %w".into(),
                 grid: None,
+                work: None,
             },
             Launch {
                 kernel: 0,
@@ -93,6 +94,7 @@ fn gemm_plan() -> (NativePlan, Signature) {
                 scalars: strings(&["8*m"]),
                 node: "%z = add %y, %y".into(),
                 grid: Some(["(8*m + 63) / 64".into(), "1".into(), "1".into()]),
+                work: None,
             },
         ],
         symbols: vec![("m".into(), 1, 4096)],

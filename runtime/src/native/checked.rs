@@ -58,6 +58,8 @@ pub struct LaunchDims {
     pub need_ids: Vec<DimId>,
     pub scalar_ids: Vec<DimId>,
     pub grid_ids: Option<[DimId; 3]>,
+    /// [`crate::plan::Launch::work`], parsed.
+    pub work_id: Option<DimId>,
     /// Where its arguments and scalars start in the flat per-call tables
     /// (arguments in launch order, then each launch's scalars).
     pub arg_at: usize,
@@ -773,7 +775,11 @@ fn check_launches(plan: &NativePlan, bufs: &[BufInfo], dims: &mut Interner) -> R
                 (Some([x, y, z]), Some([ix, iy, iz]))
             }
         };
-        out.push(LaunchDims { needs, scalars, grid, need_ids, scalar_ids, grid_ids, arg_at, scalar_at });
+        let work_id = match &l.work {
+            None => None,
+            Some(w) => Some(dims.parse(w, &|| format!("{}: work", at()))?.1),
+        };
+        out.push(LaunchDims { needs, scalars, grid, need_ids, scalar_ids, grid_ids, work_id, arg_at, scalar_at });
         arg_at += l.args.len();
         scalar_at += l.scalars.len();
     }
@@ -950,6 +956,7 @@ mod tests {
                 scalars: vec![],
                 node: format!("launch {i}"),
                 grid: None,
+                work: None,
             })
             .collect();
         let plan = NativePlan {

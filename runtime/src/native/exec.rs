@@ -658,13 +658,16 @@ impl NativeModel {
         // which cost more than the kernel itself (in smollm2-135m's decode
         // profile these kernels took about three times as long split).
         let threads = self.team.threads();
-        group_steps(
-            &mut self.steps,
-            c.plan
-                .launches
-                .iter()
-                .map(|l| threads > 1 && l.args.iter().all(|&b| lens[b] * c.bufs[b].elem.size() <= SERIAL_BYTES)),
-        );
+        // A launch that says how much it moves (an append to a cache kept
+        // in place) is judged by that instead of its arguments' sizes.
+        let small = |(l, d): (&crate::plan::Launch, &super::checked::LaunchDims)| {
+            let work = d.work_id.and_then(|id| sizes.vals[id as usize]);
+            match work {
+                Some(bytes) => bytes <= SERIAL_BYTES as i64,
+                None => l.args.iter().all(|&b| lens[b] * c.bufs[b].elem.size() <= SERIAL_BYTES),
+            }
+        };
+        group_steps(&mut self.steps, c.plan.launches.iter().zip(&c.launches).map(|x| threads > 1 && small(x)));
         // A kernel splits its parallel loop into `parts` shares and computes
         // share `part` (the kernel ABI calls them thread and threads).
         let parts = self.team.parts() as i64;
