@@ -64,6 +64,7 @@ fn launch(kernel: usize, args: &[usize], needs: &[&str], scalars: &[&str], node:
         scalars: scalars.iter().map(|s| s.to_string()).collect(),
         node: node.into(),
         grid: None,
+        work: None,
     }
 }
 
