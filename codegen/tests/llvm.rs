@@ -347,15 +347,20 @@ fn matmul_and_fused_ops() {
         let op = at(true, None, None, d);
         let (q, k) = (f(&format!("b,4,seq,{d}")), f(&format!("b,2,past+seq,{d}")));
         let mask = ty(DType::Bool, "b,1,1,past+seq");
-        for lanes in [4, 8] {
+        for lanes in [4, 8, 16] {
             let Selected::Kernel(inst) =
                 select_in_place(&op, &[q.clone(), k.clone(), k.clone(), mask.clone()], &kv, lanes)
                     .unwrap_or_else(|e| panic!("{e}"))
             else {
                 panic!("attention is one kernel")
             };
-            let sy = [("b", 2), ("seq", 3), ("past", 5), ("cap", 11)];
-            cases.push(case_of("attention in place", inst, &sy, &[Gen::F(2.0), Gen::F(2.0), g, g], SUM));
+            // Few keys, then more than one chunk of them (a chunk holds
+            // `d` keys or fewer), the last chunk partial.
+            for sy in
+                [[("b", 2), ("seq", 3), ("past", 5), ("cap", 11)], [("b", 1), ("seq", 2), ("past", 149), ("cap", 160)]]
+            {
+                cases.push(case_of("attention in place", inst.clone(), &sy, &[Gen::F(2.0), Gen::F(2.0), g, g], SUM));
+            }
         }
     }
     // KV append.
