@@ -6,7 +6,7 @@
 //! `logits [batch, seq, vocab]` and, for every past input
 //! `past_key_values.X`, an output `present.X` holding `concat(past, new)`.
 //!
-//! [`generate_greedy`] runs the prompt once (the prefill, with an empty
+//! [`generate`] runs the prompt once (the prefill, with an empty
 //! cache), then feeds exactly one token per step with the previous step's
 //! `present.*` as `past_key_values.*`, an all-ones mask of `past + 1` and the
 //! position `past`. It never re-runs the whole sequence when the model has a

@@ -7,7 +7,7 @@
 //!   the inputs and outputs of `smelt run`).
 //! - [`model`]: [`model::InterpModel`], a model run by the reference
 //!   interpreter, which fills the optional decoder inputs with their defaults.
-//! - [`generate`]: the [`generate::Forward`] trait and greedy generation with
+//! - [`generate`](mod@generate): the [`generate::Forward`] trait and greedy generation with
 //!   the KV cache on top of it.
 //! - [`plan`]: the launch plan of a natively compiled (`cpu`) artifact;
 //!   [`native`]: [`native::NativeModel`], which runs it (the kernel library

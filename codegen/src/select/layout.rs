@@ -176,7 +176,7 @@ fn load_index(b: &mut Builder, buf: crate::kir::BufId, elem: Scalar, at: Expr, d
 
 /// `gather` whose `data` (a float constant, such as an embedding table) is
 /// stored as `stored` (`BF16`/`F16`, widened to f32 as it is copied); the
-/// other operands and the result are as for [`select`].
+/// other operands and the result are as for `select`.
 pub fn gather_stored(
     data: &TensorType,
     idx: &TensorType,

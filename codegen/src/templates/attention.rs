@@ -2,8 +2,8 @@
 //! iteration per query row `(batch, head, i)`, one pass over the visible
 //! keys keeping the running maximum `m`, the running sum `l` and the output
 //! accumulator (vectors over the value dim). Keys go in chunks (see
-//! [`score_chunk`]): a chunk's scores are computed in blocks of
-//! [`key_block`] keys and kept in the row's own output until the row is
+//! `score_chunk`): a chunk's scores are computed in blocks of
+//! `key_block` keys and kept in the row's own output until the row is
 //! done; the chunk's maximum, its exponentials and their sum are vector
 //! operations over keys, and the running state is rescaled once per chunk.
 //! Sums accumulate in f32.

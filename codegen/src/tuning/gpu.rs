@@ -41,7 +41,7 @@ pub struct GpuParams {
     pub mtile: usize,
     /// Up to this many rows the GEMV runs, above it the tiled GEMM.
     pub gemv_max_m: usize,
-    /// The GEMM's tile: an index into [`simt_tiles`] or [`tc_tiles`] for
+    /// The GEMM's tile: an index into `simt_tiles` or `tc_tiles` for
     /// `threads`.
     pub tile: usize,
     /// The GEMM's `k` slice per shared-memory stage.

@@ -29,7 +29,7 @@
 //! generated kernels of `templates::gpu::weight_product`) are tunable over
 //! their block size, the GEMV's thread groups and rows per pass, the point
 //! where the tiled GEMM takes over, its tile and `k` slice, and the grid
-//! ([`gpu`]), or done by cuBLAS instead ([`Variant::Cublas`]).
+//! (`gpu`), or done by cuBLAS instead ([`Variant::Cublas`]).
 //! Other kernels (norms, rope, attention, elementwise) have no parameters
 //! yet and are recorded as [`TuningSource::Fixed`]; the other GPU kernels
 //! take their block sizes from `select::GpuConfig`.
@@ -96,7 +96,7 @@ pub enum Variant {
     Panels { p: PanelParams, lowering: Lowering },
     /// Weights read as `[n, k]` rows (`templates::matmul_dyn`, `NK`).
     Rows { t: TileParams, lowering: Lowering },
-    /// A GPU weight product's parameters ([`gpu`]).
+    /// A GPU weight product's parameters (`gpu`).
     Gpu { p: GpuParams },
     /// A GPU weight product done by cuBLAS (`select::gpu_library`, f32
     /// compute: the same function, unlike TF32, which stays the user's

@@ -5,7 +5,7 @@
 //! (`runtime/examples/cuda_host.rs`) give it made-up addresses.
 //!
 //! What depends only on the plan is worked out once, when the model opens:
-//! the dims parsed and deduplicated ([`CheckedPlan::dims`]), which roots
+//! the dims parsed and deduplicated ([`CheckedPlan::dims`](crate::native::checked::CheckedPlan::dims)), which roots
 //! each kind of call places in the arena, the weights' roots, and where each
 //! launch's arguments sit in one flat table. A call then
 //!
@@ -13,7 +13,7 @@
 //!    distinct dims evaluated once for the call's symbol values, every
 //!    length, `needs` and grid read from them);
 //! 2. places the arena, reusing the placement kept for its kind of call
-//!    while the sizes fit it ([`CheckedPlan::place_cached`]), and asks
+//!    while the sizes fit it ([`CheckedPlan::place_cached`](crate::native::checked::CheckedPlan::place_cached)), and asks
 //!    [`DeviceMemory`] for the arena and, in a decode step, the cache slot
 //!    each `present.*` root is written to;
 //! 3. writes every buffer's device address and every launch's arguments

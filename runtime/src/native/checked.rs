@@ -540,7 +540,7 @@ impl CheckedPlan {
     /// exactly those roots and each fits its room; else placed again, every
     /// root with the room it had or its size when larger (the rooms only
     /// grow), and a root larger than when last placed with some headroom
-    /// (see [`HEADROOM_MAX`]).
+    /// (see `HEADROOM_MAX`).
     pub fn place_cached(&self, lens: &[usize], keep: &[bool], cache: &mut Placement) -> Result<(), NativeError> {
         if keep.len() != self.bufs.len() {
             return Err(plan_err(format!("a placement keeps {} buffers of {}", keep.len(), self.bufs.len())));

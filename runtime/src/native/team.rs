@@ -5,7 +5,7 @@
 //! starts only once every part of launch `i` has finished, so it sees
 //! everything launch `i` wrote on any thread.
 //!
-//! Each thread owns [`PARTS_PER_THREAD`] consecutive parts of every launch
+//! Each thread owns `PARTS_PER_THREAD` consecutive parts of every launch
 //! (thread `t` parts `t * PARTS_PER_THREAD..`) and claims them in order
 //! first; a thread done with its own parts of a launch then waits for the
 //! others, and when the wait is long it claims the parts other threads
@@ -36,7 +36,7 @@
 //!   each, on counters of the thread's own (each on a cache line of its
 //!   own), which the other threads only read;
 //! - waiting spins briefly, then yields; idle workers (between runs) end up
-//!   asleep on a condition variable after [`SLEEP_AFTER`], so an idle team
+//!   asleep on a condition variable after `SLEEP_AFTER`, so an idle team
 //!   costs no CPU, and [`Team::prewake`] wakes them while the caller
 //!   prepares its next run;
 //! - a panic in a task (on any thread) is caught: the team is poisoned, every

@@ -4,7 +4,7 @@
 //! This file owns what the weight-product templates share, `y = x · Wᵀ`
 //! with `W` given `[n, k]` (how checkpoints store Linear weights), plain or
 //! gated, with an optional bias and residual epilogue: the operands
-//! ([`WeightOp`], [`declare`]), the epilogue, the vector width, and the one
+//! ([`WeightOp`], `declare`), the epilogue, the vector width, and the one
 //! kernel the scheduler uses for a symbolic number of rows
 //! ([`weight_product`]), which branches at run time between [`gemv`] (decode)
 //! and a GEMM (prefill): the tensor-core [`gemm_tc`] for bf16 and f16
