@@ -42,6 +42,44 @@ pub struct CacheLayout {
     pub logits: usize,
 }
 
+/// The kinds of call of a model with a KV cache, each with its own arena
+/// placement (see [`CacheLayout::arena_roots`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CallKind {
+    /// A forward call: every buffer in the arena.
+    Run = 0,
+    /// A decode step on an empty cache (the prefill).
+    FirstStep = 1,
+    /// A decode step on a cache that holds positions.
+    Step = 2,
+}
+
+impl CacheLayout {
+    /// Per [`CallKind`], which of a plan's `buffers` buffers are arena
+    /// roots: a forward call places every buffer; a decode step keeps its
+    /// `present.*` roots in the cache's own memory and, once the cache
+    /// holds positions, reads its `past_key_values.*` there, from the first
+    /// step on when `pasts_in_cache` (a cache kept in place is the pasts'
+    /// memory even when empty).
+    pub fn arena_roots(layout: Option<&CacheLayout>, buffers: usize, pasts_in_cache: bool) -> [Vec<bool>; 3] {
+        let all = vec![true; buffers];
+        let (mut first, mut step) = (all.clone(), all.clone());
+        if let Some(layout) = layout {
+            for &r in &layout.present_roots {
+                first[r] = false;
+                step[r] = false;
+            }
+            for p in &layout.pairs {
+                step[p.past_buf] = false;
+                if pasts_in_cache {
+                    first[p.past_buf] = false;
+                }
+            }
+        }
+        [all, first, step]
+    }
+}
+
 /// What one decode step returns and keeps, for its symbol values.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StepOutputs {
@@ -159,5 +197,23 @@ impl CacheLayout {
             presents.push(shape);
         }
         Ok(StepOutputs { logits_buf: self.logits, logits_name, logits_dtype, batch, seq, vocab, presents })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A step keeps its presents out of the arena, a step on a cache its
+    /// pasts too, and a cache kept in place its pasts from the first step.
+    #[test]
+    fn arena_roots_per_kind_of_call() {
+        let pair = CachePair { past: "past".into(), past_buf: 1, present: "present".into(), present_buf: 2 };
+        let layout = CacheLayout { pairs: vec![pair], present_roots: vec![2], logits: 3 };
+        let [run, first, step] = CacheLayout::arena_roots(Some(&layout), 4, false);
+        assert_eq!((run, first, step), (vec![true; 4], vec![true, true, false, true], vec![true, false, false, true]));
+        let [_, first, _] = CacheLayout::arena_roots(Some(&layout), 4, true);
+        assert_eq!(first, vec![true, false, false, true]);
+        assert_eq!(CacheLayout::arena_roots(None, 2, true), [vec![true; 2], vec![true; 2], vec![true; 2]]);
     }
 }

@@ -32,6 +32,7 @@ use smelt_ir::{DType, Tensor};
 
 use super::plan::{CudaPlan, Dim3, Prepared};
 use super::CudaError;
+use crate::cache::{CacheLayout, CallKind};
 use crate::native::arena::{AlignedBuf, ALIGN};
 use crate::native::checked::{write_input, Placement};
 use crate::native::NativeError;
@@ -74,17 +75,6 @@ struct Upload {
     bytes: usize,
 }
 
-/// The kinds of call, each with its own arena placement: a forward call
-/// places every root; a decode step keeps its `present.*` roots in cache
-/// slots, and, once the cache holds positions, reads its
-/// `past_key_values.*` from the cache.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Kind {
-    Run = 0,
-    FirstStep = 1,
-    Step = 2,
-}
-
 /// The KV cache kept on the device between decode steps (its memory is the
 /// [`DeviceMemory`]'s cache slots).
 #[derive(Clone, Debug, Default)]
@@ -101,7 +91,7 @@ struct Cache {
 /// The host half of a GPU model (see the module docs).
 pub struct Host {
     plan: CudaPlan,
-    /// Per [`Kind`]: which buffers are arena roots (indexed by buffer), and
+    /// Per [`CallKind`]: which buffers are arena roots (indexed by buffer), and
     /// the placement kept for it.
     keep: [Vec<bool>; 3],
     placements: [Placement; 3],
@@ -142,18 +132,6 @@ impl Host {
     pub fn new(plan: CudaPlan) -> Host {
         let c = &plan.checked;
         let n = c.bufs.len();
-        let all = vec![true; n];
-        let mut first = all.clone();
-        let mut step = all.clone();
-        if let Some(layout) = plan.cache_layout() {
-            for &r in &layout.present_roots {
-                first[r] = false;
-                step[r] = false;
-            }
-            for p in &layout.pairs {
-                step[p.past_buf] = false;
-            }
-        }
         let weight_roots = c
             .bufs
             .iter()
@@ -175,7 +153,7 @@ impl Host {
         launch_at.push(at);
         let launches = c.launches.len();
         Host {
-            keep: [all, first, step],
+            keep: CacheLayout::arena_roots(plan.cache_layout(), n, false),
             placements: Default::default(),
             weight_roots,
             launch_at,
@@ -224,7 +202,7 @@ impl Host {
     ) -> Result<Vec<Read>, CudaError> {
         crate::model::fill_defaults(self.plan.signature(), &mut inputs);
         let prep = self.plan.prepare(&inputs, &BTreeMap::new())?;
-        self.bind(Kind::Run, &prep, mem)?;
+        self.bind(CallKind::Run, &prep, mem)?;
         self.stage(&inputs, &prep)?;
         let c = &self.plan.checked;
         let mut reads = Vec::with_capacity(c.outputs.len());
@@ -289,7 +267,7 @@ impl Host {
             .find(|(_, b, _)| *b == logits)
             .ok_or_else(|| CudaError::Plan("the plan has no `logits` output".into()))?;
         let (name, dtype, elem) = (name.clone(), *dtype, c.bufs[logits].elem);
-        self.bind(if resident { Kind::Step } else { Kind::FirstStep }, &prep, mem)?;
+        self.bind(if resident { CallKind::Step } else { CallKind::FirstStep }, &prep, mem)?;
         self.stage(&inputs, &prep)?;
         // The last position of each sequence: row b * seq + seq - 1.
         let base = self.addrs[logits];
@@ -314,7 +292,7 @@ impl Host {
     }
 
     /// Places the call's roots and sets every buffer's device address.
-    fn bind(&mut self, kind: Kind, prep: &Prepared, mem: &mut dyn DeviceMemory) -> Result<(), CudaError> {
+    fn bind(&mut self, kind: CallKind, prep: &Prepared, mem: &mut dyn DeviceMemory) -> Result<(), CudaError> {
         let c = &self.plan.checked;
         let k = kind as usize;
         let lens = &prep.sizes.lens;
@@ -331,13 +309,13 @@ impl Host {
         for &(b, offset) in &self.weight_roots {
             self.root[b] = weights + offset;
         }
-        if kind != Kind::Run {
+        if kind != CallKind::Run {
             if let Some(layout) = self.plan.cache_layout() {
                 let write = 1 - self.cache.cur;
                 for (i, &r) in layout.present_roots.iter().enumerate() {
                     self.root[r] = mem.cache_slot(i, write, lens[r] * c.bufs[r].elem.size())?;
                 }
-                if kind == Kind::Step {
+                if kind == CallKind::Step {
                     for (p, (addr, _)) in layout.pairs.iter().zip(&self.cache.entries) {
                         self.root[p.past_buf] = *addr;
                     }

@@ -58,7 +58,7 @@ use super::library::{KernelFn, KernelLibrary};
 use super::team::Team;
 use super::NativeError;
 use crate::artifact::Signature;
-use crate::cache::CacheLayout;
+use crate::cache::{CacheLayout, CallKind};
 use crate::generate::{CachedDecode, Forward, ForwardError};
 use crate::plan::{NativePlan, Storage};
 
@@ -203,9 +203,8 @@ pub struct NativeModel {
     /// The cache is kept in place (see the module docs).
     in_place: bool,
     cache: HostCache,
-    /// Per kind of call (a run, a step with no cache yet, a step on a
-    /// cache): which buffers are arena roots, and their placement, kept
-    /// while the call's sizes fit it (decode steps differ in a few
+    /// Per [`CallKind`]: which buffers are arena roots, and their
+    /// placement, kept while the call's sizes fit it (decode steps differ in a few
     /// sizes only; placing every root again took about 0.1 ms a step).
     keep: [Vec<bool>; 3],
     placements: [Placement; 3],
@@ -344,25 +343,7 @@ impl NativeModel {
             }),
             _ => false,
         };
-        // Buffers outside the arena: a step's presents (in the cache's
-        // own memory) and, once a cache exists or when it is kept in
-        // place, the pasts it reads.
-        let keep = [false, true].map(|cached| {
-            let mut keep = vec![true; checked.bufs.len()];
-            if let Some(l) = &layout {
-                for &b in &l.present_roots {
-                    keep[b] = false;
-                }
-                if cached || in_place {
-                    for p in &l.pairs {
-                        keep[p.past_buf] = false;
-                    }
-                }
-            }
-            keep
-        });
-        let [step_fresh, step_cached] = keep;
-        let keep = [vec![true; checked.bufs.len()], step_fresh, step_cached];
+        let keep = CacheLayout::arena_roots(layout.as_ref(), checked.bufs.len(), in_place);
         Ok(NativeModel {
             keep,
             placements: Default::default(),
@@ -554,10 +535,10 @@ impl NativeModel {
 
         // Placement of the inputs and scratch buffers.
         let kind = match (layout.is_some(), resident) {
-            (false, _) => 0,
-            (true, false) => 1,
-            (true, true) => 2,
-        };
+            (false, _) => CallKind::Run,
+            (true, false) => CallKind::FirstStep,
+            (true, true) => CallKind::Step,
+        } as usize;
         c.place_cached(lens, &self.keep[kind], &mut self.placements[kind])?;
         let (offsets, total) = (self.placements[kind].offsets(), self.placements[kind].total());
         if total > self.arena.len() {
