@@ -304,8 +304,10 @@ pub enum Stmt {
     /// once: the host LLVM lowering emits a non-temporal prefetch of its
     /// cache line (x86 `prefetchnta`), the other lowerings and the
     /// interpreter nothing. It reads and writes no data,
-    /// so `index` may lie past the buffer's end (a stream's last prefetches
-    /// do), and it never changes a result.
+    /// so `index` may lie outside the buffer (a stream's last prefetches
+    /// point past its end, a gated weight tile's first prefetches into the
+    /// other weight a few elements before its start), and it never changes
+    /// a result.
     Prefetch {
         buf: BufId,
         index: Expr,

@@ -319,10 +319,10 @@ impl Lower<'_> {
         unsafe { LLVMBuildInBoundsGEP2(self.b, elem, base, idx.as_mut_ptr(), 1, NONE) }
     }
 
-    /// `llvm.prefetch` (a read, into all cache levels) of element `index`
-    /// of `buf`. The address is computed without `inbounds`: it may lie
-    /// past the buffer (see [`kir::Stmt::Prefetch`]), which a prefetch
-    /// tolerates and an in-bounds GEP would make poison.
+    /// `llvm.prefetch` (a read, non-temporal) of element `index` of `buf`.
+    /// The address is computed without `inbounds`: it may lie outside the
+    /// buffer (see [`kir::Stmt::Prefetch`]), which a prefetch tolerates and
+    /// an in-bounds GEP would make poison.
     fn prefetch(&mut self, buf: kir::BufId, index: &Expr) -> R<()> {
         let base = self.bufs[buf.0 as usize].ok_or_else(|| unsupported(self.k, "shared buffers".into()))?;
         let i = self.expr(index)?;
