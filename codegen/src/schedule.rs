@@ -451,9 +451,9 @@ impl Scheduler<'_> {
                 self.slots.insert(v, Slot::Buf(b));
                 args.push(b);
                 self.push_launch(n, inst, args)?;
-                // It moves the copied positions and the new ones, a few
-                // kilobytes in a decode step, though its result is the
-                // whole cache.
+                // It moves the copied positions and the new ones (along
+                // axis 2, as every in-place append is), a few kilobytes in
+                // a decode step, though its result is the whole cache.
                 let (cache, new) = (&in_tys[0], &in_tys[1]);
                 let outer = Dim::product(&cache.shape[..2]);
                 let row = Dim::product(&cache.shape[3..]);
