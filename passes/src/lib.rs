@@ -3,7 +3,7 @@
 //! fusion and cleanup. [`pipeline()`] runs them all, in one flat list of
 //! named stages; each stage is a module here and can also be run alone.
 //!
-//! Fusion ([`fuse`]) lowers the graph into an e-graph whose language is
+//! Fusion ([`fuse()`]) lowers the graph into an e-graph whose language is
 //! derived from the op registry ([`egraph`]), runs the rule families of
 //! [`rules`] in bounded phases, and extracts with one documented cost model;
 //! [`report::FusionReport`] says what fused, what did not and how the

@@ -13,7 +13,7 @@
 //!   tiled GEMM multiplies on tensor cores, which round `x` to the
 //!   weights' type, so its reference rounds `x` too (the tolerance is
 //!   [`crate::measure::compare`]'s either way);
-//! - **time**: [`CudaModel::time_launches`] (CUDA events around the
+//! - **time**: [`CudaModel::time_launches`](smelt_runtime::cuda::CudaModel::time_launches) (CUDA events around the
 //!   launches alone, replayed as a CUDA graph) for each timed row count;
 //!   one call runs all the copies, whose weights together exceed the GPU's
 //!   L2 cache several times ([`ROTATE_BYTES`]), so a memory-bound GEMV is

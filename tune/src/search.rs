@@ -121,7 +121,7 @@ impl State<'_> {
 }
 
 /// Searches `space` from `default` until done or `deadline`; `eval` checks
-/// and times a variant (see [`crate::measure::Bench::evaluate`]), and
+/// and times a variant (see [`Evaluate::evaluate`](crate::measure::Evaluate::evaluate)), and
 /// `on_best` is told each new best variant.
 pub fn search(
     site: &Site,

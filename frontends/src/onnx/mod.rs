@@ -6,8 +6,8 @@
 //! - [`tensor`] holds [`OnnxTensor`] host tensors and [`read_tensor_pb`];
 //! - [`error`] holds [`OnnxError`];
 //! - [`proto`] holds the generated protobuf types;
-//! - [`import`] lowers a model to smelt IR ([`import()`]);
-//! - [`check`] reports every operator the importer cannot lower ([`check()`]);
+//! - [`import`](mod@import) lowers a model to smelt IR ([`import()`]);
+//! - [`check`](mod@check) reports every operator the importer cannot lower ([`check()`]);
 //! - [`conformance`] runs ONNX backend-test cases through the importer and
 //!   the reference interpreter.
 

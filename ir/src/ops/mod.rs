@@ -1,4 +1,4 @@
-//! The op registry: every op is declared exactly once in the [`ops!`] table
+//! The op registry: every op is declared exactly once in the `ops!` table
 //! below (text spelling, operands, attributes, shape/dtype inference, one doc
 //! line). The closed [`Op`] enum, [`OpKind`], the metadata table [`OPS`] (used
 //! by the printer, the parser, the verifier and `docs/ops.md`) all come from
@@ -314,7 +314,7 @@ ops! {
     Reshape "reshape" Primitive (x) { shape: Vec<Dim> } => i::reshape;
     /// Permutes axes: output axis i is input axis perm[i].
     Transpose "transpose" Primitive (x) { perm: Vec<i64> } => i::transpose;
-    /// x[start:end:step] on each listed axis; starts/ends are already in range (0 <= start <= dim; a negative step may end at -1).
+    /// `x[start:end:step]` on each listed axis; starts/ends are already in range (0 <= start <= dim; a negative step may end at -1).
     Slice "slice" Primitive (x) { axes: Vec<i64>, starts: Vec<Dim>, ends: Vec<Dim>, steps: Vec<i64> } => i::slice;
     /// Concatenation along an axis.
     Concat "concat" Primitive (; inputs ..) { axis: i64 } => i::concat;
@@ -326,9 +326,9 @@ ops! {
     Unsqueeze "unsqueeze" Primitive (x) { axes: Vec<i64> } => i::unsqueeze;
     /// Takes slices of data along an axis at the indices (negative indices count from the end).
     Gather "gather" Primitive (data, indices) { axis: i64 } => i::gather;
-    /// out[i][j] = data[indices[i][j]][j] along the axis (indices has out's shape).
+    /// `out[i][j] = data[indices[i][j]][j]` along the axis (indices has out's shape).
     GatherElements "gather_elements" Primitive (data, indices) { axis: i64 } => i::gather_elements;
-    /// Copy of data with data[indices[i][j]][j] = updates[i][j] along the axis.
+    /// Copy of data with `data[indices[i][j]][j] = updates[i][j]` along the axis.
     ScatterElements "scatter_elements" Primitive (data, indices, updates) { axis: i64 } => i::scatter_elements;
     /// Copy of data with the slices addressed by the last axis of indices replaced by updates.
     ScatterNd "scatter_nd" Primitive (data, indices, updates) {} => i::scatter_nd;
@@ -344,7 +344,7 @@ ops! {
     LayerNorm "layer_norm" Fused (x, w, b) { eps: f64 } => i::norm;
     /// Rotary embedding of the first R features of x (R = last dim of cos/sin): rotate-half, or interleaved pairs.
     Rope "rope" Fused (x, cos, sin) { interleaved: bool } => i::rope;
-    /// softmax(q kᵀ * scale [softcap] + mask) v over [b, heads, seq, d]; grouped-query kv heads; causal/window masks aligned to the end of k.
+    /// `softmax(q kᵀ * scale [softcap] + mask) v` over `[b, heads, seq, d]`; grouped-query kv heads; causal/window masks aligned to the end of k.
     Attention "attention" Fused (q, k, v; mask ..) { scale: f64, causal: bool, window: Option<i64>, softcap: Option<f64> } => i::attention;
     /// act(x·w_gate) * (x·w_up), act one of silu, gelu_tanh, gelu.
     GatedMlp "gated_mlp" Fused (x, w_gate, w_up) { act: String } => i::gated_mlp;

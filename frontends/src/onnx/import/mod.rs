@@ -4,7 +4,7 @@
 //! What it does, in order:
 //! 1. flattens the graph: model-local functions are inlined, nodes are put in
 //!    topological order (a cycle or an undefined input name is an error);
-//! 2. checks coverage first ([`super::check`]): if any node's (domain, op,
+//! 2. checks coverage first ([`super::check()`]): if any node's (domain, op,
 //!    opset) is unsupported, the import fails with the whole report and
 //!    builds nothing;
 //! 3. declares the graph inputs: every `dim_param` becomes an IR symbol (a
@@ -14,12 +14,12 @@
 //!    into `constant`s, so shape arithmetic on them folds);
 //! 5. lowers each node through the op families (one module each), with
 //!    symbolic shape inference and constant folding done by the
-//!    [`builder::Builder`] every node goes through;
+//!    `builder::Builder` every node goes through;
 //! 6. names the graph outputs as in the file and removes dead nodes.
 //!
 //! Assumptions: the default domain at opset 13 or later (a few ops whose
 //! semantics never changed are accepted from older opsets, see
-//! [`support`]); `com.microsoft` contrib ops at version 1. Sequence, map and
+//! [`support`](super::check::support)); `com.microsoft` contrib ops at version 1. Sequence, map and
 //! optional values, and control flow (`If`, `Loop`, `Scan`), are not
 //! supported. ONNX element types without a smelt dtype are carried as
 //! described in [`dtypes`].
