@@ -73,9 +73,11 @@ impl Tensor {
     pub fn from_f32(dtype: DType, shape: Vec<usize>, values: Vec<f32>) -> Result<Tensor, TensorError> {
         Tensor::check("tensor", values.len(), &shape)?;
         let data = match dtype {
-            DType::F32 | DType::F16 | DType::BF16 => {
-                Data::F32(values.into_iter().map(|v| round_to(dtype, v)).collect())
-            }
+            // f32 values are already exact: no pass over them (a decode
+            // step's logits are 49k values, whose rounding pass took about
+            // as long as the step's checks of every buffer and launch).
+            DType::F32 => Data::F32(values),
+            DType::F16 | DType::BF16 => Data::F32(values.into_iter().map(|v| round_to(dtype, v)).collect()),
             DType::F64 => Data::F64(values.into_iter().map(f64::from).collect()),
             d if d.is_int() => Data::I64(values.into_iter().map(|v| wrap_int(d, v as i64)).collect()),
             _ => Data::Bool(values.into_iter().map(|v| v != 0.0).collect()),
