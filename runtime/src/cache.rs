@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 
 use smelt_ir::{DType, Tensor};
 
-use crate::native::checked::CheckedPlan;
+use crate::native::checked::{CallSizes, CheckedPlan};
 use crate::native::NativeError;
 use crate::plan::Storage;
 
@@ -169,9 +169,9 @@ impl CacheLayout {
         self.pairs.iter().zip(shapes).map(|(p, s)| (p.past.clone(), s.to_vec())).collect()
     }
 
-    /// What a step with these symbol values returns and keeps.
-    pub fn step_outputs(&self, c: &CheckedPlan, syms: &BTreeMap<String, i64>) -> Result<StepOutputs, NativeError> {
-        let shape = c.shape_of(self.logits, syms)?;
+    /// What a step of these sizes returns and keeps.
+    pub fn step_outputs(&self, c: &CheckedPlan, sizes: &CallSizes) -> Result<StepOutputs, NativeError> {
+        let shape = c.shape_in(self.logits, sizes)?;
         let &[batch, seq, vocab] = shape.as_slice() else {
             return Err(NativeError::Buffer {
                 buffer: c.bufs[self.logits].name.clone(),
@@ -184,18 +184,8 @@ impl CacheLayout {
             .find(|(_, b, _)| *b == self.logits)
             .cloned()
             .ok_or_else(|| NativeError::Plan("the plan has no `logits` output".into()))?;
-        // The presents mostly share one declared shape (a model's keys and
-        // values alike): each distinct one is evaluated once.
-        let mut presents: Vec<Vec<usize>> = Vec::with_capacity(self.pairs.len());
-        for (i, p) in self.pairs.iter().enumerate() {
-            let dims = &c.bufs[p.present_buf].shape;
-            let same = (0..i).rev().find(|&j| c.bufs[self.pairs[j].present_buf].shape == *dims);
-            let shape = match same {
-                Some(j) => presents[j].clone(),
-                None => c.shape_of(p.present_buf, syms)?,
-            };
-            presents.push(shape);
-        }
+        // The shapes' dims were evaluated when the call was sized.
+        let presents = self.pairs.iter().map(|p| c.shape_in(p.present_buf, sizes)).collect::<Result<_, _>>()?;
         Ok(StepOutputs { logits_buf: self.logits, logits_name, logits_dtype, batch, seq, vocab, presents })
     }
 }

@@ -429,7 +429,7 @@ impl NativeModel {
         } else {
             self.checked.size_call(&inputs, &resident, KvBinding::Dense)?
         };
-        let outs = layout.step_outputs(&self.checked, &sizes.syms)?;
+        let outs = layout.step_outputs(&self.checked, &sizes)?;
         let addrs = self.execute(&inputs, &sizes, true)?;
 
         // The last position of each sequence: one row, or a gather of rows.
