@@ -12,10 +12,9 @@
 //! [`CheckedPlan::size_call`] binds the symbols from the inputs and
 //! evaluates every buffer's length, every alias's offset (checked to lie
 //! inside its target) and weight range, every launch's scalars, and checks
-//! that each argument's `needs` fits its buffer. [`CheckedPlan::place`]
-//! then gives every scratch root an offset in one arena by liveness;
-//! [`CheckedPlan::place_cached`] keeps that placement across calls while
-//! the sizes fit it.
+//! that each argument's `needs` fits its buffer. [`CheckedPlan::place_cached`]
+//! then gives every scratch root an offset in one arena by liveness, and
+//! keeps that placement across calls while the sizes fit it.
 //!
 //! A plan's thousands of dims (shapes, needs, scalars, grids) are a few
 //! dozen distinct expressions: each is parsed once, when the plan is
@@ -369,37 +368,6 @@ impl CheckedPlan {
         Ok(())
     }
 
-    /// Offsets in one arena for every root with a lifetime that `keep`
-    /// accepts (None for the others), and the arena size they need.
-    pub fn place(
-        &self,
-        lens: &[usize],
-        keep: &dyn Fn(usize) -> bool,
-    ) -> Result<(Vec<Option<usize>>, usize), NativeError> {
-        let mut items = Vec::new();
-        let mut roots = Vec::new();
-        for (b, life) in self.lifetimes.iter().enumerate() {
-            if let Some((first, last)) = *life {
-                if !keep(b) {
-                    continue;
-                }
-                let size = self.bufs[b].elem.size();
-                let bytes = lens[b]
-                    .checked_mul(size)
-                    .ok_or(NativeError::ArenaTooLarge { bytes: lens[b] as u128 * size as u128 })?;
-                items.push(Interval { bytes, first, last });
-                roots.push(b);
-            }
-        }
-        let (offsets, total) = place(&items)
-            .ok_or(NativeError::ArenaTooLarge { bytes: items.iter().map(|i| i.bytes as u128 + ALIGN as u128).sum() })?;
-        let mut at = vec![None; self.bufs.len()];
-        for (k, &b) in roots.iter().enumerate() {
-            at[b] = Some(offsets[k]);
-        }
-        Ok((at, total))
-    }
-
     /// Buffer `b`'s shape for these symbol values.
     pub fn shape_of(&self, b: usize, syms: &BTreeMap<String, i64>) -> Result<Vec<usize>, NativeError> {
         self.bufs[b]
@@ -535,8 +503,8 @@ impl CheckedPlan {
         lens[b].checked_mul(size).ok_or(NativeError::ArenaTooLarge { bytes: lens[b] as u128 * size as u128 })
     }
 
-    /// [`CheckedPlan::place`] for the roots `keep` marks (indexed by
-    /// buffer), kept in `cache` across calls: reused as it is while it holds
+    /// Offsets in one arena, by liveness, for the roots `keep` marks
+    /// (indexed by buffer), kept in `cache` across calls: reused as it is while it holds
     /// exactly those roots and each fits its room; else placed again, every
     /// root with the room it had or its size when larger (the rooms only
     /// grow), and a root larger than when last placed with some headroom
@@ -1071,8 +1039,10 @@ mod tests {
             }
         }
         assert!(p.computed <= 12, "placed {} times for 2000 growing calls", p.computed);
-        // What `place` needs for the largest call, plus the headroom.
-        let (_, fresh) = c.place(&sizes(&c, 2099).lens, &|_| true).unwrap();
+        // What a fresh placement needs for the largest call, plus the headroom.
+        let mut once = Placement::default();
+        c.place_cached(&sizes(&c, 2099).lens, &keep, &mut once).unwrap();
+        let fresh = once.total();
         assert!(p.total() <= fresh * 3 / 2 + 64 * c.bufs.len(), "{} against {fresh}", p.total());
     }
 

@@ -12,7 +12,8 @@
 //!    that does not fit these symbol values never reaches machine code
 //!    ([`CheckedPlan::size_call`]);
 //! 4. place the inputs and scratch buffers in the arena by liveness
-//!    ([`CheckedPlan::place`]), growing the arena (kept across calls) when
+//!    ([`CheckedPlan::place_cached`], one placement per kind of call, kept
+//!    while the sizes fit it), growing the arena (kept across calls) when
 //!    it is too small, and copy the inputs in (converted to the buffer's
 //!    element type);
 //! 5. run every launch on the team, then copy the outputs into tensors of
