@@ -42,7 +42,7 @@ use smelt_runtime::plan::{Buffer, Elem, KernelEntry, KernelTuning, Launch, Nativ
 
 use crate::constants::{convertible, sample_key, Chunk, Matrix};
 use crate::kir::{BinOp, Expr, Kernel, Scalar};
-use crate::select::{self, elem_of, Instance, Packing, SelectError, Selected};
+use crate::select::{self, elem_of, Instance, SelectError, Selected};
 use crate::tuning::{Site, Tuning};
 
 /// Alignment of every constant in the weights file, in bytes.
@@ -867,10 +867,9 @@ impl Scheduler<'_> {
         let Some(site) = Site::weight_product(m.rows, m.cols, None, elem) else { return Ok(None) };
         let choice = crate::tuning::choose(&site, self.options.tuning.as_deref(), self.options.packed_weights);
         let crate::tuning::Variant::Panels { p, .. } = choice.variant else { return Ok(None) };
-        let packing = p.normalized().packing();
-        let Packing::Panels { nr } = packing;
+        let packing = p.normalized().packing(elem);
         let (data, idx, out) = (g.ty(node.inputs[0]), g.ty(node.inputs[1]), g.ty(node.outputs[0]));
-        let Ok(inst) = select::gather_packed(data, idx, out, elem, nr) else { return Ok(None) };
+        let Ok(inst) = select::gather_packed(data, idx, out, elem, packing) else { return Ok(None) };
         let Some(chunk) = m.laid_out(scalar_dtype(elem), false) else { return Ok(None) };
         let esize = scalar_dtype(elem).size_bytes();
         let packed = packing.apply_bytes(chunk.bytes(), esize, m.rows, m.cols);

@@ -253,6 +253,33 @@ fn convert_kernel(from: smelt_codegen::kir::Scalar, to: smelt_codegen::kir::Scal
     b.finish().unwrap()
 }
 
+/// `y` = the `n` (even) elements of `x` deinterleaved by pair loads: each
+/// block of 8 is its even elements then its odd ones (4-lane loads), and
+/// each pair left over is its even element then its odd one (scalars).
+fn pairs_kernel(from: smelt_codegen::kir::Scalar, n: usize) -> Kernel {
+    use smelt_codegen::kir::{Access, Builder, Expr, LoopKind, Pick, Space};
+    let mut b = Builder::new(&format!("pairs_{from:?}_{n}"));
+    let x = b.buffer("x", from, n, Space::Global, Access::Read);
+    let y = b.output("y", n);
+    let full = n / 8;
+    b.for_("t", Expr::idx(0), Expr::idx(full + n % 8 / 2), 1, LoopKind::Parallel, |b, t| {
+        b.if_(
+            t.clone().lt(Expr::idx(full)),
+            |b| {
+                let i = b.let_("i", t.clone() * Expr::idx(8));
+                b.store(y, Expr::Var(i), Expr::load_pick(x, Expr::Var(i), 4, Pick::Even));
+                b.store(y, Expr::Var(i) + Expr::idx(4), Expr::load_pick(x, Expr::Var(i), 4, Pick::Odd));
+            },
+            |b| {
+                let i = b.let_("i", (t.clone() - Expr::idx(full)) * Expr::idx(2) + Expr::idx(full * 8));
+                b.store(y, Expr::Var(i), Expr::load_pick(x, Expr::Var(i), 1, Pick::Even));
+                b.store(y, Expr::Var(i) + Expr::idx(1), Expr::load_pick(x, Expr::Var(i), 1, Pick::Odd));
+            },
+        );
+    });
+    b.finish().unwrap()
+}
+
 /// Bit patterns are equal, or both are NaN (the lowering keeps a NaN's
 /// payload but does not quiet it on loads, as the `half` crate does).
 fn same_bits(what: &str, i: usize, got: u32, want: u32, nan: bool) {
@@ -290,6 +317,44 @@ fn narrow_loads_match_interpreter_for_every_bit_pattern() {
             for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                 same_bits(&k.name, i, g.to_bits(), w.to_bits(), g.is_nan() && w.is_nan());
             }
+        }
+    }
+}
+
+/// Every bf16 and f16 bit pattern, loaded as the even and odd halves of
+/// pairs (4 lanes and scalars), gives the f32 the interpreter gives, in
+/// the interpreter's order.
+#[test]
+fn pair_loads_match_interpreter_for_every_bit_pattern() {
+    use smelt_codegen::kir::Scalar;
+    // 65536 patterns and 6 more, so the scalar pairs run too.
+    let bits: Vec<u16> = (0..=u16::MAX).chain([0x7f80, 0x3c00, 0x8001, 0x0001, 0xffff, 0x4000]).collect();
+    let n = bits.len();
+    for elem in [Scalar::BF16, Scalar::F16] {
+        let k = pairs_kernel(elem, n);
+        let j = JitKernel::compile(&k).unwrap_or_else(|e| panic!("{e}\n{k}"));
+        let data = match elem {
+            Scalar::BF16 => BufData::BF16(bits.iter().map(|&b| half::bf16::from_bits(b)).collect()),
+            _ => BufData::F16(bits.iter().map(|&b| half::f16::from_bits(b)).collect()),
+        };
+        let mut bufs = vec![data.clone(), BufData::zeros(Scalar::F32, n)];
+        interp::run(&k, &mut bufs, &[], Mode::Cpu { threads: 1 }).unwrap();
+        let want = bufs[1].f32().to_vec();
+        // The interpreter's order: block 0's even elements, then its odd ones.
+        let widen = |b: u16| match elem {
+            Scalar::BF16 => half::bf16::from_bits(b).to_f32(),
+            _ => half::f16::from_bits(b).to_f32(),
+        };
+        assert_eq!((want[1], want[4]), (widen(2), widen(1)), "{elem:?}: y[1] is x[2], y[4] is x[1]");
+        let mut got = vec![0.0f32; n];
+        let x = match &data {
+            BufData::BF16(v) => Arg::BF16(v),
+            BufData::F16(v) => Arg::F16(v),
+            _ => unreachable!(),
+        };
+        j.run_part(&mut [x, Arg::F32Mut(&mut got)], &[], 0, 1).unwrap();
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            same_bits(&k.name, i, g.to_bits(), w.to_bits(), g.is_nan() && w.is_nan());
         }
     }
 }

@@ -21,7 +21,7 @@
 use half::{bf16, f16};
 use smelt_codegen::aot;
 use smelt_codegen::kir::interp::{self, BufData, Mode};
-use smelt_codegen::kir::{Access, Builder, Expr, Kernel, LoopKind, RedOp, Scalar, Space};
+use smelt_codegen::kir::{Access, Builder, Expr, Kernel, LoopKind, Pick, RedOp, Scalar, Space};
 use smelt_codegen::select::{
     gated_mlp_weight_nk, matmul_weight_nk, select, select_in_place, weight_gated_mlp_with, weight_matmul_with,
     CacheInPlace, Instance, Selected,
@@ -507,7 +507,8 @@ fn narrow_edge_values(n: usize) -> Vec<f32> {
 }
 
 /// bf16 and f16 buffers through LLVM on the host: scalar and vector loads
-/// (8 x bf16 = 16 bytes, 4 x f16), scalar and vector stores rounding to
+/// (8 x bf16 = 16 bytes, 4 x f16), loads of the even and odd halves of
+/// pairs, scalar and vector stores rounding to
 /// nearest even (NaN stays NaN), and a widened reduction loop reading
 /// bf16; against the interpreter (the `half` crate), bit for bit.
 #[test]
@@ -548,6 +549,28 @@ fn narrow_float_loads_and_stores() {
         interp::run(&c.kernel, &mut bufs, &[], Mode::Cpu { threads: 1 }).unwrap();
         c.want = vec![bufs.pop().unwrap()];
         cases.push(c);
+    }
+    // Pair loads: each block of `2 * lanes` elements stored as its even
+    // elements, then its odd ones.
+    for (elem, lanes) in
+        [(Scalar::BF16, 16u8), (Scalar::BF16, 4), (Scalar::F16, 8), (Scalar::BF16, 1), (Scalar::F16, 1)]
+    {
+        let mut b = Builder::new(&format!("pairs_{elem:?}_{lanes}").to_lowercase());
+        let x = b.buffer("x", elem, n, Space::Global, Access::Read);
+        let y = b.output("y", n);
+        let l = lanes as usize;
+        b.for_("i", Expr::idx(0), Expr::idx(n / (2 * l)), 1, LoopKind::Parallel, |b, i| {
+            let at = b.let_("at", i * Expr::idx(2 * l));
+            b.store(y, Expr::Var(at), Expr::load_pick(x, Expr::Var(at), lanes, Pick::Even));
+            b.store(y, Expr::Var(at) + Expr::idx(l), Expr::load_pick(x, Expr::Var(at), lanes, Pick::Odd));
+        });
+        cases.push(kernel_case(
+            &format!("pairs {elem:?}x{lanes}"),
+            b.finish().unwrap(),
+            &[],
+            &[Gen::Special(50.0)],
+            0.0,
+        ));
     }
     // A Vectorized(4) dot product of bf16 rows with f32 weights (widened
     // on AVX hosts), rounded into an f16 output.

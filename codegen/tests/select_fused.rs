@@ -430,33 +430,55 @@ fn weight_products_read_every_panel_in_streams() {
     report("streamed weight products", cases, worst);
 }
 
-/// The panel layout: padding, `apply_kn` of a `[k, n]` weight equals
-/// `apply` of its `[n, k]` transpose (and `apply_bytes` of its bytes), and a static row count needs no
-/// scalar parameter.
+/// The panel layouts: padding, `apply_kn` of a `[k, n]` weight equals
+/// `apply` of its `[n, k]` transpose (and `apply_bytes` of its bytes, of 4
+/// and 2 bytes per element), every element is where the layout says, and a
+/// static row count needs no scalar parameter.
 #[test]
 fn packing_layout() {
     let s = syms(&[]);
-    for (nn, k) in [(13, 7), (8, 3), (1, 1), (17, 16)] {
+    let layouts = [
+        Packing::Panels { nr: 8 },
+        Packing::Panels { nr: 16 },
+        Packing::PairedPanels { nr: 8, lanes: 4 },
+        Packing::PairedPanels { nr: 32, lanes: 16 },
+        Packing::PairedPanels { nr: 64, lanes: 16 },
+    ];
+    for (nn, k) in [(13, 7), (8, 3), (1, 1), (17, 16), (70, 5)] {
         let wk = weight_matmul(&f(&format!("2,{k}")), nn, k, Scalar::F32).unwrap();
         assert!(wk.instance.scalars.is_empty(), "static rows need no scalar");
-        let p = wk.packs[0];
-        let Packing::Panels { nr } = p;
-        assert_eq!(p.packed_len(nn, k), nn.div_ceil(nr) * nr * k);
-        let w = make(&f(&format!("{nn},{k}")), Gen::F(1.0), &s, 9);
-        let packed = p.apply(&f32s(&w), nn, k);
-        let wkn = f32s(&transposed(&w, &s));
-        assert_eq!(p.apply_kn(&wkn, nn, k), packed);
-        let bytes: Vec<u8> = f32s(&w).iter().flat_map(|x| x.to_le_bytes()).collect();
-        let packed_bytes: Vec<u8> = packed.iter().flat_map(|x| x.to_le_bytes()).collect();
-        assert_eq!(p.apply_bytes(&bytes, 4, nn, k), packed_bytes, "apply_bytes of [{nn}, {k}]");
-        let wv = f32s(&w);
-        for (i, x) in packed.iter().enumerate() {
-            let (panel, kk, jj) = (i / (nr * k), i / nr % k, i % nr);
-            let j = panel * nr + jj;
-            let want = if j < nn { wv[j * k + kk] } else { 0.0 };
-            assert_eq!(*x, want, "packed element {i} of [{nn}, {k}]");
+        for p in layouts {
+            let nr = p.nr();
+            assert_eq!(p.packed_len(nn, k), nn.div_ceil(nr) * nr * k);
+            let w = make(&f(&format!("{nn},{k}")), Gen::F(1.0), &s, 9);
+            let packed = p.apply(&f32s(&w), nn, k);
+            let wkn = f32s(&transposed(&w, &s));
+            assert_eq!(p.apply_kn(&wkn, nn, k), packed);
+            let bytes: Vec<u8> = f32s(&w).iter().flat_map(|x| x.to_le_bytes()).collect();
+            let packed_bytes: Vec<u8> = packed.iter().flat_map(|x| x.to_le_bytes()).collect();
+            assert_eq!(p.apply_bytes(&bytes, 4, nn, k), packed_bytes, "{p:?} apply_bytes of [{nn}, {k}]");
+            // Two bytes per element: the top halves of the f32 values.
+            let halves: Vec<u8> = f32s(&w).iter().flat_map(|x| x.to_le_bytes()[2..].to_vec()).collect();
+            let packed_halves: Vec<u8> = packed.iter().flat_map(|x| x.to_le_bytes()[2..].to_vec()).collect();
+            assert_eq!(p.apply_bytes(&halves, 2, nn, k), packed_halves, "{p:?} 2-byte apply_bytes of [{nn}, {k}]");
+            let wv = f32s(&w);
+            let mut seen = vec![0; nn * k];
+            for (i, x) in packed.iter().enumerate() {
+                let (panel, kk, at) = (i / (nr * k), i / nr % k, i % nr);
+                let jj = (0..nr).find(|&j| p.slot(j) == at).expect("every slot holds a column");
+                let j = panel * nr + jj;
+                let want = if j < nn { wv[j * k + kk] } else { 0.0 };
+                assert_eq!(*x, want, "{p:?}: packed element {i} of [{nn}, {k}]");
+                if j < nn {
+                    seen[j * k + kk] += 1;
+                }
+            }
+            assert!(seen.iter().all(|&n| n == 1), "{p:?}: every weight is packed once");
         }
     }
+    // Paired panels: lane i of a word holds columns i and lanes + i.
+    let p = Packing::PairedPanels { nr: 8, lanes: 4 };
+    assert_eq!((0..8).map(|j| p.slot(j)).collect::<Vec<_>>(), [0, 2, 4, 6, 1, 3, 5, 7]);
     assert!(weight_matmul(&f("seq,5"), 8, 4, Scalar::F32).is_err(), "contraction mismatch is an error");
     assert!(weight_gated_mlp(&f("seq,4"), 8, 4, "relu6", Scalar::F32).is_err(), "unknown act is an error");
 }

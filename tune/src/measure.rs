@@ -359,11 +359,14 @@ impl Bench {
     fn build(&self, v: &Variant) -> Result<Built, String> {
         let mut built = self.site.build(&self.site.rows_type(), v).map_err(|e| e.to_string())?;
         if self.wrong == Some(*v) {
-            if let Some(Packing::Panels { nr }) = built.packing {
-                // Same buffer sizes whenever n is a multiple of both widths.
-                let other = if nr == 8 { 16 } else { 8 };
-                built.packing = Some(Packing::Panels { nr: other });
-            }
+            // Same buffer sizes whenever n is a multiple of both widths.
+            let other = |nr: usize| if nr == 8 { 16 } else { 8 };
+            built.packing = match built.packing {
+                Some(Packing::Panels { nr }) => Some(Packing::Panels { nr: other(nr) }),
+                // Plain panels of the same width: the pairs come apart.
+                Some(Packing::PairedPanels { nr, .. }) => Some(Packing::Panels { nr }),
+                none => none,
+            };
         }
         Ok(built)
     }

@@ -529,11 +529,13 @@ impl Lower<'_, '_> {
                 }
                 acc
             }
-            Expr::Load { buf, index, lanes } => {
+            Expr::Load { buf, index, lanes, pick } => {
                 let (addr, disp) = self.addr(*buf, index)?;
                 let flags = if self.k.buf(*buf).access == kir::Access::Read { pure_load_flags() } else { mem_flags() };
                 let elem = self.k.buf(*buf).elem;
-                if elem.is_narrow_float() {
+                if *pick != kir::Pick::All {
+                    self.load_pairs(elem, flags, addr, disp, *lanes, *pick)?
+                } else if elem.is_narrow_float() {
                     self.load_narrow(elem, flags, addr, disp, *lanes)?
                 } else {
                     self.fb.ins().load(cl_type(t), flags, addr, disp)
@@ -580,6 +582,34 @@ impl Lower<'_, '_> {
                 self.fb.ins().bitcast(types::I32X4, le, w)
             }
             n => return Err(unsupported(self.k, format!("a {n}-lane load from a {elem:?} buffer"))),
+        };
+        Ok(self.widen_bits(elem, hi, lanes))
+    }
+
+    /// The even or odd elements (`pick`) of `2 * lanes` of a `BF16`/`F16`
+    /// buffer as `f32` lanes: the pairs are loaded as 32-bit words, and
+    /// each word's low half is shifted into its top half (even) or its
+    /// high half kept by a mask (odd), which for bf16 is already its f32.
+    fn load_pairs(
+        &mut self,
+        elem: Scalar,
+        flags: MemFlagsData,
+        addr: Value,
+        disp: i32,
+        lanes: u8,
+        pick: kir::Pick,
+    ) -> Result<Value, CompileError> {
+        let ty = match lanes {
+            1 => types::I32,
+            4 => types::I32X4,
+            n => return Err(unsupported(self.k, format!("a {n}-lane load of pairs from a {elem:?} buffer"))),
+        };
+        let words = self.fb.ins().load(ty, flags, addr, disp);
+        let hi = if pick == kir::Pick::Even {
+            self.fb.ins().ishl_imm_s(words, 16)
+        } else {
+            let mask = self.iconst32(0xffff_0000, lanes);
+            self.fb.ins().band(words, mask)
         };
         Ok(self.widen_bits(elem, hi, lanes))
     }

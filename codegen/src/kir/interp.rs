@@ -865,9 +865,27 @@ impl<'a, 'm> Thread<'a, 'm> {
                 })),
                 other => return Err(format!("horizontal reduction of {other:?}")),
             },
-            Expr::Load { buf, index, lanes } => {
+            Expr::Load { buf, index, lanes, pick } => {
                 let i = self.eval(index)?.i64()?;
-                self.load(*buf, i, *lanes)?
+                match pick {
+                    Pick::All => self.load(*buf, i, *lanes)?,
+                    // Every element of the pairs must be in the buffer, as
+                    // the lowerings read them all.
+                    Pick::Even | Pick::Odd => {
+                        match self.load(*buf, i, lanes.checked_mul(2).ok_or("load of too many pairs")?)? {
+                            Val::VF(v) => {
+                                let first = (*pick == Pick::Odd) as usize;
+                                let picked: Vec<f32> = v.into_iter().skip(first).step_by(2).collect();
+                                if *lanes == 1 {
+                                    Val::F(picked[0])
+                                } else {
+                                    Val::VF(picked)
+                                }
+                            }
+                            other => return Err(format!("{pick:?} elements of {other:?}")),
+                        }
+                    }
+                }
             }
             Expr::Special(s) => {
                 let Ctx::Gpu { tid, bid, block, grid, .. } = &self.ctx else {

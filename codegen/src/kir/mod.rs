@@ -198,6 +198,19 @@ pub enum RedOp {
     Min,
 }
 
+/// Which elements an [`Expr::Load`] of `lanes` elements from `index` takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Pick {
+    /// `index .. index + lanes`.
+    All,
+    /// Of the `2 * lanes` elements from `index` (all of them in the
+    /// buffer), the even ones, `index + 2 * i`.
+    Even,
+    /// Of the `2 * lanes` elements from `index`, the odd ones,
+    /// `index + 2 * i + 1`.
+    Odd,
+}
+
 /// GPU launch coordinates, each along an axis 0..3 (x, y, z).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Special {
@@ -228,11 +241,13 @@ pub enum Expr {
     Splat(u8, Box<Expr>),
     Extract(Box<Expr>, u8),
     HReduce(RedOp, Box<Expr>),
-    /// `lanes` consecutive elements starting at element `index`.
+    /// `lanes` elements from element `index` on, as `pick` says:
+    /// consecutive ones, or every other one of `2 * lanes` (see [`Pick`]).
     Load {
         buf: BufId,
         index: Box<Expr>,
         lanes: u8,
+        pick: Pick,
     },
     Special(Special),
 }
@@ -638,13 +653,18 @@ impl Kernel {
                 }
                 t.with_lanes(1)
             }
-            Expr::Load { buf, index, lanes } => {
+            Expr::Load { buf, index, lanes, pick } => {
                 let b = self.buffers.get(buf.0 as usize).ok_or("unknown buffer")?;
                 if self.type_of(index)? != Ty::I64 {
                     return Err(format!("index into `{}` is not i64", b.name));
                 }
                 if *lanes > 1 && b.elem.computed() != Scalar::F32 {
                     return Err(format!("vector load from non-float buffer `{}`", b.name));
+                }
+                // Pairs of 16-bit elements are one 32-bit word, which is
+                // how the host lowerings read them.
+                if *pick != Pick::All && !b.elem.is_narrow_float() {
+                    return Err(format!("{pick:?} elements of `{}`, which does not hold 16-bit floats", b.name));
                 }
                 Ty::scalar(b.elem.computed()).with_lanes(*lanes)
             }
@@ -989,7 +1009,13 @@ impl Expr {
     }
 
     pub fn load(buf: BufId, index: Expr, lanes: u8) -> Expr {
-        Expr::Load { buf, index: Box::new(index), lanes }
+        Expr::Load { buf, index: Box::new(index), lanes, pick: Pick::All }
+    }
+
+    /// The even or odd elements of the `2 * lanes` from `index` (see
+    /// [`Pick`]).
+    pub fn load_pick(buf: BufId, index: Expr, lanes: u8, pick: Pick) -> Expr {
+        Expr::Load { buf, index: Box::new(index), lanes, pick }
     }
 
     /// Calls `f` on this expression and every subexpression.

@@ -16,7 +16,7 @@
 
 use super::widen::{self, Plan};
 use super::LlvmError;
-use crate::kir::{self, BinOp, CmpOp, Expr, Kernel, LoopKind, RedOp, Scalar, Space, Stmt, Ty, UnOp, Var};
+use crate::kir::{self, BinOp, CmpOp, Expr, Kernel, LoopKind, Pick, RedOp, Scalar, Space, Stmt, Ty, UnOp, Var};
 use inkwell::context::Context;
 use inkwell::llvm_sys::core::*;
 use inkwell::llvm_sys::prelude::*;
@@ -386,6 +386,40 @@ impl Lower<'_> {
                 Scalar::F16 => LLVMBuildFPExt(self.b, x, f32t, NONE),
                 _ => x,
             })
+        }
+    }
+
+    /// The even or odd elements (`pick`) of `2 * lanes` 16-bit floats at
+    /// `addr` as `f32` lanes: the pairs are loaded as 32-bit words, and
+    /// each word's low half is shifted into its top half (even) or its high
+    /// half kept by a mask (odd), which for bf16 is already its f32 (one
+    /// load, then a shift or an `and` per vector, where widening loads of
+    /// consecutive elements take a shuffle each); f16 halves are moved to
+    /// the bottom and converted by `fpext`.
+    fn load_pairs(&mut self, elem: Scalar, addr: LLVMValueRef, lanes: u8, pick: Pick) -> R<LLVMValueRef> {
+        if !elem.is_narrow_float() {
+            return Err(unsupported(self.k, format!("{pick:?} elements of a {elem:?} buffer")));
+        }
+        let n = self.lanes(lanes);
+        unsafe {
+            let i32t = LLVMInt32TypeInContext(self.cx);
+            let words_t = self.vec_of(i32t, n);
+            let x = LLVMBuildLoad2(self.b, words_t, addr, NONE);
+            LLVMSetAlignment(x, self.align(elem, 1));
+            let sixteen = self.const_splat(LLVMConstInt(i32t, 16, 0), n);
+            if elem == Scalar::F16 {
+                let x = if pick == Pick::Odd { LLVMBuildLShr(self.b, x, sixteen, NONE) } else { x };
+                let h = LLVMBuildTrunc(self.b, x, self.vec_of(LLVMInt16TypeInContext(self.cx), n), NONE);
+                let h = LLVMBuildBitCast(self.b, h, self.vec_of(LLVMHalfTypeInContext(self.cx), n), NONE);
+                return Ok(LLVMBuildFPExt(self.b, h, self.vec_of(LLVMFloatTypeInContext(self.cx), n), NONE));
+            }
+            let hi = if pick == Pick::Even {
+                LLVMBuildShl(self.b, x, sixteen, NONE)
+            } else {
+                let mask = self.const_splat(LLVMConstInt(i32t, 0xffff_0000, 0), n);
+                LLVMBuildAnd(self.b, x, mask, NONE)
+            };
+            Ok(LLVMBuildBitCast(self.b, hi, self.vec_of(LLVMFloatTypeInContext(self.cx), n), NONE))
         }
     }
 
@@ -940,9 +974,13 @@ impl Lower<'_> {
                     }
                     acc
                 }
-                Expr::Load { buf, index, lanes: n } => {
+                Expr::Load { buf, index, lanes: n, pick: Pick::All } => {
                     let addr = self.addr(*buf, index)?;
                     self.load_mem(self.k.buf(*buf).elem, addr, *n)?
+                }
+                Expr::Load { buf, index, lanes: n, pick } => {
+                    let addr = self.addr(*buf, index)?;
+                    self.load_pairs(self.k.buf(*buf).elem, addr, *n, *pick)?
                 }
                 Expr::Special(s) => {
                     self.gpu_only("thread and block indices")?;

@@ -25,7 +25,7 @@
 //!   the single update `x = fma(a, b, x)`, `x + e`, `max(x, e)` or
 //!   `min(x, e)` and no other read in the body.
 
-use crate::kir::{BinOp, Expr, Kernel, Loop, LoopKind, RedOp, Scalar, Stmt, Ty, Var};
+use crate::kir::{BinOp, Expr, Kernel, Loop, LoopKind, Pick, RedOp, Scalar, Stmt, Ty, Var};
 use std::sync::OnceLock;
 
 /// How to widen one loop.
@@ -179,7 +179,9 @@ impl Check<'_> {
         let go = |e: &Expr| self.lanewise(e, temps);
         match e {
             Expr::Var(v) => temps.contains(v),
-            Expr::Load { index, lanes, .. } => *lanes == self.lanes && self.coef(index) == Some(1),
+            // Pairs read twice the elements per lane, which a wider load
+            // would not lay out lane by lane.
+            Expr::Load { index, lanes, pick: Pick::All, .. } => *lanes == self.lanes && self.coef(index) == Some(1),
             Expr::Splat(_, a) => self.invariant(a),
             Expr::Un(_, a) => go(a),
             Expr::Bin(_, a, b) | Expr::Cmp(_, a, b) => go(a) && go(b),

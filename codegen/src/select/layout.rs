@@ -11,6 +11,7 @@
 
 use super::{elem_of, Instance, SelectError, Selected};
 use crate::kir::{Access, Builder, CmpOp, Expr, Kernel, KirError, LoopKind, Scalar, Space};
+use crate::templates::packed::Packing;
 use crate::templates::strided::{collapse, finish_named, map, row_strides, sym_vec_loop, Dims, View};
 use crate::templates::LANES;
 use smelt_ir::ops::infer::norm_axis;
@@ -196,18 +197,19 @@ pub fn gather_stored(
 
 /// An embedding lookup (`gather` along axis 0 of a 2-D float table
 /// `[rows, width]`) from the table stored as `stored` in the packed-panel
-/// layout of [`crate::templates::packed::Packing::Panels`] with `nr`
-/// columns: the layout of the same matrix as the weight of a packed
-/// matmul, so a tied embedding and output head share one copy. Row `r`'s
-/// element `c` is at `(r / nr) * nr * width + c * nr + r % nr`. An index
+/// layout `packing` (panels of `nr` columns): the layout of the same
+/// matrix as the weight of a packed matmul, so a tied embedding and output
+/// head share one copy. Row `r`'s element `c` is at
+/// `(r / nr) * nr * width + c * nr + packing.slot(r % nr)`. An index
 /// outside the table (after wrapping one negative turn) gives a zero row.
 pub fn gather_packed(
     data: &TensorType,
     idx: &TensorType,
     out: &TensorType,
     stored: Scalar,
-    nr: usize,
+    packing: Packing,
 ) -> Result<Instance, SelectError> {
+    let nr = packing.nr();
     let op = Op::Gather { axis: 0 };
     let inputs = [data.clone(), idx.clone()];
     let unsupported = |why: &str| SelectError::unsupported(&op, &inputs, why);
@@ -238,7 +240,18 @@ pub fn gather_packed(
             ok,
             |b| {
                 let panel = Expr::Var(ix) / Expr::idx(nr);
-                let lane = Expr::Var(ix) % Expr::idx(nr);
+                let j = Expr::Var(ix) % Expr::idx(nr);
+                // The column's place in a step ([`Packing::slot`]).
+                let lane = match packing {
+                    Packing::Panels { .. } => j,
+                    Packing::PairedPanels { lanes, .. } => {
+                        let j = Expr::Var(b.let_("j", j));
+                        let (pair, i) = (j.clone() / Expr::idx(2 * lanes), j % Expr::idx(2 * lanes));
+                        pair * Expr::idx(2 * lanes)
+                            + (i.clone() % Expr::idx(lanes)) * Expr::idx(2)
+                            + i / Expr::idx(lanes)
+                    }
+                };
                 let src = b.let_("src", panel * Expr::idx(nr * width) + lane);
                 b.for_("c", Expr::i64(0), Expr::idx(width), 1, LoopKind::Serial, |b, c| {
                     let at = Expr::Var(src) + c.clone() * Expr::idx(nr);
@@ -252,7 +265,11 @@ pub fn gather_packed(
             },
         );
     });
-    let name = format!("gather_packed{nr}_{}_{}", format!("{stored:?}").to_lowercase(), idx.dtype.name());
+    let paired = match packing {
+        Packing::Panels { .. } => String::new(),
+        Packing::PairedPanels { lanes, .. } => format!("p{lanes}"),
+    };
+    let name = format!("gather_packed{nr}{paired}_{}_{}", format!("{stored:?}").to_lowercase(), idx.dtype.name());
     let kernel = finish_named(b, &name).map_err(|e| unsupported(&e.to_string()))?;
     Ok(Instance { kernel, scalars: p.dims })
 }

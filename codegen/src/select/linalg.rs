@@ -391,6 +391,6 @@ fn weight_kernel(
         Some(a) => format!("wgated_mlp_{}_k{k}_n{n}{}{v}", a.name(), elem_suffix(welem)),
     };
     let instance = p.finish(b, &prefix, &op, &inputs)?;
-    let packs = vec![params.packing(); if act.is_some() { 2 } else { 1 }];
+    let packs = vec![params.packing(welem); if act.is_some() { 2 } else { 1 }];
     Ok(WeightKernel { instance, packs })
 }

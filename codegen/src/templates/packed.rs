@@ -46,7 +46,7 @@
 use super::matmul_dyn::Act;
 use super::sym::{self, add, as_const, ceil_div, mul, sub};
 use super::{bind, c, LANES};
-use crate::kir::{Access, BufId, Builder, CmpOp, Expr, LoopKind, Scalar, Space, Var};
+use crate::kir::{Access, BufId, Builder, CmpOp, Expr, LoopKind, Pick, Scalar, Space, Var};
 
 /// How a constant `[n, k]` weight is laid out in the buffer the kernel reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -54,14 +54,39 @@ pub enum Packing {
     /// Panels of `nr` columns (a multiple of 4), `k`-major inside a panel,
     /// the last panel zero-padded (see the module docs).
     Panels { nr: usize },
+    /// The same panels with each step's `nr` values in pairs of vectors of
+    /// `lanes` (`nr` a multiple of `2 * lanes`; for 16-bit weights): of
+    /// each `2 * lanes` columns from `c`, column `c + i` is at `c + 2 * i`
+    /// and column `c + lanes + i` at `c + 2 * i + 1`. One 32-bit word then
+    /// holds lane `i` of both vectors, which a kernel reads with one load
+    /// and takes apart with a shift and a mask ([`crate::kir::Pick`]).
+    PairedPanels { nr: usize, lanes: usize },
 }
 
 impl Packing {
+    /// Columns per panel.
+    pub fn nr(&self) -> usize {
+        match *self {
+            Packing::Panels { nr } | Packing::PairedPanels { nr, .. } => nr,
+        }
+    }
+
+    /// Where column `j` of a panel (`j < nr`) is within one step's `nr`
+    /// values.
+    pub fn slot(&self, j: usize) -> usize {
+        match *self {
+            Packing::Panels { .. } => j,
+            Packing::PairedPanels { lanes, .. } => {
+                let (pair, i) = (j / (2 * lanes), j % (2 * lanes));
+                pair * 2 * lanes + if i < lanes { 2 * i } else { 2 * (i - lanes) + 1 }
+            }
+        }
+    }
+
     /// Elements of the packed buffer for an `[n, k]` weight.
     pub fn packed_len(&self, n: usize, k: usize) -> usize {
-        match *self {
-            Packing::Panels { nr } => n.div_ceil(nr) * nr * k,
-        }
+        let nr = self.nr();
+        n.div_ceil(nr) * nr * k
     }
 
     /// Packs a weight given as `[n, k]` row-major (the operand of a
@@ -85,29 +110,40 @@ impl Packing {
     /// transpose of `nr` rows of `w_nk`.
     pub fn apply_bytes(&self, w_nk: &[u8], esize: usize, n: usize, k: usize) -> Vec<u8> {
         assert_eq!(w_nk.len(), n * k * esize, "Packing::apply_bytes: {} bytes for [{n}, {k}] x {esize}", w_nk.len());
-        let Packing::Panels { nr } = *self;
+        let nr = self.nr();
         let mut out = vec![0u8; self.packed_len(n, k) * esize];
         let panel = (nr * k * esize).max(1);
+        // Where each column's bytes go within a step, when not in order.
+        let slots: Option<Vec<usize>> =
+            matches!(self, Packing::PairedPanels { .. }).then(|| (0..nr).map(|j| self.slot(j)).collect());
         smelt_ir::stored::par_chunks_mut(&mut out, panel, |first, dst| {
+            let mut step = vec![0u8; nr * esize];
             for (i, dst) in dst.chunks_mut(panel).enumerate() {
                 let j0 = (first + i) * nr;
                 let rows = nr.min(n - j0);
                 let src = &w_nk[j0 * k * esize..(j0 + rows) * k * esize];
                 smelt_ir::stored::transpose_into(src, rows, k, esize, dst, nr, 0);
+                let Some(slots) = &slots else { continue };
+                for row in dst.chunks_mut(nr * esize) {
+                    step.copy_from_slice(row);
+                    for (j, &at) in slots.iter().enumerate() {
+                        row[at * esize..(at + 1) * esize].copy_from_slice(&step[j * esize..(j + 1) * esize]);
+                    }
+                }
             }
         });
         out
     }
 
     fn pack_with(&self, n: usize, k: usize, at: impl Fn(usize, usize) -> f32) -> Vec<f32> {
-        let Packing::Panels { nr } = *self;
+        let nr = self.nr();
         let mut out = vec![0.0f32; self.packed_len(n, k)];
         for (p, panel) in out.chunks_mut((nr * k).max(1)).enumerate() {
             for (kk, step) in panel.chunks_mut(nr).enumerate() {
-                for (jj, x) in step.iter_mut().enumerate() {
+                for jj in 0..nr {
                     let j = p * nr + jj;
                     if j < n {
-                        *x = at(j, kk);
+                        step[self.slot(jj)] = at(j, kk);
                     }
                 }
             }
@@ -181,8 +217,16 @@ impl PanelParams {
     pub const WIDE_AVX512: PanelParams =
         PanelParams { mr: 6, nr: 32, lanes: 16, ksplit: 4, streams: 4, prefetch: 2048, fma: true };
 
-    pub fn packing(&self) -> Packing {
-        Packing::Panels { nr: self.nr }
+    /// The layout of weights stored as `w` for these parameters (taken
+    /// [`normalized`](Self::normalized)): 16-bit weights in pairs of
+    /// vectors where a panel holds whole pairs, others in plain panels.
+    pub fn packing(&self, w: Scalar) -> Packing {
+        let lanes = self.lanes as usize;
+        if w.is_narrow_float() && self.nr % (2 * lanes) == 0 {
+            Packing::PairedPanels { nr: self.nr, lanes }
+        } else {
+            Packing::Panels { nr: self.nr }
+        }
     }
 
     /// The parameters [`weight_matmul`] actually uses: at least one row,
@@ -210,7 +254,7 @@ impl PanelParams {
 /// `BF16`/`F16` widened to f32 as they are loaded); everything else is f32.
 pub fn weight_matmul(b: &mut Builder, m: Expr, n: usize, k: usize, act: Option<Act>, p: PanelParams, w: Scalar) {
     let p = p.normalized();
-    let packing = p.packing();
+    let packing = p.packing(w);
     let wlen = Expr::idx(packing.packed_len(n, k));
     let a = b.input("a", mul(m.clone(), Expr::idx(k)));
     let mut weight = |name: &str| b.buffer(name, w, wlen.clone(), Space::Global, Access::Read);
@@ -219,7 +263,8 @@ pub fn weight_matmul(b: &mut Builder, m: Expr, n: usize, k: usize, act: Option<A
     let panels = n.div_ceil(p.nr);
     let streams = stream_count(p.streams, panels);
     let groups = panels.div_ceil(streams);
-    let g = Gen { a, ws, out, n, k, act, p, panels, streams, groups, w_size: w.size() };
+    let paired = matches!(packing, Packing::PairedPanels { .. });
+    let g = Gen { a, ws, out, n, k, act, p, panels, streams, groups, w_size: w.size(), paired };
     // One row (decode): the threads split the panel groups, each reading
     // its groups' panels as `streams` sequential streams at once.
     let streamed = |b: &mut Builder| {
@@ -282,6 +327,8 @@ struct Gen {
     groups: usize,
     /// Bytes per weight element.
     w_size: usize,
+    /// Whether the weights are in [`Packing::PairedPanels`].
+    paired: bool,
 }
 
 /// What a store writes for a value `x`: `x`, `act(x)` (the gate sweep) or
@@ -409,7 +456,17 @@ impl Gen {
                 .iter()
                 .map(|&wk| {
                     (0..nv)
-                        .map(|v| b.let_("wv", Expr::load(w, add(Expr::Var(wk), Expr::idx(u * nr + v * l)), lanes)))
+                        .map(|v| {
+                            let value = if self.paired {
+                                // Vectors `2t` and `2t + 1` are the two
+                                // halves of the words from vector `2t`'s.
+                                let at = add(Expr::Var(wk), Expr::idx(u * nr + (v - v % 2) * l));
+                                Expr::load_pick(w, at, lanes, if v % 2 == 0 { Pick::Even } else { Pick::Odd })
+                            } else {
+                                Expr::load(w, add(Expr::Var(wk), Expr::idx(u * nr + v * l)), lanes)
+                            };
+                            b.let_("wv", value)
+                        })
                         .collect()
                 })
                 .collect();
