@@ -222,7 +222,7 @@ impl PanelParams {
     /// vectors where a panel holds whole pairs, others in plain panels.
     pub fn packing(&self, w: Scalar) -> Packing {
         let lanes = self.lanes as usize;
-        if w.is_narrow_float() && self.nr % (2 * lanes) == 0 {
+        if w.is_narrow_float() && self.nr.is_multiple_of(2 * lanes) {
             Packing::PairedPanels { nr: self.nr, lanes }
         } else {
             Packing::Panels { nr: self.nr }
