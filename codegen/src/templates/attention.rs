@@ -1,7 +1,10 @@
 //! Scaled dot-product attention with an online softmax: one parallel
-//! iteration per query row `(batch, head, i)`, one pass over the visible
-//! keys keeping the running maximum `m`, the running sum `l` and the output
-//! accumulator (vectors over the value dim). Keys go in chunks (see
+//! iteration per query position and key/value head, for one or more of the
+//! query heads that share that key/value head (see `heads_per_item`; one
+//! at a time for a single position), and one pass over the visible keys
+//! keeping, per query row, the running maximum `m`, the running sum `l`
+//! and the output accumulator (vectors over the value dim); each key and
+//! value vector is loaded once for all the item's rows. Keys go in chunks (see
 //! `score_chunk`): a chunk's scores are computed in blocks of
 //! `key_block` keys and kept in the row's own output until the row is
 //! done; the chunk's maximum, its exponentials and their sum are vector
@@ -85,185 +88,284 @@ pub fn attention(
                     .collect()
             }
         };
-    b.for_("row", Expr::idx(0), rows, 1, LoopKind::Parallel, |b, row| {
-        let i = b.let_("i", sym::rem(row.clone(), sq.clone()));
-        let bh = b.let_("bh", sym::div(row.clone(), sq.clone()));
-        let h = b.let_("h", sym::rem(Expr::Var(bh), Expr::idx(hq)));
-        let bi = b.let_("bi", sym::div(Expr::Var(bh), Expr::idx(hq)));
-        let kh = sym::div(Expr::Var(h), Expr::idx(group));
-        let kvb = b.let_("kvb", mul(add(mul(Expr::Var(bi), Expr::idx(hkv)), kh), kv_stride.clone()));
-        let qb = b.let_("qb", mul(row.clone(), Expr::idx(d)));
-        let pos = b.let_("pos", add(sub(skv.clone(), sq.clone()), Expr::Var(i)));
-        let mut hi = skv.clone();
-        if s.causal {
-            hi = min(hi, add(Expr::Var(pos), Expr::idx(1)));
-        }
-        let mut lo = Expr::i64(0);
-        if let Some(w) = s.window {
-            lo = max(lo, add(sub(Expr::Var(pos), Expr::i64(w)), Expr::idx(1)));
-        }
-        let moff = mbuf.map(|_| {
-            let mut o = Expr::i64(0);
-            for (a, idx) in [Expr::Var(bi), Expr::Var(h), Expr::Var(i)].into_iter().enumerate() {
-                if let Some(st) = &mstrides[a] {
-                    o = add(o, mul(idx, st.clone()));
-                }
+    let lanes = if s.lanes.is_power_of_two() && s.lanes >= LANES { s.lanes } else { LANES };
+    let pieces = chunks(dv, lanes);
+    // Query heads that share a key/value head are taken `per` at a time,
+    // so each key and value vector loaded serves all of them.
+    let build = |b: &mut Builder, per: usize| {
+        let subgroups = group / per;
+        let items = mul(mul(mul(batch.clone(), Expr::idx(hkv)), Expr::idx(subgroups)), sq.clone());
+        b.for_("item", Expr::idx(0), items, 1, LoopKind::Parallel, |b, item| {
+            // Query positions alternate from both ends (`0, sq - 1, 1,
+            // sq - 2, ...`): under a causal mask a position's work grows with
+            // it, and the team splits the items into contiguous runs, which
+            // this way hold as much work each.
+            let u = b.let_("u", sym::rem(item.clone(), sq.clone()));
+            let half = sym::div(Expr::Var(u), Expr::idx(2));
+            let odd = sym::rem(Expr::Var(u), Expr::idx(2)).cmp(CmpOp::Eq, Expr::i64(1));
+            let i = b.let_("i", Expr::select(odd, sub(sub(sq.clone(), Expr::i64(1)), half.clone()), half));
+            let t = b.let_("t", sym::div(item.clone(), sq.clone()));
+            let sg = b.let_("sg", sym::rem(Expr::Var(t), Expr::idx(subgroups)));
+            let bkh = b.let_("bkh", sym::div(Expr::Var(t), Expr::idx(subgroups)));
+            let bi = b.let_("bi", sym::div(Expr::Var(bkh), Expr::idx(hkv)));
+            let kh = sym::rem(Expr::Var(bkh), Expr::idx(hkv));
+            let kvb = b.let_("kvb", mul(Expr::Var(bkh), kv_stride.clone()));
+            let pos = b.let_("pos", add(sub(skv.clone(), sq.clone()), Expr::Var(i)));
+            let mut hi = skv.clone();
+            if s.causal {
+                hi = min(hi, add(Expr::Var(pos), Expr::idx(1)));
             }
-            b.let_("moff", o)
-        });
-        let m = b.let_("m", Expr::f32(f32::NEG_INFINITY));
-        let lsum = b.let_("l", Expr::f32(0.0));
-        let lanes = if s.lanes.is_power_of_two() && s.lanes >= LANES { s.lanes } else { LANES };
-        // The output accumulators: one set, or two (even and odd keys, so
-        // that two chains of FMAs overlap their latencies) when a set is
-        // at most 4 vectors and both fit the registers.
-        let pieces = chunks(dv, lanes);
-        let nsets = if pieces.len() <= 4 { 2 } else { 1 };
-        let sets: Vec<Vec<(usize, u8, Var)>> =
-            (0..nsets).map(|_| pieces.iter().map(|&(o, w)| (o, w, b.let_("o", c(0.0, w)))).collect()).collect();
-        // The masked, scaled score of key `j` (-inf where it is dropped).
-        let score_of = |b: &mut Builder, j: &Expr| -> Var {
-            let kb = b.let_("kb", mul(add(Expr::Var(kvb), j.clone()), Expr::idx(d)));
-            // q . k with two vector accumulators over the full-width
-            // pieces of the static d; a narrower piece is reduced on its own.
-            let parts = chunks(d, lanes);
-            let nvec = parts.iter().filter(|p| p.1 == lanes).count();
-            let vaccs: Vec<Var> = (0..nvec.min(2)).map(|_| b.let_("dv", c(0.0, lanes))).collect();
-            let mut dot = Expr::f32(0.0);
-            let mut vi = 0;
-            for (o, w) in parts {
-                let qa = Expr::load(q, add(Expr::Var(qb), Expr::idx(o)), w);
-                let ka = Expr::load(k, add(Expr::Var(kb), Expr::idx(o)), w);
-                if w == lanes && w > 1 {
-                    let a = vaccs[vi % vaccs.len()];
-                    b.assign(a, qa.fma(ka, Expr::Var(a)));
-                    vi += 1;
-                } else if w > 1 {
-                    dot = (qa * ka).hreduce(RedOp::Add) + dot;
-                } else {
-                    dot = qa.fma(ka, dot);
-                }
+            let mut lo = Expr::i64(0);
+            if let Some(w) = s.window {
+                lo = max(lo, add(sub(Expr::Var(pos), Expr::i64(w)), Expr::idx(1)));
             }
-            let vsum =
-                vaccs.iter().skip(1).fold(vaccs.first().map(|a| Expr::Var(*a)), |s, a| s.map(|s| s + Expr::Var(*a)));
-            let mut score = match vsum {
-                Some(vs) => vs.hreduce(RedOp::Add) + dot,
-                None => dot,
-            };
-            score = score * Expr::f32(s.scale);
-            if let Some(cap) = s.softcap {
-                score = Expr::f32(cap) * (score / Expr::f32(cap)).tanh();
-            }
-            let sc = b.let_("sc", score);
-            if let (Some(mb), Some(mo), Some(me)) = (mbuf, moff, mask.map(|m| m.elem)) {
-                let at = match &mstrides[3] {
-                    Some(st) => add(Expr::Var(mo), mul(j.clone(), st.clone())),
-                    None => Expr::Var(mo),
-                };
-                let mv = Expr::load(mb, at, 1);
-                let masked = if me == Scalar::Bool {
-                    Expr::select(mv, Expr::Var(sc), Expr::f32(f32::NEG_INFINITY))
-                } else {
-                    Expr::Var(sc) + mv
-                };
-                b.assign(sc, masked);
-            }
-            sc
-        };
-        // Adds key `j` with weight `p` (already relative to `m`).
-        let accumulate = |b: &mut Builder, j: &Expr, p: Var, accs: &[(usize, u8, Var)]| {
-            let vb = b.let_("vb", mul(add(Expr::Var(kvb), j.clone()), Expr::idx(dv)));
-            for (o, w, a) in accs {
-                let vv = Expr::load(v, add(Expr::Var(vb), Expr::idx(*o)), *w);
-                b.assign(*a, widen(Expr::Var(p), *w).fma(vv, Expr::Var(*a)));
-            }
-        };
-        // Keys go in chunks of `chunk`. A chunk's scores are computed
-        // first, blocks of `key_block` at a time (independent dot products,
-        // whose latencies overlap), and stored in the row's own output,
-        // which nothing reads until the row's result is stored over it at
-        // the end. Then the chunk's maximum, its exponentials and their sum
-        // are taken with vectors over keys, and the running state is
-        // rescaled once per chunk. Dropped keys score -inf, so `exp` makes
-        // them 0; a chunk with no live key leaves the state as it is.
-        let (vl, chunk) = score_chunk(dv, lanes);
-        let key_block = key_block(lanes);
-        let sb = b.let_("sb", mul(row.clone(), Expr::idx(dv)));
-        let nkeys = b.let_("nkeys", max(sub(hi.clone(), lo.clone()), Expr::i64(0)));
-        let nch = sym::ceil_div(Expr::Var(nkeys), chunk);
-        b.for_("ch", Expr::idx(0), nch, 1, LoopKind::Serial, |b, ch| {
-            let j0 = b.let_("j0", add(lo.clone(), mul(ch, Expr::idx(chunk))));
-            let n = b.let_("n", min(Expr::idx(chunk), sub(hi.clone(), Expr::Var(j0))));
-            let at = |t: Expr| add(Expr::Var(sb), t);
-            let blocks = b.let_("nblk", sym::div(Expr::Var(n), Expr::idx(key_block)));
-            b.for_("jb", Expr::idx(0), Expr::Var(blocks), 1, LoopKind::Serial, |b, jb| {
-                let t0 = b.let_("t0", mul(jb, Expr::idx(key_block)));
-                let ts: Vec<Expr> = (0..key_block).map(|t| add(Expr::Var(t0), Expr::idx(t))).collect();
-                let scores: Vec<Var> = ts.iter().map(|t| score_of(b, &add(Expr::Var(j0), t.clone()))).collect();
-                for (t, sc) in ts.into_iter().zip(scores) {
-                    b.store(out, at(t), Expr::Var(sc));
-                }
-            });
-            let tail = mul(Expr::Var(blocks), Expr::idx(key_block));
-            b.for_("t", tail, Expr::Var(n), 1, LoopKind::Serial, |b, t| {
-                let sc = score_of(b, &add(Expr::Var(j0), t.clone()));
-                b.store(out, at(t), Expr::Var(sc));
-            });
-            // Whole vectors: the last one padded with dropped keys.
-            let nv = b.let_("nv", sym::ceil_div(Expr::Var(n), vl as usize));
-            b.for_("t", Expr::Var(n), mul(Expr::Var(nv), Expr::idx(vl as usize)), 1, LoopKind::Serial, |b, t| {
-                b.store(out, at(t), Expr::f32(f32::NEG_INFINITY));
-            });
-            let vmax = b.let_("vmax", c(f32::NEG_INFINITY, vl));
-            b.for_("v", Expr::idx(0), Expr::Var(nv), 1, LoopKind::Serial, |b, vi| {
-                let sv = Expr::load(out, at(mul(vi, Expr::idx(vl as usize))), vl);
-                b.assign(vmax, Expr::Var(vmax).max(sv));
-            });
-            let top = if vl > 1 { Expr::Var(vmax).hreduce(RedOp::Max) } else { Expr::Var(vmax) };
-            let mn = b.let_("mn", Expr::Var(m).max(top));
-            b.if_(
-                Expr::Var(mn).cmp(CmpOp::Gt, Expr::f32(f32::NEG_INFINITY)),
-                |b| {
-                    let corr = b.let_("corr", (Expr::Var(m) - Expr::Var(mn)).exp());
-                    b.assign(lsum, Expr::Var(lsum) * Expr::Var(corr));
-                    for (_, w, a) in sets.iter().flatten() {
-                        b.assign(*a, Expr::Var(*a) * widen(Expr::Var(corr), *w));
-                    }
-                    b.assign(m, Expr::Var(mn));
-                    let vsum = b.let_("vsum", c(0.0, vl));
-                    b.for_("v", Expr::idx(0), Expr::Var(nv), 1, LoopKind::Serial, |b, vi| {
-                        let o = b.let_("o", at(mul(vi, Expr::idx(vl as usize))));
-                        let p = b.let_("p", (Expr::load(out, Expr::Var(o), vl) - widen(Expr::Var(m), vl)).exp());
-                        b.store(out, Expr::Var(o), Expr::Var(p));
-                        b.assign(vsum, Expr::Var(vsum) + Expr::Var(p));
-                    });
-                    let total = if vl > 1 { Expr::Var(vsum).hreduce(RedOp::Add) } else { Expr::Var(vsum) };
-                    b.assign(lsum, Expr::Var(lsum) + total);
-                    // Key `t` goes to set `t % nsets`: whole rounds, then the rest.
-                    let rounds = b.let_("nr", sym::div(Expr::Var(n), Expr::idx(nsets)));
-                    b.for_("r", Expr::idx(0), Expr::Var(rounds), 1, LoopKind::Serial, |b, r| {
-                        for (i, set) in sets.iter().enumerate() {
-                            let t = b.let_("t", add(mul(r.clone(), Expr::idx(nsets)), Expr::idx(i)));
-                            let p = b.let_("p", Expr::load(out, at(Expr::Var(t)), 1));
-                            accumulate(b, &add(Expr::Var(j0), Expr::Var(t)), p, set);
+            // The item's query rows: heads `kh * group + sg * per + r`.
+            let first = b.let_("h0", add(mul(kh, Expr::idx(group)), mul(Expr::Var(sg), Expr::idx(per))));
+            let members: Vec<Member> = (0..per)
+                .map(|r| {
+                    let h = b.let_("h", add(Expr::Var(first), Expr::idx(r)));
+                    let row = b.let_(
+                        "row",
+                        add(mul(add(mul(Expr::Var(bi), Expr::idx(hq)), Expr::Var(h)), sq.clone()), Expr::Var(i)),
+                    );
+                    let qb = b.let_("qb", mul(Expr::Var(row), Expr::idx(d)));
+                    let sb = b.let_("sb", mul(Expr::Var(row), Expr::idx(dv)));
+                    let moff = mbuf.map(|_| {
+                        let mut o = Expr::i64(0);
+                        for (a, idx) in [Expr::Var(bi), Expr::Var(h), Expr::Var(i)].into_iter().enumerate() {
+                            if let Some(st) = &mstrides[a] {
+                                o = add(o, mul(idx, st.clone()));
+                            }
                         }
+                        b.let_("moff", o)
                     });
-                    let done = mul(Expr::Var(rounds), Expr::idx(nsets));
-                    b.for_("t", done, Expr::Var(n), 1, LoopKind::Serial, |b, t| {
-                        let p = b.let_("p", Expr::load(out, at(t.clone()), 1));
-                        accumulate(b, &add(Expr::Var(j0), t), p, &sets[0]);
+                    let m = b.let_("m", Expr::f32(f32::NEG_INFINITY));
+                    let lsum = b.let_("l", Expr::f32(0.0));
+                    // The output accumulators: one set, or for a lone row two
+                    // (even and odd keys, so that two chains of FMAs overlap
+                    // their latencies) when a set is at most 4 vectors.
+                    let nsets = if per == 1 && pieces.len() <= 4 { 2 } else { 1 };
+                    let sets = (0..nsets)
+                        .map(|_| pieces.iter().map(|&(o, w)| (o, w, b.let_("o", c(0.0, w)))).collect())
+                        .collect();
+                    Member { qb, sb, moff, m, lsum, sets }
+                })
+                .collect();
+            let nsets = members[0].sets.len();
+            // The masked, scaled score of `mb`'s row for the key at `kb`
+            // (-inf where it is dropped).
+            let score_of = |b: &mut Builder, mb: &Member, kb: Var, j: &Expr| -> Var {
+                // q . k with two vector accumulators over the full-width
+                // pieces of the static d; a narrower piece is reduced on its own.
+                let parts = chunks(d, lanes);
+                let nvec = parts.iter().filter(|p| p.1 == lanes).count();
+                let vaccs: Vec<Var> = (0..nvec.min(2)).map(|_| b.let_("dv", c(0.0, lanes))).collect();
+                let mut dot = Expr::f32(0.0);
+                let mut vi = 0;
+                for (o, w) in parts {
+                    let qa = Expr::load(q, add(Expr::Var(mb.qb), Expr::idx(o)), w);
+                    let ka = Expr::load(k, add(Expr::Var(kb), Expr::idx(o)), w);
+                    if w == lanes && w > 1 {
+                        let a = vaccs[vi % vaccs.len()];
+                        b.assign(a, qa.fma(ka, Expr::Var(a)));
+                        vi += 1;
+                    } else if w > 1 {
+                        dot = (qa * ka).hreduce(RedOp::Add) + dot;
+                    } else {
+                        dot = qa.fma(ka, dot);
+                    }
+                }
+                let vsum = vaccs
+                    .iter()
+                    .skip(1)
+                    .fold(vaccs.first().map(|a| Expr::Var(*a)), |s, a| s.map(|s| s + Expr::Var(*a)));
+                let mut score = match vsum {
+                    Some(vs) => vs.hreduce(RedOp::Add) + dot,
+                    None => dot,
+                };
+                score = score * Expr::f32(s.scale);
+                if let Some(cap) = s.softcap {
+                    score = Expr::f32(cap) * (score / Expr::f32(cap)).tanh();
+                }
+                let sc = b.let_("sc", score);
+                if let (Some(mbuf), Some(mo), Some(me)) = (mbuf, mb.moff, mask.map(|m| m.elem)) {
+                    let at = match &mstrides[3] {
+                        Some(st) => add(Expr::Var(mo), mul(j.clone(), st.clone())),
+                        None => Expr::Var(mo),
+                    };
+                    let mv = Expr::load(mbuf, at, 1);
+                    let masked = if me == Scalar::Bool {
+                        Expr::select(mv, Expr::Var(sc), Expr::f32(f32::NEG_INFINITY))
+                    } else {
+                        Expr::Var(sc) + mv
+                    };
+                    b.assign(sc, masked);
+                }
+                sc
+            };
+            // Where key `j`'s key vector starts.
+            let key_at = |b: &mut Builder, j: &Expr| b.let_("kb", mul(add(Expr::Var(kvb), j.clone()), Expr::idx(d)));
+            // Adds key `j`, of weight `out[sb + t]` in each row (already
+            // relative to the row's `m`), into accumulator set `set`: each
+            // value vector is loaded once for all the rows.
+            let accumulate = |b: &mut Builder, j: &Expr, t: &Expr, set: usize| {
+                let vb = b.let_("vb", mul(add(Expr::Var(kvb), j.clone()), Expr::idx(dv)));
+                let ps: Vec<Var> = members
+                    .iter()
+                    .map(|mb| b.let_("p", Expr::load(out, add(Expr::Var(mb.sb), t.clone()), 1)))
+                    .collect();
+                for (pi, &(o, w)) in pieces.iter().enumerate() {
+                    let vv = b.let_("vv", Expr::load(v, add(Expr::Var(vb), Expr::idx(o)), w));
+                    for (mb, p) in members.iter().zip(&ps) {
+                        let a = mb.sets[set][pi].2;
+                        b.assign(a, widen(Expr::Var(*p), w).fma(Expr::Var(vv), Expr::Var(a)));
+                    }
+                }
+            };
+            // Keys go in chunks of `chunk`. A chunk's scores are computed
+            // first, blocks of `key_block` at a time (independent dot products,
+            // whose latencies overlap), and stored in each row's own output,
+            // which nothing reads until the row's result is stored over it at
+            // the end. Then the chunk's maximum, its exponentials and their sum
+            // are taken with vectors over keys, and the running state is
+            // rescaled once per chunk. Dropped keys score -inf, so `exp` makes
+            // them 0; a row whose chunk has no live key keeps its state (its
+            // weights are zeros).
+            let (vl, chunk) = score_chunk(dv, lanes);
+            let key_block = (key_block(lanes) / per).max(1);
+            let nkeys = b.let_("nkeys", max(sub(hi.clone(), lo.clone()), Expr::i64(0)));
+            let nch = sym::ceil_div(Expr::Var(nkeys), chunk);
+            b.for_("ch", Expr::idx(0), nch, 1, LoopKind::Serial, |b, ch| {
+                let j0 = b.let_("j0", add(lo.clone(), mul(ch, Expr::idx(chunk))));
+                let n = b.let_("n", min(Expr::idx(chunk), sub(hi.clone(), Expr::Var(j0))));
+                let at = |mb: &Member, t: Expr| add(Expr::Var(mb.sb), t);
+                let score_keys = |b: &mut Builder, ts: &[Expr]| {
+                    let js: Vec<Expr> = ts.iter().map(|t| add(Expr::Var(j0), t.clone())).collect();
+                    let kbs: Vec<Var> = js.iter().map(|j| key_at(b, j)).collect();
+                    let mut scores = vec![];
+                    for mb in &members {
+                        for (j, kb) in js.iter().zip(&kbs) {
+                            scores.push(score_of(b, mb, *kb, j));
+                        }
+                    }
+                    let mut it = scores.into_iter();
+                    for mb in &members {
+                        for t in ts {
+                            b.store(out, at(mb, t.clone()), Expr::Var(it.next().expect("a score per row and key")));
+                        }
+                    }
+                };
+                let blocks = b.let_("nblk", sym::div(Expr::Var(n), Expr::idx(key_block)));
+                b.for_("jb", Expr::idx(0), Expr::Var(blocks), 1, LoopKind::Serial, |b, jb| {
+                    let t0 = b.let_("t0", mul(jb, Expr::idx(key_block)));
+                    let ts: Vec<Expr> = (0..key_block).map(|t| add(Expr::Var(t0), Expr::idx(t))).collect();
+                    score_keys(b, &ts);
+                });
+                let tail = mul(Expr::Var(blocks), Expr::idx(key_block));
+                b.for_("t", tail, Expr::Var(n), 1, LoopKind::Serial, |b, t| score_keys(b, &[t]));
+                // Whole vectors: the last one padded with dropped keys.
+                let nv = b.let_("nv", sym::ceil_div(Expr::Var(n), vl as usize));
+                b.for_("t", Expr::Var(n), mul(Expr::Var(nv), Expr::idx(vl as usize)), 1, LoopKind::Serial, |b, t| {
+                    for mb in &members {
+                        b.store(out, at(mb, t.clone()), Expr::f32(f32::NEG_INFINITY));
+                    }
+                });
+                for mb in &members {
+                    let vmax = b.let_("vmax", c(f32::NEG_INFINITY, vl));
+                    b.for_("v", Expr::idx(0), Expr::Var(nv), 1, LoopKind::Serial, |b, vi| {
+                        let sv = Expr::load(out, at(mb, mul(vi, Expr::idx(vl as usize))), vl);
+                        b.assign(vmax, Expr::Var(vmax).max(sv));
                     });
-                },
-                |_| {},
-            );
+                    let top = if vl > 1 { Expr::Var(vmax).hreduce(RedOp::Max) } else { Expr::Var(vmax) };
+                    let mn = b.let_("mn", Expr::Var(mb.m).max(top));
+                    let (m, lsum) = (mb.m, mb.lsum);
+                    b.if_(
+                        Expr::Var(mn).cmp(CmpOp::Gt, Expr::f32(f32::NEG_INFINITY)),
+                        |b| {
+                            let corr = b.let_("corr", (Expr::Var(m) - Expr::Var(mn)).exp());
+                            b.assign(lsum, Expr::Var(lsum) * Expr::Var(corr));
+                            for (_, w, a) in mb.sets.iter().flatten() {
+                                b.assign(*a, Expr::Var(*a) * widen(Expr::Var(corr), *w));
+                            }
+                            b.assign(m, Expr::Var(mn));
+                            let vsum = b.let_("vsum", c(0.0, vl));
+                            b.for_("v", Expr::idx(0), Expr::Var(nv), 1, LoopKind::Serial, |b, vi| {
+                                let o = b.let_("o", at(mb, mul(vi, Expr::idx(vl as usize))));
+                                let p =
+                                    b.let_("p", (Expr::load(out, Expr::Var(o), vl) - widen(Expr::Var(m), vl)).exp());
+                                b.store(out, Expr::Var(o), Expr::Var(p));
+                                b.assign(vsum, Expr::Var(vsum) + Expr::Var(p));
+                            });
+                            let total = if vl > 1 { Expr::Var(vsum).hreduce(RedOp::Add) } else { Expr::Var(vsum) };
+                            b.assign(lsum, Expr::Var(lsum) + total);
+                        },
+                        |b| {
+                            // No live key in this row's chunk: zero weights.
+                            b.for_("v", Expr::idx(0), Expr::Var(nv), 1, LoopKind::Serial, |b, vi| {
+                                b.store(out, at(mb, mul(vi, Expr::idx(vl as usize))), c(0.0, vl));
+                            });
+                        },
+                    );
+                }
+                // Key `t` goes to set `t % nsets`: whole rounds, then the rest.
+                let rounds = b.let_("nr", sym::div(Expr::Var(n), Expr::idx(nsets)));
+                b.for_("r", Expr::idx(0), Expr::Var(rounds), 1, LoopKind::Serial, |b, r| {
+                    for set in 0..nsets {
+                        let t = b.let_("t", add(mul(r.clone(), Expr::idx(nsets)), Expr::idx(set)));
+                        accumulate(b, &add(Expr::Var(j0), Expr::Var(t)), &Expr::Var(t), set);
+                    }
+                });
+                let done = mul(Expr::Var(rounds), Expr::idx(nsets));
+                b.for_("t", done, Expr::Var(n), 1, LoopKind::Serial, |b, t| {
+                    accumulate(b, &add(Expr::Var(j0), t.clone()), &t, 0);
+                });
+            });
+            for mb in &members {
+                let pos_l = Expr::Var(mb.lsum).cmp(CmpOp::Gt, Expr::f32(0.0));
+                let inv = b.let_("inv", Expr::select(pos_l, Expr::f32(1.0) / Expr::Var(mb.lsum), Expr::f32(0.0)));
+                for (i, (o, w, a)) in mb.sets[0].iter().enumerate() {
+                    let sum = mb.sets[1..].iter().fold(Expr::Var(*a), |s, set| s + Expr::Var(set[i].2));
+                    b.store(out, add(Expr::Var(mb.sb), Expr::idx(*o)), sum * widen(Expr::Var(inv), *w));
+                }
+            }
         });
-        let pos_l = Expr::Var(lsum).cmp(CmpOp::Gt, Expr::f32(0.0));
-        let inv = b.let_("inv", Expr::select(pos_l, Expr::f32(1.0) / Expr::Var(lsum), Expr::f32(0.0)));
-        for (i, (o, w, a)) in sets[0].iter().enumerate() {
-            let sum = sets[1..].iter().fold(Expr::Var(*a), |s, set| s + Expr::Var(set[i].2));
-            b.store(out, add(Expr::Var(sb), Expr::idx(*o)), sum * widen(Expr::Var(inv), *w));
-        }
-    });
+    };
+    // A single query position (decode) has too few items for the team
+    // when heads go in groups (3 items of 3 heads each for smollm2 split
+    // 2:1 between 2 threads); its keys are few, and so are its loads.
+    let per = heads_per_item(group, pieces.len(), lanes);
+    match as_const(&sq) {
+        _ if per == 1 => build(b, 1),
+        Some(1) => build(b, 1),
+        Some(_) => build(b, per),
+        None => b.if_(sq.clone().cmp(CmpOp::Eq, Expr::i64(1)), |b| build(b, 1), |b| build(b, per)),
+    }
+}
+
+/// One query row of an attention item: where its query and output rows
+/// start, its mask offset, and its running softmax state.
+struct Member {
+    qb: Var,
+    sb: Var,
+    moff: Option<Var>,
+    m: Var,
+    lsum: Var,
+    /// Accumulator sets, each a vector per piece of the value dim:
+    /// `(offset, width, accumulator)`.
+    sets: Vec<Vec<(usize, u8, Var)>>,
+}
+
+/// How many of a group of `group` query heads sharing a key/value head one
+/// parallel item takes: the largest divisor of `group` whose value
+/// accumulators (`pieces` vectors per row) fit half the vector registers
+/// (16 of AVX-512's 32; 8 of the 16 XMM or YMM ones), at most 4. In
+/// 128-key prefill attention, each key's vectors are otherwise read from
+/// L2 once per head, which bounds the kernel (L2 gives a core about 64
+/// bytes a cycle; a 64-wide key and value are 512 bytes).
+fn heads_per_item(group: usize, pieces: usize, lanes: u8) -> usize {
+    let budget = if lanes >= 16 { 16 } else { 8 };
+    let most = (budget / pieces.max(1)).clamp(1, 4);
+    (1..=most.min(group)).rev().find(|r| group % r == 0).unwrap_or(1)
 }
 
 /// Keys scored together per step of the CPU kernel's main loop.
@@ -342,5 +444,64 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Query heads in groups (4 heads per key/value head: items of 4, 2 or
+    /// 1 heads by vector width and head dim), one position and several,
+    /// with an additive mask that differs per head: even heads drop the
+    /// first 70 keys (whole chunks dropped for some rows of an item and not
+    /// others), odd heads a scattering of keys.
+    #[test]
+    fn grouped_heads_with_per_head_masks() {
+        let (hq, hkv, skv) = (8, 2, 150);
+        for sq in [1, 5] {
+            for d in [64, 32] {
+                for lanes in [4, 8, 16] {
+                    let pieces = chunks(d, lanes).len();
+                    let scale = 1.0 / (d as f32).sqrt();
+                    let spec = AttnSpec { hq, hkv, d, dv: d, scale, causal: true, window: None, softcap: None, lanes };
+                    let dims = vec![Expr::idx(1), Expr::idx(hq), Expr::idx(sq), Expr::idx(skv)];
+                    let mut b = Builder::new("attention");
+                    let n = |x: usize| Expr::idx(x);
+                    let mask = AttnMask { elem: Scalar::F32, dims };
+                    attention(&mut b, &spec, n(1), n(sq), n(skv), n(skv), Some(&mask));
+                    let k = b.finish().unwrap();
+                    let q = rand(hq * sq * d, 13);
+                    let kk: Vec<f32> = rand(hkv * skv * d, 14).into_iter().map(|x| x * 3.0).collect();
+                    let v = rand(hkv * skv * d, 15);
+                    let drops = rand(hq * sq * skv, 16);
+                    let m: Vec<f32> = (0..hq * sq * skv)
+                        .map(|e| {
+                            let (h, j) = (e / (sq * skv), e % skv);
+                            let dropped = if h % 2 == 0 { j < 70 } else { drops[e] > 0.5 };
+                            if dropped {
+                                f32::NEG_INFINITY
+                            } else {
+                                drops[e] * 0.1
+                            }
+                        })
+                        .collect();
+                    let op = Op::Attention { scale: scale as f64, causal: true, window: None, softcap: None };
+                    let want = reference(
+                        &op,
+                        &[
+                            (&q, vec![1, hq, sq, d]),
+                            (&kk, vec![1, hkv, skv, d]),
+                            (&v, vec![1, hkv, skv, d]),
+                            (&m, vec![1, hq, sq, skv]),
+                        ],
+                    );
+                    let per = if sq == 1 { 1 } else { heads_per_item(hq / hkv, pieces, lanes) };
+                    for threads in [1, 3] {
+                        let got = run_kir(&k, &[&q, &kk, &v, &m], threads);
+                        let what = format!("sq {sq}, d {d}, lanes {lanes} ({per} heads per item), {threads} threads");
+                        assert_close(&what, &got, &want, 1e-4, 1e-5);
+                    }
+                }
+            }
+        }
+        // The items the widths above give: AVX-512 takes the whole group.
+        assert_eq!([heads_per_item(4, 4, 16), heads_per_item(4, 4, 8), heads_per_item(4, 16, 4)], [4, 2, 1]);
+        assert_eq!([heads_per_item(3, 4, 16), heads_per_item(8, 4, 16), heads_per_item(7, 4, 16)], [3, 4, 1]);
     }
 }
