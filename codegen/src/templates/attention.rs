@@ -365,7 +365,7 @@ struct Member {
 fn heads_per_item(group: usize, pieces: usize, lanes: u8) -> usize {
     let budget = if lanes >= 16 { 16 } else { 8 };
     let most = (budget / pieces.max(1)).clamp(1, 4);
-    (1..=most.min(group)).rev().find(|r| group % r == 0).unwrap_or(1)
+    (1..=most.min(group)).rev().find(|r| group.is_multiple_of(*r)).unwrap_or(1)
 }
 
 /// Keys scored together per step of the CPU kernel's main loop.
