@@ -437,7 +437,12 @@ impl Scheduler<'_> {
             // room for `capacity` positions, and attention reads it so.
             let inst = match select::select_in_place(&node.op, &in_tys, &kv, self.options.panel.lanes) {
                 Ok(Selected::Kernel(inst)) => inst,
-                Ok(_) => unreachable!("in-place cache kernels are single kernels"),
+                // Attention over the cache: split decode's two launches.
+                Ok(Selected::Steps(steps)) if !append => {
+                    let operands = node.inputs.iter().map(|v| self.buffer_of(*v)).collect();
+                    return self.steps(n, steps, operands);
+                }
+                Ok(_) => unreachable!("in-place cache appends are single kernels"),
                 Err(e) => {
                     self.unsupported.push((describe(g, n), e));
                     return Ok(());

@@ -339,27 +339,53 @@ fn matmul_and_fused_ops() {
         let ins = [q(4, 80), kv(2, 80), kv(2, 80), mask];
         cases.push(op_case(at(true, None, None, 80), &ins, &sy, &[gq, gq, g, g], SUM));
     }
-    // Attention over a cache kept in place (row stride `cap`), with 8-lane
-    // vectors: head dims that are whole vectors, and ones with a 4-lane
-    // piece and single lanes left over.
+    // Attention over a cache kept in place (row stride `cap`), with 4, 8
+    // and 16-lane vectors: head dims that are whole vectors, and ones with
+    // a 4-lane piece and single lanes left over. It is split decode's two
+    // launches: the partials (nothing with more than one position) and the
+    // combine (the whole attention with more than one position), which
+    // here reads the partials the interpreter wrote.
     let kv = CacheInPlace { capacity: Dim::sym("cap"), copied: Dim::sym("copied") };
     for d in [16, 24, 40, 44, 64, 80] {
         let op = at(true, None, None, d);
         let (q, k) = (f(&format!("b,4,seq,{d}")), f(&format!("b,2,past+seq,{d}")));
         let mask = ty(DType::Bool, "b,1,1,past+seq");
         for lanes in [4, 8, 16] {
-            let Selected::Kernel(inst) =
+            let Selected::Steps(steps) =
                 select_in_place(&op, &[q.clone(), k.clone(), k.clone(), mask.clone()], &kv, lanes)
                     .unwrap_or_else(|e| panic!("{e}"))
             else {
-                panic!("attention is one kernel")
+                panic!("attention over a cache is split decode's two launches")
             };
-            // Few keys, then more than one chunk of them (a chunk holds
-            // `d` keys or fewer), the last chunk partial.
-            for sy in
-                [[("b", 2), ("seq", 3), ("past", 5), ("cap", 11)], [("b", 1), ("seq", 2), ("past", 149), ("cap", 160)]]
-            {
-                cases.push(case_of("attention in place", inst.clone(), &sy, &[Gen::F(2.0), Gen::F(2.0), g, g], SUM));
+            let [partials, combine] = &steps.steps[..] else { panic!("two launches: {steps:?}") };
+            // One position over few keys and over several segments of
+            // them; several positions over few keys, then over more than
+            // one chunk of them (a chunk holds `d` keys or fewer), the last
+            // chunk partial.
+            for sy in [
+                [("b", 2), ("seq", 1), ("past", 5), ("cap", 11)],
+                [("b", 1), ("seq", 1), ("past", 700), ("cap", 720)],
+                [("b", 2), ("seq", 3), ("past", 5), ("cap", 11)],
+                [("b", 1), ("seq", 2), ("past", 149), ("cap", 160)],
+            ] {
+                let gens = [Gen::F(2.0), Gen::F(2.0), g, g];
+                let mut first = case_of("attention partials", partials.instance.clone(), &sy, &gens, SUM);
+                // Segments past a call's count are not written: NaN in
+                // the reference as in the compiled run's output.
+                let n = first.want[0].len();
+                let mut bufs = [first.inputs.clone(), vec![BufData::F32(vec![f32::NAN; n])]].concat();
+                interp::run(&first.kernel, &mut bufs, &first.scalars, Mode::Cpu { threads: 1 }).unwrap();
+                first.want = vec![bufs.pop().unwrap()];
+                let mut second = case_of("attention combine", combine.instance.clone(), &sy, &[gens[0]; 5], SUM);
+                // The combine reads the partials the interpreter wrote.
+                second.inputs = [first.inputs.clone(), first.want.clone()].concat();
+                let mut bufs = [second.inputs.clone(), vec![second.want[0].clone()]].concat();
+                interp::run(&second.kernel, &mut bufs, &second.scalars, Mode::Cpu { threads: 1 }).unwrap();
+                second.want = vec![bufs.pop().unwrap()];
+                // It reads no segment the partials left unwritten (NaN).
+                assert!(second.want[0].f32().iter().all(|x| x.is_finite()), "{}", second.label);
+                cases.push(first);
+                cases.push(second);
             }
         }
     }

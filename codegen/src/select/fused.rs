@@ -7,7 +7,7 @@
 //! norms and rope, constant heads and head dims for attention.
 
 use super::linalg::{dim_name, Params};
-use super::{elem_of, SelectError, Selected};
+use super::{elem_of, Arg, Instance, Scratch, SelectError, Selected, Step, Steps};
 use crate::kir::{Builder, Expr, Scalar};
 use crate::templates::attention::{self, AttnMask, AttnSpec};
 use crate::templates::{concat, norm_rows, rope, NormKind};
@@ -89,43 +89,7 @@ fn select_with(
             rope::rope(&mut b, &x_dims, &cs_dims, d, r, *interleaved);
             format!("rope_d{d}_r{r}{}", if *interleaved { "_il" } else { "" })
         }
-        Op::Attention { causal, window, softcap, .. } => {
-            let spec = attention_spec(op, inputs, lanes)?;
-            let (hq, hkv, d) = (spec.hq, spec.hkv, spec.d);
-            let (q, k) = (&inputs[0], &inputs[1]);
-            let batch = p.get(&mut b, &q.shape[0]);
-            let sq = p.get(&mut b, &q.shape[2]);
-            let skv = p.get(&mut b, &k.shape[2]);
-            let mask = inputs.get(3).map(|m| AttnMask {
-                elem: elem_of(m.dtype),
-                dims: m.shape.iter().map(|dm| p.get(&mut b, dm)).collect(),
-            });
-            let kv_stride = match kv {
-                Some(kv) => p.get(&mut b, &kv.capacity),
-                None => skv.clone(),
-            };
-            attention::attention(&mut b, &spec, batch, sq, skv, kv_stride, mask.as_ref());
-            let mut name = format!("attention_h{hq}x{hkv}_d{d}");
-            if kv.is_some() {
-                name.push_str("_cache");
-            }
-            if lanes != crate::templates::LANES {
-                name.push_str(&format!("_v{lanes}"));
-            }
-            if *causal {
-                name.push_str("_causal");
-            }
-            if window.is_some() {
-                name.push_str("_win");
-            }
-            if softcap.is_some() {
-                name.push_str("_cap");
-            }
-            if let Some(m) = inputs.get(3) {
-                name.push_str(if m.dtype.is_bool() { "_bmask" } else { "_fmask" });
-            }
-            name
-        }
+        Op::Attention { .. } => return attention_node(op, inputs, kv, lanes).map(Some),
         Op::KvAppend { axis } => {
             let (cache, new) = (&inputs[0], &inputs[1]);
             if cache.dtype != new.dtype || cache.rank() != new.rank() || cache.rank() == 0 {
@@ -156,6 +120,91 @@ fn select_with(
         _ => return Ok(None),
     };
     p.finish(b, &prefix, op, inputs).map(|i| Some(Selected::Kernel(i)))
+}
+
+/// Which kernel of a CPU attention node to build.
+#[derive(Clone, Copy, PartialEq)]
+enum AttnKernel {
+    /// The whole attention, one launch.
+    Whole,
+    /// Split decode attention's partials, then its combine (which computes
+    /// the whole attention in calls with more than one position).
+    Partials,
+    Combine,
+}
+
+/// A CPU attention node: over a cache kept in place (the decode steps of
+/// generation), two launches, `decode_partials` into a scratch buffer and
+/// `decode_combine`; otherwise one kernel.
+fn attention_node(
+    op: &Op,
+    inputs: &[TensorType],
+    kv: Option<&CacheInPlace>,
+    lanes: u8,
+) -> Result<Selected, SelectError> {
+    let Op::Attention { causal, window, softcap, .. } = op else { unreachable!("called for attention") };
+    let spec = attention_spec(op, inputs, lanes)?;
+    let (hq, hkv, d) = (spec.hq, spec.hkv, spec.d);
+    let (q, k) = (&inputs[0], &inputs[1]);
+    let mut name = format!("attention_h{hq}x{hkv}_d{d}");
+    if kv.is_some() {
+        name.push_str("_cache");
+    }
+    if lanes != crate::templates::LANES {
+        name.push_str(&format!("_v{lanes}"));
+    }
+    for (on, tag) in [(*causal, "_causal"), (window.is_some(), "_win"), (softcap.is_some(), "_cap")] {
+        if on {
+            name.push_str(tag);
+        }
+    }
+    if let Some(m) = inputs.get(3) {
+        name.push_str(if m.dtype.is_bool() { "_bmask" } else { "_fmask" });
+    }
+    let build = |kind: AttnKernel| -> Result<Instance, SelectError> {
+        let mut b = Builder::new("k");
+        let mut p = Params::default();
+        let batch = p.get(&mut b, &q.shape[0]);
+        let sq = p.get(&mut b, &q.shape[2]);
+        let skv = p.get(&mut b, &k.shape[2]);
+        let mask = inputs
+            .get(3)
+            .map(|m| AttnMask { elem: elem_of(m.dtype), dims: m.shape.iter().map(|dm| p.get(&mut b, dm)).collect() });
+        let kv_stride = match kv {
+            Some(kv) => p.get(&mut b, &kv.capacity),
+            None => skv.clone(),
+        };
+        let prefix = match kind {
+            AttnKernel::Whole => {
+                attention::attention(&mut b, &spec, batch, sq, skv, kv_stride, mask.as_ref());
+                name.clone()
+            }
+            AttnKernel::Partials => {
+                attention::decode_partials(&mut b, &spec, batch, sq, skv, kv_stride, mask.as_ref());
+                format!("{name}_split")
+            }
+            AttnKernel::Combine => {
+                attention::decode_combine(&mut b, &spec, batch, sq, skv, kv_stride, mask.as_ref());
+                format!("{name}_combine")
+            }
+        };
+        p.finish(b, &prefix, op, inputs)
+    };
+    if kv.is_none() {
+        return build(AttnKernel::Whole).map(Selected::Kernel);
+    }
+    let len = q.shape[0].clone() * Dim::c(attention::partials_len(&spec) as i64);
+    let operands: Vec<Arg> = (0..inputs.len()).map(Arg::Operand).collect();
+    Ok(Selected::Steps(Steps {
+        scratch: vec![Scratch { name: "partials".into(), elem: Scalar::F32, len }],
+        steps: vec![
+            Step { instance: build(AttnKernel::Partials)?, args: [operands.clone(), vec![Arg::Scratch(0)]].concat() },
+            Step {
+                instance: build(AttnKernel::Combine)?,
+                args: [operands, vec![Arg::Scratch(0), Arg::Result(0)]].concat(),
+            },
+        ],
+    }))
 }
 
 /// The static part of an attention node's kernel, for the CPU and GPU

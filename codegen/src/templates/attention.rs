@@ -19,7 +19,7 @@
 
 use super::sym::{self, add, as_const, max, min, mul, sub};
 use super::{c, widen, LANES};
-use crate::kir::{Access, Builder, CmpOp, Expr, LoopKind, RedOp, Scalar, Space, Var};
+use crate::kir::{Access, BufId, Builder, CmpOp, Expr, LoopKind, RedOp, Scalar, Space, Var};
 
 /// The static part of an attention kernel.
 #[derive(Clone, Debug, PartialEq)]
@@ -61,18 +61,177 @@ pub fn attention(
     kv_stride: Expr,
     mask: Option<&AttnMask>,
 ) {
-    let (hq, hkv, d, dv) = (s.hq, s.hkv, s.d, s.dv);
-    let group = hq / hkv;
-    let rows = mul(mul(batch.clone(), Expr::idx(hq)), sq.clone());
-    let kv_rows = mul(mul(batch.clone(), Expr::idx(hkv)), kv_stride.clone());
-    let q = b.input("q", mul(rows.clone(), Expr::idx(d)));
-    let k = b.input("k", mul(kv_rows.clone(), Expr::idx(d)));
-    let v = b.input("v", mul(kv_rows, Expr::idx(dv)));
-    let mbuf = mask.map(|m| b.buffer("mask", m.elem, sym::product(&m.dims), Space::Global, Access::Read));
-    let out = b.output("out", mul(rows.clone(), Expr::idx(dv)));
-    // Mask strides along [batch, hq, sq, skv]; None where it broadcasts.
-    let mstrides: Vec<Option<Expr>> =
-        match mask {
+    let a = Attn::declare(b, s, batch, sq, skv, kv_stride, mask);
+    let out = b.output("out", mul(a.rows(), Expr::idx(s.dv)));
+    a.rows_loop_any(b, out);
+}
+
+/// The most key segments [`decode_partials`] splits a row's keys into.
+pub const MAX_SEGMENTS: usize = 16;
+
+/// Keys per segment [`decode_partials`] aims at: a segment is one item of
+/// the thread team's parallel loop, and more keys than this make enough
+/// work per item for its fixed costs.
+const SEGMENT_KEYS: usize = 64;
+
+/// The fewest visible keys for which decode attention is split. With
+/// fewer, [`decode_combine`] computes it whole, a query head per item: on
+/// a 2-core Zen 5 (smollm2-135m, 9 query heads on 3 key/value heads) that
+/// took 7 us per layer at 128 keys against 9.7 split, and 12 against 15 at
+/// 256; split took 24 against 24 at 512 and 44 against 60 at 1024.
+const SPLIT_KEYS: usize = 512;
+
+/// The elements of the partials buffer of [`decode_partials`]: per query
+/// row (`batch * hq` of them, one position) and segment, the unnormalized
+/// output (`dv`), the maximum and the sum.
+pub fn partials_len(s: &AttnSpec) -> usize {
+    s.hq * MAX_SEGMENTS * (s.dv + 2)
+}
+
+/// The first of the two launches of decode attention split over keys
+/// (`flash decoding`): with one query position, each item takes a segment
+/// of the keys of one key/value head for the query heads that share it
+/// (see `heads_per_item`), so that the team has work for every thread
+/// even with few heads, and each key and value vector is loaded once per
+/// item; it writes each row's partial result into `partials` (`batch *`
+/// [`partials_len`] elements). With more positions, or fewer than
+/// [`SPLIT_KEYS`] visible keys, it does nothing, and [`decode_combine`]
+/// computes the whole attention. Declares `q, k, v[, mask], partials`.
+pub fn decode_partials(
+    b: &mut Builder,
+    s: &AttnSpec,
+    batch: Expr,
+    sq: Expr,
+    skv: Expr,
+    kv_stride: Expr,
+    mask: Option<&AttnMask>,
+) {
+    let a = Attn::declare(b, s, batch.clone(), sq.clone(), skv, kv_stride, mask);
+    let parts = b.output("partials", mul(batch, Expr::idx(partials_len(s))));
+    let per = a.per();
+    let split = |b: &mut Builder| {
+        let nseg = b.let_("nseg", a.segments());
+        a.rows_loop(b, per, Sink::Partials { buf: parts, nseg: Expr::Var(nseg) });
+    };
+    if let Some(cond) = a.split_when() {
+        b.if_(cond, split, |_| {});
+    }
+}
+
+/// The second launch of split decode attention: where [`decode_partials`]
+/// split the keys, each row's output from its segments' partials
+/// (rescaled to their common maximum, summed, divided by the total sum; a
+/// row with no live key is zero); elsewhere the whole attention as
+/// [`attention`] computes it. Declares `q, k, v[, mask], partials, out`.
+pub fn decode_combine(
+    b: &mut Builder,
+    s: &AttnSpec,
+    batch: Expr,
+    sq: Expr,
+    skv: Expr,
+    kv_stride: Expr,
+    mask: Option<&AttnMask>,
+) {
+    let a = Attn::declare(b, s, batch.clone(), sq.clone(), skv, kv_stride, mask);
+    let parts = b.input("partials", mul(batch.clone(), Expr::idx(partials_len(s))));
+    let out = b.output("out", mul(a.rows(), Expr::idx(s.dv)));
+    let combine = |b: &mut Builder| {
+        let nseg = b.let_("nseg", a.segments());
+        let dv = s.dv;
+        let rows = mul(batch.clone(), Expr::idx(s.hq));
+        b.for_("row", Expr::idx(0), rows, 1, LoopKind::Parallel, |b, row| {
+            let pb = b.let_("pb", mul(row.clone(), Expr::idx(MAX_SEGMENTS * (dv + 2))));
+            let seg_at = |sg: Expr| add(Expr::Var(pb), mul(sg, Expr::idx(dv + 2)));
+            let top = b.let_("top", Expr::f32(f32::NEG_INFINITY));
+            b.for_("sg", Expr::idx(0), Expr::Var(nseg), 1, LoopKind::Serial, |b, sg| {
+                let m = Expr::load(parts, add(seg_at(sg), Expr::idx(dv)), 1);
+                b.assign(top, Expr::Var(top).max(m));
+            });
+            let pieces = chunks(dv, a.lanes);
+            let accs: Vec<(usize, u8, Var)> = pieces.iter().map(|&(o, w)| (o, w, b.let_("o", c(0.0, w)))).collect();
+            let total = b.let_("l", Expr::f32(0.0));
+            // Segments with no live key have maximum -inf and sum 0: their
+            // weight is 0 (and the row's, when every segment is so).
+            b.if_(
+                Expr::Var(top).cmp(CmpOp::Gt, Expr::f32(f32::NEG_INFINITY)),
+                |b| {
+                    b.for_("sg", Expr::idx(0), Expr::Var(nseg), 1, LoopKind::Serial, |b, sg| {
+                        let at = b.let_("at", seg_at(sg));
+                        let m = Expr::load(parts, add(Expr::Var(at), Expr::idx(dv)), 1);
+                        let wgt = b.let_("w", (m - Expr::Var(top)).exp());
+                        let l = Expr::load(parts, add(Expr::Var(at), Expr::idx(dv + 1)), 1);
+                        b.assign(total, Expr::Var(total) + Expr::Var(wgt) * l);
+                        for &(o, w, acc) in &accs {
+                            let x = Expr::load(parts, add(Expr::Var(at), Expr::idx(o)), w);
+                            b.assign(acc, widen(Expr::Var(wgt), w).fma(x, Expr::Var(acc)));
+                        }
+                    });
+                },
+                |_| {},
+            );
+            let pos_l = Expr::Var(total).cmp(CmpOp::Gt, Expr::f32(0.0));
+            let inv = b.let_("inv", Expr::select(pos_l, Expr::f32(1.0) / Expr::Var(total), Expr::f32(0.0)));
+            let ob = b.let_("ob", mul(row, Expr::idx(dv)));
+            for &(o, w, acc) in &accs {
+                b.store(out, add(Expr::Var(ob), Expr::idx(o)), Expr::Var(acc) * widen(Expr::Var(inv), w));
+            }
+        });
+    };
+    match a.split_when() {
+        Some(cond) => b.if_(cond, combine, |b| a.rows_loop_any(b, out)),
+        None => a.rows_loop_any(b, out),
+    }
+}
+
+/// Where an item's rows put their results.
+#[derive(Clone)]
+enum Sink {
+    /// Normalized, in the output (`[rows, dv]`), which also holds each
+    /// row's scores of a chunk while the row runs.
+    Out(BufId),
+    /// Unnormalized with the maximum and the sum, per row and segment, in
+    /// a partials buffer (see [`decode_partials`]) whose entries also hold
+    /// the segment's scores of a chunk; `nseg` segments per row.
+    Partials { buf: BufId, nseg: Expr },
+}
+
+/// An attention kernel's operands and what its loops derive from them.
+struct Attn<'a> {
+    s: &'a AttnSpec,
+    batch: Expr,
+    sq: Expr,
+    skv: Expr,
+    kv_stride: Expr,
+    q: BufId,
+    k: BufId,
+    v: BufId,
+    mask: Option<&'a AttnMask>,
+    mbuf: Option<BufId>,
+    /// Mask strides along [batch, hq, sq, skv]; None where it broadcasts.
+    mstrides: Vec<Option<Expr>>,
+    lanes: u8,
+    pieces: Vec<(usize, u8)>,
+}
+
+impl<'a> Attn<'a> {
+    /// Declares `q, k, v[, mask]`.
+    fn declare(
+        b: &mut Builder,
+        s: &'a AttnSpec,
+        batch: Expr,
+        sq: Expr,
+        skv: Expr,
+        kv_stride: Expr,
+        mask: Option<&'a AttnMask>,
+    ) -> Attn<'a> {
+        let (hq, hkv, d, dv) = (s.hq, s.hkv, s.d, s.dv);
+        let rows = mul(mul(batch.clone(), Expr::idx(hq)), sq.clone());
+        let kv_rows = mul(mul(batch.clone(), Expr::idx(hkv)), kv_stride.clone());
+        let q = b.input("q", mul(rows, Expr::idx(d)));
+        let k = b.input("k", mul(kv_rows.clone(), Expr::idx(d)));
+        let v = b.input("v", mul(kv_rows, Expr::idx(dv)));
+        let mbuf = mask.map(|m| b.buffer("mask", m.elem, sym::product(&m.dims), Space::Global, Access::Read));
+        let mstrides: Vec<Option<Expr>> = match mask {
             None => vec![None; 4],
             Some(m) => {
                 let st = sym::strides(&m.dims);
@@ -88,14 +247,93 @@ pub fn attention(
                     .collect()
             }
         };
-    let lanes = if s.lanes.is_power_of_two() && s.lanes >= LANES { s.lanes } else { LANES };
-    let pieces = chunks(dv, lanes);
-    // Query heads that share a key/value head are taken `per` at a time,
-    // so each key and value vector loaded serves all of them.
-    let build = |b: &mut Builder, per: usize| {
+        let lanes = if s.lanes.is_power_of_two() && s.lanes >= LANES { s.lanes } else { LANES };
+        let pieces = chunks(dv, lanes);
+        Attn { s, batch, sq, skv, kv_stride, q, k, v, mask, mbuf, mstrides, lanes, pieces }
+    }
+
+    /// Query rows: `batch * hq * sq`.
+    fn rows(&self) -> Expr {
+        mul(mul(self.batch.clone(), Expr::idx(self.s.hq)), self.sq.clone())
+    }
+
+    /// Query heads per item (see `heads_per_item`).
+    fn per(&self) -> usize {
+        heads_per_item(self.s.hq / self.s.hkv, self.pieces.len(), self.lanes)
+    }
+
+    /// When a call is split over keys: one position and at least
+    /// [`SPLIT_KEYS`] visible keys; None when never (a constant position
+    /// count other than 1).
+    fn split_when(&self) -> Option<Expr> {
+        let mut visible = self.skv.clone();
+        if let Some(w) = self.s.window {
+            visible = min(visible, Expr::i64(w));
+        }
+        let many = visible.cmp(CmpOp::Ge, Expr::idx(SPLIT_KEYS));
+        match as_const(&self.sq) {
+            Some(1) => Some(many),
+            Some(_) => None,
+            None => Some(Expr::select(self.sq.clone().cmp(CmpOp::Eq, Expr::i64(1)), many, Expr::Bool(false))),
+        }
+    }
+
+    /// Key segments per row of a one-position call: one per
+    /// [`SEGMENT_KEYS`] keys it can see, 1 to [`MAX_SEGMENTS`].
+    fn segments(&self) -> Expr {
+        let mut visible = self.skv.clone();
+        if let Some(w) = self.s.window {
+            visible = min(visible, Expr::i64(w));
+        }
+        max(min(sym::ceil_div(visible, SEGMENT_KEYS), Expr::idx(MAX_SEGMENTS)), Expr::i64(1))
+    }
+
+    /// The rows loop of the whole attention into `out`: heads in groups
+    /// where there are several positions, one at a time for a single one.
+    fn rows_loop_any(&self, b: &mut Builder, out: BufId) {
+        // A single query position (decode) has too few items for the team
+        // when heads go in groups (3 items of 3 heads each for smollm2
+        // split 2:1 between 2 threads); its keys are few, and so are its
+        // loads. [`decode_partials`] splits its keys instead.
+        let per = self.per();
+        match as_const(&self.sq) {
+            _ if per == 1 => self.rows_loop(b, 1, Sink::Out(out)),
+            Some(1) => self.rows_loop(b, 1, Sink::Out(out)),
+            Some(_) => self.rows_loop(b, per, Sink::Out(out)),
+            None => b.if_(
+                self.sq.clone().cmp(CmpOp::Eq, Expr::i64(1)),
+                |b| self.rows_loop(b, 1, Sink::Out(out)),
+                |b| self.rows_loop(b, per, Sink::Out(out)),
+            ),
+        }
+    }
+
+    /// The parallel loop over items of `per` query heads that share a
+    /// key/value head (each key and value vector loaded serves all of
+    /// them), at one position, and with [`Sink::Partials`] one segment of
+    /// its keys.
+    fn rows_loop(&self, b: &mut Builder, per: usize, sink: Sink) {
+        let Attn { s, batch, sq, skv, kv_stride, q, k, v, mask, mbuf, mstrides, lanes, .. } = self;
+        let (q, k, v, mbuf, lanes) = (*q, *k, *v, *mbuf, *lanes);
+        let pieces = &self.pieces;
+        let (hq, hkv, d, dv) = (s.hq, s.hkv, s.d, s.dv);
+        let group = hq / hkv;
+        let (sbuf, nseg, stride) = match &sink {
+            Sink::Out(out) => (*out, Expr::i64(1), dv),
+            Sink::Partials { buf, nseg } => (*buf, nseg.clone(), dv + 2),
+        };
         let subgroups = group / per;
-        let items = mul(mul(mul(batch.clone(), Expr::idx(hkv)), Expr::idx(subgroups)), sq.clone());
+        let items = mul(mul(mul(mul(batch.clone(), Expr::idx(hkv)), Expr::idx(subgroups)), sq.clone()), nseg.clone());
         b.for_("item", Expr::idx(0), items, 1, LoopKind::Parallel, |b, item| {
+            // Segments of one row are neighbours, so a thread's run of
+            // items reads neighbouring keys.
+            let (seg, item) = match &sink {
+                Sink::Out(_) => (Expr::i64(0), item),
+                Sink::Partials { .. } => (
+                    Expr::Var(b.let_("seg", sym::rem(item.clone(), nseg.clone()))),
+                    Expr::Var(b.let_("rest", sym::div(item, nseg.clone()))),
+                ),
+            };
             // Query positions alternate from both ends (`0, sq - 1, 1,
             // sq - 2, ...`): under a causal mask a position's work grows with
             // it, and the team splits the items into contiguous runs, which
@@ -119,6 +357,16 @@ pub fn attention(
             if let Some(w) = s.window {
                 lo = max(lo, add(sub(Expr::Var(pos), Expr::i64(w)), Expr::idx(1)));
             }
+            if let Sink::Partials { .. } = &sink {
+                // Segment `seg` of `nseg` equal runs of the visible keys.
+                let lo0 = b.let_("lo0", lo);
+                let visible = max(sub(hi.clone(), Expr::Var(lo0)), Expr::i64(0));
+                let len = sym::div(sub(add(visible, nseg.clone()), Expr::i64(1)), nseg.clone());
+                let len = b.let_("seglen", len);
+                let from = b.let_("from", add(Expr::Var(lo0), mul(seg.clone(), Expr::Var(len))));
+                hi = min(hi, add(Expr::Var(from), Expr::Var(len)));
+                lo = Expr::Var(from);
+            }
             // The item's query rows: heads `kh * group + sg * per + r`.
             let first = b.let_("h0", add(mul(kh, Expr::idx(group)), mul(Expr::Var(sg), Expr::idx(per))));
             let members: Vec<Member> = (0..per)
@@ -129,7 +377,12 @@ pub fn attention(
                         add(mul(add(mul(Expr::Var(bi), Expr::idx(hq)), Expr::Var(h)), sq.clone()), Expr::Var(i)),
                     );
                     let qb = b.let_("qb", mul(Expr::Var(row), Expr::idx(d)));
-                    let sb = b.let_("sb", mul(Expr::Var(row), Expr::idx(dv)));
+                    // Where the row's scores and results go.
+                    let slot = match &sink {
+                        Sink::Out(_) => Expr::Var(row),
+                        Sink::Partials { .. } => add(mul(Expr::Var(row), Expr::idx(MAX_SEGMENTS)), seg.clone()),
+                    };
+                    let sb = b.let_("sb", mul(slot, Expr::idx(stride)));
                     let moff = mbuf.map(|_| {
                         let mut o = Expr::i64(0);
                         for (a, idx) in [Expr::Var(bi), Expr::Var(h), Expr::Var(i)].into_iter().enumerate() {
@@ -212,7 +465,7 @@ pub fn attention(
                 let vb = b.let_("vb", mul(add(Expr::Var(kvb), j.clone()), Expr::idx(dv)));
                 let ps: Vec<Var> = members
                     .iter()
-                    .map(|mb| b.let_("p", Expr::load(out, add(Expr::Var(mb.sb), t.clone()), 1)))
+                    .map(|mb| b.let_("p", Expr::load(sbuf, add(Expr::Var(mb.sb), t.clone()), 1)))
                     .collect();
                 for (pi, &(o, w)) in pieces.iter().enumerate() {
                     let vv = b.let_("vv", Expr::load(v, add(Expr::Var(vb), Expr::idx(o)), w));
@@ -251,7 +504,7 @@ pub fn attention(
                     let mut it = scores.into_iter();
                     for mb in &members {
                         for t in ts {
-                            b.store(out, at(mb, t.clone()), Expr::Var(it.next().expect("a score per row and key")));
+                            b.store(sbuf, at(mb, t.clone()), Expr::Var(it.next().expect("a score per row and key")));
                         }
                     }
                 };
@@ -267,13 +520,13 @@ pub fn attention(
                 let nv = b.let_("nv", sym::ceil_div(Expr::Var(n), vl as usize));
                 b.for_("t", Expr::Var(n), mul(Expr::Var(nv), Expr::idx(vl as usize)), 1, LoopKind::Serial, |b, t| {
                     for mb in &members {
-                        b.store(out, at(mb, t.clone()), Expr::f32(f32::NEG_INFINITY));
+                        b.store(sbuf, at(mb, t.clone()), Expr::f32(f32::NEG_INFINITY));
                     }
                 });
                 for mb in &members {
                     let vmax = b.let_("vmax", c(f32::NEG_INFINITY, vl));
                     b.for_("v", Expr::idx(0), Expr::Var(nv), 1, LoopKind::Serial, |b, vi| {
-                        let sv = Expr::load(out, at(mb, mul(vi, Expr::idx(vl as usize))), vl);
+                        let sv = Expr::load(sbuf, at(mb, mul(vi, Expr::idx(vl as usize))), vl);
                         b.assign(vmax, Expr::Var(vmax).max(sv));
                     });
                     let top = if vl > 1 { Expr::Var(vmax).hreduce(RedOp::Max) } else { Expr::Var(vmax) };
@@ -292,8 +545,8 @@ pub fn attention(
                             b.for_("v", Expr::idx(0), Expr::Var(nv), 1, LoopKind::Serial, |b, vi| {
                                 let o = b.let_("o", at(mb, mul(vi, Expr::idx(vl as usize))));
                                 let p =
-                                    b.let_("p", (Expr::load(out, Expr::Var(o), vl) - widen(Expr::Var(m), vl)).exp());
-                                b.store(out, Expr::Var(o), Expr::Var(p));
+                                    b.let_("p", (Expr::load(sbuf, Expr::Var(o), vl) - widen(Expr::Var(m), vl)).exp());
+                                b.store(sbuf, Expr::Var(o), Expr::Var(p));
                                 b.assign(vsum, Expr::Var(vsum) + Expr::Var(p));
                             });
                             let total = if vl > 1 { Expr::Var(vsum).hreduce(RedOp::Add) } else { Expr::Var(vsum) };
@@ -302,7 +555,7 @@ pub fn attention(
                         |b| {
                             // No live key in this row's chunk: zero weights.
                             b.for_("v", Expr::idx(0), Expr::Var(nv), 1, LoopKind::Serial, |b, vi| {
-                                b.store(out, at(mb, mul(vi, Expr::idx(vl as usize))), c(0.0, vl));
+                                b.store(sbuf, at(mb, mul(vi, Expr::idx(vl as usize))), c(0.0, vl));
                             });
                         },
                     );
@@ -321,24 +574,28 @@ pub fn attention(
                 });
             });
             for mb in &members {
-                let pos_l = Expr::Var(mb.lsum).cmp(CmpOp::Gt, Expr::f32(0.0));
-                let inv = b.let_("inv", Expr::select(pos_l, Expr::f32(1.0) / Expr::Var(mb.lsum), Expr::f32(0.0)));
-                for (i, (o, w, a)) in mb.sets[0].iter().enumerate() {
-                    let sum = mb.sets[1..].iter().fold(Expr::Var(*a), |s, set| s + Expr::Var(set[i].2));
-                    b.store(out, add(Expr::Var(mb.sb), Expr::idx(*o)), sum * widen(Expr::Var(inv), *w));
+                let sums = mb.sets[0].iter().enumerate().map(|(i, (o, w, a))| {
+                    (*o, *w, mb.sets[1..].iter().fold(Expr::Var(*a), |s, set| s + Expr::Var(set[i].2)))
+                });
+                match &sink {
+                    Sink::Out(out) => {
+                        let pos_l = Expr::Var(mb.lsum).cmp(CmpOp::Gt, Expr::f32(0.0));
+                        let inv =
+                            b.let_("inv", Expr::select(pos_l, Expr::f32(1.0) / Expr::Var(mb.lsum), Expr::f32(0.0)));
+                        for (o, w, sum) in sums {
+                            b.store(*out, add(Expr::Var(mb.sb), Expr::idx(o)), sum * widen(Expr::Var(inv), w));
+                        }
+                    }
+                    Sink::Partials { buf, .. } => {
+                        for (o, _, sum) in sums {
+                            b.store(*buf, add(Expr::Var(mb.sb), Expr::idx(o)), sum);
+                        }
+                        b.store(*buf, add(Expr::Var(mb.sb), Expr::idx(dv)), Expr::Var(mb.m));
+                        b.store(*buf, add(Expr::Var(mb.sb), Expr::idx(dv + 1)), Expr::Var(mb.lsum));
+                    }
                 }
             }
         });
-    };
-    // A single query position (decode) has too few items for the team
-    // when heads go in groups (3 items of 3 heads each for smollm2 split
-    // 2:1 between 2 threads); its keys are few, and so are its loads.
-    let per = heads_per_item(group, pieces.len(), lanes);
-    match as_const(&sq) {
-        _ if per == 1 => build(b, 1),
-        Some(1) => build(b, 1),
-        Some(_) => build(b, per),
-        None => b.if_(sq.clone().cmp(CmpOp::Eq, Expr::i64(1)), |b| build(b, 1), |b| build(b, per)),
     }
 }
 
@@ -503,5 +760,74 @@ mod tests {
         // The items the widths above give: AVX-512 takes the whole group.
         assert_eq!([heads_per_item(4, 4, 16), heads_per_item(4, 4, 8), heads_per_item(4, 16, 4)], [4, 2, 1]);
         assert_eq!([heads_per_item(3, 4, 16), heads_per_item(8, 4, 16), heads_per_item(7, 4, 16)], [3, 4, 1]);
+    }
+    /// Split decode attention (partials, then the combine) against the
+    /// reference: 16 and 10 segments (1000 keys, 600 of 700 in a window),
+    /// a mask that drops whole segments of some heads and every key of one;
+    /// and the combine's own whole attention, with several positions or
+    /// too few visible keys (150, 5, 300 of 1000 in a window) to split.
+    #[test]
+    fn split_decode_matches_the_reference() {
+        let (hq, hkv, d) = (8, 2, 32);
+        let cases =
+            [(1, 150, None), (1, 1000, None), (1, 700, Some(600)), (1, 1000, Some(300)), (4, 600, None), (1, 5, None)];
+        for (sq, skv, window) in cases {
+            for lanes in [4, 16] {
+                let scale = 1.0 / (d as f32).sqrt();
+                let spec = AttnSpec { hq, hkv, d, dv: d, scale, causal: true, window, softcap: None, lanes };
+                let dims = vec![Expr::idx(1), Expr::idx(hq), Expr::idx(sq), Expr::idx(skv)];
+                let mask = AttnMask { elem: Scalar::F32, dims };
+                let n = |x: usize| Expr::idx(x);
+                let mut b = Builder::new("partials");
+                decode_partials(&mut b, &spec, n(1), n(sq), n(skv), n(skv + 7), Some(&mask));
+                let kp = b.finish().unwrap();
+                let mut b = Builder::new("combine");
+                decode_combine(&mut b, &spec, n(1), n(sq), n(skv), n(skv + 7), Some(&mask));
+                let kc = b.finish().unwrap();
+                let q = rand(hq * sq * d, 23);
+                // Keys and values with room for 7 more positions per head.
+                let kk: Vec<f32> = rand(hkv * (skv + 7) * d, 24).into_iter().map(|x| x * 3.0).collect();
+                let v = rand(hkv * (skv + 7) * d, 25);
+                let drops = rand(hq * sq * skv, 26);
+                let m: Vec<f32> = (0..hq * sq * skv)
+                    .map(|e| {
+                        let (h, j) = (e / (sq * skv), e % skv);
+                        let dropped = match h {
+                            0 => j < skv * 3 / 4,
+                            3 => true,
+                            _ => drops[e] > 0.6,
+                        };
+                        if dropped {
+                            f32::NEG_INFINITY
+                        } else {
+                            drops[e] * 0.1
+                        }
+                    })
+                    .collect();
+                // The reference reads the first `skv` positions of each head.
+                let logical = |x: &[f32]| -> Vec<f32> {
+                    x.chunks((skv + 7) * d).flat_map(|blk| blk[..skv * d].to_vec()).collect()
+                };
+                let (k_ref, v_ref) = (logical(&kk), logical(&v));
+                let op = Op::Attention { scale: scale as f64, causal: true, window, softcap: None };
+                let want = reference(
+                    &op,
+                    &[
+                        (&q, vec![1, hq, sq, d]),
+                        (&k_ref, vec![1, hkv, skv, d]),
+                        (&v_ref, vec![1, hkv, skv, d]),
+                        (&m, vec![1, hq, sq, skv]),
+                    ],
+                );
+                for threads in [1, 3] {
+                    let parts = run_kir(&kp, &[&q, &kk, &v, &m], threads);
+                    assert_eq!(parts.len(), partials_len(&spec));
+                    let got = run_kir(&kc, &[&q, &kk, &v, &m, &parts], threads);
+                    let what = format!("sq {sq}, skv {skv}, window {window:?}, lanes {lanes}, {threads} threads");
+                    assert_close(&what, &got, &want, 1e-4, 1e-5);
+                    assert!(got[3 * sq * d..4 * sq * d].iter().all(|&x| x == 0.0), "{what}: head 3 sees no key");
+                }
+            }
+        }
     }
 }

@@ -507,7 +507,15 @@ mod tests {
         check(Op::LayerNorm { eps: 1e-5 }, &[f("s, 7"), f("7"), f("7")], S);
         check(Op::Rope { interleaved: false }, &[f("1, 2, s, 8"), f("1, 1, s, 6"), f("1, 1, s, 6")], S);
         let attn = Op::Attention { scale: 0.5, causal: true, window: None, softcap: None };
-        check(attn, &[f("1, 4, s, 8"), f("1, 2, s, 8"), f("1, 2, s, 8")], S);
+        // A constant query count: one loop over items (heads in groups
+        // with several positions, one at a time with one).
+        check(attn.clone(), &[f("1, 4, 3, 8"), f("1, 2, s, 8"), f("1, 2, s, 8")], S);
+        check(attn.clone(), &[f("1, 4, 1, 8"), f("1, 2, s, 8"), f("1, 2, s, 8")], S);
+        // A symbolic one chooses between the two loops at run time, which
+        // gpuize refuses (the GPU has attention templates of its own).
+        let (inst, _) = cpu_instance(&attn, &[f("1, 4, s, 8"), f("1, 2, s, 8"), f("1, 2, s, 8")]);
+        let e = gpuize_with(&inst.kernel, GpuizeOptions { block: 64, group: None }).unwrap_err();
+        assert!(e.to_string().contains("one top-level parallel loop"), "{e}");
         check(Op::MatMul {}, &[f("s, 5"), f("5, 6")], S);
     }
 
