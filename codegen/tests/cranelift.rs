@@ -359,6 +359,40 @@ fn pair_loads_match_interpreter_for_every_bit_pattern() {
     }
 }
 
+/// `y[4t..4t + 4]` = the lane sums of the 4 vectors in `x[16t..16t + 16]`.
+fn hsums_kernel(blocks: usize) -> Kernel {
+    use smelt_codegen::kir::{Builder, Expr, LoopKind};
+    let mut b = Builder::new("hsums");
+    let x = b.input("x", Expr::idx(16 * blocks));
+    let y = b.output("y", Expr::idx(4 * blocks));
+    b.for_("t", Expr::idx(0), Expr::idx(blocks), 1, LoopKind::Parallel, |b, t| {
+        let vs = (0..4).map(|i| Expr::load(x, t.clone() * Expr::idx(16) + Expr::idx(4 * i), 4)).collect();
+        b.store(y, t * Expr::idx(4), Expr::HSums(vs));
+    });
+    b.finish().unwrap()
+}
+
+/// Lane sums: the JIT adds in the interpreter's order (bit for bit), and
+/// that order is `kir::hsums`'s (checked against plain sums too).
+#[test]
+fn lane_sums_match_the_interpreter() {
+    let blocks = 37;
+    let k = hsums_kernel(blocks);
+    let x: Vec<f32> = (0..16 * blocks).map(|i| ((i * 7919) % 1000) as f32 * 0.37 - 150.0).collect();
+    let want = interp_out(&k, std::slice::from_ref(&x));
+    let j = JitKernel::compile(&k).unwrap_or_else(|e| panic!("{e}\n{k}"));
+    for threads in [1, 3] {
+        let got = jit_out(&j, std::slice::from_ref(&x), threads);
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            same_bits("hsums", i, g.to_bits(), w.to_bits(), false);
+        }
+    }
+    for (i, w) in want.iter().enumerate() {
+        let plain: f32 = x[4 * i..4 * i + 4].iter().sum();
+        assert!((w - plain).abs() <= 1e-4 * plain.abs().max(1.0), "sum {i}: {w} against {plain}");
+    }
+}
+
 /// f32 values stored into bf16 and f16 buffers round to nearest even as
 /// the `half` crate (the interpreter) rounds, bit for bit: ties both ways,
 /// overflow to infinity, f16 subnormals and underflow to zero, signed

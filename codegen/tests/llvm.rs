@@ -598,6 +598,20 @@ fn narrow_float_loads_and_stores() {
             0.0,
         ));
     }
+    // Lane sums of `lanes` vectors of `lanes` at 4, 8 and 16 lanes, in the
+    // interpreter's order of additions (exact).
+    for lanes in [4u8, 8, 16] {
+        let l = lanes as usize;
+        let blocks = n / (l * l);
+        let mut b = Builder::new(&format!("hsums_{lanes}"));
+        let x = b.input("x", blocks * l * l);
+        let y = b.output("y", blocks * l);
+        b.for_("t", Expr::idx(0), Expr::idx(blocks), 1, LoopKind::Parallel, |b, t| {
+            let vs = (0..l).map(|i| Expr::load(x, t.clone() * Expr::idx(l * l) + Expr::idx(i * l), lanes)).collect();
+            b.store(y, t * Expr::idx(l), Expr::HSums(vs));
+        });
+        cases.push(kernel_case(&format!("hsums x{lanes}"), b.finish().unwrap(), &[], &[Gen::F(100.0)], 0.0));
+    }
     // A Vectorized(4) dot product of bf16 rows with f32 weights (widened
     // on AVX hosts), rounded into an f16 output.
     let (rows, k) = (7usize, 64usize);

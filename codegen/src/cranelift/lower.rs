@@ -514,6 +514,38 @@ impl Lower<'_, '_> {
                 let x = self.expr(a)?;
                 self.fb.ins().extractlane(x, *i)
             }
+            Expr::HSums(vs) => {
+                // The steps of `kir::hsums` on f32x4 (bytes of both
+                // vectors picked by `shuffle`).
+                let mut cur = vs.iter().map(|v| self.expr(v)).collect::<Result<Vec<_>, _>>()?;
+                if cur.len() != 4 {
+                    return Err(unsupported(self.k, format!("lane sums of {} vectors", cur.len())));
+                }
+                let le = MemFlagsData::new().with_endianness(Endianness::Little);
+                let mut width = 4;
+                while cur.len() > 1 {
+                    let (p, q) = kir::hsums_step(4, width);
+                    let bytes = |lanes: &[u32]| -> Vec<u8> {
+                        lanes.iter().flat_map(|&l| (0..4).map(move |b| (4 * l + b) as u8)).collect()
+                    };
+                    let (pm, qm) = (bytes(&p), bytes(&q));
+                    let mut next = vec![];
+                    for pair in cur.chunks(2) {
+                        let x = self.fb.ins().bitcast(types::I8X16, le, pair[0]);
+                        let y = self.fb.ins().bitcast(types::I8X16, le, pair[1]);
+                        let pmask = self.fb.func.dfg.immediates.push(pm.clone().into());
+                        let qmask = self.fb.func.dfg.immediates.push(qm.clone().into());
+                        let lo = self.fb.ins().shuffle(x, y, pmask);
+                        let hi = self.fb.ins().shuffle(x, y, qmask);
+                        let lo = self.fb.ins().bitcast(types::F32X4, le, lo);
+                        let hi = self.fb.ins().bitcast(types::F32X4, le, hi);
+                        next.push(self.fb.ins().fadd(lo, hi));
+                    }
+                    cur = next;
+                    width /= 2;
+                }
+                cur[0]
+            }
             Expr::HReduce(op, a) => {
                 let at = self.ty(a)?;
                 let x = self.expr(a)?;

@@ -865,6 +865,16 @@ impl<'a, 'm> Thread<'a, 'm> {
                 })),
                 other => return Err(format!("horizontal reduction of {other:?}")),
             },
+            Expr::HSums(vs) => {
+                let mut vals = vec![];
+                for v in vs {
+                    match self.eval(v)? {
+                        Val::VF(x) => vals.push(x),
+                        other => return Err(format!("lane sums of {other:?}")),
+                    }
+                }
+                Val::VF(hsums(&vals))
+            }
             Expr::Load { buf, index, lanes, pick } => {
                 let i = self.eval(index)?.i64()?;
                 match pick {

@@ -241,6 +241,12 @@ pub enum Expr {
     Splat(u8, Box<Expr>),
     Extract(Box<Expr>, u8),
     HReduce(RedOp, Box<Expr>),
+    /// The sums of `n` f32 vectors of `n` lanes each (`n` a power of two),
+    /// as one vector: lane `i` is the sum of vector `i`'s lanes, added in
+    /// the order of [`hsums`]. A tree of shuffles and adds computes all
+    /// of them in `n - 1` steps of two shuffles and an add, where
+    /// reducing each vector alone takes `log2(n)` dependent steps apiece.
+    HSums(Vec<Expr>),
     /// `lanes` elements from element `index` on, as `pick` says:
     /// consecutive ones, or every other one of `2 * lanes` (see [`Pick`]).
     Load {
@@ -653,6 +659,24 @@ impl Kernel {
                 }
                 t.with_lanes(1)
             }
+            Expr::HSums(vs) => {
+                let n = vs.len();
+                let want = Ty::scalar(Scalar::F32).with_lanes(n.min(255) as u8);
+                if n < 2 || !n.is_power_of_two() || n > 64 {
+                    return Err(format!("sums of {n} vectors (a power of two from 2 to 64)"));
+                }
+                for v in vs {
+                    let t = self.type_of(v)?;
+                    if t != want {
+                        return Err(format!(
+                            "sums of {n} vectors, one of them {}, not {}",
+                            print::ty(t),
+                            print::ty(want)
+                        ));
+                    }
+                }
+                want
+            }
             Expr::Load { buf, index, lanes, pick } => {
                 let b = self.buffers.get(buf.0 as usize).ok_or("unknown buffer")?;
                 if self.type_of(index)? != Ty::I64 {
@@ -1027,6 +1051,7 @@ impl Expr {
                 a.visit(f)
             }
             Expr::Load { index, .. } => index.visit(f),
+            Expr::HSums(vs) => vs.iter().for_each(|v| v.visit(f)),
             Expr::Bin(_, a, b) | Expr::Cmp(_, a, b) => {
                 a.visit(f);
                 b.visit(f);
@@ -1278,4 +1303,47 @@ impl Builder {
         self.kernel.verify()?;
         Ok(self.kernel)
     }
+}
+
+/// The lane sums of [`Expr::HSums`], in its order of additions: pairs of
+/// vectors (`x`, `y`) become one, `[x's halves' first parts, y's] + [their
+/// second parts]`, where each vector of a level holds several vectors'
+/// partial sums side by side, each halved in turn, until every original
+/// vector has one lane. The lowerings follow the same steps.
+pub fn hsums(vs: &[Vec<f32>]) -> Vec<f32> {
+    let mut cur: Vec<Vec<f32>> = vs.to_vec();
+    let mut width = vs.len();
+    while cur.len() > 1 {
+        let h = width / 2;
+        cur = cur
+            .chunks(2)
+            .map(|pair| {
+                let (mut p, mut q) = (vec![], vec![]);
+                for v in pair {
+                    for part in v.chunks(width) {
+                        p.extend_from_slice(&part[..h]);
+                        q.extend_from_slice(&part[h..]);
+                    }
+                }
+                p.iter().zip(&q).map(|(a, b)| a + b).collect()
+            })
+            .collect();
+        width = h;
+    }
+    cur.pop().unwrap_or_default()
+}
+
+/// The two shuffles of one step of [`hsums`]: for vectors `x` (lanes
+/// `0..n`) and `y` (lanes `n..2n`) whose parts are `width` lanes wide, the
+/// lanes of the first halves of their parts, then of the second halves.
+pub fn hsums_step(n: usize, width: usize) -> (Vec<u32>, Vec<u32>) {
+    let h = width / 2;
+    let (mut p, mut q) = (vec![], vec![]);
+    for base in [0, n] {
+        for part in (0..n).step_by(width) {
+            p.extend((base + part..base + part + h).map(|i| i as u32));
+            q.extend((base + part + h..base + part + width).map(|i| i as u32));
+        }
+    }
+    (p, q)
 }

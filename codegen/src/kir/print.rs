@@ -70,6 +70,7 @@ pub(super) fn expr(k: &Kernel, e: &Expr) -> String {
         Expr::Splat(n, a) => format!("splat{n}({})", expr(k, a)),
         Expr::Extract(a, i) => format!("{}[lane {i}]", expr(k, a)),
         Expr::HReduce(op, a) => format!("hreduce_{}({})", format!("{op:?}").to_lowercase(), expr(k, a)),
+        Expr::HSums(vs) => format!("hsums({})", vs.iter().map(|v| expr(k, v)).collect::<Vec<_>>().join(", ")),
         Expr::Load { buf: b, index, lanes, pick: pick @ (Pick::Even | Pick::Odd) } => {
             let which = if *pick == Pick::Even { "even" } else { "odd" };
             format!("{}[{}..+{}].{which}", buf(k, *b), expr(k, index), 2 * *lanes as u32)

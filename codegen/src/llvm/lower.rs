@@ -945,6 +945,26 @@ impl Lower<'_> {
                     let x = self.expr(a)?;
                     self.extract(x, *i as u32)
                 }
+                Expr::HSums(vs) => {
+                    // The steps of `kir::hsums`, on vectors of the width
+                    // LLVM's lanes have here.
+                    let mut cur = vs.iter().map(|v| self.expr(v)).collect::<R<Vec<_>>>()?;
+                    let n = cur.first().map_or(1, |&x| self.lanes_of(x)) as usize;
+                    let mut width = n;
+                    while cur.len() > 1 {
+                        let (p, q) = kir::hsums_step(n, width);
+                        cur = cur
+                            .chunks(2)
+                            .map(|pair| {
+                                let lo = self.shuffle(pair[0], pair[1], p.iter().copied());
+                                let hi = self.shuffle(pair[0], pair[1], q.iter().copied());
+                                self.fadd(lo, hi)
+                            })
+                            .collect();
+                        width /= 2;
+                    }
+                    cur[0]
+                }
                 Expr::HReduce(op, a) => {
                     let mut x = self.expr(a)?;
                     let mut n = self.lanes_of(x);

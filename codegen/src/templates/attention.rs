@@ -405,6 +405,23 @@ impl<'a> Attn<'a> {
                 })
                 .collect();
             let nsets = members[0].sets.len();
+            // Applies the mask, if any, to score `sc` of `mb`'s row for key
+            // `j`: -inf where a bool mask drops the key, plus a float mask.
+            let apply_mask = |b: &mut Builder, mb: &Member, j: &Expr, sc: Var| {
+                if let (Some(mbuf), Some(mo), Some(me)) = (mbuf, mb.moff, mask.map(|m| m.elem)) {
+                    let at = match &mstrides[3] {
+                        Some(st) => add(Expr::Var(mo), mul(j.clone(), st.clone())),
+                        None => Expr::Var(mo),
+                    };
+                    let mv = Expr::load(mbuf, at, 1);
+                    let masked = if me == Scalar::Bool {
+                        Expr::select(mv, Expr::Var(sc), Expr::f32(f32::NEG_INFINITY))
+                    } else {
+                        Expr::Var(sc) + mv
+                    };
+                    b.assign(sc, masked);
+                }
+            };
             // The masked, scaled score of `mb`'s row for the key at `kb`
             // (-inf where it is dropped).
             let score_of = |b: &mut Builder, mb: &Member, kb: Var, j: &Expr| -> Var {
@@ -441,19 +458,7 @@ impl<'a> Attn<'a> {
                     score = Expr::f32(cap) * (score / Expr::f32(cap)).tanh();
                 }
                 let sc = b.let_("sc", score);
-                if let (Some(mbuf), Some(mo), Some(me)) = (mbuf, mb.moff, mask.map(|m| m.elem)) {
-                    let at = match &mstrides[3] {
-                        Some(st) => add(Expr::Var(mo), mul(j.clone(), st.clone())),
-                        None => Expr::Var(mo),
-                    };
-                    let mv = Expr::load(mbuf, at, 1);
-                    let masked = if me == Scalar::Bool {
-                        Expr::select(mv, Expr::Var(sc), Expr::f32(f32::NEG_INFINITY))
-                    } else {
-                        Expr::Var(sc) + mv
-                    };
-                    b.assign(sc, masked);
-                }
+                apply_mask(b, mb, j, sc);
                 sc
             };
             // Where key `j`'s key vector starts.
@@ -508,13 +513,76 @@ impl<'a> Attn<'a> {
                         }
                     }
                 };
-                let blocks = b.let_("nblk", sym::div(Expr::Var(n), Expr::idx(key_block)));
+                // The scores of the `lanes` keys from `t0` in each row, as
+                // one vector: a vector of products per key, and their lane
+                // sums all at once (`Expr::HSums`), where summing each key's
+                // alone took a tree of shuffles per key.
+                let score_vector = |b: &mut Builder, t0: Var| {
+                    let l = lanes as usize;
+                    let kbs: Vec<Var> =
+                        (0..l).map(|t| key_at(b, &add(Expr::Var(j0), add(Expr::Var(t0), Expr::idx(t))))).collect();
+                    for mb in &members {
+                        let dots: Vec<Expr> = kbs
+                            .iter()
+                            .map(|kb| {
+                                let mut dot: Option<Expr> = None;
+                                for o in (0..d).step_by(l) {
+                                    let qa = Expr::load(q, add(Expr::Var(mb.qb), Expr::idx(o)), lanes);
+                                    let ka = Expr::load(k, add(Expr::Var(*kb), Expr::idx(o)), lanes);
+                                    dot = Some(match dot {
+                                        None => qa * ka,
+                                        Some(acc) => qa.fma(ka, acc),
+                                    });
+                                }
+                                Expr::Var(b.let_("dot", dot.expect("d is at least one vector")))
+                            })
+                            .collect();
+                        let mut score = Expr::HSums(dots) * c(s.scale, lanes);
+                        if let Some(cap) = s.softcap {
+                            score = c(cap, lanes) * (score / c(cap, lanes)).tanh();
+                        }
+                        b.store(sbuf, at(mb, Expr::Var(t0)), score);
+                        // The mask key by key. A bool mask stores only the
+                        // keys it drops: rewriting every score one by one
+                        // made the next vector load of them wait for the
+                        // stores (no store forwarding from many stores).
+                        let bool_mask = mask.is_some_and(|m| m.elem == Scalar::Bool);
+                        for t in (0..l).filter(|_| mask.is_some()) {
+                            let tt = add(Expr::Var(t0), Expr::idx(t));
+                            let j = add(Expr::Var(j0), tt.clone());
+                            if let (true, Some(mbuf), Some(mo)) = (bool_mask, mbuf, mb.moff) {
+                                let mat = match &mstrides[3] {
+                                    Some(st) => add(Expr::Var(mo), mul(j, st.clone())),
+                                    None => Expr::Var(mo),
+                                };
+                                let kept = Expr::load(mbuf, mat, 1);
+                                let dropped =
+                                    |b: &mut Builder| b.store(sbuf, at(mb, tt.clone()), Expr::f32(f32::NEG_INFINITY));
+                                b.if_(kept, |_| {}, dropped);
+                            } else {
+                                let sc = b.let_("sc", Expr::load(sbuf, at(mb, tt.clone()), 1));
+                                apply_mask(b, mb, &j, sc);
+                                b.store(sbuf, at(mb, tt), Expr::Var(sc));
+                            }
+                        }
+                    }
+                };
+                // Vectors of keys where the head dim is whole vectors
+                // (with 8 lanes or more: the LLVM lowerings), else blocks of
+                // `key_block` keys scored one by one.
+                let by_vectors = lanes >= 8 && d % lanes as usize == 0 && vl == lanes;
+                let per_block = if by_vectors { lanes as usize } else { key_block };
+                let blocks = b.let_("nblk", sym::div(Expr::Var(n), Expr::idx(per_block)));
                 b.for_("jb", Expr::idx(0), Expr::Var(blocks), 1, LoopKind::Serial, |b, jb| {
-                    let t0 = b.let_("t0", mul(jb, Expr::idx(key_block)));
-                    let ts: Vec<Expr> = (0..key_block).map(|t| add(Expr::Var(t0), Expr::idx(t))).collect();
-                    score_keys(b, &ts);
+                    let t0 = b.let_("t0", mul(jb, Expr::idx(per_block)));
+                    if by_vectors {
+                        score_vector(b, t0);
+                    } else {
+                        let ts: Vec<Expr> = (0..key_block).map(|t| add(Expr::Var(t0), Expr::idx(t))).collect();
+                        score_keys(b, &ts);
+                    }
                 });
-                let tail = mul(Expr::Var(blocks), Expr::idx(key_block));
+                let tail = mul(Expr::Var(blocks), Expr::idx(per_block));
                 b.for_("t", tail, Expr::Var(n), 1, LoopKind::Serial, |b, t| score_keys(b, &[t]));
                 // Whole vectors: the last one padded with dropped keys.
                 let nv = b.let_("nv", sym::ceil_div(Expr::Var(n), vl as usize));

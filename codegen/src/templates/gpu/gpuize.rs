@@ -197,6 +197,7 @@ fn subst(e: &Expr, env: &HashMap<Var, Expr>) -> Expr {
         Expr::Splat(n, a) => Expr::Splat(*n, s(a)),
         Expr::Extract(a, i) => Expr::Extract(s(a), *i),
         Expr::HReduce(op, a) => Expr::HReduce(*op, s(a)),
+        Expr::HSums(vs) => Expr::HSums(vs.iter().map(|v| *s(v)).collect()),
         Expr::Load { buf, index, lanes, pick } => Expr::Load { buf: *buf, index: s(index), lanes: *lanes, pick: *pick },
         Expr::F32(_) | Expr::Int(..) | Expr::Bool(_) | Expr::Special(_) => e.clone(),
     }
