@@ -5,11 +5,17 @@
 //! keeping, per query row, the running maximum `m`, the running sum `l`
 //! and the output accumulator (vectors over the value dim); each key and
 //! value vector is loaded once for all the item's rows. Keys go in chunks (see
-//! `score_chunk`): a chunk's scores are computed in blocks of
-//! `key_block` keys and kept in the row's own output until the row is
-//! done; the chunk's maximum, its exponentials and their sum are vector
-//! operations over keys, and the running state is rescaled once per chunk.
-//! Sums accumulate in f32.
+//! `score_chunk`): a chunk's scores are computed a vector of keys at a time
+//! (a vector of products per key, then all their lane sums at once,
+//! `Expr::HSums`) where the head dim is whole vectors of 8 lanes or more,
+//! else in blocks of `key_block` keys one by one, and kept in the row's own
+//! output until the row is done; the chunk's maximum, its exponentials and
+//! their sum are vector operations over keys, and the running state is
+//! rescaled once per chunk. Sums accumulate in f32.
+//!
+//! Over a KV cache kept in place, decode attention is two launches
+//! (`decode_partials`, `decode_combine`) that split the keys of a long
+//! context between the threads.
 //!
 //! Visibility follows the reference: query `i` sits at `pos = skv - sq + i`;
 //! `causal` limits keys to `j <= pos`, a window `w` to `j > pos - w`, both
