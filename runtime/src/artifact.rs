@@ -259,12 +259,36 @@ pub struct Manifest {
 
 /// The hex sha256 of some bytes.
 pub fn sha256_hex(bytes: &[u8]) -> String {
-    let digest = Sha256::digest(bytes);
-    let mut s = String::with_capacity(64);
+    hex(&Sha256::digest(bytes))
+}
+
+fn hex(digest: &[u8]) -> String {
+    let mut s = String::with_capacity(2 * digest.len());
     for b in digest {
         let _ = write!(s, "{b:02x}");
     }
     s
+}
+
+/// The size and hex sha256 of a file, read in pieces: a weights file is
+/// hashed without a copy of it in memory.
+fn file_size_and_sha256(path: &Path) -> std::io::Result<(u64, String)> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 4 << 20];
+    let mut size = 0u64;
+    loop {
+        let n = match file.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        hasher.update(&buf[..n]);
+        size += n as u64;
+    }
+    Ok((size, hex(&hasher.finalize())))
 }
 
 /// The sha256 of a `cpu` artifact's signature and launch plan: of their
@@ -549,16 +573,15 @@ impl Artifact {
             if !p.is_file() {
                 return Err(ArtifactError::MissingFile { dir: dir_buf, name: f.name.clone() });
             }
-            let bytes = std::fs::read(&p).map_err(io(&p))?;
-            if bytes.len() as u64 != f.size {
+            let (size, found) = file_size_and_sha256(&p).map_err(io(&p))?;
+            if size != f.size {
                 return Err(ArtifactError::SizeMismatch {
                     dir: dir_buf,
                     name: f.name.clone(),
                     expected: f.size,
-                    found: bytes.len() as u64,
+                    found: size,
                 });
             }
-            let found = sha256_hex(&bytes);
             if found != f.sha256.to_ascii_lowercase() {
                 return Err(ArtifactError::HashMismatch {
                     dir: dir_buf,
