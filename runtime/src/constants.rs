@@ -14,18 +14,19 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc::{channel, sync_channel, Sender, SyncSender};
 use std::thread::JoinHandle;
 
-use sha2::{Digest, Sha256};
+use sha2::Digest;
 
-use crate::artifact::{sha256_hex, ArtifactError};
+use crate::artifact::{sha256_hex, ArtifactError, FileHasher, PIECE_BYTES};
 
 /// The contents of one artifact file.
 #[derive(Debug, Clone, PartialEq)]
 pub enum FileData {
     /// Bytes in memory, written (and hashed) with the artifact.
     Bytes(Vec<u8>),
-    /// A finished file, moved into the artifact; its size and sha256 were
+    /// A finished file, moved into the artifact; its size, sha256 and
+    /// pieces' sha256 (see [`crate::artifact::FileEntry::pieces`]) were
     /// computed as it was written.
-    File { path: PathBuf, size: u64, sha256: String },
+    File { path: PathBuf, size: u64, sha256: String, pieces: Vec<String> },
 }
 
 impl FileData {
@@ -94,7 +95,7 @@ enum Sink {
         path: PathBuf,
         /// `None` once the writer thread stopped (it failed; `finish` says why).
         tx: Option<SyncSender<Msg>>,
-        thread: JoinHandle<std::io::Result<String>>,
+        thread: JoinHandle<std::io::Result<(String, Vec<String>)>>,
         reader: File,
     },
 }
@@ -116,7 +117,7 @@ impl ConstantsWriter {
             .name("smelt-constants".into())
             .spawn(move || {
                 let mut file = file;
-                let mut hasher = Sha256::new();
+                let mut hasher = FileHasher::new(PIECE_BYTES);
                 for msg in rx {
                     match msg {
                         Msg::Data(data) => hash_and_write(&mut hasher, &mut file, (*data).as_ref())?,
@@ -128,7 +129,7 @@ impl ConstantsWriter {
                     }
                 }
                 file.flush()?;
-                Ok(hex(&hasher.finalize()))
+                Ok(hasher.finish())
             })
             .map_err(io)?;
         Ok(ConstantsWriter { len: 0, sink: Sink::File { path: path.to_path_buf(), tx: Some(tx), thread, reader } })
@@ -203,7 +204,7 @@ impl ConstantsWriter {
             Sink::File { path, tx, thread, .. } => {
                 drop(tx);
                 let io = |source| ArtifactError::Io { path: path.clone(), source };
-                let sha256 = match thread.join() {
+                let (sha256, pieces) = match thread.join() {
                     Ok(r) => r.map_err(io)?,
                     Err(_) => return Err(io(std::io::Error::other("the constants writer thread panicked"))),
                 };
@@ -212,19 +213,23 @@ impl ConstantsWriter {
                     let msg = format!("wrote {size} bytes, expected {}", self.len);
                     return Err(io(std::io::Error::other(msg)));
                 }
-                Ok(FileData::File { path, size, sha256 })
+                Ok(FileData::File { path, size, sha256, pieces })
             }
         }
     }
 }
 
-fn hash_and_write(hasher: &mut Sha256, file: &mut File, data: &[u8]) -> std::io::Result<()> {
+/// Hashes (the whole file's hash and its pieces', each on a thread of
+/// its own for a large chunk) and writes `data`.
+fn hash_and_write(hasher: &mut FileHasher, file: &mut File, data: &[u8]) -> std::io::Result<()> {
     if data.len() < SPLIT_HASH {
         hasher.update(data);
         return file.write_all(data);
     }
+    let FileHasher { whole, pieces } = hasher;
     std::thread::scope(|s| {
-        s.spawn(|| hasher.update(data));
+        s.spawn(|| whole.update(data));
+        s.spawn(|| pieces.update(data));
         file.write_all(data)
     })
 }
@@ -240,15 +245,6 @@ fn read_at(f: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
     let mut f = f.try_clone()?;
     f.seek(SeekFrom::Start(offset))?;
     f.read_exact(buf)
-}
-
-fn hex(digest: &[u8]) -> String {
-    use std::fmt::Write as _;
-    let mut s = String::with_capacity(64);
-    for b in digest {
-        let _ = write!(s, "{b:02x}");
-    }
-    s
 }
 
 #[cfg(test)]
