@@ -142,34 +142,15 @@ fn attention_node(
     kv: Option<&CacheInPlace>,
     lanes: u8,
 ) -> Result<Selected, SelectError> {
-    let Op::Attention { causal, window, softcap, .. } = op else { unreachable!("called for attention") };
     let spec = attention_spec(op, inputs, lanes)?;
     let (hq, hkv, d) = (spec.hq, spec.hkv, spec.d);
-    let (q, k) = (&inputs[0], &inputs[1]);
-    let mut name = format!("attention_h{hq}x{hkv}_d{d}");
-    if kv.is_some() {
-        name.push_str("_cache");
-    }
-    if lanes != crate::templates::LANES {
-        name.push_str(&format!("_v{lanes}"));
-    }
-    for (on, tag) in [(*causal, "_causal"), (window.is_some(), "_win"), (softcap.is_some(), "_cap")] {
-        if on {
-            name.push_str(tag);
-        }
-    }
-    if let Some(m) = inputs.get(3) {
-        name.push_str(if m.dtype.is_bool() { "_bmask" } else { "_fmask" });
-    }
+    let cache = if kv.is_some() { "_cache" } else { "" };
+    let v = if lanes != crate::templates::LANES { format!("_v{lanes}") } else { String::new() };
+    let name = format!("attention_h{hq}x{hkv}_d{d}{cache}{v}{}", attention_tags(op, inputs));
     let build = |kind: AttnKernel| -> Result<Instance, SelectError> {
         let mut b = Builder::new("k");
         let mut p = Params::default();
-        let batch = p.get(&mut b, &q.shape[0]);
-        let sq = p.get(&mut b, &q.shape[2]);
-        let skv = p.get(&mut b, &k.shape[2]);
-        let mask = inputs
-            .get(3)
-            .map(|m| AttnMask { elem: elem_of(m.dtype), dims: m.shape.iter().map(|dm| p.get(&mut b, dm)).collect() });
+        let (batch, sq, skv, mask) = attention_operands(&mut b, &mut p, inputs);
         let kv_stride = match kv {
             Some(kv) => p.get(&mut b, &kv.capacity),
             None => skv.clone(),
@@ -193,7 +174,7 @@ fn attention_node(
     if kv.is_none() {
         return build(AttnKernel::Whole).map(Selected::Kernel);
     }
-    let len = q.shape[0].clone() * Dim::c(attention::partials_len(&spec) as i64);
+    let len = inputs[0].shape[0].clone() * Dim::c(attention::partials_len(&spec) as i64);
     let operands: Vec<Arg> = (0..inputs.len()).map(Arg::Operand).collect();
     Ok(Selected::Steps(Steps {
         scratch: vec![Scratch { name: "partials".into(), elem: Scalar::F32, len }],
@@ -205,6 +186,39 @@ fn attention_node(
             },
         ],
     }))
+}
+
+/// The suffix of an attention kernel's name for its variant: `_causal`,
+/// `_win`, `_cap` and `_bmask` or `_fmask` as they apply (CPU and GPU).
+pub(super) fn attention_tags(op: &Op, inputs: &[TensorType]) -> String {
+    let Op::Attention { causal, window, softcap, .. } = op else { return String::new() };
+    let mut tags = String::new();
+    for (on, tag) in [(*causal, "_causal"), (window.is_some(), "_win"), (softcap.is_some(), "_cap")] {
+        if on {
+            tags.push_str(tag);
+        }
+    }
+    if let Some(m) = inputs.get(3) {
+        tags.push_str(if m.dtype.is_bool() { "_bmask" } else { "_fmask" });
+    }
+    tags
+}
+
+/// An attention kernel's symbolic sizes as scalars of `b`: batch, query
+/// positions, key positions, and the mask's dims (CPU and GPU).
+pub(super) fn attention_operands(
+    b: &mut Builder,
+    p: &mut Params,
+    inputs: &[TensorType],
+) -> (Expr, Expr, Expr, Option<AttnMask>) {
+    let (q, k) = (&inputs[0], &inputs[1]);
+    let batch = p.get(b, &q.shape[0]);
+    let sq = p.get(b, &q.shape[2]);
+    let skv = p.get(b, &k.shape[2]);
+    let mask = inputs
+        .get(3)
+        .map(|m| AttnMask { elem: elem_of(m.dtype), dims: m.shape.iter().map(|dm| p.get(b, dm)).collect() });
+    (batch, sq, skv, mask)
 }
 
 /// The static part of an attention node's kernel, for the CPU and GPU

@@ -20,7 +20,6 @@
 use super::linalg::{dim_name, Params};
 use super::{elem_of, select, Arg, Instance, Scratch, SelectError, Selected, Step, Steps};
 use crate::kir::{Builder, Expr, Scalar};
-use crate::templates::attention::AttnMask;
 use crate::templates::gpu::{attention, concat, gpuize, norm, rope, rows::RowLayout, softmax};
 use crate::templates::NormKind;
 use smelt_ir::ops::infer::norm_axis;
@@ -127,28 +126,14 @@ enum AttnKernel {
 /// get the row kernel alone.
 fn attention_node(op: &Op, inputs: &[TensorType], cfg: &GpuConfig) -> Result<Selected, SelectError> {
     let unsupported = |why: &str| SelectError::unsupported(op, inputs, why);
-    let Op::Attention { causal, window, softcap, .. } = op else { unreachable!("called for attention") };
     let spec = super::fused::attention_spec(op, inputs, crate::templates::LANES)?;
     let (hq, hkv, d, dv) = (spec.hq, spec.hkv, spec.d, spec.dv);
-    let (q, k) = (&inputs[0], &inputs[1]);
-    let mut name = format!("attention_h{hq}x{hkv}_d{d}");
-    for (on, tag) in [(*causal, "_causal"), (window.is_some(), "_win"), (softcap.is_some(), "_cap")] {
-        if on {
-            name.push_str(tag);
-        }
-    }
-    if let Some(m) = inputs.get(3) {
-        name.push_str(if m.dtype.is_bool() { "_bmask" } else { "_fmask" });
-    }
+    let q = &inputs[0];
+    let name = format!("attention_h{hq}x{hkv}_d{d}{}", super::fused::attention_tags(op, inputs));
     let build = |kind: AttnKernel| -> Result<Instance, SelectError> {
         let mut b = Builder::new("k");
         let mut p = Params::default();
-        let batch = p.get(&mut b, &q.shape[0]);
-        let sq = p.get(&mut b, &q.shape[2]);
-        let skv = p.get(&mut b, &k.shape[2]);
-        let mask = inputs
-            .get(3)
-            .map(|m| AttnMask { elem: elem_of(m.dtype), dims: m.shape.iter().map(|dm| p.get(&mut b, dm)).collect() });
+        let (batch, sq, skv, mask) = super::fused::attention_operands(&mut b, &mut p, inputs);
         let internal = |e: String| unsupported(&format!("internal error building the kernel: {e}"));
         let prefix = match kind {
             AttnKernel::Rows => {
