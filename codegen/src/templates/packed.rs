@@ -8,7 +8,10 @@
 //! padded with zero columns, so every panel is whole and a step of the inner
 //! loop loads `nr / 4` full vectors. Reading a panel is one sequential
 //! stream, which suits hardware prefetchers, and every weight byte is read
-//! once per row block.
+//! once per row block. 16-bit weights (bf16, f16) take
+//! [`Packing::PairedPanels`] where a panel holds whole pairs of vectors:
+//! each step's columns interleaved two vectors at a time, so that one
+//! 32-bit load feeds a lane of both (a shift and a mask take it apart).
 //!
 //! **Kernel**: with more than one row, the top-level `Parallel` loop runs
 //! over `panels x row blocks`, row blocks fastest, so a thread's contiguous
