@@ -100,8 +100,8 @@ pub fn partials_len(s: &AttnSpec) -> usize {
 /// (see `heads_per_item`), so that the team has work for every thread
 /// even with few heads, and each key and value vector is loaded once per
 /// item; it writes each row's partial result into `partials` (`batch *`
-/// [`partials_len`] elements). With more positions, or fewer than
-/// [`SPLIT_KEYS`] visible keys, it does nothing, and [`decode_combine`]
+/// [`partials_len`] elements). With more positions, or fewer than 512
+/// visible keys (`SPLIT_KEYS`), it does nothing, and [`decode_combine`]
 /// computes the whole attention. Declares `q, k, v[, mask], partials`.
 pub fn decode_partials(
     b: &mut Builder,
