@@ -9,7 +9,9 @@
 //! allows 1e-6 and prints whether they were bitwise equal. Covered: a
 //! prefill, single-token steps and a multi-token chunk, `reset`, steps that
 //! fail (and leave the cache as it was), a forward call between steps, a
-//! batch of 2 with a padded row, and greedy generation through the cache.
+//! batch of 2 with a padded row, and greedy generation through the cache;
+//! and a decode step over 600 cached positions (split decode attention)
+//! against a prefill of all its tokens.
 
 mod common;
 
@@ -284,4 +286,32 @@ fn greedy_generation_goes_through_the_cache() {
     assert_eq!(cached.ids, through_forward.ids);
     assert_eq!(m.cached_len(), prompt.len() + 11);
     assert_eq!(m.stats().calls - calls, 12, "one call per token");
+}
+
+/// A decode step over 600 cached positions takes split decode attention
+/// (keys in segments over the team, then a combine launch); its logits
+/// equal, within float rounding, those of one prefill over all 601
+/// tokens, whose attention is computed whole.
+#[test]
+fn a_long_context_decode_step_matches_a_prefill() {
+    let (_tmp, art) = compiled(
+        "llama_long",
+        "--arch llama --seed 27 --layers 2 --hidden 64 --intermediate 70 \
+         --heads 4 --kv-heads 2 --head-dim 32 --vocab 260 --max-positions 1024",
+        &[],
+    );
+    let mut m = open(&art, 2);
+    assert!(m.cache_in_place());
+    let plan = m.plan();
+    assert!(plan.kernels.iter().any(|k| k.symbol.contains("_split")), "no split decode attention in the plan");
+    let prompt: Vec<i64> = (0..601).map(|i| (i * 37 % 250 + 3) as i64).collect();
+    CachedDecode::step(&mut m, tokens(1, &prompt[..600], None)).unwrap_or_else(|e| panic!("{e}"));
+    let stepped = CachedDecode::step(&mut m, tokens(1, &prompt[600..], None)).unwrap_or_else(|e| panic!("{e}"));
+    m.reset();
+    let whole = CachedDecode::step(&mut m, tokens(1, &prompt, None)).unwrap_or_else(|e| panic!("{e}"));
+    let (g, w) = (stepped.to_f32_vec(), whole.to_f32_vec());
+    let scale = w.iter().fold(0f32, |s, x| s.max(x.abs()));
+    let worst = g.iter().zip(&w).fold(0f32, |e, (a, b)| e.max((a - b).abs()));
+    assert!(scale > 1e-3 && worst <= 1e-4 * scale, "logits differ by {worst} (largest {scale})");
+    println!("decode over 600 positions against a 601-token prefill: largest difference {worst:.2e} of {scale:.2e}");
 }
