@@ -293,32 +293,40 @@ fn narrow_loads_match_interpreter_for_every_bit_pattern() {
     use smelt_codegen::kir::Scalar;
     // 65536 patterns and 3 more, so the scalar tail runs too.
     let bits: Vec<u16> = (0..=u16::MAX).chain([0x7f80, 0x3c00, 0x8001]).collect();
-    let n = bits.len();
     for elem in [Scalar::BF16, Scalar::F16] {
-        let k = convert_kernel(elem, Scalar::F32, n);
-        let j = JitKernel::compile(&k).unwrap_or_else(|e| panic!("{e}\n{k}"));
-        let data = match elem {
-            Scalar::BF16 => BufData::BF16(bits.iter().map(|&b| half::bf16::from_bits(b)).collect()),
-            _ => BufData::F16(bits.iter().map(|&b| half::f16::from_bits(b)).collect()),
-        };
-        let mut bufs = vec![data.clone(), BufData::zeros(Scalar::F32, n)];
-        interp::run(&k, &mut bufs, &[], Mode::Cpu { threads: 1 }).unwrap();
-        let want = bufs[1].f32().to_vec();
-        for threads in [1, 3] {
-            let mut got = vec![0.0f32; n];
-            for t in 0..threads {
-                let x = match &data {
-                    BufData::BF16(v) => Arg::BF16(v),
-                    BufData::F16(v) => Arg::F16(v),
-                    _ => unreachable!(),
-                };
-                j.run_part(&mut [x, Arg::F32Mut(&mut got)], &[], t, threads).unwrap();
-            }
-            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-                same_bits(&k.name, i, g.to_bits(), w.to_bits(), g.is_nan() && w.is_nan());
-            }
+        jit_widens_like_the_interpreter(&convert_kernel(elem, Scalar::F32, bits.len()), elem, &bits);
+    }
+}
+
+/// Runs `k` (a 16-bit float buffer of `bits` in, f32 out) in the
+/// interpreter and JIT-compiled on teams of 1 and 3, asserts the results
+/// bit for bit, and returns the interpreter's.
+fn jit_widens_like_the_interpreter(k: &Kernel, elem: smelt_codegen::kir::Scalar, bits: &[u16]) -> Vec<f32> {
+    use smelt_codegen::kir::Scalar;
+    let n = bits.len();
+    let j = JitKernel::compile(k).unwrap_or_else(|e| panic!("{e}\n{k}"));
+    let data = match elem {
+        Scalar::BF16 => BufData::BF16(bits.iter().map(|&b| half::bf16::from_bits(b)).collect()),
+        _ => BufData::F16(bits.iter().map(|&b| half::f16::from_bits(b)).collect()),
+    };
+    let mut bufs = vec![data.clone(), BufData::zeros(Scalar::F32, n)];
+    interp::run(k, &mut bufs, &[], Mode::Cpu { threads: 1 }).unwrap();
+    let want = bufs[1].f32().to_vec();
+    for threads in [1, 3] {
+        let mut got = vec![0.0f32; n];
+        for t in 0..threads {
+            let x = match &data {
+                BufData::BF16(v) => Arg::BF16(v),
+                BufData::F16(v) => Arg::F16(v),
+                _ => unreachable!(),
+            };
+            j.run_part(&mut [x, Arg::F32Mut(&mut got)], &[], t, threads).unwrap();
+        }
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            same_bits(&k.name, i, g.to_bits(), w.to_bits(), g.is_nan() && w.is_nan());
         }
     }
+    want
 }
 
 /// Every bf16 and f16 bit pattern, loaded as the even and odd halves of
@@ -329,33 +337,14 @@ fn pair_loads_match_interpreter_for_every_bit_pattern() {
     use smelt_codegen::kir::Scalar;
     // 65536 patterns and 6 more, so the scalar pairs run too.
     let bits: Vec<u16> = (0..=u16::MAX).chain([0x7f80, 0x3c00, 0x8001, 0x0001, 0xffff, 0x4000]).collect();
-    let n = bits.len();
     for elem in [Scalar::BF16, Scalar::F16] {
-        let k = pairs_kernel(elem, n);
-        let j = JitKernel::compile(&k).unwrap_or_else(|e| panic!("{e}\n{k}"));
-        let data = match elem {
-            Scalar::BF16 => BufData::BF16(bits.iter().map(|&b| half::bf16::from_bits(b)).collect()),
-            _ => BufData::F16(bits.iter().map(|&b| half::f16::from_bits(b)).collect()),
-        };
-        let mut bufs = vec![data.clone(), BufData::zeros(Scalar::F32, n)];
-        interp::run(&k, &mut bufs, &[], Mode::Cpu { threads: 1 }).unwrap();
-        let want = bufs[1].f32().to_vec();
+        let want = jit_widens_like_the_interpreter(&pairs_kernel(elem, bits.len()), elem, &bits);
         // The interpreter's order: block 0's even elements, then its odd ones.
         let widen = |b: u16| match elem {
             Scalar::BF16 => half::bf16::from_bits(b).to_f32(),
             _ => half::f16::from_bits(b).to_f32(),
         };
         assert_eq!((want[1], want[4]), (widen(2), widen(1)), "{elem:?}: y[1] is x[2], y[4] is x[1]");
-        let mut got = vec![0.0f32; n];
-        let x = match &data {
-            BufData::BF16(v) => Arg::BF16(v),
-            BufData::F16(v) => Arg::F16(v),
-            _ => unreachable!(),
-        };
-        j.run_part(&mut [x, Arg::F32Mut(&mut got)], &[], 0, 1).unwrap();
-        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-            same_bits(&k.name, i, g.to_bits(), w.to_bits(), g.is_nan() && w.is_nan());
-        }
     }
 }
 
