@@ -200,3 +200,50 @@ fn text_generation_inspect_and_usage() {
     fails(&[&"frobnicate"], &["frobnicate"]);
     fails(&[&"make-test-model", &dir, &"--arch", &"llama"], &["not empty"]);
 }
+
+/// `smelt bench` reports what it timed: a decode step after `--ctx` cached
+/// positions for an artifact that keeps its cache; for an ONNX export
+/// without past inputs (no cache to decode against) the forward over all
+/// `ctx + 1` tokens that generation runs for each new token, flagged
+/// `decode_recomputes`, so it grows with `--ctx` (a one-token call with a
+/// longer mask was timed before, and stayed flat).
+#[test]
+fn bench_reports_what_it_timed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("m");
+    make_model(&dir, &["--arch", "llama", "--layers", "1"]);
+    let art = tmp.path().join("m.smelt");
+    ok(&[&"compile", &dir, &"-o", &art, &"--target", &"cpu"]);
+    let bench = |model: &Path, ctx: usize| -> serde_json::Value {
+        let ctx = ctx.to_string();
+        let out =
+            ok(&[&"bench", &model, &"--prompt", &"3", &"--ctx", &ctx, &"--reps", &"3", &"--threads", &"1", &"--json"]);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("bench --json printed {out:?}: {e}"))
+    };
+    let v = bench(&art, 5);
+    assert_eq!(
+        (v["backend"].as_str(), v["prompt"].as_u64(), v["ctx"].as_u64()),
+        (Some("cpu"), Some(3), Some(5)),
+        "{v}"
+    );
+    for key in ["prefill_ms", "decode_ms"] {
+        let t: Vec<f64> = v[key].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+        // Median, fastest, slowest.
+        assert!(t.len() == 3 && t[1] > 0.0 && t[1] <= t[0] && t[0] <= t[2], "{key}: {t:?}");
+    }
+    assert!(v.get("decode_recomputes").is_none(), "{v}");
+    fails(&[&"bench", &art, &"--prompt", &"0"], &["--prompt must be at least 1 token"]);
+
+    let Some(fixtures) = fixtures_dir() else {
+        println!("skipped the cacheless half: ../shared/fixtures is not here");
+        return;
+    };
+    let onnx = fixtures.join("tiny-llama/model.onnx");
+    let cacheless = tmp.path().join("cacheless.smelt");
+    ok(&[&"compile", &onnx, &"-o", &cacheless, &"--target", &"cpu"]);
+    let (short, long) = (bench(&cacheless, 4), bench(&cacheless, 200));
+    assert_eq!(short["decode_recomputes"], true, "{short}");
+    // 201 tokens through every layer against 5: many times the work.
+    let (s, l) = (short["decode_ms"][1].as_f64().unwrap(), long["decode_ms"][1].as_f64().unwrap());
+    assert!(l > 4.0 * s, "decode after 200 positions {l} ms, after 4 {s} ms");
+}

@@ -304,6 +304,14 @@ fn token_inputs_of(
     Ok(inputs)
 }
 
+/// Whether the model takes its past keys and values as inputs (the
+/// `past_key_values.*` / `present.*` pairs [`generate`] carries forward).
+/// A model without them has no cache to decode against: each new token
+/// runs the whole sequence again.
+pub fn takes_past(sig: &Signature) -> Result<bool, GenerateError> {
+    Ok(!plan(sig)?.cache.is_empty())
+}
+
 /// The inputs of one forward call over `feed` (batch 1) after `past_len`
 /// cached positions whose keys and values are zero: what a benchmark of a
 /// prefill (`past_len` 0) or a decode step (one token) feeds.
