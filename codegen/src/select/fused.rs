@@ -45,21 +45,10 @@ fn select_with(
     kv: Option<&CacheInPlace>,
     lanes: u8,
 ) -> Result<Option<Selected>, SelectError> {
-    let unsupported = |why: &str| SelectError::unsupported(op, inputs, why);
-    let floats = || -> Result<(), SelectError> {
-        if inputs.iter().all(|t| elem_of(t.dtype) == Scalar::F32) {
-            Ok(())
-        } else {
-            Err(unsupported("needs float operands"))
-        }
-    };
-    let last_const = |t: &TensorType, what: &str| -> Result<usize, SelectError> {
-        t.shape
-            .last()
-            .and_then(|d| d.as_const())
-            .map(|c| c as usize)
-            .ok_or_else(|| unsupported(&format!("{what}'s last dim must be a constant")))
-    };
+    let ops = super::Operands { op, inputs };
+    let unsupported = |why: &str| ops.unsupported(why);
+    let floats = || ops.floats();
+    let last_const = |t: &TensorType, what: &str| ops.last_const(t, what);
     let mut b = Builder::new("k");
     let mut p = Params::default();
     let prefix = match op {

@@ -182,26 +182,15 @@ fn dedicated(
     outputs: &[TensorType],
     cfg: &GpuConfig,
 ) -> Result<Option<Instance>, SelectError> {
-    let unsupported = |why: &str| SelectError::unsupported(op, inputs, why);
-    let floats = |ts: &[TensorType]| -> Result<(), SelectError> {
-        if ts.iter().all(|t| elem_of(t.dtype) == Scalar::F32) {
-            Ok(())
-        } else {
-            Err(unsupported("needs float operands"))
-        }
-    };
-    let last_const = |t: &TensorType, what: &str| -> Result<usize, SelectError> {
-        t.shape
-            .last()
-            .and_then(|d| d.as_const())
-            .map(|c| c as usize)
-            .ok_or_else(|| unsupported(&format!("{what}'s last dim must be a constant")))
-    };
+    let ops = super::Operands { op, inputs };
+    let unsupported = |why: &str| ops.unsupported(why);
+    let floats = || ops.floats();
+    let last_const = |t: &TensorType, what: &str| ops.last_const(t, what);
     let mut b = Builder::new("k");
     let mut p = Params::default();
     let prefix = match op {
         Op::RmsNorm { eps } | Op::LayerNorm { eps } | Op::AddRmsNorm { eps } => {
-            floats(inputs)?;
+            floats()?;
             let x = &inputs[0];
             let n = last_const(x, "x")?;
             let kind = match op {
@@ -231,7 +220,7 @@ fn dedicated(
             format!("softmax_{}_gpu", dim_name(&x.shape[a]))
         }
         Op::Rope { interleaved } => {
-            floats(inputs)?;
+            floats()?;
             let (x, cos) = (&inputs[0], &inputs[1]);
             let d = last_const(x, "x")?;
             let r = last_const(cos, "cos")?;

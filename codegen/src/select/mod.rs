@@ -113,6 +113,37 @@ impl SelectError {
     }
 }
 
+/// A node's operands as a selection checks them; each refusal names the op
+/// and its operands.
+struct Operands<'a> {
+    op: &'a Op,
+    inputs: &'a [TensorType],
+}
+
+impl Operands<'_> {
+    fn unsupported(&self, why: &str) -> SelectError {
+        SelectError::unsupported(self.op, self.inputs, why)
+    }
+
+    /// Every operand is a float (f32 at run time).
+    fn floats(&self) -> Result<(), SelectError> {
+        if self.inputs.iter().all(|t| elem_of(t.dtype) == Scalar::F32) {
+            Ok(())
+        } else {
+            Err(self.unsupported("needs float operands"))
+        }
+    }
+
+    /// The constant last dim of `t` (`what` names it in the error).
+    fn last_const(&self, t: &TensorType, what: &str) -> Result<usize, SelectError> {
+        t.shape
+            .last()
+            .and_then(|d| d.as_const())
+            .map(|c| c as usize)
+            .ok_or_else(|| self.unsupported(&format!("{what}'s last dim must be a constant")))
+    }
+}
+
 /// The KIR element type that holds an IR dtype at run time.
 pub fn elem_of(d: DType) -> Scalar {
     match d {
