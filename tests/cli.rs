@@ -202,7 +202,8 @@ fn text_generation_inspect_and_usage() {
 }
 
 /// `smelt bench` reports what it timed: a decode step after `--ctx` cached
-/// positions for an artifact that keeps its cache; for an ONNX export
+/// positions for an artifact that keeps its cache; several artifacts in
+/// turn, call by call, with ratios to the first; for an ONNX export
 /// without past inputs (no cache to decode against) the forward over all
 /// `ctx + 1` tokens that generation runs for each new token, flagged
 /// `decode_recomputes`, so it grows with `--ctx` (a one-token call with a
@@ -233,6 +234,22 @@ fn bench_reports_what_it_timed() {
     }
     assert!(v.get("decode_recomputes").is_none(), "{v}");
     fails(&[&"bench", &art, &"--prompt", &"0"], &["--prompt must be at least 1 token"]);
+
+    // Two artifacts: timed in turn, each reported, the second also as
+    // ratios to the first.
+    let bf16 = tmp.path().join("m-bf16.smelt");
+    ok(&[&"compile", &dir, &"-o", &bf16, &"--target", &"cpu", &"--weight-dtype", &"bf16"]);
+    let out = ok(&[&"bench", &art, &bf16, &"--prompt", &"3", &"--ctx", &"5", &"--reps", &"3", &"--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let models = v["models"].as_array().unwrap_or_else(|| panic!("no `models`: {v}"));
+    assert_eq!(models.len(), 2, "{v}");
+    assert!(models[1]["model"].as_str().unwrap().ends_with("m-bf16.smelt"), "{v}");
+    assert!(models[1]["weight_bytes"].as_u64() < models[0]["weight_bytes"].as_u64(), "{v}");
+    for key in ["prefill_ratio", "decode_ratio"] {
+        assert!(models[0].get(key).is_none(), "{v}");
+        let r = models[1][key].as_f64().unwrap_or_else(|| panic!("no {key}: {v}"));
+        assert!(r.is_finite() && r > 0.0, "{key} {r}");
+    }
 
     let Some(fixtures) = fixtures_dir() else {
         println!("skipped the cacheless half: ../shared/fixtures is not here");

@@ -52,6 +52,12 @@ pub trait Forward {
     fn cache(&mut self) -> Option<&mut dyn CachedDecode> {
         None
     }
+
+    /// Makes the model's threads, if it has a team of them, sleep as soon
+    /// as a call is done instead of spinning for the next one a while: for
+    /// a process that runs several models in turn, where an idle team's
+    /// spinning would slow the one running. Each call then pays a wake-up.
+    fn sleep_when_idle(&mut self) {}
 }
 
 /// Decoding with the KV cache held by the model (see [`Forward::cache`]).

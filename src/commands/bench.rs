@@ -1,25 +1,34 @@
-//! `smelt bench MODEL --prompt P --ctx C [--threads N] [--reps R] [--json]`:
+//! `smelt bench MODEL... --prompt P --ctx C [--threads N] [--reps R] [--json]`:
 //! times one prefill over P tokens (empty cache) and one decode step (one
 //! token after C cached positions; for a model without past inputs, which
 //! has no cache, the forward over all C + 1 tokens that generation runs for
-//! each new token, flagged `decode_recomputes`), each as the median of R timed calls
-//! after warm-up calls (the prefill's for 0.2 s, which also warms the
-//! thread team up for the decode), and `--machine` measures the machine's streaming
-//! read bandwidth and f32 FMA peak with small probes, so results can be put
-//! against the hardware's limits in the same run.
+//! each new token, flagged `decode_recomputes`), each as the median of R
+//! timed calls after warm-up calls (the prefill's for 0.2 s, which also
+//! warms the thread team up for the decode). Several models are timed in
+//! turn, one call each per round, and each one after the first also
+//! reports the median over rounds of its call's time over the first
+//! model's call just before (`prefill_ratio`, `decode_ratio`): a machine
+//! whose memory changes speed within seconds moves both calls of a round
+//! alike. `--machine` measures the machine's streaming read bandwidth and
+//! f32 FMA peak with small probes, so results can be put against the
+//! hardware's limits in the same run.
 
-use std::path::PathBuf;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 use smelt_runtime::generate::{cached_step_inputs, step_inputs, takes_past};
 
-use crate::source::{open_runnable, threads, DeviceArg};
+use crate::source::{open_runnable, threads, DeviceArg, Runnable};
+use smelt_ir::Tensor;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// A .smelt artifact (or a checkpoint folder / .onnx file, run by the interpreter).
-    pub model: Option<PathBuf>,
+    /// A .smelt artifact (or a checkpoint folder / .onnx file, run by the
+    /// interpreter); several are timed in turn, call by call, each reported
+    /// with its times as a ratio of the first's (`models` in the report).
+    pub models: Vec<PathBuf>,
     /// Prompt length of the timed prefill.
     #[arg(long, default_value_t = 128)]
     pub prompt: usize,
@@ -43,30 +52,143 @@ pub struct Args {
     pub machine: bool,
 }
 
-/// How long the first measurement keeps calling before it times anything.
+/// How long the prefill's warm-up keeps calling before it times anything.
 /// Right after the thread team starts, a worker can share the caller's core
 /// until the scheduler moves it, and every barrier then waits for a context
 /// switch: after a single warm-up call, a 4-token prefill of a tiny model
 /// measured 90 us instead of 10 in about half the processes.
 const WARM_UP: Duration = Duration::from_millis(200);
 
-/// Median, min and max of `reps` timed runs of `f`, in milliseconds, after
-/// untimed warm-up runs: one, and more until `warm_up` has passed (only for
-/// an `f` that leaves no state behind: a decode step grows the cache).
-fn time_ms(reps: usize, warm_up: Duration, mut f: impl FnMut() -> Result<()>) -> Result<[f64; 3]> {
+/// One model being timed, with the inputs of its calls prepared.
+struct Subject {
+    r: Runnable,
+    /// The prefill's inputs (token inputs only with a cache of the model's own).
+    prefill: BTreeMap<String, Tensor>,
+    /// Without a cache of the model's own: the decode call's inputs.
+    decode: Option<BTreeMap<String, Tensor>>,
+    /// With one: the positions it holds.
+    at: usize,
+    report: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Subject {
+    fn open(path: &Path, args: &Args, threads: usize) -> Result<Subject> {
+        let mut r = open_runnable(path, threads, args.device)?;
+        let mut report = serde_json::Map::new();
+        report.insert("backend".into(), r.backend.into());
+        if let Some(bytes) = weight_bytes(path, r.backend) {
+            report.insert("weight_bytes".into(), bytes.into());
+        }
+        let sig = r.model.signature().clone();
+        let (prefill, decode) = if r.model.cache().is_some() {
+            // A model that keeps its KV cache (the CPU and GPU runtimes do)
+            // is timed the way generation runs it: only token inputs go in
+            // (building and dropping past tensors in the timed calls would
+            // time the benchmark), one row of logits comes out.
+            (cached_step_inputs(&sig, &tokens(args.prompt), 0)?, None)
+        } else if takes_past(&sig)? {
+            (step_inputs(&sig, &tokens(args.prompt), 0)?, Some(step_inputs(&sig, &[1], args.ctx)?))
+        } else {
+            // Without past inputs there is no cache to decode against:
+            // generation runs the whole sequence again for each new token,
+            // so a decode step after `ctx` positions is a forward over
+            // `ctx + 1` tokens (a step of one token with a longer mask would
+            // time a call generation never makes).
+            report.insert("decode_recomputes".into(), true.into());
+            (step_inputs(&sig, &tokens(args.prompt), 0)?, Some(step_inputs(&sig, &tokens(args.ctx + 1), 0)?))
+        };
+        Ok(Subject { r, prefill, decode, at: 0, report })
+    }
+
+    fn prefill(&mut self) -> Result<()> {
+        match self.r.model.cache() {
+            Some(cache) => {
+                cache.reset();
+                cache.step(self.prefill.clone())?;
+            }
+            None => {
+                self.r.model.forward(self.prefill.clone())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Fills the model's own cache with `ctx` positions (nothing without one).
+    fn fill(&mut self, ctx: usize) -> Result<()> {
+        let sig = self.r.model.signature().clone();
+        if let Some(cache) = self.r.model.cache() {
+            cache.reset();
+            if ctx > 0 {
+                cache.step(cached_step_inputs(&sig, &tokens(ctx), 0)?)?;
+            }
+            self.at = ctx;
+        }
+        Ok(())
+    }
+
+    /// One decode step: appends a position to the model's own cache, or
+    /// runs the prepared call.
+    fn decode(&mut self) -> Result<()> {
+        match &self.decode {
+            Some(inputs) => {
+                self.r.model.forward(inputs.clone())?;
+            }
+            None => {
+                let step = cached_step_inputs(self.r.model.signature(), &[1], self.at)?;
+                let cache = self.r.model.cache().expect("a model without a cache has decode inputs");
+                cache.step(step)?;
+                self.at += 1;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Token ids for `n` positions.
+fn tokens(n: usize) -> Vec<i64> {
+    (0..n as i64).map(|i| (i * 7919 + 1) % 100).collect()
+}
+
+/// Times `call` on every subject, `reps` rounds of one call each in turn,
+/// after untimed warm-up rounds: one, and more until `warm_up` has passed
+/// (only for a call that leaves no state behind: a decode step grows the
+/// cache). Milliseconds, `[subject][round]`.
+fn time_rounds(
+    subjects: &mut [Subject],
+    reps: usize,
+    warm_up: Duration,
+    call: impl Fn(&mut Subject) -> Result<()>,
+) -> Result<Vec<Vec<f64>>> {
     let warm = Instant::now();
-    f()?;
-    while warm.elapsed() < warm_up {
-        f()?;
+    loop {
+        for s in subjects.iter_mut() {
+            call(s)?;
+        }
+        if warm.elapsed() >= warm_up {
+            break;
+        }
     }
-    let mut t = Vec::with_capacity(reps);
+    let mut t = vec![Vec::with_capacity(reps); subjects.len()];
     for _ in 0..reps.max(1) {
-        let start = Instant::now();
-        f()?;
-        t.push(start.elapsed().as_secs_f64() * 1e3);
+        for (s, ts) in subjects.iter_mut().zip(&mut t) {
+            let start = Instant::now();
+            call(s)?;
+            ts.push(start.elapsed().as_secs_f64() * 1e3);
+        }
     }
-    t.sort_by(f64::total_cmp);
-    Ok([t[t.len() / 2], t[0], t[t.len() - 1]])
+    Ok(t)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Median, min and max.
+fn summary(t: &[f64]) -> serde_json::Value {
+    let lo = t.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = t.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    serde_json::json!([median(t.to_vec()), lo, hi])
 }
 
 pub fn main(args: Args) -> Result<()> {
@@ -78,68 +200,47 @@ pub fn main(args: Args) -> Result<()> {
         report.insert("read_gb_s".into(), m.read_gb_s.into());
         report.insert("fma_gflop_s".into(), m.fma_gflop_s.into());
     }
-    if let Some(path) = &args.model {
+    if !args.models.is_empty() {
         if args.prompt == 0 {
             bail!("--prompt must be at least 1 token");
         }
-        let mut r = open_runnable(path, threads, args.device)?;
-        report.insert("backend".into(), r.backend.into());
-        if let Some(bytes) = weight_bytes(path, r.backend) {
-            report.insert("weight_bytes".into(), bytes.into());
+        let mut subjects = args.models.iter().map(|p| Subject::open(p, &args, threads)).collect::<Result<Vec<_>>>()?;
+        if subjects.len() > 1 {
+            // Each model's threads rest between its calls, so the team
+            // running has the cores to itself.
+            for s in &mut subjects {
+                s.r.model.sleep_when_idle();
+            }
         }
-        let sig = r.model.signature().clone();
-        let prompt: Vec<i64> = (0..args.prompt as i64).map(|i| (i * 7919 + 1) % 100).collect();
-        let (p, d) = match r.model.cache() {
-            // A model that keeps its KV cache (the CPU and GPU runtimes do)
-            // is timed the way generation runs it: only token inputs go in,
-            // one row of logits comes out. Each timed decode step appends to
-            // a cache filled with `ctx` positions first.
-            Some(cache) => {
-                // Only token inputs are built in the timed calls: building
-                // (and dropping) past tensors there would time the benchmark.
-                let tokens = |feed: &[i64], past: usize| cached_step_inputs(&sig, feed, past);
-                let prefill = tokens(&prompt, 0)?;
-                let p = time_ms(args.reps, WARM_UP, || {
-                    cache.reset();
-                    Ok(cache.step(prefill.clone()).map(|_| ())?)
-                })?;
-                cache.reset();
-                if args.ctx > 0 {
-                    let ctx: Vec<i64> = (0..args.ctx as i64).map(|i| (i * 7919 + 1) % 100).collect();
-                    cache.step(tokens(&ctx, 0)?)?;
-                }
-                let mut at = args.ctx;
-                let d = time_ms(args.reps, Duration::ZERO, || {
-                    let step = tokens(&[1], at)?;
-                    at += 1;
-                    Ok(cache.step(step).map(|_| ())?)
-                })?;
-                (p, d)
+        let prefill = time_rounds(&mut subjects, args.reps, WARM_UP, Subject::prefill)?;
+        for s in &mut subjects {
+            s.fill(args.ctx)?;
+        }
+        let decode = time_rounds(&mut subjects, args.reps, Duration::ZERO, Subject::decode)?;
+        let mut reports = vec![];
+        for (i, s) in subjects.into_iter().enumerate() {
+            let mut r = s.report;
+            r.insert("prompt".into(), args.prompt.into());
+            r.insert("ctx".into(), args.ctx.into());
+            r.insert("prefill_ms".into(), summary(&prefill[i]));
+            r.insert("decode_ms".into(), summary(&decode[i]));
+            if i > 0 {
+                // Per round against the first model's call right before:
+                // a drifting machine moves both.
+                let ratio = |t: &[Vec<f64>]| median(t[i].iter().zip(&t[0]).map(|(a, b)| a / b).collect());
+                r.insert("prefill_ratio".into(), ratio(&prefill).into());
+                r.insert("decode_ratio".into(), ratio(&decode).into());
             }
-            None => {
-                let prefill = step_inputs(&sig, &prompt, 0)?;
-                // Without past inputs there is no cache to decode against:
-                // generation runs the whole sequence again for each new
-                // token, so a decode step after `ctx` positions is a forward
-                // over `ctx + 1` tokens (a step of one token with a longer
-                // mask would time a call generation never makes).
-                let decode = if takes_past(&sig)? {
-                    step_inputs(&sig, &[1], args.ctx)?
-                } else {
-                    report.insert("decode_recomputes".into(), true.into());
-                    let seq: Vec<i64> = (0..args.ctx as i64 + 1).map(|i| (i * 7919 + 1) % 100).collect();
-                    step_inputs(&sig, &seq, 0)?
-                };
-                (
-                    time_ms(args.reps, WARM_UP, || Ok(r.model.forward(prefill.clone()).map(|_| ())?))?,
-                    time_ms(args.reps, Duration::ZERO, || Ok(r.model.forward(decode.clone()).map(|_| ())?))?,
-                )
+            reports.push(r);
+        }
+        if reports.len() == 1 {
+            report.extend(reports.pop().expect("one report"));
+        } else {
+            for (r, p) in reports.iter_mut().zip(&args.models) {
+                r.insert("model".into(), p.display().to_string().into());
             }
-        };
-        report.insert("prompt".into(), args.prompt.into());
-        report.insert("ctx".into(), args.ctx.into());
-        report.insert("prefill_ms".into(), serde_json::json!(p));
-        report.insert("decode_ms".into(), serde_json::json!(d));
+            report.insert("models".into(), reports.into_iter().map(serde_json::Value::Object).collect());
+        }
     }
     if args.json {
         return crate::out(&format!("{}\n", serde_json::Value::Object(report)));

@@ -750,6 +750,10 @@ impl Forward for NativeModel {
         Ok(self.run(inputs)?)
     }
 
+    fn sleep_when_idle(&mut self) {
+        self.team.set_idle_spin(std::time::Duration::ZERO);
+    }
+
     fn cache(&mut self) -> Option<&mut dyn CachedDecode> {
         if self.layout.is_some() {
             Some(self)

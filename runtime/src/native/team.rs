@@ -50,6 +50,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 /// Spins before yielding.
 const SPINS: u32 = 1 << 10;
@@ -60,7 +61,7 @@ const SPINS: u32 = 1 << 10;
 /// placing buffers, copying the logits out: about 0.1-0.3 ms for
 /// smollm2-135m): a worker woken from sleep started its first launch about
 /// 20 us late on a 2-core VM, every step.
-const SLEEP_AFTER: std::time::Duration = std::time::Duration::from_millis(2);
+const SLEEP_AFTER: Duration = Duration::from_millis(2);
 
 /// Spins of a thread waiting for a launch's other parts between its looks
 /// for parts nobody has claimed (a few microseconds: a launch's last parts
@@ -98,6 +99,9 @@ struct Shared {
     hint: AtomicU64,
     /// Workers asleep on `wake`.
     sleeping: AtomicUsize,
+    /// How long (nanoseconds) an idle worker spins and yields before it
+    /// sleeps: `SLEEP_AFTER` unless [`Team::set_idle_spin`] changed it.
+    idle_spin_ns: AtomicU64,
     lock: Mutex<()>,
     wake: Condvar,
     /// Written by the caller only while every worker is idle (see `run`).
@@ -247,7 +251,7 @@ impl Shared {
                 }
                 if i < SPINS {
                     std::hint::spin_loop();
-                } else if start.elapsed() < SLEEP_AFTER {
+                } else if start.elapsed() < Duration::from_nanos(self.idle_spin_ns.load(Ordering::Relaxed)) {
                     std::thread::yield_now();
                 } else {
                     break;
@@ -331,6 +335,7 @@ impl Team {
             epoch: AtomicU64::new(0),
             hint: AtomicU64::new(0),
             sleeping: AtomicUsize::new(0),
+            idle_spin_ns: AtomicU64::new(SLEEP_AFTER.as_nanos() as u64),
             lock: Mutex::new(()),
             wake: Condvar::new(),
             job: UnsafeCell::new(Job { task: None, launches: 0 }),
@@ -372,6 +377,15 @@ impl Team {
         let _guard = s.lock.lock().unwrap_or_else(|p| p.into_inner());
         s.hint.fetch_add(1, Ordering::Relaxed);
         s.wake.notify_all();
+    }
+
+    /// How long idle workers keep looking for the next run (spinning, then
+    /// yielding) before they sleep; `SLEEP_AFTER` by default. Zero suits a
+    /// process that runs several models in turn (`smelt bench` with
+    /// several artifacts): an idle team's workers would otherwise take CPU
+    /// from the team running, for the first `SLEEP_AFTER` of its every call.
+    pub fn set_idle_spin(&self, spin: Duration) {
+        self.shared.idle_spin_ns.store(spin.as_nanos().min(u64::MAX as u128) as u64, Ordering::Relaxed);
     }
 
     /// Runs `launches` launches: `task(launch, part)` runs once for every
@@ -577,5 +591,24 @@ mod tests {
         })
         .unwrap();
         assert_eq!(count.load(Ordering::Relaxed), team.parts());
+    }
+
+    /// `set_idle_spin` decides when idle workers sleep, read while they
+    /// wait: with an hour's spin none sleeps after a run; set to zero, the
+    /// waiting ones go to sleep at once.
+    #[test]
+    fn idle_spin_decides_when_workers_sleep() {
+        let mut team = Team::new(3).unwrap();
+        team.set_idle_spin(Duration::from_secs(3600));
+        team.run(1, &|_, _| {}).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(team.shared.sleeping.load(Ordering::SeqCst), 0, "a worker slept while told to spin");
+        team.set_idle_spin(Duration::ZERO);
+        let start = std::time::Instant::now();
+        while team.shared.sleeping.load(Ordering::SeqCst) != 2 {
+            assert!(start.elapsed().as_secs() < 10, "workers did not sleep after the spin was set to zero");
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        team.run(1, &|_, _| {}).unwrap();
     }
 }
