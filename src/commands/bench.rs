@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use smelt_runtime::generate::{cached_step_inputs, step_inputs, takes_past};
 
 use crate::source::{open_runnable, threads, DeviceArg, Runnable};
@@ -61,6 +61,7 @@ const WARM_UP: Duration = Duration::from_millis(200);
 
 /// One model being timed, with the inputs of its calls prepared.
 struct Subject {
+    path: PathBuf,
     r: Runnable,
     /// The prefill's inputs (token inputs only with a cache of the model's own).
     prefill: BTreeMap<String, Tensor>,
@@ -97,7 +98,7 @@ impl Subject {
             report.insert("decode_recomputes".into(), true.into());
             (step_inputs(&sig, &tokens(args.prompt), 0)?, Some(step_inputs(&sig, &tokens(args.ctx + 1), 0)?))
         };
-        Ok(Subject { r, prefill, decode, at: 0, report })
+        Ok(Subject { path: path.to_path_buf(), r, prefill, decode, at: 0, report })
     }
 
     fn prefill(&mut self) -> Result<()> {
@@ -135,7 +136,9 @@ impl Subject {
             }
             None => {
                 let step = cached_step_inputs(self.r.model.signature(), &[1], self.at)?;
-                let cache = self.r.model.cache().expect("a model without a cache has decode inputs");
+                let Some(cache) = self.r.model.cache() else {
+                    bail!("the model has neither a cache nor decode inputs")
+                };
                 cache.step(step)?;
                 self.at += 1;
             }
@@ -162,7 +165,7 @@ fn time_rounds(
     let warm = Instant::now();
     loop {
         for s in subjects.iter_mut() {
-            call(s)?;
+            call(s).with_context(|| s.path.display().to_string())?;
         }
         if warm.elapsed() >= warm_up {
             break;
@@ -172,7 +175,7 @@ fn time_rounds(
     for _ in 0..reps.max(1) {
         for (s, ts) in subjects.iter_mut().zip(&mut t) {
             let start = Instant::now();
-            call(s)?;
+            call(s).with_context(|| s.path.display().to_string())?;
             ts.push(start.elapsed().as_secs_f64() * 1e3);
         }
     }
@@ -214,7 +217,7 @@ pub fn main(args: Args) -> Result<()> {
         }
         let prefill = time_rounds(&mut subjects, args.reps, WARM_UP, Subject::prefill)?;
         for s in &mut subjects {
-            s.fill(args.ctx)?;
+            s.fill(args.ctx).with_context(|| s.path.display().to_string())?;
         }
         let decode = time_rounds(&mut subjects, args.reps, Duration::ZERO, Subject::decode)?;
         let mut reports = vec![];
