@@ -346,7 +346,7 @@ impl Site {
         }
         if packed_weights {
             let (p, lowering) = default_panels(lowerings);
-            Variant::Panels { p, lowering }
+            Variant::Panels { p: p.for_weights(w), lowering }
         } else {
             let lowering = if lowerings.contains(&Lowering::Llvm) { Lowering::Llvm } else { Lowering::Cranelift };
             Variant::Rows { t: TileParams::default_for(Layout::NK, act.is_some()), lowering }
@@ -356,10 +356,10 @@ impl Site {
     /// Where a search of `family` starts: the template's default
     /// parameters in that family.
     pub fn start(&self, family: &Family) -> Vec<usize> {
-        let (_, _, act, _) = self.product();
+        let (_, _, act, w) = self.product();
         let v = match family.kind {
             FamilyKind::Panels if family.lowering == Lowering::Llvm => {
-                Variant::Panels { p: default_panels(&[Lowering::Llvm]).0, lowering: family.lowering }
+                Variant::Panels { p: default_panels(&[Lowering::Llvm]).0.for_weights(w), lowering: family.lowering }
             }
             FamilyKind::Panels => Variant::Panels { p: PanelParams::DEFAULT, lowering: family.lowering },
             FamilyKind::Rows => {
