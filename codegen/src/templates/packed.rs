@@ -223,14 +223,16 @@ impl PanelParams {
     /// These parameters adjusted for weights stored as `w`: with 16-bit
     /// weights in 16-lane vectors, a step of a 32-column panel is one
     /// 64-byte line, and single-row tiles read two steps per iteration
-    /// (`ksplit` 2, not 4): one core streams two lines of each stream at a
-    /// time faster than four (`bench/cpu/stream_widen.sh`: 40.9 against
-    /// 36.8 GB/s on a Zen 5), and smollm2-135m's bf16 decode took 2-3% less
-    /// time (`smelt bench` of both artifacts interleaved; f32 weights,
-    /// two lines a step already, were unchanged).
+    /// (`ksplit` 2, not 4) of two streams (not 4): one core streams two
+    /// lines of each stream at a time faster than four
+    /// (`bench/cpu/stream_widen.sh`: 40.9 against 36.8 GB/s on a Zen 5).
+    /// smollm2-135m's bf16 decode, `smelt bench` of the artifacts
+    /// interleaved: 2-3% less time with `ksplit` 2, and 2-5% less again
+    /// with 2 streams (in both of the machine's memory phases); the same
+    /// changes left f32 weights (two lines a step already) within 1%.
     pub fn for_weights(self, w: Scalar) -> PanelParams {
         if w.is_narrow_float() && self.lanes >= 16 && self.nr == 2 * self.lanes as usize {
-            PanelParams { ksplit: self.ksplit.min(2), ..self }
+            PanelParams { ksplit: self.ksplit.min(2), streams: self.streams.min(2), ..self }
         } else {
             self
         }
@@ -642,17 +644,19 @@ mod tests {
     use super::*;
     use crate::kir::Stmt;
 
-    /// 16-bit weights in 16-lane panels of 32 columns take two steps per
-    /// iteration; f32 weights, other widths and smaller `ksplit` keep theirs.
+    /// 16-bit weights in 16-lane panels of 32 columns take two steps of two
+    /// streams per iteration; f32 weights, other widths and smaller values
+    /// keep theirs.
     #[test]
-    fn sixteen_bit_weights_take_two_steps_at_a_time() {
+    fn sixteen_bit_weights_take_two_steps_of_two_streams() {
         let wide = PanelParams::WIDE_AVX512;
-        assert_eq!(wide.for_weights(Scalar::BF16).ksplit, 2);
-        assert_eq!(wide.for_weights(Scalar::F16).ksplit, 2);
+        let two = |p: PanelParams| (p.ksplit, p.streams);
+        assert_eq!(two(wide.for_weights(Scalar::BF16)), (2, 2));
+        assert_eq!(two(wide.for_weights(Scalar::F16)), (2, 2));
         assert_eq!(wide.for_weights(Scalar::F32), wide);
         assert_eq!(PanelParams::WIDE.for_weights(Scalar::BF16), PanelParams::WIDE);
-        assert_eq!(PanelParams { nr: 64, ..wide }.for_weights(Scalar::BF16).ksplit, 4);
-        assert_eq!(PanelParams { ksplit: 1, ..wide }.for_weights(Scalar::BF16).ksplit, 1);
+        assert_eq!(two(PanelParams { nr: 64, ..wide }.for_weights(Scalar::BF16)), (4, 4));
+        assert_eq!(two(PanelParams { ksplit: 1, streams: 1, ..wide }.for_weights(Scalar::BF16)), (1, 1));
     }
 
     /// The weight each prefetching loop of `stmts` prefetches from, in
