@@ -22,7 +22,9 @@
 //! threads split the groups, so each thread reads `streams` sequential
 //! streams at once: one core kept more misses in flight that way (on
 //! smollm2's decode here, 4 streams were about 15% faster than 1 with f32
-//! weights and 20% with bf16 ones; BENCHMARKS.md).
+//! weights and 20% with bf16 ones, BENCHMARKS.md; since bf16 panels hold
+//! pairs of vectors and take two steps at a time, 2 streams are faster
+//! for them, see [`PanelParams::for_weights`]).
 //!
 //! One iteration computes an `mr x nr` register tile: each step of `k`
 //! loads `nr / 4` weight vectors and broadcasts one value of `a` per row
@@ -213,7 +215,8 @@ impl PanelParams {
     /// The same tiles in 16-lane vectors for AVX-512 hosts (LLVM), whose 32
     /// ZMM registers hold them with room to spare: 6 x 32 tiles keep 12
     /// accumulators; single-row tiles read 4 panels, each step of each one
-    /// a whole 64-byte line of f32 weights (half a line of bf16), with 2
+    /// two 64-byte lines of f32 weights (one of bf16, which take 2 panels
+    /// of two steps: [`PanelParams::for_weights`]), with 2
     /// FMA chains per panel, and prefetch each 2 KiB ahead (on a 2-core
     /// Zen 5, smollm2-135m's decode 4.7% faster with f32 weights and 2.2%
     /// with bf16; a one-thread C stream of bf16 widening gained 12%).
