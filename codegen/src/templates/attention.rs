@@ -525,19 +525,25 @@ impl<'a> Attn<'a> {
                 // alone took a tree of shuffles per key.
                 let score_vector = |b: &mut Builder, t0: Var| {
                     let l = lanes as usize;
-                    let kbs: Vec<Var> =
-                        (0..l).map(|t| key_at(b, &add(Expr::Var(j0), add(Expr::Var(t0), Expr::idx(t))))).collect();
+                    // One address for the vector's first key and constant
+                    // offsets for the others (which the lowering folds into
+                    // each load), rather than an address per key: those
+                    // were computed one by one and spilled.
+                    let kb0 = key_at(b, &add(Expr::Var(j0), Expr::Var(t0)));
                     for mb in &members {
-                        let dots: Vec<Expr> = kbs
-                            .iter()
-                            .map(|kb| {
+                        // The row's query, loaded once for the vector's keys.
+                        let qs: Vec<Var> = (0..d)
+                            .step_by(l)
+                            .map(|o| b.let_("qv", Expr::load(q, add(Expr::Var(mb.qb), Expr::idx(o)), lanes)))
+                            .collect();
+                        let dots: Vec<Expr> = (0..l)
+                            .map(|t| {
                                 let mut dot: Option<Expr> = None;
-                                for o in (0..d).step_by(l) {
-                                    let qa = Expr::load(q, add(Expr::Var(mb.qb), Expr::idx(o)), lanes);
-                                    let ka = Expr::load(k, add(Expr::Var(*kb), Expr::idx(o)), lanes);
+                                for (qa, o) in qs.iter().zip((0..d).step_by(l)) {
+                                    let ka = Expr::load(k, add(Expr::Var(kb0), Expr::idx(t * d + o)), lanes);
                                     dot = Some(match dot {
-                                        None => qa * ka,
-                                        Some(acc) => qa.fma(ka, acc),
+                                        None => Expr::Var(*qa) * ka,
+                                        Some(acc) => Expr::Var(*qa).fma(ka, acc),
                                     });
                                 }
                                 Expr::Var(b.let_("dot", dot.expect("d is at least one vector")))
