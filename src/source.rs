@@ -101,7 +101,12 @@ pub fn load_checkpoint(dir: &Path) -> Result<Loaded> {
 
 /// [`load_checkpoint`], leaving the weights in the checkpoint's mapped files.
 pub fn load_checkpoint_stored(dir: &Path) -> Result<Loaded<StoredTensor>> {
-    let m = hf::load_stored(dir)?;
+    load_checkpoint_stored_with(dir, &hf::HfOptions::default())
+}
+
+/// [`load_checkpoint_stored`] with the frontend's options.
+pub fn load_checkpoint_stored_with(dir: &Path, options: &hf::HfOptions) -> Result<Loaded<StoredTensor>> {
+    let m = hf::load_stored_with(dir, options)?;
     verify(&m.graph, dir)?;
     let info = ModelInfo {
         architecture: m

@@ -134,6 +134,11 @@ fn missing_model_path_bad_onnx_and_bad_targets() {
     std::fs::write(&onnx, b"not really onnx").unwrap();
     fails(&[&"compile", &onnx, &"-o", &tmp.path().join("x.smelt")], &["model.onnx"]);
     assert!(!tmp.path().join("x.smelt").exists());
+    // An ONNX export has its RoPE frequencies in the graph already.
+    fails(
+        &[&"compile", &onnx, &"-o", &tmp.path().join("x.smelt"), &"--rope-cast", &"bf16"],
+        &["model.onnx", "--rope-cast applies to checkpoint folders"],
+    );
     // Bad target combinations and GPU architectures are refused before any work.
     fails(
         &[&"compile", &tmp.path(), &"-o", &tmp.path().join("x.smelt"), &"--target", &"interp,cpu"],

@@ -94,9 +94,19 @@ fn check_fixture(dir: &Path, target: &str) {
         (dir.join("model-kv.onnx"), "model-kv.onnx", true),
         (dir.join("model.onnx"), "model.onnx", false),
     ];
+    // The references come from the model cast in memory to its stored
+    // dtype and back (gen_fixtures.py), which rounds a bf16 model's RoPE
+    // frequencies; the checkpoint compiles that way with `--rope-cast`
+    // (by default its frequencies are exact, as `from_pretrained` has them:
+    // see `bf16_checkpoint_matches_transformers_from_pretrained`). The ONNX
+    // exports hold the rounded frequencies in their graphs.
+    let rope_cast = stored_dtype(dir).filter(|d| d == "bf16" || d == "f16");
     for (source, label, has_kv) in &sources {
         let art = tmp.path().join(format!("{name}-{label}.smelt"));
-        ok(&[&"compile", source, &"-o", &art, &"--target", &target]);
+        match (&rope_cast, *label) {
+            (Some(d), "hf") => ok(&[&"compile", source, &"-o", &art, &"--target", &target, &"--rope-cast", d]),
+            _ => ok(&[&"compile", source, &"-o", &art, &"--target", &target]),
+        };
         if target == "cuda" {
             check_ptx(&format!("{name} ({label})"), &art);
             if let Some(why) = no_gpu() {
@@ -128,6 +138,56 @@ fn check_fixture(dir: &Path, target: &str) {
     assert!(v["text"].as_str().unwrap().starts_with(text), "{name}: {v}");
     let plain = ok(&[&"generate", &art, &"--prompt", &text, &"--max-new-tokens", &"2"]);
     assert!(plain.starts_with(text), "{name}: plain output {plain:?}");
+}
+
+/// A checkpoint's stored dtype as `config.json` names it (`dtype`, or the
+/// older `torch_dtype`), in smelt's spelling.
+fn stored_dtype(dir: &Path) -> Option<String> {
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).ok()?).ok()?;
+    let d = cfg.get("dtype").or_else(|| cfg.get("torch_dtype"))?.as_str()?;
+    Some(match d {
+        "bfloat16" => "bf16".into(),
+        "float16" => "f16".into(),
+        "float32" => "f32".into(),
+        other => other.into(),
+    })
+}
+
+/// The bf16 `tiny-qwen2` checkpoint compiled with its defaults reproduces
+/// the logits transformers computes for it after `from_pretrained` (in
+/// float32; `tests/data/from_pretrained.py` made them), whose RoPE
+/// frequencies are exact, on the interpreter and on native kernels. The
+/// fixture's reference, from the model cast in memory, is further from
+/// them than the tolerance, so this tells the two apart.
+#[test]
+fn bf16_checkpoint_matches_transformers_from_pretrained() {
+    let Some(root) = fixtures_dir() else {
+        println!("skipping: ../shared/fixtures not found");
+        return;
+    };
+    let dir = root.join("tiny-qwen2");
+    let want = read_tensors(Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/data/tiny-qwen2-from-pretrained.safetensors"
+    )));
+    let cast = read_tensors(&dir.join("reference.safetensors"));
+    assert_eq!(want["input_ids"].to_i64_vec(), cast["input_ids"].to_i64_vec(), "the fixture's inputs changed");
+    let apart = max_abs_err("logits", &want["logits"], &cast["logits"]);
+    assert!(apart > TOL, "from_pretrained and the cast model's references are only {apart} apart");
+    let tmp = tempfile::tempdir().unwrap();
+    let (inp, outp) = (tmp.path().join("in.safetensors"), tmp.path().join("out.safetensors"));
+    write_tensors(&inp, &BTreeMap::from([("input_ids".to_string(), want["input_ids"].clone())]));
+    for target in ["interp", "cpu"] {
+        let art = tmp.path().join(format!("{target}.smelt"));
+        ok(&[&"compile", &dir, &"-o", &art, &"--target", &target]);
+        ok(&[&"run", &art, &"--inputs", &inp, &"--outputs", &outp]);
+        let err = max_abs_err("logits", &read_tensors(&outp)["logits"], &want["logits"]);
+        println!("tiny-qwen2 ({target}) against from_pretrained: logits max abs err {err:.2e} (cast reference {apart:.2e} away)");
+        assert!(
+            err <= TOL,
+            "tiny-qwen2 ({target}): logits max abs err {err} > {TOL} from transformers' from_pretrained"
+        );
+    }
 }
 
 #[test]

@@ -106,6 +106,7 @@ fn reference(
     ck: &Checkpoint,
     inputs: &BTreeMap<String, Tensor>,
     c: &Case,
+    rope_cast: Option<DType>,
 ) -> BTreeMap<String, Vec<f32>> {
     let (h, nh, kvh, hd) = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
     let (b, past, seq) = (c.batch, c.past, c.seq);
@@ -113,7 +114,9 @@ fn reference(
     let ids = inputs["input_ids"].to_i64_vec();
     let pos = inputs["position_ids"].to_i64_vec();
     let mask = inputs["attention_mask"].to_i64_vec();
-    let stored = cfg.dtype.filter(|d| matches!(d, DType::BF16 | DType::F16)).unwrap_or(DType::F32);
+    // Exact frequencies as `from_pretrained` computes them, or rounded as
+    // in a model cast to `rope_cast` (`hf::HfOptions::rope_cast`).
+    let stored = rope_cast.unwrap_or(DType::F32);
     let max_pos = *pos.iter().max().unwrap() as usize + 1;
     let (inv_freq, scaling) = cfg.rope_inv_freq(max_pos);
     let inv_freq: Vec<f32> = inv_freq
@@ -308,20 +311,33 @@ fn inputs(cfg: &HfConfig, c: &Case, rng: &mut Rng) -> BTreeMap<String, Tensor> {
 }
 
 fn check(name: &str, spec: RandomModelSpec, c: Case) {
+    check_with(name, spec, c, &hf::HfOptions::default());
+}
+
+/// The graph built with `options` against the loop reference with the same
+/// RoPE frequencies; returns the largest difference from the reference
+/// with the other choice of frequencies (exact against rounded).
+fn check_with(name: &str, spec: RandomModelSpec, c: Case, options: &hf::HfOptions) -> f32 {
     let dir = tempfile::tempdir().unwrap();
     write_random_checkpoint(dir.path(), &spec).unwrap_or_else(|e| panic!("{name}: {e}"));
-    let model = hf::load(dir.path()).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let model = hf::load_stored_with(dir.path(), options).unwrap_or_else(|e| panic!("{name}: {e}")).into_tensors();
     let ck = Checkpoint::open(dir.path()).unwrap();
     let mut rng = Rng(spec.seed.wrapping_mul(7919) + 17);
     let ins = inputs(&model.config, &c, &mut rng);
     let got = smelt_ir::interp::run(&model.graph, &model.weights, &ins).unwrap_or_else(|e| panic!("{name}: {e}"));
-    let want = reference(&model.config, &ck, &ins, &c);
-    for (k, w) in &want {
-        let g = got[k].to_f32_vec();
-        assert_eq!(g.len(), w.len(), "{name}: {k} length");
-        let err = g.iter().zip(w).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-        assert!(err <= 1e-3, "{name}: {k} differs from the loop reference by {err}");
-    }
+    let max_err = |want: &BTreeMap<String, Vec<f32>>| {
+        let mut worst = 0f32;
+        for (k, w) in want {
+            let g = got[k].to_f32_vec();
+            assert_eq!(g.len(), w.len(), "{name}: {k} length");
+            worst = worst.max(g.iter().zip(w).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max));
+        }
+        worst
+    };
+    let err = max_err(&reference(&model.config, &ck, &ins, &c, options.rope_cast));
+    assert!(err <= 1e-3, "{name}: differs from the loop reference by {err}");
+    let other = if options.rope_cast.is_some() { None } else { Some(DType::BF16) };
+    max_err(&reference(&model.config, &ck, &ins, &c, other))
 }
 
 fn spec(arch: Arch, f: impl FnOnce(&mut RandomModelSpec)) -> RandomModelSpec {
@@ -399,4 +415,21 @@ fn phi3_partial_rotary_half() {
         (s.partial_rotary_factor, s.seed) = (Some(0.5), 7);
     });
     check("phi3-partial", s, Case { batch: 1, past: 0, seq: 5, padding: vec![] });
+}
+
+/// A bf16 checkpoint's RoPE frequencies are exact, as transformers'
+/// `from_pretrained` computes them; `rope_cast` rounds them as a model cast
+/// in memory has them. Thirty positions in, the two differ by more than
+/// the tolerance, so each check tells them apart.
+#[test]
+fn bf16_checkpoints_get_exact_rope_frequencies_unless_cast() {
+    let s = spec(Arch::Llama, |s| {
+        (s.hidden_size, s.num_heads, s.num_kv_heads, s.num_layers, s.intermediate_size) = (64, 4, 2, 2, 96);
+        (s.dtype, s.seed) = (DType::BF16, 8);
+    });
+    let c = || Case { batch: 1, past: 30, seq: 3, padding: vec![] };
+    let exact = check_with("exact", s.clone(), c(), &hf::HfOptions::default());
+    assert!(exact > 1e-3, "exact frequencies are within {exact} of rounded ones: the check cannot tell them apart");
+    let cast = check_with("cast", s, c(), &hf::HfOptions { rope_cast: Some(DType::BF16) });
+    assert!(cast > 1e-3, "rounded frequencies are within {cast} of exact ones");
 }

@@ -33,7 +33,8 @@ use smelt_runtime::plan::{NativePlan, TuningSource};
 use smelt_tune::db;
 use std::sync::Arc;
 
-use crate::source::{load_checkpoint_stored, load_onnx, Source};
+use crate::source::{load_checkpoint_stored, load_checkpoint_stored_with, load_onnx, Source};
+use smelt_frontends::hf::HfOptions;
 
 /// The weights a compile reads: stored bytes by name.
 type Weights = std::collections::BTreeMap<String, StoredTensor>;
@@ -99,6 +100,13 @@ impl ActDtypeArg {
     }
 }
 
+/// `--rope-cast`.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum RopeCastArg {
+    Bf16,
+    F16,
+}
+
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// A Hugging Face checkpoint folder (config.json + *.safetensors) or an .onnx file.
@@ -128,6 +136,11 @@ pub struct Args {
     /// narrow types make the weights default to the same type).
     #[arg(long, value_enum, default_value = "f32")]
     pub dtype: ActDtypeArg,
+    /// Round a checkpoint's RoPE frequencies to bf16 or f16, as a transformers model cast in
+    /// memory (`model.to(torch.bfloat16)`) has them [default: exact float32, as `from_pretrained`
+    /// computes them for any checkpoint]. The two drift apart with the position.
+    #[arg(long, value_enum, value_name = "DTYPE")]
+    pub rope_cast: Option<RopeCastArg>,
     #[command(flatten)]
     pub tuning: TuningArgs,
     #[command(flatten)]
@@ -272,8 +285,16 @@ pub fn main(args: Args) -> Result<()> {
     let mut phases = Phases::new();
     // The weights stay in their stored bytes (a checkpoint's memory map)
     // until the scheduler places them.
+    let rope_cast = args.rope_cast.map(|d| match d {
+        RopeCastArg::Bf16 => smelt_ir::DType::BF16,
+        RopeCastArg::F16 => smelt_ir::DType::F16,
+    });
     let mut loaded = match Source::classify(&args.model)? {
-        Source::Checkpoint(dir) => load_checkpoint_stored(&dir)?,
+        Source::Checkpoint(dir) => load_checkpoint_stored_with(&dir, &HfOptions { rope_cast })?,
+        Source::Onnx(p) if rope_cast.is_some() => bail!(
+            "{}: --rope-cast applies to checkpoint folders (an ONNX export has its RoPE frequencies in the graph)",
+            p.display()
+        ),
         Source::Onnx(p) => load_onnx(&p)?.into_stored(),
         Source::Artifact(p) => {
             bail!("{}: is already a smelt artifact (compile takes a checkpoint folder or an .onnx file)", p.display())

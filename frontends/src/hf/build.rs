@@ -62,8 +62,30 @@ pub fn load(dir: &Path) -> Result<HfModel, HfError> {
 /// Opens a checkpoint folder and builds its graph, leaving the weights in
 /// the mapped files.
 pub fn load_stored(dir: &Path) -> Result<HfModel<StoredTensor>, HfError> {
+    load_stored_with(dir, &HfOptions::default())
+}
+
+/// [`load_stored`] with options.
+pub fn load_stored_with(dir: &Path, options: &HfOptions) -> Result<HfModel<StoredTensor>, HfError> {
     let ckpt = Checkpoint::open(dir)?;
-    build_stored(&ckpt)
+    build_stored_with(&ckpt, options)
+}
+
+/// How a checkpoint becomes a graph where transformers itself computes
+/// differently depending on how the model was made.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct HfOptions {
+    /// Round the RoPE inverse frequencies to this dtype (bf16 or f16),
+    /// as a transformers model cast in memory (`model.to(torch.bfloat16)`)
+    /// does with its `inv_freq` buffer, which stays rounded when cast back
+    /// to float32. `None` (the default): exact float32 frequencies, as
+    /// `from_pretrained` computes them for any checkpoint, bf16 ones
+    /// included. The rounding changes a rotation angle by up to 2^-9 of
+    /// itself, so the two disagree more the longer the sequence (checked
+    /// with transformers 5.24: on the bf16 `tiny-qwen2` fixture,
+    /// `from_pretrained` is 3.6e-3 from the fixture's reference logits,
+    /// made from a cast model, and 1.3e-5 with rounded frequencies).
+    pub rope_cast: Option<DType>,
 }
 
 /// Builds the graph of an opened checkpoint.
@@ -74,10 +96,22 @@ pub fn build(ckpt: &Checkpoint) -> Result<HfModel, HfError> {
 /// Builds the graph of an opened checkpoint; the weights share its mapped
 /// bytes.
 pub fn build_stored(ckpt: &Checkpoint) -> Result<HfModel<StoredTensor>, HfError> {
+    build_stored_with(ckpt, &HfOptions::default())
+}
+
+/// [`build_stored`] with options.
+pub fn build_stored_with(ckpt: &Checkpoint, options: &HfOptions) -> Result<HfModel<StoredTensor>, HfError> {
     let cfg = ckpt.config().clone();
+    if let Some(d) = options.rope_cast.filter(|d| !matches!(d, DType::BF16 | DType::F16 | DType::F32)) {
+        return Err(HfError::invalid(
+            &cfg.source,
+            format!("RoPE frequencies can be rounded to bf16 or f16 (a model cast to that dtype), not {d}"),
+        ));
+    }
     let mut b = Builder {
         g: Graph::new(cfg.arch.causal_lm_class()),
         cfg: &cfg,
+        options,
         ckpt,
         weights: BTreeMap::new(),
         weight_values: BTreeMap::new(),
@@ -94,6 +128,7 @@ const F32_MIN: f32 = f32::MIN;
 struct Builder<'a> {
     g: Graph,
     cfg: &'a HfConfig,
+    options: &'a HfOptions,
     ckpt: &'a Checkpoint,
     weights: BTreeMap<String, StoredTensor>,
     /// Weight name -> its f32 value in the graph, so tied weights are read once.
@@ -372,10 +407,9 @@ impl Builder<'_> {
             }
             _ => {
                 let (f, scaling) = cfg.rope_inv_freq(cfg.max_position_embeddings);
-                // A model cast to a narrower dtype (`model.to(torch.bfloat16)`, as a
-                // bf16 checkpoint is saved and loaded) casts its `inv_freq` buffer too,
-                // and casting back to float32 keeps the rounded values; so do we.
-                let stored = cfg.dtype.filter(|d| matches!(d, DType::BF16 | DType::F16)).unwrap_or(DType::F32);
+                // Exact, as `from_pretrained` computes them, unless asked
+                // to match a model cast in memory (see `HfOptions`).
+                let stored = self.options.rope_cast.unwrap_or(DType::F32);
                 let f = f.iter().map(|&x| smelt_ir::tensor::round_to(stored, x as f32)).collect();
                 (self.vector(f)?, scaling)
             }

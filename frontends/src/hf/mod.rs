@@ -7,7 +7,7 @@ pub mod config;
 pub mod error;
 pub mod writer;
 
-pub use build::{build, build_stored, load, load_stored, HfModel};
+pub use build::{build, build_stored, build_stored_with, load, load_stored, load_stored_with, HfModel, HfOptions};
 pub use checkpoint::{Checkpoint, TensorRef};
 pub use config::{supported_model_types, Activation, Arch, HfConfig, LayerAttention, RopeScaling};
 pub use error::HfError;
