@@ -264,6 +264,9 @@ impl RandomModelSpec {
         set("rope_parameters", Value::Object(rope.clone()));
         set("bos_token_id", json!(self.bos_token_id));
         set("eos_token_id", json!(self.eos_token_id));
+        // No padding token: transformers' defaults (32000 for phi3) may lie
+        // outside a small vocabulary, and its embedding then refuses to load.
+        set("pad_token_id", Value::Null);
         set("dtype", json!(dtype_name));
         set("attention_dropout", json!(0.0));
         set("initializer_range", json!(0.02));
