@@ -85,6 +85,8 @@ pub struct HfOptions {
     /// with transformers 5.24: on the bf16 `tiny-qwen2` fixture,
     /// `from_pretrained` is 3.6e-3 from the fixture's reference logits,
     /// made from a cast model, and 1.3e-5 with rounded frequencies).
+    /// Frequencies computed per call from the positions (dynamic NTK,
+    /// longrope's choice of factors) stay exact either way, as before.
     pub rope_cast: Option<DType>,
 }
 
