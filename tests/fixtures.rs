@@ -100,7 +100,8 @@ fn check_fixture(dir: &Path, target: &str) {
     // (by default its frequencies are exact, as `from_pretrained` has them:
     // see `bf16_checkpoint_matches_transformers_from_pretrained`). The ONNX
     // exports hold the rounded frequencies in their graphs.
-    let rope_cast = stored_dtype(dir).filter(|d| d == "bf16" || d == "f16");
+    let cfg = smelt_frontends::hf::HfConfig::from_file(dir.join("config.json")).unwrap();
+    let rope_cast = smelt_frontends::hf::HfOptions::cast_to_stored(&cfg).rope_cast.map(|d| d.to_string());
     for (source, label, has_kv) in &sources {
         let art = tmp.path().join(format!("{name}-{label}.smelt"));
         match (&rope_cast, *label) {
@@ -138,19 +139,6 @@ fn check_fixture(dir: &Path, target: &str) {
     assert!(v["text"].as_str().unwrap().starts_with(text), "{name}: {v}");
     let plain = ok(&[&"generate", &art, &"--prompt", &text, &"--max-new-tokens", &"2"]);
     assert!(plain.starts_with(text), "{name}: plain output {plain:?}");
-}
-
-/// A checkpoint's stored dtype as `config.json` names it (`dtype`, or the
-/// older `torch_dtype`), in smelt's spelling.
-fn stored_dtype(dir: &Path) -> Option<String> {
-    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).ok()?).ok()?;
-    let d = cfg.get("dtype").or_else(|| cfg.get("torch_dtype"))?.as_str()?;
-    Some(match d {
-        "bfloat16" => "bf16".into(),
-        "float16" => "f16".into(),
-        "float32" => "f32".into(),
-        other => other.into(),
-    })
 }
 
 /// The bf16 `tiny-qwen2` checkpoint compiled with its defaults reproduces

@@ -113,8 +113,7 @@ fn fixture_kv_step_matches_reference_on_the_interpreter() {
             continue;
         }
         let ck = hf::Checkpoint::open(&dir).unwrap();
-        let rope_cast = ck.config().dtype.filter(|d| matches!(d, smelt_ir::DType::BF16 | smelt_ir::DType::F16));
-        let m = hf::build_stored_with(&ck, &hf::HfOptions { rope_cast }).unwrap().into_tensors();
+        let m = hf::build_stored_with(&ck, &hf::HfOptions::cast_to_stored(ck.config())).unwrap().into_tensors();
         let r = read_safetensors(&dir.join("reference.safetensors"));
         let mut inputs = std::collections::BTreeMap::new();
         for (k, t) in &r {

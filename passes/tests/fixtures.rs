@@ -100,8 +100,7 @@ fn fixtures_fuse_completely_and_keep_their_logits() {
         // The references come from the model cast in memory to its stored
         // dtype and back, which rounds a bf16 model's RoPE frequencies.
         let ck = hf::Checkpoint::open(&path).unwrap_or_else(|e| panic!("{name}: {e}"));
-        let rope_cast = ck.config().dtype.filter(|d| matches!(d, DType::BF16 | DType::F16));
-        let model = hf::build_stored_with(&ck, &hf::HfOptions { rope_cast })
+        let model = hf::build_stored_with(&ck, &hf::HfOptions::cast_to_stored(ck.config()))
             .unwrap_or_else(|e| panic!("{name}: {e}"))
             .into_tensors();
         let mut g = model.graph.clone();

@@ -90,6 +90,15 @@ pub struct HfOptions {
     pub rope_cast: Option<DType>,
 }
 
+impl HfOptions {
+    /// The options that reproduce a model cast in memory to the
+    /// checkpoint's stored dtype and back (how the fixtures' references
+    /// were made): RoPE frequencies rounded to it when it is bf16 or f16.
+    pub fn cast_to_stored(cfg: &HfConfig) -> HfOptions {
+        HfOptions { rope_cast: cfg.dtype.filter(|d| matches!(d, DType::BF16 | DType::F16)) }
+    }
+}
+
 /// Builds the graph of an opened checkpoint.
 pub fn build(ckpt: &Checkpoint) -> Result<HfModel, HfError> {
     Ok(build_stored(ckpt)?.into_tensors())
