@@ -85,13 +85,32 @@ fn gpu_logits(
     (weight_dtype, gpu_gemm): (WeightDtype, GpuGemm),
     inputs: &BTreeMap<String, Tensor>,
 ) -> Tensor {
-    let options =
-        ScheduleOptions { device: Device::Gpu, gpu: SMALL, weight_dtype, gpu_gemm, ..ScheduleOptions::default() };
+    gpu_logits_with(graph, stored, (weight_dtype, gpu_gemm), inputs, SMALL, false)
+}
+
+/// [`gpu_logits`] with the GPU configuration `gpu`, running each kernel's
+/// sm_90a body (what `emit_ptx` lowers for sm_90a) when `sm90a`.
+fn gpu_logits_with(
+    graph: &Graph,
+    stored: &BTreeMap<String, StoredTensor>,
+    (weight_dtype, gpu_gemm): (WeightDtype, GpuGemm),
+    inputs: &BTreeMap<String, Tensor>,
+    gpu: GpuConfig,
+    sm90a: bool,
+) -> Tensor {
+    let options = ScheduleOptions { device: Device::Gpu, gpu, weight_dtype, gpu_gemm, ..ScheduleOptions::default() };
     let s = schedule(graph, stored, options).unwrap_or_else(|e| panic!("{e}"));
     let library = s.plan.kernels.iter().filter(|k| k.library.is_some()).count();
     assert_eq!(library > 0, gpu_gemm != GpuGemm::Kernels, "{library} library calls with {gpu_gemm:?}");
     let constants = s.constants.finish().unwrap().read().unwrap();
-    let mut out = smelt_codegen::simulate::run_gpu_plan(graph, &s.kernels, &s.plan, &constants, inputs)
+    let kernels: Vec<_> = match sm90a {
+        true => {
+            assert!(s.kernels.iter().any(|k| k.sm90a.is_some()), "no kernel has an sm_90a body");
+            s.kernels.iter().map(|k| k.for_sm90a().into_owned()).collect()
+        }
+        false => s.kernels,
+    };
+    let mut out = smelt_codegen::simulate::run_gpu_plan(graph, &kernels, &s.plan, &constants, inputs)
         .unwrap_or_else(|e| panic!("{e}"));
     out.remove("logits").expect("a logits output")
 }
@@ -156,6 +175,42 @@ fn narrow_activations_whole_model_on_simulated_gpu() {
             assert!(b <= 2e-2, "{dtype} seq {seq}: (b) relative error {b:e} > 2e-2");
         }
     }
+}
+
+/// The sm_90a bodies (wgmma GEMMs) of a narrow-activation plan, run on a
+/// 5-token prefill: the same bound (a) as the `mma.sync` bodies. Before
+/// narrowing reached them, these bodies kept f32 `x` and `y` and on an H200
+/// wrote each result row as f32 over its neighbours (NaN logits).
+#[test]
+fn narrow_activations_sm90a_bodies_on_simulated_gpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = RandomModelSpec { seed: 7, ..RandomModelSpec::tiny(Arch::Llama) };
+    write_random_checkpoint(dir.path(), &spec).unwrap();
+    let m = load_stored(dir.path()).unwrap();
+    let (mut g, mut stored) = (m.graph, m.weights);
+    pipeline(&mut g, &mut stored, &PipelineOptions::default()).unwrap();
+    let weights: BTreeMap<String, Tensor> = stored.iter().map(|(n, t)| (n.clone(), t.to_tensor())).collect();
+    // One warpgroup of m64n16 wgmma tiles; 5 rows take the GEMM path.
+    let wgmma = GpuConfig {
+        weight_products: Some(WeightProductParams {
+            gemv: GemvParams { groups: 4, warps_per_group: 1, rows_per_group: 2, unroll: 1, m_tile: 2 },
+            gemm: GemmParams::DEFAULT,
+            tc: TcParams { bm: 64, bn: 16, bk: 16, wm: 16, wn: 16 },
+            gemv_max_m: 2,
+            blocks: 2,
+        }),
+        ..SMALL
+    };
+    let inp = inputs(&g, 5, 0);
+    let want = interp::run(&g, &weights, &inp).unwrap().remove("logits").unwrap();
+    let (narrow, _) = narrow_activations(&g, DType::BF16).unwrap();
+    let bf16 = (WeightDtype::BF16, GpuGemm::Kernels);
+    let got = gpu_logits_with(&narrow, &stored, bf16, &inp, wgmma, true);
+    let mma_sync = gpu_logits_with(&narrow, &stored, bf16, &inp, wgmma, false);
+    let (a, b) = (rel_err(&got.to_f32_vec(), &mma_sync.to_f32_vec()), rel_err(&got.to_f32_vec(), &want.to_f32_vec()));
+    println!("sm_90a bodies, bf16 activations and weights: {a:.2e} vs the mma.sync bodies, {b:.2e} vs the f32 model");
+    assert!(a <= 1e-2, "sm_90a vs mma.sync bodies: relative error {a:e} > 1e-2");
+    assert!(b <= 2e-2, "sm_90a bodies vs the f32 model: relative error {b:e} > 2e-2");
 }
 
 /// `--dtype bf16|f16` is for the cuda target only: the cpu and interp

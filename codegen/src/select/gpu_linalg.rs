@@ -208,4 +208,34 @@ mod tests {
             }
         }
     }
+
+    /// A narrowed product's sm_90a body (wgmma, what `emit_ptx` lowers for
+    /// sm_90a) holds the same narrow buffers and computes the same results
+    /// through them: it once kept f32 `x` and `y`, so on an H200 each row
+    /// of `y` was written as f32 over its neighbours.
+    #[test]
+    fn gpu_narrow_activations_reach_the_sm90a_body() {
+        use crate::templates::gpu::weight_testing::check_product_narrow;
+        let params = WeightProductParams {
+            gemv: GemvParams { groups: 4, warps_per_group: 1, rows_per_group: 2, unroll: 2, m_tile: 2 },
+            gemm: GemmParams::DEFAULT,
+            tc: TcParams { bm: 64, bn: 16, bk: 16, wm: 16, wn: 16 },
+            gemv_max_m: 5,
+            blocks: 3,
+        };
+        for op in [WeightOp::plain(Scalar::BF16), WeightOp::gated(Scalar::BF16, Act::Silu)] {
+            let inst = weight_product_gpu(&ty(&["batch", "seq", "40"]), 24, 40, &op, &params).unwrap();
+            assert!(inst.kernel.sm90a.is_some(), "the product has an sm_90a body");
+            let last = inst.kernel.global_buffers().count() - 1;
+            let kernel =
+                super::super::narrow_buffers(&inst.kernel, &[(0, Scalar::BF16), (last, Scalar::BF16)]).unwrap();
+            let body = kernel.for_sm90a();
+            assert!(body.uses_wgmma());
+            let elems = |k: &crate::kir::Kernel| k.global_buffers().map(|(_, d)| d.elem).collect::<Vec<_>>();
+            assert_eq!(elems(&body), elems(&kernel));
+            for m in [2, 17] {
+                check_product_narrow(&body, &op, &params, (m, 24, 40), Scalar::BF16);
+            }
+        }
+    }
 }

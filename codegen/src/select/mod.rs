@@ -201,6 +201,12 @@ pub fn narrow_buffers(kernel: &Kernel, narrow: &[(usize, Scalar)]) -> Result<Ker
         suffix.push_str(&format!("_{}{}", i, if elem == Scalar::BF16 { "b" } else { "h" }));
     }
     k.name = format!("{}_n{suffix}", k.name);
+    // The sm_90a body (what `emit_ptx` lowers for sm_90a) reads and writes
+    // the same buffers: narrowed alike, or its stores would write f32
+    // elements over a narrow buffer's neighbours.
+    if let Some(v) = &kernel.sm90a {
+        k.sm90a = Some(Box::new(narrow_buffers(v, narrow)?));
+    }
     Ok(k)
 }
 
