@@ -112,6 +112,8 @@ pub struct Host {
     addrs: Vec<u64>,
     grids: Vec<Option<Dim3>>,
     args: Vec<u64>,
+    /// Every buffer's length in elements for the call prepared last.
+    lens: Vec<usize>,
     /// The staged inputs (None until a call stages any).
     staging: Option<AlignedBuf>,
     uploads: Vec<Upload>,
@@ -165,6 +167,7 @@ impl Host {
             addrs: vec![0; n],
             grids: vec![None; launches],
             args: vec![0; at],
+            lens: vec![],
             staging: None,
             uploads: Vec::new(),
             plan,
@@ -384,6 +387,21 @@ impl Host {
             }
         }
         self.grids = prep.grids;
+        self.lens = prep.sizes.lens;
+    }
+
+    /// The float buffers a launch of the call prepared last reads or
+    /// writes: (argument index, buffer name, element type, device address,
+    /// length in elements). For `SMELT_CHECK_NAN` (see [`super::model`]).
+    pub fn float_args(&self, li: usize) -> Vec<(usize, &str, Elem, u64, usize)> {
+        let c = &self.plan.checked;
+        c.plan.launches[li]
+            .args
+            .iter()
+            .enumerate()
+            .filter(|(_, &b)| matches!(c.bufs[b].elem, Elem::F32 | Elem::BF16 | Elem::F16))
+            .map(|(j, &b)| (j, c.bufs[b].name.as_str(), c.bufs[b].elem, self.addrs[b], self.lens[b]))
+            .collect()
     }
 
     /// The prepared call's inputs: (input name, device address, bytes).

@@ -17,11 +17,14 @@
 //! - [`device`]: opening the driver, the device and a stream, guarded;
 //! - [`model`]: [`CudaModel`], the [`crate::Forward`] implementation, with
 //!   the weights uploaded once, one device arena placed by liveness, and a
-//!   device-resident KV cache for decoding ([`crate::CachedDecode`]).
+//!   device-resident KV cache for decoding ([`crate::CachedDecode`]);
+//! - [`debug`]: `SMELT_CHECK_NAN`, `SMELT_DUMP` and `SMELT_WATCH`, which
+//!   check or record every launch's buffers.
 //!
 //! [`NativePlan`]: crate::plan::NativePlan
 
 pub mod blas;
+pub mod debug;
 pub mod device;
 pub mod host;
 pub mod model;

@@ -50,7 +50,9 @@
 //! loads cuBLAS.
 //!
 //! With `SMELT_PROFILE` set, every launch is timed with CUDA events and the
-//! totals per kernel are printed to stderr when the model is dropped.
+//! totals per kernel are printed to stderr when the model is dropped;
+//! `SMELT_CHECK_NAN`, `SMELT_DUMP` and `SMELT_WATCH` check or record every
+//! launch's buffers ([`super::debug`]).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -61,6 +63,7 @@ use cudarc::nvrtc::Ptx;
 use smelt_ir::Tensor;
 
 use super::blas::Blas;
+use super::debug::LaunchDebug;
 use super::device::{self, guard, DeviceInfo, Gpu};
 use super::host::{DeviceMemory, Host, Issue, Read};
 use super::plan::{CudaPlan, Dim3};
@@ -191,6 +194,8 @@ pub struct CudaModel {
     stats: CudaStats,
     /// With `SMELT_PROFILE` set: milliseconds and launch count per kernel.
     profile: Option<BTreeMap<String, (f64, u64)>>,
+    /// The debugging aids the environment asks for ([`super::debug`]).
+    debug: Option<LaunchDebug>,
     /// Keeps the module loaded while the functions are used.
     _module: Arc<CudaModule>,
 }
@@ -340,6 +345,7 @@ impl CudaModel {
                 graph: None,
                 stats: CudaStats::default(),
                 profile: std::env::var_os("SMELT_PROFILE").map(|_| BTreeMap::new()),
+                debug: LaunchDebug::from_env(),
                 _module: loaded,
                 gpu,
             })
@@ -419,7 +425,7 @@ impl CudaModel {
         self.stats.calls += 1;
         self.stats.launches += launched;
         self.stats.skipped += self.host.grids().len() as u64 - launched;
-        if !self.graphs || self.profile.is_some() {
+        if !self.graphs || self.profile.is_some() || self.debug.is_some() {
             return self.issue();
         }
         let (grids, args) = (self.host.grids(), self.host.args());
@@ -464,6 +470,10 @@ impl CudaModel {
         let profiling = self.profile.is_some();
         let mut timings = Vec::new();
         let blas = self.blas.as_ref();
+        let mut debug = self.debug.as_mut();
+        if let Some(d) = debug.as_mut() {
+            d.begin(&self.host);
+        }
         let launched = self.host.each_issue(|issue| {
             let li = match &issue {
                 Issue::Kernel { launch, .. } | Issue::Gemm { launch, .. } => *launch,
@@ -510,8 +520,14 @@ impl CudaModel {
             if let Some(start) = start {
                 timings.push((li, start, event().map_err(|e| fail(&e))?));
             }
+            if let Some(d) = debug.as_mut() {
+                d.after(li, stream).map_err(|e| (li, e))?;
+            }
             Ok(())
         });
+        if let Some(d) = debug {
+            d.report(&self.host.plan().checked);
+        }
         if let Err((li, why)) = launched {
             let c = &self.host.plan().checked;
             return Err(CudaError::Native(c.launch_err(li, format!("the launch failed: {why}"))));
