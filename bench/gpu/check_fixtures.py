@@ -88,7 +88,17 @@ def one(name, d, src, label, has_kv, bf16, work):
     art = os.path.join(work, tag + ".smelt")
     scratch = os.path.join(work, tag)
     os.makedirs(scratch, exist_ok=True)
-    extra = (["--dtype", "bf16"] if NORM_REL else ["--weight-dtype", "bf16"]) if bf16 else []
+    # The f32 pass stores f32 weights even for a bf16 checkpoint (whose
+    # default is its own type), so 1e-3 holds it to the f32 reference.
+    extra = (["--dtype", "bf16"] if NORM_REL else ["--weight-dtype", "bf16"]) if bf16 else ["--weight-dtype", "f32"]
+    # The references come from the model cast to its stored type in memory,
+    # which rounds RoPE's frequencies too: a bf16/f16 checkpoint compiles
+    # that way (`--rope-cast`, as the cargo fixture suites do).
+    with open(os.path.join(d, "config.json")) as f:
+        cfg = json.load(f)
+    stored = cfg.get("dtype") or cfg.get("torch_dtype")
+    if label == "hf" and stored in ("bfloat16", "float16"):
+        extra += ["--rope-cast", "bf16" if stored == "bfloat16" else "f16"]
     extra += ["--gpu-gemm", "cublas"] if CUBLAS else []
     try:
         smelt("compile", src, "-o", art, "--target", "cuda", "--gpu-arch", ARCH, *extra)
