@@ -139,15 +139,22 @@ fn inputs(g: &Graph, seq: usize, past: usize) -> BTreeMap<String, Tensor> {
     out
 }
 
-#[test]
-fn narrow_activations_whole_model_on_simulated_gpu() {
+/// The tiny random llama after the pass pipeline: its graph, stored
+/// weights and the weights as tensors (for the reference interpreter).
+fn tiny_llama() -> (Graph, BTreeMap<String, StoredTensor>, BTreeMap<String, Tensor>) {
     let dir = tempfile::tempdir().unwrap();
     let spec = RandomModelSpec { seed: 7, ..RandomModelSpec::tiny(Arch::Llama) };
     write_random_checkpoint(dir.path(), &spec).unwrap();
     let m = load_stored(dir.path()).unwrap();
     let (mut g, mut stored) = (m.graph, m.weights);
     pipeline(&mut g, &mut stored, &PipelineOptions::default()).unwrap();
-    let weights: BTreeMap<String, Tensor> = stored.iter().map(|(n, t)| (n.clone(), t.to_tensor())).collect();
+    let weights = stored.iter().map(|(n, t)| (n.clone(), t.to_tensor())).collect();
+    (g, stored, weights)
+}
+
+#[test]
+fn narrow_activations_whole_model_on_simulated_gpu() {
+    let (g, stored, weights) = tiny_llama();
     for (seq, past) in [(5, 0), (1, 6)] {
         let inp = inputs(&g, seq, past);
         let want = interp::run(&g, &weights, &inp).unwrap().remove("logits").unwrap();
@@ -183,24 +190,9 @@ fn narrow_activations_whole_model_on_simulated_gpu() {
 /// wrote each result row as f32 over its neighbours (NaN logits).
 #[test]
 fn narrow_activations_sm90a_bodies_on_simulated_gpu() {
-    let dir = tempfile::tempdir().unwrap();
-    let spec = RandomModelSpec { seed: 7, ..RandomModelSpec::tiny(Arch::Llama) };
-    write_random_checkpoint(dir.path(), &spec).unwrap();
-    let m = load_stored(dir.path()).unwrap();
-    let (mut g, mut stored) = (m.graph, m.weights);
-    pipeline(&mut g, &mut stored, &PipelineOptions::default()).unwrap();
-    let weights: BTreeMap<String, Tensor> = stored.iter().map(|(n, t)| (n.clone(), t.to_tensor())).collect();
+    let (g, stored, weights) = tiny_llama();
     // One warpgroup of m64n16 wgmma tiles; 5 rows take the GEMM path.
-    let wgmma = GpuConfig {
-        weight_products: Some(WeightProductParams {
-            gemv: GemvParams { groups: 4, warps_per_group: 1, rows_per_group: 2, unroll: 1, m_tile: 2 },
-            gemm: GemmParams::DEFAULT,
-            tc: TcParams { bm: 64, bn: 16, bk: 16, wm: 16, wn: 16 },
-            gemv_max_m: 2,
-            blocks: 2,
-        }),
-        ..SMALL
-    };
+    let wgmma = GpuConfig { weight_products: Some(WeightProductParams::ONE_WARPGROUP), ..SMALL };
     let inp = inputs(&g, 5, 0);
     let want = interp::run(&g, &weights, &inp).unwrap().remove("logits").unwrap();
     let (narrow, _) = narrow_activations(&g, DType::BF16).unwrap();

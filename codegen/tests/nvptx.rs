@@ -920,16 +920,9 @@ fn mma() -> Case {
 /// against the interpreter on a Hopper GPU. The interpreter runs both
 /// bodies against the f64 product of the rounded activations.
 fn weight_product_tc() -> Case {
-    use smelt_codegen::templates::gpu::WeightProductParams;
-    use smelt_codegen::templates::gpu::{weight_product, GemmParams, GemvParams, TcParams, WeightOp};
+    use smelt_codegen::templates::gpu::{weight_product, WeightOp, WeightProductParams};
     let (m, n, k) = (70usize, 24usize, 40usize);
-    let p = WeightProductParams {
-        gemv: GemvParams { groups: 4, warps_per_group: 1, rows_per_group: 2, unroll: 2, m_tile: 2 },
-        gemm: GemmParams::DEFAULT,
-        tc: TcParams { bm: 64, bn: 16, bk: 16, wm: 16, wn: 16 },
-        gemv_max_m: 2,
-        blocks: 2,
-    };
+    let p = WeightProductParams::ONE_WARPGROUP;
     let op = WeightOp::plain(Scalar::BF16);
     let mut b = Builder::new("gpu_weight_product_tc");
     let ms = b.scalar_param("m");

@@ -216,13 +216,7 @@ mod tests {
     #[test]
     fn gpu_narrow_activations_reach_the_sm90a_body() {
         use crate::templates::gpu::weight_testing::check_product_narrow;
-        let params = WeightProductParams {
-            gemv: GemvParams { groups: 4, warps_per_group: 1, rows_per_group: 2, unroll: 2, m_tile: 2 },
-            gemm: GemmParams::DEFAULT,
-            tc: TcParams { bm: 64, bn: 16, bk: 16, wm: 16, wn: 16 },
-            gemv_max_m: 5,
-            blocks: 3,
-        };
+        let params = WeightProductParams { gemv_max_m: 5, blocks: 3, ..WeightProductParams::ONE_WARPGROUP };
         for op in [WeightOp::plain(Scalar::BF16), WeightOp::gated(Scalar::BF16, Act::Silu)] {
             let inst = weight_product_gpu(&ty(&["batch", "seq", "40"]), 24, 40, &op, &params).unwrap();
             assert!(inst.kernel.sm90a.is_some(), "the product has an sm_90a body");

@@ -251,6 +251,18 @@ pub struct WeightProductParams {
 }
 
 impl WeightProductParams {
+    /// The smallest parameters whose tensor-core GEMM has an sm_90a
+    /// (wgmma) body: one warpgroup of m64n16 tiles, and 4 GEMV warps to
+    /// match its 128 threads; above 2 rows the GEMM runs. Small enough for
+    /// tests that run both bodies in the interpreter.
+    pub const ONE_WARPGROUP: WeightProductParams = WeightProductParams {
+        gemv: GemvParams { groups: 4, warps_per_group: 1, rows_per_group: 2, unroll: 2, m_tile: 2 },
+        gemm: GemmParams::DEFAULT,
+        tc: TcParams { bm: 64, bn: 16, bk: 16, wm: 16, wn: 16 },
+        gemv_max_m: 2,
+        blocks: 2,
+    };
+
     /// Defaults for an H200, by shape (the GEMV choices measured with a
     /// CUDA C++ mirror of the GEMV, see [`gemv`]):
     /// - the GEMV path uses 256-thread blocks (the GEMM's 64x64 tile with
@@ -616,13 +628,7 @@ mod tests {
     /// the `mma.sync` body.
     #[test]
     fn gpu_weight_product_sm90a_variant() {
-        let p = WeightProductParams {
-            gemv: GemvParams { groups: 4, warps_per_group: 1, rows_per_group: 2, unroll: 2, m_tile: 2 },
-            gemm: GemmParams::DEFAULT,
-            tc: TcParams { bm: 64, bn: 16, bk: 16, wm: 16, wn: 16 },
-            gemv_max_m: 5,
-            blocks: 3,
-        };
+        let p = WeightProductParams { gemv_max_m: 5, blocks: 3, ..WeightProductParams::ONE_WARPGROUP };
         let plain = WeightOp::plain(Scalar::F16);
         let gated = WeightOp { bias: true, residual: true, ..WeightOp::gated(Scalar::BF16, Act::Silu) };
         for (op, m, n, k) in [(plain, 2, 37, 40), (plain, 70, 37, 52), (gated, 17, 24, 40)] {
