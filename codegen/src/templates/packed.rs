@@ -722,7 +722,7 @@ mod tests {
         let first_loop = text.find("for kk").expect("a loop over k");
         let before = text[..first_loop].matches("prefetch w_gate").count();
         let streams = p.for_weights(Scalar::BF16).streams;
-        assert!(before >= 32 * streams && before % 32 == 0, "{before} prefetches: {text}");
+        assert!(before >= 32 * streams && before.is_multiple_of(32), "{before} prefetches: {text}");
     }
 
     #[test]
