@@ -7,7 +7,7 @@ cd "$(dirname "$0")"
 rounds="${1:-5}"
 out="$(mktemp -d)"
 trap 'rm -rf "$out"' EXIT
-configs="0:2:2 0:1:4 0:2:4 1:1:2 1:1:4 1:2:4 1:4:4"   # widen:lines:streams
+configs="0:2:2 0:1:4 0:2:4 1:1:2 1:1:4 1:2:4 1:4:4 2:2:4"   # widen:lines:streams
 for c in $configs; do
   IFS=: read -r w l s <<<"$c"
   gcc -O2 -march=native -DWIDEN="$w" -DLINES="$l" -DSTREAMS="$s" stream_widen.c -o "$out/sw-$w-$l-$s"
@@ -26,6 +26,6 @@ for line in sys.stdin:
 print("weights  lines/step  streams  GB/s (median)  rounds")
 for c in sorted(runs):
     w, l, s = c.split(":")
-    kind = ["f32", "bf16"][int(w)]
+    kind = ["f32", "bf16", "bf16-dp"][int(w)]
     print(f"{kind:8s} {l:>10s} {s:>8s} {statistics.median(runs[c]):14.1f}  {runs[c]}")
 '
