@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Per-core streaming rate of f32 and bf16-pair weight reads (see
 # stream_widen.c): median GB/s of ROUNDS interleaved rounds, one thread.
-# Usage: bench/cpu/stream_widen.sh [ROUNDS]   (needs gcc and AVX-512)
+# Usage: bench/cpu/stream_widen.sh [ROUNDS]   (needs gcc and AVX-512; AVX512-BF16 for bf16-dp)
 set -euo pipefail
 cd "$(dirname "$0")"
 rounds="${1:-5}"
 out="$(mktemp -d)"
 trap 'rm -rf "$out"' EXIT
-configs="0:2:2 0:1:4 0:2:4 1:1:2 1:1:4 1:2:4 1:4:4 2:2:4"   # widen:lines:streams
+configs="0:2:2 0:1:4 0:2:4 1:1:2 1:1:4 1:2:4 1:4:4"   # widen:lines:streams
+# vdpbf16ps (WIDEN=2) where the CPU has AVX512-BF16.
+grep -qw avx512_bf16 /proc/cpuinfo && configs="$configs 2:2:4"
 for c in $configs; do
   IFS=: read -r w l s <<<"$c"
   gcc -O2 -march=native -DWIDEN="$w" -DLINES="$l" -DSTREAMS="$s" stream_widen.c -o "$out/sw-$w-$l-$s"
