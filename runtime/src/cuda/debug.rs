@@ -84,10 +84,7 @@ impl LaunchDebug {
         }
         for (j, _, elem, addr, len) in self.args.get(li).into_iter().flatten() {
             let v = read(*elem, *addr, *len)?;
-            let nan = v.iter().filter(|x| x.is_nan()).count();
-            let huge = v.iter().filter(|x| x.abs() > 1e30).count();
-            if self.check && nan + huge > 0 {
-                let first = v.iter().position(|x| x.is_nan() || x.abs() > 1e30).unwrap_or(0);
+            if let (true, Some((nan, huge, first))) = (self.check, bad_values(&v)) {
                 self.found.push((li, *j, nan, huge, first));
             }
             if let Some(dir) = &self.dump {
@@ -127,11 +124,48 @@ fn read(elem: Elem, addr: u64, len: usize) -> Result<Vec<f32>, String> {
         unsafe { cudarc::driver::result::memcpy_dtoh_sync(&mut bytes, addr) }
             .map_err(|e| format!("reading a buffer back: {e}"))?;
     }
+    Ok(widen(elem, &bytes))
+}
+
+/// Little-endian elements of `elem` as f32 (none for non-float types).
+fn widen(elem: Elem, bytes: &[u8]) -> Vec<f32> {
     let halves = || bytes.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]]));
-    Ok(match elem {
+    match elem {
         Elem::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
         Elem::BF16 => halves().map(|h| half::bf16::from_bits(h).to_f32()).collect(),
         Elem::F16 => halves().map(|h| half::f16::from_bits(h).to_f32()).collect(),
         _ => Vec::new(),
-    })
+    }
+}
+
+/// Values no activation should hold: (NaN count, count infinite or beyond
+/// ±1e30, the first one's index), or None when there are none.
+fn bad_values(v: &[f32]) -> Option<(usize, usize, usize)> {
+    let first = v.iter().position(|x| x.is_nan() || x.abs() > 1e30)?;
+    Some((v.iter().filter(|x| x.is_nan()).count(), v.iter().filter(|x| x.abs() > 1e30).count(), first))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn narrow_values_widen_exactly() {
+        let bf16: Vec<u8> = [0x3f80u16, 0xc040, 0x7fc0].iter().flat_map(|h| h.to_le_bytes()).collect();
+        let w = widen(Elem::BF16, &bf16);
+        assert_eq!(&w[..2], &[1.0, -3.0]);
+        assert!(w[2].is_nan());
+        let f16: Vec<u8> = [0x3c00u16, 0x7c00].iter().flat_map(|h| h.to_le_bytes()).collect();
+        assert_eq!(widen(Elem::F16, &f16), vec![1.0, f32::INFINITY]);
+        assert_eq!(widen(Elem::F32, &2.5f32.to_le_bytes()), vec![2.5]);
+        assert!(widen(Elem::I64, &[0; 8]).is_empty());
+    }
+
+    #[test]
+    fn bad_values_count_nan_and_huge_from_the_first() {
+        assert_eq!(bad_values(&[1.0, -1e29, 0.0]), None);
+        assert_eq!(bad_values(&[1.0, f32::NAN, -2e30, f32::INFINITY, f32::NAN]), Some((2, 2, 1)));
+        // A mask's f32::MIN counts as huge: the report names it, once.
+        assert_eq!(bad_values(&[f32::MIN]), Some((0, 1, 0)));
+    }
 }
