@@ -392,7 +392,7 @@ impl Host {
 
     /// The float buffers a launch of the call prepared last reads or
     /// writes: (argument index, buffer name, element type, device address,
-    /// length in elements). For `SMELT_CHECK_NAN` (see [`super::model`]).
+    /// length in elements), for the debugging aids of [`super::debug`].
     pub fn float_args(&self, li: usize) -> Vec<(usize, &str, Elem, u64, usize)> {
         let c = &self.plan.checked;
         c.plan.launches[li]

@@ -576,7 +576,8 @@ impl CudaModel {
     }
 
     /// Whether calls whose launches repeat are replayed as a CUDA graph (on
-    /// by default; always off with `SMELT_PROFILE`, which times each launch).
+    /// by default; always off with `SMELT_PROFILE`, which times each launch, and with the
+    /// debugging aids of [`super::debug`], which read back after each).
     pub fn set_graphs(&mut self, on: bool) {
         self.graphs = on;
         if !on {
