@@ -707,8 +707,8 @@ mod tests {
         }
     }
 
-    /// A gated single-row tile reads gate panel `p`, up panel `p`, then the
-    /// next gate panel: each pass's last steps prefetch the other weight.
+    /// A single-row tile prefetches the first `prefetch` bytes of each of
+    /// its streams before its first loop over `k`.
     #[test]
     fn single_row_tiles_prefetch_each_streams_first_lines() {
         let p = PanelParams { prefetch: 2048, ..PanelParams::WIDE_AVX512 };
@@ -725,6 +725,8 @@ mod tests {
         assert!(before >= 32 * streams && before.is_multiple_of(32), "{before} prefetches: {text}");
     }
 
+    /// A gated single-row tile reads gate panel `p`, up panel `p`, then the
+    /// next gate panel: each pass's last steps prefetch the other weight.
     #[test]
     fn gated_passes_prefetch_the_panel_read_next() {
         let p = PanelParams { prefetch: 2048, ..PanelParams::WIDE_AVX512 };

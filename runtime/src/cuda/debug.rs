@@ -57,7 +57,6 @@ impl LaunchDebug {
 
     /// Reads the prepared call's launch arguments (before it is issued).
     pub fn begin(&mut self, host: &Host) {
-        self.found.clear();
         self.args = (0..host.grids().len())
             .map(|li| host.float_args(li).into_iter().map(|(j, n, e, a, l)| (j, n.to_string(), e, a, l)).collect())
             .collect();
