@@ -203,7 +203,7 @@ fn text_generation_inspect_and_usage() {
 
 /// `smelt bench` reports what it timed: a decode step after `--ctx` cached
 /// positions for an artifact that keeps its cache; several artifacts in
-/// turn, call by call, with ratios to the first; for an ONNX export
+/// turn, with ratios to the first; for an ONNX export
 /// without past inputs (no cache to decode against) the forward over all
 /// `ctx + 1` tokens that generation runs for each new token, flagged
 /// `decode_recomputes`, so it grows with `--ctx` (a one-token call with a

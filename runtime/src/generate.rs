@@ -53,11 +53,13 @@ pub trait Forward {
         None
     }
 
-    /// Makes the model's threads, if it has a team of them, sleep as soon
-    /// as a call is done instead of spinning for the next one a while: for
-    /// a process that runs several models in turn, where an idle team's
-    /// spinning would slow the one running. Each call then pays a wake-up.
-    fn sleep_when_idle(&mut self) {}
+    /// Whether the model's threads, if it has a team of them, sleep as
+    /// soon as a call is done (`true`) or first spin a while for the next
+    /// one (`false`, the default, which suits a loop of calls such as
+    /// generation). Sleeping suits a process that runs several models in
+    /// turn, where an idle team's spinning would slow the one running;
+    /// each call then pays a wake-up.
+    fn sleep_when_idle(&mut self, _sleep: bool) {}
 }
 
 /// Decoding with the KV cache held by the model (see [`Forward::cache`]).

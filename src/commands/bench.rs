@@ -3,15 +3,16 @@
 //! token after C cached positions; for a model without past inputs, which
 //! has no cache, the forward over all C + 1 tokens that generation runs for
 //! each new token, flagged `decode_recomputes`), each as the median of R
-//! timed calls after warm-up calls (the prefill's for 0.2 s, which also
-//! warms the thread team up for the decode). Several models are timed in
-//! turn, one call each per round, and each one after the first also
-//! reports the median over rounds of its call's time over the first
-//! model's call just before (`prefill_ratio`, `decode_ratio`): a machine
-//! whose memory changes speed within seconds moves both calls of a round
-//! alike. `--machine` measures the machine's streaming read bandwidth and
-//! f32 FMA peak with small probes, so results can be put against the
-//! hardware's limits in the same run.
+//! timed calls (at least) after warm-up calls (the prefill's for 0.2 s,
+//! which also warms the thread team up). Several models are timed in turn,
+//! and each one after the first also reports the median over rounds of
+//! its time over the first model's in the same round (`prefill_ratio`,
+//! `decode_ratio`): a machine whose memory changes speed within seconds
+//! moves both alike. A prefill round is one call of each model; a decode
+//! round is a block of calls of each model in turn, as generation makes
+//! them (see [`decode_blocks`]). `--machine` measures the machine's
+//! streaming read bandwidth and f32 FMA peak with small probes, so results
+//! can be put against the hardware's limits in the same run.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -41,7 +42,8 @@ pub struct Args {
     /// Where a `cpu,cuda` artifact runs (default: the GPU when one is usable).
     #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
     pub device: DeviceArg,
-    /// Timed repetitions of each measurement (the median is reported).
+    /// Timed repetitions of each measurement (the median is reported;
+    /// decode steps are timed in blocks of 3, so it may take up to 2 more).
     #[arg(long, default_value_t = 5)]
     pub reps: usize,
     /// Print one JSON object instead of text.
@@ -127,6 +129,23 @@ impl Subject {
         Ok(())
     }
 
+    /// A block of [`decode_blocks`]: the cache refilled to `ctx - warm`
+    /// positions, `warm` untimed decode steps, then [`DECODE_BLOCK`] timed
+    /// ones (milliseconds).
+    fn decode_block(&mut self, ctx: usize, warm: usize) -> Result<Vec<f64>> {
+        self.fill(ctx - warm)?;
+        for _ in 0..warm {
+            self.decode()?;
+        }
+        let mut block = Vec::with_capacity(DECODE_BLOCK);
+        for _ in 0..DECODE_BLOCK {
+            let start = Instant::now();
+            self.decode()?;
+            block.push(start.elapsed().as_secs_f64() * 1e3);
+        }
+        Ok(block)
+    }
+
     /// One decode step: appends a position to the model's own cache, or
     /// runs the prepared call.
     fn decode(&mut self) -> Result<()> {
@@ -182,6 +201,64 @@ fn time_rounds(
     Ok(t)
 }
 
+/// Untimed decode calls of a model before each block of timed ones.
+const DECODE_WARM: usize = 4;
+
+/// Timed decode calls in a block.
+const DECODE_BLOCK: usize = 3;
+
+/// Times decode steps: rounds of one block per subject in turn, until
+/// every subject has at least `reps` timed calls. A block refills the
+/// subject's cache to `ctx - DECODE_WARM` positions (at least 0), makes
+/// up to [`DECODE_WARM`] untimed calls that bring it to `ctx`, then
+/// [`DECODE_BLOCK`] timed ones (after `ctx`, `ctx + 1`, ... cached). With
+/// `several` subjects, the subject's threads keep spinning between the
+/// calls of its block and sleep after it, as they do in generation, which
+/// makes one model's calls back to back.
+///
+/// Why blocks: timed call by call in turn, a model's every call came
+/// right after another model's, and measured a steady loop of its own
+/// calls badly. On a 2-core Zen 5 (smollm2-135m, bf16 weights, decode
+/// after 128 positions), the first of a model's calls after the other
+/// model's took about 6.0 ms and the next ones 5.6, 5.5, 5.5, then
+/// 5.3-5.4, as one process running that model alone measured: the first
+/// call paid the sleeping team's wake-up and the next ones a cache the
+/// other model had filled with its own data, a fixed cost that weighs
+/// more on a shorter call (BENCHMARKS.md, 2026-11-30).
+///
+/// Milliseconds, `[subject][call]`, and the rounds' ratios: per round,
+/// each subject's median over the first subject's.
+fn decode_blocks(subjects: &mut [Subject], reps: usize, ctx: usize, several: bool) -> Result<DecodeTimes> {
+    let warm = DECODE_WARM.min(ctx);
+    let rounds = reps.max(1).div_ceil(DECODE_BLOCK);
+    let mut times = vec![Vec::with_capacity(rounds * DECODE_BLOCK); subjects.len()];
+    let mut ratios = vec![Vec::with_capacity(rounds); subjects.len()];
+    for _ in 0..rounds {
+        let mut medians = Vec::with_capacity(subjects.len());
+        for (s, ts) in subjects.iter_mut().zip(&mut times) {
+            if several {
+                s.r.model.sleep_when_idle(false);
+            }
+            let block = s.decode_block(ctx, warm).with_context(|| s.path.display().to_string())?;
+            if several {
+                s.r.model.sleep_when_idle(true);
+            }
+            ts.extend_from_slice(&block);
+            medians.push(median(block));
+        }
+        for (r, m) in ratios.iter_mut().zip(&medians) {
+            r.push(m / medians[0]);
+        }
+    }
+    Ok(DecodeTimes { times, ratios })
+}
+
+/// What [`decode_blocks`] measured.
+struct DecodeTimes {
+    times: Vec<Vec<f64>>,
+    ratios: Vec<Vec<f64>>,
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -208,31 +285,30 @@ pub fn main(args: Args) -> Result<()> {
             bail!("--prompt must be at least 1 token");
         }
         let mut subjects = args.models.iter().map(|p| Subject::open(p, &args, threads)).collect::<Result<Vec<_>>>()?;
-        if subjects.len() > 1 {
+        let several = subjects.len() > 1;
+        if several {
             // Each model's threads rest between its calls, so the team
             // running has the cores to itself.
             for s in &mut subjects {
-                s.r.model.sleep_when_idle();
+                s.r.model.sleep_when_idle(true);
             }
         }
         let prefill = time_rounds(&mut subjects, args.reps, WARM_UP, Subject::prefill)?;
-        for s in &mut subjects {
-            s.fill(args.ctx).with_context(|| s.path.display().to_string())?;
-        }
-        let decode = time_rounds(&mut subjects, args.reps, Duration::ZERO, Subject::decode)?;
+        let decode = decode_blocks(&mut subjects, args.reps, args.ctx, several)?;
         let mut reports = vec![];
         for (i, s) in subjects.into_iter().enumerate() {
             let mut r = s.report;
             r.insert("prompt".into(), args.prompt.into());
             r.insert("ctx".into(), args.ctx.into());
             r.insert("prefill_ms".into(), summary(&prefill[i]));
-            r.insert("decode_ms".into(), summary(&decode[i]));
+            r.insert("decode_ms".into(), summary(&decode.times[i]));
             if i > 0 {
-                // Per round against the first model's call right before:
-                // a drifting machine moves both.
-                let ratio = |t: &[Vec<f64>]| median(t[i].iter().zip(&t[0]).map(|(a, b)| a / b).collect());
-                r.insert("prefill_ratio".into(), ratio(&prefill).into());
-                r.insert("decode_ratio".into(), ratio(&decode).into());
+                // Per round against the first model's time in the same
+                // round (the call right before, or the block before): a
+                // drifting machine moves both.
+                let ratio = median(prefill[i].iter().zip(&prefill[0]).map(|(a, b)| a / b).collect());
+                r.insert("prefill_ratio".into(), ratio.into());
+                r.insert("decode_ratio".into(), median(decode.ratios[i].clone()).into());
             }
             reports.push(r);
         }

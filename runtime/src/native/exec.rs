@@ -750,8 +750,8 @@ impl Forward for NativeModel {
         Ok(self.run(inputs)?)
     }
 
-    fn sleep_when_idle(&mut self) {
-        self.team.set_idle_spin(std::time::Duration::ZERO);
+    fn sleep_when_idle(&mut self, sleep: bool) {
+        self.team.set_idle_spin(if sleep { std::time::Duration::ZERO } else { super::team::SLEEP_AFTER });
     }
 
     fn cache(&mut self) -> Option<&mut dyn CachedDecode> {

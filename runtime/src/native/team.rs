@@ -61,7 +61,7 @@ const SPINS: u32 = 1 << 10;
 /// placing buffers, copying the logits out: about 0.1-0.3 ms for
 /// smollm2-135m): a worker woken from sleep started its first launch about
 /// 20 us late on a 2-core VM, every step.
-const SLEEP_AFTER: Duration = Duration::from_millis(2);
+pub(crate) const SLEEP_AFTER: Duration = Duration::from_millis(2);
 
 /// Spins of a thread waiting for a launch's other parts between its looks
 /// for parts nobody has claimed (a few microseconds: a launch's last parts
