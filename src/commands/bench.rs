@@ -27,8 +27,9 @@ use smelt_ir::Tensor;
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// A .smelt artifact (or a checkpoint folder / .onnx file, run by the
-    /// interpreter); several are timed in turn, call by call, each reported
-    /// with its times as a ratio of the first's (`models` in the report).
+    /// interpreter); several are timed in turn (prefill call by call,
+    /// decode steps in blocks of one model's calls), each reported with
+    /// its times as a ratio of the first's (`models` in the report).
     pub models: Vec<PathBuf>,
     /// Prompt length of the timed prefill.
     #[arg(long, default_value_t = 128)]
