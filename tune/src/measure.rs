@@ -10,8 +10,18 @@
 //!   exceed the last-level cache four times over (at least 128 MiB), so a
 //!   memory-bound kernel (a decode GEMV) is timed from memory, as it is in
 //!   a model whose weights do not fit in the cache;
+//! - each call is timed alone (a run of the team of its own) after a sweep
+//!   over [`SPACER_BYTES`] of other memory, as in a model other kernels'
+//!   streams run between two calls of one kernel. Timed back to back, the
+//!   hardware prefetchers stayed trained on the kernel's own streams, and
+//!   decode variants without software prefetch looked as fast as the
+//!   default or faster (smollm2-135m's qkv product 1.14x in a tune) where
+//!   in the model they were slower (decode 1.6% slower with that record);
+//!   after a sweep, the same pair times about 4% slower alone as well
+//!   (BENCHMARKS.md, 2026-11-30);
 //! - [`WallTimer`] warms up, then takes the median of several samples, each
-//!   long enough (a few milliseconds) for the clock's resolution.
+//!   long enough (a few milliseconds) for the clock's resolution, or
+//!   [`MAX_SPACED_CALLS`] calls.
 //!
 //! A variant whose result differs from the reference is [`Outcome::Wrong`]:
 //! it is reported and never timed or stored.
@@ -32,8 +42,10 @@ use crate::TuneError;
 /// deterministic function of the variant.
 pub trait Timer {
     /// Seconds per call of `variant` of `site` with `m` rows. `run(calls)`
-    /// makes `calls` calls back to back (on the thread team, a barrier
-    /// after each, inputs rotated) and returns the wall seconds they took.
+    /// returns the wall seconds `calls` calls take (on the CPU: up to
+    /// `MAX_SPACED_CALLS` of them timed one by one on the thread team,
+    /// each after a sweep of other memory, inputs rotated; on the GPU,
+    /// back to back).
     fn seconds(&mut self, site: &Site, variant: &Variant, m: usize, run: &mut dyn FnMut(usize) -> f64) -> f64;
 }
 
@@ -234,6 +246,24 @@ pub struct Bench {
     cache: Option<Cached>,
     /// A variant to build wrong on purpose (tests of the check).
     wrong: Option<Variant>,
+    /// The memory swept before each timed call ([`SPACER_BYTES`]).
+    spacer: Vec<u64>,
+}
+
+/// Bytes of other memory read before each timed call (see the module
+/// docs): a megabyte moved the measured choice as much as 8 or 32 did.
+pub const SPACER_BYTES: usize = 1 << 20;
+
+/// The most calls one timing sample makes: each is timed alone after a
+/// sweep of [`SPACER_BYTES`], which costs tens of microseconds, so the
+/// smallest kernels' samples stop at this many calls rather than at the
+/// sample's length.
+pub const MAX_SPACED_CALLS: usize = 64;
+
+/// Reads one word of every 64-byte line of `spacer`.
+fn sweep(spacer: &[u64]) {
+    let sum: u64 = spacer.iter().step_by(8).fold(0, |a, &x| a.wrapping_add(x));
+    std::hint::black_box(sum);
 }
 
 /// Deterministic uniform values in [-1, 1) (xorshift64*).
@@ -322,7 +352,8 @@ impl Bench {
             checks.push((m, a, want[0].to_f32_vec()));
         }
         let rotate_bytes = (4 * crate::device::last_level_cache_bytes()).max(ROTATE_MIN_BYTES);
-        Ok(Bench { site, team, rows: rows.to_vec(), weights, checks, rotate_bytes, cache: None, wrong: None })
+        let spacer = vec![1u64; SPACER_BYTES / 8];
+        Ok(Bench { site, team, rows: rows.to_vec(), weights, checks, rotate_bytes, cache: None, wrong: None, spacer })
     }
 
     pub fn site(&self) -> &Site {
@@ -434,15 +465,23 @@ impl Evaluate for Bench {
                 base: 0,
             };
             let team = &mut self.team;
+            let spacer = &self.spacer;
             let mut failed = None;
+            // `calls` calls' worth of time: up to `MAX_SPACED_CALLS` of them
+            // timed one by one, each after the sweep (see the module docs).
             let mut go = |calls: usize| -> f64 {
-                let start = Instant::now();
-                if let Err(e) = run(team, &shared, calls) {
-                    failed = Some(e);
+                let timed = calls.clamp(1, MAX_SPACED_CALLS);
+                let mut t = 0.0;
+                for _ in 0..timed {
+                    sweep(spacer);
+                    let start = Instant::now();
+                    if let Err(e) = run(team, &shared, 1) {
+                        failed = Some(e);
+                    }
+                    t += start.elapsed().as_secs_f64();
+                    shared.base += 1;
                 }
-                let t = start.elapsed().as_secs_f64();
-                shared.base += calls;
-                t
+                t * calls as f64 / timed as f64
             };
             let t = timer.seconds(&self.site, v, m, &mut go);
             if let Some(e) = failed {
