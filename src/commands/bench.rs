@@ -172,22 +172,17 @@ fn tokens(n: usize) -> Vec<i64> {
     (0..n as i64).map(|i| (i * 7919 + 1) % 100).collect()
 }
 
-/// Times `call` on every subject, `reps` rounds of one call each in turn,
-/// after untimed warm-up rounds: one, and more until `warm_up` has passed
-/// (only for a call that leaves no state behind: a decode step grows the
-/// cache). Milliseconds, `[subject][round]`.
-fn time_rounds(
-    subjects: &mut [Subject],
-    reps: usize,
-    warm_up: Duration,
-    call: impl Fn(&mut Subject) -> Result<()>,
-) -> Result<Vec<Vec<f64>>> {
+/// Times prefill calls: `reps` rounds of one call of every subject in
+/// turn, after untimed rounds until [`WARM_UP`] has passed (at least
+/// one). A prefill starts from an empty cache, so its calls leave nothing
+/// behind that the next one sees. Milliseconds, `[subject][round]`.
+fn time_prefill(subjects: &mut [Subject], reps: usize) -> Result<Vec<Vec<f64>>> {
     let warm = Instant::now();
     loop {
         for s in subjects.iter_mut() {
-            call(s).with_context(|| s.path.display().to_string())?;
+            s.prefill().with_context(|| s.path.display().to_string())?;
         }
-        if warm.elapsed() >= warm_up {
+        if warm.elapsed() >= WARM_UP {
             break;
         }
     }
@@ -195,7 +190,7 @@ fn time_rounds(
     for _ in 0..reps.max(1) {
         for (s, ts) in subjects.iter_mut().zip(&mut t) {
             let start = Instant::now();
-            call(s).with_context(|| s.path.display().to_string())?;
+            s.prefill().with_context(|| s.path.display().to_string())?;
             ts.push(start.elapsed().as_secs_f64() * 1e3);
         }
     }
@@ -294,7 +289,7 @@ pub fn main(args: Args) -> Result<()> {
                 s.r.model.sleep_when_idle(true);
             }
         }
-        let prefill = time_rounds(&mut subjects, args.reps, WARM_UP, Subject::prefill)?;
+        let prefill = time_prefill(&mut subjects, args.reps)?;
         let decode = decode_blocks(&mut subjects, args.reps, args.ctx, several)?;
         let mut reports = vec![];
         for (i, s) in subjects.into_iter().enumerate() {
