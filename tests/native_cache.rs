@@ -111,11 +111,26 @@ fn check_steps(name: &str, flags: &str, compile_flags: &[&str], in_place: bool) 
     assert!(m.cache().is_some(), "{name}: the plan keeps no cache");
     assert_eq!(m.cache_in_place(), in_place, "{name}: whether the cache is kept in place");
     // Appends into a cache kept in place say how little they move (so a
-    // decode step runs them on one thread); no other launch does.
+    // decode step runs them on one thread), and so does the first launch of
+    // split decode attention, which moves nothing below 512 visible keys
+    // and the cache's keys and values from there on; no other launch does.
     let plan = m.plan();
     for l in &plan.launches {
-        let append = plan.kernels[l.kernel].symbol.contains("kv_append_cache");
-        assert_eq!(l.work.is_some(), append, "{name}: launch `{}` work {:?}", l.node, l.work);
+        let symbol = &plan.kernels[l.kernel].symbol;
+        let append = symbol.contains("kv_append_cache");
+        let split = symbol.contains("_cache") && symbol.contains("_split");
+        assert_eq!(l.work.is_some(), append || split, "{name}: launch `{}` work {:?}", l.node, l.work);
+        if let (true, Some(work)) = (split, &l.work) {
+            let work: smelt_ir::Dim = work.parse().unwrap_or_else(|e| panic!("{name}: work `{work}`: {e}"));
+            let at = |past: i64| {
+                let env =
+                    BTreeMap::from([("batch".to_string(), 1), ("past".to_string(), past), ("seq".to_string(), 1)]);
+                work.eval_map(&env).unwrap_or_else(|e| panic!("{name}: work `{work}` at past {past}: {e}"))
+            };
+            assert_eq!(at(127), 0, "{name}: the split launch's work at 128 keys");
+            assert_eq!(at(510), 0, "{name}: the split launch's work at 511 keys");
+            assert!(at(511) >= 32 << 10, "{name}: the split launch's work at 512 keys is {}", at(511));
+        }
     }
     assert_eq!(plan.launches.iter().any(|l| l.work.is_some()), in_place, "{name}: appends with a work dim");
     let mut reference = Reference::default();

@@ -548,6 +548,9 @@ impl Scheduler<'_> {
                 args.push(b);
             }
             self.push_launch(n, step.instance, args)?;
+            if let (Some(work), Some(l)) = (step.work, self.launches.last_mut()) {
+                l.work = Some(work.to_string());
+            }
         }
         Ok(())
     }

@@ -193,8 +193,9 @@ pub struct Launch {
     pub grid: Option<[String; 3]>,
     /// Bytes the launch reads and writes in all, as a dim, where that is
     /// far less than its arguments hold (an append of one position to a
-    /// KV cache kept in place). The CPU runtime runs a launch on one
-    /// thread when this, or else every argument, is small.
+    /// KV cache kept in place; split decode attention's first launch,
+    /// which moves nothing below 512 visible keys). The CPU runtime runs a
+    /// launch on one thread when this, or else every argument, is small.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub work: Option<String>,
 }

@@ -168,13 +168,39 @@ fn attention_node(
     Ok(Selected::Steps(Steps {
         scratch: vec![Scratch { name: "partials".into(), elem: Scalar::F32, len }],
         steps: vec![
-            Step { instance: build(AttnKernel::Partials)?, args: [operands.clone(), vec![Arg::Scratch(0)]].concat() },
+            Step {
+                instance: build(AttnKernel::Partials)?,
+                args: [operands.clone(), vec![Arg::Scratch(0)]].concat(),
+                work: Some(partials_work(&spec, inputs)),
+            },
             Step {
                 instance: build(AttnKernel::Combine)?,
                 args: [operands, vec![Arg::Scratch(0), Arg::Result(0)]].concat(),
+                work: None,
             },
         ],
     }))
+}
+
+/// The bytes [`attention::decode_partials`] moves, as its launch's `work`:
+/// the keys and values it reads when it splits (at least
+/// [`attention::SPLIT_KEYS`] visible keys), else nothing. Below that the
+/// launch only finds it has nothing to do, and a work of 0 lets the CPU
+/// runtime run it on one thread with the small launches before it rather
+/// than as a launch of the whole team: on smollm2-135m's decode at 128
+/// keys that empty launch, a synchronisation of the team, took 1.3 us a
+/// layer. The factor `floor(keys / SPLIT_KEYS)` is 0 below the threshold
+/// and at least 1 from it on (more than the bytes read, which only says
+/// "large"); calls of several positions, which never split, still count
+/// as large from there on, as before.
+fn partials_work(spec: &attention::AttnSpec, inputs: &[TensorType]) -> Dim {
+    let split_keys = attention::SPLIT_KEYS as i64;
+    if spec.window.is_some_and(|w| w < split_keys) {
+        return Dim::c(0);
+    }
+    let (k, v) = (&inputs[1], &inputs[2]);
+    let bytes = |t: &TensorType| Dim::product(&t.shape) * Dim::c(t.dtype.size_bytes() as i64);
+    k.shape[2].floor_div(split_keys) * (bytes(k) + bytes(v))
 }
 
 /// The suffix of an attention kernel's name for its variant: `_causal`,

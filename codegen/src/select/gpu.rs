@@ -169,8 +169,8 @@ fn attention_node(op: &Op, inputs: &[TensorType], cfg: &GpuConfig) -> Result<Sel
     Ok(Selected::Steps(Steps {
         scratch: vec![Scratch { name: "partials".into(), elem: Scalar::F32, len: scratch_len }],
         steps: vec![
-            Step { instance: build(AttnKernel::Split(sp))?, args: split_args },
-            Step { instance: build(AttnKernel::Combine(sp, fp))?, args: combine_args },
+            Step { instance: build(AttnKernel::Split(sp))?, args: split_args, work: None },
+            Step { instance: build(AttnKernel::Combine(sp, fp))?, args: combine_args, work: None },
         ],
     }))
 }

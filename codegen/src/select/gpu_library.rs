@@ -45,7 +45,7 @@ pub struct GemmStep {
 /// One launch of a [`LibrarySteps`].
 #[derive(Clone, Debug)]
 pub enum LibStep {
-    Kernel(Step),
+    Kernel(Box<Step>),
     Gemm(GemmStep),
 }
 
@@ -102,7 +102,7 @@ pub fn cublas_weight_product(
     } else {
         let to = add_scratch(&format!("x_{}", elem_name(w_elem)), w_elem, m.clone() * Dim::c(k as i64));
         let inst = convert(rows, k, x_elem, w_elem, &op, x)?;
-        steps.push(LibStep::Kernel(Step { instance: inst, args: vec![Arg::Operand(0), to] }));
+        steps.push(LibStep::Kernel(Box::new(Step { instance: inst, args: vec![Arg::Operand(0), to], work: None })));
         to
     };
     let mn = m.clone() * Dim::c(n as i64);
@@ -113,7 +113,7 @@ pub fn cublas_weight_product(
             let y32 = add_scratch("y_f32", Scalar::F32, mn);
             steps.push(LibStep::Gemm(gemm(1, y32)));
             let inst = convert(rows, n, Scalar::F32, y_elem, &op, x)?;
-            steps.push(LibStep::Kernel(Step { instance: inst, args: vec![y32, Arg::Result(0)] }));
+            steps.push(LibStep::Kernel(Box::new(Step { instance: inst, args: vec![y32, Arg::Result(0)], work: None })));
         }
         Some(act) => {
             let g = add_scratch("gate", Scalar::F32, mn.clone());
@@ -121,7 +121,11 @@ pub fn cublas_weight_product(
             steps.push(LibStep::Gemm(gemm(1, g)));
             steps.push(LibStep::Gemm(gemm(2, u)));
             let inst = gated(rows, n, act, y_elem, &op, x)?;
-            steps.push(LibStep::Kernel(Step { instance: inst, args: vec![g, u, Arg::Result(0)] }));
+            steps.push(LibStep::Kernel(Box::new(Step {
+                instance: inst,
+                args: vec![g, u, Arg::Result(0)],
+                work: None,
+            })));
         }
     }
     Ok(LibrarySteps { scratch, steps })

@@ -90,6 +90,11 @@ pub struct Scratch {
 pub struct Step {
     pub instance: Instance,
     pub args: Vec<Arg>,
+    /// Bytes the launch moves, over the graph's symbols, where that is far
+    /// less than its arguments hold (the launch's `work` in the plan; the
+    /// CPU runtime runs a small one on one thread, without a barrier of
+    /// the team of its own). None: judged by its arguments.
+    pub work: Option<Dim>,
 }
 
 /// What a global buffer of a [`Step`]'s kernel is bound to.

@@ -87,7 +87,7 @@ const SEGMENT_KEYS: usize = 64;
 /// a 2-core Zen 5 (smollm2-135m, 9 query heads on 3 key/value heads) that
 /// took 7 us per layer at 128 keys against 9.7 split, and 12 against 15 at
 /// 256; split took 24 against 24 at 512 and 44 against 60 at 1024.
-const SPLIT_KEYS: usize = 512;
+pub const SPLIT_KEYS: usize = 512;
 
 /// The elements of the partials buffer of [`decode_partials`]: per query
 /// row (`batch * hq` of them, one position) and segment, the unnormalized
