@@ -48,8 +48,10 @@ fn a_measured_winner_is_built_and_recorded() {
     assert_eq!(t.source, TuningSource::Estimated);
     assert_eq!(t.site, site.to_string());
     // The estimate is the build's default panels (Cranelift's 4-lane
-    // tiles, or LLVM's wider ones in the llvm build).
+    // tiles, or LLVM's wider ones in the llvm build), their streams
+    // balanced for this machine's cores.
     let (p, lowering) = smelt_codegen::tuning::default_panels(&Lowering::available());
+    let p = p.balanced(24, smelt_codegen::tuning::host_team());
     assert_eq!(t.params, Variant::Panels { p, lowering }.to_string());
 
     let winner = Variant::Panels {

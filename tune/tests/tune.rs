@@ -39,7 +39,8 @@ fn optimum() -> Variant {
 }
 
 /// Seconds for `v` at `m` rows: separable in the panel parameters with
-/// its minimum at [`optimum`], the default (6, 8, 4, no fma) slower, every
+/// its minimum at [`optimum`] (streams too: the default's depend on the
+/// host's core count), the default (6, 8, 4, no fma) slower, every
 /// `rows` variant slower still.
 fn cost(v: &Variant, m: usize) -> f64 {
     let base = 1e-6 * m as f64;
@@ -48,6 +49,7 @@ fn cost(v: &Variant, m: usize) -> f64 {
             let d = (p.mr as f64 - 2.0).abs()
                 + (p.nr as f64 - 16.0).abs() / 4.0
                 + (p.ksplit as f64).log2()
+                + (p.streams as f64 - 2.0).abs()
                 + (!p.fma) as u8 as f64;
             base * (1.0 + 0.1 * d)
         }

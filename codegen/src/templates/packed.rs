@@ -242,6 +242,31 @@ impl PanelParams {
         }
     }
 
+    /// These parameters with the stream count that suits an `n`-column
+    /// product on a team of `team` threads. A decode launch lasts as long
+    /// as its busiest thread, and the threads split the panel groups (see
+    /// [`weight_matmul`]), so a group count the team does not divide
+    /// evenly leaves a thread a group more to read: smollm2-135m's 18
+    /// panels of 32 columns (576) in 2 streams are 9 groups, 5 for one
+    /// thread of two and 4 for the other. Of 1 up to one more than the
+    /// asked count (at most 4), this takes the count whose busiest thread
+    /// reads the fewest panels, then the one nearest the asked count,
+    /// then the larger. On a 2-core Zen 5, smollm2-135m's 576- and
+    /// 960-column products took 3 streams (bf16: 2 before; f32: 4 asked,
+    /// 2 and 3 used to keep 8 groups): their threads' idle share in
+    /// `SMELT_PROFILE` fell from 7-12% to 1-3%, and interleaved decode
+    /// runs took 0.958 (f32) and 0.976 (bf16) of the time in the fast
+    /// memory phase, 0.992 in the slow one (BENCHMARKS.md).
+    pub fn balanced(self, n: usize, team: usize) -> PanelParams {
+        let p = self.normalized();
+        let panels = n.div_ceil(p.nr);
+        let wanted = p.streams;
+        let best = (1..=(wanted + 1).min(MAX_STREAMS).max(wanted))
+            .min_by_key(|&s| (busiest_share(panels, s, team), s.abs_diff(wanted), usize::MAX - s))
+            .unwrap_or(wanted);
+        PanelParams { streams: stream_count(best, panels), ..self }
+    }
+
     /// The layout of weights stored as `w` for these parameters (taken
     /// [`normalized`](Self::normalized)): 16-bit weights in pairs of
     /// vectors where a panel holds whole pairs, others in plain panels.
@@ -318,23 +343,37 @@ pub fn weight_matmul(b: &mut Builder, m: Expr, n: usize, k: usize, act: Option<A
     }
 }
 
-/// Panel groups a streamed kernel keeps when it can (see [`stream_count`]).
-const MIN_GROUPS: usize = 8;
+/// The most streams [`PanelParams::balanced`] chooses (unless more are
+/// asked for).
+const MAX_STREAMS: usize = 4;
 
 /// How many streams `panels` panels are read in when `wanted` are asked
-/// for. The threads split the groups, so fewer streams than asked keep at
-/// least [`MIN_GROUPS`] groups where the panels allow (a narrow product
-/// would otherwise leave threads idle: 8 panels in 4 streams are 2 groups,
-/// work for 2 threads only). And every stream holds at least one panel:
-/// stream `s` holds the panels `q + s * groups`, so the last stream would
-/// be empty when `(streams - 1) * groups` reaches `panels` (5 panels in 4
-/// streams of 2).
+/// for: at most `wanted`, and every stream holds at least one panel
+/// (stream `s` holds the panels `q + s * groups`, so the last stream would
+/// be empty when `(streams - 1) * groups` reaches `panels`: 5 panels in 4
+/// streams of 2). How many are worth asking for on a team of threads is
+/// [`PanelParams::balanced`]'s question.
 fn stream_count(wanted: usize, panels: usize) -> usize {
-    let mut s = wanted.clamp(1, (panels / MIN_GROUPS).max(1));
+    let mut s = wanted.clamp(1, panels.max(1));
     while s > 1 && (s - 1) * panels.div_ceil(s) >= panels {
         s -= 1;
     }
     s
+}
+
+/// The most panels a thread of a team of `team` reads in a single-row
+/// launch of `panels` panels in `streams` streams: the threads split the
+/// panel groups into consecutive shares (the runtime's team gives thread
+/// `t` the groups `t * groups / team ..`), and the last groups of a
+/// stream count hold fewer panels where the streams are uneven.
+fn busiest_share(panels: usize, streams: usize, team: usize) -> usize {
+    let streams = stream_count(streams, panels);
+    let groups = panels.div_ceil(streams);
+    let in_group = |q: usize| (0..streams).filter(|s| q + s * groups < panels).count();
+    (0..team.max(1))
+        .map(|t| (t * groups / team.max(1)..(t + 1) * groups / team.max(1)).map(in_group).sum())
+        .max()
+        .unwrap_or(0)
 }
 
 struct Gen {
@@ -744,20 +783,50 @@ mod tests {
     }
 
     #[test]
-    fn streams_keep_enough_groups_and_no_empty_stream() {
-        // (asked, panels, used): smollm2's 36, 60 and 96 panels take 4;
-        // narrow products keep 8 groups; no stream is left empty.
-        for (asked, panels, used) in
-            [(4, 36, 4), (4, 60, 4), (4, 96, 4), (4, 8, 1), (4, 16, 2), (4, 33, 4), (4, 5, 1), (2, 17, 2), (5, 40, 5)]
-        {
+    fn no_stream_is_left_empty() {
+        for (asked, panels, used) in [(4, 36, 4), (4, 8, 4), (4, 5, 3), (4, 3, 3), (2, 17, 2), (5, 40, 5), (3, 1, 1)] {
             assert_eq!(stream_count(asked, panels), used, "{asked} streams of {panels} panels");
         }
         for panels in 1..200 {
             for asked in 1..=8 {
                 let s = stream_count(asked, panels);
-                let groups = panels.div_ceil(s);
-                assert!(s >= 1 && s <= asked && (s - 1) * groups < panels, "{asked} of {panels}: {s}");
-                assert!(s == 1 || groups >= 8, "{asked} of {panels}: {s} streams of {groups} groups");
+                assert!(s >= 1 && s <= asked && (s - 1) * panels.div_ceil(s) < panels, "{asked} of {panels}: {s}");
+            }
+        }
+    }
+
+    #[test]
+    fn busiest_thread_counts_the_panels_of_its_groups() {
+        // 18 panels in 2 streams: 9 groups, split 4 and 5 between two threads.
+        assert_eq!(busiest_share(18, 2, 2), 10);
+        assert_eq!(busiest_share(18, 3, 2), 9);
+        // 30 panels in 4 streams of 8: the last two groups hold 3 panels,
+        // and the first thread has the four whole ones.
+        assert_eq!(busiest_share(30, 4, 2), 16);
+        // More threads than groups: one thread reads a whole group.
+        assert_eq!(busiest_share(8, 4, 4), 4);
+        assert_eq!(busiest_share(8, 1, 16), 1);
+    }
+
+    #[test]
+    fn streams_are_chosen_for_an_even_split_between_threads() {
+        let streams = |p: PanelParams, n: usize, team: usize| p.balanced(n, team).streams;
+        let bf16 = PanelParams::WIDE_AVX512.for_weights(Scalar::BF16);
+        let f32 = PanelParams::WIDE_AVX512;
+        // smollm2-135m on two threads: 576 columns (18 panels) take 3
+        // streams, 960 (30) take 3, 1536 (48) and the head keep the asked.
+        assert_eq!([576, 960, 1536, 49152].map(|n| streams(bf16, n, 2)), [3, 3, 2, 2]);
+        assert_eq!([576, 960, 1536, 49152].map(|n| streams(f32, n, 2)), [3, 3, 4, 4]);
+        // On four threads 18 panels split evenest one at a time.
+        assert_eq!(streams(bf16, 576, 4), 1);
+        // Narrow products on many threads read one stream.
+        assert_eq!(streams(f32, 256, 16), 1);
+        // Every choice keeps the other parameters and is a valid count.
+        for n in (1..3000).step_by(37) {
+            for team in 1..=8 {
+                let p = f32.balanced(n, team);
+                assert_eq!(PanelParams { streams: 4, ..p }, f32);
+                assert_eq!(stream_count(p.streams, n.div_ceil(32)), p.streams, "{n} on {team}");
             }
         }
     }

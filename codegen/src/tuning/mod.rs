@@ -321,7 +321,7 @@ impl Site {
                     axis("ksplit", &[1, 2, 4, 8]),
                     axis("fma", &[0, 1]),
                     axis("lanes", &host_lanes(lowering)),
-                    axis("streams", &[1, 2, 4]),
+                    axis("streams", &[1, 2, 3, 4]),
                     // Only the LLVM lowering emits prefetches.
                     axis("prefetch", if lowering == Lowering::Llvm { &[0, 1024, 2048, 4096] } else { &[0] }),
                 ],
@@ -346,7 +346,7 @@ impl Site {
         }
         if packed_weights {
             let (p, lowering) = default_panels(lowerings);
-            Variant::Panels { p: p.for_weights(w), lowering }
+            Variant::Panels { p: p.for_weights(w).balanced(n, host_team()), lowering }
         } else {
             let lowering = if lowerings.contains(&Lowering::Llvm) { Lowering::Llvm } else { Lowering::Cranelift };
             Variant::Rows { t: TileParams::default_for(Layout::NK, act.is_some()), lowering }
@@ -356,12 +356,15 @@ impl Site {
     /// Where a search of `family` starts: the template's default
     /// parameters in that family.
     pub fn start(&self, family: &Family) -> Vec<usize> {
-        let (_, _, act, w) = self.product();
+        let (n, _, act, w) = self.product();
         let v = match family.kind {
-            FamilyKind::Panels if family.lowering == Lowering::Llvm => {
-                Variant::Panels { p: default_panels(&[Lowering::Llvm]).0.for_weights(w), lowering: family.lowering }
+            FamilyKind::Panels if family.lowering == Lowering::Llvm => Variant::Panels {
+                p: default_panels(&[Lowering::Llvm]).0.for_weights(w).balanced(n, host_team()),
+                lowering: family.lowering,
+            },
+            FamilyKind::Panels => {
+                Variant::Panels { p: PanelParams::DEFAULT.balanced(n, host_team()), lowering: family.lowering }
             }
-            FamilyKind::Panels => Variant::Panels { p: PanelParams::DEFAULT, lowering: family.lowering },
             FamilyKind::Rows => {
                 Variant::Rows { t: TileParams::default_for(Layout::NK, act.is_some()), lowering: family.lowering }
             }
@@ -739,6 +742,14 @@ pub fn choose(site: &Site, tuning: Option<&Tuning>, packed_weights: bool) -> Cho
     }
 }
 
+/// The thread team the default parameters are balanced for
+/// ([`PanelParams::balanced`]): every core of this machine, the size of
+/// the runtime's team unless it is told otherwise. A compile for another
+/// team size gets parameters measured for it from `smelt tune --threads`.
+pub fn host_team() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 /// The packed-panel parameters used without a measurement, and their
 /// lowering, where the build has LLVM: 6x32 tiles of 16-lane vectors with
 /// FMA on hosts with AVX-512, 6x16 tiles of 8-lane vectors where the host
@@ -825,7 +836,7 @@ mod tests {
     fn the_space_enumerates_and_locates_every_variant() {
         let s = site();
         let space = s.space(&[Lowering::Cranelift]);
-        assert_eq!(space.len(), 10 * 6 * 4 * 2 * 3 + 5 * 4 * 3);
+        assert_eq!(space.len(), 10 * 6 * 4 * 2 * 4 + 5 * 4 * 3);
         assert_eq!(s.space(&[Lowering::Llvm]).families[0].axes.last().map(|a| a.values.len()), Some(4));
         for fam in &space.families {
             let all = fam.variants();
@@ -864,7 +875,7 @@ mod tests {
         let est = choose(&s, None, true);
         assert_eq!(est.record.source, TuningSource::Estimated);
         let (p, lowering) = default_panels(&Lowering::available());
-        assert_eq!(est.variant, Variant::Panels { p, lowering });
+        assert_eq!(est.variant, Variant::Panels { p: p.balanced(24, host_team()), lowering });
         let mut t = Tuning::default();
         let v = Variant::Panels {
             p: PanelParams { mr: 4, nr: 16, ksplit: 2, fma: true, lanes: 4, streams: 4, prefetch: 0 },
