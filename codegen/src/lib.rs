@@ -30,6 +30,7 @@ pub mod ptxas;
 pub mod schedule;
 pub mod select;
 pub mod simulate;
+pub mod strided_slices;
 pub mod templates;
 pub mod tuning;
 

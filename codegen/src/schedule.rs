@@ -89,6 +89,9 @@ enum Slot {
     Stored(StoredView),
     /// A plan buffer.
     Buf(usize),
+    /// A slice read in place by the transposes after it (see
+    /// [`crate::strided_slices`]): the buffer it views, and how.
+    Strided(usize, crate::strided_slices::Strided),
 }
 
 /// A weight's stored bytes seen as a value: a cast that widens them
@@ -425,6 +428,9 @@ impl Scheduler<'_> {
             return Ok(done);
         }
         if let Some(done) = self.narrow_table_gather(n)? {
+            return Ok(done);
+        }
+        if let Some(done) = self.strided_slice(n)? {
             return Ok(done);
         }
         let in_tys: Vec<_> = node.inputs.iter().map(|v| g.ty(*v).clone()).collect();
@@ -929,7 +935,7 @@ impl Scheduler<'_> {
             .map(|v| match &self.slots[v] {
                 Slot::Const(t) => Cow::Borrowed(t),
                 Slot::Stored(s) => Cow::Owned(s.to_tensor()),
-                Slot::Buf(_) => unreachable!("fold is only called with constant operands"),
+                Slot::Buf(_) | Slot::Strided(..) => unreachable!("fold is only called with constant operands"),
             })
             .collect();
         let refs: Vec<&Tensor> = operands.iter().map(|t| t.as_ref()).collect();
@@ -940,6 +946,67 @@ impl Scheduler<'_> {
         }
         self.folded += 1;
         Ok(())
+    }
+
+    /// On the CPU, a slice whose every use is a transpose (directly or
+    /// through reshapes that split axes) becomes a view of its operand's
+    /// buffer, the reshapes carry it, and the transposes copy straight from
+    /// that buffer (see [`crate::strided_slices`]); `None` when node `n` is
+    /// none of these.
+    fn strided_slice(&mut self, n: NodeId) -> Result<Option<()>, ScheduleError> {
+        use crate::strided_slices::{deferrable, slice};
+        let g = self.graph;
+        let node = g.node(n);
+        if self.options.device != Device::Cpu || node.inputs.is_empty() || node.outputs.len() != 1 {
+            return Ok(None);
+        }
+        let (x, v) = (node.inputs[0], node.outputs[0]);
+        let strided = match self.slots.get(&x) {
+            Some(Slot::Strided(b, view)) => Some((*b, view.clone())),
+            _ => None,
+        };
+        match (&node.op, strided) {
+            (Op::Slice { axes, starts, steps, .. }, None) if deferrable(g, n) => {
+                let Some(view) = slice(g.ty(x), g.ty(v), axes, starts, steps) else { return Ok(None) };
+                let b = self.buffer_of(x);
+                self.slots.insert(v, Slot::Strided(b, view));
+                Ok(Some(()))
+            }
+            (Op::Reshape { .. }, Some((b, view))) => {
+                // `deferrable` proved the reshape carries the view.
+                let Some(view) = view.reshape(&g.ty(v).shape) else { return Ok(None) };
+                self.slots.insert(v, Slot::Strided(b, view));
+                Ok(Some(()))
+            }
+            (Op::Transpose { perm }, Some((b, view))) => {
+                let x_ty = g.ty(x);
+                let out = g.ty(v);
+                let copy = view.transpose(x_ty, perm).ok_or_else(|| ScheduleError::Contract {
+                    node: describe(g, n),
+                    kernel: "transpose".into(),
+                    what: format!("a permutation of {} axes", view.shape.len()),
+                    found: format!("{perm:?}"),
+                })?;
+                let prefix = format!("transpose_{}", out.dtype.name());
+                let (kernel, scalars) = crate::templates::strided::map(
+                    &prefix,
+                    &out.shape,
+                    select::elem_of(out.dtype),
+                    &[copy],
+                    true,
+                    &|a, _| a[0].clone(),
+                )
+                .map_err(|e| ScheduleError::Contract {
+                    node: describe(g, n),
+                    kernel: prefix.clone(),
+                    what: "a strided copy".into(),
+                    found: e.to_string(),
+                })?;
+                self.launch(n, Instance { kernel, scalars }, vec![b])?;
+                Ok(Some(()))
+            }
+            _ => Ok(None),
+        }
     }
 
     /// Adds the launch of `inst` for node `n` on operand buffers `args`,
@@ -1149,6 +1216,9 @@ impl Scheduler<'_> {
                 self.placed.insert((v, Scalar::F32), b);
                 b
             }
+            // `strided_slice` defers a slice only when transposes are its
+            // only readers, and they read the buffer it views.
+            Some(Slot::Strided(..)) => unreachable!("a deferred slice is read by transposes only"),
             None => unreachable!("operands are scheduled before their users (topological order)"),
         }
     }
