@@ -974,7 +974,13 @@ impl Scheduler<'_> {
             }
             (Op::Reshape { .. }, Some((b, view))) => {
                 // `deferrable` proved the reshape carries the view.
-                let Some(view) = view.reshape(&g.ty(v).shape) else { return Ok(None) };
+                let shape = &g.ty(v).shape;
+                let view = view.reshape(shape).ok_or_else(|| ScheduleError::Contract {
+                    node: describe(g, n),
+                    kernel: "reshape".into(),
+                    what: "a reshape that splits the axes of a deferred slice".into(),
+                    found: format!("{:?} -> {shape:?}", view.shape),
+                })?;
                 self.slots.insert(v, Slot::Strided(b, view));
                 Ok(Some(()))
             }

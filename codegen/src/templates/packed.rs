@@ -251,12 +251,13 @@ impl PanelParams {
     /// thread of two and 4 for the other. Of 1 up to one more than the
     /// asked count (at most 4), this takes the one nearest the asked count
     /// (then the larger) among those whose busiest thread reads at most
-    /// [`BALANCE_SLACK`] more panels than the fewest any count gives. On a 2-core Zen 5, smollm2-135m's 576- and
-    /// 960-column products took 3 streams (bf16: 2 before; f32: 4 asked,
-    /// 2 and 3 used to keep 8 groups): their threads' idle share in
-    /// `SMELT_PROFILE` fell from 7-12% to 1-3%, and interleaved decode
-    /// runs took 0.958 (f32) and 0.976 (bf16) of the time in the fast
-    /// memory phase, 0.992 in the slow one (BENCHMARKS.md).
+    /// [`BALANCE_SLACK`] more panels than the fewest any count gives. On a
+    /// 2-core Zen 5, smollm2-135m's 576- and 960-column products took 3
+    /// streams (bf16: 2 before; f32: 4 asked, 2 and 3 used to keep 8
+    /// groups): their threads' idle share in `SMELT_PROFILE` fell from
+    /// 7-12% to 1-3%, and interleaved decode runs took 0.958 (f32) and
+    /// 0.976 (bf16) of the time in the fast memory phase, 0.992 in the slow
+    /// one (BENCHMARKS.md).
     pub fn balanced(self, n: usize, team: usize) -> PanelParams {
         let p = self.normalized();
         let panels = n.div_ceil(p.nr);
