@@ -967,7 +967,7 @@ impl Scheduler<'_> {
         };
         match (&node.op, strided) {
             (Op::Slice { axes, starts, steps, .. }, None) if deferrable(g, n) => {
-                let Some(view) = slice(g.ty(x), g.ty(v), axes, starts, steps) else { return Ok(None) };
+                let Ok(view) = slice(g.ty(x), g.ty(v), axes, starts, steps) else { return Ok(None) };
                 let b = self.buffer_of(x);
                 self.slots.insert(v, Slot::Strided(b, view));
                 Ok(Some(()))

@@ -32,17 +32,21 @@ pub struct Strided {
 }
 
 /// The view a slice of `x` (with the op's `axes`, `starts` and `steps`)
-/// takes of `x`'s elements, producing `out`.
-pub fn slice(x: &TensorType, out: &TensorType, axes: &[i64], starts: &[Dim], steps: &[i64]) -> Option<Strided> {
+/// takes of `x`'s elements, producing `out`; an error names an axis out
+/// of range or a missing start or step.
+pub fn slice(x: &TensorType, out: &TensorType, axes: &[i64], starts: &[Dim], steps: &[i64]) -> Result<Strided, String> {
     let rs = row_strides(&x.shape);
     let mut strides = rs.clone();
     let mut offset = Dim::c(0);
     for (i, &ax) in axes.iter().enumerate() {
-        let a = norm_axis(ax, x.rank()).ok()?;
-        strides[a] = rs[a].clone() * Dim::c(*steps.get(i)?);
-        offset = offset + starts.get(i)?.clone() * rs[a].clone();
+        let a = norm_axis(ax, x.rank())?;
+        let (Some(start), Some(&step)) = (starts.get(i), steps.get(i)) else {
+            return Err(format!("axis {ax} has no start or step"));
+        };
+        strides[a] = rs[a].clone() * Dim::c(step);
+        offset = offset + start.clone() * rs[a].clone();
     }
-    Some(Strided { len: Dim::product(&x.shape), offset, shape: out.shape.clone(), strides })
+    Ok(Strided { len: Dim::product(&x.shape), offset, shape: out.shape.clone(), strides })
 }
 
 impl Strided {
@@ -82,6 +86,17 @@ impl Strided {
         Some(Strided { shape: shape.to_vec(), strides, ..self.clone() })
     }
 
+    /// These elements as a view of their buffer, for a copy kernel of
+    /// `x`'s dtype.
+    pub fn view(&self, x: &TensorType) -> View {
+        View {
+            elem: elem_of(x.dtype),
+            len: self.len.clone(),
+            offset: self.offset.clone(),
+            strides: self.strides.clone(),
+        }
+    }
+
     /// The view a transpose by `perm` of these elements reads, for the
     /// copy kernel of `x`'s dtype.
     pub fn transpose(&self, x: &TensorType, perm: &[i64]) -> Option<View> {
@@ -89,7 +104,7 @@ impl Strided {
             .iter()
             .map(|&p| norm_axis(p, self.shape.len()).ok().map(|a| self.strides[a].clone()))
             .collect::<Option<Vec<_>>>()?;
-        Some(View { elem: elem_of(x.dtype), len: self.len.clone(), offset: self.offset.clone(), strides })
+        Some(View { strides, ..self.view(x) })
     }
 }
 
@@ -101,24 +116,20 @@ pub fn deferrable(g: &Graph, n: NodeId) -> bool {
     let (Op::Slice { axes, starts, steps, .. }, [x], [v]) = (&node.op, &node.inputs[..], &node.outputs[..]) else {
         return false;
     };
-    let Some(view) = slice(g.ty(*x), g.ty(*v), axes, starts, steps) else { return false };
-    let only_transposes = |v| {
+    let Ok(view) = slice(g.ty(*x), g.ty(*v), axes, starts, steps) else { return false };
+    // No graph output, at least one use, and every use passing `ok`.
+    let used_only_by = |v, ok: &dyn Fn(&smelt_ir::Node) -> bool| {
         let users = g.users(v);
-        !g.is_output(v) && !users.is_empty() && users.iter().all(|(u, _)| matches!(g.node(*u).op, Op::Transpose { .. }))
+        !g.is_output(v) && !users.is_empty() && users.iter().all(|&(u, _)| ok(g.node(u)))
     };
-    if g.is_output(*v) || g.users(*v).is_empty() {
-        return false;
-    }
-    g.users(*v).iter().all(|&(u, _)| {
-        let user = g.node(u);
-        match &user.op {
-            Op::Transpose { .. } => true,
-            Op::Reshape { .. } => {
-                let out = user.outputs[0];
-                view.reshape(&g.ty(out).shape).is_some() && only_transposes(out)
-            }
-            _ => false,
+    let transpose = |u: &smelt_ir::Node| matches!(u.op, Op::Transpose { .. });
+    used_only_by(*v, &|u| match &u.op {
+        Op::Transpose { .. } => true,
+        Op::Reshape { .. } => {
+            let out = u.outputs[0];
+            view.reshape(&g.ty(out).shape).is_some() && used_only_by(out, &transpose)
         }
+        _ => false,
     })
 }
 
@@ -139,6 +150,7 @@ mod tests {
         let qkv = ty(&[b.clone(), s.clone(), Dim::c(960)]);
         let k = ty(&[b.clone(), s.clone(), Dim::c(192)]);
         let view = slice(&qkv, &k, &[-1], &[Dim::c(576)], &[1]).unwrap();
+        assert!(slice(&qkv, &k, &[3], &[Dim::c(576)], &[1]).is_err(), "axis 3 of a rank-3 value");
         assert_eq!(view.offset, Dim::c(576));
         let heads = view.reshape(&[b.clone(), s.clone(), Dim::c(3), Dim::c(64)]).unwrap();
         assert_eq!(heads.strides, vec![s.clone() * Dim::c(960), Dim::c(960), Dim::c(64), Dim::c(1)]);

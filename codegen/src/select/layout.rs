@@ -51,15 +51,7 @@ pub fn select(op: &Op, inputs: &[TensorType], outputs: &[TensorType]) -> Result<
         }
         Op::Slice { axes, starts, steps, .. } => {
             let x = &inputs[0];
-            let rs = row_strides(&x.shape);
-            let mut strides = rs.clone();
-            let mut offset = Dim::c(0);
-            for (i, &ax) in axes.iter().enumerate() {
-                let a = norm_axis(ax, x.rank()).map_err(bad)?;
-                strides[a] = rs[a].clone() * Dim::c(steps[i]);
-                offset = offset + starts[i].clone() * rs[a].clone();
-            }
-            let view = View { elem: elem_of(x.dtype), len: Dim::product(&x.shape), offset, strides };
+            let view = crate::strided_slices::slice(x, out, axes, starts, steps).map_err(bad)?.view(x);
             // A view when the kept elements are one dense block (proved
             // symbolically; when in doubt, copy).
             match collapse(&out.shape, std::slice::from_ref(&view)).as_slice() {

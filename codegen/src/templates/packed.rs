@@ -262,10 +262,13 @@ impl PanelParams {
         let p = self.normalized();
         let panels = n.div_ceil(p.nr);
         let wanted = p.streams;
-        let counts = 1..=(wanted + 1).min(MAX_STREAMS).max(wanted);
-        let fewest = counts.clone().map(|s| busiest_share(panels, s, team)).min().unwrap_or(0);
-        let best = counts
-            .filter(|&s| busiest_share(panels, s, team) as f64 <= fewest as f64 * (1.0 + BALANCE_SLACK))
+        let shares: Vec<(usize, usize)> =
+            (1..=(wanted + 1).min(MAX_STREAMS).max(wanted)).map(|s| (s, busiest_share(panels, s, team))).collect();
+        let fewest = shares.iter().map(|&(_, share)| share).min().unwrap_or(0);
+        let best = shares
+            .iter()
+            .filter(|&&(_, share)| share as f64 <= fewest as f64 * (1.0 + BALANCE_SLACK))
+            .map(|&(s, _)| s)
             .min_by_key(|&s| (s.abs_diff(wanted), usize::MAX - s))
             .unwrap_or(wanted);
         PanelParams { streams: stream_count(best, panels), ..self }
@@ -382,10 +385,8 @@ fn busiest_share(panels: usize, streams: usize, team: usize) -> usize {
     let streams = stream_count(streams, panels);
     let groups = panels.div_ceil(streams);
     let in_group = |q: usize| (0..streams).filter(|s| q + s * groups < panels).count();
-    (0..team.max(1))
-        .map(|t| (t * groups / team.max(1)..(t + 1) * groups / team.max(1)).map(in_group).sum())
-        .max()
-        .unwrap_or(0)
+    let team = team.max(1);
+    (0..team).map(|t| (t * groups / team..(t + 1) * groups / team).map(in_group).sum()).max().unwrap_or(0)
 }
 
 struct Gen {
