@@ -9,7 +9,6 @@
 //! into the artifact (it never re-reads or re-hashes it).
 
 use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{channel, sync_channel, Sender, SyncSender};
 use std::thread::JoinHandle;
@@ -118,19 +117,19 @@ impl ConstantsWriter {
         let thread = std::thread::Builder::new()
             .name("smelt-constants".into())
             .spawn(move || {
-                let mut file = file;
+                let mut file = BlockFile::new(file);
                 let mut hasher = FileHasher::new(PIECE_BYTES);
                 for msg in rx {
                     match msg {
                         Msg::Data(data) => hash_and_write(&mut hasher, &mut file, (*data).as_ref())?,
                         Msg::Zeros(n) => hash_and_write(&mut hasher, &mut file, &vec![0u8; n])?,
                         Msg::Sync(ack) => {
-                            file.flush()?;
+                            file.sync()?;
                             let _ = ack.send(());
                         }
                     }
                 }
-                file.flush()?;
+                file.sync()?;
                 Ok(hasher.finish())
             })
             .map_err(io)?;
@@ -221,9 +220,65 @@ impl ConstantsWriter {
     }
 }
 
+/// The size and alignment of the blocks [`BlockFile`] writes: a 2 MiB
+/// huge page.
+const BLOCK: usize = 2 << 20;
+
+/// The constants file, written in whole blocks of [`BLOCK`] bytes at
+/// offsets that are multiples of it (and the last, short one at the end).
+///
+/// The weights are read through a memory mapping, and how much of it the
+/// kernel maps in 2 MiB pages follows the page cache's folios, which
+/// follow the writes that made them: a file written a tensor at a time
+/// (most of a small model's tensors under 2 MiB) was mapped 20% (bf16
+/// smollm2-135m) or 46% (f32) in huge pages, and streaming from 4 KiB
+/// pages is slower on machines where the page walks are costly (virtual
+/// machines: see BENCHMARKS.md). Whole aligned blocks let the page cache
+/// hold them as huge folios.
+struct BlockFile {
+    file: File,
+    /// The bytes after the last whole block written.
+    tail: Vec<u8>,
+    /// Where `tail` starts in the file (a multiple of `BLOCK`).
+    at: u64,
+}
+
+impl BlockFile {
+    fn new(file: File) -> BlockFile {
+        BlockFile { file, tail: Vec::with_capacity(BLOCK), at: 0 }
+    }
+
+    fn write_all(&mut self, mut data: &[u8]) -> std::io::Result<()> {
+        if !self.tail.is_empty() {
+            let take = (BLOCK - self.tail.len()).min(data.len());
+            self.tail.extend_from_slice(&data[..take]);
+            data = &data[take..];
+            if self.tail.len() < BLOCK {
+                return Ok(());
+            }
+            write_at(&self.file, &self.tail, self.at)?;
+            self.at += BLOCK as u64;
+            self.tail.clear();
+        }
+        let whole = data.len() / BLOCK * BLOCK;
+        if whole > 0 {
+            write_at(&self.file, &data[..whole], self.at)?;
+            self.at += whole as u64;
+        }
+        self.tail.extend_from_slice(&data[whole..]);
+        Ok(())
+    }
+
+    /// Puts every byte given so far in the file; the short last block is
+    /// written again, whole, once it fills.
+    fn sync(&mut self) -> std::io::Result<()> {
+        write_at(&self.file, &self.tail, self.at)
+    }
+}
+
 /// Hashes (the whole file's hash and its pieces', each on a thread of
 /// its own for a large chunk) and writes `data`.
-fn hash_and_write(hasher: &mut FileHasher, file: &mut File, data: &[u8]) -> std::io::Result<()> {
+fn hash_and_write(hasher: &mut FileHasher, file: &mut BlockFile, data: &[u8]) -> std::io::Result<()> {
     if data.len() < SPLIT_HASH {
         hasher.update(data);
         return file.write_all(data);
@@ -234,6 +289,19 @@ fn hash_and_write(hasher: &mut FileHasher, file: &mut File, data: &[u8]) -> std:
         s.spawn(|| pieces.update(data));
         file.write_all(data)
     })
+}
+
+#[cfg(unix)]
+fn write_at(f: &File, buf: &[u8], offset: u64) -> std::io::Result<()> {
+    std::os::unix::fs::FileExt::write_all_at(f, buf, offset)
+}
+
+#[cfg(not(unix))]
+fn write_at(f: &File, buf: &[u8], offset: u64) -> std::io::Result<()> {
+    use std::io::{Seek, SeekFrom, Write};
+    let mut f = f.try_clone()?;
+    f.seek(SeekFrom::Start(offset))?;
+    f.write_all(buf)
 }
 
 #[cfg(unix)]
@@ -286,6 +354,31 @@ mod tests {
             matches!(&f, FileData::File { size, sha256, .. } if *size == bytes.len() as u64 && *sha256 == sha256_hex(&bytes))
         );
         assert!(f.same_contents(&m) && m.same_contents(&f));
+    }
+
+    /// Chunks that start, end and straddle `BLOCK` boundaries, one larger
+    /// than two blocks, and a read-back in the middle of a block (which
+    /// writes the short block, later written again whole): the file has
+    /// every byte where the in-memory writer has it.
+    #[test]
+    fn blocks_hold_the_bytes_across_their_boundaries() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut m = ConstantsWriter::in_memory();
+        let mut f = ConstantsWriter::create(&dir.path().join("c.bin")).unwrap();
+        let bytes = |n: usize, seed: usize| -> Vec<u8> { (0..n).map(|i| ((i * 7 + seed) % 253) as u8).collect() };
+        let sizes = [BLOCK - 3, 5, 2 * BLOCK + 11, 1, BLOCK, 0, 3 * BLOCK - 64];
+        for (i, &n) in sizes.iter().enumerate() {
+            for w in [&mut m, &mut f] {
+                let o = w.append(Box::new(bytes(n, i)), 64);
+                if i == 3 {
+                    assert!(w.matches(o, &bytes(n, i)));
+                }
+            }
+        }
+        let (m, f) = (m.finish().unwrap(), f.finish().unwrap());
+        assert_eq!(f.len(), m.len());
+        assert!(f.read().unwrap() == m.read().unwrap(), "the file differs from the bytes appended");
+        assert!(f.same_contents(&m));
     }
 
     #[test]

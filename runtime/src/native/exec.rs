@@ -92,6 +92,15 @@ impl Weights {
         // not modified while a model runs (as with every memory-mapped
         // weights file).
         let map = unsafe { memmap2::MmapOptions::new().map_copy(&file) }.map_err(io)?;
+        // Weights are streamed whole every decode step, so 2 MiB pages save
+        // page walks (costly in virtual machines). Where the file is not in
+        // the page cache yet, this makes the faults read it ahead into huge
+        // folios that the kernel maps whole; the compiler writes the file in
+        // aligned 2 MiB blocks for the same reason (see `crate::constants`).
+        // Only advice: a kernel without transparent huge pages refuses it,
+        // and the weights are mapped in small pages as before.
+        #[cfg(target_os = "linux")]
+        let _ = map.advise(memmap2::Advice::HugePage);
         Ok(Weights { data: WeightData::Map(map) })
     }
 
